@@ -1,0 +1,129 @@
+"""The contract between the scheduler and a streaming engine: typed plans in, typed results out.
+
+Pure Python (numpy only, no torch): the scheduler and the server import these types without
+loading any model runtime.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from engines.geometry import ChunkGeometry
+
+
+class EngineError(RuntimeError):
+    """A step could not run; no stream's state was changed."""
+
+
+class BadChunkError(EngineError):
+    """One chunk of a plan is invalid (empty, wrong dtype, not finite, unknown stream).
+
+    Raised before any state is touched; `stream_ids` names the offending streams so the
+    caller can fail those alone and retry the rest.
+    """
+
+    def __init__(self, message: str, stream_ids: tuple[str, ...]):
+        super().__init__(message)
+        self.stream_ids = stream_ids
+
+
+class PoolExhaustedError(EngineError):
+    """Every cache slot is taken: the admission limit."""
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """One stream's share of a step.
+
+    `samples` are the stream's new mono float32 samples at the model's sample rate, exactly
+    the span ChunkGeometry.chunk_span gives for this chunk. `first` marks the stream's first
+    chunk (its slot is reset before use); `audio_ended` says no audio follows these samples.
+    """
+
+    stream_id: str
+    slot: int
+    samples: np.ndarray
+    first: bool
+    audio_ended: bool
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[ChunkWork, ...]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    piece: str
+    frame: int  # encoder frame index within the stream, for word times
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    stream_id: str
+    slot: int
+    tokens: tuple[TokenEvent, ...]  # new tokens of this step, in order
+    text_delta: str                  # text those tokens add to the transcript
+    is_final: bool                   # the stream's audio is fully decoded
+    frames_decoded: int              # encoder frames decoded so far in this stream
+    audio_seconds: float             # audio covered by the decoded frames
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    features_ms: float = 0.0
+    encoder_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    updates: tuple[StreamUpdate, ...]
+    engine: str  # name of the encoder engine that executed this step
+    timings: StepTimings = field(default_factory=StepTimings)
+
+
+class EngineState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    lookahead_ms: int
+    lookaheads_ms: tuple[int, ...]
+    sample_rate: int
+    vocabulary_size: int
+    random_weights: bool
+    description: str
+    languages: tuple[str, ...] = ()
+
+
+class StreamingEngine(Protocol):
+    """What the scheduler needs from an engine. Implementations: engines.streaming_engine
+    (real models) and the scheduler tests' fake engine."""
+
+    geometry: ChunkGeometry
+    model_info: ModelInfo
+    capacity: int       # cache slots: the most streams open at once
+    max_batch: int      # the most chunks one step takes
+
+    # Thread-safe. A slot is released by the scheduler once its stream has left and is in no
+    # step in flight; the engine resets a slot's state when a chunk marked `first` uses it.
+    def acquire_slot(self) -> int: ...
+    def release_slot(self, slot: int) -> None: ...
+    def slots_in_use(self) -> int: ...
+    def step(self, plan: StepPlan) -> StepResult: ...
+    # Encoder executions by engine name ("eager", "onnx", ...): what really ran.
+    def executions(self) -> dict[str, int]: ...
+    # One step on silence through a temporary slot; raises EngineError unless the configured
+    # encoder engine's execution counter moved. Returns the engine name that executed.
+    def warmup(self) -> str: ...

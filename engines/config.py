@@ -1,0 +1,42 @@
+"""The engine layer's one frozen configuration, validated on construction. Pure Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENGINE_NAMES = ("eager", "cudagraph", "onnx", "tensorrt")
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+# Lookahead (ms) -> NeMo att_context_size right context, for models with 8x subsampling and a
+# 10 ms hop: (right + 1) * 80 ms of audio per step.
+LOOKAHEAD_TO_RIGHT_CONTEXT = {80: 0, 160: 1, 560: 6, 1120: 13}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "builtin:tiny"   # "builtin:<name>" or a path to a .nemo file
+    engine: str = "eager"
+    device: str = "auto"          # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"           # "auto": float16 on cuda, float32 on cpu
+    lookahead_ms: int = 160
+    max_streams: int = 64         # cache slots; the admission limit
+    max_batch: int = 32           # chunks per step
+    fallback_engine: str | None = None  # engine to start on if `engine` cannot load (reported)
+    cache_dir: str | None = None  # exported graphs / built plans; default ~/.cache/nemo-stream
+    seed: int = 0                 # builtin models' random weights
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINE_NAMES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
+        if self.fallback_engine is not None and self.fallback_engine not in ENGINE_NAMES:
+            raise ValueError(f"unknown fallback engine {self.fallback_engine!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+        if self.lookahead_ms not in LOOKAHEAD_TO_RIGHT_CONTEXT:
+            allowed = ", ".join(str(k) for k in LOOKAHEAD_TO_RIGHT_CONTEXT)
+            raise ValueError(f"lookahead_ms {self.lookahead_ms} not supported; choose one of {allowed}")
+        if self.max_streams < 1:
+            raise ValueError("max_streams must be at least 1")
+        if not 1 <= self.max_batch:
+            raise ValueError("max_batch must be at least 1")
+        if not self.model:
+            raise ValueError("model must name a builtin model or a .nemo path")

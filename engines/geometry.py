@@ -1,0 +1,100 @@
+"""Chunk geometry of a cache-aware streaming model: which audio samples each step consumes.
+
+Pure Python (no torch), so the scheduler can decide when a stream has a ready chunk without
+importing the engine's heavy dependencies.
+
+Conventions (NeMo's "pad and drop", every step has one shape):
+- Features are log-mel frames with hop `hop` samples. Frame i is computed from the samples
+  [i*hop - stft_left_pad, i*hop - stft_left_pad + n_fft) of the stream, zero outside [0, len).
+  A stream of n samples has n_frames(n) frames, as NeMo's preprocessor computes over the whole
+  file.
+- Step k (0-based) encodes the new mel frames [k*C, (k+1)*C), C = `chunk_frames`, preceded by
+  `pre_encode_frames` cached frames (zeros for k = 0).
+- The last frame of chunk k reaches `right_context` samples past the chunk's boundary, so
+  chunk k can run once (k+1)*C*hop + right_context samples have arrived; after the stream's
+  audio has ended, the remaining frames are flushed in chunks of at most C frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ChunkGeometry:
+    sample_rate: int
+    hop: int                 # samples per mel frame
+    n_fft: int
+    stft_left_pad: int       # zero samples the STFT adds on the left (n_fft // 2 when centred)
+    chunk_frames: int        # C: new mel frames per step
+    pre_encode_frames: int   # cached mel frames prepended to every step's input
+    encoder_frames: int      # encoder output frames per full step
+    subsampling: int         # mel frames per encoder frame
+    lookahead_ms: int        # algorithmic right context of the model, as NeMo names the setting
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "hop", "n_fft", "chunk_frames", "subsampling"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ChunkGeometry.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.stft_left_pad <= self.n_fft:
+            raise ValueError(f"stft_left_pad {self.stft_left_pad} outside [0, n_fft={self.n_fft}]")
+
+    # -- sample bookkeeping ------------------------------------------------------------------
+    @property
+    def chunk_samples(self) -> int:
+        """New samples per steady-state step."""
+        return self.chunk_frames * self.hop
+
+    @property
+    def right_context(self) -> int:
+        """Samples past a chunk's boundary that its last frame reads (may be <= 0)."""
+        return self.n_fft - self.stft_left_pad - self.hop
+
+    @property
+    def history_samples(self) -> int:
+        """Samples before a chunk's first frame that its STFT reads (plus one for pre-emphasis)."""
+        return self.stft_left_pad + 1
+
+    @property
+    def segment_samples(self) -> int:
+        """Length of the waveform window one step's STFT runs over."""
+        return self.stft_left_pad + self.chunk_samples + max(self.right_context, 0)
+
+    @property
+    def chunk_ms(self) -> float:
+        return 1000.0 * self.chunk_samples / self.sample_rate
+
+    @property
+    def encoder_frame_seconds(self) -> float:
+        return self.subsampling * self.hop / self.sample_rate
+
+    def n_frames(self, n_samples: int) -> int:
+        """Mel frames NeMo's preprocessor produces for n_samples of audio."""
+        return (n_samples + 2 * self.stft_left_pad - self.n_fft) // self.hop + 1
+
+    def samples_needed(self, chunk_index: int) -> int:
+        """Samples a stream must have received before chunk `chunk_index` can run mid-stream."""
+        return (chunk_index + 1) * self.chunk_samples + max(self.right_context, 0)
+
+    def consumed_after(self, chunk_index: int) -> int:
+        """Samples handed to the engine once chunks 0..chunk_index have run (mid-stream)."""
+        return self.samples_needed(chunk_index)
+
+    def total_chunks(self, n_samples: int) -> int:
+        """Steps a stream of n_samples needs in all, once its audio has ended."""
+        frames = max(self.n_frames(n_samples), 1)
+        return -(-frames // self.chunk_frames)
+
+    def chunk_span(self, chunk_index: int, received: int, ended: bool) -> tuple[int, int] | None:
+        """The [start, end) sample range to hand to the engine for chunk `chunk_index`.
+
+        Returns None when the chunk is not ready yet. Mid-stream the range ends at
+        samples_needed(chunk_index); after the end of audio it ends at `received`.
+        """
+        start = 0 if chunk_index == 0 else self.consumed_after(chunk_index - 1)
+        need = self.samples_needed(chunk_index)
+        if received >= need:
+            return start, need
+        if ended and chunk_index < self.total_chunks(received):
+            return min(start, received), received
+        return None
