@@ -1,0 +1,223 @@
+"""The batched streaming step: features, one encoder call, RNNT decoding, for many streams.
+
+One instance serves one model at one lookahead on one device. `step` must be called from one
+thread at a time (NeMo's streaming config is mutable module state); slot acquire/release are
+thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from engines.api import (BadChunkError, ChunkWork, EngineError, ModelInfo, StepPlan, StepResult,
+                         StepTimings, StreamUpdate, TokenEvent)
+from engines.encoders import EncoderEngine
+from engines.features import StreamingFeaturizer
+from engines.geometry import ChunkGeometry
+from engines.models import LoadedModel
+from engines.rnnt_decoder import GreedyRNNTDecoder
+from engines.slot_pool import SlotAllocator, SlotPool, StateSpec
+
+log = logging.getLogger(__name__)
+
+
+def geometry_of(model: LoadedModel, lookahead_ms: int) -> ChunkGeometry:
+    enc = model.nemo_model.encoder
+    cfg = enc.streaming_cfg
+    feat = model.nemo_model.preprocessor.featurizer
+    chunk = cfg.chunk_size[1] if isinstance(cfg.chunk_size, list) else cfg.chunk_size
+    pre = cfg.pre_encode_cache_size[1] if isinstance(cfg.pre_encode_cache_size, list) else cfg.pre_encode_cache_size
+    left_pad = feat.stft_pad_amount if feat.stft_pad_amount is not None else feat.n_fft // 2
+    return ChunkGeometry(
+        sample_rate=int(model.nemo_model.preprocessor._sample_rate), hop=feat.hop_length, n_fft=feat.n_fft,
+        stft_left_pad=left_pad, chunk_frames=chunk, pre_encode_frames=pre,
+        encoder_frames=cfg.valid_out_len, subsampling=enc.subsampling_factor, lookahead_ms=lookahead_ms)
+
+
+class StreamingEngine:
+    def __init__(self, model: LoadedModel, encoder: EncoderEngine, lookahead_ms: int, capacity: int,
+                 max_batch: int, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.encoder_engine = encoder
+        self.device = device
+        self.dtype = dtype
+        self.capacity = capacity
+        self.max_batch = max_batch
+        self.geometry = geometry_of(model, lookahead_ms)
+        nemo = model.nemo_model
+        enc = nemo.encoder
+        self.model_info = ModelInfo(
+            name=model.name, lookahead_ms=lookahead_ms, lookaheads_ms=model.lookaheads_ms,
+            sample_rate=self.geometry.sample_rate, vocabulary_size=len(model.pieces),
+            random_weights=model.random_weights, description=model.description,
+            languages=("en", "hi") if model.random_weights else ())
+        self.allocator = SlotAllocator(capacity)
+        self.featurizer = StreamingFeaturizer(nemo.preprocessor.featurizer, self.geometry, capacity, device)
+        self.decoder = GreedyRNNTDecoder(nemo.decoder, nemo.joint, model.blank_id,
+                                         max_symbols=_max_symbols(nemo))
+        n_layers, d = len(enc.layers), enc.d_model
+        specs = [
+            StateSpec("cache_channel", (n_layers, enc.streaming_cfg.last_channel_cache_size, d), 1, dtype),
+            StateSpec("cache_time", (n_layers, d, enc.conv_context_size[0]), 1, dtype),
+            StateSpec("cache_len", (), 0, torch.int64),
+            StateSpec("pre_encode", (self.featurizer.n_mels, self.geometry.pre_encode_frames), 0, torch.float32),
+        ]
+        for name, (shape, dim) in self.decoder.state_shapes().items():
+            specs.append(StateSpec(name, shape, dim, dtype))
+        self.pool = SlotPool(specs, capacity, device)
+        # host-side per-slot counters
+        self.chunks_done = np.zeros(capacity, dtype=np.int64)
+        self.frames_done = np.zeros(capacity, dtype=np.int64)
+        self.text_started = np.zeros(capacity, dtype=bool)
+        self.finished = np.zeros(capacity, dtype=bool)
+
+    # -- slots ---------------------------------------------------------------------------------
+    def acquire_slot(self) -> int:
+        return self.allocator.acquire()
+
+    def release_slot(self, slot: int) -> None:
+        self.allocator.release(slot)
+
+    def slots_in_use(self) -> int:
+        return self.allocator.in_use()
+
+    def executions(self) -> dict[str, int]:
+        return {self.encoder_engine.name: self.encoder_engine.executions}
+
+    # -- the step ------------------------------------------------------------------------------
+    def _validate(self, plan: StepPlan) -> None:
+        bad: dict[str, str] = {}
+        seen_slots: set[int] = set()
+        for c in plan.chunks:
+            if not isinstance(c, ChunkWork):
+                raise EngineError(f"plan entries must be ChunkWork, got {type(c).__name__}")
+            reason = None
+            if not (0 <= c.slot < self.capacity) or not self.allocator.is_used(c.slot):
+                reason = f"slot {c.slot} is not allocated (unknown stream)"
+            elif c.slot in seen_slots:
+                reason = f"slot {c.slot} appears twice in one step"
+            elif not isinstance(c.samples, np.ndarray) or c.samples.dtype != np.float32 or c.samples.ndim != 1:
+                reason = "audio must be a 1-D float32 numpy array"
+            elif len(c.samples) == 0 and not c.audio_ended:
+                reason = "empty chunk while the stream's audio continues"
+            elif not np.isfinite(c.samples).all():
+                reason = "audio contains NaN or infinite samples"
+            elif not c.first and self.finished[c.slot]:
+                reason = "the stream has already been finalized"
+            if reason is None:
+                seen_slots.add(c.slot)
+            else:
+                bad[c.stream_id] = reason
+        if len(plan.chunks) > self.max_batch:
+            raise EngineError(f"plan has {len(plan.chunks)} chunks; max_batch is {self.max_batch}")
+        if bad:
+            detail = "; ".join(f"{sid}: {why}" for sid, why in bad.items())
+            raise BadChunkError(f"invalid chunks: {detail}", tuple(bad))
+
+    def step(self, plan: StepPlan) -> StepResult:
+        self._validate(plan)
+        if not plan.chunks:
+            return StepResult(updates=(), engine=self.encoder_engine.name)
+        t0 = time.perf_counter()
+        chunks = plan.chunks
+        slots = [c.slot for c in chunks]
+        chunk_index = [0 if c.first else int(self.chunks_done[c.slot]) for c in chunks]
+        samples = [c.samples for c in chunks]
+        ended = [c.audio_ended for c in chunks]
+        fresh_host = [c.first for c in chunks]
+        try:
+            windows, audio_end, starts = self.featurizer.assemble(slots, chunk_index, samples, ended, fresh_host)
+        except ValueError as e:
+            raise BadChunkError(str(e), tuple(c.stream_id for c in chunks)) from e
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        fresh = torch.as_tensor(fresh_host, device=self.device)
+        feats = self.featurizer.compute(windows, audio_end, starts, chunk_index)
+        state = self.pool.gather(idx, fresh)
+        t1 = time.perf_counter()
+
+        x = torch.cat([state["pre_encode"], feats.new_frames], dim=-1)
+        lengths = feats.valid_frames + self.geometry.pre_encode_frames
+        encoded, enc_len, cc_next, ct_next, ccl_next = self.encoder_engine.step(
+            x.to(self.dtype), lengths, state["cache_channel"], state["cache_time"], state["cache_len"])
+        # A full chunk yields encoder_frames outputs; a stream's short last chunk fewer.
+        enc_len = torch.clamp(enc_len, max=self.geometry.encoder_frames)
+        t2 = time.perf_counter()
+
+        dec_state = self.decoder.start_state(fresh, {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
+        decoded = self.decoder.decode(encoded, enc_len, dec_state)
+        enc_len_host = enc_len.cpu().numpy()
+        t3 = time.perf_counter()
+
+        # Success: commit every piece of state.
+        P = self.geometry.pre_encode_frames
+        self.pool.scatter(idx, {
+            "cache_channel": cc_next, "cache_time": ct_next, "cache_len": ccl_next,
+            "pre_encode": x[:, :, -P:] if P else x[:, :, :0],
+            **decoded.state,
+        })
+        self.featurizer.commit(slots, samples, windows, starts, fresh_host)
+        updates = []
+        g = self.geometry
+        for i, c in enumerate(chunks):
+            s = c.slot
+            if c.first:
+                self.frames_done[s] = 0
+                self.text_started[s] = False
+                self.finished[s] = False
+            base = int(self.frames_done[s])
+            k = chunk_index[i]
+            final = bool(audio_end[i] >= 0 and (k + 1) * g.chunk_frames >= g.n_frames(int(audio_end[i])))
+            tokens = tuple(TokenEvent(token_id=lab, piece=self.model.pieces[lab], frame=base + fr)
+                           for lab, fr in zip(decoded.labels[i], decoded.frames[i]))
+            text = self._text(s, tokens)
+            self.chunks_done[s] = k + 1
+            self.frames_done[s] = base + int(enc_len_host[i])
+            self.finished[s] = final
+            updates.append(StreamUpdate(
+                stream_id=c.stream_id, slot=s, tokens=tokens, text_delta=text, is_final=final,
+                frames_decoded=int(self.frames_done[s]),
+                audio_seconds=min(self.frames_done[s] * g.encoder_frame_seconds,
+                                  (audio_end[i] / g.sample_rate) if audio_end[i] >= 0 else math.inf)))
+        t4 = time.perf_counter()
+        timings = StepTimings(features_ms=1e3 * (t1 - t0), encoder_ms=1e3 * (t2 - t1),
+                              decode_ms=1e3 * (t3 - t2), total_ms=1e3 * (t4 - t0))
+        return StepResult(updates=tuple(updates), engine=self.encoder_engine.name, timings=timings)
+
+    def _text(self, slot: int, tokens: tuple[TokenEvent, ...]) -> str:
+        if not tokens:
+            return ""
+        boundary = self.model.word_boundary
+        text = "".join(t.piece for t in tokens)
+        if boundary:
+            text = text.replace(boundary, " ")
+        if not self.text_started[slot]:
+            text = text.lstrip(" ")
+            self.text_started[slot] = bool(text)
+        return text
+
+    # -- self-check ------------------------------------------------------------------------------
+    def warmup(self) -> str:
+        """One step on silence through a temporary slot; proves the encoder engine executed."""
+        before = self.encoder_engine.executions
+        slot = self.acquire_slot()
+        try:
+            n = self.geometry.samples_needed(0)
+            self.step(StepPlan(chunks=(ChunkWork("warmup", slot, np.zeros(n, np.float32), True, True),)))
+        finally:
+            self.release_slot(slot)
+        if self.encoder_engine.executions <= before:
+            raise EngineError(f"warm-up step did not execute the {self.encoder_engine.name} encoder engine")
+        return self.encoder_engine.name
+
+
+def _max_symbols(nemo_model) -> int:
+    try:
+        value = nemo_model.cfg.decoding.greedy.max_symbols
+        return int(value) if value else 10
+    except Exception:
+        return 10
