@@ -1,0 +1,542 @@
+"""The asyncio micro-batching scheduler: keeps the books of every stream, feeds the engine.
+
+Pure Python: it talks to the engine only through engines.api (typed plans in, typed results
+out) and to the transport only through server.stream_events. No gRPC, no torch.
+
+How a chunk travels:
+  push_audio -> the stream's SampleQueue -> (ChunkGeometry.chunk_span says the next chunk is
+  complete) -> ready queue (FCFS, one entry per stream) -> the batching task takes up to
+  max_batch entries, at most one per stream, once the batch is full or `batch_wait_s` after the
+  oldest entry -> one StepPlan runs on the single engine thread -> the StepResult is checked
+  against the plan and scattered back as ChunkResult events -> the stream's next chunk, if
+  complete, re-enters the ready queue.
+
+A stream is in at most one submitted step (its `in_flight` flag), so its chunks run in order.
+Up to `pipeline_depth` steps may be submitted at once: a full batch is queued behind the running
+step so the engine thread never waits for the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from engines.api import BadChunkError, ChunkWork, EngineError, EngineState, StepPlan, StepResult, StreamingEngine
+from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure
+from server.stream_state import StreamState, StreamStatus
+
+log = logging.getLogger("nemostream.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    batch_wait_s: float = 0.005       # deadline from the oldest ready chunk to fill a batch
+    pipeline_depth: int = 2           # steps submitted to the engine thread at once
+    response_buffer: int = 32         # undelivered results per stream before it stops being scheduled
+    max_pending_seconds: float = 30.0  # unprocessed audio per stream before push_audio waits
+    max_stream_seconds: float = 3600.0  # audio per stream
+    stall_timeout_s: float = 60.0     # push_audio waiting this long for room fails the stream
+    dead_after_failures: int = 3      # consecutive failed steps that mark the engine dead
+
+    def __post_init__(self) -> None:
+        if self.batch_wait_s < 0:
+            raise ValueError("batch_wait_s must be >= 0")
+        if self.pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be >= 1")
+        if self.response_buffer < 1:
+            raise ValueError("response_buffer must be >= 1")
+        if self.max_pending_seconds <= 0 or self.max_stream_seconds <= 0 or self.stall_timeout_s <= 0:
+            raise ValueError("max_pending_seconds, max_stream_seconds and stall_timeout_s must be > 0")
+        if self.dead_after_failures < 1:
+            raise ValueError("dead_after_failures must be >= 1")
+
+
+class SchedulerObserver:
+    """Hooks for metrics; every method is called on the event loop. No-ops by default."""
+
+    def step_done(self, batch_size: int, step_seconds: float, queue_waits: list[float],
+                  engine: str, executions: dict[str, int]) -> None: ...
+    def chunk_answered(self, latency_seconds: float) -> None: ...
+    def engine_dead(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One stream's chunk in a submitted step, with what the books need when it returns."""
+
+    stream: StreamState
+    work: ChunkWork
+    ready_at: float   # when its audio was complete (per-chunk latency starts here)
+
+
+@dataclass(frozen=True)
+class _StepOutcome:
+    ran: tuple[_Planned, ...]      # chunks that went into the successful engine.step
+    result: StepResult | None
+    rejected: dict[str, str]       # stream id -> BadChunkError message
+    step_seconds: float
+    executions: dict[str, int]
+
+
+class StreamHandle:
+    """What the transport holds for one open stream."""
+
+    def __init__(self, scheduler: Scheduler, state: StreamState):
+        self._scheduler = scheduler
+        self.state = state
+
+    @property
+    def stream_id(self) -> str:
+        return self.state.stream_id
+
+    async def push_audio(self, samples: np.ndarray) -> bool:
+        return await self._scheduler.push_audio(self.state, samples)
+
+    def end_audio(self) -> None:
+        self._scheduler.end_audio(self.state)
+
+    def fail(self, kind: ErrorKind, message: str) -> None:
+        self._scheduler.fail_stream(self.state, kind, message)
+
+    async def next_event(self) -> StreamEvent | None:
+        return await self._scheduler.next_event(self.state)
+
+    def close(self) -> None:
+        self._scheduler.close_stream(self.state)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+
+class Scheduler:
+    def __init__(self, engine: StreamingEngine, config: SchedulerConfig | None = None,
+                 observer: SchedulerObserver | None = None):
+        self.engine = engine
+        self.config = config or SchedulerConfig()
+        self.observer = observer or SchedulerObserver()
+        self.geometry = engine.geometry
+        self.max_batch = max(1, int(engine.max_batch))
+        rate = self.geometry.sample_rate
+        # Never below what one chunk needs, or a stream could wait for room that never comes.
+        self._max_pending = max(int(self.config.max_pending_seconds * rate), 2 * self.geometry.segment_samples)
+        self._max_samples = int(self.config.max_stream_seconds * rate)
+        self._streams: dict[str, StreamState] = {}
+        self._ready: collections.OrderedDict[str, float] = collections.OrderedDict()  # id -> enqueued at
+        self._wakeup = asyncio.Event()
+        self._steps_in_flight = 0
+        self._step_tasks: set[asyncio.Task] = set()
+        self._consecutive_failures = 0
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._stopping = False
+        self.draining = False
+        self.dead_reason: str | None = None
+        self.engine_name: str | None = None     # what the warm-up really executed
+        self.executions: dict[str, int] = {}    # last snapshot of engine.executions()
+        self._idle = asyncio.Event()  # set while no stream is open
+        self._idle.set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        # One dedicated thread: engine steps are not thread-safe (NeMo mutates streaming_cfg),
+        # and the event loop must keep reading and writing while the engine computes.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop(), name="batch-loop")
+        self._loop_task.add_done_callback(self._loop_exited)
+
+    async def warmup(self) -> str:
+        """Run the engine's warm-up on the engine thread; prove its execution counter moved."""
+        def run() -> tuple[str, dict[str, int], dict[str, int]]:
+            before = dict(self.engine.executions())
+            name = self.engine.warmup()
+            return name, before, dict(self.engine.executions())
+
+        name, before, after = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        if after.get(name, 0) <= before.get(name, 0):
+            raise EngineError(f"warm-up claims engine {name!r} but its execution counter did not move "
+                              f"(before {before}, after {after})")
+        self.engine_name, self.executions = name, after
+        return name
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Fail what is still open, let submitted steps finish (up to grace_s), stop the thread."""
+        self._stopping = True
+        for stream in list(self._streams.values()):
+            self._fail(stream, ErrorKind.UNAVAILABLE, "server is shutting down")
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._step_tasks:
+            await asyncio.wait(list(self._step_tasks), timeout=grace_s)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no stream is open (drain); True when that happened within timeout_s."""
+        if not self._streams:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- admission -----------------------------------------------------------------------
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def slots_in_use(self) -> int:
+        return self.engine.slots_in_use()
+
+    def check_admission(self) -> None:
+        """Raise StreamError when a new stream would be refused (cheap; no slot taken)."""
+        if self.dead_reason is not None:
+            raise StreamError(ErrorKind.UNAVAILABLE, f"the engine failed and serves no more streams: {self.dead_reason}")
+        if self.draining or self._stopping:
+            raise StreamError(ErrorKind.UNAVAILABLE, "server is draining for shutdown; retry on another replica")
+        if len(self._streams) >= self.engine.capacity:
+            raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
+                              f"all {self.engine.capacity} stream slots are in use; retry later")
+
+    def open_stream(self, label: str = "") -> StreamHandle:
+        self.check_admission()
+        try:
+            slot = self.engine.acquire_slot()
+        except EngineError as exc:  # PoolExhaustedError: slots of leaving streams still in a step
+            raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
+                              f"all {self.engine.capacity} stream slots are in use; retry later ({exc})") from exc
+        stream_id = f"{uuid.uuid4().hex[:12]}"
+        state = StreamState(stream_id=stream_id, slot=slot, label=label, opened_at=time.monotonic())
+        state.audio_room.set()
+        self._streams[stream_id] = state
+        self._idle.clear()
+        return StreamHandle(self, state)
+
+    # -- per-stream operations (event loop) ----------------------------------------------
+    async def push_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
+        """Append samples at the model's rate. Waits while too much audio is pending (the
+        backpressure that reaches the client through gRPC flow control). False once the
+        stream no longer takes audio."""
+        if stream.status is not StreamStatus.RECEIVING:
+            return False
+        if samples.size == 0:
+            return True
+        if stream.received + samples.size > self._max_samples:
+            self._fail(stream, ErrorKind.OUT_OF_RANGE,
+                       f"stream exceeds the maximum duration of {self.config.max_stream_seconds:g} s of audio")
+            return False
+        now = time.monotonic()
+        stream.audio.append(np.asarray(samples, dtype=np.float32))
+        stream.received += samples.size
+        stream.arrivals.record(stream.received, now)
+        self._maybe_enqueue(stream)
+        while len(stream.audio) > self._max_pending and stream.status is StreamStatus.RECEIVING:
+            stream.audio_room.clear()
+            try:
+                await asyncio.wait_for(stream.audio_room.wait(), self.config.stall_timeout_s)
+            except TimeoutError:
+                self._fail(stream, ErrorKind.DEADLINE_EXCEEDED,
+                           f"no progress for {self.config.stall_timeout_s:g} s with "
+                           f"{len(stream.audio) / self.geometry.sample_rate:.1f} s of audio pending: "
+                           "the client is not reading responses")
+        return stream.status is StreamStatus.RECEIVING
+
+    def end_audio(self, stream: StreamState) -> None:
+        if stream.status is not StreamStatus.RECEIVING:
+            return
+        stream.ended_at = time.monotonic()
+        stream.set_status(StreamStatus.FLUSHING)
+        self._maybe_enqueue(stream)
+
+    def fail_stream(self, stream: StreamState, kind: ErrorKind, message: str) -> None:
+        self._fail(stream, kind, message)
+
+    async def next_event(self, stream: StreamState) -> StreamEvent | None:
+        while not stream.events:
+            if stream.terminal_delivered or stream.status is StreamStatus.CANCELLED:
+                return None
+            stream.events_ready.clear()
+            await stream.events_ready.wait()
+        event = stream.events.popleft()
+        if isinstance(event, StreamFailure) or event.is_final:
+            stream.terminal_delivered = True
+        self._maybe_enqueue(stream)  # room in the response buffer may unblock the stream
+        return event
+
+    def close_stream(self, stream: StreamState) -> None:
+        """The consumer left (normally, by error, or cancelled): drop the stream at once; its
+        slot is freed now, or when the step it is in returns."""
+        if not stream.status.terminal:
+            stream.set_status(StreamStatus.CANCELLED)
+        self._ready.pop(stream.stream_id, None)
+        self._release_slot(stream)
+        if self._streams.pop(stream.stream_id, None) is not None and not self._streams:
+            self._idle.set()
+
+    # -- books ---------------------------------------------------------------------------
+    def _emit(self, stream: StreamState, event: StreamEvent) -> None:
+        stream.events.append(event)
+        stream.events_ready.set()
+
+    def _fail(self, stream: StreamState, kind: ErrorKind, message: str) -> None:
+        if stream.status.terminal:
+            return
+        self._emit(stream, StreamFailure(stream.stream_id, kind, message))
+        stream.set_status(StreamStatus.FAILED)
+        self._ready.pop(stream.stream_id, None)
+        self._release_slot(stream)
+        log.info("stream failed", extra={"stream_id": stream.stream_id, "code": kind.value, "reason": message})
+
+    def _release_slot(self, stream: StreamState) -> None:
+        # A slot in a submitted step is still the engine's to write: free it when the step returns.
+        if stream.slot_released or stream.in_flight or not stream.status.terminal:
+            return
+        stream.slot_released = True
+        try:
+            self.engine.release_slot(stream.slot)
+        except Exception:  # noqa: BLE001 - a bad release must not take the loop down
+            log.exception("release_slot failed", extra={"stream_id": stream.stream_id, "slot": stream.slot})
+
+    def _maybe_enqueue(self, stream: StreamState) -> None:
+        """Put the stream in the ready queue if its next chunk is complete and it may run."""
+        if (not stream.status.accepts_chunks or stream.in_flight or stream.stream_id in self._ready
+                or len(stream.events) >= self.config.response_buffer):
+            return
+        flushing = stream.status is StreamStatus.FLUSHING
+        if flushing and stream.received == 0:
+            self._finish_without_step(stream)  # empty audio: an empty final, no step
+            return
+        if self.geometry.chunk_span(stream.next_chunk, stream.received, flushing) is None:
+            if flushing:
+                self._finish_without_step(stream)
+            return
+        self._ready[stream.stream_id] = time.monotonic()
+        self._wakeup.set()
+
+    def _finish_without_step(self, stream: StreamState) -> None:
+        """Every chunk ran but the engine never saw the end of audio (the last full chunk was
+        planned before the end arrived), or there was no audio: the final needs no step."""
+        self._emit(stream, ChunkResult(
+            stream_id=stream.stream_id, chunk_index=stream.next_chunk - 1, transcript=stream.transcript,
+            new_text="", is_final=True, audio_seconds=stream.received / self.geometry.sample_rate,
+            tokens=tuple(stream.tokens), audio_ready_at=stream.ended_at or time.monotonic(),
+        ))
+        stream.set_status(StreamStatus.FINISHED)
+        self._release_slot(stream)
+
+    # -- the batching task -----------------------------------------------------------------
+    async def _batch_loop(self) -> None:
+        while not self._stopping:
+            try:
+                if not self._batch_due():
+                    self._wakeup.clear()
+                    timeout = self._time_to_deadline()
+                    if timeout is None:
+                        await self._wakeup.wait()
+                    else:
+                        try:
+                            await asyncio.wait_for(self._wakeup.wait(), timeout)
+                        except TimeoutError:
+                            pass
+                    continue
+                planned, queue_waits = self._take_batch()
+                if planned:
+                    self._submit(planned, queue_waits)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a scheduler bug must not stop serving silently
+                log.exception("batch loop iteration failed")
+                await asyncio.sleep(0.01)  # back off, so a persistent bug does not spin a core
+
+    def _loop_exited(self, task: asyncio.Task) -> None:
+        if not self._stopping:
+            reason = "batch loop exited unexpectedly"
+            if not task.cancelled() and task.exception() is not None:
+                reason += f": {task.exception()!r}"
+            log.critical(reason)
+            self._mark_dead(reason)
+
+    def _batch_due(self) -> bool:
+        if not self._ready or self._steps_in_flight >= self.config.pipeline_depth:
+            return False
+        if len(self._ready) >= self.max_batch:
+            return True
+        # Partial batches go only to an idle engine thread: while a step runs, chunks keep
+        # gathering and the batch grows.
+        return self._steps_in_flight == 0 and self._time_to_deadline() == 0.0
+
+    def _time_to_deadline(self) -> float | None:
+        if not self._ready or self._steps_in_flight:
+            return None
+        oldest = next(iter(self._ready.values()))
+        return max(0.0, oldest + self.config.batch_wait_s - time.monotonic())
+
+    def _take_batch(self) -> tuple[list[_Planned], list[float]]:
+        now = time.monotonic()
+        planned: list[_Planned] = []
+        queue_waits: list[float] = []
+        while self._ready and len(planned) < self.max_batch:
+            stream_id, enqueued_at = self._ready.popitem(last=False)
+            stream = self._streams.get(stream_id)
+            if stream is None or not stream.status.accepts_chunks or stream.in_flight:
+                continue
+            flushing = stream.status is StreamStatus.FLUSHING
+            k = stream.next_chunk
+            span = self.geometry.chunk_span(k, stream.received, flushing)
+            if span is None:  # cannot happen: enqueued only when complete, and audio only grows
+                log.error("stream in the ready queue without a complete chunk", extra={"stream_id": stream_id})
+                continue
+            start, end = span
+            consumed = stream.received - len(stream.audio)
+            if start != consumed:
+                raise RuntimeError(f"stream {stream_id} chunk {k} starts at {start}, queue at {consumed}")
+            samples = stream.audio.take(end - start)
+            if len(stream.audio) <= self._max_pending:
+                stream.audio_room.set()
+            ended_here = flushing and end == stream.received
+            # A chunk the end of audio completed is ready since the end arrived; others since
+            # the message that brought their last sample.
+            if ended_here and end < self.geometry.samples_needed(k):
+                ready_at = stream.ended_at or now
+            else:
+                ready_at = stream.arrivals.arrival_of(end, default=enqueued_at)
+            work = ChunkWork(stream_id=stream_id, slot=stream.slot, samples=samples,
+                             first=k == 0, audio_ended=ended_here)
+            stream.in_flight = True
+            planned.append(_Planned(stream, work, ready_at))
+            queue_waits.append(now - enqueued_at)
+        return planned, queue_waits
+
+    def _submit(self, planned: list[_Planned], queue_waits: list[float]) -> None:
+        self._steps_in_flight += 1
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._run_step, tuple(planned))
+        task = loop.create_task(self._complete_step(tuple(planned), future, queue_waits))
+        self._step_tasks.add(task)
+        task.add_done_callback(self._step_tasks.discard)
+
+    def _run_step(self, planned: tuple[_Planned, ...]) -> _StepOutcome:
+        """On the engine thread. Drops chunks of streams that ended meanwhile, and retries
+        without the chunks a BadChunkError names (it promises no state was touched)."""
+        live = [p for p in planned if p.stream.status.accepts_chunks]
+        rejected: dict[str, str] = {}
+        result: StepResult | None = None
+        t0 = time.perf_counter()
+        while live:
+            try:
+                result = self.engine.step(StepPlan(tuple(p.work for p in live)))
+                break
+            except BadChunkError as exc:
+                bad = set(exc.stream_ids) & {p.work.stream_id for p in live}
+                if not bad:
+                    raise
+                for stream_id in bad:
+                    rejected[stream_id] = str(exc)
+                live = [p for p in live if p.work.stream_id not in bad]
+        seconds = time.perf_counter() - t0
+        return _StepOutcome(tuple(live) if result is not None else (), result, rejected, seconds,
+                            dict(self.engine.executions()))
+
+    async def _complete_step(self, planned: tuple[_Planned, ...], future: asyncio.Future,
+                             queue_waits: list[float]) -> None:
+        try:
+            try:
+                outcome: _StepOutcome = await future
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its streams, not the server
+                self._step_failed(planned, exc)
+                return
+            self._consecutive_failures = 0
+            self.executions = outcome.executions
+            for stream_id, message in outcome.rejected.items():
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    self._fail(stream, ErrorKind.INVALID_ARGUMENT, f"the engine rejected this stream's audio: {message}")
+            if outcome.result is not None:
+                self._scatter(outcome, queue_waits)
+        except Exception:  # noqa: BLE001
+            log.exception("applying a step result failed")
+            for p in planned:
+                self._fail(p.stream, ErrorKind.INTERNAL, "internal error applying an engine step")
+        finally:
+            for p in planned:
+                p.stream.in_flight = False
+                if p.stream.status.terminal:
+                    self._release_slot(p.stream)
+                else:
+                    self._maybe_enqueue(p.stream)
+            self._steps_in_flight -= 1
+            self._wakeup.set()
+
+    def _scatter(self, outcome: _StepOutcome, queue_waits: list[float]) -> None:
+        result = outcome.result
+        assert result is not None
+        by_id = {u.stream_id: u for u in result.updates}
+        expected = [p.work.stream_id for p in outcome.ran]
+        if len(result.updates) != len(expected) or set(by_id) != set(expected):
+            # The books cannot be trusted for any stream of this step.
+            message = (f"engine returned {len(result.updates)} updates for a plan of {len(expected)} chunks")
+            log.error(message)
+            for p in outcome.ran:
+                self._fail(p.stream, ErrorKind.INTERNAL, message)
+            return
+        self.observer.step_done(len(expected), outcome.step_seconds, queue_waits, result.engine, outcome.executions)
+        now = time.monotonic()
+        for p in outcome.ran:
+            stream, update = p.stream, by_id[p.work.stream_id]
+            index = stream.next_chunk
+            stream.next_chunk += 1
+            stream.text_parts.append(update.text_delta)
+            stream.tokens.extend(update.tokens)
+            stream.audio_seconds = update.audio_seconds
+            if stream.status.terminal:
+                continue  # cancelled or failed while the step ran: results go nowhere
+            if update.is_final and stream.status is not StreamStatus.FLUSHING:
+                self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
+                continue
+            self._emit(stream, ChunkResult(
+                stream_id=stream.stream_id, chunk_index=index, transcript=stream.transcript,
+                new_text=update.text_delta, is_final=update.is_final, audio_seconds=update.audio_seconds,
+                tokens=tuple(stream.tokens) if update.is_final else (), audio_ready_at=p.ready_at,
+            ))
+            self.observer.chunk_answered(now - p.ready_at)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": index,
+                                               "final": update.is_final})
+            if update.is_final:
+                stream.set_status(StreamStatus.FINISHED)
+
+    def _step_failed(self, planned: tuple[_Planned, ...], exc: BaseException) -> None:
+        self._consecutive_failures += 1
+        log.error("engine step failed", exc_info=exc,
+                  extra={"streams": [p.work.stream_id for p in planned], "failures": self._consecutive_failures})
+        for p in planned:
+            self._fail(p.stream, ErrorKind.INTERNAL, f"engine step failed: {exc}")
+        state = getattr(self.engine, "state", None)
+        if state is EngineState.DEAD or self._consecutive_failures >= self.config.dead_after_failures:
+            self._mark_dead(f"{self._consecutive_failures} consecutive failed steps, last: {exc}")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        log.critical("engine marked dead", extra={"reason": reason})
+        for stream in list(self._streams.values()):
+            self._fail(stream, ErrorKind.UNAVAILABLE, f"the engine failed: {reason}")
+        self.observer.engine_dead(reason)

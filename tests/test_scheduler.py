@@ -1,0 +1,317 @@
+"""Scheduler tests against the deterministic fake engine (no gRPC, no timing assertions)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+from engines.api import EngineError
+from engines.geometry import ChunkGeometry
+from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
+from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
+from tests.engine_alone import transcribe_alone
+from tests.fake_engine import FakeEngine
+
+pytestmark = pytest.mark.asyncio
+
+
+def make_audio(seed: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(n) * 0.1).astype(np.float32)
+
+
+async def started(engine: FakeEngine, **config) -> Scheduler:
+    sched = Scheduler(engine, SchedulerConfig(**config))
+    await sched.start()
+    return sched
+
+
+async def feed(handle, samples: np.ndarray, seed: int, end: bool = True) -> None:
+    """Push in random-size pieces, yielding to the loop between them like a network would."""
+    rng = np.random.default_rng(seed)
+    pos = 0
+    while pos < samples.size:
+        n = int(rng.integers(1, 4000))
+        await handle.push_audio(samples[pos:pos + n])
+        pos += n
+        await asyncio.sleep(0)
+    if end:
+        handle.end_audio()
+
+
+async def collect(handle) -> list:
+    return [event async for event in handle]
+
+
+async def run_one(sched: Scheduler, samples: np.ndarray, seed: int) -> list:
+    handle = sched.open_stream(label=f"s{seed}")
+    try:
+        events, _ = await asyncio.gather(collect(handle), feed(handle, samples, seed))
+        return events
+    finally:
+        handle.close()
+
+
+async def wait_for(predicate, what: str, timeout_s: float = 20.0) -> None:
+    """Wait for an asynchronous consequence; the timeout only bounds a broken run."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def test_single_stream_matches_engine_alone():
+    engine = FakeEngine(capacity=4, max_batch=4)
+    audio = make_audio(1, 16000 * 2 + 123)
+    expected = transcribe_alone(engine, audio)
+    sched = await started(engine)
+    events = await run_one(sched, audio, seed=1)
+    await sched.stop()
+    assert all(isinstance(e, ChunkResult) for e in events)
+    assert [e.chunk_index for e in events] == list(range(len(events)))
+    assert events[-1].is_final and not any(e.is_final for e in events[:-1])
+    assert events[-1].transcript == expected
+    assert engine.violations == []
+    assert engine.slots_in_use() == 0
+
+
+async def test_many_concurrent_streams_are_exact_and_batched():
+    engine = FakeEngine(capacity=32, max_batch=8, step_delay_s=0.001)
+    audios = [make_audio(i, int(np.random.default_rng(100 + i).integers(1, 16000 * 3))) for i in range(24)]
+    expected = [transcribe_alone(engine, a) for a in audios]
+    sched = await started(engine)
+    results = await asyncio.gather(*(run_one(sched, a, seed=i) for i, a in enumerate(audios)))
+    await sched.stop()
+    for i, events in enumerate(results):
+        assert events[-1].is_final, i
+        assert events[-1].transcript == expected[i], i
+    assert engine.violations == []
+    assert len(engine.step_threads) == 2  # transcribe_alone's (the test thread) and the engine thread
+    assert max(engine.batch_sizes) <= 8 and max(engine.batch_sizes) > 1
+    assert engine.slots_in_use() == 0 and sched.active_streams == 0
+
+
+async def test_empty_audio_gets_empty_final_without_step():
+    engine = FakeEngine()
+    sched = await started(engine)
+    handle = sched.open_stream()
+    handle.end_audio()
+    events = await collect(handle)
+    handle.close()
+    await sched.stop()
+    assert len(events) == 1 and events[0].is_final and events[0].transcript == ""
+    assert events[0].chunk_index == -1
+    assert engine.steps_started == 0
+
+
+async def test_last_chunk_with_no_new_samples_is_flushed():
+    # With a centred STFT, audio just past a chunk boundary leaves one frame that needs no new
+    # samples: the engine gets an empty final chunk and must still decode it.
+    engine = FakeEngine()
+    g = engine.geometry
+    audio = make_audio(3, g.chunk_samples + 50)
+    assert g.chunk_span(1, audio.size, True) == (audio.size, audio.size)
+    expected = transcribe_alone(engine, audio)
+    sched = await started(engine)
+    events = await run_one(sched, audio, seed=3)
+    await sched.stop()
+    assert [e.chunk_index for e in events] == [0, 1]
+    assert events[-1].transcript == expected and events[-1].is_final
+
+
+async def test_final_without_step_when_last_full_chunk_ran_before_end():
+    # A geometry with no right context and no STFT padding: a chunk that is complete mid-stream
+    # can be the stream's last, so the end of audio needs no further step.
+    engine = FakeEngine()
+    engine.geometry = ChunkGeometry(sample_rate=16000, hop=160, n_fft=160, stft_left_pad=0, chunk_frames=16,
+                                    pre_encode_frames=9, encoder_frames=2, subsampling=8, lookahead_ms=160)
+    audio = make_audio(4, engine.geometry.samples_needed(1))
+    expected = transcribe_alone(engine, audio)
+    sched = await started(engine)
+    handle = sched.open_stream()
+    await handle.push_audio(audio)
+    first = await handle.next_event()
+    second = await handle.next_event()
+    handle.end_audio()
+    final = await handle.next_event()
+    assert await handle.next_event() is None
+    handle.close()
+    await sched.stop()
+    assert (first.chunk_index, second.chunk_index, final.chunk_index) == (0, 1, 1)
+    assert not second.is_final and final.is_final and final.transcript == expected
+
+
+async def test_admission_limit_and_release():
+    engine = FakeEngine(capacity=2)
+    sched = await started(engine)
+    a, b = sched.open_stream(), sched.open_stream()
+    with pytest.raises(StreamError) as err:
+        sched.open_stream()
+    assert err.value.kind is ErrorKind.RESOURCE_EXHAUSTED and "2 stream slots" in err.value.message
+    a.close()
+    c = sched.open_stream()
+    b.close(), c.close()
+    await sched.stop()
+    assert engine.slots_in_use() == 0
+
+
+async def test_cancel_during_step_frees_slot_when_step_returns():
+    engine = FakeEngine(capacity=2)
+    sched = await started(engine, batch_wait_s=0)
+    handle = sched.open_stream()
+    engine.gate.clear()  # hold the engine inside the step
+    await handle.push_audio(make_audio(5, engine.geometry.samples_needed(0)))
+    await wait_for(lambda: engine.steps_started == 1, "the step to start")
+    handle.close()
+    assert sched.active_streams == 0
+    assert engine.slots_in_use() == 1  # the running step still owns it
+    engine.gate.set()
+    await wait_for(lambda: engine.slots_in_use() == 0, "the slot to be released")
+    await sched.stop()
+    assert engine.violations == []
+
+
+async def test_bad_chunk_fails_only_its_stream():
+    engine = FakeEngine(capacity=4)
+    sched = await started(engine, batch_wait_s=0.05)
+    good_audio = make_audio(6, 20000)
+    expected = transcribe_alone(engine, good_audio)
+    bad_audio = make_audio(7, 20000)
+    bad_audio[100] = np.nan
+    good, bad = await asyncio.gather(run_one(sched, good_audio, 6), run_one(sched, bad_audio, 7))
+    await sched.stop()
+    assert good[-1].is_final and good[-1].transcript == expected
+    assert isinstance(bad[-1], StreamFailure) and bad[-1].kind is ErrorKind.INVALID_ARGUMENT
+    assert "rejected" in bad[-1].message
+    assert engine.slots_in_use() == 0
+
+
+async def test_step_failure_fails_its_streams_then_engine_dead_after_repeats():
+    engine = FakeEngine(capacity=4)
+    dead = []
+
+    class Obs(SchedulerObserver):
+        def engine_dead(self, reason):
+            dead.append(reason)
+
+    sched = Scheduler(engine, SchedulerConfig(dead_after_failures=2), Obs())
+    await sched.start()
+    engine.fail_next_steps = 1
+    events = await run_one(sched, make_audio(8, 8000), 8)
+    assert isinstance(events[-1], StreamFailure) and events[-1].kind is ErrorKind.INTERNAL
+    assert "injected step failure" in events[-1].message
+    ok = await run_one(sched, make_audio(9, 8000), 9)  # the server goes on
+    assert ok[-1].is_final
+    engine.fail_next_steps = 2
+    await run_one(sched, make_audio(10, 8000), 10)
+    await run_one(sched, make_audio(11, 8000), 11)
+    assert dead and sched.dead_reason
+    with pytest.raises(StreamError) as err:
+        sched.open_stream()
+    assert err.value.kind is ErrorKind.UNAVAILABLE
+    await sched.stop()
+    assert engine.slots_in_use() == 0
+
+
+async def test_result_count_mismatch_fails_the_step_streams():
+    class DroppingEngine(FakeEngine):
+        def step(self, plan):
+            result = super().step(plan)
+            return dataclasses.replace(result, updates=result.updates[:-1])
+
+    engine = DroppingEngine(capacity=2)
+    sched = await started(engine)
+    events = await run_one(sched, make_audio(12, 8000), 12)
+    await sched.stop()
+    assert isinstance(events[-1], StreamFailure) and events[-1].kind is ErrorKind.INTERNAL
+    assert "updates for a plan" in events[-1].message
+    assert engine.slots_in_use() == 0
+
+
+async def test_response_buffer_bounds_a_slow_reader():
+    engine = FakeEngine()
+    sched = await started(engine, response_buffer=2, batch_wait_s=0)
+    audio = make_audio(13, engine.geometry.chunk_samples * 10)
+    expected = transcribe_alone(engine, audio)
+    handle = sched.open_stream()
+    await handle.push_audio(audio)
+    handle.end_audio()
+    await wait_for(lambda: len(handle.state.events) == 2 and not handle.state.in_flight, "two buffered results")
+    await asyncio.sleep(0.05)  # give a buggy scheduler the chance to overfill
+    assert len(handle.state.events) == 2
+    events = await collect(handle)
+    handle.close()
+    await sched.stop()
+    assert events[-1].is_final and events[-1].transcript == expected
+
+
+async def test_max_stream_duration():
+    engine = FakeEngine()
+    sched = await started(engine, max_stream_seconds=1.0)
+    handle = sched.open_stream()
+    assert await handle.push_audio(make_audio(14, 12000))
+    assert not await handle.push_audio(make_audio(15, 12000))
+    events = await collect(handle)
+    handle.close()
+    await sched.stop()
+    assert isinstance(events[-1], StreamFailure) and events[-1].kind is ErrorKind.OUT_OF_RANGE
+    assert "maximum duration of 1 s" in events[-1].message
+    assert engine.slots_in_use() == 0
+
+
+async def test_drain_refuses_new_streams_and_waits_for_open_ones():
+    engine = FakeEngine()
+    sched = await started(engine)
+    handle = sched.open_stream()
+    sched.begin_drain()
+    with pytest.raises(StreamError) as err:
+        sched.open_stream()
+    assert err.value.kind is ErrorKind.UNAVAILABLE
+    waiter = asyncio.create_task(sched.wait_idle(30))
+    events, _ = await asyncio.gather(collect(handle), feed(handle, make_audio(16, 9000), 16))
+    assert events[-1].is_final
+    assert not waiter.done()
+    handle.close()
+    assert await waiter
+    await sched.stop()
+
+
+async def test_warmup_proves_execution():
+    engine = FakeEngine()
+    sched = await started(engine)
+    assert await sched.warmup() == "fake"
+    assert sched.executions["fake"] >= 1
+
+    class LyingEngine(FakeEngine):
+        def warmup(self):
+            return "tensorrt"  # claims an engine that never ran
+
+    liar = await started(LyingEngine())
+    with pytest.raises(EngineError, match="counter did not move"):
+        await liar.warmup()
+    await sched.stop()
+    await liar.stop()
+
+
+async def test_stop_fails_open_streams():
+    engine = FakeEngine()
+    sched = await started(engine)
+    handle = sched.open_stream()
+    await handle.push_audio(make_audio(17, 100))
+    await sched.stop()
+    events = await collect(handle)
+    handle.close()
+    assert isinstance(events[-1], StreamFailure) and events[-1].kind is ErrorKind.UNAVAILABLE
+    assert engine.slots_in_use() == 0
+
+
+async def test_config_validation():
+    with pytest.raises(ValueError):
+        SchedulerConfig(pipeline_depth=0)
+    with pytest.raises(ValueError):
+        SchedulerConfig(batch_wait_s=-1)
