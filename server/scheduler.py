@@ -209,6 +209,8 @@ class Scheduler:
         """Raise StreamError when a new stream would be refused (cheap; no slot taken)."""
         if self.dead_reason is not None:
             raise StreamError(ErrorKind.UNAVAILABLE, f"the engine failed and serves no more streams: {self.dead_reason}")
+        if self.engine_name is None:
+            raise StreamError(ErrorKind.UNAVAILABLE, "the engine is warming up; retry in a moment")
         if self.draining or self._stopping:
             raise StreamError(ErrorKind.UNAVAILABLE, "server is draining for shutdown; retry on another replica")
         if len(self._streams) >= self.engine.capacity:

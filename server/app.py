@@ -1,0 +1,154 @@
+"""Assembles the service around an engine: gRPC server, scheduler, health, reflection,
+metrics, and the start-up and drain sequences. Engine-agnostic: it takes any StreamingEngine,
+so tests run it on the fake engine and the CLI on the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from engines.api import StreamingEngine
+from proto import asr_stream_pb2 as pb
+from proto import asr_stream_pb2_grpc as pb_grpc
+from server.metrics import ServerMetrics
+from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
+from server.servicer import SpeechRecognitionServicer, TransportLimits
+from server.stream_config import ServedModel
+
+log = logging.getLogger("nemostream.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeechRecognition"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 50051                      # 0: any free port (see AsrServer.port)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 9400        # None: no metrics endpoint; 0: any free port
+    max_message_bytes: int = 32 << 20      # transport limit; a unary Recognize carries a whole file
+    drain_grace_s: float = 30.0            # SIGTERM: how long open streams may take to finish
+    model_aliases: tuple[str, ...] = ()    # other names clients may use for the served model
+    limits: TransportLimits = field(default_factory=TransportLimits)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} out of range")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port {self.metrics_port} out of range")
+        if self.max_message_bytes < self.limits.max_audio_message_bytes:
+            raise ValueError("max_message_bytes must be at least limits.max_audio_message_bytes")
+        if self.drain_grace_s < 0:
+            raise ValueError("drain_grace_s must be >= 0")
+
+
+class AsrServer:
+    def __init__(self, engine: StreamingEngine, settings: ServerSettings | None = None):
+        self.engine = engine
+        self.settings = settings or ServerSettings()
+        self.metrics = ServerMetrics(max_batch=engine.max_batch)
+        self.scheduler = Scheduler(engine, self.settings.scheduler, _Observer(self.metrics, self._on_engine_dead))
+        self.metrics.bind(self.scheduler)
+        self.served = ServedModel(engine.model_info, engine.geometry, self.settings.model_aliases)
+        self.health = HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+        self._draining = False
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Listen, warm the engine up, then report SERVING. Raises if the warm-up fails."""
+        s = self.settings
+        await self._set_health(_NOT_SERVING)  # probes see NOT_SERVING during the warm-up
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ])
+        pb_grpc.add_SpeechRecognitionServicer_to_server(
+            SpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                             reflection.SERVICE_NAME), self._grpc)
+        self.port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        await self.scheduler.start()
+        await self._grpc.start()
+        if s.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+        name = await self.scheduler.warmup()  # raises EngineError unless the engine really ran
+        self.metrics.engine_up.set(1)
+        await self._set_health(_SERVING)
+        log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port, "engine": name,
+                                   "model": self.served.info.name, "max_streams": self.engine.capacity,
+                                   "max_batch": self.engine.max_batch})
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    def _on_engine_dead(self, reason: str) -> None:
+        asyncio.get_running_loop().create_task(self._set_health(_NOT_SERVING))
+
+    async def drain(self) -> bool:
+        """Graceful shutdown: NOT_SERVING, refuse new streams with UNAVAILABLE, let open streams
+        finish within the grace period, then stop. True when every stream finished in time."""
+        if self._draining:
+            return False
+        self._draining = True
+        await self.health.enter_graceful_shutdown()
+        self.scheduler.begin_drain()
+        open_streams = self.scheduler.active_streams
+        log.info("draining", extra={"open_streams": open_streams, "grace_s": self.settings.drain_grace_s})
+        finished = await self.scheduler.wait_idle(self.settings.drain_grace_s)
+        if not finished:
+            log.warning("grace period over; cancelling open streams",
+                        extra={"open_streams": self.scheduler.active_streams})
+        await self.stop(grace_s=1.0 if finished else 0.0)
+        return finished
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        if self._stopping:
+            return await self._stopped.wait()
+        self._stopping = True
+        await self.scheduler.stop()
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+        self.metrics.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+class _Observer(SchedulerObserver):
+    """Metrics, plus health going NOT_SERVING when the engine dies."""
+
+    def __init__(self, metrics: ServerMetrics, on_engine_dead):
+        self._metrics, self._on_engine_dead = metrics, on_engine_dead
+
+    def step_done(self, *args) -> None:
+        self._metrics.step_done(*args)
+
+    def chunk_answered(self, latency_seconds: float) -> None:
+        self._metrics.chunk_answered(latency_seconds)
+
+    def engine_dead(self, reason: str) -> None:
+        self._metrics.engine_dead(reason)
+        self._on_engine_dead(reason)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

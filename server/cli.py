@@ -1,0 +1,149 @@
+"""`asr-server`: build the engine, serve it over gRPC, drain on SIGTERM.
+
+This is the composition root: the only server module that reaches the engine factory (which
+loads torch), and it does so by name at run time, so importing the server package never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from engines.api import StreamingEngine
+from engines.config import DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, EngineConfig
+from server.app import AsrServer, ServerSettings
+from server.logging_setup import configure_logging
+from server.scheduler import SchedulerConfig
+from server.servicer import TransportLimits
+
+log = logging.getLogger("nemostream.cli")
+DEFAULT_FACTORY = "engines.factory:build_engine"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="asr-server", description="Streaming speech recognition over gRPC.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model and engine")
+    m.add_argument("--model", default="builtin:tiny",
+                   help="a .nemo file (trusted input: it is a pickle) or builtin:<name> (random weights)")
+    m.add_argument("--engine", default="eager", choices=ENGINE_NAMES, help="encoder engine")
+    m.add_argument("--fallback-engine", default=None, choices=ENGINE_NAMES,
+                   help="engine to start on if --engine cannot load (reported in ListModels and metrics)")
+    m.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    m.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
+    m.add_argument("--lookahead-ms", type=int, default=160, choices=sorted(LOOKAHEAD_TO_RIGHT_CONTEXT))
+    m.add_argument("--max-batch", type=int, default=32, help="chunks per engine step")
+    m.add_argument("--max-streams", type=int, default=64, help="concurrent streams (cache slots)")
+    m.add_argument("--cache-dir", default=None, help="exported graphs / built engine plans")
+    m.add_argument("--seed", type=int, default=0, help="seed of builtin models' random weights")
+    m.add_argument("--engine-factory", default=DEFAULT_FACTORY,
+                   help="module:function taking an EngineConfig and returning a StreamingEngine")
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="0.0.0.0")
+    n.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
+    n.add_argument("--metrics-host", default="0.0.0.0")
+    n.add_argument("--metrics-port", type=int, default=9400, help="Prometheus HTTP port; 0 picks a free one")
+    n.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    n.add_argument("--max-message-mb", type=float, default=32, help="largest request (a whole file for Recognize)")
+    n.add_argument("--max-audio-message-kb", type=float, default=1024, help="largest streamed audio message")
+    s = p.add_argument_group("scheduling and limits")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="deadline to fill a batch after the first ready chunk")
+    s.add_argument("--idle-timeout-s", type=float, default=30.0, help="end a stream the client sends nothing on")
+    s.add_argument("--max-stream-seconds", type=float, default=3600.0, help="most audio per stream")
+    s.add_argument("--drain-grace-s", type=float, default=30.0, help="SIGTERM: time open streams get to finish")
+    o = p.add_argument_group("operations")
+    o.add_argument("--log-level", default="INFO")
+    o.add_argument("--log-format", default="text", choices=("text", "json"))
+    o.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    return p.parse_args(argv)
+
+
+def load_factory(spec: str) -> Callable[[EngineConfig], StreamingEngine]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr or "build_engine")
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"asr-server: cannot load the engine factory {spec!r}: {exc}") from exc
+
+
+def build_settings(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        host=args.host, port=args.port, metrics_host=args.metrics_host,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        max_message_bytes=int(args.max_message_mb * (1 << 20)), drain_grace_s=args.drain_grace_s,
+        model_aliases=(args.model,),
+        limits=TransportLimits(idle_timeout_s=args.idle_timeout_s,
+                               max_audio_message_bytes=int(args.max_audio_message_kb * 1024)),
+        scheduler=SchedulerConfig(batch_wait_s=args.batch_wait_ms / 1000.0,
+                                  max_stream_seconds=args.max_stream_seconds,
+                                  stall_timeout_s=max(args.idle_timeout_s, 1.0)),
+    )
+
+
+async def serve(engine: StreamingEngine, settings: ServerSettings) -> int:
+    server = AsrServer(engine, settings)
+    try:
+        await server.start()
+    except Exception as exc:  # noqa: BLE001 - a failed warm-up must stop start-up loudly
+        log.critical("start-up failed", exc_info=exc)
+        print(f"asr-server: start-up failed: {exc}", file=sys.stderr, flush=True)
+        await server.stop()
+        return 1
+    loop = asyncio.get_running_loop()
+    drain: list[asyncio.Task] = []
+
+    def on_signal(signame: str) -> None:
+        if drain:
+            log.warning("second signal: stopping now", extra={"signal": signame})
+            loop.create_task(server.stop())
+            return
+        log.info("signal received, draining", extra={"signal": signame})
+        drain.append(loop.create_task(server.drain()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    metrics = f", metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    # Scripts and tests wait for this line (it carries the real port when --port 0).
+    print(f"asr-server: listening on {settings.host}:{server.port} (engine {server.scheduler.engine_name}){metrics}",
+          flush=True)
+    await server.wait_stopped()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
+                           lookahead_ms=args.lookahead_ms, max_streams=args.max_streams, max_batch=args.max_batch,
+                           fallback_engine=args.fallback_engine, cache_dir=args.cache_dir, seed=args.seed)
+        settings = build_settings(args)
+    except ValueError as exc:
+        print(f"asr-server: {exc}", file=sys.stderr)
+        return 2
+    factory = load_factory(args.engine_factory)
+    print(f"asr-server: loading model {cfg.model} (engine {cfg.engine}, device {cfg.device}, "
+          f"lookahead {cfg.lookahead_ms} ms)", flush=True)
+    engine = factory(cfg)
+    if engine.model_info.random_weights:
+        print(f"asr-server: model {engine.model_info.name} has RANDOM weights: its transcripts are meaningless. "
+              "To serve a real model: asr-server --model /path/to/model.nemo", flush=True)
+    runner = asyncio.run
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:
+            pass
+    return runner(serve(engine, settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Prometheus metrics of the service, on their own registry (several servers may share a
+process in tests), served over HTTP on the metrics port."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+
+from server.scheduler import Scheduler, SchedulerObserver
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _ExecutionsCollector:
+    """Engine executions by engine name, from the snapshot the engine thread took after the
+    last step: what really ran, not what was configured."""
+
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler = scheduler
+
+    def collect(self):
+        family = CounterMetricFamily("asr_engine_executions", "Encoder executions by engine name", labels=["engine"])
+        for name, count in sorted(self._scheduler.executions.items()):
+            family.add_metric([name], count)
+        yield family
+
+
+class ServerMetrics(SchedulerObserver):
+    def __init__(self, max_batch: int = 32):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active_streams = Gauge("asr_active_streams", "Streams open now", registry=r)
+        self.slots_in_use = Gauge("asr_slots_in_use", "Engine cache slots held now", registry=r)
+        self.engine_up = Gauge("asr_engine_up", "1 while the engine serves, 0 before warm-up or when dead", registry=r)
+        batch_buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch} | {max_batch})
+        self.batch_size = Histogram("asr_batch_size", "Chunks per engine step", buckets=batch_buckets, registry=r)
+        self.queue_wait = Histogram("asr_queue_wait_seconds", "Ready chunk to step start", buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_time = Histogram("asr_step_seconds", "Engine step wall time", buckets=_LATENCY_BUCKETS, registry=r)
+        self.chunk_latency = Histogram("asr_chunk_latency_seconds",
+                                       "Arrival of a chunk's last audio to its result", buckets=_LATENCY_BUCKETS, registry=r)
+        self.steps = Counter("asr_steps", "Engine steps by the engine name the step reported", ["engine"], registry=r)
+        self.errors = Counter("asr_errors", "RPCs that ended with an error, by status code", ["method", "code"], registry=r)
+        self.rpcs = Counter("asr_rpcs", "RPCs finished, by status code", ["method", "code"], registry=r)
+        self.audio_seconds = Counter("asr_audio_seconds", "Seconds of audio received", registry=r)
+        self._http = None
+
+    def bind(self, scheduler: Scheduler) -> None:
+        self.active_streams.set_function(lambda: scheduler.active_streams)
+        self.slots_in_use.set_function(scheduler.slots_in_use)
+        self.registry.register(_ExecutionsCollector(scheduler))
+
+    # -- SchedulerObserver -------------------------------------------------------------------
+    def step_done(self, batch_size, step_seconds, queue_waits, engine, executions) -> None:
+        self.batch_size.observe(batch_size)
+        self.step_time.observe(step_seconds)
+        for wait in queue_waits:
+            self.queue_wait.observe(wait)
+        self.steps.labels(engine=engine).inc()
+
+    def chunk_answered(self, latency_seconds: float) -> None:
+        self.chunk_latency.observe(latency_seconds)
+
+    def engine_dead(self, reason: str) -> None:
+        self.engine_up.set(0)
+
+    # -- transport ---------------------------------------------------------------------------
+    def rpc_finished(self, method: str, code: str) -> None:
+        self.rpcs.labels(method=method, code=code).inc()
+        if code != "OK":
+            self.errors.labels(method=method, code=code).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (a daemon thread); returns the bound port (port 0: any free)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_address[1]
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

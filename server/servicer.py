@@ -1,0 +1,204 @@
+"""The gRPC servicer: transport only. It validates requests, decodes audio, and relays the
+scheduler's events as responses; every decision about batching lives in server.scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from proto import asr_stream_pb2 as pb
+from proto import asr_stream_pb2_grpc as pb_grpc
+from server.audio_decoder import AudioDecoder
+from server.metrics import ServerMetrics
+from server.responses import recognition_result, streaming_response
+from server.scheduler import Scheduler, StreamHandle
+from server.stream_config import ServedModel, StreamOptions, invalid, validate_config
+from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
+from server.wav_header import AudioError
+
+log = logging.getLogger("nemostream.rpc")
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    idle_timeout_s: float = 30.0             # no request from the client for this long ends the stream
+    max_audio_message_bytes: int = 1 << 20   # per streamed audio message
+    max_header_bytes: int = 1 << 16          # WAV header bytes before the data chunk
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout_s <= 0 or self.max_audio_message_bytes < 1 or self.max_header_bytes < 44:
+            raise ValueError("idle_timeout_s > 0, max_audio_message_bytes >= 1, max_header_bytes >= 44 required")
+
+
+class _Abort(Exception):
+    """Ends an RPC with a status; raised inside handlers, turned into context.abort once."""
+
+    def __init__(self, kind: ErrorKind, message: str):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+def _code(kind: ErrorKind) -> grpc.StatusCode:
+    return grpc.StatusCode[kind.value]
+
+
+class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
+    def __init__(self, scheduler: Scheduler, served: ServedModel, limits: TransportLimits, metrics: ServerMetrics):
+        self._scheduler = scheduler
+        self._served = served
+        self._limits = limits
+        self._metrics = metrics
+        self._frame_seconds = served.geometry.encoder_frame_seconds
+
+    # -- StreamingRecognize --------------------------------------------------------------------
+    async def StreamingRecognize(self, request_iterator, context):
+        code, handle, reader, started = "OK", None, None, time.monotonic()
+        chunks = 0
+        try:
+            self._scheduler.check_admission()  # refuse at once, before waiting for a config
+            requests = request_iterator.__aiter__()
+            first = await self._next_request(requests, "the config")
+            if first is None:
+                raise _Abort(ErrorKind.INVALID_ARGUMENT, "the stream ended before a config was sent")
+            if first.WhichOneof("request") != "config":
+                raise _Abort(ErrorKind.INVALID_ARGUMENT,
+                             "the first request must carry the config; got audio (or an empty request) first")
+            options = validate_config(first.config, self._served)
+            handle = self._scheduler.open_stream(label=options.label)
+            self._log_open(handle, options, context)
+            decoder = AudioDecoder(options.audio, self._served.geometry.sample_rate, self._limits.max_header_bytes)
+            reader = asyncio.get_running_loop().create_task(self._pump_audio(requests, handle, decoder))
+            async for event in handle:
+                if isinstance(event, StreamFailure):
+                    raise _Abort(event.kind, event.message)
+                chunks += 1
+                yield streaming_response(event, options.interim_results, self._frame_seconds)
+        except StreamError as exc:
+            code = exc.kind.value
+            await context.abort(_code(exc.kind), exc.message)
+        except _Abort as exc:
+            code = exc.kind.value
+            await context.abort(_code(exc.kind), exc.message)
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # client cancelled, disconnected, or its deadline passed
+            raise
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if handle is not None:
+                handle.close()  # frees the slot at once (or when its running step returns)
+                log.info("stream closed", extra={"stream_id": handle.stream_id, "code": code, "chunks": chunks,
+                                                 "audio_s": round(handle.state.received / self._served.geometry.sample_rate, 3),
+                                                 "wall_s": round(time.monotonic() - started, 3)})
+            self._metrics.rpc_finished("StreamingRecognize", code)
+
+    async def _next_request(self, requests, what: str):
+        try:
+            return await asyncio.wait_for(requests.__anext__(), self._limits.idle_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise _Abort(ErrorKind.DEADLINE_EXCEEDED,
+                         f"idle timeout: no request for {self._limits.idle_timeout_s:g} s while waiting for {what}") from None
+
+    async def _pump_audio(self, requests, handle: StreamHandle, decoder: AudioDecoder) -> None:
+        """Reads audio while the handler writes results; any problem fails the stream, which
+        the handler turns into the status."""
+        try:
+            while True:
+                request = await self._next_request(requests, "audio")
+                if request is None:
+                    break
+                kind = request.WhichOneof("request")
+                if kind == "config":
+                    raise invalid("config sent twice: only the first request may carry a config")
+                if kind != "audio":
+                    continue  # an empty request carries nothing
+                size = len(request.audio)
+                if size > self._limits.max_audio_message_bytes:
+                    raise invalid(f"audio message of {size} bytes exceeds the limit of "
+                                  f"{self._limits.max_audio_message_bytes} bytes; send smaller messages")
+                before = decoder.input_seconds
+                if not await handle.push_audio(decoder.feed(request.audio)):
+                    return
+                self._metrics.audio_seconds.inc(decoder.input_seconds - before)
+            if await handle.push_audio(decoder.finish()):
+                handle.end_audio()
+        except AudioError as exc:
+            handle.fail(ErrorKind.INVALID_ARGUMENT, str(exc))
+        except StreamError as exc:
+            handle.fail(exc.kind, exc.message)
+        except _Abort as exc:
+            handle.fail(exc.kind, exc.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported to the client, not lost
+            log.exception("audio reader failed", extra={"stream_id": handle.stream_id})
+            handle.fail(ErrorKind.INTERNAL, f"internal error reading audio: {exc}")
+
+    def _log_open(self, handle: StreamHandle, options: StreamOptions, context) -> None:
+        spec = options.audio
+        log.info("stream opened", extra={
+            "stream_id": handle.stream_id, "label": options.label, "peer": context.peer(),
+            "sample_rate": spec.sample_rate, "encoding": spec.encoding.value if spec.encoding else "auto",
+            "interim": options.interim_results})
+
+    # -- Recognize -------------------------------------------------------------------------------
+    async def Recognize(self, request: pb.RecognizeRequest, context):
+        code, handle, feeder = "OK", None, None
+        try:
+            self._scheduler.check_admission()
+            options = validate_config(request.config, self._served)
+            handle = self._scheduler.open_stream(label=options.label)
+            self._log_open(handle, options, context)
+            decoder = AudioDecoder(options.audio, self._served.geometry.sample_rate, self._limits.max_header_bytes)
+            feeder = asyncio.get_running_loop().create_task(self._feed_whole(handle, decoder, request.audio))
+            final: ChunkResult | None = None
+            async for event in handle:
+                if isinstance(event, StreamFailure):
+                    raise _Abort(event.kind, event.message)
+                final = event
+            assert final is not None and final.is_final
+            return pb.RecognizeResponse(result=recognition_result(final, self._frame_seconds),
+                                        audio_processed=final.audio_seconds, stream_id=handle.stream_id)
+        except StreamError as exc:
+            code = exc.kind.value
+            await context.abort(_code(exc.kind), exc.message)
+        except _Abort as exc:
+            code = exc.kind.value
+            await context.abort(_code(exc.kind), exc.message)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+            if handle is not None:
+                handle.close()
+                log.info("recognize done", extra={"stream_id": handle.stream_id, "code": code})
+            self._metrics.rpc_finished("Recognize", code)
+
+    async def _feed_whole(self, handle: StreamHandle, decoder: AudioDecoder, audio: bytes) -> None:
+        try:
+            if await handle.push_audio(decoder.feed(audio)) and await handle.push_audio(decoder.finish()):
+                handle.end_audio()
+            self._metrics.audio_seconds.inc(decoder.input_seconds)
+        except AudioError as exc:
+            handle.fail(ErrorKind.INVALID_ARGUMENT, str(exc))
+
+    # -- ListModels ------------------------------------------------------------------------------
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        info, g, s = self._served.info, self._served.geometry, self._scheduler
+        model = pb.ModelInfo(
+            name=info.name, lookahead_ms=info.lookahead_ms, lookaheads_ms=list(info.lookaheads_ms),
+            sample_rate=info.sample_rate, chunk_ms=g.chunk_ms, vocabulary_size=info.vocabulary_size,
+            random_weights=info.random_weights, description=info.description, languages=list(info.languages),
+            engine=s.engine_name or "", engine_executions=s.executions, max_streams=s.engine.capacity,
+            max_batch=s.max_batch,
+        )
+        self._metrics.rpc_finished("ListModels", "OK")
+        return pb.ListModelsResponse(models=[model])
