@@ -6,13 +6,13 @@ importing the engine's heavy dependencies.
 Conventions (NeMo's "pad and drop", every step has one shape):
 - Features are log-mel frames with hop `hop` samples. Frame i is computed from the samples
   [i*hop - stft_left_pad, i*hop - stft_left_pad + n_fft) of the stream, zero outside [0, len).
-  A stream of n samples has n_frames(n) frames, as NeMo's preprocessor computes over the whole
+  A stream of n samples has n_frames(n) frames, NeMo's preprocessor's seq_len over the whole
   file.
 - Step k (0-based) encodes the new mel frames [k*C, (k+1)*C), C = `chunk_frames`, preceded by
   `pre_encode_frames` cached frames (zeros for k = 0).
 - The last frame of chunk k reaches `right_context` samples past the chunk's boundary, so
-  chunk k can run once (k+1)*C*hop + right_context samples have arrived; after the stream's
-  audio has ended, the remaining frames are flushed in chunks of at most C frames.
+  chunk k can run once (k+1)*C*hop + right_context samples have arrived. Once the audio has
+  ended, at most one (shorter) chunk remains, and possibly none.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ class ChunkGeometry:
         return self.subsampling * self.hop / self.sample_rate
 
     def n_frames(self, n_samples: int) -> int:
-        """Mel frames NeMo's preprocessor produces for n_samples of audio."""
-        return (n_samples + 2 * self.stft_left_pad - self.n_fft) // self.hop + 1
+        """Valid mel frames of n_samples of audio: NeMo's preprocessor's seq_len (its STFT
+        computes one more frame, which it masks as padding)."""
+        return max((n_samples + 2 * self.stft_left_pad - self.n_fft) // self.hop, 0)
 
     def samples_needed(self, chunk_index: int) -> int:
         """Samples a stream must have received before chunk `chunk_index` can run mid-stream."""
@@ -82,8 +83,13 @@ class ChunkGeometry:
 
     def total_chunks(self, n_samples: int) -> int:
         """Steps a stream of n_samples needs in all, once its audio has ended."""
-        frames = max(self.n_frames(n_samples), 1)
-        return -(-frames // self.chunk_frames)
+        return -(-self.n_frames(n_samples) // self.chunk_frames)
+
+    def finished(self, chunks_done: int, received: int, ended: bool) -> bool:
+        """Every frame of an ended stream has been decoded. This can become true without a
+        final engine step (a stream that ends exactly on a chunk boundary, or holds less than
+        one frame of audio): the scheduler then finalizes the stream itself."""
+        return ended and chunks_done >= self.total_chunks(received)
 
     def chunk_span(self, chunk_index: int, received: int, ended: bool) -> tuple[int, int] | None:
         """The [start, end) sample range to hand to the engine for chunk `chunk_index`.

@@ -109,6 +109,8 @@ class StreamingEngine:
                 reason = "audio contains NaN or infinite samples"
             elif not c.first and self.finished[c.slot]:
                 reason = "the stream has already been finalized"
+            elif c.audio_ended and self._frames_left(c) <= 0:
+                reason = "the chunk holds no audio frames (the stream is already complete)"
             if reason is None:
                 seen_slots.add(c.slot)
             else:
@@ -118,6 +120,12 @@ class StreamingEngine:
         if bad:
             detail = "; ".join(f"{sid}: {why}" for sid, why in bad.items())
             raise BadChunkError(f"invalid chunks: {detail}", tuple(bad))
+
+    def _frames_left(self, c: ChunkWork) -> int:
+        g = self.geometry
+        seen = 0 if c.first else int(self.featurizer.samples_seen[c.slot])
+        k = 0 if c.first else int(self.chunks_done[c.slot])
+        return g.n_frames(seen + len(c.samples)) - k * g.chunk_frames
 
     def step(self, plan: StepPlan) -> StepResult:
         self._validate(plan)

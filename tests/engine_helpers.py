@@ -1,0 +1,101 @@
+"""Drivers for engine tests: run streams through StreamingEngine.step alone or in mixed batches,
+recording each stream's tokens, text and encoder outputs."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engines.api import ChunkWork, StepPlan
+
+
+@dataclass
+class StreamRun:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    encoded: list[torch.Tensor] = field(default_factory=list)  # per chunk [d, T'] (valid frames)
+    final: bool = False
+    chunks: int = 0
+
+
+class EncoderRecorder:
+    """Wraps an engine's encoder step to keep each row's valid encoder output."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.rows: list[torch.Tensor] = []
+        self._inner = engine.encoder_engine.step
+
+    def __enter__(self):
+        def recording_step(*args):
+            out = self._inner(*args)
+            encoded, enc_len = out[0], out[1]
+            lengths = torch.clamp(enc_len, max=self.engine.geometry.encoder_frames)
+            self.rows = [encoded[i, :, : int(lengths[i])].detach().float().cpu() for i in range(encoded.shape[0])]
+            return out
+        self.engine.encoder_engine.step = recording_step
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.encoder_engine.step = self._inner
+
+
+def run_alone(engine, audio: np.ndarray, stream_id: str = "alone") -> StreamRun:
+    slot = engine.acquire_slot()
+    try:
+        return run_streams(engine, {stream_id: audio}, slots={stream_id: slot}, seed=None)[stream_id]
+    finally:
+        engine.release_slot(slot)
+
+
+def run_streams(engine, audios: dict[str, np.ndarray], slots: dict[str, int] | None = None,
+                seed: int | None = 0, start_step: dict[str, int] | None = None,
+                max_batch: int | None = None) -> dict[str, StreamRun]:
+    """Run every stream to its final, at most one chunk per stream per step. With a seed, each
+    step takes a random subset of the ready streams in a shuffled order (mixed positions);
+    `start_step` delays a stream's first chunk."""
+    g = engine.geometry
+    rng = random.Random(seed)
+    own_slots = slots is None
+    slots = dict(slots or {sid: engine.acquire_slot() for sid in audios})
+    runs = {sid: StreamRun() for sid in audios}
+    start_step = start_step or {}
+    max_batch = max_batch or engine.max_batch
+    step = 0
+    try:
+        with EncoderRecorder(engine) as rec:
+            while not all(r.final for r in runs.values()):
+                ready = [sid for sid in audios if not runs[sid].final and start_step.get(sid, 0) <= step]
+                if seed is not None:
+                    rng.shuffle(ready)
+                    ready = ready[: rng.randint(1, max(1, min(len(ready), max_batch)))] if ready else []
+                else:
+                    ready = ready[:max_batch]
+                chunks = []
+                for sid in ready:
+                    r, audio = runs[sid], audios[sid]
+                    span = g.chunk_span(r.chunks, len(audio), ended=True)
+                    assert span is not None
+                    a, b = span
+                    chunks.append(ChunkWork(sid, slots[sid], audio[a:b], first=r.chunks == 0,
+                                            audio_ended=b == len(audio)))
+                step += 1
+                if not chunks:
+                    continue
+                result = engine.step(StepPlan(tuple(chunks)))
+                assert [u.stream_id for u in result.updates] == [c.stream_id for c in chunks]
+                for u, row in zip(result.updates, rec.rows):
+                    r = runs[u.stream_id]
+                    r.tokens += [t.token_id for t in u.tokens]
+                    r.text += u.text_delta
+                    r.encoded.append(row)
+                    r.final = u.is_final
+                    r.chunks += 1
+    finally:
+        if own_slots:
+            for s in slots.values():
+                engine.release_slot(s)
+    return runs
