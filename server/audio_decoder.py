@@ -64,8 +64,8 @@ class AudioDecoder:
             self._pending += data
             if not self._resolve(final=False):
                 return _EMPTY
-            data, self._pending = self._pending, b""
-        return self._decode(self._pending + data if self._pending else data, final=False)
+            data, self._pending = self._pending, b""  # the bytes after the header are new audio
+        return self._decode(data, final=False)
 
     def finish(self) -> np.ndarray:
         """End of audio: flush the resampler; a partial sample left over is an error."""
@@ -74,11 +74,8 @@ class AudioDecoder:
                 return _EMPTY  # no audio at all: an empty stream is fine
             self._resolve(final=True)
             data, self._pending = self._pending, b""
-            out = self._decode(data, final=True)
-        else:
-            data, self._pending = self._pending, b""
-            out = self._decode(data, final=True)
-        return out
+            return self._decode(data, final=True)
+        return self._decode(b"", final=True)
 
     @property
     def input_seconds(self) -> float:
@@ -132,12 +129,14 @@ class AudioDecoder:
             self._resampler = soxr.ResampleStream(fmt.sample_rate, self.target_rate, 1,
                                                   dtype="float32", quality="HQ")
 
-    def _decode(self, data: bytes, final: bool) -> np.ndarray:
+    def _decode(self, new: bytes, final: bool) -> np.ndarray:
+        """Decode `new` bytes after the split sample kept from the previous message."""
         fmt = self.format
         assert fmt is not None
         if self._data_left is not None:  # bytes after a WAV data chunk are other chunks, not audio
-            data = data[:self._data_left]
-            self._data_left -= len(data)
+            new = new[:self._data_left]
+            self._data_left -= len(new)
+        data = self._pending + new if self._pending else new
         usable = len(data) - len(data) % fmt.frame_bytes
         self._pending = data[usable:]
         if final and self._pending:

@@ -26,6 +26,7 @@ def make_audio(seed: int, n: int) -> np.ndarray:
 async def started(engine: FakeEngine, **config) -> Scheduler:
     sched = Scheduler(engine, SchedulerConfig(**config))
     await sched.start()
+    await sched.warmup()
     return sched
 
 
@@ -106,7 +107,7 @@ async def test_empty_audio_gets_empty_final_without_step():
     await sched.stop()
     assert len(events) == 1 and events[0].is_final and events[0].transcript == ""
     assert events[0].chunk_index == -1
-    assert engine.steps_started == 0
+    assert engine.steps_started == 1  # the warm-up's only
 
 
 async def test_last_chunk_with_no_new_samples_is_flushed():
@@ -166,7 +167,7 @@ async def test_cancel_during_step_frees_slot_when_step_returns():
     handle = sched.open_stream()
     engine.gate.clear()  # hold the engine inside the step
     await handle.push_audio(make_audio(5, engine.geometry.samples_needed(0)))
-    await wait_for(lambda: engine.steps_started == 1, "the step to start")
+    await wait_for(lambda: engine.steps_started == 2, "the step to start (after the warm-up)")
     handle.close()
     assert sched.active_streams == 0
     assert engine.slots_in_use() == 1  # the running step still owns it
@@ -201,6 +202,7 @@ async def test_step_failure_fails_its_streams_then_engine_dead_after_repeats():
 
     sched = Scheduler(engine, SchedulerConfig(dead_after_failures=2), Obs())
     await sched.start()
+    await sched.warmup()
     engine.fail_next_steps = 1
     events = await run_one(sched, make_audio(8, 8000), 8)
     assert isinstance(events[-1], StreamFailure) and events[-1].kind is ErrorKind.INTERNAL
@@ -291,7 +293,8 @@ async def test_warmup_proves_execution():
         def warmup(self):
             return "tensorrt"  # claims an engine that never ran
 
-    liar = await started(LyingEngine())
+    liar = Scheduler(LyingEngine())
+    await liar.start()
     with pytest.raises(EngineError, match="counter did not move"):
         await liar.warmup()
     await sched.stop()

@@ -1,0 +1,91 @@
+"""`asr-client`: transcribe files through a server, or list its models.
+
+    asr-client transcribe --server localhost:50051 a.wav b.wav [--interim] [--realtime]
+    asr-client models --server localhost:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from client.audio_source import FLOAT32, PCM16, AudioFormat
+from client.sdk import AsrError, AsyncAsrClient, StreamOptions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="asr-client", description="Client of the streaming ASR server.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("transcribe", help="stream files and print their final transcripts")
+    t.add_argument("files", nargs="+", metavar="FILE", help="WAV files (or raw audio with --sample-rate)")
+    t.add_argument("--interim", action="store_true", help="also print interim transcripts")
+    t.add_argument("--realtime", action="store_true", help="send audio no faster than real time")
+    t.add_argument("--chunk-ms", type=float, default=100.0, help="audio per message")
+    t.add_argument("--sample-rate", type=int, default=0, help="rate of raw (non-WAV) files")
+    t.add_argument("--encoding", choices=(PCM16, FLOAT32), default=PCM16, help="encoding of raw files")
+    t.add_argument("--channels", type=int, default=1, help="channels of raw files")
+    t.add_argument("--model", default="", help="served model name (default: the server's)")
+    t.add_argument("--concurrency", type=int, default=4, help="files streamed at once")
+    t.add_argument("--words", action="store_true", help="print word times of finals")
+    m = sub.add_parser("models", help="list the models the server serves")
+    for cmd in (t, m):
+        cmd.add_argument("--server", default="localhost:50051", help="HOST:PORT of the server")
+        cmd.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+    return p.parse_args(argv)
+
+
+async def _transcribe_one(client: AsyncAsrClient, path: str, args: argparse.Namespace, limit: asyncio.Semaphore) -> bool:
+    raw = AudioFormat(args.sample_rate, args.encoding, args.channels) if args.sample_rate else None
+    options = StreamOptions(model=args.model, interim=args.interim, label=path[-128:])
+    async with limit:
+        try:
+            async for response in client.transcribe(path, options=options, realtime=args.realtime,
+                                                    chunk_ms=args.chunk_ms, raw_format=raw):
+                result = response.result
+                if result is None:
+                    continue
+                if result.is_final:
+                    print(f"{path}: {result.transcript}", flush=True)
+                    if args.words:
+                        for w in result.words:
+                            print(f"  {w.start:8.2f} {w.end:8.2f}  {w.word}", flush=True)
+                elif args.interim:
+                    print(f"{path} [interim] {result.transcript}", flush=True)
+            return True
+        except (AsrError, OSError, ValueError) as exc:
+            print(f"{path}: error: {exc}", file=sys.stderr, flush=True)
+            return False
+
+
+async def _transcribe(args: argparse.Namespace) -> int:
+    limit = asyncio.Semaphore(max(args.concurrency, 1))
+    async with AsyncAsrClient(args.server, timeout=args.timeout) as client:
+        ok = await asyncio.gather(*(_transcribe_one(client, f, args, limit) for f in args.files))
+    return 0 if all(ok) else 1
+
+
+async def _models(args: argparse.Namespace) -> int:
+    async with AsyncAsrClient(args.server, timeout=args.timeout) as client:
+        try:
+            models = await client.list_models()
+        except AsrError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    for m in models:
+        executions = ", ".join(f"{k}={v}" for k, v in sorted(m.engine_executions.items()))
+        print(f"{m.name}: lookahead {m.lookahead_ms} ms, chunk {m.chunk_ms:g} ms, {m.sample_rate} Hz, "
+              f"engine {m.engine} ({executions}), streams {m.max_streams}, batch {m.max_batch}"
+              + (", RANDOM weights" if m.random_weights else ""))
+        if m.description:
+            print(f"  {m.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return asyncio.run(_transcribe(args) if args.command == "transcribe" else _models(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Client SDK: sync (AsrClient) and asyncio (AsyncAsrClient) streaming recognition.
+
+Results are iterated while audio is still being sent: gRPC sends the request iterator from its
+own thread (sync) or task (async).
+
+    with AsrClient("localhost:50051") as client:
+        for response in client.transcribe("speech.wav", interim=True):
+            if response.result:
+                print(response.result.transcript)
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from client.audio_source import AudioFormat, apaced, encoding_of, file_chunks, paced, to_bytes
+from proto import asr_stream_pb2 as pb
+from proto import asr_stream_pb2_grpc as pb_grpc
+
+_ENCODINGS = {None: pb.AUDIO_ENCODING_UNSPECIFIED, "PCM16": pb.PCM16, "FLOAT32": pb.FLOAT32}
+
+
+class AsrError(Exception):
+    """The server ended a call with an error status."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(f"{code}: {details}")
+        self.code, self.details = code, details
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError) -> AsrError:
+        return cls(exc.code().name, exc.details() or "")
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Result:
+    transcript: str
+    is_final: bool
+    stability: float
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class Response:
+    """One server response: one per processed chunk, the last carries the final result."""
+
+    chunk_index: int
+    audio_processed: float
+    stream_id: str
+    result: Result | None     # None: interim results are off and this chunk is not final
+    received_at: float        # time.monotonic() when the client got it
+
+    @property
+    def is_final(self) -> bool:
+        return self.result is not None and self.result.is_final
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    model: str = ""
+    lookahead_ms: int = 0
+    interim: bool = False
+    language: str = ""
+    label: str = ""
+
+
+def _result(r: pb.RecognitionResult) -> Result:
+    return Result(r.transcript, r.is_final, r.stability,
+                  tuple(Word(w.word, w.start_seconds, w.end_seconds) for w in r.words))
+
+
+def _response(r: pb.StreamingRecognizeResponse) -> Response:
+    return Response(r.chunk_index, r.audio_processed, r.stream_id,
+                    _result(r.results[0]) if r.results else None, time.monotonic())
+
+
+def _config(fmt: AudioFormat, options: StreamOptions) -> pb.RecognitionConfig:
+    return pb.RecognitionConfig(
+        model=options.model, lookahead_ms=options.lookahead_ms,
+        sample_rate=0 if fmt.wav else fmt.sample_rate, encoding=_ENCODINGS[None if fmt.wav else fmt.encoding],
+        channels=0 if fmt.wav else fmt.channels, interim_results=options.interim,
+        language=options.language, client_label=options.label)
+
+
+def _peek_format(chunks: Iterable, sample_rate: int, encoding: str | None) -> tuple[AudioFormat, Iterator]:
+    """Infer the encoding from the first chunk's dtype when not given (int16 PCM16, float FLOAT32)."""
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None:
+        return AudioFormat(sample_rate, encoding or "PCM16"), iter(())
+    encoding = encoding or encoding_of(first) or "PCM16"
+    return AudioFormat(sample_rate, encoding), itertools.chain([first], it)
+
+
+def _requests(fmt: AudioFormat, options: StreamOptions, chunks: Iterable) -> Iterator[pb.StreamingRecognizeRequest]:
+    yield pb.StreamingRecognizeRequest(config=_config(fmt, options))
+    for chunk in chunks:
+        yield pb.StreamingRecognizeRequest(audio=to_bytes(chunk))
+
+
+class AsrClient:
+    def __init__(self, target: str, *, channel: grpc.Channel | None = None, timeout: float | None = None):
+        self._channel = channel or grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        self._stub = pb_grpc.SpeechRecognitionStub(self._channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> AsrClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(self, chunks: Iterable[bytes | np.ndarray], *, sample_rate: int = 0, encoding: str | None = None,
+               options: StreamOptions = StreamOptions(), realtime: bool = False,
+               fmt: AudioFormat | None = None) -> Iterator[Response]:
+        """Stream any iterable of audio chunks (bytes, int16 or float arrays) and iterate the
+        responses while it is sent. `realtime` paces sending to the audio's duration."""
+        if fmt is None:
+            fmt, chunks = _peek_format(chunks, sample_rate, encoding)
+        data: Iterable = (to_bytes(c) for c in chunks)
+        if realtime:
+            if not fmt.bytes_per_second:
+                raise ValueError("realtime pacing needs the sample rate")
+            data = paced(data, fmt.bytes_per_second)
+        call = self._stub.StreamingRecognize(_requests(fmt, options, data), timeout=self.timeout)
+        try:
+            for response in call:
+                yield _response(response)
+        except grpc.RpcError as exc:
+            raise AsrError.from_rpc(exc) from None
+        finally:
+            call.cancel()  # no-op once finished; stops the upload if the caller stops iterating
+
+    def transcribe(self, path: str | Path, *, options: StreamOptions = StreamOptions(), realtime: bool = False,
+                   chunk_ms: float = 100.0, raw_format: AudioFormat | None = None) -> Iterator[Response]:
+        fmt, chunks = file_chunks(path, chunk_ms, raw_format)
+        pace = AudioFormat(fmt.sample_rate, fmt.encoding, fmt.channels)
+        data = paced(chunks, pace.bytes_per_second) if realtime else chunks
+        return self.stream(data, options=options, fmt=fmt)
+
+    def transcribe_file(self, path: str | Path, **kwargs) -> Result:
+        final = None
+        for response in self.transcribe(path, **kwargs):
+            if response.is_final:
+                final = response.result
+        assert final is not None, "the stream ended without a final result"
+        return final
+
+    def recognize(self, audio: bytes | str | Path, *, sample_rate: int = 0, encoding: str | None = None,
+                  options: StreamOptions = StreamOptions()) -> Result:
+        """Unary recognition of a whole file (a path, or its bytes)."""
+        data = Path(audio).read_bytes() if isinstance(audio, (str, Path)) else audio
+        fmt = AudioFormat(sample_rate, encoding or "PCM16", wav=data[:4] == b"RIFF")
+        try:
+            response = self._stub.Recognize(pb.RecognizeRequest(config=_config(fmt, options), audio=data),
+                                            timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise AsrError.from_rpc(exc) from None
+        return _result(response.result)
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        try:
+            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+        except grpc.RpcError as exc:
+            raise AsrError.from_rpc(exc) from None
+
+
+class AsyncAsrClient:
+    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = None):
+        self._channel = channel or grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        self._stub = pb_grpc.SpeechRecognitionStub(self._channel)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> AsyncAsrClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stream(self, chunks: Iterable[bytes | np.ndarray] | AsyncIterable[bytes | np.ndarray], *,
+                     sample_rate: int = 0, encoding: str | None = None, options: StreamOptions = StreamOptions(),
+                     realtime: bool = False, fmt: AudioFormat | None = None) -> AsyncIterator[Response]:
+        """Stream chunks (a sync or async iterable) and iterate responses as they come."""
+        if fmt is None:
+            if isinstance(chunks, AsyncIterable):
+                if not encoding:
+                    raise ValueError("give the encoding for an async source")
+                fmt = AudioFormat(sample_rate, encoding)
+            else:
+                fmt, chunks = _peek_format(chunks, sample_rate, encoding)
+
+        async def requests():
+            yield pb.StreamingRecognizeRequest(config=_config(fmt, options))
+            if isinstance(chunks, AsyncIterable):
+                async for chunk in chunks:
+                    yield pb.StreamingRecognizeRequest(audio=to_bytes(chunk))
+            elif realtime:
+                async for chunk in apaced((to_bytes(c) for c in chunks), fmt.bytes_per_second):
+                    yield pb.StreamingRecognizeRequest(audio=chunk)
+            else:
+                for chunk in chunks:
+                    yield pb.StreamingRecognizeRequest(audio=to_bytes(chunk))
+
+        if realtime and not fmt.bytes_per_second:
+            raise ValueError("realtime pacing needs the sample rate")
+        call = self._stub.StreamingRecognize(requests(), timeout=self.timeout)
+        try:
+            async for response in call:
+                yield _response(response)
+        except grpc.RpcError as exc:
+            raise AsrError.from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def transcribe(self, path: str | Path, *, options: StreamOptions = StreamOptions(), realtime: bool = False,
+                         chunk_ms: float = 100.0, raw_format: AudioFormat | None = None) -> AsyncIterator[Response]:
+        fmt, chunks = file_chunks(path, chunk_ms, raw_format)
+        if realtime:
+            pace = AudioFormat(fmt.sample_rate, fmt.encoding, fmt.channels)
+            source = apaced(chunks, pace.bytes_per_second)
+        else:
+            source = chunks
+        async for response in self.stream(source, options=options, fmt=fmt):
+            yield response
+
+    async def transcribe_file(self, path: str | Path, **kwargs) -> Result:
+        final = None
+        async for response in self.transcribe(path, **kwargs):
+            if response.is_final:
+                final = response.result
+        assert final is not None, "the stream ended without a final result"
+        return final
+
+    async def recognize(self, audio: bytes | str | Path, *, sample_rate: int = 0, encoding: str | None = None,
+                        options: StreamOptions = StreamOptions()) -> Result:
+        data = Path(audio).read_bytes() if isinstance(audio, (str, Path)) else audio
+        fmt = AudioFormat(sample_rate, encoding or "PCM16", wav=data[:4] == b"RIFF")
+        try:
+            response = await self._stub.Recognize(pb.RecognizeRequest(config=_config(fmt, options), audio=data),
+                                                  timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise AsrError.from_rpc(exc) from None
+        return _result(response.result)
+
+    async def list_models(self) -> list[pb.ModelInfo]:
+        try:
+            return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)).models)
+        except grpc.RpcError as exc:
+            raise AsrError.from_rpc(exc) from None

@@ -1,0 +1,143 @@
+"""Shared pieces of the server tests: engines by kind, a real grpc.aio server on a loopback
+port, audio makers and request builders.
+
+Engine kinds: "fake" (tests/fake_engine.py) always; "builtin:tiny" (the real engine via
+engines.factory.build_engine) where that factory exists, skipped with the reason otherwise.
+Tests that must hold for every engine take `engine_kind` from ALL_ENGINE_KINDS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import urllib.request
+import wave
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proto import asr_stream_pb2 as pb
+from proto import asr_stream_pb2_grpc as pb_grpc
+from server.app import AsrServer, ServerSettings
+from server.scheduler import SchedulerConfig
+from server.servicer import TransportLimits
+from tests.fake_engine import FakeEngine
+
+FAKE = "fake"
+REAL_TINY = "builtin:tiny"
+ALL_ENGINE_KINDS = (FAKE, REAL_TINY)
+RATE = 16000
+
+
+def make_engine(kind: str, capacity: int = 64, max_batch: int = 16, **fake_kwargs):
+    if kind == FAKE:
+        return FakeEngine(capacity=capacity, max_batch=max_batch, **fake_kwargs)
+    try:
+        from engines.config import EngineConfig
+        from engines.factory import build_engine
+    except ImportError as exc:
+        pytest.skip(f"real engine {kind} unavailable: {exc}")
+    return build_engine(EngineConfig(model=kind, engine="eager", device="cpu",
+                                     max_streams=capacity, max_batch=max_batch))
+
+
+def test_settings(**overrides) -> ServerSettings:
+    limits = overrides.pop("limits", TransportLimits(idle_timeout_s=20.0, max_audio_message_bytes=256 << 10))
+    scheduler = overrides.pop("scheduler", SchedulerConfig(batch_wait_s=0.002, stall_timeout_s=20.0))
+    base = dict(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0, drain_grace_s=10.0,
+                max_message_bytes=4 << 20, limits=limits, scheduler=scheduler)
+    base.update(overrides)
+    return ServerSettings(**base)
+
+
+@contextlib.asynccontextmanager
+async def running_server(engine, **settings):
+    server = AsrServer(engine, test_settings(**settings))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def stub_for(server: AsrServer):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}",
+                                         options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        yield pb_grpc.SpeechRecognitionStub(channel)
+
+
+# -- audio ------------------------------------------------------------------------------------
+def pcm16_audio(seed: int, n: int) -> np.ndarray:
+    """Noise with a slow envelope, as int16."""
+    rng = np.random.default_rng(seed)
+    env = 0.3 + 0.2 * np.sin(np.arange(n) / 2000.0 + seed)
+    return np.clip(rng.standard_normal(n) * 6000 * env, -32768, 32767).astype(np.int16)
+
+
+def as_float(pcm: np.ndarray) -> np.ndarray:
+    """What the server makes of PCM16 samples (x / 32768, exact in float32)."""
+    return pcm.astype(np.float32) / np.float32(32768.0)
+
+
+def wav_bytes(pcm: np.ndarray, rate: int = RATE, channels: int = 1) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def split_bytes(data: bytes, rng: np.random.Generator, max_piece: int = 7000) -> list[bytes]:
+    """Random-size pieces, odd sizes included: messages may split samples."""
+    pieces, pos = [], 0
+    while pos < len(data):
+        n = int(rng.integers(1, max_piece))
+        pieces.append(data[pos:pos + n])
+        pos += n
+    return pieces
+
+
+def config(**fields) -> pb.StreamingRecognizeRequest:
+    fields.setdefault("sample_rate", RATE)
+    fields.setdefault("encoding", pb.PCM16)
+    return pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**fields))
+
+
+def audio(data: bytes) -> pb.StreamingRecognizeRequest:
+    return pb.StreamingRecognizeRequest(audio=data)
+
+
+def requests_for(data: bytes, seed: int = 0, **config_fields) -> list[pb.StreamingRecognizeRequest]:
+    return [config(**config_fields), *(audio(p) for p in split_bytes(data, np.random.default_rng(seed)))]
+
+
+async def run_stream(stub, requests) -> list[pb.StreamingRecognizeResponse]:
+    """Send the requests, return every response; raises grpc.aio.AioRpcError on an error status."""
+    async def gen():
+        for r in requests:
+            yield r
+
+    return [r async for r in stub.StreamingRecognize(gen())]
+
+
+def final_transcript(responses) -> str:
+    finals = [r.results[0] for r in responses if r.results and r.results[0].is_final]
+    assert len(finals) == 1, f"expected one final, got {len(finals)}"
+    assert responses[-1].results and responses[-1].results[0].is_final, "the final is the last response"
+    return finals[0].transcript
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Metrics endpoint as {name{labels}: value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
