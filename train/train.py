@@ -1,0 +1,263 @@
+"""Trains the demo model with NeMo's own training code: data, tokenizer, model, export.
+
+Steps (each skipped when its output exists, unless --force):
+1. synthesize eSpeak NG speech into data.dir (train/synth_data.py) if its manifests are missing;
+2. train a SentencePiece BPE tokenizer on the training texts (Latin + Devanagari);
+3. build an EncDecHybridRNNTCTCBPEModel (cache-aware streaming FastConformer encoder,
+   multi-lookahead training through att_context_probs) and fit it with a Lightning Trainer;
+4. write <out>/demo.nemo and the compact package engines' `builtin:demo` loads
+   (<out>/demo/: model_config.yaml, tokenizer.model, vocab.txt, weights.pt in float16);
+5. decode the held-out set offline at every lookahead and print WER per language.
+
+Seeded (seed in the config): the same config on the same machine gives the same model, except
+with a time budget (`budget_s`, below), which picks max_steps from the measured step time; the
+chosen number is printed so the run can be repeated exactly with trainer.max_steps=N budget_s=0.
+
+Usage:
+  python train/train.py --config train/config.yaml --out runs/demo [--override extra.yaml] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+log = logging.getLogger("train")
+
+
+def load_config(path: str, overrides: list[str], extra: list[str]):
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(path)
+    for o in overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(o))
+    if extra:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(extra))
+    return cfg
+
+
+def ensure_data(cfg, force: bool) -> str:
+    data_dir = os.path.abspath(cfg.data.dir)
+    have = all(os.path.isfile(os.path.join(data_dir, f)) for f in ("train_manifest.json", "test_manifest.json"))
+    if have and not force:
+        log.info("data: using %s", data_dir)
+        return data_dir
+    if not cfg.data.synthesize:
+        raise FileNotFoundError(f"no manifests in {data_dir} and data.synthesize is false")
+    import synth_data
+    t0 = time.time()
+    synth_data.main(["--out", data_dir, "--train-per-lang", str(cfg.data.train_per_lang),
+                     "--test-per-lang", str(cfg.data.test_per_lang), "--seed", str(cfg.seed),
+                     "--augment", str(cfg.data.augment),
+                     "--workers", str(cfg.data.workers or os.cpu_count() or 1)])
+    log.info("data: synthesized in %.0f s", time.time() - t0)
+    return data_dir
+
+
+def make_val_manifest(data_dir: str, per_lang: int, out_dir: str) -> str:
+    rows, count = [], {}
+    with open(os.path.join(data_dir, "test_manifest.json"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if count.get(row["lang"], 0) < per_lang:
+                count[row["lang"]] = count.get(row["lang"], 0) + 1
+                row["audio_filepath"] = os.path.join(data_dir, row["audio_filepath"])
+                rows.append(row)
+    path = os.path.join(out_dir, "val_manifest.json")
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def train_tokenizer(cfg, data_dir: str, out_dir: str) -> str:
+    import sentencepiece as spm
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        input=os.path.join(data_dir, "train_text.txt"), model_prefix=os.path.join(tok_dir, "tokenizer"),
+        vocab_size=int(cfg.tokenizer.vocab_size), model_type="bpe",
+        character_coverage=float(cfg.tokenizer.character_coverage), bos_id=-1, eos_id=-1, unk_id=0,
+        num_threads=1, shuffle_input_sentence=False, seed_sentencepiece_size=1000000,
+        input_sentence_size=0, minloglevel=2, normalization_rule_name="identity")
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model"))
+    with open(os.path.join(tok_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+        for i in range(sp.get_piece_size()):
+            f.write(sp.id_to_piece(i) + "\n")
+    os.remove(os.path.join(tok_dir, "tokenizer.vocab"))
+    log.info("tokenizer: %d pieces in %s", sp.get_piece_size(), tok_dir)
+    return tok_dir
+
+
+class BudgetCallback:
+    """Fits training into `budget_s` seconds: after `probe` steps it measures the step time and
+    lowers max_steps (trainer and LR schedule together) so the cosine schedule ends on time."""
+
+    def __new__(cls, *args, **kwargs):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Budget(Callback):
+            def __init__(self, budget_s: float, probe: int = 40):
+                self.budget_s, self.probe = budget_s, probe
+                self.t_start = None
+                self.t_probe0 = None
+                self.chosen = None
+
+            def on_train_start(self, trainer, pl_module):
+                self.t_start = time.time()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                step = trainer.global_step
+                if step == 10:
+                    self.t_probe0 = time.time()
+                if step == self.probe and self.chosen is None and self.t_probe0 is not None:
+                    per_step = (time.time() - self.t_probe0) / (self.probe - 10)
+                    # leave 8% for validation and the last steps' stragglers
+                    left = self.budget_s * 0.92 - (time.time() - self.t_start)
+                    n = int(min(trainer.max_steps, self.probe + max(left, 0) / per_step))
+                    self.chosen = n
+                    trainer.fit_loop.epoch_loop.max_steps = n
+                    for cfg in trainer.lr_scheduler_configs:
+                        sched = cfg.scheduler
+                        if hasattr(sched, "max_steps"):
+                            sched.max_steps = n
+                    print(f"[budget] {per_step * 1000:.0f} ms/step -> max_steps={n}", flush=True)
+
+        return _Budget(*args, **kwargs)
+
+
+def build_trainer(cfg, callbacks):
+    import lightning.pytorch as pl
+    from omegaconf import OmegaConf
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return pl.Trainer(callbacks=callbacks, **tcfg)
+
+
+def export_compact(model, out_dir: str, tok_dir: str) -> str:
+    """The package `engines.models` rebuilds `builtin:demo` from: no pickles, float16 weights."""
+    import torch
+    from omegaconf import OmegaConf
+    dst = os.path.join(out_dir, "demo")
+    os.makedirs(dst, exist_ok=True)
+    cfg = OmegaConf.create(OmegaConf.to_container(model.cfg, resolve=True))
+    for key in ("train_ds", "validation_ds", "test_ds"):
+        cfg.pop(key, None)
+    cfg.tokenizer.dir = "."  # the loader points it at the package folder
+    cfg.preprocessor.dither = 0.0
+    with open(os.path.join(dst, "model_config.yaml"), "w", encoding="utf-8") as f:
+        f.write(f"# target: {type(model).__module__}.{type(model).__name__}\n")
+        f.write(OmegaConf.to_yaml(cfg))
+    state = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
+             for k, v in model.state_dict().items()}
+    torch.save({"target": f"{type(model).__module__}.{type(model).__name__}", "state_dict": state},
+               os.path.join(dst, "weights.pt"))
+    for name in ("tokenizer.model", "vocab.txt"):
+        shutil.copy(os.path.join(tok_dir, name), os.path.join(dst, name))
+    return dst
+
+
+def offline_wer(model, data_dir: str, max_per_lang: int | None = None) -> dict:
+    """Offline (whole-utterance) greedy RNNT decoding at every lookahead of the model."""
+    import torch
+    import soundfile as sf
+    from wer import wer_by_lang
+    rows = []
+    with open(os.path.join(data_dir, "test_manifest.json"), encoding="utf-8") as f:
+        for line in f:
+            rows.append(json.loads(line))
+    if max_per_lang:
+        seen = {}
+        rows = [r for r in rows if seen.setdefault(r["lang"], []).append(1) or len(seen[r["lang"]]) <= max_per_lang]
+    model.eval()
+    dev = next(model.parameters()).device
+    results = {}
+    for ctx in model.encoder.att_context_size_all:
+        model.encoder.set_default_att_context_size(list(ctx))
+        hyps = []
+        for i in range(0, len(rows), 32):
+            batch = rows[i:i + 32]
+            audio = [sf.read(os.path.join(data_dir, r["audio_filepath"]), dtype="float32")[0] for r in batch]
+            n = max(len(a) for a in audio)
+            x = torch.zeros(len(audio), n)
+            for j, a in enumerate(audio):
+                x[j, :len(a)] = torch.from_numpy(a)
+            lens = torch.tensor([len(a) for a in audio])
+            with torch.inference_mode():
+                feats, flen = model.preprocessor(input_signal=x.to(dev), length=lens.to(dev))
+                enc, elen = model.encoder(audio_signal=feats, length=flen)
+                hyp = model.decoding.rnnt_decoder_predictions_tensor(encoder_output=enc, encoded_lengths=elen)
+            hyps += [h.text for h in hyp]
+        lookahead = (ctx[1] + 1) * 80  # right context in 80 ms encoder frames, plus the frame itself
+        results[lookahead] = wer_by_lang([r["text"] for r in rows], hyps, [r["lang"] for r in rows])
+    model.encoder.set_default_att_context_size(list(model.encoder.att_context_size_all[0]))
+    return results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.path.join(HERE, "config.yaml"))
+    ap.add_argument("--override", action="append", default=[], help="YAML merged over the config")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--force-data", action="store_true", help="resynthesize even if manifests exist")
+    ap.add_argument("--budget-s", type=float, default=None, help="training time budget (overrides budget_s)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("extra", nargs="*", help="key=value overrides")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    import torch
+    import lightning.pytorch as pl
+    from omegaconf import OmegaConf, open_dict
+    from nemo.collections.asr.models import EncDecHybridRNNTCTCBPEModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.override, args.extra)
+    out_dir = os.path.abspath(args.out)
+    os.makedirs(out_dir, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+
+    t0 = time.time()
+    data_dir = ensure_data(cfg, args.force_data)
+    tok_dir = train_tokenizer(cfg, data_dir, out_dir)
+    val_manifest = make_val_manifest(data_dir, int(cfg.data.val_per_lang), out_dir)
+    with open_dict(cfg):
+        cfg.model.train_ds.manifest_filepath = os.path.join(data_dir, "train_manifest.json")
+        cfg.model.validation_ds.manifest_filepath = val_manifest
+        cfg.model.tokenizer.dir = tok_dir
+    OmegaConf.save(cfg, os.path.join(out_dir, "config_resolved.yaml"))
+
+    budget = args.budget_s if args.budget_s is not None else float(cfg.get("budget_s", 0) or 0)
+    callbacks = [BudgetCallback(budget)] if budget > 0 else []
+    trainer = build_trainer(cfg, callbacks)
+    model = EncDecHybridRNNTCTCBPEModel(cfg=cfg.model, trainer=trainer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2f M parameters", n_params / 1e6)
+    t1 = time.time()
+    trainer.fit(model)
+    t2 = time.time()
+    log.info("trained %d steps in %.0f s (data+tokenizer %.0f s)", trainer.global_step, t2 - t1, t1 - t0)
+
+    model.eval()
+    model = model.float()
+    nemo_path = os.path.join(out_dir, "demo.nemo")
+    model.save_to(nemo_path)
+    compact = export_compact(model, out_dir, tok_dir)
+    log.info("wrote %s and %s", nemo_path, compact)
+    results = offline_wer(model, data_dir)
+    summary = {"steps": trainer.global_step, "train_seconds": round(t2 - t1, 1), "params": n_params,
+               "offline_wer": results}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
