@@ -1,0 +1,147 @@
+"""Time one batched streaming step (features + encoder + RNNT decode) of StreamingEngine, beside
+NeMo's own `conformer_stream_step` (encoder + NeMo greedy decoding with partial hypotheses) on
+the same model, batch and device.
+
+  python bench/step_bench.py --model builtin:nemotron-0.6b --device cuda --dtype float16 \
+      --lookaheads 160,560 --batches 1,16,64,256 --out bench/results/step_h100.json
+
+Streams are in steady state (caches full after warm-up steps); each figure is the median of
+--iters steps. Also reports the slot pool's bytes per stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from engines.api import ChunkWork, StepPlan
+from engines.config import EngineConfig
+from engines.encoders import EagerEncoder
+from engines.factory import resolve_device, resolve_dtype
+from engines.models import load_model, speechlike_audio
+from engines.streaming_engine import StreamingEngine
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench_ours(engine: StreamingEngine, batch: int, iters: int, warm: int) -> dict:
+    g = engine.geometry
+    dev = engine.device
+    slots = [engine.acquire_slot() for _ in range(batch)]
+    audio = speechlike_audio(g.samples_needed(warm + iters + 2) / g.sample_rate + 1, seed=1)
+    totals, phases = [], []
+    try:
+        for k in range(warm + iters):
+            chunks = []
+            for i, s in enumerate(slots):
+                a, b = g.chunk_span(k, len(audio), False)
+                chunks.append(ChunkWork(f"s{i}", s, audio[a:b], k == 0, False))
+            plan = StepPlan(tuple(chunks))
+            _sync(dev)
+            t0 = time.perf_counter()
+            res = engine.step(plan)
+            _sync(dev)
+            if k >= warm:
+                totals.append(1e3 * (time.perf_counter() - t0))
+                phases.append(res.timings)
+    finally:
+        for s in slots:
+            engine.release_slot(s)
+    return {
+        "step_ms": statistics.median(totals),
+        "features_ms": statistics.median(p.features_ms for p in phases),
+        "encoder_ms": statistics.median(p.encoder_ms for p in phases),
+        "decode_ms": statistics.median(p.decode_ms for p in phases),
+    }
+
+
+def bench_nemo(model, batch: int, iters: int, warm: int, dev, dtype) -> dict:
+    enc = model.encoder
+    cfg = enc.streaming_cfg
+    T = cfg.chunk_size[1] + cfg.pre_encode_cache_size[1]
+    x = torch.randn(batch, enc._feat_in, T, device=dev, dtype=dtype)
+    lengths = torch.full((batch,), T, dtype=torch.long, device=dev)
+    cc, ct, ccl = enc.get_initial_cache_state(batch_size=batch, dtype=dtype, device=dev)
+    hyps = None
+    times = []
+    with torch.inference_mode():
+        for k in range(warm + iters):
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = model.conformer_stream_step(processed_signal=x, processed_signal_length=lengths,
+                                              cache_last_channel=cc, cache_last_time=ct, cache_last_channel_len=ccl,
+                                              keep_all_outputs=False, previous_hypotheses=hyps,
+                                              return_transcription=True)
+            hyps, cc, ct, ccl = out[1], out[2], out[3], out[4]
+            _sync(dev)
+            if k >= warm:
+                times.append(1e3 * (time.perf_counter() - t0))
+    return {"nemo_step_ms": statistics.median(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="builtin:nemotron-0.6b")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--lookaheads", default="160,560")
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--no-nemo", action="store_true", help="skip NeMo's own step")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    dev = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, dev)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for la in [int(v) for v in args.lookaheads.split(",")]:
+        t = time.time()
+        model = load_model(args.model, la)
+        nemo = model.nemo_model.to(device=dev, dtype=dtype if dtype != torch.float32 else None)
+        nemo.preprocessor.to(dtype=torch.float32)
+        nemo.eval()
+        print(f"# loaded {args.model} at {la} ms in {time.time() - t:.1f} s", flush=True)
+        engine = StreamingEngine(model, EagerEncoder(nemo.encoder), la, capacity=max(batches),
+                                 max_batch=max(batches), device=dev, dtype=dtype)
+        for b in batches:
+            engine.sync_timings = True
+            phases = bench_ours(engine, b, max(3, args.iters // 2), args.warm)
+            engine.sync_timings = False
+            row = {"lookahead_ms": la, "batch": b, **bench_ours(engine, b, args.iters, args.warm)}
+            row.update({k: v for k, v in phases.items() if k != "step_ms"})
+            if not args.no_nemo:
+                row.update(bench_nemo(nemo, b, args.iters, args.warm, dev, dtype))
+            row["pool_bytes_per_slot"] = engine.pool.bytes_per_slot()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del engine, nemo, model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    print(f"\n{args.model} {dtype} on {gpu}; median of {args.iters} steady-state steps\n")
+    print("| lookahead | batch | our step ms | features | encoder | decode | NeMo conformer_stream_step ms | slot MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['lookahead_ms']} | {r['batch']} | {r['step_ms']:.1f} | {r['features_ms']:.1f} | "
+              f"{r['encoder_ms']:.1f} | {r['decode_ms']:.1f} | {r.get('nemo_step_ms', float('nan')):.1f} | "
+              f"{r['pool_bytes_per_slot'] / 2**20:.2f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "dtype": str(dtype), "device": gpu, "torch": torch.__version__,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
