@@ -322,19 +322,16 @@ class Scheduler:
                 or len(stream.events) >= self.config.response_buffer):
             return
         flushing = stream.status is StreamStatus.FLUSHING
-        if flushing and stream.received == 0:
-            self._finish_without_step(stream)  # empty audio: an empty final, no step
-            return
         if self.geometry.chunk_span(stream.next_chunk, stream.received, flushing) is None:
-            if flushing:
+            if self.geometry.finished(stream.next_chunk, stream.received, flushing):
                 self._finish_without_step(stream)
             return
         self._ready[stream.stream_id] = time.monotonic()
         self._wakeup.set()
 
     def _finish_without_step(self, stream: StreamState) -> None:
-        """Every chunk ran but the engine never saw the end of audio (the last full chunk was
-        planned before the end arrived), or there was no audio: the final needs no step."""
+        """Every frame is decoded but the engine has not said final: the stream ended on a
+        chunk boundary after its last chunk ran, or holds less than one frame of audio."""
         self._emit(stream, ChunkResult(
             stream_id=stream.stream_id, chunk_index=stream.next_chunk - 1, transcript=stream.transcript,
             new_text="", is_final=True, audio_seconds=stream.received / self.geometry.sample_rate,
@@ -368,12 +365,14 @@ class Scheduler:
                 await asyncio.sleep(0.01)  # back off, so a persistent bug does not spin a core
 
     def _loop_exited(self, task: asyncio.Task) -> None:
-        if not self._stopping:
-            reason = "batch loop exited unexpectedly"
-            if not task.cancelled() and task.exception() is not None:
-                reason += f": {task.exception()!r}"
-            log.critical(reason)
-            self._mark_dead(reason)
+        if self._stopping:
+            return
+        if task.cancelled():  # the event loop is closing under us: nothing left to serve
+            log.warning("batch loop cancelled without stop()")
+            return
+        reason = f"batch loop exited unexpectedly: {task.exception()!r}"
+        log.critical(reason)
+        self._mark_dead(reason)
 
     def _batch_due(self) -> bool:
         if not self._ready or self._steps_in_flight >= self.config.pipeline_depth:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from engines.api import EngineError
-from engines.geometry import ChunkGeometry
 from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
 from tests.engine_alone import transcribe_alone
@@ -110,34 +109,20 @@ async def test_empty_audio_gets_empty_final_without_step():
     assert engine.steps_started == 1  # the warm-up's only
 
 
-async def test_last_chunk_with_no_new_samples_is_flushed():
-    # With a centred STFT, audio just past a chunk boundary leaves one frame that needs no new
-    # samples: the engine gets an empty final chunk and must still decode it.
+async def test_stream_ending_on_a_chunk_boundary_gets_final_without_extra_step():
+    # The last chunk ran mid-stream (the end of audio was not known yet), and once the end
+    # arrives no frame is left: the scheduler finalizes the stream itself.
     engine = FakeEngine()
     g = engine.geometry
-    audio = make_audio(3, g.chunk_samples + 50)
-    assert g.chunk_span(1, audio.size, True) == (audio.size, audio.size)
-    expected = transcribe_alone(engine, audio)
-    sched = await started(engine)
-    events = await run_one(sched, audio, seed=3)
-    await sched.stop()
-    assert [e.chunk_index for e in events] == [0, 1]
-    assert events[-1].transcript == expected and events[-1].is_final
-
-
-async def test_final_without_step_when_last_full_chunk_ran_before_end():
-    # A geometry with no right context and no STFT padding: a chunk that is complete mid-stream
-    # can be the stream's last, so the end of audio needs no further step.
-    engine = FakeEngine()
-    engine.geometry = ChunkGeometry(sample_rate=16000, hop=160, n_fft=160, stft_left_pad=0, chunk_frames=16,
-                                    pre_encode_frames=9, encoder_frames=2, subsampling=8, lookahead_ms=160)
-    audio = make_audio(4, engine.geometry.samples_needed(1))
+    audio = make_audio(4, g.samples_needed(1))
+    assert g.chunk_span(2, audio.size, True) is None and g.finished(2, audio.size, True)
     expected = transcribe_alone(engine, audio)
     sched = await started(engine)
     handle = sched.open_stream()
     await handle.push_audio(audio)
     first = await handle.next_event()
     second = await handle.next_event()
+    steps = engine.steps_started
     handle.end_audio()
     final = await handle.next_event()
     assert await handle.next_event() is None
@@ -145,6 +130,19 @@ async def test_final_without_step_when_last_full_chunk_ran_before_end():
     await sched.stop()
     assert (first.chunk_index, second.chunk_index, final.chunk_index) == (0, 1, 1)
     assert not second.is_final and final.is_final and final.transcript == expected
+    assert engine.steps_started == steps
+
+
+async def test_audio_shorter_than_one_frame_gets_final_without_step():
+    engine = FakeEngine()
+    g = engine.geometry
+    n = g.n_fft - 2 * g.stft_left_pad + g.hop - 1  # the most samples that still make no frame
+    assert g.n_frames(n) == 0 and g.n_frames(n + 1) == 1
+    sched = await started(engine)
+    events = await run_one(sched, make_audio(5, n), seed=5)
+    await sched.stop()
+    assert len(events) == 1 and events[0].is_final and events[0].chunk_index == -1
+    assert engine.steps_started == 1  # the warm-up's only
 
 
 async def test_admission_limit_and_release():
