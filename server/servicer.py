@@ -59,9 +59,11 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
         code, handle, reader, started = "OK", None, None, time.monotonic()
         chunks = 0
         try:
-            self._scheduler.check_admission()  # refuse at once, before waiting for a config
             requests = request_iterator.__aiter__()
+            # Read the first request before any refusal: a server that ends the call before
+            # reading makes grpc.aio clients still writing it see INTERNAL, not our status.
             first = await self._next_request(requests, "the config")
+            self._scheduler.check_admission()
             if first is None:
                 raise _Abort(ErrorKind.INVALID_ARGUMENT, "the stream ended before a config was sent")
             if first.WhichOneof("request") != "config":

@@ -1,0 +1,205 @@
+"""Every refusal has the fitting status code and a message that says what was wrong, and the
+streams running beside it are unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+
+import grpc
+import numpy as np
+import pytest
+
+from proto import asr_stream_pb2 as pb
+from server.scheduler import SchedulerConfig
+from server.servicer import TransportLimits
+from tests.engine_alone import transcribe_alone
+from tests.server_harness import (
+    FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, requests_for,
+    run_stream, run_stream_sync, running_server, scrape, stub_for, wav_bytes,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+@contextlib.asynccontextmanager
+async def bystander(stub, engine, seed: int = 99):
+    """A good stream that is half sent while the body runs, and must end exact afterwards."""
+    clip = pcm16_audio(seed, 2 * RATE)
+    expected = transcribe_alone(engine, as_float(clip)) if not engine.slots_in_use() else None
+    half = asyncio.Event()
+    resume = asyncio.Event()
+    data = clip.tobytes()
+
+    async def requests():
+        yield config(interim_results=True)
+        yield audio(data[:len(data) // 2 + 1])  # an odd split: half a sample waits on the server
+        half.set()
+        await resume.wait()
+        yield audio(data[len(data) // 2 + 1:])
+
+    async def run():
+        return [r async for r in stub.StreamingRecognize(requests())]
+
+    task = asyncio.create_task(run())
+    await half.wait()
+    yield
+    resume.set()
+    responses = await task
+    if expected is not None:
+        assert final_transcript(responses) == expected
+
+
+def wav_header_8bit() -> bytes:
+    fmt = struct.pack("<HHIIHH", 1, 1, RATE, RATE, 1, 8)
+    return b"RIFF" + struct.pack("<I", 36 + 100) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt \
+        + b"data" + struct.pack("<I", 100) + bytes(100)
+
+
+PCM = pcm16_audio(7, RATE // 2).tobytes()
+BAD_STREAMS = {
+    "missing config": ([], "ended before a config"),
+    "empty first request": ([pb.StreamingRecognizeRequest(), audio(PCM)], "first request must carry the config"),
+    "audio before config": ([audio(PCM), config()], "first request must carry the config"),
+    "config twice": ([config(), audio(PCM), config()], "config sent twice"),
+    "unknown model": ([config(model="whisper"), audio(PCM)], "'whisper' is not served"),
+    "wrong lookahead": ([config(lookahead_ms=560), audio(PCM)], "lookahead_ms 560 is not served"),
+    "sample rate too low": ([config(sample_rate=100), audio(PCM)], "sample_rate 100 Hz is outside"),
+    "sample rate too high": ([config(sample_rate=10_000_000), audio(PCM)], "sample_rate 10000000 Hz is outside"),
+    "raw audio without rate": ([config(sample_rate=0), audio(PCM)], "sample_rate is required for raw audio"),
+    "unknown encoding": ([config(encoding=7), audio(PCM)], "encoding 7 is unknown"),
+    "prompt": ([config(prompt="hello"), audio(PCM)], "takes no prompt"),
+    "unsupported language": ([config(language="xx"), audio(PCM)], "language 'xx' is not supported"),
+    "label too long": ([config(client_label="x" * 200)], "client_label must be at most 128"),
+    "too many channels": ([config(channels=99)], "channels 99 is outside"),
+    "WAV rate contradicts config": ([config(sample_rate=8000), audio(wav_bytes(pcm16_audio(1, 800)))],
+                                    "WAV header says 16000 Hz"),
+    "WAV encoding contradicts config": ([config(sample_rate=0, encoding=pb.FLOAT32), audio(wav_bytes(pcm16_audio(1, 800)))],
+                                        "WAV header says PCM16"),
+    "8-bit WAV": ([config(sample_rate=0), audio(wav_header_8bit())], "8-bit samples is not supported"),
+    "truncated WAV header": ([config(sample_rate=0), audio(wav_bytes(pcm16_audio(1, 10))[:30])],
+                             "ended inside the WAV header"),
+    "PCM16 ends on half a sample": ([config(), audio(PCM[:1001]), audio(PCM[1001:2001])],
+                                    "ended on a partial PCM16 sample: 1 trailing byte"),
+    "FLOAT32 ends on a partial sample": ([config(encoding=pb.FLOAT32), audio(bytes(4 * 100 + 3))],
+                                         "partial FLOAT32 sample: 3 trailing byte"),
+    "FLOAT32 NaN": ([config(encoding=pb.FLOAT32), audio(np.full(100, np.nan, dtype="<f4").tobytes())],
+                    "NaN or infinite"),
+    "oversized audio message": ([config(), audio(bytes(300 << 10))], "exceeds the limit of 262144 bytes"),
+}
+
+
+async def test_every_bad_stream_is_invalid_argument_and_bystanders_are_unaffected():
+    engine = make_engine(FAKE, capacity=8)
+    async with running_server(engine) as server, stub_for(server) as stub:
+        for name, (requests, message) in BAD_STREAMS.items():
+            async with bystander(stub, engine, seed=len(name)):
+                with pytest.raises(grpc.RpcError) as err:
+                    await run_stream_sync(server, requests)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert message in err.value.details(), f"{name}: {err.value.details()}"
+        metrics = scrape(server.metrics_port)
+        assert server.scheduler.active_streams == 0
+    assert metrics["asr_errors_total{code=INVALID_ARGUMENT,method=StreamingRecognize}"] == len(BAD_STREAMS)
+    assert engine.slots_in_use() == 0 and engine.violations == []
+
+
+async def test_bad_unary_requests():
+    engine = make_engine(FAKE)
+    async with running_server(engine) as server, stub_for(server) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(sample_rate=RATE), audio=b"\x00" * 3))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "partial PCM16" in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(model="nope"), audio=b""))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not served" in err.value.details()
+
+
+async def test_stream_limit_is_resource_exhausted_then_slots_come_back():
+    engine = make_engine(FAKE, capacity=2)
+    async with running_server(engine) as server, stub_for(server) as stub:
+        async with bystander(stub, engine, seed=1), bystander(stub, engine, seed=2):
+            with pytest.raises(grpc.RpcError) as err:
+                await run_stream_sync(server, requests_for(PCM))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "all 2 stream slots are in use" in err.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(sample_rate=RATE), audio=PCM))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        responses = await run_stream(stub, requests_for(PCM))
+        assert responses[-1].results[0].is_final
+    assert engine.slots_in_use() == 0
+
+
+async def test_message_over_the_transport_limit_is_resource_exhausted():
+    engine = make_engine(FAKE)
+    async with running_server(engine, max_message_bytes=1 << 20,
+                              limits=TransportLimits(max_audio_message_bytes=1 << 20)) as server, stub_for(server) as stub:
+        async with bystander(stub, engine):
+            with pytest.raises(grpc.RpcError) as err:
+                await run_stream_sync(server, [config(), audio(bytes(2 << 20))])
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in err.value.details()
+    assert engine.slots_in_use() == 0
+
+
+async def test_idle_client_gets_deadline_exceeded():
+    engine = make_engine(FAKE)
+    never = asyncio.Event()
+
+    async def stalled():
+        yield config()
+        yield audio(PCM[:3200])
+        await never.wait()  # the client goes quiet without closing
+
+    async with running_server(engine, limits=TransportLimits(idle_timeout_s=0.3)) as server, stub_for(server) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            _ = [r async for r in stub.StreamingRecognize(stalled())]
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "idle timeout: no request for 0.3 s" in err.value.details()
+        assert server.scheduler.active_streams == 0
+    assert engine.slots_in_use() == 0
+
+
+async def test_client_deadline_is_honoured_and_frees_the_slot():
+    engine = make_engine(FAKE)
+    never = asyncio.Event()
+
+    async def endless():
+        yield config()
+        yield audio(PCM)
+        await never.wait()
+
+    async with running_server(engine) as server, stub_for(server) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            _ = [r async for r in stub.StreamingRecognize(endless(), timeout=0.5)]
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(2000):  # the server learns of the deadline asynchronously
+            if server.scheduler.active_streams == 0 and engine.slots_in_use() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.scheduler.active_streams == 0 and engine.slots_in_use() == 0
+        assert (await run_stream(stub, requests_for(PCM)))[-1].results[0].is_final
+
+
+async def test_max_stream_duration_is_out_of_range():
+    engine = make_engine(FAKE)
+    async with running_server(engine, scheduler=SchedulerConfig(max_stream_seconds=1.0)) as server, \
+            stub_for(server) as stub:
+        with pytest.raises(grpc.RpcError) as err:
+            await run_stream_sync(server, requests_for(pcm16_audio(3, 2 * RATE).tobytes()))
+        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert "maximum duration of 1 s" in err.value.details()
+    assert engine.slots_in_use() == 0
+
+
+async def test_engine_failure_is_internal_and_the_server_goes_on():
+    engine = make_engine(FAKE)
+    async with running_server(engine) as server, stub_for(server) as stub:
+        engine.fail_next_steps = 1
+        with pytest.raises(grpc.RpcError) as err:
+            await run_stream_sync(server, requests_for(PCM))
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "engine step failed" in err.value.details()
+        assert (await run_stream(stub, requests_for(PCM)))[-1].results[0].is_final
+    assert engine.slots_in_use() == 0
