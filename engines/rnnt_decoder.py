@@ -32,6 +32,7 @@ class GreedyRNNTDecoder:
         self.max_symbols = max_symbols
         self.pred_hidden = decoder.pred_hidden
         self.pred_layers = decoder.pred_rnn_layers
+        self.sync_every = 4
 
     def state_shapes(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """name -> (shape without slot dim, slot dim) for the slot pool."""
@@ -46,9 +47,10 @@ class GreedyRNNTDecoder:
         return g[:, 0, :], h2, c2
 
     @torch.inference_mode()
-    def start_state(self, fresh: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def start_state(self, fresh: torch.Tensor, any_fresh: bool,
+                    state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """For rows starting a stream, the state after the start-of-sequence (blank) label."""
-        if not bool(fresh.any()):
+        if not any_fresh:
             return state
         B = fresh.shape[0]
         blank = torch.full((B,), self.blank_id, dtype=torch.long, device=fresh.device)
@@ -74,25 +76,30 @@ class GreedyRNNTDecoder:
         symbols = torch.zeros(B, dtype=torch.long, device=dev)
         emitted_labels, emitted_frames, emitted_mask = [], [], []
         active = t < lengths
-        while bool(active.any()):
-            ft = f[rows, t.clamp(max=T - 1)]  # [B, H]
-            logits = self.joint.joint_after_projection(ft[:, None, :], self.joint.project_prednet(g)[:, None, :])
-            k = logits[:, 0, 0, :].argmax(dim=-1)
-            emit = active & (k != self.blank_id)
-            emitted_labels.append(k)
-            emitted_frames.append(t.clone())
-            emitted_mask.append(emit)
-            if bool(emit.any()):
-                g2, h2, c2 = self._predict(torch.where(emit, k, torch.full_like(k, self.blank_id)), h, c)
+        blank = torch.full_like(t, self.blank_id)
+        # Testing for termination costs a device-to-host sync, so test every few iterations;
+        # the iterations past the end are no-ops because every row is masked.
+        while True:
+            for _ in range(self.sync_every):
+                ft = f[rows, t.clamp(max=T - 1)]  # [B, H]
+                logits = self.joint.joint_after_projection(ft[:, None, :], self.joint.project_prednet(g)[:, None, :])
+                k = logits[:, 0, 0, :].argmax(dim=-1)
+                emit = active & (k != self.blank_id)
+                emitted_labels.append(k)
+                emitted_frames.append(t)
+                emitted_mask.append(emit)
+                g2, h2, c2 = self._predict(torch.where(emit, k, blank), h, c)
                 m = emit[:, None]
                 g = torch.where(m, g2.to(g.dtype), g)
                 h = torch.where(m[None], h2.to(h.dtype), h)
                 c = torch.where(m[None], c2.to(c.dtype), c)
                 symbols = symbols + emit.long()
-            advance = active & (~emit | (symbols >= self.max_symbols))
-            t = t + advance.long()
-            symbols = torch.where(advance, torch.zeros_like(symbols), symbols)
-            active = t < lengths
+                advance = active & (~emit | (symbols >= self.max_symbols))
+                t = t + advance.long()
+                symbols = torch.where(advance, torch.zeros_like(symbols), symbols)
+                active = t < lengths
+            if not bool(active.any()):
+                break
         labels: list[list[int]] = [[] for _ in range(B)]
         frames: list[list[int]] = [[] for _ in range(B)]
         if emitted_labels:

@@ -160,7 +160,7 @@ class StreamingEngine:
         self._sync()
         t2 = time.perf_counter()
 
-        dec_state = self.decoder.start_state(fresh, {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
+        dec_state = self.decoder.start_state(fresh, any(fresh_host), {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
         decoded = self.decoder.decode(encoded, enc_len, dec_state)
         enc_len_host = enc_len.cpu().numpy()
         t3 = time.perf_counter()
