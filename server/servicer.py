@@ -79,12 +79,9 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                     raise _Abort(event.kind, event.message)
                 chunks += 1
                 yield streaming_response(event, options.interim_results, self._frame_seconds)
-        except StreamError as exc:
+        except (StreamError, _Abort) as exc:
             code = exc.kind.value
-            await context.abort(_code(exc.kind), exc.message)
-        except _Abort as exc:
-            code = exc.kind.value
-            await context.abort(_code(exc.kind), exc.message)
+            await self._abort(context, "StreamingRecognize", exc.kind, exc.message)
         except asyncio.CancelledError:
             code = "CANCELLED"  # client cancelled, disconnected, or its deadline passed
             raise
@@ -96,7 +93,13 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                 log.info("stream closed", extra={"stream_id": handle.stream_id, "code": code, "chunks": chunks,
                                                  "audio_s": round(handle.state.received / self._served.geometry.sample_rate, 3),
                                                  "wall_s": round(time.monotonic() - started, 3)})
-            self._metrics.rpc_finished("StreamingRecognize", code)
+            if code in ("OK", "CANCELLED"):  # errors were counted before the status went out
+                self._metrics.rpc_finished("StreamingRecognize", code)
+
+    async def _abort(self, context, method: str, kind: ErrorKind, message: str) -> None:
+        # Count first: once the status is out, a client may already be reading the metrics.
+        self._metrics.rpc_finished(method, kind.value)
+        await context.abort(_code(kind), message)
 
     async def _next_request(self, requests, what: str):
         try:
@@ -167,12 +170,9 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             assert final is not None and final.is_final
             return pb.RecognizeResponse(result=recognition_result(final, self._frame_seconds),
                                         audio_processed=final.audio_seconds, stream_id=handle.stream_id)
-        except StreamError as exc:
+        except (StreamError, _Abort) as exc:
             code = exc.kind.value
-            await context.abort(_code(exc.kind), exc.message)
-        except _Abort as exc:
-            code = exc.kind.value
-            await context.abort(_code(exc.kind), exc.message)
+            await self._abort(context, "Recognize", exc.kind, exc.message)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -182,7 +182,8 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             if handle is not None:
                 handle.close()
                 log.info("recognize done", extra={"stream_id": handle.stream_id, "code": code})
-            self._metrics.rpc_finished("Recognize", code)
+            if code in ("OK", "CANCELLED"):
+                self._metrics.rpc_finished("Recognize", code)
 
     async def _feed_whole(self, handle: StreamHandle, decoder: AudioDecoder, audio: bytes) -> None:
         try:
