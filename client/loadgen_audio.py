@@ -1,0 +1,125 @@
+"""Audio for the load generator: WAV files (or folders of them) cycled across streams, or a
+built-in synthetic set, split into the audio messages each stream sends.
+
+The load generator sends raw samples with the rate and encoding in the config (no WAV header),
+so every message boundary is known in samples: that is what maps responses to messages.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.audio_source import FLOAT32, PCM16, wav_format
+from client.synth_audio import synth_speechlike
+
+_SAMPLE_BYTES = {PCM16: 2, FLOAT32: 4}
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    name: str
+    data: bytes          # raw interleaved samples, little-endian
+    sample_rate: int
+    encoding: str        # PCM16 or FLOAT32
+    channels: int = 1
+
+    @property
+    def frame_bytes(self) -> int:
+        return _SAMPLE_BYTES[self.encoding] * self.channels
+
+    @property
+    def n_samples(self) -> int:
+        """Samples per channel."""
+        return len(self.data) // self.frame_bytes
+
+    @property
+    def seconds(self) -> float:
+        return self.n_samples / self.sample_rate
+
+    def messages(self, chunk_ms: float) -> tuple[list[bytes], list[int]]:
+        """The audio in messages of chunk_ms (the last may be shorter), and each message's
+        cumulative end in samples per channel."""
+        step = max(int(round(self.sample_rate * chunk_ms / 1000.0)), 1)
+        pieces, ends = [], []
+        fb = self.frame_bytes
+        for start in range(0, self.n_samples, step):
+            end = min(start + step, self.n_samples)
+            pieces.append(self.data[start * fb:end * fb])
+            ends.append(end)
+        return pieces, ends
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """What every worker process needs to build the same audio items (picklable, small)."""
+
+    paths: tuple[str, ...] = ()
+    synthetic_clips: int = 8
+    synthetic_seconds: float = 8.0
+    synthetic_rate: int = 16000
+    max_seconds: float = 0.0   # > 0: trim longer files to this many seconds
+
+    def load(self) -> list[AudioItem]:
+        items = [read_wav(p) for p in expand_paths(self.paths)] if self.paths else synthetic_items(
+            self.synthetic_clips, self.synthetic_seconds, self.synthetic_rate)
+        if self.max_seconds > 0:
+            items = [trim(i, self.max_seconds) for i in items]
+        items = [i for i in items if i.n_samples > 0]
+        if not items:
+            raise ValueError("no audio: every file given is empty")
+        return items
+
+
+def expand_paths(paths: tuple[str, ...] | list[str]) -> list[str]:
+    """Files as given; folders give their *.wav files (recursively, sorted)."""
+    out: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*") if f.suffix.lower() == ".wav" and f.is_file())
+            if not found:
+                raise ValueError(f"{p}: folder holds no .wav files")
+            out.extend(found)
+        elif path.is_file():
+            out.append(str(path))
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    return out
+
+
+def read_wav(path: str) -> AudioItem:
+    """A PCM16 or float32 WAV file's samples (any rate and channel count: the server resamples
+    and mixes down)."""
+    raw = Path(path).read_bytes()
+    found = wav_format(raw[:1 << 16])
+    if found is None:
+        raise ValueError(f"{path}: not a WAV file the load generator reads (RIFF/WAVE PCM16 or float32)")
+    fmt, offset = found
+    size = struct.unpack_from("<I", raw, offset - 4)[0]
+    data = raw[offset:offset + size] if size not in (0, 0xFFFFFFFF) else raw[offset:]
+    frame = _SAMPLE_BYTES[fmt.encoding] * fmt.channels
+    data = data[:len(data) - len(data) % frame]
+    return AudioItem(Path(path).name, data, fmt.sample_rate, fmt.encoding, fmt.channels)
+
+
+def trim(item: AudioItem, seconds: float) -> AudioItem:
+    keep = int(seconds * item.sample_rate) * item.frame_bytes
+    if len(item.data) <= keep:
+        return item
+    return AudioItem(item.name, item.data[:keep], item.sample_rate, item.encoding, item.channels)
+
+
+def synthetic_items(clips: int, seconds: float, sample_rate: int = 16000) -> list[AudioItem]:
+    if clips < 1 or seconds <= 0:
+        raise ValueError("synthetic audio needs at least one clip of positive length")
+    return [AudioItem(f"synthetic-{i:03d}", synth_speechlike(seconds, seed=1000 + i, sample_rate=sample_rate)
+                      .astype("<i2").tobytes(), sample_rate, PCM16, 1) for i in range(clips)]
+
+
+def as_array(item: AudioItem) -> np.ndarray:
+    """The item's samples as an array (int16 or float32), interleaved channels."""
+    return np.frombuffer(item.data, dtype="<i2" if item.encoding == PCM16 else "<f4")

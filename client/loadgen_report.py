@@ -1,0 +1,248 @@
+"""Merging the workers' measurements into one report per level, the terminal table, the plot,
+and the server's Prometheus metrics as deltas over a level (where the server's time went)."""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import urllib.request
+
+import numpy as np
+
+from client.loadgen_run import ShareResult
+
+PCTS = (50, 90, 95, 99)
+
+
+def dist(values, pcts=PCTS) -> dict:
+    """count, mean, max and percentiles (None when empty), in the values' unit."""
+    a = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if a.size == 0:
+        return {"count": 0, **{f"p{p}": None for p in pcts}, "mean": None, "max": None}
+    q = np.percentile(a, pcts)
+    return {"count": int(a.size), **{f"p{p}": round(float(v), 3) for p, v in zip(pcts, q)},
+            "mean": round(float(a.mean()), 3), "max": round(float(a.max()), 3)}
+
+
+def merge_level(concurrency: int, shares: list[ShareResult], *, realtime: bool, chunk_ms: float,
+                lag_threshold_ms: float, cpu_threshold: float = 0.9) -> dict:
+    streams = sorted((s for sh in shares for s in sh.streams), key=lambda s: s.index)
+    ok = [s for s in streams if s.code == "OK"]
+    errors = collections.Counter(s.code for s in streams if s.code != "OK")
+    error_examples = {}
+    for s in streams:
+        if s.code != "OK" and s.code not in error_examples:
+            error_examples[s.code] = s.detail
+    anomalies = [f"stream {s.index}: {a}" for s in streams for a in s.anomalies]
+    lat = [v for sh in shares for v in sh.chunk_latency_ms]
+    wall = max((sh.last_end_wall for sh in shares), default=0.0) - min((sh.first_start_wall for sh in shares), default=0.0)
+    audio_ok = sum(s.audio_s for s in ok)
+    lag = [v for sh in shares for v in sh.loop_lag_ms]
+    late = [v for sh in shares for v in sh.wake_late_ms]
+    writes = [v for sh in shares for v in sh.write_ms]
+    cpu = [round(sh.cpu_s / sh.wall_s, 3) if sh.wall_s > 0 else 0.0 for sh in shares]
+    lag_d, late_d = dist(lag, (50, 99)), dist(late, (50, 95, 99))
+    reasons = []
+    if lag_d["p99"] is not None and lag_d["p99"] > lag_threshold_ms:
+        reasons.append(f"event-loop lag p99 {lag_d['p99']:.1f} ms > {lag_threshold_ms:g} ms")
+    if realtime and late_d["p95"] is not None and late_d["p95"] > lag_threshold_ms:
+        reasons.append(f"send lateness p95 {late_d['p95']:.1f} ms > {lag_threshold_ms:g} ms")
+    busy = [c for c in cpu if c > cpu_threshold]
+    if busy:
+        reasons.append(f"{len(busy)} of {len(cpu)} worker(s) busy {max(busy):.0%} of a core")
+    return {
+        "concurrency": concurrency,
+        "streams_requested": concurrency,
+        "streams_completed": len(ok),
+        "errors": dict(sorted(errors.items())),
+        "error_examples": error_examples,
+        "chunk_latency_ms": dist(lat),
+        "first_partial_ms": dist([s.first_partial_ms for s in ok]),
+        "first_text_ms": dist([s.first_text_ms for s in ok]),
+        "final_latency_ms": dist([s.final_ms for s in ok]),
+        "rtf": dist([s.wall_s / s.audio_s for s in ok if s.wall_s is not None and s.audio_s > 0], (50, 95)),
+        "throughput": {"audio_s": round(audio_ok, 3), "wall_s": round(wall, 3),
+                       "rtfx": round(audio_ok / wall, 2) if wall > 0 else None},
+        "messages_uncovered": sum(s.uncovered for s in streams),
+        "anomalies": anomalies[:20],
+        "anomaly_count": len(anomalies),
+        "loadgen": {
+            "workers": len(shares), "pids": [sh.pid for sh in shares], "cpu_util": cpu,
+            "loop_lag_ms": lag_d, "send_lateness_ms": late_d if realtime else None,
+            "write_ms": dist(writes, (50, 99)),
+            "bottleneck": bool(reasons), "bottleneck_reasons": reasons,
+        },
+        "_streams": streams,  # dropped before JSON; kept for the transcript dump
+    }
+
+
+def level_passes(level: dict, target_ms: float) -> bool:
+    p95 = level["chunk_latency_ms"]["p95"]
+    return (not level["errors"] and level["streams_completed"] == level["streams_requested"]
+            and p95 is not None and p95 <= target_ms)
+
+
+# -- terminal table -----------------------------------------------------------------------------
+_COLUMNS = [("conc", 6), ("done", 11), ("errors", 14), ("p50", 8), ("p90", 8), ("p95", 8), ("p99", 8),
+            ("1st-part", 9), ("final50", 8), ("final95", 8), ("RTFx", 8), ("lg-lag99", 9), ("note", 0)]
+
+
+def table_header() -> str:
+    top = "chunk latency ms (p50/p90/p95/p99), first-partial and final latency ms (p50/p95)"
+    cols = " ".join(f"{name:>{w}}" if w else name for name, w in _COLUMNS)
+    return f"{top}\n{cols}\n{'-' * len(cols)}"
+
+
+def _f(v, nd=1) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def table_row(level: dict, target_ms: float | None = None) -> str:
+    c, fp, fl = level["chunk_latency_ms"], level["first_partial_ms"], level["final_latency_ms"]
+    errs = ",".join(f"{k[:10]}:{v}" for k, v in level["errors"].items()) or "0"
+    notes = []
+    if target_ms is not None:
+        notes.append("PASS" if level_passes(level, target_ms) else "FAIL")
+    if level["loadgen"]["bottleneck"]:
+        notes.append("LOADGEN-BOUND")
+    if level["anomaly_count"]:
+        notes.append(f"{level['anomaly_count']} anomalies")
+    vals = [str(level["concurrency"]), f"{level['streams_completed']}/{level['streams_requested']}", errs,
+            _f(c["p50"]), _f(c["p90"]), _f(c["p95"]), _f(c["p99"]), _f(fp["p50"]), _f(fl["p50"]), _f(fl["p95"]),
+            _f(level["throughput"]["rtfx"]), _f(level["loadgen"]["loop_lag_ms"]["p99"]), " ".join(notes)]
+    return " ".join(f"{v:>{w}}" if w else v for v, (_, w) in zip(vals, _COLUMNS))
+
+
+def progress_bar(concurrency: int, done: int, errors: int, elapsed: float, width: int = 30) -> str:
+    frac = done / concurrency if concurrency else 1.0
+    fill = int(round(frac * width))
+    return (f"\r  c={concurrency:<6d} [{'#' * fill}{'.' * (width - fill)}] {done}/{concurrency} streams done, "
+            f"{errors} errors, {elapsed:5.1f} s ")
+
+
+# -- plot ---------------------------------------------------------------------------------------
+def write_plot(levels: list[dict], path: str, title: str, target_ms: float | None = None) -> str | None:
+    """A PNG of latency against concurrency; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot written (pip install matplotlib)"
+    levels = sorted(levels, key=lambda lv: lv["concurrency"])
+    xs = [lv["concurrency"] for lv in levels]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, label, style in (("p50", "chunk p50", "o-"), ("p95", "chunk p95", "s-"), ("p99", "chunk p99", "^--")):
+        ax.plot(xs, [lv["chunk_latency_ms"][key] or math.nan for lv in levels], style, label=label)
+    ax.plot(xs, [lv["final_latency_ms"]["p95"] or math.nan for lv in levels], "x:", label="final p95")
+    if target_ms:
+        ax.axhline(target_ms, color="red", lw=1, ls="--", label=f"target {target_ms:g} ms")
+    bad = [lv for lv in levels if lv["errors"]]
+    if bad:
+        ax.plot([lv["concurrency"] for lv in bad], [lv["chunk_latency_ms"]["p95"] or 0 for lv in bad], "rX",
+                ms=10, label="errors")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("latency (ms)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("latency vs concurrency")
+    ax2.plot(xs, [lv["throughput"]["rtfx"] or 0 for lv in levels], "o-", label="throughput RTFx (audio s / wall s)")
+    ax2.plot(xs, [lv["streams_completed"] for lv in levels], "s--", label="streams completed")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("concurrent streams")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=8)
+    ax2.set_title("throughput")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# -- server metrics (Prometheus text format) -----------------------------------------------------
+_SAMPLE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(url: str, timeout: float = 10.0) -> dict[tuple[str, tuple], float]:
+    """{(name, ((label, value), ...)): value} from a Prometheus text endpoint."""
+    text = urllib.request.urlopen(url, timeout=timeout).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        labels = tuple(sorted(_LABEL.findall(m.group(2) or "")))
+        try:
+            out[(m.group(1), labels)] = float(m.group(3))
+        except ValueError:
+            continue
+    return out
+
+
+def _delta(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def _hist_quantile(before: dict, after: dict, name: str, q: float) -> float | None:
+    """A quantile from the delta of a histogram's cumulative buckets (linear within a bucket)."""
+    buckets = []
+    for (n, labels), v in after.items():
+        if n == f"{name}_bucket":
+            le = dict(labels).get("le")
+            buckets.append((math.inf if le == "+Inf" else float(le), v - before.get((n, labels), 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total, rank = buckets[-1][1], q * buckets[-1][1]
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank and total > 0:
+            if math.isinf(le):
+                return prev_le
+            width = c - prev_c
+            return prev_le + (le - prev_le) * ((rank - prev_c) / width if width > 0 else 1.0)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def server_delta(before: dict, after: dict, wall_s: float) -> dict:
+    """What the server's own metrics say about one level."""
+    def mean(name: str, scale: float = 1.0):
+        c = _delta(before, after, f"{name}_count")
+        return round(scale * _delta(before, after, f"{name}_sum") / c, 3) if c > 0 else None
+
+    steps = _delta(before, after, "asr_step_seconds_count")
+    engines = {}
+    for (n, labels), v in after.items():
+        if n == "asr_steps_total":
+            d = v - before.get((n, labels), 0.0)
+            if d:
+                engines[dict(labels).get("engine", "?")] = int(d)
+    executions = {}
+    for (n, labels), v in after.items():
+        if n in ("asr_engine_executions_total", "asr_engine_executions"):
+            d = v - before.get((n, labels), 0.0)
+            if d:
+                executions[dict(labels).get("engine", "?")] = int(d)
+    q = lambda name, p: (None if (v := _hist_quantile(before, after, name, p)) is None else round(1e3 * v, 2))  # noqa: E731
+    return {
+        "steps": int(steps), "steps_per_s": round(steps / wall_s, 2) if wall_s > 0 else None,
+        "steps_by_engine": engines, "engine_executions": executions,
+        "mean_batch": mean("asr_batch_size"), "mean_step_ms": mean("asr_step_seconds", 1e3),
+        "step_ms_p50": q("asr_step_seconds", 0.5), "step_ms_p95": q("asr_step_seconds", 0.95),
+        "mean_queue_wait_ms": mean("asr_queue_wait_seconds", 1e3), "queue_wait_ms_p95": q("asr_queue_wait_seconds", 0.95),
+        "server_chunk_latency_ms_p50": q("asr_chunk_latency_seconds", 0.5),
+        "server_chunk_latency_ms_p95": q("asr_chunk_latency_seconds", 0.95),
+        "engine_busy_fraction": (round(_delta(before, after, "asr_step_seconds_sum") / wall_s, 3)
+                                 if wall_s > 0 else None),
+        "note": "histogram quantiles are interpolated within Prometheus buckets (coarse)",
+    }
