@@ -61,8 +61,12 @@ class StreamingEngine:
         self.decoder = GreedyRNNTDecoder(nemo.decoder, nemo.joint, model.blank_id,
                                          max_symbols=_max_symbols(nemo))
         n_layers, d = len(enc.layers), enc.d_model
+        # An encoder engine may keep a different per-layer attention cache (e.g. projected K/V,
+        # [L, 70, 2d]); it says so through `cache_channel_shape`.
+        channel_shape = getattr(encoder, "cache_channel_shape", None) or (
+            n_layers, enc.streaming_cfg.last_channel_cache_size, d)
         specs = [
-            StateSpec("cache_channel", (n_layers, enc.streaming_cfg.last_channel_cache_size, d), 1, dtype),
+            StateSpec("cache_channel", tuple(channel_shape), 1, dtype),
             StateSpec("cache_time", (n_layers, d, enc.conv_context_size[0]), 1, dtype),
             StateSpec("cache_len", (), 0, torch.int64),
             StateSpec("pre_encode", (self.featurizer.n_mels, self.geometry.pre_encode_frames), 0, torch.float32),
