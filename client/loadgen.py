@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--synthetic-seconds", type=float, default=8.0, help="length of each synthetic clip")
     a.add_argument("--max-audio-s", type=float, default=0.0, help="trim longer files to this many seconds (0: no)")
     a.add_argument("--chunk-ms", type=float, default=0.0, help="audio per message; 0: the model's chunk (ListModels)")
+    a.add_argument("--right-context-ms", type=float, default=6.0,
+                   help="audio the server needs past a chunk's end before it runs the chunk (NeMo 16 kHz models: "
+                        "96 samples of STFT window); used for response latency only")
     s = p.add_argument_group("load")
     s.add_argument("--concurrency", type=_int_list, default=None,
                    help="comma-separated levels to sweep, e.g. 1,10,50 (default 1, or none with --capacity)")
@@ -328,7 +331,8 @@ async def amain(args: argparse.Namespace) -> int:
     target_ms = args.target_ms if args.target_ms is not None else server["chunk_ms"] or chunk_ms
     run = RunOptions(target=args.server, chunk_ms=chunk_ms, realtime=args.realtime, interim=args.interim,
                      model=args.model, lookahead_ms=args.lookahead_ms,
-                     stream_timeout_s=args.stream_timeout_s or None, channels=args.channels)
+                     stream_timeout_s=args.stream_timeout_s or None, channels=args.channels,
+                     right_context_ms=args.right_context_ms)
     audio = AudioSpec(paths=tuple(args.audio), synthetic_clips=args.synthetic_clips,
                       synthetic_seconds=args.synthetic_seconds, max_seconds=args.max_audio_s)
     cfg = LoadgenConfig(run=run, audio=audio, workers=args.workers, ramp_s=args.ramp_s,
@@ -385,6 +389,7 @@ async def amain(args: argparse.Namespace) -> int:
         "server": server, "server_after": final_server,
         "settings": {"chunk_ms": chunk_ms, "realtime": args.realtime, "interim": args.interim,
                      "ramp_s": args.ramp_s, "workers": args.workers, "target_ms": target_ms,
+                     "right_context_ms": args.right_context_ms,
                      "audio": asdict(audio), "audio_items": len(gen.items), "audio_seconds_total": total_audio},
         "definitions": DEFINITIONS,
         "levels": [_public(lv) for lv in levels],
@@ -412,6 +417,9 @@ async def amain(args: argparse.Namespace) -> int:
 DEFINITIONS = {
     "chunk_latency_ms": "per audio message: receipt of the first response whose audio_processed covers the "
                         "message's end, minus the time call.write() returned for the message",
+    "response_latency_ms": "per interim response: receipt minus the send time of the message that completed "
+                           "the audio its chunk needed (audio_processed + --right-context-ms): the server and "
+                           "transport's share, without the wait for audio that chunk_latency_ms includes",
     "first_partial_ms": "per stream: first response received minus first audio message sent (includes "
                         "gathering the first chunk's audio when paced in real time)",
     "first_text_ms": "per stream: first response with a non-empty transcript minus first audio sent",

@@ -19,10 +19,10 @@ def dist(values, pcts=PCTS) -> dict:
     """count, mean, max and percentiles (None when empty), in the values' unit."""
     a = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
     if a.size == 0:
-        return {"count": 0, **{f"p{p}": None for p in pcts}, "mean": None, "max": None}
+        return {"count": 0, **{f"p{p}": None for p in pcts}, "mean": None, "min": None, "max": None}
     q = np.percentile(a, pcts)
     return {"count": int(a.size), **{f"p{p}": round(float(v), 3) for p, v in zip(pcts, q)},
-            "mean": round(float(a.mean()), 3), "max": round(float(a.max()), 3)}
+            "mean": round(float(a.mean()), 3), "min": round(float(a.min()), 3), "max": round(float(a.max()), 3)}
 
 
 def merge_level(concurrency: int, shares: list[ShareResult], *, realtime: bool, chunk_ms: float,
@@ -58,6 +58,8 @@ def merge_level(concurrency: int, shares: list[ShareResult], *, realtime: bool, 
         "errors": dict(sorted(errors.items())),
         "error_examples": error_examples,
         "chunk_latency_ms": dist(lat),
+        "response_latency_ms": dist([v for sh in shares for v in sh.response_latency_ms]),
+        "response_latency_negative": sum(sh.response_latency_negative for sh in shares),
         "first_partial_ms": dist([s.first_partial_ms for s in ok]),
         "first_text_ms": dist([s.first_text_ms for s in ok]),
         "final_latency_ms": dist([s.final_ms for s in ok]),
@@ -84,12 +86,14 @@ def level_passes(level: dict, target_ms: float) -> bool:
 
 
 # -- terminal table -----------------------------------------------------------------------------
-_COLUMNS = [("conc", 6), ("done", 11), ("errors", 14), ("p50", 8), ("p90", 8), ("p95", 8), ("p99", 8),
-            ("1st-part", 9), ("final50", 8), ("final95", 8), ("RTFx", 8), ("lg-lag99", 9), ("note", 0)]
+_COLUMNS = [("conc", 6), ("done", 11), ("errors", 12), ("p50", 7), ("p90", 7), ("p95", 7), ("p99", 7),
+            ("resp50", 7), ("resp95", 7), ("1st-prt", 7), ("final50", 7), ("final95", 7), ("RTFx", 7),
+            ("lg-lag99", 8), ("note", 0)]
 
 
 def table_header() -> str:
-    top = "chunk latency ms (p50/p90/p95/p99), first-partial and final latency ms (p50/p95)"
+    top = ("latencies in ms: chunk p50/p90/p95/p99 (message sent -> first response covering it), response "
+           "p50/p95 (audio complete -> response), first partial p50, final p50/p95; RTFx = audio s / wall s")
     cols = " ".join(f"{name:>{w}}" if w else name for name, w in _COLUMNS)
     return f"{top}\n{cols}\n{'-' * len(cols)}"
 
@@ -109,7 +113,8 @@ def table_row(level: dict, target_ms: float | None = None) -> str:
     if level["anomaly_count"]:
         notes.append(f"{level['anomaly_count']} anomalies")
     vals = [str(level["concurrency"]), f"{level['streams_completed']}/{level['streams_requested']}", errs,
-            _f(c["p50"]), _f(c["p90"]), _f(c["p95"]), _f(c["p99"]), _f(fp["p50"]), _f(fl["p50"]), _f(fl["p95"]),
+            _f(c["p50"]), _f(c["p90"]), _f(c["p95"]), _f(c["p99"]), _f(level["response_latency_ms"]["p50"]),
+            _f(level["response_latency_ms"]["p95"]), _f(fp["p50"]), _f(fl["p50"]), _f(fl["p95"]),
             _f(level["throughput"]["rtfx"]), _f(level["loadgen"]["loop_lag_ms"]["p99"]), " ".join(notes)]
     return " ".join(f"{v:>{w}}" if w else v for v, (_, w) in zip(vals, _COLUMNS))
 
@@ -128,6 +133,7 @@ def write_plot(levels: list[dict], path: str, title: str, target_ms: float | Non
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return "matplotlib is not installed: no plot written (pip install matplotlib)"
     levels = sorted(levels, key=lambda lv: lv["concurrency"])
@@ -136,6 +142,10 @@ def write_plot(levels: list[dict], path: str, title: str, target_ms: float | Non
     for key, label, style in (("p50", "chunk p50", "o-"), ("p95", "chunk p95", "s-"), ("p99", "chunk p99", "^--")):
         ax.plot(xs, [lv["chunk_latency_ms"][key] or math.nan for lv in levels], style, label=label)
     ax.plot(xs, [lv["final_latency_ms"]["p95"] or math.nan for lv in levels], "x:", label="final p95")
+    server = [(lv.get("server_metrics") or {}).get("server_chunk_latency_ms_p50") for lv in levels]
+    if any(v is not None for v in server):
+        ax.plot(xs, [math.nan if v is None else v for v in server], "d-.", alpha=0.7,
+                label="server-side chunk p50 (metrics)")
     if target_ms:
         ax.axhline(target_ms, color="red", lw=1, ls="--", label=f"target {target_ms:g} ms")
     bad = [lv for lv in levels if lv["errors"]]
@@ -157,6 +167,13 @@ def write_plot(levels: list[dict], path: str, title: str, target_ms: float | Non
     ax2.grid(True, which="both", alpha=0.3)
     ax2.legend(fontsize=8)
     ax2.set_title("throughput")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for a in (ax, ax2):
+        a.xaxis.set_major_locator(FixedLocator(xs))
+        a.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        for axis in (a.xaxis, a.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(NullFormatter())
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

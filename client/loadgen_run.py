@@ -6,6 +6,11 @@ Timing conventions (all time.monotonic() inside one process):
 - a response *covers* a message when its `audio_processed` reaches the message's end; the
   message's chunk latency is the receipt of the first response covering it minus its send time
   (the final result covers every message);
+- a response's *response latency* is its receipt minus the send time of the message that
+  completed the audio its chunk needed: audio_processed plus the server's right context (the
+  STFT of a chunk's last mel frame reads past the chunk's end; 6 ms for NeMo's 16 kHz models).
+  Messages aligned to chunk boundaries then wait one message for that sliver of audio: chunk
+  latency shows what a user waits, response latency what the server and transport add;
 - in real-time mode message j is due when its audio has "played": stream start + end_j / rate.
   How late the sender woke up for it (event-loop lateness) is recorded apart from how long the
   write then took (transport back-pressure), so a busy load generator is told from a slow server.
@@ -41,6 +46,7 @@ class RunOptions:
     model: str = ""
     lookahead_ms: int = 0
     stream_timeout_s: float | None = None   # gRPC deadline per stream; None: none
+    right_context_ms: float = 6.0           # audio the server needs past a chunk's end (response latency)
     channels: int = 0                       # connections per worker; 0: one per 100 streams
     label: str = "loadgen"
 
@@ -77,6 +83,8 @@ class ShareResult:
     worker: int
     streams: list[StreamRecord]
     chunk_latency_ms: list[float]
+    response_latency_ms: list[float]
+    response_latency_negative: int
     loop_lag_ms: list[float]
     wake_late_ms: list[float]      # real-time sends: wake-up time minus due time
     write_ms: list[float]          # time call.write() took (transport back-pressure)
@@ -142,6 +150,8 @@ class _Prepared:
 class _ShareStats:
     def __init__(self):
         self.chunk_latency_ms: list[float] = []
+        self.response_latency_ms: list[float] = []
+        self.response_latency_negative = 0
         self.wake_late_ms: list[float] = []
         self.write_ms: list[float] = []
         self.done = 0
@@ -195,12 +205,12 @@ async def run_stream(stub, index: int, prep: _Prepared, t_start: float, opts: Ru
     finally:
         if not reader.done():
             reader.cancel()
-    _account(rec, responses, sent, prep.ends_s, t_done, stats)
+    _account(rec, responses, sent, prep.ends_s, t_done, stats, opts.right_context_ms / 1e3)
     return rec
 
 
 def _account(rec: StreamRecord, responses: _Responses, sent: list[float], ends_s: list[float],
-             t_done: float | None, stats: _ShareStats) -> None:
+             t_done: float | None, stats: _ShareStats, right_context_s: float = 0.0) -> None:
     times, processed, indices = responses.times, responses.processed, responses.indices
     rec.responses = len(times)
     rec.transcript = responses.final_text
@@ -219,6 +229,21 @@ def _account(rec: StreamRecord, responses: _Responses, sent: list[float], ends_s
             stats.chunk_latency_ms.append(1e3 * (times[-1] - t_sent))
         else:
             rec.uncovered += 1
+    # Response latency: each interim response against the message that completed the audio its
+    # chunk needed (its audio_processed plus the server's right context).
+    n_interim = len(times) - (1 if responses.final_count else 0)
+    j = 0
+    for r in range(n_interim):
+        need = processed[r] + right_context_s - _COVER_EPS_S
+        while j < len(ends_s) and ends_s[j] < need:
+            j += 1
+        if j >= len(ends_s) or math.isnan(sent[j]):
+            continue  # made ready by the end of the audio, or never sent
+        latency = times[r] - sent[j]
+        if latency < 0:
+            stats.response_latency_negative += 1  # the right-context setting is too large
+        else:
+            stats.response_latency_ms.append(1e3 * latency)
     if first_sent is not None and times:
         rec.first_partial_ms = 1e3 * (times[0] - first_sent)
     if first_sent is not None and responses.first_text_t is not None:
@@ -312,7 +337,9 @@ async def run_share(level: LevelSpec, worker: int, workers: int, prepared: list[
         progress(len(records), sum(1 for r in records if r.code != "OK"))
     records.sort(key=lambda r: r.index)
     return ShareResult(
-        worker=worker, streams=records, chunk_latency_ms=stats.chunk_latency_ms, loop_lag_ms=lag,
+        worker=worker, streams=records, chunk_latency_ms=stats.chunk_latency_ms,
+        response_latency_ms=stats.response_latency_ms, response_latency_negative=stats.response_latency_negative,
+        loop_lag_ms=lag,
         wake_late_ms=stats.wake_late_ms, write_ms=stats.write_ms, cpu_s=time.process_time() - cpu0,
         wall_s=time.monotonic() - wall0, first_start_wall=level.start_wall,
         last_end_wall=time.time(), pid=os.getpid())
