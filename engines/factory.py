@@ -1,15 +1,22 @@
 """Builds a StreamingEngine from an EngineConfig: device and dtype choice, model loading, and
-the encoder engine, with no silent fallback."""
+the encoder engine, with no silent fallback.
+
+The configured engine is built and then proven by a start-up self-check (engines.selfcheck):
+its execution counter must move and its outputs must match the eager reference. Any failure
+refuses to start (EngineStartError) unless `cfg.fallback_engine` names another engine, which
+is then built, checked the same way, and reported in `StreamingEngine.startup_report`."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from engines.config import EngineConfig
 from engines.encoders import EagerEncoder, EncoderEngine
 from engines.models import LoadedModel, load_model
+from engines.selfcheck import SelfCheck, check_encoder_engine
 from engines.streaming_engine import StreamingEngine
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,54 @@ def make_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, device
     raise ValueError(f"unknown engine {name!r}")
 
 
+class EngineStartError(RuntimeError):
+    """The configured encoder engine cannot serve: it failed to build, to run, or to match the
+    eager reference. The server must not start (unless a fallback engine was named)."""
+
+
+@dataclass(frozen=True)
+class StartupReport:
+    """What start-up decided, for health, metrics and logs: the engine that was asked for, the
+    one that runs (and executed the self-check), and why they differ when they do."""
+
+    configured_engine: str
+    engine: str
+    fallback_reason: str | None
+    self_check: SelfCheck | None
+    details: dict
+
+    @property
+    def fell_back(self) -> bool:
+        return self.fallback_reason is not None
+
+    def as_dict(self) -> dict:
+        return {"configured_engine": self.configured_engine, "engine": self.engine,
+                "fallback_reason": self.fallback_reason,
+                "self_check": self.self_check.as_dict() if self.self_check else None,
+                "details": dict(self.details)}
+
+
+def start_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, device: torch.device,
+                         dtype: torch.dtype) -> tuple[EncoderEngine, SelfCheck | None]:
+    """Build engine `name` and prove it: one self-check against the eager reference (the eager
+    engine is the reference itself, so it is not compared with itself). Raises EngineStartError."""
+    try:
+        encoder = make_encoder_engine(name, model, cfg, device, dtype)
+    except Exception as e:
+        raise EngineStartError(f"encoder engine {name!r} cannot be built: {type(e).__name__}: {e}") from e
+    if name == "eager" and type(encoder) is EagerEncoder:
+        return encoder, None
+    try:
+        check = check_encoder_engine(encoder, model, device, dtype, cfg.max_batch)
+    except Exception as e:
+        raise EngineStartError(f"encoder engine {name!r} failed its start-up self-check: "
+                               f"{type(e).__name__}: {e}") from e
+    if not check.passed:
+        raise EngineStartError(f"encoder engine {name!r} failed its start-up self-check: {check.detail}")
+    log.info("encoder engine %r passed its self-check: %s", name, check.detail)
+    return encoder, check
+
+
 def build_engine(cfg: EngineConfig) -> StreamingEngine:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -59,14 +114,22 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
     # The preprocessor's constants stay float32 whatever the model runs in.
     model.nemo_model.preprocessor.to(dtype=torch.float32)
     model.nemo_model.eval()
+    fallback_reason = None
     try:
-        encoder = make_encoder_engine(cfg.engine, model, cfg, device, dtype)
-    except Exception as e:
-        if cfg.fallback_engine is None:
-            raise RuntimeError(f"encoder engine {cfg.engine!r} cannot start: {e}. "
-                               f"Refusing to start on another engine; pass a fallback engine "
-                               f"explicitly to allow one.") from e
-        log.error("encoder engine %r cannot start (%s); starting on the named fallback %r",
-                  cfg.engine, e, cfg.fallback_engine)
-        encoder = make_encoder_engine(cfg.fallback_engine, model, cfg, device, dtype)
-    return StreamingEngine(model, encoder, cfg.lookahead_ms, cfg.max_streams, cfg.max_batch, device, dtype)
+        encoder, check = start_encoder_engine(cfg.engine, model, cfg, device, dtype)
+    except EngineStartError as e:
+        if cfg.fallback_engine is None or cfg.fallback_engine == cfg.engine:
+            raise EngineStartError(f"{e}. Refusing to start on another engine; name a fallback engine "
+                                   f"explicitly to allow one.") from e
+        fallback_reason = str(e)
+        log.error("%s; starting on the named fallback engine %r", e, cfg.fallback_engine)
+        try:
+            encoder, check = start_encoder_engine(cfg.fallback_engine, model, cfg, device, dtype)
+        except EngineStartError as e2:
+            raise EngineStartError(f"{e}; the fallback engine failed too: {e2}") from e2
+    engine = StreamingEngine(model, encoder, cfg.lookahead_ms, cfg.max_streams, cfg.max_batch, device, dtype)
+    describe = getattr(encoder, "describe", None)
+    engine.startup_report = StartupReport(
+        configured_engine=cfg.engine, engine=encoder.name, fallback_reason=fallback_reason, self_check=check,
+        details=describe() if callable(describe) else {"engine": encoder.name})
+    return engine

@@ -44,6 +44,8 @@ class StreamingEngine:
                  max_batch: int, device: torch.device, dtype: torch.dtype):
         self.model = model
         self.encoder_engine = encoder
+        # Set by engines.factory.build_engine: configured vs running engine, self-check, fallback.
+        self.startup_report = None
         self.device = device
         self.dtype = dtype
         self.capacity = capacity
