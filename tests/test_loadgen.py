@@ -1,0 +1,232 @@
+"""asr-loadgen: against a real server on loopback (builtin:tiny, eager, CPU) for the report's
+structure and counts, errors by status code, worker processes and the capacity search; and its
+pure parts (response-to-message accounting, audio input, bisection) without a server.
+
+Timings are never asserted: only counts, structure, signs, and arithmetic on made-up times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import struct
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.loadgen import capacity_search, parse_args, amain
+from client.loadgen_audio import AudioItem, AudioSpec, expand_paths, read_wav
+from client.loadgen_report import level_passes, merge_level
+from client.loadgen_run import ShareResult, StreamRecord, _account, _Responses, _ShareStats
+from client.synth_audio import synth_speechlike
+from proto import asr_stream_pb2 as pb
+from tests.server_harness import REAL_TINY, make_engine, running_server, stub_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CHUNK_MS = 160.0  # builtin:tiny at its default lookahead
+
+
+def _write_wav(path: Path, pcm: np.ndarray, rate: int, channels: int = 1) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.astype("<i2").tobytes())
+
+
+@pytest.fixture
+def wav_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "audio"
+    d.mkdir()
+    _write_wav(d / "a16k.wav", synth_speechlike(1.3, seed=1, sample_rate=16000), 16000)
+    _write_wav(d / "b8k.wav", synth_speechlike(0.9, seed=2, sample_rate=8000), 8000)  # resampled by the server
+    return d
+
+
+def _messages(path: Path) -> int:
+    item = read_wav(str(path))
+    return len(item.messages(CHUNK_MS)[0])
+
+
+def _check_level(level: dict, concurrency: int, messages: int) -> None:
+    assert level["concurrency"] == level["streams_requested"] == concurrency
+    assert level["streams_completed"] == concurrency
+    assert level["errors"] == {} and level["anomaly_count"] == 0 and level["messages_uncovered"] == 0
+    chunk = level["chunk_latency_ms"]
+    assert chunk["count"] == messages  # one latency per audio message sent
+    assert chunk["min"] > 0 and chunk["p50"] <= chunk["p90"] <= chunk["p95"] <= chunk["p99"] <= chunk["max"]
+    for key in ("first_partial_ms", "final_latency_ms", "rtf"):
+        assert level[key]["count"] == concurrency and level[key]["min"] > 0, key
+    assert level["response_latency_ms"]["count"] > 0 and level["response_latency_ms"]["min"] >= 0
+    assert level["throughput"]["audio_s"] > 0 and level["throughput"]["rtfx"] > 0
+    lg = level["loadgen"]
+    assert lg["workers"] == len(lg["pids"]) == len(lg["cpu_util"]) and isinstance(lg["bottleneck"], bool)
+    assert lg["loop_lag_ms"]["count"] > 0
+
+
+async def test_sweep_counts_structure_and_transcripts(tiny_engine, wav_dir, tmp_path):
+    out, dump = tmp_path / "report.json", tmp_path / "transcripts.jsonl"
+    files = sorted(wav_dir.glob("*.wav"))
+    async with running_server(tiny_engine) as server, stub_for(server) as stub:
+        args = parse_args([
+            "--server", f"127.0.0.1:{server.port}", "--audio", str(wav_dir), "--concurrency", "1,3",
+            "--ramp-s", "0.2", "--cooldown-s", "0", "--json", str(out), "--dump-transcripts", str(dump),
+            "--metrics-url", f"http://127.0.0.1:{server.metrics_port}/metrics", "--quiet"])
+        assert await amain(args) == 0
+        # The server's own transcript of each file, in one unary call.
+        expected = {}
+        for f in files:
+            response = await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(), audio=f.read_bytes()))
+            expected[f.name] = response.result.transcript
+    report = json.loads(out.read_text())
+    assert report["tool"] == "asr-loadgen" and report["server"]["engine"] == "eager"
+    assert report["settings"]["chunk_ms"] == CHUNK_MS and report["settings"]["audio_items"] == 2
+    assert report["capacity"] is None and set(report["definitions"]) >= {"chunk_latency_ms", "final_latency_ms"}
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
+    per_file = [_messages(f) for f in files]  # stream i plays file i % 2
+    for level in report["levels"]:
+        c = level["concurrency"]
+        _check_level(level, c, sum(per_file[i % 2] for i in range(c)))
+        sm = level["server_metrics"]
+        assert sm["steps"] > 0 and set(sm["steps_by_engine"]) == {"eager"} and sm["mean_batch"] >= 1
+        assert level["server_engine"] == "eager" and level["engine_executions_after"]["eager"] > 0
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert [(d["concurrency"], d["stream"]) for d in lines] == [(1, 0), (3, 0), (3, 1), (3, 2)]
+    for d in lines:
+        assert d["status"] == "OK" and d["audio"] == files[d["stream"] % 2].name
+        assert d["transcript"] == expected[d["audio"]], d
+
+
+async def test_refused_streams_are_counted_by_status_code(tmp_path):
+    engine = make_engine(REAL_TINY, capacity=2, max_batch=2)
+    out = tmp_path / "report.json"
+    async with running_server(engine) as server:
+        args = parse_args(["--server", f"127.0.0.1:{server.port}", "--concurrency", "5", "--ramp-s", "0",
+                           "--synthetic-clips", "1", "--synthetic-seconds", "1.5", "--json", str(out), "--quiet"])
+        assert await amain(args) == 0
+    (level,) = json.loads(out.read_text())["levels"]
+    assert level["errors"] == {"RESOURCE_EXHAUSTED": 3} and level["streams_completed"] == 2
+    assert "slots" in level["error_examples"]["RESOURCE_EXHAUSTED"]
+    assert not level_passes(level, target_ms=1e9)
+    assert level["final_latency_ms"]["count"] == 2
+    assert engine.slots_in_use() == 0
+
+
+async def test_worker_processes_no_realtime_and_capacity_search(tiny_engine, tmp_path):
+    out, dump = tmp_path / "report.json", tmp_path / "t.jsonl"
+    async with running_server(tiny_engine) as server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "client.loadgen", "--server", f"127.0.0.1:{server.port}", "--workers", "2",
+            "--no-realtime", "--capacity", "--target-ms", "1e7", "--start-concurrency", "2",
+            "--max-concurrency", "4", "--synthetic-clips", "3", "--synthetic-seconds", "1.0", "--ramp-s", "0.1",
+            "--cooldown-s", "0", "--json", str(out), "--dump-transcripts", str(dump), "--quiet",
+            cwd=str(ROOT), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=240)
+    assert proc.returncode == 0, stdout.decode()
+    report = json.loads(out.read_text())
+    cap = report["capacity"]
+    assert cap["capacity"] == 4 and cap["probes"] == [2, 4] and cap["limited_by_max_concurrency"]
+    assert not report["settings"]["realtime"]
+    item_messages = len(AudioSpec(synthetic_clips=3, synthetic_seconds=1.0).load()[0].messages(CHUNK_MS)[0])
+    for level in report["levels"]:
+        _check_level(level, level["concurrency"], level["concurrency"] * item_messages)
+        pids = level["loadgen"]["pids"]
+        assert len(set(pids)) == 2 and proc.pid not in pids and level["loadgen"]["send_lateness_ms"] is None
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(lines) == 6 and all(d["status"] == "OK" for d in lines)
+    by_audio = {}
+    for d in lines:  # the same audio gives the same transcript whichever worker sent it
+        assert by_audio.setdefault(d["audio"], d["transcript"]) == d["transcript"]
+
+
+# -- pure parts -------------------------------------------------------------------------------------
+def test_responses_are_matched_to_the_messages_they_cover():
+    ends = [0.1, 0.2, 0.3, 0.4, 0.45]
+    sent = [1.0, 1.1, 1.2, 1.3, 1.35]
+    r = _Responses()
+    r.times, r.indices, r.processed = [1.25, 1.45, 1.5], [0, 1, 1], [0.16, 0.32, 0.45]
+    r.final_count, r.final_text, r.first_text_t = 1, "final text", 1.45
+    rec, stats = StreamRecord(0, "x", 0.45), _ShareStats()
+    _account(rec, r, sent, ends, t_done=1.36, stats=stats, right_context_s=0.006)
+    assert np.allclose(stats.chunk_latency_ms, [250, 350, 250, 200, 150])
+    # Chunk 0 (0.16 s + 6 ms) was completed by message 1, chunk 1 (0.326 s) by message 3.
+    assert np.allclose(stats.response_latency_ms, [150, 150]) and stats.response_latency_negative == 0
+    assert math.isclose(rec.first_partial_ms, 250) and math.isclose(rec.first_text_ms, 450)
+    assert math.isclose(rec.final_ms, 140) and math.isclose(rec.wall_s, 0.5)
+    assert rec.transcript == "final text" and rec.anomalies == [] and rec.uncovered == 0
+
+
+def test_a_failed_stream_leaves_uncovered_messages_and_no_final():
+    r = _Responses()
+    r.times, r.indices, r.processed = [1.25], [0], [0.16]
+    rec, stats = StreamRecord(0, "x", 0.4, code="UNAVAILABLE"), _ShareStats()
+    _account(rec, r, [1.0, 1.1, 1.2, math.nan], [0.1, 0.2, 0.3, 0.4], t_done=None, stats=stats)
+    assert np.allclose(stats.chunk_latency_ms, [250]) and rec.uncovered == 2
+    assert rec.final_ms is None and rec.transcript is None and stats.errors == 1
+
+
+def test_audio_files_folders_and_messages(tmp_path):
+    pcm = (np.arange(16000 * 2) % 200 - 100).astype(np.int16)
+    _write_wav(tmp_path / "st.wav", pcm, 16000, channels=2)  # 1 s of stereo
+    floats = np.linspace(-0.5, 0.5, 8000, dtype="<f4")
+    header = b"RIFF" + struct.pack("<I", 36 + floats.nbytes) + b"WAVEfmt " + struct.pack(
+        "<IHHIIHH", 16, 3, 1, 8000, 32000, 4, 32) + b"data" + struct.pack("<I", floats.nbytes)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f.wav").write_bytes(header + floats.tobytes())
+    (tmp_path / "notes.txt").write_text("not audio")
+    assert [Path(p).name for p in expand_paths([str(tmp_path)])] == ["st.wav", "f.wav"]
+    st, fl = read_wav(str(tmp_path / "st.wav")), read_wav(str(tmp_path / "sub" / "f.wav"))
+    assert (st.channels, st.sample_rate, st.encoding, st.n_samples) == (2, 16000, "PCM16", 16000)
+    assert (fl.channels, fl.sample_rate, fl.encoding, fl.n_samples) == (1, 8000, "FLOAT32", 8000)
+    pieces, ends = st.messages(300.0)
+    assert ends == [4800, 9600, 14400, 16000] and b"".join(pieces) == st.data
+    assert all(len(p) % st.frame_bytes == 0 for p in pieces)
+    items = AudioSpec(paths=(str(tmp_path),), max_seconds=0.5).load()
+    assert [round(i.seconds, 3) for i in items] == [0.5, 0.5]
+    with pytest.raises(ValueError):
+        expand_paths([str(tmp_path / "missing.wav")])
+
+
+def test_synthetic_audio_is_deterministic():
+    a, b = AudioSpec(synthetic_clips=2, synthetic_seconds=0.5).load(), AudioSpec(synthetic_clips=2, synthetic_seconds=0.5).load()
+    assert [i.data for i in a] == [i.data for i in b] and a[0].data != a[1].data
+    assert a[0].n_samples == 8000 and np.abs(np.frombuffer(a[0].data, "<i2")).max() > 1000
+
+
+async def test_capacity_search_bisects_to_the_largest_passing_level():
+    def level(c: int, ok: bool) -> dict:
+        return {"concurrency": c, "streams_requested": c, "streams_completed": c, "errors": {} if ok else {"X": 1},
+                "chunk_latency_ms": {"p95": 10.0}, "loadgen": {"bottleneck": c > 60}}
+
+    async def run(c: int) -> dict:
+        return level(c, c <= 37)
+
+    results: dict[int, dict] = {}
+    cap = await capacity_search(run, results, 100.0, start=4, maximum=1000, resolution=0.0, max_probes=20)
+    assert cap["capacity"] == 37 and cap["bracket"] == [37, 38] and cap["probes"][:5] == [4, 8, 16, 32, 64]
+    assert cap["loadgen_bound_levels"] == [64]
+    # A sweep already run brackets the search: no doubling, only bisection between 10 and 50.
+    results = {1: level(1, True), 10: level(10, True), 50: level(50, False)}
+    cap = await capacity_search(run, results, 100.0, start=4, maximum=1000, resolution=0.0, max_probes=20)
+    assert cap["capacity"] == 37 and all(10 < c < 50 for c in cap["probes"])
+    # Nothing fails up to the maximum: the capacity is a lower bound.
+    cap = await capacity_search(run, {}, 100.0, start=4, maximum=20, resolution=0.0, max_probes=20)
+    assert cap["capacity"] == 20 and cap["limited_by_max_concurrency"] and cap["probes"] == [4, 8, 16, 20]
+
+
+def test_a_busy_load_generator_is_reported():
+    def share(lag_ms: float, cpu_s: float) -> ShareResult:
+        return ShareResult(worker=0, streams=[StreamRecord(0, "x", 1.0, transcript="")], chunk_latency_ms=[10.0],
+                           response_latency_ms=[5.0], response_latency_negative=0, loop_lag_ms=[lag_ms] * 100,
+                           wake_late_ms=[1.0], write_ms=[0.1], cpu_s=cpu_s, wall_s=1.0,
+                           first_start_wall=0.0, last_end_wall=1.0)
+
+    calm = merge_level(1, [share(1.0, 0.2)], realtime=True, chunk_ms=160, lag_threshold_ms=20)
+    busy = merge_level(1, [share(50.0, 0.99)], realtime=True, chunk_ms=160, lag_threshold_ms=20)
+    assert not calm["loadgen"]["bottleneck"] and calm["loadgen"]["bottleneck_reasons"] == []
+    reasons = " ".join(busy["loadgen"]["bottleneck_reasons"])
+    assert busy["loadgen"]["bottleneck"] and "lag" in reasons and "busy" in reasons
