@@ -28,22 +28,28 @@ async def bystander(stub, engine, seed: int = 99):
     """A good stream that is half sent while the body runs, and must end exact afterwards."""
     clip = pcm16_audio(seed, 2 * RATE)
     expected = transcribe_alone(engine, as_float(clip)) if not engine.slots_in_use() else None
-    half = asyncio.Event()
+    opened = asyncio.Event()
     resume = asyncio.Event()
     data = clip.tobytes()
 
     async def requests():
         yield config(interim_results=True)
         yield audio(data[:len(data) // 2 + 1])  # an odd split: half a sample waits on the server
-        half.set()
         await resume.wait()
         yield audio(data[len(data) // 2 + 1:])
 
     async def run():
-        return [r async for r in stub.StreamingRecognize(requests())]
+        call = stub.StreamingRecognize(requests())
+        first = await call.read()  # a first result: the stream is open and running on the server
+        opened.set()
+        responses = [first]
+        while (r := await call.read()) is not grpc.aio.EOF:
+            responses.append(r)
+        return responses
 
     task = asyncio.create_task(run())
-    await half.wait()
+    await asyncio.wait({task, asyncio.ensure_future(opened.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    assert opened.is_set(), task.exception() if task.done() else "bystander did not open"
     yield
     resume.set()
     responses = await task

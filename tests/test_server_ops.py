@@ -183,6 +183,10 @@ async def test_drain_finishes_open_streams_and_refuses_new_ones():
     async with running_server(engine) as server, stub_for(server) as stub:
         open_call = asyncio.create_task(_collect(stub.StreamingRecognize(open_stream_requests())))
         await half.wait()
+        for _ in range(1000):  # the server has the stream open once it has read the config
+            if server.scheduler.active_streams == 1:
+                break
+            await asyncio.sleep(0.01)
         draining = asyncio.create_task(server.drain())
         for _ in range(500):
             if await health_of(server.port) == NOT_SERVING:

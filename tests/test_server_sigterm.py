@@ -17,13 +17,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto import asr_stream_pb2_grpc as pb_grpc
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
-from tests.server_harness import RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for
+from tests.server_harness import RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for, scrape
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parent.parent
 
 
 async def start_server(*extra: str) -> tuple[asyncio.subprocess.Process, int, list[str]]:
+    """The process, its gRPC port, and its start-up lines (the metrics URL among them)."""
     env = dict(os.environ, FAKE_ENGINE_STEP_DELAY_S="0.003", PYTHONPATH=str(ROOT))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
@@ -41,7 +42,7 @@ async def start_server(*extra: str) -> tuple[asyncio.subprocess.Process, int, li
 
 
 async def test_sigterm_drains_open_streams_and_exits_zero():
-    proc, port, _ = await start_server()
+    proc, port, startup = await start_server()
     target = f"127.0.0.1:{port}"
     reference = FakeEngine()
     clips = [pcm16_audio(40 + i, RATE + 3000 * i) for i in range(6)]
@@ -71,6 +72,11 @@ async def test_sigterm_drains_open_streams_and_exits_zero():
 
             streams = [asyncio.create_task(open_stream(i)) for i in range(len(clips))]
             await asyncio.gather(*(h.wait() for h in halfway))
+            metrics_port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)", startup[-1]).group(1))
+            for _ in range(1000):  # every stream is open on the server before the signal
+                if scrape(metrics_port)["asr_active_streams"] == len(clips):
+                    break
+                await asyncio.sleep(0.01)
             proc.send_signal(signal.SIGTERM)
             for _ in range(1000):
                 status = (await health.Check(health_pb2.HealthCheckRequest())).status
