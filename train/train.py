@@ -133,11 +133,52 @@ class BudgetCallback:
         return _Budget(*args, **kwargs)
 
 
+def progress_callback(every: int):
+    """Prints the training loss, learning rate and validation WER (the run has no logger)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class _Progress(Callback):
+        def __init__(self):
+            self.t0 = time.time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if step % every == 0 and isinstance(outputs, dict) and "loss" in outputs:
+                lr = trainer.optimizers[0].param_groups[0]["lr"]
+                print(f"[train] step {step} loss {float(outputs['loss']):.3f} lr {lr:.2e} "
+                      f"{time.time() - self.t0:.0f}s", flush=True)
+
+        def on_validation_end(self, trainer, pl_module):
+            m = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+            print(f"[val] step {trainer.global_step} {m}", flush=True)
+
+    return _Progress()
+
+
 def build_trainer(cfg, callbacks):
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     return pl.Trainer(callbacks=callbacks, **tcfg)
+
+
+def choose_loss(model, impl: str, trainer) -> None:
+    """'numba' (NeMo's kernel), 'scan' (train/rnnt_loss.py) or 'auto': NeMo's on CUDA when it
+    runs there and agrees with the reference, the scan loss otherwise (and always on CPU, where
+    it is the faster one)."""
+    import torch
+    from rnnt_loss import numba_loss_works, use_scan_loss
+    on_cuda = trainer.accelerator.__class__.__name__.lower().startswith("cuda")
+    if impl == "auto":
+        if on_cuda:
+            ok, why = numba_loss_works(model, torch.device("cuda"))
+            impl = "numba" if ok else "scan"
+            log.info("loss: NeMo's Numba RNNT loss on CUDA: %s", why)
+        else:
+            impl = "scan"
+    if impl == "scan":
+        use_scan_loss(model)
+    log.info("loss: RNNT loss implementation %s", impl)
 
 
 def export_compact(model, out_dir: str, tok_dir: str) -> str:
@@ -235,9 +276,12 @@ def main(argv=None) -> None:
     OmegaConf.save(cfg, os.path.join(out_dir, "config_resolved.yaml"))
 
     budget = args.budget_s if args.budget_s is not None else float(cfg.get("budget_s", 0) or 0)
-    callbacks = [BudgetCallback(budget)] if budget > 0 else []
+    callbacks = [progress_callback(int(cfg.trainer.log_every_n_steps))]
+    if budget > 0:
+        callbacks.append(BudgetCallback(budget))
     trainer = build_trainer(cfg, callbacks)
     model = EncDecHybridRNNTCTCBPEModel(cfg=cfg.model, trainer=trainer)
+    choose_loss(model, str(cfg.get("loss_impl", "auto")), trainer)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters", n_params / 1e6)
     t1 = time.time()
