@@ -183,6 +183,13 @@ class AsrClient:
 
 
 class AsyncAsrClient:
+    """asyncio twin of AsrClient.
+
+    Known grpc.aio limitation (grpc/grpc#36066): when the server refuses a stream while this
+    client is still writing audio, grpc.aio may report INTERNAL "Internal error from Core"
+    instead of the server's status. The sync AsrClient reports the real status.
+    """
+
     def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = None):
         self._channel = channel or grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
         self._stub = pb_grpc.SpeechRecognitionStub(self._channel)
