@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from client.loadgen_audio import AudioSpec
-from client.loadgen_report import (level_passes, merge_level, progress_bar, scrape, server_delta, table_header,
+from client.loadgen_report import (METRICS, level_passes, merge_level, progress_bar, scrape, server_delta, table_header,
                                    table_row, write_plot)
 from client.loadgen_run import LevelSpec, RunOptions, ShareResult, new_event_loop, prepare, run_share, worker_main
 from proto import asr_stream_pb2 as pb
@@ -83,7 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c = p.add_argument_group("capacity search")
     c.add_argument("--capacity", action="store_true",
                    help="find the largest concurrency with p95 chunk latency <= --target-ms and zero errors")
-    c.add_argument("--target-ms", type=float, default=None, help="p95 chunk latency target (default: the chunk)")
+    c.add_argument("--target-ms", type=float, default=None, help="p95 latency target (default: the chunk)")
+    c.add_argument("--capacity-metric", choices=("chunk", "response"), default="chunk",
+                   help="latency the target applies to: chunk (message sent -> response covering it) or response "
+                        "(audio complete -> response; leaves out waiting for the server's right context)")
+    c.add_argument("--stop-on-fail", action="store_true",
+                   help="sweep: run no higher level once one fails the target (or has errors)")
+    c.add_argument("--time-budget-s", type=float, default=0.0,
+                   help="start no new level after this many seconds (0: no limit); the report says it stopped")
     c.add_argument("--start-concurrency", type=int, default=16, help="first probe when no sweep brackets it")
     c.add_argument("--max-concurrency", type=int, default=4096, help="never probe above this")
     c.add_argument("--resolution", type=float, default=0.05, help="stop bisecting when the bracket is this narrow (relative)")
@@ -266,15 +273,21 @@ class LoadGenerator:
 
 
 # -- sweep and capacity search ----------------------------------------------------------------------
+class OutOfTime(Exception):
+    """The time budget allows no further level."""
+
+
 async def capacity_search(run, results: dict[int, dict], target_ms: float, start: int, maximum: int,
-                          resolution: float, max_probes: int) -> dict:
-    """Largest concurrency that passes (p95 chunk latency <= target, zero errors, all streams
+                          resolution: float, max_probes: int, metric: str = "chunk") -> dict:
+    """Largest concurrency that passes (the metric's p95 <= target, zero errors, all streams
     completed), assuming passing is monotone in concurrency. Levels already in `results` (the
-    sweep) bracket the search; then grow by doubling until a level fails, then bisect."""
+    sweep) bracket the search; then grow by doubling until a level fails, then bisect. `run`
+    may raise OutOfTime: the search then reports the bracket it had."""
     probes: list[int] = []
+    out_of_time = False
 
     def ok(c: int) -> bool:
-        return level_passes(results[c], target_ms)
+        return level_passes(results[c], target_ms, metric)
 
     async def probe(c: int) -> bool:
         if c not in results:
@@ -286,30 +299,35 @@ async def capacity_search(run, results: dict[int, dict], target_ms: float, start
     hi = failing[0] if failing else None
     passing = sorted(c for c in results if ok(c) and (hi is None or c < hi))
     lo = passing[-1] if passing else 0
-    if hi is None:
-        c = max(start, lo * 2) if lo else start
-        while len(probes) < max_probes:
-            c = min(c, maximum)
-            if await probe(c):
-                lo = c
-                if c >= maximum:
+    try:
+        if hi is None:
+            c = max(start, lo * 2) if lo else start
+            while len(probes) < max_probes:
+                c = min(c, maximum)
+                if await probe(c):
+                    lo = c
+                    if c >= maximum:
+                        break
+                    c *= 2
+                else:
+                    hi = c
                     break
-                c *= 2
+        while hi is not None and hi - lo > max(1, int(resolution * max(lo, 1))) and len(probes) < max_probes:
+            mid = (lo + hi) // 2
+            if await probe(mid):
+                lo = mid
             else:
-                hi = c
-                break
-    while hi is not None and hi - lo > max(1, int(resolution * max(lo, 1))) and len(probes) < max_probes:
-        mid = (lo + hi) // 2
-        if await probe(mid):
-            lo = mid
-        else:
-            hi = mid
+                hi = mid
+    except OutOfTime:
+        out_of_time = True
     lg_bound = sorted(c for c, lv in results.items() if lv["loadgen"]["bottleneck"])
-    return {"target_ms": target_ms, "capacity": lo, "bracket": [lo, hi], "probes": probes,
+    return {"target_ms": target_ms, "metric": metric, "capacity": lo, "bracket": [lo, hi], "probes": probes,
             "limited_by_max_concurrency": hi is None and lo >= maximum,
-            "probe_budget_exhausted": hi is not None and hi - lo > max(1, int(resolution * max(lo, 1))),
+            "search_unfinished": out_of_time or (hi is not None and hi - lo > max(1, int(resolution * max(lo, 1))))
+            or (hi is None and lo < maximum),
+            "time_budget_exhausted": out_of_time,
             "loadgen_bound_levels": lg_bound,
-            "criterion": "p95 chunk latency <= target_ms, zero errors, every stream completed"}
+            "criterion": f"p95 {METRICS[metric]} <= target_ms, zero errors, every stream completed"}
 
 
 def _host_info() -> dict:
@@ -345,6 +363,7 @@ async def amain(args: argparse.Namespace) -> int:
           f"max batch {server['max_batch']}", flush=True)
     results: dict[int, dict] = {}
     order: list[int] = []
+    skipped: list[int] = []
     started = time.time()
     async with LoadGenerator(cfg) as gen:
         total_audio = sum(i.seconds for i in gen.items)
@@ -353,32 +372,51 @@ async def amain(args: argparse.Namespace) -> int:
               f"{args.workers} worker process(es)", flush=True)
         print(table_header(), flush=True)
 
+        budget_end = started + args.time_budget_s if args.time_budget_s > 0 else None
+        shown_target = target_ms if args.capacity or args.target_ms is not None else None
+
         async def run_one(c: int) -> dict:
+            if budget_end is not None and time.time() + args.cooldown_s > budget_end:
+                print(f"asr-loadgen: time budget of {args.time_budget_s:g} s spent: level {c} not run", flush=True)
+                skipped.append(c)
+                raise OutOfTime()
             if order:
                 await asyncio.sleep(args.cooldown_s)
             level = await gen.run_level(c)
             after = await list_models(args.server)
             level["server_engine"] = after["engine"]
             level["engine_executions_after"] = after["engine_executions"]
+            level["passes_target"] = {m: level_passes(level, target_ms, m) for m in METRICS}
             order.append(c)
-            print(table_row(level, target_ms if args.capacity else args.target_ms), flush=True)
+            print(table_row(level, shown_target, args.capacity_metric), flush=True)
             for reason in level["loadgen"]["bottleneck_reasons"]:
                 print(f"    load generator is the bottleneck here: {reason}", flush=True)
             return level
 
-        for c in args.concurrency:
-            if c not in results:
-                results[c] = await run_one(c)
+        stopped = None
+        try:
+            for c in args.concurrency:
+                if c not in results:
+                    results[c] = await run_one(c)
+                if args.stop_on_fail and not level_passes(results[c], target_ms if shown_target else 1e12,
+                                                          args.capacity_metric):
+                    stopped = c
+                    print(f"asr-loadgen: level {c} failed: higher sweep levels skipped (--stop-on-fail)", flush=True)
+                    break
+        except OutOfTime:
+            pass
         capacity = None
         if args.capacity:
             capacity = await capacity_search(run_one, results, target_ms, args.start_concurrency,
-                                             args.max_concurrency, args.resolution, args.max_probes)
+                                             args.max_concurrency, args.resolution, args.max_probes,
+                                             args.capacity_metric)
     levels = [results[c] for c in order]
     if capacity is not None:
         bound = capacity["bracket"][1]
-        print(f"capacity: {capacity['capacity']} concurrent streams with p95 chunk latency <= {target_ms:g} ms and "
-              f"zero errors (first failing level: {bound if bound is not None else 'none up to --max-concurrency'})",
-              flush=True)
+        print(f"capacity: {capacity['capacity']} concurrent streams with p95 {args.capacity_metric} latency <= "
+              f"{target_ms:g} ms and zero errors (first failing level: "
+              f"{bound if bound is not None else 'none up to --max-concurrency'})"
+              + (" [search unfinished]" if capacity["search_unfinished"] else ""), flush=True)
         if capacity["loadgen_bound_levels"]:
             print(f"  warning: the load generator was the bottleneck at {capacity['loadgen_bound_levels']}: "
                   "add --workers or run it on another machine", flush=True)
@@ -389,11 +427,14 @@ async def amain(args: argparse.Namespace) -> int:
         "server": server, "server_after": final_server,
         "settings": {"chunk_ms": chunk_ms, "realtime": args.realtime, "interim": args.interim,
                      "ramp_s": args.ramp_s, "workers": args.workers, "target_ms": target_ms,
-                     "right_context_ms": args.right_context_ms,
+                     "right_context_ms": args.right_context_ms, "capacity_metric": args.capacity_metric,
+                     "stop_on_fail": args.stop_on_fail, "time_budget_s": args.time_budget_s,
                      "audio": asdict(audio), "audio_items": len(gen.items), "audio_seconds_total": total_audio},
         "definitions": DEFINITIONS,
         "levels": [_public(lv) for lv in levels],
         "capacity": capacity,
+        "sweep_stopped_at": stopped,
+        "levels_skipped_for_time": skipped,
     }
     if args.json:
         with open(args.json, "w") as f:
@@ -409,7 +450,7 @@ async def amain(args: argparse.Namespace) -> int:
     if args.plot:
         title = (f"{server['name']} / {server['engine']} / lookahead {server['lookahead_ms']} ms / "
                  f"{'real-time' if args.realtime else 'max rate'} / {args.label}")
-        why_not = write_plot(levels, args.plot, title, target_ms if args.capacity or args.target_ms else None)
+        why_not = write_plot(levels, args.plot, title, shown_target)
         print(f"asr-loadgen: {why_not}" if why_not else f"asr-loadgen: plot written to {args.plot}", flush=True)
     return 0 if any(lv["streams_completed"] for lv in levels) or not levels else 1
 
