@@ -1,0 +1,692 @@
+"""A faster, exact re-implementation of one cache-aware streaming step of NeMo's ConformerEncoder.
+
+Supported: `rel_pos` self-attention with `chunked_limited` context, causal `dw_striding`
+subsampling, causal depthwise convolution with `layer_norm` conv norm, macaron feed-forwards,
+xscaling. The step uses the NeMo module's own weights (read once, rearranged) and computes what
+`encoder.cache_aware_stream_step(..., keep_all_outputs=True)` computes, written from the math:
+
+* **Projected K/V cache.** NeMo's attention cache holds each layer's normalised attention input
+  for the last 70 frames, so every step re-projects K and V over 70 + T' frames. Here the cache
+  holds the projected K and V themselves (`cache_channel [L, B, 70, 2*d_model]`, K then V), so a
+  step projects only its T' new frames. Exact up to rounding (a row-wise linear map commutes
+  with "keep the last 70 rows"); masked cache positions are never read, so their contents (zeros
+  for a fresh slot, where NeMo would hold bias vectors) do not matter.
+* **Relative positions folded into the Q projection.** NeMo's Transformer-XL term is
+  `(q_i + pos_bias_v) . P[i - j]` with `P = linear_pos(pos_emb)`; for a fixed chunk geometry
+  `pos_emb` is a constant, so `P`, and with it the whole term as a linear function of the layer
+  input, is precomputed: extra output columns of the fused Q|K|V GEMM give
+  `(q_i + v) . P[c] / sqrt(d_k)` for every needed relative distance `c`, and the rel-shift is a
+  strided view of that GEMM output (no gather, no copy). `pos_bias_u` is folded into the Q bias.
+  Attention is torch's `scaled_dot_product_attention` with that term (plus each row's
+  padding/cache-length mask) as an additive float bias.
+* **No concatenations.** The step works in two per-step workspaces: `kv_work [L, B, 70+T', 2d]`
+  (the cached K/V, then the new frames' K/V written in place) and
+  `conv_work [L, B, (K-1)+T', d]` (the conv cache, then the new GLU outputs). The next caches
+  are views of their last 70 / K-1 frames. The depthwise convolution is a multiply-add over an
+  `unfold` view of `conv_work` in time-major layout (no cuDNN depthwise conv).
+* Everything runs in `[B*T', d]` time-major rows: layer norms are plain last-dim norms and every
+  projection is one GEMM over all the batch's new frames. The feed-forwards' 0.5 factor and
+  xscale are folded into weights.
+* **CUDA-graph capturable**: no host syncs, no data-dependent Python control flow, static
+  shapes for a given batch size; every per-row decision (lengths, cache fill) is a tensor mask.
+
+Entry points:
+* `FastConformerParams.from_encoder(encoder, device, dtype)`: the prepared weights and
+  constants for the encoder's current lookahead.
+* `fast_step(params, feats, lengths, kv_work, conv_work, cache_len)`: the pure step over
+  caller-owned workspaces (what a graph-capture wrapper captures; see `FastStepBuffers`).
+* `FastConformerEncoder`: an `EncoderEngine` ("fast") with NeMo's engine interface.
+* `FastCudaGraphEncoder`: the step captured once per batch bucket ("fast-cudagraph").
+
+Padded frames (past a row's valid length) are computed exactly as NeMo computes them too:
+attention outputs of padded query frames are zero, and padded frames enter the conv as zeros,
+so even the (unusable) next caches after a short last chunk equal NeMo's, projected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engines.encoders import EncoderEngine
+
+log = logging.getLogger(__name__)
+
+MASK_VALUE = -10000.0  # NeMo's masked score (finite: a fully masked row stays finite)
+
+
+class UnsupportedEncoder(ValueError):
+    """The encoder uses a feature the fast step does not implement."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Geometry:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_k: int
+    d_ff: int
+    n_mels: int
+    frames_in: int       # mel frames per step (pre-encode cache + chunk)
+    frames_out: int      # T': encoder frames per step, after dropping the pre-encoded ones
+    drop: int            # pre-encoded frames dropped
+    cache: int           # attention cache frames (70)
+    conv_kernel: int     # depthwise kernel (9); the conv cache holds conv_kernel - 1 frames
+    rel: int             # relative distances needed (cache + 2*T' - 1)
+    rel_pad: int         # rel rounded up to a multiple of 8 (GEMM alignment)
+    qkv_cols: int        # columns of the fused Q|K|V|pos GEMM
+    keys_pad: int        # cache + T' rounded up to 16 (aligned SDPA bias rows)
+    eps: float
+
+    @property
+    def keys(self) -> int:
+        return self.cache + self.frames_out
+
+    @property
+    def conv_cache(self) -> int:
+        return self.conv_kernel - 1
+
+
+@dataclass
+class SubsamplingOp:
+    kind: str                      # "conv" or "relu"
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    stride: tuple[int, int] = (1, 1)
+    groups: int = 1
+    pad: tuple[int, int] = (0, 0)  # (left/top, right/bottom), same on time and frequency
+    kernel: int = 1
+
+
+class FastConformerParams:
+    """Weights of one ConformerEncoder rearranged for the fast step, at one lookahead.
+
+    Per layer, three tuples of tensors (the arguments of `_part_a`, `_part_b`, `_part_c`)."""
+
+    def __init__(self, geo: Geometry, sub_ops: list[SubsamplingOp], sub_out_w, sub_out_b, layers,
+                 chunk_ok, out_proj, att_context_size, device, dtype):
+        self.geo = geo
+        self.sub_ops = sub_ops
+        self.sub_out_w = sub_out_w
+        self.sub_out_b = sub_out_b
+        self.layers = layers
+        self.chunk_ok = chunk_ok          # [T', N] bool: chunked_limited visibility of the step's queries
+        self.out_proj = out_proj          # (W, b) or None
+        self.att_context_size = list(att_context_size)
+        self.device = device
+        self.dtype = dtype
+        g = geo
+        self.key_index = torch.arange(g.keys, device=device)
+        self.frame_index = torch.arange(g.frames_out, device=device)
+        self.time_index = torch.arange(max(g.frames_in, 1), device=device)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_encoder(cls, encoder: torch.nn.Module, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> "FastConformerParams":
+        first = next(encoder.parameters())
+        device = torch.device(device) if device is not None else first.device
+        dtype = dtype or first.dtype
+        _check_supported(encoder)
+        cfg = encoder.streaming_cfg
+        att = list(encoder.att_context_size)
+        layer0 = encoder.layers[0]
+        d = encoder.d_model
+        H = layer0.self_attn.h
+        dk = layer0.self_attn.d_k
+        chunk = cfg.chunk_size[1] if isinstance(cfg.chunk_size, list) else cfg.chunk_size
+        pre = cfg.pre_encode_cache_size[1] if isinstance(cfg.pre_encode_cache_size, list) else cfg.pre_encode_cache_size
+        frames_in = chunk + pre
+        sub_ops = _subsampling_ops(encoder.pre_encode)
+        t = frames_in
+        for op in sub_ops:
+            if op.kind == "conv":
+                t = (t + op.pad[0] + op.pad[1] - op.kernel) // op.stride[0] + 1
+        drop = cfg.drop_extra_pre_encoded
+        T = t - drop
+        if T < 1:
+            raise UnsupportedEncoder(f"a step yields {T} encoder frames")
+        C = cfg.last_channel_cache_size
+        if C < 1:
+            raise UnsupportedEncoder("the fast step needs a limited left attention context (a cache)")
+        if cfg.cache_drop_size != 0:
+            raise UnsupportedEncoder("cache_drop_size != 0 is not supported")
+        N = C + T
+        R = N + T - 1
+        Rp = -(-R // 8) * 8
+        K = layer0.conv.kernel_size
+        if encoder.conv_context_size[0] != K - 1 or encoder.conv_context_size[1] != 0:
+            raise UnsupportedEncoder(f"conv context {encoder.conv_context_size} is not causal")
+        d_ff = layer0.feed_forward1.linear1.out_features
+        geo = Geometry(
+            n_layers=len(encoder.layers), d_model=d, n_heads=H, d_k=dk, d_ff=d_ff, n_mels=encoder._feat_in,
+            frames_in=frames_in, frames_out=T, drop=drop, cache=C, conv_kernel=K, rel=R, rel_pad=Rp,
+            qkv_cols=3 * d + H * Rp, keys_pad=-(-N // 16) * 16, eps=layer0.norm_out.eps)
+
+        def cast(t_):
+            return None if t_ is None else t_.detach().to(device=device, dtype=dtype).contiguous()
+
+        def f32(t_, n=None):
+            if t_ is None:
+                return torch.zeros(n, dtype=torch.float32, device=device)
+            return t_.detach().to(device=device, dtype=torch.float32)
+
+        # Subsampling: weights as they are; xscale folded into the output projection.
+        xscale = float(encoder.pos_enc.xscale) if encoder.pos_enc.xscale else 1.0
+        sub_ops = [SubsamplingOp(op.kind, cast(op.weight), cast(op.bias), op.stride, op.groups, op.pad, op.kernel)
+                   for op in sub_ops]
+        out = encoder.pre_encode.out
+        sub_out_w = cast(f32(out.weight) * xscale)
+        sub_out_b = cast(f32(out.bias, out.out_features) * xscale)
+
+        # Relative positions: row c of P is the encoding of distance (N - 1 - c), c in [0, R).
+        pos = torch.arange(N - 1, N - 1 - R, -1, dtype=torch.float64, device=device)
+        pe = _sinusoids(pos, d)                                      # [R, d] fp32
+        layers = []
+        for layer in encoder.layers:
+            att_m = layer.self_attn
+            ln = lambda m: (cast(m.weight), cast(m.bias))  # noqa: E731
+            # A: FF1 + attention input norm + fused Q|K|V|pos projection
+            w2 = cast(f32(layer.feed_forward1.linear2.weight) * layer.fc_factor)
+            b2 = cast(f32(layer.feed_forward1.linear2.bias, d) * layer.fc_factor)
+            wq, bq = f32(att_m.linear_q.weight), f32(att_m.linear_q.bias, d)
+            u, v = f32(att_m.pos_bias_u), f32(att_m.pos_bias_v)
+            p = (pe @ f32(att_m.linear_pos.weight).T).view(R, H, dk).transpose(0, 1)     # [H, R, dk]
+            m_w = torch.einsum("hrk,hkd->hrd", p, wq.view(H, dk, d)) / math.sqrt(dk)   # [H, R, d]
+            m_b = torch.einsum("hrk,hk->hr", p, bq.view(H, dk) + v) / math.sqrt(dk)     # [H, R]
+            m_w = F.pad(m_w, (0, 0, 0, Rp - R))
+            m_b = F.pad(m_b, (0, Rp - R))
+            w_qkv = torch.cat([wq, f32(att_m.linear_k.weight), f32(att_m.linear_v.weight), m_w.reshape(H * Rp, d)])
+            b_qkv = torch.cat([bq + u.reshape(-1), f32(att_m.linear_k.bias, d), f32(att_m.linear_v.bias, d),
+                               m_b.reshape(-1)])
+            part_a = (*ln(layer.norm_feed_forward1), cast(layer.feed_forward1.linear1.weight),
+                      cast(layer.feed_forward1.linear1.bias), w2, b2, *ln(layer.norm_self_att),
+                      cast(w_qkv), cast(b_qkv))
+            # B: attention output + conv module up to the GLU
+            conv = layer.conv
+            part_b = (cast(att_m.linear_out.weight), cast(att_m.linear_out.bias), *ln(layer.norm_conv),
+                      cast(conv.pointwise_conv1.weight.squeeze(-1)), cast(conv.pointwise_conv1.bias))
+            # C: depthwise conv, conv norm, FF2, output norm
+            w4 = cast(f32(layer.feed_forward2.linear2.weight) * layer.fc_factor)
+            b4 = cast(f32(layer.feed_forward2.linear2.bias, d) * layer.fc_factor)
+            part_c = (cast(conv.depthwise_conv.weight.squeeze(1)), cast(conv.depthwise_conv.bias),
+                      *ln(conv.batch_norm), cast(conv.pointwise_conv2.weight.squeeze(-1)),
+                      cast(conv.pointwise_conv2.bias), *ln(layer.norm_feed_forward2),
+                      cast(layer.feed_forward2.linear1.weight), cast(layer.feed_forward2.linear1.bias), w4, b4,
+                      *ln(layer.norm_out))
+            layers.append((part_a, part_b, part_c))
+
+        # chunked_limited visibility of this step's query frames (positions C..C+T-1 of N).
+        chunk_size = att[1] + 1
+        left_chunks = att[0] // chunk_size if att[0] >= 0 else 10000
+        idx = torch.arange(N, device=device)
+        q_chunk = idx[C:, None] // chunk_size
+        diff = q_chunk - idx[None, :] // chunk_size
+        chunk_ok = (diff >= 0) & (diff <= left_chunks)
+        out_proj = None
+        if encoder.out_proj is not None:
+            out_proj = (cast(encoder.out_proj.weight), cast(encoder.out_proj.bias))
+        return cls(geo, sub_ops, sub_out_w, sub_out_b, layers, chunk_ok, out_proj, att, device, dtype)
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def cache_channel_shape(self) -> tuple[int, int, int]:
+        g = self.geo
+        return (g.n_layers, g.cache, 2 * g.d_model)
+
+    def _subsampling_flops(self) -> int:
+        g = self.geo
+        total = 0
+        t, f, ch = g.frames_in, g.n_mels, 1
+        for op in self.sub_ops:
+            if op.kind != "conv":
+                continue
+            t = (t + op.pad[0] + op.pad[1] - op.kernel) // op.stride[0] + 1
+            f = (f + op.pad[0] + op.pad[1] - op.kernel) // op.stride[1] + 1
+            out_ch = op.weight.shape[0]
+            total += 2 * out_ch * t * f * (ch // op.groups) * op.kernel * op.kernel
+            ch = out_ch
+        out = 2 * g.frames_out * self.sub_out_w.shape[1] * g.d_model
+        if self.out_proj is not None:
+            out += 2 * g.frames_out * g.d_model * self.out_proj[0].shape[0]
+        return total + out
+
+    def flops_per_stream(self) -> int:
+        """FLOPs (2 per multiply-add) of one fast step for one stream, counted analytically."""
+        g = self.geo
+        d, T = g.d_model, g.frames_out
+        per_frame = (2 * (2 * d * g.d_ff)        # FF1 + FF2: d -> d_ff -> d each
+                     + d * g.qkv_cols            # fused Q|K|V|pos (new frames only)
+                     + d * d                     # attention output
+                     + 3 * d * d                 # pointwise convs (d -> 2d, d -> d)
+                     + d * g.conv_kernel         # depthwise
+                     + 2 * g.keys * d)           # QK^T and PV over 70 + T' keys
+        return self._subsampling_flops() + 2 * per_frame * T * g.n_layers
+
+    def nemo_flops_per_stream(self) -> int:
+        """The same count for NeMo's module: K and V re-projected over all 70 + T' frames,
+        linear_pos over 2N-1 positions, the positional scores over all 2N-1 of them."""
+        g = self.geo
+        d, T, N = g.d_model, g.frames_out, g.keys
+        per_layer = (T * (2 * (2 * d * g.d_ff) + d * d + d * d + 3 * d * d + d * g.conv_kernel)  # FFs, q, out, convs
+                     + N * 2 * d * d                   # K and V over all frames
+                     + (2 * N - 1) * d * d             # linear_pos
+                     + T * (2 * N - 1) * d             # matrix_bd
+                     + 2 * T * N * d)                  # QK^T and PV
+        return self._subsampling_flops() + 2 * per_layer * g.n_layers
+
+
+def _sinusoids(pos: torch.Tensor, d: int) -> torch.Tensor:
+    """Transformer-XL sinusoidal encodings of (possibly negative) positions: [len(pos), d] fp32."""
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) * -(math.log(10000.0) / d))
+    pe = torch.zeros(len(pos), d, dtype=torch.float64, device=pos.device)
+    pe[:, 0::2] = torch.sin(pos[:, None] * div)
+    pe[:, 1::2] = torch.cos(pos[:, None] * div)
+    return pe.float()
+
+
+def _check_supported(encoder) -> None:
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise UnsupportedEncoder(f"the fast step does not support {what}")
+
+    need(getattr(encoder, "self_attention_model", None) == "rel_pos", "attention other than rel_pos")
+    need(getattr(encoder, "att_context_style", None) == "chunked_limited", "context styles other than chunked_limited")
+    need(encoder.att_context_size[1] >= 0, "unlimited right context")
+    need(encoder.att_context_size[0] < 0 or encoder.att_context_size[0] % (encoder.att_context_size[1] + 1) == 0,
+         "left context that is not a whole number of chunks")
+    need(getattr(encoder, "reduction_position", None) is None, "time reduction inside the encoder")
+    need(not isinstance(encoder.pre_encode, torch.nn.Linear), "a linear pre-encoder")
+    need(getattr(encoder.pre_encode, "conv2d_subsampling", False), "1-D conv subsampling")
+    need(getattr(encoder.pre_encode, "subsampling_conv_chunking_factor", 1) != -1,
+         "subsampling_conv_chunking_factor=-1")
+    need(not encoder.training, "training mode (dropout)")
+    for layer in encoder.layers:
+        need(layer.self_attention_model == "rel_pos", "attention other than rel_pos")
+        need(layer.conv.norm_type == "layer_norm", f"conv norm {layer.conv.norm_type!r}")
+        need(layer.conv.pointwise_activation == "glu_", "conv activations other than GLU")
+        need(layer.conv.depthwise_conv.stride[0] == 1 and layer.conv.depthwise_conv.dilation[0] == 1,
+             "strided or dilated depthwise conv")
+        if hasattr(layer, "is_adapter_available"):
+            need(not layer.is_adapter_available(), "adapters")
+        for ff in (layer.feed_forward1, layer.feed_forward2):
+            need(type(ff.activation).__name__ == "Swish", "feed-forward activations other than Swish")
+
+
+def _subsampling_ops(pre_encode) -> list[SubsamplingOp]:
+    ops = []
+    for m in pre_encode.conv:
+        if isinstance(m, torch.nn.Conv2d):
+            if m.kernel_size[0] != m.kernel_size[1] or m.dilation != (1, 1):
+                raise UnsupportedEncoder("non-square or dilated subsampling convs")
+            if hasattr(m, "_left_padding"):           # NeMo's CausalConv2D
+                pad = (m._left_padding, m._right_padding)
+            else:
+                if m.padding[0] != m.padding[1]:
+                    raise UnsupportedEncoder("asymmetric subsampling conv padding")
+                pad = (m.padding[0], m.padding[0])
+            ops.append(SubsamplingOp("conv", m.weight, m.bias, tuple(m.stride), m.groups, pad, m.kernel_size[0]))
+        elif isinstance(m, torch.nn.ReLU):
+            ops.append(SubsamplingOp("relu"))
+        else:
+            raise UnsupportedEncoder(f"subsampling layer {type(m).__name__}")
+    return ops
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor):
+    """NeMo's ConvSubsampling with its per-row time masking (a position past a row's length is
+    zero before every layer), then the dropped pre-encoded frames are skipped and the output
+    projection (with xscale) runs on the kept frames only. Returns rows [B*T', d], lengths."""
+    g = p.geo
+    x = feats.transpose(1, 2).unsqueeze(1)                   # [B, 1, T, F]
+    lens = lengths.to(torch.int64)
+    B = x.shape[0]
+    own = False  # x is an intermediate of ours (safe to modify in place)
+    for op in p.sub_ops:
+        t_len = x.shape[2]
+        if op.kind == "relu":
+            # relu(mask * x) == mask * relu(x): the mask state carries over.
+            x = torch.relu_(x) if own else torch.relu(x)
+            own = True
+            continue
+        # NeMo masks before every layer; before a ReLU it is the mask the next conv applies again.
+        mask = (p.time_index[:t_len] < lens[:, None]).to(x.dtype).view(B, 1, t_len, 1)
+        lp, rp = op.pad
+        if lp or rp:
+            buf = x.new_zeros(B, x.shape[1], t_len + lp + rp, x.shape[3] + lp + rp)
+            inner = buf[:, :, lp:lp + t_len, lp:lp + x.shape[3]]
+            torch.mul(x, mask, out=inner)
+            x = buf
+        else:
+            x = x * mask
+        x = F.conv2d(x, op.weight, op.bias, op.stride, 0, 1, op.groups)
+        own = True
+        if op.stride[0] != 1:
+            lens = (lens + lp + rp - op.kernel) // op.stride[0] + 1
+    t_len = x.shape[2]
+    x = x * (p.time_index[:t_len] < lens[:, None]).to(x.dtype).view(B, 1, t_len, 1)
+    x = x[:, :, g.drop:]                                     # [B, C, T', F']
+    x = x.permute(0, 2, 1, 3).reshape(B * g.frames_out, -1)
+    x = F.linear(x, p.sub_out_w, p.sub_out_b)
+    enc_len = (lens - g.drop).clamp(min=0)
+    return x, enc_len
+
+
+def _part_a(x, geo: Geometry, ln1_w, ln1_b, w1, b1, w2, b2, lna_w, lna_b, w_qkv, b_qkv):
+    """FF1 (half-step residual) and the fused Q|K|V|pos projection of the normalised input."""
+    d = geo.d_model
+    h = F.layer_norm(x, (d,), ln1_w, ln1_b, geo.eps)
+    h = F.silu(F.linear(h, w1, b1))
+    x = x + F.linear(h, w2, b2)
+    a = F.layer_norm(x, (d,), lna_w, lna_b, geo.eps)
+    return x, F.linear(a, w_qkv, b_qkv)
+
+
+def _attention_bias(qkv, mask_bias, geo: Geometry, out=None):
+    """The additive SDPA bias: the relative-position term (a strided view of the fused GEMM's
+    positional columns: query i, key j reads column T'-1-i+j) plus the row's mask."""
+    T, N, H = geo.frames_out, geo.keys, geo.n_heads
+    B = qkv.shape[0] // T
+    C = geo.qkv_cols
+    bd = qkv.as_strided((B, H, T, N), (T * C, geo.rel_pad, C - 1, 1),
+                        qkv.storage_offset() + 3 * geo.d_model + T - 1)
+    if out is None:
+        return bd + mask_bias
+    return torch.add(bd, mask_bias, out=out)
+
+
+def _part_b(x, qkv, kv, bias, valid, geo: Geometry, w_o, b_o, lnc_w, lnc_b, w_p1, b_p1):
+    """Attention over [cached K/V; new K/V] with the bias; output projection (padded query frames
+    contribute zero, as in NeMo); the conv module up to the GLU, padded frames zeroed."""
+    d, T, H, dk, N = geo.d_model, geo.frames_out, geo.n_heads, geo.d_k, geo.keys
+    B = x.shape[0] // T
+    q = qkv[:, :d].view(B, T, H, dk).transpose(1, 2)
+    k = kv[:, :, :d].view(B, N, H, dk).transpose(1, 2)
+    v = kv[:, :, d:].view(B, N, H, dk).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    o = o.transpose(1, 2).reshape(B * T, d) * valid
+    x = x + F.linear(o, w_o, b_o)
+    c = F.layer_norm(x, (d,), lnc_w, lnc_b, geo.eps)
+    glu = F.glu(F.linear(c, w_p1, b_p1), dim=-1) * valid
+    return x, glu
+
+
+def _part_c(x, conv, geo: Geometry, w_dw, b_dw, lnn_w, lnn_b, w_p2, b_p2, ln2_w, ln2_b, w3, b3, w4, b4,
+            lno_w, lno_b):
+    """Causal depthwise conv over [conv cache; GLU outputs], conv norm, Swish, pointwise conv,
+    FF2 (half-step residual), output norm."""
+    d, T = geo.d_model, geo.frames_out
+    y = (conv.unfold(1, geo.conv_kernel, 1) * w_dw).sum(-1) + b_dw      # [B, T', d]
+    y = F.silu(F.layer_norm(y, (d,), lnn_w, lnn_b, geo.eps)).view(-1, d)
+    x = x + F.linear(y, w_p2, b_p2)
+    h = F.layer_norm(x, (d,), ln2_w, ln2_b, geo.eps)
+    h = F.silu(F.linear(h, w3, b3))
+    x = x + F.linear(h, w4, b4)
+    return F.layer_norm(x, (d,), lno_w, lno_b, geo.eps)
+
+
+class StepParts:
+    """The three per-layer pieces of the step, eager or torch.compiled. Mutations of the
+    workspaces (writing the new K/V and GLU frames) stay outside them, so a compiled piece
+    never writes into a graph input."""
+
+    def __init__(self, compile: bool = False, compile_mode: str | None = None):
+        self.compiled = compile
+        if compile:
+            self.a = torch.compile(_part_a, mode=compile_mode, dynamic=False)
+            self.b = torch.compile(_part_b, mode=compile_mode, dynamic=False)
+            self.c = torch.compile(_part_c, mode=compile_mode, dynamic=False)
+        else:
+            self.a, self.b, self.c = _part_a, _part_b, _part_c
+
+
+_EAGER_PARTS = StepParts()
+
+
+def step_masks(p: FastConformerParams, enc_len: torch.Tensor, cache_len: torch.Tensor):
+    """Per-row masks of one step: `mask_bias [B, 1, T', N]` (0 where query frame t may attend
+    key j: cached frames the row really has, new frames within its length, chunk visibility;
+    MASK_VALUE elsewhere) and `valid [B*T', 1]` (1 for the row's real new frames)."""
+    g = p.geo
+    j = p.key_index
+    key_ok = (j[None, :] >= (g.cache - cache_len)[:, None]) & (j[None, :] < (g.cache + enc_len)[:, None])
+    ok = key_ok[:, None, None, :] & p.chunk_ok[None, None]
+    mask_bias = torch.where(ok, 0.0, MASK_VALUE).to(p.dtype)
+    valid = (p.frame_index[None, :] < enc_len[:, None]).to(p.dtype).reshape(-1, 1)
+    return mask_bias, valid
+
+
+def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor, kv_work: torch.Tensor,
+              conv_work: torch.Tensor, cache_len: torch.Tensor, parts: StepParts | None = None,
+              bias_buffer: torch.Tensor | None = None):
+    """One streaming encoder step over caller-owned workspaces.
+
+    Inputs: `feats [B, n_mels, frames_in]` (model dtype), `lengths [B]` valid mel frames,
+    `kv_work [L, B, 70 + T', 2d]` whose first 70 frames hold the projected K|V cache,
+    `conv_work [L, B, K-1 + T', d]` whose first K-1 frames hold the conv cache (time-major:
+    NeMo's `cache_last_time[l, b].T`), `cache_len [B]` int64.
+    The step writes the new frames' K|V and GLU outputs into the workspaces' last T' frames.
+
+    Returns NeMo's `(encoded [B, d, T'], encoded_len [B], cache_channel_next [L, B, 70, 2d],
+    cache_time_next [L, B, d, K-1], cache_len_next [B])`; the caches are views of the
+    workspaces (valid until they are written again).
+    `bias_buffer`, optional `[B, H, T', keys_pad]`, receives each layer's attention bias
+    (16-aligned rows, so SDPA's memory-efficient kernel takes it without padding it)."""
+    g = p.geo
+    parts = parts or _EAGER_PARTS
+    T, C, K1 = g.frames_out, g.cache, g.conv_cache
+    x, enc_len = _subsample(p, feats, lengths)
+    B = feats.shape[0]
+    mask_bias, valid = step_masks(p, enc_len, cache_len)
+    bias_out = None if bias_buffer is None else bias_buffer[..., :g.keys]
+    for l, (wa, wb, wc) in enumerate(p.layers):
+        x, qkv = parts.a(x, g, *wa)
+        kv = kv_work[l]
+        kv[:, C:].copy_(qkv[:, g.d_model:3 * g.d_model].view(B, T, 2 * g.d_model))
+        bias = _attention_bias(qkv, mask_bias, g, out=bias_out)
+        x, glu = parts.b(x, qkv, kv, bias, valid, g, *wb)
+        conv = conv_work[l]
+        conv[:, K1:].copy_(glu.view(B, T, g.d_model))
+        x = parts.c(x, conv, g, *wc)
+    if p.out_proj is not None:
+        x = F.linear(x, *p.out_proj)
+    encoded = x.view(B, T, -1).transpose(1, 2)
+    cc_next = kv_work[:, :, T:]
+    ct_next = conv_work[:, :, T:].transpose(2, 3)
+    ccl_next = (cache_len + T).clamp(max=C)
+    return encoded, enc_len, cc_next, ct_next, ccl_next
+
+
+class FastStepBuffers:
+    """Static buffers for `fast_step` at up to `max_batch` rows, as a graph-capture wrapper
+    needs them. `inputs(b)` are views in the engine interface's layout to copy a batch into
+    (feats, lengths, cache_channel [L,b,70,2d], cache_time [L,b,d,K-1], cache_len);
+    `step_args(b)` are the matching arguments of `fast_step` (the cache views alias the
+    workspaces, so copying into `inputs(b)` is the only copy a step needs)."""
+
+    def __init__(self, p: FastConformerParams, max_batch: int, device=None):
+        g = p.geo
+        device = device or p.device
+        self.max_batch = max_batch
+        self.feats = torch.zeros(max_batch, g.n_mels, g.frames_in, dtype=p.dtype, device=device)
+        self.lengths = torch.full((max_batch,), g.frames_in, dtype=torch.int64, device=device)
+        self.kv_work = torch.zeros(g.n_layers, max_batch, g.keys, 2 * g.d_model, dtype=p.dtype, device=device)
+        self.conv_work = torch.zeros(g.n_layers, max_batch, g.conv_cache + g.frames_out, g.d_model, dtype=p.dtype,
+                                     device=device)
+        self.cache_len = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.bias = torch.zeros(max_batch, g.n_heads, g.frames_out, g.keys_pad, dtype=p.dtype, device=device)
+        self.geo = g
+
+    def inputs(self, b: int):
+        g = self.geo
+        return (self.feats[:b], self.lengths[:b], self.kv_work[:, :b, :g.cache],
+                self.conv_work[:, :b, :g.conv_cache].transpose(2, 3), self.cache_len[:b])
+
+    def step_args(self, b: int):
+        return (self.feats[:b], self.lengths[:b], self.kv_work[:, :b], self.conv_work[:, :b], self.cache_len[:b])
+
+    def bias_buffer(self, b: int):
+        return self.bias[:b]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.feats, self.lengths, self.kv_work, self.conv_work, self.cache_len, self.bias))
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------
+
+class FastConformerEncoder(EncoderEngine):
+    """The fast step, eagerly, behind the encoder-engine interface. Its attention cache is the
+    projected K|V (`cache_channel_shape`), not NeMo's normalised inputs: StreamingEngine sizes
+    the slot pool from that attribute."""
+
+    name = "fast"
+
+    def __init__(self, encoder: torch.nn.Module, device=None, dtype=None, compile: bool = False,
+                 compile_mode: str | None = None):
+        super().__init__(encoder)
+        self.params = FastConformerParams.from_encoder(encoder, device, dtype)
+        self.parts = StepParts(compile, compile_mode) if compile else _EAGER_PARTS
+        self.cache_channel_shape = self.params.cache_channel_shape
+
+    def _check_lookahead(self) -> None:
+        if list(self.encoder.att_context_size) != self.params.att_context_size:
+            raise RuntimeError(f"the encoder's att_context_size changed to {self.encoder.att_context_size} after "
+                               f"the fast step was prepared for {self.params.att_context_size}")
+
+    def _run(self, feats, lengths, cache_channel, cache_time, cache_len):
+        self._check_lookahead()
+        p, g = self.params, self.params.geo
+        B = feats.shape[0]
+        with torch.inference_mode():
+            kv_work = feats.new_empty(g.n_layers, B, g.keys, 2 * g.d_model)
+            kv_work[:, :, :g.cache].copy_(cache_channel)
+            conv_work = feats.new_empty(g.n_layers, B, g.conv_cache + g.frames_out, g.d_model)
+            conv_work[:, :, :g.conv_cache].copy_(cache_time.transpose(2, 3))
+            bias = None
+            if feats.is_cuda:
+                bias = feats.new_empty(B, g.n_heads, g.frames_out, g.keys_pad)
+            out = fast_step(p, feats, lengths.to(torch.int64), kv_work, conv_work, cache_len, self.parts, bias)
+        self._count()
+        return out
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    out.append(max_batch)
+    return tuple(out)
+
+
+class FastCudaGraphEncoder(FastConformerEncoder):
+    """The fast step captured into one CUDA graph per batch bucket (1, 2, 4, ..., max_batch),
+    replayed on static buffers (`FastStepBuffers`). A batch of n rows runs in the smallest
+    bucket >= n; padding rows hold a full chunk over an empty cache (finite, row-independent)
+    and their outputs are discarded. Outputs are views into graph memory and the workspaces,
+    valid until the next step. `use_graphs=False` runs the same static-buffer path without
+    capturing (tests on CPU). `captures` must stay equal to the number of buckets."""
+
+    name = "fast-cudagraph"
+
+    def __init__(self, encoder: torch.nn.Module, max_batch: int, device=None, dtype=None, compile: bool = False,
+                 compile_mode: str | None = None, use_graphs: bool = True, warmup_iters: int = 2,
+                 buckets: tuple[int, ...] | None = None):
+        super().__init__(encoder, device, dtype, compile, compile_mode)
+        p = self.params
+        if use_graphs and p.device.type != "cuda":
+            raise RuntimeError(f"the fast-cudagraph engine needs a CUDA device, not {p.device}")
+        self.use_graphs = use_graphs
+        self.buckets = tuple(sorted(set(buckets) | {max_batch})) if buckets else batch_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.buffers = FastStepBuffers(p, self.max_batch)
+        self.captures = 0
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, tuple] = {}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self._prepare(warmup_iters)
+        self.prepare_seconds = time.perf_counter() - t0
+        log.info("fast-cudagraph engine: buckets %s, compile=%s, prepared in %.1f s", self.buckets, compile,
+                 self.prepare_seconds)
+
+    def _call(self, b: int):
+        return fast_step(self.params, *self.buffers.step_args(b), parts=self.parts,
+                         bias_buffer=self.buffers.bias_buffer(b) if self.params.device.type == "cuda" else None)
+
+    def _prepare(self, warmup_iters: int) -> None:
+        if not self.use_graphs:
+            return
+        dev = self.params.device
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        for b in sorted(self.buckets, reverse=True):
+            with torch.cuda.stream(side):
+                for _ in range(max(warmup_iters, 1)):
+                    self._call(b)
+            side.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=side):
+                out = self._call(b)
+            self._graphs[b] = graph
+            self._outputs[b] = tuple(out)
+            self.captures += 1
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+
+    def _run(self, feats, lengths, cache_channel, cache_time, cache_len):
+        self._check_lookahead()
+        n = feats.shape[0]
+        b = next((x for x in self.buckets if x >= n), None)
+        if b is None:
+            raise ValueError(f"batch {n} exceeds the largest bucket {self.buckets[-1]}")
+        g = self.params.geo
+        with torch.inference_mode():
+            i_feats, i_len, i_cc, i_ct, i_ccl = self.buffers.inputs(b)
+            i_feats[:n].copy_(feats)
+            i_len[:n].copy_(lengths)
+            i_cc[:, :n].copy_(cache_channel)
+            i_ct[:, :n].copy_(cache_time)
+            i_ccl[:n].copy_(cache_len)
+            if b > n:
+                i_len[n:].fill_(g.frames_in)
+                i_ccl[n:].zero_()
+            if self.use_graphs:
+                self._graphs[b].replay()
+                out = self._outputs[b]
+            else:
+                out = self._call(b)
+        self._count()
+        enc, enc_len, cc, ct, ccl = out
+        return enc[:n], enc_len[:n], cc[:, :n], ct[:, :n], ccl[:n]
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "buckets": list(self.buckets), "captures": self.captures,
+                "compile": self.parts.compiled, "graphs": self.use_graphs,
+                "prepare_seconds": round(self.prepare_seconds, 2)}
+
+
+def build_fast_encoder(model, cfg, device: torch.device, dtype: torch.dtype, graphs: bool = False, **options):
+    """Factory entry: `graphs=False` -> FastConformerEncoder ("fast"), `graphs=True` ->
+    FastCudaGraphEncoder ("fast-cudagraph", buckets up to cfg.max_batch)."""
+    encoder = model.nemo_model.encoder
+    if graphs:
+        return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, **options)
+    return FastConformerEncoder(encoder, device, dtype, **options)
