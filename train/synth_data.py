@@ -11,8 +11,10 @@ its own voice variant, rate, pitch and pitch range; then a synthetic room impuls
 random SNR, gain and leading/trailing silence. Output: 16 kHz mono 16-bit WAVs and NeMo
 manifests (one JSON object per line: audio_filepath, duration, text, lang, voice).
 
-Deterministic: the same seed and counts give the same files (one RNG per utterance, seeded by
-its index), whatever the number of worker processes.
+Deterministic: the same seed and counts give the same texts, voices, prosody settings,
+augmentation and (to a sample or so) lengths (one RNG per utterance, seeded by its index), whatever the number of
+worker processes. The samples themselves vary a little from run to run: eSpeak NG adds noise of
+its own (breath, flutter) that no seed reaches.
 
 Usage:
   python train/synth_data.py --out data/demo --train-per-lang 4000 --test-per-lang 150
@@ -270,6 +272,9 @@ class ESpeak:
         self._chunks: list[np.ndarray] = []
         self._cb = _CALLBACK(self._on_audio)  # kept alive: eSpeak holds the pointer
         self.lib.espeak_SetSynthCallback(self._cb)
+        # The first synthesis after initialization comes out longer than later ones of the same
+        # text; one throw-away utterance makes every real one independent of its position.
+        self.synth("warm up", "en", 175, 50, 50)
 
     def _on_audio(self, wav, n, events):
         if n > 0:
@@ -298,11 +303,23 @@ class ESpeak:
 # --------------------------------------------------------------------------------------------
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
-    from math import gcd
+    """Band-limited resampling in the frequency domain (numpy only: no scipy on every host)."""
+    if sr_in == sr_out:
+        return x.astype(np.float32)
+    pad = sr_in // 10  # zeros on both sides keep the circular wrap-around out of the signal
+    y = np.concatenate([np.zeros(pad, np.float32), x, np.zeros(pad, np.float32)])
+    n_out = int(round(len(y) * sr_out / sr_in))
+    spec = np.fft.rfft(y)
+    keep = min(len(spec), n_out // 2 + 1)
+    out = np.fft.irfft(spec[:keep], n_out) * (n_out / len(y))
+    p_out = int(round(pad * sr_out / sr_in))
+    return out[p_out:n_out - p_out].astype(np.float32)
 
-    from scipy.signal import resample_poly
-    g = gcd(sr_in, sr_out)
-    return resample_poly(x, sr_out // g, sr_in // g).astype(np.float32)
+
+def convolve(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    n = len(x) + len(h) - 1
+    size = 1 << (n - 1).bit_length()
+    return np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(h, size), size)[:n]
 
 
 def room_impulse(rng: np.random.Generator, sr: int) -> np.ndarray:
@@ -340,8 +357,7 @@ def colored_noise(rng: np.random.Generator, n: int) -> np.ndarray:
 def augment(x: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     if strength > 0 and rng.random() < 0.6 * strength + 0.2:
         h = room_impulse(rng, SAMPLE_RATE)
-        from scipy.signal import fftconvolve
-        y = fftconvolve(x, h)[: len(x) + len(h) // 4]
+        y = convolve(x, h)[: len(x) + len(h) // 4]
         x = (y * (np.max(np.abs(x)) / (np.max(np.abs(y)) + 1e-9))).astype(np.float32)
     lead = np.zeros(int(rng.uniform(0.05, 0.5) * SAMPLE_RATE), np.float32)
     trail = np.zeros(int(rng.uniform(0.1, 0.5) * SAMPLE_RATE), np.float32)
@@ -427,6 +443,9 @@ def main(argv=None) -> None:
     ap.add_argument("--augment", type=float, default=1.0, help="0 = clean speech, 1 = full augmentation")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--langs", default="en,hi")
+    ap.add_argument("--splits", default="train,test",
+                    help="splits to render (texts are drawn for both either way, so a test set rendered "
+                         "alone equals the one rendered with its training set)")
     ap.add_argument("--espeak-lib", default=None, help="libespeak-ng.so (default: espeakng-loader's)")
     ap.add_argument("--espeak-data", default=None, help="espeak-ng-data folder (default: espeakng-loader's)")
     args = ap.parse_args(argv)
@@ -445,6 +464,8 @@ def main(argv=None) -> None:
                 items.append(Item(split, i, lang, t, seed=seed))
     for split in ("train", "test"):
         os.makedirs(os.path.join(args.out, split), exist_ok=True)
+    splits = set(args.splits.split(","))
+    items = [it for it in items if it.split in splits]
     work = [(it, args.out, args.augment) for it in items]
     ctx = get_context("fork")
     if args.workers > 1:
@@ -457,11 +478,14 @@ def main(argv=None) -> None:
     for it, row in zip(items, rows):
         by_split[it.split].append(row)
     for split, rows_ in by_split.items():
+        if split not in splits:
+            continue
         with open(os.path.join(args.out, f"{split}_manifest.json"), "w", encoding="utf-8") as f:
             for row in rows_:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with open(os.path.join(args.out, "train_text.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(texts_train) + "\n")
+    if "train" in splits:
+        with open(os.path.join(args.out, "train_text.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(texts_train) + "\n")
     hours = sum(r["duration"] for r in by_split["train"]) / 3600
     print(f"wrote {len(by_split['train'])} train ({hours:.2f} h) and {len(by_split['test'])} test utterances "
           f"to {args.out}", file=sys.stderr)

@@ -192,6 +192,8 @@ def export_compact(model, out_dir: str, tok_dir: str) -> str:
         cfg.pop(key, None)
     cfg.tokenizer.dir = "."  # the loader points it at the package folder
     cfg.preprocessor.dither = 0.0
+    # inference never computes the loss; this one is constructible everywhere (no Numba needed)
+    cfg.loss = {"loss_name": "pytorch"}
     with open(os.path.join(dst, "model_config.yaml"), "w", encoding="utf-8") as f:
         f.write(f"# target: {type(model).__module__}.{type(model).__name__}\n")
         f.write(OmegaConf.to_yaml(cfg))
@@ -280,6 +282,14 @@ def main(argv=None) -> None:
     if budget > 0:
         callbacks.append(BudgetCallback(budget))
     trainer = build_trainer(cfg, callbacks)
+    from nemo.collections.asr.losses import rnnt as nemo_rnnt
+    if str(cfg.get("loss_impl", "auto")) == "scan" or not nemo_rnnt.NUMBA_RNNT_AVAILABLE:
+        # NeMo's default (Numba) loss cannot even be constructed without Numba: build the model
+        # with the always-available pure-PyTorch loss, which choose_loss() then replaces.
+        log.info("loss: Numba RNNT loss %s", "available" if nemo_rnnt.NUMBA_RNNT_AVAILABLE else "NOT available")
+        with open_dict(cfg):
+            cfg.model.loss.loss_name = "pytorch"
+            cfg.loss_impl = "scan"
     model = EncDecHybridRNNTCTCBPEModel(cfg=cfg.model, trainer=trainer)
     choose_loss(model, str(cfg.get("loss_impl", "auto")), trainer)
     n_params = sum(p.numel() for p in model.parameters())
