@@ -77,6 +77,7 @@ class Geometry:
     d_ff: int
     n_mels: int
     frames_in: int       # mel frames per step (pre-encode cache + chunk)
+    pre_encode: int      # of which cached mel frames
     frames_out: int      # T': encoder frames per step, after dropping the pre-encoded ones
     drop: int            # pre-encoded frames dropped
     cache: int           # attention cache frames (70)
@@ -169,7 +170,7 @@ class FastConformerParams:
         d_ff = layer0.feed_forward1.linear1.out_features
         geo = Geometry(
             n_layers=len(encoder.layers), d_model=d, n_heads=H, d_k=dk, d_ff=d_ff, n_mels=encoder._feat_in,
-            frames_in=frames_in, frames_out=T, drop=drop, cache=C, conv_kernel=K, rel=R, rel_pad=Rp,
+            frames_in=frames_in, pre_encode=pre, frames_out=T, drop=drop, cache=C, conv_kernel=K, rel=R, rel_pad=Rp,
             qkv_cols=3 * d + H * Rp, keys_pad=-(-N // 16) * 16, eps=layer0.norm_out.eps)
 
         def cast(t_):

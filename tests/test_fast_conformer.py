@@ -1,0 +1,231 @@
+"""The fast encoder step (engines/fast_conformer.py) against NeMo's own module, on CPU with
+builtin:tiny in fp32: one step at a time (every output, padded frames and next caches included,
+within 1e-4), and whole streams through StreamingEngine (identical tokens, encoder outputs within
+1e-4) alone and in mixed batches of streams at different positions, at every lookahead, with
+short last chunks and streams shorter than one chunk."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from engines.fast_conformer import (FastConformerEncoder, FastConformerParams, FastCudaGraphEncoder,
+                                    FastStepBuffers, StepParts, UnsupportedEncoder, fast_step)
+from engines.models import speechlike_audio
+from engines.streaming_engine import StreamingEngine
+from tests.engine_helpers import run_alone, run_streams
+
+LOOKAHEADS = [80, 160, 560, 1120]
+ATOL = 1e-4
+# Lengths in seconds: two shorter than one chunk at 1120 ms (one shorter than a chunk at every
+# lookahead), none a multiple of any chunk, so every stream ends on a short last chunk.
+SECONDS = [0.05, 0.11, 0.9, 1.37, 2.05, 2.6]
+
+
+@pytest.fixture(scope="module", params=LOOKAHEADS, ids=[f"{la}ms" for la in LOOKAHEADS])
+def engines(request):
+    """(eager StreamingEngine, fast StreamingEngine) over one shared NeMo model."""
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+    from tests.conftest import _quiet_nemo
+
+    _quiet_nemo()
+    la = request.param
+    eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                                      lookahead_ms=la, max_streams=16, max_batch=8))
+    enc = eager.model.nemo_model.encoder
+    fast = StreamingEngine(eager.model, FastConformerEncoder(enc), la, capacity=16, max_batch=8,
+                           device=torch.device("cpu"), dtype=torch.float32)
+    yield eager, fast
+    assert eager.slots_in_use() == 0 and fast.slots_in_use() == 0, "a test leaked a cache slot"
+
+
+@pytest.fixture(scope="module")
+def audios():
+    return {f"s{i}": speechlike_audio(sec, seed=300 + i) for i, sec in enumerate(SECONDS)}
+
+
+@pytest.fixture(scope="module")
+def eager_alone(engines, audios):
+    eager, _ = engines
+    return {sid: run_alone(eager, a, sid) for sid, a in audios.items()}
+
+
+def _project(encoder, cache_channel):
+    """NeMo's attention cache (normalised layer inputs) -> the fast step's projected K|V."""
+    return torch.stack([torch.cat([layer.self_attn.linear_k(cache_channel[i]), layer.self_attn.linear_v(cache_channel[i])],
+                                  dim=-1) for i, layer in enumerate(encoder.layers)])
+
+
+def _random_state(p, batch, seed):
+    g = p.geo
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, g.n_mels, g.frames_in, generator=gen)
+    pre = g.pre_encode
+    lengths = torch.randint(pre, g.frames_in + 1, (batch,), generator=gen)
+    lengths[0], lengths[-1] = g.frames_in, pre          # a full chunk and one with no new frames
+    cache_len = torch.randint(0, g.cache + 1, (batch,), generator=gen)
+    cache_len[0], cache_len[1 % batch] = g.cache, 0
+    cc = torch.randn(g.n_layers, batch, g.cache, g.d_model, generator=gen)
+    for b in range(batch):
+        cc[:, b, : g.cache - int(cache_len[b])] = 0
+    ct = torch.randn(g.n_layers, batch, g.d_model, g.conv_cache, generator=gen)
+    return feats, lengths, cc, ct, cache_len
+
+
+def _assert_close(a, b, what):
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert err <= ATOL, (what, err)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_step_equals_nemo(engines, seed):
+    eager, fast = engines
+    enc = eager.model.nemo_model.encoder
+    eng = fast.encoder_engine
+    feats, lengths, cc, ct, cache_len = _random_state(eng.params, 7, seed)
+    with torch.inference_mode():
+        ref = enc.cache_aware_stream_step(processed_signal=feats, processed_signal_length=lengths,
+                                          cache_last_channel=cc, cache_last_time=ct, cache_last_channel_len=cache_len,
+                                          keep_all_outputs=True)
+        kv = _project(enc, cc)
+        got = eng.step(feats, lengths, kv, ct, cache_len)
+        kv_ref = _project(enc, ref[2])
+    assert torch.equal(got[1], ref[1]), "encoded lengths"
+    assert torch.equal(got[4], ref[4]), "next cache lengths"
+    # every frame, the padded ones too, and the next caches
+    _assert_close(got[0], ref[0], "encoded")
+    _assert_close(got[3], ref[3], "cache_last_time_next")
+    _assert_close(got[2], kv_ref, "projected cache_last_channel_next")
+    assert ref[1].min() == 0 and ref[1].max() == eng.params.geo.frames_out
+
+
+def test_streams_alone_equal_eager(engines, audios, eager_alone):
+    _, fast = engines
+    for sid, audio in audios.items():
+        got, ref = run_alone(fast, audio, sid), eager_alone[sid]
+        assert got.tokens == ref.tokens, sid
+        assert got.text == ref.text, sid
+        assert got.final and got.chunks == ref.chunks
+        for a, b in zip(got.encoded, ref.encoded):
+            _assert_close(a, b, sid)
+    assert any(len(r.tokens) > 0 for r in eager_alone.values()), "nothing transcribed: the comparison is vacuous"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_mixed_batches_equal_eager_alone(engines, audios, eager_alone, seed):
+    _, fast = engines
+    starts = {sid: (i * seed) % 4 for i, sid in enumerate(audios)}
+    mixed = run_streams(fast, audios, seed=seed, start_step=starts)
+    for sid, ref in eager_alone.items():
+        got = mixed[sid]
+        assert got.tokens == ref.tokens, sid
+        assert len(got.encoded) == len(ref.encoded), sid
+        for a, b in zip(got.encoded, ref.encoded):
+            _assert_close(a, b, sid)
+
+
+def test_cache_shape_counter_and_warmup(engines):
+    eager, fast = engines
+    eng = fast.encoder_engine
+    g = eng.params.geo
+    enc = eager.model.nemo_model.encoder
+    assert eng.name == "fast"
+    assert eng.cache_channel_shape == (len(enc.layers), 70, 2 * enc.d_model)
+    assert tuple(fast.pool.tensors["cache_channel"].shape) == (len(enc.layers), fast.capacity, 70, 2 * enc.d_model)
+    before = eng.executions
+    assert fast.warmup() == "fast"
+    assert eng.executions == before + 1
+    assert g.frames_out == enc.streaming_cfg.valid_out_len
+
+
+def test_graph_engine_buckets_without_graphs(engines, audios, eager_alone):
+    """The static-buffer, bucket and padding-row path of the fast-cudagraph engine (no capture on
+    CPU): batches run in buckets larger than themselves and still equal streams alone."""
+    eager, _ = engines
+    enc = eager.model.nemo_model.encoder
+    graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4))
+    assert graph_eng.buckets == (2, 4, 8)
+    engine = StreamingEngine(eager.model, graph_eng, eager.geometry.lookahead_ms, capacity=16, max_batch=8,
+                             device=torch.device("cpu"), dtype=torch.float32)
+    mixed = run_streams(engine, audios, seed=5, start_step={sid: i % 3 for i, sid in enumerate(audios)})
+    for sid, ref in eager_alone.items():
+        assert mixed[sid].tokens == ref.tokens, sid
+        for a, b in zip(mixed[sid].encoded, ref.encoded):
+            _assert_close(a, b, sid)
+    assert graph_eng.executions > 0 and graph_eng.describe()["graphs"] is False
+
+
+def test_static_buffers_alias_the_workspaces(engines):
+    """Copying a batch into FastStepBuffers.inputs(b) is all a step needs: the cache views alias
+    the workspaces that fast_step reads."""
+    eager, fast = engines
+    enc = eager.model.nemo_model.encoder
+    p = fast.encoder_engine.params
+    feats, lengths, cc, ct, cache_len = _random_state(p, 3, seed=9)
+    with torch.inference_mode():
+        kv = _project(enc, cc)
+        ref = fast.encoder_engine.step(feats, lengths, kv, ct, cache_len)
+        ref = [t.clone() for t in ref]
+        bufs = FastStepBuffers(p, max_batch=4)
+        for dst, src in zip(bufs.inputs(3), (feats, lengths, kv, ct, cache_len)):
+            dst.copy_(src)
+        got = fast_step(p, *bufs.step_args(3), bias_buffer=bufs.bias_buffer(3))
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+def test_lookahead_change_is_refused(engines):
+    eager, fast = engines
+    enc = eager.model.nemo_model.encoder
+    eng = fast.encoder_engine
+    saved = list(enc.att_context_size)
+    other = next(c for c in enc.att_context_size_all if list(c) != saved)
+    p = eng.params
+    feats, lengths, cc, ct, cache_len = _random_state(p, 1, seed=3)
+    enc.att_context_size = list(other)
+    try:
+        with pytest.raises(RuntimeError, match="att_context_size"):
+            eng.step(feats, lengths, torch.zeros(p.geo.n_layers, 1, 70, 2 * p.geo.d_model), ct, cache_len)
+    finally:
+        enc.att_context_size = saved
+
+
+def test_unsupported_encoder_is_refused(engines):
+    eager, _ = engines
+    enc = copy.deepcopy(eager.model.nemo_model.encoder)
+    enc.layers[1].conv.norm_type = "batch_norm"
+    with pytest.raises(UnsupportedEncoder, match="conv norm"):
+        FastConformerParams.from_encoder(enc)
+
+
+def test_flop_counts(engines):
+    _, fast = engines
+    p = fast.encoder_engine.params
+    # The fast step skips re-projecting K/V over the cached frames: strictly less arithmetic.
+    assert 0 < p.flops_per_stream() < p.nemo_flops_per_stream()
+
+
+@pytest.mark.slow
+def test_compiled_parts_equal_eager(engines):
+    """torch.compile of the three per-layer pieces (inductor on CPU) gives the same step."""
+    eager, fast = engines
+    if eager.geometry.lookahead_ms != 160:
+        pytest.skip("compiled once, at one lookahead")
+    enc = eager.model.nemo_model.encoder
+    p = fast.encoder_engine.params
+    feats, lengths, cc, ct, cache_len = _random_state(p, 4, seed=11)
+    with torch.inference_mode():
+        kv = _project(enc, cc)
+        ref = fast.encoder_engine.step(feats, lengths, kv, ct, cache_len)
+        ref = [t.clone() for t in ref]
+        compiled = FastConformerEncoder(enc, compile=True)
+        got = compiled.step(feats, lengths, kv, ct, cache_len)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape
+        assert torch.allclose(a.float(), b.float(), atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
