@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--stop-on-fail", action="store_true",
                    help="sweep: run no higher level once one fails the target (or has errors)")
     c.add_argument("--time-budget-s", type=float, default=0.0,
-                   help="start no new level after this many seconds (0: no limit); the report says it stopped")
+                   help="start no new level after this many seconds (0: no limit; the first level always runs); "
+                        "the report says which levels were skipped")
     c.add_argument("--start-concurrency", type=int, default=16, help="first probe when no sweep brackets it")
     c.add_argument("--max-concurrency", type=int, default=4096, help="never probe above this")
     c.add_argument("--resolution", type=float, default=0.05, help="stop bisecting when the bracket is this narrow (relative)")
@@ -376,7 +377,7 @@ async def amain(args: argparse.Namespace) -> int:
         shown_target = target_ms if args.capacity or args.target_ms is not None else None
 
         async def run_one(c: int) -> dict:
-            if budget_end is not None and time.time() + args.cooldown_s > budget_end:
+            if order and budget_end is not None and time.time() + args.cooldown_s > budget_end:
                 print(f"asr-loadgen: time budget of {args.time_budget_s:g} s spent: level {c} not run", flush=True)
                 skipped.append(c)
                 raise OutOfTime()

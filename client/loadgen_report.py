@@ -36,7 +36,8 @@ def merge_level(concurrency: int, shares: list[ShareResult], *, realtime: bool, 
             error_examples[s.code] = s.detail
     anomalies = [f"stream {s.index}: {a}" for s in streams for a in s.anomalies]
     lat = [v for sh in shares for v in sh.chunk_latency_ms]
-    wall = max((sh.last_end_wall for sh in shares), default=0.0) - min((sh.first_start_wall for sh in shares), default=0.0)
+    active = [sh for sh in shares if sh.streams] or shares
+    wall = max((sh.last_end_wall for sh in active), default=0.0) - min((sh.first_start_wall for sh in active), default=0.0)
     audio_ok = sum(s.audio_s for s in ok)
     lag = [v for sh in shares for v in sh.loop_lag_ms]
     late = [v for sh in shares for v in sh.wake_late_ms]

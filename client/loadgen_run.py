@@ -293,6 +293,10 @@ async def run_share(level: LevelSpec, worker: int, workers: int, prepared: list[
     """Run streams worker, worker + workers, ... of the level; stream i plays audio item
     i % len(items) and starts at start + ramp * i / concurrency."""
     indices = list(range(worker, level.concurrency, workers))
+    if not indices:  # more workers than streams: nothing to measure here
+        return ShareResult(worker=worker, streams=[], chunk_latency_ms=[], response_latency_ms=[],
+                           response_latency_negative=0, loop_lag_ms=[], wake_late_ms=[], write_ms=[], cpu_s=0.0,
+                           wall_s=0.0, first_start_wall=level.start_wall, last_end_wall=level.start_wall, pid=os.getpid())
     n_channels = opts.channels or max(1, min(16, math.ceil(len(indices) / _STREAMS_PER_CHANNEL)))
     channels = make_channels(opts.target, n_channels)
     stubs = [pb_grpc.SpeechRecognitionStub(c) for c in channels]

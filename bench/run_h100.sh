@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# End-to-end benchmark on one GPU host, in one command (about 9 minutes):
+#   1. NeMo 3.0's own CacheAwareRNNTPipeline on the Nemotron-0.6b shape (the baseline to beat),
+#      at 160 ms and 560 ms lookahead (.devbench/nemo_pipeline_baseline.py, a git-ignored copy
+#      of ../shared/bench);
+#   2. for each lookahead (160, 560 ms): asr-server --model builtin:nemotron-0.6b --dtype float16
+#      --device cuda on the fastest engine that starts (cudagraph, else eager: ListModels reports
+#      what really ran), then asr-loadgen on the same machine (several worker processes): a sweep
+#      of real-time streams and a capacity search (p95 latency <= the lookahead, zero errors);
+#   3. bench/summarize.py: summary.json + summary.md (tables, ratios to NeMo, the issue's targets).
+# Results in $OUT (at most 8 files): loadgen_160.{json,png}, loadgen_560.{json,png}, summary.json,
+# summary.md, bench.log (console, baseline output, server logs), gpu.csv (nvidia-smi each second).
+#
+#   bash bench/run_h100.sh                 # on the GPU host (through the device tool)
+#   CPU_SMOKE=1 bash bench/run_h100.sh     # the same pipeline on CPU with builtin:tiny, ~2 minutes
+#
+# Every knob is an environment variable (defaults below); bench/README.md explains them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+T0=$(date +%s)
+SMOKE=${CPU_SMOKE:-0}
+OUT=${OUT:-$ROOT/.devbench/out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/nemo-stream-bench.XXXXXX)
+LOG=$OUT/bench.log
+: > "$LOG"
+
+if [ "$SMOKE" = 1 ]; then
+    BUDGET_S=${BUDGET_S:-100}
+    MODEL=${MODEL:-builtin:tiny}; DEVICE=${DEVICE:-cpu}; DTYPE=${DTYPE:-float32}
+    ENGINE=${ENGINE:-eager}; FALLBACK=${FALLBACK:-}
+    LOOKAHEADS=${LOOKAHEADS:-160 560}
+    LEVELS_160=${LEVELS_160:-1,2,4}; LEVELS_560=${LEVELS_560:-1,4}
+    MAX_C_160=${MAX_C_160:-4}; MAX_C_560=${MAX_C_560:-4}
+    MAX_BATCH=${MAX_BATCH:-8}; MAX_STREAMS=${MAX_STREAMS:-16}
+    WORKERS=${WORKERS:-2}; SECS=${SECS:-1.5}; CLIPS=${CLIPS:-2}; RAMP=${RAMP:-0.3}; GRACE=${GRACE:-3}
+    PROBES=${PROBES:-2}; START_EST=${START_EST:-25}; RESERVE=${RESERVE:-5}; MIN_BUDGET=${MIN_BUDGET:-10}
+    # Every server starts at once: start-up is most of the smoke's time, and its timings mean nothing.
+    PARALLEL_START=${PARALLEL_START:-1}
+    # The baseline at toy size on CPU proves the invocation (its figures mean nothing); it costs
+    # about 80 s of a 2-core machine, so it runs only with SMOKE_BASELINE=1 (in the background).
+    SMOKE_BASELINE=${SMOKE_BASELINE:-0}
+    BASE_ARGS=${BASE_ARGS:-"2 64 cpu float32 4 2 70,1;70,6 4"}
+    BASE_TIMEOUT=${BASE_TIMEOUT:-150}
+else
+    BUDGET_S=${BUDGET_S:-500}
+    MODEL=${MODEL:-builtin:nemotron-0.6b}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-float16}
+    ENGINE=${ENGINE:-cudagraph}; FALLBACK=${FALLBACK-eager}
+    LOOKAHEADS=${LOOKAHEADS:-160 560}
+    LEVELS_160=${LEVELS_160:-1,64,256,512,1024,1536,2048}; LEVELS_560=${LEVELS_560:-1,256,1024,2048,3072,4096}
+    MAX_C_160=${MAX_C_160:-4096}; MAX_C_560=${MAX_C_560:-4096}
+    MAX_BATCH=${MAX_BATCH:-256}; MAX_STREAMS=${MAX_STREAMS:-4608}
+    WORKERS=${WORKERS:-8}; SECS=${SECS:-6}; CLIPS=${CLIPS:-16}; RAMP=${RAMP:-2}; GRACE=${GRACE:-20}
+    PROBES=${PROBES:-4}; START_EST=${START_EST:-90}; RESERVE=${RESERVE:-15}; MIN_BUDGET=${MIN_BUDGET:-20}
+    # One server at a time: nothing else runs beside a measurement.
+    PARALLEL_START=${PARALLEL_START:-0}
+    SMOKE_BASELINE=0
+    # LAYERS DMODEL DEVICE DTYPE FILES SECONDS CTXS BATCHES (see .devbench/nemo_pipeline_baseline.py)
+    BASE_ARGS=${BASE_ARGS:-"24 1024 cuda bfloat16 256 10 70,1;70,6 256"}
+    BASE_TIMEOUT=${BASE_TIMEOUT:-170}
+fi
+CAP_METRIC=${CAP_METRIC:-response}
+RESOLUTION=${RESOLUTION:-0.05}
+START_TIMEOUT=${START_TIMEOUT:-300}
+SERVER_PIDS=""; MON_PID=""; BASE_PID=""
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+remaining() { echo $(( BUDGET_S - $(elapsed) )); }
+log() { echo "[bench $(date +%T) +$(elapsed)s] $*" | tee -a "$LOG"; }
+cleanup() {
+    for pid in $SERVER_PIDS $MON_PID $BASE_PID; do kill "$pid" 2>/dev/null; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# -- Python, packages, the machine ---------------------------------------------------------------------
+if [ "$SMOKE" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=${PYTHON:-python3}; fi
+if [ "$SMOKE" != 1 ] && ! "$PY" -c "import nemo, grpc_health, grpc_reflection, soxr" 2>/dev/null; then
+    if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+        log "installing wheels from .whl into $WORK/site"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$ROOT"/.whl/*.whl \
+            >>"$LOG" 2>&1 || { log "FATAL: pip install of .whl failed"; exit 1; }
+        export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+SETTINGS=$(printf '{"model":"%s","device":"%s","dtype":"%s","engine":"%s","fallback":"%s","lookaheads":"%s","levels_160":"%s","levels_560":"%s","max_batch":%s,"max_streams":%s,"workers":%s,"clip_s":%s,"ramp_s":%s,"capacity_metric":"%s","baseline_args":"%s","budget_s":%s,"cpu_smoke":%s}' \
+    "$MODEL" "$DEVICE" "$DTYPE" "$ENGINE" "$FALLBACK" "$LOOKAHEADS" "$LEVELS_160" "$LEVELS_560" "$MAX_BATCH" "$MAX_STREAMS" \
+    "$WORKERS" "$SECS" "$RAMP" "$CAP_METRIC" "$BASE_ARGS" "$BUDGET_S" "$SMOKE")
+GPU="cpu only"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv -l 1 > "$OUT/gpu.csv" 2>/dev/null &
+    MON_PID=$!
+fi
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# One interpreter start checks every package the run needs and records the machine.
+cat > "$WORK/env.py" <<'PYEOF'
+import json, os, platform, sys
+import grpc, grpc_health.v1.health, grpc_reflection.v1alpha.reflection, prometheus_client, soxr, torch
+import nemo
+path, gpu, commit, settings = sys.argv[1:5]
+settings = json.loads(settings)
+env = {"gpu": gpu, "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
+       "cuda_available": torch.cuda.is_available(), "nemo": nemo.__version__, "grpcio": grpc.__version__,
+       "python": platform.python_version(), "platform": platform.platform(), "commit": commit,
+       "command": ("CPU_SMOKE=1 " if settings["cpu_smoke"] == 1 else "") + "bash bench/run_h100.sh",
+       "settings": settings}
+json.dump(env, open(path, "w"), indent=1)
+print(json.dumps(env))
+PYEOF
+if ! "$PY" "$WORK/env.py" "$WORK/env.json" "$GPU" "$COMMIT" "$SETTINGS" >>"$LOG" 2>&1; then
+    log "FATAL: a package is missing (see bench.log). On a GPU host without network, carry .whl with NeMo's wheels"
+    log "       plus grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 (bash ../shared/device/fetch-wheels.sh ...)"
+    exit 1
+fi
+log "machine: $GPU, $(nproc) cores; settings $SETTINGS"
+
+# -- 1. NeMo's CacheAwareRNNTPipeline baseline -----------------------------------------------------------
+BASE_DIR=$ROOT/.devbench
+if [ ! -f "$BASE_DIR/nemo_pipeline_baseline.py" ] && [ -d "$ROOT/../shared/bench" ]; then
+    mkdir -p "$BASE_DIR" && cp "$ROOT"/../shared/bench/*.py "$ROOT"/../shared/bench/*.yaml "$BASE_DIR"/
+fi
+BASE_SKIPPED=""
+run_baseline() {
+    if [ ! -f "$BASE_DIR/tok/tokenizer.model" ]; then
+        "$PY" "$BASE_DIR/make_tokenizer.py" >>"$LOG" 2>&1 || { echo "make_tokenizer.py failed" > "$WORK/baseline.skipped"; return; }
+    fi
+    local bargs
+    IFS=' ' read -r -a bargs <<< "$BASE_ARGS"
+    timeout "$BASE_TIMEOUT" "$PY" "$BASE_DIR/nemo_pipeline_baseline.py" "${bargs[@]}" > "$WORK/baseline.out" 2>&1
+    local rc=$?
+    grep '^{' "$WORK/baseline.out" > "$WORK/baseline.jsonl"
+    { echo "---- NeMo baseline output (rc $rc) ----"; grep -v '^\[NeMo [IW]\|^    ' "$WORK/baseline.out" | tail -n 60; } >> "$LOG"
+    [ "$rc" = 0 ] || echo "nemo_pipeline_baseline.py exited with $rc (124: timeout after ${BASE_TIMEOUT}s)" > "$WORK/baseline.skipped"
+}
+if [ ! -f "$BASE_DIR/nemo_pipeline_baseline.py" ]; then
+    BASE_SKIPPED="no .devbench/nemo_pipeline_baseline.py: copy ../shared/bench into .devbench and carry it"
+    log "baseline skipped: $BASE_SKIPPED"
+elif [ "$SMOKE" = 1 ] && [ "$SMOKE_BASELINE" != 1 ]; then
+    BASE_SKIPPED="CPU smoke: the baseline's model is the full 0.6B one on a GPU; SMOKE_BASELINE=1 runs it at toy size on CPU"
+    log "baseline skipped: $BASE_SKIPPED"
+elif [ "$SMOKE" = 1 ]; then
+    log "baseline (toy size, in the background): nemo_pipeline_baseline.py $BASE_ARGS"
+    run_baseline &
+    BASE_PID=$!
+else
+    log "baseline: nemo_pipeline_baseline.py $BASE_ARGS (timeout ${BASE_TIMEOUT}s)"
+    run_baseline
+    log "baseline done: $(wc -l < "$WORK/baseline.jsonl" 2>/dev/null || echo 0) JSON lines"
+fi
+
+# -- 2. our service, per lookahead ------------------------------------------------------------------
+declare -A SPID PORTS MPORTS STARTED
+launch_server() {  # $1: lookahead ms
+    local la=$1 fb=()
+    [ -n "$FALLBACK" ] && fb=(--fallback-engine "$FALLBACK")
+    log "== lookahead $la ms: starting asr-server ($MODEL, engine $ENGINE${FALLBACK:+, fallback $FALLBACK}, $DEVICE, $DTYPE)"
+    "$PY" -m server.cli --model "$MODEL" --engine "$ENGINE" "${fb[@]}" --device "$DEVICE" --dtype "$DTYPE" \
+        --lookahead-ms "$la" --max-batch "$MAX_BATCH" --max-streams "$MAX_STREAMS" --host 127.0.0.1 --port 0 \
+        --metrics-host 127.0.0.1 --metrics-port 0 --log-level WARNING --idle-timeout-s 60 > "$WORK/server_$la.log" 2>&1 &
+    SPID[$la]=$!
+    SERVER_PIDS="$SERVER_PIDS ${SPID[$la]}"
+    STARTED[$la]=$(date +%s)
+}
+await_server() {  # $1: lookahead ms. Sets PORTS/MPORTS; non-zero when the server did not come up.
+    local la=$1 slog=$WORK/server_$1.log
+    while ! grep -q "asr-server: listening on" "$slog"; do
+        if ! kill -0 "${SPID[$la]}" 2>/dev/null; then log "server ($la ms) exited during start-up"; return 1; fi
+        if [ $(( $(date +%s) - STARTED[$la] )) -ge "$START_TIMEOUT" ]; then log "server ($la ms) not up after ${START_TIMEOUT}s"; return 1; fi
+        sleep 1
+    done
+    local line
+    line=$(grep -m1 "asr-server: listening on" "$slog")
+    PORTS[$la]=$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\) .*/\1/p' <<< "$line")
+    MPORTS[$la]=$(sed -n 's/.*metrics on http:\/\/[^ ]*:\([0-9][0-9]*\)\/metrics.*/\1/p' <<< "$line")
+    log "server ($la ms) up $(( $(date +%s) - STARTED[$la] ))s after launch: $line"
+}
+stop_server() {  # $1: lookahead ms
+    local pid=${SPID[$1]:-}
+    if [ -n "$pid" ]; then
+        kill -TERM "$pid" 2>/dev/null
+        for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    fi
+    { echo "---- server log, lookahead $1 ms (last 150 lines) ----"; tail -n 150 "$WORK/server_$1.log" 2>/dev/null; } >> "$LOG"
+}
+
+set -- $LOOKAHEADS
+n_left=$#
+LEVEL_MAX=$(awk -v r="$RAMP" -v s="$SECS" -v g="$GRACE" 'BEGIN { printf "%d", r + s + g + 4 }')
+if [ "$PARALLEL_START" = 1 ]; then for la in $LOOKAHEADS; do launch_server "$la"; done; fi
+for la in $LOOKAHEADS; do
+    [ "$PARALLEL_START" = 1 ] || launch_server "$la"
+    if await_server "$la"; then
+        # Split what is left between this lookahead and the next ones (each may need a server start).
+        starts=$(( PARALLEL_START == 1 ? 0 : n_left - 1 ))
+        budget=$(( ( $(remaining) - RESERVE - starts * START_EST ) / n_left - LEVEL_MAX ))
+        [ "$budget" -lt "$MIN_BUDGET" ] && budget=$MIN_BUDGET
+        levels_var=LEVELS_$la; maxc_var=MAX_C_$la
+        levels=${!levels_var:-1}; maxc=${!maxc_var:-1024}
+        log "loadgen: levels $levels, capacity search up to $maxc (p95 $CAP_METRIC latency <= $la ms), new levels for ${budget}s"
+        "$PY" -m client.loadgen --server "127.0.0.1:${PORTS[$la]}" --metrics-url "http://127.0.0.1:${MPORTS[$la]}/metrics" \
+            --concurrency "$levels" --capacity --capacity-metric "$CAP_METRIC" --target-ms "$la" --stop-on-fail \
+            --max-concurrency "$maxc" --max-probes "$PROBES" --resolution "$RESOLUTION" \
+            --workers "$WORKERS" --synthetic-clips "$CLIPS" --synthetic-seconds "$SECS" --ramp-s "$RAMP" \
+            --cooldown-s 1 --level-grace-s "$GRACE" --time-budget-s "$budget" \
+            --json "$OUT/loadgen_$la.json" --plot "$OUT/loadgen_$la.png" \
+            --label "$GPU / $la ms / $ENGINE" --quiet 2>&1 | tee -a "$LOG"
+        log "loadgen ($la ms) exit status ${PIPESTATUS[0]}"
+    fi
+    stop_server "$la"
+    n_left=$((n_left - 1))
+done
+
+# -- 3. summary --------------------------------------------------------------------------------------
+if [ -n "$BASE_PID" ]; then
+    log "waiting for the background baseline"
+    wait "$BASE_PID"
+    BASE_PID=""
+fi
+[ -f "$WORK/baseline.skipped" ] && BASE_SKIPPED=$(cat "$WORK/baseline.skipped")
+BASE_DTYPE=$(awk '{print $4}' <<< "$BASE_ARGS")
+"$PY" bench/summarize.py --out "$OUT" --baseline "$WORK/baseline.jsonl" --baseline-dtype "$BASE_DTYPE" \
+    --env "$WORK/env.json" ${BASE_SKIPPED:+--baseline-skipped "$BASE_SKIPPED"} 2>&1 | tee -a "$LOG"
+[ -n "$MON_PID" ] && kill "$MON_PID" 2>/dev/null
+log "done in $(elapsed)s; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

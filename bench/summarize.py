@@ -1,0 +1,266 @@
+"""Merge one benchmark run (bench/run_h100.sh) into summary.json and summary.md: our service's
+sweep and capacity per lookahead (asr-loadgen reports), NeMo's CacheAwareRNNTPipeline baseline
+(JSON lines of .devbench/nemo_pipeline_baseline.py), the ratios and the issue's targets.
+
+  python bench/summarize.py --out DIR [--baseline baseline.jsonl] [--env env.json]
+
+Reads DIR/loadgen_<lookahead>.json; writes DIR/summary.json and DIR/summary.md, and prints the
+markdown. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+
+# The issue's targets: (lookahead ms, p95 latency bound ms, streams).
+CAPACITY_TARGETS = {160: (160.0, 1000), 560: (560.0, 2000)}
+C1_P50_TARGET_MS = {160: 25.0}
+
+
+def _f(v, nd=1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def load_loadgen(out: str) -> dict[int, dict]:
+    reports = {}
+    for path in sorted(glob.glob(os.path.join(out, "loadgen_*.json"))):
+        m = re.search(r"loadgen_(\d+)\.json$", path)
+        if m:
+            with open(path) as f:
+                reports[int(m.group(1))] = json.load(f)
+    return reports
+
+
+def load_baseline(path: str | None) -> tuple[list[dict], list[dict]]:
+    runs, calibration = [], []
+    if not path or not os.path.exists(path):
+        return runs, calibration
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            (runs if "rtfx" in d else calibration).append(d)
+    return runs, calibration
+
+
+def _lookahead_of_ctx(ctx) -> int:
+    return (int(ctx[1]) + 1) * 80  # [70, r]: (r + 1) * 80 ms
+
+
+def baseline_rows(runs: list[dict]) -> list[dict]:
+    rows = []
+    for r in runs:
+        la = _lookahead_of_ctx(r["ctx"])
+        chunk_s = la / 1000.0
+        steps = math.ceil(r["audio_s"] / r["files"] / chunk_s) * math.ceil(r["files"] / r["batch"])
+        rows.append({**r, "lookahead_ms": la,
+                     "est_ms_per_step": round(1e3 * r["wall_s"] / steps, 2) if steps else None,
+                     "note": "ms/step estimated as wall / (chunks per file x batches); every file has the same length"})
+    return rows
+
+
+def _level_at(report: dict, c: int | None) -> dict | None:
+    if c is None:
+        return None
+    for lv in report["levels"]:
+        if lv["concurrency"] == c:
+            return lv
+    return None
+
+
+def ours(la: int, report: dict) -> dict:
+    levels = sorted(report["levels"], key=lambda lv: lv["concurrency"])
+    target = report["settings"]["target_ms"]
+    cap = report.get("capacity") or {}
+    c1 = _level_at(report, 1)
+    passing_chunk = [lv["concurrency"] for lv in levels if lv.get("passes_target", {}).get("chunk")]
+    passing_resp = [lv["concurrency"] for lv in levels if lv.get("passes_target", {}).get("response")]
+    at_cap = _level_at(report, cap.get("capacity"))
+    best = max(levels, key=lambda lv: lv["throughput"]["rtfx"] or 0, default=None)
+    return {
+        "lookahead_ms": la, "engine": report["server"]["engine"], "engine_after": report["server_after"]["engine"],
+        "engine_executions": report["server_after"]["engine_executions"], "model": report["server"]["name"],
+        "max_batch": report["server"]["max_batch"], "max_streams": report["server"]["max_streams"],
+        "target_ms": target, "capacity_metric": cap.get("metric"),
+        "capacity": cap.get("capacity"), "capacity_bracket": cap.get("bracket"),
+        "capacity_search_unfinished": cap.get("search_unfinished"),
+        "capacity_chunk_metric_measured": max(passing_chunk, default=0),
+        "capacity_response_metric_measured": max(passing_resp, default=0),
+        "c1_chunk_p50_ms": c1["chunk_latency_ms"]["p50"] if c1 else None,
+        "c1_response_p50_ms": c1["response_latency_ms"]["p50"] if c1 else None,
+        "c1_final_p50_ms": c1["final_latency_ms"]["p50"] if c1 else None,
+        "best_rtfx": best["throughput"]["rtfx"] if best else None,
+        "best_rtfx_at": best["concurrency"] if best else None,
+        "at_capacity": _breakdown(at_cap),
+        "loadgen_bound_levels": [lv["concurrency"] for lv in levels if lv["loadgen"]["bottleneck"]],
+        "levels": [_level_row(lv) for lv in levels],
+    }
+
+
+def _breakdown(lv: dict | None) -> dict | None:
+    if lv is None:
+        return None
+    sm = lv.get("server_metrics") or {}
+    return {
+        "concurrency": lv["concurrency"],
+        "client_chunk_p50_ms": lv["chunk_latency_ms"]["p50"], "client_response_p50_ms": lv["response_latency_ms"]["p50"],
+        "server_chunk_latency_p50_ms": sm.get("server_chunk_latency_ms_p50"),
+        "server_mean_step_ms": sm.get("mean_step_ms"), "server_mean_batch": sm.get("mean_batch"),
+        "server_mean_queue_wait_ms": sm.get("mean_queue_wait_ms"), "engine_busy_fraction": sm.get("engine_busy_fraction"),
+        "steps_per_s": sm.get("steps_per_s"), "loadgen_cpu_util": lv["loadgen"]["cpu_util"],
+        "loadgen_loop_lag_p99_ms": lv["loadgen"]["loop_lag_ms"]["p99"],
+    }
+
+
+def _level_row(lv: dict) -> dict:
+    sm = lv.get("server_metrics") or {}
+    return {
+        "c": lv["concurrency"], "done": lv["streams_completed"], "errors": lv["errors"],
+        "chunk_p50": lv["chunk_latency_ms"]["p50"], "chunk_p95": lv["chunk_latency_ms"]["p95"],
+        "resp_p50": lv["response_latency_ms"]["p50"], "resp_p95": lv["response_latency_ms"]["p95"],
+        "final_p95": lv["final_latency_ms"]["p95"], "rtfx": lv["throughput"]["rtfx"],
+        "batch": sm.get("mean_batch"), "step_ms": sm.get("mean_step_ms"), "queue_ms": sm.get("mean_queue_wait_ms"),
+        "busy": sm.get("engine_busy_fraction"), "lg_bound": lv["loadgen"]["bottleneck"],
+        "lg_cpu_max": max(lv["loadgen"]["cpu_util"], default=None),
+    }
+
+
+def markdown(summary: dict) -> str:
+    env = summary.get("env") or {}
+    lines = [f"# Benchmark run: {env.get('gpu', 'unknown GPU')}", ""]
+    if env:
+        lines += [f"- machine: {env.get('gpu', '?')}, {env.get('cpus', '?')} CPU cores; torch {env.get('torch', '?')}, "
+                  f"NeMo {env.get('nemo', '?')}, grpcio {env.get('grpcio', '?')}, Python {env.get('python', '?')}",
+                  f"- command: `{env.get('command', 'bash bench/run_h100.sh')}`; commit {env.get('commit', '?')}",
+                  f"- settings: {json.dumps(env.get('settings', {}))}", ""]
+    lines += ["## Our service (asr-server + asr-loadgen on the same machine, real-time streams)", "",
+              "| lookahead | engine that ran | c=1 chunk p50 ms | c=1 response p50 ms | capacity (metric, p95 <= target) "
+              "| levels passing chunk p95 | best RTFx (at c) |",
+              "|---|---|---|---|---|---|---|"]
+    for o in summary["ours"]:
+        cap = f"{_f(o['capacity'])} ({o['capacity_metric']} <= {o['target_ms']:g} ms, bracket {o['capacity_bracket']})"
+        if o.get("capacity_search_unfinished"):
+            cap += " unfinished"
+        lines.append(f"| {o['lookahead_ms']} ms | {o['engine']} ({o['engine_executions']}) | {_f(o['c1_chunk_p50_ms'])} "
+                     f"| {_f(o['c1_response_p50_ms'])} | {cap} | up to {o['capacity_chunk_metric_measured']} "
+                     f"| {_f(o['best_rtfx'])} ({o['best_rtfx_at']}) |")
+    for o in summary["ours"]:
+        lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels ({o['model']}, max batch {o['max_batch']})", "",
+                  "| c | done | errors | chunk p50 | chunk p95 | resp p50 | resp p95 | final p95 | RTFx | mean batch "
+                  "| step ms | queue ms | engine busy | loadgen CPU max | LG-bound |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in o["levels"]:
+            lines.append(f"| {r['c']} | {r['done']} | {r['errors'] or 0} | {_f(r['chunk_p50'])} | {_f(r['chunk_p95'])} "
+                         f"| {_f(r['resp_p50'])} | {_f(r['resp_p95'])} | {_f(r['final_p95'])} | {_f(r['rtfx'])} "
+                         f"| {_f(r['batch'])} | {_f(r['step_ms'])} | {_f(r['queue_ms'])} | {_f(r['busy'], 2)} "
+                         f"| {_f(r['lg_cpu_max'], 2)} | {'yes' if r['lg_bound'] else ''} |")
+    base = summary["baseline"]
+    lines += ["", "## NeMo 3.0 CacheAwareRNNTPipeline baseline (same model shape, same GPU, in-process, max rate)", ""]
+    if base["runs"]:
+        lines += ["| lookahead | batch | files x s | dtype | wall s | RTFx | est. ms/step |", "|---|---|---|---|---|---|---|"]
+        for r in base["runs"]:
+            lines.append(f"| {r['lookahead_ms']} ms | {r['batch']} | {r['files']} x {r['audio_s'] / r['files']:g} "
+                         f"| {base.get('dtype', '?')} | {r['wall_s']} | {r['rtfx']} | {_f(r['est_ms_per_step'])} |")
+    else:
+        lines.append(f"not run: {base.get('skipped') or 'no baseline output'}")
+    lines += ["", "## Ratios and targets", ""]
+    for t in summary["targets"]:
+        lines.append(f"- {t['what']}: {t['value']} -> {t['verdict']}")
+    for r in summary["ratios"]:
+        lines.append(f"- {r['what']}: {r['value']}")
+    lines += ["", "## Where the time goes (at the capacity level)", ""]
+    for o in summary["ours"]:
+        b = o["at_capacity"]
+        if not b:
+            lines.append(f"- {o['lookahead_ms']} ms: no level passed")
+            continue
+        lines.append(
+            f"- {o['lookahead_ms']} ms at c={b['concurrency']}: client chunk p50 {_f(b['client_chunk_p50_ms'])} ms = "
+            f"wait for the chunk's audio incl. right context + response p50 {_f(b['client_response_p50_ms'])} ms; "
+            f"server-side chunk latency p50 {_f(b['server_chunk_latency_p50_ms'])} ms (queue wait mean "
+            f"{_f(b['server_mean_queue_wait_ms'])} ms, step mean {_f(b['server_mean_step_ms'])} ms at mean batch "
+            f"{_f(b['server_mean_batch'])}, {_f(b['steps_per_s'])} steps/s, engine thread busy "
+            f"{_f(b['engine_busy_fraction'], 2)}); the rest of response latency is gRPC, the server's event loop and "
+            f"the load generator (its CPU {b['loadgen_cpu_util']}, loop lag p99 {_f(b['loadgen_loop_lag_p99_ms'])} ms)")
+    if any(o["loadgen_bound_levels"] for o in summary["ours"]):
+        lines.append("- the load generator was the bottleneck at: "
+                     + "; ".join(f"{o['lookahead_ms']} ms: {o['loadgen_bound_levels']}" for o in summary["ours"]
+                                 if o["loadgen_bound_levels"]))
+    return "\n".join(lines) + "\n"
+
+
+def summarize(out: str, baseline_path: str | None, env_path: str | None, baseline_dtype: str | None,
+              baseline_skipped: str | None) -> dict:
+    reports = load_loadgen(out)
+    env = {}
+    if env_path and os.path.exists(env_path):
+        with open(env_path) as f:
+            env = json.load(f)
+    runs, calibration = load_baseline(baseline_path)
+    base_rows = baseline_rows(runs)
+    our = [ours(la, reports[la]) for la in sorted(reports)]
+    targets, ratios = [], []
+    for o in our:
+        la = o["lookahead_ms"]
+        if la in C1_P50_TARGET_MS:
+            t = C1_P50_TARGET_MS[la]
+            for key, name in (("c1_chunk_p50_ms", "chunk"), ("c1_response_p50_ms", "response")):
+                v = o[key]
+                targets.append({"what": f"{la} ms: c=1 {name} latency p50 < {t:g} ms", "value": _f(v),
+                                "verdict": "-" if v is None else ("PASS" if v < t else "FAIL")})
+        if la in CAPACITY_TARGETS:
+            bound, need = CAPACITY_TARGETS[la]
+            for key, name in (("capacity_response_metric_measured", "response"),
+                              ("capacity_chunk_metric_measured", "chunk")):
+                v = o[key]
+                targets.append({"what": f"{la} ms: streams with {name} p95 <= {bound:g} ms and zero errors >= {need}",
+                                "value": v, "verdict": "PASS" if v >= need else "FAIL"})
+        best = max((r for r in base_rows if r["lookahead_ms"] == la), key=lambda r: r["rtfx"], default=None)
+        if best:
+            cap = o["capacity"] or 0
+            ratios.append({"what": f"{la} ms: our capacity / NeMo pipeline RTFx at batch {best['batch']} "
+                                   f"(RTFx bounds the real-time streams NeMo could carry)",
+                           "value": f"{cap} / {best['rtfx']} = {cap / best['rtfx']:.2f}x"})
+            if o["at_capacity"] and o["at_capacity"]["server_mean_step_ms"] and best["est_ms_per_step"]:
+                ratios.append({"what": f"{la} ms: our mean step ms at capacity (batch "
+                                       f"{_f(o['at_capacity']['server_mean_batch'])}) vs NeMo est. ms/step (batch {best['batch']})",
+                               "value": f"{o['at_capacity']['server_mean_step_ms']} vs {best['est_ms_per_step']}"})
+    summary = {"env": env, "ours": our,
+               "baseline": {"runs": base_rows, "calibration": calibration, "dtype": baseline_dtype,
+                            "skipped": baseline_skipped},
+               "targets": targets, "ratios": ratios}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    md = markdown(summary)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(md)
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--baseline", default=None, help="JSON lines of nemo_pipeline_baseline.py")
+    p.add_argument("--baseline-dtype", default=None)
+    p.add_argument("--baseline-skipped", default=None, help="why the baseline did not run")
+    p.add_argument("--env", default=None, help="JSON describing the machine and settings")
+    a = p.parse_args()
+    summarize(a.out, a.baseline, a.env, a.baseline_dtype, a.baseline_skipped)
+    with open(os.path.join(a.out, "summary.md")) as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    main()
