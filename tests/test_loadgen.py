@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.loadgen import capacity_search, parse_args, amain
-from client.loadgen_audio import AudioItem, AudioSpec, expand_paths, read_wav
+from client.loadgen import amain, capacity_search, parse_args
+from client.loadgen_audio import AudioSpec, expand_paths, read_wav
 from client.loadgen_report import level_passes, merge_level
 from client.loadgen_run import ShareResult, StreamRecord, _account, _Responses, _ShareStats
 from client.synth_audio import synth_speechlike
