@@ -207,7 +207,7 @@ for la in $LOOKAHEADS; do
             --concurrency "$levels" --capacity --capacity-metric "$CAP_METRIC" --target-ms "$la" --stop-on-fail \
             --max-concurrency "$maxc" --max-probes "$PROBES" --resolution "$RESOLUTION" \
             --workers "$WORKERS" --synthetic-clips "$CLIPS" --synthetic-seconds "$SECS" --ramp-s "$RAMP" \
-            --cooldown-s 1 --level-grace-s "$GRACE" --time-budget-s "$budget" \
+            --cooldown-s 1 --level-grace-s "$GRACE" --time-budget-s "$budget" --server-pid "${SPID[$la]}" \
             --json "$OUT/loadgen_$la.json" --plot "$OUT/loadgen_$la.png" \
             --label "$GPU / $la ms / $ENGINE" --quiet 2>&1 | tee -a "$LOG"
         log "loadgen ($la ms) exit status ${PIPESTATUS[0]}"

@@ -121,6 +121,7 @@ def _breakdown(lv: dict | None) -> dict | None:
         "server_mean_queue_wait_ms": sm.get("mean_queue_wait_ms"), "engine_busy_fraction": sm.get("engine_busy_fraction"),
         "steps_per_s": sm.get("steps_per_s"), "loadgen_cpu_util": lv["loadgen"]["cpu_util"],
         "loadgen_loop_lag_p99_ms": lv["loadgen"]["loop_lag_ms"]["p99"],
+        "server_process": lv.get("server_process"),
     }
 
 
@@ -134,6 +135,8 @@ def _level_row(lv: dict) -> dict:
         "batch": sm.get("mean_batch"), "step_ms": sm.get("mean_step_ms"), "queue_ms": sm.get("mean_queue_wait_ms"),
         "busy": sm.get("engine_busy_fraction"), "lg_bound": lv["loadgen"]["bottleneck"],
         "lg_cpu_max": max(lv["loadgen"]["cpu_util"], default=None),
+        "srv_cores": (lv.get("server_process") or {}).get("cores"),
+        "srv_main": (lv.get("server_process") or {}).get("main_thread_cores"),
     }
 
 
@@ -159,12 +162,13 @@ def markdown(summary: dict) -> str:
     for o in summary["ours"]:
         lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels ({o['model']}, max batch {o['max_batch']})", "",
                   "| c | done | errors | chunk p50 | chunk p95 | resp p50 | resp p95 | final p95 | RTFx | mean batch "
-                  "| step ms | queue ms | engine busy | loadgen CPU max | LG-bound |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| step ms | queue ms | engine busy | server CPU cores (main thread) | loadgen CPU max | LG-bound |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in o["levels"]:
             lines.append(f"| {r['c']} | {r['done']} | {r['errors'] or 0} | {_f(r['chunk_p50'])} | {_f(r['chunk_p95'])} "
                          f"| {_f(r['resp_p50'])} | {_f(r['resp_p95'])} | {_f(r['final_p95'])} | {_f(r['rtfx'])} "
                          f"| {_f(r['batch'])} | {_f(r['step_ms'])} | {_f(r['queue_ms'])} | {_f(r['busy'], 2)} "
+                         f"| {_f(r['srv_cores'], 2)} ({_f(r['srv_main'], 2)}) "
                          f"| {_f(r['lg_cpu_max'], 2)} | {'yes' if r['lg_bound'] else ''} |")
     base = summary["baseline"]
     lines += ["", "## NeMo 3.0 CacheAwareRNNTPipeline baseline (same model shape, same GPU, in-process, max rate)", ""]
@@ -193,7 +197,9 @@ def markdown(summary: dict) -> str:
             f"{_f(b['server_mean_queue_wait_ms'])} ms, step mean {_f(b['server_mean_step_ms'])} ms at mean batch "
             f"{_f(b['server_mean_batch'])}, {_f(b['steps_per_s'])} steps/s, engine thread busy "
             f"{_f(b['engine_busy_fraction'], 2)}); the rest of response latency is gRPC, the server's event loop and "
-            f"the load generator (its CPU {b['loadgen_cpu_util']}, loop lag p99 {_f(b['loadgen_loop_lag_p99_ms'])} ms)")
+            f"the load generator (its CPU {b['loadgen_cpu_util']}, loop lag p99 {_f(b['loadgen_loop_lag_p99_ms'])} ms)"
+            + (f"; server process {_f(b['server_process']['cores'], 2)} cores, its main thread (event loop, gRPC) "
+               f"{_f(b['server_process']['main_thread_cores'], 2)} of one core" if b.get("server_process") else ""))
     if any(o["loadgen_bound_levels"] for o in summary["ours"]):
         lines.append("- the load generator was the bottleneck at: "
                      + "; ".join(f"{o['lookahead_ms']} ms: {o['loadgen_bound_levels']}" for o in summary["ours"]

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from client.loadgen_audio import AudioSpec
-from client.loadgen_report import (METRICS, level_passes, merge_level, progress_bar, scrape, server_delta, table_header,
-                                   table_row, write_plot)
+from client.loadgen_report import (METRICS, level_passes, merge_level, proc_cpu_delta, proc_cpu_snapshot, progress_bar,
+                                   scrape, server_delta, table_header, table_row, write_plot)
 from client.loadgen_run import LevelSpec, RunOptions, ShareResult, new_event_loop, prepare, run_share, worker_main
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one line per stream: level, stream, audio name, status, final transcript")
     o.add_argument("--metrics-url", default=None,
                    help="the server's Prometheus endpoint (e.g. http://localhost:9400/metrics): server-side deltas per level")
+    o.add_argument("--server-pid", type=int, default=None,
+                   help="the server's process id when it runs on this machine: its CPU use per level and per thread")
     o.add_argument("--lag-threshold-ms", type=float, default=20.0,
                    help="load-generator lag/lateness above this marks a level LOADGEN-BOUND")
     o.add_argument("--label", default="", help="free text stored in the JSON report (e.g. the machine)")
@@ -151,6 +153,7 @@ class LoadgenConfig:
     level_grace_s: float = 120.0
     lag_threshold_ms: float = 20.0
     metrics_url: str | None = None
+    server_pid: int | None = None
     use_uvloop: bool = True
     show_progress: bool = True
 
@@ -213,6 +216,7 @@ class LoadGenerator:
         cfg = self.cfg
         deadline = cfg.ramp_s + (self.max_audio_s if cfg.run.realtime else 0.0) + cfg.level_grace_s
         before = await _scrape(cfg.metrics_url)
+        cpu_before = proc_cpu_snapshot(cfg.server_pid) if cfg.server_pid else None
         start_wall = time.time() + (0.05 if cfg.workers == 1 else 0.3)
         level = LevelSpec(concurrency, cfg.ramp_s, start_wall, deadline)
         progress: dict[int, tuple[int, int]] = {}
@@ -230,10 +234,13 @@ class LoadGenerator:
                 sys.stderr.write("\r" + " " * 100 + "\r")
                 sys.stderr.flush()
         after = await _scrape(cfg.metrics_url)
+        cpu_after = proc_cpu_snapshot(cfg.server_pid) if cfg.server_pid else None
         report = merge_level(concurrency, shares, realtime=cfg.run.realtime, chunk_ms=cfg.run.chunk_ms,
                              lag_threshold_ms=cfg.lag_threshold_ms)
         if before is not None and after is not None:
             report["server_metrics"] = server_delta(before, after, report["throughput"]["wall_s"])
+        if cfg.server_pid:
+            report["server_process"] = proc_cpu_delta(cpu_before, cpu_after)
         return report
 
     async def _run_workers(self, level: LevelSpec, progress: dict) -> list[ShareResult]:
@@ -356,7 +363,7 @@ async def amain(args: argparse.Namespace) -> int:
                       synthetic_seconds=args.synthetic_seconds, max_seconds=args.max_audio_s)
     cfg = LoadgenConfig(run=run, audio=audio, workers=args.workers, ramp_s=args.ramp_s,
                         level_grace_s=args.level_grace_s, lag_threshold_ms=args.lag_threshold_ms,
-                        metrics_url=args.metrics_url, use_uvloop=not args.no_uvloop,
+                        metrics_url=args.metrics_url, server_pid=args.server_pid, use_uvloop=not args.no_uvloop,
                         show_progress=not args.quiet and sys.stderr.isatty())
     rw = " RANDOM weights" if server["random_weights"] else ""
     print(f"asr-loadgen: {args.server}: model {server['name']}{rw}, engine {server['engine']}, "
@@ -473,6 +480,7 @@ DEFINITIONS = {
     "loadgen.send_lateness_ms": "real-time mode: how late the sender woke up for a message that was due",
     "loadgen.write_ms": "time call.write() took (gRPC flow control: the server not reading fast enough)",
     "server_metrics": "deltas of the server's Prometheus metrics over the level (--metrics-url)",
+    "server_process": "CPU cores the server process used over the level, and its busiest threads (--server-pid)",
 }
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import re
+import time
 import urllib.request
 
 import numpy as np
@@ -269,3 +271,53 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
                                  if wall_s > 0 else None),
         "note": "histogram quantiles are interpolated within Prometheus buckets (coarse)",
     }
+
+
+# -- server process CPU (same machine: /proc) -------------------------------------------------------
+def _ticks(stat_path: str) -> tuple[str, int] | None:
+    try:
+        with open(stat_path) as f:
+            data = f.read()
+    except OSError:
+        return None
+    name = data[data.index("(") + 1:data.rindex(")")]
+    fields = data[data.rindex(")") + 2:].split()
+    return name, int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
+
+
+def proc_cpu_snapshot(pid: int) -> dict | None:
+    """CPU clock ticks of a process and of each of its threads (Linux /proc), or None."""
+    total = _ticks(f"/proc/{pid}/stat")
+    if total is None:
+        return None
+    threads = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = []
+    for tid in tids:
+        t = _ticks(f"/proc/{pid}/task/{tid}/stat")
+        if t is not None:
+            threads[tid] = t
+    return {"t": time.monotonic(), "pid": pid, "total": total[1], "threads": threads}
+
+
+def proc_cpu_delta(before: dict | None, after: dict | None, top: int = 6) -> dict | None:
+    """Cores the process used between two snapshots, and its busiest threads: a thread near 1.0
+    (the event loop, the engine thread) is the server's bottleneck."""
+    if not before or not after:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    wall = after["t"] - before["t"]
+    if wall <= 0:
+        return None
+    threads = []
+    for tid, (name, ticks) in after["threads"].items():
+        prev = before["threads"].get(tid, (name, 0))[1]
+        main = int(tid) == after.get("pid")
+        threads.append({"tid": int(tid), "name": f"{name} (main thread: event loop)" if main else name,
+                        "main": main, "cores": round((ticks - prev) / hz / wall, 3)})
+    threads.sort(key=lambda t: -t["cores"])
+    main = next((t["cores"] for t in threads if t["main"]), None)
+    return {"cores": round((after["total"] - before["total"]) / hz / wall, 3), "main_thread_cores": main,
+            "wall_s": round(wall, 2), "busiest_threads": threads[:top]}
