@@ -4,6 +4,9 @@ protoc runs with the repository root as include path, so the generated modules i
 other as `from proto import asr_stream_pb2`, which is how the server and client import them.
 `--check` regenerates into a temporary folder and exits 1 when the committed files differ,
 so hand edits and stale code are caught by the tests.
+
+proto/riva/ holds the Riva-compatible API (written for this project from Riva's public field
+names and numbers); its modules import each other as `from proto.riva import riva_audio_pb2`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("proto/asr_stream.proto",)
-OUTPUTS = ("asr_stream_pb2.py", "asr_stream_pb2.pyi", "asr_stream_pb2_grpc.py")
+PROTOS = (
+    "proto/asr_stream.proto",
+    "proto/riva/riva_audio.proto",
+    "proto/riva/riva_common.proto",
+    "proto/riva/riva_asr.proto",
+)
+# Every generated file, relative to the repository root.
+OUTPUTS = tuple(f"{p[:-len('.proto')]}{suffix}" for p in PROTOS
+                for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 
 
 def generate(out_dir: Path) -> None:
@@ -39,7 +49,7 @@ def check() -> int:
         stale = [
             name
             for name in OUTPUTS
-            if not filecmp.cmp(Path(tmp) / "proto" / name, ROOT / "proto" / name, shallow=False)
+            if not (ROOT / name).exists() or not filecmp.cmp(Path(tmp) / name, ROOT / name, shallow=False)
         ]
     if stale:
         print(f"generated code differs from proto/*.proto: {', '.join(stale)}; run python proto/generate.py")
