@@ -258,6 +258,12 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
             d = v - before.get((n, labels), 0.0)
             if d:
                 executions[dict(labels).get("engine", "?")] = int(d)
+    faults = {}
+    for (n, labels), v in after.items():
+        if n in ("asr_errors_total", "asr_step_faults_total", "asr_refused_total"):
+            d = v - before.get((n, labels), 0.0)
+            if d:
+                faults[n[4:-6] + "{" + ",".join(f"{k}={val}" for k, val in labels) + "}"] = int(d)
     q = lambda name, p: (None if (v := _hist_quantile(before, after, name, p)) is None else round(1e3 * v, 2))  # noqa: E731
     return {
         "steps": int(steps), "steps_per_s": round(steps / wall_s, 2) if wall_s > 0 else None,
@@ -269,6 +275,8 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
         "server_chunk_latency_ms_p95": q("asr_chunk_latency_seconds", 0.95),
         "engine_busy_fraction": (round(_delta(before, after, "asr_step_seconds_sum") / wall_s, 3)
                                  if wall_s > 0 else None),
+        "errors_and_faults": faults,
+        "max_batch_now": after.get(("asr_max_batch", ())),
         "note": "histogram quantiles are interpolated within Prometheus buckets (coarse)",
     }
 
