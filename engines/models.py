@@ -43,6 +43,45 @@ BUILTINS = {
 }
 
 
+@dataclass(frozen=True)
+class TrainedSpec:
+    folder: str          # under engines/assets/: model_config.yaml, weights.pt, tokenizer.model, vocab.txt
+    languages: tuple[str, ...]
+    description: str
+
+
+# Built-in models with trained weights shipped in the package (train/train.py writes the folder).
+TRAINED = {
+    "demo": TrainedSpec("demo", ("en", "hi"),
+                        "demo model: small cache-aware FastConformer hybrid RNNT/CTC trained on synthetic "
+                        "eSpeak NG English and Hindi speech (train/); not for real-world audio"),
+}
+_TRAINED_CLASSES = ("EncDecHybridRNNTCTCBPEModel", "EncDecRNNTBPEModel")
+
+
+def load_trained_builtin(name: str) -> torch.nn.Module:
+    """Rebuilds a TRAINED model from its package folder: the NeMo config, the tokenizer next to
+    it, and a plain state dict (float16 on disk, loaded with weights_only: no pickled code)."""
+    import nemo.collections.asr.models as asr_models
+    from omegaconf import OmegaConf
+
+    folder = os.path.join(ASSETS, TRAINED[name].folder)
+    weights = os.path.join(folder, "weights.pt")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"builtin:{name}: {weights} is missing (train it with train/train.py)")
+    blob = torch.load(weights, map_location="cpu", weights_only=True)
+    cls_name = str(blob["target"]).rsplit(".", 1)[-1]
+    if cls_name not in _TRAINED_CLASSES:
+        raise ValueError(f"builtin:{name}: unexpected model class {blob['target']!r}")
+    cfg = OmegaConf.load(os.path.join(folder, "model_config.yaml"))
+    cfg.tokenizer.dir = folder
+    model = getattr(asr_models, cls_name)(cfg=cfg)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in blob["state_dict"].items()}
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model
+
+
 @dataclass
 class LoadedModel:
     """A NeMo RNNT model ready for streaming at one lookahead, plus what the engine needs."""
@@ -167,7 +206,7 @@ def build_builtin(name: str, seed: int = 0):
     from nemo.collections.asr.models import EncDecRNNTBPEModel
 
     if name not in BUILTINS:
-        raise ValueError(f"unknown builtin model {name!r}; choose one of {', '.join(BUILTINS)}")
+        raise ValueError(f"unknown builtin model {name!r}; choose one of {', '.join([*TRAINED, *BUILTINS])}")
     torch.manual_seed(seed)
     model = EncDecRNNTBPEModel(cfg=_builtin_cfg(BUILTINS[name]))
     model.eval()
@@ -209,7 +248,11 @@ def load_model(spec: str, lookahead_ms: int, seed: int = 0) -> LoadedModel:
     from nemo.collections.asr.models import ASRModel, EncDecRNNTModel
     from nemo.collections.asr.parts.mixins.streaming import StreamingEncoder
 
-    if spec.startswith("builtin:"):
+    if spec.startswith("builtin:") and spec.split(":", 1)[1] in TRAINED:
+        name = spec.split(":", 1)[1]
+        model = load_trained_builtin(name)
+        random_weights, description = False, TRAINED[name].description
+    elif spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         model = build_builtin(name, seed=seed)
         random_weights, description = True, BUILTINS[name].description
