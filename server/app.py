@@ -17,6 +17,8 @@ from engines.api import StreamingEngine
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.metrics import ServerMetrics
+from server.riva_convert import RivaSettings
+from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
 from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
 from server.servicer import SpeechRecognitionServicer, TransportLimits
 from server.stream_config import ServedModel
@@ -38,6 +40,7 @@ class ServerSettings:
     drain_grace_s: float = 30.0            # SIGTERM: how long open streams may take to finish
     model_aliases: tuple[str, ...] = ()    # other names clients may use for the served model
     limits: TransportLimits = field(default_factory=TransportLimits)
+    riva: RivaSettings = field(default_factory=RivaSettings)  # the Riva-compatible API on the same port
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -78,8 +81,11 @@ class AsrServer:
         ])
         pb_grpc.add_SpeechRecognitionServicer_to_server(
             SpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics), self._grpc)
+        add_riva_servicer(RivaSpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics, s.riva),
+                          self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.enable_server_reflection((SERVICE_NAME, RIVA_SERVICE_NAME,
+                                             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME), self._grpc)
         self.port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.port}")
         if self.port == 0:
@@ -96,7 +102,7 @@ class AsrServer:
                                    "max_batch": self.engine.max_batch})
 
     async def _set_health(self, status) -> None:
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, RIVA_SERVICE_NAME):
             await self.health.set(service, status)
 
     def _on_engine_dead(self, reason: str) -> None:
