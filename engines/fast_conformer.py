@@ -177,9 +177,10 @@ class FastConformerParams:
             return None if t_ is None else t_.detach().to(device=device, dtype=dtype).contiguous()
 
         def f32(t_, n=None):
+            # Precomputation in float64 (independent of TF32 settings), cast once at the end.
             if t_ is None:
-                return torch.zeros(n, dtype=torch.float32, device=device)
-            return t_.detach().to(device=device, dtype=torch.float32)
+                return torch.zeros(n, dtype=torch.float64, device=device)
+            return t_.detach().to(device=device, dtype=torch.float64)
 
         # Subsampling: weights as they are; xscale folded into the output projection.
         xscale = float(encoder.pos_enc.xscale) if encoder.pos_enc.xscale else 1.0
@@ -287,12 +288,12 @@ class FastConformerParams:
 
 
 def _sinusoids(pos: torch.Tensor, d: int) -> torch.Tensor:
-    """Transformer-XL sinusoidal encodings of (possibly negative) positions: [len(pos), d] fp32."""
+    """Transformer-XL sinusoidal encodings of (possibly negative) positions: [len(pos), d] fp64."""
     div = torch.exp(torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) * -(math.log(10000.0) / d))
     pe = torch.zeros(len(pos), d, dtype=torch.float64, device=pos.device)
     pe[:, 0::2] = torch.sin(pos[:, None] * div)
     pe[:, 1::2] = torch.cos(pos[:, None] * div)
-    return pe.float()
+    return pe
 
 
 def _check_supported(encoder) -> None:
@@ -411,7 +412,7 @@ def _attention_bias(qkv, mask_bias, geo: Geometry, out=None):
 
 def _part_b(x, qkv, kv, bias, valid, geo: Geometry, w_o, b_o, lnc_w, lnc_b, w_p1, b_p1):
     """Attention over [cached K/V; new K/V] with the bias; output projection (padded query frames
-    contribute zero, as in NeMo); the conv module up to the GLU, padded frames zeroed."""
+    contribute zero, as in NeMo); the conv module's first pointwise conv (GLU input)."""
     d, T, H, dk, N = geo.d_model, geo.frames_out, geo.n_heads, geo.d_k, geo.keys
     B = x.shape[0] // T
     q = qkv[:, :d].view(B, T, H, dk).transpose(1, 2)
@@ -421,8 +422,7 @@ def _part_b(x, qkv, kv, bias, valid, geo: Geometry, w_o, b_o, lnc_w, lnc_b, w_p1
     o = o.transpose(1, 2).reshape(B * T, d) * valid
     x = x + F.linear(o, w_o, b_o)
     c = F.layer_norm(x, (d,), lnc_w, lnc_b, geo.eps)
-    glu = F.glu(F.linear(c, w_p1, b_p1), dim=-1) * valid
-    return x, glu
+    return x, F.linear(c, w_p1, b_p1)
 
 
 def _part_c(x, conv, geo: Geometry, w_dw, b_dw, lnn_w, lnn_b, w_p2, b_p2, ln2_w, ln2_b, w3, b3, w4, b4,
@@ -440,16 +440,18 @@ def _part_c(x, conv, geo: Geometry, w_dw, b_dw, lnn_w, lnn_b, w_p2, b_p2, ln2_w,
 
 
 class StepParts:
-    """The three per-layer pieces of the step, eager or torch.compiled. Mutations of the
-    workspaces (writing the new K/V and GLU frames) stay outside them, so a compiled piece
-    never writes into a graph input."""
+    """The three per-layer pieces of the step, eager or torch.compiled. Writes into the
+    workspaces (the new K/V frames, the GLU outputs) stay outside them, so a compiled piece
+    never mutates one of its inputs."""
 
-    def __init__(self, compile: bool = False, compile_mode: str | None = None):
+    def __init__(self, compile: bool = False, compile_mode: str | None = None, dynamic: bool | None = None):
+        # dynamic=None: dynamo's automatic dynamic shapes (a second batch size recompiles once
+        # with a symbolic batch, later ones reuse it); dynamic=False: one compilation per batch.
         self.compiled = compile
         if compile:
-            self.a = torch.compile(_part_a, mode=compile_mode, dynamic=False)
-            self.b = torch.compile(_part_b, mode=compile_mode, dynamic=False)
-            self.c = torch.compile(_part_c, mode=compile_mode, dynamic=False)
+            self.a = torch.compile(_part_a, mode=compile_mode, dynamic=dynamic)
+            self.b = torch.compile(_part_b, mode=compile_mode, dynamic=dynamic)
+            self.c = torch.compile(_part_c, mode=compile_mode, dynamic=dynamic)
         else:
             self.a, self.b, self.c = _part_a, _part_b, _part_c
 
@@ -492,15 +494,19 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     x, enc_len = _subsample(p, feats, lengths)
     B = feats.shape[0]
     mask_bias, valid = step_masks(p, enc_len, cache_len)
+    valid3 = valid.view(B, T, 1)
     bias_out = None if bias_buffer is None else bias_buffer[..., :g.keys]
     for l, (wa, wb, wc) in enumerate(p.layers):
         x, qkv = parts.a(x, g, *wa)
         kv = kv_work[l]
         kv[:, C:].copy_(qkv[:, g.d_model:3 * g.d_model].view(B, T, 2 * g.d_model))
         bias = _attention_bias(qkv, mask_bias, g, out=bias_out)
-        x, glu = parts.b(x, qkv, kv, bias, valid, g, *wb)
+        x, pre_glu = parts.b(x, qkv, kv, bias, valid, g, *wb)
         conv = conv_work[l]
-        conv[:, K1:].copy_(glu.view(B, T, g.d_model))
+        # GLU straight into the conv workspace; padded frames enter the conv as zeros (NeMo).
+        new = conv[:, K1:]
+        torch._C._nn.glu(pre_glu.view(B, T, 2 * g.d_model), -1, out=new)
+        new.mul_(valid3)
         x = parts.c(x, conv, g, *wc)
     if p.out_proj is not None:
         x = F.linear(x, *p.out_proj)
