@@ -35,6 +35,25 @@ class PoolExhaustedError(EngineError):
     """Every cache slot is taken: the admission limit."""
 
 
+class EngineOverloadedError(EngineError):
+    """The step ran out of device memory at this batch size (torch.cuda.OutOfMemoryError inside
+    the engine); no stream's state was changed. The same chunks may succeed in smaller batches:
+    the scheduler splits the batch and lowers its maximum batch size."""
+
+    def __init__(self, message: str, batch_size: int):
+        super().__init__(message)
+        self.batch_size = batch_size
+
+
+class StreamStateLostError(EngineError):
+    """The step failed while committing state back to the slots: the named streams' state is
+    undefined, so they cannot continue (their chunks must not be retried)."""
+
+    def __init__(self, message: str, stream_ids: tuple[str, ...]):
+        super().__init__(message)
+        self.stream_ids = stream_ids
+
+
 @dataclass(frozen=True)
 class ChunkWork:
     """One stream's share of a step.
@@ -121,6 +140,9 @@ class StreamingEngine(Protocol):
     def acquire_slot(self) -> int: ...
     def release_slot(self, slot: int) -> None: ...
     def slots_in_use(self) -> int: ...
+    # Raises BadChunkError (named chunks invalid), EngineOverloadedError (out of device memory at
+    # this batch size), StreamStateLostError (failure while committing), or another EngineError;
+    # in every case but StreamStateLostError no stream's state was changed.
     def step(self, plan: StepPlan) -> StepResult: ...
     # Encoder executions by engine name ("eager", "onnx", ...): what really ran.
     def executions(self) -> dict[str, int]: ...

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
-from engines.api import (BadChunkError, ChunkWork, EngineError, ModelInfo, StepPlan, StepResult,
-                         StepTimings, StreamUpdate, TokenEvent)
+from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, StepPlan,
+                         StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent)
 from engines.encoders import EncoderEngine
 from engines.features import StreamingFeaturizer
 from engines.geometry import ChunkGeometry
@@ -136,9 +136,22 @@ class StreamingEngine:
         return g.n_frames(seen + len(c.samples)) - k * g.chunk_frames
 
     def step(self, plan: StepPlan) -> StepResult:
+        """Compute, then commit. Until the commit nothing of any stream is written, so an
+        exception there leaves every slot as it was; out of device memory becomes
+        EngineOverloadedError (the scheduler retries in smaller batches). A failure during the
+        commit is StreamStateLostError: those streams cannot continue."""
         self._validate(plan)
         if not plan.chunks:
             return StepResult(updates=(), engine=self.encoder_engine.name)
+        try:
+            return self._step(plan)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the failed step's blocks go back before the retry
+            raise EngineOverloadedError(f"out of device memory at batch size {len(plan.chunks)}: {exc}",
+                                        batch_size=len(plan.chunks)) from exc
+
+    def _step(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
         chunks = plan.chunks
         slots = [c.slot for c in chunks]
@@ -171,36 +184,41 @@ class StreamingEngine:
         enc_len_host = enc_len.cpu().numpy()
         t3 = time.perf_counter()
 
-        # Success: commit every piece of state.
-        P = self.geometry.pre_encode_frames
-        self.pool.scatter(idx, {
-            "cache_channel": cc_next, "cache_time": ct_next, "cache_len": ccl_next,
-            "pre_encode": x[:, :, -P:] if P else x[:, :, :0],
-            **decoded.state,
-        })
-        self.featurizer.commit(slots, samples, windows, starts, fresh_host)
-        updates = []
-        g = self.geometry
-        for i, c in enumerate(chunks):
-            s = c.slot
-            if c.first:
-                self.frames_done[s] = 0
-                self.text_started[s] = False
-                self.finished[s] = False
-            base = int(self.frames_done[s])
-            k = chunk_index[i]
-            final = bool(audio_end[i] >= 0 and (k + 1) * g.chunk_frames >= g.n_frames(int(audio_end[i])))
-            tokens = tuple(TokenEvent(token_id=lab, piece=self.model.pieces[lab], frame=base + fr)
-                           for lab, fr in zip(decoded.labels[i], decoded.frames[i]))
-            text = self._text(s, tokens)
-            self.chunks_done[s] = k + 1
-            self.frames_done[s] = base + int(enc_len_host[i])
-            self.finished[s] = final
-            updates.append(StreamUpdate(
-                stream_id=c.stream_id, slot=s, tokens=tokens, text_delta=text, is_final=final,
-                frames_decoded=int(self.frames_done[s]),
-                audio_seconds=min(self.frames_done[s] * g.encoder_frame_seconds,
-                                  (audio_end[i] / g.sample_rate) if audio_end[i] >= 0 else math.inf)))
+        # Success: commit every piece of state. Nothing above wrote any stream's state.
+        try:
+            P = self.geometry.pre_encode_frames
+            self.pool.scatter(idx, {
+                "cache_channel": cc_next, "cache_time": ct_next, "cache_len": ccl_next,
+                "pre_encode": x[:, :, -P:] if P else x[:, :, :0],
+                **decoded.state,
+            })
+            self.featurizer.commit(slots, samples, windows, starts, fresh_host)
+            updates = []
+            g = self.geometry
+            for i, c in enumerate(chunks):
+                s = c.slot
+                if c.first:
+                    self.frames_done[s] = 0
+                    self.text_started[s] = False
+                    self.finished[s] = False
+                base = int(self.frames_done[s])
+                k = chunk_index[i]
+                final = bool(audio_end[i] >= 0 and (k + 1) * g.chunk_frames >= g.n_frames(int(audio_end[i])))
+                tokens = tuple(TokenEvent(token_id=lab, piece=self.model.pieces[lab], frame=base + fr)
+                               for lab, fr in zip(decoded.labels[i], decoded.frames[i]))
+                text = self._text(s, tokens)
+                self.chunks_done[s] = k + 1
+                self.frames_done[s] = base + int(enc_len_host[i])
+                self.finished[s] = final
+                updates.append(StreamUpdate(
+                    stream_id=c.stream_id, slot=s, tokens=tokens, text_delta=text, is_final=final,
+                    frames_decoded=int(self.frames_done[s]),
+                    audio_seconds=min(self.frames_done[s] * g.encoder_frame_seconds,
+                                      (audio_end[i] / g.sample_rate) if audio_end[i] >= 0 else math.inf)))
+        except Exception as exc:
+            ids = tuple(c.stream_id for c in chunks)
+            raise StreamStateLostError(f"committing the step's state failed ({type(exc).__name__}: {exc}); "
+                                       f"the state of {len(ids)} streams is lost", ids) from exc
         t4 = time.perf_counter()
         timings = StepTimings(features_ms=1e3 * (t1 - t0), encoder_ms=1e3 * (t2 - t1),
                               decode_ms=1e3 * (t3 - t2), total_ms=1e3 * (t4 - t0))

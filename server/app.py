@@ -155,6 +155,9 @@ class _Observer(SchedulerObserver):
         self._metrics.engine_dead(reason)
         self._on_engine_dead(reason)
 
+    def step_fault(self, kind: str) -> None:
+        self._metrics.step_fault(kind)
+
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host

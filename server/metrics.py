@@ -42,11 +42,18 @@ class ServerMetrics(SchedulerObserver):
         self.errors = Counter("asr_errors", "RPCs that ended with an error, by status code", ["method", "code"], registry=r)
         self.rpcs = Counter("asr_rpcs", "RPCs finished, by status code", ["method", "code"], registry=r)
         self.audio_seconds = Counter("asr_audio_seconds", "Seconds of audio received", registry=r)
+        self.step_faults = Counter("asr_step_faults", "Failed engine step attempts, by what the scheduler did "
+                                   "(retry, split, overloaded, isolated, lost)", ["kind"], registry=r)
+        self.max_batch = Gauge("asr_max_batch", "Largest batch the scheduler forms now (lowered after out of memory)",
+                               registry=r)
+        self.refused = Counter("asr_refused", "Calls refused before any work, by reason (unauthenticated, "
+                               "client_stream_limit)", ["reason"], registry=r)
         self._http = None
 
     def bind(self, scheduler: Scheduler) -> None:
         self.active_streams.set_function(lambda: scheduler.active_streams)
         self.slots_in_use.set_function(scheduler.slots_in_use)
+        self.max_batch.set_function(lambda: scheduler.max_batch)
         self.registry.register(_ExecutionsCollector(scheduler))
 
     # -- SchedulerObserver -------------------------------------------------------------------
@@ -62,6 +69,9 @@ class ServerMetrics(SchedulerObserver):
 
     def engine_dead(self, reason: str) -> None:
         self.engine_up.set(0)
+
+    def step_fault(self, kind: str) -> None:
+        self.step_faults.labels(kind=kind).inc()
 
     # -- transport ---------------------------------------------------------------------------
     def rpc_finished(self, method: str, code: str) -> None:

@@ -22,13 +22,15 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.api import BadChunkError, ChunkWork, EngineError, EngineState, StepPlan, StepResult, StreamingEngine
+from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, StepPlan, StepResult,
+                         StreamingEngine, StreamStateLostError)
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure
 from server.stream_state import StreamState, StreamStatus
 
@@ -65,6 +67,11 @@ class SchedulerObserver:
                   engine: str, executions: dict[str, int]) -> None: ...
     def chunk_answered(self, latency_seconds: float) -> None: ...
     def engine_dead(self, reason: str) -> None: ...
+    # A step attempt that raised, by what the scheduler did about it: "retry" (the same batch
+    # again), "split" (halves), "overloaded" (out of memory: halves and a lower max batch),
+    # "isolated" (one stream failed alone), "lost" (state lost in the commit).
+    def step_fault(self, kind: str) -> None: ...
+    def max_batch_lowered(self, max_batch: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -76,13 +83,19 @@ class _Planned:
     ready_at: float   # when its audio was complete (per-chunk latency starts here)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _StepOutcome:
-    ran: tuple[_Planned, ...]      # chunks that went into the successful engine.step
-    result: StepResult | None
-    rejected: dict[str, str]       # stream id -> BadChunkError message
-    step_seconds: float
-    executions: dict[str, int]
+    """What one submitted batch came to, after retries and splits on the engine thread."""
+
+    done: list[tuple[tuple[_Planned, ...], StepResult]] = field(default_factory=list)  # successful engine steps
+    rejected: dict[str, str] = field(default_factory=dict)  # stream id -> BadChunkError message
+    failed: dict[str, str] = field(default_factory=dict)    # stream id -> why its chunk could not run
+    lost: dict[str, str] = field(default_factory=dict)      # stream id -> StreamStateLostError message
+    faults: list[str] = field(default_factory=list)         # SchedulerObserver.step_fault kinds, in order
+    errors: list[str] = field(default_factory=list)         # the exceptions of failed attempts, for the log
+    max_batch: int | None = None                            # lowered to this after running out of memory
+    step_seconds: float = 0.0
+    executions: dict[str, int] = field(default_factory=dict)
 
 
 class StreamHandle:
@@ -204,6 +217,11 @@ class Scheduler:
 
     def slots_in_use(self) -> int:
         return self.engine.slots_in_use()
+
+    @property
+    def ready_streams(self) -> int:
+        """Streams whose next chunk waits in the ready queue."""
+        return len(self._ready)
 
     def check_admission(self) -> None:
         """Raise StreamError when a new stream would be refused (cheap; no slot taken)."""
@@ -434,26 +452,97 @@ class Scheduler:
         task.add_done_callback(self._step_tasks.discard)
 
     def _run_step(self, planned: tuple[_Planned, ...]) -> _StepOutcome:
-        """On the engine thread. Drops chunks of streams that ended meanwhile, and retries
-        without the chunks a BadChunkError names (it promises no state was touched)."""
-        live = [p for p in planned if p.stream.status.accepts_chunks]
-        rejected: dict[str, str] = {}
-        result: StepResult | None = None
+        """On the engine thread: run the batch, isolating what fails.
+
+        The engine promises that a step that raises changed no stream's state, so any subset
+        of the batch may simply run again:
+          - BadChunkError: the named streams are rejected, the rest runs again at once;
+          - EngineOverloadedError (out of device memory): the batch runs again in halves, and
+            the maximum batch drops to the size that could not run, halved;
+          - StreamStateLostError: the named streams fail (their state is gone), the rest runs again;
+          - any other error: the same batch runs once more (a transient fault), then in halves,
+            recursively, so the stream whose chunk makes the engine fail fails alone and the
+            others go on. A bounded number of attempts keeps a dead engine from being tried
+            2n times per batch: what is left when they run out fails.
+        Chunks of streams that ended meanwhile are dropped before every attempt."""
+        out = _StepOutcome()
         t0 = time.perf_counter()
-        while live:
+        max_batch = self.max_batch
+        n = len(planned)
+        budget = 2 + 4 * math.ceil(math.log2(n)) if n > 1 else 2  # attempts for failures other than memory
+        # (group, retried): retried groups, and halves of a failed group, split on their next failure.
+        work: collections.deque[tuple[list[_Planned], bool]] = collections.deque([(list(planned), False)])
+        while work:
+            group, retried = work.popleft()
+            group = [p for p in group if p.stream.status.accepts_chunks]
+            if not group:
+                continue
+            if len(group) > max_batch:
+                parts = [group[i:i + max_batch] for i in range(0, len(group), max_batch)]
+                work.extendleft((part, retried) for part in reversed(parts))
+                continue
             try:
-                result = self.engine.step(StepPlan(tuple(p.work for p in live)))
-                break
+                result = self.engine.step(StepPlan(tuple(p.work for p in group)))
             except BadChunkError as exc:
-                bad = set(exc.stream_ids) & {p.work.stream_id for p in live}
+                bad = set(exc.stream_ids) & {p.work.stream_id for p in group}
                 if not bad:
                     raise
                 for stream_id in bad:
-                    rejected[stream_id] = str(exc)
-                live = [p for p in live if p.work.stream_id not in bad]
-        seconds = time.perf_counter() - t0
-        return _StepOutcome(tuple(live) if result is not None else (), result, rejected, seconds,
-                            dict(self.engine.executions()))
+                    out.rejected[stream_id] = str(exc)
+                work.appendleft(([p for p in group if p.work.stream_id not in bad], retried))
+                continue
+            except StreamStateLostError as exc:
+                lost = set(exc.stream_ids) & {p.work.stream_id for p in group}
+                out.faults.append("lost")
+                out.errors.append(f"{type(exc).__name__}: {exc}")
+                for p in group:
+                    if p.work.stream_id in lost or not lost:
+                        out.lost[p.work.stream_id] = str(exc)
+                rest = [p for p in group if p.work.stream_id not in out.lost]
+                if rest:
+                    work.appendleft((rest, retried))
+                continue
+            except EngineOverloadedError as exc:
+                out.errors.append(f"{type(exc).__name__}: {exc}")
+                if len(group) == 1:  # out of memory even alone: nothing smaller to try
+                    out.faults.append("isolated")
+                    out.failed[group[0].work.stream_id] = f"the engine ran out of memory on this stream alone: {exc}"
+                    continue
+                out.faults.append("overloaded")
+                half = (len(group) + 1) // 2
+                if half < max_batch:
+                    max_batch = half
+                    out.max_batch = max_batch
+                work.appendleft((group[half:], retried))
+                work.appendleft((group[:half], retried))
+                continue
+            except Exception as exc:  # noqa: BLE001 - the engine failed: retry, then isolate
+                out.errors.append(f"{type(exc).__name__}: {exc}")
+                budget -= 1
+                if budget <= 0:
+                    for p in group:
+                        out.failed[p.work.stream_id] = f"engine step failed: {exc}"
+                    for rest, _ in work:
+                        for p in rest:
+                            out.failed[p.work.stream_id] = f"engine step failed: {exc}"
+                    work.clear()
+                    break
+                if not retried:
+                    out.faults.append("retry")
+                    work.appendleft((group, True))
+                elif len(group) > 1:
+                    out.faults.append("split")
+                    half = (len(group) + 1) // 2
+                    work.appendleft((group[half:], True))
+                    work.appendleft((group[:half], True))
+                else:
+                    out.faults.append("isolated")
+                    out.failed[group[0].work.stream_id] = f"engine step failed: {exc}"
+                continue
+            out.done.append((tuple(group), result))
+        out.step_seconds = time.perf_counter() - t0
+        out.executions = dict(self.engine.executions())
+        return out
 
     async def _complete_step(self, planned: tuple[_Planned, ...], future: asyncio.Future,
                              queue_waits: list[float]) -> None:
@@ -463,14 +552,38 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - a failed step fails its streams, not the server
                 self._step_failed(planned, exc)
                 return
-            self._consecutive_failures = 0
             self.executions = outcome.executions
+            for kind in outcome.faults:
+                self.observer.step_fault(kind)
+            if outcome.max_batch is not None and outcome.max_batch < self.max_batch:
+                self.max_batch = outcome.max_batch
+                log.warning("engine out of memory: max batch lowered", extra={"max_batch": self.max_batch})
+                self.observer.max_batch_lowered(self.max_batch)
+            if outcome.errors:
+                log.error("engine step attempts failed", extra={
+                    "streams": [p.work.stream_id for p in planned], "attempts_failed": len(outcome.errors),
+                    "isolated": sorted(outcome.failed), "errors": outcome.errors[-3:]})
             for stream_id, message in outcome.rejected.items():
                 stream = self._streams.get(stream_id)
                 if stream is not None:
                     self._fail(stream, ErrorKind.INVALID_ARGUMENT, f"the engine rejected this stream's audio: {message}")
-            if outcome.result is not None:
-                self._scatter(outcome, queue_waits)
+            for ran, result in outcome.done:
+                self._scatter(ran, result, outcome, queue_waits)
+                queue_waits = []
+            by_id = {p.work.stream_id: p.stream for p in planned}
+            for stream_id, message in outcome.lost.items():
+                self._fail(by_id[stream_id], ErrorKind.INTERNAL, f"the engine lost this stream's state: {message}")
+            if outcome.done:
+                self._consecutive_failures = 0
+                for stream_id, message in outcome.failed.items():
+                    self._fail(by_id[stream_id], ErrorKind.INTERNAL,
+                               f"{message} (the other streams of its batch went on)")
+            elif outcome.failed or outcome.lost:
+                # Nothing of this batch ran: the engine itself may be broken.
+                reason = outcome.errors[-1] if outcome.errors else "unknown error"
+                self._count_failure(reason)
+                for stream_id, message in outcome.failed.items():
+                    self._fail(by_id[stream_id], ErrorKind.INTERNAL, message)
         except Exception:  # noqa: BLE001
             log.exception("applying a step result failed")
             for p in planned:
@@ -485,21 +598,21 @@ class Scheduler:
             self._steps_in_flight -= 1
             self._wakeup.set()
 
-    def _scatter(self, outcome: _StepOutcome, queue_waits: list[float]) -> None:
-        result = outcome.result
-        assert result is not None
+    def _scatter(self, ran: tuple[_Planned, ...], result: StepResult, outcome: _StepOutcome,
+                 queue_waits: list[float]) -> None:
         by_id = {u.stream_id: u for u in result.updates}
-        expected = [p.work.stream_id for p in outcome.ran]
+        expected = [p.work.stream_id for p in ran]
         if len(result.updates) != len(expected) or set(by_id) != set(expected):
             # The books cannot be trusted for any stream of this step.
             message = (f"engine returned {len(result.updates)} updates for a plan of {len(expected)} chunks")
             log.error(message)
-            for p in outcome.ran:
+            for p in ran:
                 self._fail(p.stream, ErrorKind.INTERNAL, message)
             return
-        self.observer.step_done(len(expected), outcome.step_seconds, queue_waits, result.engine, outcome.executions)
+        self.observer.step_done(len(expected), outcome.step_seconds / max(1, len(outcome.done)), queue_waits,
+                                result.engine, outcome.executions)
         now = time.monotonic()
-        for p in outcome.ran:
+        for p in ran:
             stream, update = p.stream, by_id[p.work.stream_id]
             index = stream.next_chunk
             stream.next_chunk += 1
@@ -524,14 +637,19 @@ class Scheduler:
                 stream.set_status(StreamStatus.FINISHED)
 
     def _step_failed(self, planned: tuple[_Planned, ...], exc: BaseException) -> None:
-        self._consecutive_failures += 1
-        log.error("engine step failed", exc_info=exc,
-                  extra={"streams": [p.work.stream_id for p in planned], "failures": self._consecutive_failures})
+        """The step's own machinery raised (not an engine error it handles): fail its streams."""
+        log.error("engine step failed", exc_info=exc, extra={"streams": [p.work.stream_id for p in planned]})
+        self._count_failure(f"{type(exc).__name__}: {exc}")
         for p in planned:
             self._fail(p.stream, ErrorKind.INTERNAL, f"engine step failed: {exc}")
+
+    def _count_failure(self, reason: str) -> None:
+        """A batch of which nothing ran. Enough in a row mark the engine dead: every open stream
+        then gets UNAVAILABLE (retry elsewhere), this batch's included."""
+        self._consecutive_failures += 1
         state = getattr(self.engine, "state", None)
         if state is EngineState.DEAD or self._consecutive_failures >= self.config.dead_after_failures:
-            self._mark_dead(f"{self._consecutive_failures} consecutive failed steps, last: {exc}")
+            self._mark_dead(f"{self._consecutive_failures} consecutive failed steps, last: {reason}")
 
     def _mark_dead(self, reason: str) -> None:
         if self.dead_reason is not None:

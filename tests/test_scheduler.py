@@ -201,13 +201,18 @@ async def test_step_failure_fails_its_streams_then_engine_dead_after_repeats():
     sched = Scheduler(engine, SchedulerConfig(dead_after_failures=2), Obs())
     await sched.start()
     await sched.warmup()
-    engine.fail_next_steps = 1
+    retried = make_audio(7, 8000)
+    expected = transcribe_alone(engine, retried)
+    engine.fail_next_steps = 1  # a transient fault: the retry succeeds
+    events = await run_one(sched, retried, 7)
+    assert events[-1].is_final and events[-1].transcript == expected
+    engine.fail_next_steps = 2  # the attempt and its retry fail: the stream fails
     events = await run_one(sched, make_audio(8, 8000), 8)
     assert isinstance(events[-1], StreamFailure) and events[-1].kind is ErrorKind.INTERNAL
     assert "injected step failure" in events[-1].message
     ok = await run_one(sched, make_audio(9, 8000), 9)  # the server goes on
     assert ok[-1].is_final
-    engine.fail_next_steps = 2
+    engine.fail_next_steps = 4
     await run_one(sched, make_audio(10, 8000), 10)
     await run_one(sched, make_audio(11, 8000), 11)
     assert dead and sched.dead_reason

@@ -203,7 +203,7 @@ async def test_max_stream_duration_is_out_of_range():
 async def test_engine_failure_is_internal_and_the_server_goes_on():
     engine = make_engine(FAKE)
     async with running_server(engine) as server, stub_for(server) as stub:
-        engine.fail_next_steps = 1
+        engine.fail_next_steps = 2  # the attempt and its retry
         with pytest.raises(grpc.RpcError) as err:
             await run_stream_sync(server, requests_for(PCM))
         assert err.value.code() == grpc.StatusCode.INTERNAL and "engine step failed" in err.value.details()
