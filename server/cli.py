@@ -19,6 +19,7 @@ from engines.api import StreamingEngine
 from engines.config import DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, EngineConfig
 from server.app import AsrServer, ServerSettings
 from server.logging_setup import configure_logging
+from server.riva_convert import RivaSettings
 from server.scheduler import SchedulerConfig
 from server.servicer import TransportLimits
 
@@ -57,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--idle-timeout-s", type=float, default=30.0, help="end a stream the client sends nothing on")
     s.add_argument("--max-stream-seconds", type=float, default=3600.0, help="most audio per stream")
     s.add_argument("--drain-grace-s", type=float, default=30.0, help="SIGTERM: time open streams get to finish")
+    r = p.add_argument_group("Riva-compatible API (nvidia.riva.asr.RivaSpeechRecognition, on the same port)")
+    r.add_argument("--riva-model-punctuates", action="store_true",
+                   help="the model's own text carries punctuation: honour enable_automatic_punctuation=true "
+                        "(refused otherwise)")
+    r.add_argument("--riva-model-written-form", action="store_true",
+                   help="the model writes numbers and the like in written form: honour verbatim_transcripts=false "
+                        "(the proto default, a request for inverse text normalization; refused otherwise)")
     o = p.add_argument_group("operations")
     o.add_argument("--log-level", default="INFO")
     o.add_argument("--log-format", default="text", choices=("text", "json"))
@@ -78,6 +86,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         metrics_port=None if args.no_metrics else args.metrics_port,
         max_message_bytes=int(args.max_message_mb * (1 << 20)), drain_grace_s=args.drain_grace_s,
         model_aliases=(args.model,),
+        riva=RivaSettings(model_punctuates=args.riva_model_punctuates, model_written_form=args.riva_model_written_form),
         limits=TransportLimits(idle_timeout_s=args.idle_timeout_s,
                                max_audio_message_bytes=int(args.max_audio_message_kb * 1024)),
         scheduler=SchedulerConfig(batch_wait_s=args.batch_wait_ms / 1000.0,
