@@ -38,6 +38,10 @@ class ServerSettings:
     metrics_port: int | None = 9400        # None: no metrics endpoint; 0: any free port
     max_message_bytes: int = 32 << 20      # transport limit; a unary Recognize carries a whole file
     drain_grace_s: float = 30.0            # SIGTERM: how long open streams may take to finish
+    # Once the engine is dead: seconds to keep answering (health NOT_SERVING, new streams
+    # UNAVAILABLE) after the open streams got UNAVAILABLE, then stop, so the process exits and an
+    # orchestrator restarts it. None: keep running dead (a library user decides).
+    exit_on_engine_death_s: float | None = None
     model_aliases: tuple[str, ...] = ()    # other names clients may use for the served model
     limits: TransportLimits = field(default_factory=TransportLimits)
     riva: RivaSettings = field(default_factory=RivaSettings)  # the Riva-compatible API on the same port
@@ -52,6 +56,8 @@ class ServerSettings:
             raise ValueError("max_message_bytes must be at least limits.max_audio_message_bytes")
         if self.drain_grace_s < 0:
             raise ValueError("drain_grace_s must be >= 0")
+        if self.exit_on_engine_death_s is not None and self.exit_on_engine_death_s < 0:
+            raise ValueError("exit_on_engine_death_s must be >= 0 (or None: never)")
 
 
 class AsrServer:
@@ -69,6 +75,7 @@ class AsrServer:
         self._stopped = asyncio.Event()
         self._draining = False
         self._stopping = False
+        self._death_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Listen, warm the engine up, then report SERVING. Raises if the warm-up fails."""
@@ -106,7 +113,22 @@ class AsrServer:
             await self.health.set(service, status)
 
     def _on_engine_dead(self, reason: str) -> None:
-        asyncio.get_running_loop().create_task(self._set_health(_NOT_SERVING))
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._set_health(_NOT_SERVING))
+        if self.settings.exit_on_engine_death_s is not None and not self._stopping:
+            self._death_task = loop.create_task(self._stop_after_engine_death(reason))
+
+    async def _stop_after_engine_death(self, reason: str) -> None:
+        # The open streams were failed with UNAVAILABLE; let their handlers send that out.
+        await self.scheduler.wait_idle(max(5.0, self.settings.exit_on_engine_death_s))
+        await asyncio.sleep(self.settings.exit_on_engine_death_s)
+        log.critical("stopping: the engine is dead", extra={"reason": reason})
+        await self.stop(grace_s=1.0)
+
+    @property
+    def engine_failure(self) -> str | None:
+        """Why the engine was marked dead, or None while it serves."""
+        return self.scheduler.dead_reason
 
     async def drain(self) -> bool:
         """Graceful shutdown: NOT_SERVING, refuse new streams with UNAVAILABLE, let open streams

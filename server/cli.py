@@ -25,6 +25,7 @@ from server.servicer import TransportLimits
 
 log = logging.getLogger("nemostream.cli")
 DEFAULT_FACTORY = "engines.factory:build_engine"
+EXIT_ENGINE_DEAD = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--idle-timeout-s", type=float, default=30.0, help="end a stream the client sends nothing on")
     s.add_argument("--max-stream-seconds", type=float, default=3600.0, help="most audio per stream")
     s.add_argument("--drain-grace-s", type=float, default=30.0, help="SIGTERM: time open streams get to finish")
+    s.add_argument("--dead-after-failures", type=int, default=3,
+                   help="consecutive engine steps of which nothing ran that mark the engine dead")
+    s.add_argument("--exit-on-engine-death-s", type=float, default=1.0,
+                   help=f"once the engine is dead (health NOT_SERVING, streams UNAVAILABLE), exit with status "
+                        f"{EXIT_ENGINE_DEAD} after this many seconds so an orchestrator restarts the server; "
+                        "negative: never exit")
     r = p.add_argument_group("Riva-compatible API (nvidia.riva.asr.RivaSpeechRecognition, on the same port)")
     r.add_argument("--riva-model-punctuates", action="store_true",
                    help="the model's own text carries punctuation: honour enable_automatic_punctuation=true "
@@ -85,13 +92,15 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.no_metrics else args.metrics_port,
         max_message_bytes=int(args.max_message_mb * (1 << 20)), drain_grace_s=args.drain_grace_s,
+        exit_on_engine_death_s=None if args.exit_on_engine_death_s < 0 else args.exit_on_engine_death_s,
         model_aliases=(args.model,),
         riva=RivaSettings(model_punctuates=args.riva_model_punctuates, model_written_form=args.riva_model_written_form),
         limits=TransportLimits(idle_timeout_s=args.idle_timeout_s,
                                max_audio_message_bytes=int(args.max_audio_message_kb * 1024)),
         scheduler=SchedulerConfig(batch_wait_s=args.batch_wait_ms / 1000.0,
                                   max_stream_seconds=args.max_stream_seconds,
-                                  stall_timeout_s=max(args.idle_timeout_s, 1.0)),
+                                  stall_timeout_s=max(args.idle_timeout_s, 1.0),
+                                  dead_after_failures=args.dead_after_failures),
     )
 
 
@@ -122,6 +131,10 @@ async def serve(engine: StreamingEngine, settings: ServerSettings) -> int:
     print(f"asr-server: listening on {settings.host}:{server.port} (engine {server.scheduler.engine_name}){metrics}",
           flush=True)
     await server.wait_stopped()
+    if server.engine_failure is not None:
+        print(f"asr-server: the engine failed ({server.engine_failure}); exiting with status {EXIT_ENGINE_DEAD} "
+              "so that a supervisor restarts the server", file=sys.stderr, flush=True)
+        return EXIT_ENGINE_DEAD
     return 0
 
 

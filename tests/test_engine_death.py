@@ -1,0 +1,105 @@
+"""Repeated engine failure on a real `asr-server` process (--engine-factory pointing to an
+engine that warms up and then fails every step): the streams in the failing steps get
+INTERNAL until the engine is marked dead, then health is NOT_SERVING, every open stream gets
+UNAVAILABLE, and the process exits with a non-zero status so an orchestrator restarts it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto import asr_stream_pb2_grpc as pb_grpc
+from server.cli import EXIT_ENGINE_DEAD
+from tests.server_harness import RATE, audio, config, pcm16_audio, requests_for, scrape
+
+pytestmark = pytest.mark.asyncio
+ROOT = Path(__file__).resolve().parent.parent
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def start_server(factory: str, *extra: str) -> tuple[asyncio.subprocess.Process, int, int]:
+    """The process, its gRPC port and its metrics port."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "--engine-factory", factory,
+        "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+        "--max-streams", "16", "--max-batch", "8", *extra,
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    seen = []
+    while True:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+        if not line:
+            raise AssertionError(f"server exited before listening: {seen} {(await proc.stderr.read()).decode()}")
+        seen.append(line)
+        if match := re.search(r"listening on 127\.0\.0\.1:(\d+).*metrics on http://127\.0\.0\.1:(\d+)", line):
+            return proc, int(match.group(1)), int(match.group(2))
+
+
+def sync_outcome(port: int, requests) -> tuple[str, str]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            list(pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(iter(requests)))
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details() or ""
+    return "OK", ""
+
+
+async def test_repeated_engine_failure_goes_not_serving_fails_open_streams_unavailable_and_exits_nonzero():
+    proc, port, metrics_port = await start_server(
+        "tests.fault_engine:build_dead_engine", "--dead-after-failures", "2", "--exit-on-engine-death-s", "0.5")
+    target = f"127.0.0.1:{port}"
+    resume = asyncio.Event()
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == SERVING
+
+            async def bystander(i: int) -> tuple[str, str]:
+                async def requests():
+                    yield config()
+                    yield audio(pcm16_audio(i, 800).tobytes())  # less than a chunk: in no step
+                    await resume.wait()
+
+                try:
+                    _ = [r async for r in pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(requests())]
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, exc.details() or ""
+                return "OK", ""
+
+            bystanders = [asyncio.create_task(bystander(i)) for i in range(3)]
+            for _ in range(2000):
+                if scrape(metrics_port)["asr_active_streams"] == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert scrape(metrics_port)["asr_active_streams"] == 3
+
+            trigger = requests_for(pcm16_audio(9, RATE).tobytes())
+            first = await asyncio.to_thread(sync_outcome, port, trigger)
+            assert first[0] == "INTERNAL" and "engine step failed: injected fault: the device is gone" in first[1]
+            second = await asyncio.to_thread(sync_outcome, port, trigger)
+            assert second[0] == "UNAVAILABLE" and "the engine failed: 2 consecutive failed steps" in second[1]
+            for code, details in await asyncio.gather(*bystanders):
+                assert code == "UNAVAILABLE" and "the engine failed" in details
+            statuses = []
+            try:
+                while (message := await watch.read()) is not grpc.aio.EOF:
+                    statuses.append(message.status)
+            except grpc.aio.AioRpcError:
+                pass  # the server went away under the watch
+            assert statuses and statuses[-1] == NOT_SERVING and SERVING not in statuses
+        assert await asyncio.wait_for(proc.wait(), 60) == EXIT_ENGINE_DEAD
+        stderr = (await proc.stderr.read()).decode()
+        assert f"exiting with status {EXIT_ENGINE_DEAD}" in stderr and "engine marked dead" in stderr
+    finally:
+        resume.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
