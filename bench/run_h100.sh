@@ -42,7 +42,7 @@ if [ "$SMOKE" = 1 ]; then
     # about 80 s of a 2-core machine, so it runs only with SMOKE_BASELINE=1 (in the background).
     SMOKE_BASELINE=${SMOKE_BASELINE:-0}
     BASE_ARGS=${BASE_ARGS:-"2 64 cpu float32 4 2 70,1;70,6 4"}
-    BASE_TIMEOUT=${BASE_TIMEOUT:-150}
+    BASE_TIMEOUT=${BASE_TIMEOUT:-300}
 else
     BUDGET_S=${BUDGET_S:-500}
     MODEL=${MODEL:-builtin:nemotron-0.6b}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-float16}
