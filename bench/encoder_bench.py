@@ -16,10 +16,16 @@ Quick CPU check of the script itself:
 
   python bench/encoder_bench.py --device cpu --model builtin:tiny --batches 1,2 --out /tmp/enc.json
 
-Variants (--variants, default: all that can run on the device): eager, cudagraph,
-cudagraph+sdpa, cudagraph+compile, onnx-cuda, tensorrt (CUDA); eager, cudagraph-nograph (the
-CUDA-graph engine's bucket/padding path without capture), onnx (CPU). Variants that cannot run
-(no onnxruntime CUDA provider, no TensorRT) are listed as skipped with the reason.
+Variants (--variants, default: all that can run on the device). CUDA: eager (NeMo's module, the
+reference), cudagraph (engines/cudagraph_engine.py), cudagraph+sdpa (torch SDPA attention),
+fast-cudagraph (engines/fast_conformer.py, projected K/V cache, when present), cudagraph+compile
+and fast-cudagraph+compile (torch.compile under the graphs), onnx-cuda (needs onnxruntime-gpu),
+tensorrt (needs TensorRT); on request also cudagraph+compile+sdpa and cudagraph+compile-step
+(whole-step compile: slow to build). CPU: eager, cudagraph-nograph (the CUDA-graph engine's
+bucket/padding path without capture), fast, onnx. Variants that cannot run here are listed as
+skipped with the reason. Engines with their own cache layout (fast-*) are timed on zero caches
+of that layout; their parity comes from the self-check (streams at different positions, each
+engine carrying its own caches) and the token agreement, not from the per-batch error columns.
 
 Work runs in priority order (cheap and important first) within --time-budget seconds; what is
 left when the budget is spent is reported as skipped. The JSON file is rewritten after every
@@ -58,7 +64,8 @@ from engines.streaming_engine import StreamingEngine  # noqa: E402
 CUDA_VARIANTS = ("eager", "cudagraph", "cudagraph+sdpa", "fast-cudagraph", "cudagraph+compile",
                  "fast-cudagraph+compile", "onnx-cuda", "tensorrt")
 CPU_VARIANTS = ("eager", "cudagraph-nograph", "fast", "onnx")
-ALL_VARIANTS = tuple(dict.fromkeys(CUDA_VARIANTS + CPU_VARIANTS + ("cudagraph+compile+sdpa", "fast")))
+ALL_VARIANTS = tuple(dict.fromkeys(CUDA_VARIANTS + CPU_VARIANTS + ("cudagraph+compile+sdpa", "cudagraph+compile-step",
+                                                                   "fast")))
 # Seconds of budget a variant needs left before it starts (compilation and exports are slow).
 RESERVE_S = {"compile": 150.0, "onnx": 90.0, "tensorrt": 150.0}
 
@@ -262,8 +269,8 @@ def variant_reason(name: str, dev) -> str | None:
         return f"unknown variant (choose from {', '.join(ALL_VARIANTS)})"
     if dev.type == "cuda" and name in ("cudagraph-nograph", "onnx"):
         return "CPU-only variant"
-    if dev.type != "cuda" and name in ("cudagraph", "cudagraph+sdpa", "cudagraph+compile", "cudagraph+compile+sdpa",
-                                       "onnx-cuda", "tensorrt", "fast-cudagraph", "fast-cudagraph+compile"):
+    if dev.type != "cuda" and name.startswith(("cudagraph", "onnx-cuda", "tensorrt", "fast-cudagraph")) \
+            and name != "cudagraph-nograph":
         return "needs CUDA"
     if name.startswith("fast"):
         try:
@@ -307,10 +314,12 @@ def build_variant(name: str, model, lookahead: int, dev, dtype, buckets: list[in
     if name.startswith("cudagraph"):
         compile_ = "compile" in name
         sdpa = "sdpa" in name
+        scope = "step" if "compile-step" in name else "layers"
         if compile_:
             torch._dynamo.reset()
         try:
-            return CudaGraphEncoder(enc, io, dev, dtype, max(buckets), buckets=buckets, compile=compile_, sdpa=sdpa)
+            return CudaGraphEncoder(enc, io, dev, dtype, max(buckets), buckets=buckets, compile=compile_,
+                                    compile_scope=scope, sdpa=sdpa)
         finally:
             if sdpa:  # the captured graphs keep SDPA; the shared module (eager reference) goes back
                 set_sdpa(enc, False)

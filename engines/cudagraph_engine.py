@@ -17,12 +17,17 @@ scatters the caches into the slot pool before it runs the encoder again.
 All capture happens at construction: warm-up (cuDNN/cuBLAS autotuning, optional torch.compile)
 and one capture per bucket, largest first. `captures` counts graph captures; it must stay equal
 to the number of buckets for the life of the engine (no recapture in steady state), and
-`replays` counts executions.
+`executions` counts replays.
 
-Options: `compile=True` runs the step through torch.compile (inductor) under the graphs, with
-the batch axis marked dynamic so one compilation serves every bucket past 1; `sdpa=True` switches
-NeMo's attention to torch's scaled_dot_product_attention with the relative-position bias as the
-mask (a property of the shared module: it changes the eager reference too).
+Options: `compile=True` runs the step through torch.compile (inductor) under the graphs.
+`compile_scope="layers"` (default) compiles the Conformer layer's forward once and runs every
+layer through it (the 24 layers share one compiled graph: compile time is that of one layer,
+and the batch axis goes dynamic after the second bucket, so about three compilations serve all
+buckets); `compile_scope="step"` compiles the whole step (one graph, much longer compile). The
+compiled code is only swapped in while tracing and capturing: the shared NeMo module, which the
+eager reference uses, never runs compiled code. `sdpa=True` switches NeMo's attention to
+torch's scaled_dot_product_attention with the relative-position bias as the mask (a property of
+the shared module: it changes the eager reference too).
 
 `use_graphs=False` runs the same static-buffer, bucket and padding path without capturing:
 this is how the padding logic is tested on machines without CUDA.

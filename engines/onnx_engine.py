@@ -114,7 +114,8 @@ class OnnxRunner(CountingRunner):
             outputs[name] = t
         # ONNX Runtime runs on its own stream: the inputs torch produced must be ready first.
         torch.cuda.current_stream(dev).synchronize()
-        self.session.run_with_iobinding(binding)  # synchronizes its stream before returning
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # the outputs are complete before torch reads them
         return tuple(outputs[n] for n in OUTPUT_NAMES)
 
 

@@ -118,10 +118,17 @@ def atomic_write(path: str, data: bytes) -> None:
 
 
 # -- build --------------------------------------------------------------------------------------
-def _logger():
-    import tensorrt as trt
+_LOGGER = None
 
-    return trt.Logger(trt.Logger.WARNING)
+
+def _logger():
+    """One logger for every builder and runtime (TensorRT keeps the first one it is given)."""
+    global _LOGGER
+    if _LOGGER is None:
+        import tensorrt as trt
+
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
 
 
 def build_plan(onnx_path: str, io: EncoderIO, profile: BatchProfile, fp16: bool, timing_cache: str | None,
