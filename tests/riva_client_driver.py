@@ -139,6 +139,16 @@ def list_models(args) -> dict:
     return listed
 
 
+def health(args) -> dict:
+    """The client's own grpc.health.v1 stubs: overall and for the Riva ASR service."""
+    from riva.client.proto import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(riva.client.Auth(uri=args.server).channel)
+    return {service or "(server)": health_pb2.HealthCheckResponse.ServingStatus.Name(
+                stub.Check(health_pb2.HealthCheckRequest(service=service)).status)
+            for service in ("", "nvidia.riva.asr.RivaSpeechRecognition")}
+
+
 def refused(args) -> dict:
     """--speaker-diarization: the server cannot honour it and must say so."""
     asr = riva.client.ASRService(riva.client.Auth(uri=args.server))
@@ -196,6 +206,7 @@ def main() -> int:
                                               file_specs=True),
             "offline": lambda: offline(args),
             "models": lambda: list_models(args),
+            "health": lambda: health(args),
             "refused": lambda: refused(args),
         }
         result = {"riva_client_version": riva.client.__version__}

@@ -41,8 +41,12 @@ def _python(venv: Path) -> Path:
 def _build_venv() -> tuple[Path | None, str]:
     """The environment's python, or None and why not. Built once; a lock keeps two test runs
     from building it at the same time."""
-    VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(VENV.parent / f"{VENV.name}.lock", "w") as lock:
+    try:
+        VENV.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(VENV.parent / f"{VENV.name}.lock", "w")
+    except OSError as exc:
+        return None, str(exc)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         python = _python(VENV)
         if (VENV / _READY).exists() and python.exists():
@@ -62,7 +66,7 @@ def _build_venv() -> tuple[Path | None, str]:
         return python, ""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: resolved before the session's tiny_engine, so a skip builds no model
 def riva_python() -> Path:
     python, why = _build_venv()
     if python is None:
@@ -176,4 +180,5 @@ async def test_riva_client_scripts_against_the_real_tiny_engine(riva_python, tin
 
     name = tiny_engine.model_info.name
     assert got["models"] == {"online": {"en,hi": [{"model": [name]}]}, "offline": {"en,hi": [{"model": [name]}]}}
+    assert got["health"] == {"(server)": "SERVING", "nvidia.riva.asr.RivaSpeechRecognition": "SERVING"}
     assert got["refused"]["code"] == "INVALID_ARGUMENT" and "diarization" in got["refused"]["details"]
