@@ -49,7 +49,8 @@ class SelfCheck:
 def _features(model: LoadedModel, rows: int, steps: int, device: torch.device) -> list[torch.Tensor]:
     """Per step, [rows, n_mels, frames_in] float32 log-mel windows of speech-like audio."""
     io = encoder_io(model)
-    chunk = io.frames_in - model.nemo_model.encoder.streaming_cfg.pre_encode_cache_size[1]
+    cs = model.nemo_model.encoder.streaming_cfg.chunk_size
+    chunk = cs[1] if isinstance(cs, (list, tuple)) else cs
     need_frames = io.frames_in + chunk * (steps + rows)
     seconds = (need_frames + 2) * 0.01 + 0.1
     audio = torch.from_numpy(speechlike_audio(seconds, seed=1234))[None].to(device)
