@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import time
 import wave
 
 import grpc
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto.riva import riva_asr_pb2 as rpb
 from server.riva_convert import ResponsePacer, RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME
+from server.servicer import TransportLimits
 from tests.engine_alone import transcribe_alone
 from tests.riva_harness import (
     raw_config, riva_config, riva_final, riva_stream, riva_stub_for, riva_sync, stream_requests,
@@ -345,3 +347,35 @@ async def test_bad_offline_audio_is_invalid_argument():
             with pytest.raises(grpc.RpcError) as err:
                 await riva_sync(server, "Recognize", rpb.RecognizeRequest(config=config, audio=audio))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+async def test_idle_client_and_cancelled_stream_free_their_slots():
+    engine = make_engine(FAKE)
+    limits = TransportLimits(idle_timeout_s=0.5, max_audio_message_bytes=256 << 10)
+    async with running_server(engine, limits=limits) as server, riva_stub_for(server) as stub:
+        def idle():
+            yield stream_requests(raw_config(), [])[0]
+            yield rpb.StreamingRecognizeRequest(audio_content=b"\0\0" * 1600)
+            time.sleep(2.0)  # longer than the idle timeout
+
+        with pytest.raises(grpc.RpcError) as err:
+            await riva_sync(server, "StreamingRecognize", idle())
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "idle timeout" in err.value.details()
+
+        release = asyncio.Event()
+
+        async def requests():
+            yield stream_requests(raw_config(), [])[0]
+            for _ in range(10):
+                yield rpb.StreamingRecognizeRequest(audio_content=pcm16_audio(1, 1600).tobytes())
+            await release.wait()  # never: the client cancels first
+
+        call = stub.StreamingRecognize(requests())
+        first = await call.read()
+        assert first.results and not first.results[0].is_final
+        call.cancel()
+        for _ in range(200):
+            if server.scheduler.active_streams == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.scheduler.active_streams == 0 and engine.slots_in_use() == 0
