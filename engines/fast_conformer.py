@@ -38,6 +38,14 @@ Entry points:
 * `FastConformerEncoder`: an `EncoderEngine` ("fast") with NeMo's engine interface.
 * `FastCudaGraphEncoder`: the step captured once per batch bucket ("fast-cudagraph").
 
+Plugging in (engines/factory.py, EngineConfig.engine names): `build_fast_encoder(model, cfg,
+device, dtype)` returns the eager engine ("fast"), `build_fast_encoder(..., graphs=True)` the
+graph engine ("fast-cudagraph", buckets up to cfg.max_batch; `compile=True` adds torch.compile of
+the per-layer pieces). StreamingEngine needs nothing else: it sizes the slot pool from
+`cache_channel_shape`. A different graph wrapper (engines/cudagraph_engine.py) can use
+`FastStepBuffers` as its static buffers: copy a batch into `inputs(b)`, capture
+`fast_step(params, *step_args(b), bias_buffer=bias_buffer(b))`.
+
 Padded frames (past a row's valid length) are computed exactly as NeMo computes them too:
 attention outputs of padded query frames are zero, and padded frames enter the conv as zeros,
 so even the (unusable) next caches after a short last chunk equal NeMo's, projected.
@@ -192,7 +200,7 @@ class FastConformerParams:
 
         # Relative positions: row c of P is the encoding of distance (N - 1 - c), c in [0, R).
         pos = torch.arange(N - 1, N - 1 - R, -1, dtype=torch.float64, device=device)
-        pe = _sinusoids(pos, d)                                      # [R, d] fp32
+        pe = _sinusoids(pos, d)                                      # [R, d] fp64
         layers = []
         for layer in encoder.layers:
             att_m = layer.self_attn
@@ -220,7 +228,7 @@ class FastConformerParams:
             # C: depthwise conv, conv norm, FF2, output norm
             w4 = cast(f32(layer.feed_forward2.linear2.weight) * layer.fc_factor)
             b4 = cast(f32(layer.feed_forward2.linear2.bias, d) * layer.fc_factor)
-            part_c = (cast(conv.depthwise_conv.weight.squeeze(1)), cast(conv.depthwise_conv.bias),
+            part_c = (cast(conv.depthwise_conv.weight.squeeze(1)), cast(f32(conv.depthwise_conv.bias, d)),
                       *ln(conv.batch_norm), cast(conv.pointwise_conv2.weight.squeeze(-1)),
                       cast(conv.pointwise_conv2.bias), *ln(layer.norm_feed_forward2),
                       cast(layer.feed_forward2.linear1.weight), cast(layer.feed_forward2.linear1.bias), w4, b4,
@@ -274,17 +282,18 @@ class FastConformerParams:
                      + 2 * g.keys * d)           # QK^T and PV over 70 + T' keys
         return self._subsampling_flops() + 2 * per_frame * T * g.n_layers
 
-    def nemo_flops_per_stream(self) -> int:
-        """The same count for NeMo's module: K and V re-projected over all 70 + T' frames,
-        linear_pos over 2N-1 positions, the positional scores over all 2N-1 of them."""
+    def nemo_flops(self, batch: int) -> int:
+        """The same count for NeMo's module on `batch` streams: K and V re-projected over all
+        70 + T' frames, the positional scores over all 2N-1 relative positions, and linear_pos
+        over the 2N-1 positions once per step (its input is batch-independent)."""
         g = self.geo
         d, T, N = g.d_model, g.frames_out, g.keys
         per_layer = (T * (2 * (2 * d * g.d_ff) + d * d + d * d + 3 * d * d + d * g.conv_kernel)  # FFs, q, out, convs
                      + N * 2 * d * d                   # K and V over all frames
-                     + (2 * N - 1) * d * d             # linear_pos
                      + T * (2 * N - 1) * d             # matrix_bd
                      + 2 * T * N * d)                  # QK^T and PV
-        return self._subsampling_flops() + 2 * per_layer * g.n_layers
+        per_stream = self._subsampling_flops() + 2 * per_layer * g.n_layers
+        return batch * per_stream + 2 * (2 * N - 1) * d * d * g.n_layers
 
 
 def _sinusoids(pos: torch.Tensor, d: int) -> torch.Tensor:
