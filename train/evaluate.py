@@ -221,7 +221,7 @@ def main(argv=None) -> None:
     ap.add_argument("--limit-per-lang", type=int, default=None)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--verbose", action="store_true", help="print every wrong transcript")
     args = ap.parse_args(argv)
