@@ -230,3 +230,20 @@ def test_compiled_parts_equal_eager(engines):
         assert a.shape == b.shape
         assert torch.allclose(a.float(), b.float(), atol=ATOL, rtol=0)
     np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
+
+
+def test_startup_self_check_passes(engines):
+    """The factory's start-up self-check (engines.selfcheck) accepts both fast engines: their own
+    cache layout, counters that move, outputs equal to eager."""
+    from types import SimpleNamespace
+
+    from engines.fast_conformer import build_fast_encoder
+    from engines.selfcheck import check_encoder_engine
+
+    eager, _ = engines
+    cfg = SimpleNamespace(max_batch=4)
+    for graphs, opts in ((False, {}), (True, {"use_graphs": False})):
+        eng = build_fast_encoder(eager.model, cfg, torch.device("cpu"), torch.float32, graphs=graphs, **opts)
+        check = check_encoder_engine(eng, eager.model, torch.device("cpu"), torch.float32, 4)
+        assert check.passed, check.detail
+        assert check.executions_after - check.executions_before >= check.steps
