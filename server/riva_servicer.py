@@ -35,6 +35,7 @@ from server.scheduler import Scheduler, StreamHandle
 from server.servicer import TransportLimits
 from server.stream_config import ServedModel
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
+from server.stream_state import StreamStatus
 from server.wav_header import AudioError
 
 log = logging.getLogger("nemostream.riva")
@@ -55,9 +56,11 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
         self._frame_seconds = served.geometry.encoder_frame_seconds
 
     # -- StreamingRecognize --------------------------------------------------------------------
-    async def StreamingRecognize(self, request_iterator, context):
-        method, code, handle, reader = _METHOD + "StreamingRecognize", "OK", None, None
-        pacer, started, waits = ResponsePacer(), time.monotonic(), []
+    # A coroutine writing with context.write (not an async generator): while a write waits on a
+    # client that does not read, the call still sees its stream fail and ends.
+    async def StreamingRecognize(self, request_iterator, context) -> None:
+        method, code, handle, reader, call = _METHOD + "StreamingRecognize", "OK", None, None, None
+        started, closed = time.monotonic(), False
         try:
             requests = request_iterator.__aiter__()
             # Read the first request before any refusal: a server that ends the call before
@@ -69,16 +72,22 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             if first.WhichOneof("streaming_request") != "streaming_config":
                 raise invalid("the first request must carry the streaming_config; got audio_content (or nothing) first")
             check_runtime_config(first)
-            request_id = first.id.value
             options = validate_riva_config(first.streaming_config.config, self._served, self._settings,
-                                           first.streaming_config.interim_results, request_label(request_id))
+                                           first.streaming_config.interim_results, request_label(first.id.value))
             handle = self._scheduler.open_stream(label=options.label)
             self._log_open(handle, options, context, "StreamingRecognize")
+            call = _StreamCall(context, handle, options, first.id.value, self._rate, self._frame_seconds,
+                               self._limits.idle_timeout_s)
+            # At the final the scheduler is done with the stream: its place is free even while
+            # the last responses wait on a slow reader.
+            call.on_final = lambda: self._close(handle, call, "OK", started)
             audio = RivaAudio(options, self._rate, self._limits.max_header_bytes)
-            wake = asyncio.Event()
-            reader = asyncio.get_running_loop().create_task(self._pump_audio(requests, handle, audio, pacer, wake))
-            async for response in self._responses(handle, options, pacer, wake, request_id, waits):
-                yield response
+            reader = asyncio.get_running_loop().create_task(self._pump_audio(requests, handle, audio, call))
+            await call.run()
+        except _Unread as exc:  # the client stopped reading: free its place now, end the call
+            code = exc.kind.value
+            closed = self._close(handle, call, code, started)
+            await self._abort_unread(context, method, exc)
         except (StreamError, AudioError) as exc:
             kind = exc.kind if isinstance(exc, StreamError) else ErrorKind.INVALID_ARGUMENT
             code = kind.value
@@ -87,59 +96,43 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             code = "CANCELLED"  # client cancelled, disconnected, or its deadline passed
             raise
         finally:
-            for task in (reader, *waits):
-                if task is not None:
-                    task.cancel()
-            if handle is not None:
-                handle.close()
-                log.info("riva stream closed", extra={
-                    "stream_id": handle.stream_id, "code": code, "messages": pacer.messages,
-                    "responses": pacer.answered, "audio_s": round(handle.state.received / self._rate, 3),
-                    "wall_s": round(time.monotonic() - started, 3)})
+            if reader is not None:
+                reader.cancel()
+            if call is not None:
+                call.cancel()
+            if not closed:
+                self._close(handle, call, code, started)
             if code in ("OK", "CANCELLED"):  # errors were counted before the status went out
                 self._metrics.rpc_finished(method, code)
 
-    async def _responses(self, handle: StreamHandle, options: RivaOptions, pacer: ResponsePacer,
-                         wake: asyncio.Event, request_id: str, waits: list):
-        """Merge the scheduler's events with the arrival of audio messages into one response per
-        message. Only one event is taken ahead of the client's reading, so the scheduler's
-        response buffer still holds a slow reader back."""
-        latest: ChunkResult | None = None
-        event_task: asyncio.Task | None = None
-        wake_task: asyncio.Task | None = None
-        waits[:] = []
-        while True:
-            for _ in range(pacer.ready()):
-                yield streaming_response(latest, options, self._frame_seconds, False, request_id)
-            if event_task is None:
-                event_task = asyncio.ensure_future(handle.next_event())
-            if wake_task is None:
-                wake.clear()
-                wake_task = asyncio.ensure_future(wake.wait())
-            waits[:] = [event_task, wake_task]
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if wake_task in done:
-                wake_task = None
-            if event_task not in done:
-                continue
-            event, event_task = event_task.result(), None
-            if event is None:  # cannot happen: a stream ends with a final or a failure
-                raise StreamError(ErrorKind.INTERNAL, "the stream ended without a final result")
-            if isinstance(event, StreamFailure):
-                raise StreamError(event.kind, event.message)
-            latest = event
-            if not event.is_final:
-                for _ in range(pacer.progress(round(event.audio_seconds * self._rate))):
-                    yield streaming_response(latest, options, self._frame_seconds, False, request_id)
-                continue
-            total = pacer.finish()
-            for _ in range(total - 1):
-                yield streaming_response(latest, options, self._frame_seconds, False, request_id)
-            yield streaming_response(latest, options, self._frame_seconds, True, request_id)
-            return
+    def _close(self, handle: StreamHandle | None, call: _StreamCall | None, code: str, started: float) -> bool:
+        """Free the stream's place in the scheduler: its slot goes at once, or when its running
+        step returns. True once closed."""
+        if handle is None or (call is not None and call.closed):
+            return handle is not None
+        if call is not None:
+            call.closed = True
+        handle.close()
+        log.info("riva stream closed", extra={
+            "stream_id": handle.stream_id, "code": code,
+            "messages": call.pacer.messages if call else 0, "responses": call.pacer.answered if call else 0,
+            "audio_s": round(handle.state.received / self._rate, 3), "wall_s": round(time.monotonic() - started, 3)})
+        return True
 
-    async def _pump_audio(self, requests, handle: StreamHandle, audio: RivaAudio, pacer: ResponsePacer,
-                          wake: asyncio.Event) -> None:
+    async def _abort_unread(self, context, method: str, exc: _Unread) -> None:
+        """End a call whose client does not read: the status queues behind the unsent responses
+        (the client sees it once it reads); wait for it at most idle_timeout_s, then leave the
+        call to gRPC (its memory is bounded by the flow-control window)."""
+        self._metrics.rpc_finished(method, exc.kind.value)
+        _forget(exc.write)
+        abort = asyncio.ensure_future(context.abort(grpc.StatusCode[exc.kind.value], exc.message))
+        _forget(abort)
+        done, _ = await asyncio.wait((abort,), timeout=self._limits.idle_timeout_s)
+        if done:
+            abort.result()  # raises grpc's AbortError, which ends the handler as an abort should
+        log.warning("riva client not reading; call left to the transport", extra={"code": exc.kind.value})
+
+    async def _pump_audio(self, requests, handle: StreamHandle, audio: RivaAudio, call: _StreamCall) -> None:
         """Reads audio messages while the handler writes responses; a problem fails the stream,
         which the handler turns into the status."""
         try:
@@ -157,8 +150,7 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
                                   f"{self._limits.max_audio_message_bytes} bytes; send smaller messages")
                 before = audio.input_seconds
                 samples = audio.feed(data)
-                pacer.message(samples.size)  # before the push: its response may be due at once
-                wake.set()
+                call.message(samples.size)  # before the push: its response may be due at once
                 if not await handle.push_audio(samples):
                     return
                 self._metrics.audio_seconds.inc(audio.input_seconds - before)
@@ -251,6 +243,118 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             "stream_id": handle.stream_id, "rpc": rpc, "label": options.label, "peer": context.peer(),
             "sample_rate": options.sample_rate, "interim": options.interim_results,
             "word_times": options.word_times})
+
+
+class _Unread(Exception):
+    """A response write waited on a client that does not read, and the stream failed meanwhile
+    (or the client read nothing for idle_timeout_s)."""
+
+    def __init__(self, kind: ErrorKind, message: str, write: asyncio.Future):
+        super().__init__(message)
+        self.kind, self.message, self.write = kind, message, write
+
+
+def _forget(future: asyncio.Future) -> None:
+    """A future left to finish on its own (or never): its outcome is not an error to report."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+class _StreamCall:
+    """One StreamingRecognize call after its config: merges the scheduler's events with the
+    arrival of audio messages (ResponsePacer) and writes one response per message. At most one
+    event is taken ahead of the writes, so a slow reader is still held back by the scheduler's
+    response buffer; while a write waits, a failure of the stream ends the call."""
+
+    def __init__(self, context, handle: StreamHandle, options: RivaOptions, request_id: str, rate: int,
+                 frame_seconds: float, idle_timeout_s: float):
+        self.context, self.handle, self.options, self.request_id = context, handle, options, request_id
+        self.rate, self.frame_seconds, self.idle_timeout_s = rate, frame_seconds, idle_timeout_s
+        self.pacer = ResponsePacer()
+        self.closed = False
+        self.on_final = lambda: None
+        self._wake = asyncio.Event()   # an audio message arrived
+        self._latest: ChunkResult | None = None
+        self._event_task: asyncio.Future | None = None
+        self._wake_task: asyncio.Future | None = None
+
+    def message(self, samples: int) -> None:
+        """The audio reader got a message adding `samples` samples (called before it pushes them)."""
+        self.pacer.message(samples)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if self._wake_task is None:  # cleared before ready(): a message arriving meanwhile re-wakes
+                self._wake.clear()
+                self._wake_task = asyncio.ensure_future(self._wake.wait())
+            await self._answer(self.pacer.ready())
+            if self._event_task is None:
+                self._event_task = asyncio.ensure_future(self.handle.next_event())
+            done, _ = await asyncio.wait((self._event_task, self._wake_task), return_when=asyncio.FIRST_COMPLETED)
+            if self._wake_task in done:
+                self._wake_task = None
+            if self._event_task not in done:
+                continue
+            event, self._event_task = self._event_task.result(), None
+            if event is None:  # cannot happen: a stream ends with a final or a failure
+                raise StreamError(ErrorKind.INTERNAL, "the stream ended without a final result")
+            if isinstance(event, StreamFailure):
+                raise StreamError(event.kind, event.message)
+            self._latest = event
+            if not event.is_final:
+                await self._answer(self.pacer.progress(round(event.audio_seconds * self.rate)))
+                continue
+            total = self.pacer.finish()
+            self.on_final()
+            await self._answer(total - 1)
+            await self._write(streaming_response(event, self.options, self.frame_seconds, True, self.request_id))
+            return
+
+    async def _answer(self, n: int) -> None:
+        for _ in range(n):
+            await self._write(streaming_response(self._latest, self.options, self.frame_seconds, False,
+                                                 self.request_id))
+
+    async def _write(self, response) -> None:
+        """Write one response. While the client does not read, the write waits (flow control);
+        if the stream fails meanwhile, or the client reads nothing for idle_timeout_s, the wait
+        ends with _Unread."""
+        state = self.handle.state
+        loop = asyncio.get_running_loop()
+        write = asyncio.ensure_future(self.context.write(response))
+        deadline = loop.time() + self.idle_timeout_s
+        while not write.done():
+            failure = self._failure()
+            if failure is not None:
+                raise _Unread(failure.kind, failure.message, write)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise _Unread(ErrorKind.DEADLINE_EXCEEDED,
+                              f"the client read no response for {self.idle_timeout_s:g} s", write)
+            state.events_ready.clear()  # set again by the stream's next event or failure
+            woken = asyncio.ensure_future(state.events_ready.wait())
+            try:
+                await asyncio.wait((write, woken), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+        write.result()
+
+    def _failure(self) -> StreamFailure | None:
+        state = self.handle.state
+        if state.status is not StreamStatus.FAILED:
+            return None
+        task = self._event_task  # the failure may already sit in the event taken ahead
+        if task is not None and task.done() and not task.cancelled() and isinstance(task.result(), StreamFailure):
+            return task.result()
+        for event in reversed(state.events):
+            if isinstance(event, StreamFailure):
+                return event
+        return StreamFailure(self.handle.stream_id, ErrorKind.INTERNAL, "the stream failed")
+
+    def cancel(self) -> None:
+        for task in (self._event_task, self._wake_task):
+            if task is not None:
+                task.cancel()
 
 
 def add_riva_servicer(servicer: RivaSpeechRecognitionServicer, server: grpc.aio.Server) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import threading
 import time
 import wave
 
@@ -16,8 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.riva import riva_asr_pb2 as rpb
+from proto.riva import riva_asr_pb2_grpc as rpb_grpc
 from server.riva_convert import ResponsePacer, RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME
+from server.scheduler import SchedulerConfig
 from server.servicer import TransportLimits
 from tests.engine_alone import transcribe_alone
 from tests.riva_harness import (
@@ -379,3 +382,52 @@ async def test_idle_client_and_cancelled_stream_free_their_slots():
                 break
             await asyncio.sleep(0.01)
         assert server.scheduler.active_streams == 0 and engine.slots_in_use() == 0
+
+
+async def test_a_client_that_stops_reading_loses_its_place_and_gets_an_error():
+    """Responses wait on gRPC flow control while the client does not read; once the stream
+    fails behind them, the call frees its place at once and ends with an error status."""
+    engine = make_engine(FAKE)
+    scheduler = SchedulerConfig(batch_wait_s=0.002, response_buffer=4, max_pending_seconds=1.0, stall_timeout_s=1.0)
+    async with running_server(engine, scheduler=scheduler) as server:
+        stop = threading.Event()
+        chunk = pcm16_audio(3, 1600).tobytes()
+
+        def requests():
+            yield stream_requests(raw_config(), [])[0]
+            for _ in range(3000):  # 5 minutes of audio, far more than the buffers hold
+                if stop.is_set():
+                    return
+                yield rpb.StreamingRecognizeRequest(audio_content=chunk)
+
+        # A receive window of ~1 KiB: a few unread responses fill it.
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                        options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)])
+        call = rpb_grpc.RivaSpeechRecognitionStub(channel).StreamingRecognize(requests())
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while not server.scheduler.active_streams:
+                assert loop.time() < deadline, "the stream did not open"
+                await asyncio.sleep(0.01)
+            while server.scheduler.active_streams:  # freed while the client still reads nothing
+                assert loop.time() < deadline, "a client that does not read kept its place"
+                await asyncio.sleep(0.01)
+            assert engine.slots_in_use() == 0
+            stop.set()
+
+            def read_all():
+                responses = []
+                try:
+                    for r in call:
+                        responses.append(r)
+                except grpc.RpcError as exc:
+                    return responses, exc.code()
+                return responses, grpc.StatusCode.OK
+
+            responses, code = await asyncio.to_thread(read_all)
+        finally:
+            stop.set()
+            channel.close()
+    assert code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED), code
+    assert responses and not any(r.results[0].is_final for r in responses if r.results)
