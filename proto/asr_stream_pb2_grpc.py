@@ -57,15 +57,18 @@ class SpeechRecognitionServicer:
     def StreamingRecognize(self, request_iterator, context):
         """Config first, then audio. Errors end the stream with a status code and a message that
         says what was wrong (INVALID_ARGUMENT for bad config or audio, RESOURCE_EXHAUSTED when
-        every stream slot is taken, UNAVAILABLE while the server drains, OUT_OF_RANGE past the
-        maximum stream duration, DEADLINE_EXCEEDED when the client idles).
+        every stream slot is taken or the client stops reading responses, UNAVAILABLE while the
+        server drains, DEADLINE_EXCEEDED when the client idles, UNAUTHENTICATED without a valid
+        token where tokens are required). At the maximum stream duration the server ends the
+        stream itself with a final result (status OK, trailing metadata "asr-end-reason").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Recognize(self, request, context):
-        """A whole file in one request; the answer is the final result. Same limits as a stream.
+        """A whole file in one request; the answer is the final result. Same limits as a stream
+        (a file longer than the maximum stream duration is OUT_OF_RANGE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,6 +37,7 @@ class ServerSettings:
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = 9400        # None: no metrics endpoint; 0: any free port
     max_message_bytes: int = 32 << 20      # transport limit; a unary Recognize carries a whole file
+    stream_window_bytes: int = 256 << 10   # HTTP/2 receive window per stream: unread request bytes held
     drain_grace_s: float = 30.0            # SIGTERM: how long open streams may take to finish
     # Once the engine is dead: seconds to keep answering (health NOT_SERVING, new streams
     # UNAVAILABLE) after the open streams got UNAVAILABLE, then stop, so the process exits and an
@@ -52,6 +53,8 @@ class ServerSettings:
             raise ValueError(f"port {self.port} out of range")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port {self.metrics_port} out of range")
+        if self.stream_window_bytes < 1024:
+            raise ValueError("stream_window_bytes must be >= 1024")
         if self.max_message_bytes < self.limits.max_audio_message_bytes:
             raise ValueError("max_message_bytes must be at least limits.max_audio_message_bytes")
         if self.drain_grace_s < 0:
@@ -85,6 +88,9 @@ class AsrServer:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # A fixed per-stream receive window: a client the server stops reading (backpressure)
+            # can have no more than this in flight (no BDP probing, which would grow it).
+            ("grpc.http2.lookahead_bytes", s.stream_window_bytes), ("grpc.http2.bdp_probe", 0),
         ])
         pb_grpc.add_SpeechRecognitionServicer_to_server(
             SpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics), self._grpc)

@@ -57,7 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = p.add_argument_group("scheduling and limits")
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="deadline to fill a batch after the first ready chunk")
     s.add_argument("--idle-timeout-s", type=float, default=30.0, help="end a stream the client sends nothing on")
-    s.add_argument("--max-stream-seconds", type=float, default=3600.0, help="most audio per stream")
+    s.add_argument("--max-stream-seconds", type=float, default=3600.0,
+                   help="a stream is ended with its final result after this much audio or wall time")
+    s.add_argument("--response-buffer", type=int, default=32,
+                   help="undelivered results per stream; a client that also leaves --max-pending-s of audio "
+                        "unprocessed past it gets RESOURCE_EXHAUSTED")
+    s.add_argument("--max-pending-s", type=float, default=30.0, help="unprocessed audio per stream before backpressure")
+    s.add_argument("--stream-window-kb", type=int, default=256, help="HTTP/2 receive window per stream")
     s.add_argument("--drain-grace-s", type=float, default=30.0, help="SIGTERM: time open streams get to finish")
     s.add_argument("--dead-after-failures", type=int, default=3,
                    help="consecutive engine steps of which nothing ran that mark the engine dead")
@@ -92,6 +98,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.no_metrics else args.metrics_port,
         max_message_bytes=int(args.max_message_mb * (1 << 20)), drain_grace_s=args.drain_grace_s,
+        stream_window_bytes=args.stream_window_kb * 1024,
         exit_on_engine_death_s=None if args.exit_on_engine_death_s < 0 else args.exit_on_engine_death_s,
         model_aliases=(args.model,),
         riva=RivaSettings(model_punctuates=args.riva_model_punctuates, model_written_form=args.riva_model_written_form),
@@ -99,6 +106,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
                                max_audio_message_bytes=int(args.max_audio_message_kb * 1024)),
         scheduler=SchedulerConfig(batch_wait_s=args.batch_wait_ms / 1000.0,
                                   max_stream_seconds=args.max_stream_seconds,
+                                  response_buffer=args.response_buffer, max_pending_seconds=args.max_pending_s,
                                   stall_timeout_s=max(args.idle_timeout_s, 1.0),
                                   dead_after_failures=args.dead_after_failures),
     )

@@ -42,8 +42,10 @@ class SchedulerConfig:
     batch_wait_s: float = 0.005       # deadline from the oldest ready chunk to fill a batch
     pipeline_depth: int = 2           # steps submitted to the engine thread at once
     response_buffer: int = 32         # undelivered results per stream before it stops being scheduled
-    max_pending_seconds: float = 30.0  # unprocessed audio per stream before push_audio waits
-    max_stream_seconds: float = 3600.0  # audio per stream
+    # Unprocessed audio per stream before push_audio waits (backpressure); a stream whose client
+    # also leaves response_buffer results unread past it fails with RESOURCE_EXHAUSTED.
+    max_pending_seconds: float = 30.0
+    max_stream_seconds: float = 3600.0  # of audio, and of wall time since the stream opened
     stall_timeout_s: float = 60.0     # push_audio waiting this long for room fails the stream
     dead_after_failures: int = 3      # consecutive failed steps that mark the engine dead
 
@@ -235,7 +237,11 @@ class Scheduler:
             raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
                               f"all {self.engine.capacity} stream slots are in use; retry later")
 
-    def open_stream(self, label: str = "") -> StreamHandle:
+    def open_stream(self, label: str = "", finalize_at_limit: bool = True) -> StreamHandle:
+        """A new stream, holding a slot. At max_stream_seconds (of audio, or of wall time) a
+        stream with `finalize_at_limit` is ended there and gets its final result (a client
+        that never half-closes); one without fails with OUT_OF_RANGE (a whole file that is too
+        long)."""
         self.check_admission()
         try:
             slot = self.engine.acquire_slot()
@@ -243,8 +249,11 @@ class Scheduler:
             raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
                               f"all {self.engine.capacity} stream slots are in use; retry later ({exc})") from exc
         stream_id = f"{uuid.uuid4().hex[:12]}"
-        state = StreamState(stream_id=stream_id, slot=slot, label=label, opened_at=time.monotonic())
+        state = StreamState(stream_id=stream_id, slot=slot, label=label, opened_at=time.monotonic(),
+                            finalize_at_limit=finalize_at_limit)
         state.audio_room.set()
+        state.time_limit = asyncio.get_running_loop().call_later(
+            self.config.max_stream_seconds, self._time_limit_reached, state)
         self._streams[stream_id] = state
         self._idle.clear()
         return StreamHandle(self, state)
@@ -258,16 +267,31 @@ class Scheduler:
             return False
         if samples.size == 0:
             return True
-        if stream.received + samples.size > self._max_samples:
-            self._fail(stream, ErrorKind.OUT_OF_RANGE,
-                       f"stream exceeds the maximum duration of {self.config.max_stream_seconds:g} s of audio")
-            return False
+        at_limit = stream.received + samples.size > self._max_samples
+        if at_limit:
+            if not stream.finalize_at_limit:
+                self._fail(stream, ErrorKind.OUT_OF_RANGE,
+                           f"stream exceeds the maximum duration of {self.config.max_stream_seconds:g} s of audio")
+                return False
+            samples = samples[:self._max_samples - stream.received]
         now = time.monotonic()
         stream.audio.append(np.asarray(samples, dtype=np.float32))
         stream.received += samples.size
         stream.arrivals.record(stream.received, now)
+        stream.peak_pending = max(stream.peak_pending, len(stream.audio))
+        if at_limit:  # the rest of the client's audio is not taken
+            self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s of audio")
+            return False
         self._maybe_enqueue(stream)
         while len(stream.audio) > self._max_pending and stream.status is StreamStatus.RECEIVING:
+            if len(stream.events) >= self.config.response_buffer:
+                # Neither results nor audio move: the client stopped reading. Its buffers are full.
+                self._fail(stream, ErrorKind.RESOURCE_EXHAUSTED,
+                           f"the client is not reading responses: {len(stream.events)} results undelivered and "
+                           f"{len(stream.audio) / self.geometry.sample_rate:.1f} s of audio waiting "
+                           f"(limits: {self.config.response_buffer} results, "
+                           f"{self.config.max_pending_seconds:g} s of audio per stream)")
+                break
             stream.audio_room.clear()
             try:
                 await asyncio.wait_for(stream.audio_room.wait(), self.config.stall_timeout_s)
@@ -275,8 +299,22 @@ class Scheduler:
                 self._fail(stream, ErrorKind.DEADLINE_EXCEEDED,
                            f"no progress for {self.config.stall_timeout_s:g} s with "
                            f"{len(stream.audio) / self.geometry.sample_rate:.1f} s of audio pending: "
-                           "the client is not reading responses")
+                           "the server is overloaded")
         return stream.status is StreamStatus.RECEIVING
+
+    def _end_at_limit(self, stream: StreamState, what: str) -> None:
+        log.info("stream reached its maximum duration; finalizing", extra={"stream_id": stream.stream_id, "limit": what})
+        stream.end_reason = f"the stream reached the maximum duration of {what}"
+        self.end_audio(stream)
+
+    def _time_limit_reached(self, stream: StreamState) -> None:
+        if stream.status is not StreamStatus.RECEIVING:
+            return
+        if stream.finalize_at_limit:
+            self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s since it opened")
+        else:
+            self._fail(stream, ErrorKind.OUT_OF_RANGE,
+                       f"stream exceeds the maximum duration of {self.config.max_stream_seconds:g} s")
 
     def end_audio(self, stream: StreamState) -> None:
         if stream.status is not StreamStatus.RECEIVING:
@@ -305,6 +343,9 @@ class Scheduler:
         slot is freed now, or when the step it is in returns."""
         if not stream.status.terminal:
             stream.set_status(StreamStatus.CANCELLED)
+        if stream.time_limit is not None:
+            stream.time_limit.cancel()
+            stream.time_limit = None
         self._ready.pop(stream.stream_id, None)
         self._release_slot(stream)
         if self._streams.pop(stream.stream_id, None) is not None and not self._streams:
@@ -313,7 +354,10 @@ class Scheduler:
     # -- books ---------------------------------------------------------------------------
     def _emit(self, stream: StreamState, event: StreamEvent) -> None:
         stream.events.append(event)
+        stream.peak_events = max(stream.peak_events, len(stream.events))
         stream.events_ready.set()
+        if len(stream.events) >= self.config.response_buffer:
+            stream.audio_room.set()  # a push_audio waiting for room re-checks: the reader may be stuck
 
     def _fail(self, stream: StreamState, kind: ErrorKind, message: str) -> None:
         if stream.status.terminal:

@@ -18,6 +18,7 @@ from server.responses import recognition_result, streaming_response
 from server.scheduler import Scheduler, StreamHandle
 from server.stream_config import ServedModel, StreamOptions, invalid, validate_config
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
+from server.stream_state import StreamStatus
 from server.wav_header import AudioError
 
 log = logging.getLogger("nemostream.rpc")
@@ -42,6 +43,23 @@ class _Abort(Exception):
         self.kind, self.message = kind, message
 
 
+class _Unread(_Abort):
+    """The stream ended while a response write waited on a client that does not read."""
+
+    def __init__(self, kind: ErrorKind, message: str, write: asyncio.Future):
+        super().__init__(kind, message)
+        self.write = write
+
+
+def _forget(future: asyncio.Future) -> None:
+    """A future left to finish on its own (or never): its outcome is not an error to report."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+# Trailing metadata of a stream the server ended itself, with a final result (max duration).
+END_REASON_KEY = "asr-end-reason"
+
+
 def _code(kind: ErrorKind) -> grpc.StatusCode:
     return grpc.StatusCode[kind.value]
 
@@ -55,9 +73,11 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
         self._frame_seconds = served.geometry.encoder_frame_seconds
 
     # -- StreamingRecognize --------------------------------------------------------------------
-    async def StreamingRecognize(self, request_iterator, context):
+    # A coroutine writing with context.write (not an async generator): while a write waits on a
+    # client that does not read, the handler still sees its stream fail and ends the call.
+    async def StreamingRecognize(self, request_iterator, context) -> None:
         code, handle, reader, started = "OK", None, None, time.monotonic()
-        chunks = 0
+        chunks, closed = 0, False
         try:
             requests = request_iterator.__aiter__()
             # Read the first request before any refusal: a server that ends the call before
@@ -74,11 +94,22 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             self._log_open(handle, options, context)
             decoder = AudioDecoder(options.audio, self._served.geometry.sample_rate, self._limits.max_header_bytes)
             reader = asyncio.get_running_loop().create_task(self._pump_audio(requests, handle, decoder))
-            async for event in handle:
+            while (event := await handle.next_event()) is not None:
                 if isinstance(event, StreamFailure):
                     raise _Abort(event.kind, event.message)
                 chunks += 1
-                yield streaming_response(event, options.interim_results, self._frame_seconds)
+                response = streaming_response(event, options.interim_results, self._frame_seconds)
+                if event.is_final:
+                    if handle.state.end_reason:
+                        context.set_trailing_metadata(((END_REASON_KEY, handle.state.end_reason),))
+                    # The scheduler is done with the stream: its place is free even while the
+                    # final waits on a slow reader.
+                    closed = self._close(handle, code, chunks, started)
+                await self._send(context, response, handle)
+        except _Unread as exc:
+            code = exc.kind.value
+            closed = closed or self._close(handle, code, chunks, started)
+            await self._abort_unread(context, exc)
         except (StreamError, _Abort) as exc:
             code = exc.kind.value
             await self._abort(context, "StreamingRecognize", exc.kind, exc.message)
@@ -88,13 +119,59 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
         finally:
             if reader is not None:
                 reader.cancel()
-            if handle is not None:
-                handle.close()  # frees the slot at once (or when its running step returns)
-                log.info("stream closed", extra={"stream_id": handle.stream_id, "code": code, "chunks": chunks,
-                                                 "audio_s": round(handle.state.received / self._served.geometry.sample_rate, 3),
-                                                 "wall_s": round(time.monotonic() - started, 3)})
+            if not closed:
+                self._close(handle, code, chunks, started)
             if code in ("OK", "CANCELLED"):  # errors were counted before the status went out
                 self._metrics.rpc_finished("StreamingRecognize", code)
+
+    def _close(self, handle: StreamHandle | None, code: str, chunks: int, started: float) -> bool:
+        """Free the stream's place in the scheduler: its slot goes at once, or when its running
+        step returns. True once closed."""
+        if handle is None:
+            return False
+        handle.close()
+        log.info("stream closed", extra={"stream_id": handle.stream_id, "code": code, "chunks": chunks,
+                                         "audio_s": round(handle.state.received / self._served.geometry.sample_rate, 3),
+                                         "wall_s": round(time.monotonic() - started, 3)})
+        return True
+
+    async def _send(self, context, response, handle: StreamHandle) -> None:
+        """Write one response. While the client does not read, the write waits (flow control);
+        if the stream fails meanwhile (its buffers are full: RESOURCE_EXHAUSTED; or it idled),
+        or the client reads nothing for idle_timeout_s, the wait ends with _Unread."""
+        state = handle.state
+        loop = asyncio.get_running_loop()
+        write = asyncio.ensure_future(context.write(response))
+        deadline = loop.time() + self._limits.idle_timeout_s
+        while not write.done():
+            if state.status is StreamStatus.FAILED:
+                failure = next((e for e in reversed(state.events) if isinstance(e, StreamFailure)), None)
+                if failure is not None:
+                    raise _Unread(failure.kind, failure.message, write)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise _Unread(ErrorKind.DEADLINE_EXCEEDED,
+                              f"the client read no response for {self._limits.idle_timeout_s:g} s", write)
+            state.events_ready.clear()  # set again by the stream's next event or failure
+            woken = asyncio.ensure_future(state.events_ready.wait())
+            try:
+                await asyncio.wait((write, woken), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+        write.result()
+
+    async def _abort_unread(self, context, exc: _Unread) -> None:
+        """End a call whose client does not read: the status queues behind the unsent
+        responses (the client sees it once it reads); wait for it at most idle_timeout_s, then
+        leave the call to gRPC (its memory is bounded by the flow-control window)."""
+        self._metrics.rpc_finished("StreamingRecognize", exc.kind.value)
+        _forget(exc.write)
+        abort = asyncio.ensure_future(context.abort(_code(exc.kind), exc.message))
+        _forget(abort)
+        done, _ = await asyncio.wait((abort,), timeout=self._limits.idle_timeout_s)
+        if done:
+            abort.result()  # raises grpc's AbortError, which ends the handler as an abort should
+        log.warning("client not reading; call left to the transport", extra={"code": exc.kind.value})
 
     async def _abort(self, context, method: str, kind: ErrorKind, message: str) -> None:
         # Count first: once the status is out, a client may already be reading the metrics.
@@ -158,7 +235,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
         try:
             self._scheduler.check_admission()
             options = validate_config(request.config, self._served)
-            handle = self._scheduler.open_stream(label=options.label)
+            handle = self._scheduler.open_stream(label=options.label, finalize_at_limit=False)
             self._log_open(handle, options, context)
             decoder = AudioDecoder(options.audio, self._served.geometry.sample_rate, self._limits.max_header_bytes)
             feeder = asyncio.get_running_loop().create_task(self._feed_whole(handle, decoder, request.audio))

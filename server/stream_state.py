@@ -115,6 +115,11 @@ class StreamState:
     events_ready: asyncio.Event = field(default_factory=asyncio.Event)
     audio_room: asyncio.Event = field(default_factory=asyncio.Event)  # set: pending audio under the limit
     terminal_delivered: bool = False  # the consumer has taken the final or the failure
+    finalize_at_limit: bool = True    # at max_stream_seconds: end with a final (else OUT_OF_RANGE)
+    end_reason: str | None = None     # why the server ended the audio (None: the client half-closed)
+    time_limit: asyncio.TimerHandle | None = None  # max_stream_seconds of wall time
+    peak_pending: int = 0             # most samples ever waiting at once (memory bound, for tests)
+    peak_events: int = 0              # most undelivered results ever held at once
 
     def set_status(self, new: StreamStatus) -> None:
         """The one place a stream's status changes; illegal transitions are bugs."""

@@ -255,10 +255,41 @@ async def test_response_buffer_bounds_a_slow_reader():
     assert events[-1].is_final and events[-1].transcript == expected
 
 
-async def test_max_stream_duration():
+async def test_max_stream_duration_ends_the_stream_with_a_final_of_the_first_seconds():
     engine = FakeEngine()
+    first, second = make_audio(14, 12000), make_audio(15, 12000)
+    expected = transcribe_alone(engine, np.concatenate([first, second])[:16000])
     sched = await started(engine, max_stream_seconds=1.0)
     handle = sched.open_stream()
+    assert await handle.push_audio(first)
+    assert not await handle.push_audio(second)  # takes 4000 samples, then no more
+    assert not await handle.push_audio(make_audio(16, 100))
+    events = await collect(handle)
+    handle.close()
+    await sched.stop()
+    assert events[-1].is_final and events[-1].transcript == expected
+    assert handle.state.received == 16000 and "maximum duration of 1 s of audio" in handle.state.end_reason
+    assert engine.slots_in_use() == 0
+
+
+async def test_max_stream_duration_in_wall_time_ends_a_stream_that_never_ends():
+    engine = FakeEngine()
+    audio = make_audio(17, 3000)  # less than the 0.2 s of audio the limit allows
+    expected = transcribe_alone(engine, audio)
+    sched = await started(engine, max_stream_seconds=0.2)
+    handle = sched.open_stream()
+    assert await handle.push_audio(audio)  # then the client neither sends nor half-closes
+    events = await collect(handle)
+    handle.close()
+    await sched.stop()
+    assert events[-1].is_final and events[-1].transcript == expected
+    assert "maximum duration of 0.2 s since it opened" in handle.state.end_reason
+
+
+async def test_max_stream_duration_fails_a_whole_file_with_out_of_range():
+    engine = FakeEngine()
+    sched = await started(engine, max_stream_seconds=1.0)
+    handle = sched.open_stream(finalize_at_limit=False)
     assert await handle.push_audio(make_audio(14, 12000))
     assert not await handle.push_audio(make_audio(15, 12000))
     events = await collect(handle)

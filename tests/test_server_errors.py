@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from proto import asr_stream_pb2 as pb
+from proto import asr_stream_pb2_grpc as pb_grpc
 from server.scheduler import SchedulerConfig
-from server.servicer import TransportLimits
+from server.servicer import END_REASON_KEY, TransportLimits
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
     FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, requests_for,
@@ -189,12 +190,23 @@ async def test_client_deadline_is_honoured_and_frees_the_slot():
         assert (await run_stream(stub, requests_for(PCM)))[-1].results[0].is_final
 
 
-async def test_max_stream_duration_is_out_of_range():
+async def test_max_stream_duration_ends_a_stream_with_a_final_and_refuses_a_longer_file():
     engine = make_engine(FAKE)
+    clip = pcm16_audio(3, 2 * RATE)
+    expected = transcribe_alone(engine, as_float(clip[:RATE]))
     async with running_server(engine, scheduler=SchedulerConfig(max_stream_seconds=1.0)) as server, \
             stub_for(server) as stub:
-        with pytest.raises(grpc.RpcError) as err:
-            await run_stream_sync(server, requests_for(pcm16_audio(3, 2 * RATE).tobytes()))
+        def stream():
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                call = pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(iter(requests_for(clip.tobytes())))
+                responses = list(call)
+                return responses, call.code(), dict(call.trailing_metadata())
+
+        responses, code, trailing = await asyncio.to_thread(stream)
+        assert code == grpc.StatusCode.OK and final_transcript(responses) == expected
+        assert "maximum duration of 1 s of audio" in trailing[END_REASON_KEY]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(sample_rate=RATE), audio=clip.tobytes()))
         assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
         assert "maximum duration of 1 s" in err.value.details()
     assert engine.slots_in_use() == 0
