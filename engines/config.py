@@ -23,6 +23,9 @@ class EngineConfig:
     fallback_engine: str | None = None  # engine to start on if `engine` cannot load (reported)
     cache_dir: str | None = None  # exported graphs / built plans; default ~/.cache/nemo-stream
     seed: int = 0                 # builtin models' random weights
+    # Frame each stream after a few ms of silence so a chunk is complete at the end of its own
+    # audio (see engines.geometry); False frames the raw audio exactly as NeMo does.
+    align_chunks: bool = True
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_NAMES:

@@ -54,11 +54,17 @@ class StreamingFeaturizer:
         self.samples_seen = np.zeros(capacity, dtype=np.int64)
 
     def _seen(self, slot: int, fresh: bool) -> int:
+        """Samples of the slot's framed stream (lead-in included) before this chunk."""
         return 0 if fresh else int(self.samples_seen[slot])
+
+    def _framed(self, new: np.ndarray, first: bool) -> np.ndarray:
+        lead = self.geometry.lead_in
+        return np.concatenate([np.zeros(lead, np.float32), new]) if first and lead else new
 
     def assemble(self, slots: list[int], chunk_index: list[int], samples: list[np.ndarray],
                  ended: list[bool], fresh: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Host side: the batch's waveform windows, each row's absolute end of audio (-1 while
+        """Host side: the batch's waveform windows, each row's absolute end of audio in framed
+        samples (lead-in included; -1 while
         the stream is open) and each window's absolute start. Changes no state; a fresh row
         (a stream's first chunk) reads silence as its history, whatever its slot held before."""
         g = self.geometry
@@ -68,6 +74,7 @@ class StreamingFeaturizer:
         starts = np.zeros(B, dtype=np.int64)
         for i, (slot, k, new, done, first) in enumerate(zip(slots, chunk_index, samples, ended, fresh)):
             seen = self._seen(slot, first)
+            new = self._framed(new, first)
             start = k * g.chunk_samples - g.stft_left_pad - 1  # absolute index of windows[i, 0]
             starts[i] = start
             take = seen - start  # the window begins with this many already-seen samples
@@ -89,7 +96,7 @@ class StreamingFeaturizer:
                starts: np.ndarray, fresh: list[bool]) -> None:
         """After a successful step: each slot keeps the history_len samples before its next chunk."""
         for i, (slot, new, first) in enumerate(zip(slots, samples, fresh)):
-            seen = self._seen(slot, first) + len(new)
+            seen = self._seen(slot, first) + len(self._framed(new, first))
             end_rel = seen - int(starts[i])
             lo = end_rel - self.history_len
             if lo >= 0:
@@ -129,7 +136,7 @@ class StreamingFeaturizer:
         valid = np.full(B, C, dtype=np.int64)
         for i, k in enumerate(chunk_index):
             if audio_end[i] >= 0:
-                valid[i] = min(C, g.n_frames(int(audio_end[i])) - k * C)
+                valid[i] = min(C, g.stft_frames(int(audio_end[i])) - k * C)
         valid_t = torch.from_numpy(valid).to(dev)
         frame_mask = torch.arange(C, device=dev)[None, :] >= valid_t[:, None]
         mel = mel.masked_fill(frame_mask[:, None, :], self.pad_value)

@@ -10,9 +10,17 @@ Conventions (NeMo's "pad and drop", every step has one shape):
   file.
 - Step k (0-based) encodes the new mel frames [k*C, (k+1)*C), C = `chunk_frames`, preceded by
   `pre_encode_frames` cached frames (zeros for k = 0).
-- The last frame of chunk k reaches `right_context` samples past the chunk's boundary, so
-  chunk k can run once (k+1)*C*hop + right_context samples have arrived. Once the audio has
-  ended, at most one (shorter) chunk remains, and possibly none.
+- The last frame of chunk k reaches `right_context` samples past the chunk's boundary. With
+  `lead_in` = 0 (NeMo's framing of the raw audio), chunk k can run once
+  (k+1)*C*hop + right_context samples have arrived: a client sending one chunk of audio per
+  message would wait for the next message before its chunk runs. With `lead_in` =
+  right_context (the default of real engines), every stream is framed as if it began with
+  lead_in samples of silence, so chunk k is complete exactly at (k+1)*C*hop samples, at the end
+  of the client's chunk; the cost is that the model hears the audio 6 ms later (at 16 kHz with
+  NeMo's 512-point STFT), a shift well inside one 10 ms frame.
+- Once the audio has ended, at most one (shorter) chunk remains, and possibly none.
+
+All sample counts in the public methods are of the stream's own audio (without the lead-in).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class ChunkGeometry:
     encoder_frames: int      # encoder output frames per full step
     subsampling: int         # mel frames per encoder frame
     lookahead_ms: int        # algorithmic right context of the model, as NeMo names the setting
+    lead_in: int = 0         # silent samples the framing puts before each stream (see above)
 
     def __post_init__(self) -> None:
         for name in ("sample_rate", "hop", "n_fft", "chunk_frames", "subsampling"):
@@ -38,6 +47,8 @@ class ChunkGeometry:
                 raise ValueError(f"ChunkGeometry.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.stft_left_pad <= self.n_fft:
             raise ValueError(f"stft_left_pad {self.stft_left_pad} outside [0, n_fft={self.n_fft}]")
+        if not 0 <= self.lead_in <= max(self.right_context, 0):
+            raise ValueError(f"lead_in {self.lead_in} outside [0, right_context={self.right_context}]")
 
     # -- sample bookkeeping ------------------------------------------------------------------
     @property
@@ -49,6 +60,11 @@ class ChunkGeometry:
     def right_context(self) -> int:
         """Samples past a chunk's boundary that its last frame reads (may be <= 0)."""
         return self.n_fft - self.stft_left_pad - self.hop
+
+    @property
+    def wait_samples(self) -> int:
+        """Samples past a chunk's boundary (in the stream's own audio) before it can run."""
+        return max(self.right_context, 0) - self.lead_in
 
     @property
     def history_samples(self) -> int:
@@ -68,14 +84,18 @@ class ChunkGeometry:
     def encoder_frame_seconds(self) -> float:
         return self.subsampling * self.hop / self.sample_rate
 
+    def stft_frames(self, n_framed: int) -> int:
+        """Valid mel frames of n_framed samples (lead-in included): NeMo's preprocessor's
+        seq_len (its STFT computes one more frame, which it masks as padding)."""
+        return max((n_framed + 2 * self.stft_left_pad - self.n_fft) // self.hop, 0)
+
     def n_frames(self, n_samples: int) -> int:
-        """Valid mel frames of n_samples of audio: NeMo's preprocessor's seq_len (its STFT
-        computes one more frame, which it masks as padding)."""
-        return max((n_samples + 2 * self.stft_left_pad - self.n_fft) // self.hop, 0)
+        """Valid mel frames of a stream of n_samples samples of audio."""
+        return self.stft_frames(n_samples + self.lead_in) if n_samples > 0 else 0
 
     def samples_needed(self, chunk_index: int) -> int:
         """Samples a stream must have received before chunk `chunk_index` can run mid-stream."""
-        return (chunk_index + 1) * self.chunk_samples + max(self.right_context, 0)
+        return (chunk_index + 1) * self.chunk_samples + self.wait_samples
 
     def consumed_after(self, chunk_index: int) -> int:
         """Samples handed to the engine once chunks 0..chunk_index have run (mid-stream)."""

@@ -26,22 +26,24 @@ from engines.slot_pool import SlotAllocator, SlotPool, StateSpec
 log = logging.getLogger(__name__)
 
 
-def geometry_of(model: LoadedModel, lookahead_ms: int) -> ChunkGeometry:
+def geometry_of(model: LoadedModel, lookahead_ms: int, align_chunks: bool = True) -> ChunkGeometry:
     enc = model.nemo_model.encoder
     cfg = enc.streaming_cfg
     feat = model.nemo_model.preprocessor.featurizer
     chunk = cfg.chunk_size[1] if isinstance(cfg.chunk_size, list) else cfg.chunk_size
     pre = cfg.pre_encode_cache_size[1] if isinstance(cfg.pre_encode_cache_size, list) else cfg.pre_encode_cache_size
     left_pad = feat.stft_pad_amount if feat.stft_pad_amount is not None else feat.n_fft // 2
+    right_context = max(feat.n_fft - left_pad - feat.hop_length, 0)
     return ChunkGeometry(
         sample_rate=int(model.nemo_model.preprocessor._sample_rate), hop=feat.hop_length, n_fft=feat.n_fft,
         stft_left_pad=left_pad, chunk_frames=chunk, pre_encode_frames=pre,
-        encoder_frames=cfg.valid_out_len, subsampling=enc.subsampling_factor, lookahead_ms=lookahead_ms)
+        encoder_frames=cfg.valid_out_len, subsampling=enc.subsampling_factor, lookahead_ms=lookahead_ms,
+        lead_in=right_context if align_chunks else 0)
 
 
 class StreamingEngine:
     def __init__(self, model: LoadedModel, encoder: EncoderEngine, lookahead_ms: int, capacity: int,
-                 max_batch: int, device: torch.device, dtype: torch.dtype):
+                 max_batch: int, device: torch.device, dtype: torch.dtype, align_chunks: bool = True):
         self.model = model
         self.encoder_engine = encoder
         # Set by engines.factory.build_engine: configured vs running engine, self-check, fallback.
@@ -50,7 +52,7 @@ class StreamingEngine:
         self.dtype = dtype
         self.capacity = capacity
         self.max_batch = max_batch
-        self.geometry = geometry_of(model, lookahead_ms)
+        self.geometry = geometry_of(model, lookahead_ms, align_chunks)
         nemo = model.nemo_model
         enc = nemo.encoder
         self.model_info = ModelInfo(
@@ -131,9 +133,9 @@ class StreamingEngine:
 
     def _frames_left(self, c: ChunkWork) -> int:
         g = self.geometry
-        seen = 0 if c.first else int(self.featurizer.samples_seen[c.slot])
+        seen = g.lead_in if c.first else int(self.featurizer.samples_seen[c.slot])
         k = 0 if c.first else int(self.chunks_done[c.slot])
-        return g.n_frames(seen + len(c.samples)) - k * g.chunk_frames
+        return g.stft_frames(seen + len(c.samples)) - k * g.chunk_frames
 
     def step(self, plan: StepPlan) -> StepResult:
         """Compute, then commit. Until the commit nothing of any stream is written, so an
@@ -203,7 +205,7 @@ class StreamingEngine:
                     self.finished[s] = False
                 base = int(self.frames_done[s])
                 k = chunk_index[i]
-                final = bool(audio_end[i] >= 0 and (k + 1) * g.chunk_frames >= g.n_frames(int(audio_end[i])))
+                final = bool(audio_end[i] >= 0 and (k + 1) * g.chunk_frames >= g.stft_frames(int(audio_end[i])))
                 tokens = tuple(TokenEvent(token_id=lab, piece=self.model.pieces[lab], frame=base + fr)
                                for lab, fr in zip(decoded.labels[i], decoded.frames[i]))
                 text = self._text(s, tokens)
@@ -213,8 +215,9 @@ class StreamingEngine:
                 updates.append(StreamUpdate(
                     stream_id=c.stream_id, slot=s, tokens=tokens, text_delta=text, is_final=final,
                     frames_decoded=int(self.frames_done[s]),
-                    audio_seconds=min(self.frames_done[s] * g.encoder_frame_seconds,
-                                      (audio_end[i] / g.sample_rate) if audio_end[i] >= 0 else math.inf)))
+                    audio_seconds=max(0.0, min(self.frames_done[s] * g.encoder_frame_seconds,
+                                               audio_end[i] / g.sample_rate if audio_end[i] >= 0 else math.inf)
+                                      - g.lead_in / g.sample_rate)))
         except Exception as exc:
             ids = tuple(c.stream_id for c in chunks)
             raise StreamStateLostError(f"committing the step's state failed ({type(exc).__name__}: {exc}); "

@@ -62,6 +62,8 @@ def run_streams(engine, audios: dict[str, np.ndarray], slots: dict[str, int] | N
     own_slots = slots is None
     slots = dict(slots or {sid: engine.acquire_slot() for sid in audios})
     runs = {sid: StreamRun() for sid in audios}
+    for sid, audio in audios.items():  # less than one frame of audio: nothing to run
+        runs[sid].final = g.total_chunks(len(audio)) == 0
     start_step = start_step or {}
     max_batch = max_batch or engine.max_batch
     step = 0
@@ -80,8 +82,11 @@ def run_streams(engine, audios: dict[str, np.ndarray], slots: dict[str, int] | N
                     span = g.chunk_span(r.chunks, len(audio), ended=True)
                     assert span is not None
                     a, b = span
+                    # Only the stream's last chunk may say the audio ended (the engine frames
+                    # the end of audio from it); a full chunk can be the last one.
+                    last = r.chunks == g.total_chunks(len(audio)) - 1
                     chunks.append(ChunkWork(sid, slots[sid], audio[a:b], first=r.chunks == 0,
-                                            audio_ended=b == len(audio)))
+                                            audio_ended=last))
                 step += 1
                 if not chunks:
                     continue

@@ -103,12 +103,36 @@ def _length_nemo_fully_consumes(geometry, seconds: float) -> int:
 
 @pytest.mark.parametrize("seconds,seed", [(1.6, 7), (3.1, 8)])
 def test_transcript_equals_nemo_reference(tiny_engine, seconds, seed):
-    n = _length_nemo_fully_consumes(tiny_engine.geometry, seconds)
+    """Aligned framing: NeMo's loop over the same audio after the engine's lead-in of silence."""
+    g = tiny_engine.geometry
+    assert g.lead_in == g.right_context > 0 and g.samples_needed(0) == g.chunk_samples
+    n = _length_nemo_fully_consumes(g, seconds)
     audio = _audio(n / 16000, seed)[:n]
     ours = run_alone(tiny_engine, audio)
-    ref = _nemo_reference(tiny_engine.model.nemo_model, audio)
+    ref = _nemo_reference(tiny_engine.model.nemo_model, np.concatenate([np.zeros(g.lead_in, np.float32), audio]))
     assert len(ref) > 0
     assert ours.tokens == ref
+
+
+@pytest.fixture(scope="module")
+def nemo_framed_engine(tiny_engine):
+    """The same model with NeMo's framing of the raw audio (no lead-in)."""
+    from engines.encoders import EagerEncoder
+    from engines.streaming_engine import StreamingEngine
+
+    return StreamingEngine(tiny_engine.model, EagerEncoder(tiny_engine.model.nemo_model.encoder), 160,
+                           capacity=4, max_batch=4, device=torch.device("cpu"), dtype=torch.float32,
+                           align_chunks=False)
+
+
+def test_nemo_framing_equals_nemo_reference_on_raw_audio(nemo_framed_engine):
+    g = nemo_framed_engine.geometry
+    assert g.lead_in == 0 and g.samples_needed(0) == g.chunk_samples + g.right_context
+    n = _length_nemo_fully_consumes(g, 2.2)
+    audio = _audio(n / 16000, 12)[:n]
+    ours = run_alone(nemo_framed_engine, audio)
+    ref = _nemo_reference(nemo_framed_engine.model.nemo_model, audio)
+    assert len(ref) > 0 and ours.tokens == ref
 
 
 def test_features_equal_nemo_preprocessor(tiny_engine):
@@ -117,6 +141,7 @@ def test_features_equal_nemo_preprocessor(tiny_engine):
     g = tiny_engine.geometry
     model = tiny_engine.model.nemo_model
     audio = _audio(1.93, seed=11)
+    framed = np.concatenate([np.zeros(g.lead_in, np.float32), audio])
     feat = StreamingFeaturizer(model.preprocessor.featurizer, g, capacity=2, device=torch.device("cpu"))
     frames, k = [], 0
     while (span := g.chunk_span(k, len(audio), True)) is not None:
@@ -129,8 +154,8 @@ def test_features_equal_nemo_preprocessor(tiny_engine):
         k += 1
     ours = torch.cat(frames, dim=-1)
     with torch.inference_mode():
-        ref, ref_len = model.preprocessor(input_signal=torch.from_numpy(audio)[None],
-                                          length=torch.tensor([len(audio)]))
+        ref, ref_len = model.preprocessor(input_signal=torch.from_numpy(framed)[None],
+                                          length=torch.tensor([len(framed)]))
     assert ours.shape[-1] == int(ref_len) == g.n_frames(len(audio))
     assert torch.allclose(ours, ref[0, :, : int(ref_len)], atol=2e-4), (ours - ref[0]).abs().max()
 
