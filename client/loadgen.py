@@ -61,9 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--synthetic-seconds", type=float, default=8.0, help="length of each synthetic clip")
     a.add_argument("--max-audio-s", type=float, default=0.0, help="trim longer files to this many seconds (0: no)")
     a.add_argument("--chunk-ms", type=float, default=0.0, help="audio per message; 0: the model's chunk (ListModels)")
-    a.add_argument("--right-context-ms", type=float, default=6.0,
-                   help="audio the server needs past a chunk's end before it runs the chunk (NeMo 16 kHz models: "
-                        "96 samples of STFT window); used for response latency only")
+    a.add_argument("--right-context-ms", type=float, default=0.0,
+                   help="audio the server needs past a chunk's end before it runs the chunk: 0 for servers "
+                        "with chunk-aligned framing (the default), 6 for NeMo's raw framing at 16 kHz "
+                        "(96 samples of STFT window); used for response latency only")
     s = p.add_argument_group("load")
     s.add_argument("--concurrency", type=_int_list, default=None,
                    help="comma-separated levels to sweep, e.g. 1,10,50 (default 1, or none with --capacity)")
