@@ -19,9 +19,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from engines.api import EngineError
 from server.app import SERVICE_NAME, AsrServer
 from server.scheduler import SchedulerConfig
+from server.servicer import TransportLimits
+from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.server_harness import (
-    FAKE, RATE, config, final_transcript, make_engine, pcm16_audio, requests_for, run_stream,
+    FAKE, RATE, as_float, config, final_transcript, make_engine, pcm16_audio, requests_for, run_stream,
     run_stream_sync, running_server, scrape, stub_for, server_settings, audio,
 )
 
@@ -169,38 +171,61 @@ async def test_logs_carry_the_stream_id_and_no_per_chunk_info(caplog):
 
 async def test_drain_finishes_open_streams_and_refuses_new_ones():
     engine = make_engine(FAKE)
-    clip = pcm16_audio(3, 2 * RATE).tobytes()
+    clip = pcm16_audio(3, 2 * RATE)
+    data = clip.tobytes()
     half = asyncio.Event()
     resume = asyncio.Event()
 
     async def open_stream_requests():
         yield config()
-        yield audio(clip[:len(clip) // 2])
+        yield audio(data[:len(data) // 2])
         half.set()
         await resume.wait()
-        yield audio(clip[len(clip) // 2:])
+        yield audio(data[len(data) // 2:])
 
-    async with running_server(engine) as server, stub_for(server) as stub:
+    # The test itself resumes the open stream, so the drain's grace period and the idle timeout
+    # must not run out first on a slow machine (with a 10 s grace, a loaded CI runner finished
+    # the drain, and stopped listening, before the first health poll).
+    async with running_server(engine, drain_grace_s=3600.0,
+                              limits=TransportLimits(idle_timeout_s=3600.0, max_audio_message_bytes=256 << 10)) as server, \
+            stub_for(server) as stub:
         open_call = asyncio.create_task(_collect(stub.StreamingRecognize(open_stream_requests())))
         await half.wait()
-        for _ in range(1000):  # the server has the stream open once it has read the config
-            if server.scheduler.active_streams == 1:
-                break
-            await asyncio.sleep(0.01)
+        # The server has the stream open once it has read the config.
+        await _until(lambda: server.scheduler.active_streams == 1, "the stream to be open on the server")
         draining = asyncio.create_task(server.drain())
-        for _ in range(500):
-            if await health_of(server.port) == NOT_SERVING:
-                break
-            await asyncio.sleep(0.01)
-        assert await health_of(server.port) == NOT_SERVING
+        statuses = []
+
+        async def not_serving() -> bool:
+            statuses.append(await health_of(server.port))
+            return statuses[-1] == NOT_SERVING
+
+        await _until_async(not_serving, "health NOT_SERVING")
         with pytest.raises(grpc.RpcError) as err:
-            await run_stream_sync(server, requests_for(clip))
+            await run_stream_sync(server, requests_for(data))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
-        assert not draining.done()
+        assert not draining.done() and server.scheduler.active_streams == 1
         resume.set()
         responses = await open_call
-        assert final_transcript(responses)
+        assert final_transcript(responses) == transcribe_alone(make_engine(FAKE), as_float(clip))
         assert await draining is True
+
+
+async def _until(predicate, what: str, timeout_s: float = 120.0) -> None:
+    """Wait for an asynchronous consequence; the bound only ends a broken run."""
+    async def check() -> bool:
+        return predicate()
+
+    await _until_async(check, what, timeout_s)
+
+
+async def _until_async(predicate, what: str, timeout_s: float = 120.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 async def _collect(call):
