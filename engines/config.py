@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ENGINE_NAMES = ("eager", "cudagraph", "onnx", "tensorrt")
+# "auto" picks before anything is built: fast-cudagraph on a GPU, eager on the CPU.
+ENGINE_NAMES = ("auto", "eager", "fast", "cudagraph", "fast-cudagraph", "onnx", "tensorrt")
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 # Lookahead (ms) -> NeMo att_context_size right context, for models with 8x subsampling and a
 # 10 ms hop: (right + 1) * 80 ms of audio per step.
@@ -14,7 +15,7 @@ LOOKAHEAD_TO_RIGHT_CONTEXT = {80: 0, 160: 1, 560: 6, 1120: 13}
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "builtin:tiny"   # "builtin:<name>" or a path to a .nemo file
-    engine: str = "eager"
+    engine: str = "eager"         # see ENGINE_NAMES; "fast*" use the projected-K/V encoder step
     device: str = "auto"          # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"           # "auto": float16 on cuda, float32 on cpu
     lookahead_ms: int = 160
@@ -26,11 +27,13 @@ class EngineConfig:
     # Frame each stream after a few ms of silence so a chunk is complete at the end of its own
     # audio (see engines.geometry); False frames the raw audio exactly as NeMo does.
     align_chunks: bool = True
+    cudagraph_compile: bool = False  # torch.compile under the CUDA graphs (slower start, faster small batches)
+    cudagraph_sdpa: bool = False     # NeMo module's attention through SDPA (cudagraph engine)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_NAMES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
-        if self.fallback_engine is not None and self.fallback_engine not in ENGINE_NAMES:
+        if self.fallback_engine is not None and self.fallback_engine not in ENGINE_NAMES[1:]:
             raise ValueError(f"unknown fallback engine {self.fallback_engine!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")

@@ -39,6 +39,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_engine_name(name: str, device: torch.device) -> str:
+    """`auto`: the fastest engine for the device, chosen before anything is built (a choice, not
+    a fallback: if it cannot start, the server refuses to start like for any named engine)."""
+    if name != "auto":
+        return name
+    return "fast-cudagraph" if device.type == "cuda" else "eager"
+
+
 def make_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, device: torch.device,
                         dtype: torch.dtype) -> EncoderEngine:
     """The encoder engine called `name`. Raises if it cannot be built here."""
@@ -49,6 +57,11 @@ def make_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, device
     if name == "cudagraph":
         from engines.cudagraph_engine import build_cudagraph_encoder
         return build_cudagraph_encoder(model, cfg, device, dtype)
+    if name in ("fast", "fast-cudagraph"):
+        from engines.fast_conformer import build_fast_encoder
+        if name == "fast":
+            return build_fast_encoder(model, cfg, device, dtype)
+        return build_fast_encoder(model, cfg, device, dtype, graphs=True, compile=cfg.cudagraph_compile)
     if name == "onnx":
         from engines.onnx_engine import build_onnx_encoder
         return build_onnx_encoder(model, cfg, device, dtype)
@@ -119,10 +132,11 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
     model.nemo_model.preprocessor.to(dtype=torch.float32)
     model.nemo_model.eval()
     fallback_reason = None
+    engine_name = resolve_engine_name(cfg.engine, device)
     try:
-        encoder, check = start_encoder_engine(cfg.engine, model, cfg, device, dtype)
+        encoder, check = start_encoder_engine(engine_name, model, cfg, device, dtype)
     except EngineStartError as e:
-        if cfg.fallback_engine is None or cfg.fallback_engine == cfg.engine:
+        if cfg.fallback_engine is None or cfg.fallback_engine == engine_name:
             raise EngineStartError(f"{e}. Refusing to start on another engine; name a fallback engine "
                                    f"explicitly to allow one.") from e
         fallback_reason = str(e)
@@ -135,6 +149,6 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
                            align_chunks=cfg.align_chunks)
     describe = getattr(encoder, "describe", None)
     engine.startup_report = StartupReport(
-        configured_engine=cfg.engine, engine=encoder.name, fallback_reason=fallback_reason, self_check=check,
+        configured_engine=engine_name, engine=encoder.name, fallback_reason=fallback_reason, self_check=check,
         details=describe() if callable(describe) else {"engine": encoder.name})
     return engine

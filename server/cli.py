@@ -34,8 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m = p.add_argument_group("model and engine")
     m.add_argument("--model", default="builtin:tiny",
                    help="a .nemo file (trusted input: it is a pickle) or builtin:<name> (random weights)")
-    m.add_argument("--engine", default="eager", choices=ENGINE_NAMES, help="encoder engine")
-    m.add_argument("--fallback-engine", default=None, choices=ENGINE_NAMES,
+    m.add_argument("--engine", default="auto", choices=ENGINE_NAMES,
+                   help="encoder engine; auto: fast-cudagraph on a GPU, eager on the CPU")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile under the CUDA graphs of the *cudagraph engines (slower start-up)")
+    m.add_argument("--fallback-engine", default=None, choices=ENGINE_NAMES[1:],
                    help="engine to start on if --engine cannot load (reported in ListModels and metrics)")
     m.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     m.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
                            lookahead_ms=args.lookahead_ms, max_streams=args.max_streams, max_batch=args.max_batch,
-                           fallback_engine=args.fallback_engine, cache_dir=args.cache_dir, seed=args.seed)
+                           fallback_engine=args.fallback_engine, cache_dir=args.cache_dir, seed=args.seed,
+                           cudagraph_compile=args.compile)
         settings = build_settings(args)
     except ValueError as exc:
         print(f"asr-server: {exc}", file=sys.stderr)
@@ -160,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     factory = load_factory(args.engine_factory)
     print(f"asr-server: loading model {cfg.model} (engine {cfg.engine}, device {cfg.device}, "
           f"lookahead {cfg.lookahead_ms} ms)", flush=True)
-    engine = factory(cfg)
+    try:
+        engine = factory(cfg)
+    except Exception as exc:  # an engine that cannot start must say why, not dump a traceback
+        print(f"asr-server: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 1
     if engine.model_info.random_weights:
         print(f"asr-server: model {engine.model_info.name} has RANDOM weights: its transcripts are meaningless. "
               "To serve a real model: asr-server --model /path/to/model.nemo", flush=True)
