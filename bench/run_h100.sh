@@ -4,7 +4,7 @@
 #      at 160 ms and 560 ms lookahead (.devbench/nemo_pipeline_baseline.py, a git-ignored copy
 #      of ../shared/bench);
 #   2. for each lookahead (160, 560 ms): asr-server --model builtin:nemotron-0.6b --dtype float16
-#      --device cuda on the fastest engine that starts (cudagraph, else eager: ListModels reports
+#      --device cuda on the fastest engine that starts (fast-cudagraph, else eager: ListModels reports
 #      what really ran), then asr-loadgen on the same machine (several worker processes): a sweep
 #      of real-time streams and a capacity search (p95 latency <= the lookahead, zero errors);
 #   3. bench/summarize.py: summary.json + summary.md (tables, ratios to NeMo, the targets).
@@ -46,7 +46,7 @@ if [ "$SMOKE" = 1 ]; then
 else
     BUDGET_S=${BUDGET_S:-500}
     MODEL=${MODEL:-builtin:nemotron-0.6b}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-float16}
-    ENGINE=${ENGINE:-cudagraph}; FALLBACK=${FALLBACK-eager}
+    ENGINE=${ENGINE:-fast-cudagraph}; FALLBACK=${FALLBACK-eager}
     LOOKAHEADS=${LOOKAHEADS:-160 560}
     LEVELS_160=${LEVELS_160:-1,64,256,512,1024,1536,2048}; LEVELS_560=${LEVELS_560:-1,256,1024,2048,3072,4096}
     MAX_C_160=${MAX_C_160:-4096}; MAX_C_560=${MAX_C_560:-4096}
