@@ -8,7 +8,6 @@ thread-safe.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -215,9 +214,9 @@ class StreamingEngine:
                 updates.append(StreamUpdate(
                     stream_id=c.stream_id, slot=s, tokens=tokens, text_delta=text, is_final=final,
                     frames_decoded=int(self.frames_done[s]),
-                    audio_seconds=max(0.0, min(self.frames_done[s] * g.encoder_frame_seconds,
-                                               audio_end[i] / g.sample_rate if audio_end[i] >= 0 else math.inf)
-                                      - g.lead_in / g.sample_rate)))
+                    # the stream's own audio this step has consumed: a client knows its message
+                    # is covered once this reaches the message's end
+                    audio_seconds=(int(self.featurizer.samples_seen[s]) - g.lead_in) / g.sample_rate))
         except Exception as exc:
             ids = tuple(c.stream_id for c in chunks)
             raise StreamStateLostError(f"committing the step's state failed ({type(exc).__name__}: {exc}); "

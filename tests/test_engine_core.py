@@ -364,3 +364,23 @@ def test_engine_through_wrapper_counts_the_graph_and_matches_eager(tiny_engine, 
     finally:
         tiny_engine.encoder_engine = eager
     assert run.tokens == alone_runs["s3"].tokens
+
+
+def test_audio_seconds_reports_consumed_audio(tiny_engine):
+    """A client knows its message is answered once audio_seconds reaches the message's end:
+    with chunk-aligned framing, chunk k covers exactly (k+1) chunks of the stream's audio."""
+    g = tiny_engine.geometry
+    audio = _audio(1.05, seed=21)
+    slot = tiny_engine.acquire_slot()
+    try:
+        seen = []
+        for k in range(g.total_chunks(len(audio))):
+            a, b = g.chunk_span(k, len(audio), True)
+            last = k == g.total_chunks(len(audio)) - 1
+            (u,) = tiny_engine.step(StepPlan((ChunkWork("t", slot, audio[a:b], k == 0, last),))).updates
+            seen.append(u.audio_seconds)
+    finally:
+        tiny_engine.release_slot(slot)
+    full = [(k + 1) * g.chunk_samples / g.sample_rate for k in range(len(seen) - 1)]
+    assert seen[:-1] == pytest.approx(full)
+    assert seen[-1] == pytest.approx(len(audio) / g.sample_rate)
