@@ -2,16 +2,19 @@
 
     asr-client transcribe --server localhost:50051 a.wav b.wav [--interim] [--realtime]
     asr-client models --server localhost:50051
+    asr-client transcribe --server asr.example:443 --tls-ca ca.pem --token-file token a.wav
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from pathlib import Path
 
 from client.audio_source import FLOAT32, PCM16, AudioFormat
-from client.sdk import AsrError, AsyncAsrClient, StreamOptions
+from client.sdk import AsrError, AsyncAsrClient, Credentials, StreamOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +35,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for cmd in (t, m):
         cmd.add_argument("--server", default="localhost:50051", help="HOST:PORT of the server")
         cmd.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+        cmd.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+        cmd.add_argument("--tls-ca", default=None, help="PEM CA bundle to verify the server with (implies --tls)")
+        cmd.add_argument("--tls-cert", default=None, help="PEM client certificate, for mutual TLS (implies --tls)")
+        cmd.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+        cmd.add_argument("--tls-server-name", default=None, help="name to check the server's certificate against")
+        cmd.add_argument("--token", default=os.environ.get("ASR_TOKEN"),
+                         help="bearer token sent with every call (default: $ASR_TOKEN)")
+        cmd.add_argument("--token-file", default=None, help="read the bearer token from this file")
     return p.parse_args(argv)
+
+
+def credentials(args: argparse.Namespace) -> Credentials:
+    token = Path(args.token_file).read_text().strip() if args.token_file else args.token
+    return Credentials(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       tls_server_name=args.tls_server_name, token=token or None)
 
 
 async def _transcribe_one(client: AsyncAsrClient, path: str, args: argparse.Namespace, limit: asyncio.Semaphore) -> bool:
@@ -60,13 +77,13 @@ async def _transcribe_one(client: AsyncAsrClient, path: str, args: argparse.Name
 
 async def _transcribe(args: argparse.Namespace) -> int:
     limit = asyncio.Semaphore(max(args.concurrency, 1))
-    async with AsyncAsrClient(args.server, timeout=args.timeout) as client:
+    async with AsyncAsrClient(args.server, timeout=args.timeout, credentials=credentials(args)) as client:
         ok = await asyncio.gather(*(_transcribe_one(client, f, args, limit) for f in args.files))
     return 0 if all(ok) else 1
 
 
 async def _models(args: argparse.Namespace) -> int:
-    async with AsyncAsrClient(args.server, timeout=args.timeout) as client:
+    async with AsyncAsrClient(args.server, timeout=args.timeout, credentials=credentials(args)) as client:
         try:
             models = await client.list_models()
         except AsrError as exc:

@@ -112,10 +112,56 @@ def _requests(fmt: AudioFormat, options: StreamOptions, chunks: Iterable) -> Ite
         yield pb.StreamingRecognizeRequest(audio=to_bytes(chunk))
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """How to reach a secured server. `tls` with no CA trusts the system's roots; `tls_ca`
+    (a PEM file) pins the server's CA; `tls_cert` + `tls_key` present a client certificate
+    (mutual TLS); `tls_server_name` overrides the name checked against the server's
+    certificate; `token` is sent as `authorization: Bearer <token>` on every call."""
+
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    token: str | None = None
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or bool(self.tls_ca or self.tls_cert)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("a client certificate needs its key (tls_cert and tls_key)")
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        return grpc.ssl_channel_credentials(root_certificates=read(self.tls_ca), private_key=read(self.tls_key),
+                                            certificate_chain=read(self.tls_cert))
+
+    def options(self) -> list[tuple[str, object]]:
+        return [("grpc.ssl_target_name_override", self.tls_server_name)] if self.tls_server_name else []
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
+
+
+def open_channel(target: str, credentials: Credentials = Credentials(), aio: bool = False):
+    """A sync (or grpc.aio) channel to `target`, over TLS when the credentials ask for it."""
+    module = grpc.aio if aio else grpc
+    options = _CHANNEL_OPTIONS + credentials.options()
+    if credentials.secure:
+        return module.secure_channel(target, credentials.channel_credentials(), options=options)
+    return module.insecure_channel(target, options=options)
+
+
 class AsrClient:
-    def __init__(self, target: str, *, channel: grpc.Channel | None = None, timeout: float | None = None):
-        self._channel = channel or grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    def __init__(self, target: str, *, channel: grpc.Channel | None = None, timeout: float | None = None,
+                 credentials: Credentials = Credentials()):
+        self._channel = channel or open_channel(target, credentials)
         self._stub = pb_grpc.SpeechRecognitionStub(self._channel)
+        self._metadata = credentials.metadata()
         self.timeout = timeout
 
     def __enter__(self) -> AsrClient:
@@ -139,7 +185,7 @@ class AsrClient:
             if not fmt.bytes_per_second:
                 raise ValueError("realtime pacing needs the sample rate")
             data = paced(data, fmt.bytes_per_second)
-        call = self._stub.StreamingRecognize(_requests(fmt, options, data), timeout=self.timeout)
+        call = self._stub.StreamingRecognize(_requests(fmt, options, data), timeout=self.timeout, metadata=self._metadata)
         try:
             for response in call:
                 yield _response(response)
@@ -170,14 +216,14 @@ class AsrClient:
         fmt = AudioFormat(sample_rate, encoding or "PCM16", wav=data[:4] == b"RIFF")
         try:
             response = self._stub.Recognize(pb.RecognizeRequest(config=_config(fmt, options), audio=data),
-                                            timeout=self.timeout)
+                                            timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise AsrError.from_rpc(exc) from None
         return _result(response.result)
 
     def list_models(self) -> list[pb.ModelInfo]:
         try:
-            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata).models)
         except grpc.RpcError as exc:
             raise AsrError.from_rpc(exc) from None
 
@@ -190,9 +236,11 @@ class AsyncAsrClient:
     instead of the server's status. The sync AsrClient reports the real status.
     """
 
-    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = None):
-        self._channel = channel or grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
+                 credentials: Credentials = Credentials()):
+        self._channel = channel or open_channel(target, credentials, aio=True)
         self._stub = pb_grpc.SpeechRecognitionStub(self._channel)
+        self._metadata = credentials.metadata()
         self.timeout = timeout
 
     async def __aenter__(self) -> AsyncAsrClient:
@@ -230,7 +278,7 @@ class AsyncAsrClient:
 
         if realtime and not fmt.bytes_per_second:
             raise ValueError("realtime pacing needs the sample rate")
-        call = self._stub.StreamingRecognize(requests(), timeout=self.timeout)
+        call = self._stub.StreamingRecognize(requests(), timeout=self.timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield _response(response)
@@ -264,13 +312,13 @@ class AsyncAsrClient:
         fmt = AudioFormat(sample_rate, encoding or "PCM16", wav=data[:4] == b"RIFF")
         try:
             response = await self._stub.Recognize(pb.RecognizeRequest(config=_config(fmt, options), audio=data),
-                                                  timeout=self.timeout)
+                                                  timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise AsrError.from_rpc(exc) from None
         return _result(response.result)
 
     async def list_models(self) -> list[pb.ModelInfo]:
         try:
-            return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)).models)
+            return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata)).models)
         except grpc.RpcError as exc:
             raise AsrError.from_rpc(exc) from None

@@ -20,6 +20,7 @@ from server.metrics import ServerMetrics
 from server.riva_convert import RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
 from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
+from server.security import SecuritySettings
 from server.servicer import SpeechRecognitionServicer, TransportLimits
 from server.stream_config import ServedModel
 
@@ -47,6 +48,7 @@ class ServerSettings:
     limits: TransportLimits = field(default_factory=TransportLimits)
     riva: RivaSettings = field(default_factory=RivaSettings)  # the Riva-compatible API on the same port
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    security: SecuritySettings = field(default_factory=SecuritySettings)  # TLS, tokens, per-client limits
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -84,7 +86,8 @@ class AsrServer:
         """Listen, warm the engine up, then report SERVING. Raises if the warm-up fails."""
         s = self.settings
         await self._set_health(_NOT_SERVING)  # probes see NOT_SERVING during the warm-up
-        self._grpc = grpc.aio.server(options=[
+        # Tokens and per-client limits are checked in an interceptor, before any handler runs.
+        self._grpc = grpc.aio.server(interceptors=s.security.interceptors(self.metrics.call_refused), options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
@@ -100,7 +103,10 @@ class AsrServer:
         reflection.enable_server_reflection((SERVICE_NAME, RIVA_SERVICE_NAME,
                                              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME), self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.port}")
+        credentials = s.security.server_credentials()
+        address = f"{_host(s.host)}:{s.port}"
+        self.port = (self._grpc.add_secure_port(address, credentials) if credentials
+                     else self._grpc.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.port}")
         await self.scheduler.start()

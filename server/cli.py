@@ -21,6 +21,7 @@ from server.app import AsrServer, ServerSettings
 from server.logging_setup import configure_logging
 from server.riva_convert import RivaSettings
 from server.scheduler import SchedulerConfig
+from server.security import add_security_args, security_settings
 from server.servicer import TransportLimits
 
 log = logging.getLogger("nemostream.cli")
@@ -81,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--riva-model-written-form", action="store_true",
                    help="the model writes numbers and the like in written form: honour verbatim_transcripts=false "
                         "(the proto default, a request for inverse text normalization; refused otherwise)")
+    add_security_args(p)
     o = p.add_argument_group("operations")
     o.add_argument("--log-level", default="INFO")
     o.add_argument("--log-format", default="text", choices=("text", "json"))
@@ -103,7 +105,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         max_message_bytes=int(args.max_message_mb * (1 << 20)), drain_grace_s=args.drain_grace_s,
         stream_window_bytes=args.stream_window_kb * 1024,
         exit_on_engine_death_s=None if args.exit_on_engine_death_s < 0 else args.exit_on_engine_death_s,
-        model_aliases=(args.model,),
+        model_aliases=(args.model,), security=security_settings(args),
         riva=RivaSettings(model_punctuates=args.riva_model_punctuates, model_written_form=args.riva_model_written_form),
         limits=TransportLimits(idle_timeout_s=args.idle_timeout_s,
                                max_audio_message_bytes=int(args.max_audio_message_kb * 1024)),

@@ -73,6 +73,9 @@ class ServerMetrics(SchedulerObserver):
     def step_fault(self, kind: str) -> None:
         self.step_faults.labels(kind=kind).inc()
 
+    def call_refused(self, reason: str) -> None:
+        self.refused.labels(reason=reason).inc()
+
     # -- transport ---------------------------------------------------------------------------
     def rpc_finished(self, method: str, code: str) -> None:
         self.rpcs.labels(method=method, code=code).inc()
