@@ -23,7 +23,7 @@ import torch
 from engines.api import ChunkWork, StepPlan
 from engines.config import EngineConfig
 from engines.encoders import EagerEncoder
-from engines.factory import resolve_device, resolve_dtype
+from engines.factory import make_encoder_engine, resolve_device, resolve_dtype
 from engines.models import load_model, speechlike_audio
 from engines.streaming_engine import StreamingEngine
 
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--no-nemo", action="store_true", help="skip NeMo's own step")
+    ap.add_argument("--engine", default="eager", help="encoder engine (engines.config.ENGINE_NAMES)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -112,7 +113,11 @@ def main() -> None:
         nemo.preprocessor.to(dtype=torch.float32)
         nemo.eval()
         print(f"# loaded {args.model} at {la} ms in {time.time() - t:.1f} s", flush=True)
-        engine = StreamingEngine(model, EagerEncoder(nemo.encoder), la, capacity=max(batches),
+        cfg = EngineConfig(model=args.model, engine=args.engine, lookahead_ms=la, max_streams=max(batches),
+                           max_batch=max(batches))
+        encoder = (EagerEncoder(nemo.encoder) if args.engine == "eager"
+                   else make_encoder_engine(args.engine, model, cfg, dev, dtype))
+        engine = StreamingEngine(model, encoder, la, capacity=max(batches),
                                  max_batch=max(batches), device=dev, dtype=dtype)
         for b in batches:
             engine.sync_timings = True
@@ -130,7 +135,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    print(f"\n{args.model} {dtype} on {gpu}; median of {args.iters} steady-state steps\n")
+    print(f"\n{args.model} {dtype} on {gpu}, encoder engine {args.engine}; median of {args.iters} steady-state steps\n")
     print("| lookahead | batch | our step ms | features | encoder | decode | NeMo conformer_stream_step ms | slot MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -139,7 +144,7 @@ def main() -> None:
               f"{r['pool_bytes_per_slot'] / 2**20:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": args.model, "dtype": str(dtype), "device": gpu, "torch": torch.__version__,
+            json.dump({"model": args.model, "engine": args.engine, "dtype": str(dtype), "device": gpu, "torch": torch.__version__,
                        "rows": rows}, f, indent=1)
 
 

@@ -80,13 +80,12 @@ class SlotPool:
         come back zeroed, so a reused slot starts exactly like a new one without the pool being
         touched before the step succeeds."""
         out = {}
+        fresh_rows = None if fresh is None else fresh.nonzero()[:, 0]
         for name, t in self.tensors.items():
             dim = self.specs[name].slot_dim
             rows = t.index_select(dim, index)
-            if fresh is not None:
-                shape = [1] * rows.dim()
-                shape[dim] = -1
-                rows = rows.masked_fill(fresh.view(shape), 0)
+            if fresh_rows is not None:
+                rows.index_fill_(dim, fresh_rows, 0)  # in place on the gathered copy: no second copy
             out[name] = rows
         return out
 

@@ -167,7 +167,7 @@ class StreamingEngine:
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         fresh = torch.as_tensor(fresh_host, device=self.device)
         feats = self.featurizer.compute(windows, audio_end, starts, chunk_index)
-        state = self.pool.gather(idx, fresh)
+        state = self.pool.gather(idx, fresh if any(fresh_host) else None)
         self._sync()
         t1 = time.perf_counter()
 
