@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
@@ -183,6 +184,9 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             return await asyncio.wait_for(requests.__anext__(), self._limits.idle_timeout_s)
         except StopAsyncIteration:
             return None
+        except DecodeError as exc:  # bytes that are no request message at all
+            raise _Abort(ErrorKind.INVALID_ARGUMENT,
+                         f"a request is not a valid {pb.StreamingRecognizeRequest.DESCRIPTOR.full_name}: {exc}") from None
         except TimeoutError:
             raise _Abort(ErrorKind.DEADLINE_EXCEEDED,
                          f"idle timeout: no request for {self._limits.idle_timeout_s:g} s while waiting for {what}") from None
