@@ -4,11 +4,10 @@ Per-stream decoder state lives in the slot pool: the prediction network's output
 emitted label and its LSTM state after it. A step decodes only the step's new encoder frames,
 so the cost per step does not grow with the stream's length, and no history is re-decoded.
 
-The loop is greedy search over the whole batch at once, iterating over labels rather than frames:
-every iteration runs the joint for all of a row's remaining frames under its current
-prediction-network state, jumps to the first frame whose label is not blank, emits that label
-and advances the prediction network (a row moves to the next frame after `max_symbols` labels on
-one frame). It yields the same labels as NeMo's greedy_batch decoding.
+The loop is the label-looping form of greedy search over the whole batch at once: every
+iteration runs the joint for each row's current frame; rows that emit a label advance their
+prediction network, rows that emit blank (or reach `max_symbols` labels on one frame) move to
+the next frame. It yields the same labels as NeMo's greedy_batch decoding.
 """
 
 from __future__ import annotations
@@ -72,39 +71,32 @@ class GreedyRNNTDecoder:
         f = self.joint.project_encoder(encoded.transpose(1, 2))  # [B, T, H]
         g = state["dec_out"]
         h, c = state["dec_h"], state["dec_c"]
-        frame = torch.arange(T, device=dev)[None, :]
-        valid = frame < lengths[:, None]                      # [B, T]
-        t = torch.zeros(B, dtype=torch.long, device=dev)      # each row's current frame
-        symbols = torch.zeros(B, dtype=torch.long, device=dev)  # labels emitted at that frame
+        rows = torch.arange(B, device=dev)
+        t = torch.zeros(B, dtype=torch.long, device=dev)
+        symbols = torch.zeros(B, dtype=torch.long, device=dev)
         emitted_labels, emitted_frames, emitted_mask = [], [], []
         active = t < lengths
         blank = torch.full_like(t, self.blank_id)
-        # A blank leaves the prediction network as it was, so with the same state the joint of
-        # every remaining frame is computed at once, and a row jumps straight to the first frame
-        # whose label is not blank: one iteration per emitted label, not one per frame.
         # Testing for termination costs a device-to-host sync, so test every few iterations;
-        # iterations past the end are no-ops because every row is masked.
+        # the iterations past the end are no-ops because every row is masked.
         while True:
             for _ in range(self.sync_every):
-                logits = self.joint.joint_after_projection(f, self.joint.project_prednet(g)[:, None, :])
-                k_all = logits[:, :, 0, :].argmax(dim=-1)     # [B, T]
-                cand = (k_all != self.blank_id) & valid & (frame >= t[:, None])
-                emit = active & cand.any(dim=1)
-                first = cand.int().argmax(dim=1)              # first candidate frame
-                k = k_all.gather(1, first[:, None])[:, 0]
+                ft = f[rows, t.clamp(max=T - 1)]  # [B, H]
+                logits = self.joint.joint_after_projection(ft[:, None, :], self.joint.project_prednet(g)[:, None, :])
+                k = logits[:, 0, 0, :].argmax(dim=-1)
+                emit = active & (k != self.blank_id)
                 emitted_labels.append(k)
-                emitted_frames.append(first)
+                emitted_frames.append(t)
                 emitted_mask.append(emit)
                 g2, h2, c2 = self._predict(torch.where(emit, k, blank), h, c)
                 m = emit[:, None]
                 g = torch.where(m, g2.to(g.dtype), g)
                 h = torch.where(m[None], h2.to(h.dtype), h)
                 c = torch.where(m[None], c2.to(c.dtype), c)
-                symbols = torch.where(emit, torch.where(first == t, symbols, 0) + 1, symbols)
-                t = torch.where(emit, first, torch.where(active, lengths, t))
-                force = emit & (symbols >= self.max_symbols)  # the per-frame cap: next frame
-                t = t + force.long()
-                symbols = torch.where(force, 0, symbols)
+                symbols = symbols + emit.long()
+                advance = active & (~emit | (symbols >= self.max_symbols))
+                t = t + advance.long()
+                symbols = torch.where(advance, torch.zeros_like(symbols), symbols)
                 active = t < lengths
             if not bool(active.any()):
                 break
