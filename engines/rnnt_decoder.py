@@ -12,9 +12,12 @@ the next frame. It yields the same labels as NeMo's greedy_batch decoding.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,10 @@ class GreedyRNNTDecoder:
         self.pred_hidden = decoder.pred_hidden
         self.pred_layers = decoder.pred_rnn_layers
         self.sync_every = 4
+        # On CUDA the loop's block of iterations runs as one captured graph per batch bucket:
+        # the loop is dozens of small kernels per iteration, bound by launch overhead.
+        self.use_graphs = True
+        self._graphs: dict = {}
 
     def state_shapes(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """name -> (shape without slot dim, slot dim) for the slot pool."""
@@ -63,52 +70,136 @@ class GreedyRNNTDecoder:
             "dec_c": torch.where(m[None], c0.to(state["dec_c"].dtype), state["dec_c"]),
         }
 
+    # -- the loop ---------------------------------------------------------------------------
+    def _new_loop(self, B: int, T: int, H: int, like: torch.Tensor, state: dict[str, torch.Tensor]) -> "_Loop":
+        dev = like.device
+        return _Loop(
+            f=torch.zeros(B, T, H, device=dev, dtype=like.dtype),
+            lengths=torch.zeros(B, dtype=torch.long, device=dev),
+            g=torch.zeros_like(state["dec_out"][:1]).expand(B, -1).contiguous(),
+            h=torch.zeros(state["dec_h"].shape[0], B, state["dec_h"].shape[2], device=dev, dtype=state["dec_h"].dtype),
+            c=torch.zeros(state["dec_c"].shape[0], B, state["dec_c"].shape[2], device=dev, dtype=state["dec_c"].dtype),
+            t=torch.zeros(B, dtype=torch.long, device=dev),
+            symbols=torch.zeros(B, dtype=torch.long, device=dev),
+            active=torch.zeros(B, dtype=torch.bool, device=dev),
+            out_k=torch.zeros(self.sync_every, B, dtype=torch.long, device=dev),
+            out_t=torch.zeros(self.sync_every, B, dtype=torch.long, device=dev),
+            out_m=torch.zeros(self.sync_every, B, dtype=torch.bool, device=dev),
+            rows=torch.arange(B, device=dev),
+            blank=torch.full((B,), self.blank_id, dtype=torch.long, device=dev))
+
+    def _block(self, L: "_Loop") -> None:
+        """`sync_every` iterations, in place on L (so a CUDA graph can replay them). Rows that
+        emit a label advance their prediction network; rows that emit blank, or reach
+        max_symbols labels on one frame, move to the next frame."""
+        T = L.f.shape[1]
+        for i in range(self.sync_every):
+            ft = L.f[L.rows, L.t.clamp(max=T - 1)]  # [B, H]
+            logits = self.joint.joint_after_projection(ft[:, None, :], self.joint.project_prednet(L.g)[:, None, :])
+            k = logits[:, 0, 0, :].argmax(dim=-1)
+            emit = L.active & (k != self.blank_id)
+            L.out_k[i].copy_(k)
+            L.out_t[i].copy_(L.t)
+            L.out_m[i].copy_(emit)
+            g2, h2, c2 = self._predict(torch.where(emit, k, L.blank), L.h, L.c)
+            m = emit[:, None]
+            L.g.copy_(torch.where(m, g2.to(L.g.dtype), L.g))
+            L.h.copy_(torch.where(m[None], h2.to(L.h.dtype), L.h))
+            L.c.copy_(torch.where(m[None], c2.to(L.c.dtype), L.c))
+            symbols = L.symbols + emit.long()
+            advance = L.active & (~emit | (symbols >= self.max_symbols))
+            L.t.add_(advance.long())
+            L.symbols.copy_(torch.where(advance, torch.zeros_like(symbols), symbols))
+            L.active.copy_(L.t < L.lengths)
+
+    def _graphed_loop(self, B: int, T: int, H: int, like: torch.Tensor, state) -> tuple["_Loop", object]:
+        """The loop state of the smallest captured bucket that fits B rows, and its graph;
+        captured on first use (the engine's warm-up step captures the buckets it meets)."""
+        bucket = 1
+        while bucket < B:
+            bucket *= 2
+        key = (bucket, T, H, like.dtype)
+        if key not in self._graphs:
+            loop = self._new_loop(bucket, T, H, like, state)
+            side = torch.cuda.Stream(device=like.device)
+            side.wait_stream(torch.cuda.current_stream(like.device))
+            with torch.cuda.stream(side):
+                self._block(loop)  # warm-up outside the capture
+            torch.cuda.current_stream(like.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._block(loop)
+            self._graphs[key] = (loop, graph)
+        return self._graphs[key]
+
     @torch.inference_mode()
     def decode(self, encoded: torch.Tensor, lengths: torch.Tensor, state: dict[str, torch.Tensor]) -> DecodeOutput:
         """encoded [B, D, T] (NeMo's encoder layout), lengths [B]; state rows in batch order."""
         B, _, T = encoded.shape
-        dev = encoded.device
         f = self.joint.project_encoder(encoded.transpose(1, 2))  # [B, T, H]
-        g = state["dec_out"]
-        h, c = state["dec_h"], state["dec_c"]
-        rows = torch.arange(B, device=dev)
-        t = torch.zeros(B, dtype=torch.long, device=dev)
-        symbols = torch.zeros(B, dtype=torch.long, device=dev)
-        emitted_labels, emitted_frames, emitted_mask = [], [], []
-        active = t < lengths
-        blank = torch.full_like(t, self.blank_id)
+        H = f.shape[-1]
+        graph = None
+        if self.use_graphs and encoded.is_cuda:
+            try:
+                L, graph = self._graphed_loop(B, T, H, f, state)
+            except Exception as exc:  # capture is an optimisation of this loop, not an engine
+                log.warning("RNNT decode loop cannot be captured in a CUDA graph (%s); it runs eagerly", exc)
+                self.use_graphs = False
+                graph = None
+        if graph is None:
+            L = self._new_loop(B, T, H, f, state)
+        # Load the batch; rows past B (graph padding) have length 0 and stay inactive.
+        L.f[:B].copy_(f)
+        L.f[B:].zero_()
+        L.lengths[:B].copy_(lengths)
+        L.lengths[B:].zero_()
+        L.g[:B].copy_(state["dec_out"])
+        L.h[:, :B].copy_(state["dec_h"])
+        L.c[:, :B].copy_(state["dec_c"])
+        L.t.zero_()
+        L.symbols.zero_()
+        L.active.copy_(L.t < L.lengths)
+        outs_k, outs_t, outs_m = [], [], []
         # Testing for termination costs a device-to-host sync, so test every few iterations;
-        # the iterations past the end are no-ops because every row is masked.
+        # iterations past the end are no-ops because every row is masked.
         while True:
-            for _ in range(self.sync_every):
-                ft = f[rows, t.clamp(max=T - 1)]  # [B, H]
-                logits = self.joint.joint_after_projection(ft[:, None, :], self.joint.project_prednet(g)[:, None, :])
-                k = logits[:, 0, 0, :].argmax(dim=-1)
-                emit = active & (k != self.blank_id)
-                emitted_labels.append(k)
-                emitted_frames.append(t)
-                emitted_mask.append(emit)
-                g2, h2, c2 = self._predict(torch.where(emit, k, blank), h, c)
-                m = emit[:, None]
-                g = torch.where(m, g2.to(g.dtype), g)
-                h = torch.where(m[None], h2.to(h.dtype), h)
-                c = torch.where(m[None], c2.to(c.dtype), c)
-                symbols = symbols + emit.long()
-                advance = active & (~emit | (symbols >= self.max_symbols))
-                t = t + advance.long()
-                symbols = torch.where(advance, torch.zeros_like(symbols), symbols)
-                active = t < lengths
-            if not bool(active.any()):
+            if graph is not None:
+                graph.replay()
+            else:
+                self._block(L)
+            outs_k.append(L.out_k.clone())
+            outs_t.append(L.out_t.clone())
+            outs_m.append(L.out_m.clone())
+            if not bool(L.active.any()):
                 break
+        K = torch.cat(outs_k)[:, :B].T.cpu().tolist()
+        F = torch.cat(outs_t)[:, :B].T.cpu().tolist()
+        M = torch.cat(outs_m)[:, :B].T.cpu().tolist()
         labels: list[list[int]] = [[] for _ in range(B)]
         frames: list[list[int]] = [[] for _ in range(B)]
-        if emitted_labels:
-            L = torch.stack(emitted_labels, 1).cpu().tolist()
-            F = torch.stack(emitted_frames, 1).cpu().tolist()
-            M = torch.stack(emitted_mask, 1).cpu().tolist()
-            for b in range(B):
-                for lab, fr, ok in zip(L[b], F[b], M[b]):
-                    if ok:
-                        labels[b].append(lab)
-                        frames[b].append(fr)
-        return DecodeOutput(labels=labels, frames=frames, state={"dec_out": g, "dec_h": h, "dec_c": c})
+        for b in range(B):
+            for lab, fr, ok in zip(K[b], F[b], M[b]):
+                if ok:
+                    labels[b].append(lab)
+                    frames[b].append(fr)
+        new_state = {"dec_out": L.g[:B].clone(), "dec_h": L.h[:, :B].clone(), "dec_c": L.c[:, :B].clone()}
+        return DecodeOutput(labels=labels, frames=frames, state=new_state)
+
+
+@dataclass
+class _Loop:
+    """The decode loop's tensors, updated in place by GreedyRNNTDecoder._block."""
+
+    f: torch.Tensor        # [B, T, H] projected encoder frames
+    lengths: torch.Tensor  # [B] valid frames per row
+    g: torch.Tensor        # [B, H] prediction-network output for each row's last label
+    h: torch.Tensor        # [layers, B, H]
+    c: torch.Tensor
+    t: torch.Tensor        # [B] current frame
+    symbols: torch.Tensor  # [B] labels emitted at the current frame
+    active: torch.Tensor   # [B] t < lengths
+    out_k: torch.Tensor    # [sync_every, B] label of each iteration
+    out_t: torch.Tensor    # [sync_every, B] its frame
+    out_m: torch.Tensor    # [sync_every, B] whether it was emitted
+    rows: torch.Tensor
+    blank: torch.Tensor

@@ -384,3 +384,19 @@ def test_audio_seconds_reports_consumed_audio(tiny_engine):
     full = [(k + 1) * g.chunk_samples / g.sample_rate for k in range(len(seen) - 1)]
     assert seen[:-1] == pytest.approx(full)
     assert seen[-1] == pytest.approx(len(audio) / g.sample_rate)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the decode loop's CUDA graph)")
+def test_decode_graph_equals_eager_loop_on_gpu():
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+
+    engine = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cuda", dtype="float32",
+                                       lookahead_ms=560, max_streams=16, max_batch=16))
+    audios = {f"g{i}": _audio(0.5 + 0.37 * i, seed=300 + i) for i in range(6)}
+    graphed = run_streams(engine, audios, seed=5)
+    assert engine.decoder.use_graphs and engine.decoder._graphs, "the decode loop was not captured"
+    engine.decoder.use_graphs = False
+    eager = run_streams(engine, audios, seed=5)
+    for sid in audios:
+        assert graphed[sid].tokens == eager[sid].tokens and len(eager[sid].tokens) > 0
