@@ -60,6 +60,22 @@ def _forget(future: asyncio.Future) -> None:
 # Trailing metadata of a stream the server ended itself, with a final result (max duration).
 END_REASON_KEY = "asr-end-reason"
 
+async def _client_gone(context) -> bool:
+    """gRPC ends a request stream alike for a half-close and for a client that cancelled (or
+    whose deadline passed), and the cancellation may reach the handler much later. Before
+    refusing a stream for how it ended (no config, a partial last sample), ask the call itself:
+    sending the initial metadata fails on a call the client has left. Not knowing (the metadata
+    went out already) counts as still there."""
+    if context.time_remaining() == 0:
+        return True
+    try:
+        await context.send_initial_metadata(())
+    except grpc.aio.UsageError:
+        return False
+    except Exception:  # noqa: BLE001 - core's ExecuteBatchError: the call is over
+        return True
+    return False
+
 
 def _code(kind: ErrorKind) -> grpc.StatusCode:
     return grpc.StatusCode[kind.value]
@@ -84,6 +100,8 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             # Read the first request before any refusal: a server that ends the call before
             # reading makes grpc.aio clients still writing it see INTERNAL, not our status.
             first = await self._next_request(requests, "the config")
+            if first is None and await _client_gone(context):
+                raise asyncio.CancelledError()
             self._scheduler.check_admission()
             if first is None:
                 raise _Abort(ErrorKind.INVALID_ARGUMENT, "the stream ended before a config was sent")
@@ -94,7 +112,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             handle = self._scheduler.open_stream(label=options.label)
             self._log_open(handle, options, context)
             decoder = AudioDecoder(options.audio, self._served.geometry.sample_rate, self._limits.max_header_bytes)
-            reader = asyncio.get_running_loop().create_task(self._pump_audio(requests, handle, decoder))
+            reader = asyncio.get_running_loop().create_task(self._pump_audio(requests, handle, decoder, context))
             while (event := await handle.next_event()) is not None:
                 if isinstance(event, StreamFailure):
                     raise _Abort(event.kind, event.message)
@@ -175,6 +193,8 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
         log.warning("client not reading; call left to the transport", extra={"code": exc.kind.value})
 
     async def _abort(self, context, method: str, kind: ErrorKind, message: str) -> None:
+        if kind is ErrorKind.CANCELLED:  # the client has left: no one to send a status to (counted
+            raise asyncio.CancelledError()  # as CANCELLED by the handler, like any cancellation)
         # Count first: once the status is out, a client may already be reading the metrics.
         self._metrics.rpc_finished(method, kind.value)
         await context.abort(_code(kind), message)
@@ -191,7 +211,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             raise _Abort(ErrorKind.DEADLINE_EXCEEDED,
                          f"idle timeout: no request for {self._limits.idle_timeout_s:g} s while waiting for {what}") from None
 
-    async def _pump_audio(self, requests, handle: StreamHandle, decoder: AudioDecoder) -> None:
+    async def _pump_audio(self, requests, handle: StreamHandle, decoder: AudioDecoder, context) -> None:
         """Reads audio while the handler writes results; any problem fails the stream, which
         the handler turns into the status."""
         try:
@@ -212,7 +232,14 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                 if not await handle.push_audio(decoder.feed(request.audio)):
                     return
                 self._metrics.audio_seconds.inc(decoder.input_seconds - before)
-            if await handle.push_audio(decoder.finish()):
+            try:
+                tail = decoder.finish()
+            except AudioError:
+                if await _client_gone(context):
+                    handle.fail(ErrorKind.CANCELLED, "the client cancelled the call")
+                    return
+                raise
+            if await handle.push_audio(tail):
                 handle.end_audio()
         except AudioError as exc:
             handle.fail(ErrorKind.INVALID_ARGUMENT, str(exc))
