@@ -293,3 +293,87 @@ async def test_out_of_memory_with_a_single_chunk_fails_that_stream_only():
         assert code == "OK" and final_transcript(responses) is not None
         assert server.scheduler.dead_reason is None
     assert engine.slots_in_use() == 0
+
+
+# -- scheduler level: the isolation policy itself ---------------------------------------------------
+async def _scheduler_batch(engine: FaultyEngine, clips: list[np.ndarray], **config):
+    """Run the clips through a bare scheduler as one batch (the engine gate holds the first
+    step until all first chunks are queued); returns each stream's last event."""
+    from server.scheduler import Scheduler, SchedulerConfig
+
+    sched = Scheduler(engine, SchedulerConfig(batch_wait_s=0.001, **config))
+    await sched.start()
+    await sched.warmup()
+    engine.gate.clear()
+    handles = [sched.open_stream() for _ in clips]
+    for h, c in zip(handles, clips):
+        await h.push_audio(as_float(c))
+        h.end_audio()
+    await wait_for(lambda: engine.steps_entered >= 1, "the first step")
+    engine.gate.set()
+
+    async def last_event(h):
+        events = [e async for e in h]
+        h.close()
+        return events[-1]
+
+    results = await asyncio.gather(*(last_event(h) for h in handles))
+    await sched.stop()
+    return sched, results
+
+
+@pytest.mark.asyncio
+async def test_two_poisoned_streams_in_one_batch_are_both_isolated():
+    engine = FaultyEngine(FakeEngine(capacity=16, max_batch=16), poison=is_poisoned)
+    clips = [clip(80 + i, RATE // 2 + 300 * i, poisoned=i in (2, 6)) for i in range(8)]
+    reference = FakeEngine()
+    expected = [transcribe_alone(reference, as_float(c)) for c in clips]
+    sched, results = await _scheduler_batch(engine, clips)
+    for i, event in enumerate(results):
+        if i in (2, 6):
+            assert event.kind.value == "INTERNAL" and POISON_MESSAGE in event.message
+        else:
+            assert event.is_final and event.transcript == expected[i]
+    assert sched.dead_reason is None and engine.slots_in_use() == 0 and engine.violations == []
+
+
+@pytest.mark.asyncio
+async def test_a_dead_engine_is_tried_a_bounded_number_of_times_per_batch():
+    engine = FaultyEngine(FakeEngine(capacity=16, max_batch=16))
+    engine.fail_all = True
+    clips = [clip(90 + i, RATE // 2) for i in range(8)]
+    sched, results = await _scheduler_batch(engine, clips, dead_after_failures=1)
+    # One batch of 8: the attempt, its retry, then halves: at most 2 + 4 * log2(8) attempts.
+    assert len(engine.faults()) <= 2 + 4 * 3
+    assert all(e.kind.value == "UNAVAILABLE" and "the engine failed" in e.message for e in results)
+    assert sched.dead_reason is not None and engine.slots_in_use() == 0
+
+
+class LosingEngine(FakeEngine):
+    """Fails one step while 'committing' for its first two streams (and commits nothing)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.lose_once = True
+
+    def step(self, plan):
+        if self.lose_once and len(plan.chunks) > 2:
+            self.lose_once = False
+            lost = tuple(c.stream_id for c in plan.chunks[:2])
+            raise StreamStateLostError("injected: the copy back to the slots failed", lost)
+        return super().step(plan)
+
+
+@pytest.mark.asyncio
+async def test_streams_whose_state_was_lost_fail_and_the_rest_of_the_batch_goes_on():
+    engine = FaultyEngine(LosingEngine(capacity=16, max_batch=16))
+    clips = [clip(100 + i, RATE // 2) for i in range(5)]
+    reference = FakeEngine()
+    expected = [transcribe_alone(reference, as_float(c)) for c in clips]
+    sched, results = await _scheduler_batch(engine, clips)
+    lost = [e for e in results if not getattr(e, "is_final", False)]
+    assert len(lost) == 2 and all(e.kind.value == "INTERNAL" and "lost this stream's state" in e.message for e in lost)
+    for i, e in enumerate(results):
+        if getattr(e, "is_final", False):
+            assert e.transcript == expected[i]
+    assert sched.dead_reason is None and engine.slots_in_use() == 0
