@@ -410,7 +410,7 @@ def _init_worker(lib_path, data_path):
 
 
 def _render(args) -> dict:
-    item, out_dir, strength = args
+    item, out_dir, strength, test_strength = args
     import soundfile as sf
     tts: ESpeak = _WORKER["tts"]
     rng = np.random.default_rng(item.seed)
@@ -425,7 +425,7 @@ def _render(args) -> dict:
     prange = r.randint(20, 90)
     raw = tts.synth(item.text, voice, rate, pitch, prange)
     x = resample(raw, tts.sample_rate, SAMPLE_RATE)
-    x = augment(x, rng, strength if item.split == "train" else strength * 0.5)
+    x = augment(x, rng, strength if item.split == "train" else test_strength)
     rel = os.path.join(item.split, f"{item.lang}_{item.index:06d}.wav")
     path = os.path.join(out_dir, rel)
     sf.write(path, x, SAMPLE_RATE, subtype="PCM_16")
@@ -440,7 +440,9 @@ def main(argv=None) -> None:
     ap.add_argument("--train-per-lang", type=int, default=4000)
     ap.add_argument("--test-per-lang", type=int, default=150)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--augment", type=float, default=1.0, help="0 = clean speech, 1 = full augmentation")
+    ap.add_argument("--augment", type=float, default=1.0,
+                    help="training augmentation strength: 0 = clean speech, 1 = full augmentation")
+    ap.add_argument("--test-augment", type=float, default=0.5, help="the held-out set's augmentation strength")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--langs", default="en,hi")
     ap.add_argument("--splits", default="train,test",
@@ -466,7 +468,7 @@ def main(argv=None) -> None:
         os.makedirs(os.path.join(args.out, split), exist_ok=True)
     splits = set(args.splits.split(","))
     items = [it for it in items if it.split in splits]
-    work = [(it, args.out, args.augment) for it in items]
+    work = [(it, args.out, args.augment, args.test_augment) for it in items]
     ctx = get_context("fork")
     if args.workers > 1:
         with ctx.Pool(args.workers, initializer=_init_worker, initargs=(args.espeak_lib, args.espeak_data)) as pool:
