@@ -118,16 +118,14 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                     raise _Abort(event.kind, event.message)
                 chunks += 1
                 response = streaming_response(event, options.interim_results, self._frame_seconds)
-                if event.is_final:
-                    if handle.state.end_reason:
-                        context.set_trailing_metadata(((END_REASON_KEY, handle.state.end_reason),))
-                    # The scheduler is done with the stream: its place is free even while the
-                    # final waits on a slow reader.
-                    closed = self._close(handle, code, chunks, started)
+                if event.is_final and handle.state.end_reason:
+                    context.set_trailing_metadata(((END_REASON_KEY, handle.state.end_reason),))
+                # The stream stays open (for admission and drain) until its final is written; a
+                # write that waits on a client that does not read ends in _Unread.
                 await self._send(context, response, handle)
         except _Unread as exc:
             code = exc.kind.value
-            closed = closed or self._close(handle, code, chunks, started)
+            closed = self._close(handle, code, chunks, started)  # free its place now, not when gRPC lets go
             await self._abort_unread(context, exc)
         except (StreamError, _Abort) as exc:
             code = exc.kind.value
