@@ -1,4 +1,5 @@
-"""Real X.509 certificates for the TLS tests, generated with the `cryptography` package: a CA,
+"""Real X.509 certificates for the TLS tests, generated with the `cryptography` package (a dev
+dependency; tests import this module only through a fixture that skips without it): a CA,
 a server certificate for localhost/127.0.0.1 signed by it, and client certificates (for mutual
 TLS) signed by a second CA. Written as PEM files into a directory."""
 
@@ -9,12 +10,10 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-x509 = pytest.importorskip("cryptography.x509", reason="the TLS tests need the cryptography package")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from client.sdk import AsrClient, AsrError, AsyncAsrClient, Credentials, open_ch
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.security import SecuritySettings, load_tokens
-from tests.certs import make_pki
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
     FAKE, RATE, as_float, audio, config, make_engine, pcm16_audio, requests_for, running_server, scrape, wav_bytes,
@@ -34,6 +33,9 @@ CLIP = pcm16_audio(31, RATE + 777)
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
+    pytest.importorskip("cryptography", reason="the TLS tests generate certificates with the cryptography package")
+    from tests.certs import make_pki
+
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
