@@ -23,6 +23,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_asr_pb2_grpc as rpb_grpc
@@ -173,7 +174,7 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             self._scheduler.check_admission()
             options = validate_riva_config(request.config, self._served, self._settings,
                                            label=request_label(request.id.value))
-            handle = self._scheduler.open_stream(label=options.label)
+            handle = self._scheduler.open_stream(label=options.label, finalize_at_limit=False)
             self._log_open(handle, options, context, "Recognize")
             audio = RivaAudio(options, self._rate, self._limits.max_header_bytes)
             feeder = asyncio.get_running_loop().create_task(self._feed_whole(handle, audio, request.audio))
@@ -234,6 +235,9 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             return await asyncio.wait_for(requests.__anext__(), self._limits.idle_timeout_s)
         except StopAsyncIteration:
             return None
+        except DecodeError as exc:  # bytes that are no request message at all
+            raise StreamError(ErrorKind.INVALID_ARGUMENT, "a request is not a valid "
+                              f"{rpb.StreamingRecognizeRequest.DESCRIPTOR.full_name}: {exc}") from None
         except TimeoutError:
             raise StreamError(ErrorKind.DEADLINE_EXCEEDED, f"idle timeout: no request for "
                               f"{self._limits.idle_timeout_s:g} s while waiting for {what}") from None
