@@ -3,7 +3,9 @@
 # installs the carried wheels (.whl/: NeMo's, from shared/device/fetch-wheels.sh, plus
 # espeakng-loader), synthesizes the data there, trains with train/config.yaml within its time
 # budget, and copies the model package, summary and log to $OUT.
-#   bash train/gpu_run.sh [key=value overrides for train/train.py]
+#   bash train/gpu_run.sh [train/train.py options and key=value overrides]
+# To continue an earlier run (a second command of the same length), carry its package folder
+# and pass --init-from that/folder (optionally optim.sched.warmup_steps=50).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${SKIP_WHEELS:-}" ]; then  # SKIP_WHEELS=1: a local dry run in an environment that has it all
@@ -21,7 +23,7 @@ python3 train/train.py --config train/config.yaml --out "$RUN" data.dir="$DATA" 
   > "$OUT/train.log" 2>&1
 rc=$?
 set -e
-grep -E '^\[(train|val|budget)\]|^wrote|train (data|tokenizer|loss|model|trained|wrote)|Error|error' "$OUT/train.log" | tail -n 80 || true
+grep -E '^\[(train|val|budget)\]|^wrote|train (data|tokenizer|loss|model|init|trained|wrote)|Error|error' "$OUT/train.log" | tail -n 80 || true
 echo "train.py exit $rc after $(( $(date +%s) - start )) s"
 if [ -d "$RUN/demo" ]; then
   cp -r "$RUN/demo" "$OUT/demo"

@@ -256,10 +256,16 @@ def main(argv=None) -> None:
     ap.add_argument("--force-data", action="store_true", help="resynthesize even if manifests exist")
     ap.add_argument("--budget-s", type=float, default=None, help="training time budget (overrides budget_s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--init-from", default=None,
+                    help="a model package folder (weights.pt, tokenizer.model, vocab.txt) from an earlier run of "
+                         "the same config: training continues from its weights with its tokenizer")
     ap.add_argument("extra", nargs="*", help="key=value overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
+    import numpy as np
+    if not hasattr(np, "row_stack"):  # removed in NumPy 2.x; the GPU host's Numba CUDA loss path calls it
+        np.row_stack = np.vstack
     import torch
     import lightning.pytorch as pl
     from omegaconf import OmegaConf, open_dict
@@ -274,7 +280,13 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     data_dir = ensure_data(cfg, args.force_data)
-    tok_dir = train_tokenizer(cfg, data_dir, out_dir)
+    if args.init_from:
+        tok_dir = os.path.join(out_dir, "tokenizer")
+        os.makedirs(tok_dir, exist_ok=True)
+        for name in ("tokenizer.model", "vocab.txt"):
+            shutil.copy(os.path.join(args.init_from, name), os.path.join(tok_dir, name))
+    else:
+        tok_dir = train_tokenizer(cfg, data_dir, out_dir)
     val_manifest = make_val_manifest(data_dir, int(cfg.data.val_per_lang), out_dir)
     with open_dict(cfg):
         cfg.model.train_ds.manifest_filepath = os.path.join(data_dir, "train_manifest.json")
@@ -296,6 +308,11 @@ def main(argv=None) -> None:
             cfg.model.loss.loss_name = "pytorch"
             cfg.loss_impl = "scan"
     model = EncDecHybridRNNTCTCBPEModel(cfg=cfg.model, trainer=trainer)
+    if args.init_from:
+        blob = torch.load(os.path.join(args.init_from, "weights.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict({k: (v.float() if v.is_floating_point() else v)
+                               for k, v in blob["state_dict"].items()}, strict=True)
+        log.info("init: weights from %s", args.init_from)
     choose_loss(model, str(cfg.get("loss_impl", "auto")), trainer)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters", n_params / 1e6)
