@@ -37,6 +37,7 @@ from server.servicer import TransportLimits
 from server.stream_config import ServedModel
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
 from server.stream_state import StreamStatus
+from server.unread_client import UnreadClient, abort_unread, write_watching
 from server.wav_header import AudioError
 
 log = logging.getLogger("nemostream.riva")
@@ -85,7 +86,7 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             audio = RivaAudio(options, self._rate, self._limits.max_header_bytes)
             reader = asyncio.get_running_loop().create_task(self._pump_audio(requests, handle, audio, call))
             await call.run()
-        except _Unread as exc:  # the client stopped reading: free its place now, end the call
+        except UnreadClient as exc:  # the client stopped reading: free its place now, end the call
             code = exc.kind.value
             closed = self._close(handle, call, code, started)
             await self._abort_unread(context, method, exc)
@@ -120,17 +121,9 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             "audio_s": round(handle.state.received / self._rate, 3), "wall_s": round(time.monotonic() - started, 3)})
         return True
 
-    async def _abort_unread(self, context, method: str, exc: _Unread) -> None:
-        """End a call whose client does not read: the status queues behind the unsent responses
-        (the client sees it once it reads); wait for it at most idle_timeout_s, then leave the
-        call to gRPC (its memory is bounded by the flow-control window)."""
+    async def _abort_unread(self, context, method: str, exc: UnreadClient) -> None:
         self._metrics.rpc_finished(method, exc.kind.value)
-        _forget(exc.write)
-        abort = asyncio.ensure_future(context.abort(grpc.StatusCode[exc.kind.value], exc.message))
-        _forget(abort)
-        done, _ = await asyncio.wait((abort,), timeout=self._limits.idle_timeout_s)
-        if done:
-            abort.result()  # raises grpc's AbortError, which ends the handler as an abort should
+        await abort_unread(context, exc, self._limits.idle_timeout_s)
         log.warning("riva client not reading; call left to the transport", extra={"code": exc.kind.value})
 
     async def _pump_audio(self, requests, handle: StreamHandle, audio: RivaAudio, call: _StreamCall) -> None:
@@ -249,20 +242,6 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             "word_times": options.word_times})
 
 
-class _Unread(Exception):
-    """A response write waited on a client that does not read, and the stream failed meanwhile
-    (or the client read nothing for idle_timeout_s)."""
-
-    def __init__(self, kind: ErrorKind, message: str, write: asyncio.Future):
-        super().__init__(message)
-        self.kind, self.message, self.write = kind, message, write
-
-
-def _forget(future: asyncio.Future) -> None:
-    """A future left to finish on its own (or never): its outcome is not an error to report."""
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-
 class _StreamCall:
     """One StreamingRecognize call after its config: merges the scheduler's events with the
     arrival of audio messages (ResponsePacer) and writes one response per message. At most one
@@ -320,28 +299,8 @@ class _StreamCall:
                                                  self.request_id))
 
     async def _write(self, response) -> None:
-        """Write one response. While the client does not read, the write waits (flow control);
-        if the stream fails meanwhile, or the client reads nothing for idle_timeout_s, the wait
-        ends with _Unread."""
-        state = self.handle.state
-        loop = asyncio.get_running_loop()
-        write = asyncio.ensure_future(self.context.write(response))
-        deadline = loop.time() + self.idle_timeout_s
-        while not write.done():
-            failure = self._failure()
-            if failure is not None:
-                raise _Unread(failure.kind, failure.message, write)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise _Unread(ErrorKind.DEADLINE_EXCEEDED,
-                              f"the client read no response for {self.idle_timeout_s:g} s", write)
-            state.events_ready.clear()  # set again by the stream's next event or failure
-            woken = asyncio.ensure_future(state.events_ready.wait())
-            try:
-                await asyncio.wait((write, woken), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                woken.cancel()
-        write.result()
+        """Write one response, watching the stream (server.unread_client)."""
+        await write_watching(self.context, response, self.handle.state, self._failure, self.idle_timeout_s)
 
     def _failure(self) -> StreamFailure | None:
         state = self.handle.state

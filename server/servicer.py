@@ -20,6 +20,7 @@ from server.scheduler import Scheduler, StreamHandle
 from server.stream_config import ServedModel, StreamOptions, invalid, validate_config
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
 from server.stream_state import StreamStatus
+from server.unread_client import UnreadClient, abort_unread, write_watching
 from server.wav_header import AudioError
 
 log = logging.getLogger("nemostream.rpc")
@@ -42,19 +43,6 @@ class _Abort(Exception):
     def __init__(self, kind: ErrorKind, message: str):
         super().__init__(message)
         self.kind, self.message = kind, message
-
-
-class _Unread(_Abort):
-    """The stream ended while a response write waited on a client that does not read."""
-
-    def __init__(self, kind: ErrorKind, message: str, write: asyncio.Future):
-        super().__init__(kind, message)
-        self.write = write
-
-
-def _forget(future: asyncio.Future) -> None:
-    """A future left to finish on its own (or never): its outcome is not an error to report."""
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 # Trailing metadata of a stream the server ended itself, with a final result (max duration).
@@ -121,9 +109,9 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                 if event.is_final and handle.state.end_reason:
                     context.set_trailing_metadata(((END_REASON_KEY, handle.state.end_reason),))
                 # The stream stays open (for admission and drain) until its final is written; a
-                # write that waits on a client that does not read ends in _Unread.
+                # write that waits on a client that does not read ends in UnreadClient.
                 await self._send(context, response, handle)
-        except _Unread as exc:
+        except UnreadClient as exc:
             code = exc.kind.value
             closed = self._close(handle, code, chunks, started)  # free its place now, not when gRPC lets go
             await self._abort_unread(context, exc)
@@ -153,41 +141,19 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
         return True
 
     async def _send(self, context, response, handle: StreamHandle) -> None:
-        """Write one response. While the client does not read, the write waits (flow control);
-        if the stream fails meanwhile (its buffers are full: RESOURCE_EXHAUSTED; or it idled),
-        or the client reads nothing for idle_timeout_s, the wait ends with _Unread."""
+        """Write one response, watching the stream (server.unread_client)."""
         state = handle.state
-        loop = asyncio.get_running_loop()
-        write = asyncio.ensure_future(context.write(response))
-        deadline = loop.time() + self._limits.idle_timeout_s
-        while not write.done():
-            if state.status is StreamStatus.FAILED:
-                failure = next((e for e in reversed(state.events) if isinstance(e, StreamFailure)), None)
-                if failure is not None:
-                    raise _Unread(failure.kind, failure.message, write)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise _Unread(ErrorKind.DEADLINE_EXCEEDED,
-                              f"the client read no response for {self._limits.idle_timeout_s:g} s", write)
-            state.events_ready.clear()  # set again by the stream's next event or failure
-            woken = asyncio.ensure_future(state.events_ready.wait())
-            try:
-                await asyncio.wait((write, woken), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                woken.cancel()
-        write.result()
 
-    async def _abort_unread(self, context, exc: _Unread) -> None:
-        """End a call whose client does not read: the status queues behind the unsent
-        responses (the client sees it once it reads); wait for it at most idle_timeout_s, then
-        leave the call to gRPC (its memory is bounded by the flow-control window)."""
+        def failure() -> StreamFailure | None:
+            if state.status is not StreamStatus.FAILED:
+                return None
+            return next((e for e in reversed(state.events) if isinstance(e, StreamFailure)), None)
+
+        await write_watching(context, response, state, failure, self._limits.idle_timeout_s)
+
+    async def _abort_unread(self, context, exc: UnreadClient) -> None:
         self._metrics.rpc_finished("StreamingRecognize", exc.kind.value)
-        _forget(exc.write)
-        abort = asyncio.ensure_future(context.abort(_code(exc.kind), exc.message))
-        _forget(abort)
-        done, _ = await asyncio.wait((abort,), timeout=self._limits.idle_timeout_s)
-        if done:
-            abort.result()  # raises grpc's AbortError, which ends the handler as an abort should
+        await abort_unread(context, exc, self._limits.idle_timeout_s)
         log.warning("client not reading; call left to the transport", extra={"code": exc.kind.value})
 
     async def _abort(self, context, method: str, kind: ErrorKind, message: str) -> None:
