@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains the demo model on the GPU host (one H100, Python 3.12, no network) in about 8 minutes:
+# Trains the demo model on the GPU host (one H100, Python 3.12, no network) in about 9 minutes:
 # installs the carried wheels (.whl/: NeMo's, from shared/device/fetch-wheels.sh, plus
 # espeakng-loader), synthesizes the data there, trains with train/config.yaml within its time
 # budget, and copies the model package, summary and log to $OUT.
@@ -24,6 +24,7 @@ python3 train/train.py --config train/config.yaml --out "$RUN" data.dir="$DATA" 
 rc=$?
 set -e
 grep -E '^\[(train|val|budget)\]|^wrote|train (data|tokenizer|loss|model|init|trained|wrote)|Error|error' "$OUT/train.log" | tail -n 80 || true
+grep -A 26 '^\[profile\]' "$OUT/train.log" || true
 echo "train.py exit $rc after $(( $(date +%s) - start )) s"
 if [ -d "$RUN/demo" ]; then
   cp -r "$RUN/demo" "$OUT/demo"

@@ -141,19 +141,62 @@ def progress_callback(every: int):
     class _Progress(Callback):
         def __init__(self):
             self.t0 = time.time()
+            self.t_end = None       # when the previous step ended
+            self.wait = 0.0         # seconds between steps: waiting for the data loader
+            self.t_window = time.time()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.t_end is not None:
+                self.wait += time.time() - self.t_end
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step
             if step % every == 0 and isinstance(outputs, dict) and "loss" in outputs:
                 lr = trainer.optimizers[0].param_groups[0]["lr"]
+                now = time.time()
+                window = max(now - self.t_window, 1e-9)
                 print(f"[train] step {step} loss {float(outputs['loss']):.3f} lr {lr:.2e} "
-                      f"{time.time() - self.t0:.0f}s", flush=True)
+                      f"{now - self.t0:.0f}s data-wait {100 * self.wait / window:.0f}%", flush=True)
+                self.wait, self.t_window = 0.0, now
+            self.t_end = time.time()
 
         def on_validation_end(self, trainer, pl_module):
             m = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
             print(f"[val] step {trainer.global_step} {m}", flush=True)
 
     return _Progress()
+
+
+def profile_callback(first: int, count: int):
+    """Profiles `count` training steps from step `first` and prints where their time went
+    (--profile): the numbers that say whether the loss, the model or the data loader is slow."""
+    from lightning.pytorch.callbacks import Callback
+    import torch
+
+    class _Profile(Callback):
+        def __init__(self):
+            self.prof = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == first and self.prof is None:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.prof is not None and trainer.global_step == first + count:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+                print(f"[profile] steps {first}..{first + count}", flush=True)
+                print(self.prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60),
+                      flush=True)
+                self.prof = False
+
+    return _Profile()
 
 
 def build_trainer(cfg, callbacks):
@@ -259,6 +302,8 @@ def main(argv=None) -> None:
     ap.add_argument("--init-from", default=None,
                     help="a model package folder (weights.pt, tokenizer.model, vocab.txt) from an earlier run of "
                          "the same config: training continues from its weights with its tokenizer")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile N training steps from step 60 and print the table")
     ap.add_argument("extra", nargs="*", help="key=value overrides")
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -296,6 +341,8 @@ def main(argv=None) -> None:
 
     budget = args.budget_s if args.budget_s is not None else float(cfg.get("budget_s", 0) or 0)
     callbacks = [progress_callback(int(cfg.trainer.log_every_n_steps))]
+    if args.profile:
+        callbacks.append(profile_callback(60, args.profile))  # after the budget probe
     if budget > 0:
         callbacks.append(BudgetCallback(budget, int(cfg.get("budget_probe_steps", 40))))
     trainer = build_trainer(cfg, callbacks)
