@@ -95,10 +95,15 @@ class StreamUpdate:
 
 @dataclass(frozen=True)
 class StepTimings:
-    features_ms: float = 0.0
+    features_ms: float = 0.0   # host windows + STFT/mel + slot gather (assemble_ms and gather_ms included)
     encoder_ms: float = 0.0
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    # Host-side parts, for bench/host_overhead.py: per-row Python work that grows with the batch.
+    assemble_ms: float = 0.0   # validation and the batch's waveform windows (numpy, host)
+    gather_ms: float = 0.0     # the slot pool's gather of the batch's state rows
+    commit_ms: float = 0.0     # scatter to the slot pool, waveform history, host counters
+    results_ms: float = 0.0    # the per-row StreamUpdate objects
 
 
 @dataclass(frozen=True)

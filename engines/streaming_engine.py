@@ -141,19 +141,19 @@ class StreamingEngine:
         exception there leaves every slot as it was; out of device memory becomes
         EngineOverloadedError (the scheduler retries in smaller batches). A failure during the
         commit is StreamStateLostError: those streams cannot continue."""
+        t_start = time.perf_counter()
         self._validate(plan)
         if not plan.chunks:
             return StepResult(updates=(), engine=self.encoder_engine.name)
         try:
-            return self._step(plan)
+            return self._step(plan, t_start)
         except torch.cuda.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # the failed step's blocks go back before the retry
             raise EngineOverloadedError(f"out of device memory at batch size {len(plan.chunks)}: {exc}",
                                         batch_size=len(plan.chunks)) from exc
 
-    def _step(self, plan: StepPlan) -> StepResult:
-        t0 = time.perf_counter()
+    def _step(self, plan: StepPlan, t0: float) -> StepResult:
         chunks = plan.chunks
         slots = [c.slot for c in chunks]
         chunk_index = [0 if c.first else int(self.chunks_done[c.slot]) for c in chunks]
@@ -164,9 +164,12 @@ class StreamingEngine:
             windows, audio_end, starts = self.featurizer.assemble(slots, chunk_index, samples, ended, fresh_host)
         except ValueError as e:
             raise BadChunkError(str(e), tuple(c.stream_id for c in chunks)) from e
+        t_assembled = time.perf_counter()
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         fresh = torch.as_tensor(fresh_host, device=self.device)
         feats = self.featurizer.compute(windows, audio_end, starts, chunk_index)
+        self._sync()
+        t_feats = time.perf_counter()
         state = self.pool.gather(idx, fresh if any(fresh_host) else None)
         self._sync()
         t1 = time.perf_counter()
@@ -194,6 +197,8 @@ class StreamingEngine:
                 **decoded.state,
             })
             self.featurizer.commit(slots, samples, windows, starts, fresh_host)
+            self._sync()
+            t_committed = time.perf_counter()
             updates = []
             g = self.geometry
             for i, c in enumerate(chunks):
@@ -223,7 +228,9 @@ class StreamingEngine:
                                        f"the state of {len(ids)} streams is lost", ids) from exc
         t4 = time.perf_counter()
         timings = StepTimings(features_ms=1e3 * (t1 - t0), encoder_ms=1e3 * (t2 - t1),
-                              decode_ms=1e3 * (t3 - t2), total_ms=1e3 * (t4 - t0))
+                              decode_ms=1e3 * (t3 - t2), total_ms=1e3 * (t4 - t0),
+                              assemble_ms=1e3 * (t_assembled - t0), gather_ms=1e3 * (t1 - t_feats),
+                              commit_ms=1e3 * (t_committed - t3), results_ms=1e3 * (t4 - t_committed))
         return StepResult(updates=tuple(updates), engine=self.encoder_engine.name, timings=timings)
 
     def _sync(self) -> None:
