@@ -22,6 +22,18 @@ from engines.geometry import ChunkGeometry
 
 
 @dataclass(frozen=True)
+class _Rows:
+    """A batch's rows as arrays: slot, first chunk, new samples with the lead-in (framed), framed
+    samples seen before the chunk, and the absolute start of each row's window."""
+
+    slot: np.ndarray
+    first: np.ndarray
+    framed: np.ndarray
+    seen: np.ndarray
+    starts: np.ndarray
+
+
+@dataclass(frozen=True)
 class FeatureBatch:
     new_frames: torch.Tensor    # [B, n_mels, C] float32 on device
     valid_frames: torch.Tensor  # [B] int64: frames of this chunk inside the stream
@@ -53,58 +65,83 @@ class StreamingFeaturizer:
         self.history = np.zeros((capacity, self.history_len), dtype=np.float32)
         self.samples_seen = np.zeros(capacity, dtype=np.int64)
 
-    def _seen(self, slot: int, fresh: bool) -> int:
-        """Samples of the slot's framed stream (lead-in included) before this chunk."""
-        return 0 if fresh else int(self.samples_seen[slot])
-
     def _framed(self, new: np.ndarray, first: bool) -> np.ndarray:
         lead = self.geometry.lead_in
         return np.concatenate([np.zeros(lead, np.float32), new]) if first and lead else new
+
+    def _rows(self, slots: list[int], chunk_index: list[int], samples: list[np.ndarray],
+              fresh: list[bool]) -> "_Rows":
+        """Per-row positions of a batch, as arrays (no state changed)."""
+        g = self.geometry
+        slot = np.asarray(slots, dtype=np.int64)
+        first = np.asarray(fresh, dtype=bool)
+        lens = np.fromiter((len(x) for x in samples), dtype=np.int64, count=len(samples))
+        framed = lens + np.where(first, g.lead_in, 0)   # a first chunk is framed behind the lead-in
+        seen = np.where(first, 0, self.samples_seen[slot])
+        starts = np.asarray(chunk_index, dtype=np.int64) * g.chunk_samples - g.stft_left_pad - 1
+        return _Rows(slot, first, framed, seen, starts)
 
     def assemble(self, slots: list[int], chunk_index: list[int], samples: list[np.ndarray],
                  ended: list[bool], fresh: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Host side: the batch's waveform windows, each row's absolute end of audio in framed
         samples (lead-in included; -1 while
         the stream is open) and each window's absolute start. Changes no state; a fresh row
-        (a stream's first chunk) reads silence as its history, whatever its slot held before."""
-        g = self.geometry
+        (a stream's first chunk) reads silence as its history, whatever its slot held before.
+
+        Steady-state rows (not first, not last, a whole chunk, the window meeting a full
+        history) are copied in two bulk numpy operations; only the others go row by row."""
         B = len(slots)
+        r = self._rows(slots, chunk_index, samples, fresh)
+        done = np.asarray(ended, dtype=bool)
+        take = r.seen - r.starts  # the window begins with this many already-seen samples
+        steady = ~r.first & ~done & (take == self.history_len) & (r.framed == self.window_len - self.history_len)
+        audio_end = np.where(done, r.seen + r.framed, -1)
+        if steady.all():
+            windows = np.empty((B, self.window_len), dtype=np.float32)
+            windows[:, :self.history_len] = self.history[r.slot]
+            windows[:, self.history_len:] = np.stack(samples) if B else 0.0
+            return windows, audio_end, r.starts
         windows = np.zeros((B, self.window_len), dtype=np.float32)
-        audio_end = np.full(B, -1, dtype=np.int64)
-        starts = np.zeros(B, dtype=np.int64)
-        for i, (slot, k, new, done, first) in enumerate(zip(slots, chunk_index, samples, ended, fresh)):
-            seen = self._seen(slot, first)
-            new = self._framed(new, first)
-            start = k * g.chunk_samples - g.stft_left_pad - 1  # absolute index of windows[i, 0]
-            starts[i] = start
-            take = seen - start  # the window begins with this many already-seen samples
-            if not 0 < take <= self.history_len:
+        rows = np.flatnonzero(steady)
+        if len(rows):
+            windows[rows, :self.history_len] = self.history[r.slot[rows]]
+            windows[rows, self.history_len:] = np.stack([samples[i] for i in rows])
+        for i in np.flatnonzero(~steady).tolist():
+            slot, k, first, t = int(r.slot[i]), chunk_index[i], bool(r.first[i]), int(take[i])
+            new = self._framed(samples[i], first)
+            if not 0 < t <= self.history_len:
                 raise AssertionError(f"slot {slot}: chunk {k} window does not meet its history")
             if not first:
-                windows[i, :take] = self.history[slot, self.history_len - take:]
-            room = self.window_len - take
+                windows[i, :t] = self.history[slot, self.history_len - t:]
+            room = self.window_len - t
             if len(new) > room:
                 raise ValueError(f"chunk {k} has {len(new)} samples; at most {room} fit")
-            windows[i, take:take + len(new)] = new
-            if done:
-                audio_end[i] = seen + len(new)
-            elif len(new) != room:
+            windows[i, t:t + len(new)] = new
+            if not done[i] and len(new) != room:
                 raise ValueError(f"chunk {k} has {len(new)} samples; {room} are needed while audio continues")
-        return windows, audio_end, starts
+        return windows, audio_end, r.starts
 
     def commit(self, slots: list[int], samples: list[np.ndarray], windows: np.ndarray,
                starts: np.ndarray, fresh: list[bool]) -> None:
         """After a successful step: each slot keeps the history_len samples before its next chunk."""
-        for i, (slot, new, first) in enumerate(zip(slots, samples, fresh)):
-            seen = self._seen(slot, first) + len(self._framed(new, first))
-            end_rel = seen - int(starts[i])
-            lo = end_rel - self.history_len
-            if lo >= 0:
-                self.history[slot] = windows[i, lo:end_rel]
-            else:  # a very short stream: what lies before the window is silence
-                self.history[slot, :-lo] = 0.0
-                self.history[slot, -lo:] = windows[i, :end_rel]
-            self.samples_seen[slot] = seen
+        r = self._rows(slots, [0] * len(slots), samples, fresh)
+        seen = r.seen + r.framed
+        end_rel = seen - starts
+        whole = end_rel == self.window_len  # the window ends where the stream does: one bulk copy
+        if whole.all():
+            self.history[r.slot] = windows[:, self.window_len - self.history_len:]
+        else:
+            rows = np.flatnonzero(whole)
+            self.history[r.slot[rows]] = windows[rows, self.window_len - self.history_len:]
+            for i in np.flatnonzero(~whole).tolist():
+                slot, e = int(r.slot[i]), int(end_rel[i])
+                lo = e - self.history_len
+                if lo >= 0:
+                    self.history[slot] = windows[i, lo:e]
+                else:  # a very short stream: what lies before the window is silence
+                    self.history[slot, :-lo] = 0.0
+                    self.history[slot, -lo:] = windows[i, :e]
+        self.samples_seen[r.slot] = seen
 
     @torch.inference_mode()
     def compute(self, windows: np.ndarray, audio_end: np.ndarray, starts: np.ndarray,
@@ -134,9 +171,10 @@ class StreamingFeaturizer:
         # frames past the end of a finished stream are padding, as in NeMo's preprocessor
         C = g.chunk_frames
         valid = np.full(B, C, dtype=np.int64)
-        for i, k in enumerate(chunk_index):
-            if audio_end[i] >= 0:
-                valid[i] = min(C, g.stft_frames(int(audio_end[i])) - k * C)
+        done = audio_end >= 0
+        if done.any():
+            frames = np.maximum((audio_end[done] + 2 * g.stft_left_pad - g.n_fft) // g.hop, 0)  # stft_frames
+            valid[done] = np.minimum(C, frames - np.asarray(chunk_index, dtype=np.int64)[done] * C)
         valid_t = torch.from_numpy(valid).to(dev)
         frame_mask = torch.arange(C, device=dev)[None, :] >= valid_t[:, None]
         mel = mel.masked_fill(frame_mask[:, None, :], self.pad_value)

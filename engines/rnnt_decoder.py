@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -172,16 +173,20 @@ class GreedyRNNTDecoder:
             outs_m.append(L.out_m.clone())
             if not bool(L.active.any()):
                 break
-        K = torch.cat(outs_k)[:, :B].T.cpu().tolist()
-        F = torch.cat(outs_t)[:, :B].T.cpu().tolist()
-        M = torch.cat(outs_m)[:, :B].T.cpu().tolist()
-        labels: list[list[int]] = [[] for _ in range(B)]
-        frames: list[list[int]] = [[] for _ in range(B)]
-        for b in range(B):
-            for lab, fr, ok in zip(K[b], F[b], M[b]):
-                if ok:
-                    labels[b].append(lab)
-                    frames[b].append(fr)
+        # One device-to-host copy for the three outputs, then the emitted (row, iteration)
+        # pairs in row-major order, i.e. each row's labels in emission order.
+        out = torch.stack((torch.cat(outs_k), torch.cat(outs_t), torch.cat(outs_m).long()))[:, :, :B]
+        K, F, M = out.transpose(1, 2).cpu().numpy()  # each [B, iterations]
+        rows, cols = np.nonzero(M)
+        counts = np.bincount(rows, minlength=B).tolist()
+        flat_k, flat_t = K[rows, cols].tolist(), F[rows, cols].tolist()
+        labels: list[list[int]] = []
+        frames: list[list[int]] = []
+        at = 0
+        for n in counts:
+            labels.append(flat_k[at:at + n])
+            frames.append(flat_t[at:at + n])
+            at += n
         new_state = {"dec_out": L.g[:B].clone(), "dec_h": L.h[:, :B].clone(), "dec_c": L.c[:, :B].clone()}
         return DecodeOutput(labels=labels, frames=frames, state=new_state)
 

@@ -199,29 +199,7 @@ class StreamingEngine:
             self.featurizer.commit(slots, samples, windows, starts, fresh_host)
             self._sync()
             t_committed = time.perf_counter()
-            updates = []
-            g = self.geometry
-            for i, c in enumerate(chunks):
-                s = c.slot
-                if c.first:
-                    self.frames_done[s] = 0
-                    self.text_started[s] = False
-                    self.finished[s] = False
-                base = int(self.frames_done[s])
-                k = chunk_index[i]
-                final = bool(audio_end[i] >= 0 and (k + 1) * g.chunk_frames >= g.stft_frames(int(audio_end[i])))
-                tokens = tuple(TokenEvent(token_id=lab, piece=self.model.pieces[lab], frame=base + fr)
-                               for lab, fr in zip(decoded.labels[i], decoded.frames[i]))
-                text = self._text(s, tokens)
-                self.chunks_done[s] = k + 1
-                self.frames_done[s] = base + int(enc_len_host[i])
-                self.finished[s] = final
-                updates.append(StreamUpdate(
-                    stream_id=c.stream_id, slot=s, tokens=tokens, text_delta=text, is_final=final,
-                    frames_decoded=int(self.frames_done[s]),
-                    # the stream's own audio this step has consumed: a client knows its message
-                    # is covered once this reaches the message's end
-                    audio_seconds=(int(self.featurizer.samples_seen[s]) - g.lead_in) / g.sample_rate))
+            updates = self._updates(chunks, slots, chunk_index, audio_end, enc_len_host, decoded)
         except Exception as exc:
             ids = tuple(c.stream_id for c in chunks)
             raise StreamStateLostError(f"committing the step's state failed ({type(exc).__name__}: {exc}); "
@@ -232,6 +210,43 @@ class StreamingEngine:
                               assemble_ms=1e3 * (t_assembled - t0), gather_ms=1e3 * (t1 - t_feats),
                               commit_ms=1e3 * (t_committed - t3), results_ms=1e3 * (t4 - t_committed))
         return StepResult(updates=tuple(updates), engine=self.encoder_engine.name, timings=timings)
+
+    def _updates(self, chunks, slots: list[int], chunk_index: list[int], audio_end: np.ndarray,
+                 enc_len: np.ndarray, decoded) -> list[StreamUpdate]:
+        """Advance the host counters (in bulk) and build one StreamUpdate per row; rows without
+        new labels (most of them, at a step of 2-7 encoder frames) build no token objects."""
+        g = self.geometry
+        slot = np.asarray(slots, dtype=np.int64)
+        first = np.fromiter((c.first for c in chunks), dtype=bool, count=len(chunks))
+        if first.any():
+            self.frames_done[slot[first]] = 0
+            self.text_started[slot[first]] = False
+        base = self.frames_done[slot]
+        k = np.asarray(chunk_index, dtype=np.int64)
+        end_frames = np.maximum((audio_end + 2 * g.stft_left_pad - g.n_fft) // g.hop, 0)  # stft_frames
+        final = (audio_end >= 0) & ((k + 1) * g.chunk_frames >= end_frames)
+        frames = base + enc_len
+        self.chunks_done[slot] = k + 1
+        self.frames_done[slot] = frames
+        self.finished[slot] = final
+        seconds = ((self.featurizer.samples_seen[slot] - g.lead_in) / g.sample_rate).tolist()
+        pieces = self.model.pieces
+        updates = []
+        for i, (c, b, fin, n) in enumerate(zip(chunks, base.tolist(), final.tolist(), frames.tolist())):
+            labels = decoded.labels[i]
+            if labels:
+                tokens = tuple(TokenEvent(token_id=lab, piece=pieces[lab], frame=b + fr)
+                               for lab, fr in zip(labels, decoded.frames[i]))
+                text = self._text(c.slot, tokens)
+            else:
+                tokens, text = (), ""
+            updates.append(StreamUpdate(
+                stream_id=c.stream_id, slot=c.slot, tokens=tokens, text_delta=text, is_final=fin,
+                frames_decoded=n,
+                # the stream's own audio this step has consumed: a client knows its message
+                # is covered once this reaches the message's end
+                audio_seconds=seconds[i]))
+        return updates
 
     def _sync(self) -> None:
         if self.sync_timings and self.device.type == "cuda":

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 
 from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_asr_pb2_grpc as rpb_grpc
+from server.idle_read import next_within
 from server.metrics import ServerMetrics
 from server.riva_convert import (
     ResponsePacer, RivaAudio, RivaOptions, RivaSettings, check_runtime_config, invalid, model_configs,
@@ -225,7 +226,7 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
 
     async def _next_request(self, requests, what: str):
         try:
-            return await asyncio.wait_for(requests.__anext__(), self._limits.idle_timeout_s)
+            return await next_within(requests, self._limits.idle_timeout_s)
         except StopAsyncIteration:
             return None
         except DecodeError as exc:  # bytes that are no request message at all

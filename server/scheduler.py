@@ -389,7 +389,11 @@ class Scheduler:
                 self._finish_without_step(stream)
             return
         self._ready[stream.stream_id] = time.monotonic()
-        self._wakeup.set()
+        # Wake the batching task only when this entry can change its decision: the first entry
+        # starts the deadline, a full queue is due at once. Waking it for every chunk cost a loop
+        # iteration per chunk (bench/host_overhead.py).
+        if len(self._ready) == 1 or len(self._ready) >= self.max_batch:
+            self._wakeup.set()
 
     def _finish_without_step(self, stream: StreamState) -> None:
         """Every frame is decoded but the engine has not said final: the stream ended on a
@@ -411,11 +415,12 @@ class Scheduler:
                     timeout = self._time_to_deadline()
                     if timeout is None:
                         await self._wakeup.wait()
-                    else:
+                    else:  # a timer, not wait_for: no task per wait
+                        timer = asyncio.get_running_loop().call_later(timeout, self._wakeup.set)
                         try:
-                            await asyncio.wait_for(self._wakeup.wait(), timeout)
-                        except TimeoutError:
-                            pass
+                            await self._wakeup.wait()
+                        finally:
+                            timer.cancel()
                     continue
                 planned, queue_waits = self._take_batch()
                 if planned:

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.audio_decoder import AudioDecoder
+from server.idle_read import next_within
 from server.metrics import ServerMetrics
 from server.responses import recognition_result, streaming_response
 from server.scheduler import Scheduler, StreamHandle
@@ -165,7 +166,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
 
     async def _next_request(self, requests, what: str):
         try:
-            return await asyncio.wait_for(requests.__anext__(), self._limits.idle_timeout_s)
+            return await next_within(requests, self._limits.idle_timeout_s)
         except StopAsyncIteration:
             return None
         except DecodeError as exc:  # bytes that are no request message at all
