@@ -15,6 +15,8 @@
 #   CPU_SMOKE=1 bash bench/run_h100.sh     # the same pipeline on CPU with builtin:tiny, ~2 minutes
 #
 # Every knob is an environment variable (defaults below); bench/README.md explains them.
+# SERVER_ARGS adds asr-server flags, e.g. to sweep the batching deadline (issue 4):
+#   SERVER_ARGS="--batch-wait-ms 10" bash bench/run_h100.sh     # default 5 ms from the oldest ready chunk
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -86,9 +88,9 @@ if [ "$SMOKE" != 1 ] && ! "$PY" -c "import nemo, grpc_health, grpc_reflection, s
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-SETTINGS=$(printf '{"model":"%s","device":"%s","dtype":"%s","engine":"%s","fallback":"%s","lookaheads":"%s","levels_160":"%s","levels_560":"%s","max_batch":%s,"max_streams":%s,"workers":%s,"clip_s":%s,"ramp_s":%s,"capacity_metric":"%s","baseline_args":"%s","budget_s":%s,"cpu_smoke":%s}' \
+SETTINGS=$(printf '{"model":"%s","device":"%s","dtype":"%s","engine":"%s","fallback":"%s","lookaheads":"%s","levels_160":"%s","levels_560":"%s","max_batch":%s,"max_streams":%s,"workers":%s,"clip_s":%s,"ramp_s":%s,"capacity_metric":"%s","baseline_args":"%s","server_args":"%s","budget_s":%s,"cpu_smoke":%s}' \
     "$MODEL" "$DEVICE" "$DTYPE" "$ENGINE" "$FALLBACK" "$LOOKAHEADS" "$LEVELS_160" "$LEVELS_560" "$MAX_BATCH" "$MAX_STREAMS" \
-    "$WORKERS" "$SECS" "$RAMP" "$CAP_METRIC" "$BASE_ARGS" "$BUDGET_S" "$SMOKE")
+    "$WORKERS" "$SECS" "$RAMP" "$CAP_METRIC" "$BASE_ARGS" "${SERVER_ARGS:-}" "$BUDGET_S" "$SMOKE")
 GPU="cpu only"
 if command -v nvidia-smi >/dev/null 2>&1; then
     GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
@@ -160,7 +162,8 @@ launch_server() {  # $1: lookahead ms
     log "== lookahead $la ms: starting asr-server ($MODEL, engine $ENGINE${FALLBACK:+, fallback $FALLBACK}, $DEVICE, $DTYPE)"
     "$PY" -m server.cli --model "$MODEL" --engine "$ENGINE" "${fb[@]}" --device "$DEVICE" --dtype "$DTYPE" \
         --lookahead-ms "$la" --max-batch "$MAX_BATCH" --max-streams "$MAX_STREAMS" --host 127.0.0.1 --port 0 \
-        --metrics-host 127.0.0.1 --metrics-port 0 --log-level WARNING --idle-timeout-s 60 > "$WORK/server_$la.log" 2>&1 &
+        --metrics-host 127.0.0.1 --metrics-port 0 --log-level WARNING --idle-timeout-s 60 ${SERVER_ARGS:-} \
+        > "$WORK/server_$la.log" 2>&1 &
     SPID[$la]=$!
     SERVER_PIDS="$SERVER_PIDS ${SPID[$la]}"
     STARTED[$la]=$(date +%s)

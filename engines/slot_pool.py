@@ -55,6 +55,11 @@ class SlotAllocator:
         with self._lock:
             return len(self._used)
 
+    def used_of(self, slots: list[int]) -> set[int]:
+        """Which of `slots` are in use, under one lock acquisition (a step checks a whole batch)."""
+        with self._lock:
+            return {s for s in slots if s in self._used}
+
     def is_used(self, slot: int) -> bool:
         with self._lock:
             return slot in self._used

@@ -100,13 +100,15 @@ class StreamingEngine:
 
     # -- the step ------------------------------------------------------------------------------
     def _validate(self, plan: StepPlan) -> None:
+        # Finite samples are checked on the assembled windows, in one pass (_check_finite).
         bad: dict[str, str] = {}
         seen_slots: set[int] = set()
+        used = self.allocator.used_of([c.slot for c in plan.chunks if isinstance(c, ChunkWork)])
         for c in plan.chunks:
             if not isinstance(c, ChunkWork):
                 raise EngineError(f"plan entries must be ChunkWork, got {type(c).__name__}")
             reason = None
-            if not (0 <= c.slot < self.capacity) or not self.allocator.is_used(c.slot):
+            if not (0 <= c.slot < self.capacity) or c.slot not in used:
                 reason = f"slot {c.slot} is not allocated (unknown stream)"
             elif c.slot in seen_slots:
                 reason = f"slot {c.slot} appears twice in one step"
@@ -114,8 +116,6 @@ class StreamingEngine:
                 reason = "audio must be a 1-D float32 numpy array"
             elif len(c.samples) == 0 and not c.audio_ended:
                 reason = "empty chunk while the stream's audio continues"
-            elif not np.isfinite(c.samples).all():
-                reason = "audio contains NaN or infinite samples"
             elif not c.first and self.finished[c.slot]:
                 reason = "the stream has already been finalized"
             elif c.audio_ended and self._frames_left(c) <= 0:
@@ -129,6 +129,18 @@ class StreamingEngine:
         if bad:
             detail = "; ".join(f"{sid}: {why}" for sid, why in bad.items())
             raise BadChunkError(f"invalid chunks: {detail}", tuple(bad))
+
+    @staticmethod
+    def _check_finite(chunks, windows: np.ndarray) -> None:
+        """The windows hold the chunks' samples and history that passed this check before: one
+        sum over the batch is finite unless a sample is not (or, rarely, the float32 sum
+        overflows); only then are the rows checked one by one, to name the bad ones."""
+        if np.isfinite(windows.sum()):
+            return
+        bad = tuple(c.stream_id for c in chunks if not np.isfinite(c.samples).all())
+        if bad:
+            detail = "; ".join(f"{sid}: audio contains NaN or infinite samples" for sid in bad)
+            raise BadChunkError(f"invalid chunks: {detail}", bad)
 
     def _frames_left(self, c: ChunkWork) -> int:
         g = self.geometry
@@ -164,6 +176,7 @@ class StreamingEngine:
             windows, audio_end, starts = self.featurizer.assemble(slots, chunk_index, samples, ended, fresh_host)
         except ValueError as e:
             raise BadChunkError(str(e), tuple(c.stream_id for c in chunks)) from e
+        self._check_finite(chunks, windows)
         t_assembled = time.perf_counter()
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         fresh = torch.as_tensor(fresh_host, device=self.device)
