@@ -2,8 +2,8 @@
 # Several training runs side by side on one GPU host, each with its own overrides: the demo
 # model's trainer is bound by one Python thread per step, so one H100 carries several at once.
 # Synthesizes the data once, starts one train.py per variant (each with a share of the CPU
-# cores for its data loader), waits, and copies each run's package, summary and log to
-# $OUT/<name>/.
+# cores for its data loader) writing into its own folder, and waits: package, summary and log in
+# $OUT/<name>/ (the run's --out).
 #   bash train/gpu_sweep.sh "name1 key=value ..." "name2 key=value ..." ...
 # Options for every run go in COMMON (e.g. COMMON="--init-from runs/x/demo").
 set -euo pipefail
@@ -27,7 +27,9 @@ for spec in "$@"; do
   name=${spec%% *}; rest=${spec#"$name"}
   mkdir -p "$OUT/$name"
   # shellcheck disable=SC2086  # the variant's overrides are words on purpose
-  python3 train/train.py --config train/config.yaml --out "/tmp/sweep_$name" data.dir="$DATA" \
+  # each run writes straight into $OUT (package only, no .nemo, no offline evaluation: the
+  # package is evaluated afterwards through the engine with train/evaluate.py)
+  python3 train/train.py --config train/config.yaml --out "$OUT/$name" --no-eval --no-nemo data.dir="$DATA" \
     model.train_ds.num_workers=$workers model.validation_ds.num_workers=1 ${COMMON:-} $rest \
     > "$OUT/$name/train.log" 2>&1 &
   pids+=($!)
@@ -39,8 +41,5 @@ for spec in "$@"; do
   echo "=== $name:${spec#"$name"}"
   grep -E '^\[(val|budget)\]|train (loss|trained)|Error' "$OUT/$name/train.log" | tail -n 12 || true
   grep -E '^\[train\]' "$OUT/$name/train.log" | awk 'NR % 8 == 0' | tail -n 6 || true
-  if [ -d "/tmp/sweep_$name/demo" ]; then
-    cp -r "/tmp/sweep_$name/demo" "$OUT/$name/demo"
-    cp "/tmp/sweep_$name/summary.json" "$OUT/$name/" 2>/dev/null && python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['offline_wer'])" "$OUT/$name/summary.json" || true
-  fi
+  cat "$OUT/$name/summary.json" 2>/dev/null || true
 done

@@ -302,6 +302,9 @@ def main(argv=None) -> None:
     ap.add_argument("--init-from", default=None,
                     help="a model package folder (weights.pt, tokenizer.model, vocab.txt) from an earlier run of "
                          "the same config: training continues from its weights with its tokenizer")
+    ap.add_argument("--no-eval", action="store_true",
+                    help="skip the offline evaluation at the end (evaluate.py does it later, through the engine)")
+    ap.add_argument("--no-nemo", action="store_true", help="write only the compact package, not demo.nemo")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N training steps from step 60 and print the table")
     ap.add_argument("extra", nargs="*", help="key=value overrides")
@@ -376,17 +379,21 @@ def main(argv=None) -> None:
     compact = export_compact(model, out_dir, tok_dir)
     log.info("wrote %s", compact)
     nemo_path = os.path.join(out_dir, "demo.nemo")
-    try:
-        model.save_to(nemo_path)
-        log.info("wrote %s", nemo_path)
-    except Exception as e:  # the compact package above is what ships
-        log.error("saving %s failed: %s", nemo_path, e)
-    try:
-        results = offline_wer(model, data_dir)
-    except Exception as e:
-        log.exception("offline evaluation failed")
-        results = {"error": f"{type(e).__name__}: {e}"}
-    summary = {"steps": trainer.global_step, "train_seconds": round(t2 - t1, 1), "params": n_params,
+    if not args.no_nemo:
+        try:
+            model.save_to(nemo_path)
+            log.info("wrote %s", nemo_path)
+        except Exception as e:  # the compact package above is what ships
+            log.error("saving %s failed: %s", nemo_path, e)
+    results = {}
+    if not args.no_eval:
+        try:
+            results = offline_wer(model, data_dir)
+        except Exception as e:
+            log.exception("offline evaluation failed")
+            results = {"error": f"{type(e).__name__}: {e}"}
+    val = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+    summary = {"steps": trainer.global_step, "last_val": val, "train_seconds": round(t2 - t1, 1), "params": n_params,
                "offline_wer": results}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
