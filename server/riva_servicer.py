@@ -288,6 +288,9 @@ class _StreamCall:
             if not event.is_final:
                 await self._answer(self.pacer.progress(round(event.audio_seconds * self.rate)))
                 continue
+            # Messages answerable before the final (no samples of their own) are answered first,
+            # whether or not this loop saw their wake-up before the final arrived.
+            await self._answer(self.pacer.ready())
             total = self.pacer.finish()
             self.on_final()
             await self._answer(total - 1)
