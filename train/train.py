@@ -372,6 +372,8 @@ def main(argv=None) -> None:
     t1 = time.time()
     trainer.fit(model)
     t2 = time.time()
+    if trainer.global_step % int(cfg.trainer.val_check_interval or 1) != 0:
+        trainer.validate(model, verbose=False)  # the final weights' validation WER, for the summary
     log.info("trained %d steps in %.0f s (data+tokenizer %.0f s)", trainer.global_step, t2 - t1, t1 - t0)
 
     model.eval()
