@@ -44,7 +44,7 @@ RUN groupadd --gid 10001 asr \
 
 USER 10001:10001
 
-ENV ASR_MODEL=builtin:tiny \
+ENV ASR_MODEL=builtin:demo \
     ASR_ENGINE=cudagraph \
     ASR_FALLBACK_ENGINE="" \
     ASR_DTYPE=auto \

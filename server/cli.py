@@ -33,8 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="asr-server", description="Streaming speech recognition over gRPC.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model and engine")
-    m.add_argument("--model", default="builtin:tiny",
-                   help="a .nemo file (trusted input: it is a pickle) or builtin:<name> (random weights)")
+    m.add_argument("--model", default="builtin:demo",
+                   help="a .nemo file (trusted input: it is a pickle) or builtin:<name>: demo (trained on "
+                        "synthetic English and Hindi speech; not for real-world audio), tiny or "
+                        "nemotron-0.6b (random weights, for tests and benchmarks)")
     m.add_argument("--engine", default="auto", choices=ENGINE_NAMES,
                    help="encoder engine; auto: fast-cudagraph on a GPU, eager on the CPU")
     m.add_argument("--compile", action="store_true",

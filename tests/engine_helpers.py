@@ -104,3 +104,39 @@ def run_streams(engine, audios: dict[str, np.ndarray], slots: dict[str, int] | N
             for s in slots.values():
                 engine.release_slot(s)
     return runs
+
+
+def nemo_reference_tokens(model, audio: np.ndarray) -> list[int]:
+    """NeMo's own streaming loop, pad-and-drop convention, over the preprocessor's valid frames.
+
+    (CacheAwareStreamingAudioBuffer.append_audio keeps one more frame than the preprocessor's
+    seq_len: the STFT's last frame, which the preprocessor masks to zeros. We decode the valid
+    frames, as offline transcription does, so the reference is given exactly those.)"""
+    from nemo.collections.asr.parts.utils.streaming_utils import CacheAwareStreamingAudioBuffer
+
+    buf = CacheAwareStreamingAudioBuffer(model=model, pad_and_drop_preencoded=True)
+    with torch.inference_mode():
+        feats, n = buf.preprocess_audio(audio)
+    buf.append_processed_signal(feats[:, :, : int(n[0])])
+    cc, ct, ccl = model.encoder.get_initial_cache_state(batch_size=1)
+    hyps = None
+    with torch.inference_mode():
+        for chunk, length in buf:
+            out = model.conformer_stream_step(
+                processed_signal=chunk, processed_signal_length=length, cache_last_channel=cc,
+                cache_last_time=ct, cache_last_channel_len=ccl, keep_all_outputs=buf.is_buffer_empty(),
+                previous_hypotheses=hyps, return_transcription=True)
+            hyps, cc, ct, ccl = out[1], out[2], out[3], out[4]
+    return hyps[0].y_sequence.tolist()
+
+
+def length_nemo_fully_consumes(geometry, seconds: float) -> int:
+    """NeMo's buffer skips a last chunk shorter than 8 mel frames (we decode it): pick a length
+    whose last chunk is long enough that both see the same frames."""
+    n = int(seconds * geometry.sample_rate)
+    while True:
+        frames = geometry.n_frames(n)
+        tail = frames - (geometry.total_chunks(n) - 1) * geometry.chunk_frames
+        if tail >= 8:
+            return n
+        n += geometry.hop

@@ -114,14 +114,64 @@ def test_engine_transcribes_examples_at_160ms(alone160, examples):
 
 def test_streaming_matches_offline_decoding(engine160, alone160, examples):
     """The same weights decoded over whole utterances (NeMo's forward at the same attention
-    context) give the same words as streaming, for nearly every example."""
+    context) give nearly the same words as streaming. They are not identical by construction
+    (streaming frames after 6 ms of lead-in silence and its first chunk sees less left context);
+    on the 300-utterance held-out set 92% of transcripts agree exactly (train/results/), and a
+    framing or cache mistake would make them disagree on most words."""
     sys.path.insert(0, os.path.join(ROOT, "train"))
     from evaluate import offline_transcripts
     audios = [r["pcm"].astype(np.float32) / np.float32(32768.0) for r in examples]
     offline = offline_transcripts(engine160.model.nemo_model, audios)
     streaming = alone160
     same = sum(normalize(a) == normalize(b) for a, b in zip(offline, streaming))
-    assert same >= len(examples) - 1, f"offline vs streaming: {list(zip(offline, streaming))}"
+    disagreement = wer_by_lang(offline, streaming, ["all"] * len(offline))["all"]
+    assert same >= len(examples) // 2 and disagreement <= 0.10, f"offline vs streaming: {list(zip(offline, streaming))}"
+
+
+def test_mixed_batches_equal_streams_alone(engine160, alone160, examples):
+    """The engine-core exactness test with trained weights: the examples streamed together in
+    shuffled, staggered batches give each stream exactly its tokens alone."""
+    from tests.engine_helpers import run_streams
+    audios = {f"x{i}": r["pcm"].astype(np.float32) / np.float32(32768.0) for i, r in enumerate(examples)}
+    for seed in (1, 2):
+        starts = {sid: (i * seed) % 4 for i, sid in enumerate(audios)}
+        mixed = run_streams(engine160, audios, seed=seed, start_step=starts)
+        assert [mixed[sid].text for sid in audios] == alone160, f"seed {seed}"
+
+
+def test_reused_slot_equals_fresh_slot(engine160, alone160, examples):
+    """A slot left dirty by another stream's half-finished audio transcribes like a fresh one."""
+    from engines.api import ChunkWork, StepPlan
+    from tests.engine_helpers import run_streams
+    g = engine160.geometry
+    dirty = examples[0]["pcm"].astype(np.float32) / np.float32(32768.0)
+    slot = engine160.acquire_slot()
+    for k in range(3):
+        a, b = g.chunk_span(k, len(dirty), True)
+        engine160.step(StepPlan((ChunkWork("dirty", slot, dirty[a:b], k == 0, False),)))
+    engine160.release_slot(slot)
+    again = engine160.acquire_slot()
+    try:
+        audio = examples[4]["pcm"].astype(np.float32) / np.float32(32768.0)
+        reused = run_streams(engine160, {"r": audio}, slots={"r": again}, seed=None)["r"]
+    finally:
+        engine160.release_slot(again)
+    assert reused.text == alone160[4]
+
+
+def test_transcript_equals_nemo_streaming_loop(engine160, examples):
+    """Token for token, NeMo's own conformer_stream_step loop over the same (lead-in framed)
+    audio, with trained weights."""
+    from tests.engine_helpers import length_nemo_fully_consumes, nemo_reference_tokens, run_alone
+    g = engine160.geometry
+    for row in (examples[0], examples[5]):
+        audio = row["pcm"].astype(np.float32) / np.float32(32768.0)
+        n = length_nemo_fully_consumes(g, len(audio) / g.sample_rate)
+        audio = np.concatenate([audio, np.zeros(n - len(audio), np.float32)])
+        ours = run_alone(engine160, audio)
+        ref = nemo_reference_tokens(engine160.model.nemo_model,
+                                    np.concatenate([np.zeros(g.lead_in, np.float32), audio]))
+        assert len(ref) > 3 and ours.tokens == ref, row["audio_filepath"]
 
 
 @pytest.mark.asyncio

@@ -11,7 +11,7 @@ import torch
 
 from engines.api import BadChunkError, ChunkWork, PoolExhaustedError, StepPlan
 from engines.models import speechlike_audio
-from tests.engine_helpers import run_alone, run_streams
+from tests.engine_helpers import length_nemo_fully_consumes, nemo_reference_tokens, run_alone, run_streams
 
 
 def _audio(seconds: float, seed: int) -> np.ndarray:
@@ -65,51 +65,15 @@ def test_vocabulary_has_devanagari_and_latin(tiny_engine):
     assert any(any("a" <= ch <= "z" for ch in p) for p in pieces)
 
 
-def _nemo_reference(model, audio: np.ndarray) -> list[int]:
-    """NeMo's own streaming loop, pad-and-drop convention, over the preprocessor's valid frames.
-
-    (CacheAwareStreamingAudioBuffer.append_audio keeps one more frame than the preprocessor's
-    seq_len: the STFT's last frame, which the preprocessor masks to zeros. We decode the valid
-    frames, as offline transcription does, so the reference is given exactly those.)"""
-    from nemo.collections.asr.parts.utils.streaming_utils import CacheAwareStreamingAudioBuffer
-
-    buf = CacheAwareStreamingAudioBuffer(model=model, pad_and_drop_preencoded=True)
-    with torch.inference_mode():
-        feats, n = buf.preprocess_audio(audio)
-    buf.append_processed_signal(feats[:, :, : int(n[0])])
-    cc, ct, ccl = model.encoder.get_initial_cache_state(batch_size=1)
-    hyps = None
-    with torch.inference_mode():
-        for chunk, length in buf:
-            out = model.conformer_stream_step(
-                processed_signal=chunk, processed_signal_length=length, cache_last_channel=cc,
-                cache_last_time=ct, cache_last_channel_len=ccl, keep_all_outputs=buf.is_buffer_empty(),
-                previous_hypotheses=hyps, return_transcription=True)
-            hyps, cc, ct, ccl = out[1], out[2], out[3], out[4]
-    return hyps[0].y_sequence.tolist()
-
-
-def _length_nemo_fully_consumes(geometry, seconds: float) -> int:
-    """NeMo's buffer skips a last chunk shorter than 8 mel frames (we decode it): pick a length
-    whose last chunk is long enough that both see the same frames."""
-    n = int(seconds * geometry.sample_rate)
-    while True:
-        frames = geometry.n_frames(n)
-        tail = frames - (geometry.total_chunks(n) - 1) * geometry.chunk_frames
-        if tail >= 8:
-            return n
-        n += geometry.hop
-
-
 @pytest.mark.parametrize("seconds,seed", [(1.6, 7), (3.1, 8)])
 def test_transcript_equals_nemo_reference(tiny_engine, seconds, seed):
     """Aligned framing: NeMo's loop over the same audio after the engine's lead-in of silence."""
     g = tiny_engine.geometry
     assert g.lead_in == g.right_context > 0 and g.samples_needed(0) == g.chunk_samples
-    n = _length_nemo_fully_consumes(g, seconds)
+    n = length_nemo_fully_consumes(g, seconds)
     audio = _audio(n / 16000, seed)[:n]
     ours = run_alone(tiny_engine, audio)
-    ref = _nemo_reference(tiny_engine.model.nemo_model, np.concatenate([np.zeros(g.lead_in, np.float32), audio]))
+    ref = nemo_reference_tokens(tiny_engine.model.nemo_model, np.concatenate([np.zeros(g.lead_in, np.float32), audio]))
     assert len(ref) > 0
     assert ours.tokens == ref
 
@@ -128,10 +92,10 @@ def nemo_framed_engine(tiny_engine):
 def test_nemo_framing_equals_nemo_reference_on_raw_audio(nemo_framed_engine):
     g = nemo_framed_engine.geometry
     assert g.lead_in == 0 and g.samples_needed(0) == g.chunk_samples + g.right_context
-    n = _length_nemo_fully_consumes(g, 2.2)
+    n = length_nemo_fully_consumes(g, 2.2)
     audio = _audio(n / 16000, 12)[:n]
     ours = run_alone(nemo_framed_engine, audio)
-    ref = _nemo_reference(nemo_framed_engine.model.nemo_model, audio)
+    ref = nemo_reference_tokens(nemo_framed_engine.model.nemo_model, audio)
     assert len(ref) > 0 and ours.tokens == ref
 
 
