@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--log-level", default="INFO")
     o.add_argument("--log-format", default="text", choices=("text", "json"))
     o.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    o.add_argument("--gil-switch-ms", type=float, default=None,
+                   help="Python's thread switch interval (default 5 ms): the event loop and the engine "
+                        "thread share one interpreter lock, and a shorter interval bounds how long "
+                        "the loop waits for it while the engine thread runs Python")
     return p.parse_args(argv)
 
 
@@ -176,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if engine.model_info.random_weights:
         print(f"asr-server: model {engine.model_info.name} has RANDOM weights: its transcripts are meaningless. "
               "To serve a real model: asr-server --model /path/to/model.nemo", flush=True)
+    if args.gil_switch_ms is not None:
+        if args.gil_switch_ms <= 0:
+            print("asr-server: --gil-switch-ms must be positive", file=sys.stderr)
+            return 2
+        sys.setswitchinterval(args.gil_switch_ms / 1000.0)
     runner = asyncio.run
     if not args.no_uvloop:
         try:
