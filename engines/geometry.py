@@ -26,6 +26,7 @@ All sample counts in the public methods are of the stream's own audio (without t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -51,27 +52,27 @@ class ChunkGeometry:
             raise ValueError(f"lead_in {self.lead_in} outside [0, right_context={self.right_context}]")
 
     # -- sample bookkeeping ------------------------------------------------------------------
-    @property
+    @cached_property  # derived constants, read for every chunk on the event loop
     def chunk_samples(self) -> int:
         """New samples per steady-state step."""
         return self.chunk_frames * self.hop
 
-    @property
+    @cached_property
     def right_context(self) -> int:
         """Samples past a chunk's boundary that its last frame reads (may be <= 0)."""
         return self.n_fft - self.stft_left_pad - self.hop
 
-    @property
+    @cached_property
     def wait_samples(self) -> int:
         """Samples past a chunk's boundary (in the stream's own audio) before it can run."""
         return max(self.right_context, 0) - self.lead_in
 
-    @property
+    @cached_property
     def history_samples(self) -> int:
         """Samples before a chunk's first frame that its STFT reads (plus one for pre-emphasis)."""
         return self.stft_left_pad + 1
 
-    @property
+    @cached_property
     def segment_samples(self) -> int:
         """Length of the waveform window one step's STFT runs over."""
         return self.stft_left_pad + self.chunk_samples + max(self.right_context, 0)
