@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, StepPlan,
+from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, PoolExhaustedError, StepPlan,
                          StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent)
 from engines.encoders import EncoderEngine
 from engines.features import StreamingFeaturizer
@@ -289,7 +289,45 @@ class StreamingEngine:
             self.release_slot(slot)
         if self.encoder_engine.executions <= before:
             raise EngineError(f"warm-up step did not execute the {self.encoder_engine.name} encoder engine")
+        if self.device.type == "cuda":
+            self.warm_batch_buckets()
         return self.encoder_engine.name
+
+    def warm_batch_buckets(self) -> int:
+        """Steps silent streams through every batch bucket (1, 2, 4, ... max_batch rows; each
+        stream's first, middle and short last chunk), so the CUDA graphs a step can need (the
+        decode loop's, one per bucket and frame count) are captured now and not while serving:
+        a capture stalls the engine thread for tens of milliseconds, which showed as p95
+        latency spikes whenever the load first reached a new batch size. Returns the steps run."""
+        g = self.geometry
+        sizes, b = [], 1
+        while b < self.max_batch:
+            sizes.append(b)
+            b *= 2
+        sizes.append(self.max_batch)
+        n = g.samples_needed(1) + g.chunk_samples // 2  # two full chunks, then a short last one
+        audio = np.zeros(n, np.float32)
+        steps = 0
+        for rows in sizes:
+            slots: list[int] = []
+            try:
+                while len(slots) < rows:
+                    slots.append(self.acquire_slot())
+            except PoolExhaustedError:  # fewer slots than rows: warm what fits
+                pass
+            try:
+                for k in range(g.total_chunks(n)):
+                    start, end = g.chunk_span(k, n, True)
+                    self.step(StepPlan(chunks=tuple(
+                        ChunkWork(f"warm-{i}", slot, audio[start:end], k == 0, end == n)
+                        for i, slot in enumerate(slots))))
+                    steps += 1
+            finally:
+                for slot in slots:
+                    self.release_slot(slot)
+            if len(slots) < rows:
+                break
+        return steps
 
 
 def _max_symbols(nemo_model) -> int:

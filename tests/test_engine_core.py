@@ -364,3 +364,37 @@ def test_decode_graph_equals_eager_loop_on_gpu():
     eager = run_streams(engine, audios, seed=5)
     for sid in audios:
         assert graphed[sid].tokens == eager[sid].tokens and len(eager[sid].tokens) > 0
+
+
+def test_warm_batch_buckets_runs_every_bucket_and_frees_its_slots(tiny_engine):
+    """The GPU warm-up steps every batch bucket (so no CUDA graph is captured while serving);
+    on the CPU it is callable directly: every bucket size reaches the encoder, no slot leaks."""
+    seen: list[int] = []
+    inner = tiny_engine.encoder_engine.step
+
+    def recording(x, *args):
+        seen.append(x.shape[0])
+        return inner(x, *args)
+
+    tiny_engine.encoder_engine.step = recording
+    try:
+        steps = tiny_engine.warm_batch_buckets()
+    finally:
+        tiny_engine.encoder_engine.step = inner
+    sizes = sorted(set(seen))
+    expected = sorted({min(2 ** i, tiny_engine.max_batch) for i in range(12) if 2 ** (i - 1) < tiny_engine.max_batch})
+    assert sizes == expected and steps == len(seen) and steps >= 3 * len(expected)
+    assert tiny_engine.slots_in_use() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture happens only there)")
+def test_no_graph_capture_while_serving_after_warmup():
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+    engine = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cuda", dtype="float16",
+                                       max_streams=16, max_batch=8))
+    engine.warmup()
+    captured = len(engine.decoder._graphs)
+    audio = {f"s{i}": _audio(1.0 + 0.3 * i, seed=200 + i) for i in range(8)}
+    run_streams(engine, audio, seed=5)
+    assert len(engine.decoder._graphs) == captured
