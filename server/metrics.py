@@ -3,6 +3,9 @@ process in tests), served over HTTP on the metrics port."""
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
@@ -23,6 +26,24 @@ class _ExecutionsCollector:
         for name, count in sorted(self._scheduler.executions.items()):
             family.add_metric([name], count)
         yield family
+
+
+class _GcPauseTimer:
+    """Times Python's garbage collections (gc.callbacks): a full collection over the objects of
+    thousands of live streams stops every thread of the server, event loop included, and shows
+    up as a tail-latency stall that no other metric explains."""
+
+    def __init__(self, histogram: Histogram):
+        self._histogram = histogram
+        self._started: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self._histogram.labels(generation=str(info.get("generation", "?"))).observe(
+                time.perf_counter() - self._started)
+            self._started = None
 
 
 class ServerMetrics(SchedulerObserver):
@@ -48,6 +69,9 @@ class ServerMetrics(SchedulerObserver):
                                registry=r)
         self.refused = Counter("asr_refused", "Calls refused before any work, by reason (unauthenticated, "
                                "client_stream_limit)", ["reason"], registry=r)
+        self.gc_pause = Histogram("asr_gc_pause_seconds", "Python garbage collections (every thread stops), by "
+                                  "generation", ["generation"], buckets=_LATENCY_BUCKETS, registry=r)
+        self._gc_timer: _GcPauseTimer | None = None
         self._http = None
 
     def bind(self, scheduler: Scheduler) -> None:
@@ -55,6 +79,9 @@ class ServerMetrics(SchedulerObserver):
         self.slots_in_use.set_function(scheduler.slots_in_use)
         self.max_batch.set_function(lambda: scheduler.max_batch)
         self.registry.register(_ExecutionsCollector(scheduler))
+        if self._gc_timer is None:
+            self._gc_timer = _GcPauseTimer(self.gc_pause)
+            gc.callbacks.append(self._gc_timer)
 
     # -- SchedulerObserver -------------------------------------------------------------------
     def step_done(self, batch_size, step_seconds, queue_waits, engine, executions) -> None:
@@ -88,6 +115,9 @@ class ServerMetrics(SchedulerObserver):
         return self._http.server_address[1]
 
     def close(self) -> None:
+        if self._gc_timer is not None and self._gc_timer in gc.callbacks:
+            gc.callbacks.remove(self._gc_timer)
+        self._gc_timer = None
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

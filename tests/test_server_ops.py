@@ -158,6 +158,19 @@ async def test_metrics_cover_streams_batches_latency_and_executions():
     assert m["asr_audio_seconds_total"] == pytest.approx(4.0)
 
 
+async def test_metrics_time_garbage_collections_and_stop_when_closed():
+    import gc
+    engine = make_engine(FAKE)
+    async with running_server(engine) as server:
+        before = len(gc.callbacks)
+        gc.collect()
+        gc.collect(0)
+        m = scrape(server.metrics_port)
+    assert m["asr_gc_pause_seconds_count{generation=2}"] >= 1 and m["asr_gc_pause_seconds_count{generation=0}"] >= 1
+    assert m["asr_gc_pause_seconds_sum{generation=2}"] > 0
+    assert len(gc.callbacks) == before - 1  # the server's timer left with it
+
+
 async def test_logs_carry_the_stream_id_and_no_per_chunk_info(caplog):
     engine = make_engine(FAKE)
     with caplog.at_level(logging.DEBUG, logger="nemostream"):
