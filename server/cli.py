@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--log-level", default="INFO")
     o.add_argument("--log-format", default="text", choices=("text", "json"))
     o.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    o.add_argument("--no-gc-freeze", action="store_true",
+                   help="leave start-up objects to the garbage collector (by default they are frozen after "
+                        "warm-up: a full collection over torch and NeMo stalls every stream for ~0.3 s)")
     o.add_argument("--gil-switch-ms", type=float, default=None,
                    help="Python's thread switch interval (default 5 ms): the event loop and the engine "
                         "thread share one interpreter lock, and a shorter interval bounds how long "
@@ -111,7 +114,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         max_message_bytes=int(args.max_message_mb * (1 << 20)), drain_grace_s=args.drain_grace_s,
         stream_window_bytes=args.stream_window_kb * 1024,
         exit_on_engine_death_s=None if args.exit_on_engine_death_s < 0 else args.exit_on_engine_death_s,
-        model_aliases=(args.model,), security=security_settings(args),
+        model_aliases=(args.model,), security=security_settings(args), gc_freeze=not args.no_gc_freeze,
         riva=RivaSettings(model_punctuates=args.riva_model_punctuates, model_written_form=args.riva_model_written_form),
         limits=TransportLimits(idle_timeout_s=args.idle_timeout_s,
                                max_audio_message_bytes=int(args.max_audio_message_kb * 1024)),
