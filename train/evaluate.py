@@ -35,6 +35,7 @@ for p in (HERE, ROOT):
 from wer import normalize, wer_by_lang  # noqa: E402
 
 LOOKAHEADS = (1120, 560, 160, 80)
+HELDOUT_VARIANT = "f3"  # train/synth_data.py's voice variant that speaks only in the test set
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def read_items(manifest: str | None, examples: str | None, limit_per_lang: int |
             count[lang] = count.get(lang, 0) + 1
             path = row["audio_filepath"]
             items.append({"path": path if os.path.isabs(path) else os.path.join(base, path),
-                          "text": row["text"], "lang": lang})
+                          "text": row["text"], "lang": lang, "voice": row.get("voice", "")})
     return items
 
 
@@ -183,6 +184,12 @@ def evaluate(model: str, items: list[dict], lookaheads, paths, concurrency: int 
                 raise ValueError(f"unknown path {path!r}")
             hyps_by_path[path] = hyps
             row[path] = wer_by_lang(refs, hyps, langs)
+            # the voice variant training never heard (synth_data.HELDOUT_VARIANT), per language
+            unheard = [i for i, it in enumerate(items) if it["voice"].endswith("+" + HELDOUT_VARIANT)]
+            if unheard:
+                row[path]["unheard_voice"] = wer_by_lang([refs[i] for i in unheard], [hyps[i] for i in unheard],
+                                                         [langs[i] for i in unheard])
+                row[path]["unheard_voice"]["utterances"] = len(unheard)
             row[path]["seconds"] = round(time.time() - t0, 1)
             if verbose:
                 for it, h in zip(items, hyps):
