@@ -137,6 +137,7 @@ def _level_row(lv: dict) -> dict:
         "lg_cpu_max": max(lv["loadgen"]["cpu_util"], default=None),
         "srv_cores": (lv.get("server_process") or {}).get("cores"),
         "srv_main": (lv.get("server_process") or {}).get("main_thread_cores"),
+        "gc_ms": sm.get("gc_pause_ms_total"), "gc_full": sm.get("gc_full_collections"),
     }
 
 
@@ -162,13 +163,15 @@ def markdown(summary: dict) -> str:
     for o in summary["ours"]:
         lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels ({o['model']}, max batch {o['max_batch']})", "",
                   "| c | done | errors | chunk p50 | chunk p95 | resp p50 | resp p95 | final p95 | RTFx | mean batch "
-                  "| step ms | queue ms | engine busy | server CPU cores (main thread) | loadgen CPU max | LG-bound |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| step ms | queue ms | engine busy | server CPU cores (main thread) | GC ms (full) "
+                  "| loadgen CPU max | LG-bound |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in o["levels"]:
             lines.append(f"| {r['c']} | {r['done']} | {r['errors'] or 0} | {_f(r['chunk_p50'])} | {_f(r['chunk_p95'])} "
                          f"| {_f(r['resp_p50'])} | {_f(r['resp_p95'])} | {_f(r['final_p95'])} | {_f(r['rtfx'])} "
                          f"| {_f(r['batch'])} | {_f(r['step_ms'])} | {_f(r['queue_ms'])} | {_f(r['busy'], 2)} "
                          f"| {_f(r['srv_cores'], 2)} ({_f(r['srv_main'], 2)}) "
+                         f"| {_f(r.get('gc_ms'))} ({r.get('gc_full') if r.get('gc_full') is not None else '-'}) "
                          f"| {_f(r['lg_cpu_max'], 2)} | {'yes' if r['lg_bound'] else ''} |")
     base = summary["baseline"]
     lines += ["", "## NeMo 3.0 CacheAwareRNNTPipeline baseline (same model shape, same GPU, in-process, max rate)", ""]

@@ -93,6 +93,7 @@ async def test_sweep_counts_structure_and_transcripts(tiny_engine, wav_dir, tmp_
         _check_level(level, c, sum(per_file[i % 2] for i in range(c)))
         sm = level["server_metrics"]
         assert sm["steps"] > 0 and set(sm["steps_by_engine"]) == {"eager"} and sm["mean_batch"] >= 1
+        assert sm["gc_full_collections"] >= 0 and sm["gc_pause_ms_total"] >= 0  # the GC pause metric is read
         assert level["server_engine"] == "eager" and level["engine_executions_after"]["eager"] > 0
     lines = [json.loads(line) for line in dump.read_text().splitlines()]
     assert [(d["concurrency"], d["stream"]) for d in lines] == [(1, 0), (3, 0), (3, 1), (3, 2)]
