@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engines.cudagraph_engine import batch_buckets
 from engines.encoders import EncoderEngine
 
 log = logging.getLogger(__name__)
@@ -600,15 +601,6 @@ class FastConformerEncoder(EncoderEngine):
             out = fast_step(p, feats, lengths.to(torch.int64), kv_work, conv_work, cache_len, self.parts, bias)
         self._count()
         return out
-
-
-def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    out, b = [], 1
-    while b < max_batch:
-        out.append(b)
-        b *= 2
-    out.append(max_batch)
-    return tuple(out)
 
 
 class FastCudaGraphEncoder(FastConformerEncoder):

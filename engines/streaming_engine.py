@@ -15,6 +15,7 @@ import torch
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, PoolExhaustedError, StepPlan,
                          StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent)
+from engines.cudagraph_engine import batch_buckets
 from engines.encoders import EncoderEngine
 from engines.features import StreamingFeaturizer
 from engines.geometry import ChunkGeometry
@@ -300,15 +301,10 @@ class StreamingEngine:
         a capture stalls the engine thread for tens of milliseconds, which showed as p95
         latency spikes whenever the load first reached a new batch size. Returns the steps run."""
         g = self.geometry
-        sizes, b = [], 1
-        while b < self.max_batch:
-            sizes.append(b)
-            b *= 2
-        sizes.append(self.max_batch)
         n = g.samples_needed(1) + g.chunk_samples // 2  # two full chunks, then a short last one
         audio = np.zeros(n, np.float32)
         steps = 0
-        for rows in sizes:
+        for rows in batch_buckets(self.max_batch):  # the decode loop's buckets are powers of two too
             slots: list[int] = []
             try:
                 while len(slots) < rows:
