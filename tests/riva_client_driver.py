@@ -163,28 +163,10 @@ def refused(args) -> dict:
 
 def dump_descriptors() -> dict:
     """Every message, enum and service of Riva's ASR protos: name -> {field: [number, type, label, type_name]}."""
-    from google.protobuf import descriptor_pb2
+    from proto_shape import describe  # tests/, this script's folder
     from riva.client.proto import riva_audio_pb2, riva_common_pb2
 
-    out = {}
-    for module in (riva_audio_pb2, riva_common_pb2, riva_asr_pb2):
-        proto = descriptor_pb2.FileDescriptorProto()
-        module.DESCRIPTOR.CopyToProto(proto)
-
-        def walk(message, prefix):
-            name = f"{prefix}.{message.name}"
-            out[name] = {f.name: [f.number, f.type, f.label, f.type_name] for f in message.field}
-            for nested in message.nested_type:
-                walk(nested, name)
-
-        for message in proto.message_type:
-            walk(message, proto.package)
-        for enum in proto.enum_type:
-            out[f"{proto.package}.{enum.name}"] = {v.name: v.number for v in enum.value}
-        for service in proto.service:
-            out[f"{proto.package}.{service.name}"] = {
-                m.name: [m.input_type, m.output_type, m.client_streaming, m.server_streaming] for m in service.method}
-    return out
+    return describe((riva_audio_pb2, riva_common_pb2, riva_asr_pb2))
 
 
 def main() -> int:

@@ -11,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import urllib.request
+import os
+import re
+import sys
 import wave
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.app import AsrServer, ServerSettings
 from server.scheduler import SchedulerConfig
 from server.servicer import TransportLimits
+from bench.soak import scrape  # noqa: F401 - the metrics endpoint as {name{labels}: value}, for the tests
 from tests.fake_engine import FakeEngine
 
 FAKE = "fake"
@@ -145,12 +148,21 @@ def final_transcript(responses) -> str:
     return finals[0].transcript
 
 
-def scrape(port: int) -> dict[str, float]:
-    """Metrics endpoint as {name{labels}: value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = r"listening on 127\.0\.0\.1:(\d+)"
+
+
+async def spawn_server(*args: str, env: dict | None = None, ready: str = LISTENING):
+    """`python -m server.cli ARGS` in its own process; returns once it printed `ready` (a regex
+    over its stdout lines): (process, the match, the lines it printed until then)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", *args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    seen = []
+    while True:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+        if not line:
+            raise AssertionError(f"server exited before listening: {seen} {(await proc.stderr.read()).decode()}")
+        seen.append(line)
+        if match := re.search(ready, line):
+            return proc, match, seen

@@ -6,10 +6,6 @@ UNAVAILABLE, and the process exits with a non-zero status so an orchestrator res
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import sys
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,30 +13,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.cli import EXIT_ENGINE_DEAD
-from tests.server_harness import RATE, audio, config, pcm16_audio, requests_for, scrape
+from tests.server_harness import RATE, audio, config, pcm16_audio, requests_for, scrape, spawn_server
 
 pytestmark = pytest.mark.asyncio
-ROOT = Path(__file__).resolve().parent.parent
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def start_server(factory: str, *extra: str) -> tuple[asyncio.subprocess.Process, int, int]:
     """The process, its gRPC port and its metrics port."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "--engine-factory", factory,
+    proc, match, _ = await spawn_server(
+        "--engine-factory", factory,
         "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
         "--max-streams", "16", "--max-batch", "8", *extra,
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    seen = []
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
-        if not line:
-            raise AssertionError(f"server exited before listening: {seen} {(await proc.stderr.read()).decode()}")
-        seen.append(line)
-        if match := re.search(r"listening on 127\.0\.0\.1:(\d+).*metrics on http://127\.0\.0\.1:(\d+)", line):
-            return proc, int(match.group(1)), int(match.group(2))
+        ready=r"listening on 127\.0\.0\.1:(\d+).*metrics on http://127\.0\.0\.1:(\d+)")
+    return proc, int(match.group(1)), int(match.group(2))
 
 
 def sync_outcome(port: int, requests) -> tuple[str, str]:

@@ -27,6 +27,7 @@ from tests.fault_engine import POISON_MESSAGE, FaultyEngine
 from tests.server_harness import (
     RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for, running_server, scrape, stub_for,
 )
+from tests.waiting import wait_for
 
 MARK = 12345  # a poisoned stream's first PCM16 sample
 
@@ -58,16 +59,6 @@ async def outcome(server, requests) -> tuple[str, str, list]:
 
 
 _CLIENTS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="sync-client")
-
-
-async def wait_for(predicate, what: str, timeout_s: float = 60.0) -> None:
-    """Wait for an asynchronous consequence; the timeout only bounds a broken run."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class held_batch:

@@ -92,32 +92,14 @@ async def _run_driver(python: Path, out: Path, *args: str, timeout: float = 240)
 def test_wire_format_matches_the_riva_client(riva_python, tmp_path):
     """Every field we declare has Riva's number, type, label and type name, the service has
     the same methods, and we declare every field Riva's clients can send."""
-    from google.protobuf import descriptor_pb2
-
     from proto.riva import riva_asr_pb2, riva_audio_pb2, riva_common_pb2
+    from tests.proto_shape import describe
 
     done = subprocess.run([str(riva_python), str(DRIVER), "--dump-descriptors", "--out", str(tmp_path / "d.json")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     theirs = json.loads((tmp_path / "d.json").read_text())
-    ours = {}
-    for module in (riva_audio_pb2, riva_common_pb2, riva_asr_pb2):
-        proto = descriptor_pb2.FileDescriptorProto()
-        module.DESCRIPTOR.CopyToProto(proto)
-
-        def walk(message, prefix):
-            name = f"{prefix}.{message.name}"
-            ours[name] = {f.name: [f.number, f.type, f.label, f.type_name] for f in message.field}
-            for nested in message.nested_type:
-                walk(nested, name)
-
-        for message in proto.message_type:
-            walk(message, proto.package)
-        for enum in proto.enum_type:
-            ours[f"{proto.package}.{enum.name}"] = {v.name: v.number for v in enum.value}
-        for service in proto.service:
-            ours[f"{proto.package}.{service.name}"] = {
-                m.name: [m.input_type, m.output_type, m.client_streaming, m.server_streaming] for m in service.method}
+    ours = describe((riva_audio_pb2, riva_common_pb2, riva_asr_pb2))
     for name, fields in ours.items():
         assert name in theirs, f"{name} is not in Riva's protos"
         for field, spec in fields.items():

@@ -11,6 +11,7 @@ import pytest
 from engines.api import EngineError
 from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
+from tests import waiting
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 
@@ -56,13 +57,8 @@ async def run_one(sched: Scheduler, samples: np.ndarray, seed: int) -> list:
 
 
 async def wait_for(predicate, what: str, timeout_s: float = 20.0) -> None:
-    """Wait for an asynchronous consequence; the timeout only bounds a broken run."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+    """tests.waiting.wait_for, bounding a broken run at 20 s: no server here, only the scheduler."""
+    await waiting.wait_for(predicate, what, timeout_s)
 
 
 async def test_single_stream_matches_engine_alone():

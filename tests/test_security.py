@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,8 @@ from proto import asr_stream_pb2_grpc as pb_grpc
 from server.security import SecuritySettings, load_tokens
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
-    FAKE, RATE, as_float, audio, config, make_engine, pcm16_audio, requests_for, running_server, scrape, wav_bytes,
+    FAKE, RATE, as_float, audio, config, make_engine, pcm16_audio, requests_for, running_server, scrape, spawn_server,
+    wav_bytes,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -303,19 +303,10 @@ def test_bad_security_settings_are_refused(tmp_path, monkeypatch):
 
 # -- the command lines ------------------------------------------------------------------------
 async def start_server(*extra: str, env: dict | None = None) -> tuple[asyncio.subprocess.Process, int]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
-        "--host", "127.0.0.1", "--port", "0", "--no-metrics", *extra,
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    seen = []
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
-        if not line:
-            raise AssertionError(f"server exited: {seen} {(await proc.stderr.read()).decode()}")
-        seen.append(line)
-        if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-            return proc, int(match.group(1))
+    proc, match, _ = await spawn_server(
+        "--engine-factory", "tests.fake_engine:build_fake_engine", "--host", "127.0.0.1", "--port", "0", "--no-metrics",
+        *extra, env=env)
+    return proc, int(match.group(1))
 
 
 def run_client(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

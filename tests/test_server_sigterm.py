@@ -17,7 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto import asr_stream_pb2_grpc as pb_grpc
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
-from tests.server_harness import RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for, scrape
+from tests.server_harness import (
+    RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for, scrape, spawn_server,
+)
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,20 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def start_server(*extra: str) -> tuple[asyncio.subprocess.Process, int, list[str]]:
     """The process, its gRPC port, and its start-up lines (the metrics URL among them)."""
-    env = dict(os.environ, FAKE_ENGINE_STEP_DELAY_S="0.003", PYTHONPATH=str(ROOT))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
+    proc, match, seen = await spawn_server(
+        "--engine-factory", "tests.fake_engine:build_fake_engine",
         "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
         "--max-streams", "16", "--max-batch", "8", "--drain-grace-s", "60", *extra,
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    seen = []
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
-        if not line:
-            raise AssertionError(f"server exited before listening: {seen} {(await proc.stderr.read()).decode()}")
-        seen.append(line)
-        if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-            return proc, int(match.group(1)), seen
+        env={"FAKE_ENGINE_STEP_DELAY_S": "0.003"})
+    return proc, int(match.group(1)), seen
 
 
 async def test_sigterm_drains_open_streams_and_exits_zero():

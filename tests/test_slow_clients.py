@@ -20,20 +20,12 @@ from tests.server_harness import (
     FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, requests_for, run_stream,
     running_server, scrape, stub_for,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 # A client whose receive window is tiny: a few responses fill it when it does not read.
 SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 _THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="stuck-client")
-
-
-async def wait_for(predicate, what: str, timeout_s: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def record_streams(server) -> list:
