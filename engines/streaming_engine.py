@@ -13,8 +13,8 @@ import time
 import numpy as np
 import torch
 
-from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, PoolExhaustedError, StepPlan,
-                         StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent)
+from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, PoolExhaustedError,
+                         StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent)
 from engines.cudagraph_engine import batch_buckets
 from engines.encoders import EncoderEngine
 from engines.features import StreamingFeaturizer
