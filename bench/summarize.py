@@ -127,6 +127,7 @@ def _breakdown(lv: dict | None) -> dict | None:
 
 def _level_row(lv: dict) -> dict:
     sm = lv.get("server_metrics") or {}
+    sp = lv.get("server_process") or {}
     return {
         "c": lv["concurrency"], "done": lv["streams_completed"], "errors": lv["errors"],
         "chunk_p50": lv["chunk_latency_ms"]["p50"], "chunk_p95": lv["chunk_latency_ms"]["p95"],
@@ -135,8 +136,10 @@ def _level_row(lv: dict) -> dict:
         "batch": sm.get("mean_batch"), "step_ms": sm.get("mean_step_ms"), "queue_ms": sm.get("mean_queue_wait_ms"),
         "busy": sm.get("engine_busy_fraction"), "lg_bound": lv["loadgen"]["bottleneck"],
         "lg_cpu_max": max(lv["loadgen"]["cpu_util"], default=None),
-        "srv_cores": (lv.get("server_process") or {}).get("cores"),
-        "srv_main": (lv.get("server_process") or {}).get("main_thread_cores"),
+        # With frontend processes: all of the server's processes, and the busiest frontend's event loop.
+        "srv_cores": (sp.get("cores_with_frontends") or sp.get("cores")),
+        "srv_main": sp.get("main_thread_cores"),
+        "fe_loop_max": max((f["main_thread_cores"] for f in sp.get("frontends", [])), default=None),
         "gc_ms": sm.get("gc_pause_ms_total"), "gc_full": sm.get("gc_full_collections"),
     }
 
@@ -163,14 +166,15 @@ def markdown(summary: dict) -> str:
     for o in summary["ours"]:
         lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels ({o['model']}, max batch {o['max_batch']})", "",
                   "| c | done | errors | chunk p50 | chunk p95 | resp p50 | resp p95 | final p95 | RTFx | mean batch "
-                  "| step ms | queue ms | engine busy | server CPU cores (main thread) | GC ms (full) "
+                  "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest frontend loop] | GC ms (full) "
                   "| loadgen CPU max | LG-bound |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in o["levels"]:
             lines.append(f"| {r['c']} | {r['done']} | {r['errors'] or 0} | {_f(r['chunk_p50'])} | {_f(r['chunk_p95'])} "
                          f"| {_f(r['resp_p50'])} | {_f(r['resp_p95'])} | {_f(r['final_p95'])} | {_f(r['rtfx'])} "
                          f"| {_f(r['batch'])} | {_f(r['step_ms'])} | {_f(r['queue_ms'])} | {_f(r['busy'], 2)} "
-                         f"| {_f(r['srv_cores'], 2)} ({_f(r['srv_main'], 2)}) "
+                         f"| {_f(r['srv_cores'], 2)} ({_f(r['srv_main'], 2)})"
+                         + (f" [{_f(r['fe_loop_max'], 2)}]" if r.get("fe_loop_max") is not None else "") + " "
                          f"| {_f(r.get('gc_ms'))} ({r.get('gc_full') if r.get('gc_full') is not None else '-'}) "
                          f"| {_f(r['lg_cpu_max'], 2)} | {'yes' if r['lg_bound'] else ''} |")
     base = summary["baseline"]

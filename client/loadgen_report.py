@@ -301,8 +301,24 @@ def _ticks(stat_path: str) -> tuple[str, int] | None:
     return name, int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
 
 
+def _children(pid: int) -> list[int]:
+    """Child processes of pid (an asr-server with --frontends: its frontend processes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if int(data[data.rindex(")") + 2:].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def proc_cpu_snapshot(pid: int) -> dict | None:
-    """CPU clock ticks of a process and of each of its threads (Linux /proc), or None."""
+    """CPU clock ticks of a process and of each of its threads (Linux /proc), and of its child
+    processes (total and main thread), or None."""
     total = _ticks(f"/proc/{pid}/stat")
     if total is None:
         return None
@@ -315,7 +331,12 @@ def proc_cpu_snapshot(pid: int) -> dict | None:
         t = _ticks(f"/proc/{pid}/task/{tid}/stat")
         if t is not None:
             threads[tid] = t
-    return {"t": time.monotonic(), "pid": pid, "total": total[1], "threads": threads}
+    children = {}
+    for child in _children(pid):
+        whole, main = _ticks(f"/proc/{child}/stat"), _ticks(f"/proc/{child}/task/{child}/stat")
+        if whole is not None and main is not None:
+            children[child] = (whole[1], main[1])
+    return {"t": time.monotonic(), "pid": pid, "total": total[1], "threads": threads, "children": children}
 
 
 def proc_cpu_delta(before: dict | None, after: dict | None, top: int = 6) -> dict | None:
@@ -335,5 +356,15 @@ def proc_cpu_delta(before: dict | None, after: dict | None, top: int = 6) -> dic
                         "main": main, "cores": round((ticks - prev) / hz / wall, 3)})
     threads.sort(key=lambda t: -t["cores"])
     main = next((t["cores"] for t in threads if t["main"]), None)
-    return {"cores": round((after["total"] - before["total"]) / hz / wall, 3), "main_thread_cores": main,
-            "wall_s": round(wall, 2), "busiest_threads": threads[:top]}
+    out = {"cores": round((after["total"] - before["total"]) / hz / wall, 3), "main_thread_cores": main,
+           "wall_s": round(wall, 2), "busiest_threads": threads[:top]}
+    # Frontend processes: each one's cores and its event loop's (main thread) cores.
+    frontends = []
+    for child, (whole, loop) in sorted(after.get("children", {}).items()):
+        w0, l0 = before.get("children", {}).get(child, (0, 0))
+        frontends.append({"pid": child, "cores": round((whole - w0) / hz / wall, 3),
+                          "main_thread_cores": round((loop - l0) / hz / wall, 3)})
+    if frontends:
+        out["frontends"] = frontends
+        out["cores_with_frontends"] = round(out["cores"] + sum(f["cores"] for f in frontends), 3)
+    return out

@@ -55,6 +55,9 @@ class ServerSettings:
     # for ~0.35 s on a 2-core CPU; after the freeze it takes ~2 ms. Off by default for library
     # use (tests start many servers in one process); asr-server turns it on.
     gc_freeze: bool = False
+    # Share the port with other processes (SO_REUSEPORT): the frontend processes of one server
+    # (`asr-server --frontends N`). Off otherwise, so a second server on a taken port fails.
+    share_port: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,11 +75,17 @@ class ServerSettings:
 
 
 class AsrServer:
-    def __init__(self, engine: StreamingEngine, settings: ServerSettings | None = None):
+    """`scheduler` and `metrics` default to a local Scheduler on `engine` and metrics served
+    here. A frontend process passes a server.remote_scheduler.RemoteScheduler (whose `engine`
+    is the engine process's EngineFacts) and its RemoteMetrics."""
+
+    def __init__(self, engine: StreamingEngine, settings: ServerSettings | None = None,
+                 scheduler: Scheduler | None = None, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.settings = settings or ServerSettings()
-        self.metrics = ServerMetrics(max_batch=engine.max_batch)
-        self.scheduler = Scheduler(engine, self.settings.scheduler, _Observer(self.metrics, self._on_engine_dead))
+        self.metrics = metrics or ServerMetrics(max_batch=engine.max_batch)
+        self.scheduler = scheduler or Scheduler(engine, self.settings.scheduler)
+        self.scheduler.observer = _Observer(self.metrics, self._on_engine_dead)
         self.metrics.bind(self.scheduler)
         self.served = ServedModel(engine.model_info, engine.geometry, self.settings.model_aliases)
         self.health = HealthServicer()
@@ -96,7 +105,8 @@ class AsrServer:
         self._grpc = grpc.aio.server(interceptors=s.security.interceptors(self.metrics.call_refused), options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # A second server on the same port must fail, not share it; frontends of one server share.
+            ("grpc.so_reuseport", 1 if s.share_port else 0),
             # A fixed per-stream receive window: a client the server stops reading (backpressure)
             # can have no more than this in flight (no BDP probing, which would grow it).
             ("grpc.http2.lookahead_bytes", s.stream_window_bytes), ("grpc.http2.bdp_probe", 0),

@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--engine-factory", default=DEFAULT_FACTORY,
                    help="module:function taking an EngineConfig and returning a StreamingEngine")
     n = p.add_argument_group("network")
+    n.add_argument("--frontends", type=int, default=1,
+                   help="gRPC frontend processes sharing the port around one engine process; one process "
+                        "answers about 3,000 chunks/s, so serving more than a few hundred streams needs "
+                        "several (1: everything in this process)")
+    n.add_argument("--frontend-of", default=None, help=argparse.SUPPRESS)   # internal: run as a frontend
+    n.add_argument("--frontend-name", default="frontend", help=argparse.SUPPRESS)
     n.add_argument("--host", default="0.0.0.0")
     n.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
     n.add_argument("--metrics-host", default="0.0.0.0")
@@ -161,8 +167,24 @@ async def serve(engine: StreamingEngine, settings: ServerSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    if args.frontends < 1:
+        print("asr-server: --frontends must be at least 1", file=sys.stderr)
+        return 2
+    if args.frontend_of is not None:  # a frontend process of an engine process: no model here
+        try:
+            settings = build_settings(args)
+        except ValueError as exc:
+            print(f"asr-server: {exc}", file=sys.stderr)
+            return 2
+        _set_switch_interval(args)
+        from server.frontends import serve_frontend
+        return _runner(args)(serve_frontend(settings, args.frontend_of, args.frontend_name))
+    if args.gil_switch_ms is not None and args.gil_switch_ms <= 0:
+        print("asr-server: --gil-switch-ms must be positive", file=sys.stderr)
+        return 2
     try:
         cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
                            lookahead_ms=args.lookahead_ms, max_streams=args.max_streams, max_batch=args.max_batch,
@@ -183,20 +205,28 @@ def main(argv: list[str] | None = None) -> int:
     if engine.model_info.random_weights:
         print(f"asr-server: model {engine.model_info.name} has RANDOM weights: its transcripts are meaningless. "
               "To serve a real model: asr-server --model /path/to/model.nemo", flush=True)
+    _set_switch_interval(args)
+    if args.frontends > 1:
+        from server.frontends import serve_with_frontends
+        return _runner(args)(serve_with_frontends(engine, settings, args.frontends, argv,
+                                                  settings.exit_on_engine_death_s))
+    return _runner(args)(serve(engine, settings))
+
+
+def _set_switch_interval(args: argparse.Namespace) -> None:
     if args.gil_switch_ms is not None:
-        if args.gil_switch_ms <= 0:
-            print("asr-server: --gil-switch-ms must be positive", file=sys.stderr)
-            return 2
         sys.setswitchinterval(args.gil_switch_ms / 1000.0)
-    runner = asyncio.run
+
+
+def _runner(args: argparse.Namespace):
     if not args.no_uvloop:
         try:
             import uvloop
 
-            runner = uvloop.run
+            return uvloop.run
         except ImportError:
             pass
-    return runner(serve(engine, settings))
+    return asyncio.run
 
 
 if __name__ == "__main__":

@@ -33,16 +33,15 @@ class _GcPauseTimer:
     thousands of live streams stops every thread of the server, event loop included, and shows
     up as a tail-latency stall that no other metric explains."""
 
-    def __init__(self, histogram: Histogram):
-        self._histogram = histogram
+    def __init__(self, record):
+        self._record = record  # (generation: str, seconds: float) -> None
         self._started: float | None = None
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         elif self._started is not None:
-            self._histogram.labels(generation=str(info.get("generation", "?"))).observe(
-                time.perf_counter() - self._started)
+            self._record(str(info.get("generation", "?")), time.perf_counter() - self._started)
             self._started = None
 
 
@@ -80,7 +79,7 @@ class ServerMetrics(SchedulerObserver):
         self.max_batch.set_function(lambda: scheduler.max_batch)
         self.registry.register(_ExecutionsCollector(scheduler))
         if self._gc_timer is None:
-            self._gc_timer = _GcPauseTimer(self.gc_pause)
+            self._gc_timer = _GcPauseTimer(self.gc_paused)
             gc.callbacks.append(self._gc_timer)
 
     # -- SchedulerObserver -------------------------------------------------------------------
@@ -99,6 +98,11 @@ class ServerMetrics(SchedulerObserver):
 
     def step_fault(self, kind: str) -> None:
         self.step_faults.labels(kind=kind).inc()
+
+    def gc_paused(self, generation: str, seconds: float) -> None:
+        """A collection in this process or, with frontend processes, in one of them: every
+        process's pauses land in the one histogram the engine process serves."""
+        self.gc_pause.labels(generation=generation).observe(seconds)
 
     def call_refused(self, reason: str) -> None:
         self.refused.labels(reason=reason).inc()

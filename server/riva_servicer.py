@@ -212,7 +212,7 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
                                                            f"served: {', '.join(self._served.names)}")
         s, g = self._scheduler, self._served.geometry
         parameters = {"engine": s.engine_name or "", "chunk_ms": f"{g.chunk_ms:g}",
-                      "max_streams": str(s.engine.capacity), "max_batch": str(s.max_batch),
+                      "max_streams": str(s.capacity), "max_batch": str(s.max_batch),
                       "automatic_punctuation": str(self._settings.model_punctuates).lower(),
                       "inverse_text_normalization": str(self._settings.model_written_form).lower()}
         self._metrics.rpc_finished(method, "OK")

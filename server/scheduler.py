@@ -76,6 +76,15 @@ class SchedulerObserver:
     def max_batch_lowered(self, max_batch: int) -> None: ...
 
 
+class StreamListener:
+    """Hooks for a consumer that relays streams elsewhere (server.engine_host, which serves
+    frontend processes): told when a stream has events to take, and when the scheduler itself
+    ended a stream's audio (a duration limit). Called on the event loop. No-ops by default."""
+
+    def events_added(self, stream: StreamState) -> None: ...
+    def audio_cut(self, stream: StreamState) -> None: ...
+
+
 @dataclass(frozen=True)
 class _Planned:
     """One stream's chunk in a submitted step, with what the books need when it returns."""
@@ -142,6 +151,7 @@ class Scheduler:
         self.engine = engine
         self.config = config or SchedulerConfig()
         self.observer = observer or SchedulerObserver()
+        self.listener = StreamListener()
         self.geometry = engine.geometry
         self.max_batch = max(1, int(engine.max_batch))
         rate = self.geometry.sample_rate
@@ -217,6 +227,10 @@ class Scheduler:
     def active_streams(self) -> int:
         return len(self._streams)
 
+    @property
+    def capacity(self) -> int:
+        return self.engine.capacity
+
     def slots_in_use(self) -> int:
         return self.engine.slots_in_use()
 
@@ -237,18 +251,20 @@ class Scheduler:
             raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
                               f"all {self.engine.capacity} stream slots are in use; retry later")
 
-    def open_stream(self, label: str = "", finalize_at_limit: bool = True) -> StreamHandle:
+    def open_stream(self, label: str = "", finalize_at_limit: bool = True, stream_id: str | None = None) -> StreamHandle:
         """A new stream, holding a slot. At max_stream_seconds (of audio, or of wall time) a
         stream with `finalize_at_limit` is ended there and gets its final result (a client
         that never half-closes); one without fails with OUT_OF_RANGE (a whole file that is too
-        long)."""
+        long). `stream_id`: the caller's own unique id (a frontend process names its streams)."""
         self.check_admission()
+        if stream_id is not None and stream_id in self._streams:
+            raise StreamError(ErrorKind.INTERNAL, f"stream id {stream_id} is already open")
         try:
             slot = self.engine.acquire_slot()
         except EngineError as exc:  # PoolExhaustedError: slots of leaving streams still in a step
             raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
                               f"all {self.engine.capacity} stream slots are in use; retry later ({exc})") from exc
-        stream_id = f"{uuid.uuid4().hex[:12]}"
+        stream_id = stream_id or f"{uuid.uuid4().hex[:12]}"
         state = StreamState(stream_id=stream_id, slot=slot, label=label, opened_at=time.monotonic(),
                             finalize_at_limit=finalize_at_limit)
         state.audio_room.set()
@@ -259,10 +275,10 @@ class Scheduler:
         return StreamHandle(self, state)
 
     # -- per-stream operations (event loop) ----------------------------------------------
-    async def push_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
-        """Append samples at the model's rate. Waits while too much audio is pending (the
-        backpressure that reaches the client through gRPC flow control). False once the
-        stream no longer takes audio."""
+    def accept_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
+        """push_audio without the wait: append, enforce the duration limit, queue what is
+        complete. False once the stream no longer takes audio. A caller that does not await
+        push_audio (server.engine_host) applies the backpressure itself."""
         if stream.status is not StreamStatus.RECEIVING:
             return False
         if samples.size == 0:
@@ -283,6 +299,14 @@ class Scheduler:
             self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s of audio")
             return False
         self._maybe_enqueue(stream)
+        return True
+
+    async def push_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
+        """Append samples at the model's rate. Waits while too much audio is pending (the
+        backpressure that reaches the client through gRPC flow control). False once the
+        stream no longer takes audio."""
+        if not self.accept_audio(stream, samples):
+            return False
         while len(stream.audio) > self._max_pending and stream.status is StreamStatus.RECEIVING:
             if len(stream.events) >= self.config.response_buffer:
                 # Neither results nor audio move: the client stopped reading. Its buffers are full.
@@ -306,6 +330,7 @@ class Scheduler:
         log.info("stream reached its maximum duration; finalizing", extra={"stream_id": stream.stream_id, "limit": what})
         stream.end_reason = f"the stream reached the maximum duration of {what}"
         self.end_audio(stream)
+        self.listener.audio_cut(stream)
 
     def _time_limit_reached(self, stream: StreamState) -> None:
         if stream.status is not StreamStatus.RECEIVING:
@@ -332,6 +357,12 @@ class Scheduler:
                 return None
             stream.events_ready.clear()
             await stream.events_ready.wait()
+        return self.take_event(stream)
+
+    def take_event(self, stream: StreamState) -> StreamEvent | None:
+        """The next undelivered event, or None when there is none now (next_event waits)."""
+        if not stream.events:
+            return None
         event = stream.events.popleft()
         if isinstance(event, StreamFailure) or event.is_final:
             stream.terminal_delivered = True
@@ -356,6 +387,7 @@ class Scheduler:
         stream.events.append(event)
         stream.peak_events = max(stream.peak_events, len(stream.events))
         stream.events_ready.set()
+        self.listener.events_added(stream)
         if len(stream.events) >= self.config.response_buffer:
             stream.audio_room.set()  # a push_audio waiting for room re-checks: the reader may be stuck
 

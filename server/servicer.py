@@ -273,7 +273,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             name=info.name, lookahead_ms=info.lookahead_ms, lookaheads_ms=list(info.lookaheads_ms),
             sample_rate=info.sample_rate, chunk_ms=g.chunk_ms, vocabulary_size=info.vocabulary_size,
             random_weights=info.random_weights, description=info.description, languages=list(info.languages),
-            engine=s.engine_name or "", engine_executions=s.executions, max_streams=s.engine.capacity,
+            engine=s.engine_name or "", engine_executions=s.executions, max_streams=s.capacity,
             max_batch=s.max_batch,
         )
         self._metrics.rpc_finished("ListModels", "OK")

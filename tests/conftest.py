@@ -30,3 +30,38 @@ def tiny_engine():
                                        lookahead_ms=160, max_streams=16, max_batch=8))
     yield engine
     assert engine.slots_in_use() == 0, "a test leaked a cache slot"
+
+
+# The server suites that run twice: on an in-process server ("local") and through the frontend
+# <-> engine process wire ("wire": server.engine_host + server.remote_scheduler over a real Unix
+# socket, what `asr-server --frontends N` runs). The wire variant runs on the fake engine only:
+# what the wire can break is the relay, not the model. ASR_TEST_FRONTEND_IPC=1 runs every
+# running_server test through the wire instead.
+WIRE_MODULES = {"test_server_streaming", "test_server_errors", "test_server_ops", "test_server_cancellation",
+                "test_slow_clients", "test_faults", "test_riva_api", "test_server_audio"}
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in WIRE_MODULES and "server_path" in metafunc.fixturenames:
+        metafunc.parametrize("server_path", ["local", "wire"], indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        real = "tiny_engine" in item.fixturenames or params.get("engine_kind", "fake") != "fake"
+        (drop if params.get("server_path") == "wire" and real else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def server_path(request):
+    from tests import server_harness
+
+    mode = getattr(request, "param", "wire" if server_harness.FRONTEND_IPC else "local")
+    server_harness.SERVER_PATH = mode
+    yield mode
+    server_harness.SERVER_PATH = "wire" if server_harness.FRONTEND_IPC else "local"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -56,14 +57,74 @@ def server_settings(**overrides) -> ServerSettings:
     return ServerSettings(**base)
 
 
+# ASR_TEST_FRONTEND_IPC=1 runs every test that uses running_server through the frontend <->
+# engine process wire (server.engine_host + server.remote_scheduler, both in this process over
+# a real Unix socket): the suite that `asr-server --frontends N` must pass as well.
+FRONTEND_IPC = os.environ.get("ASR_TEST_FRONTEND_IPC") == "1"
+SERVER_PATH = "wire" if FRONTEND_IPC else "local"  # set per test by the server_path fixture (conftest)
+
+
+def through_wire() -> bool:
+    return SERVER_PATH == "wire"
+
+
 @contextlib.asynccontextmanager
 async def running_server(engine, **settings):
+    if through_wire():
+        async with running_frontend_pair(engine, **settings) as server:
+            yield server
+        return
     server = AsrServer(engine, server_settings(**settings))
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+async def settle(server) -> None:
+    """Through a frontend, closes and counts reach the engine process a moment after the
+    client saw its status: wait until they have (a no-op on an in-process server)."""
+    sync = getattr(server.scheduler, "sync", None)
+    if sync is not None:
+        await sync()
+
+
+def engine_scheduler(server):
+    """The scheduler that batches (its ready queue, max batch, dead reason): the server's own,
+    or the engine host's behind a frontend."""
+    host = getattr(server, "engine_host", None)
+    return host.scheduler if host is not None else server.scheduler
+
+
+@contextlib.asynccontextmanager
+async def running_frontend_pair(engine, **settings):
+    """An engine host and one frontend AsrServer on it, in this process. The server it yields
+    reports the engine host's metrics port (the endpoint that serves the whole server)."""
+    import tempfile
+
+    from server.engine_host import EngineHost
+    from server.remote_scheduler import RemoteMetrics, RemoteScheduler
+
+    s = server_settings(**settings)
+    with tempfile.TemporaryDirectory(prefix="asr-ipc-") as tmp:
+        host = EngineHost(engine, s.scheduler, os.path.join(tmp, "engine.sock"))
+        await host.start(s.metrics_host, s.metrics_port)
+        remote = RemoteScheduler(host.socket_path, name="frontend-test")
+        try:
+            facts = await remote.connect()
+            server = AsrServer(facts, dataclasses.replace(s, metrics_port=None), scheduler=remote,
+                               metrics=RemoteMetrics(remote, max_batch=facts.max_batch))
+            server.engine_host = host
+            await server.start()
+            server.metrics_port = host.metrics_port
+            remote.announce_ready()
+            try:
+                yield server
+            finally:
+                await server.stop()
+        finally:
+            await host.stop()
 
 
 @contextlib.asynccontextmanager

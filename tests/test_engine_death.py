@@ -39,9 +39,11 @@ def sync_outcome(port: int, requests) -> tuple[str, str]:
     return "OK", ""
 
 
-async def test_repeated_engine_failure_goes_not_serving_fails_open_streams_unavailable_and_exits_nonzero():
+@pytest.mark.parametrize("frontends", ["1", "2"])  # 2: frontend processes around an engine process
+async def test_repeated_engine_failure_goes_not_serving_fails_open_streams_unavailable_and_exits_nonzero(frontends):
     proc, port, metrics_port = await start_server(
-        "tests.fault_engine:build_dead_engine", "--dead-after-failures", "2", "--exit-on-engine-death-s", "0.5")
+        "tests.fault_engine:build_dead_engine", "--dead-after-failures", "2", "--exit-on-engine-death-s", "0.5",
+        "--frontends", frontends)
     target = f"127.0.0.1:{port}"
     resume = asyncio.Event()
     try:

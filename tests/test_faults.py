@@ -25,7 +25,8 @@ from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.fault_engine import POISON_MESSAGE, FaultyEngine
 from tests.server_harness import (
-    RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for, running_server, scrape, stub_for,
+    RATE, as_float, audio, config, engine_scheduler, final_transcript, pcm16_audio, requests_for, running_server,
+    scrape, settle, stub_for,
 )
 from tests.waiting import wait_for
 
@@ -87,7 +88,7 @@ class held_batch:
         return self
 
     async def release_when_queued(self) -> None:
-        await wait_for(lambda: self.server.scheduler.ready_streams >= self.n, f"{self.n} streams queued")
+        await wait_for(lambda: engine_scheduler(self.server).ready_streams >= self.n, f"{self.n} streams queued")
         self.engine.gate.set()
 
     async def __aexit__(self, *exc):
@@ -191,6 +192,7 @@ async def _poisoned_batch_run(engine: FaultyEngine, clips: list[np.ndarray], poi
             await held.release_when_queued()
             results = await asyncio.gather(*calls)
         await wait_for(lambda: server.scheduler.active_streams == 0 and engine.slots_in_use() == 0, "streams to close")
+        await settle(server)
         metrics = scrape(server.metrics_port)
     for i, (code, details, responses) in enumerate(results):
         if i == poisoned:
@@ -236,12 +238,13 @@ async def _oom_run(engine: FaultyEngine, clips: list[np.ndarray], expected: list
             await held.release_when_queued()
             results = await asyncio.gather(*calls)
         models = (await stub.ListModels(pb.ListModelsRequest())).models
+        await settle(server)
         metrics = scrape(server.metrics_port)
         await wait_for(lambda: server.scheduler.active_streams == 0 and engine.slots_in_use() == 0, "streams to close")
     for i, (code, details, responses) in enumerate(results):
         assert code == "OK", (i, code, details)
         assert final_transcript(responses) == expected[i]
-    lowered = server.scheduler.max_batch
+    lowered = engine_scheduler(server).max_batch
     assert 1 <= lowered <= limit
     assert models[0].max_batch == lowered and metrics["asr_max_batch"] == lowered
     assert metrics["asr_step_faults_total{kind=overloaded}"] >= 1 and metrics["asr_engine_up"] == 1

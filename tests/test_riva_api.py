@@ -28,7 +28,7 @@ from tests.riva_harness import (
 )
 from tests.server_harness import (
     FAKE, RATE, as_float, final_transcript, make_engine, pcm16_audio, requests_for, run_stream, running_server,
-    scrape, split_bytes, stub_for, wav_bytes,
+    scrape, settle, split_bytes, stub_for, wav_bytes,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -335,6 +335,7 @@ async def test_bad_streams_end_with_invalid_argument(requests, message):
             await riva_sync(server, "StreamingRecognize", requests)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert message in err.value.details()
+        await settle(server)
         assert engine.slots_in_use() == 0
         metrics = scrape(server.metrics_port)
     assert metrics["asr_errors_total{code=INVALID_ARGUMENT,method=Riva/StreamingRecognize}"] == 1

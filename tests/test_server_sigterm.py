@@ -35,8 +35,9 @@ async def start_server(*extra: str) -> tuple[asyncio.subprocess.Process, int, li
     return proc, int(match.group(1)), seen
 
 
-async def test_sigterm_drains_open_streams_and_exits_zero():
-    proc, port, startup = await start_server()
+@pytest.mark.parametrize("frontends", ["1", "2"])  # 2: frontend processes around an engine process
+async def test_sigterm_drains_open_streams_and_exits_zero(frontends):
+    proc, port, startup = await start_server("--frontends", frontends)
     target = f"127.0.0.1:{port}"
     reference = FakeEngine()
     clips = [pcm16_audio(40 + i, RATE + 3000 * i) for i in range(6)]
@@ -101,8 +102,9 @@ async def test_sigterm_drains_open_streams_and_exits_zero():
             await proc.wait()
 
 
-async def test_sigterm_when_idle_exits_zero_at_once():
-    proc, _, startup = await start_server()
+@pytest.mark.parametrize("frontends", ["1", "2"])
+async def test_sigterm_when_idle_exits_zero_at_once(frontends):
+    proc, _, startup = await start_server("--frontends", frontends)
     try:
         # Random weights are announced, with how to serve a real model.
         assert any("RANDOM weights" in line and "--model /path/to/model.nemo" in line for line in startup)

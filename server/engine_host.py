@@ -1,0 +1,331 @@
+"""The engine process's side of a server with frontend processes (`asr-server --frontends N`).
+
+It owns what one process must own: the engine, the scheduler (unchanged), the metrics
+endpoint. Frontend processes (server.remote_scheduler) run the gRPC transport and connect
+over one Unix socket each; this module relays their streams into the scheduler and the
+scheduler's events back. Its event loop carries IPC frames and scheduling, not gRPC, which
+is what bounded one process at about 3,000 chunks/s (docs/SCALING.md).
+
+Per stream it keeps the scheduler's own rules:
+  - audio goes in with Scheduler.accept_audio (no wait here); the frontend applies the
+    backpressure, from the consumed-sample count each event carries;
+  - at most `response_buffer` events are in a frontend's hands unacknowledged; the rest stay
+    in the scheduler's per-stream buffer, which then stops scheduling the stream as it does
+    for a client that does not read;
+  - a frontend whose connection ends has its streams closed: their slots come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from engines.api import StreamingEngine
+from server import ipc_wire as w
+from server.ipc_wire import FrameWriter, read_frame
+from server.metrics import ServerMetrics
+from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver, StreamListener
+from server.stream_events import ErrorKind, StreamError
+from server.stream_state import StreamState
+
+log = logging.getLogger("nemostream.engine_host")
+
+STATE_PERIOD_S = 0.2  # how often frontends hear the engine's state (ListModels, health, metrics)
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What a frontend needs to know of the engine: sent once, in the HELLO frame. Has the
+    attributes AsrServer reads of an engine (model_info, geometry, capacity, max_batch)."""
+
+    model_info: object   # engines.api.ModelInfo
+    geometry: object     # engines.geometry.ChunkGeometry
+    capacity: int
+    max_batch: int
+    engine_name: str
+    scheduler: SchedulerConfig
+
+
+@dataclass(eq=False)
+class _Relay:
+    """One frontend stream inside the scheduler."""
+
+    key: str
+    state: StreamState
+    frontend: _Frontend
+    outstanding: int = 0   # events sent to the frontend and not yet acknowledged
+
+
+@dataclass(eq=False)
+class _Frontend:
+    name: str
+    out: FrameWriter
+    relays: dict[str, _Relay] = field(default_factory=dict)
+    ready: bool = False
+
+
+class EngineHost(StreamListener):
+    def __init__(self, engine: StreamingEngine, config: SchedulerConfig, socket_path: str,
+                 gc_freeze: bool = False):
+        self.engine = engine
+        self.config = config
+        self.socket_path = socket_path
+        self.gc_freeze = gc_freeze
+        self.metrics = ServerMetrics(max_batch=engine.max_batch)
+        self.scheduler = Scheduler(engine, config, _HostObserver(self))
+        self.scheduler.listener = self
+        self.metrics.bind(self.scheduler)
+        r = self.metrics.registry
+        self.frontends_ready = Gauge("asr_frontends_ready", "Frontend processes connected and serving", registry=r)
+        self.frontends_ready.set_function(lambda: self.ready_frontends)
+        self.frontend_streams = Counter("asr_frontend_streams", "Streams opened, by frontend process (how evenly "
+                                        "the kernel spreads connections)", ["frontend"], registry=r)
+        self.frontend_restarts = Counter("asr_frontend_restarts", "Frontend processes started again after they died",
+                                         registry=r)
+        self.metrics_port: int | None = None
+        self.engine_dead = asyncio.Event()
+        self._relays: dict[str, _Relay] = {}
+        self._frontends: list[_Frontend] = []
+        self._dirty: dict[str, _Relay] = {}
+        self._flush_scheduled = False
+        self._state_scheduled = False
+        self._server: asyncio.AbstractServer | None = None
+        self._state_task: asyncio.Task | None = None
+        self._ready_changed = asyncio.Event()
+        self._conn_tasks: set[asyncio.Task] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self, metrics_host: str | None = None, metrics_port: int | None = None) -> str:
+        """Warm the engine up (proved by its execution counter), then listen for frontends."""
+        await self.scheduler.start()
+        name = await self.scheduler.warmup()
+        if self.gc_freeze:
+            gc.collect()
+            gc.freeze()
+            log.info("garbage collector: %d start-up objects frozen", gc.get_freeze_count())
+        self.metrics.engine_up.set(1)
+        if metrics_port is not None:
+            self.metrics_port = self.metrics.serve(metrics_host or "127.0.0.1", metrics_port)
+        self._server = await asyncio.start_unix_server(self._serve_connection, path=self.socket_path,
+                                                       limit=1 << 20)
+        self._state_task = asyncio.get_running_loop().create_task(self._broadcast_state(), name="engine-state")
+        return name
+
+    def facts(self) -> EngineFacts:
+        return EngineFacts(model_info=self.engine.model_info, geometry=self.engine.geometry,
+                           capacity=self.engine.capacity, max_batch=self.engine.max_batch,
+                           engine_name=self.scheduler.engine_name or "", scheduler=self.config)
+
+    @property
+    def ready_frontends(self) -> int:
+        return sum(f.ready for f in self._frontends)
+
+    async def wait_ready(self, count: int) -> None:
+        while self.ready_frontends < count:
+            self._ready_changed.clear()
+            await self._ready_changed.wait()
+
+    def begin_drain(self) -> None:
+        self.scheduler.begin_drain()
+        self._send_state()
+
+    async def stop(self) -> None:
+        if self._state_task is not None:
+            self._state_task.cancel()
+        if self._server is not None:
+            self._server.close()
+        for frontend in list(self._frontends):
+            frontend.out.close()
+        for task in list(self._conn_tasks):
+            task.cancel()
+        await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+        await self.scheduler.stop()
+        self.metrics.close()
+
+    # -- connections ---------------------------------------------------------------------
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._conn_tasks.add(task)
+        frontend = _Frontend(name="?", out=FrameWriter(writer))
+        self._frontends.append(frontend)
+        frontend.out.send((w.HELLO, pickle.dumps(self.facts())))
+        self._send_state_to(frontend)
+        try:
+            while (frame := await read_frame(reader)) is not None:
+                for message in frame:
+                    self._dispatch(frontend, message)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.error("frontend connection broken", extra={"frontend": frontend.name, "error": str(exc)})
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - a bad frame loses that frontend, not the engine
+            log.exception("frontend frame failed", extra={"frontend": frontend.name})
+        finally:
+            self._drop_frontend(frontend)
+            with contextlib.suppress(Exception):
+                frontend.out.close()
+            self._conn_tasks.discard(task)
+
+    def _drop_frontend(self, frontend: _Frontend) -> None:
+        """The frontend is gone (exited, killed, or its connection broke): close its streams so
+        their slots come back; no other frontend's stream notices."""
+        if frontend in self._frontends:
+            self._frontends.remove(frontend)
+        if frontend.relays:
+            log.warning("frontend gone; closing its streams",
+                        extra={"frontend": frontend.name, "streams": len(frontend.relays)})
+        for relay in list(frontend.relays.values()):
+            self._close(relay)
+        frontend.ready = False
+        self._ready_changed.set()
+
+    def _dispatch(self, frontend: _Frontend, m: tuple) -> None:
+        kind = m[0]
+        if kind == w.AUDIO:
+            relay = frontend.relays.get(m[1])
+            if relay is not None:  # else refused or closed: its audio goes nowhere
+                self.scheduler.accept_audio(relay.state, np.frombuffer(m[2], dtype=np.float32))
+        elif kind == w.ACK:
+            relay = frontend.relays.get(m[1])
+            if relay is not None:
+                relay.outstanding -= m[2]
+                if relay.state.events:
+                    self._mark_dirty(relay)
+        elif kind == w.OPEN:
+            self._open(frontend, m[1], m[2], m[3])
+        elif kind == w.END:
+            relay = frontend.relays.get(m[1])
+            if relay is not None:
+                self.scheduler.end_audio(relay.state)
+        elif kind == w.CLOSE:
+            relay = frontend.relays.get(m[1])
+            if relay is not None:
+                self._close(relay)
+        elif kind == w.FAIL:
+            relay = frontend.relays.get(m[1])
+            if relay is not None:
+                self.scheduler.fail_stream(relay.state, ErrorKind(m[2]), m[3])
+        elif kind == w.RPC:
+            self.metrics.rpc_finished(m[1], m[2])
+        elif kind == w.AUDIO_S:
+            self.metrics.audio_seconds.inc(m[1])
+        elif kind == w.REFUSED:
+            self.metrics.call_refused(m[1])
+        elif kind == w.GC:
+            self.metrics.gc_paused(m[1], m[2])
+        elif kind == w.SYNC:
+            frontend.out.send((w.SYNCED, m[1]))
+        elif kind == w.READY:
+            frontend.name, frontend.ready = m[1], True
+            self._ready_changed.set()
+            log.info("frontend ready", extra={"frontend": frontend.name})
+        else:
+            raise ConnectionError(f"unknown message kind {kind!r}")
+
+    def _open(self, frontend: _Frontend, key: str, label: str, finalize_at_limit: bool) -> None:
+        if key in self._relays:
+            frontend.out.send((w.FAILED, key, 0, ErrorKind.INTERNAL.value, f"stream id {key} is already open"))
+            return
+        try:
+            handle = self.scheduler.open_stream(label=label, finalize_at_limit=finalize_at_limit, stream_id=key)
+        except StreamError as exc:  # admission: the engine process owns the slots
+            frontend.out.send((w.FAILED, key, 0, exc.kind.value, exc.message))
+            return
+        self.frontend_streams.labels(frontend=frontend.name).inc()
+        relay = _Relay(key, handle.state, frontend)
+        frontend.relays[key] = relay
+        self._relays[key] = relay
+
+    def _close(self, relay: _Relay) -> None:
+        self.scheduler.close_stream(relay.state)
+        relay.frontend.relays.pop(relay.key, None)
+        self._relays.pop(relay.key, None)
+        self._dirty.pop(relay.key, None)
+
+    # -- StreamListener: the scheduler's events go out ------------------------------------
+    def events_added(self, stream: StreamState) -> None:
+        relay = self._relays.get(stream.stream_id)
+        if relay is not None:
+            self._mark_dirty(relay)
+
+    def audio_cut(self, stream: StreamState) -> None:
+        relay = self._relays.get(stream.stream_id)
+        if relay is not None:
+            relay.frontend.out.send((w.CUT, relay.key, stream.end_reason or ""))
+
+    def _mark_dirty(self, relay: _Relay) -> None:
+        self._dirty[relay.key] = relay
+        if not self._flush_scheduled:
+            # Once per loop iteration: a step's results for many streams go out in one frame.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._forward_dirty)
+
+    def _forward_dirty(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, {}
+        window = self.config.response_buffer
+        take = self.scheduler.take_event
+        for relay in dirty.values():
+            state, send = relay.state, relay.frontend.out.send
+            while relay.outstanding < window:
+                event = take(state)
+                if event is None:
+                    break
+                send(w.encode_event(relay.key, state.received - len(state.audio), event))
+                relay.outstanding += 1
+
+    # -- state ---------------------------------------------------------------------------
+    def _state_message(self) -> tuple:
+        s = self.scheduler
+        return (w.STATE, s.engine_name or "", dict(s.executions), s.max_batch, s.slots_in_use(),
+                s.active_streams, s.dead_reason, s.draining)
+
+    def _send_state_to(self, frontend: _Frontend) -> None:
+        frontend.out.send(self._state_message())
+
+    def state_changed(self) -> None:
+        """After a step: the executions moved. Once per loop iteration, ahead of the step's
+        results, so a client that got its final sees what ran in ListModels."""
+        if not self._state_scheduled:
+            self._state_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_state)
+
+    def _send_state(self) -> None:
+        self._state_scheduled = False
+        message = self._state_message()
+        for frontend in self._frontends:
+            frontend.out.send(message)
+
+    async def _broadcast_state(self) -> None:
+        while True:
+            await asyncio.sleep(STATE_PERIOD_S)
+            self._send_state()
+
+
+class _HostObserver(SchedulerObserver):
+    """The engine process's metrics; engine death reaches the frontends at once."""
+
+    def __init__(self, host: EngineHost):
+        self._host = host
+
+    def step_done(self, *args) -> None:
+        self._host.metrics.step_done(*args)
+        self._host.state_changed()
+
+    def chunk_answered(self, latency_seconds: float) -> None:
+        self._host.metrics.chunk_answered(latency_seconds)
+
+    def step_fault(self, kind: str) -> None:
+        self._host.metrics.step_fault(kind)
+
+    def engine_dead(self, reason: str) -> None:
+        self._host.metrics.engine_dead(reason)
+        self._host._send_state()
+        self._host.engine_dead.set()

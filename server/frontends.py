@@ -1,0 +1,238 @@
+"""`asr-server --frontends N`: one engine process, N gRPC frontend processes on one port.
+
+The engine process (this one, the parent) loads the model, runs the scheduler and the metrics
+endpoint (server.engine_host), and supervises the frontends: `python -m server.cli` again
+with the same arguments plus `--frontend-of SOCKET`, each a grpc.aio server on the shared port
+(SO_REUSEPORT: the kernel spreads new connections across them) with a
+server.remote_scheduler in place of the scheduler. Frontends import no torch.
+
+Lifecycle:
+  - start-up: the engine warms up first; the port is reserved before any frontend starts (a
+    bound socket the parent holds), so port 0 works and a taken port fails at once; "listening"
+    is printed once every frontend has reported ready;
+  - SIGTERM/SIGINT: the frontends drain (health NOT_SERVING, new streams UNAVAILABLE, open ones
+    finish within --drain-grace-s), then the engine stops;
+  - a frontend that dies is started again; the engine process closes its streams, so their
+    slots come back and no other stream notices;
+  - the engine dies: the frontends answer UNAVAILABLE and NOT_SERVING, and after
+    --exit-on-engine-death-s the whole server exits with status 3 for a supervisor to restart.
+
+Per-client stream limits (--max-streams-per-client) are counted per frontend process: a
+client's connections may land on different frontends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+
+from server.app import AsrServer, ServerSettings
+from server.engine_host import EngineHost
+from server.remote_scheduler import RemoteMetrics, RemoteScheduler
+
+log = logging.getLogger("nemostream.frontends")
+EXIT_ENGINE_DEAD = 3
+READY_TIMEOUT_S = 120.0
+RESTART_BACKOFF_S = 1.0
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) the port with SO_REUSEPORT and keep it: the frontends bind the same
+    port beside it, and nothing else can take it in between. Port 0 picks a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class FrontendSupervisor:
+    def __init__(self, host: EngineHost, count: int, argv: list[str], port: int, socket_path: str):
+        self.host = host
+        self.count = count
+        self.argv = argv
+        self.port = port
+        self.socket_path = socket_path
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.restarts = 0
+        self._stopping = False
+        self._watchers: set[asyncio.Task] = set()
+
+    def _command(self, index: int) -> list[str]:
+        return [sys.executable, "-m", "server.cli", *self.argv, "--port", str(self.port),
+                "--frontend-of", self.socket_path, "--frontend-name", f"frontend-{index}"]
+
+    async def start(self) -> None:
+        for i in range(self.count):
+            await self._spawn(i)
+        ready = asyncio.ensure_future(self.host.wait_ready(self.count))
+        exited = [asyncio.ensure_future(p.wait()) for p in self.procs.values()]
+        done, _ = await asyncio.wait([ready, *exited], timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        for f in exited:
+            f.cancel()
+        if ready not in done:
+            ready.cancel()
+            codes = {i: p.returncode for i, p in self.procs.items() if p.returncode is not None}
+            raise RuntimeError(f"frontend processes did not become ready (exited: {codes or 'none'}; "
+                               f"ready {self.host.ready_frontends} of {self.count})")
+        for i in self.procs:
+            self._watch(i)
+
+    async def _spawn(self, index: int) -> None:
+        env = dict(os.environ)
+        self.procs[index] = await asyncio.create_subprocess_exec(*self._command(index), env=env)
+
+    def _watch(self, index: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._keep_alive(index))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _keep_alive(self, index: int) -> None:
+        """Start a frontend again when it dies (not when the server is stopping)."""
+        while True:
+            code = await self.procs[index].wait()
+            if self._stopping or self.host.scheduler.dead_reason is not None:
+                return
+            self.restarts += 1
+            self.host.frontend_restarts.inc()
+            log.error("frontend exited; starting it again", extra={"frontend": index, "code": code,
+                                                                    "restarts": self.restarts})
+            await asyncio.sleep(RESTART_BACKOFF_S)
+            if self._stopping:
+                return
+            await self._spawn(index)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM to every frontend (each drains), wait, then kill what is left."""
+        self._stopping = True
+        for task in list(self._watchers):
+            task.cancel()
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        waits = [p.wait() for p in self.procs.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), grace_s + 10.0)
+        except TimeoutError:
+            for proc in self.procs.values():
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            await asyncio.gather(*(p.wait() for p in self.procs.values()))
+
+
+async def serve_with_frontends(engine, settings: ServerSettings, count: int, argv: list[str],
+                               engine_death_exit_s: float | None) -> int:
+    """The parent: engine host + supervisor; returns the process exit status."""
+    try:
+        reserved = reserve_port(settings.host, settings.port)
+    except OSError as exc:
+        print(f"asr-server: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    port = reserved.getsockname()[1]
+    workdir = tempfile.mkdtemp(prefix="asr-engine-")
+    socket_path = os.path.join(workdir, "engine.sock")
+    host = EngineHost(engine, settings.scheduler, socket_path, gc_freeze=settings.gc_freeze)
+    supervisor = FrontendSupervisor(host, count, argv, port, socket_path)
+    try:
+        try:
+            name = await host.start(settings.metrics_host, settings.metrics_port)
+            await supervisor.start()
+        except Exception as exc:  # noqa: BLE001 - start-up must fail loudly
+            log.critical("start-up failed", exc_info=exc)
+            print(f"asr-server: start-up failed: {exc}", file=sys.stderr, flush=True)
+            await supervisor.stop(grace_s=0.0)
+            return 1
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals: list[str] = []
+
+        def on_signal(signame: str) -> None:
+            signals.append(signame)
+            log.info("signal received, draining the frontends", extra={"signal": signame})
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        metrics = (f", metrics on http://{settings.metrics_host}:{host.metrics_port}/metrics"
+                   if host.metrics_port else "")
+        print(f"asr-server: listening on {settings.host}:{port} (engine {name}, {count} frontend processes)"
+              f"{metrics}", flush=True)
+        death = loop.create_task(host.engine_dead.wait())
+        stopped = loop.create_task(stop.wait())
+        await asyncio.wait([death, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if host.engine_dead.is_set() and not stop.is_set():
+            reason = host.scheduler.dead_reason
+            if engine_death_exit_s is None:
+                await stopped  # keep answering NOT_SERVING until told to stop
+            else:
+                await asyncio.sleep(engine_death_exit_s)
+            host.begin_drain()
+            await supervisor.stop(grace_s=1.0)
+            await host.stop()
+            print(f"asr-server: the engine failed ({reason}); exiting with status {EXIT_ENGINE_DEAD} "
+                  "so that a supervisor restarts the server", file=sys.stderr, flush=True)
+            return EXIT_ENGINE_DEAD
+        death.cancel()
+        host.begin_drain()
+        await supervisor.stop(grace_s=settings.drain_grace_s)
+        await host.stop()
+        return EXIT_ENGINE_DEAD if host.scheduler.dead_reason is not None else 0
+    finally:
+        reserved.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def serve_frontend(settings: ServerSettings, socket_path: str, name: str) -> int:
+    """One frontend process: the gRPC service on a RemoteScheduler. It drains on SIGTERM (the
+    parent's), ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the
+    parent coordinates), and exits when the engine process is gone."""
+    remote = RemoteScheduler(socket_path, name=name)
+    try:
+        facts = await remote.connect()
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        print(f"asr-server {name}: cannot reach the engine process: {exc}", file=sys.stderr, flush=True)
+        return 1
+    settings = dataclasses.replace(settings, share_port=True, metrics_port=None)
+    server = AsrServer(facts, settings, scheduler=remote, metrics=RemoteMetrics(remote, max_batch=facts.max_batch))
+    try:
+        await server.start()
+    except Exception as exc:  # noqa: BLE001
+        print(f"asr-server {name}: start-up failed: {exc}", file=sys.stderr, flush=True)
+        await server.stop()
+        return 1
+    loop = asyncio.get_running_loop()
+    draining: list[asyncio.Task] = []
+
+    def on_term() -> None:
+        if not draining:
+            draining.append(loop.create_task(server.drain()))
+
+    async def exit_when_orphaned() -> None:
+        # The engine process is gone (killed, crashed): the streams got UNAVAILABLE; let
+        # their handlers send it, then exit, whatever --exit-on-engine-death-s says.
+        await remote.disconnected.wait()
+        if not draining:
+            await asyncio.sleep(1.0)
+            await server.stop(grace_s=1.0)
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    orphan_watch = loop.create_task(exit_when_orphaned())
+    remote.announce_ready()
+    await server.wait_stopped()
+    orphan_watch.cancel()
+    return EXIT_ENGINE_DEAD if remote.dead_reason is not None else 0

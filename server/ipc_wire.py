@@ -1,0 +1,129 @@
+"""The frontend <-> engine process wire: length-prefixed frames, each a marshal-encoded list
+of messages, over a Unix socket (docs/SCALING.md).
+
+Why this shape: one process's event loop answers about 3,000 chunks/s of gRPC work, so the
+service runs several gRPC frontend processes around one engine process. Between them a frame
+carries every message one loop iteration produced, so one syscall and one decode cover many
+streams. Messages are tuples of plain values (marshal, not pickle: fast, and it builds no
+objects but ints, floats, strings, bytes, tuples, lists and dicts). Audio travels as float32
+bytes at the model's rate. Both ends are processes this server starts itself.
+
+Every message starts with its kind; the rest is positional. Stream keys are the frontend's
+stream ids (unique across frontends: random hex).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import marshal
+import struct
+
+from engines.api import TokenEvent
+from server.stream_events import ChunkResult, ErrorKind, StreamEvent, StreamFailure
+
+# frontend -> engine
+OPEN = 1       # (OPEN, key, label, finalize_at_limit)
+AUDIO = 2      # (AUDIO, key, float32 bytes)
+END = 3        # (END, key)
+FAIL = 4       # (FAIL, key, ErrorKind value, message): the frontend failed the stream
+CLOSE = 5      # (CLOSE, key): the call is over; the engine frees the stream
+ACK = 6        # (ACK, key, n): the frontend's servicer took n events (the response window)
+READY = 7      # (READY, frontend name): its gRPC port is open
+RPC = 8        # (RPC, method, code): metrics of the transport, counted in the engine's registry
+REFUSED = 9    # (REFUSED, reason)
+AUDIO_S = 10   # (AUDIO_S, seconds): audio received since the last one
+GC = 11        # (GC, generation, seconds): a garbage collection in the frontend
+SYNC = 12      # (SYNC, token): answered with SYNCED once everything sent before it is applied
+# engine -> frontend
+HELLO = 20     # (HELLO, pickled EngineFacts): first frame on a connection
+RESULT = 21    # (RESULT, key, consumed samples, chunk_index, transcript, new_text, is_final, audio_seconds,
+#                 tokens as ((id, piece, frame), ...), audio_ready_at)
+FAILED = 22    # (FAILED, key, consumed samples, ErrorKind value, message)
+CUT = 23       # (CUT, key, end_reason): the engine ended the stream's audio at a duration limit
+SYNCED = 25    # (SYNCED, token)
+STATE = 24     # (STATE, engine_name, executions, max_batch, slots_in_use, active_streams, dead_reason, draining)
+
+_HEADER = struct.Struct("!I")
+MAX_FRAME = 256 << 20  # a corrupt length must not make the reader allocate without bound
+
+
+class FrameWriter:
+    """Collects messages and writes them as one frame per event-loop iteration: the first
+    message of an iteration schedules the flush, the rest ride along."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._writer = writer
+        self._pending: list[tuple] = []
+        self._scheduled = False
+        self.closed = False
+
+    def send(self, message: tuple) -> None:
+        if self.closed:
+            return
+        self._pending.append(message)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending or self.closed:
+            return
+        body = marshal.dumps(self._pending)
+        self._pending = []
+        if self._writer.is_closing():
+            self.closed = True
+            return
+        self._writer.write(_HEADER.pack(len(body)) + body)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes written but not yet taken by the peer (a stuck peer shows here)."""
+        transport = self._writer.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def close(self) -> None:
+        self.flush()
+        self.closed = True
+        self._writer.close()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> list[tuple] | None:
+    """The next frame's messages, or None at a clean end of the connection."""
+    try:
+        header = await reader.readexactly(_HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ConnectionError("connection closed inside a frame header") from None
+        return None
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise ConnectionError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}")
+    try:
+        body = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise ConnectionError("connection closed inside a frame") from None
+    messages = marshal.loads(body)
+    if not isinstance(messages, list):
+        raise ConnectionError(f"a frame holds {type(messages).__name__}, not a list of messages")
+    return messages
+
+
+# -- events ----------------------------------------------------------------------------------
+def encode_event(key: str, consumed: int, event: StreamEvent) -> tuple:
+    if isinstance(event, StreamFailure):
+        return (FAILED, key, consumed, event.kind.value, event.message)
+    tokens = tuple((t.token_id, t.piece, t.frame) for t in event.tokens)
+    return (RESULT, key, consumed, event.chunk_index, event.transcript, event.new_text, event.is_final,
+            event.audio_seconds, tokens, event.audio_ready_at)
+
+
+def decode_event(message: tuple) -> StreamEvent:
+    """A RESULT or FAILED message as the event the servicers know (stream id = the key)."""
+    if message[0] == FAILED:
+        _, key, _, kind, text = message
+        return StreamFailure(key, ErrorKind(kind), text)
+    _, key, _, index, transcript, new_text, is_final, audio_seconds, tokens, ready_at = message
+    return ChunkResult(stream_id=key, chunk_index=index, transcript=transcript, new_text=new_text,
+                       is_final=is_final, audio_seconds=audio_seconds,
+                       tokens=tuple(TokenEvent(*t) for t in tokens), audio_ready_at=ready_at)

@@ -1,0 +1,406 @@
+"""A frontend process's scheduler: the same face as server.scheduler.Scheduler to the
+servicers, with the real scheduler in the engine process (server.engine_host) at the other
+end of a Unix socket.
+
+What stays here and what goes there:
+  - here: the stream's view for its handler (status, undelivered events, the end reason), the
+    audio backpressure (pending = sent - consumed, the consumed count arriving with each
+    event), failures the transport decides (bad audio, cancellation, a client not reading);
+  - there: admission (slots), batching, the duration limits, every result.
+
+A stream is opened without a round trip: its first event is the engine's refusal when there
+is no room, which the handler turns into RESOURCE_EXHAUSTED exactly as for a local refusal.
+If the engine process goes away, every open stream fails with UNAVAILABLE and the frontend
+reports itself dead (health NOT_SERVING), like a local engine death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import pickle
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from server import ipc_wire as w
+from server.engine_host import EngineFacts
+from server.ipc_wire import FrameWriter, read_frame
+from server.metrics import ServerMetrics
+from server.scheduler import SchedulerConfig, SchedulerObserver
+from server.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
+from server.stream_state import StreamState, StreamStatus
+
+log = logging.getLogger("nemostream.remote_scheduler")
+
+
+@dataclass(eq=False)
+class RemoteStreamState(StreamState):
+    consumed: int = 0   # samples the engine has taken from this stream (from its last event)
+
+
+class RemoteStreamHandle:
+    """What a handler holds for one stream: the five operations of StreamHandle."""
+
+    def __init__(self, scheduler: RemoteScheduler, state: RemoteStreamState):
+        self._scheduler = scheduler
+        self.state = state
+
+    @property
+    def stream_id(self) -> str:
+        return self.state.stream_id
+
+    async def push_audio(self, samples: np.ndarray) -> bool:
+        return await self._scheduler.push_audio(self.state, samples)
+
+    def end_audio(self) -> None:
+        self._scheduler.end_audio(self.state)
+
+    def fail(self, kind: ErrorKind, message: str) -> None:
+        self._scheduler.fail_stream(self.state, kind, message)
+
+    async def next_event(self) -> StreamEvent | None:
+        return await self._scheduler.next_event(self.state)
+
+    def close(self) -> None:
+        self._scheduler.close_stream(self.state)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+
+class RemoteScheduler:
+    def __init__(self, socket_path: str, name: str = "frontend"):
+        self.socket_path = socket_path
+        self.name = name
+        self.observer = SchedulerObserver()
+        self.facts: EngineFacts | None = None
+        self.config = SchedulerConfig()
+        self.engine_name: str | None = None
+        self.executions: dict[str, int] = {}
+        self.max_batch = 1
+        self.dead_reason: str | None = None
+        self.draining = False
+        self._engine_slots = 0
+        self._engine_draining = False
+        self._streams: dict[str, RemoteStreamState] = {}
+        self._acks: collections.Counter[str] = collections.Counter()
+        self._out: FrameWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._stopping = False
+        self._max_pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.disconnected = asyncio.Event()  # the engine process's connection ended
+        self._syncs: dict[int, asyncio.Future] = {}
+        self._sync_token = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def connect(self, timeout_s: float = 30.0) -> EngineFacts:
+        """Connect and read the engine's HELLO (and first STATE)."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(self.socket_path, limit=1 << 20), timeout_s)
+        self._out = FrameWriter(writer)
+        frame = await asyncio.wait_for(read_frame(reader), timeout_s)
+        if not frame or frame[0][0] != w.HELLO:
+            raise ConnectionError(f"the engine process sent no HELLO first: {frame and frame[0][0]!r}")
+        self.facts = pickle.loads(frame[0][1])
+        self.config = self.facts.scheduler
+        self.max_batch = self.facts.max_batch
+        self.engine_name = self.facts.engine_name
+        g = self.facts.geometry
+        # As the scheduler computes it: never below what one chunk needs.
+        self._max_pending = max(int(self.config.max_pending_seconds * g.sample_rate), 2 * g.segment_samples)
+        for message in frame[1:]:
+            self._dispatch(message)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader), name="engine-reader")
+        return self.facts
+
+    @property
+    def engine(self) -> EngineFacts:
+        assert self.facts is not None, "connect() first"
+        return self.facts
+
+    async def start(self) -> None:
+        if self._out is None:
+            await self.connect()
+
+    async def warmup(self) -> str:
+        """The engine process warmed up (and proved it) before it accepted this connection."""
+        if not self.engine_name:
+            raise StreamError(ErrorKind.UNAVAILABLE, "the engine process has not warmed up")
+        return self.engine_name
+
+    async def sync(self, timeout_s: float = 10.0) -> None:
+        """Return once the engine process has applied everything this frontend sent before
+        (streams closed, metrics counted): messages on one connection are applied in order."""
+        self._sync_token += 1
+        token = self._sync_token
+        future = asyncio.get_running_loop().create_future()
+        self._syncs[token] = future
+        self._send((w.SYNC, token))
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._syncs.pop(token, None)
+
+    def announce_ready(self) -> None:
+        self._send((w.READY, self.name))
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping = True
+        for state in list(self._streams.values()):
+            self._fail(state, ErrorKind.UNAVAILABLE, "server is shutting down")
+        if self._out is not None:
+            self._out.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        if not self._streams:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- what the servicers and metrics read -----------------------------------------------
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.capacity
+
+    def slots_in_use(self) -> int:
+        return self._engine_slots
+
+    @property
+    def ready_streams(self) -> int:
+        return 0  # the ready queue is the engine process's
+
+    def check_admission(self) -> None:
+        if self.dead_reason is not None:
+            raise StreamError(ErrorKind.UNAVAILABLE, f"the engine failed and serves no more streams: {self.dead_reason}")
+        if self._out is None or not self.engine_name:
+            raise StreamError(ErrorKind.UNAVAILABLE, "the engine is warming up; retry in a moment")
+        if self.draining or self._stopping or self._engine_draining:
+            raise StreamError(ErrorKind.UNAVAILABLE, "server is draining for shutdown; retry on another replica")
+
+    def open_stream(self, label: str = "", finalize_at_limit: bool = True) -> RemoteStreamHandle:
+        self.check_admission()
+        key = uuid.uuid4().hex[:12]
+        state = RemoteStreamState(stream_id=key, slot=-1, label=label, opened_at=time.monotonic(),
+                                  finalize_at_limit=finalize_at_limit)
+        state.audio_room.set()
+        self._streams[key] = state
+        self._idle.clear()
+        self._send((w.OPEN, key, label, finalize_at_limit))
+        return RemoteStreamHandle(self, state)
+
+    # -- per-stream operations -----------------------------------------------------------
+    async def push_audio(self, state: RemoteStreamState, samples: np.ndarray) -> bool:
+        if state.status is not StreamStatus.RECEIVING:
+            return False
+        if samples.size == 0:
+            return True
+        self._send((w.AUDIO, state.stream_id, np.asarray(samples, dtype=np.float32).tobytes()))
+        state.received += samples.size
+        cfg = self.config
+        while state.received - state.consumed > self._max_pending and state.status is StreamStatus.RECEIVING:
+            if len(state.events) >= cfg.response_buffer:
+                pending_s = (state.received - state.consumed) / self.engine.geometry.sample_rate
+                self._fail(state, ErrorKind.RESOURCE_EXHAUSTED,
+                           f"the client is not reading responses: {len(state.events)} results undelivered and "
+                           f"{pending_s:.1f} s of audio waiting (limits: {cfg.response_buffer} results, "
+                           f"{cfg.max_pending_seconds:g} s of audio per stream)")
+                break
+            state.audio_room.clear()
+            try:
+                await asyncio.wait_for(state.audio_room.wait(), cfg.stall_timeout_s)
+            except TimeoutError:
+                pending_s = (state.received - state.consumed) / self.engine.geometry.sample_rate
+                self._fail(state, ErrorKind.DEADLINE_EXCEEDED,
+                           f"no progress for {cfg.stall_timeout_s:g} s with {pending_s:.1f} s of audio "
+                           "pending: the server is overloaded")
+        return state.status is StreamStatus.RECEIVING
+
+    def end_audio(self, state: RemoteStreamState) -> None:
+        if state.status is not StreamStatus.RECEIVING:
+            return
+        state.ended_at = time.monotonic()
+        state.set_status(StreamStatus.FLUSHING)
+        self._send((w.END, state.stream_id))
+
+    def fail_stream(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:
+        self._fail(state, kind, message)
+
+    async def next_event(self, state: RemoteStreamState) -> StreamEvent | None:
+        while not state.events:
+            if state.terminal_delivered or state.status is StreamStatus.CANCELLED:
+                return None
+            state.events_ready.clear()
+            await state.events_ready.wait()
+        event = state.events.popleft()
+        if isinstance(event, StreamFailure) or event.is_final:
+            state.terminal_delivered = True
+        if not state.status.terminal:  # a finished stream needs no more room
+            self._ack(state.stream_id)
+        return event
+
+    def close_stream(self, state: RemoteStreamState) -> None:
+        if not state.status.terminal:
+            state.set_status(StreamStatus.CANCELLED)
+        if self._streams.pop(state.stream_id, None) is not None:
+            self._send((w.CLOSE, state.stream_id))
+            if not self._streams:
+                self._idle.set()
+
+    # -- books ---------------------------------------------------------------------------
+    def _fail(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:
+        """A failure decided here: the handler sees it at once; the engine frees the slot."""
+        if state.status.terminal:
+            return
+        self._emit(state, StreamFailure(state.stream_id, kind, message))
+        state.set_status(StreamStatus.FAILED)
+        self._send((w.FAIL, state.stream_id, kind.value, message))
+
+    def _emit(self, state: RemoteStreamState, event: StreamEvent) -> None:
+        state.events.append(event)
+        state.peak_events = max(state.peak_events, len(state.events))
+        state.events_ready.set()
+        state.audio_room.set()  # a push_audio waiting for room re-checks (consumed moved, or the reader is stuck)
+
+    def _ack(self, key: str) -> None:
+        if not self._acks:
+            asyncio.get_running_loop().call_soon(self._send_acks)
+        self._acks[key] += 1
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, collections.Counter()
+        for key, n in acks.items():
+            if key in self._streams:
+                self._send((w.ACK, key, n))
+
+    def _send(self, message: tuple) -> None:
+        if self._out is not None:
+            self._out.send(message)
+
+    # -- the engine's frames -------------------------------------------------------------
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        reason = "the engine process closed its connection"
+        try:
+            while (frame := await read_frame(reader)) is not None:
+                for message in frame:
+                    self._dispatch(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken engine link is an engine death
+            reason = f"the connection to the engine process broke: {exc}"
+        self.disconnected.set()
+        if not self._stopping:
+            self._mark_dead(reason)
+
+    def _dispatch(self, m: tuple) -> None:
+        kind = m[0]
+        if kind == w.RESULT or kind == w.FAILED:
+            state = self._streams.get(m[1])
+            if state is None or state.status.terminal:
+                return  # closed, or failed here first: the engine's word comes too late
+            state.consumed = m[2]
+            event = w.decode_event(m)
+            if isinstance(event, StreamFailure):
+                self._emit(state, event)
+                state.set_status(StreamStatus.FAILED)
+                return
+            if event.is_final and state.status is StreamStatus.RECEIVING:
+                state.set_status(StreamStatus.FLUSHING)  # the engine ended it (a duration limit)
+            self._emit(state, event)
+            if event.is_final:
+                state.set_status(StreamStatus.FINISHED)
+        elif kind == w.SYNCED:
+            future = self._syncs.get(m[1])
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif kind == w.CUT:
+            state = self._streams.get(m[1])
+            if state is not None and state.status is StreamStatus.RECEIVING:
+                state.end_reason = m[2] or None
+                state.ended_at = time.monotonic()
+                state.set_status(StreamStatus.FLUSHING)
+        elif kind == w.STATE:
+            _, name, executions, max_batch, slots, _active, dead_reason, draining = m
+            self.engine_name, self.executions, self.max_batch = name or self.engine_name, executions, max_batch
+            self._engine_slots, self._engine_draining = slots, draining
+            if dead_reason is not None:
+                self._mark_dead(dead_reason)
+        else:
+            log.warning("unknown message from the engine process", extra={"kind": kind})
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        log.critical("engine marked dead", extra={"reason": reason})
+        for state in list(self._streams.values()):
+            if not state.status.terminal:
+                self._emit(state, StreamFailure(state.stream_id, ErrorKind.UNAVAILABLE, f"the engine failed: {reason}"))
+                state.set_status(StreamStatus.FAILED)
+        self.observer.engine_dead(reason)
+
+
+class RemoteMetrics(ServerMetrics):
+    """A frontend's metrics: its transport counts go to the engine process, whose endpoint
+    serves the whole server's figures (the frontend serves none of its own)."""
+
+    def __init__(self, scheduler: RemoteScheduler, max_batch: int = 32):
+        super().__init__(max_batch=max_batch)
+        self._remote = scheduler
+        self._loop = asyncio.get_running_loop()
+        self.audio_seconds = _ForwardedCounter(scheduler)
+
+    def rpc_finished(self, method: str, code: str) -> None:
+        self._remote._send((w.RPC, method, code))
+
+    def call_refused(self, reason: str) -> None:
+        self._remote._send((w.REFUSED, reason))
+
+    def gc_paused(self, generation: str, seconds: float) -> None:
+        # A collection runs in whichever thread allocated (grpc's, the loop's mid-send): hand
+        # the figure to the loop rather than touch the frame being built.
+        self._loop.call_soon_threadsafe(self._remote._send, (w.GC, generation, seconds))
+
+
+class _ForwardedCounter:
+    """`.inc()` like a prometheus Counter; the sum goes out once per loop iteration."""
+
+    def __init__(self, scheduler: RemoteScheduler):
+        self._remote = scheduler
+        self._pending = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount <= 0:
+            return
+        if self._pending == 0.0:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending += amount
+
+    def _flush(self) -> None:
+        amount, self._pending = self._pending, 0.0
+        if amount:
+            self._remote._send((w.AUDIO_S, amount))

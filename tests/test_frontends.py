@@ -1,0 +1,209 @@
+"""`asr-server --frontends N`: real server processes (the fake engine via --engine-factory), an
+engine process and N gRPC frontend processes on one port.
+
+The whole server suite also runs through the frontend <-> engine wire in one process
+(ASR_TEST_FRONTEND_IPC=1, see tests/server_harness.py); here: what only separate processes
+show. Connections spread over the frontends, every stream exact; a frontend killed mid-stream
+costs only its own streams, its slots come back, and it is started again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proto import asr_stream_pb2_grpc as pb_grpc
+from server import ipc_wire as w
+from server.stream_events import ChunkResult, ErrorKind, StreamFailure
+from engines.api import TokenEvent
+from tests.engine_alone import transcribe_alone
+from tests.fake_engine import FakeEngine
+from tests.server_harness import (
+    RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for, scrape, spawn_server,
+)
+from tests.waiting import wait_for
+
+STREAMS = 16
+
+
+async def start_server(*extra: str, env: dict | None = None) -> tuple[asyncio.subprocess.Process, int, int]:
+    proc, match, _ = await spawn_server(
+        "--engine-factory", "tests.fake_engine:build_fake_engine", "--frontends", "2",
+        "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+        "--max-streams", "64", "--max-batch", "16", *extra, env=env,
+        ready=r"listening on 127\.0\.0\.1:(\d+).*2 frontend processes.*metrics on http://127\.0\.0\.1:(\d+)")
+    return proc, int(match.group(1)), int(match.group(2))
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert await asyncio.wait_for(proc.wait(), 60) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+def own_channel(port: int, i: int) -> grpc.aio.Channel:
+    """A channel with its own TCP connection: the kernel picks a frontend per connection."""
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.use_local_subchannel_pool", 1), ("test.channel", i)])
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.asyncio
+async def test_connections_spread_over_the_frontends_and_every_stream_is_exact():
+    proc, port, metrics_port = await start_server()
+    clips = [pcm16_audio(100 + i, RATE // 2 + 1700 * i) for i in range(STREAMS)]
+    reference = FakeEngine()
+    expected = [transcribe_alone(reference, as_float(c)) for c in clips]
+    try:
+        async def one(i: int):
+            async with own_channel(port, i) as channel:
+                stub = pb_grpc.SpeechRecognitionStub(channel)
+                return [r async for r in stub.StreamingRecognize(iter(requests_for(clips[i].tobytes(), seed=i)))]
+
+        results = await asyncio.gather(*(one(i) for i in range(STREAMS)))
+        for i, responses in enumerate(results):
+            assert final_transcript(responses) == expected[i], f"stream {i}"
+        await wait_for(lambda: scrape(metrics_port).get("asr_rpcs_total{code=OK,method=StreamingRecognize}") == STREAMS,
+                       "the frontends' RPC counts to reach the engine process")
+        m = scrape(metrics_port)
+        per_frontend = {k: v for k, v in m.items() if k.startswith("asr_frontend_streams_total")}
+        assert sum(per_frontend.values()) == STREAMS
+        # 16 connections, two frontends: all on one would happen with probability 2 / 2**16.
+        assert len(per_frontend) == 2 and min(per_frontend.values()) >= 1, per_frontend
+        assert m["asr_frontends_ready"] == 2 and m["asr_slots_in_use"] == 0 and m["asr_active_streams"] == 0
+        assert m["asr_audio_seconds_total"] == pytest.approx(sum(c.size for c in clips) / RATE)
+        assert m["asr_steps_total{engine=fake}"] > 0
+    finally:
+        await stop(proc)
+
+
+@pytest.mark.asyncio
+async def test_a_killed_frontend_costs_only_its_streams_and_is_started_again():
+    proc, port, metrics_port = await start_server(env={"FAKE_ENGINE_STEP_DELAY_S": "0.002"})
+    clips = [pcm16_audio(200 + i, 2 * RATE + 900 * i) for i in range(STREAMS)]
+    reference = FakeEngine()
+    expected = [transcribe_alone(reference, as_float(c)) for c in clips]
+    halfway = [asyncio.Event() for _ in clips]
+    resume = asyncio.Event()
+    try:
+        async def one(i: int) -> tuple[str, str]:
+            data = clips[i].tobytes()
+            pieces = [data[p:p + 6400] for p in range(0, len(data), 6400)]
+
+            async def requests():
+                yield config()
+                for n, piece in enumerate(pieces):
+                    if n == len(pieces) // 2:
+                        halfway[i].set()
+                        await resume.wait()
+                    yield audio(piece)
+
+            async with own_channel(port, i) as channel:
+                stub = pb_grpc.SpeechRecognitionStub(channel)
+                try:
+                    responses = [r async for r in stub.StreamingRecognize(requests())]
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, exc.details() or ""
+                return "OK", final_transcript(responses)
+
+        calls = [asyncio.create_task(one(i)) for i in range(STREAMS)]
+        await asyncio.gather(*(h.wait() for h in halfway))
+        await wait_for(lambda: scrape(metrics_port)["asr_active_streams"] == STREAMS, "every stream open")
+        frontends = children(proc.pid)
+        assert len(frontends) == 2, frontends
+        os.kill(frontends[0], signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        resume.set()
+        outcomes = await asyncio.gather(*calls)
+        lost = [i for i, (code, _) in enumerate(outcomes) if code != "OK"]
+        kept = [i for i, (code, _) in enumerate(outcomes) if code == "OK"]
+        assert lost and kept, outcomes  # both frontends carried streams (see the spread test)
+        for i in kept:
+            assert outcomes[i][1] == expected[i], f"stream {i} on the surviving frontend"
+        for i in lost:
+            assert outcomes[i][0] == "UNAVAILABLE", outcomes[i]
+        # The dead frontend's streams were closed in the engine process: their slots are back.
+        await wait_for(lambda: scrape(metrics_port)["asr_slots_in_use"] == 0
+                       and scrape(metrics_port)["asr_active_streams"] == 0, "the dead frontend's slots")
+        await wait_for(lambda: scrape(metrics_port)["asr_frontends_ready"] == 2, "the frontend started again")
+        assert scrape(metrics_port)["asr_frontend_restarts_total"] == 1
+        again = await asyncio.gather(*(
+            _transcribe(port, i, clips[i]) for i in range(STREAMS)))
+        assert again == expected
+        assert sorted(children(proc.pid)) != sorted(frontends)
+    finally:
+        resume.set()
+        await stop(proc)
+
+
+async def _transcribe(port: int, i: int, clip) -> str | None:
+    async with own_channel(port, 1000 + i) as channel:
+        stub = pb_grpc.SpeechRecognitionStub(channel)
+        return final_transcript([r async for r in stub.StreamingRecognize(iter(requests_for(clip.tobytes(), seed=i)))])
+
+
+# -- the wire itself ------------------------------------------------------------------------------
+def test_events_cross_the_wire_unchanged():
+    result = ChunkResult(stream_id="k1", chunk_index=3, transcript="a bc", new_text=" bc", is_final=True,
+                         audio_seconds=1.25, tokens=(TokenEvent(5, "▁a", 2), TokenEvent(9, "bc", 7)),
+                         audio_ready_at=123.5)
+    failure = StreamFailure("k2", ErrorKind.RESOURCE_EXHAUSTED, "all 4 stream slots are in use")
+    import marshal
+    for event in (result, failure):
+        message = marshal.loads(marshal.dumps(w.encode_event(event.stream_id, 4096, event)))
+        assert message[2] == 4096  # the consumed count rides along
+        assert w.decode_event(message) == event
+
+
+@pytest.mark.asyncio
+async def test_frames_batch_messages_and_refuse_corrupt_lengths():
+    reader = asyncio.StreamReader()
+
+    class Sink:
+        def __init__(self):
+            self.transport = None
+
+        def write(self, data):
+            reader.feed_data(data)
+
+        def is_closing(self):
+            return False
+
+    out = w.FrameWriter(Sink())
+    for i in range(5):
+        out.send((w.AUDIO, f"k{i}", b"\0" * 8))
+    await asyncio.sleep(0)  # the flush runs once, on the next loop iteration
+    frame = await w.read_frame(reader)
+    assert [m[1] for m in frame] == [f"k{i}" for i in range(5)]
+    reader.feed_data(w._HEADER.pack(w.MAX_FRAME + 1))
+    with pytest.raises(ConnectionError, match="exceeds the limit"):
+        await w.read_frame(reader)
+    cut = asyncio.StreamReader()
+    cut.feed_data(w._HEADER.pack(10) + b"abc")
+    cut.feed_eof()
+    with pytest.raises(ConnectionError, match="inside a frame"):
+        await w.read_frame(cut)
+    clean = asyncio.StreamReader()
+    clean.feed_eof()
+    assert await w.read_frame(clean) is None
