@@ -141,6 +141,7 @@ def _level_row(lv: dict) -> dict:
         "srv_main": sp.get("main_thread_cores"),
         "fe_loop_max": max((f["main_thread_cores"] for f in sp.get("frontends", [])), default=None),
         "gc_ms": sm.get("gc_pause_ms_total"), "gc_full": sm.get("gc_full_collections"),
+        "gc_engine": (sm.get("gc_by_process") or {}).get("engine"),
     }
 
 
@@ -166,7 +167,8 @@ def markdown(summary: dict) -> str:
     for o in summary["ours"]:
         lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels ({o['model']}, max batch {o['max_batch']})", "",
                   "| c | done | errors | chunk p50 | chunk p95 | resp p50 | resp p95 | final p95 | RTFx | mean batch "
-                  "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest frontend loop] | GC ms (full) "
+                  "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest frontend loop] "
+                  "| GC ms (full) [engine process] "
                   "| loadgen CPU max | LG-bound |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in o["levels"]:
@@ -175,7 +177,9 @@ def markdown(summary: dict) -> str:
                          f"| {_f(r['batch'])} | {_f(r['step_ms'])} | {_f(r['queue_ms'])} | {_f(r['busy'], 2)} "
                          f"| {_f(r['srv_cores'], 2)} ({_f(r['srv_main'], 2)})"
                          + (f" [{_f(r['fe_loop_max'], 2)}]" if r.get("fe_loop_max") is not None else "") + " "
-                         f"| {_f(r.get('gc_ms'))} ({r.get('gc_full') if r.get('gc_full') is not None else '-'}) "
+                         f"| {_f(r.get('gc_ms'))} ({r.get('gc_full') if r.get('gc_full') is not None else '-'})"
+                         + (f" [engine {_f(r['gc_engine']['ms'])} ({r['gc_engine']['full']})]" if r.get("gc_engine") else "")
+                         + " "
                          f"| {_f(r['lg_cpu_max'], 2)} | {'yes' if r['lg_bound'] else ''} |")
     base = summary["baseline"]
     lines += ["", "## NeMo 3.0 CacheAwareRNNTPipeline baseline (same model shape, same GPU, in-process, max rate)", ""]

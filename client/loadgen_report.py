@@ -266,12 +266,20 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
                 faults[n[4:-6] + "{" + ",".join(f"{k}={val}" for k, val in labels) + "}"] = int(d)
     q = lambda name, p: (None if (v := _hist_quantile(before, after, name, p)) is None else round(1e3 * v, 2))  # noqa: E731
     # garbage collections during the level: every thread stops for them (asr_gc_pause_seconds)
+    # (with --frontends: per process too; the engine process's pauses stop the engine thread)
     gc_pause_s, gc_full = 0.0, 0
+    gc_by_process: dict[str, dict] = {}
     for (n, labels), v in after.items():
+        process = dict(labels).get("process", "server")
         if n == "asr_gc_pause_seconds_sum":
-            gc_pause_s += v - before.get((n, labels), 0.0)
+            d = v - before.get((n, labels), 0.0)
+            gc_pause_s += d
+            entry = gc_by_process.setdefault(process, {"ms": 0.0, "full": 0})
+            entry["ms"] = round(entry["ms"] + 1e3 * d, 1)
         elif n == "asr_gc_pause_seconds_count" and dict(labels).get("generation") == "2":
-            gc_full += int(v - before.get((n, labels), 0.0))
+            d = int(v - before.get((n, labels), 0.0))
+            gc_full += d
+            gc_by_process.setdefault(process, {"ms": 0.0, "full": 0})["full"] += d
     return {
         "steps": int(steps), "steps_per_s": round(steps / wall_s, 2) if wall_s > 0 else None,
         "steps_by_engine": engines, "engine_executions": executions,
@@ -283,6 +291,7 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
         "engine_busy_fraction": (round(_delta(before, after, "asr_step_seconds_sum") / wall_s, 3)
                                  if wall_s > 0 else None),
         "gc_pause_ms_total": round(1e3 * gc_pause_s, 1), "gc_full_collections": gc_full,
+        "gc_by_process": gc_by_process,
         "errors_and_faults": faults,
         "max_batch_now": after.get(("asr_max_batch", ())),
         "note": "histogram quantiles are interpolated within Prometheus buckets (coarse)",

@@ -5,7 +5,6 @@ so tests run it on the fake engine and the CLI on the real one."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from engines.api import StreamingEngine
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
+from server.gc_policy import apply_gc_policy
 from server.metrics import ServerMetrics
 from server.riva_convert import RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
@@ -55,6 +55,8 @@ class ServerSettings:
     # for ~0.35 s on a 2-core CPU; after the freeze it takes ~2 ms. Off by default for library
     # use (tests start many servers in one process); asr-server turns it on.
     gc_freeze: bool = False
+    # gc.set_threshold after warm-up (server.gc_policy says why); None: Python's defaults.
+    gc_threshold: tuple[int, int, int] | None = None
     # Share the port with other processes (SO_REUSEPORT): the frontend processes of one server
     # (`asr-server --frontends N`). Off otherwise, so a second server on a taken port fails.
     share_port: bool = False
@@ -130,10 +132,7 @@ class AsrServer:
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         name = await self.scheduler.warmup()  # raises EngineError unless the engine really ran
-        if s.gc_freeze:
-            gc.collect()
-            gc.freeze()
-            log.info("garbage collector: %d start-up objects frozen", gc.get_freeze_count())
+        apply_gc_policy(s.gc_freeze, s.gc_threshold)
         self.metrics.engine_up.set(1)
         await self._set_health(_SERVING)
         log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port, "engine": name,

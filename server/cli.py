@@ -18,6 +18,7 @@ from collections.abc import Callable
 from engines.api import StreamingEngine
 from engines.config import DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, EngineConfig
 from server.app import AsrServer, ServerSettings
+from server.gc_policy import parse_threshold
 from server.logging_setup import configure_logging
 from server.riva_convert import RivaSettings
 from server.scheduler import SchedulerConfig
@@ -98,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--no-gc-freeze", action="store_true",
                    help="leave start-up objects to the garbage collector (by default they are frozen after "
                         "warm-up: a full collection over torch and NeMo stalls every stream for ~0.3 s)")
+    o.add_argument("--gc-threshold", default=None, metavar="G0,G1,G2",
+                   help="garbage collector thresholds set after warm-up in every server process (Python's "
+                        "default 700,10,10); larger ones mean fewer collections that stop the server's threads "
+                        "(server/gc_policy.py)")
     o.add_argument("--gil-switch-ms", type=float, default=None,
                    help="Python's thread switch interval (default 5 ms): the event loop and the engine "
                         "thread share one interpreter lock, and a shorter interval bounds how long "
@@ -121,6 +126,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         stream_window_bytes=args.stream_window_kb * 1024,
         exit_on_engine_death_s=None if args.exit_on_engine_death_s < 0 else args.exit_on_engine_death_s,
         model_aliases=(args.model,), security=security_settings(args), gc_freeze=not args.no_gc_freeze,
+        gc_threshold=parse_threshold(args.gc_threshold),
         riva=RivaSettings(model_punctuates=args.riva_model_punctuates, model_written_form=args.riva_model_written_form),
         limits=TransportLimits(idle_timeout_s=args.idle_timeout_s,
                                max_audio_message_bytes=int(args.max_audio_message_kb * 1024)),

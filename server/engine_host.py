@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import pickle
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from prometheus_client import Counter, Gauge
 from engines.api import StreamingEngine
 from server import ipc_wire as w
 from server.ipc_wire import FrameWriter, read_frame
+from server.gc_policy import apply_gc_policy
 from server.metrics import ServerMetrics
 from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver, StreamListener
 from server.stream_events import ErrorKind, StreamError
@@ -73,12 +73,14 @@ class _Frontend:
 
 class EngineHost(StreamListener):
     def __init__(self, engine: StreamingEngine, config: SchedulerConfig, socket_path: str,
-                 gc_freeze: bool = False):
+                 gc_freeze: bool = False, gc_threshold: tuple[int, int, int] | None = None):
         self.engine = engine
         self.config = config
         self.socket_path = socket_path
         self.gc_freeze = gc_freeze
+        self.gc_threshold = gc_threshold
         self.metrics = ServerMetrics(max_batch=engine.max_batch)
+        self.metrics.process_name = "engine"
         self.scheduler = Scheduler(engine, config, _HostObserver(self))
         self.scheduler.listener = self
         self.metrics.bind(self.scheduler)
@@ -106,10 +108,7 @@ class EngineHost(StreamListener):
         """Warm the engine up (proved by its execution counter), then listen for frontends."""
         await self.scheduler.start()
         name = await self.scheduler.warmup()
-        if self.gc_freeze:
-            gc.collect()
-            gc.freeze()
-            log.info("garbage collector: %d start-up objects frozen", gc.get_freeze_count())
+        apply_gc_policy(self.gc_freeze, self.gc_threshold)
         self.metrics.engine_up.set(1)
         if metrics_port is not None:
             self.metrics_port = self.metrics.serve(metrics_host or "127.0.0.1", metrics_port)
@@ -219,7 +218,7 @@ class EngineHost(StreamListener):
         elif kind == w.REFUSED:
             self.metrics.call_refused(m[1])
         elif kind == w.GC:
-            self.metrics.gc_paused(m[1], m[2])
+            self.metrics.gc_paused(m[1], m[2], process=frontend.name)
         elif kind == w.SYNC:
             frontend.out.send((w.SYNCED, m[1]))
         elif kind == w.READY:

@@ -145,7 +145,8 @@ async def serve_with_frontends(engine, settings: ServerSettings, count: int, arg
     port = reserved.getsockname()[1]
     workdir = tempfile.mkdtemp(prefix="asr-engine-")
     socket_path = os.path.join(workdir, "engine.sock")
-    host = EngineHost(engine, settings.scheduler, socket_path, gc_freeze=settings.gc_freeze)
+    host = EngineHost(engine, settings.scheduler, socket_path, gc_freeze=settings.gc_freeze,
+                      gc_threshold=settings.gc_threshold)
     supervisor = FrontendSupervisor(host, count, argv, port, socket_path)
     try:
         try:

@@ -68,8 +68,10 @@ class ServerMetrics(SchedulerObserver):
                                registry=r)
         self.refused = Counter("asr_refused", "Calls refused before any work, by reason (unauthenticated, "
                                "client_stream_limit)", ["reason"], registry=r)
-        self.gc_pause = Histogram("asr_gc_pause_seconds", "Python garbage collections (every thread stops), by "
-                                  "generation", ["generation"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.gc_pause = Histogram("asr_gc_pause_seconds", "Python garbage collections (every thread of that process "
+                                  "stops), by generation and process (server; or engine and frontend-N with "
+                                  "--frontends)", ["generation", "process"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.process_name = "server"  # this process's name in asr_gc_pause_seconds
         self._gc_timer: _GcPauseTimer | None = None
         self._http = None
 
@@ -99,10 +101,10 @@ class ServerMetrics(SchedulerObserver):
     def step_fault(self, kind: str) -> None:
         self.step_faults.labels(kind=kind).inc()
 
-    def gc_paused(self, generation: str, seconds: float) -> None:
-        """A collection in this process or, with frontend processes, in one of them: every
-        process's pauses land in the one histogram the engine process serves."""
-        self.gc_pause.labels(generation=generation).observe(seconds)
+    def gc_paused(self, generation: str, seconds: float, process: str | None = None) -> None:
+        """A collection in this process or, with frontend processes, in one of them (`process`):
+        every process's pauses land in the one histogram the engine process serves."""
+        self.gc_pause.labels(generation=generation, process=process or self.process_name).observe(seconds)
 
     def call_refused(self, reason: str) -> None:
         self.refused.labels(reason=reason).inc()

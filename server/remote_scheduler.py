@@ -380,7 +380,7 @@ class RemoteMetrics(ServerMetrics):
     def call_refused(self, reason: str) -> None:
         self._remote._send((w.REFUSED, reason))
 
-    def gc_paused(self, generation: str, seconds: float) -> None:
+    def gc_paused(self, generation: str, seconds: float, process: str | None = None) -> None:
         # A collection runs in whichever thread allocated (grpc's, the loop's mid-send): hand
         # the figure to the loop rather than touch the frame being built.
         self._loop.call_soon_threadsafe(self._remote._send, (w.GC, generation, seconds))
