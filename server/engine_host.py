@@ -161,7 +161,11 @@ class EngineHost(StreamListener):
                 for message in frame:
                     self._dispatch(frontend, message)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            log.error("frontend connection broken", extra={"frontend": frontend.name, "error": str(exc)})
+            # A frontend that exits (drained, or stopping) may reset rather than close: only a
+            # connection lost with streams open is an error.
+            level = logging.ERROR if frontend.relays else logging.INFO
+            log.log(level, "frontend connection lost", extra={"frontend": frontend.name, "error": str(exc),
+                                                              "open_streams": len(frontend.relays)})
         except asyncio.CancelledError:
             pass
         except Exception:  # noqa: BLE001 - a bad frame loses that frontend, not the engine
