@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -75,8 +75,9 @@ class StepPlan:
     chunks: tuple[ChunkWork, ...]
 
 
-@dataclass(frozen=True)
-class TokenEvent:
+class TokenEvent(NamedTuple):
+    # A named tuple, not a dataclass: a step builds one per emitted token on the engine thread,
+    # under the interpreter lock the event loop also needs, and a tuple builds in half the time.
     token_id: int
     piece: str
     frame: int  # encoder frame index within the stream, for word times

@@ -249,8 +249,7 @@ class StreamingEngine:
         for i, (c, b, fin, n) in enumerate(zip(chunks, base.tolist(), final.tolist(), frames.tolist())):
             labels = decoded.labels[i]
             if labels:
-                tokens = tuple(TokenEvent(token_id=lab, piece=pieces[lab], frame=b + fr)
-                               for lab, fr in zip(labels, decoded.frames[i]))
+                tokens = tuple(TokenEvent(lab, pieces[lab], b + fr) for lab, fr in zip(labels, decoded.frames[i]))
                 text = self._text(c.slot, tokens)
             else:
                 tokens, text = (), ""

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 
 from engines.api import StreamingEngine
 from server import ipc_wire as w
-from server.ipc_wire import FrameWriter, read_frame
+from server.ipc_wire import FrameReader, FrameWriter
 from server.gc_policy import apply_gc_policy
 from server.metrics import ServerMetrics
 from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver, StreamListener
@@ -157,9 +157,11 @@ class EngineHost(StreamListener):
         frontend.out.send((w.HELLO, pickle.dumps(self.facts())))
         self._send_state_to(frontend)
         try:
-            while (frame := await read_frame(reader)) is not None:
-                for message in frame:
-                    self._dispatch(frontend, message)
+            frames = FrameReader(reader)
+            while (batch := await frames.read_frames()) is not None:
+                for frame in batch:
+                    for message in frame:
+                        self._dispatch(frontend, message)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             # A frontend that exits (drained, or stopping) may reset rather than close: only a
             # connection lost with streams open is an error.

@@ -36,8 +36,9 @@ GC = 11        # (GC, generation, seconds): a garbage collection in the frontend
 SYNC = 12      # (SYNC, token): answered with SYNCED once everything sent before it is applied
 # engine -> frontend
 HELLO = 20     # (HELLO, pickled EngineFacts): first frame on a connection
-RESULT = 21    # (RESULT, key, consumed samples, chunk_index, transcript, new_text, is_final, audio_seconds,
-#                 tokens as ((id, piece, frame), ...), audio_ready_at)
+RESULT = 21    # (RESULT, key, consumed samples, chunk_index, new_text, is_final, audio_seconds,
+#                 tokens as ((id, piece, frame), ...), audio_ready_at): the frontend keeps the
+#                 transcript (new_text appended), so a long stream's text is not resent per chunk
 FAILED = 22    # (FAILED, key, consumed samples, ErrorKind value, message)
 CUT = 23       # (CUT, key, end_reason): the engine ended the stream's audio at a duration limit
 SYNCED = 25    # (SYNCED, token)
@@ -88,42 +89,66 @@ class FrameWriter:
         self._writer.close()
 
 
-async def read_frame(reader: asyncio.StreamReader) -> list[tuple] | None:
-    """The next frame's messages, or None at a clean end of the connection."""
-    try:
-        header = await reader.readexactly(_HEADER.size)
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise ConnectionError("connection closed inside a frame header") from None
-        return None
-    (size,) = _HEADER.unpack(header)
-    if size > MAX_FRAME:
-        raise ConnectionError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}")
-    try:
-        body = await reader.readexactly(size)
-    except asyncio.IncompleteReadError:
-        raise ConnectionError("connection closed inside a frame") from None
-    messages = marshal.loads(body)
-    if not isinstance(messages, list):
-        raise ConnectionError(f"a frame holds {type(messages).__name__}, not a list of messages")
-    return messages
+class FrameReader:
+    """Reads whatever the socket has and returns every complete frame in it: one await covers
+    all the frames a busy peer wrote meanwhile (the engine process reads N frontends)."""
+
+    def __init__(self, reader: asyncio.StreamReader):
+        self._reader = reader
+        self._buf = bytearray()
+
+    async def read_frames(self) -> list[list[tuple]] | None:
+        """The next complete frames (at least one), or None at a clean end of the connection."""
+        while True:
+            frames = self._parse()
+            if frames:
+                return frames
+            data = await self._reader.read(1 << 20)
+            if not data:
+                if self._buf:
+                    raise ConnectionError(f"connection closed inside a frame ({len(self._buf)} bytes pending)")
+                return None
+            self._buf += data
+
+    def _parse(self) -> list[list[tuple]]:
+        frames: list[list[tuple]] = []
+        buf, pos, n = self._buf, 0, len(self._buf)
+        with memoryview(buf) as view:
+            while n - pos >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(buf, pos)
+                if size > MAX_FRAME:
+                    raise ConnectionError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}")
+                if n - pos - _HEADER.size < size:
+                    break
+                start = pos + _HEADER.size
+                messages = marshal.loads(view[start:start + size])
+                if not isinstance(messages, list):
+                    raise ConnectionError(f"a frame holds {type(messages).__name__}, not a list of messages")
+                frames.append(messages)
+                pos = start + size
+        if pos:
+            del buf[:pos]
+        return frames
 
 
 # -- events ----------------------------------------------------------------------------------
 def encode_event(key: str, consumed: int, event: StreamEvent) -> tuple:
     if isinstance(event, StreamFailure):
         return (FAILED, key, consumed, event.kind.value, event.message)
-    tokens = tuple((t.token_id, t.piece, t.frame) for t in event.tokens)
-    return (RESULT, key, consumed, event.chunk_index, event.transcript, event.new_text, event.is_final,
-            event.audio_seconds, tokens, event.audio_ready_at)
+    tokens = tuple(map(tuple, event.tokens)) if event.tokens else ()  # marshal takes plain tuples only
+    return (RESULT, key, consumed, event.chunk_index, event.new_text, event.is_final, event.audio_seconds,
+            tokens, event.audio_ready_at)
 
 
-def decode_event(message: tuple) -> StreamEvent:
-    """A RESULT or FAILED message as the event the servicers know (stream id = the key)."""
-    if message[0] == FAILED:
-        _, key, _, kind, text = message
-        return StreamFailure(key, ErrorKind(kind), text)
-    _, key, _, index, transcript, new_text, is_final, audio_seconds, tokens, ready_at = message
+def decode_failure(message: tuple) -> StreamFailure:
+    _, key, _, kind, text = message
+    return StreamFailure(key, ErrorKind(kind), text)
+
+
+def decode_result(message: tuple, transcript: str) -> ChunkResult:
+    """A RESULT message as the event the servicers know (stream id = the key); `transcript`:
+    the stream's text so far, this message's new_text included."""
+    _, key, _, index, new_text, is_final, audio_seconds, tokens, ready_at = message
     return ChunkResult(stream_id=key, chunk_index=index, transcript=transcript, new_text=new_text,
                        is_final=is_final, audio_seconds=audio_seconds,
-                       tokens=tuple(TokenEvent(*t) for t in tokens), audio_ready_at=ready_at)
+                       tokens=tuple(TokenEvent._make(t) for t in tokens), audio_ready_at=ready_at)

@@ -28,7 +28,7 @@ import numpy as np
 
 from server import ipc_wire as w
 from server.engine_host import EngineFacts
-from server.ipc_wire import FrameWriter, read_frame
+from server.ipc_wire import FrameReader, FrameWriter
 from server.metrics import ServerMetrics
 from server.scheduler import SchedulerConfig, SchedulerObserver
 from server.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
@@ -110,19 +110,21 @@ class RemoteScheduler:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(self.socket_path, limit=1 << 20), timeout_s)
         self._out = FrameWriter(writer)
-        frame = await asyncio.wait_for(read_frame(reader), timeout_s)
-        if not frame or frame[0][0] != w.HELLO:
-            raise ConnectionError(f"the engine process sent no HELLO first: {frame and frame[0][0]!r}")
-        self.facts = pickle.loads(frame[0][1])
+        frames = FrameReader(reader)
+        batch = await asyncio.wait_for(frames.read_frames(), timeout_s)
+        first = batch[0] if batch else None
+        if not first or first[0][0] != w.HELLO:
+            raise ConnectionError(f"the engine process sent no HELLO first: {first and first[0][0]!r}")
+        self.facts = pickle.loads(first[0][1])
         self.config = self.facts.scheduler
         self.max_batch = self.facts.max_batch
         self.engine_name = self.facts.engine_name
         g = self.facts.geometry
         # As the scheduler computes it: never below what one chunk needs.
         self._max_pending = max(int(self.config.max_pending_seconds * g.sample_rate), 2 * g.segment_samples)
-        for message in frame[1:]:
+        for message in [*first[1:], *(m for frame in batch[1:] for m in frame)]:
             self._dispatch(message)
-        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader), name="engine-reader")
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(frames), name="engine-reader")
         return self.facts
 
     @property
@@ -302,12 +304,13 @@ class RemoteScheduler:
             self._out.send(message)
 
     # -- the engine's frames -------------------------------------------------------------
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, frames: FrameReader) -> None:
         reason = "the engine process closed its connection"
         try:
-            while (frame := await read_frame(reader)) is not None:
-                for message in frame:
-                    self._dispatch(message)
+            while (batch := await frames.read_frames()) is not None:
+                for frame in batch:
+                    for message in frame:
+                        self._dispatch(message)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken engine link is an engine death
@@ -323,11 +326,12 @@ class RemoteScheduler:
             if state is None or state.status.terminal:
                 return  # closed, or failed here first: the engine's word comes too late
             state.consumed = m[2]
-            event = w.decode_event(m)
-            if isinstance(event, StreamFailure):
-                self._emit(state, event)
+            if kind == w.FAILED:
+                self._emit(state, w.decode_failure(m))
                 state.set_status(StreamStatus.FAILED)
                 return
+            state.text_parts.append(m[4])
+            event = w.decode_result(m, state.transcript)
             if event.is_final and state.status is StreamStatus.RECEIVING:
                 state.set_status(StreamStatus.FLUSHING)  # the engine ended it (a duration limit)
             self._emit(state, event)

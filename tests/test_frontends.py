@@ -170,10 +170,11 @@ def test_events_cross_the_wire_unchanged():
                          audio_ready_at=123.5)
     failure = StreamFailure("k2", ErrorKind.RESOURCE_EXHAUSTED, "all 4 stream slots are in use")
     import marshal
-    for event in (result, failure):
-        message = marshal.loads(marshal.dumps(w.encode_event(event.stream_id, 4096, event)))
-        assert message[2] == 4096  # the consumed count rides along
-        assert w.decode_event(message) == event
+    wire = [marshal.loads(marshal.dumps(w.encode_event(e.stream_id, 4096, e))) for e in (result, failure)]
+    assert all(m[2] == 4096 for m in wire)  # the consumed count rides along
+    assert "a bc" not in wire[0]  # the transcript so far stays home: the frontend appends new_text
+    assert w.decode_result(wire[0], "a bc") == result
+    assert w.decode_failure(wire[1]) == failure
 
 
 @pytest.mark.asyncio
@@ -194,16 +195,29 @@ async def test_frames_batch_messages_and_refuse_corrupt_lengths():
     for i in range(5):
         out.send((w.AUDIO, f"k{i}", b"\0" * 8))
     await asyncio.sleep(0)  # the flush runs once, on the next loop iteration
-    frame = await w.read_frame(reader)
-    assert [m[1] for m in frame] == [f"k{i}" for i in range(5)]
-    reader.feed_data(w._HEADER.pack(w.MAX_FRAME + 1))
+    out.send((w.END, "k9"))
+    await asyncio.sleep(0)
+    frames = w.FrameReader(reader)
+    batch = await frames.read_frames()  # both frames were waiting: one read returns both
+    assert [[m[1] for m in f] for f in batch] == [[f"k{i}" for i in range(5)], ["k9"]]
+    half = w._HEADER.pack(20) + b"x" * 5
+    reader.feed_data(half)
+    pending = asyncio.ensure_future(frames.read_frames())
+    await asyncio.sleep(0.01)
+    assert not pending.done()  # a frame split across reads waits for its rest
+    pending.cancel()
+    bad = w.FrameReader(_fed(w._HEADER.pack(w.MAX_FRAME + 1)))
     with pytest.raises(ConnectionError, match="exceeds the limit"):
-        await w.read_frame(reader)
-    cut = asyncio.StreamReader()
-    cut.feed_data(w._HEADER.pack(10) + b"abc")
-    cut.feed_eof()
+        await bad.read_frames()
+    cut = w.FrameReader(_fed(w._HEADER.pack(10) + b"abc", eof=True))
     with pytest.raises(ConnectionError, match="inside a frame"):
-        await w.read_frame(cut)
-    clean = asyncio.StreamReader()
-    clean.feed_eof()
-    assert await w.read_frame(clean) is None
+        await cut.read_frames()
+    assert await w.FrameReader(_fed(b"", eof=True)).read_frames() is None
+
+
+def _fed(data: bytes, eof: bool = False) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
