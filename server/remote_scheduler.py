@@ -17,7 +17,6 @@ reports itself dead (health NOT_SERVING), like a local engine death.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import pickle
 import time
@@ -40,6 +39,7 @@ log = logging.getLogger("nemostream.remote_scheduler")
 @dataclass(eq=False)
 class RemoteStreamState(StreamState):
     consumed: int = 0   # samples the engine has taken from this stream (from its last event)
+    unacked: int = 0    # events taken by the handler and not yet acknowledged to the engine
 
 
 class RemoteStreamHandle:
@@ -93,7 +93,7 @@ class RemoteScheduler:
         self._engine_slots = 0
         self._engine_draining = False
         self._streams: dict[str, RemoteStreamState] = {}
-        self._acks: collections.Counter[str] = collections.Counter()
+        self._ack_every = 1
         self._out: FrameWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._stopping = False
@@ -117,6 +117,7 @@ class RemoteScheduler:
             raise ConnectionError(f"the engine process sent no HELLO first: {first and first[0][0]!r}")
         self.facts = pickle.loads(first[0][1])
         self.config = self.facts.scheduler
+        self._ack_every = max(1, self.config.response_buffer // 2)
         self.max_batch = self.facts.max_batch
         self.engine_name = self.facts.engine_name
         g = self.facts.geometry
@@ -262,7 +263,7 @@ class RemoteScheduler:
         if isinstance(event, StreamFailure) or event.is_final:
             state.terminal_delivered = True
         if not state.status.terminal:  # a finished stream needs no more room
-            self._ack(state.stream_id)
+            self._ack(state)
         return event
 
     def close_stream(self, state: RemoteStreamState) -> None:
@@ -288,16 +289,14 @@ class RemoteScheduler:
         state.events_ready.set()
         state.audio_room.set()  # a push_audio waiting for room re-checks (consumed moved, or the reader is stuck)
 
-    def _ack(self, key: str) -> None:
-        if not self._acks:
-            asyncio.get_running_loop().call_soon(self._send_acks)
-        self._acks[key] += 1
-
-    def _send_acks(self) -> None:
-        acks, self._acks = self._acks, collections.Counter()
-        for key, n in acks.items():
-            if key in self._streams:
-                self._send((w.ACK, key, n))
+    def _ack(self, state: RemoteStreamState) -> None:
+        """Tell the engine its events were taken, every half response window rather than per
+        event: the engine stops forwarding only at a full window, which it reaches only when
+        this frontend holds more than half a window untaken (a client that does not read)."""
+        state.unacked += 1
+        if state.unacked >= self._ack_every:
+            self._send((w.ACK, state.stream_id, state.unacked))
+            state.unacked = 0
 
     def _send(self, message: tuple) -> None:
         if self._out is not None:
