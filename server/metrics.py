@@ -31,18 +31,34 @@ class _ExecutionsCollector:
 class _GcPauseTimer:
     """Times Python's garbage collections (gc.callbacks): a full collection over the objects of
     thousands of live streams stops every thread of the server, event loop included, and shows
-    up as a tail-latency stall that no other metric explains."""
+    up as a tail-latency stall that no other metric explains.
 
-    def __init__(self, record):
-        self._record = record  # (generation: str, seconds: float) -> None
+    A collection starts at any allocation, in any thread, also inside prometheus_client while it
+    holds a metric's lock: the callback therefore takes no lock and calls nothing, it appends
+    to a list (atomic under the interpreter lock) that ServerMetrics.flush_gc empties later.
+    Observing from here deadlocked a server (`labels()` re-entered under its own lock)."""
+
+    def __init__(self, pending: list):
+        self._pending = pending  # (generation: str, seconds: float)
         self._started: float | None = None
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         elif self._started is not None:
-            self._record(str(info.get("generation", "?")), time.perf_counter() - self._started)
+            self._pending.append((str(info.get("generation", "?")), time.perf_counter() - self._started))
             self._started = None
+
+
+class _GcCollector:
+    """The GC histogram, with the pauses recorded since the last scrape moved in first."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self._metrics = metrics
+
+    def collect(self):
+        self._metrics.flush_gc()
+        return self._metrics.gc_pause.collect()
 
 
 class ServerMetrics(SchedulerObserver):
@@ -70,7 +86,9 @@ class ServerMetrics(SchedulerObserver):
                                "client_stream_limit)", ["reason"], registry=r)
         self.gc_pause = Histogram("asr_gc_pause_seconds", "Python garbage collections (every thread of that process "
                                   "stops), by generation and process (server; or engine and frontend-N with "
-                                  "--frontends)", ["generation", "process"], buckets=_LATENCY_BUCKETS, registry=r)
+                                  "--frontends)", ["generation", "process"], buckets=_LATENCY_BUCKETS, registry=None)
+        r.register(_GcCollector(self))
+        self._gc_pending: list[tuple[str, float]] = []
         self.process_name = "server"  # this process's name in asr_gc_pause_seconds
         self._gc_timer: _GcPauseTimer | None = None
         self._http = None
@@ -81,7 +99,7 @@ class ServerMetrics(SchedulerObserver):
         self.max_batch.set_function(lambda: scheduler.max_batch)
         self.registry.register(_ExecutionsCollector(scheduler))
         if self._gc_timer is None:
-            self._gc_timer = _GcPauseTimer(self.gc_paused)
+            self._gc_timer = _GcPauseTimer(self._gc_pending)
             gc.callbacks.append(self._gc_timer)
 
     # -- SchedulerObserver -------------------------------------------------------------------
@@ -100,6 +118,15 @@ class ServerMetrics(SchedulerObserver):
 
     def step_fault(self, kind: str) -> None:
         self.step_faults.labels(kind=kind).inc()
+
+    def flush_gc(self) -> None:
+        """Move the pauses the GC callback recorded into the histogram (never from the callback)."""
+        while self._gc_pending:
+            try:  # the scrape thread and the event loop may both flush
+                generation, seconds = self._gc_pending.pop(0)
+            except IndexError:
+                return
+            self.gc_paused(generation, seconds)
 
     def gc_paused(self, generation: str, seconds: float, process: str | None = None) -> None:
         """A collection in this process or, with frontend processes, in one of them (`process`):

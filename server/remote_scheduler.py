@@ -34,6 +34,7 @@ from server.stream_events import ErrorKind, StreamError, StreamEvent, StreamFail
 from server.stream_state import StreamState, StreamStatus
 
 log = logging.getLogger("nemostream.remote_scheduler")
+GC_FORWARD_PERIOD_S = 0.5
 
 
 @dataclass(eq=False)
@@ -374,8 +375,19 @@ class RemoteMetrics(ServerMetrics):
     def __init__(self, scheduler: RemoteScheduler, max_batch: int = 32):
         super().__init__(max_batch=max_batch)
         self._remote = scheduler
-        self._loop = asyncio.get_running_loop()
         self.audio_seconds = _ForwardedCounter(scheduler)
+        # The GC callback only records (see server.metrics._GcPauseTimer); this forwards.
+        self._gc_task = asyncio.get_running_loop().create_task(self._forward_gc(), name="gc-forward")
+
+    async def _forward_gc(self) -> None:
+        while True:
+            await asyncio.sleep(GC_FORWARD_PERIOD_S)
+            self.flush_gc()
+
+    def close(self) -> None:
+        self._gc_task.cancel()
+        self.flush_gc()
+        super().close()
 
     def rpc_finished(self, method: str, code: str) -> None:
         self._remote._send((w.RPC, method, code))
@@ -384,9 +396,7 @@ class RemoteMetrics(ServerMetrics):
         self._remote._send((w.REFUSED, reason))
 
     def gc_paused(self, generation: str, seconds: float, process: str | None = None) -> None:
-        # A collection runs in whichever thread allocated (grpc's, the loop's mid-send): hand
-        # the figure to the loop rather than touch the frame being built.
-        self._loop.call_soon_threadsafe(self._remote._send, (w.GC, generation, seconds))
+        self._remote._send((w.GC, generation, seconds))  # on the loop, from flush_gc
 
 
 class _ForwardedCounter:

@@ -87,7 +87,7 @@ async def settle(server) -> None:
     client saw its status: wait until they have (a no-op on an in-process server)."""
     sync = getattr(server.scheduler, "sync", None)
     if sync is not None:
-        await asyncio.sleep(0)  # figures handed to the loop from other threads (GC pauses) go first
+        server.metrics.flush_gc()  # GC pauses recorded since the frontend last forwarded them
         await sync()
 
 

@@ -283,3 +283,43 @@ async def test_gc_threshold_is_applied_after_warm_up_and_bad_values_are_refused(
             assert gc.get_threshold() == (12345, 17, 19)
     finally:
         gc.set_threshold(*before)
+
+
+async def test_a_collection_inside_a_metrics_lock_does_not_deadlock():
+    """A collection may start inside prometheus_client while it holds a metric's lock (it
+    allocates a labelled child there). The GC callback must take no lock: observing from it
+    deadlocked a test run. Here the callback runs while the GC histogram's lock is held."""
+    import gc
+    import threading
+
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    metrics.bind(FakeBinding())
+    timer = metrics._gc_timer
+    try:
+        def collect_under_lock():
+            with metrics.gc_pause._lock:
+                timer("start", {"generation": 2})
+                timer("stop", {"generation": 2})
+
+        worker = threading.Thread(target=collect_under_lock, daemon=True)
+        worker.start()
+        worker.join(5.0)
+        assert not worker.is_alive(), "the GC callback blocked on the metric's lock"
+        samples = {s.name + str(sorted(s.labels.items())): s.value
+                   for family in metrics.registry.collect() for s in family.samples}
+        assert samples["asr_gc_pause_seconds_count[('generation', '2'), ('process', 'server')]"] == 1
+    finally:
+        metrics.close()
+        assert timer not in gc.callbacks
+
+
+class FakeBinding:
+    """What ServerMetrics.bind reads of a scheduler."""
+    active_streams = 0
+    max_batch = 1
+    executions: dict = {}
+
+    def slots_in_use(self) -> int:
+        return 0
