@@ -221,3 +221,44 @@ def _fed(data: bytes, eof: bool = False) -> asyncio.StreamReader:
     if eof:
         reader.feed_eof()
     return reader
+
+
+@pytest.mark.asyncio
+async def test_when_the_engine_process_dies_the_frontends_fail_their_streams_and_exit():
+    proc, port, metrics_port = await start_server()
+    resume = asyncio.Event()
+    try:
+        async def held_open(i: int) -> tuple[str, str]:
+            async def requests():
+                yield config()
+                yield audio(pcm16_audio(300 + i, 800).tobytes())  # less than a chunk: nothing runs
+                await resume.wait()
+
+            async with own_channel(port, 2000 + i) as channel:
+                try:
+                    _ = [r async for r in pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(requests())]
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, exc.details() or ""
+            return "OK", ""
+
+        calls = [asyncio.create_task(held_open(i)) for i in range(4)]
+        await wait_for(lambda: scrape(metrics_port)["asr_active_streams"] == 4, "the streams open")
+        frontends = children(proc.pid)
+        proc.kill()  # the engine process, without a word to anyone
+        await proc.wait()
+        for code, details in await asyncio.wait_for(asyncio.gather(*calls), 30):
+            assert code == "UNAVAILABLE" and "engine" in details, (code, details)
+
+        def alive(pid: int) -> bool:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return False
+            return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+        await wait_for(lambda: not any(alive(p) for p in frontends), "the orphaned frontends to exit", 30)
+    finally:
+        resume.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
