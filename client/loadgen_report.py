@@ -310,7 +310,7 @@ def _ticks(stat_path: str) -> tuple[str, int] | None:
     return name, int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """Child processes of pid (an asr-server with --frontends: its frontend processes)."""
     found = []
     for entry in os.listdir("/proc"):
@@ -341,7 +341,7 @@ def proc_cpu_snapshot(pid: int) -> dict | None:
         if t is not None:
             threads[tid] = t
     children = {}
-    for child in _children(pid):
+    for child in child_pids(pid):
         whole, main = _ticks(f"/proc/{child}/stat"), _ticks(f"/proc/{child}/task/{child}/stat")
         if whole is not None and main is not None:
             children[child] = (whole[1], main[1])

@@ -29,7 +29,7 @@ from server import ipc_wire as w
 from server.engine_host import EngineFacts
 from server.ipc_wire import FrameReader, FrameWriter
 from server.metrics import ServerMetrics
-from server.scheduler import SchedulerConfig, SchedulerObserver
+from server.scheduler import SchedulerConfig, SchedulerObserver, StreamHandle
 from server.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
 from server.stream_state import StreamState, StreamStatus
 
@@ -41,42 +41,6 @@ GC_FORWARD_PERIOD_S = 0.5
 class RemoteStreamState(StreamState):
     consumed: int = 0   # samples the engine has taken from this stream (from its last event)
     unacked: int = 0    # events taken by the handler and not yet acknowledged to the engine
-
-
-class RemoteStreamHandle:
-    """What a handler holds for one stream: the five operations of StreamHandle."""
-
-    def __init__(self, scheduler: RemoteScheduler, state: RemoteStreamState):
-        self._scheduler = scheduler
-        self.state = state
-
-    @property
-    def stream_id(self) -> str:
-        return self.state.stream_id
-
-    async def push_audio(self, samples: np.ndarray) -> bool:
-        return await self._scheduler.push_audio(self.state, samples)
-
-    def end_audio(self) -> None:
-        self._scheduler.end_audio(self.state)
-
-    def fail(self, kind: ErrorKind, message: str) -> None:
-        self._scheduler.fail_stream(self.state, kind, message)
-
-    async def next_event(self) -> StreamEvent | None:
-        return await self._scheduler.next_event(self.state)
-
-    def close(self) -> None:
-        self._scheduler.close_stream(self.state)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        event = await self.next_event()
-        if event is None:
-            raise StopAsyncIteration
-        return event
 
 
 class RemoteScheduler:
@@ -206,7 +170,7 @@ class RemoteScheduler:
         if self.draining or self._stopping or self._engine_draining:
             raise StreamError(ErrorKind.UNAVAILABLE, "server is draining for shutdown; retry on another replica")
 
-    def open_stream(self, label: str = "", finalize_at_limit: bool = True) -> RemoteStreamHandle:
+    def open_stream(self, label: str = "", finalize_at_limit: bool = True) -> StreamHandle:
         self.check_admission()
         key = uuid.uuid4().hex[:12]
         state = RemoteStreamState(stream_id=key, slot=-1, label=label, opened_at=time.monotonic(),
@@ -215,7 +179,7 @@ class RemoteScheduler:
         self._streams[key] = state
         self._idle.clear()
         self._send((w.OPEN, key, label, finalize_at_limit))
-        return RemoteStreamHandle(self, state)
+        return StreamHandle(self, state)
 
     # -- per-stream operations -----------------------------------------------------------
     async def push_audio(self, state: RemoteStreamState, samples: np.ndarray) -> bool:

@@ -110,7 +110,8 @@ class _StepOutcome:
 
 
 class StreamHandle:
-    """What the transport holds for one open stream."""
+    """What the transport holds for one open stream. `scheduler` is this module's Scheduler or
+    a frontend process's server.remote_scheduler.RemoteScheduler: the same five operations."""
 
     def __init__(self, scheduler: Scheduler, state: StreamState):
         self._scheduler = scheduler

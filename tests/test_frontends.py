@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client.loadgen_report import child_pids
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server import ipc_wire as w
 from server.stream_events import ChunkResult, ErrorKind, StreamFailure
@@ -54,19 +55,6 @@ def own_channel(port: int, i: int) -> grpc.aio.Channel:
     """A channel with its own TCP connection: the kernel picks a frontend per connection."""
     return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.use_local_subchannel_pool", 1), ("test.channel", i)])
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.asyncio
@@ -130,7 +118,7 @@ async def test_a_killed_frontend_costs_only_its_streams_and_is_started_again():
         calls = [asyncio.create_task(one(i)) for i in range(STREAMS)]
         await asyncio.gather(*(h.wait() for h in halfway))
         await wait_for(lambda: scrape(metrics_port)["asr_active_streams"] == STREAMS, "every stream open")
-        frontends = children(proc.pid)
+        frontends = child_pids(proc.pid)
         assert len(frontends) == 2, frontends
         os.kill(frontends[0], signal.SIGKILL)
         await asyncio.sleep(0.2)
@@ -151,7 +139,7 @@ async def test_a_killed_frontend_costs_only_its_streams_and_is_started_again():
         again = await asyncio.gather(*(
             _transcribe(port, i, clips[i]) for i in range(STREAMS)))
         assert again == expected
-        assert sorted(children(proc.pid)) != sorted(frontends)
+        assert sorted(child_pids(proc.pid)) != sorted(frontends)
     finally:
         resume.set()
         await stop(proc)
@@ -243,7 +231,7 @@ async def test_when_the_engine_process_dies_the_frontends_fail_their_streams_and
 
         calls = [asyncio.create_task(held_open(i)) for i in range(4)]
         await wait_for(lambda: scrape(metrics_port)["asr_active_streams"] == 4, "the streams open")
-        frontends = children(proc.pid)
+        frontends = child_pids(proc.pid)
         proc.kill()  # the engine process, without a word to anyone
         await proc.wait()
         for code, details in await asyncio.wait_for(asyncio.gather(*calls), 30):
