@@ -314,7 +314,8 @@ def run_client(*args: str, env: dict | None = None) -> subprocess.CompletedProce
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
 
 
-async def test_asr_server_and_asr_client_flags_tls_and_token_end_to_end(pki, tmp_path, expected):
+@pytest.mark.parametrize("frontends", ["1", "2"])  # 2: TLS and tokens in every frontend process
+async def test_asr_server_and_asr_client_flags_tls_and_token_end_to_end(pki, tmp_path, expected, frontends):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice {ALICE}\n")
     token_file = tmp_path / "alice.token"
@@ -323,7 +324,7 @@ async def test_asr_server_and_asr_client_flags_tls_and_token_end_to_end(pki, tmp
     wav.write_bytes(wav_bytes(CLIP))
     proc, port = await start_server("--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
                                     "--auth-tokens-file", str(tokens), "--auth-exempt-health", "--auth-exempt-reflection",
-                                    "--max-streams-per-client", "4")
+                                    "--max-streams-per-client", "4", "--frontends", frontends)
     try:
         server = f"localhost:{port}"
         tls = ["--server", server, "--tls-ca", str(pki.server_ca.cert)]
