@@ -44,6 +44,8 @@ RUN groupadd --gid 10001 asr \
 
 USER 10001:10001
 
+# ASR_FRONTENDS: gRPC frontend processes around the engine; one process answers about 3,000
+# chunks/s, so more than a few hundred streams need 4 (docs/SCALING.md).
 ENV ASR_MODEL=builtin:demo \
     ASR_ENGINE=cudagraph \
     ASR_FALLBACK_ENGINE="" \
@@ -51,6 +53,7 @@ ENV ASR_MODEL=builtin:demo \
     ASR_LOOKAHEAD_MS=160 \
     ASR_MAX_BATCH=256 \
     ASR_MAX_STREAMS=512 \
+    ASR_FRONTENDS=1 \
     ASR_LOG_FORMAT=json
 
 # gRPC (SpeechRecognition, grpc.health.v1, reflection) and Prometheus metrics
@@ -60,5 +63,5 @@ EXPOSE 50051 9400
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(service=''), timeout=5); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
 
-ENTRYPOINT ["/bin/sh", "-c", "exec asr-server --model \"$ASR_MODEL\" --engine \"$ASR_ENGINE\" ${ASR_FALLBACK_ENGINE:+--fallback-engine \"$ASR_FALLBACK_ENGINE\"} --dtype \"$ASR_DTYPE\" --lookahead-ms \"$ASR_LOOKAHEAD_MS\" --max-batch \"$ASR_MAX_BATCH\" --max-streams \"$ASR_MAX_STREAMS\" --cache-dir /var/cache/nemo-stream --host 0.0.0.0 --port 50051 --metrics-port 9400 --log-format \"$ASR_LOG_FORMAT\" \"$@\"", "asr-server"]
+ENTRYPOINT ["/bin/sh", "-c", "exec asr-server --model \"$ASR_MODEL\" --engine \"$ASR_ENGINE\" ${ASR_FALLBACK_ENGINE:+--fallback-engine \"$ASR_FALLBACK_ENGINE\"} --dtype \"$ASR_DTYPE\" --lookahead-ms \"$ASR_LOOKAHEAD_MS\" --max-batch \"$ASR_MAX_BATCH\" --max-streams \"$ASR_MAX_STREAMS\" --frontends \"$ASR_FRONTENDS\" --cache-dir /var/cache/nemo-stream --host 0.0.0.0 --port 50051 --metrics-port 9400 --log-format \"$ASR_LOG_FORMAT\" \"$@\"", "asr-server"]
 CMD []
