@@ -46,12 +46,19 @@ RESTART_BACKOFF_S = 1.0
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (not listen) the port with SO_REUSEPORT and keep it: the frontends bind the same
-    port beside it, and nothing else can take it in between. Port 0 picks a free one."""
+    port beside it, and nothing else can take it in between. Port 0 picks a free one.
+
+    First a plain bind, without SO_REUSEPORT: it fails on a port any socket holds, also one of
+    another asr-server's frontends, which the kernel would otherwise let this server share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = host.strip("[]")
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, port))  # OSError (address in use) ends the start-up
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        sock.bind((host.strip("[]"), port))
+        sock.bind((address, port))
     except OSError:
         sock.close()
         raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ from engines.api import TokenEvent
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.server_harness import (
-    RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for, scrape, spawn_server,
+    ROOT, RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for, scrape, spawn_server,
 )
 from tests.waiting import wait_for
 
@@ -250,3 +251,21 @@ async def test_when_the_engine_process_dies_the_frontends_fail_their_streams_and
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.asyncio
+async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it():
+    proc, port, _ = await start_server()
+    try:
+        for frontends in ("2", "1"):
+            second = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
+                "--frontends", frontends, "--host", "127.0.0.1", "--port", str(port), "--no-metrics",
+                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(second.communicate(), 120)
+            assert second.returncode != 0, (frontends, out.decode(), err.decode())
+            assert "listening" not in out.decode()
+            assert "cannot listen" in err.decode() or "start-up failed" in err.decode(), err.decode()
+    finally:
+        await stop(proc)
