@@ -52,10 +52,14 @@ def reserve_port(host: str, port: int) -> socket.socket:
     another asr-server's frontends, which the kernel would otherwise let this server share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     address = host.strip("[]")
+    # SO_REUSEADDR as gRPC sets it: connections of a server that just stopped (TIME_WAIT) do
+    # not hold the port; a listening socket does.
     if port:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((address, port))  # OSError (address in use) ends the start-up
     sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((address, port))
