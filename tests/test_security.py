@@ -22,7 +22,7 @@ from proto import asr_stream_pb2_grpc as pb_grpc
 from server.security import SecuritySettings, load_tokens
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
-    FAKE, RATE, as_float, audio, config, make_engine, pcm16_audio, requests_for, running_server, scrape, spawn_server,
+    FAKE, RATE, as_float, audio, config, make_engine, pcm16_audio, running_server, scrape, spawn_server,
     wav_bytes,
 )
 
