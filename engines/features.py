@@ -173,7 +173,7 @@ class StreamingFeaturizer:
         valid = np.full(B, C, dtype=np.int64)
         done = audio_end >= 0
         if done.any():
-            frames = np.maximum((audio_end[done] + 2 * g.stft_left_pad - g.n_fft) // g.hop, 0)  # stft_frames
+            frames = g.stft_frames_many(audio_end[done])
             valid[done] = np.minimum(C, frames - np.asarray(chunk_index, dtype=np.int64)[done] * C)
         valid_t = torch.from_numpy(valid).to(dev)
         frame_mask = torch.arange(C, device=dev)[None, :] >= valid_t[:, None]

@@ -90,6 +90,11 @@ class ChunkGeometry:
         seq_len (its STFT computes one more frame, which it masks as padding)."""
         return max((n_framed + 2 * self.stft_left_pad - self.n_fft) // self.hop, 0)
 
+    def stft_frames_many(self, n_framed):
+        """stft_frames over a numpy integer array (a batch's streams at once); the same formula,
+        kept beside the scalar one so the two cannot drift apart."""
+        return ((n_framed + 2 * self.stft_left_pad - self.n_fft) // self.hop).clip(min=0)
+
     def n_frames(self, n_samples: int) -> int:
         """Valid mel frames of a stream of n_samples samples of audio."""
         return self.stft_frames(n_samples + self.lead_in) if n_samples > 0 else 0

@@ -237,7 +237,7 @@ class StreamingEngine:
             self.text_started[slot[first]] = False
         base = self.frames_done[slot]
         k = np.asarray(chunk_index, dtype=np.int64)
-        end_frames = np.maximum((audio_end + 2 * g.stft_left_pad - g.n_fft) // g.hop, 0)  # stft_frames
+        end_frames = g.stft_frames_many(audio_end)
         final = (audio_end >= 0) & ((k + 1) * g.chunk_frames >= end_frames)
         frames = base + enc_len
         self.chunks_done[slot] = k + 1
