@@ -30,6 +30,7 @@ from server.engine_host import EngineFacts
 from server.ipc_wire import FrameReader, FrameWriter
 from server.metrics import ServerMetrics
 from server.scheduler import SchedulerConfig, SchedulerObserver, StreamHandle
+from server.stream_books import StreamBooks
 from server.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
 from server.stream_state import StreamState, StreamStatus
 
@@ -43,8 +44,9 @@ class RemoteStreamState(StreamState):
     unacked: int = 0    # events taken by the handler and not yet acknowledged to the engine
 
 
-class RemoteScheduler:
+class RemoteScheduler(StreamBooks):
     def __init__(self, socket_path: str, name: str = "frontend"):
+        super().__init__()
         self.socket_path = socket_path
         self.name = name
         self.observer = SchedulerObserver()
@@ -53,18 +55,13 @@ class RemoteScheduler:
         self.engine_name: str | None = None
         self.executions: dict[str, int] = {}
         self.max_batch = 1
-        self.dead_reason: str | None = None
-        self.draining = False
         self._engine_slots = 0
         self._engine_draining = False
-        self._streams: dict[str, RemoteStreamState] = {}
         self._ack_every = 1
         self._out: FrameWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._stopping = False
         self._max_pending = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.disconnected = asyncio.Event()  # the engine process's connection ended
         self._syncs: dict[int, asyncio.Future] = {}
         self._sync_token = 0
@@ -134,27 +131,7 @@ class RemoteScheduler:
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
 
-    def begin_drain(self) -> None:
-        self.draining = True
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        if not self._streams:
-            return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
     # -- what the servicers and metrics read -----------------------------------------------
-    @property
-    def active_streams(self) -> int:
-        return len(self._streams)
-
-    @property
-    def capacity(self) -> int:
-        return self.engine.capacity
-
     def slots_in_use(self) -> int:
         return self._engine_slots
 
@@ -176,8 +153,7 @@ class RemoteScheduler:
         state = RemoteStreamState(stream_id=key, slot=-1, label=label, opened_at=time.monotonic(),
                                   finalize_at_limit=finalize_at_limit)
         state.audio_room.set()
-        self._streams[key] = state
-        self._idle.clear()
+        self._add(state)
         self._send((w.OPEN, key, label, finalize_at_limit))
         return StreamHandle(self, state)
 
@@ -189,24 +165,10 @@ class RemoteScheduler:
             return True
         self._send((w.AUDIO, state.stream_id, np.asarray(samples, dtype=np.float32).tobytes()))
         state.received += samples.size
-        cfg = self.config
-        while state.received - state.consumed > self._max_pending and state.status is StreamStatus.RECEIVING:
-            if len(state.events) >= cfg.response_buffer:
-                pending_s = (state.received - state.consumed) / self.engine.geometry.sample_rate
-                self._fail(state, ErrorKind.RESOURCE_EXHAUSTED,
-                           f"the client is not reading responses: {len(state.events)} results undelivered and "
-                           f"{pending_s:.1f} s of audio waiting (limits: {cfg.response_buffer} results, "
-                           f"{cfg.max_pending_seconds:g} s of audio per stream)")
-                break
-            state.audio_room.clear()
-            try:
-                await asyncio.wait_for(state.audio_room.wait(), cfg.stall_timeout_s)
-            except TimeoutError:
-                pending_s = (state.received - state.consumed) / self.engine.geometry.sample_rate
-                self._fail(state, ErrorKind.DEADLINE_EXCEEDED,
-                           f"no progress for {cfg.stall_timeout_s:g} s with {pending_s:.1f} s of audio "
-                           "pending: the server is overloaded")
-        return state.status is StreamStatus.RECEIVING
+        return await self._wait_for_audio_room(state)
+
+    def _pending_samples(self, state: RemoteStreamState) -> int:
+        return state.received - state.consumed  # consumed arrives with each of the engine's results
 
     def end_audio(self, state: RemoteStreamState) -> None:
         if state.status is not StreamStatus.RECEIVING:
@@ -218,12 +180,9 @@ class RemoteScheduler:
     def fail_stream(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:
         self._fail(state, kind, message)
 
-    async def next_event(self, state: RemoteStreamState) -> StreamEvent | None:
-        while not state.events:
-            if state.terminal_delivered or state.status is StreamStatus.CANCELLED:
-                return None
-            state.events_ready.clear()
-            await state.events_ready.wait()
+    def take_event(self, state: RemoteStreamState) -> StreamEvent | None:
+        if not state.events:
+            return None
         event = state.events.popleft()
         if isinstance(event, StreamFailure) or event.is_final:
             state.terminal_delivered = True
@@ -234,10 +193,8 @@ class RemoteScheduler:
     def close_stream(self, state: RemoteStreamState) -> None:
         if not state.status.terminal:
             state.set_status(StreamStatus.CANCELLED)
-        if self._streams.pop(state.stream_id, None) is not None:
+        if self._forget(state):
             self._send((w.CLOSE, state.stream_id))
-            if not self._streams:
-                self._idle.set()
 
     # -- books ---------------------------------------------------------------------------
     def _fail(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:

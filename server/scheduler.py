@@ -32,6 +32,7 @@ import numpy as np
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, StepPlan, StepResult,
                          StreamingEngine, StreamStateLostError)
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure
+from server.stream_books import StreamBooks
 from server.stream_state import StreamState, StreamStatus
 
 log = logging.getLogger("nemostream.scheduler")
@@ -146,9 +147,10 @@ class StreamHandle:
         return event
 
 
-class Scheduler:
+class Scheduler(StreamBooks):
     def __init__(self, engine: StreamingEngine, config: SchedulerConfig | None = None,
                  observer: SchedulerObserver | None = None):
+        super().__init__()
         self.engine = engine
         self.config = config or SchedulerConfig()
         self.observer = observer or SchedulerObserver()
@@ -159,7 +161,6 @@ class Scheduler:
         # Never below what one chunk needs, or a stream could wait for room that never comes.
         self._max_pending = max(int(self.config.max_pending_seconds * rate), 2 * self.geometry.segment_samples)
         self._max_samples = int(self.config.max_stream_seconds * rate)
-        self._streams: dict[str, StreamState] = {}
         self._ready: collections.OrderedDict[str, float] = collections.OrderedDict()  # id -> enqueued at
         self._wakeup = asyncio.Event()
         self._steps_in_flight = 0
@@ -168,12 +169,8 @@ class Scheduler:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
-        self.draining = False
-        self.dead_reason: str | None = None
         self.engine_name: str | None = None     # what the warm-up really executed
         self.executions: dict[str, int] = {}    # last snapshot of engine.executions()
-        self._idle = asyncio.Event()  # set while no stream is open
-        self._idle.set()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -210,28 +207,7 @@ class Scheduler:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def begin_drain(self) -> None:
-        self.draining = True
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no stream is open (drain); True when that happened within timeout_s."""
-        if not self._streams:
-            return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
     # -- admission -----------------------------------------------------------------------
-    @property
-    def active_streams(self) -> int:
-        return len(self._streams)
-
-    @property
-    def capacity(self) -> int:
-        return self.engine.capacity
-
     def slots_in_use(self) -> int:
         return self.engine.slots_in_use()
 
@@ -271,8 +247,7 @@ class Scheduler:
         state.audio_room.set()
         state.time_limit = asyncio.get_running_loop().call_later(
             self.config.max_stream_seconds, self._time_limit_reached, state)
-        self._streams[stream_id] = state
-        self._idle.clear()
+        self._add(state)
         return StreamHandle(self, state)
 
     # -- per-stream operations (event loop) ----------------------------------------------
@@ -308,24 +283,10 @@ class Scheduler:
         stream no longer takes audio."""
         if not self.accept_audio(stream, samples):
             return False
-        while len(stream.audio) > self._max_pending and stream.status is StreamStatus.RECEIVING:
-            if len(stream.events) >= self.config.response_buffer:
-                # Neither results nor audio move: the client stopped reading. Its buffers are full.
-                self._fail(stream, ErrorKind.RESOURCE_EXHAUSTED,
-                           f"the client is not reading responses: {len(stream.events)} results undelivered and "
-                           f"{len(stream.audio) / self.geometry.sample_rate:.1f} s of audio waiting "
-                           f"(limits: {self.config.response_buffer} results, "
-                           f"{self.config.max_pending_seconds:g} s of audio per stream)")
-                break
-            stream.audio_room.clear()
-            try:
-                await asyncio.wait_for(stream.audio_room.wait(), self.config.stall_timeout_s)
-            except TimeoutError:
-                self._fail(stream, ErrorKind.DEADLINE_EXCEEDED,
-                           f"no progress for {self.config.stall_timeout_s:g} s with "
-                           f"{len(stream.audio) / self.geometry.sample_rate:.1f} s of audio pending: "
-                           "the server is overloaded")
-        return stream.status is StreamStatus.RECEIVING
+        return await self._wait_for_audio_room(stream)
+
+    def _pending_samples(self, stream: StreamState) -> int:
+        return len(stream.audio)
 
     def _end_at_limit(self, stream: StreamState, what: str) -> None:
         log.info("stream reached its maximum duration; finalizing", extra={"stream_id": stream.stream_id, "limit": what})
@@ -352,14 +313,6 @@ class Scheduler:
     def fail_stream(self, stream: StreamState, kind: ErrorKind, message: str) -> None:
         self._fail(stream, kind, message)
 
-    async def next_event(self, stream: StreamState) -> StreamEvent | None:
-        while not stream.events:
-            if stream.terminal_delivered or stream.status is StreamStatus.CANCELLED:
-                return None
-            stream.events_ready.clear()
-            await stream.events_ready.wait()
-        return self.take_event(stream)
-
     def take_event(self, stream: StreamState) -> StreamEvent | None:
         """The next undelivered event, or None when there is none now (next_event waits)."""
         if not stream.events:
@@ -380,8 +333,7 @@ class Scheduler:
             stream.time_limit = None
         self._ready.pop(stream.stream_id, None)
         self._release_slot(stream)
-        if self._streams.pop(stream.stream_id, None) is not None and not self._streams:
-            self._idle.set()
+        self._forget(stream)
 
     # -- books ---------------------------------------------------------------------------
     def _emit(self, stream: StreamState, event: StreamEvent) -> None:
