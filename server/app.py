@@ -17,10 +17,10 @@ from engines.api import StreamingEngine
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.gc_policy import apply_gc_policy
-from server.metrics import ServerMetrics
+from server.metrics import MetricsObserver, ServerMetrics
 from server.riva_convert import RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
-from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
+from server.scheduler import Scheduler, SchedulerConfig
 from server.security import SecuritySettings
 from server.servicer import SpeechRecognitionServicer, TransportLimits
 from server.stream_config import ServedModel
@@ -87,7 +87,7 @@ class AsrServer:
         self.settings = settings or ServerSettings()
         self.metrics = metrics or ServerMetrics(max_batch=engine.max_batch)
         self.scheduler = scheduler or Scheduler(engine, self.settings.scheduler)
-        self.scheduler.observer = _Observer(self.metrics, self._on_engine_dead)
+        self.scheduler.observer = MetricsObserver(self.metrics, self._on_engine_dead)
         self.metrics.bind(self.scheduler)
         self.served = ServedModel(engine.model_info, engine.geometry, self.settings.model_aliases)
         self.health = HealthServicer()
@@ -190,26 +190,6 @@ class AsrServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-class _Observer(SchedulerObserver):
-    """Metrics, plus health going NOT_SERVING when the engine dies."""
-
-    def __init__(self, metrics: ServerMetrics, on_engine_dead):
-        self._metrics, self._on_engine_dead = metrics, on_engine_dead
-
-    def step_done(self, *args) -> None:
-        self._metrics.step_done(*args)
-
-    def chunk_answered(self, latency_seconds: float) -> None:
-        self._metrics.chunk_answered(latency_seconds)
-
-    def engine_dead(self, reason: str) -> None:
-        self._metrics.engine_dead(reason)
-        self._on_engine_dead(reason)
-
-    def step_fault(self, kind: str) -> None:
-        self._metrics.step_fault(kind)
 
 
 def _host(host: str) -> str:

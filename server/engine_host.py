@@ -30,8 +30,8 @@ from engines.api import StreamingEngine
 from server import ipc_wire as w
 from server.ipc_wire import FrameReader, FrameWriter
 from server.gc_policy import apply_gc_policy
-from server.metrics import ServerMetrics
-from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver, StreamListener
+from server.metrics import MetricsObserver, ServerMetrics
+from server.scheduler import Scheduler, SchedulerConfig, StreamListener
 from server.stream_events import ErrorKind, StreamError
 from server.stream_state import StreamState
 
@@ -81,7 +81,8 @@ class EngineHost(StreamListener):
         self.gc_threshold = gc_threshold
         self.metrics = ServerMetrics(max_batch=engine.max_batch)
         self.metrics.process_name = "engine"
-        self.scheduler = Scheduler(engine, config, _HostObserver(self))
+        self.scheduler = Scheduler(engine, config, MetricsObserver(self.metrics, self._on_engine_dead,
+                                                                   on_step=self.state_changed))
         self.scheduler.listener = self
         self.metrics.bind(self.scheduler)
         r = self.metrics.registry
@@ -295,6 +296,10 @@ class EngineHost(StreamListener):
     def _send_state_to(self, frontend: _Frontend) -> None:
         frontend.out.send(self._state_message())
 
+    def _on_engine_dead(self, reason: str) -> None:
+        self._send_state()  # the frontends hear it at once, not at the next period
+        self.engine_dead.set()
+
     def state_changed(self) -> None:
         """After a step: the executions moved. Once per loop iteration, ahead of the step's
         results, so a client that got its final sees what ran in ListModels."""
@@ -312,25 +317,3 @@ class EngineHost(StreamListener):
         while True:
             await asyncio.sleep(STATE_PERIOD_S)
             self._send_state()
-
-
-class _HostObserver(SchedulerObserver):
-    """The engine process's metrics; engine death reaches the frontends at once."""
-
-    def __init__(self, host: EngineHost):
-        self._host = host
-
-    def step_done(self, *args) -> None:
-        self._host.metrics.step_done(*args)
-        self._host.state_changed()
-
-    def chunk_answered(self, latency_seconds: float) -> None:
-        self._host.metrics.chunk_answered(latency_seconds)
-
-    def step_fault(self, kind: str) -> None:
-        self._host.metrics.step_fault(kind)
-
-    def engine_dead(self, reason: str) -> None:
-        self._host.metrics.engine_dead(reason)
-        self._host._send_state()
-        self._host.engine_dead.set()

@@ -155,3 +155,26 @@ class ServerMetrics(SchedulerObserver):
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class MetricsObserver(SchedulerObserver):
+    """The scheduler's hooks into the metrics, plus what the owner does when the engine dies
+    (health NOT_SERVING; with frontends, telling them) and, optionally, after every step."""
+
+    def __init__(self, metrics: ServerMetrics, on_engine_dead, on_step=None):
+        self._metrics, self._on_engine_dead, self._on_step = metrics, on_engine_dead, on_step
+
+    def step_done(self, *args) -> None:
+        self._metrics.step_done(*args)
+        if self._on_step is not None:
+            self._on_step()
+
+    def chunk_answered(self, latency_seconds: float) -> None:
+        self._metrics.chunk_answered(latency_seconds)
+
+    def engine_dead(self, reason: str) -> None:
+        self._metrics.engine_dead(reason)
+        self._on_engine_dead(reason)
+
+    def step_fault(self, kind: str) -> None:
+        self._metrics.step_fault(kind)
