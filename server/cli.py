@@ -215,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     _set_switch_interval(args)
     if args.frontends > 1:
         from server.frontends import serve_with_frontends
-        return _runner(args)(serve_with_frontends(engine, settings, args.frontends, argv,
-                                                  settings.exit_on_engine_death_s))
+        return _runner(args)(serve_with_frontends(engine, settings, args.frontends, argv))
     return _runner(args)(serve(engine, settings))
 
 

@@ -102,8 +102,7 @@ class FrontendSupervisor:
             self._watch(i)
 
     async def _spawn(self, index: int) -> None:
-        env = dict(os.environ)
-        self.procs[index] = await asyncio.create_subprocess_exec(*self._command(index), env=env)
+        self.procs[index] = await asyncio.create_subprocess_exec(*self._command(index))
 
     def _watch(self, index: int) -> None:
         task = asyncio.get_running_loop().create_task(self._keep_alive(index))
@@ -145,8 +144,7 @@ class FrontendSupervisor:
             await asyncio.gather(*(p.wait() for p in self.procs.values()))
 
 
-async def serve_with_frontends(engine, settings: ServerSettings, count: int, argv: list[str],
-                               engine_death_exit_s: float | None) -> int:
+async def serve_with_frontends(engine, settings: ServerSettings, count: int, argv: list[str]) -> int:
     """The parent: engine host + supervisor; returns the process exit status."""
     try:
         reserved = reserve_port(settings.host, settings.port)
@@ -188,10 +186,10 @@ async def serve_with_frontends(engine, settings: ServerSettings, count: int, arg
         await asyncio.wait([death, stopped], return_when=asyncio.FIRST_COMPLETED)
         if host.engine_dead.is_set() and not stop.is_set():
             reason = host.scheduler.dead_reason
-            if engine_death_exit_s is None:
+            if settings.exit_on_engine_death_s is None:
                 await stopped  # keep answering NOT_SERVING until told to stop
             else:
-                await asyncio.sleep(engine_death_exit_s)
+                await asyncio.sleep(settings.exit_on_engine_death_s)
             host.begin_drain()
             await supervisor.stop(grace_s=1.0)
             await host.stop()

@@ -77,12 +77,6 @@ class FrameWriter:
             return
         self._writer.write(_HEADER.pack(len(body)) + body)
 
-    @property
-    def buffered_bytes(self) -> int:
-        """Bytes written but not yet taken by the peer (a stuck peer shows here)."""
-        transport = self._writer.transport
-        return transport.get_write_buffer_size() if transport is not None else 0
-
     def close(self) -> None:
         self.flush()
         self.closed = True
