@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.cli import EXIT_ENGINE_DEAD
-from tests.server_harness import RATE, audio, config, pcm16_audio, requests_for, scrape, spawn_server
+from tests.server_harness import RATE, held_open_outcome, pcm16_audio, requests_for, scrape, spawn_server
 
 pytestmark = pytest.mark.asyncio
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -51,19 +51,8 @@ async def test_repeated_engine_failure_goes_not_serving_fails_open_streams_unava
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             assert (await watch.read()).status == SERVING
 
-            async def bystander(i: int) -> tuple[str, str]:
-                async def requests():
-                    yield config()
-                    yield audio(pcm16_audio(i, 800).tobytes())  # less than a chunk: in no step
-                    await resume.wait()
-
-                try:
-                    _ = [r async for r in pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(requests())]
-                except grpc.aio.AioRpcError as exc:
-                    return exc.code().name, exc.details() or ""
-                return "OK", ""
-
-            bystanders = [asyncio.create_task(bystander(i)) for i in range(3)]
+            stub = pb_grpc.SpeechRecognitionStub(channel)
+            bystanders = [asyncio.create_task(held_open_outcome(stub, i, resume)) for i in range(3)]
             for _ in range(2000):
                 if scrape(metrics_port)["asr_active_streams"] == 3:
                     break

@@ -25,7 +25,8 @@ from engines.api import TokenEvent
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.server_harness import (
-    ROOT, RATE, as_float, audio, config, final_transcript, pcm16_audio, requests_for, scrape, spawn_server,
+    ROOT, RATE, as_float, audio, config, final_transcript, held_open_outcome, pcm16_audio, requests_for, scrape,
+    spawn_server,
 )
 from tests.waiting import wait_for
 
@@ -171,9 +172,6 @@ async def test_frames_batch_messages_and_refuse_corrupt_lengths():
     reader = asyncio.StreamReader()
 
     class Sink:
-        def __init__(self):
-            self.transport = None
-
         def write(self, data):
             reader.feed_data(data)
 
@@ -218,17 +216,8 @@ async def test_when_the_engine_process_dies_the_frontends_fail_their_streams_and
     resume = asyncio.Event()
     try:
         async def held_open(i: int) -> tuple[str, str]:
-            async def requests():
-                yield config()
-                yield audio(pcm16_audio(300 + i, 800).tobytes())  # less than a chunk: nothing runs
-                await resume.wait()
-
             async with own_channel(port, 2000 + i) as channel:
-                try:
-                    _ = [r async for r in pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(requests())]
-                except grpc.aio.AioRpcError as exc:
-                    return exc.code().name, exc.details() or ""
-            return "OK", ""
+                return await held_open_outcome(pb_grpc.SpeechRecognitionStub(channel), 300 + i, resume)
 
         calls = [asyncio.create_task(held_open(i)) for i in range(4)]
         await wait_for(lambda: scrape(metrics_port)["asr_active_streams"] == 4, "the streams open")
