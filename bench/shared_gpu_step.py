@@ -2,7 +2,8 @@
 
 Each of K processes builds its own StreamingEngine (its own CUDA context, as `asr-server
 --engines K` runs them), warms it, waits for the others, then steps a steady-state batch
-back to back for --seconds. Reported per K: the median and p95 step time of each process and
+back to back for --seconds (optionally beside a pure-Python thread that competes for the
+interpreter lock, as an event loop does: --gil-loads). Reported per K: the median and p95 step time of each process and
 the chunks per second of all of them together. K=1 is the reference: if K=2 holds the step
 time near K=1's, the GPU has room for a second engine process, and what a second process buys
 is a second interpreter lock for the host work that limits one process.
@@ -17,10 +18,23 @@ import argparse
 import json
 import multiprocessing as mp
 import statistics
+import sys
+import threading
 import time
 
 
-def _worker(args: argparse.Namespace, batches: list[int], barrier, results) -> None:
+def _hold_the_lock(duty: float, stop: threading.Event, period_s: float = 0.002) -> None:
+    """A stand-in for an event loop in the engine's process: pure Python bytecode (which holds
+    the interpreter lock, handing it over only at the switch interval) for `duty` of each
+    period, then a sleep."""
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < duty * period_s:
+            sum(i * i for i in range(50))
+        time.sleep((1 - duty) * period_s)
+
+
+def _worker(args: argparse.Namespace, batches: list[int], loads: list[float], barrier, results) -> None:
     import numpy as np
     import torch
 
@@ -45,7 +59,8 @@ def _worker(args: argparse.Namespace, batches: list[int], barrier, results) -> N
     g = engine.geometry
     audio = speechlike_audio(60.0, seed=1)
     total = g.total_chunks(len(audio))
-    for batch in batches:
+    sys.setswitchinterval(args.switch_ms / 1e3)
+    for batch, load in [(b, x) for b in batches for x in loads]:
         slots = [engine.acquire_slot() for _ in range(batch)]
         # Wrap before the last chunk: streams stay open, caches stay full.
         plans = []
@@ -56,6 +71,9 @@ def _worker(args: argparse.Namespace, batches: list[int], barrier, results) -> N
         for k in range(8):  # warm-up, and caches past their first chunks
             engine.step(plans[k])
         barrier.wait()
+        stop = threading.Event()
+        if load > 0:
+            threading.Thread(target=_hold_the_lock, args=(load, stop), daemon=True).start()
         times = []
         k = 8
         end = time.perf_counter() + args.seconds
@@ -66,8 +84,9 @@ def _worker(args: argparse.Namespace, batches: list[int], barrier, results) -> N
                 torch.cuda.synchronize(dev)
             times.append(1e3 * (time.perf_counter() - t0))
             k += 1
+        stop.set()
         times.sort()
-        results.put({"batch": batch, "steps": len(times), "median_ms": statistics.median(times),
+        results.put({"batch": batch, "gil_load": load, "steps": len(times), "median_ms": statistics.median(times),
                      "p95_ms": times[int(0.95 * (len(times) - 1))], "seconds": args.seconds})
         for s in slots:
             engine.release_slot(s)
@@ -83,20 +102,24 @@ def main() -> None:
     ap.add_argument("--batches", default="64,128")
     ap.add_argument("--processes", default="1,2")
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--gil-loads", default="0",
+                    help="duty cycles of a pure-Python thread beside the engine's (0: none), e.g. 0,0.45,0.9")
+    ap.add_argument("--switch-ms", type=float, default=0.5, help="sys.setswitchinterval in each process")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")  # a CUDA context per process, as the server's engine processes
     batches = [int(b) for b in args.batches.split(",")]
+    loads = [float(x) for x in args.gil_loads.split(",")]
     rows = []
     for k in [int(p) for p in args.processes.split(",")]:
         barrier, results = ctx.Barrier(k), ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(args, batches, barrier, results)) for _ in range(k)]
+        procs = [ctx.Process(target=_worker, args=(args, batches, loads, barrier, results)) for _ in range(k)]
         for p in procs:
             p.start()
-        for batch in batches:
+        for batch, load in [(b, x) for b in batches for x in loads]:
             outs = [results.get() for _ in procs]
-            row = {"batch": batch, "processes": k,
+            row = {"batch": batch, "processes": k, "gil_load": load,
                    "step_median_ms": [round(o["median_ms"], 2) for o in outs],
                    "step_p95_ms": [round(o["p95_ms"], 2) for o in outs],
                    "chunks_per_s": round(sum(o["steps"] * batch / o["seconds"] for o in outs), 1)}
@@ -104,11 +127,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         for p in procs:
             p.join()
-    rows.sort(key=lambda r: (r["batch"], r["processes"]))
-    print("\n| batch | processes | step median ms (each) | step p95 ms (each) | chunks/s, all processes |")
-    print("|---|---|---|---|---|")
+    rows.sort(key=lambda r: (r["batch"], r["processes"], r["gil_load"]))
+    print("\n| batch | processes | Python thread duty | step median ms (each) | step p95 ms (each) | chunks/s, all |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['processes']} | {', '.join(map(str, r['step_median_ms']))} | "
+        print(f"| {r['batch']} | {r['processes']} | {r['gil_load']:g} | {', '.join(map(str, r['step_median_ms']))} | "
               f"{', '.join(map(str, r['step_p95_ms']))} | {r['chunks_per_s']:.0f} |")
     if args.out:
         with open(args.out, "w") as f:

@@ -137,7 +137,8 @@ def _level_row(lv: dict) -> dict:
         "busy": sm.get("engine_busy_fraction"), "lg_bound": lv["loadgen"]["bottleneck"],
         "lg_cpu_max": max(lv["loadgen"]["cpu_util"], default=None),
         # With frontend processes: all of the server's processes, and the busiest frontend's event loop.
-        "srv_cores": (sp.get("cores_with_frontends") or sp.get("cores")),
+        "srv_cores": (sp.get("cores_all_processes") or sp.get("cores_with_frontends") or sp.get("cores")),
+        "engine_worker": (sp.get("engine_worker") or {}).get("cores"),
         "srv_main": sp.get("main_thread_cores"),
         "fe_loop_max": max((f["main_thread_cores"] for f in sp.get("frontends", [])), default=None),
         "gc_ms": sm.get("gc_pause_ms_total"), "gc_full": sm.get("gc_full_collections"),
@@ -167,7 +168,7 @@ def markdown(summary: dict) -> str:
     for o in summary["ours"]:
         lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels ({o['model']}, max batch {o['max_batch']})", "",
                   "| c | done | errors | chunk p50 | chunk p95 | resp p50 | resp p95 | final p95 | RTFx | mean batch "
-                  "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest frontend loop] "
+                  "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest frontend loop] {engine worker} "
                   "| GC ms (full) [engine process] "
                   "| loadgen CPU max | LG-bound |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -176,7 +177,8 @@ def markdown(summary: dict) -> str:
                          f"| {_f(r['resp_p50'])} | {_f(r['resp_p95'])} | {_f(r['final_p95'])} | {_f(r['rtfx'])} "
                          f"| {_f(r['batch'])} | {_f(r['step_ms'])} | {_f(r['queue_ms'])} | {_f(r['busy'], 2)} "
                          f"| {_f(r['srv_cores'], 2)} ({_f(r['srv_main'], 2)})"
-                         + (f" [{_f(r['fe_loop_max'], 2)}]" if r.get("fe_loop_max") is not None else "") + " "
+                         + (f" [{_f(r['fe_loop_max'], 2)}]" if r.get("fe_loop_max") is not None else "")
+                         + (f" {{{_f(r['engine_worker'], 2)}}}" if r.get("engine_worker") is not None else "") + " "
                          f"| {_f(r.get('gc_ms'))} ({r.get('gc_full') if r.get('gc_full') is not None else '-'})"
                          + (f" [engine {_f(r['gc_engine']['ms'])} ({r['gc_engine']['full']})]" if r.get("gc_engine") else "")
                          + " "
@@ -210,7 +212,9 @@ def markdown(summary: dict) -> str:
             f"{_f(b['engine_busy_fraction'], 2)}); the rest of response latency is gRPC, the server's event loop and "
             f"the load generator (its CPU {b['loadgen_cpu_util']}, loop lag p99 {_f(b['loadgen_loop_lag_p99_ms'])} ms)"
             + (f"; server process {_f(b['server_process']['cores'], 2)} cores, its main thread (event loop, gRPC) "
-               f"{_f(b['server_process']['main_thread_cores'], 2)} of one core" if b.get("server_process") else ""))
+               f"{_f(b['server_process']['main_thread_cores'], 2)} of one core" if b.get("server_process") else "")
+            + (f"; engine worker process {_f(b['server_process']['engine_worker']['cores'], 2)} cores"
+               if (b.get("server_process") or {}).get("engine_worker") else ""))
     if any(o["loadgen_bound_levels"] for o in summary["ours"]):
         lines.append("- the load generator was the bottleneck at: "
                      + "; ".join(f"{o['lookahead_ms']} ms: {o['loadgen_bound_levels']}" for o in summary["ours"]

@@ -310,8 +310,25 @@ def _ticks(stat_path: str) -> tuple[str, int] | None:
     return name, int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
 
 
-def child_pids(pid: int) -> list[int]:
-    """Child processes of pid (an asr-server with --frontends: its frontend processes)."""
+ENGINE_WORKER_NAME = "asr-engine"  # the process name server.engine_worker gives its child
+
+
+def child_role(pid: int) -> str:
+    """What an asr-server child process is: "frontend" (--frontends), "engine" (the engine
+    worker), or "other" (multiprocessing's resource tracker)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"--frontend-of" in f.read().split(b"\0"):
+                return "frontend"
+        with open(f"/proc/{pid}/comm") as f:
+            return "engine" if f.read().strip() == ENGINE_WORKER_NAME else "other"
+    except OSError:
+        return "other"
+
+
+def child_pids(pid: int, role: str | None = None) -> list[int]:
+    """Child processes of pid (an asr-server: its engine worker, frontend processes with
+    --frontends, multiprocessing's resource tracker); only those of `role` when given."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -322,7 +339,7 @@ def child_pids(pid: int) -> list[int]:
                 continue
             if int(data[data.rindex(")") + 2:].split()[1]) == pid:
                 found.append(int(entry))
-    return found
+    return [c for c in found if role is None or child_role(c) == role]
 
 
 def proc_cpu_snapshot(pid: int) -> dict | None:
@@ -344,7 +361,7 @@ def proc_cpu_snapshot(pid: int) -> dict | None:
     for child in child_pids(pid):
         whole, main = _ticks(f"/proc/{child}/stat"), _ticks(f"/proc/{child}/task/{child}/stat")
         if whole is not None and main is not None:
-            children[child] = (whole[1], main[1])
+            children[child] = (whole[1], main[1], child_role(child))
     return {"t": time.monotonic(), "pid": pid, "total": total[1], "threads": threads, "children": children}
 
 
@@ -367,13 +384,22 @@ def proc_cpu_delta(before: dict | None, after: dict | None, top: int = 6) -> dic
     main = next((t["cores"] for t in threads if t["main"]), None)
     out = {"cores": round((after["total"] - before["total"]) / hz / wall, 3), "main_thread_cores": main,
            "wall_s": round(wall, 2), "busiest_threads": threads[:top]}
-    # Frontend processes: each one's cores and its event loop's (main thread) cores.
-    frontends = []
-    for child, (whole, loop) in sorted(after.get("children", {}).items()):
-        w0, l0 = before.get("children", {}).get(child, (0, 0))
-        frontends.append({"pid": child, "cores": round((whole - w0) / hz / wall, 3),
-                          "main_thread_cores": round((loop - l0) / hz / wall, 3)})
+    # Child processes: each frontend's cores and its event loop's (main thread) cores; the
+    # engine worker's (its main thread is the engine thread).
+    frontends, others = [], 0.0
+    for child, (whole, loop, role) in sorted(after.get("children", {}).items()):
+        w0, l0, _ = before.get("children", {}).get(child, (0, 0, role))
+        entry = {"pid": child, "cores": round((whole - w0) / hz / wall, 3),
+                 "main_thread_cores": round((loop - l0) / hz / wall, 3)}
+        if role == "frontend":
+            frontends.append(entry)
+        elif role == "engine":
+            out["engine_worker"] = entry
+        else:
+            others += entry["cores"]
     if frontends:
         out["frontends"] = frontends
-        out["cores_with_frontends"] = round(out["cores"] + sum(f["cores"] for f in frontends), 3)
+    if after.get("children"):
+        out["cores_all_processes"] = round(out["cores"] + others + sum(f["cores"] for f in frontends)
+                                           + out.get("engine_worker", {}).get("cores", 0.0), 3)
     return out

@@ -21,7 +21,8 @@ from engines.features import StreamingFeaturizer
 from engines.geometry import ChunkGeometry
 from engines.models import LoadedModel
 from engines.rnnt_decoder import GreedyRNNTDecoder
-from engines.slot_pool import SlotAllocator, SlotPool, StateSpec
+from engines.slot_allocator import SlotAllocator
+from engines.slot_pool import SlotPool, StateSpec
 
 log = logging.getLogger(__name__)
 

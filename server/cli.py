@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--seed", type=int, default=0, help="seed of builtin models' random weights")
     m.add_argument("--engine-factory", default=DEFAULT_FACTORY,
                    help="module:function taking an EngineConfig and returning a StreamingEngine")
+    m.add_argument("--no-engine-worker", action="store_true",
+                   help="run the engine in the server's own process; by default it runs in a worker process "
+                        "with its own interpreter lock, so the event loop does not slow its steps down "
+                        "(server/engine_worker.py)")
     n = p.add_argument_group("network")
     n.add_argument("--frontends", type=int, default=1,
                    help="gRPC frontend processes sharing the port around one engine process; one process "
@@ -201,22 +205,39 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"asr-server: {exc}", file=sys.stderr)
         return 2
-    factory = load_factory(args.engine_factory)
     print(f"asr-server: loading model {cfg.model} (engine {cfg.engine}, device {cfg.device}, "
           f"lookahead {cfg.lookahead_ms} ms)", flush=True)
     try:
-        engine = factory(cfg)
+        engine = start_engine(args, cfg, settings)
     except Exception as exc:  # an engine that cannot start must say why, not dump a traceback
         print(f"asr-server: cannot start: {exc}", file=sys.stderr, flush=True)
         return 1
-    if engine.model_info.random_weights:
-        print(f"asr-server: model {engine.model_info.name} has RANDOM weights: its transcripts are meaningless. "
-              "To serve a real model: asr-server --model /path/to/model.nemo", flush=True)
-    _set_switch_interval(args)
-    if args.frontends > 1:
-        from server.frontends import serve_with_frontends
-        return _runner(args)(serve_with_frontends(engine, settings, args.frontends, argv))
-    return _runner(args)(serve(engine, settings))
+    try:
+        if engine.model_info.random_weights:
+            print(f"asr-server: model {engine.model_info.name} has RANDOM weights: its transcripts are meaningless. "
+                  "To serve a real model: asr-server --model /path/to/model.nemo", flush=True)
+        _set_switch_interval(args)
+        if args.frontends > 1:
+            from server.frontends import serve_with_frontends
+            return _runner(args)(serve_with_frontends(engine, settings, args.frontends, argv))
+        return _runner(args)(serve(engine, settings))
+    finally:
+        close = getattr(engine, "close", None)
+        if callable(close):
+            close()
+
+
+def start_engine(args: argparse.Namespace, cfg: EngineConfig, settings: ServerSettings) -> StreamingEngine:
+    """The engine, in a worker process (the default) or in this one (--no-engine-worker)."""
+    if args.no_engine_worker:
+        return load_factory(args.engine_factory)(cfg)
+    from server.engine_worker import ChildOptions, EngineWorker
+
+    engine = EngineWorker.start(args.engine_factory, cfg, ChildOptions(
+        log_level=args.log_level, log_format=args.log_format, gc_freeze=settings.gc_freeze,
+        gc_threshold=settings.gc_threshold))
+    print(f"asr-server: engine worker process {engine.pid} ready", flush=True)
+    return engine
 
 
 def _set_switch_interval(args: argparse.Namespace) -> None:

@@ -177,8 +177,14 @@ class Scheduler(StreamBooks):
         # One dedicated thread: engine steps are not thread-safe (NeMo mutates streaming_cfg),
         # and the event loop must keep reading and writing while the engine computes.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
-        self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop(), name="batch-loop")
+        loop = asyncio.get_running_loop()
+        self._loop_task = loop.create_task(self._batch_loop(), name="batch-loop")
         self._loop_task.add_done_callback(self._loop_exited)
+        # An engine that can die on its own (server.engine_worker: its process exits) says so at
+        # once, so health turns NOT_SERVING without waiting for a step to fail.
+        watch = getattr(self.engine, "watch", None)
+        if callable(watch):
+            watch(lambda reason: _call_soon(loop, self._mark_dead, reason))
 
     async def warmup(self) -> str:
         """Run the engine's warm-up on the engine thread; prove its execution counter moved."""
@@ -693,3 +699,11 @@ class Scheduler(StreamBooks):
         for stream in list(self._streams.values()):
             self._fail(stream, ErrorKind.UNAVAILABLE, f"the engine failed: {reason}")
         self.observer.engine_dead(reason)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """From another thread: run fn on the loop, unless the loop has already closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass

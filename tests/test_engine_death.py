@@ -6,11 +6,14 @@ UNAVAILABLE, and the process exits with a non-zero status so an orchestrator res
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.loadgen_report import child_pids
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.cli import EXIT_ENGINE_DEAD
 from tests.server_harness import RATE, held_open_outcome, pcm16_audio, requests_for, scrape, spawn_server
@@ -76,6 +79,44 @@ async def test_repeated_engine_failure_goes_not_serving_fails_open_streams_unava
         assert await asyncio.wait_for(proc.wait(), 60) == EXIT_ENGINE_DEAD
         stderr = (await proc.stderr.read()).decode()
         assert f"exiting with status {EXIT_ENGINE_DEAD}" in stderr and "engine marked dead" in stderr
+    finally:
+        resume.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+async def test_a_killed_engine_worker_fails_open_streams_unavailable_and_the_server_exits_nonzero(frontends):
+    """The engine's own process (server.engine_worker) killed while streams are open and no
+    step runs: the server notices the exit itself, not at the next step."""
+    proc, port, metrics_port = await start_server(
+        "tests.fake_engine:build_fake_engine", "--exit-on-engine-death-s", "0.5", "--frontends", frontends)
+    resume = asyncio.Event()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == SERVING
+            stub = pb_grpc.SpeechRecognitionStub(channel)
+            held = [asyncio.create_task(held_open_outcome(stub, i, resume)) for i in range(3)]
+            for _ in range(2000):
+                if scrape(metrics_port)["asr_active_streams"] == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert scrape(metrics_port)["asr_active_streams"] == 3
+            workers = child_pids(proc.pid, "engine")
+            assert len(workers) == 1, workers
+            os.kill(workers[0], signal.SIGKILL)
+            for code, details in await asyncio.wait_for(asyncio.gather(*held), 30):
+                assert code == "UNAVAILABLE" and "engine worker process exited" in details, (code, details)
+            statuses = []
+            try:
+                while (message := await watch.read()) is not grpc.aio.EOF:
+                    statuses.append(message.status)
+            except grpc.aio.AioRpcError:
+                pass
+            assert statuses and statuses[-1] == NOT_SERVING
+        assert await asyncio.wait_for(proc.wait(), 60) == EXIT_ENGINE_DEAD
     finally:
         resume.set()
         if proc.returncode is None:

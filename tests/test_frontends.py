@@ -120,7 +120,7 @@ async def test_a_killed_frontend_costs_only_its_streams_and_is_started_again():
         calls = [asyncio.create_task(one(i)) for i in range(STREAMS)]
         await asyncio.gather(*(h.wait() for h in halfway))
         await wait_for(lambda: scrape(metrics_port)["asr_active_streams"] == STREAMS, "every stream open")
-        frontends = child_pids(proc.pid)
+        frontends = child_pids(proc.pid, "frontend")
         assert len(frontends) == 2, frontends
         os.kill(frontends[0], signal.SIGKILL)
         await asyncio.sleep(0.2)
@@ -141,7 +141,7 @@ async def test_a_killed_frontend_costs_only_its_streams_and_is_started_again():
         again = await asyncio.gather(*(
             _transcribe(port, i, clips[i]) for i in range(STREAMS)))
         assert again == expected
-        assert sorted(child_pids(proc.pid)) != sorted(frontends)
+        assert sorted(child_pids(proc.pid, "frontend")) != sorted(frontends)
     finally:
         resume.set()
         await stop(proc)
@@ -221,7 +221,9 @@ async def test_when_the_engine_process_dies_the_frontends_fail_their_streams_and
 
         calls = [asyncio.create_task(held_open(i)) for i in range(4)]
         await wait_for(lambda: scrape(metrics_port)["asr_active_streams"] == 4, "the streams open")
-        frontends = child_pids(proc.pid)
+        frontends = child_pids(proc.pid, "frontend")
+        workers = child_pids(proc.pid, "engine")
+        assert len(frontends) == 2 and len(workers) == 1, (frontends, workers)
         proc.kill()  # the engine process, without a word to anyone
         await proc.wait()
         for code, details in await asyncio.wait_for(asyncio.gather(*calls), 30):
@@ -235,6 +237,8 @@ async def test_when_the_engine_process_dies_the_frontends_fail_their_streams_and
             return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
         await wait_for(lambda: not any(alive(p) for p in frontends), "the orphaned frontends to exit", 30)
+        # The engine worker too: an orphan would keep the GPU's memory.
+        await wait_for(lambda: not any(alive(p) for p in workers), "the orphaned engine worker to exit", 30)
     finally:
         resume.set()
         if proc.returncode is None:

@@ -1,0 +1,46 @@
+"""Which stream slots are taken: the admission limit as a free list. Pure Python (no torch), so a
+process that keeps the books without the model (server.engine_worker) can allocate too."""
+
+from __future__ import annotations
+
+import threading
+
+from engines.api import PoolExhaustedError
+
+
+class SlotAllocator:
+    """Thread-safe free list. The event loop acquires; the scheduler releases."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+        self._used: set[int] = set()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise PoolExhaustedError(f"all {self.capacity} stream slots are in use")
+            slot = self._free.pop()
+            self._used.add(slot)
+            return slot
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            if slot not in self._used:
+                raise KeyError(f"slot {slot} is not in use")
+            self._used.remove(slot)
+            self._free.append(slot)
+
+    def in_use(self) -> int:
+        with self._lock:
+            return len(self._used)
+
+    def used_of(self, slots: list[int]) -> set[int]:
+        """Which of `slots` are in use, under one lock acquisition (a step checks a whole batch)."""
+        with self._lock:
+            return {s for s in slots if s in self._used}
+
+    def is_used(self, slot: int) -> bool:
+        with self._lock:
+            return slot in self._used

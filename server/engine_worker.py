@@ -1,0 +1,332 @@
+"""The engine in a worker process of its own, so that the engine and the scheduler's event loop do not
+share one interpreter lock.
+
+Why: an engine step is a few dozen short GPU launches with Python between them; while the event
+loop holds the lock (the per-chunk books, gRPC or the frontends' wire), the GPU runs dry. On an
+H100 a pure-Python thread busy 45% of the time beside the engine thread stretched a step of 128
+streams from 13.3 to 17.2 ms, and at 70% to 21.0 ms (bench/shared_gpu_step.py --gil-loads,
+bench/RESULTS.md); the server's event loop at 1,000 streams is such a thread. In its own
+process the engine thread runs alone.
+
+Parent side: `EngineWorker`, a StreamingEngine whose `step` is a round trip over a pipe (the
+scheduler's engine thread waits in it without the lock). Slots are allocated here, where the
+books are, and each acquire and release is sent ahead of any step that uses the slot; the
+child maps them onto slots of its own engine, whose own checks still apply.
+
+Child side: `_child_main` builds the engine with the named factory (as `asr-server
+--engine-factory` names it), reports what the server needs to know about it, then answers
+requests in order until the pipe closes. It ignores SIGINT and SIGTERM: the parent decides when
+it stops (a Ctrl-C reaches the whole process group, and the parent's drain still needs it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engines.api import (BadChunkError, EngineError, EngineOverloadedError, EngineState, ModelInfo, PoolExhaustedError,
+                         StepPlan, StepResult, StreamStateLostError)
+from engines.config import EngineConfig
+from engines.geometry import ChunkGeometry
+from engines.slot_allocator import SlotAllocator
+
+log = logging.getLogger("nemostream.engine_worker")
+PROCESS_NAME = "asr-engine"  # what ps shows for the child
+
+
+@dataclass(frozen=True)
+class ChildOptions:
+    """How the child sets itself up: logging as the parent's, and the garbage collector's
+    policy after warm-up (server.gc_policy), since the child allocates per step too."""
+
+    log_level: str = "INFO"
+    log_format: str = "text"
+    gc_freeze: bool = True
+    gc_threshold: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class _Facts:
+    geometry: ChunkGeometry
+    model_info: ModelInfo
+    capacity: int
+    max_batch: int
+    startup_report: dict | None  # the engine's StartupReport.as_dict(): its dataclass would import torch here
+    executions: dict[str, int]
+
+
+# -- child ---------------------------------------------------------------------------------------
+def _load_factory(spec: str) -> Callable[[EngineConfig], object]:
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr or "build_engine")
+    except (ImportError, AttributeError) as exc:
+        raise EngineError(f"cannot load the engine factory {spec!r}: {exc}") from exc
+
+
+def _error_reply(exc: BaseException, executions: dict[str, int], state: str | None) -> tuple:
+    return ("err", type(exc).__name__, str(exc), tuple(getattr(exc, "stream_ids", ()) or ()),
+            getattr(exc, "batch_size", None), executions, state)
+
+
+def _state_of(engine) -> str | None:
+    state = getattr(engine, "state", None)
+    return state.value if isinstance(state, EngineState) else None
+
+
+class _ChildSlots:
+    """The parent's slot numbers onto the child engine's own (the engine's warm-up acquires and
+    releases slots of its own, so the two free lists need not agree)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.to_child: dict[int, int] = {}
+        self.to_parent: dict[int, int] = {}
+
+    def claim(self, slot: int) -> None:
+        child = self.engine.acquire_slot()
+        self.to_child[slot], self.to_parent[child] = child, slot
+
+    def release(self, slot: int) -> None:
+        child = self.to_child.pop(slot)
+        del self.to_parent[child]
+        self.engine.release_slot(child)
+
+    def plan(self, plan: StepPlan) -> StepPlan:
+        unknown = tuple(c.stream_id for c in plan.chunks if c.slot not in self.to_child)
+        if unknown:
+            raise BadChunkError(f"invalid chunks: slots not acquired through the engine worker: {unknown}", unknown)
+        return StepPlan(tuple(c if self.to_child[c.slot] == c.slot
+                              else dataclasses.replace(c, slot=self.to_child[c.slot]) for c in plan.chunks))
+
+    def result(self, result: StepResult) -> StepResult:
+        if all(self.to_parent.get(u.slot, u.slot) == u.slot for u in result.updates):
+            return result
+        return dataclasses.replace(result, updates=tuple(
+            dataclasses.replace(u, slot=self.to_parent.get(u.slot, u.slot)) for u in result.updates))
+
+
+def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: EngineConfig,
+                options: ChildOptions) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:  # a name for ps and top, and for the load generator's CPU report (client.loadgen_report)
+        with open("/proc/self/comm", "w") as f:
+            f.write(PROCESS_NAME)
+    except OSError:
+        pass
+    from server.gc_policy import apply_gc_policy
+    from server.logging_setup import configure_logging
+
+    configure_logging(options.log_level, options.log_format)
+    try:
+        engine = _load_factory(factory)(cfg)
+        report = getattr(engine, "startup_report", None)
+        conn.send(("hello", _Facts(engine.geometry, engine.model_info, engine.capacity, engine.max_batch,
+                                   report.as_dict() if hasattr(report, "as_dict") else None,
+                                   dict(engine.executions()))))
+    except BaseException as exc:  # noqa: BLE001 - the parent reports why the engine cannot start
+        conn.send(("failed", f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)))
+        return
+    slots = _ChildSlots(engine)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        op = message[0]
+        if op == "step":
+            try:
+                result = slots.result(engine.step(slots.plan(message[1])))
+                reply = ("ok", result, dict(engine.executions()), _state_of(engine))
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the scheduler
+                reply = _error_reply(exc, dict(engine.executions()), _state_of(engine))
+            conn.send(reply)
+        elif op == "claim":
+            try:
+                slots.claim(message[1])
+            except BaseException:  # noqa: BLE001 - the slot's steps will be refused as unknown
+                log.exception("claiming a slot in the engine worker failed", extra={"slot": message[1]})
+        elif op == "release":
+            try:
+                slots.release(message[1])
+            except BaseException:  # noqa: BLE001
+                log.exception("releasing a slot in the engine worker failed", extra={"slot": message[1]})
+        elif op == "warmup":
+            try:
+                name = engine.warmup()
+                apply_gc_policy(options.gc_freeze, options.gc_threshold)
+                conn.send(("ok", name, dict(engine.executions()), _state_of(engine)))
+            except BaseException as exc:  # noqa: BLE001
+                conn.send(_error_reply(exc, dict(engine.executions()), _state_of(engine)))
+        elif op == "stop":
+            return
+
+
+# -- parent --------------------------------------------------------------------------------------
+_ERRORS = {"BadChunkError": BadChunkError, "StreamStateLostError": StreamStateLostError}
+
+
+class EngineWorker:
+    """A StreamingEngine running in a child process (see the module docstring). Start it with
+    `EngineWorker.start`; `close` stops the child."""
+
+    def __init__(self, process, conn: multiprocessing.connection.Connection, facts: _Facts):
+        self._process = process
+        self._conn = conn
+        self.geometry = facts.geometry
+        self.model_info = facts.model_info
+        self.capacity = facts.capacity
+        self.max_batch = facts.max_batch
+        self.startup_report = facts.startup_report
+        self._executions = dict(facts.executions)
+        self._allocator = SlotAllocator(facts.capacity)
+        self._send_lock = threading.Lock()   # the loop sends claims and releases, the engine thread steps
+        self._request_lock = threading.Lock()  # one request and its reply at a time
+        self._dead_reason: str | None = None
+        self._closing = False
+        self.state = EngineState.READY
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @classmethod
+    def start(cls, factory: str, cfg: EngineConfig, options: ChildOptions | None = None) -> EngineWorker:
+        """Spawn the child, wait until its engine is built. Raises EngineError with the child's
+        reason when it cannot start (or exits first)."""
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state, no locks held
+        parent, child = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=_child_main, args=(child, factory, cfg, options or ChildOptions()),
+                              name="asr-engine-worker")
+        process.start()
+        child.close()
+        try:
+            while not parent.poll(0.2):
+                if not process.is_alive():
+                    raise EngineError(f"the engine worker process exited with status {process.exitcode} before it was ready")
+            kind, payload = parent.recv()
+        except (EOFError, OSError) as exc:
+            process.join(5)
+            raise EngineError(f"the engine worker process exited with status {process.exitcode} before it was ready") from exc
+        except BaseException:
+            process.kill()
+            process.join(5)
+            raise
+        if kind != "hello":
+            process.join(5)
+            raise EngineError(payload)
+        return cls(process, parent, payload)
+
+    # -- slots (event loop) ---------------------------------------------------------------------
+    def acquire_slot(self) -> int:
+        slot = self._allocator.acquire()
+        try:
+            self._send(("claim", slot))
+        except EngineError:
+            self._allocator.release(slot)
+            raise
+        return slot
+
+    def release_slot(self, slot: int) -> None:
+        self._allocator.release(slot)
+        try:
+            self._send(("release", slot))
+        except EngineError:
+            pass  # the child is gone, and its slots with it
+
+    def slots_in_use(self) -> int:
+        return self._allocator.in_use()
+
+    def executions(self) -> dict[str, int]:
+        return dict(self._executions)
+
+    # -- requests (engine thread) ---------------------------------------------------------------
+    def step(self, plan: StepPlan) -> StepResult:
+        return self._request(("step", plan))
+
+    def warmup(self) -> str:
+        return self._request(("warmup",))
+
+    def _request(self, message: tuple):
+        with self._request_lock:
+            self._send(message)
+            try:
+                reply = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                raise EngineError(self._died()) from exc
+        status, *rest = reply
+        if status == "ok":
+            value, self._executions, state = rest
+            self._note_state(state)
+            return value
+        name, message_text, stream_ids, batch_size, self._executions, state = rest
+        self._note_state(state)
+        if name == "EngineOverloadedError":
+            raise EngineOverloadedError(message_text, batch_size)
+        if name in _ERRORS:
+            raise _ERRORS[name](message_text, stream_ids)
+        if name == "PoolExhaustedError":
+            raise PoolExhaustedError(message_text)
+        raise EngineError(message_text if name == "EngineError" else f"{name}: {message_text}")
+
+    def _note_state(self, state: str | None) -> None:
+        if state == EngineState.DEAD.value:
+            self.state = EngineState.DEAD
+
+    def _send(self, message: tuple) -> None:
+        if self._dead_reason is not None:
+            raise EngineError(self._dead_reason)
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError) as exc:  # BrokenPipeError; ValueError: the pipe was closed
+            raise EngineError(self._died()) from exc
+
+    def _died(self) -> str:
+        if self._dead_reason is None:
+            self._process.join(1.0)
+            code = self._process.exitcode
+            self._dead_reason = (f"the engine worker process exited (status {code})" if code is not None
+                                 else "the engine worker process stopped answering")
+            self.state = EngineState.DEAD
+        return self._dead_reason
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def watch(self, on_exit: Callable[[str], None]) -> None:
+        """Call `on_exit(reason)` (from a watcher thread) if the child exits before `close`,
+        so a dead engine is noticed without waiting for the next step."""
+        def wait() -> None:
+            multiprocessing.connection.wait([self._process.sentinel])
+            if not self._closing:
+                on_exit(self._died())
+
+        threading.Thread(target=wait, name="engine-worker-watch", daemon=True).start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the child: asked first, then terminated, then killed."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            with self._send_lock:
+                self._conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        deadline = time.monotonic() + timeout_s
+        self._process.join(timeout_s)
+        for stop in (self._process.terminate, self._process.kill):
+            if self._process.exitcode is not None:
+                break
+            stop()
+            self._process.join(max(1.0, deadline - time.monotonic()))
+        self._conn.close()

@@ -1,0 +1,173 @@
+"""server.engine_worker: the engine in a child process of its own, behind the StreamingEngine
+interface. Real child processes throughout: the real builtin:tiny model (transcripts equal to
+the same engine in this process), and fake engines (tests.fake_engine) for the error paths."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, StepPlan,
+                         StreamStateLostError)
+from engines.config import EngineConfig
+from server.engine_worker import ChildOptions, EngineWorker
+from tests.fake_engine import FakeEngine
+
+QUIET = ChildOptions(log_level="WARNING", gc_freeze=False)
+
+
+class _ScriptedFaults(FakeEngine):
+    """Fails a step by the name of its first stream: oom-*, lost-*, bad-*, boom-*."""
+
+    def step(self, plan: StepPlan):
+        sid = plan.chunks[0].stream_id
+        if sid.startswith("oom"):
+            raise EngineOverloadedError("out of device memory (scripted)", batch_size=len(plan.chunks))
+        if sid.startswith("lost"):
+            raise StreamStateLostError("commit failed (scripted)", (sid,))
+        if sid.startswith("bad"):
+            raise BadChunkError("invalid chunks (scripted)", (sid,))
+        if sid.startswith("boom"):
+            raise RuntimeError("the device fell over (scripted)")
+        return super().step(plan)
+
+
+def build_scripted_faults(cfg: EngineConfig) -> FakeEngine:
+    return _ScriptedFaults(capacity=cfg.max_streams, max_batch=cfg.max_batch, lookahead_ms=cfg.lookahead_ms)
+
+
+def build_refusing(cfg: EngineConfig):
+    raise ValueError("no model at /nowhere/model.nemo")
+
+
+def _fake_cfg() -> EngineConfig:
+    return EngineConfig(model="fake", max_streams=8, max_batch=4, lookahead_ms=160)
+
+
+def _run_streams(engine, audios: list[np.ndarray]) -> list[tuple[str, tuple]]:
+    """Step several streams together, chunk by chunk, to the end: (text, labels) per stream."""
+    g = engine.geometry
+    slots = [engine.acquire_slot() for _ in audios]
+    texts, labels = [""] * len(audios), [[] for _ in audios]
+    try:
+        for k in range(max(g.total_chunks(len(a)) for a in audios)):
+            chunks = []
+            for i, (slot, a) in enumerate(zip(slots, audios)):
+                if k < g.total_chunks(len(a)):
+                    start, end = g.chunk_span(k, len(a), True)
+                    chunks.append(ChunkWork(f"s{i}", slot, a[start:end], k == 0, end == len(a)))
+            for u in engine.step(StepPlan(tuple(chunks))).updates:
+                i = int(u.stream_id[1:])
+                assert u.slot == slots[i]  # the child's slot numbers never leak out
+                texts[i] += u.text_delta
+                labels[i] += [(t.token_id, t.frame) for t in u.tokens]
+    finally:
+        for slot in slots:
+            engine.release_slot(slot)
+    return list(zip(texts, (tuple(x) for x in labels)))
+
+
+def test_the_real_model_in_a_worker_transcribes_exactly_as_in_this_process():
+    from engines.factory import build_engine
+    from engines.models import speechlike_audio
+
+    cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", lookahead_ms=160,
+                       max_streams=6, max_batch=4)
+    audios = [speechlike_audio(s, seed=20 + i) for i, s in enumerate((1.3, 2.1, 0.7))]
+    local = build_engine(cfg)
+    local.warmup()
+    expected = _run_streams(local, audios)
+    worker = EngineWorker.start("engines.factory:build_engine", cfg, QUIET)
+    try:
+        assert worker.geometry == local.geometry and worker.model_info == local.model_info
+        assert worker.startup_report["engine"] == "eager"
+        before = worker.executions()["eager"]
+        assert worker.warmup() == "eager"
+        # The warm-up took and gave back slots of the child's own, so its free list no longer
+        # matches ours: every slot below goes through the mapping.
+        got = _run_streams(worker, audios)
+        assert got == expected and any(text for text, _ in got)
+        assert worker.executions()["eager"] > before + 1  # counted in the child, where it ran
+        assert worker.slots_in_use() == 0
+        # Slots come back in the child too: the whole capacity can be taken, and used, again.
+        taken = [worker.acquire_slot() for _ in range(cfg.max_streams)]
+        for slot in taken:
+            worker.release_slot(slot)
+        assert _run_streams(worker, audios) == expected
+    finally:
+        worker.close()
+    assert worker._process.exitcode == 0
+
+
+def test_engine_errors_come_back_as_the_same_types_with_their_details():
+    worker = EngineWorker.start("tests.test_engine_worker:build_scripted_faults", _fake_cfg(), QUIET)
+    try:
+        worker.warmup()
+        slot = worker.acquire_slot()
+        audio = np.zeros(worker.geometry.samples_needed(0), np.float32)
+
+        def step(sid: str):
+            return worker.step(StepPlan((ChunkWork(sid, slot, audio, True, False),)))
+
+        with pytest.raises(EngineOverloadedError, match="scripted") as oom:
+            step("oom-1")
+        assert oom.value.batch_size == 1
+        with pytest.raises(StreamStateLostError) as lost:
+            step("lost-1")
+        assert lost.value.stream_ids == ("lost-1",)
+        with pytest.raises(BadChunkError) as bad:
+            step("bad-1")
+        assert bad.value.stream_ids == ("bad-1",)
+        with pytest.raises(EngineError, match=r"RuntimeError: the device fell over"):
+            step("boom-1")
+        assert step("fine").updates[0].stream_id == "fine"  # the worker goes on after each
+        # A slot this side never acquired is refused by name, as the engine itself refuses one.
+        with pytest.raises(BadChunkError) as unknown:
+            worker.step(StepPlan((ChunkWork("stray", slot + 1, audio, True, False),)))
+        assert unknown.value.stream_ids == ("stray",)
+        assert worker.state is EngineState.READY
+    finally:
+        worker.close()
+
+
+def test_an_engine_that_cannot_start_says_why():
+    with pytest.raises(EngineError, match="no model at /nowhere/model.nemo"):
+        EngineWorker.start("tests.test_engine_worker:build_refusing", _fake_cfg(), QUIET)
+    with pytest.raises(EngineError, match="cannot load the engine factory 'tests.nowhere:build'"):
+        EngineWorker.start("tests.nowhere:build", _fake_cfg(), QUIET)
+
+
+def test_a_killed_worker_is_reported_at_once_and_every_later_call_fails_cleanly():
+    worker = EngineWorker.start("tests.fake_engine:build_fake_engine", _fake_cfg(), QUIET)
+    died = threading.Event()
+    reasons: list[str] = []
+    worker.watch(lambda reason: (reasons.append(reason), died.set()))
+    try:
+        worker.warmup()
+        slot = worker.acquire_slot()
+        os.kill(worker.pid, signal.SIGKILL)
+        assert died.wait(10), "the watcher did not report the exit"
+        assert reasons == [f"the engine worker process exited (status {-signal.SIGKILL})"]
+        assert worker.state is EngineState.DEAD
+        audio = np.zeros(worker.geometry.samples_needed(0), np.float32)
+        with pytest.raises(EngineError, match="engine worker process exited"):
+            worker.step(StepPlan((ChunkWork("s", slot, audio, True, False),)))
+        with pytest.raises(EngineError, match="engine worker process exited"):
+            worker.acquire_slot()
+        worker.release_slot(slot)  # the books here stay right; the child's slots died with it
+        assert worker.slots_in_use() == 0
+    finally:
+        worker.close()
+
+
+def test_close_stops_the_child_and_does_not_report_it_as_a_death():
+    worker = EngineWorker.start("tests.fake_engine:build_fake_engine", _fake_cfg(), QUIET)
+    reasons: list[str] = []
+    worker.watch(reasons.append)
+    worker.close()
+    assert worker._process.exitcode == 0
+    assert reasons == []
