@@ -122,6 +122,8 @@ def _breakdown(lv: dict | None) -> dict | None:
         "steps_per_s": sm.get("steps_per_s"), "loadgen_cpu_util": lv["loadgen"]["cpu_util"],
         "loadgen_loop_lag_p99_ms": lv["loadgen"]["loop_lag_ms"]["p99"],
         "server_process": lv.get("server_process"),
+        "engine_step_ms": sm.get("mean_engine_step_ms"), "phase_ms": sm.get("phase_ms_mean") or {},
+        "phase_samples": sm.get("phase_samples"),
     }
 
 
@@ -215,6 +217,13 @@ def markdown(summary: dict) -> str:
                f"{_f(b['server_process']['main_thread_cores'], 2)} of one core" if b.get("server_process") else "")
             + (f"; engine worker process {_f(b['server_process']['engine_worker']['cores'], 2)} cores"
                if (b.get("server_process") or {}).get("engine_worker") else ""))
+        if b.get("engine_step_ms"):
+            phases = ", ".join(f"{k} {_f(v, 2)}" for k, v in b["phase_ms"].items())
+            lines.append(
+                f"  - inside the engine: step mean {_f(b['engine_step_ms'])} ms of the scheduler's "
+                f"{_f(b['server_mean_step_ms'])} ms (the rest: the pipe to the engine worker and back)"
+                + (f"; phases in ms, mean of {b['phase_samples']} steps synchronized at each phase: {phases}"
+                   if phases else ""))
     if any(o["loadgen_bound_levels"] for o in summary["ours"]):
         lines.append("- the load generator was the bottleneck at: "
                      + "; ".join(f"{o['lookahead_ms']} ms: {o['loadgen_bound_levels']}" for o in summary["ours"]

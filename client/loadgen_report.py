@@ -239,6 +239,9 @@ def _hist_quantile(before: dict, after: dict, name: str, q: float) -> float | No
     return prev_le
 
 
+STEP_PHASE_ORDER = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")  # server.metrics
+
+
 def server_delta(before: dict, after: dict, wall_s: float) -> dict:
     """What the server's own metrics say about one level."""
     def mean(name: str, scale: float = 1.0):
@@ -264,6 +267,16 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
             d = v - before.get((n, labels), 0.0)
             if d:
                 faults[n[4:-6] + "{" + ",".join(f"{k}={val}" for k, val in labels) + "}"] = int(d)
+    # Phases of the steps that synchronized the device at each boundary (a sample of the steps),
+    # in the order a step runs them.
+    phases: dict[str, float] = {}
+    phase_samples = 0
+    names = [dict(labels).get("phase", "?") for (n, labels) in after if n == "asr_engine_phase_seconds_count"]
+    for phase in sorted(names, key=lambda p: (STEP_PHASE_ORDER.index(p) if p in STEP_PHASE_ORDER else 99, p)):
+        count = _delta(before, after, "asr_engine_phase_seconds_count", phase=phase)
+        if count > 0:
+            phase_samples = max(phase_samples, int(count))
+            phases[phase] = round(1e3 * _delta(before, after, "asr_engine_phase_seconds_sum", phase=phase) / count, 3)
     q = lambda name, p: (None if (v := _hist_quantile(before, after, name, p)) is None else round(1e3 * v, 2))  # noqa: E731
     # garbage collections during the level: every thread stops for them (asr_gc_pause_seconds)
     # (with --frontends: per process too; the engine process's pauses stop the engine thread)
@@ -284,6 +297,9 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
         "steps": int(steps), "steps_per_s": round(steps / wall_s, 2) if wall_s > 0 else None,
         "steps_by_engine": engines, "engine_executions": executions,
         "mean_batch": mean("asr_batch_size"), "mean_step_ms": mean("asr_step_seconds", 1e3),
+        # inside the engine (the rest of mean_step_ms is the way to the engine worker and back)
+        "mean_engine_step_ms": mean("asr_engine_step_seconds", 1e3),
+        "phase_ms_mean": phases, "phase_samples": phase_samples,
         "step_ms_p50": q("asr_step_seconds", 0.5), "step_ms_p95": q("asr_step_seconds", 0.95),
         "mean_queue_wait_ms": mean("asr_queue_wait_seconds", 1e3), "queue_wait_ms_p95": q("asr_queue_wait_seconds", 0.95),
         "server_chunk_latency_ms_p50": q("asr_chunk_latency_seconds", 0.5),

@@ -105,6 +105,11 @@ class StepTimings:
     gather_ms: float = 0.0     # the slot pool's gather of the batch's state rows
     commit_ms: float = 0.0     # scatter to the slot pool, waveform history, host counters
     results_ms: float = 0.0    # the per-row StreamUpdate objects
+    # True when the step synchronized the device at each phase boundary (a sampled step, see
+    # EngineConfig.profile_every): only then do a GPU's phases hold its time; otherwise a phase
+    # holds its launches and the next sync pays for it. (On the CPU every step's phases are
+    # true, but only sampled steps say so, the same share of steps on every device.)
+    synced: bool = False
 
 
 @dataclass(frozen=True)

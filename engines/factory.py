@@ -147,6 +147,7 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
             raise EngineStartError(f"{e}; the fallback engine failed too: {e2}") from e2
     engine = StreamingEngine(model, encoder, cfg.lookahead_ms, cfg.max_streams, cfg.max_batch, device, dtype,
                            align_chunks=cfg.align_chunks)
+    engine.profile_every = cfg.profile_every
     describe = getattr(encoder, "describe", None)
     engine.startup_report = StartupReport(
         configured_engine=engine_name, engine=encoder.name, fallback_reason=fallback_reason, self_check=check,

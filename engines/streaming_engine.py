@@ -84,8 +84,12 @@ class StreamingEngine:
         self.frames_done = np.zeros(capacity, dtype=np.int64)
         self.text_started = np.zeros(capacity, dtype=bool)
         self.finished = np.zeros(capacity, dtype=bool)
-        # Benchmarks set this to attribute GPU time to phases (a device sync at each boundary).
+        # Benchmarks set this to attribute GPU time to phases (a device sync at each boundary);
+        # profile_every does it for every Nth step while serving (EngineConfig.profile_every).
         self.sync_timings = False
+        self.profile_every = 0
+        self._steps_run = 0
+        self._sync_now = False
 
     # -- slots ---------------------------------------------------------------------------------
     def acquire_slot(self) -> int:
@@ -156,6 +160,8 @@ class StreamingEngine:
         EngineOverloadedError (the scheduler retries in smaller batches). A failure during the
         commit is StreamStateLostError: those streams cannot continue."""
         t_start = time.perf_counter()
+        self._steps_run += 1
+        self._sync_now = self.sync_timings or (self.profile_every > 0 and self._steps_run % self.profile_every == 0)
         self._validate(plan)
         if not plan.chunks:
             return StepResult(updates=(), engine=self.encoder_engine.name)
@@ -223,7 +229,8 @@ class StreamingEngine:
         timings = StepTimings(features_ms=1e3 * (t1 - t0), encoder_ms=1e3 * (t2 - t1),
                               decode_ms=1e3 * (t3 - t2), total_ms=1e3 * (t4 - t0),
                               assemble_ms=1e3 * (t_assembled - t0), gather_ms=1e3 * (t1 - t_feats),
-                              commit_ms=1e3 * (t_committed - t3), results_ms=1e3 * (t4 - t_committed))
+                              commit_ms=1e3 * (t_committed - t3), results_ms=1e3 * (t4 - t_committed),
+                              synced=self._sync_now)
         return StepResult(updates=tuple(updates), engine=self.encoder_engine.name, timings=timings)
 
     def _updates(self, chunks, slots: list[int], chunk_index: list[int], audio_end: np.ndarray,
@@ -263,7 +270,7 @@ class StreamingEngine:
         return updates
 
     def _sync(self) -> None:
-        if self.sync_timings and self.device.type == "cuda":
+        if self._sync_now and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _text(self, slot: int, tokens: tuple[TokenEvent, ...]) -> str:

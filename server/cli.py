@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--lookahead-ms", type=int, default=160, choices=sorted(LOOKAHEAD_TO_RIGHT_CONTEXT))
     m.add_argument("--max-batch", type=int, default=32, help="chunks per engine step")
     m.add_argument("--max-streams", type=int, default=64, help="concurrent streams (cache slots)")
+    m.add_argument("--profile-every", type=int, default=100,
+                   help="every Nth engine step synchronizes the device at each phase, for the per-phase "
+                        "times in asr_engine_phase_seconds (0: never)")
     m.add_argument("--cache-dir", default=None, help="exported graphs / built engine plans")
     m.add_argument("--seed", type=int, default=0, help="seed of builtin models' random weights")
     m.add_argument("--engine-factory", default=DEFAULT_FACTORY,
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
                            lookahead_ms=args.lookahead_ms, max_streams=args.max_streams, max_batch=args.max_batch,
                            fallback_engine=args.fallback_engine, cache_dir=args.cache_dir, seed=args.seed,
-                           cudagraph_compile=args.compile)
+                           cudagraph_compile=args.compile, profile_every=args.profile_every)
         settings = build_settings(args)
     except ValueError as exc:
         print(f"asr-server: {exc}", file=sys.stderr)

@@ -12,6 +12,9 @@ from prometheus_client.core import CounterMetricFamily
 from server.scheduler import Scheduler, SchedulerObserver
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_PHASE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25)
+# StepTimings as phases that do not overlap: (label, what it is), in the order a step runs them.
+STEP_PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
 
 
 class _ExecutionsCollector:
@@ -71,7 +74,14 @@ class ServerMetrics(SchedulerObserver):
         batch_buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch} | {max_batch})
         self.batch_size = Histogram("asr_batch_size", "Chunks per engine step", buckets=batch_buckets, registry=r)
         self.queue_wait = Histogram("asr_queue_wait_seconds", "Ready chunk to step start", buckets=_LATENCY_BUCKETS, registry=r)
-        self.step_time = Histogram("asr_step_seconds", "Engine step wall time", buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_time = Histogram("asr_step_seconds", "Engine step wall time, as the scheduler waits for it",
+                                   buckets=_LATENCY_BUCKETS, registry=r)
+        self.engine_step_time = Histogram(
+            "asr_engine_step_seconds", "Engine step time inside the engine (asr_step_seconds less the way to an "
+            "engine worker process and back)", buckets=_PHASE_BUCKETS, registry=r)
+        self.engine_phase_time = Histogram(
+            "asr_engine_phase_seconds", "Engine step phases, from the steps that synchronized the device at each "
+            "phase boundary (every --profile-every steps)", ["phase"], buckets=_PHASE_BUCKETS, registry=r)
         self.chunk_latency = Histogram("asr_chunk_latency_seconds",
                                        "Arrival of a chunk's last audio to its result", buckets=_LATENCY_BUCKETS, registry=r)
         self.steps = Counter("asr_steps", "Engine steps by the engine name the step reported", ["engine"], registry=r)
@@ -103,12 +113,20 @@ class ServerMetrics(SchedulerObserver):
             gc.callbacks.append(self._gc_timer)
 
     # -- SchedulerObserver -------------------------------------------------------------------
-    def step_done(self, batch_size, step_seconds, queue_waits, engine, executions) -> None:
+    def step_done(self, batch_size, step_seconds, queue_waits, engine, executions, timings=None) -> None:
         self.batch_size.observe(batch_size)
         self.step_time.observe(step_seconds)
         for wait in queue_waits:
             self.queue_wait.observe(wait)
         self.steps.labels(engine=engine).inc()
+        if timings is not None and timings.total_ms > 0:
+            self.engine_step_time.observe(timings.total_ms / 1e3)
+            if timings.synced:
+                t = timings
+                for phase, ms in zip(STEP_PHASES, (
+                        t.assemble_ms, t.features_ms - t.assemble_ms - t.gather_ms, t.gather_ms, t.encoder_ms,
+                        t.decode_ms, t.commit_ms, t.results_ms)):
+                    self.engine_phase_time.labels(phase=phase).observe(max(0.0, ms) / 1e3)
 
     def chunk_answered(self, latency_seconds: float) -> None:
         self.chunk_latency.observe(latency_seconds)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, StepPlan, StepResult,
-                         StreamingEngine, StreamStateLostError)
+                         StepTimings, StreamingEngine, StreamStateLostError)
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure
 from server.stream_books import StreamBooks
 from server.stream_state import StreamState, StreamStatus
@@ -66,8 +66,10 @@ class SchedulerConfig:
 class SchedulerObserver:
     """Hooks for metrics; every method is called on the event loop. No-ops by default."""
 
+    # `timings`: the engine's own account of the step (engines.api.StepTimings); step_seconds is
+    # the scheduler's, which also holds the way there and back (server.engine_worker: a pipe).
     def step_done(self, batch_size: int, step_seconds: float, queue_waits: list[float],
-                  engine: str, executions: dict[str, int]) -> None: ...
+                  engine: str, executions: dict[str, int], timings: StepTimings | None = None) -> None: ...
     def chunk_answered(self, latency_seconds: float) -> None: ...
     def engine_dead(self, reason: str) -> None: ...
     # A step attempt that raised, by what the scheduler did about it: "retry" (the same batch
@@ -650,7 +652,7 @@ class Scheduler(StreamBooks):
                 self._fail(p.stream, ErrorKind.INTERNAL, message)
             return
         self.observer.step_done(len(expected), outcome.step_seconds / max(1, len(outcome.done)), queue_waits,
-                                result.engine, outcome.executions)
+                                result.engine, outcome.executions, result.timings)
         now = time.monotonic()
         for p in ran:
             stream, update = p.stream, by_id[p.work.stream_id]

@@ -224,6 +224,28 @@ def test_execution_counter_moves_per_step(tiny_engine):
     assert tiny_engine.slots_in_use() == 0
 
 
+def test_every_nth_step_is_timed_phase_by_phase(tiny_engine, monkeypatch):
+    """profile_every: one step in N synchronizes at each phase and says so (StepTimings.synced)."""
+    monkeypatch.setattr(tiny_engine, "profile_every", 3)
+    audio = _audio(1.5, 5)
+    g = tiny_engine.geometry
+    slot = tiny_engine.acquire_slot()
+    timings = []
+    try:
+        for k in range(g.total_chunks(len(audio))):
+            start, end = g.chunk_span(k, len(audio), True)
+            plan = StepPlan((ChunkWork("p", slot, audio[start:end], k == 0, end == len(audio)),))
+            timings.append(tiny_engine.step(plan).timings)
+    finally:
+        tiny_engine.release_slot(slot)
+    synced = [i for i, t in enumerate(timings) if t.synced]
+    assert len(timings) >= 6 and synced and all(b - a == 3 for a, b in zip(synced, synced[1:]))
+    assert len(synced) in (len(timings) // 3, len(timings) // 3 + 1)
+    for t in (timings[i] for i in synced):
+        parts = t.features_ms + t.encoder_ms + t.decode_ms + t.commit_ms + t.results_ms
+        assert t.encoder_ms > 0 and t.assemble_ms + t.gather_ms <= t.features_ms and parts <= t.total_ms + 1e-6
+
+
 # -- the seed's bug: the TensorRT wrapper must run its engine, never the original forward ------
 
 class _ExportedGraphSpy:

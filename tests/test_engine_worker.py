@@ -171,3 +171,42 @@ def test_close_stops_the_child_and_does_not_report_it_as_a_death():
     worker.close()
     assert worker._process.exitcode == 0
     assert reasons == []
+
+
+@pytest.mark.asyncio
+async def test_a_server_on_a_worker_hosted_engine_transcribes_as_in_process_and_reports_phases():
+    """The real model behind AsrServer twice, in this process and in a worker: the same final
+    transcripts; the worker's step timings reach the metrics (profile_every=1: every step's
+    phases)."""
+    import asyncio
+
+    from engines.factory import build_engine
+    from engines.models import speechlike_audio
+    from tests.server_harness import (final_transcript, requests_for, running_server, run_stream, scrape,
+                                      stub_for)
+
+    cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", lookahead_ms=160,
+                       max_streams=8, max_batch=4, profile_every=1)
+    pcm = [(np.clip(speechlike_audio(s, seed=40 + i), -1, 1) * 32767).astype(np.int16) for i, s in enumerate((1.1, 1.7))]
+
+    async def transcripts(engine) -> tuple[list[str], dict]:
+        async with running_server(engine) as server, stub_for(server) as stub:
+            runs = await asyncio.gather(*(run_stream(stub, requests_for(p.tobytes(), seed=i))
+                                          for i, p in enumerate(pcm)))
+            return [final_transcript(r) for r in runs], scrape(server.metrics_port)
+
+    expected, _ = await transcripts(build_engine(cfg))
+    worker = EngineWorker.start("engines.factory:build_engine", cfg, QUIET)
+    try:
+        got, metrics = await transcripts(worker)
+    finally:
+        worker.close()
+    assert got == expected and all(expected)
+    steps = sum(v for k, v in metrics.items() if k.startswith("asr_steps_total"))
+    assert steps == metrics["asr_step_seconds_count"]
+    assert steps > 0 and metrics["asr_engine_step_seconds_count"] == steps
+    for phase in ("assemble", "features", "gather", "encoder", "decode", "commit", "results"):
+        assert metrics[f"asr_engine_phase_seconds_count{{phase={phase}}}"] == steps, phase
+    assert metrics["asr_engine_phase_seconds_sum{phase=encoder}"] > 0
+    # The scheduler waits for the pipe as well: its step time holds the engine's.
+    assert metrics["asr_step_seconds_sum"] >= metrics["asr_engine_step_seconds_sum"]
