@@ -85,6 +85,7 @@ def test_the_real_model_in_a_worker_transcribes_exactly_as_in_this_process():
     try:
         assert worker.geometry == local.geometry and worker.model_info == local.model_info
         assert worker.startup_report["engine"] == "eager"
+        assert worker._buffer is not None  # step audio goes through the shared buffer, not the pipe
         before = worker.executions()["eager"]
         assert worker.warmup() == "eager"
         # The warm-up took and gave back slots of the child's own, so its free list no longer
@@ -210,3 +211,35 @@ async def test_a_server_on_a_worker_hosted_engine_transcribes_as_in_process_and_
     assert metrics["asr_engine_phase_seconds_sum{phase=encoder}"] > 0
     # The scheduler waits for the pipe as well: its step time holds the engine's.
     assert metrics["asr_step_seconds_sum"] >= metrics["asr_engine_step_seconds_sum"]
+
+
+def test_audio_through_the_shared_buffer_and_through_the_pipe_give_the_same_results():
+    """Steps too large for the shared buffer (or with none) send their audio through the pipe;
+    the fake engine's hash chains say both ways deliver the same samples to the same streams."""
+    worker = EngineWorker.start("tests.fake_engine:build_fake_engine", _fake_cfg(), QUIET)
+    try:
+        worker.warmup()
+        shared = worker._buffer
+        assert shared is not None
+        rng = np.random.default_rng(3)
+        audio = [rng.standard_normal(worker.geometry.samples_needed(7)).astype(np.float32) for _ in range(2)]
+        a = [worker.acquire_slot() for _ in audio]
+        b = [worker.acquire_slot() for _ in audio]
+        g = worker.geometry
+        emitted = []
+        for k in range(8):
+            start, end = g.chunk_span(k, len(audio[0]), False)
+            plans = [StepPlan(tuple(ChunkWork(f"{tag}{i}", s, x[start:end], k == 0, False)
+                                    for i, (s, x) in enumerate(zip(slots, audio)))) for tag, slots in (("a", a), ("b", b))]
+            worker._buffer = shared
+            through_buffer = worker.step(plans[0]).updates
+            worker._buffer = None
+            through_pipe = worker.step(plans[1]).updates
+            assert [(u.text_delta, u.tokens) for u in through_buffer] == [(u.text_delta, u.tokens) for u in through_pipe]
+            emitted += [u.tokens for u in through_buffer if u.tokens]
+        assert emitted  # the comparison above compared something
+        worker._buffer = shared
+        for slot in a + b:
+            worker.release_slot(slot)
+    finally:
+        worker.close()
