@@ -29,8 +29,10 @@ it stops (a Ctrl-C reaches the whole process group, and the parent's drain still
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
+import marshal
 import mmap
 import multiprocessing
 import multiprocessing.connection
@@ -39,13 +41,15 @@ import signal
 import tempfile
 import threading
 import time
+from itertools import repeat
 
 import numpy as np
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, ModelInfo,
-                         PoolExhaustedError, StepPlan, StepResult, StreamStateLostError)
+                         PoolExhaustedError, StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate,
+                         TokenEvent)
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
 from engines.slot_allocator import SlotAllocator
@@ -107,28 +111,58 @@ def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None) -> tuple:
     the whole plan through the pipe when the buffer is missing or too small."""
     chunks = plan.chunks
     lengths = [len(c.samples) for c in chunks]
-    if buffer is None or sum(lengths) > buffer.samples:
+    total = sum(lengths)
+    if buffer is None or total > buffer.samples:
         return ("step", plan)
-    out, at = buffer.array, 0
-    for c, n in zip(chunks, lengths):
-        out[at:at + n] = c.samples
-        at += n
+    if chunks:
+        # One call for the whole batch: numpy lets go of the interpreter lock for a large copy,
+        # and a copy per row took the lock back once per row, each time waiting for the event
+        # loop's turn to end (the scheduler's thread competes with the loop for it).
+        np.concatenate([c.samples for c in chunks], out=buffer.array[:total])
     return ("step_shared", [c.stream_id for c in chunks], [c.slot for c in chunks], lengths,
             [c.first for c in chunks], [c.audio_ended for c in chunks])
 
 
-def _unpack_step(message: tuple, buffer: _SampleBuffer | None) -> StepPlan:
+def _unpack_step(message: tuple, buffer: _SampleBuffer | None, slots: _ChildSlots) -> StepPlan:
+    """The step's plan on the child's slots."""
     if message[0] == "step":
-        return message[1]
+        return slots.plan(message[1])
     if buffer is None:
         raise EngineError("a step came through the shared buffer before the buffer was attached")
-    _, ids, slots, lengths, firsts, ends = message
+    _, ids, parent_slots, lengths, firsts, ends = message
     chunks, at = [], 0
-    for sid, slot, n, first, ended in zip(ids, slots, lengths, firsts, ends):
+    for sid, slot, n, first, ended in zip(ids, parent_slots, lengths, firsts, ends):
         # A view, valid until the reply: the parent writes the next step only after it.
-        chunks.append(ChunkWork(sid, slot, buffer.array[at:at + n], first, ended))
+        chunks.append(ChunkWork(sid, slots.child_slot(slot, sid), buffer.array[at:at + n], first, ended))
         at += n
     return StepPlan(tuple(chunks))
+
+
+# Replies go back marshalled, not pickled: unpickling a step's updates ran a Python constructor
+# per update and per token on the scheduler's side, where every bit of Python competes with the
+# event loop for the interpreter lock; marshal builds plain tuples in C.
+_TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(StepTimings))
+_new_tuple = tuple.__new__
+
+
+def _pack_result(result: StepResult) -> tuple:
+    return (result.engine, tuple(getattr(result.timings, f) for f in _TIMING_FIELDS),
+            [(u.stream_id, u.slot, u.text_delta, u.is_final, u.frames_decoded, u.audio_seconds,
+              tuple(map(tuple, u.tokens))) for u in result.updates])
+
+
+def _unpack_result(packed: tuple) -> StepResult:
+    engine, timings, rows = packed
+    updates = []
+    for sid, slot, text, final, frames, seconds, tokens in rows:
+        # TokenEvent rows made in C (tuple.__new__ through map), not by a Python call per token.
+        updates.append(StreamUpdate(stream_id=sid, slot=slot, tokens=tuple(map(_new_tuple, repeat(TokenEvent), tokens)),
+                                    text_delta=text, is_final=final, frames_decoded=frames, audio_seconds=seconds))
+    return StepResult(updates=tuple(updates), engine=engine, timings=StepTimings(*timings))
+
+
+def _reply(conn: multiprocessing.connection.Connection, reply: tuple) -> None:
+    conn.send_bytes(marshal.dumps(reply))
 
 
 # -- child ---------------------------------------------------------------------------------------
@@ -170,18 +204,28 @@ class _ChildSlots:
         del self.to_parent[child]
         self.engine.release_slot(child)
 
+    def child_slot(self, slot: int, stream_id: str) -> int:
+        try:
+            return self.to_child[slot]
+        except KeyError:
+            raise BadChunkError(f"invalid chunks: slot {slot} was not acquired through the engine worker",
+                                (stream_id,)) from None
+
     def plan(self, plan: StepPlan) -> StepPlan:
+        """A plan that came whole through the pipe, on the child's slots."""
         unknown = tuple(c.stream_id for c in plan.chunks if c.slot not in self.to_child)
         if unknown:
             raise BadChunkError(f"invalid chunks: slots not acquired through the engine worker: {unknown}", unknown)
-        return StepPlan(tuple(c if self.to_child[c.slot] == c.slot
-                              else dataclasses.replace(c, slot=self.to_child[c.slot]) for c in plan.chunks))
+        return StepPlan(tuple(dataclasses.replace(c, slot=self.to_child[c.slot]) for c in plan.chunks))
 
     def result(self, result: StepResult) -> StepResult:
-        if all(self.to_parent.get(u.slot, u.slot) == u.slot for u in result.updates):
-            return result
-        return dataclasses.replace(result, updates=tuple(
-            dataclasses.replace(u, slot=self.to_parent.get(u.slot, u.slot)) for u in result.updates))
+        """The updates back on the parent's slots, set in place: the engine built them for this
+        step and nothing else holds them (dataclasses.replace per row cost ~2 ms a step)."""
+        for u in result.updates:
+            parent = self.to_parent.get(u.slot, u.slot)
+            if parent != u.slot:
+                object.__setattr__(u, "slot", parent)
+        return result
 
 
 def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: EngineConfig,
@@ -216,17 +260,17 @@ def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: 
         op = message[0]
         if op in ("step", "step_shared"):
             try:
-                result = slots.result(engine.step(slots.plan(_unpack_step(message, buffer))))
-                reply = ("ok", result, dict(engine.executions()), _state_of(engine))
+                result = slots.result(engine.step(_unpack_step(message, buffer, slots)))
+                reply = ("ok", _pack_result(result), dict(engine.executions()), _state_of(engine))
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the scheduler
                 reply = _error_reply(exc, dict(engine.executions()), _state_of(engine))
-            conn.send(reply)
+            _reply(conn, reply)
         elif op == "attach":
             try:
                 buffer = _SampleBuffer(message[1], message[2])
-                conn.send(("ok", None, dict(engine.executions()), _state_of(engine)))
+                _reply(conn, ("ok", None, dict(engine.executions()), _state_of(engine)))
             except BaseException as exc:  # noqa: BLE001 - the parent then sends audio through the pipe
-                conn.send(_error_reply(exc, dict(engine.executions()), _state_of(engine)))
+                _reply(conn, _error_reply(exc, dict(engine.executions()), _state_of(engine)))
         elif op == "claim":
             try:
                 slots.claim(message[1])
@@ -241,9 +285,9 @@ def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: 
             try:
                 name = engine.warmup()
                 apply_gc_policy(options.gc_freeze, options.gc_threshold)
-                conn.send(("ok", name, dict(engine.executions()), _state_of(engine)))
+                _reply(conn, ("ok", name, dict(engine.executions()), _state_of(engine)))
             except BaseException as exc:  # noqa: BLE001
-                conn.send(_error_reply(exc, dict(engine.executions()), _state_of(engine)))
+                _reply(conn, _error_reply(exc, dict(engine.executions()), _state_of(engine)))
         elif op == "stop":
             return
 
@@ -303,6 +347,9 @@ class EngineWorker:
             process.join(5)
             raise EngineError(payload)
         worker = cls(process, parent, payload)
+        # The child ignores SIGTERM and waits for its pipe to close; at interpreter exit
+        # multiprocessing joins its children before this object is gone, so close it first.
+        atexit.register(worker.close)
         worker._attach_buffer()
         return worker
 
@@ -351,7 +398,7 @@ class EngineWorker:
     # -- requests (engine thread) ---------------------------------------------------------------
     def step(self, plan: StepPlan) -> StepResult:
         with self._request_lock:  # the buffer is written for this request only
-            return self._exchange(_pack_step(plan, self._buffer))
+            return _unpack_result(self._exchange(_pack_step(plan, self._buffer)))
 
     def warmup(self) -> str:
         return self._request(("warmup",))
@@ -364,7 +411,7 @@ class EngineWorker:
         """Send a request and wait for its reply; the caller holds the request lock."""
         self._send(message)
         try:
-            reply = self._conn.recv()
+            reply = marshal.loads(self._conn.recv_bytes())
         except (EOFError, OSError) as exc:
             raise EngineError(self._died()) from exc
         status, *rest = reply
