@@ -123,7 +123,7 @@ def _breakdown(lv: dict | None) -> dict | None:
         "loadgen_loop_lag_p99_ms": lv["loadgen"]["loop_lag_ms"]["p99"],
         "server_process": lv.get("server_process"),
         "engine_step_ms": sm.get("mean_engine_step_ms"), "phase_ms": sm.get("phase_ms_mean") or {},
-        "phase_samples": sm.get("phase_samples"),
+        "phase_samples": sm.get("phase_samples"), "worker_ms": sm.get("engine_worker_ms_mean") or {},
     }
 
 
@@ -223,7 +223,9 @@ def markdown(summary: dict) -> str:
                 f"  - inside the engine: step mean {_f(b['engine_step_ms'])} ms of the scheduler's "
                 f"{_f(b['server_mean_step_ms'])} ms (the rest: the pipe to the engine worker and back)"
                 + (f"; phases in ms, mean of {b['phase_samples']} steps synchronized at each phase: {phases}"
-                   if phases else ""))
+                   if phases else "")
+                + ("; the way to the worker and back in ms: "
+                   + ", ".join(f"{k} {_f(v, 2)}" for k, v in b["worker_ms"].items()) if b.get("worker_ms") else ""))
     if any(o["loadgen_bound_levels"] for o in summary["ours"]):
         lines.append("- the load generator was the bottleneck at: "
                      + "; ".join(f"{o['lookahead_ms']} ms: {o['loadgen_bound_levels']}" for o in summary["ours"]

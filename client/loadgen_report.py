@@ -240,6 +240,7 @@ def _hist_quantile(before: dict, after: dict, name: str, q: float) -> float | No
 
 
 STEP_PHASE_ORDER = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")  # server.metrics
+WORKER_PARTS = ("to_worker", "worker_before", "worker_after", "from_worker", "unpack")  # server.metrics
 
 
 def server_delta(before: dict, after: dict, wall_s: float) -> dict:
@@ -277,6 +278,11 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
         if count > 0:
             phase_samples = max(phase_samples, int(count))
             phases[phase] = round(1e3 * _delta(before, after, "asr_engine_phase_seconds_sum", phase=phase) / count, 3)
+    worker: dict[str, float] = {}
+    for part in WORKER_PARTS:
+        count = _delta(before, after, "asr_engine_worker_seconds_count", part=part)
+        if count > 0:
+            worker[part] = round(1e3 * _delta(before, after, "asr_engine_worker_seconds_sum", part=part) / count, 3)
     q = lambda name, p: (None if (v := _hist_quantile(before, after, name, p)) is None else round(1e3 * v, 2))  # noqa: E731
     # garbage collections during the level: every thread stops for them (asr_gc_pause_seconds)
     # (with --frontends: per process too; the engine process's pauses stop the engine thread)
@@ -300,6 +306,7 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
         # inside the engine (the rest of mean_step_ms is the way to the engine worker and back)
         "mean_engine_step_ms": mean("asr_engine_step_seconds", 1e3),
         "phase_ms_mean": phases, "phase_samples": phase_samples,
+        "engine_worker_ms_mean": worker,  # the way to the engine worker process and back, by part
         "step_ms_p50": q("asr_step_seconds", 0.5), "step_ms_p95": q("asr_step_seconds", 0.95),
         "mean_queue_wait_ms": mean("asr_queue_wait_seconds", 1e3), "queue_wait_ms_p95": q("asr_queue_wait_seconds", 0.95),
         "server_chunk_latency_ms_p50": q("asr_chunk_latency_seconds", 0.5),

@@ -151,14 +151,20 @@ def _pack_result(result: StepResult) -> tuple:
               tuple(map(tuple, u.tokens))) for u in result.updates])
 
 
-def _unpack_result(packed: tuple) -> StepResult:
-    engine, timings, rows = packed
+def _unpack_result(packed: tuple, sent_at: float, replied_at: float) -> StepResult:
+    """The StepResult, its timings completed with the way there and back (the clock readings of
+    both processes: CLOCK_MONOTONIC is one clock for the whole machine)."""
+    engine, timings, rows, (got, started, ended, replied) = packed
     updates = []
     for sid, slot, text, final, frames, seconds, tokens in rows:
         # TokenEvent rows made in C (tuple.__new__ through map), not by a Python call per token.
         updates.append(StreamUpdate(stream_id=sid, slot=slot, tokens=tuple(map(_new_tuple, repeat(TokenEvent), tokens)),
                                     text_delta=text, is_final=final, frames_decoded=frames, audio_seconds=seconds))
-    return StepResult(updates=tuple(updates), engine=engine, timings=StepTimings(*timings))
+    timings = dict(zip(_TIMING_FIELDS, timings))
+    timings.update(to_worker_ms=1e3 * (got - sent_at), worker_before_ms=1e3 * (started - got),
+                   worker_after_ms=1e3 * (replied - ended), from_worker_ms=1e3 * (replied_at - replied),
+                   unpack_ms=1e3 * (time.monotonic() - replied_at))
+    return StepResult(updates=tuple(updates), engine=engine, timings=StepTimings(**timings))
 
 
 def _reply(conn: multiprocessing.connection.Connection, reply: tuple) -> None:
@@ -260,8 +266,14 @@ def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: 
         op = message[0]
         if op in ("step", "step_shared"):
             try:
-                result = slots.result(engine.step(_unpack_step(message, buffer, slots)))
-                reply = ("ok", _pack_result(result), dict(engine.executions()), _state_of(engine))
+                got = time.monotonic()
+                plan = _unpack_step(message, buffer, slots)
+                started = time.monotonic()
+                result = slots.result(engine.step(plan))
+                ended = time.monotonic()
+                packed = _pack_result(result)
+                reply = ("ok", packed + ((got, started, ended, time.monotonic()),),
+                         dict(engine.executions()), _state_of(engine))
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the scheduler
                 reply = _error_reply(exc, dict(engine.executions()), _state_of(engine))
             _reply(conn, reply)
@@ -315,6 +327,7 @@ class EngineWorker:
         self._dead_reason: str | None = None
         self._closing = False
         self._buffer: _SampleBuffer | None = None
+        self._replied_at = 0.0
         self.state = EngineState.READY
 
     @property
@@ -398,7 +411,9 @@ class EngineWorker:
     # -- requests (engine thread) ---------------------------------------------------------------
     def step(self, plan: StepPlan) -> StepResult:
         with self._request_lock:  # the buffer is written for this request only
-            return _unpack_result(self._exchange(_pack_step(plan, self._buffer)))
+            sent_at = time.monotonic()
+            packed = self._exchange(_pack_step(plan, self._buffer))
+            return _unpack_result(packed, sent_at, self._replied_at)
 
     def warmup(self) -> str:
         return self._request(("warmup",))
@@ -412,6 +427,7 @@ class EngineWorker:
         self._send(message)
         try:
             reply = marshal.loads(self._conn.recv_bytes())
+            self._replied_at = time.monotonic()
         except (EOFError, OSError) as exc:
             raise EngineError(self._died()) from exc
         status, *rest = reply

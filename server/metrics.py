@@ -15,6 +15,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _PHASE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25)
 # StepTimings as phases that do not overlap: (label, what it is), in the order a step runs them.
 STEP_PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
+# The way to an engine worker process and back (StepTimings, server.engine_worker).
+WORKER_PARTS = ("to_worker", "worker_before", "worker_after", "from_worker", "unpack")
 
 
 class _ExecutionsCollector:
@@ -79,6 +81,10 @@ class ServerMetrics(SchedulerObserver):
         self.engine_step_time = Histogram(
             "asr_engine_step_seconds", "Engine step time inside the engine (asr_step_seconds less the way to an "
             "engine worker process and back)", buckets=_PHASE_BUCKETS, registry=r)
+        self.worker_time = Histogram(
+            "asr_engine_worker_seconds", "The way of a step to the engine worker process and back, by part: "
+            "to_worker, worker_before (the worker before the engine's step), worker_after, from_worker, unpack",
+            ["part"], buckets=_PHASE_BUCKETS, registry=r)
         self.engine_phase_time = Histogram(
             "asr_engine_phase_seconds", "Engine step phases, from the steps that synchronized the device at each "
             "phase boundary (every --profile-every steps)", ["phase"], buckets=_PHASE_BUCKETS, registry=r)
@@ -121,6 +127,9 @@ class ServerMetrics(SchedulerObserver):
         self.steps.labels(engine=engine).inc()
         if timings is not None and timings.total_ms > 0:
             self.engine_step_time.observe(timings.total_ms / 1e3)
+            if timings.to_worker_ms > 0:
+                for part in WORKER_PARTS:
+                    self.worker_time.labels(part=part).observe(max(0.0, getattr(timings, f"{part}_ms")) / 1e3)
             if timings.synced:
                 t = timings
                 for phase, ms in zip(STEP_PHASES, (

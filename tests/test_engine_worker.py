@@ -196,7 +196,8 @@ async def test_a_server_on_a_worker_hosted_engine_transcribes_as_in_process_and_
                                           for i, p in enumerate(pcm)))
             return [final_transcript(r) for r in runs], scrape(server.metrics_port)
 
-    expected, _ = await transcripts(build_engine(cfg))
+    expected, local_metrics = await transcripts(build_engine(cfg))
+    assert local_metrics.get("asr_engine_worker_seconds_count{part=to_worker}", 0) == 0  # no worker there
     worker = EngineWorker.start("engines.factory:build_engine", cfg, QUIET)
     try:
         got, metrics = await transcripts(worker)
@@ -209,6 +210,8 @@ async def test_a_server_on_a_worker_hosted_engine_transcribes_as_in_process_and_
     for phase in ("assemble", "features", "gather", "encoder", "decode", "commit", "results"):
         assert metrics[f"asr_engine_phase_seconds_count{{phase={phase}}}"] == steps, phase
     assert metrics["asr_engine_phase_seconds_sum{phase=encoder}"] > 0
+    for part in ("to_worker", "worker_before", "worker_after", "from_worker", "unpack"):
+        assert metrics[f"asr_engine_worker_seconds_count{{part={part}}}"] == steps, part
     # The scheduler waits for the pipe as well: its step time holds the engine's.
     assert metrics["asr_step_seconds_sum"] >= metrics["asr_engine_step_seconds_sum"]
 
