@@ -39,7 +39,10 @@ def test_buckets():
     assert batch_buckets(1) == (1,)
     assert batch_buckets(8) == (1, 2, 4, 8)
     assert batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
-    assert batch_buckets(1024)[-3:] == (256, 512, 1024)
+    assert batch_buckets(256) == (1, 2, 4, 8, 16, 32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+    # Above 64 rows no bucket is more than a quarter larger than the one below it.
+    big = batch_buckets(1024)
+    assert big[-3:] == (768, 896, 1024) and all(b <= a * 1.25 for a, b in zip(big, big[1:]) if a >= 64)
     assert batch_buckets(64, [16, 1, 200, 0]) == (1, 16, 64)
     b = batch_buckets(48)
     assert [bucket_for(n, b) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
