@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
 
 from engines.api import StreamingEngine
 from engines.config import DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, EngineConfig
@@ -116,14 +114,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "thread share one interpreter lock, and a shorter interval bounds how long "
                         "the loop waits for it while the engine thread runs Python")
     return p.parse_args(argv)
-
-
-def load_factory(spec: str) -> Callable[[EngineConfig], StreamingEngine]:
-    module_name, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr or "build_engine")
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"asr-server: cannot load the engine factory {spec!r}: {exc}") from exc
 
 
 def build_settings(args: argparse.Namespace) -> ServerSettings:
@@ -232,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def start_engine(args: argparse.Namespace, cfg: EngineConfig, settings: ServerSettings) -> StreamingEngine:
     """The engine, in a worker process (the default) or in this one (--no-engine-worker)."""
+    from server.engine_worker import ChildOptions, EngineWorker, load_factory
+
     if args.no_engine_worker:
         return load_factory(args.engine_factory)(cfg)
-    from server.engine_worker import ChildOptions, EngineWorker
 
     engine = EngineWorker.start(args.engine_factory, cfg, ChildOptions(
         log_level=args.log_level, log_format=args.log_format, gc_freeze=settings.gc_freeze,

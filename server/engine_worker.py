@@ -172,7 +172,8 @@ def _reply(conn: multiprocessing.connection.Connection, reply: tuple) -> None:
 
 
 # -- child ---------------------------------------------------------------------------------------
-def _load_factory(spec: str) -> Callable[[EngineConfig], object]:
+def load_factory(spec: str) -> Callable[[EngineConfig], object]:
+    """The engine factory `module:function` names (`asr-server --engine-factory`)."""
     import importlib
 
     module_name, _, attr = spec.partition(":")
@@ -248,7 +249,7 @@ def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: 
 
     configure_logging(options.log_level, options.log_format)
     try:
-        engine = _load_factory(factory)(cfg)
+        engine = load_factory(factory)(cfg)
         report = getattr(engine, "startup_report", None)
         conn.send(("hello", _Facts(engine.geometry, engine.model_info, engine.capacity, engine.max_batch,
                                    report.as_dict() if hasattr(report, "as_dict") else None,
