@@ -18,8 +18,9 @@ A step's audio does not go through the pipe: it is copied into a buffer both pro
 pipe, the 1-5 MB of a large step went in socket-buffer-sized writes, and between writes the
 engine thread waited for the interpreter lock the event loop held: on an H100 at 1,920 streams
 (560 ms) the scheduler waited 44.9 ms for steps that took 23.2 ms inside the engine
-(asr_step_seconds against asr_engine_step_seconds, bench/RESULTS.md). One step is in flight at
-a time (the scheduler has one engine thread), so one buffer serves every step.
+(asr_step_seconds against asr_engine_step_seconds, bench/RESULTS.md). There are two buffers:
+the scheduler keeps two steps submitted, and `step_async` sends both, so the worker starts the
+second the moment it has replied to the first.
 
 Child side: `_child_main` builds the engine with the named factory (as `asr-server
 --engine-factory` names it), reports what the server needs to know about it, then answers
@@ -29,7 +30,9 @@ it stops (a Ctrl-C reaches the whole process group, and the parent's drain still
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import collections
 import dataclasses
 import logging
 import marshal
@@ -55,6 +58,7 @@ from engines.geometry import ChunkGeometry
 from engines.slot_allocator import SlotAllocator
 
 log = logging.getLogger("nemostream.engine_worker")
+STEPS_IN_FLIGHT = 2  # asynchronous steps sent at once (the scheduler's pipeline depth is 2)
 PROCESS_NAME = "asr-engine"  # what ps shows for the child
 
 
@@ -106,7 +110,7 @@ class _SampleBuffer:
             pass
 
 
-def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None) -> tuple:
+def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None, index: int = 0) -> tuple:
     """The message for a step: its audio into the shared buffer and the rest as plain lists, or
     the whole plan through the pipe when the buffer is missing or too small."""
     chunks = plan.chunks
@@ -119,17 +123,18 @@ def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None) -> tuple:
         # and a copy per row took the lock back once per row, each time waiting for the event
         # loop's turn to end (the scheduler's thread competes with the loop for it).
         np.concatenate([c.samples for c in chunks], out=buffer.array[:total])
-    return ("step_shared", [c.stream_id for c in chunks], [c.slot for c in chunks], lengths,
+    return ("step_shared", index, [c.stream_id for c in chunks], [c.slot for c in chunks], lengths,
             [c.first for c in chunks], [c.audio_ended for c in chunks])
 
 
-def _unpack_step(message: tuple, buffer: _SampleBuffer | None, slots: _ChildSlots) -> StepPlan:
+def _unpack_step(message: tuple, buffers: dict[int, _SampleBuffer], slots: _ChildSlots) -> StepPlan:
     """The step's plan on the child's slots."""
     if message[0] == "step":
         return slots.plan(message[1])
+    _, index, ids, parent_slots, lengths, firsts, ends = message
+    buffer = buffers.get(index)
     if buffer is None:
-        raise EngineError("a step came through the shared buffer before the buffer was attached")
-    _, ids, parent_slots, lengths, firsts, ends = message
+        raise EngineError(f"a step came through shared buffer {index} before it was attached")
     chunks, at = [], 0
     for sid, slot, n, first, ended in zip(ids, parent_slots, lengths, firsts, ends):
         # A view, valid until the reply: the parent writes the next step only after it.
@@ -258,7 +263,7 @@ def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: 
         conn.send(("failed", f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)))
         return
     slots = _ChildSlots(engine)
-    buffer: _SampleBuffer | None = None
+    buffers: dict[int, _SampleBuffer] = {}
     while True:
         try:
             message = conn.recv()
@@ -268,7 +273,7 @@ def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: 
         if op in ("step", "step_shared"):
             try:
                 got = time.monotonic()
-                plan = _unpack_step(message, buffer, slots)
+                plan = _unpack_step(message, buffers, slots)
                 started = time.monotonic()
                 result = slots.result(engine.step(plan))
                 ended = time.monotonic()
@@ -280,7 +285,7 @@ def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: 
             _reply(conn, reply)
         elif op == "attach":
             try:
-                buffer = _SampleBuffer(message[1], message[2])
+                buffers[message[1]] = _SampleBuffer(message[2], message[3])
                 _reply(conn, ("ok", None, dict(engine.executions()), _state_of(engine)))
             except BaseException as exc:  # noqa: BLE001 - the parent then sends audio through the pipe
                 _reply(conn, _error_reply(exc, dict(engine.executions()), _state_of(engine)))
@@ -327,8 +332,13 @@ class EngineWorker:
         self._request_lock = threading.Lock()  # one request and its reply at a time
         self._dead_reason: str | None = None
         self._closing = False
-        self._buffer: _SampleBuffer | None = None
+        self._buffers: dict[int, _SampleBuffer] = {}
         self._replied_at = 0.0
+        # Asynchronous steps (step_async): replies come back in the order of the requests.
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._free_buffers: list[int] = list(range(STEPS_IN_FLIGHT - 1, -1, -1))
+        self._room: asyncio.Semaphore | None = None
+        self._reading = False
         self.state = EngineState.READY
 
     @property
@@ -364,20 +374,21 @@ class EngineWorker:
         # The child ignores SIGTERM and waits for its pipe to close; at interpreter exit
         # multiprocessing joins its children before this object is gone, so close it first.
         atexit.register(worker.close)
-        worker._attach_buffer()
+        for index in range(STEPS_IN_FLIGHT):
+            worker._attach_buffer(index)
         return worker
 
-    def _attach_buffer(self) -> None:
-        """The shared sample buffer, sized for the largest step (every row a stream's first
-        chunk, the longest). Without one (no file could be mapped), audio goes through the pipe."""
+    def _attach_buffer(self, index: int) -> None:
+        """Shared sample buffer `index`, sized for the largest step (every row a stream's first
+        chunk, the longest). Without it (no file could be mapped), audio goes through the pipe."""
         try:
             buffer = _SampleBuffer.create(self.max_batch * self.geometry.samples_needed(0))
         except OSError as exc:
             log.warning("no shared sample buffer; step audio goes through the pipe", extra={"error": str(exc)})
             return
         try:
-            self._request(("attach", buffer.path, buffer.samples))
-            self._buffer = buffer
+            self._request(("attach", index, buffer.path, buffer.samples))
+            self._buffers[index] = buffer
         except EngineError as exc:
             if self._dead_reason is not None:
                 raise
@@ -411,10 +422,74 @@ class EngineWorker:
 
     # -- requests (engine thread) ---------------------------------------------------------------
     def step(self, plan: StepPlan) -> StepResult:
-        with self._request_lock:  # the buffer is written for this request only
+        with self._request_lock:  # buffer 0 is written for this request only
             sent_at = time.monotonic()
-            packed = self._exchange(_pack_step(plan, self._buffer))
+            packed = self._exchange(_pack_step(plan, self._buffers.get(0), 0))
             return _unpack_result(packed, sent_at, self._replied_at)
+
+    async def step_async(self, plan: StepPlan) -> StepResult:
+        """`step` for a caller on an event loop (the scheduler), all on the loop's thread: the
+        audio copy and the rebuilding of the result run there, where the scheduler's books
+        already hold the interpreter lock, instead of on a thread that competes with the loop
+        for it. Up to STEPS_IN_FLIGHT steps are sent at once, each with its own buffer, so the
+        worker starts the next step the moment it has replied to one."""
+        loop = asyncio.get_running_loop()
+        if self._room is None:
+            self._room = asyncio.Semaphore(STEPS_IN_FLIGHT)
+        await self._room.acquire()
+        index = self._free_buffers.pop()
+
+        def release(_=None) -> None:
+            self._free_buffers.append(index)
+            self._room.release()
+
+        reply = loop.create_future()
+        sent = False
+        try:
+            sent_at = time.monotonic()
+            message = _pack_step(plan, self._buffers.get(index), index)
+            self._waiting.append(reply)
+            try:
+                self._send(message)
+            except EngineError:
+                self._waiting.remove(reply)
+                raise
+            sent = True
+            if not self._reading:
+                loop.add_reader(self._conn.fileno(), self._read_replies)
+                self._reading = True
+            # Shielded: a cancelled caller leaves the request to finish, and its buffer stays
+            # the worker's until the reply says the worker is done reading it.
+            packed, replied_at = await asyncio.shield(reply)
+        except BaseException:
+            if sent and not reply.done():
+                reply.add_done_callback(release)
+            else:
+                release()
+            raise
+        release()
+        return _unpack_result(packed, sent_at, replied_at)
+
+    def _read_replies(self) -> None:
+        """The pipe is readable (on the loop): hand every complete reply to its request."""
+        try:
+            while self._waiting and self._conn.poll(0):
+                reply = marshal.loads(self._conn.recv_bytes())
+                replied_at = time.monotonic()
+                future = self._waiting.popleft()
+                try:
+                    future.set_result((self._result_of(reply), replied_at))
+                except EngineError as exc:
+                    future.set_exception(exc)
+        except (EOFError, OSError):
+            reason = self._died()
+            while self._waiting:
+                future = self._waiting.popleft()
+                if not future.done():
+                    future.set_exception(EngineError(reason))
+        if not self._waiting and self._reading:
+            asyncio.get_running_loop().remove_reader(self._conn.fileno())
+            self._reading = False
 
     def warmup(self) -> str:
         return self._request(("warmup",))
@@ -425,12 +500,18 @@ class EngineWorker:
 
     def _exchange(self, message: tuple):
         """Send a request and wait for its reply; the caller holds the request lock."""
+        if self._waiting:
+            raise EngineError("a blocking request while asynchronous steps are in flight: their replies would mix")
         self._send(message)
         try:
             reply = marshal.loads(self._conn.recv_bytes())
             self._replied_at = time.monotonic()
         except (EOFError, OSError) as exc:
             raise EngineError(self._died()) from exc
+        return self._result_of(reply)
+
+    def _result_of(self, reply: tuple):
+        """A reply's value, or its error raised as the type the engine raised."""
         status, *rest = reply
         if status == "ok":
             value, self._executions, state = rest

@@ -7,7 +7,8 @@ How a chunk travels:
   push_audio -> the stream's SampleQueue -> (ChunkGeometry.chunk_span says the next chunk is
   complete) -> ready queue (FCFS, one entry per stream) -> the batching task takes up to
   max_batch entries, at most one per stream, once the batch is full or `batch_wait_s` after the
-  oldest entry -> one StepPlan runs on the single engine thread -> the StepResult is checked
+  oldest entry -> one StepPlan runs on the single engine thread (or, for an engine in a worker
+  process, is sent to it from the loop: server.engine_worker) -> the StepResult is checked
   against the plan and scattered back as ChunkResult events -> the stream's next chunk, if
   complete, re-enters the ready queue.
 
@@ -25,6 +26,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,7 +110,7 @@ class _StepOutcome:
     faults: list[str] = field(default_factory=list)         # SchedulerObserver.step_fault kinds, in order
     errors: list[str] = field(default_factory=list)         # the exceptions of failed attempts, for the log
     max_batch: int | None = None                            # lowered to this after running out of memory
-    step_seconds: float = 0.0
+    step_seconds: float = 0.0   # the engine's time on the attempts that ran
     executions: dict[str, int] = field(default_factory=dict)
 
 
@@ -171,6 +173,8 @@ class Scheduler(StreamBooks):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
+        self._step_async = getattr(engine, "step_async", None)
+        self._engine_free_at = 0.0              # when the engine finished its last step (step_async)
         self.engine_name: str | None = None     # what the warm-up really executed
         self.executions: dict[str, int] = {}    # last snapshot of engine.executions()
 
@@ -487,14 +491,34 @@ class Scheduler(StreamBooks):
 
     def _submit(self, planned: list[_Planned], queue_waits: list[float]) -> None:
         self._steps_in_flight += 1
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._run_step, tuple(planned))
-        task = loop.create_task(self._complete_step(tuple(planned), future, queue_waits))
+        planned = tuple(planned)
+        task = asyncio.get_running_loop().create_task(
+            self._complete_step(planned, self._run_step(planned), queue_waits))
         self._step_tasks.add(task)
         task.add_done_callback(self._step_tasks.discard)
 
-    def _run_step(self, planned: tuple[_Planned, ...]) -> _StepOutcome:
-        """On the engine thread: run the batch, isolating what fails.
+    async def _engine_step(self, plan: StepPlan) -> tuple[StepResult, float]:
+        """One engine step and the seconds the engine spent on it. An engine with `step_async`
+        (server.engine_worker: the engine in its own process) is awaited here on the loop;
+        any other runs on the one engine thread. The seconds leave out waiting behind the
+        step before it (two are submitted at once), so they add up to the engine's busy time."""
+        if self._step_async is not None:
+            start = time.perf_counter()
+            result = await self._step_async(plan)
+            end = time.perf_counter()
+            seconds = end - max(start, self._engine_free_at)
+            self._engine_free_at = end
+            return result, seconds
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_step, plan)
+
+    def _timed_step(self, plan: StepPlan) -> tuple[StepResult, float]:
+        t0 = time.perf_counter()
+        result = self.engine.step(plan)
+        return result, time.perf_counter() - t0
+
+    async def _run_step(self, planned: tuple[_Planned, ...]) -> _StepOutcome:
+        """Run the batch, isolating what fails (this logic on the loop, each engine step through
+        _engine_step).
 
         The engine promises that a step that raises changed no stream's state, so any subset
         of the batch may simply run again:
@@ -508,7 +532,6 @@ class Scheduler(StreamBooks):
             2n times per batch: what is left when they run out fails.
         Chunks of streams that ended meanwhile are dropped before every attempt."""
         out = _StepOutcome()
-        t0 = time.perf_counter()
         max_batch = self.max_batch
         n = len(planned)
         budget = 2 + 4 * math.ceil(math.log2(n)) if n > 1 else 2  # attempts for failures other than memory
@@ -524,7 +547,8 @@ class Scheduler(StreamBooks):
                 work.extendleft((part, retried) for part in reversed(parts))
                 continue
             try:
-                result = self.engine.step(StepPlan(tuple(p.work for p in group)))
+                result, seconds = await self._engine_step(StepPlan(tuple(p.work for p in group)))
+                out.step_seconds += seconds
             except BadChunkError as exc:
                 bad = set(exc.stream_ids) & {p.work.stream_id for p in group}
                 if not bad:
@@ -582,15 +606,14 @@ class Scheduler(StreamBooks):
                     out.failed[group[0].work.stream_id] = f"engine step failed: {exc}"
                 continue
             out.done.append((tuple(group), result))
-        out.step_seconds = time.perf_counter() - t0
         out.executions = dict(self.engine.executions())
         return out
 
-    async def _complete_step(self, planned: tuple[_Planned, ...], future: asyncio.Future,
+    async def _complete_step(self, planned: tuple[_Planned, ...], run: Awaitable[_StepOutcome],
                              queue_waits: list[float]) -> None:
         try:
             try:
-                outcome: _StepOutcome = await future
+                outcome: _StepOutcome = await run
             except Exception as exc:  # noqa: BLE001 - a failed step fails its streams, not the server
                 self._step_failed(planned, exc)
                 return
