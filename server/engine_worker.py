@@ -176,6 +176,14 @@ def _reply(conn: multiprocessing.connection.Connection, reply: tuple) -> None:
     conn.send_bytes(marshal.dumps(reply))
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """From another thread: run fn on the loop, unless the loop has already closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
 # -- child ---------------------------------------------------------------------------------------
 def load_factory(spec: str) -> Callable[[EngineConfig], object]:
     """The engine factory `module:function` names (`asr-server --engine-factory`)."""
@@ -338,7 +346,7 @@ class EngineWorker:
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
         self._free_buffers: list[int] = list(range(STEPS_IN_FLIGHT - 1, -1, -1))
         self._room: asyncio.Semaphore | None = None
-        self._reading = False
+        self._reader: threading.Thread | None = None
         self.state = EngineState.READY
 
     @property
@@ -428,11 +436,13 @@ class EngineWorker:
             return _unpack_result(packed, sent_at, self._replied_at)
 
     async def step_async(self, plan: StepPlan) -> StepResult:
-        """`step` for a caller on an event loop (the scheduler), all on the loop's thread: the
-        audio copy and the rebuilding of the result run there, where the scheduler's books
-        already hold the interpreter lock, instead of on a thread that competes with the loop
-        for it. Up to STEPS_IN_FLIGHT steps are sent at once, each with its own buffer, so the
-        worker starts the next step the moment it has replied to one."""
+        """`step` for a caller on an event loop (the scheduler): the audio copy and the rebuilding
+        of the result run on the loop's thread, where the scheduler's books already hold the
+        interpreter lock, instead of on a thread that competes with the loop for it. Replies are
+        read by a thread of their own (blocking reads; it takes the lock once per reply to hand
+        the bytes over). Up to STEPS_IN_FLIGHT steps are sent at once, each with its own buffer,
+        so the worker starts the next step the moment it has replied to one. Once this has been
+        called, blocking requests (`step`, `warmup`) are refused: the reader owns the replies."""
         loop = asyncio.get_running_loop()
         if self._room is None:
             self._room = asyncio.Semaphore(STEPS_IN_FLIGHT)
@@ -448,6 +458,7 @@ class EngineWorker:
         try:
             sent_at = time.monotonic()
             message = _pack_step(plan, self._buffers.get(index), index)
+            self._start_reader(loop)
             self._waiting.append(reply)
             try:
                 self._send(message)
@@ -455,9 +466,6 @@ class EngineWorker:
                 self._waiting.remove(reply)
                 raise
             sent = True
-            if not self._reading:
-                loop.add_reader(self._conn.fileno(), self._read_replies)
-                self._reading = True
             # Shielded: a cancelled caller leaves the request to finish, and its buffer stays
             # the worker's until the reply says the worker is done reading it.
             packed, replied_at = await asyncio.shield(reply)
@@ -470,26 +478,39 @@ class EngineWorker:
         release()
         return _unpack_result(packed, sent_at, replied_at)
 
-    def _read_replies(self) -> None:
-        """The pipe is readable (on the loop): hand every complete reply to its request."""
+    def _start_reader(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._reader is not None:
+            return
+        if self._dead_reason is not None:
+            raise EngineError(self._dead_reason)
+        self._reader = threading.Thread(target=self._read_replies, args=(loop,), name="engine-worker-replies",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read_replies(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The reader thread: each reply, as bytes, to the loop; the pipe's end fails what waits."""
+        while True:
+            try:
+                data = self._conn.recv_bytes()
+            except (EOFError, OSError):
+                _call_soon(loop, self._fail_waiting)
+                return
+            _call_soon(loop, self._deliver, data, time.monotonic())
+
+    def _deliver(self, data: bytes, replied_at: float) -> None:
+        """On the loop: the oldest waiting step gets its reply (the worker answers in order)."""
+        future = self._waiting.popleft()
         try:
-            while self._waiting and self._conn.poll(0):
-                reply = marshal.loads(self._conn.recv_bytes())
-                replied_at = time.monotonic()
-                future = self._waiting.popleft()
-                try:
-                    future.set_result((self._result_of(reply), replied_at))
-                except EngineError as exc:
-                    future.set_exception(exc)
-        except (EOFError, OSError):
-            reason = self._died()
-            while self._waiting:
-                future = self._waiting.popleft()
-                if not future.done():
-                    future.set_exception(EngineError(reason))
-        if not self._waiting and self._reading:
-            asyncio.get_running_loop().remove_reader(self._conn.fileno())
-            self._reading = False
+            future.set_result((self._result_of(marshal.loads(data)), replied_at))
+        except EngineError as exc:
+            future.set_exception(exc)
+
+    def _fail_waiting(self) -> None:
+        reason = self._died()
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(EngineError(reason))
 
     def warmup(self) -> str:
         return self._request(("warmup",))
@@ -500,8 +521,8 @@ class EngineWorker:
 
     def _exchange(self, message: tuple):
         """Send a request and wait for its reply; the caller holds the request lock."""
-        if self._waiting:
-            raise EngineError("a blocking request while asynchronous steps are in flight: their replies would mix")
+        if self._reader is not None:
+            raise EngineError("a blocking request after asynchronous steps began: the reply reader owns the pipe")
         self._send(message)
         try:
             reply = marshal.loads(self._conn.recv_bytes())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, StepPlan,
-                         StreamStateLostError)
+                         StepResult, StreamStateLostError, StreamUpdate, TokenEvent)
 from engines.config import EngineConfig
 from server.engine_worker import ChildOptions, EngineWorker
 from tests.fake_engine import FakeEngine
@@ -33,6 +33,11 @@ class _ScriptedFaults(FakeEngine):
             raise BadChunkError("invalid chunks (scripted)", (sid,))
         if sid.startswith("boom"):
             raise RuntimeError("the device fell over (scripted)")
+        if sid.startswith("big"):  # a reply larger than the socket's buffer
+            tokens = tuple(TokenEvent(7, "x" * 20, j) for j in range(500))
+            return StepResult(updates=tuple(StreamUpdate(stream_id=c.stream_id, slot=c.slot, tokens=tokens,
+                                                         text_delta="x" * 2000, is_final=False, frames_decoded=1,
+                                                         audio_seconds=0.0) for c in plan.chunks), engine="fake")
         return super().step(plan)
 
 
@@ -250,8 +255,8 @@ def test_audio_through_the_shared_buffer_and_through_the_pipe_give_the_same_resu
 @pytest.mark.asyncio
 async def test_asynchronous_steps_in_flight_together_each_get_their_own_result():
     """step_async (the scheduler's path): two steps sent at once, each with its own buffer;
-    replies go to the right callers, equal to the same steps taken one by one; a worker killed
-    with a step in flight fails that step, not the loop."""
+    replies go to the right callers, equal to the same steps taken one at a time; a worker
+    killed with a step in flight fails that step, not the loop."""
     import asyncio
 
     worker = EngineWorker.start("tests.fake_engine:build_fake_engine", _fake_cfg(), QUIET)
@@ -270,16 +275,42 @@ async def test_asynchronous_steps_in_flight_together_each_get_their_own_result()
         for k in range(5):
             first, second = await asyncio.gather(worker.step_async(plan(k, together, range(0, 2), "t")),
                                                  worker.step_async(plan(k, together, range(2, 4), "t")))
-            one_by_one = [worker.step(plan(k, alone, rows, "a")) for rows in (range(0, 2), range(2, 4))]
-            for got, want in zip((first, second), one_by_one):
+            one_at_a_time = [await worker.step_async(plan(k, alone, rows, "a")) for rows in (range(0, 2), range(2, 4))]
+            for got, want in zip((first, second), one_at_a_time):
                 assert [u.stream_id[1:] for u in got.updates] == [u.stream_id[1:] for u in want.updates]
                 assert [(u.text_delta, u.tokens) for u in got.updates] == [(u.text_delta, u.tokens) for u in want.updates]
                 assert got.timings.to_worker_ms > 0 and got.timings.unpack_ms >= 0
         assert sorted(worker._free_buffers) == [0, 1] and not worker._waiting
+        with pytest.raises(EngineError, match="the reply reader owns the pipe"):
+            worker.step(plan(0, alone, range(0, 1), "x"))  # a blocking reply would be the reader's
 
         os.kill(worker.pid, signal.SIGKILL)
         with pytest.raises(EngineError, match="engine worker process exited"):
-            await worker.step_async(plan(5 % 5, together, range(0, 2), "t"))
+            await worker.step_async(plan(0, together, range(0, 2), "t"))
         assert worker.state is EngineState.DEAD
+    finally:
+        worker.close()
+
+
+def test_replies_larger_than_the_pipe_buffer_arrive_whole_under_uvloop():
+    """asr-server runs on uvloop, which puts a descriptor it watches into non-blocking mode; the
+    replies' reader must not depend on the loop watching the pipe (a first version did, and a
+    reply larger than the socket buffer then failed the engine at 2,880 streams on the H100)."""
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed here")
+    cfg = EngineConfig(model="fake", max_streams=64, max_batch=64, lookahead_ms=160)
+    worker = EngineWorker.start("tests.test_engine_worker:build_scripted_faults", cfg, QUIET)
+    try:
+        worker.warmup()
+        slots = [worker.acquire_slot() for _ in range(64)]
+        audio = np.zeros(worker.geometry.samples_needed(0), np.float32)
+        plan = StepPlan(tuple(ChunkWork(f"big{i}", s, audio, True, False) for i, s in enumerate(slots)))
+
+        async def main():
+            import asyncio
+            return await asyncio.gather(*(worker.step_async(plan) for _ in range(3)))
+
+        for result in uvloop.run(main()):
+            assert len(result.updates) == 64 and all(len(u.tokens) == 500 for u in result.updates)
+        assert worker.state is EngineState.READY
     finally:
         worker.close()
