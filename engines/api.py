@@ -112,7 +112,8 @@ class StepTimings:
     synced: bool = False
     # The way to an engine in another process and back (server.engine_worker), in ms; zero for
     # an engine in the scheduler's process. Clock readings of both processes (CLOCK_MONOTONIC):
-    to_worker_ms: float = 0.0      # the scheduler's thread packs and sends, until the worker has the request
+    to_worker_ms: float = 0.0      # packing and sending, until the worker takes the request up (with
+                                   # two steps in flight, this includes waiting behind the one before)
     worker_before_ms: float = 0.0  # the worker, from the request to the engine's step
     worker_after_ms: float = 0.0   # the worker, from the engine's result to its reply sent
     from_worker_ms: float = 0.0    # the reply sent, until the scheduler's thread has it (and the lock)

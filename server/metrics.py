@@ -83,7 +83,8 @@ class ServerMetrics(SchedulerObserver):
             "engine worker process and back)", buckets=_PHASE_BUCKETS, registry=r)
         self.worker_time = Histogram(
             "asr_engine_worker_seconds", "The way of a step to the engine worker process and back, by part: "
-            "to_worker, worker_before (the worker before the engine's step), worker_after, from_worker, unpack",
+            "to_worker (includes waiting behind the step before it: two are in flight), worker_before (the "
+            "worker before the engine's step), worker_after, from_worker, unpack",
             ["part"], buckets=_PHASE_BUCKETS, registry=r)
         self.engine_phase_time = Histogram(
             "asr_engine_phase_seconds", "Engine step phases, from the steps that synchronized the device at each "
