@@ -56,6 +56,7 @@ from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloaded
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
 from engines.slot_allocator import SlotAllocator
+from server.scheduler import call_soon_from_thread
 
 log = logging.getLogger("nemostream.engine_worker")
 STEPS_IN_FLIGHT = 2  # asynchronous steps sent at once (the scheduler's pipeline depth is 2)
@@ -174,14 +175,6 @@ def _unpack_result(packed: tuple, sent_at: float, replied_at: float) -> StepResu
 
 def _reply(conn: multiprocessing.connection.Connection, reply: tuple) -> None:
     conn.send_bytes(marshal.dumps(reply))
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
-    """From another thread: run fn on the loop, unless the loop has already closed."""
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:
-        pass
 
 
 # -- child ---------------------------------------------------------------------------------------
@@ -493,9 +486,9 @@ class EngineWorker:
             try:
                 data = self._conn.recv_bytes()
             except (EOFError, OSError):
-                _call_soon(loop, self._fail_waiting)
+                call_soon_from_thread(loop, self._fail_waiting)
                 return
-            _call_soon(loop, self._deliver, data, time.monotonic())
+            call_soon_from_thread(loop, self._deliver, data, time.monotonic())
 
     def _deliver(self, data: bytes, replied_at: float) -> None:
         """On the loop: the oldest waiting step gets its reply (the worker answers in order)."""

@@ -190,7 +190,7 @@ class Scheduler(StreamBooks):
         # once, so health turns NOT_SERVING without waiting for a step to fail.
         watch = getattr(self.engine, "watch", None)
         if callable(watch):
-            watch(lambda reason: _call_soon(loop, self._mark_dead, reason))
+            watch(lambda reason: call_soon_from_thread(loop, self._mark_dead, reason))
 
     async def warmup(self) -> str:
         """Run the engine's warm-up on the engine thread; prove its execution counter moved."""
@@ -726,7 +726,7 @@ class Scheduler(StreamBooks):
         self.observer.engine_dead(reason)
 
 
-def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+def call_soon_from_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
     """From another thread: run fn on the loop, unless the loop has already closed."""
     try:
         loop.call_soon_threadsafe(fn, *args)
