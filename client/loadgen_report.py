@@ -243,6 +243,18 @@ STEP_PHASE_ORDER = ("assemble", "features", "gather", "encoder", "decode", "comm
 WORKER_PARTS = ("to_worker", "worker_before", "worker_after", "from_worker", "unpack")  # server.metrics
 
 
+def _label_means_ms(before: dict, after: dict, name: str, label: str, values: tuple[str, ...]) -> tuple[dict, int]:
+    """Per label value of a labelled histogram, its mean in ms over the level (values with no
+    observations left out), and the most observations any value had."""
+    means, most = {}, 0
+    for value in values:
+        count = _delta(before, after, f"{name}_count", **{label: value})
+        if count > 0:
+            most = max(most, int(count))
+            means[value] = round(1e3 * _delta(before, after, f"{name}_sum", **{label: value}) / count, 3)
+    return means, most
+
+
 def server_delta(before: dict, after: dict, wall_s: float) -> dict:
     """What the server's own metrics say about one level."""
     def mean(name: str, scale: float = 1.0):
@@ -269,20 +281,9 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
             if d:
                 faults[n[4:-6] + "{" + ",".join(f"{k}={val}" for k, val in labels) + "}"] = int(d)
     # Phases of the steps that synchronized the device at each boundary (a sample of the steps),
-    # in the order a step runs them.
-    phases: dict[str, float] = {}
-    phase_samples = 0
-    names = [dict(labels).get("phase", "?") for (n, labels) in after if n == "asr_engine_phase_seconds_count"]
-    for phase in sorted(names, key=lambda p: (STEP_PHASE_ORDER.index(p) if p in STEP_PHASE_ORDER else 99, p)):
-        count = _delta(before, after, "asr_engine_phase_seconds_count", phase=phase)
-        if count > 0:
-            phase_samples = max(phase_samples, int(count))
-            phases[phase] = round(1e3 * _delta(before, after, "asr_engine_phase_seconds_sum", phase=phase) / count, 3)
-    worker: dict[str, float] = {}
-    for part in WORKER_PARTS:
-        count = _delta(before, after, "asr_engine_worker_seconds_count", part=part)
-        if count > 0:
-            worker[part] = round(1e3 * _delta(before, after, "asr_engine_worker_seconds_sum", part=part) / count, 3)
+    # in the order a step runs them; the way to the engine worker and back, by part.
+    phases, phase_samples = _label_means_ms(before, after, "asr_engine_phase_seconds", "phase", STEP_PHASE_ORDER)
+    worker, _ = _label_means_ms(before, after, "asr_engine_worker_seconds", "part", WORKER_PARTS)
     q = lambda name, p: (None if (v := _hist_quantile(before, after, name, p)) is None else round(1e3 * v, 2))  # noqa: E731
     # garbage collections during the level: every thread stops for them (asr_gc_pause_seconds)
     # (with --frontends: per process too; the engine process's pauses stop the engine thread)

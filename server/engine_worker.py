@@ -8,9 +8,9 @@ streams from 13.3 to 17.2 ms, and at 70% to 21.0 ms (bench/shared_gpu_step.py --
 bench/RESULTS.md); the server's event loop at 1,000 streams is such a thread. In its own
 process the engine thread runs alone.
 
-Parent side: `EngineWorker`, a StreamingEngine whose `step` is a round trip over a pipe (the
-scheduler's engine thread waits in it without the lock). Slots are allocated here, where the
-books are, and each acquire and release is sent ahead of any step that uses the slot; the
+Parent side: `EngineWorker`, a StreamingEngine whose step is a round trip over a pipe. The
+scheduler awaits it on its event loop (`step_async`); `step` blocks instead, for callers without
+a loop. Slots are allocated here, where the books are, and each acquire and release is sent ahead of any step that uses the slot; the
 child maps them onto slots of its own engine, whose own checks still apply.
 
 A step's audio does not go through the pipe: it is copied into a buffer both processes map
@@ -44,11 +44,11 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, ModelInfo,
                          PoolExhaustedError, StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate,
@@ -329,12 +329,11 @@ class EngineWorker:
         self.startup_report = facts.startup_report
         self._executions = dict(facts.executions)
         self._allocator = SlotAllocator(facts.capacity)
-        self._send_lock = threading.Lock()   # the loop sends claims and releases, the engine thread steps
+        self._send_lock = threading.Lock()   # sends come from the loop and from blocking callers
         self._request_lock = threading.Lock()  # one request and its reply at a time
         self._dead_reason: str | None = None
         self._closing = False
         self._buffers: dict[int, _SampleBuffer] = {}
-        self._replied_at = 0.0
         # Asynchronous steps (step_async): replies come back in the order of the requests.
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
         self._free_buffers: list[int] = list(range(STEPS_IN_FLIGHT - 1, -1, -1))
@@ -421,12 +420,12 @@ class EngineWorker:
     def executions(self) -> dict[str, int]:
         return dict(self._executions)
 
-    # -- requests (engine thread) ---------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------------
     def step(self, plan: StepPlan) -> StepResult:
         with self._request_lock:  # buffer 0 is written for this request only
             sent_at = time.monotonic()
-            packed = self._exchange(_pack_step(plan, self._buffers.get(0), 0))
-            return _unpack_result(packed, sent_at, self._replied_at)
+            packed, replied_at = self._exchange(_pack_step(plan, self._buffers.get(0), 0))
+            return _unpack_result(packed, sent_at, replied_at)
 
     async def step_async(self, plan: StepPlan) -> StepResult:
         """`step` for a caller on an event loop (the scheduler): the audio copy and the rebuilding
@@ -510,19 +509,19 @@ class EngineWorker:
 
     def _request(self, message: tuple):
         with self._request_lock:
-            return self._exchange(message)
+            return self._exchange(message)[0]
 
-    def _exchange(self, message: tuple):
-        """Send a request and wait for its reply; the caller holds the request lock."""
+    def _exchange(self, message: tuple) -> tuple[object, float]:
+        """Send a request and wait for its reply: its value and when it arrived. The caller
+        holds the request lock."""
         if self._reader is not None:
             raise EngineError("a blocking request after asynchronous steps began: the reply reader owns the pipe")
         self._send(message)
         try:
             reply = marshal.loads(self._conn.recv_bytes())
-            self._replied_at = time.monotonic()
         except (EOFError, OSError) as exc:
             raise EngineError(self._died()) from exc
-        return self._result_of(reply)
+        return self._result_of(reply), time.monotonic()
 
     def _result_of(self, reply: tuple):
         """A reply's value, or its error raised as the type the engine raised."""
