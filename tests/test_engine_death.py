@@ -42,6 +42,28 @@ def sync_outcome(port: int, requests) -> tuple[str, str]:
     return "OK", ""
 
 
+async def held_open_streams(stub, metrics_port: int, resume: asyncio.Event, n: int) -> list[asyncio.Task]:
+    """n streams held open (held_open_outcome), once the server counts them all."""
+    tasks = [asyncio.create_task(held_open_outcome(stub, i, resume)) for i in range(n)]
+    for _ in range(2000):
+        if scrape(metrics_port)["asr_active_streams"] == n:
+            break
+        await asyncio.sleep(0.01)
+    assert scrape(metrics_port)["asr_active_streams"] == n
+    return tasks
+
+
+async def statuses_to_the_end(watch) -> list:
+    """Every health status a Watch call reports until it ends (or the server goes away under it)."""
+    statuses = []
+    try:
+        while (message := await watch.read()) is not grpc.aio.EOF:
+            statuses.append(message.status)
+    except grpc.aio.AioRpcError:
+        pass  # the server went away under the watch
+    return statuses
+
+
 @pytest.mark.parametrize("frontends", ["1", "2"])  # 2: frontend processes around an engine process
 async def test_repeated_engine_failure_goes_not_serving_fails_open_streams_unavailable_and_exits_nonzero(frontends):
     proc, port, metrics_port = await start_server(
@@ -55,12 +77,7 @@ async def test_repeated_engine_failure_goes_not_serving_fails_open_streams_unava
             assert (await watch.read()).status == SERVING
 
             stub = pb_grpc.SpeechRecognitionStub(channel)
-            bystanders = [asyncio.create_task(held_open_outcome(stub, i, resume)) for i in range(3)]
-            for _ in range(2000):
-                if scrape(metrics_port)["asr_active_streams"] == 3:
-                    break
-                await asyncio.sleep(0.01)
-            assert scrape(metrics_port)["asr_active_streams"] == 3
+            bystanders = await held_open_streams(stub, metrics_port, resume, 3)
 
             trigger = requests_for(pcm16_audio(9, RATE).tobytes())
             first = await asyncio.to_thread(sync_outcome, port, trigger)
@@ -69,12 +86,7 @@ async def test_repeated_engine_failure_goes_not_serving_fails_open_streams_unava
             assert second[0] == "UNAVAILABLE" and "the engine failed: 2 consecutive failed steps" in second[1]
             for code, details in await asyncio.gather(*bystanders):
                 assert code == "UNAVAILABLE" and "the engine failed" in details
-            statuses = []
-            try:
-                while (message := await watch.read()) is not grpc.aio.EOF:
-                    statuses.append(message.status)
-            except grpc.aio.AioRpcError:
-                pass  # the server went away under the watch
+            statuses = await statuses_to_the_end(watch)
             assert statuses and statuses[-1] == NOT_SERVING and SERVING not in statuses
         assert await asyncio.wait_for(proc.wait(), 60) == EXIT_ENGINE_DEAD
         stderr = (await proc.stderr.read()).decode()
@@ -98,23 +110,13 @@ async def test_a_killed_engine_worker_fails_open_streams_unavailable_and_the_ser
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             assert (await watch.read()).status == SERVING
             stub = pb_grpc.SpeechRecognitionStub(channel)
-            held = [asyncio.create_task(held_open_outcome(stub, i, resume)) for i in range(3)]
-            for _ in range(2000):
-                if scrape(metrics_port)["asr_active_streams"] == 3:
-                    break
-                await asyncio.sleep(0.01)
-            assert scrape(metrics_port)["asr_active_streams"] == 3
+            held = await held_open_streams(stub, metrics_port, resume, 3)
             workers = child_pids(proc.pid, "engine")
             assert len(workers) == 1, workers
             os.kill(workers[0], signal.SIGKILL)
             for code, details in await asyncio.wait_for(asyncio.gather(*held), 30):
                 assert code == "UNAVAILABLE" and "engine worker process exited" in details, (code, details)
-            statuses = []
-            try:
-                while (message := await watch.read()) is not grpc.aio.EOF:
-                    statuses.append(message.status)
-            except grpc.aio.AioRpcError:
-                pass
+            statuses = await statuses_to_the_end(watch)
             assert statuses and statuses[-1] == NOT_SERVING
         assert await asyncio.wait_for(proc.wait(), 60) == EXIT_ENGINE_DEAD
     finally:
