@@ -55,12 +55,58 @@ class StreamStateLostError(EngineError):
 
 
 @dataclass(frozen=True)
+class EndpointingParams:
+    """One stream's endpointing, in the semantics of Riva's EndpointingConfig, resolved (every
+    value set). The engine decides per encoder frame from the model's own output: a frame's
+    non-blank probability is 1 - P(blank) at the frame's first joint evaluation.
+
+    - An utterance starts when, over the last `start_history_ms`, the mean non-blank probability
+      reaches `start_threshold`.
+    - An open utterance ends when, over the last `stop_history_ms`, the mean blank probability
+      reaches `stop_threshold`.
+    - For models with an end-of-utterance token: once the model has emitted it, the utterance
+      ends when, over the last `stop_history_eou_ms` after it, the mean blank probability
+      reaches `stop_threshold_eou` (a history of 0 ends it at the token's frame).
+    A history of 0 turns its rule off (start: every frame counts as speech).
+    """
+
+    start_history_ms: int = 240
+    start_threshold: float = 0.2
+    stop_history_ms: int = 800
+    stop_threshold: float = 0.98
+    stop_history_eou_ms: int = 0
+    stop_threshold_eou: float = 0.98
+
+    def __post_init__(self) -> None:
+        for name in ("start_history_ms", "stop_history_ms", "stop_history_eou_ms"):
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_ENDPOINT_HISTORY_MS:
+                raise ValueError(f"{name} {value} is outside 0..{MAX_ENDPOINT_HISTORY_MS} ms")
+        for name in ("start_threshold", "stop_threshold", "stop_threshold_eou"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} {value} is outside 0.0..1.0")
+
+    def as_tuple(self) -> tuple:
+        return (self.start_history_ms, self.start_threshold, self.stop_history_ms, self.stop_threshold,
+                self.stop_history_eou_ms, self.stop_threshold_eou)
+
+
+# The longest endpointing window a stream may ask for: the engine keeps this much history of
+# per-frame probabilities per slot (64 frames at the usual 80 ms encoder frame).
+MAX_ENDPOINT_HISTORY_MS = 5000
+
+
+@dataclass(frozen=True)
 class ChunkWork:
     """One stream's share of a step.
 
     `samples` are the stream's new mono float32 samples at the model's sample rate, exactly
     the span ChunkGeometry.chunk_span gives for this chunk. `first` marks the stream's first
     chunk (its slot is reset before use); `audio_ended` says no audio follows these samples.
+    `endpointing` (read on the first chunk; None: off) says how the engine splits the stream
+    into utterances; `new_utterance` says the client ended the previous utterance itself, so
+    the endpointer starts this chunk afresh (no speech heard, empty history).
     """
 
     stream_id: str
@@ -68,6 +114,8 @@ class ChunkWork:
     samples: np.ndarray
     first: bool
     audio_ended: bool
+    endpointing: EndpointingParams | None = None
+    new_utterance: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +140,11 @@ class StreamUpdate:
     is_final: bool                   # the stream's audio is fully decoded
     frames_decoded: int              # encoder frames decoded so far in this stream
     audio_seconds: float             # audio covered by the decoded frames
+    # Endpointing (streams that have it): the stream's encoder frames at which speech started
+    # and at which an utterance ended in this step, in order. Tokens at frames up to an end
+    # belong to the utterance it closes.
+    starts: tuple[int, ...] = ()
+    ends: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +196,15 @@ class ModelInfo:
     random_weights: bool
     description: str
     languages: tuple[str, ...] = ()
+    word_boundary: str = "\u2581"   # piece prefix that starts a word ("" for character models)
+    eou_token: str = ""              # the model's end-of-utterance piece, if it has one
+
+
+def tokens_text(tokens, word_boundary: str, eou_token: str = "") -> str:
+    """The text a run of tokens adds (word-start markers as spaces; the end-of-utterance
+    token, a signal and not a word, left out)."""
+    text = "".join(t.piece for t in tokens if not eou_token or t.piece != eou_token)
+    return text.replace(word_boundary, " ") if word_boundary else text
 
 
 class StreamingEngine(Protocol):

@@ -10,6 +10,7 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 # Lookahead (ms) -> NeMo att_context_size right context, for models with 8x subsampling and a
 # 10 ms hop: (right + 1) * 80 ms of audio per step.
 LOOKAHEAD_TO_RIGHT_CONTEXT = {80: 0, 160: 1, 560: 6, 1120: 13}
+UTTERANCE_RESETS = ("auto", "keep", "decoder", "all")
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,17 @@ class EngineConfig:
     # GPU's time per phase (metrics: asr_engine_phase_seconds); 0: never. One step in 100 costs
     # a few syncs, well under 1% of the engine's time.
     profile_every: int = 100
+    # What a stream's model state does when one utterance ends and the next begins (endpointing):
+    # "keep" carries the encoder caches and decoder state on (a model trained on long-form
+    # audio), "decoder" restarts the RNNT prediction network (Riva's "decoder will be reset"),
+    # "all" restarts the encoder caches too, as for a new stream (a model trained on single
+    # utterances only); "auto": the model's own setting (builtin:demo: all; others: keep).
+    utterance_reset: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.utterance_reset not in UTTERANCE_RESETS:
+            raise ValueError(f"unknown utterance_reset {self.utterance_reset!r}; choose one of "
+                             f"{', '.join(UTTERANCE_RESETS)}")
         if self.engine not in ENGINE_NAMES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
         if self.fallback_engine is not None and self.fallback_engine not in ENGINE_NAMES[1:]:

@@ -146,7 +146,8 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
         except EngineStartError as e2:
             raise EngineStartError(f"{e}; the fallback engine failed too: {e2}") from e2
     engine = StreamingEngine(model, encoder, cfg.lookahead_ms, cfg.max_streams, cfg.max_batch, device, dtype,
-                           align_chunks=cfg.align_chunks)
+                             align_chunks=cfg.align_chunks,
+                             utterance_reset=model.utterance_reset if cfg.utterance_reset == "auto" else cfg.utterance_reset)
     engine.profile_every = cfg.profile_every
     describe = getattr(encoder, "describe", None)
     engine.startup_report = StartupReport(

@@ -48,13 +48,18 @@ class TrainedSpec:
     folder: str          # under engines/assets/: model_config.yaml, weights.pt, tokenizer.model, vocab.txt
     languages: tuple[str, ...]
     description: str
+    # engines.config.EngineConfig.utterance_reset for this model: the demo model was trained on
+    # single utterances, and after a pause its encoder context (the previous utterance and the
+    # silence) throws it off, so each utterance starts from a fresh state.
+    utterance_reset: str = "keep"
 
 
 # Built-in models with trained weights shipped in the package (train/train.py writes the folder).
 TRAINED = {
     "demo": TrainedSpec("demo", ("en", "hi"),
                         "demo model: small cache-aware FastConformer hybrid RNNT/CTC trained on synthetic "
-                        "eSpeak NG English and Hindi speech (train/); not for real-world audio"),
+                        "eSpeak NG English and Hindi speech (train/); not for real-world audio",
+                        utterance_reset="all"),
 }
 _TRAINED_CLASSES = ("EncDecHybridRNNTCTCBPEModel", "EncDecRNNTBPEModel")
 
@@ -95,6 +100,7 @@ class LoadedModel:
     description: str
     lookaheads_ms: tuple[int, ...]
     checksum: str            # identifies the weights, for export caches
+    utterance_reset: str = "keep"  # the model's own EngineConfig.utterance_reset ("auto" resolves to it)
 
 
 def _builtin_cfg(spec: BuiltinSpec):
@@ -248,10 +254,12 @@ def load_model(spec: str, lookahead_ms: int, seed: int = 0) -> LoadedModel:
     from nemo.collections.asr.models import ASRModel, EncDecRNNTModel
     from nemo.collections.asr.parts.mixins.streaming import StreamingEncoder
 
+    utterance_reset = "keep"
     if spec.startswith("builtin:") and spec.split(":", 1)[1] in TRAINED:
         name = spec.split(":", 1)[1]
         model = load_trained_builtin(name)
         random_weights, description = False, TRAINED[name].description
+        utterance_reset = TRAINED[name].utterance_reset
     elif spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         model = build_builtin(name, seed=seed)
@@ -284,4 +292,4 @@ def load_model(spec: str, lookahead_ms: int, seed: int = 0) -> LoadedModel:
     return LoadedModel(
         name=spec, nemo_model=model, pieces=pieces, word_boundary=boundary,
         blank_id=model.decoder.blank_idx, random_weights=random_weights, description=description,
-        lookaheads_ms=lookaheads, checksum=_weights_checksum(model))
+        lookaheads_ms=lookaheads, checksum=_weights_checksum(model), utterance_reset=utterance_reset)

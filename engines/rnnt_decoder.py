@@ -26,13 +26,18 @@ class DecodeOutput:
     labels: list[list[int]]   # per row, new labels in order
     frames: list[list[int]]   # per row, the chunk-relative encoder frame of each label
     state: dict[str, torch.Tensor]  # new per-row decoder state (pred_out, h, c)
+    # [B, T] on the device, for endpointing: each frame's non-blank probability at its first
+    # joint evaluation, and (models with an end-of-utterance token) whether it emitted that token.
+    nonblank: torch.Tensor | None = None
+    eou: torch.Tensor | None = None
 
 
 class GreedyRNNTDecoder:
-    def __init__(self, decoder, joint, blank_id: int, max_symbols: int = 10):
+    def __init__(self, decoder, joint, blank_id: int, max_symbols: int = 10, eou_id: int | None = None):
         self.decoder = decoder
         self.joint = joint
         self.blank_id = blank_id
+        self.eou_id = eou_id
         self.max_symbols = max_symbols
         self.pred_hidden = decoder.pred_hidden
         self.pred_layers = decoder.pred_rnn_layers
@@ -87,7 +92,9 @@ class GreedyRNNTDecoder:
             out_t=torch.zeros(self.sync_every, B, dtype=torch.long, device=dev),
             out_m=torch.zeros(self.sync_every, B, dtype=torch.bool, device=dev),
             rows=torch.arange(B, device=dev),
-            blank=torch.full((B,), self.blank_id, dtype=torch.long, device=dev))
+            blank=torch.full((B,), self.blank_id, dtype=torch.long, device=dev),
+            nonblank=torch.zeros(B, T, dtype=torch.float32, device=dev),
+            eou=torch.zeros(B, T, dtype=torch.bool, device=dev))
 
     def _block(self, L: "_Loop") -> None:
         """`sync_every` iterations, in place on L (so a CUDA graph can replay them). Rows that
@@ -97,8 +104,18 @@ class GreedyRNNTDecoder:
         for i in range(self.sync_every):
             ft = L.f[L.rows, L.t.clamp(max=T - 1)]  # [B, H]
             logits = self.joint.joint_after_projection(ft[:, None, :], self.joint.project_prednet(L.g)[:, None, :])
-            k = logits[:, 0, 0, :].argmax(dim=-1)
+            scores = logits[:, 0, 0, :]
+            k = scores.argmax(dim=-1)
             emit = L.active & (k != self.blank_id)
+            # Endpointing's signal: at a frame's first visit (no label emitted on it yet), the
+            # probability that it holds anything but blank.
+            tc = L.t.clamp(max=T - 1)
+            first_visit = L.active & (L.symbols == 0)
+            scores32 = scores.float()
+            p_nonblank = 1.0 - torch.exp(scores32[:, self.blank_id] - torch.logsumexp(scores32, dim=-1))
+            L.nonblank[L.rows, tc] = torch.where(first_visit, p_nonblank, L.nonblank[L.rows, tc])
+            if self.eou_id is not None:
+                L.eou[L.rows, tc] = L.eou[L.rows, tc] | (emit & (k == self.eou_id))
             L.out_k[i].copy_(k)
             L.out_t[i].copy_(L.t)
             L.out_m[i].copy_(emit)
@@ -160,6 +177,8 @@ class GreedyRNNTDecoder:
         L.t.zero_()
         L.symbols.zero_()
         L.active.copy_(L.t < L.lengths)
+        L.nonblank.zero_()
+        L.eou.zero_()
         outs_k, outs_t, outs_m = [], [], []
         # Testing for termination costs a device-to-host sync, so test every few iterations;
         # iterations past the end are no-ops because every row is masked.
@@ -188,7 +207,8 @@ class GreedyRNNTDecoder:
             frames.append(flat_t[at:at + n])
             at += n
         new_state = {"dec_out": L.g[:B].clone(), "dec_h": L.h[:, :B].clone(), "dec_c": L.c[:, :B].clone()}
-        return DecodeOutput(labels=labels, frames=frames, state=new_state)
+        return DecodeOutput(labels=labels, frames=frames, state=new_state, nonblank=L.nonblank[:B].clone(),
+                            eou=L.eou[:B].clone() if self.eou_id is not None else None)
 
 
 @dataclass
@@ -208,3 +228,5 @@ class _Loop:
     out_m: torch.Tensor    # [sync_every, B] whether it was emitted
     rows: torch.Tensor
     blank: torch.Tensor
+    nonblank: torch.Tensor  # [B, T] each frame's non-blank probability at its first visit
+    eou: torch.Tensor       # [B, T] the end-of-utterance token was emitted at this frame

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, PoolExhaustedError,
-                         StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent)
+                         StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent, tokens_text)
 from engines.cudagraph_engine import batch_buckets
 from engines.encoders import EncoderEngine
+from engines.endpointing import Endpointer, event_frames
 from engines.features import StreamingFeaturizer
 from engines.geometry import ChunkGeometry
 from engines.models import LoadedModel
@@ -44,7 +45,8 @@ def geometry_of(model: LoadedModel, lookahead_ms: int, align_chunks: bool = True
 
 class StreamingEngine:
     def __init__(self, model: LoadedModel, encoder: EncoderEngine, lookahead_ms: int, capacity: int,
-                 max_batch: int, device: torch.device, dtype: torch.dtype, align_chunks: bool = True):
+                 max_batch: int, device: torch.device, dtype: torch.dtype, align_chunks: bool = True,
+                 utterance_reset: str = "keep"):
         self.model = model
         self.encoder_engine = encoder
         # Set by engines.factory.build_engine: configured vs running engine, self-check, fallback.
@@ -53,18 +55,23 @@ class StreamingEngine:
         self.dtype = dtype
         self.capacity = capacity
         self.max_batch = max_batch
+        # engines.config.EngineConfig.utterance_reset, resolved: "keep", "decoder" or "all"
+        self.utterance_reset = utterance_reset
         self.geometry = geometry_of(model, lookahead_ms, align_chunks)
         nemo = model.nemo_model
         enc = nemo.encoder
+        self.eou_id = eou_token_id(model.pieces)
         self.model_info = ModelInfo(
             name=model.name, lookahead_ms=lookahead_ms, lookaheads_ms=model.lookaheads_ms,
             sample_rate=self.geometry.sample_rate, vocabulary_size=len(model.pieces),
             random_weights=model.random_weights, description=model.description,
-            languages=("en", "hi") if model.random_weights else ())
+            languages=("en", "hi") if model.random_weights else (), word_boundary=model.word_boundary,
+            eou_token=model.pieces[self.eou_id] if self.eou_id is not None else "")
         self.allocator = SlotAllocator(capacity)
         self.featurizer = StreamingFeaturizer(nemo.preprocessor.featurizer, self.geometry, capacity, device)
         self.decoder = GreedyRNNTDecoder(nemo.decoder, nemo.joint, model.blank_id,
-                                         max_symbols=_max_symbols(nemo))
+                                         max_symbols=_max_symbols(nemo), eou_id=self.eou_id)
+        self.endpointer = Endpointer(capacity, 1e3 * self.geometry.encoder_frame_seconds, device)
         n_layers, d = len(enc.layers), enc.d_model
         # An encoder engine may keep a different per-layer attention cache (e.g. projected K/V,
         # [L, 70, 2d]); it says so through `cache_channel_shape`.
@@ -78,6 +85,8 @@ class StreamingEngine:
         ]
         for name, (shape, dim) in self.decoder.state_shapes().items():
             specs.append(StateSpec(name, shape, dim, dtype))
+        for name, (shape, dim) in self.endpointer.state_shapes().items():
+            specs.append(StateSpec(name, shape, dim, torch.float32))
         self.pool = SlotPool(specs, capacity, device)
         # host-side per-slot counters
         self.chunks_done = np.zeros(capacity, dtype=np.int64)
@@ -180,6 +189,9 @@ class StreamingEngine:
         samples = [c.samples for c in chunks]
         ended = [c.audio_ended for c in chunks]
         fresh_host = [c.first for c in chunks]
+        for c in chunks:
+            if c.first:  # idempotent: a retried first chunk sets the same row
+                self.endpointer.configure(c.slot, c.endpointing)
         try:
             windows, audio_end, starts = self.featurizer.assemble(slots, chunk_index, samples, ended, fresh_host)
         except ValueError as e:
@@ -187,11 +199,20 @@ class StreamingEngine:
         self._check_finite(chunks, windows)
         t_assembled = time.perf_counter()
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
-        fresh = torch.as_tensor(fresh_host, device=self.device)
+        # A new utterance restarts the model state the reset policy names (the waveform
+        # history of the featurizer always carries on: the audio is one signal).
+        reset_host = [c.new_utterance for c in chunks]
+        if self.utterance_reset != "keep" and any(reset_host):
+            restart_host = [f or r for f, r in zip(fresh_host, reset_host)]
+        else:
+            restart_host = fresh_host
+        encoder_restart = restart_host if self.utterance_reset == "all" else fresh_host
+        fresh = torch.as_tensor(restart_host, device=self.device)
         feats = self.featurizer.compute(windows, audio_end, starts, chunk_index)
         self._sync()
         t_feats = time.perf_counter()
-        state = self.pool.gather(idx, fresh if any(fresh_host) else None)
+        state = self.pool.gather(idx, torch.as_tensor(encoder_restart, device=self.device)
+                                 if any(encoder_restart) else None)
         self._sync()
         t1 = time.perf_counter()
 
@@ -204,8 +225,14 @@ class StreamingEngine:
         self._sync()
         t2 = time.perf_counter()
 
-        dec_state = self.decoder.start_state(fresh, any(fresh_host), {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
+        dec_state = self.decoder.start_state(fresh, any(restart_host), {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
         decoded = self.decoder.decode(encoded, enc_len, dec_state)
+        slot_array = np.asarray(slots, dtype=np.int64)
+        endpoint = None
+        if self.endpointer.enabled(slot_array):
+            reset = torch.as_tensor(reset_host, device=self.device) if any(reset_host) else None
+            endpoint = self.endpointer.step(slot_array, decoded.nonblank, decoded.eou, enc_len, reset,
+                                            state["ep_hist"], state["ep_flags"])
         enc_len_host = enc_len.cpu().numpy()
         t3 = time.perf_counter()
 
@@ -216,11 +243,13 @@ class StreamingEngine:
                 "cache_channel": cc_next, "cache_time": ct_next, "cache_len": ccl_next,
                 "pre_encode": x[:, :, -P:] if P else x[:, :, :0],
                 **decoded.state,
+                **({"ep_hist": endpoint[1], "ep_flags": endpoint[2]} if endpoint is not None else {}),
             })
             self.featurizer.commit(slots, samples, windows, starts, fresh_host)
             self._sync()
             t_committed = time.perf_counter()
-            updates = self._updates(chunks, slots, chunk_index, audio_end, enc_len_host, decoded)
+            updates = self._updates(chunks, slots, chunk_index, audio_end, enc_len_host, decoded,
+                                    endpoint[0] if endpoint is not None else None)
         except Exception as exc:
             ids = tuple(c.stream_id for c in chunks)
             raise StreamStateLostError(f"committing the step's state failed ({type(exc).__name__}: {exc}); "
@@ -234,7 +263,7 @@ class StreamingEngine:
         return StepResult(updates=tuple(updates), engine=self.encoder_engine.name, timings=timings)
 
     def _updates(self, chunks, slots: list[int], chunk_index: list[int], audio_end: np.ndarray,
-                 enc_len: np.ndarray, decoded) -> list[StreamUpdate]:
+                 enc_len: np.ndarray, decoded, endpoint_events=None) -> list[StreamUpdate]:
         """Advance the host counters (in bulk) and build one StreamUpdate per row; rows without
         new labels (most of them, at a step of 2-7 encoder frames) build no token objects."""
         g = self.geometry
@@ -252,12 +281,16 @@ class StreamingEngine:
         self.frames_done[slot] = frames
         self.finished[slot] = final
         seconds = ((self.featurizer.samples_seen[slot] - g.lead_in) / g.sample_rate).tolist()
+        starts, ends = event_frames(endpoint_events, base) if endpoint_events is not None else ({}, {})
         pieces = self.model.pieces
+        eou = self.eou_id
         updates = []
         for i, (c, b, fin, n) in enumerate(zip(chunks, base.tolist(), final.tolist(), frames.tolist())):
             labels = decoded.labels[i]
             if labels:
-                tokens = tuple(TokenEvent(lab, pieces[lab], b + fr) for lab, fr in zip(labels, decoded.frames[i]))
+                # The end-of-utterance token is a signal for the endpointer, not text.
+                tokens = tuple(TokenEvent(lab, pieces[lab], b + fr) for lab, fr in zip(labels, decoded.frames[i])
+                               if lab != eou)
                 text = self._text(c.slot, tokens)
             else:
                 tokens, text = (), ""
@@ -266,7 +299,7 @@ class StreamingEngine:
                 frames_decoded=n,
                 # the stream's own audio this step has consumed: a client knows its message
                 # is covered once this reaches the message's end
-                audio_seconds=seconds[i]))
+                audio_seconds=seconds[i], starts=starts.get(i, ()), ends=ends.get(i, ())))
         return updates
 
     def _sync(self) -> None:
@@ -276,10 +309,7 @@ class StreamingEngine:
     def _text(self, slot: int, tokens: tuple[TokenEvent, ...]) -> str:
         if not tokens:
             return ""
-        boundary = self.model.word_boundary
-        text = "".join(t.piece for t in tokens)
-        if boundary:
-            text = text.replace(boundary, " ")
+        text = tokens_text(tokens, self.model.word_boundary)
         if not self.text_started[slot]:
             text = text.lstrip(" ")
             self.text_started[slot] = bool(text)
@@ -331,6 +361,17 @@ class StreamingEngine:
             if len(slots) < rows:
                 break
         return steps
+
+
+EOU_PIECES = ("<EOU>", "<eou>")
+
+
+def eou_token_id(pieces: list[str]) -> int | None:
+    """The model's end-of-utterance token (NeMo's realtime EOU models emit "<EOU>"), if any."""
+    for i, piece in enumerate(pieces):
+        if piece in EOU_PIECES:
+            return i
+    return None
 
 
 def _max_symbols(nemo_model) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/asr_stream.proto\x12\rnemostream.v1\"\xe0\x01\n\x11RecognitionConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0clookahead_ms\x18\x02 \x01(\r\x12\x13\n\x0bsample_rate\x18\x03 \x01(\r\x12.\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1c.nemostream.v1.AudioEncoding\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\x12\x17\n\x0finterim_results\x18\x06 \x01(\x08\x12\x10\n\x08language\x18\x07 \x01(\t\x12\x0e\n\x06prompt\x18\x08 \x01(\t\x12\x14\n\x0c\x63lient_label\x18\t \x01(\t\"k\n\x19StreamingRecognizeRequest\x12\x32\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .nemostream.v1.RecognitionConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07request\"D\n\x08WordTime\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\x15\n\rstart_seconds\x18\x02 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x03 \x01(\x01\"C\n\tTokenTime\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05piece\x18\x02 \x01(\t\x12\x15\n\rstart_seconds\x18\x03 \x01(\x01\"\x9e\x01\n\x11RecognitionResult\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12&\n\x05words\x18\x04 \x03(\x0b\x32\x17.nemostream.v1.WordTime\x12(\n\x06tokens\x18\x05 \x03(\x0b\x32\x18.nemostream.v1.TokenTime\"\x90\x01\n\x1aStreamingRecognizeResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .nemostream.v1.RecognitionResult\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x05\x12\x17\n\x0f\x61udio_processed\x18\x03 \x01(\x01\x12\x11\n\tstream_id\x18\x04 \x01(\t\"S\n\x10RecognizeRequest\x12\x30\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .nemostream.v1.RecognitionConfig\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c\"q\n\x11RecognizeResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32 .nemostream.v1.RecognitionResult\x12\x17\n\x0f\x61udio_processed\x18\x02 \x01(\x01\x12\x11\n\tstream_id\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"\x82\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0clookahead_ms\x18\x02 \x01(\r\x12\x15\n\rlookaheads_ms\x18\x03 \x03(\r\x12\x13\n\x0bsample_rate\x18\x04 \x01(\r\x12\x10\n\x08\x63hunk_ms\x18\x05 \x01(\x01\x12\x17\n\x0fvocabulary_size\x18\x06 \x01(\r\x12\x16\n\x0erandom_weights\x18\x07 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12\x11\n\tlanguages\x18\t \x03(\t\x12\x0e\n\x06\x65ngine\x18\n \x01(\t\x12I\n\x11\x65ngine_executions\x18\x0b \x03(\x0b\x32..nemostream.v1.ModelInfo.EngineExecutionsEntry\x12\x13\n\x0bmax_streams\x18\x0c \x01(\r\x12\x11\n\tmax_batch\x18\r \x01(\r\x1a\x37\n\x15\x45ngineExecutionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.nemostream.v1.ModelInfo*G\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\t\n\x05PCM16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x32\xa5\x02\n\x11SpeechRecognition\x12m\n\x12StreamingRecognize\x12(.nemostream.v1.StreamingRecognizeRequest\x1a).nemostream.v1.StreamingRecognizeResponse(\x01\x30\x01\x12N\n\tRecognize\x12\x1f.nemostream.v1.RecognizeRequest\x1a .nemostream.v1.RecognizeResponse\x12Q\n\nListModels\x12 .nemostream.v1.ListModelsRequest\x1a!.nemostream.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/asr_stream.proto\x12\rnemostream.v1\"\xb0\x01\n\x11\x45ndpointingConfig\x12\x18\n\x10start_history_ms\x18\x01 \x01(\x05\x12\x17\n\x0fstart_threshold\x18\x02 \x01(\x02\x12\x17\n\x0fstop_history_ms\x18\x03 \x01(\x05\x12\x16\n\x0estop_threshold\x18\x04 \x01(\x02\x12\x1b\n\x13stop_history_eou_ms\x18\x05 \x01(\x05\x12\x1a\n\x12stop_threshold_eou\x18\x06 \x01(\x02\"\x97\x02\n\x11RecognitionConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0clookahead_ms\x18\x02 \x01(\r\x12\x13\n\x0bsample_rate\x18\x03 \x01(\r\x12.\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1c.nemostream.v1.AudioEncoding\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\x12\x17\n\x0finterim_results\x18\x06 \x01(\x08\x12\x10\n\x08language\x18\x07 \x01(\t\x12\x0e\n\x06prompt\x18\x08 \x01(\t\x12\x14\n\x0c\x63lient_label\x18\t \x01(\t\x12\x35\n\x0b\x65ndpointing\x18\n \x01(\x0b\x32 .nemostream.v1.EndpointingConfig\"\x84\x01\n\x19StreamingRecognizeRequest\x12\x32\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .nemostream.v1.RecognitionConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x12\x17\n\rend_utterance\x18\x03 \x01(\x08H\x00\x42\t\n\x07request\"D\n\x08WordTime\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\x15\n\rstart_seconds\x18\x02 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x03 \x01(\x01\"C\n\tTokenTime\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05piece\x18\x02 \x01(\t\x12\x15\n\rstart_seconds\x18\x03 \x01(\x01\"\xf7\x01\n\x11RecognitionResult\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12&\n\x05words\x18\x04 \x03(\x0b\x32\x17.nemostream.v1.WordTime\x12(\n\x06tokens\x18\x05 \x03(\x0b\x32\x18.nemostream.v1.TokenTime\x12\x17\n\x0futterance_index\x18\x06 \x01(\r\x12\x15\n\rstart_seconds\x18\x07 \x01(\x01\x12\x13\n\x0b\x65nd_seconds\x18\x08 \x01(\x01\x12\x12\n\nend_reason\x18\t \x01(\t\"\x90\x01\n\x1aStreamingRecognizeResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .nemostream.v1.RecognitionResult\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x05\x12\x17\n\x0f\x61udio_processed\x18\x03 \x01(\x01\x12\x11\n\tstream_id\x18\x04 \x01(\t\"S\n\x10RecognizeRequest\x12\x30\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .nemostream.v1.RecognitionConfig\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c\"\xa7\x01\n\x11RecognizeResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32 .nemostream.v1.RecognitionResult\x12\x17\n\x0f\x61udio_processed\x18\x02 \x01(\x01\x12\x11\n\tstream_id\x18\x03 \x01(\t\x12\x34\n\nutterances\x18\x04 \x03(\x0b\x32 .nemostream.v1.RecognitionResult\"\x13\n\x11ListModelsRequest\"\xd5\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0clookahead_ms\x18\x02 \x01(\r\x12\x15\n\rlookaheads_ms\x18\x03 \x03(\r\x12\x13\n\x0bsample_rate\x18\x04 \x01(\r\x12\x10\n\x08\x63hunk_ms\x18\x05 \x01(\x01\x12\x17\n\x0fvocabulary_size\x18\x06 \x01(\r\x12\x16\n\x0erandom_weights\x18\x07 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12\x11\n\tlanguages\x18\t \x03(\t\x12\x0e\n\x06\x65ngine\x18\n \x01(\t\x12I\n\x11\x65ngine_executions\x18\x0b \x03(\x0b\x32..nemostream.v1.ModelInfo.EngineExecutionsEntry\x12\x13\n\x0bmax_streams\x18\x0c \x01(\r\x12\x11\n\tmax_batch\x18\r \x01(\r\x12>\n\x14\x65ndpointing_defaults\x18\x0e \x01(\x0b\x32 .nemostream.v1.EndpointingConfig\x12\x11\n\teou_token\x18\x0f \x01(\t\x1a\x37\n\x15\x45ngineExecutionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.nemostream.v1.ModelInfo*G\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\t\n\x05PCM16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x32\xa5\x02\n\x11SpeechRecognition\x12m\n\x12StreamingRecognize\x12(.nemostream.v1.StreamingRecognizeRequest\x1a).nemostream.v1.StreamingRecognizeResponse(\x01\x30\x01\x12N\n\tRecognize\x12\x1f.nemostream.v1.RecognizeRequest\x1a .nemostream.v1.RecognizeResponse\x12Q\n\nListModels\x12 .nemostream.v1.ListModelsRequest\x1a!.nemostream.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_ENGINEEXECUTIONSENTRY']._loaded_options = None
   _globals['_MODELINFO_ENGINEEXECUTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_AUDIOENCODING']._serialized_start=1498
-  _globals['_AUDIOENCODING']._serialized_end=1569
-  _globals['_RECOGNITIONCONFIG']._serialized_start=42
-  _globals['_RECOGNITIONCONFIG']._serialized_end=266
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=268
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=375
-  _globals['_WORDTIME']._serialized_start=377
-  _globals['_WORDTIME']._serialized_end=445
-  _globals['_TOKENTIME']._serialized_start=447
-  _globals['_TOKENTIME']._serialized_end=514
-  _globals['_RECOGNITIONRESULT']._serialized_start=517
-  _globals['_RECOGNITIONRESULT']._serialized_end=675
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=678
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=822
-  _globals['_RECOGNIZEREQUEST']._serialized_start=824
-  _globals['_RECOGNIZEREQUEST']._serialized_end=907
-  _globals['_RECOGNIZERESPONSE']._serialized_start=909
-  _globals['_RECOGNIZERESPONSE']._serialized_end=1022
-  _globals['_LISTMODELSREQUEST']._serialized_start=1024
-  _globals['_LISTMODELSREQUEST']._serialized_end=1043
-  _globals['_MODELINFO']._serialized_start=1046
-  _globals['_MODELINFO']._serialized_end=1432
-  _globals['_MODELINFO_ENGINEEXECUTIONSENTRY']._serialized_start=1377
-  _globals['_MODELINFO_ENGINEEXECUTIONSENTRY']._serialized_end=1432
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1434
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1496
-  _globals['_SPEECHRECOGNITION']._serialized_start=1572
-  _globals['_SPEECHRECOGNITION']._serialized_end=1865
+  _globals['_AUDIOENCODING']._serialized_start=1985
+  _globals['_AUDIOENCODING']._serialized_end=2056
+  _globals['_ENDPOINTINGCONFIG']._serialized_start=42
+  _globals['_ENDPOINTINGCONFIG']._serialized_end=218
+  _globals['_RECOGNITIONCONFIG']._serialized_start=221
+  _globals['_RECOGNITIONCONFIG']._serialized_end=500
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=503
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=635
+  _globals['_WORDTIME']._serialized_start=637
+  _globals['_WORDTIME']._serialized_end=705
+  _globals['_TOKENTIME']._serialized_start=707
+  _globals['_TOKENTIME']._serialized_end=774
+  _globals['_RECOGNITIONRESULT']._serialized_start=777
+  _globals['_RECOGNITIONRESULT']._serialized_end=1024
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=1027
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=1171
+  _globals['_RECOGNIZEREQUEST']._serialized_start=1173
+  _globals['_RECOGNIZEREQUEST']._serialized_end=1256
+  _globals['_RECOGNIZERESPONSE']._serialized_start=1259
+  _globals['_RECOGNIZERESPONSE']._serialized_end=1426
+  _globals['_LISTMODELSREQUEST']._serialized_start=1428
+  _globals['_LISTMODELSREQUEST']._serialized_end=1447
+  _globals['_MODELINFO']._serialized_start=1450
+  _globals['_MODELINFO']._serialized_end=1919
+  _globals['_MODELINFO_ENGINEEXECUTIONSENTRY']._serialized_start=1864
+  _globals['_MODELINFO_ENGINEEXECUTIONSENTRY']._serialized_end=1919
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1921
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1983
+  _globals['_SPEECHRECOGNITION']._serialized_start=2059
+  _globals['_SPEECHRECOGNITION']._serialized_end=2352
 # @@protoc_insertion_point(module_scope)

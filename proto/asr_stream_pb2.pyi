@@ -16,8 +16,24 @@ AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
 PCM16: AudioEncoding
 FLOAT32: AudioEncoding
 
+class EndpointingConfig(_message.Message):
+    __slots__ = ("start_history_ms", "start_threshold", "stop_history_ms", "stop_threshold", "stop_history_eou_ms", "stop_threshold_eou")
+    START_HISTORY_MS_FIELD_NUMBER: _ClassVar[int]
+    START_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STOP_HISTORY_MS_FIELD_NUMBER: _ClassVar[int]
+    STOP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STOP_HISTORY_EOU_MS_FIELD_NUMBER: _ClassVar[int]
+    STOP_THRESHOLD_EOU_FIELD_NUMBER: _ClassVar[int]
+    start_history_ms: int
+    start_threshold: float
+    stop_history_ms: int
+    stop_threshold: float
+    stop_history_eou_ms: int
+    stop_threshold_eou: float
+    def __init__(self, start_history_ms: _Optional[int] = ..., start_threshold: _Optional[float] = ..., stop_history_ms: _Optional[int] = ..., stop_threshold: _Optional[float] = ..., stop_history_eou_ms: _Optional[int] = ..., stop_threshold_eou: _Optional[float] = ...) -> None: ...
+
 class RecognitionConfig(_message.Message):
-    __slots__ = ("model", "lookahead_ms", "sample_rate", "encoding", "channels", "interim_results", "language", "prompt", "client_label")
+    __slots__ = ("model", "lookahead_ms", "sample_rate", "encoding", "channels", "interim_results", "language", "prompt", "client_label", "endpointing")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOOKAHEAD_MS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +43,7 @@ class RecognitionConfig(_message.Message):
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_LABEL_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTING_FIELD_NUMBER: _ClassVar[int]
     model: str
     lookahead_ms: int
     sample_rate: int
@@ -36,15 +53,18 @@ class RecognitionConfig(_message.Message):
     language: str
     prompt: str
     client_label: str
-    def __init__(self, model: _Optional[str] = ..., lookahead_ms: _Optional[int] = ..., sample_rate: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., channels: _Optional[int] = ..., interim_results: _Optional[bool] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., client_label: _Optional[str] = ...) -> None: ...
+    endpointing: EndpointingConfig
+    def __init__(self, model: _Optional[str] = ..., lookahead_ms: _Optional[int] = ..., sample_rate: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., channels: _Optional[int] = ..., interim_results: _Optional[bool] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., client_label: _Optional[str] = ..., endpointing: _Optional[_Union[EndpointingConfig, _Mapping]] = ...) -> None: ...
 
 class StreamingRecognizeRequest(_message.Message):
-    __slots__ = ("config", "audio")
+    __slots__ = ("config", "audio", "end_utterance")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
+    END_UTTERANCE_FIELD_NUMBER: _ClassVar[int]
     config: RecognitionConfig
     audio: bytes
-    def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
+    end_utterance: bool
+    def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., audio: _Optional[bytes] = ..., end_utterance: _Optional[bool] = ...) -> None: ...
 
 class WordTime(_message.Message):
     __slots__ = ("word", "start_seconds", "end_seconds")
@@ -67,18 +87,26 @@ class TokenTime(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., piece: _Optional[str] = ..., start_seconds: _Optional[float] = ...) -> None: ...
 
 class RecognitionResult(_message.Message):
-    __slots__ = ("transcript", "is_final", "stability", "words", "tokens")
+    __slots__ = ("transcript", "is_final", "stability", "words", "tokens", "utterance_index", "start_seconds", "end_seconds", "end_reason")
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
     IS_FINAL_FIELD_NUMBER: _ClassVar[int]
     STABILITY_FIELD_NUMBER: _ClassVar[int]
     WORDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    END_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    END_REASON_FIELD_NUMBER: _ClassVar[int]
     transcript: str
     is_final: bool
     stability: float
     words: _containers.RepeatedCompositeFieldContainer[WordTime]
     tokens: _containers.RepeatedCompositeFieldContainer[TokenTime]
-    def __init__(self, transcript: _Optional[str] = ..., is_final: _Optional[bool] = ..., stability: _Optional[float] = ..., words: _Optional[_Iterable[_Union[WordTime, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[TokenTime, _Mapping]]] = ...) -> None: ...
+    utterance_index: int
+    start_seconds: float
+    end_seconds: float
+    end_reason: str
+    def __init__(self, transcript: _Optional[str] = ..., is_final: _Optional[bool] = ..., stability: _Optional[float] = ..., words: _Optional[_Iterable[_Union[WordTime, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[TokenTime, _Mapping]]] = ..., utterance_index: _Optional[int] = ..., start_seconds: _Optional[float] = ..., end_seconds: _Optional[float] = ..., end_reason: _Optional[str] = ...) -> None: ...
 
 class StreamingRecognizeResponse(_message.Message):
     __slots__ = ("results", "chunk_index", "audio_processed", "stream_id")
@@ -101,21 +129,23 @@ class RecognizeRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
 class RecognizeResponse(_message.Message):
-    __slots__ = ("result", "audio_processed", "stream_id")
+    __slots__ = ("result", "audio_processed", "stream_id", "utterances")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     AUDIO_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCES_FIELD_NUMBER: _ClassVar[int]
     result: RecognitionResult
     audio_processed: float
     stream_id: str
-    def __init__(self, result: _Optional[_Union[RecognitionResult, _Mapping]] = ..., audio_processed: _Optional[float] = ..., stream_id: _Optional[str] = ...) -> None: ...
+    utterances: _containers.RepeatedCompositeFieldContainer[RecognitionResult]
+    def __init__(self, result: _Optional[_Union[RecognitionResult, _Mapping]] = ..., audio_processed: _Optional[float] = ..., stream_id: _Optional[str] = ..., utterances: _Optional[_Iterable[_Union[RecognitionResult, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "lookahead_ms", "lookaheads_ms", "sample_rate", "chunk_ms", "vocabulary_size", "random_weights", "description", "languages", "engine", "engine_executions", "max_streams", "max_batch")
+    __slots__ = ("name", "lookahead_ms", "lookaheads_ms", "sample_rate", "chunk_ms", "vocabulary_size", "random_weights", "description", "languages", "engine", "engine_executions", "max_streams", "max_batch", "endpointing_defaults", "eou_token")
     class EngineExecutionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +166,8 @@ class ModelInfo(_message.Message):
     ENGINE_EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    EOU_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     lookahead_ms: int
     lookaheads_ms: _containers.RepeatedScalarFieldContainer[int]
@@ -149,7 +181,9 @@ class ModelInfo(_message.Message):
     engine_executions: _containers.ScalarMap[str, int]
     max_streams: int
     max_batch: int
-    def __init__(self, name: _Optional[str] = ..., lookahead_ms: _Optional[int] = ..., lookaheads_ms: _Optional[_Iterable[int]] = ..., sample_rate: _Optional[int] = ..., chunk_ms: _Optional[float] = ..., vocabulary_size: _Optional[int] = ..., random_weights: _Optional[bool] = ..., description: _Optional[str] = ..., languages: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., engine_executions: _Optional[_Mapping[str, int]] = ..., max_streams: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    endpointing_defaults: EndpointingConfig
+    eou_token: str
+    def __init__(self, name: _Optional[str] = ..., lookahead_ms: _Optional[int] = ..., lookaheads_ms: _Optional[_Iterable[int]] = ..., sample_rate: _Optional[int] = ..., chunk_ms: _Optional[float] = ..., vocabulary_size: _Optional[int] = ..., random_weights: _Optional[bool] = ..., description: _Optional[str] = ..., languages: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., engine_executions: _Optional[_Mapping[str, int]] = ..., max_streams: _Optional[int] = ..., max_batch: _Optional[int] = ..., endpointing_defaults: _Optional[_Union[EndpointingConfig, _Mapping]] = ..., eou_token: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

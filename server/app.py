@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from engines.api import StreamingEngine
+from engines.api import EndpointingParams, StreamingEngine
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.gc_policy import apply_gc_policy
@@ -46,6 +46,9 @@ class ServerSettings:
     # orchestrator restarts it. None: keep running dead (a library user decides).
     exit_on_engine_death_s: float | None = None
     model_aliases: tuple[str, ...] = ()    # other names clients may use for the served model
+    # Endpointing: what a client's unset settings mean (native API, Riva API). Riva streams
+    # have endpointing on unless their config turns it off; native streams ask for it.
+    endpointing: EndpointingParams = field(default_factory=EndpointingParams)
     limits: TransportLimits = field(default_factory=TransportLimits)
     riva: RivaSettings = field(default_factory=RivaSettings)  # the Riva-compatible API on the same port
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -89,7 +92,8 @@ class AsrServer:
         self.scheduler = scheduler or Scheduler(engine, self.settings.scheduler)
         self.scheduler.observer = MetricsObserver(self.metrics, self._on_engine_dead)
         self.metrics.bind(self.scheduler)
-        self.served = ServedModel(engine.model_info, engine.geometry, self.settings.model_aliases)
+        self.served = ServedModel(engine.model_info, engine.geometry, self.settings.model_aliases,
+                                  self.settings.endpointing)
         self.health = HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None

@@ -13,8 +13,8 @@ import logging
 import signal
 import sys
 
-from engines.api import StreamingEngine
-from engines.config import DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, EngineConfig
+from engines.api import EndpointingParams, StreamingEngine
+from engines.config import DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, UTTERANCE_RESETS, EngineConfig
 from server.app import AsrServer, ServerSettings
 from server.gc_policy import parse_threshold
 from server.logging_setup import configure_logging
@@ -90,6 +90,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"once the engine is dead (health NOT_SERVING, streams UNAVAILABLE), exit with status "
                         f"{EXIT_ENGINE_DEAD} after this many seconds so an orchestrator restarts the server; "
                         "negative: never exit")
+    e = p.add_argument_group(
+        "endpointing (one final per utterance; Riva EndpointingConfig semantics: histories in ms, thresholds in "
+        "0..1, acting on each encoder frame's blank probability). These are the defaults a stream's unset "
+        "settings take; Riva streams have endpointing on, native streams ask for it in their config")
+    d = EndpointingParams()
+    e.add_argument("--endpoint-start-history-ms", type=int, default=d.start_history_ms,
+                   help="window for the start of an utterance")
+    e.add_argument("--endpoint-start-threshold", type=float, default=d.start_threshold,
+                   help="share of non-blank in that window that starts an utterance")
+    e.add_argument("--endpoint-stop-history-ms", type=int, default=d.stop_history_ms,
+                   help="window for the end of an utterance (Pipecat's NVIDIA service asks for 320)")
+    e.add_argument("--endpoint-stop-threshold", type=float, default=d.stop_threshold,
+                   help="share of blank in that window that ends an utterance")
+    e.add_argument("--endpoint-stop-history-eou-ms", type=int, default=d.stop_history_eou_ms,
+                   help="models with an end-of-utterance token: window after the token (0: end at the token)")
+    e.add_argument("--endpoint-stop-threshold-eou", type=float, default=d.stop_threshold_eou,
+                   help="share of blank in that window that ends the utterance after the token")
+    e.add_argument("--utterance-reset", default="auto", choices=UTTERANCE_RESETS,
+                   help="model state at a new utterance: keep (caches and decoder state carry on), decoder "
+                        "(restart the RNNT prediction network), all (as a new stream); auto: the model's own "
+                        "(builtin:demo, trained on single utterances: all; others: keep)")
     r = p.add_argument_group("Riva-compatible API (nvidia.riva.asr.RivaSpeechRecognition, on the same port)")
     r.add_argument("--riva-model-punctuates", action="store_true",
                    help="the model's own text carries punctuation: honour enable_automatic_punctuation=true "
@@ -124,6 +145,10 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         stream_window_bytes=args.stream_window_kb * 1024,
         exit_on_engine_death_s=None if args.exit_on_engine_death_s < 0 else args.exit_on_engine_death_s,
         model_aliases=(args.model,), security=security_settings(args), gc_freeze=not args.no_gc_freeze,
+        endpointing=EndpointingParams(
+            start_history_ms=args.endpoint_start_history_ms, start_threshold=args.endpoint_start_threshold,
+            stop_history_ms=args.endpoint_stop_history_ms, stop_threshold=args.endpoint_stop_threshold,
+            stop_history_eou_ms=args.endpoint_stop_history_eou_ms, stop_threshold_eou=args.endpoint_stop_threshold_eou),
         gc_threshold=parse_threshold(args.gc_threshold),
         riva=RivaSettings(model_punctuates=args.riva_model_punctuates, model_written_form=args.riva_model_written_form),
         limits=TransportLimits(idle_timeout_s=args.idle_timeout_s,
@@ -193,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
                            lookahead_ms=args.lookahead_ms, max_streams=args.max_streams, max_batch=args.max_batch,
                            fallback_engine=args.fallback_engine, cache_dir=args.cache_dir, seed=args.seed,
-                           cudagraph_compile=args.compile, profile_every=args.profile_every)
+                           cudagraph_compile=args.compile, profile_every=args.profile_every,
+                           utterance_reset=args.utterance_reset)
         settings = build_settings(args)
     except ValueError as exc:
         print(f"asr-server: {exc}", file=sys.stderr)

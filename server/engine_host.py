@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from engines.api import StreamingEngine
+from engines.api import EndpointingParams, StreamingEngine
 from server import ipc_wire as w
 from server.ipc_wire import FrameReader, FrameWriter
 from server.gc_policy import apply_gc_policy
@@ -205,7 +205,11 @@ class EngineHost(StreamListener):
                 if relay.state.events:
                     self._mark_dirty(relay)
         elif kind == w.OPEN:
-            self._open(frontend, m[1], m[2], m[3])
+            self._open(frontend, m[1], m[2], m[3], EndpointingParams(*m[4]) if m[4] is not None else None)
+        elif kind == w.EOU:
+            relay = frontend.relays.get(m[1])
+            if relay is not None:
+                self.scheduler.end_utterance(relay.state)
         elif kind == w.END:
             relay = frontend.relays.get(m[1])
             if relay is not None:
@@ -235,12 +239,14 @@ class EngineHost(StreamListener):
         else:
             raise ConnectionError(f"unknown message kind {kind!r}")
 
-    def _open(self, frontend: _Frontend, key: str, label: str, finalize_at_limit: bool) -> None:
+    def _open(self, frontend: _Frontend, key: str, label: str, finalize_at_limit: bool,
+              endpointing: EndpointingParams | None) -> None:
         if key in self._relays:
             frontend.out.send((w.FAILED, key, 0, ErrorKind.INTERNAL.value, f"stream id {key} is already open"))
             return
         try:
-            handle = self.scheduler.open_stream(label=label, finalize_at_limit=finalize_at_limit, stream_id=key)
+            handle = self.scheduler.open_stream(label=label, finalize_at_limit=finalize_at_limit, stream_id=key,
+                                                endpointing=endpointing)
         except StreamError as exc:  # admission: the engine process owns the slots
             frontend.out.send((w.FAILED, key, 0, exc.kind.value, exc.message))
             return

@@ -50,7 +50,7 @@ from itertools import repeat
 
 import numpy as np
 
-from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, ModelInfo,
+from engines.api import (BadChunkError, ChunkWork, EndpointingParams, EngineError, EngineOverloadedError, EngineState, ModelInfo,
                          PoolExhaustedError, StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate,
                          TokenEvent)
 from engines.config import EngineConfig
@@ -124,22 +124,26 @@ def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None, index: int = 0) -> 
         # and a copy per row took the lock back once per row, each time waiting for the event
         # loop's turn to end (the scheduler's thread competes with the loop for it).
         np.concatenate([c.samples for c in chunks], out=buffer.array[:total])
+    # Endpointing settings ride on first chunks only, as plain tuples (marshal takes no dataclass).
     return ("step_shared", index, [c.stream_id for c in chunks], [c.slot for c in chunks], lengths,
-            [c.first for c in chunks], [c.audio_ended for c in chunks])
+            [c.first for c in chunks], [c.audio_ended for c in chunks],
+            [c.endpointing.as_tuple() if c.endpointing is not None else None for c in chunks],
+            [c.new_utterance for c in chunks])
 
 
 def _unpack_step(message: tuple, buffers: dict[int, _SampleBuffer], slots: _ChildSlots) -> StepPlan:
     """The step's plan on the child's slots."""
     if message[0] == "step":
         return slots.plan(message[1])
-    _, index, ids, parent_slots, lengths, firsts, ends = message
+    _, index, ids, parent_slots, lengths, firsts, ends, endpointing, new_utterance = message
     buffer = buffers.get(index)
     if buffer is None:
         raise EngineError(f"a step came through shared buffer {index} before it was attached")
     chunks, at = [], 0
-    for sid, slot, n, first, ended in zip(ids, parent_slots, lengths, firsts, ends):
+    for sid, slot, n, first, ended, ep, new in zip(ids, parent_slots, lengths, firsts, ends, endpointing, new_utterance):
         # A view, valid until the reply: the parent writes the next step only after it.
-        chunks.append(ChunkWork(sid, slots.child_slot(slot, sid), buffer.array[at:at + n], first, ended))
+        chunks.append(ChunkWork(sid, slots.child_slot(slot, sid), buffer.array[at:at + n], first, ended,
+                                EndpointingParams(*ep) if ep is not None else None, new))
         at += n
     return StepPlan(tuple(chunks))
 
@@ -154,7 +158,7 @@ _new_tuple = tuple.__new__
 def _pack_result(result: StepResult) -> tuple:
     return (result.engine, tuple(getattr(result.timings, f) for f in _TIMING_FIELDS),
             [(u.stream_id, u.slot, u.text_delta, u.is_final, u.frames_decoded, u.audio_seconds,
-              tuple(map(tuple, u.tokens))) for u in result.updates])
+              tuple(map(tuple, u.tokens)), u.starts, u.ends) for u in result.updates])
 
 
 def _unpack_result(packed: tuple, sent_at: float, replied_at: float) -> StepResult:
@@ -162,10 +166,11 @@ def _unpack_result(packed: tuple, sent_at: float, replied_at: float) -> StepResu
     both processes: CLOCK_MONOTONIC is one clock for the whole machine)."""
     engine, timings, rows, (got, started, ended, replied) = packed
     updates = []
-    for sid, slot, text, final, frames, seconds, tokens in rows:
+    for sid, slot, text, final, frames, seconds, tokens, starts, ends in rows:
         # TokenEvent rows made in C (tuple.__new__ through map), not by a Python call per token.
         updates.append(StreamUpdate(stream_id=sid, slot=slot, tokens=tuple(map(_new_tuple, repeat(TokenEvent), tokens)),
-                                    text_delta=text, is_final=final, frames_decoded=frames, audio_seconds=seconds))
+                                    text_delta=text, is_final=final, frames_decoded=frames, audio_seconds=seconds,
+                                    starts=starts, ends=ends))
     timings = dict(zip(_TIMING_FIELDS, timings))
     timings.update(to_worker_ms=1e3 * (got - sent_at), worker_before_ms=1e3 * (started - got),
                    worker_after_ms=1e3 * (replied - ended), from_worker_ms=1e3 * (replied_at - replied),

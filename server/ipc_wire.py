@@ -19,10 +19,10 @@ import marshal
 import struct
 
 from engines.api import TokenEvent
-from server.stream_events import ChunkResult, ErrorKind, StreamEvent, StreamFailure
+from server.stream_events import ChunkResult, ErrorKind, StreamEvent, StreamFailure, Utterance, UtteranceEnd
 
 # frontend -> engine
-OPEN = 1       # (OPEN, key, label, finalize_at_limit)
+OPEN = 1       # (OPEN, key, label, finalize_at_limit, endpointing as a tuple or None)
 AUDIO = 2      # (AUDIO, key, float32 bytes)
 END = 3        # (END, key)
 FAIL = 4       # (FAIL, key, ErrorKind value, message): the frontend failed the stream
@@ -34,11 +34,14 @@ REFUSED = 9    # (REFUSED, reason)
 AUDIO_S = 10   # (AUDIO_S, seconds): audio received since the last one
 GC = 11        # (GC, generation, seconds): a garbage collection in the frontend
 SYNC = 12      # (SYNC, token): answered with SYNCED once everything sent before it is applied
+EOU = 13       # (EOU, key): the client asks for the open utterance's final (Scheduler.end_utterance)
 # engine -> frontend
 HELLO = 20     # (HELLO, pickled EngineFacts): first frame on a connection
 RESULT = 21    # (RESULT, key, consumed samples, chunk_index, new_text, is_final, audio_seconds,
-#                 tokens as ((id, piece, frame), ...), audio_ready_at): the frontend keeps the
-#                 transcript (new_text appended), so a long stream's text is not resent per chunk
+#                 audio_ready_at, utterance_index, finals): the frontend keeps the open utterance's
+#                 text (new_text appended; after a final it restarts from new_text), so the text
+#                 so far is not resent per chunk. finals: ((index, transcript, tokens as
+#                 ((id, piece, frame), ...), start_seconds, end_seconds, closed_by), ...)
 FAILED = 22    # (FAILED, key, consumed samples, ErrorKind value, message)
 CUT = 23       # (CUT, key, end_reason): the engine ended the stream's audio at a duration limit
 SYNCED = 25    # (SYNCED, token)
@@ -129,9 +132,10 @@ class FrameReader:
 def encode_event(key: str, consumed: int, event: StreamEvent) -> tuple:
     if isinstance(event, StreamFailure):
         return (FAILED, key, consumed, event.kind.value, event.message)
-    tokens = tuple(map(tuple, event.tokens)) if event.tokens else ()  # marshal takes plain tuples only
+    finals = tuple((u.index, u.transcript, tuple(map(tuple, u.tokens)),  # marshal takes plain tuples only
+                    u.start_seconds, u.end_seconds, u.closed_by.value) for u in event.finals)
     return (RESULT, key, consumed, event.chunk_index, event.new_text, event.is_final, event.audio_seconds,
-            tokens, event.audio_ready_at)
+            event.audio_ready_at, event.utterance_index, finals)
 
 
 def decode_failure(message: tuple) -> StreamFailure:
@@ -141,8 +145,11 @@ def decode_failure(message: tuple) -> StreamFailure:
 
 def decode_result(message: tuple, transcript: str) -> ChunkResult:
     """A RESULT message as the event the servicers know (stream id = the key); `transcript`:
-    the stream's text so far, this message's new_text included."""
-    _, key, _, index, new_text, is_final, audio_seconds, tokens, ready_at = message
+    the open utterance's text so far, this message's new_text included."""
+    _, key, _, index, new_text, is_final, audio_seconds, ready_at, utterance_index, finals = message
     return ChunkResult(stream_id=key, chunk_index=index, transcript=transcript, new_text=new_text,
-                       is_final=is_final, audio_seconds=audio_seconds,
-                       tokens=tuple(TokenEvent._make(t) for t in tokens), audio_ready_at=ready_at)
+                       is_final=is_final, audio_seconds=audio_seconds, audio_ready_at=ready_at,
+                       utterance_index=utterance_index,
+                       finals=tuple(Utterance(u_index, text, tuple(TokenEvent._make(t) for t in tokens), start, end,
+                                              UtteranceEnd(closed_by))
+                                    for u_index, text, tokens, start, end, closed_by in finals))

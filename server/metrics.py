@@ -91,6 +91,10 @@ class ServerMetrics(SchedulerObserver):
             "phase boundary (every --profile-every steps)", ["phase"], buckets=_PHASE_BUCKETS, registry=r)
         self.chunk_latency = Histogram("asr_chunk_latency_seconds",
                                        "Arrival of a chunk's last audio to its result", buckets=_LATENCY_BUCKETS, registry=r)
+        self.utterance_final_time = Histogram(
+            "asr_utterance_final_seconds", "An utterance's final, from the audio that made it due (endpoint, "
+            "end_of_audio: the chunk's last audio; client: the client's request) to the final's result",
+            ["closed_by"], buckets=_LATENCY_BUCKETS, registry=r)
         self.steps = Counter("asr_steps", "Engine steps by the engine name the step reported", ["engine"], registry=r)
         self.errors = Counter("asr_errors", "RPCs that ended with an error, by status code", ["method", "code"], registry=r)
         self.rpcs = Counter("asr_rpcs", "RPCs finished, by status code", ["method", "code"], registry=r)
@@ -140,6 +144,9 @@ class ServerMetrics(SchedulerObserver):
 
     def chunk_answered(self, latency_seconds: float) -> None:
         self.chunk_latency.observe(latency_seconds)
+
+    def utterance_final(self, closed_by, latency_seconds: float) -> None:
+        self.utterance_final_time.labels(closed_by=closed_by.value).observe(max(0.0, latency_seconds))
 
     def engine_dead(self, reason: str) -> None:
         self.engine_up.set(0)
@@ -199,6 +206,9 @@ class MetricsObserver(SchedulerObserver):
 
     def chunk_answered(self, latency_seconds: float) -> None:
         self._metrics.chunk_answered(latency_seconds)
+
+    def utterance_final(self, closed_by, latency_seconds: float) -> None:
+        self._metrics.utterance_final(closed_by, latency_seconds)
 
     def engine_dead(self, reason: str) -> None:
         self._metrics.engine_dead(reason)

@@ -21,11 +21,12 @@ import logging
 import pickle
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from server import ipc_wire as w
+from engines.api import EndpointingParams
 from server.engine_host import EngineFacts
 from server.ipc_wire import FrameReader, FrameWriter
 from server.metrics import ServerMetrics
@@ -42,6 +43,13 @@ GC_FORWARD_PERIOD_S = 0.5
 class RemoteStreamState(StreamState):
     consumed: int = 0   # samples the engine has taken from this stream (from its last event)
     unacked: int = 0    # events taken by the handler and not yet acknowledged to the engine
+    text_parts: list[str] = field(default_factory=list)  # the open utterance's text, as relayed
+
+    @property
+    def transcript(self) -> str:
+        if len(self.text_parts) > 1:
+            self.text_parts[:] = ["".join(self.text_parts)]
+        return self.text_parts[0] if self.text_parts else ""
 
 
 class RemoteScheduler(StreamBooks):
@@ -147,14 +155,15 @@ class RemoteScheduler(StreamBooks):
         if self.draining or self._stopping or self._engine_draining:
             raise StreamError(ErrorKind.UNAVAILABLE, "server is draining for shutdown; retry on another replica")
 
-    def open_stream(self, label: str = "", finalize_at_limit: bool = True) -> StreamHandle:
+    def open_stream(self, label: str = "", finalize_at_limit: bool = True,
+                    endpointing: EndpointingParams | None = None) -> StreamHandle:
         self.check_admission()
         key = uuid.uuid4().hex[:12]
         state = RemoteStreamState(stream_id=key, slot=-1, label=label, opened_at=time.monotonic(),
-                                  finalize_at_limit=finalize_at_limit)
+                                  finalize_at_limit=finalize_at_limit, endpointing=endpointing)
         state.audio_room.set()
         self._add(state)
-        self._send((w.OPEN, key, label, finalize_at_limit))
+        self._send((w.OPEN, key, label, finalize_at_limit, endpointing.as_tuple() if endpointing else None))
         return StreamHandle(self, state)
 
     # -- per-stream operations -----------------------------------------------------------
@@ -179,6 +188,12 @@ class RemoteScheduler(StreamBooks):
 
     def fail_stream(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:
         self._fail(state, kind, message)
+
+    def end_utterance(self, state: RemoteStreamState) -> bool:
+        if state.status is not StreamStatus.RECEIVING:
+            return False
+        self._send((w.EOU, state.stream_id))
+        return True
 
     def take_event(self, state: RemoteStreamState) -> StreamEvent | None:
         if not state.events:
@@ -251,8 +266,13 @@ class RemoteScheduler(StreamBooks):
                 self._emit(state, w.decode_failure(m))
                 state.set_status(StreamStatus.FAILED)
                 return
-            state.text_parts.append(m[4])
+            if m[9]:  # the chunk closed utterances: the open one restarts with what it added
+                state.text_parts[:] = [m[4]]
+            else:
+                state.text_parts.append(m[4])
             event = w.decode_result(m, state.transcript)
+            if event.is_final:  # as the engine process's event says: the last utterance's text
+                event.transcript = event.finals[-1].transcript if event.finals else ""
             if event.is_final and state.status is StreamStatus.RECEIVING:
                 state.set_status(StreamStatus.FLUSHING)  # the engine ended it (a duration limit)
             self._emit(state, event)

@@ -9,16 +9,28 @@ Riva options (nvidia.riva.asr.RecognitionConfig) and what this server does with 
             resampled), language_code (one the model lists, or empty), model (a served
             name, or empty), enable_word_time_offsets (word times in ms on final results),
             interim_results, max_alternatives >= 0 (Riva's "up to": greedy decoding gives
-            one), audio_channel_count 0 or 1, verbatim_transcripts=true (the model's text as
-            is), a speech context without phrases (boosts nothing), RequestId (echoed).
+            one), audio_channel_count 0 or 1, a speech context without phrases (boosts
+            nothing), RequestId (echoed), endpointing_config (Riva's semantics on the model's
+            own per-frame blank probability: one final per utterance; unset or -1 fields take
+            the server's defaults, and a stream without the message is endpointed with them,
+            as Riva does).
+  served as the model writes
+            enable_automatic_punctuation and verbatim_transcripts (either value): every voice
+            agent framework sends punctuation on, and LiveKit leaves verbatim at the proto
+            default (false, "apply inverse text normalization"). A model that punctuates
+            (Nemotron streaming does) punctuates; one that does not returns its plain text.
+            No punctuation or normalization model runs here; the stream's log says so once and
+            GetRivaSpeechRecognitionConfig reports what the model does
+            (RivaSettings.model_punctuates / model_written_form).
+  accepted  custom_configuration keys of Riva's VAD endpointing (enable_vad_endpointing and
+            neural_vad.*): endpointing here always acts on the acoustic model's own output, so
+            they change nothing; the log says so once.
   refused   (INVALID_ARGUMENT, the message names the field) every other encoding; several
             channels (in the config or the WAV header) and enable_separate_recognition_per_channel;
-            speaker diarization; speech contexts with phrases (word boosting); the profanity
-            filter; endpointing_config; custom_configuration and runtime_config entries;
-            enable_automatic_punctuation unless the model punctuates by itself
-            (RivaSettings.model_punctuates); verbatim_transcripts=false (the proto default:
-            it asks for inverse text normalization) unless the model writes numbers and the
-            like in written form already (RivaSettings.model_written_form).
+            speaker diarization (results would lack the speaker tags asked for); speech
+            contexts with phrases (word boosting: no boosting decoder runs); the profanity
+            filter (masked words would be expected); other custom_configuration keys and
+            runtime_config entries.
 """
 
 from __future__ import annotations
@@ -32,8 +44,9 @@ from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_audio_pb2 as rau
 from server.audio_decoder import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, AudioDecoder, AudioSpec
 from server.responses import words_from_tokens
-from server.stream_config import ServedModel
-from server.stream_events import ChunkResult, ErrorKind, StreamError
+from engines.api import EndpointingParams
+from server.stream_config import ServedModel, resolve_endpointing
+from server.stream_events import ChunkResult, ErrorKind, StreamError, Utterance
 from server.wav_header import AudioError, SampleEncoding, looks_like_wav, parse_wav_header
 
 _SNIFF_BYTES = 12  # "RIFF" <size> "WAVE"
@@ -61,6 +74,14 @@ class RivaOptions:
     interim_results: bool
     word_times: bool
     label: str
+    endpointing: EndpointingParams | None = None
+    # Options served differently from how a Riva server with extra models would, said once in
+    # the stream's log (not per chunk).
+    notes: tuple[str, ...] = ()
+
+
+_VAD_KEYS = ("enable_vad_endpointing",)
+_VAD_PREFIXES = ("neural_vad.",)
 
 
 def invalid(message: str) -> StreamError:
@@ -97,19 +118,34 @@ def validate_riva_config(cfg: rpb.RecognitionConfig, served: ServedModel, settin
     if boosted:
         raise invalid(f"speech_contexts (word boosting of {len(boosted)} phrase(s)) are not supported by "
                       f"{served.info.name}; send no phrases")
-    if cfg.HasField("endpointing_config"):
-        raise invalid("endpointing_config is not supported: this server has no endpointing and "
-                      "sends one final result per stream, at the end of the audio")
+    notes = []
+    other = sorted(k for k in cfg.custom_configuration
+                   if k not in _VAD_KEYS and not k.startswith(_VAD_PREFIXES))
+    if other:
+        raise invalid(f"custom_configuration keys not supported: {', '.join(_clip(k) for k in other[:5])} "
+                      f"(accepted: {', '.join(_VAD_KEYS)}, neural_vad.*)")
     if cfg.custom_configuration:
-        raise invalid(f"custom_configuration is not supported (got keys: {', '.join(sorted(cfg.custom_configuration))})")
+        notes.append("custom_configuration VAD keys change nothing: endpointing acts on the model's own output")
+    e = cfg.endpointing_config
+    endpointing = resolve_endpointing(
+        {name: (getattr(e, name) if e.HasField(name) else None)
+         for name in ("start_history", "start_threshold", "stop_history", "stop_threshold",
+                      "stop_history_eou", "stop_threshold_eou")},
+        served.endpointing, "endpointing_config")
     if cfg.enable_automatic_punctuation and not settings.model_punctuates:
-        raise invalid(f"enable_automatic_punctuation is not supported: model {served.info.name} does not "
-                      "punctuate and no punctuation model runs here; send enable_automatic_punctuation=false")
+        notes.append(f"enable_automatic_punctuation: model {served.info.name} does not punctuate and no "
+                     "punctuation model runs here; its plain text is served")
     if not cfg.verbatim_transcripts and not settings.model_written_form:
-        raise invalid("verbatim_transcripts=false (the proto default) asks for inverse text normalization, "
-                      "which this server does not do; send verbatim_transcripts=true for the model's text as is")
+        notes.append("verbatim_transcripts=false: no inverse text normalization runs here; the model's text "
+                     "is served as it writes it")
     return RivaOptions(sample_rate=cfg.sample_rate_hertz, encoding=cfg.encoding, channels=cfg.audio_channel_count,
-                       interim_results=interim_results, word_times=cfg.enable_word_time_offsets, label=label)
+                       interim_results=interim_results, word_times=cfg.enable_word_time_offsets, label=label,
+                       endpointing=endpointing, notes=tuple(notes))
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    """A client's string inside a status message, bounded (its length is the client's choice)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _language(code: str) -> str:
@@ -250,43 +286,55 @@ class ResponsePacer:
 
 
 # -- results -> Riva messages ---------------------------------------------------------------
-def alternative(event: ChunkResult, word_times: bool, frame_seconds: float,
-                final: bool) -> rpb.SpeechRecognitionAlternative:
-    alt = rpb.SpeechRecognitionAlternative(transcript=event.transcript)
-    if final and word_times:
+def final_alternative(utterance: Utterance, word_times: bool, frame_seconds: float) -> rpb.SpeechRecognitionAlternative:
+    alt = rpb.SpeechRecognitionAlternative(transcript=utterance.transcript)
+    if word_times:
         alt.words.extend(rpb.WordInfo(word=w.word, start_time=round(w.start_seconds * 1000),
                                       end_time=round(w.end_seconds * 1000))
-                         for w in words_from_tokens(event.tokens, frame_seconds))
+                         for w in words_from_tokens(utterance.tokens, frame_seconds))
     return alt
 
 
-def streaming_result(event: ChunkResult | None, options: RivaOptions, frame_seconds: float,
-                     final: bool) -> rpb.StreamingRecognitionResult:
-    """`event` None: nothing decoded yet (an empty interim). Greedy decoding never revises
-    emitted text, hence stability 1.0 (the last word of an interim may still grow)."""
+def final_result(utterance: Utterance, options: RivaOptions, frame_seconds: float,
+                 audio_seconds: float) -> rpb.StreamingRecognitionResult:
+    return rpb.StreamingRecognitionResult(
+        alternatives=[final_alternative(utterance, options.word_times, frame_seconds)],
+        is_final=True, stability=1.0, channel_tag=1, audio_processed=audio_seconds)
+
+
+def interim_result(event: ChunkResult | None) -> rpb.StreamingRecognitionResult:
+    """The open utterance so far; `event` None: nothing decoded yet (an empty interim). Greedy
+    decoding never revises emitted text, hence stability 1.0 (the last word may still grow)."""
     if event is None:
         return rpb.StreamingRecognitionResult(alternatives=[rpb.SpeechRecognitionAlternative()],
                                               is_final=False, stability=1.0, channel_tag=1)
     return rpb.StreamingRecognitionResult(
-        alternatives=[alternative(event, options.word_times, frame_seconds, final)],
-        is_final=final, stability=1.0, channel_tag=1, audio_processed=event.audio_seconds)
+        alternatives=[rpb.SpeechRecognitionAlternative(transcript=event.transcript)],
+        is_final=False, stability=1.0, channel_tag=1, audio_processed=event.audio_seconds)
 
 
-def streaming_response(event: ChunkResult | None, options: RivaOptions, frame_seconds: float, final: bool,
-                       request_id: str) -> rpb.StreamingRecognizeResponse:
+def streaming_response(latest: ChunkResult | None, options: RivaOptions, frame_seconds: float,
+                       finals: tuple[Utterance, ...], request_id: str, stream_over: bool = False
+                       ) -> rpb.StreamingRecognizeResponse:
+    """One response: the finals it carries (utterances closed since the last response), then the
+    open utterance's interim when interim results are on and the stream goes on."""
     response = rpb.StreamingRecognizeResponse()
     if request_id:
         response.id.value = request_id
-    if final or options.interim_results:
-        response.results.append(streaming_result(event, options, frame_seconds, final))
+    audio_seconds = latest.audio_seconds if latest is not None else 0.0
+    response.results.extend(final_result(u, options, frame_seconds, audio_seconds) for u in finals)
+    if options.interim_results and not stream_over:
+        response.results.append(interim_result(latest))
     return response
 
 
-def recognize_response(final: ChunkResult, options: RivaOptions, frame_seconds: float,
+def recognize_response(finals: list[Utterance], audio_seconds: float, options: RivaOptions, frame_seconds: float,
                        request_id: str) -> rpb.RecognizeResponse:
-    response = rpb.RecognizeResponse(results=[rpb.SpeechRecognitionResult(
-        alternatives=[alternative(final, options.word_times, frame_seconds, final=True)],
-        channel_tag=1, audio_processed=final.audio_seconds)])
+    """One result per utterance, as Riva's offline recognition returns them."""
+    response = rpb.RecognizeResponse(results=[
+        rpb.SpeechRecognitionResult(alternatives=[final_alternative(u, options.word_times, frame_seconds)],
+                                    channel_tag=1, audio_processed=audio_seconds)
+        for u in finals])
     if request_id:
         response.id.value = request_id
     return response

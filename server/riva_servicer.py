@@ -77,7 +77,7 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             check_runtime_config(first)
             options = validate_riva_config(first.streaming_config.config, self._served, self._settings,
                                            first.streaming_config.interim_results, request_label(first.id.value))
-            handle = self._scheduler.open_stream(label=options.label)
+            handle = self._scheduler.open_stream(label=options.label, endpointing=options.endpointing)
             self._log_open(handle, options, context, "StreamingRecognize")
             call = _StreamCall(context, handle, options, first.id.value, self._rate, self._frame_seconds,
                                self._limits.idle_timeout_s)
@@ -168,18 +168,21 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             self._scheduler.check_admission()
             options = validate_riva_config(request.config, self._served, self._settings,
                                            label=request_label(request.id.value))
-            handle = self._scheduler.open_stream(label=options.label, finalize_at_limit=False)
+            handle = self._scheduler.open_stream(label=options.label, finalize_at_limit=False,
+                                                 endpointing=options.endpointing)
             self._log_open(handle, options, context, "Recognize")
             audio = RivaAudio(options, self._rate, self._limits.max_header_bytes)
             feeder = asyncio.get_running_loop().create_task(self._feed_whole(handle, audio, request.audio))
-            final: ChunkResult | None = None
+            last: ChunkResult | None = None
+            finals = []
             async for event in handle:
                 if isinstance(event, StreamFailure):
                     raise StreamError(event.kind, event.message)
-                final = event
-            if final is None or not final.is_final:
+                finals.extend(event.finals)
+                last = event
+            if last is None or not last.is_final:
                 raise StreamError(ErrorKind.INTERNAL, "the stream ended without a final result")
-            return recognize_response(final, options, self._frame_seconds, request.id.value)
+            return recognize_response(finals, last.audio_seconds, options, self._frame_seconds, request.id.value)
         except StreamError as exc:
             code = exc.kind.value
             await self._abort(context, method, exc.kind, exc.message)
@@ -214,7 +217,10 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
         parameters = {"engine": s.engine_name or "", "chunk_ms": f"{g.chunk_ms:g}",
                       "max_streams": str(s.capacity), "max_batch": str(s.max_batch),
                       "automatic_punctuation": str(self._settings.model_punctuates).lower(),
-                      "inverse_text_normalization": str(self._settings.model_written_form).lower()}
+                      "inverse_text_normalization": str(self._settings.model_written_form).lower(),
+                      "endpointing": "model",  # from the acoustic model's own per-frame output
+                      **{f"endpointing.{k}": f"{v:g}" for k, v in vars(self._served.endpointing).items()},
+                      "eou_token": self._served.info.eou_token}
         self._metrics.rpc_finished(method, "OK")
         return rpb.RivaSpeechRecognitionConfigResponse(model_config=model_configs(self._served, parameters))
 
@@ -240,7 +246,8 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
         log.info("riva stream opened", extra={
             "stream_id": handle.stream_id, "rpc": rpc, "label": options.label, "peer": context.peer(),
             "sample_rate": options.sample_rate, "interim": options.interim_results,
-            "word_times": options.word_times})
+            "word_times": options.word_times, "endpointing": options.endpointing is not None,
+            "notes": list(options.notes)})
 
 
 class _StreamCall:
@@ -286,7 +293,11 @@ class _StreamCall:
                 raise StreamError(event.kind, event.message)
             self._latest = event
             if not event.is_final:
-                await self._answer(self.pacer.progress(round(event.audio_seconds * self.rate)))
+                # An utterance's final rides on the next response due; with none due (a message
+                # reaching past the chunk that closed it), on one extra response, so that it
+                # goes out now and not a message later.
+                await self._answer(self.pacer.progress(round(event.audio_seconds * self.rate)), event.finals,
+                                   extra=True)
                 continue
             # Messages answerable before the final (no samples of their own) are answered first,
             # whether or not this loop saw their wake-up before the final arrived.
@@ -294,13 +305,18 @@ class _StreamCall:
             total = self.pacer.finish()
             self.on_final()
             await self._answer(total - 1)
-            await self._write(streaming_response(event, self.options, self.frame_seconds, True, self.request_id))
+            await self._write(streaming_response(event, self.options, self.frame_seconds, event.finals,
+                                                 self.request_id, stream_over=True))
             return
 
-    async def _answer(self, n: int) -> None:
-        for _ in range(n):
-            await self._write(streaming_response(self._latest, self.options, self.frame_seconds, False,
-                                                 self.request_id))
+    async def _answer(self, n: int, finals: tuple = (), extra: bool = False) -> None:
+        """Write n responses, the last carrying `finals`; with `extra`, finals and no response
+        due make one response more."""
+        if finals and n == 0 and extra:
+            n = 1
+        for i in range(n):
+            await self._write(streaming_response(self._latest, self.options, self.frame_seconds,
+                                                 finals if i == n - 1 else (), self.request_id))
 
     async def _write(self, response) -> None:
         """Write one response, watching the stream (server.unread_client)."""

@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, StepPlan, StepResult,
-                         StepTimings, StreamingEngine, StreamStateLostError)
-from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure
+from engines.api import (BadChunkError, ChunkWork, EndpointingParams, EngineError, EngineOverloadedError, EngineState,
+                         StepPlan, StepResult, StepTimings, StreamingEngine, StreamStateLostError)
+from server.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
+                                  UtteranceEnd)
+from server.utterances import UtteranceBook
 from server.stream_books import StreamBooks
 from server.stream_state import StreamState, StreamStatus
 
@@ -73,6 +75,9 @@ class SchedulerObserver:
     def step_done(self, batch_size: int, step_seconds: float, queue_waits: list[float],
                   engine: str, executions: dict[str, int], timings: StepTimings | None = None) -> None: ...
     def chunk_answered(self, latency_seconds: float) -> None: ...
+    # An utterance's final went out: what closed it, and the seconds from the audio (or, for
+    # the client's request, the request) that made it due to the final.
+    def utterance_final(self, closed_by: UtteranceEnd, latency_seconds: float) -> None: ...
     def engine_dead(self, reason: str) -> None: ...
     # A step attempt that raised, by what the scheduler did about it: "retry" (the same batch
     # again), "split" (halves), "overloaded" (out of memory: halves and a lower max batch),
@@ -116,7 +121,7 @@ class _StepOutcome:
 
 class StreamHandle:
     """What the transport holds for one open stream. `scheduler` is this module's Scheduler or
-    a frontend process's server.remote_scheduler.RemoteScheduler: the same five operations."""
+    a frontend process's server.remote_scheduler.RemoteScheduler: the same six operations."""
 
     def __init__(self, scheduler: Scheduler, state: StreamState):
         self._scheduler = scheduler
@@ -134,6 +139,9 @@ class StreamHandle:
 
     def fail(self, kind: ErrorKind, message: str) -> None:
         self._scheduler.fail_stream(self.state, kind, message)
+
+    def end_utterance(self) -> bool:
+        return self._scheduler.end_utterance(self.state)
 
     async def next_event(self) -> StreamEvent | None:
         return await self._scheduler.next_event(self.state)
@@ -240,11 +248,13 @@ class Scheduler(StreamBooks):
             raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
                               f"all {self.engine.capacity} stream slots are in use; retry later")
 
-    def open_stream(self, label: str = "", finalize_at_limit: bool = True, stream_id: str | None = None) -> StreamHandle:
+    def open_stream(self, label: str = "", finalize_at_limit: bool = True, stream_id: str | None = None,
+                    endpointing: EndpointingParams | None = None) -> StreamHandle:
         """A new stream, holding a slot. At max_stream_seconds (of audio, or of wall time) a
         stream with `finalize_at_limit` is ended there and gets its final result (a client
         that never half-closes); one without fails with OUT_OF_RANGE (a whole file that is too
-        long). `stream_id`: the caller's own unique id (a frontend process names its streams)."""
+        long). `stream_id`: the caller's own unique id (a frontend process names its streams).
+        `endpointing`: how the engine splits the stream into utterances (None: one utterance)."""
         self.check_admission()
         if stream_id is not None and stream_id in self._streams:
             raise StreamError(ErrorKind.INTERNAL, f"stream id {stream_id} is already open")
@@ -254,8 +264,11 @@ class Scheduler(StreamBooks):
             raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
                               f"all {self.engine.capacity} stream slots are in use; retry later ({exc})") from exc
         stream_id = stream_id or f"{uuid.uuid4().hex[:12]}"
+        info = self.engine.model_info
         state = StreamState(stream_id=stream_id, slot=slot, label=label, opened_at=time.monotonic(),
-                            finalize_at_limit=finalize_at_limit)
+                            finalize_at_limit=finalize_at_limit, endpointing=endpointing,
+                            utterances=UtteranceBook(self.geometry.encoder_frame_seconds,
+                                                     getattr(info, "word_boundary", "\u2581")))
         state.audio_room.set()
         state.time_limit = asyncio.get_running_loop().call_later(
             self.config.max_stream_seconds, self._time_limit_reached, state)
@@ -324,6 +337,35 @@ class Scheduler(StreamBooks):
 
     def fail_stream(self, stream: StreamState, kind: ErrorKind, message: str) -> None:
         self._fail(stream, kind, message)
+
+    def end_utterance(self, stream: StreamState) -> bool:
+        """The client says its speaker stopped (its own turn detector): the open utterance gets
+        its final once the chunks whose audio is complete now have run, at once when none is
+        pending. Audio short of a whole chunk waits for the next utterance (it cannot run
+        alone without breaking the caches). False when the request was ignored: the stream
+        takes no more audio (its end will close the utterance) or its client leaves a full
+        response window unread."""
+        if stream.status is not StreamStatus.RECEIVING or len(stream.events) >= self.config.response_buffer:
+            return False
+        target = stream.next_chunk
+        while self.geometry.chunk_span(target, stream.received, False) is not None:
+            target += 1
+        stream.final_requested_at = time.monotonic()
+        if target > stream.next_chunk or stream.in_flight:
+            stream.final_due_after = max(target, stream.final_due_after or 0)
+            return True
+        self._emit(stream, ChunkResult(
+            stream_id=stream.stream_id, chunk_index=stream.next_chunk - 1, transcript="", new_text="",
+            is_final=False, audio_seconds=stream.audio_seconds, audio_ready_at=stream.final_requested_at,
+            finals=self._close_for_client(stream), utterance_index=stream.utterances.index))
+        return True
+
+    def _close_for_client(self, stream: StreamState) -> tuple[Utterance, ...]:
+        stream.final_due_after = None
+        stream.new_utterance_next = True
+        closed = stream.utterances.close(UtteranceEnd.CLIENT)
+        self.observer.utterance_final(UtteranceEnd.CLIENT, time.monotonic() - stream.final_requested_at)
+        return (closed,) if closed is not None else ()
 
     def take_event(self, stream: StreamState) -> StreamEvent | None:
         """The next undelivered event, or None when there is none now (next_event waits)."""
@@ -395,11 +437,15 @@ class Scheduler(StreamBooks):
     def _finish_without_step(self, stream: StreamState) -> None:
         """Every frame is decoded but the engine has not said final: the stream ended on a
         chunk boundary after its last chunk ran, or holds less than one frame of audio."""
+        ready_at = stream.ended_at or time.monotonic()
+        last = stream.utterances.close_at_end_of_audio()
+        if last is not None:
+            self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, time.monotonic() - ready_at)
         self._emit(stream, ChunkResult(
-            stream_id=stream.stream_id, chunk_index=stream.next_chunk - 1, transcript=stream.transcript,
-            new_text="", is_final=True, audio_seconds=stream.received / self.geometry.sample_rate,
-            tokens=tuple(stream.tokens), audio_ready_at=stream.ended_at or time.monotonic(),
-        ))
+            stream_id=stream.stream_id, chunk_index=stream.next_chunk - 1,
+            transcript=last.transcript if last is not None else "", new_text="", is_final=True, audio_seconds=stream.received / self.geometry.sample_rate,
+            audio_ready_at=ready_at, finals=(last,) if last is not None else (),
+            utterance_index=stream.utterances.index))
         stream.set_status(StreamStatus.FINISHED)
         self._release_slot(stream)
 
@@ -483,7 +529,10 @@ class Scheduler(StreamBooks):
             else:
                 ready_at = stream.arrivals.arrival_of(end, default=enqueued_at)
             work = ChunkWork(stream_id=stream_id, slot=stream.slot, samples=samples,
-                             first=k == 0, audio_ended=ended_here)
+                             first=k == 0, audio_ended=ended_here,
+                             endpointing=stream.endpointing if k == 0 else None,
+                             new_utterance=stream.new_utterance_next)
+            stream.new_utterance_next = False
             stream.in_flight = True
             planned.append(_Planned(stream, work, ready_at))
             queue_waits.append(now - enqueued_at)
@@ -681,19 +730,31 @@ class Scheduler(StreamBooks):
             stream, update = p.stream, by_id[p.work.stream_id]
             index = stream.next_chunk
             stream.next_chunk += 1
-            stream.text_parts.append(update.text_delta)
-            stream.tokens.extend(update.tokens)
             stream.audio_seconds = update.audio_seconds
             if stream.status.terminal:
                 continue  # cancelled or failed while the step ran: results go nowhere
             if update.is_final and stream.status is not StreamStatus.FLUSHING:
                 self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
                 continue
+            book = stream.utterances
+            finals, added = book.apply(update.tokens, update.text_delta, update.starts, update.ends)
+            if update.ends:
+                stream.new_utterance_next = True
+                for _ in finals:
+                    self.observer.utterance_final(UtteranceEnd.ENDPOINT, now - p.ready_at)
+            if update.is_final:
+                last = book.close_at_end_of_audio()
+                if last is not None:
+                    finals.append(last)
+                    self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, now - p.ready_at)
+            elif stream.final_due_after is not None and stream.next_chunk >= stream.final_due_after:
+                finals.extend(self._close_for_client(stream))
+                added = ""
             self._emit(stream, ChunkResult(
-                stream_id=stream.stream_id, chunk_index=index, transcript=stream.transcript,
-                new_text=update.text_delta, is_final=update.is_final, audio_seconds=update.audio_seconds,
-                tokens=tuple(stream.tokens) if update.is_final else (), audio_ready_at=p.ready_at,
-            ))
+                stream_id=stream.stream_id, chunk_index=index,
+                transcript=(finals[-1].transcript if finals else "") if update.is_final else book.transcript,
+                new_text=added, is_final=update.is_final, audio_seconds=update.audio_seconds,
+                audio_ready_at=p.ready_at, utterance_index=book.index, finals=tuple(finals)))
             self.observer.chunk_answered(now - p.ready_at)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": index,

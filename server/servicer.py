@@ -16,7 +16,7 @@ from proto import asr_stream_pb2_grpc as pb_grpc
 from server.audio_decoder import AudioDecoder
 from server.idle_read import next_within
 from server.metrics import ServerMetrics
-from server.responses import recognition_result, streaming_response
+from server.responses import final_result, streaming_response, whole_file_result
 from server.scheduler import Scheduler, StreamHandle
 from server.stream_config import ServedModel, StreamOptions, invalid, validate_config
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
@@ -98,7 +98,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                 raise _Abort(ErrorKind.INVALID_ARGUMENT,
                              "the first request must carry the config; got audio (or an empty request) first")
             options = validate_config(first.config, self._served)
-            handle = self._scheduler.open_stream(label=options.label)
+            handle = self._scheduler.open_stream(label=options.label, endpointing=options.endpointing)
             self._log_open(handle, options, context)
             decoder = AudioDecoder(options.audio, self._served.geometry.sample_rate, self._limits.max_header_bytes)
             reader = asyncio.get_running_loop().create_task(self._pump_audio(requests, handle, decoder, context))
@@ -187,6 +187,10 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                 kind = request.WhichOneof("request")
                 if kind == "config":
                     raise invalid("config sent twice: only the first request may carry a config")
+                if kind == "end_utterance":
+                    if request.end_utterance:
+                        handle.end_utterance()
+                    continue
                 if kind != "audio":
                     continue  # an empty request carries nothing
                 size = len(request.audio)
@@ -231,18 +235,24 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
         try:
             self._scheduler.check_admission()
             options = validate_config(request.config, self._served)
-            handle = self._scheduler.open_stream(label=options.label, finalize_at_limit=False)
+            handle = self._scheduler.open_stream(label=options.label, finalize_at_limit=False,
+                                                 endpointing=options.endpointing)
             self._log_open(handle, options, context)
             decoder = AudioDecoder(options.audio, self._served.geometry.sample_rate, self._limits.max_header_bytes)
             feeder = asyncio.get_running_loop().create_task(self._feed_whole(handle, decoder, request.audio))
-            final: ChunkResult | None = None
+            last: ChunkResult | None = None
+            finals = []
             async for event in handle:
                 if isinstance(event, StreamFailure):
                     raise _Abort(event.kind, event.message)
-                final = event
-            assert final is not None and final.is_final
-            return pb.RecognizeResponse(result=recognition_result(final, self._frame_seconds),
-                                        audio_processed=final.audio_seconds, stream_id=handle.stream_id)
+                finals.extend(event.finals)
+                last = event
+            assert last is not None and last.is_final
+            response = pb.RecognizeResponse(result=whole_file_result(finals, self._frame_seconds),
+                                            audio_processed=last.audio_seconds, stream_id=handle.stream_id)
+            if options.endpointing is not None:
+                response.utterances.extend(final_result(u, self._frame_seconds) for u in finals)
+            return response
         except (StreamError, _Abort) as exc:
             code = exc.kind.value
             await self._abort(context, "Recognize", exc.kind, exc.message)
@@ -274,7 +284,12 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             sample_rate=info.sample_rate, chunk_ms=g.chunk_ms, vocabulary_size=info.vocabulary_size,
             random_weights=info.random_weights, description=info.description, languages=list(info.languages),
             engine=s.engine_name or "", engine_executions=s.executions, max_streams=s.capacity,
-            max_batch=s.max_batch,
+            max_batch=s.max_batch, eou_token=info.eou_token,
         )
+        e = self._served.endpointing
+        model.endpointing_defaults.CopyFrom(pb.EndpointingConfig(
+            start_history_ms=e.start_history_ms, start_threshold=e.start_threshold, stop_history_ms=e.stop_history_ms,
+            stop_threshold=e.stop_threshold, stop_history_eou_ms=e.stop_history_eou_ms,
+            stop_threshold_eou=e.stop_threshold_eou))
         self._metrics.rpc_finished("ListModels", "OK")
         return pb.ListModelsResponse(models=[model])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engines.api import ModelInfo
+from engines.api import MAX_ENDPOINT_HISTORY_MS, EndpointingParams, ModelInfo
 from engines.geometry import ChunkGeometry
 from proto import asr_stream_pb2 as pb
 from server.audio_decoder import AudioSpec
@@ -30,6 +30,8 @@ class ServedModel:
     info: ModelInfo
     geometry: ChunkGeometry
     aliases: tuple[str, ...] = ()
+    # What an endpointing setting left unset means (asr-server --endpoint-* flags).
+    endpointing: EndpointingParams = EndpointingParams()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -42,6 +44,46 @@ class StreamOptions:
     interim_results: bool
     language: str
     label: str
+    endpointing: EndpointingParams | None = None  # None: the stream is one utterance
+
+
+_ENDPOINT_FIELDS = (("start_history", "start_history_ms"), ("start_threshold", "start_threshold"),
+                    ("stop_history", "stop_history_ms"), ("stop_threshold", "stop_threshold"),
+                    ("stop_history_eou", "stop_history_eou_ms"), ("stop_threshold_eou", "stop_threshold_eou"))
+
+
+def resolve_endpointing(values: dict[str, float | None], defaults: EndpointingParams, where: str) -> EndpointingParams:
+    """A client's endpointing settings (Riva's field names; None or a negative value: the
+    server's default) over the server's defaults; out of range is INVALID_ARGUMENT naming the
+    field."""
+    resolved = {}
+    for name, param in _ENDPOINT_FIELDS:
+        value = values.get(name)
+        if value is None or value < 0:
+            resolved[param] = getattr(defaults, param)
+            continue
+        if name.endswith(("history", "history_eou")):
+            if value > MAX_ENDPOINT_HISTORY_MS or value != int(value):
+                raise invalid(f"{where}.{name} {value:g} must be a whole number of milliseconds in "
+                              f"0..{MAX_ENDPOINT_HISTORY_MS} (-1: the server's default)")
+            resolved[param] = int(value)
+        else:
+            if value > 1.0:
+                raise invalid(f"{where}.{name} {value:g} must be in 0.0..1.0 (-1: the server's default)")
+            resolved[param] = float(value)
+    return EndpointingParams(**resolved)
+
+
+def native_endpointing(cfg: pb.RecognitionConfig, defaults: EndpointingParams) -> EndpointingParams | None:
+    """The native config's endpointing: None when the message is absent; 0 or -1 in a field
+    means the server's default (proto3 cannot tell 0 from unset)."""
+    if not cfg.HasField("endpointing"):
+        return None
+    e = cfg.endpointing
+    values = {"start_history": e.start_history_ms, "start_threshold": e.start_threshold,
+              "stop_history": e.stop_history_ms, "stop_threshold": e.stop_threshold,
+              "stop_history_eou": e.stop_history_eou_ms, "stop_threshold_eou": e.stop_threshold_eou}
+    return resolve_endpointing({k: (None if v == 0 else v) for k, v in values.items()}, defaults, "endpointing")
 
 
 def invalid(message: str) -> StreamError:
@@ -68,4 +110,4 @@ def validate_config(cfg: pb.RecognitionConfig, served: ServedModel) -> StreamOpt
     except AudioError as exc:
         raise invalid(str(exc)) from exc
     return StreamOptions(audio=audio, interim_results=cfg.interim_results, language=cfg.language,
-                         label=cfg.client_label)
+                         label=cfg.client_label, endpointing=native_endpointing(cfg, served.endpointing))

@@ -31,18 +31,44 @@ class StreamError(Exception):
         self.message = message
 
 
+class UtteranceEnd(enum.Enum):
+    """What closed an utterance."""
+
+    ENDPOINT = "endpoint"          # the endpointer heard the speaker stop (or the model's EOU token)
+    CLIENT = "client"              # the client asked for the final (its own turn detector)
+    END_OF_AUDIO = "end_of_audio"  # the stream's audio ended (half-close, or the duration limit)
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One closed utterance of a stream: its final."""
+
+    index: int                      # 0, 1, ... in the stream
+    transcript: str
+    tokens: tuple[TokenEvent, ...]  # its tokens, frames counted from the stream's start
+    start_seconds: float            # from the stream's start
+    end_seconds: float
+    closed_by: UtteranceEnd
+
+
 @dataclass(slots=True)  # not frozen: built per chunk, and a frozen init costs twice as much; never mutated
 class ChunkResult:
-    """One processed chunk of a stream (or the final that needed no further step)."""
+    """One processed chunk of a stream (or the final that needed no further step).
+
+    A stream is a sequence of utterances (one, when endpointing is off). `transcript` is the
+    open utterance's text so far; `finals` holds the utterances this chunk closed, in order.
+    `is_final` marks the stream's last event: the end of its audio closed the last utterance
+    (in `finals`, unless it held no text and an earlier utterance had a final)."""
 
     stream_id: str
     chunk_index: int              # -1 when no step ran for the stream
-    transcript: str               # whole transcript so far
-    new_text: str                 # what this chunk added
-    is_final: bool
+    transcript: str               # the open utterance's text so far (on the stream's final: the last one's)
+    new_text: str                 # what this chunk added to it
+    is_final: bool                # the stream's last event
     audio_seconds: float          # audio decoded so far, at the model's sample rate
-    tokens: tuple[TokenEvent, ...]  # every token of the stream, on finals only (else empty)
     audio_ready_at: float         # monotonic time the audio that made this chunk ready arrived
+    utterance_index: int = 0      # index of the open utterance
+    finals: tuple[Utterance, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.api import TokenEvent
+from engines.api import EndpointingParams
 from server.stream_events import StreamEvent
+from server.utterances import UtteranceBook
 
 
 class StreamStatus(enum.Enum):
@@ -108,9 +109,16 @@ class StreamState:
     next_chunk: int = 0               # index of the next chunk to hand to the engine
     in_flight: bool = False           # a chunk of this stream is in a submitted step
     slot_released: bool = False
-    text_parts: list[str] = field(default_factory=list)
-    tokens: list[TokenEvent] = field(default_factory=list)
     audio_seconds: float = 0.0        # audio decoded so far, as the engine reports it
+    # Utterances: the open one's text and tokens (server.utterances), the stream's endpointing
+    # (None: off, one utterance per stream), the next chunk starts a new utterance (the engine
+    # resets its endpointer there), and a client's request for the final, due once the chunks
+    # complete at the request have run (their count) and when it came.
+    utterances: UtteranceBook = field(default_factory=lambda: UtteranceBook(0.08))
+    endpointing: EndpointingParams | None = None
+    new_utterance_next: bool = False
+    final_due_after: int | None = None
+    final_requested_at: float = 0.0
     events: collections.deque[StreamEvent] = field(default_factory=collections.deque)
     events_ready: asyncio.Event = field(default_factory=asyncio.Event)
     audio_room: asyncio.Event = field(default_factory=asyncio.Event)  # set: pending audio under the limit
@@ -133,6 +141,5 @@ class StreamState:
 
     @property
     def transcript(self) -> str:
-        if len(self.text_parts) > 1:
-            self.text_parts[:] = ["".join(self.text_parts)]
-        return self.text_parts[0] if self.text_parts else ""
+        """The open utterance's text so far."""
+        return self.utterances.transcript

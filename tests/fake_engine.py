@@ -62,6 +62,8 @@ class _Slot:
     samples: int = 0
     finished: bool = False
     has_text: bool = False
+    endpointing: bool = False  # the stream asked for utterances
+    in_speech: bool = False
 
 
 class FakeEngine:
@@ -181,6 +183,9 @@ class FakeEngine:
         if c.first:
             state.owner, state.digest, state.chunks, state.samples = c.stream_id, b"", 0, 0
             state.finished = state.has_text = False
+            state.endpointing, state.in_speech = c.endpointing is not None, False
+        if c.new_utterance:
+            state.in_speech = False
         k = state.chunks
         digest = hashlib.blake2b(state.digest + struct.pack("<q", k) + c.samples.tobytes(), digest_size=16).digest()
         state.digest, state.chunks = digest, k + 1
@@ -197,10 +202,22 @@ class FakeEngine:
         state.has_text = state.has_text or bool(text)
         state.finished = c.audio_ended and state.chunks >= g.total_chunks(state.samples)
         frames = state.chunks * g.encoder_frames
+        # Endpointing, as deterministic as the text: a chunk with any non-zero sample is speech
+        # (an utterance starts at its first frame), a chunk of exact zeros after speech ends the
+        # utterance at its last frame.
+        starts: tuple[int, ...] = ()
+        ends: tuple[int, ...] = ()
+        if state.endpointing and c.samples.size:
+            silent = not c.samples.any()
+            if not silent and not state.in_speech:
+                state.in_speech, starts = True, (k * g.encoder_frames,)
+            elif silent and state.in_speech:
+                state.in_speech, ends = False, (frames - 1,)
         return StreamUpdate(
             stream_id=c.stream_id, slot=c.slot, tokens=tokens, text_delta=text,
             is_final=state.finished, frames_decoded=frames,
             audio_seconds=min(frames * g.encoder_frame_seconds, state.samples / g.sample_rate),
+            starts=starts, ends=ends,
         )
 
     def warmup(self) -> str:

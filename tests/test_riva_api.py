@@ -236,7 +236,7 @@ def _with(**fields):
                 config.diarization_config.enable_speaker_diarization = True
                 config.diarization_config.max_speaker_count = 3
             elif name == "endpointing":
-                config.endpointing_config.stop_history = 800
+                config.endpointing_config.stop_history = value
             elif name == "custom":
                 config.custom_configuration["foo"] = "bar"
             else:
@@ -260,10 +260,8 @@ CONFIG_REFUSALS = [
     (_with(profanity_filter=True), "profanity_filter"),
     (_with(diarize=True), "diarization"),
     (_with(speech_phrases=["nemo", "riva"]), "speech_contexts"),
-    (_with(endpointing=True), "endpointing_config"),
-    (_with(custom=True), "custom_configuration"),
-    (_with(enable_automatic_punctuation=True), "enable_automatic_punctuation"),
-    (_with(verbatim_transcripts=False), "verbatim_transcripts=false"),
+    (_with(endpointing=6000), "endpointing_config.stop_history 6000"),
+    (_with(custom=True), "custom_configuration keys not supported: 'foo'"),
 ]
 
 
@@ -282,22 +280,26 @@ async def test_unsupported_options_are_refused_with_invalid_argument(make_config
 
 
 async def test_what_is_harmless_or_declared_is_accepted():
-    """Options that change nothing here pass; those the operator declares the model honours pass
-    with RivaSettings, and the text is the model's either way."""
+    """Options that change nothing here pass; punctuation and written form are served as the
+    model writes (every voice-agent framework asks for punctuation, LiveKit leaves verbatim
+    false), whether or not the operator declares them; the text is the model's either way."""
     engine = make_engine(FAKE)
     clip = pcm16_audio(17, RATE)
     expected = transcribe_alone(engine, as_float(clip))
     harmless = riva_config(language_code="en-US", max_alternatives=3, audio_channel_count=1)
     harmless.speech_contexts.add(boost=4.0)  # the C++ client always sends one, empty without a phrases file
     harmless.diarization_config.max_speaker_count = 3  # diarization not enabled
+    harmless.custom_configuration["enable_vad_endpointing"] = "true"
+    harmless.custom_configuration["neural_vad.onset"] = "0.65"
     declared = riva_config(enable_automatic_punctuation=True, verbatim_transcripts=False)
-    settings = RivaSettings(model_punctuates=True, model_written_form=True)
-    async with running_server(engine, riva=settings) as server, riva_stub_for(server) as stub:
-        for config in (harmless, declared):
-            responses = await riva_stream(stub, stream_requests(config, [wav_bytes(clip)]))
-            assert riva_final(responses).alternatives[0].transcript == expected
-        listing = await stub.GetRivaSpeechRecognitionConfig(rpb.RivaSpeechRecognitionConfigRequest())
-    assert listing.model_config[0].parameters["automatic_punctuation"] == "true"
+    for settings, punctuates in ((RivaSettings(model_punctuates=True, model_written_form=True), "true"),
+                                 (RivaSettings(), "false")):
+        async with running_server(engine, riva=settings) as server, riva_stub_for(server) as stub:
+            for config in (harmless, declared):
+                responses = await riva_stream(stub, stream_requests(config, [wav_bytes(clip)]))
+                assert riva_final(responses).alternatives[0].transcript == expected
+            listing = await stub.GetRivaSpeechRecognitionConfig(rpb.RivaSpeechRecognitionConfigRequest())
+        assert listing.model_config[0].parameters["automatic_punctuation"] == punctuates
 
 
 def _req(**kwargs) -> rpb.StreamingRecognizeRequest:
