@@ -37,7 +37,7 @@ def tiny_engine():
 # socket, what `asr-server --frontends N` runs). The wire variant runs on the fake engine only:
 # what the wire can break is the relay, not the model. ASR_TEST_FRONTEND_IPC=1 runs every
 # running_server test through the wire instead.
-WIRE_MODULES = {"test_server_streaming", "test_server_errors", "test_server_ops", "test_server_cancellation",
+WIRE_MODULES = {"test_server_streaming", "test_server_errors", "test_server_ops", "test_server_cancellation", "test_server_utterances",
                 "test_slow_clients", "test_faults", "test_riva_api", "test_server_audio"}
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engines.api import ChunkWork, StepPlan
+from engines.api import ChunkWork, EndpointingParams, StepPlan
 
 
 @dataclass
@@ -19,6 +19,10 @@ class StreamRun:
     encoded: list[torch.Tensor] = field(default_factory=list)  # per chunk [d, T'] (valid frames)
     final: bool = False
     chunks: int = 0
+    token_frames: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # endpointing: speech starts (stream frames)
+    ends: list[int] = field(default_factory=list)    # endpointing: utterance ends (stream frames)
+    new_utterance: bool = False                      # the next chunk starts a new utterance
 
 
 class EncoderRecorder:
@@ -53,10 +57,11 @@ def run_alone(engine, audio: np.ndarray, stream_id: str = "alone") -> StreamRun:
 
 def run_streams(engine, audios: dict[str, np.ndarray], slots: dict[str, int] | None = None,
                 seed: int | None = 0, start_step: dict[str, int] | None = None,
-                max_batch: int | None = None) -> dict[str, StreamRun]:
+                max_batch: int | None = None, endpointing: EndpointingParams | None = None) -> dict[str, StreamRun]:
     """Run every stream to its final, at most one chunk per stream per step. With a seed, each
     step takes a random subset of the ready streams in a shuffled order (mixed positions);
-    `start_step` delays a stream's first chunk."""
+    `start_step` delays a stream's first chunk. With `endpointing`, every stream asks for it
+    and the chunk after an utterance's end starts the next utterance, as the scheduler does."""
     g = engine.geometry
     rng = random.Random(seed)
     own_slots = slots is None
@@ -86,7 +91,8 @@ def run_streams(engine, audios: dict[str, np.ndarray], slots: dict[str, int] | N
                     # the end of audio from it); a full chunk can be the last one.
                     last = r.chunks == g.total_chunks(len(audio)) - 1
                     chunks.append(ChunkWork(sid, slots[sid], audio[a:b], first=r.chunks == 0,
-                                            audio_ended=last))
+                                            audio_ended=last, endpointing=endpointing if r.chunks == 0 else None,
+                                            new_utterance=r.new_utterance))
                 step += 1
                 if not chunks:
                     continue
@@ -95,6 +101,10 @@ def run_streams(engine, audios: dict[str, np.ndarray], slots: dict[str, int] | N
                 for u, row in zip(result.updates, rec.rows):
                     r = runs[u.stream_id]
                     r.tokens += [t.token_id for t in u.tokens]
+                    r.token_frames += [t.frame for t in u.tokens]
+                    r.starts += u.starts
+                    r.ends += u.ends
+                    r.new_utterance = bool(u.ends)
                     r.text += u.text_delta
                     r.encoded.append(row)
                     r.final = u.is_final
