@@ -7,7 +7,15 @@
 #      --device cuda on the fastest engine that starts (fast-cudagraph, else eager: ListModels reports
 #      what really ran), then asr-loadgen on the same machine (several worker processes): a sweep
 #      of real-time streams and a capacity search (p95 latency <= the lookahead, zero errors);
-#   3. bench/summarize.py: summary.json + summary.md (tables, ratios to NeMo, the issue's targets).
+#      then, on the same server (TTF=1), time to final: calls of several utterances (the example
+#      clips joined by pauses) at one stream and at the capacity just found, twice: with
+#      endpointing at stop_history 320 ms (Pipecat's default; end of speech -> final), and with
+#      the client's end of utterance 200 ms after the speech (endpointing off; request -> final);
+#      TTF_DEMO=1 repeats both on builtin:demo at 160 ms (a trained model: the random-weight
+#      Nemotron shape may never hear a speaker stop, which the report then shows as utterances
+#      closed by end_of_audio);
+#   3. bench/summarize.py: summary.json + summary.md (tables, ratios to NeMo, the issue's targets;
+#      the time-to-final runs' levels go into summary.json and a table of summary.md).
 # Results in $OUT (at most 8 files): loadgen_160.{json,png}, loadgen_560.{json,png}, summary.json,
 # summary.md, bench.log (console, baseline output, server logs), gpu.csv (nvidia-smi each second).
 #
@@ -45,6 +53,7 @@ if [ "$SMOKE" = 1 ]; then
     SMOKE_BASELINE=${SMOKE_BASELINE:-0}
     BASE_ARGS=${BASE_ARGS:-"2 64 cpu float32 4 2 70,1;70,6 4"}
     BASE_TIMEOUT=${BASE_TIMEOUT:-300}
+    TTF_UTTERANCES=${TTF_UTTERANCES:-2}; TTF_EST=${TTF_EST:-25}; TTF_DEMO=${TTF_DEMO:-0}; TTF_DEMO_EST=${TTF_DEMO_EST:-60}
 else
     BUDGET_S=${BUDGET_S:-500}
     MODEL=${MODEL:-builtin:nemotron-0.6b}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-float16}
@@ -61,7 +70,15 @@ else
     # LAYERS DMODEL DEVICE DTYPE FILES SECONDS CTXS BATCHES (see .devbench/nemo_pipeline_baseline.py)
     BASE_ARGS=${BASE_ARGS:-"24 1024 cuda bfloat16 256 10 70,1;70,6 256"}
     BASE_TIMEOUT=${BASE_TIMEOUT:-170}
+    TTF_UTTERANCES=${TTF_UTTERANCES:-4}; TTF_EST=${TTF_EST:-75}; TTF_DEMO=${TTF_DEMO:-1}; TTF_DEMO_EST=${TTF_DEMO_EST:-150}
 fi
+# Time to final (TTF=0: off): calls of TTF_UTTERANCES clips of TTF_AUDIO joined by TTF_PAUSE s of
+# silence; endpointing stop_history TTF_STOP_MS; client end of utterance TTF_EOU_MS after speech.
+# TTF_EST / TTF_DEMO_EST: seconds of the budget kept for them per lookahead / for the demo run.
+TTF=${TTF:-1}; TTF_AUDIO=${TTF_AUDIO:-examples}; TTF_PAUSE=${TTF_PAUSE:-1.0}
+TTF_STOP_MS=${TTF_STOP_MS:-320}; TTF_EOU_MS=${TTF_EOU_MS:-200}
+[ "$TTF" = 1 ] || { TTF_EST=0; TTF_DEMO=0; }
+[ "$TTF_DEMO" = 1 ] || TTF_DEMO_EST=0
 CAP_METRIC=${CAP_METRIC:-chunk}
 RESOLUTION=${RESOLUTION:-0.05}
 START_TIMEOUT=${START_TIMEOUT:-300}
@@ -156,19 +173,19 @@ fi
 
 # -- 2. our service, per lookahead ------------------------------------------------------------------
 declare -A SPID PORTS MPORTS STARTED
-launch_server() {  # $1: lookahead ms
-    local la=$1 fb=()
+launch_server() {  # $1: lookahead ms; $2: the server's name (default: the lookahead); $3: model (default $MODEL)
+    local la=$1 key=${2:-$1} model=${3:-$MODEL} fb=()
     [ -n "$FALLBACK" ] && fb=(--fallback-engine "$FALLBACK")
-    log "== lookahead $la ms: starting asr-server ($MODEL, engine $ENGINE${FALLBACK:+, fallback $FALLBACK}, $DEVICE, $DTYPE)"
-    "$PY" -m server.cli --model "$MODEL" --engine "$ENGINE" "${fb[@]}" --device "$DEVICE" --dtype "$DTYPE" \
+    log "== lookahead $la ms: starting asr-server ($model, engine $ENGINE${FALLBACK:+, fallback $FALLBACK}, $DEVICE, $DTYPE)"
+    "$PY" -m server.cli --model "$model" --engine "$ENGINE" "${fb[@]}" --device "$DEVICE" --dtype "$DTYPE" \
         --lookahead-ms "$la" --max-batch "$MAX_BATCH" --max-streams "$MAX_STREAMS" --host 127.0.0.1 --port 0 \
         --metrics-host 127.0.0.1 --metrics-port 0 --log-level WARNING --idle-timeout-s 60 ${SERVER_ARGS:-} \
-        > "$WORK/server_$la.log" 2>&1 &
-    SPID[$la]=$!
-    SERVER_PIDS="$SERVER_PIDS ${SPID[$la]}"
-    STARTED[$la]=$(date +%s)
+        > "$WORK/server_$key.log" 2>&1 &
+    SPID[$key]=$!
+    SERVER_PIDS="$SERVER_PIDS ${SPID[$key]}"
+    STARTED[$key]=$(date +%s)
 }
-await_server() {  # $1: lookahead ms. Sets PORTS/MPORTS; non-zero when the server did not come up.
+await_server() {  # $1: the server's name. Sets PORTS/MPORTS; non-zero when the server did not come up.
     local la=$1 slog=$WORK/server_$1.log
     while ! grep -q "asr-server: listening on" "$slog"; do
         if ! kill -0 "${SPID[$la]}" 2>/dev/null; then log "server ($la ms) exited during start-up"; return 1; fi
@@ -181,7 +198,7 @@ await_server() {  # $1: lookahead ms. Sets PORTS/MPORTS; non-zero when the serve
     MPORTS[$la]=$(sed -n 's/.*metrics on http:\/\/[^ ]*:\([0-9][0-9]*\)\/metrics.*/\1/p' <<< "$line")
     log "server ($la ms) up $(( $(date +%s) - STARTED[$la] ))s after launch: $line"
 }
-stop_server() {  # $1: lookahead ms
+stop_server() {  # $1: the server's name
     local pid=${SPID[$1]:-}
     if [ -n "$pid" ]; then
         kill -TERM "$pid" 2>/dev/null
@@ -190,6 +207,27 @@ stop_server() {  # $1: lookahead ms
         wait "$pid" 2>/dev/null
     fi
     { echo "---- server log, lookahead $1 ms (last 150 lines) ----"; tail -n 150 "$WORK/server_$1.log" 2>/dev/null; } >> "$LOG"
+}
+
+ttf_levels() {  # $1: a capacity run's JSON. "1,<capacity>" (or "1" when it found none above 1)
+    "$PY" - "$1" <<'PYEOF' 2>/dev/null || echo 1
+import json, sys
+cap = (json.load(open(sys.argv[1])).get("capacity") or {}).get("capacity") or 0
+print(f"1,{cap}" if cap > 1 else "1")
+PYEOF
+}
+time_to_final() {  # $1: the server's name (it is up), $2: levels
+    local name=$1 levels=$2 mode
+    for mode in endpoint client_eou; do
+        local extra=(--stop-history-ms "$TTF_STOP_MS")
+        [ "$mode" = client_eou ] && extra=(--no-endpointing --client-eou-ms "$TTF_EOU_MS")
+        log "time to final ($name, $mode): levels $levels, calls of $TTF_UTTERANCES utterances of $TTF_AUDIO, pauses ${TTF_PAUSE}s"
+        "$PY" -m client.loadgen --server "127.0.0.1:${PORTS[$name]}" --metrics-url "http://127.0.0.1:${MPORTS[$name]}/metrics" \
+            --concurrency "$levels" --utterances "$TTF_UTTERANCES" --pause-s "$TTF_PAUSE" --audio $TTF_AUDIO "${extra[@]}" \
+            --workers "$WORKERS" --ramp-s "$RAMP" --cooldown-s 1 --level-grace-s "$GRACE" --server-pid "${SPID[$name]}" \
+            --json "$WORK/ttf_${name}_${mode}.json" --label "$GPU / $name / $mode" --quiet 2>&1 | tee -a "$LOG"
+        log "time to final ($name, $mode) exit status ${PIPESTATUS[0]}"
+    done
 }
 
 set -- $LOOKAHEADS
@@ -201,7 +239,7 @@ for la in $LOOKAHEADS; do
     if await_server "$la"; then
         # Split what is left between this lookahead and the next ones (each may need a server start).
         starts=$(( PARALLEL_START == 1 ? 0 : n_left - 1 ))
-        budget=$(( ( $(remaining) - RESERVE - starts * START_EST ) / n_left - LEVEL_MAX ))
+        budget=$(( ( $(remaining) - RESERVE - TTF_DEMO_EST - starts * START_EST ) / n_left - LEVEL_MAX - TTF_EST ))
         [ "$budget" -lt "$MIN_BUDGET" ] && budget=$MIN_BUDGET
         levels_var=LEVELS_$la; maxc_var=MAX_C_$la
         levels=${!levels_var:-1}; maxc=${!maxc_var:-1024}
@@ -214,10 +252,21 @@ for la in $LOOKAHEADS; do
             --json "$OUT/loadgen_$la.json" --plot "$OUT/loadgen_$la.png" \
             --label "$GPU / $la ms / $ENGINE" --quiet 2>&1 | tee -a "$LOG"
         log "loadgen ($la ms) exit status ${PIPESTATUS[0]}"
+        [ "$TTF" = 1 ] && time_to_final "$la" "$(ttf_levels "$OUT/loadgen_$la.json")"
     fi
     stop_server "$la"
     n_left=$((n_left - 1))
 done
+
+# Time to final on the trained demo model (its endpointer hears real pauses), at 160 ms, at one
+# stream and at the Nemotron shape's capacity (the demo model is smaller: below its own).
+if [ "$TTF_DEMO" = 1 ]; then
+    launch_server 160 demo160 builtin:demo
+    if await_server demo160; then
+        time_to_final demo160 "$(ttf_levels "$OUT/loadgen_160.json")"
+    fi
+    stop_server demo160
+fi
 
 # -- 3. summary --------------------------------------------------------------------------------------
 if [ -n "$BASE_PID" ]; then
@@ -227,7 +276,7 @@ if [ -n "$BASE_PID" ]; then
 fi
 [ -f "$WORK/baseline.skipped" ] && BASE_SKIPPED=$(cat "$WORK/baseline.skipped")
 BASE_DTYPE=$(awk '{print $4}' <<< "$BASE_ARGS")
-"$PY" bench/summarize.py --out "$OUT" --baseline "$WORK/baseline.jsonl" --baseline-dtype "$BASE_DTYPE" \
+"$PY" bench/summarize.py --out "$OUT" --baseline "$WORK/baseline.jsonl" --baseline-dtype "$BASE_DTYPE" --ttf "$WORK" \
     --env "$WORK/env.json" ${BASE_SKIPPED:+--baseline-skipped "$BASE_SKIPPED"} 2>&1 | tee -a "$LOG"
 [ -n "$MON_PID" ] && kill "$MON_PID" 2>/dev/null
 log "done in $(elapsed)s; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -4,8 +4,9 @@ sweep and capacity per lookahead (asr-loadgen reports), NeMo's CacheAwareRNNTPip
 
   python bench/summarize.py --out DIR [--baseline baseline.jsonl] [--env env.json]
 
-Reads DIR/loadgen_<lookahead>.json; writes DIR/summary.json and DIR/summary.md, and prints the
-markdown. Standard library only.
+Reads DIR/loadgen_<lookahead>.json (and, with --ttf TTF_DIR, the time-to-final runs
+TTF_DIR/ttf_<server>_<mode>.json: asr-loadgen reports of calls of several utterances); writes
+DIR/summary.json and DIR/summary.md, and prints the markdown. Standard library only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import re
 # The issue's targets: (lookahead ms, p95 latency bound ms, streams).
 CAPACITY_TARGETS = {160: (160.0, 1000), 560: (560.0, 2000)}
 C1_P50_TARGET_MS = {160: 25.0}
+# Time to final (issue 14), at 160 ms lookahead on one stream: client end of utterance -> final
+# median; with endpointing: end of speech -> final median <= stop_history + lookahead, p95 100 ms
+# more; at capacity (any lookahead): p95 <= stop_history + 2 x lookahead.
+EOU_C1_P50_TARGET_MS = {160: 25.0}
+TTF_C1_P95_SLACK_MS = 100.0
 
 
 def _f(v, nd=1) -> str:
@@ -36,6 +42,64 @@ def load_loadgen(out: str) -> dict[int, dict]:
             with open(path) as f:
                 reports[int(m.group(1))] = json.load(f)
     return reports
+
+
+def load_ttf(folder: str | None) -> list[dict]:
+    """The time-to-final runs: per server and mode, each level's utterance figures."""
+    runs = []
+    if not folder:
+        return runs
+    for path in sorted(glob.glob(os.path.join(folder, "ttf_*_*.json"))):
+        m = re.search(r"ttf_(.+)_(endpoint|client_eou)\.json$", path)
+        if not m:
+            continue
+        with open(path) as f:
+            rep = json.load(f)
+        st = rep.get("settings", {})
+        levels = []
+        for lv in rep.get("levels", []):
+            u = lv.get("utterances") or {}
+            t, e = u.get("time_to_final_ms") or {}, u.get("eou_to_final_ms") or {}
+            levels.append({"c": lv["concurrency"], "done": lv["streams_completed"], "errors": lv["errors"],
+                           "chunk_p50": lv["chunk_latency_ms"]["p50"], "chunk_p95": lv["chunk_latency_ms"]["p95"],
+                           **{f"ttf_p{p}": t.get(f"p{p}") for p in (50, 90, 95, 99)},
+                           **{f"eou_p{p}": e.get(f"p{p}") for p in (50, 90, 95, 99)},
+                           "utterances": u.get("sent"), "with_final": u.get("with_final"), "missed": u.get("missed"),
+                           "extra_finals": u.get("extra_finals"), "eou_preempted": u.get("eou_preempted"),
+                           "end_reasons": u.get("end_reasons"), "lg_bound": lv["loadgen"]["bottleneck"]})
+        server = rep.get("server", {})
+        runs.append({"server": m.group(1), "mode": m.group(2), "model": server.get("name"),
+                     "engine": rep.get("server_after", server).get("engine"), "lookahead_ms": server.get("lookahead_ms"),
+                     "endpointing": st.get("endpointing"), "client_eou_ms": st.get("client_eou_ms"),
+                     "utterances_per_call": st.get("utterances"), "pause_s": st.get("pause_s"),
+                     "audio": (st.get("audio") or {}).get("paths"), "levels": levels})
+    return runs
+
+
+def ttf_targets(runs: list[dict]) -> list[dict]:
+    out = []
+    for r in runs:
+        la, name = r["lookahead_ms"], f"{r['server']} ({r['model']}, {r['lookahead_ms']} ms)"
+        one = next((lv for lv in r["levels"] if lv["c"] == 1), None)
+        top = max((lv for lv in r["levels"] if lv["c"] > 1), key=lambda lv: lv["c"], default=None)
+        if r["mode"] == "client_eou" and la in EOU_C1_P50_TARGET_MS and one:
+            t, v = EOU_C1_P50_TARGET_MS[la], one["eou_p50"]
+            out.append({"what": f"{name}: c=1 client end of utterance -> final p50 <= {t:g} ms", "value": _f(v),
+                        "verdict": "-" if v is None else ("PASS" if v <= t else "FAIL")})
+        stop = (r.get("endpointing") or {}).get("stop_history_ms")
+        if r["mode"] == "endpoint" and stop and la:
+            if la == 160 and one:
+                for key, bound in (("ttf_p50", stop + la), ("ttf_p95", stop + la + TTF_C1_P95_SLACK_MS)):
+                    v = one[key]
+                    out.append({"what": f"{name}: c=1 end of speech -> final {key[4:]} <= {bound:g} ms "
+                                        f"(stop_history {stop} ms; {one['missed']} of {one['utterances']} missed)",
+                                "value": _f(v), "verdict": "-" if v is None else ("PASS" if v <= bound else "FAIL")})
+            if top:
+                bound, v = stop + 2 * la, top["ttf_p95"]
+                out.append({"what": f"{name}: c={top['c']} (capacity) end of speech -> final p95 <= {bound:g} ms "
+                                    f"({top['missed']} of {top['utterances']} missed)",
+                            "value": _f(v), "verdict": "-" if v is None else ("PASS" if v <= bound else "FAIL")})
+    return out
 
 
 def load_baseline(path: str | None) -> tuple[list[dict], list[dict]]:
@@ -194,6 +258,24 @@ def markdown(summary: dict) -> str:
                          f"| {base.get('dtype', '?')} | {r['wall_s']} | {r['rtfx']} | {_f(r['est_ms_per_step'])} |")
     else:
         lines.append(f"not run: {base.get('skipped') or 'no baseline output'}")
+    if summary.get("time_to_final"):
+        lines += ["", "## Time to final (calls of several utterances with pauses, real time)", "",
+                  "end of speech -> final: the message holding an utterance's last speech sample sent -> its final "
+                  "received; EOU -> final: the client's end_utterance request -> the final (ms)", "",
+                  "| server (model, lookahead) | mode | c | done | errors | utterances with final / sent (extra) "
+                  "| closed by | speech->final p50/p90/p95/p99 | EOU->final p50/p90/p95/p99 | chunk p50/p95 | LG-bound |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in summary["time_to_final"]:
+            mode = (f"endpointing stop {(r.get('endpointing') or {}).get('stop_history_ms')} ms"
+                    if r["mode"] == "endpoint" else f"client EOU {_f(r.get('client_eou_ms'), 0)} ms after speech")
+            for lv in r["levels"]:
+                reasons = ", ".join(f"{k} {v}" for k, v in (lv["end_reasons"] or {}).items())
+                lines.append(
+                    f"| {r['server']} ({r['model']}, {r['lookahead_ms']} ms) | {mode} | {lv['c']} | {lv['done']} "
+                    f"| {sum((lv['errors'] or {}).values())} | {lv['with_final']}/{lv['utterances']} ({lv['extra_finals']}) "
+                    f"| {reasons} | " + "/".join(_f(lv[f'ttf_p{p}']) for p in (50, 90, 95, 99)) + " | "
+                    + "/".join(_f(lv[f'eou_p{p}']) for p in (50, 90, 95, 99))
+                    + f" | {_f(lv['chunk_p50'])}/{_f(lv['chunk_p95'])} | {'yes' if lv['lg_bound'] else ''} |")
     lines += ["", "## Ratios and targets", ""]
     for t in summary["targets"]:
         lines.append(f"- {t['what']}: {t['value']} -> {t['verdict']}")
@@ -234,7 +316,7 @@ def markdown(summary: dict) -> str:
 
 
 def summarize(out: str, baseline_path: str | None, env_path: str | None, baseline_dtype: str | None,
-              baseline_skipped: str | None) -> dict:
+              baseline_skipped: str | None, ttf_dir: str | None = None) -> dict:
     reports = load_loadgen(out)
     env = {}
     if env_path and os.path.exists(env_path):
@@ -269,10 +351,12 @@ def summarize(out: str, baseline_path: str | None, env_path: str | None, baselin
                 ratios.append({"what": f"{la} ms: our mean step ms at capacity (batch "
                                        f"{_f(o['at_capacity']['server_mean_batch'])}) vs NeMo est. ms/step (batch {best['batch']})",
                                "value": f"{o['at_capacity']['server_mean_step_ms']} vs {best['est_ms_per_step']}"})
+    ttf = load_ttf(ttf_dir)
+    targets += ttf_targets(ttf)
     summary = {"env": env, "ours": our,
                "baseline": {"runs": base_rows, "calibration": calibration, "dtype": baseline_dtype,
                             "skipped": baseline_skipped},
-               "targets": targets, "ratios": ratios}
+               "targets": targets, "ratios": ratios, "time_to_final": ttf}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     md = markdown(summary)
@@ -288,8 +372,9 @@ def main() -> None:
     p.add_argument("--baseline-dtype", default=None)
     p.add_argument("--baseline-skipped", default=None, help="why the baseline did not run")
     p.add_argument("--env", default=None, help="JSON describing the machine and settings")
+    p.add_argument("--ttf", default=None, help="folder of the time-to-final runs (ttf_<server>_<mode>.json)")
     a = p.parse_args()
-    summarize(a.out, a.baseline, a.env, a.baseline_dtype, a.baseline_skipped)
+    summarize(a.out, a.baseline, a.env, a.baseline_dtype, a.baseline_skipped, a.ttf)
     with open(os.path.join(a.out, "summary.md")) as f:
         print(f.read())
 

@@ -102,7 +102,7 @@ def paced(chunks: Iterable[bytes], bytes_per_second: float) -> Iterator[bytes]:
         if delay > 0:
             time.sleep(delay)
         yield chunk
-        sent += len(chunk)
+        sent += len(chunk) if isinstance(chunk, (bytes, bytearray)) else 0  # not audio: an END_UTTERANCE
 
 
 async def apaced(chunks: Iterable[bytes], bytes_per_second: float) -> AsyncIterator[bytes]:
@@ -112,4 +112,4 @@ async def apaced(chunks: Iterable[bytes], bytes_per_second: float) -> AsyncItera
         if delay > 0:
             await asyncio.sleep(delay)
         yield chunk
-        sent += len(chunk)
+        sent += len(chunk) if isinstance(chunk, (bytes, bytearray)) else 0  # not audio: an END_UTTERANCE

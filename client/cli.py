@@ -1,6 +1,7 @@
 """`asr-client`: transcribe files through a server, or list its models.
 
     asr-client transcribe --server localhost:50051 a.wav b.wav [--interim] [--realtime]
+    asr-client transcribe --server localhost:50051 --endpointing --stop-history-ms 320 call.wav
     asr-client models --server localhost:50051
     asr-client transcribe --server asr.example:443 --tls-ca ca.pem --token-file token a.wav
 """
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from client.audio_source import FLOAT32, PCM16, AudioFormat
-from client.sdk import AsrError, AsyncAsrClient, Credentials, StreamOptions
+from client.sdk import AsrError, AsyncAsrClient, Credentials, Endpointing, Result, StreamOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--model", default="", help="served model name (default: the server's)")
     t.add_argument("--concurrency", type=int, default=4, help="files streamed at once")
     t.add_argument("--words", action="store_true", help="print word times of finals")
+    t.add_argument("--endpointing", action="store_true",
+                   help="split each file into utterances where the speaker stops: print every utterance's final "
+                        "with its index, start and end (seconds from the file's start) and what closed it")
+    t.add_argument("--stop-history-ms", type=int, default=0,
+                   help="with --endpointing: blank audio that ends an utterance (0: the server's default)")
+    t.add_argument("--stop-threshold", type=float, default=0.0,
+                   help="with --endpointing: stop threshold (0: the server's default)")
     m = sub.add_parser("models", help="list the models the server serves")
     for cmd in (t, m):
         cmd.add_argument("--server", default="localhost:50051", help="HOST:PORT of the server")
@@ -54,25 +62,34 @@ def credentials(args: argparse.Namespace) -> Credentials:
 
 async def _transcribe_one(client: AsyncAsrClient, path: str, args: argparse.Namespace, limit: asyncio.Semaphore) -> bool:
     raw = AudioFormat(args.sample_rate, args.encoding, args.channels) if args.sample_rate else None
-    options = StreamOptions(model=args.model, interim=args.interim, label=path[-128:])
+    endpointing = (Endpointing(stop_history_ms=args.stop_history_ms, stop_threshold=args.stop_threshold)
+                   if args.endpointing else None)
+    options = StreamOptions(model=args.model, interim=args.interim, label=path[-128:], endpointing=endpointing)
     async with limit:
         try:
             async for response in client.transcribe(path, options=options, realtime=args.realtime,
                                                     chunk_ms=args.chunk_ms, raw_format=raw):
-                result = response.result
-                if result is None:
-                    continue
-                if result.is_final:
-                    print(f"{path}: {result.transcript}", flush=True)
-                    if args.words:
-                        for w in result.words:
-                            print(f"  {w.start:8.2f} {w.end:8.2f}  {w.word}", flush=True)
-                elif args.interim:
-                    print(f"{path} [interim] {result.transcript}", flush=True)
+                for result in response.results if args.endpointing else response.results[:1]:
+                    if result.is_final:
+                        _print_final(path, result, args)
+                    elif args.interim:
+                        tag = f" [{result.utterance_index}]" if args.endpointing else ""
+                        print(f"{path}{tag} [interim] {result.transcript}", flush=True)
             return True
         except (AsrError, OSError, ValueError) as exc:
             print(f"{path}: error: {exc}", file=sys.stderr, flush=True)
             return False
+
+
+def _print_final(path: str, result: Result, args: argparse.Namespace) -> None:
+    if args.endpointing:
+        print(f"{path} [{result.utterance_index}] {result.start:.2f}-{result.end:.2f} s ({result.end_reason}): "
+              f"{result.transcript}", flush=True)
+    else:
+        print(f"{path}: {result.transcript}", flush=True)
+    if args.words:
+        for w in result.words:
+            print(f"  {w.start:8.2f} {w.end:8.2f}  {w.word}", flush=True)
 
 
 async def _transcribe(args: argparse.Namespace) -> int:

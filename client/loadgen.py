@@ -13,6 +13,15 @@ status code; the server's own metrics (--metrics-url) show where its time went; 
 generator's own event-loop lag, send lateness and CPU say when it, not the server, is the
 bottleneck. --capacity finds the largest concurrency whose p95 chunk latency is at most
 --target-ms with zero errors.
+
+Calls: --utterances N makes each stream a call of N clips joined by --pause-s of silence, with
+endpointing on (--stop-history-ms, default 320 as Pipecat's; --no-endpointing for off); per
+level it then also reports time to final (the message holding an utterance's last speech sample
+sent -> its final received) p50/p90/p95/p99, finals per stream and utterances missed; with
+--client-eou-ms D the client also asks for each utterance's final D ms of audio after its speech
+ends (a turn detector's wait), and the time from that request to the final is reported.
+
+    asr-loadgen --concurrency 1,64 --utterances 6 --pause-s 1.2 --client-eou-ms 200
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import grpc
 
 from client.loadgen_audio import AudioSpec
 from client.loadgen_report import (METRICS, level_passes, merge_level, proc_cpu_delta, proc_cpu_snapshot, progress_bar,
-                                   scrape, server_delta, table_header, table_row, write_plot)
+                                   scrape, server_delta, table_header, table_row, utterance_row, write_plot)
 from client.loadgen_run import LevelSpec, RunOptions, ShareResult, new_event_loop, prepare, run_share, worker_main
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
@@ -61,6 +70,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--synthetic-seconds", type=float, default=8.0, help="length of each synthetic clip")
     a.add_argument("--max-audio-s", type=float, default=0.0, help="trim longer files to this many seconds (0: no)")
     a.add_argument("--chunk-ms", type=float, default=0.0, help="audio per message; 0: the model's chunk (ListModels)")
+    u = p.add_argument_group("calls of several utterances")
+    u.add_argument("--utterances", type=int, default=0,
+                   help="each stream is a call of this many clips joined by --pause-s of silence (0: one clip)")
+    u.add_argument("--pause-s", type=float, default=1.0, help="silence between (and after) a call's utterances")
+    u.add_argument("--no-endpointing", dest="endpointing", action="store_false",
+                   help="calls: do not ask the server for endpointing (with --client-eou-ms: client finals only)")
+    u.add_argument("--start-history-ms", type=int, default=0, help="endpointing start_history (0: the server's)")
+    u.add_argument("--start-threshold", type=float, default=0.0, help="endpointing start_threshold (0: the server's)")
+    u.add_argument("--stop-history-ms", type=int, default=320,
+                   help="endpointing stop_history (Pipecat's default 320; 0: the server's)")
+    u.add_argument("--stop-threshold", type=float, default=0.0, help="endpointing stop_threshold (0: the server's)")
+    u.add_argument("--stop-history-eou-ms", type=int, default=0, help="endpointing stop_history_eou (0: the server's)")
+    u.add_argument("--stop-threshold-eou", type=float, default=0.0,
+                   help="endpointing stop_threshold_eou (0: the server's)")
+    u.add_argument("--client-eou-ms", type=float, default=None,
+                   help="calls: send end_utterance this many ms of audio after each utterance's speech ends "
+                        "(a client-side turn detector) and report the time from it to the final")
     a.add_argument("--right-context-ms", type=float, default=0.0,
                    help="audio the server needs past a chunk's end before it runs the chunk: 0 for servers "
                         "with chunk-aligned framing (the default), 6 for NeMo's raw framing at 16 kHz "
@@ -117,7 +143,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.concurrency = [] if args.capacity else [1]
     if args.chunk_ms < 0 or args.ramp_s < 0:
         p.error("--chunk-ms and --ramp-s must be >= 0")
+    if args.utterances < 0 or args.pause_s < 0:
+        p.error("--utterances and --pause-s must be >= 0")
+    if args.client_eou_ms is not None and (args.utterances < 1 or args.client_eou_ms < 0):
+        p.error("--client-eou-ms needs --utterances and a value >= 0")
     return args
+
+
+def endpointing_settings(args: argparse.Namespace) -> tuple[tuple[str, float], ...] | None:
+    """The EndpointingConfig calls ask for (None: not a call, or --no-endpointing)."""
+    if args.utterances < 1 or not args.endpointing:
+        return None
+    return (("start_history_ms", args.start_history_ms), ("start_threshold", args.start_threshold),
+            ("stop_history_ms", args.stop_history_ms), ("stop_threshold", args.stop_threshold),
+            ("stop_history_eou_ms", args.stop_history_eou_ms), ("stop_threshold_eou", args.stop_threshold_eou))
 
 
 # -- server queries ------------------------------------------------------------------------------
@@ -174,7 +213,7 @@ class LoadGenerator:
 
     async def __aenter__(self) -> LoadGenerator:
         if self.cfg.workers == 1:
-            self._prepared = prepare(self.items, self.cfg.run.chunk_ms)
+            self._prepared = prepare(self.items, self.cfg.run.chunk_ms, self.cfg.run.client_eou_ms)
             return self
         ctx = multiprocessing.get_context("spawn")
         self._progress_q = ctx.Queue()
@@ -359,9 +398,11 @@ async def amain(args: argparse.Namespace) -> int:
     run = RunOptions(target=args.server, chunk_ms=chunk_ms, realtime=args.realtime, interim=args.interim,
                      model=args.model, lookahead_ms=args.lookahead_ms,
                      stream_timeout_s=args.stream_timeout_s or None, channels=args.channels,
-                     right_context_ms=args.right_context_ms)
+                     right_context_ms=args.right_context_ms, endpointing=endpointing_settings(args),
+                     client_eou_ms=args.client_eou_ms)
     audio = AudioSpec(paths=tuple(args.audio), synthetic_clips=args.synthetic_clips,
-                      synthetic_seconds=args.synthetic_seconds, max_seconds=args.max_audio_s)
+                      synthetic_seconds=args.synthetic_seconds, max_seconds=args.max_audio_s,
+                      utterances=args.utterances, pause_s=args.pause_s)
     cfg = LoadgenConfig(run=run, audio=audio, workers=args.workers, ramp_s=args.ramp_s,
                         level_grace_s=args.level_grace_s, lag_threshold_ms=args.lag_threshold_ms,
                         metrics_url=args.metrics_url, server_pid=args.server_pid, use_uvloop=not args.no_uvloop,
@@ -379,6 +420,12 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"asr-loadgen: {len(gen.items)} audio item(s), {total_audio:.1f} s in all; messages of {chunk_ms:g} ms, "
               f"{'real-time' if args.realtime else 'as fast as possible'}, ramp {args.ramp_s:g} s, "
               f"{args.workers} worker process(es)", flush=True)
+        if args.utterances:
+            ep = dict(run.endpointing) if run.endpointing else None
+            print(f"asr-loadgen: calls of {args.utterances} utterances, pauses of {args.pause_s:g} s; endpointing "
+                  + (", ".join(f"{k} {v:g}" for k, v in ep.items() if v) or "(server defaults)" if ep else "off")
+                  + (f"; client end of utterance {args.client_eou_ms:g} ms after speech"
+                     if args.client_eou_ms is not None else ""), flush=True)
         print(table_header(), flush=True)
 
         budget_end = started + args.time_budget_s if args.time_budget_s > 0 else None
@@ -398,6 +445,8 @@ async def amain(args: argparse.Namespace) -> int:
             level["passes_target"] = {m: level_passes(level, target_ms, m) for m in METRICS}
             order.append(c)
             print(table_row(level, shown_target, args.capacity_metric), flush=True)
+            if "utterances" in level:
+                print(utterance_row(level), flush=True)
             for reason in level["loadgen"]["bottleneck_reasons"]:
                 print(f"    load generator is the bottleneck here: {reason}", flush=True)
             return level
@@ -438,6 +487,9 @@ async def amain(args: argparse.Namespace) -> int:
                      "ramp_s": args.ramp_s, "workers": args.workers, "target_ms": target_ms,
                      "right_context_ms": args.right_context_ms, "capacity_metric": args.capacity_metric,
                      "stop_on_fail": args.stop_on_fail, "time_budget_s": args.time_budget_s,
+                     "utterances": args.utterances, "pause_s": args.pause_s if args.utterances else None,
+                     "endpointing": dict(run.endpointing) if run.endpointing else None,
+                     "client_eou_ms": args.client_eou_ms,
                      "audio": asdict(audio), "audio_items": len(gen.items), "audio_seconds_total": total_audio},
         "definitions": DEFINITIONS,
         "levels": [_public(lv) for lv in levels],
@@ -453,8 +505,11 @@ async def amain(args: argparse.Namespace) -> int:
         with open(args.dump_transcripts, "w") as f:
             for lv in levels:
                 for s in lv["_streams"]:
-                    f.write(json.dumps({"concurrency": lv["concurrency"], "stream": s.index, "audio": s.audio,
-                                        "status": s.code, "transcript": s.transcript}) + "\n")
+                    line = {"concurrency": lv["concurrency"], "stream": s.index, "audio": s.audio,
+                            "status": s.code, "transcript": s.transcript}
+                    if s.utterances:
+                        line.update(utterances=s.utterances, finals=s.finals, missed=s.missed)
+                    f.write(json.dumps(line) + "\n")
         print(f"asr-loadgen: transcripts written to {args.dump_transcripts}", flush=True)
     if args.plot:
         title = (f"{server['name']} / {server['engine']} / lookahead {server['lookahead_ms']} ms / "
@@ -481,6 +536,14 @@ DEFINITIONS = {
     "loadgen.send_lateness_ms": "real-time mode: how late the sender woke up for a message that was due",
     "loadgen.write_ms": "time call.write() took (gRPC flow control: the server not reading fast enough)",
     "server_metrics": "deltas of the server's Prometheus metrics over the level (--metrics-url)",
+    "utterances.time_to_final_ms": "calls (--utterances): per utterance, its final received minus the send time of "
+                                   "the message holding its last speech sample; an utterance's final is the last "
+                                   "final whose end_seconds falls in its window (its speech start to the next "
+                                   "utterance's)",
+    "utterances.eou_to_final_ms": "calls with --client-eou-ms: per utterance, its final (closed by the client's "
+                                  "request) received minus the time the end_utterance request was written",
+    "utterances.missed": "utterances sent whose window got no final",
+    "utterances.extra_finals": "finals beyond the first in an utterance's window (the utterance was split)",
     "server_process": "CPU cores the server process used over the level, and its busiest threads (--server-pid)",
 }
 

@@ -1,6 +1,11 @@
 """Audio for the load generator: WAV files (or folders of them) cycled across streams, or a
 built-in synthetic set, split into the audio messages each stream sends.
 
+With `utterances` > 0 every item is a call instead: that many clips (the items in turn) joined
+by `pause_s` of silence (exact zeros; one pause also follows the last clip, so its end can be
+heard), with each utterance's speech (first to last sample above a small fraction of the clip's
+peak) known in samples: what time to final is measured from.
+
 The load generator sends raw samples with the rate and encoding in the config (no WAV header),
 so every message boundary is known in samples: that is what maps responses to messages.
 """
@@ -26,6 +31,8 @@ class AudioItem:
     sample_rate: int
     encoding: str        # PCM16 or FLOAT32
     channels: int = 1
+    # Calls (AudioSpec.utterances > 0): each utterance's speech as (first, last + 1) sample.
+    speech: tuple[tuple[int, int], ...] = ()
 
     @property
     def frame_bytes(self) -> int:
@@ -62,6 +69,8 @@ class AudioSpec:
     synthetic_seconds: float = 8.0
     synthetic_rate: int = 16000
     max_seconds: float = 0.0   # > 0: trim longer files to this many seconds
+    utterances: int = 0        # > 0: each item is a call of this many clips joined by pauses
+    pause_s: float = 1.0       # silence between (and after) a call's utterances
 
     def load(self) -> list[AudioItem]:
         items = [read_wav(p) for p in expand_paths(self.paths)] if self.paths else synthetic_items(
@@ -71,7 +80,43 @@ class AudioSpec:
         items = [i for i in items if i.n_samples > 0]
         if not items:
             raise ValueError("no audio: every file given is empty")
+        if self.utterances > 0:
+            items = [join_call(items, k, self.utterances, self.pause_s) for k in range(len(items))]
         return items
+
+
+SPEECH_LEVEL = 0.02  # a sample is speech above this fraction of its clip's peak
+
+
+def speech_bounds(item: AudioItem) -> tuple[int, int]:
+    """First and last + 1 sample (per channel) whose level is above SPEECH_LEVEL of the clip's
+    peak: where the clip's speech starts and ends (the whole clip when it is silent)."""
+    a = np.abs(as_array(item).astype(np.float32)).reshape(-1, item.channels).max(axis=1)
+    peak = float(a.max()) if a.size else 0.0
+    loud = np.flatnonzero(a > SPEECH_LEVEL * peak) if peak > 0 else np.array([], dtype=np.int64)
+    if loud.size == 0:
+        return 0, item.n_samples
+    return int(loud[0]), int(loud[-1]) + 1
+
+
+def join_call(items: list[AudioItem], first: int, utterances: int, pause_s: float) -> AudioItem:
+    """A call: items first, first + 1, ... (cycled) joined by pause_s of exact zeros, with one
+    pause after the last; every clip must have the first's rate, encoding and channels."""
+    parts, speech, at = [], [], 0
+    head = items[first % len(items)]
+    pause = bytes(int(round(pause_s * head.sample_rate)) * head.frame_bytes)
+    for j in range(utterances):
+        clip = items[(first + j) % len(items)]
+        if (clip.sample_rate, clip.encoding, clip.channels) != (head.sample_rate, head.encoding, head.channels):
+            raise ValueError(f"--utterances joins clips of one format: {clip.name} ({clip.sample_rate} Hz "
+                             f"{clip.encoding} x{clip.channels}) differs from {head.name} ({head.sample_rate} Hz "
+                             f"{head.encoding} x{head.channels})")
+        lo, hi = speech_bounds(clip)
+        speech.append((at + lo, at + hi))
+        parts += [clip.data, pause]
+        at += clip.n_samples + len(pause) // head.frame_bytes
+    return AudioItem(f"call-{first:03d}-{head.name}", b"".join(parts), head.sample_rate, head.encoding,
+                     head.channels, tuple(speech))
 
 
 def expand_paths(paths: tuple[str, ...] | list[str]) -> list[str]:

@@ -69,6 +69,7 @@ def merge_level(concurrency: int, shares: list[ShareResult], *, realtime: bool, 
         "rtf": dist([s.wall_s / s.audio_s for s in ok if s.wall_s is not None and s.audio_s > 0], (50, 95)),
         "throughput": {"audio_s": round(audio_ok, 3), "wall_s": round(wall, 3),
                        "rtfx": round(audio_ok / wall, 2) if wall > 0 else None},
+        **({"utterances": _utterances(shares, streams, ok)} if any(s.utterances for s in streams) else {}),
         "messages_uncovered": sum(s.uncovered for s in streams),
         "anomalies": anomalies[:20],
         "anomaly_count": len(anomalies),
@@ -80,6 +81,40 @@ def merge_level(concurrency: int, shares: list[ShareResult], *, realtime: bool, 
         },
         "_streams": streams,  # dropped before JSON; kept for the transcript dump
     }
+
+
+def _utterances(shares: list[ShareResult], streams: list, ok: list) -> dict:
+    """Calls of several utterances: time to final, EOU to final, finals per stream, misses."""
+    reasons: collections.Counter = collections.Counter()
+    for s in streams:
+        reasons.update(s.end_reasons)
+    return {
+        "time_to_final_ms": dist([v for sh in shares for v in sh.time_to_final_ms]),
+        "eou_to_final_ms": dist([v for sh in shares for v in sh.eou_to_final_ms]),
+        "sent": sum(s.utterances for s in streams),
+        "with_final": sum(s.utterances - s.missed for s in streams),
+        "missed": sum(s.missed for s in streams),
+        "missed_in_completed_streams": sum(s.missed for s in ok),
+        "extra_finals": sum(s.extra_finals for s in streams),
+        "eou_preempted": sum(s.eou_preempted for s in streams),
+        "finals_per_stream": dist([s.finals for s in ok], (50,)),
+        "end_reasons": dict(sorted(reasons.items())),
+    }
+
+
+def utterance_row(level: dict) -> str:
+    """The second line of a level with calls: time to final and client EOU to final."""
+    u = level["utterances"]
+    t, e = u["time_to_final_ms"], u["eou_to_final_ms"]
+    line = (f"{'':>6} utterances {u['with_final']}/{u['sent']} with a final ({u['missed']} missed, "
+            f"{u['extra_finals']} extra); time to final p50/p90/p95/p99 {_f(t['p50'])}/{_f(t['p90'])}/"
+            f"{_f(t['p95'])}/{_f(t['p99'])} ms")
+    if e["count"]:
+        line += f"; EOU to final p50/p90/p95/p99 {_f(e['p50'])}/{_f(e['p90'])}/{_f(e['p95'])}/{_f(e['p99'])} ms"
+    if u["eou_preempted"]:
+        line += f" ({u['eou_preempted']} closed before the EOU)"
+    reasons = ", ".join(f"{k or '?'} {v}" for k, v in u["end_reasons"].items())
+    return line + (f"; closed by: {reasons}" if reasons else "")
 
 
 METRICS = {"chunk": "chunk_latency_ms", "response": "response_latency_ms"}

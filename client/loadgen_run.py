@@ -14,6 +14,18 @@ Timing conventions (all time.monotonic() inside one process):
 - in real-time mode message j is due when its audio has "played": stream start + end_j / rate.
   How late the sender woke up for it (event-loop lateness) is recorded apart from how long the
   write then took (transport back-pressure), so a busy load generator is told from a slow server.
+
+Calls of several utterances (AudioSpec.utterances, with endpointing or client end-of-utterance
+requests): the server sends one final per utterance. A final belongs to the utterance whose
+window holds its end_seconds (an utterance's window runs from its speech start to the next
+one's). The utterance's final is the first final of its window received after the message
+holding its last speech sample was sent; others in the window are extra (finals before it split
+the utterance, finals after it closed noise in the pause), and a window without such a final is
+a missed utterance (its end went into the next utterance's final, or none came). An
+utterance's *time to final* is its final's receipt minus the send time of the message that
+holds its last speech sample; with client end of utterance, the request is sent when the audio --client-eou-ms past
+the speech's end has played (a turn detector's wait), and *EOU to final* is the final's receipt
+minus that request's send time (finals closed by the endpointer first are counted apart).
 """
 
 from __future__ import annotations
@@ -49,6 +61,9 @@ class RunOptions:
     right_context_ms: float = 6.0           # audio the server needs past a chunk's end (response latency)
     channels: int = 0                       # connections per worker; 0: one per 100 streams
     label: str = "loadgen"
+    # Endpointing settings (EndpointingConfig fields; 0: the server's default); None: off.
+    endpointing: tuple[tuple[str, float], ...] | None = None
+    client_eou_ms: float | None = None      # calls: end_utterance this long after each speech end
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,13 @@ class StreamRecord:
     responses: int = 0
     uncovered: int = 0                      # messages sent that no response covered
     anomalies: list[str] = field(default_factory=list)
+    # Calls of several utterances (see the module's docstring).
+    utterances: int = 0                     # utterances in the audio sent
+    finals: int = 0                         # final results received
+    missed: int = 0                         # utterances without a final
+    extra_finals: int = 0                   # finals beyond one in an utterance's window
+    end_reasons: dict[str, int] = field(default_factory=dict)   # of the utterances' finals
+    eou_preempted: int = 0                  # client EOU sent, but the final was closed otherwise
 
 
 @dataclass
@@ -93,12 +115,14 @@ class ShareResult:
     first_start_wall: float
     last_end_wall: float
     pid: int = 0
+    time_to_final_ms: list[float] = field(default_factory=list)   # calls: per utterance
+    eou_to_final_ms: list[float] = field(default_factory=list)    # calls with client EOU
 
 
 class _Responses:
     """The responses of one stream, as compact parallel lists."""
 
-    __slots__ = ("times", "indices", "processed", "final_text", "final_count", "first_text_t")
+    __slots__ = ("times", "indices", "processed", "final_text", "final_count", "first_text_t", "finals")
 
     def __init__(self):
         self.times: list[float] = []
@@ -107,9 +131,22 @@ class _Responses:
         self.final_text: str | None = None
         self.final_count = 0
         self.first_text_t: float | None = None
+        self.finals: list[Final] = []   # every final result (calls of several utterances)
 
 
-async def _read_all(call, out: _Responses) -> None:
+@dataclass(frozen=True)
+class Final:
+    """One final result as received."""
+
+    t: float                 # receipt, time.monotonic()
+    start_s: float           # the utterance's start and end, seconds from the stream's start
+    end_s: float
+    index: int               # utterance_index
+    end_reason: str
+    transcript: str
+
+
+async def _read_all(call, out: _Responses, utterances: bool = False) -> None:
     while True:
         r = await call.read()
         if r is grpc.aio.EOF:
@@ -118,13 +155,25 @@ async def _read_all(call, out: _Responses) -> None:
         out.times.append(t)
         out.indices.append(r.chunk_index)
         out.processed.append(r.audio_processed)
-        if r.results:
-            res = r.results[0]
-            if res.is_final:
-                out.final_count += 1
-                out.final_text = res.transcript
-            if out.first_text_t is None and res.transcript:
-                out.first_text_t = t
+        if not r.results:
+            continue
+        if utterances:  # finals of several utterances, in order, then the open one's interim
+            for res in r.results:
+                if res.is_final:
+                    out.final_count += 1
+                    out.finals.append(Final(t, res.start_seconds, res.end_seconds, res.utterance_index,
+                                            res.end_reason, res.transcript))
+                if out.first_text_t is None and res.transcript:
+                    out.first_text_t = t
+            if out.finals:
+                out.final_text = " ".join(f.transcript for f in out.finals if f.transcript)
+            continue
+        res = r.results[0]
+        if res.is_final:
+            out.final_count += 1
+            out.final_text = res.transcript
+        if out.first_text_t is None and res.transcript:
+            out.first_text_t = t
 
 
 async def _sleep_until(t: float) -> None:
@@ -134,10 +183,16 @@ async def _sleep_until(t: float) -> None:
 
 
 def _config(item: AudioItem, opts: RunOptions, index: int) -> pb.StreamingRecognizeRequest:
-    return pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(
+    config = pb.RecognitionConfig(
         model=opts.model, lookahead_ms=opts.lookahead_ms, sample_rate=item.sample_rate,
         encoding=_ENCODING[item.encoding], channels=item.channels, interim_results=opts.interim,
-        client_label=f"{opts.label}-{index}"[:128]))
+        client_label=f"{opts.label}-{index}"[:128])
+    if opts.endpointing is not None:
+        config.endpointing.CopyFrom(pb.EndpointingConfig(**dict(opts.endpointing)))
+    return pb.StreamingRecognizeRequest(config=config)
+
+
+_END_UTTERANCE = pb.StreamingRecognizeRequest(end_utterance=True)
 
 
 @dataclass
@@ -145,6 +200,17 @@ class _Prepared:
     item: AudioItem
     requests: list[pb.StreamingRecognizeRequest]
     ends_s: list[float]     # each message's end, in seconds of audio
+    # Calls: per utterance, its speech as seconds (start, end), the message holding its last
+    # speech sample, and (client EOU) the audio time after which its end_utterance is sent and
+    # the message it follows.
+    speech_s: list[tuple[float, float]] = field(default_factory=list)
+    speech_end_msg: list[int] = field(default_factory=list)
+    eou_due_s: list[float] = field(default_factory=list)
+    eou_after_msg: list[int] = field(default_factory=list)
+
+    @property
+    def utterances(self) -> bool:
+        return bool(self.speech_s)
 
 
 class _ShareStats:
@@ -154,6 +220,8 @@ class _ShareStats:
         self.response_latency_negative = 0
         self.wake_late_ms: list[float] = []
         self.write_ms: list[float] = []
+        self.time_to_final_ms: list[float] = []
+        self.eou_to_final_ms: list[float] = []
         self.done = 0
         self.errors = 0
 
@@ -167,9 +235,11 @@ async def run_stream(stub, index: int, prep: _Prepared, t_start: float, opts: Ru
     await _sleep_until(t_start)
     n = len(prep.requests)
     sent = [math.nan] * n
+    eou_sent = [math.nan] * len(prep.eou_due_s)
+    eou_next = 0
     responses = _Responses()
     call = stub.StreamingRecognize(timeout=opts.stream_timeout_s)
-    reader = asyncio.get_running_loop().create_task(_read_all(call, responses))
+    reader = asyncio.get_running_loop().create_task(_read_all(call, responses, prep.utterances))
     t_done = None
     try:
         try:
@@ -185,6 +255,13 @@ async def run_stream(stub, index: int, prep: _Prepared, t_start: float, opts: Ru
                 await call.write(request)
                 sent[j] = time.monotonic()
                 stats.write_ms.append(1e3 * (sent[j] - t0))
+                # The client's turn detector: end_utterance once its wait past the speech has played.
+                while eou_next < len(eou_sent) and prep.eou_after_msg[eou_next] == j:
+                    if opts.realtime:
+                        await _sleep_until(t_start + prep.eou_due_s[eou_next])
+                    await call.write(_END_UTTERANCE)
+                    eou_sent[eou_next] = time.monotonic()
+                    eou_next += 1
             else:
                 await call.done_writing()
                 t_done = time.monotonic()
@@ -206,6 +283,8 @@ async def run_stream(stub, index: int, prep: _Prepared, t_start: float, opts: Ru
         if not reader.done():
             reader.cancel()
     _account(rec, responses, sent, prep.ends_s, t_done, stats, opts.right_context_ms / 1e3)
+    if prep.utterances:
+        _account_utterances(rec, responses.finals, sent, eou_sent, prep, stats)
     return rec
 
 
@@ -249,7 +328,7 @@ def _account(rec: StreamRecord, responses: _Responses, sent: list[float], ends_s
     if first_sent is not None and responses.first_text_t is not None:
         rec.first_text_ms = 1e3 * (responses.first_text_t - first_sent)
     if rec.code == "OK":
-        if responses.final_count != 1:
+        if responses.final_count != 1 and not responses.finals:
             rec.anomalies.append(f"{responses.final_count} final results")
         if times and t_done is not None:
             rec.final_ms = 1e3 * (times[-1] - t_done)
@@ -264,12 +343,66 @@ def _account(rec: StreamRecord, responses: _Responses, sent: list[float], ends_s
         stats.errors += 1
 
 
-def prepare(items: list[AudioItem], chunk_ms: float) -> list[_Prepared]:
+def utterance_windows(speech_s: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Each utterance's window for matching finals: from its speech start (-inf for the first)
+    to the next utterance's speech start (+inf for the last)."""
+    starts = [-math.inf] + [s for s, _ in speech_s[1:]] + [math.inf]
+    return [(starts[k], starts[k + 1]) for k in range(len(speech_s))]
+
+
+def match_finals(finals: list[Final], speech_s: list[tuple[float, float]]) -> list[list[Final]]:
+    """The finals in each utterance's window (by the final's end_seconds), in order of receipt."""
+    bounds = [hi for _, hi in utterance_windows(speech_s)]
+    out: list[list[Final]] = [[] for _ in speech_s]
+    for f in finals:
+        k = next(k for k, hi in enumerate(bounds) if f.end_s < hi)
+        out[k].append(f)
+    return out
+
+
+def _account_utterances(rec: StreamRecord, finals: list[Final], sent: list[float], eou_sent: list[float],
+                        prep: _Prepared, stats: _ShareStats) -> None:
+    """Per utterance of a call: its final (the last in its window), time to final and, with
+    client EOU, EOU to final (see the module's docstring)."""
+    rec.utterances, rec.finals = len(prep.speech_s), len(finals)
+    reasons: dict[str, int] = {}
+    for k, mine in enumerate(match_finals(finals, prep.speech_s)):
+        t_speech = sent[prep.speech_end_msg[k]]
+        if math.isnan(t_speech):  # never sent (the call failed first): not the server's miss
+            continue
+        after = [f for f in mine if f.t >= t_speech]
+        rec.extra_finals += len(mine) - min(len(after), 1)
+        if not after:
+            rec.missed += 1
+            continue
+        final = after[0]
+        reasons[final.end_reason] = reasons.get(final.end_reason, 0) + 1
+        stats.time_to_final_ms.append(1e3 * (final.t - t_speech))
+        if k < len(eou_sent) and not math.isnan(eou_sent[k]):
+            if final.end_reason == "client":
+                stats.eou_to_final_ms.append(1e3 * (final.t - eou_sent[k]))
+            else:
+                rec.eou_preempted += 1
+    rec.end_reasons = dict(sorted(reasons.items()))
+
+
+def prepare(items: list[AudioItem], chunk_ms: float, client_eou_ms: float | None = None) -> list[_Prepared]:
     out = []
     for item in items:
         pieces, ends = item.messages(chunk_ms)
-        out.append(_Prepared(item, [pb.StreamingRecognizeRequest(audio=p) for p in pieces],
-                             [e / item.sample_rate for e in ends]))
+        prep = _Prepared(item, [pb.StreamingRecognizeRequest(audio=p) for p in pieces],
+                         [e / item.sample_rate for e in ends])
+        rate = item.sample_rate
+        for lo, hi in item.speech:
+            prep.speech_s.append((lo / rate, hi / rate))
+            prep.speech_end_msg.append(next(j for j, e in enumerate(ends) if e >= hi))
+            if client_eou_ms is not None:
+                due = hi / rate + client_eou_ms / 1e3
+                prep.eou_due_s.append(due)
+                # after the last message whose audio has played by then (it is sent at its end)
+                played = max([j for j, e in enumerate(ends) if e / rate <= due + 1e-9], default=0)
+                prep.eou_after_msg.append(max(played, prep.speech_end_msg[-1]))
+        out.append(prep)
     return out
 
 
@@ -346,7 +479,8 @@ async def run_share(level: LevelSpec, worker: int, workers: int, prepared: list[
         loop_lag_ms=lag,
         wake_late_ms=stats.wake_late_ms, write_ms=stats.write_ms, cpu_s=time.process_time() - cpu0,
         wall_s=time.monotonic() - wall0, first_start_wall=level.start_wall,
-        last_end_wall=time.time(), pid=os.getpid())
+        last_end_wall=time.time(), pid=os.getpid(), time_to_final_ms=stats.time_to_final_ms,
+        eou_to_final_ms=stats.eou_to_final_ms)
 
 
 def _record_of(task: asyncio.Task, index: int, prepared: list[_Prepared]) -> StreamRecord:
@@ -376,7 +510,7 @@ def worker_main(worker: int, workers: int, audio: AudioSpec, chunk_ms: float, op
     loop = new_event_loop(use_uvloop)
     asyncio.set_event_loop(loop)
     try:
-        prepared = prepare(audio.load(), chunk_ms)
+        prepared = prepare(audio.load(), chunk_ms, opts.client_eou_ms)
         conn.send(("ready", worker))
         last = [0.0]
 

@@ -7,11 +7,24 @@ own thread (sync) or task (async).
         for response in client.transcribe("speech.wav", interim=True):
             if response.result:
                 print(response.result.transcript)
+
+A stream is a sequence of utterances. Without endpointing it is one utterance with one final at
+the end of the audio. With `StreamOptions(endpointing=Endpointing(stop_history_ms=320))` the
+server ends an utterance when the speaker stops and sends its final at once (a response's
+`finals`); a client with its own turn detector asks for the open utterance's final itself, with
+END_UTTERANCE in the audio it streams or `end_utterance()` on a live stream:
+
+    async with client.live(sample_rate=16000, encoding="PCM16", options=options) as call:
+        await call.send(pcm_bytes)
+        await call.end_utterance()
+        async for response in call: ...
 """
 
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -52,21 +65,44 @@ class Result:
     is_final: bool
     stability: float
     words: tuple[Word, ...] = ()
+    utterance_index: int = 0    # 0, 1, ... within the stream
+    start: float = 0.0          # the utterance's first and last speech, seconds from the stream's start
+    end: float = 0.0            # (finals; interims carry the start once known)
+    end_reason: str = ""        # finals: "endpoint", "client" (end_utterance) or "end_of_audio"
 
 
 @dataclass(frozen=True)
 class Response:
-    """One server response: one per processed chunk, the last carries the final result."""
+    """One server response: one per processed chunk. Without endpointing the last carries the
+    stream's one final result; with it, any response may carry finals of utterances."""
 
     chunk_index: int
     audio_processed: float
     stream_id: str
-    result: Result | None     # None: interim results are off and this chunk is not final
+    result: Result | None     # the first result; None: interim results are off and nothing is final
     received_at: float        # time.monotonic() when the client got it
+    results: tuple[Result, ...] = ()   # every result: the finals this chunk closed, then the interim
 
     @property
     def is_final(self) -> bool:
         return self.result is not None and self.result.is_final
+
+    @property
+    def finals(self) -> tuple[Result, ...]:
+        """The utterance finals this response carries, in order."""
+        return tuple(r for r in self.results if r.is_final)
+
+
+@dataclass(frozen=True)
+class Endpointing:
+    """Endpointing settings (Riva's EndpointingConfig semantics; 0: the server's default)."""
+
+    start_history_ms: int = 0
+    start_threshold: float = 0.0
+    stop_history_ms: int = 0
+    stop_threshold: float = 0.0
+    stop_history_eou_ms: int = 0
+    stop_threshold_eou: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -76,24 +112,61 @@ class StreamOptions:
     interim: bool = False
     language: str = ""
     label: str = ""
+    endpointing: Endpointing | None = None   # None: the stream is one utterance
+
+
+class _EndUtterance:
+    def __repr__(self) -> str:
+        return "END_UTTERANCE"
+
+
+# Put this among the audio chunks a stream sends: the open utterance's final, now (the client's
+# own turn detector decided the speaker stopped).
+END_UTTERANCE = _EndUtterance()
 
 
 def _result(r: pb.RecognitionResult) -> Result:
     return Result(r.transcript, r.is_final, r.stability,
-                  tuple(Word(w.word, w.start_seconds, w.end_seconds) for w in r.words))
+                  tuple(Word(w.word, w.start_seconds, w.end_seconds) for w in r.words),
+                  r.utterance_index, r.start_seconds, r.end_seconds, r.end_reason)
 
 
 def _response(r: pb.StreamingRecognizeResponse) -> Response:
-    return Response(r.chunk_index, r.audio_processed, r.stream_id,
-                    _result(r.results[0]) if r.results else None, time.monotonic())
+    results = tuple(_result(x) for x in r.results)
+    return Response(r.chunk_index, r.audio_processed, r.stream_id, results[0] if results else None,
+                    time.monotonic(), results)
+
+
+def joined(finals: list[Result]) -> Result:
+    """A stream's utterance finals as one final (texts joined by spaces, words in order)."""
+    if len(finals) == 1:
+        return finals[0]
+    if not finals:
+        return Result("", True, 1.0)
+    return Result(" ".join(f.transcript for f in finals if f.transcript), True, min(f.stability for f in finals),
+                  tuple(w for f in finals for w in f.words), 0, finals[0].start, finals[-1].end,
+                  finals[-1].end_reason)
 
 
 def _config(fmt: AudioFormat, options: StreamOptions) -> pb.RecognitionConfig:
-    return pb.RecognitionConfig(
+    config = pb.RecognitionConfig(
         model=options.model, lookahead_ms=options.lookahead_ms,
         sample_rate=0 if fmt.wav else fmt.sample_rate, encoding=_ENCODINGS[None if fmt.wav else fmt.encoding],
         channels=0 if fmt.wav else fmt.channels, interim_results=options.interim,
         language=options.language, client_label=options.label)
+    if options.endpointing is not None:
+        e = options.endpointing
+        config.endpointing.CopyFrom(pb.EndpointingConfig(
+            start_history_ms=e.start_history_ms, start_threshold=e.start_threshold,
+            stop_history_ms=e.stop_history_ms, stop_threshold=e.stop_threshold,
+            stop_history_eou_ms=e.stop_history_eou_ms, stop_threshold_eou=e.stop_threshold_eou))
+    return config
+
+
+def _request(chunk) -> pb.StreamingRecognizeRequest:
+    if chunk is END_UTTERANCE:
+        return pb.StreamingRecognizeRequest(end_utterance=True)
+    return pb.StreamingRecognizeRequest(audio=to_bytes(chunk))
 
 
 def _peek_format(chunks: Iterable, sample_rate: int, encoding: str | None) -> tuple[AudioFormat, Iterator]:
@@ -109,7 +182,7 @@ def _peek_format(chunks: Iterable, sample_rate: int, encoding: str | None) -> tu
 def _requests(fmt: AudioFormat, options: StreamOptions, chunks: Iterable) -> Iterator[pb.StreamingRecognizeRequest]:
     yield pb.StreamingRecognizeRequest(config=_config(fmt, options))
     for chunk in chunks:
-        yield pb.StreamingRecognizeRequest(audio=to_bytes(chunk))
+        yield _request(chunk)
 
 
 @dataclass(frozen=True)
@@ -180,7 +253,7 @@ class AsrClient:
         responses while it is sent. `realtime` paces sending to the audio's duration."""
         if fmt is None:
             fmt, chunks = _peek_format(chunks, sample_rate, encoding)
-        data: Iterable = (to_bytes(c) for c in chunks)
+        data: Iterable = (c if c is END_UTTERANCE else to_bytes(c) for c in chunks)
         if realtime:
             if not fmt.bytes_per_second:
                 raise ValueError("realtime pacing needs the sample rate")
@@ -202,12 +275,21 @@ class AsrClient:
         return self.stream(data, options=options, fmt=fmt)
 
     def transcribe_file(self, path: str | Path, **kwargs) -> Result:
-        final = None
-        for response in self.transcribe(path, **kwargs):
-            if response.is_final:
-                final = response.result
-        assert final is not None, "the stream ended without a final result"
-        return final
+        """The file's final (with endpointing: its utterances' finals joined)."""
+        return joined(self.transcribe_utterances(path, **kwargs))
+
+    def transcribe_utterances(self, path: str | Path, **kwargs) -> list[Result]:
+        """Every utterance's final, in order (one without endpointing)."""
+        finals = [f for response in self.transcribe(path, **kwargs) for f in response.finals]
+        assert finals, "the stream ended without a final result"
+        return finals
+
+    def live(self, *, sample_rate: int, encoding: str = "PCM16", channels: int = 1,
+             options: StreamOptions = StreamOptions()) -> LiveStream:
+        """A stream the caller feeds as audio comes (send, end_utterance, close) while it
+        iterates the responses, e.g. from another thread."""
+        return LiveStream(self._stub, AudioFormat(sample_rate, encoding, channels), options, self.timeout,
+                          self._metadata)
 
     def recognize(self, audio: bytes | str | Path, *, sample_rate: int = 0, encoding: str | None = None,
                   options: StreamOptions = StreamOptions()) -> Result:
@@ -268,13 +350,14 @@ class AsyncAsrClient:
             yield pb.StreamingRecognizeRequest(config=_config(fmt, options))
             if isinstance(chunks, AsyncIterable):
                 async for chunk in chunks:
-                    yield pb.StreamingRecognizeRequest(audio=to_bytes(chunk))
+                    yield _request(chunk)
             elif realtime:
-                async for chunk in apaced((to_bytes(c) for c in chunks), fmt.bytes_per_second):
-                    yield pb.StreamingRecognizeRequest(audio=chunk)
+                async for chunk in apaced((c if c is END_UTTERANCE else to_bytes(c) for c in chunks),
+                                          fmt.bytes_per_second):
+                    yield _request(chunk)
             else:
                 for chunk in chunks:
-                    yield pb.StreamingRecognizeRequest(audio=to_bytes(chunk))
+                    yield _request(chunk)
 
         if realtime and not fmt.bytes_per_second:
             raise ValueError("realtime pacing needs the sample rate")
@@ -299,12 +382,21 @@ class AsyncAsrClient:
             yield response
 
     async def transcribe_file(self, path: str | Path, **kwargs) -> Result:
-        final = None
-        async for response in self.transcribe(path, **kwargs):
-            if response.is_final:
-                final = response.result
-        assert final is not None, "the stream ended without a final result"
-        return final
+        """The file's final (with endpointing: its utterances' finals joined)."""
+        return joined(await self.transcribe_utterances(path, **kwargs))
+
+    async def transcribe_utterances(self, path: str | Path, **kwargs) -> list[Result]:
+        """Every utterance's final, in order (one without endpointing)."""
+        finals = [f async for response in self.transcribe(path, **kwargs) for f in response.finals]
+        assert finals, "the stream ended without a final result"
+        return finals
+
+    def live(self, *, sample_rate: int, encoding: str = "PCM16", channels: int = 1,
+             options: StreamOptions = StreamOptions()) -> AsyncLiveStream:
+        """A stream the caller feeds as audio comes (send, end_utterance, close) while it
+        iterates the responses in another task; use with `async with`."""
+        return AsyncLiveStream(self._stub, AudioFormat(sample_rate, encoding, channels), options, self.timeout,
+                               self._metadata)
 
     async def recognize(self, audio: bytes | str | Path, *, sample_rate: int = 0, encoding: str | None = None,
                         options: StreamOptions = StreamOptions()) -> Result:
@@ -322,3 +414,100 @@ class AsyncAsrClient:
             return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata)).models)
         except grpc.RpcError as exc:
             raise AsrError.from_rpc(exc) from None
+
+
+class LiveStream:
+    """A streaming call fed by the caller: `send(audio)`, `end_utterance()` (the open
+    utterance's final, now: the caller's turn detector decided), `close()` (end of audio);
+    iterate it for the responses (another thread may feed it meanwhile)."""
+
+    def __init__(self, stub, fmt: AudioFormat, options: StreamOptions, timeout: float | None, metadata):
+        self._queue: queue.Queue = queue.Queue()
+        self._queue.put(pb.StreamingRecognizeRequest(config=_config(fmt, options)))
+        self._closed = threading.Event()
+        self._call = stub.StreamingRecognize(self._requests(), timeout=timeout, metadata=metadata)
+
+    def _requests(self) -> Iterator[pb.StreamingRecognizeRequest]:
+        while (request := self._queue.get()) is not None:
+            yield request
+
+    def send(self, chunk: bytes | np.ndarray) -> None:
+        if self._closed.is_set():
+            raise ValueError("the stream's audio is closed")
+        self._queue.put(pb.StreamingRecognizeRequest(audio=to_bytes(chunk)))
+
+    def end_utterance(self) -> None:
+        if self._closed.is_set():
+            raise ValueError("the stream's audio is closed")
+        self._queue.put(pb.StreamingRecognizeRequest(end_utterance=True))
+
+    def close(self) -> None:
+        """End of audio: the server finishes the last utterance and ends the stream."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._queue.put(None)
+
+    def __iter__(self) -> Iterator[Response]:
+        try:
+            for response in self._call:
+                yield _response(response)
+        except grpc.RpcError as exc:
+            raise AsrError.from_rpc(exc) from None
+
+    def cancel(self) -> None:
+        self.close()
+        self._call.cancel()
+
+    def __enter__(self) -> LiveStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+
+class AsyncLiveStream:
+    """asyncio twin of LiveStream: `await send(audio)`, `await end_utterance()`, `await close()`;
+    `async for response in stream` in another task."""
+
+    def __init__(self, stub, fmt: AudioFormat, options: StreamOptions, timeout: float | None, metadata):
+        self._config = pb.StreamingRecognizeRequest(config=_config(fmt, options))
+        self._call = stub.StreamingRecognize(timeout=timeout, metadata=metadata)
+        self._started = False
+
+    async def _write(self, request: pb.StreamingRecognizeRequest | None) -> None:
+        try:
+            if not self._started:
+                self._started = True
+                await self._call.write(self._config)
+            if request is None:
+                await self._call.done_writing()
+            else:
+                await self._call.write(request)
+        except grpc.RpcError as exc:
+            raise AsrError.from_rpc(exc) from None
+
+    async def send(self, chunk: bytes | np.ndarray) -> None:
+        await self._write(pb.StreamingRecognizeRequest(audio=to_bytes(chunk)))
+
+    async def end_utterance(self) -> None:
+        await self._write(pb.StreamingRecognizeRequest(end_utterance=True))
+
+    async def close(self) -> None:
+        """End of audio: the server finishes the last utterance and ends the stream."""
+        await self._write(None)
+
+    async def __aiter__(self) -> AsyncIterator[Response]:
+        try:
+            while (response := await self._call.read()) is not grpc.aio.EOF:
+                yield _response(response)
+        except grpc.RpcError as exc:
+            raise AsrError.from_rpc(exc) from None
+
+    async def __aenter__(self) -> AsyncLiveStream:
+        if not self._started:
+            self._started = True
+            await self._call.write(self._config)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._call.cancel()
