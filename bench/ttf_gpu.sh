@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Time to final on the GPU host, in one short call (issue 14's "measure and record"): for each
+# lookahead, one asr-server on the GPU and asr-loadgen calls of several utterances (the example
+# clips joined by pauses), at one stream and at a load level, twice:
+#   endpoint   - endpointing at stop_history $STOP_MS (Pipecat's default): end of speech -> final
+#   client_eou - endpointing off, the client's end_utterance $EOU_MS after the speech: request -> final
+# Results: $OUT/ttf_<model>_<lookahead>_<mode>.json, $OUT/ttf.log. Run from the repository root after
+# installing the carried wheels (see bench/README.md). Knobs: MODEL, LOOKAHEADS, LEVELS, UTTS, PAUSE.
+set -u
+OUT=${OUT:-/tmp/ttf_out}; mkdir -p "$OUT"
+PY=${PY:-python3}
+MODEL=${MODEL:-builtin:demo}; LOOKAHEADS=${LOOKAHEADS:-"160 560"}; LEVELS=${LEVELS:-1,256}
+UTTS=${UTTS:-4}; PAUSE=${PAUSE:-1.0}; STOP_MS=${STOP_MS:-320}; EOU_MS=${EOU_MS:-200}
+DTYPE=${DTYPE:-float16}; ENGINE=${ENGINE:-fast-cudagraph}; WORKERS=${WORKERS:-4}
+LOG=$OUT/ttf.log
+tag=$(basename "$MODEL" | tr ':' '_')
+{ echo "commit $(git rev-parse HEAD 2>/dev/null || cat .source-commit 2>/dev/null) dirty=$(git status --porcelain 2>/dev/null | grep -qv '^??' && echo yes || echo no)"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; } >> "$LOG"
+for la in $LOOKAHEADS; do
+    slog=$OUT/server_$la.log
+    "$PY" -m server.cli --model "$MODEL" --engine "$ENGINE" --device cuda --dtype "$DTYPE" --lookahead-ms "$la" \
+        --max-streams 1024 --max-batch 256 --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 --metrics-port 0 \
+        --log-level WARNING > "$slog" 2>&1 &
+    spid=$!
+    for _ in $(seq 1 240); do grep -q "listening on" "$slog" && break; kill -0 $spid 2>/dev/null || break; sleep 1; done
+    line=$(grep "listening on" "$slog") || { echo "server $la did not start" >> "$LOG"; tail -30 "$slog" >> "$LOG"; continue; }
+    port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' <<< "$line")
+    mport=$(sed -n 's/.*metrics on http:\/\/[^ ]*:\([0-9][0-9]*\)\/metrics.*/\1/p' <<< "$line")
+    echo "$la ms: $line" >> "$LOG"
+    for mode in endpoint client_eou; do
+        extra=(--stop-history-ms "$STOP_MS")
+        [ "$mode" = client_eou ] && extra=(--no-endpointing --client-eou-ms "$EOU_MS")
+        "$PY" -m client.loadgen --server "127.0.0.1:$port" --metrics-url "http://127.0.0.1:$mport/metrics" \
+            --concurrency "$LEVELS" --utterances "$UTTS" --pause-s "$PAUSE" --audio examples "${extra[@]}" \
+            --workers "$WORKERS" --ramp-s 2 --cooldown-s 1 --level-grace-s 30 --server-pid $spid \
+            --json "$OUT/ttf_${tag}_${la}_${mode}.json" --label "$tag $la ms $mode" >> "$LOG" 2>&1
+    done
+    kill -TERM $spid; wait $spid
+done
