@@ -54,7 +54,8 @@ def read_items(manifest: str | None, examples: str | None, limit_per_lang: int |
             count[lang] = count.get(lang, 0) + 1
             path = row["audio_filepath"]
             items.append({"path": path if os.path.isabs(path) else os.path.join(base, path),
-                          "text": row["text"], "lang": lang, "voice": row.get("voice", "")})
+                          "text": row["text"], "lang": lang, "voice": row.get("voice", ""),
+                          "build": row.get("build", "")})
     return items
 
 
@@ -190,6 +191,11 @@ def evaluate(model: str, items: list[dict], lookaheads, paths, concurrency: int 
                 row[path]["unheard_voice"] = wer_by_lang([refs[i] for i in unheard], [hyps[i] for i in unheard],
                                                          [langs[i] for i in unheard])
                 row[path]["unheard_voice"]["utterances"] = len(unheard)
+            # the unseen set (train/render_unseen.py): per eSpeak NG build
+            for build in sorted({it["build"] for it in items if it["build"]}):
+                idx = [i for i, it in enumerate(items) if it["build"] == build]
+                row[path][f"build_{build}"] = wer_by_lang([refs[i] for i in idx], [hyps[i] for i in idx],
+                                                          [langs[i] for i in idx])
             row[path]["seconds"] = round(time.time() - t0, 1)
             if verbose:
                 for it, h in zip(items, hyps):

@@ -4,6 +4,9 @@
 # espeakng-loader), synthesizes the data there, trains with train/config.yaml within its time
 # budget, and copies the model package, summary and log to $OUT.
 #   bash train/gpu_run.sh [train/train.py options and key=value overrides]
+# The open-vocabulary model (train/results/RESULTS.md): write the texts first where wordfreq is
+# installed (train/open_text.py), then pass --override train/config_open.yaml --warm-start <package>
+# --snapshot-to "$OUT/snapshot" --deadline <unix time> data.texts=<that file>.
 # To continue an earlier run (a second command of the same length), carry its package folder
 # and pass --init-from that/folder (optionally optim.sched.warmup_steps=50).
 set -euo pipefail

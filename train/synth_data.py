@@ -237,6 +237,17 @@ VARIANTS = ["m1", "m2", "m3", "m5", "m6", "m7", "f1", "f2", "f4", "f5", "klatt",
             "croak", "adam", "david", "anika", "john", "linda", "max", "Andy", "Michael"]
 HELDOUT_VARIANT = "f3"  # speaks only in the test set
 
+# The open-vocabulary corpus (--texts) speaks in many more variants. UNSEEN_VARIANTS speak only
+# in the unseen evaluation set (train/render_unseen.py); all of them exist in Debian's eSpeak NG
+# 1.51 as well as in espeakng-loader's build. Training rates are even words-per-minute values,
+# the unseen set's odd ones.
+UNSEEN_VARIANTS = ["f3", "m4", "klatt4", "steph", "edward", "iven3"]
+OPEN_VARIANTS = [v for v in VARIANTS if v not in UNSEEN_VARIANTS] + [
+    "m8", "klatt5", "klatt6", "Alex", "Alicia", "Andrea", "Annie", "Denis", "Gene", "Hugo", "Jacky", "Lee",
+    "Marco", "Mario", "Mike", "Storm", "aunty", "belinda", "benjamin", "boris", "caleb", "ed", "edward2",
+    "grandma", "grandpa", "gustave", "iven", "iven2", "norbert", "paul", "pedro", "quincy", "rob", "robert",
+    "sandro", "shelby", "steph2", "travis", "victor", "zac"]
+
 
 # --------------------------------------------------------------------------------------------
 # eSpeak NG through ctypes
@@ -303,9 +314,15 @@ class ESpeak:
 # --------------------------------------------------------------------------------------------
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
-    """Band-limited resampling in the frequency domain (numpy only: no scipy on every host)."""
+    """Band-limited resampling: soxr where installed (a project dependency; about 15x faster),
+    else in the frequency domain (numpy only)."""
     if sr_in == sr_out:
         return x.astype(np.float32)
+    try:
+        import soxr
+        return soxr.resample(x.astype(np.float32), sr_in, sr_out, quality="HQ").astype(np.float32)
+    except ImportError:
+        pass
     pad = sr_in // 10  # zeros on both sides keep the circular wrap-around out of the signal
     y = np.concatenate([np.zeros(pad, np.float32), x, np.zeros(pad, np.float32)])
     n_out = int(round(len(y) * sr_out / sr_in))
@@ -342,15 +359,15 @@ def room_impulse(rng: np.random.Generator, sr: int) -> np.ndarray:
 
 
 def colored_noise(rng: np.random.Generator, n: int) -> np.ndarray:
-    white = rng.standard_normal(n)
     kind = rng.integers(0, 3)
     if kind == 0:
-        out = white
+        out = rng.standard_normal(n)
     else:
-        spec = np.fft.rfft(white)
+        size = 1 << max(n - 1, 1).bit_length()  # a power of two: FFTs of prime lengths are slow
+        spec = np.fft.rfft(rng.standard_normal(size))
         f = np.arange(len(spec)) + 1.0
         spec /= f ** (0.5 if kind == 1 else 1.0)  # pink or brown-ish
-        out = np.fft.irfft(spec, n)
+        out = np.fft.irfft(spec, size)[:n]
     return (out / (np.std(out) + 1e-9)).astype(np.float32)
 
 
@@ -410,17 +427,19 @@ def _init_worker(lib_path, data_path):
 
 
 def _render(args) -> dict:
-    item, out_dir, strength, test_strength = args
+    item, out_dir, strength, test_strength, open_vocab = args
     import soundfile as sf
     tts: ESpeak = _WORKER["tts"]
     rng = np.random.default_rng(item.seed)
     r = random.Random(item.seed)
-    if item.split == "test" and r.random() < 0.5:
+    if open_vocab:
+        variant = r.choice(OPEN_VARIANTS)
+    elif item.split == "test" and r.random() < 0.5:
         variant = HELDOUT_VARIANT
     else:
         variant = r.choice(VARIANTS)
     voice = r.choice(LANG_VOICES[item.lang]) + "+" + variant
-    rate = r.randint(130, 230)
+    rate = 2 * r.randint(65, 115) if open_vocab else r.randint(130, 230)
     pitch = r.randint(25, 75)
     prange = r.randint(20, 90)
     raw = tts.synth(item.text, voice, rate, pitch, prange)
@@ -448,6 +467,9 @@ def main(argv=None) -> None:
     ap.add_argument("--splits", default="train,test",
                     help="splits to render (texts are drawn for both either way, so a test set rendered "
                          "alone equals the one rendered with its training set)")
+    ap.add_argument("--texts", default=None,
+                    help="JSON lines {split: train|dev, lang, text} (train/open_text.py): speak these instead of "
+                         "the closed grammar; the dev sentences become the test split")
     ap.add_argument("--espeak-lib", default=None, help="libespeak-ng.so (default: espeakng-loader's)")
     ap.add_argument("--espeak-data", default=None, help="espeak-ng-data folder (default: espeakng-loader's)")
     args = ap.parse_args(argv)
@@ -455,8 +477,18 @@ def main(argv=None) -> None:
     rng = random.Random(args.seed)
     items: list[Item] = []
     texts_train: list[str] = []
+    open_texts: dict[tuple[str, str], list[str]] = {}
+    if args.texts:
+        with open(args.texts, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                open_texts.setdefault((row["split"], row["lang"]), []).append(row["text"])
     for lang in args.langs.split(","):
-        train, test = make_texts(rng, args.train_per_lang, args.test_per_lang, lang)
+        if args.texts:
+            train = open_texts.get(("train", lang), [])[: args.train_per_lang]
+            test = open_texts.get(("dev", lang), [])[: args.test_per_lang]
+        else:
+            train, test = make_texts(rng, args.train_per_lang, args.test_per_lang, lang)
         texts_train += train
         for split, texts in (("train", train), ("test", test)):
             for i, t in enumerate(texts):
@@ -468,7 +500,7 @@ def main(argv=None) -> None:
         os.makedirs(os.path.join(args.out, split), exist_ok=True)
     splits = set(args.splits.split(","))
     items = [it for it in items if it.split in splits]
-    work = [(it, args.out, args.augment, args.test_augment) for it in items]
+    work = [(it, args.out, args.augment, args.test_augment, bool(args.texts)) for it in items]
     ctx = get_context("fork")
     if args.workers > 1:
         with ctx.Pool(args.workers, initializer=_init_worker, initargs=(args.espeak_lib, args.espeak_data)) as pool:

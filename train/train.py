@@ -53,10 +53,20 @@ def ensure_data(cfg, force: bool) -> str:
         raise FileNotFoundError(f"no manifests in {data_dir} and data.synthesize is false")
     import synth_data
     t0 = time.time()
+    texts = []
+    if cfg.data.get("open_vocab"):
+        # open-vocabulary sentences (train/open_text.py), written next to the audio
+        # (data.texts: a file written beforehand, for hosts without wordfreq)
+        texts_path = cfg.data.get("texts") or os.path.join(data_dir, "open_text.jsonl")
+        if not os.path.isfile(texts_path):
+            import open_text
+            open_text.main(["--out", texts_path, "--train-per-lang", str(cfg.data.train_per_lang),
+                            "--dev-per-lang", str(cfg.data.test_per_lang), "--seed", str(cfg.seed)])
+        texts = ["--texts", texts_path]
     synth_data.main(["--out", data_dir, "--train-per-lang", str(cfg.data.train_per_lang),
                      "--test-per-lang", str(cfg.data.test_per_lang), "--seed", str(cfg.seed),
                      "--augment", str(cfg.data.augment),
-                     "--workers", str(cfg.data.workers or os.cpu_count() or 1)])
+                     "--workers", str(cfg.data.workers or os.cpu_count() or 1)] + texts)
     log.info("data: synthesized in %.0f s", time.time() - t0)
     return data_dir
 
@@ -229,6 +239,58 @@ def choose_loss(model, impl: str, trainer) -> None:
     log.info("loss: RNNT loss implementation %s", impl)
 
 
+def warm_start(model, package: str, tok_dir: str) -> None:
+    """Starts from an earlier model package of the same architecture whose tokenizer may differ:
+    every tensor that does not depend on the vocabulary is copied; the rows of the three that do
+    (prediction-network embedding, joint output, CTC output) are copied for the pieces both
+    tokenizers share and for the blank (the last row), the rest keep their fresh initialization."""
+    import torch
+    blob = torch.load(os.path.join(package, "weights.pt"), map_location="cpu", weights_only=True)
+    old = blob["state_dict"]
+    with open(os.path.join(package, "vocab.txt"), encoding="utf-8") as f:
+        old_pieces = [line.rstrip("\n") for line in f]
+    with open(os.path.join(tok_dir, "vocab.txt"), encoding="utf-8") as f:
+        new_pieces = [line.rstrip("\n") for line in f]
+    old_index = {p: i for i, p in enumerate(old_pieces)}
+    rows = [(i, old_index[p]) for i, p in enumerate(new_pieces) if p in old_index]
+    rows.append((len(new_pieces), len(old_pieces)))  # blank
+    state = model.state_dict()
+    copied = mapped = 0
+    for k, v in state.items():
+        if k not in old:
+            continue
+        w = old[k].to(v.dtype)
+        if w.shape == v.shape and (w.dim() == 0 or w.shape[0] != len(old_pieces) + 1):
+            state[k] = w
+            copied += 1
+        elif w.dim() >= 1 and w.shape[0] == len(old_pieces) + 1 and v.shape[0] == len(new_pieces) + 1 \
+                and w.shape[1:] == v.shape[1:]:
+            fresh = v.clone()
+            for i, j in rows:
+                fresh[i] = w[j]
+            state[k] = fresh
+            mapped += 1
+    model.load_state_dict(state, strict=True)
+    log.info("warm start from %s: %d tensors copied, %d vocabulary tensors mapped (%d of %d pieces shared)",
+             package, copied, mapped, len(rows) - 1, len(new_pieces))
+
+
+def snapshot_callback(model_dir_fn):
+    """Exports the compact package after every validation, so a run cut short by its time limit
+    still leaves its latest weights behind (--snapshot-to)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class _Snapshot(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            try:
+                path = model_dir_fn(pl_module)
+                print(f"[snapshot] step {trainer.global_step} -> {path}", flush=True)
+            except Exception as e:  # a snapshot must never stop training
+                print(f"[snapshot] failed: {e}", flush=True)
+
+    return _Snapshot()
+
+
 def export_compact(model, out_dir: str, tok_dir: str) -> str:
     """The package `engines.models` rebuilds `builtin:demo` from: no pickles, float16 weights."""
     import torch
@@ -302,6 +364,16 @@ def main(argv=None) -> None:
     ap.add_argument("--init-from", default=None,
                     help="a model package folder (weights.pt, tokenizer.model, vocab.txt) from an earlier run of "
                          "the same config: training continues from its weights with its tokenizer")
+    ap.add_argument("--warm-start", default=None,
+                    help="a model package folder of the same architecture (e.g. engines/assets/demo): start from its "
+                         "weights with this run's own tokenizer (vocabulary rows mapped by piece)")
+    ap.add_argument("--snapshot-to", default=None,
+                    help="export the compact package into this folder after every validation")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="Unix time by which the run must have exported its package: the training budget "
+                         "shrinks to fit (a device call's wall-clock limit)")
+    ap.add_argument("--deadline-reserve-s", type=float, default=45.0,
+                    help="seconds kept before --deadline for the last validation and the export")
     ap.add_argument("--no-eval", action="store_true",
                     help="skip the offline evaluation at the end (evaluate.py does it later, through the engine)")
     ap.add_argument("--no-nemo", action="store_true", help="write only the compact package, not demo.nemo")
@@ -346,11 +418,25 @@ def main(argv=None) -> None:
     OmegaConf.save(cfg, os.path.join(out_dir, "config_resolved.yaml"))
 
     budget = args.budget_s if args.budget_s is not None else float(cfg.get("budget_s", 0) or 0)
+    if args.deadline:
+        # a device call has a hard wall-clock limit: whatever synthesis took, leave time to export
+        left = args.deadline - time.time() - args.deadline_reserve_s
+        budget = min(budget, left) if budget > 0 else left
+        log.info("deadline: %.0f s left for training", left)
+        if left < 30:
+            raise SystemExit(f"only {left:.0f} s left before the deadline: not training")
     callbacks = [progress_callback(int(cfg.trainer.log_every_n_steps))]
     if args.profile:
         callbacks.append(profile_callback(60, args.profile))  # after the budget probe
     if budget > 0:
         callbacks.append(BudgetCallback(budget, int(cfg.get("budget_probe_steps", 40))))
+    if args.snapshot_to:
+        def _snap(m):
+            was_training = m.training
+            path = export_compact(m, args.snapshot_to, tok_dir)
+            m.train(was_training)
+            return path
+        callbacks.append(snapshot_callback(_snap))
     trainer = build_trainer(cfg, callbacks)
     from nemo.collections.asr.losses import rnnt as nemo_rnnt
     if str(cfg.get("loss_impl", "auto")) == "scan" or not nemo_rnnt.NUMBA_RNNT_AVAILABLE:
@@ -366,6 +452,8 @@ def main(argv=None) -> None:
         model.load_state_dict({k: (v.float() if v.is_floating_point() else v)
                                for k, v in blob["state_dict"].items()}, strict=True)
         log.info("init: weights from %s", args.init_from)
+    elif args.warm_start:
+        warm_start(model, args.warm_start, tok_dir)
     choose_loss(model, str(cfg.get("loss_impl", "auto")), trainer)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters", n_params / 1e6)
@@ -380,6 +468,8 @@ def main(argv=None) -> None:
     model = model.float()
     compact = export_compact(model, out_dir, tok_dir)
     log.info("wrote %s", compact)
+    if args.snapshot_to:
+        log.info("wrote %s", export_compact(model, args.snapshot_to, tok_dir))
     nemo_path = os.path.join(out_dir, "demo.nemo")
     if not args.no_nemo:
         try:
