@@ -93,14 +93,16 @@ async def main(args) -> dict:
 
     frame_bytes = int(RATE * args.frame_ms / 1000) * 2
     await asyncio.sleep(0.5)  # StartFrame through the pipeline, the stream opened
-    sent_at = []
+    sent_at, quiet_times = [], []
     start = time.monotonic()
     for pos in range(0, len(pcm), frame_bytes):
         t_audio = pos / 2 / RATE
         if quiet and t_audio >= quiet[0][0]:
             _, seconds, keepalive_after = quiet.pop(0)
             stt._keepalive_timeout = keepalive_after or default_keepalive  # see the module docstring
+            quiet_times.append([time.monotonic() - clock0])
             await asyncio.sleep(seconds)  # the input sends nothing for a while
+            quiet_times[-1].append(time.monotonic() - clock0)
             stt._keepalive_timeout = default_keepalive
             start += seconds
         await asyncio.sleep(max(0.0, start + t_audio / args.speed - time.monotonic()))
@@ -114,7 +116,7 @@ async def main(args) -> dict:
         "riva_client_version": importlib.metadata.version("nvidia-riva-client"),
         "finals": collector.finals, "interims": collector.interims, "errors": collector.errors,
         "frame_ms": args.frame_ms, "sent_at": sent_at, "last_audio_sent": sent_at[-1],
-        "keepalives": keepalives,
+        "keepalives": keepalives, "quiet_times": quiet_times,
         "stream_drops": [m for m in log_lines if "stream dropped" in m],
         "reconnects": sum("reconnecting" in m for m in log_lines),
     }
