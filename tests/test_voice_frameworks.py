@@ -138,9 +138,9 @@ def check_call(got: dict, call: Call, name: str) -> None:
     ends = [_sent_at(got, end) for _, end in call.spans]
     report = [f"{name}: {len(finals)} finals, {got['interims']} interims, WER {error:.1%}; audio ended at "
               f"{got['last_audio_sent']:.2f} s"]
-    for f in finals:  # the time to final, from the end of the utterance's audio sent last before it
-        last_end = max((e for e in ends if e < f["t"]), default=None)
-        since = f"{1000 * (f['t'] - last_end):.0f} ms after an utterance's audio ended" if last_end else ""
+    for f in finals:  # arrival, and the time since the last utterance whose audio had ended
+        done = [i for i, e in enumerate(ends) if e < f["t"]]
+        since = f"{1000 * (f['t'] - ends[done[-1]]):.0f} ms after utterance {done[-1]}'s audio ended" if done else ""
         report.append(f"  {f['t']:6.2f} s {f['text']!r} {since}")
     report.append(f"  reference: {' | '.join(call.texts)}")
     print("\n".join(report))
