@@ -5,70 +5,34 @@ speaker diarization. Its transcripts equal the native API's for the same audio, 
 audio message it sends gets its response.
 
 The client pins its own protobuf/grpcio, so it lives in its own virtual environment, built once
-under .cache/riva-venv (git-ignored; NEMOSTREAM_RIVA_VENV overrides the place) from PyPI; the
-tests skip, saying why, where that cannot be installed. The driver script
-(tests/riva_client_driver.py) runs in that environment as a subprocess against a real server
-on loopback, here with the real builtin:tiny engine.
+under .cache/riva-venv (git-ignored; NEMOSTREAM_RIVA_VENV overrides the place) from PyPI
+(tests/client_venvs.py); the tests skip, saying why, where that cannot be installed. The driver
+script (tests/riva_client_driver.py) runs in that environment as a subprocess against a real
+server on loopback, here with the real builtin:tiny engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.client_venvs import build_venv, venv_place
 from tests.server_harness import RATE, pcm16_audio, requests_for, run_stream, running_server, stub_for, wav_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "riva_client_driver.py"
-VENV = Path(os.environ.get("NEMOSTREAM_RIVA_VENV", ROOT / ".cache" / "riva-venv"))
+VENV = venv_place("NEMOSTREAM_RIVA_VENV", "riva-venv")
 PACKAGE = os.environ.get("NEMOSTREAM_RIVA_CLIENT", "nvidia-riva-client")
-_READY = ".nemostream-ready"  # written once the client imports in the environment
-
-
-def _python(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def _build_venv() -> tuple[Path | None, str]:
-    """The environment's python, or None and why not. Built once; a lock keeps two test runs
-    from building it at the same time."""
-    try:
-        VENV.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(VENV.parent / f"{VENV.name}.lock", "w")
-    except OSError as exc:
-        return None, str(exc)
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        python = _python(VENV)
-        if (VENV / _READY).exists() and python.exists():
-            return python, ""
-        shutil.rmtree(VENV, ignore_errors=True)
-        steps = ([sys.executable, "-m", "venv", str(VENV)],
-                 [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", PACKAGE],
-                 [str(python), "-c", "import riva.client; print(riva.client.__version__)"])
-        for step in steps:
-            try:
-                done = subprocess.run(step, capture_output=True, text=True, timeout=600)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                return None, f"{' '.join(step[:4])}: {exc}"
-            if done.returncode != 0:
-                return None, f"{' '.join(step[:4])} failed: {(done.stderr or done.stdout).strip()[-600:]}"
-        (VENV / _READY).write_text(done.stdout)
-        return python, ""
 
 
 @pytest.fixture(scope="session")  # session: resolved before the session's tiny_engine, so a skip builds no model
 def riva_python() -> Path:
-    python, why = _build_venv()
+    python, why = build_venv(VENV, [PACKAGE], "import riva.client; print(riva.client.__version__)")
     if python is None:
         pytest.skip(f"cannot install {PACKAGE} into {VENV} (PyPI needed once): {why}")
     return python
