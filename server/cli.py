@@ -75,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n.add_argument("--max-audio-message-kb", type=float, default=1024, help="largest streamed audio message")
     s = p.add_argument_group("scheduling and limits")
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="deadline to fill a batch after the first ready chunk")
-    s.add_argument("--idle-timeout-s", type=float, default=30.0, help="end a stream the client sends nothing on")
+    s.add_argument("--idle-timeout-s", type=float, default=45.0,
+                   help="end a stream the client sends no audio on (above the 30-35 s after which Pipecat's "
+                        "NVIDIA service sends its silence keep-alive)")
     s.add_argument("--max-stream-seconds", type=float, default=3600.0,
                    help="a stream is ended with its final result after this much audio or wall time")
     s.add_argument("--response-buffer", type=int, default=32,

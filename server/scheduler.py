@@ -363,7 +363,9 @@ class Scheduler(StreamBooks):
     def _close_for_client(self, stream: StreamState) -> tuple[Utterance, ...]:
         stream.final_due_after = None
         stream.new_utterance_next = True
-        closed = stream.utterances.close(UtteranceEnd.CLIENT)
+        # An utterance without tokens ends where the decoded audio does.
+        closed = stream.utterances.close(
+            UtteranceEnd.CLIENT, end_frame=int(stream.audio_seconds / self.geometry.encoder_frame_seconds))
         self.observer.utterance_final(UtteranceEnd.CLIENT, time.monotonic() - stream.final_requested_at)
         return (closed,) if closed is not None else ()
 

@@ -29,7 +29,7 @@ log = logging.getLogger("nemostream.rpc")
 
 @dataclass(frozen=True)
 class TransportLimits:
-    idle_timeout_s: float = 30.0             # no request from the client for this long ends the stream
+    idle_timeout_s: float = 45.0             # no request from the client for this long ends the stream
     max_audio_message_bytes: int = 1 << 20   # per streamed audio message
     max_header_bytes: int = 1 << 16          # WAV header bytes before the data chunk
 
