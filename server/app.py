@@ -18,6 +18,7 @@ from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.gc_policy import apply_gc_policy
 from server.metrics import MetricsObserver, ServerMetrics
+from server.ops_http import scheduler_status
 from server.riva_convert import RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
 from server.scheduler import Scheduler, SchedulerConfig
@@ -36,7 +37,7 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 50051                      # 0: any free port (see AsrServer.port)
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"        # plain HTTP without authentication: loopback unless asked
     metrics_port: int | None = 9400        # None: no metrics endpoint; 0: any free port
     max_message_bytes: int = 32 << 20      # transport limit; a unary Recognize carries a whole file
     stream_window_bytes: int = 256 << 10   # HTTP/2 receive window per stream: unread request bytes held
@@ -130,7 +131,7 @@ class AsrServer:
         await self.scheduler.start()
         await self._grpc.start()
         if s.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port, self.http_status)
         name = await self.scheduler.warmup()  # raises EngineError unless the engine really ran
         apply_gc_policy(s.gc_freeze, s.gc_threshold)
         self.metrics.engine_up.set(1)
@@ -138,6 +139,10 @@ class AsrServer:
         log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port, "engine": name,
                                    "model": self.served.info.name, "max_streams": self.engine.capacity,
                                    "max_batch": self.engine.max_batch})
+
+    def http_status(self) -> dict:
+        """What /health and /ready on the metrics port answer (server.ops_http)."""
+        return scheduler_status(self.scheduler, self.served.info.name, stopped=self._stopping)
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME, RIVA_SERVICE_NAME):

@@ -68,8 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n.add_argument("--frontend-name", default="frontend", help=argparse.SUPPRESS)
     n.add_argument("--host", default="0.0.0.0")
     n.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
-    n.add_argument("--metrics-host", default="0.0.0.0")
-    n.add_argument("--metrics-port", type=int, default=9400, help="Prometheus HTTP port; 0 picks a free one")
+    n.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics port (plain HTTP, no authentication): loopback by default; "
+                        "0.0.0.0 (or a private interface) for Prometheus and HTTP health checks from elsewhere")
+    n.add_argument("--metrics-port", type=int, default=9400,
+                   help="HTTP port of /metrics (Prometheus), /health and /ready (JSON); 0 picks a free one")
     n.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
     n.add_argument("--max-message-mb", type=float, default=32, help="largest request (a whole file for Recognize)")
     n.add_argument("--max-audio-message-kb", type=float, default=1024, help="largest streamed audio message")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import gc
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
+from server.ops_http import OpsHttpServer
 from server.scheduler import Scheduler, SchedulerObserver
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -170,18 +171,18 @@ class ServerMetrics(SchedulerObserver):
         if code != "OK":
             self.errors.labels(method=method, code=code).inc()
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint (a daemon thread); returns the bound port (port 0: any free)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_address[1]
+    def serve(self, host: str, port: int, status=None) -> int:
+        """Start the HTTP endpoint (server.ops_http: /metrics, and /health and /ready answered
+        from `status()`, a dict); returns the bound port (port 0: any free)."""
+        self._http = OpsHttpServer(host, port, self.registry, status or (lambda: {"status": "SERVING"}))
+        return self._http.port
 
     def close(self) -> None:
         if self._gc_timer is not None and self._gc_timer in gc.callbacks:
             gc.callbacks.remove(self._gc_timer)
         self._gc_timer = None
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None
 
 
