@@ -61,6 +61,13 @@ class ServerSettings:
     # Share the port with other processes (SO_REUSEPORT): the frontend processes of one server
     # (`asr-server --frontends N`). Off otherwise, so a second server on a taken port fails.
     share_port: bool = False
+    # Connection age: after about this long (gRPC adds +-10% jitter) the server sends GOAWAY on
+    # a connection; clients open new streams on a new connection (to whichever server a balancer
+    # or their resolver picks then, so new servers get streams), while the streams open on the
+    # old one go on. None: never. The grace is how long those may still take before the
+    # connection is closed under them; None: no limit (streams end at their own limits).
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -75,6 +82,18 @@ class ServerSettings:
             raise ValueError("drain_grace_s must be >= 0")
         if self.exit_on_engine_death_s is not None and self.exit_on_engine_death_s < 0:
             raise ValueError("exit_on_engine_death_s must be >= 0 (or None: never)")
+        for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 (or None: no limit)")
+
+    def connection_age_options(self) -> list[tuple[str, int]]:
+        """gRPC server options for the connection age (GOAWAY) and its grace."""
+        options = []
+        if self.max_connection_age_s is not None:
+            options.append(("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)))
+        if self.max_connection_age_grace_s is not None:
+            options.append(("grpc.max_connection_age_grace_ms", int(self.max_connection_age_grace_s * 1000)))
+        return options
 
 
 class AsrServer:
@@ -113,6 +132,7 @@ class AsrServer:
             # A fixed per-stream receive window: a client the server stops reading (backpressure)
             # can have no more than this in flight (no BDP probing, which would grow it).
             ("grpc.http2.lookahead_bytes", s.stream_window_bytes), ("grpc.http2.bdp_probe", 0),
+            *s.connection_age_options(),
         ])
         pb_grpc.add_SpeechRecognitionServicer_to_server(
             SpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics), self._grpc)

@@ -74,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n.add_argument("--metrics-port", type=int, default=9400,
                    help="HTTP port of /metrics (Prometheus), /health and /ready (JSON); 0 picks a free one")
     n.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    n.add_argument("--max-connection-age-s", type=float, default=300.0,
+                   help="send GOAWAY on a connection after about this long (+-10%% jitter): clients open new "
+                        "streams on a new connection, so servers added behind a balancer or a DNS name get "
+                        "them, while the streams open on the old one go on (0: never)")
+    n.add_argument("--max-connection-age-grace-s", type=float, default=0.0,
+                   help="how long streams may go on over a connection after its GOAWAY before it is closed "
+                        "under them (0: no limit; streams end at --max-stream-seconds or --idle-timeout-s)")
     n.add_argument("--max-message-mb", type=float, default=32, help="largest request (a whole file for Recognize)")
     n.add_argument("--max-audio-message-kb", type=float, default=1024, help="largest streamed audio message")
     s = p.add_argument_group("scheduling and limits")
@@ -126,6 +133,8 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         max_message_bytes=int(args.max_message_mb * (1 << 20)), drain_grace_s=args.drain_grace_s,
         stream_window_bytes=args.stream_window_kb * 1024,
         exit_on_engine_death_s=None if args.exit_on_engine_death_s < 0 else args.exit_on_engine_death_s,
+        max_connection_age_s=args.max_connection_age_s or None,
+        max_connection_age_grace_s=args.max_connection_age_grace_s or None,
         model_aliases=(args.model,), security=security_settings(args), gc_freeze=not args.no_gc_freeze,
         gc_threshold=parse_threshold(args.gc_threshold),
         riva=RivaSettings(model_punctuates=args.riva_model_punctuates, model_written_form=args.riva_model_written_form),
