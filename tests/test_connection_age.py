@@ -17,7 +17,6 @@ from server.cli import build_settings, parse_args
 from tests.fake_engine import FakeEngine
 from tests.server_harness import RATE, audio, config, final_transcript, pcm16_audio, running_server
 
-pytestmark = pytest.mark.asyncio
 
 
 def stream_across(port: int, seconds: float) -> tuple[list[str], str, int]:

@@ -22,7 +22,6 @@ from server.cli import parse_args
 from server.ops_http import WORKERS
 from tests.server_harness import RATE, held_open_outcome, pcm16_audio, requests_for, scrape, spawn_server
 
-pytestmark = pytest.mark.asyncio
 READY = r"listening on 127\.0\.0\.1:(\d+).*metrics on http://127\.0\.0\.1:(\d+)"
 
 
@@ -58,7 +57,6 @@ async def stop(proc) -> None:
     await proc.wait()
 
 
-@pytest.mark.filterwarnings("ignore")
 def test_the_metrics_port_binds_loopback_unless_told():
     assert parse_args([]).metrics_host == "127.0.0.1"
     assert parse_args(["--metrics-host", "0.0.0.0"]).metrics_host == "0.0.0.0"
