@@ -42,6 +42,10 @@ class ServerSettings:
     max_message_bytes: int = 32 << 20      # transport limit; a unary Recognize carries a whole file
     stream_window_bytes: int = 256 << 10   # HTTP/2 receive window per stream: unread request bytes held
     drain_grace_s: float = 30.0            # SIGTERM: how long open streams may take to finish
+    # SIGTERM: seconds of notice before new streams are refused: health NOT_SERVING and /ready
+    # 503 at once, streams still accepted meanwhile, so a balancer that polls /ready (HAProxy,
+    # deploy/haproxy) stops sending before the server starts refusing. 0: refuse at once.
+    drain_notice_s: float = 0.0
     # Once the engine is dead: seconds to keep answering (health NOT_SERVING, new streams
     # UNAVAILABLE) after the open streams got UNAVAILABLE, then stop, so the process exits and an
     # orchestrator restarts it. None: keep running dead (a library user decides).
@@ -80,6 +84,8 @@ class ServerSettings:
             raise ValueError("max_message_bytes must be at least limits.max_audio_message_bytes")
         if self.drain_grace_s < 0:
             raise ValueError("drain_grace_s must be >= 0")
+        if self.drain_notice_s < 0:
+            raise ValueError("drain_notice_s must be >= 0")
         if self.exit_on_engine_death_s is not None and self.exit_on_engine_death_s < 0:
             raise ValueError("exit_on_engine_death_s must be >= 0 (or None: never)")
         for name in ("max_connection_age_s", "max_connection_age_grace_s"):
@@ -162,7 +168,7 @@ class AsrServer:
 
     def http_status(self) -> dict:
         """What /health and /ready on the metrics port answer (server.ops_http)."""
-        return scheduler_status(self.scheduler, self.served.info.name, stopped=self._stopping)
+        return scheduler_status(self.scheduler, self.served.info.name, stopped=self._stopping, draining=self._draining)
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME, RIVA_SERVICE_NAME):
@@ -193,6 +199,9 @@ class AsrServer:
             return False
         self._draining = True
         await self.health.enter_graceful_shutdown()
+        if self.settings.drain_notice_s > 0:
+            log.info("draining: notice before refusing new streams", extra={"notice_s": self.settings.drain_notice_s})
+            await asyncio.sleep(self.settings.drain_notice_s)
         self.scheduler.begin_drain()
         open_streams = self.scheduler.active_streams
         log.info("draining", extra={"open_streams": open_streams, "grace_s": self.settings.drain_grace_s})

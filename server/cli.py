@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-pending-s", type=float, default=30.0, help="unprocessed audio per stream before backpressure")
     s.add_argument("--stream-window-kb", type=int, default=256, help="HTTP/2 receive window per stream")
     s.add_argument("--drain-grace-s", type=float, default=30.0, help="SIGTERM: time open streams get to finish")
+    s.add_argument("--drain-notice-s", type=float, default=0.0,
+                   help="SIGTERM: health NOT_SERVING and /ready 503 at once, but new streams still accepted for "
+                        "this long, so balancers that poll /ready stop sending first (deploy/: 3)")
     s.add_argument("--dead-after-failures", type=int, default=3,
                    help="consecutive engine steps of which nothing ran that mark the engine dead")
     s.add_argument("--exit-on-engine-death-s", type=float, default=1.0,
@@ -131,6 +134,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.no_metrics else args.metrics_port,
         max_message_bytes=int(args.max_message_mb * (1 << 20)), drain_grace_s=args.drain_grace_s,
+        drain_notice_s=args.drain_notice_s,
         stream_window_bytes=args.stream_window_kb * 1024,
         exit_on_engine_death_s=None if args.exit_on_engine_death_s < 0 else args.exit_on_engine_death_s,
         max_connection_age_s=args.max_connection_age_s or None,
@@ -190,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         print("asr-server: --frontends must be at least 1", file=sys.stderr)
         return 2
     if args.frontend_of is not None:  # a frontend process of an engine process: no model here
+        # The parent's drain notice arrives as SIGUSR1 (server.frontends); until the handler is
+        # set, it must not end the process.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         try:
             settings = build_settings(args)
         except ValueError as exc:

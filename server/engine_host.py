@@ -105,6 +105,7 @@ class EngineHost(StreamListener):
         self._ready_changed = asyncio.Event()
         self._conn_tasks: set[asyncio.Task] = set()
         self._stopped = False
+        self.drain_noticed = False  # SIGTERM received: /ready 503 during the drain notice (frontends.py)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self, metrics_host: str | None = None, metrics_port: int | None = None) -> str:
@@ -122,7 +123,8 @@ class EngineHost(StreamListener):
 
     def http_status(self) -> dict:
         """/health and /ready on the metrics port (server.ops_http), with the frontends ready."""
-        status = scheduler_status(self.scheduler, self.engine.model_info.name, stopped=self._stopped)
+        status = scheduler_status(self.scheduler, self.engine.model_info.name, stopped=self._stopped,
+                                  draining=self.drain_noticed)
         status["frontends_ready"] = self.ready_frontends
         if status["status"] == "SERVING" and not self.ready_frontends:
             status["status"] = "STARTING"  # nothing listens for gRPC yet (or every frontend is restarting)

@@ -38,7 +38,7 @@ READ_TIMEOUT_S = 5.0   # a connection must send its request (and read the answer
 STARTING, SERVING, DRAINING, NOT_SERVING, STOPPED = "STARTING", "SERVING", "DRAINING", "NOT_SERVING", "STOPPED"
 
 
-def scheduler_status(scheduler, model: str, stopped: bool = False) -> dict:
+def scheduler_status(scheduler, model: str, stopped: bool = False, draining: bool = False) -> dict:
     """The JSON both endpoints answer with, from the scheduler that batches (its own warm-up
     proved the engine ran: Scheduler.warmup)."""
     if scheduler.dead_reason is not None:
@@ -47,7 +47,7 @@ def scheduler_status(scheduler, model: str, stopped: bool = False) -> dict:
         state = STOPPED
     elif scheduler.engine_name is None:
         state = STARTING
-    elif scheduler.draining:
+    elif scheduler.draining or draining:  # draining: also during the notice before refusing
         state = DRAINING
     else:
         state = SERVING

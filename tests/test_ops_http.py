@@ -145,3 +145,36 @@ async def test_half_open_connections_are_bounded_and_do_not_hold_the_endpoint():
         for s in sockets:
             s.close()
         await stop(proc)
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+async def test_drain_notice_reports_draining_before_refusing(frontends):
+    """--drain-notice-s: /ready 503 and gRPC health NOT_SERVING at SIGTERM, new streams still
+    accepted during the notice, refused after it."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    proc, port, metrics_port = await start_server("tests.fake_engine:build_fake_engine", "--frontends", frontends,
+                                                  "--drain-notice-s", "2", "--drain-grace-s", "10")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SpeechRecognitionStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            proc.send_signal(signal.SIGTERM)
+            code, _ = await poll(metrics_port, "/ready", lambda c, s: s["status"] == "DRAINING")
+            assert code == 503
+            for _ in range(200):
+                if (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("gRPC health stayed SERVING during the notice")
+            clip = pcm16_audio(4, RATE // 2).tobytes()
+            responses = [r async for r in stub.StreamingRecognize(iter(requests_for(clip)))]
+            assert responses and responses[-1].results[0].is_final, "a stream during the notice is served"
+            await asyncio.sleep(2.5)
+            with pytest.raises(grpc.RpcError) as err:
+                [r async for r in stub.StreamingRecognize(iter(requests_for(clip)))]
+            assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)  # INTERNAL: grpc/grpc#36066
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        await stop(proc)
