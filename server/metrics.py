@@ -73,6 +73,8 @@ class ServerMetrics(SchedulerObserver):
         r = self.registry
         self.active_streams = Gauge("asr_active_streams", "Streams open now", registry=r)
         self.slots_in_use = Gauge("asr_slots_in_use", "Engine cache slots held now", registry=r)
+        self.slots_capacity = Gauge("asr_slots_capacity", "Engine cache slots in all (--max-streams): open streams "
+                                    "over this is the slot utilisation an autoscaler follows", registry=r)
         self.engine_up = Gauge("asr_engine_up", "1 while the engine serves, 0 before warm-up or when dead", registry=r)
         batch_buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch} | {max_batch})
         self.batch_size = Histogram("asr_batch_size", "Chunks per engine step", buckets=batch_buckets, registry=r)
@@ -114,6 +116,7 @@ class ServerMetrics(SchedulerObserver):
     def bind(self, scheduler: Scheduler) -> None:
         self.active_streams.set_function(lambda: scheduler.active_streams)
         self.slots_in_use.set_function(scheduler.slots_in_use)
+        self.slots_capacity.set_function(lambda: scheduler.engine.capacity)
         self.max_batch.set_function(lambda: scheduler.max_batch)
         self.registry.register(_ExecutionsCollector(scheduler))
         if self._gc_timer is None:
