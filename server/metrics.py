@@ -174,10 +174,10 @@ class ServerMetrics(SchedulerObserver):
         if code != "OK":
             self.errors.labels(method=method, code=code).inc()
 
-    def serve(self, host: str, port: int, status=None) -> int:
+    def serve(self, host: str, port: int, status) -> int:
         """Start the HTTP endpoint (server.ops_http: /metrics, and /health and /ready answered
         from `status()`, a dict); returns the bound port (port 0: any free)."""
-        self._http = OpsHttpServer(host, port, self.registry, status or (lambda: {"status": "SERVING"}))
+        self._http = OpsHttpServer(host, port, self.registry, status)
         return self._http.port
 
     def close(self) -> None:

@@ -138,6 +138,7 @@ class HAProxy:
         cfg = HAPROXY_CFG.read_text()
         assert "parse-resolv-conf" in cfg
         cfg = cfg.replace("    parse-resolv-conf", f"    nameserver stub 127.0.0.1:{dns_port}\n    timeout resolve 200ms")
+        cfg = cfg.replace("local0 warning", "local0 info")  # every stream in the log, for a failure's story
         self.path = workdir / "haproxy.cfg"
         self.path.write_text(cfg)
         env = dict(os.environ, ASR_PROXY_BIND=f"127.0.0.1:{self.port}", ASR_BACKEND_DNS=f"{name}:{backend_port}",

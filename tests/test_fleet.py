@@ -45,8 +45,12 @@ async def one_stream(client: AsyncAsrClient, seconds: float, realtime: bool, see
     try:
         finals = [r async for r in client.stream(chunks, sample_rate=RATE, realtime=realtime) if r.is_final]
     except AsrError as exc:
+        DETAILS.append(f"{exc.code}: {exc.details}")
         return exc.code
     return "OK" if len(finals) == 1 else f"{len(finals)} finals"
+
+
+DETAILS: list[str] = []  # every failed stream's status and details, for the assertion messages
 
 
 async def wait_for(condition, timeout: float = 20.0, what: str = "") -> None:
@@ -133,7 +137,8 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
         for k, cl in enumerate(clients):
             assert await batch(cl, 6, 1.0, False, 200 + 10 * k) == ["OK"] * 6
         assert count([b, c]) - before == 6 * len(clients), "every new stream went to a server not draining"
-        assert await asyncio.gather(*held) == ["OK"] * len(held), "the streams open on the draining server finished"
+        results = await asyncio.gather(*held)
+        assert results == ["OK"] * len(held), f"the streams open on the draining server finished: {results} {DETAILS}"
         assert await asyncio.to_thread(a.proc.wait, 60) == 0
         members([b, c])
 
