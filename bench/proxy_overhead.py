@@ -1,10 +1,11 @@
 """What the L7 proxy (deploy/haproxy/haproxy.cfg) adds to chunk latency, on loopback.
 
 One asr-server, HAProxy in front of it with the shipped configuration (its server-template
-line replaced by one static server), and asr-loadgen run alternately against the server and
-against the proxy with the same streams: the difference of the p50 chunk latencies (message
-sent -> the response covering it) is what the proxy adds. Alternating rounds spread the
-machine's own noise over both sides.
+line replaced by one static server), and two asr-loadgen runs at the same time with the same
+streams, one straight to the server and one through the proxy: the difference of their p50
+chunk latencies (message sent -> the response covering it) is what the proxy adds. Running
+both at once puts the machine's own noise (other work, the scheduler's batching) on both sides
+alike; the median over rounds is reported.
 
     python -m bench.proxy_overhead [--rounds 3] [--concurrency 8] [--seconds 6] [--model builtin:tiny]
 """
@@ -58,11 +59,16 @@ def start_proxy(workdir: Path, port: int, metrics_port: int) -> tuple[subprocess
     return proc, proxy_port
 
 
-def loadgen(target: str, args, out: Path) -> dict:
+def loadgen(target: str, args, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "client.loadgen", "--server", target, "--concurrency", str(args.concurrency),
            "--synthetic-clips", "4", "--synthetic-seconds", str(args.seconds), "--ramp-s", "1", "--quiet",
-           "--json", str(out)]
-    subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, stdout=subprocess.DEVNULL)
+           "--cooldown-s", "0", "--json", str(out)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
+
+
+def latency(proc: subprocess.Popen, out: Path) -> dict:
+    if proc.wait() != 0:
+        raise SystemExit(f"asr-loadgen failed ({out.name})")
     level = json.loads(out.read_text())["levels"][0]
     assert not level["errors"], level["errors"]
     return level["chunk_latency_ms"]
@@ -82,21 +88,23 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         proxy, proxy_port = start_proxy(Path(tmp), port, metrics_port)
         try:
-            rows = []
+            deltas = []
             for r in range(args.rounds):
-                for side, target in (("direct", f"127.0.0.1:{port}"), ("proxy", f"127.0.0.1:{proxy_port}")):
-                    lat = loadgen(target, args, Path(tmp) / f"{side}{r}.json")
-                    rows.append((side, lat["p50"], lat["p95"]))
-                    print(f"round {r} {side:6s} p50 {lat['p50']:7.2f} ms  p95 {lat['p95']:7.2f} ms", flush=True)
+                runs = {side: (loadgen(target, args, Path(tmp) / f"{side}{r}.json"), Path(tmp) / f"{side}{r}.json")
+                        for side, target in (("direct", f"127.0.0.1:{port}"), ("proxy", f"127.0.0.1:{proxy_port}"))}
+                lat = {side: latency(*run) for side, run in runs.items()}
+                deltas.append(lat["proxy"]["p50"] - lat["direct"]["p50"])
+                print(f"round {r}: p50 direct {lat['direct']['p50']:7.2f} ms, proxy {lat['proxy']['p50']:7.2f} ms "
+                      f"({deltas[-1]:+.2f}); p95 direct {lat['direct']['p95']:7.2f}, proxy {lat['proxy']['p95']:7.2f}",
+                      flush=True)
         finally:
             proxy.terminate()
             proxy.wait()
             server.terminate()
             server.wait()
-    direct = statistics.median(p50 for side, p50, _ in rows if side == "direct")
-    via = statistics.median(p50 for side, p50, _ in rows if side == "proxy")
-    print(f"median p50: direct {direct:.2f} ms, through HAProxy {via:.2f} ms: the proxy adds {via - direct:+.2f} ms "
-          f"({args.concurrency} streams, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
+    print(f"the proxy adds {statistics.median(deltas):+.2f} ms to p50 chunk latency (median of {len(deltas)} rounds, "
+          f"{min(deltas):+.2f} to {max(deltas):+.2f}; {args.concurrency} streams each side, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f})")
     return 0
 
 
