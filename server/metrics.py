@@ -116,7 +116,7 @@ class ServerMetrics(SchedulerObserver):
     def bind(self, scheduler: Scheduler) -> None:
         self.active_streams.set_function(lambda: scheduler.active_streams)
         self.slots_in_use.set_function(scheduler.slots_in_use)
-        self.slots_capacity.set_function(lambda: scheduler.engine.capacity)
+        self.slots_capacity.set_function(lambda: scheduler.capacity)
         self.max_batch.set_function(lambda: scheduler.max_batch)
         self.registry.register(_ExecutionsCollector(scheduler))
         if self._gc_timer is None:
