@@ -56,12 +56,14 @@ ENV ASR_MODEL=builtin:demo \
     ASR_FRONTENDS=1 \
     ASR_LOG_FORMAT=json
 
-# gRPC (SpeechRecognition, grpc.health.v1, reflection) and Prometheus metrics
+# gRPC (SpeechRecognition, grpc.health.v1, reflection) and HTTP (/metrics, /health, /ready).
+# The metrics port binds loopback unless told: the image binds it on every interface, for
+# Prometheus and HTTP health checks; publish it on a private network only (no authentication).
 EXPOSE 50051 9400
 
 # Model loading, graph capture or a first TensorRT build take minutes: a long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(service=''), timeout=5); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
 
-ENTRYPOINT ["/bin/sh", "-c", "exec asr-server --model \"$ASR_MODEL\" --engine \"$ASR_ENGINE\" ${ASR_FALLBACK_ENGINE:+--fallback-engine \"$ASR_FALLBACK_ENGINE\"} --dtype \"$ASR_DTYPE\" --lookahead-ms \"$ASR_LOOKAHEAD_MS\" --max-batch \"$ASR_MAX_BATCH\" --max-streams \"$ASR_MAX_STREAMS\" --frontends \"$ASR_FRONTENDS\" --cache-dir /var/cache/nemo-stream --host 0.0.0.0 --port 50051 --metrics-port 9400 --log-format \"$ASR_LOG_FORMAT\" \"$@\"", "asr-server"]
+ENTRYPOINT ["/bin/sh", "-c", "exec asr-server --model \"$ASR_MODEL\" --engine \"$ASR_ENGINE\" ${ASR_FALLBACK_ENGINE:+--fallback-engine \"$ASR_FALLBACK_ENGINE\"} --dtype \"$ASR_DTYPE\" --lookahead-ms \"$ASR_LOOKAHEAD_MS\" --max-batch \"$ASR_MAX_BATCH\" --max-streams \"$ASR_MAX_STREAMS\" --frontends \"$ASR_FRONTENDS\" --cache-dir /var/cache/nemo-stream --host 0.0.0.0 --port 50051 --metrics-host 0.0.0.0 --metrics-port 9400 --log-format \"$ASR_LOG_FORMAT\" \"$@\"", "asr-server"]
 CMD []

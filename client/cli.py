@@ -3,6 +3,7 @@
     asr-client transcribe --server localhost:50051 a.wav b.wav [--interim] [--realtime]
     asr-client transcribe --server localhost:50051 --endpointing --stop-history-ms 320 call.wav
     asr-client models --server localhost:50051
+    asr-client transcribe --server 10.0.0.5:50051,10.0.0.6:50051 a.wav b.wav   (each stream on the next healthy server)
     asr-client transcribe --server asr.example:443 --tls-ca ca.pem --token-file token a.wav
 """
 
@@ -41,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --endpointing: stop threshold (0: the server's default)")
     m = sub.add_parser("models", help="list the models the server serves")
     for cmd in (t, m):
-        cmd.add_argument("--server", default="localhost:50051", help="HOST:PORT of the server")
+        cmd.add_argument("--server", default="localhost:50051",
+                         help="HOST:PORT of the server, or several (comma-separated): each stream goes to the "
+                              "next healthy one")
+        cmd.add_argument("--balance", action="store_true",
+                         help="balance streams over every address of --server's name (e.g. a headless Service), "
+                              "re-resolved as connections end; round_robin with gRPC health checks")
         cmd.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
         cmd.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
         cmd.add_argument("--tls-ca", default=None, help="PEM CA bundle to verify the server with (implies --tls)")
@@ -94,13 +100,13 @@ def _print_final(path: str, result: Result, args: argparse.Namespace) -> None:
 
 async def _transcribe(args: argparse.Namespace) -> int:
     limit = asyncio.Semaphore(max(args.concurrency, 1))
-    async with AsyncAsrClient(args.server, timeout=args.timeout, credentials=credentials(args)) as client:
+    async with AsyncAsrClient(args.server, timeout=args.timeout, credentials=credentials(args), balance=args.balance) as client:
         ok = await asyncio.gather(*(_transcribe_one(client, f, args, limit) for f in args.files))
     return 0 if all(ok) else 1
 
 
 async def _models(args: argparse.Namespace) -> int:
-    async with AsyncAsrClient(args.server, timeout=args.timeout, credentials=credentials(args)) as client:
+    async with AsyncAsrClient(args.server, timeout=args.timeout, credentials=credentials(args), balance=args.balance) as client:
         try:
             models = await client.list_models()
         except AsrError as exc:

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
+from client.balancing import channel_target
 from client.loadgen_audio import AudioSpec
 from client.loadgen_report import (METRICS, level_passes, merge_level, proc_cpu_delta, proc_cpu_snapshot, progress_bar,
                                    scrape, server_delta, table_header, table_row, utterance_row, write_plot)
@@ -62,7 +63,12 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="asr-loadgen", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--server", default="localhost:50051", help="HOST:PORT of the server")
+    p.add_argument("--server", default="localhost:50051",
+                   help="HOST:PORT of the server, or several (comma-separated): client-side balancing, each "
+                        "stream on the next healthy server (client.balancing)")
+    p.add_argument("--balance", action="store_true",
+                   help="client-side balancing over every address of --server's name (round_robin, gRPC "
+                        "health checks, re-resolved as connections end)")
     a = p.add_argument_group("audio")
     a.add_argument("--audio", nargs="+", default=[], metavar="PATH",
                    help="WAV files or folders of them, cycled across streams (default: synthetic audio)")
@@ -160,8 +166,9 @@ def endpointing_settings(args: argparse.Namespace) -> tuple[tuple[str, float], .
 
 
 # -- server queries ------------------------------------------------------------------------------
-async def list_models(target: str, timeout: float = 30.0) -> dict:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def list_models(target: str, timeout: float = 30.0, balance: bool = False) -> dict:
+    target, options = channel_target(target, balance)
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.SpeechRecognitionStub(channel)
         models = (await stub.ListModels(pb.ListModelsRequest(), timeout=timeout, wait_for_ready=True)).models
     if not models:
@@ -389,13 +396,13 @@ def _public(level: dict) -> dict:
 
 async def amain(args: argparse.Namespace) -> int:
     try:
-        server = await list_models(args.server)
+        server = await list_models(args.server, balance=args.balance)
     except Exception as exc:  # noqa: BLE001 - the one thing that must work first
         print(f"asr-loadgen: cannot reach {args.server}: {exc}", file=sys.stderr)
         return 2
     chunk_ms = args.chunk_ms or server["chunk_ms"] or 160.0
     target_ms = args.target_ms if args.target_ms is not None else server["chunk_ms"] or chunk_ms
-    run = RunOptions(target=args.server, chunk_ms=chunk_ms, realtime=args.realtime, interim=args.interim,
+    run = RunOptions(target=args.server, balance=args.balance, chunk_ms=chunk_ms, realtime=args.realtime, interim=args.interim,
                      model=args.model, lookahead_ms=args.lookahead_ms,
                      stream_timeout_s=args.stream_timeout_s or None, channels=args.channels,
                      right_context_ms=args.right_context_ms, endpointing=endpointing_settings(args),
@@ -439,7 +446,7 @@ async def amain(args: argparse.Namespace) -> int:
             if order:
                 await asyncio.sleep(args.cooldown_s)
             level = await gen.run_level(c)
-            after = await list_models(args.server)
+            after = await list_models(args.server, balance=args.balance)
             level["server_engine"] = after["engine"]
             level["engine_executions_after"] = after["engine_executions"]
             level["passes_target"] = {m: level_passes(level, target_ms, m) for m in METRICS}
@@ -478,7 +485,7 @@ async def amain(args: argparse.Namespace) -> int:
         if capacity["loadgen_bound_levels"]:
             print(f"  warning: the load generator was the bottleneck at {capacity['loadgen_bound_levels']}: "
                   "add --workers or run it on another machine", flush=True)
-    final_server = await list_models(args.server)
+    final_server = await list_models(args.server, balance=args.balance)
     report = {
         "tool": "asr-loadgen", "version": VERSION, "label": args.label, "started_at": started,
         "duration_s": round(time.time() - started, 2), "argv": sys.argv[1:], "host": _host_info(),

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from client.balancing import channel_target
 from client.loadgen_audio import AudioItem, AudioSpec
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
@@ -51,8 +52,9 @@ _LAG_PERIOD_S = 0.01
 
 @dataclass(frozen=True)
 class RunOptions:
-    target: str
+    target: str                             # HOST:PORT, several comma-separated, or a gRPC target
     chunk_ms: float
+    balance: bool = False                   # client-side balancing over every address (client.balancing)
     realtime: bool = True
     interim: bool = True
     model: str = ""
@@ -413,11 +415,13 @@ async def _lag_monitor(samples: list[float], stop: asyncio.Event) -> None:
         samples.append(1e3 * max(time.monotonic() - t - _LAG_PERIOD_S, 0.0))
 
 
-def make_channels(target: str, count: int) -> list[grpc.aio.Channel]:
+def make_channels(target: str, count: int, balance: bool = False) -> list[grpc.aio.Channel]:
     # A local subchannel pool and a distinct argument per channel: separate TCP connections.
+    # Several servers (or `balance`): each channel balances its streams over all of them.
+    target, balancing = channel_target(target, balance)
     return [grpc.aio.insecure_channel(target, options=[
         ("grpc.use_local_subchannel_pool", 1), ("loadgen.channel", i),
-        ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), *balancing])
         for i in range(count)]
 
 
@@ -431,7 +435,7 @@ async def run_share(level: LevelSpec, worker: int, workers: int, prepared: list[
                            response_latency_negative=0, loop_lag_ms=[], wake_late_ms=[], write_ms=[], cpu_s=0.0,
                            wall_s=0.0, first_start_wall=level.start_wall, last_end_wall=level.start_wall, pid=os.getpid())
     n_channels = opts.channels or max(1, min(16, math.ceil(len(indices) / _STREAMS_PER_CHANNEL)))
-    channels = make_channels(opts.target, n_channels)
+    channels = make_channels(opts.target, n_channels, opts.balance)
     stubs = [pb_grpc.SpeechRecognitionStub(c) for c in channels]
     stats = _ShareStats()
     lag: list[float] = []

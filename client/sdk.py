@@ -18,6 +18,11 @@ END_UTTERANCE in the audio it streams or `end_utterance()` on a live stream:
         await call.send(pcm_bytes)
         await call.end_utterance()
         async for response in call: ...
+
+Several servers, each stream on the next healthy one (client.balancing):
+
+    AsrClient("10.0.0.5:50051,10.0.0.6:50051")             # a fixed list
+    AsrClient("asr-headless.asr.svc:50051", balance=True)   # every address of a name, re-resolved
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +39,7 @@ import grpc
 import numpy as np
 
 from client.audio_source import AudioFormat, apaced, encoding_of, file_chunks, paced, to_bytes
+from client.balancing import channel_target
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 
@@ -220,19 +226,23 @@ class Credentials:
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
 
 
-def open_channel(target: str, credentials: Credentials = Credentials(), aio: bool = False):
-    """A sync (or grpc.aio) channel to `target`, over TLS when the credentials ask for it."""
+def open_channel(target: str | Sequence[str], credentials: Credentials = Credentials(), aio: bool = False,
+                 balance: bool = False):
+    """A sync (or grpc.aio) channel to `target`, over TLS when the credentials ask for it.
+    Several servers ("a:1,b:2" or a list), or `balance` with one name, give a channel that
+    places each call on the next healthy server (client.balancing)."""
     module = grpc.aio if aio else grpc
-    options = _CHANNEL_OPTIONS + credentials.options()
+    target, balancing = channel_target(target, balance)
+    options = _CHANNEL_OPTIONS + balancing + credentials.options()
     if credentials.secure:
         return module.secure_channel(target, credentials.channel_credentials(), options=options)
     return module.insecure_channel(target, options=options)
 
 
 class AsrClient:
-    def __init__(self, target: str, *, channel: grpc.Channel | None = None, timeout: float | None = None,
-                 credentials: Credentials = Credentials()):
-        self._channel = channel or open_channel(target, credentials)
+    def __init__(self, target: str | Sequence[str], *, channel: grpc.Channel | None = None, timeout: float | None = None,
+                 credentials: Credentials = Credentials(), balance: bool = False):
+        self._channel = channel or open_channel(target, credentials, balance=balance)
         self._stub = pb_grpc.SpeechRecognitionStub(self._channel)
         self._metadata = credentials.metadata()
         self.timeout = timeout
@@ -318,9 +328,9 @@ class AsyncAsrClient:
     instead of the server's status. The sync AsrClient reports the real status.
     """
 
-    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
-                 credentials: Credentials = Credentials()):
-        self._channel = channel or open_channel(target, credentials, aio=True)
+    def __init__(self, target: str | Sequence[str], *, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
+                 credentials: Credentials = Credentials(), balance: bool = False):
+        self._channel = channel or open_channel(target, credentials, aio=True, balance=balance)
         self._stub = pb_grpc.SpeechRecognitionStub(self._channel)
         self._metadata = credentials.metadata()
         self.timeout = timeout

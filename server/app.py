@@ -18,6 +18,7 @@ from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.gc_policy import apply_gc_policy
 from server.metrics import MetricsObserver, ServerMetrics
+from server.ops_http import scheduler_status
 from server.riva_convert import RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
 from server.scheduler import Scheduler, SchedulerConfig
@@ -36,11 +37,15 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 50051                      # 0: any free port (see AsrServer.port)
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"        # plain HTTP without authentication: loopback unless asked
     metrics_port: int | None = 9400        # None: no metrics endpoint; 0: any free port
     max_message_bytes: int = 32 << 20      # transport limit; a unary Recognize carries a whole file
     stream_window_bytes: int = 256 << 10   # HTTP/2 receive window per stream: unread request bytes held
     drain_grace_s: float = 30.0            # SIGTERM: how long open streams may take to finish
+    # SIGTERM: seconds of notice before new streams are refused: health NOT_SERVING and /ready
+    # 503 at once, streams still accepted meanwhile, so a balancer that polls /ready (HAProxy,
+    # deploy/haproxy) stops sending before the server starts refusing. 0: refuse at once.
+    drain_notice_s: float = 0.0
     # Once the engine is dead: seconds to keep answering (health NOT_SERVING, new streams
     # UNAVAILABLE) after the open streams got UNAVAILABLE, then stop, so the process exits and an
     # orchestrator restarts it. None: keep running dead (a library user decides).
@@ -63,6 +68,13 @@ class ServerSettings:
     # Share the port with other processes (SO_REUSEPORT): the frontend processes of one server
     # (`asr-server --frontends N`). Off otherwise, so a second server on a taken port fails.
     share_port: bool = False
+    # Connection age: after about this long (gRPC adds +-10% jitter) the server sends GOAWAY on
+    # a connection; clients open new streams on a new connection (to whichever server a balancer
+    # or their resolver picks then, so new servers get streams), while the streams open on the
+    # old one go on. None: never. The grace is how long those may still take before the
+    # connection is closed under them; None: no limit (streams end at their own limits).
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -75,8 +87,22 @@ class ServerSettings:
             raise ValueError("max_message_bytes must be at least limits.max_audio_message_bytes")
         if self.drain_grace_s < 0:
             raise ValueError("drain_grace_s must be >= 0")
+        if self.drain_notice_s < 0:
+            raise ValueError("drain_notice_s must be >= 0")
         if self.exit_on_engine_death_s is not None and self.exit_on_engine_death_s < 0:
             raise ValueError("exit_on_engine_death_s must be >= 0 (or None: never)")
+        for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 (or None: no limit)")
+
+    def connection_age_options(self) -> list[tuple[str, int]]:
+        """gRPC server options for the connection age (GOAWAY) and its grace."""
+        options = []
+        if self.max_connection_age_s is not None:
+            options.append(("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)))
+        if self.max_connection_age_grace_s is not None:
+            options.append(("grpc.max_connection_age_grace_ms", int(self.max_connection_age_grace_s * 1000)))
+        return options
 
 
 class AsrServer:
@@ -116,6 +142,7 @@ class AsrServer:
             # A fixed per-stream receive window: a client the server stops reading (backpressure)
             # can have no more than this in flight (no BDP probing, which would grow it).
             ("grpc.http2.lookahead_bytes", s.stream_window_bytes), ("grpc.http2.bdp_probe", 0),
+            *s.connection_age_options(),
         ])
         pb_grpc.add_SpeechRecognitionServicer_to_server(
             SpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics), self._grpc)
@@ -134,7 +161,7 @@ class AsrServer:
         await self.scheduler.start()
         await self._grpc.start()
         if s.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port, self.http_status)
         name = await self.scheduler.warmup()  # raises EngineError unless the engine really ran
         apply_gc_policy(s.gc_freeze, s.gc_threshold)
         self.metrics.engine_up.set(1)
@@ -142,6 +169,10 @@ class AsrServer:
         log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port, "engine": name,
                                    "model": self.served.info.name, "max_streams": self.engine.capacity,
                                    "max_batch": self.engine.max_batch})
+
+    def http_status(self) -> dict:
+        """What /health and /ready on the metrics port answer (server.ops_http)."""
+        return scheduler_status(self.scheduler, self.served.info.name, stopped=self._stopping, draining=self._draining)
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME, RIVA_SERVICE_NAME):
@@ -172,6 +203,9 @@ class AsrServer:
             return False
         self._draining = True
         await self.health.enter_graceful_shutdown()
+        if self.settings.drain_notice_s > 0:
+            log.info("draining: notice before refusing new streams", extra={"notice_s": self.settings.drain_notice_s})
+            await asyncio.sleep(self.settings.drain_notice_s)
         self.scheduler.begin_drain()
         open_streams = self.scheduler.active_streams
         log.info("draining", extra={"open_streams": open_streams, "grace_s": self.settings.drain_grace_s})

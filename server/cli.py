@@ -68,9 +68,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n.add_argument("--frontend-name", default="frontend", help=argparse.SUPPRESS)
     n.add_argument("--host", default="0.0.0.0")
     n.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
-    n.add_argument("--metrics-host", default="0.0.0.0")
-    n.add_argument("--metrics-port", type=int, default=9400, help="Prometheus HTTP port; 0 picks a free one")
+    n.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics port (plain HTTP, no authentication): loopback by default; "
+                        "0.0.0.0 (or a private interface) for Prometheus and HTTP health checks from elsewhere")
+    n.add_argument("--metrics-port", type=int, default=9400,
+                   help="HTTP port of /metrics (Prometheus), /health and /ready (JSON); 0 picks a free one")
     n.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    n.add_argument("--max-connection-age-s", type=float, default=300.0,
+                   help="send GOAWAY on a connection after about this long (+-10%% jitter): clients open new "
+                        "streams on a new connection, so servers added behind a balancer or a DNS name get "
+                        "them, while the streams open on the old one go on (0: never)")
+    n.add_argument("--max-connection-age-grace-s", type=float, default=0.0,
+                   help="how long streams may go on over a connection after its GOAWAY before it is closed "
+                        "under them (0: no limit; streams end at --max-stream-seconds or --idle-timeout-s)")
     n.add_argument("--max-message-mb", type=float, default=32, help="largest request (a whole file for Recognize)")
     n.add_argument("--max-audio-message-kb", type=float, default=1024, help="largest streamed audio message")
     s = p.add_argument_group("scheduling and limits")
@@ -86,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-pending-s", type=float, default=30.0, help="unprocessed audio per stream before backpressure")
     s.add_argument("--stream-window-kb", type=int, default=256, help="HTTP/2 receive window per stream")
     s.add_argument("--drain-grace-s", type=float, default=30.0, help="SIGTERM: time open streams get to finish")
+    s.add_argument("--drain-notice-s", type=float, default=0.0,
+                   help="SIGTERM: health NOT_SERVING and /ready 503 at once, but new streams still accepted for "
+                        "this long, so balancers that poll /ready stop sending first (deploy/: 3)")
     s.add_argument("--dead-after-failures", type=int, default=3,
                    help="consecutive engine steps of which nothing ran that mark the engine dead")
     s.add_argument("--exit-on-engine-death-s", type=float, default=1.0,
@@ -144,8 +157,11 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, metrics_host=args.metrics_host,
         metrics_port=None if args.no_metrics else args.metrics_port,
         max_message_bytes=int(args.max_message_mb * (1 << 20)), drain_grace_s=args.drain_grace_s,
+        drain_notice_s=args.drain_notice_s,
         stream_window_bytes=args.stream_window_kb * 1024,
         exit_on_engine_death_s=None if args.exit_on_engine_death_s < 0 else args.exit_on_engine_death_s,
+        max_connection_age_s=args.max_connection_age_s or None,
+        max_connection_age_grace_s=args.max_connection_age_grace_s or None,
         model_aliases=(args.model,), security=security_settings(args), gc_freeze=not args.no_gc_freeze,
         endpointing=EndpointingParams(
             start_history_ms=args.endpoint_start_history_ms, start_threshold=args.endpoint_start_threshold,
@@ -205,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         print("asr-server: --frontends must be at least 1", file=sys.stderr)
         return 2
     if args.frontend_of is not None:  # a frontend process of an engine process: no model here
+        # The parent's drain notice arrives as SIGUSR1 (server.frontends); until the handler is
+        # set, it must not end the process.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         try:
             settings = build_settings(args)
         except ValueError as exc:

@@ -31,6 +31,7 @@ from server import ipc_wire as w
 from server.ipc_wire import FrameReader, FrameWriter
 from server.gc_policy import apply_gc_policy
 from server.metrics import MetricsObserver, ServerMetrics
+from server.ops_http import scheduler_status
 from server.scheduler import Scheduler, SchedulerConfig, StreamListener
 from server.stream_events import ErrorKind, StreamError
 from server.stream_state import StreamState
@@ -103,6 +104,8 @@ class EngineHost(StreamListener):
         self._state_task: asyncio.Task | None = None
         self._ready_changed = asyncio.Event()
         self._conn_tasks: set[asyncio.Task] = set()
+        self._stopped = False
+        self.drain_noticed = False  # SIGTERM received: /ready 503 during the drain notice (frontends.py)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self, metrics_host: str | None = None, metrics_port: int | None = None) -> str:
@@ -112,11 +115,20 @@ class EngineHost(StreamListener):
         apply_gc_policy(self.gc_freeze, self.gc_threshold)
         self.metrics.engine_up.set(1)
         if metrics_port is not None:
-            self.metrics_port = self.metrics.serve(metrics_host or "127.0.0.1", metrics_port)
+            self.metrics_port = self.metrics.serve(metrics_host or "127.0.0.1", metrics_port, self.http_status)
         self._server = await asyncio.start_unix_server(self._serve_connection, path=self.socket_path,
                                                        limit=1 << 20)
         self._state_task = asyncio.get_running_loop().create_task(self._broadcast_state(), name="engine-state")
         return name
+
+    def http_status(self) -> dict:
+        """/health and /ready on the metrics port (server.ops_http), with the frontends ready."""
+        status = scheduler_status(self.scheduler, self.engine.model_info.name, stopped=self._stopped,
+                                  draining=self.drain_noticed)
+        status["frontends_ready"] = self.ready_frontends
+        if status["status"] == "SERVING" and not self.ready_frontends:
+            status["status"] = "STARTING"  # nothing listens for gRPC yet (or every frontend is restarting)
+        return status
 
     def facts(self) -> EngineFacts:
         return EngineFacts(model_info=self.engine.model_info, geometry=self.engine.geometry,
@@ -137,6 +149,7 @@ class EngineHost(StreamListener):
         self._send_state()
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._state_task is not None:
             self._state_task.cancel()
         if self._server is not None:

@@ -197,6 +197,12 @@ async def serve_with_frontends(engine, settings: ServerSettings, count: int, arg
                   "so that a supervisor restarts the server", file=sys.stderr, flush=True)
             return EXIT_ENGINE_DEAD
         death.cancel()
+        if settings.drain_notice_s > 0:  # /ready 503 (and the frontends' health, below) before refusing
+            host.drain_noticed = True
+            for proc in supervisor.procs.values():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(settings.drain_notice_s)
         host.begin_drain()
         await supervisor.stop(grace_s=settings.drain_grace_s)
         await host.stop()
@@ -216,7 +222,8 @@ async def serve_frontend(settings: ServerSettings, socket_path: str, name: str) 
     except (OSError, ConnectionError, TimeoutError) as exc:
         print(f"asr-server {name}: cannot reach the engine process: {exc}", file=sys.stderr, flush=True)
         return 1
-    settings = dataclasses.replace(settings, share_port=True, metrics_port=None)
+    # The parent gives the drain notice (SIGUSR1 here: health NOT_SERVING) before its SIGTERM.
+    settings = dataclasses.replace(settings, share_port=True, metrics_port=None, drain_notice_s=0.0)
     server = AsrServer(facts, settings, scheduler=remote, metrics=RemoteMetrics(remote, max_batch=facts.max_batch))
     try:
         await server.start()
@@ -240,6 +247,7 @@ async def serve_frontend(settings: ServerSettings, socket_path: str, name: str) 
             await server.stop(grace_s=1.0)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(server.health.enter_graceful_shutdown()))
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     orphan_watch = loop.create_task(exit_when_orphaned())
     remote.announce_ready()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import gc
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
+from server.ops_http import OpsHttpServer
 from server.scheduler import Scheduler, SchedulerObserver
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -72,6 +73,8 @@ class ServerMetrics(SchedulerObserver):
         r = self.registry
         self.active_streams = Gauge("asr_active_streams", "Streams open now", registry=r)
         self.slots_in_use = Gauge("asr_slots_in_use", "Engine cache slots held now", registry=r)
+        self.slots_capacity = Gauge("asr_slots_capacity", "Engine cache slots in all (--max-streams): open streams "
+                                    "over this is the slot utilisation an autoscaler follows", registry=r)
         self.engine_up = Gauge("asr_engine_up", "1 while the engine serves, 0 before warm-up or when dead", registry=r)
         batch_buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch} | {max_batch})
         self.batch_size = Histogram("asr_batch_size", "Chunks per engine step", buckets=batch_buckets, registry=r)
@@ -117,6 +120,7 @@ class ServerMetrics(SchedulerObserver):
     def bind(self, scheduler: Scheduler) -> None:
         self.active_streams.set_function(lambda: scheduler.active_streams)
         self.slots_in_use.set_function(scheduler.slots_in_use)
+        self.slots_capacity.set_function(lambda: scheduler.capacity)
         self.max_batch.set_function(lambda: scheduler.max_batch)
         self.registry.register(_ExecutionsCollector(scheduler))
         if self._gc_timer is None:
@@ -177,18 +181,18 @@ class ServerMetrics(SchedulerObserver):
         if code != "OK":
             self.errors.labels(method=method, code=code).inc()
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint (a daemon thread); returns the bound port (port 0: any free)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_address[1]
+    def serve(self, host: str, port: int, status) -> int:
+        """Start the HTTP endpoint (server.ops_http: /metrics, and /health and /ready answered
+        from `status()`, a dict); returns the bound port (port 0: any free)."""
+        self._http = OpsHttpServer(host, port, self.registry, status)
+        return self._http.port
 
     def close(self) -> None:
         if self._gc_timer is not None and self._gc_timer in gc.callbacks:
             gc.callbacks.remove(self._gc_timer)
         self._gc_timer = None
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None
 
 

@@ -170,6 +170,8 @@ def test_entry_command_parses_with_the_image_defaults_and_overrides():
     assert parsed["engine"] == env["ASR_ENGINE"] and parsed["model"] == env["ASR_MODEL"]
     assert parsed["fallback_engine"] is None, "no fallback unless one is named"
     assert (parsed["port"], parsed["metrics_port"]) == (50051, 9400)
+    # asr-server binds the metrics port to loopback by default; the image opens it to its network
+    assert parsed["metrics_host"] == "0.0.0.0"
     assert parsed["cache_dir"] == env["NEMO_STREAM_CACHE"]
     # TensorRT by environment, with an explicit fallback
     parsed = _run_entry({"ASR_ENGINE": "tensorrt", "ASR_FALLBACK_ENGINE": "cudagraph"}, [])

@@ -318,6 +318,7 @@ async def test_a_collection_inside_a_metrics_lock_does_not_deadlock():
 class FakeBinding:
     """What ServerMetrics.bind reads of a scheduler."""
     active_streams = 0
+    capacity = 4
     max_batch = 1
     executions: dict = {}
 
