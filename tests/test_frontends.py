@@ -20,7 +20,7 @@ import pytest
 from client.loadgen_report import child_pids
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server import ipc_wire as w
-from server.stream_events import ChunkResult, ErrorKind, StreamFailure
+from server.stream_events import ChunkResult, ErrorKind, StreamFailure, Utterance, UtteranceEnd
 from engines.api import TokenEvent
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
@@ -155,14 +155,15 @@ async def _transcribe(port: int, i: int, clip) -> str | None:
 
 # -- the wire itself ------------------------------------------------------------------------------
 def test_events_cross_the_wire_unchanged():
-    result = ChunkResult(stream_id="k1", chunk_index=3, transcript="a bc", new_text=" bc", is_final=True,
-                         audio_seconds=1.25, tokens=(TokenEvent(5, "▁a", 2), TokenEvent(9, "bc", 7)),
-                         audio_ready_at=123.5)
+    closed = Utterance(index=2, transcript="hello there", tokens=(TokenEvent(4, "▁hello", 1), TokenEvent(7, "▁there", 3)),
+                       start_seconds=0.08, end_seconds=0.32, closed_by=UtteranceEnd.ENDPOINT)
+    result = ChunkResult(stream_id="k1", chunk_index=3, transcript="a bc", new_text=" bc", is_final=False,
+                         audio_seconds=1.25, audio_ready_at=123.5, utterance_index=3, finals=(closed,))
     failure = StreamFailure("k2", ErrorKind.RESOURCE_EXHAUSTED, "all 4 stream slots are in use")
     import marshal
     wire = [marshal.loads(marshal.dumps(w.encode_event(e.stream_id, 4096, e))) for e in (result, failure)]
     assert all(m[2] == 4096 for m in wire)  # the consumed count rides along
-    assert "a bc" not in wire[0]  # the transcript so far stays home: the frontend appends new_text
+    assert "a bc" not in wire[0]  # the open utterance's text stays home: the frontend appends new_text
     assert w.decode_result(wire[0], "a bc") == result
     assert w.decode_failure(wire[1]) == failure
 
