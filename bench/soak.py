@@ -384,6 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    revision = source_revision()  # before the run: the source that runs, not what it became meanwhile
     if args.target and args.metrics_port is None:
         raise SystemExit("--target needs --metrics-port")
     if args.target:
@@ -392,7 +393,7 @@ def main(argv=None) -> int:
         report = asyncio.run(soak_with_own_server(args))
     report.command = "python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report.machine = f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
-    report.source_revision = source_revision()
+    report.source_revision = revision
     print(f"source: {describe(report.source_revision)}")
     print(report.summary())
     if args.json:
