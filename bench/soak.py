@@ -333,7 +333,7 @@ async def settle(metrics_port: int, timeout_s: float = 60.0) -> dict:
 async def start_server(server_args: list[str]) -> tuple[asyncio.subprocess.Process, str, int]:
     cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
            "--metrics-port", "0", *server_args]
-    proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     while True:
         line = (await asyncio.wait_for(proc.stdout.readline(), 300)).decode()

@@ -229,11 +229,17 @@ ROOT = Path(__file__).resolve().parent.parent
 LISTENING = r"listening on 127\.0\.0\.1:(\d+)"
 
 
+def python_path() -> str:
+    """The repository first, then whatever PYTHONPATH already holds (on a GPU host, the folder
+    the carried wheels were installed into)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
 async def spawn_server(*args: str, env: dict | None = None, ready: str = LISTENING):
     """`python -m server.cli ARGS` in its own process; returns once it printed `ready` (a regex
     over its stdout lines): (process, the match, the lines it printed until then)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", *args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
+        sys.executable, "-m", "server.cli", *args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=python_path(), **(env or {})),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     seen = []
     while True:
