@@ -46,6 +46,14 @@ def agreement(reference: dict, got: dict) -> Agreement:
         empty_reference=sum(not r.text.strip() for r in reference.values()))
 
 
+def copy_loaded(loaded):
+    """A deep copy of a LoadedModel. NeMo keeps wrapt function wrappers (training_step) in the
+    model's instance dict, which refuse deepcopy: those are shared, not copied."""
+    nm = loaded.nemo_model
+    memo = {id(v): v for v in vars(nm).values() if "FunctionWrapper" in type(v).__name__}
+    return copy.deepcopy(loaded, memo)
+
+
 def build_on(loaded, engine: str, dtype: str, max_streams: int = 256, max_batch: int = 64, lookahead_ms: int = 160,
              device: str = "cuda", copy_model: bool = True, **cfg):
     """engines.factory.build_engine for an already loaded model (a deep copy by default, since
@@ -53,7 +61,7 @@ def build_on(loaded, engine: str, dtype: str, max_streams: int = 256, max_batch:
     import engines.factory as factory
     from engines.config import EngineConfig
 
-    model = copy.deepcopy(loaded) if copy_model else loaded
+    model = copy_loaded(loaded) if copy_model else loaded
     original = factory.load_model
     factory.load_model = lambda *a, **k: model
     try:

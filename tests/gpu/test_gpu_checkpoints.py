@@ -8,7 +8,6 @@ file.nemo` serves each through gRPC with its defaults (fast-cudagraph, float16).
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import signal
 import time
@@ -23,7 +22,7 @@ from engines.models import load_model
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from tests.engine_helpers import length_nemo_fully_consumes, nemo_reference_tokens, run_streams
-from tests.gpu.agreement import agreement, build_on
+from tests.gpu.agreement import agreement, build_on, copy_loaded
 from tests.gpu.conftest import record
 from tests.gpu.speech import clips
 from tests.server_harness import final_transcript, requests_for, spawn_server
@@ -52,7 +51,7 @@ def checkpoint(request, tmp_path_factory, fp32_exact):
     loaded = load_model(str(path), spec.lookahead_ms)
     loaded_s = time.perf_counter() - t0
     params = sum(p.numel() for p in loaded.nemo_model.parameters())
-    nemo = copy.deepcopy(loaded.nemo_model).to("cuda").eval()
+    nemo = copy_loaded(loaded).nemo_model.to("cuda").eval()
     from engines.streaming_engine import geometry_of
     g = geometry_of(loaded, spec.lookahead_ms)
     audios, reference = {}, {}

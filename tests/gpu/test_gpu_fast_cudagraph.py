@@ -57,7 +57,7 @@ def _compare(model_spec: str, speech, seed: int):
 def test_demo_model_fast_cudagraph_fp16_agrees_with_eager_fp32(speech, exact_fp32):
     a, _ = _compare("builtin:demo", speech, seed=3)
     record("demo_fast_cudagraph_fp16_vs_eager_fp32", a.as_dict())
-    assert a.streams >= MIN_STREAMS and a.empty_reference == 0 and a.reference_tokens > 20 * a.streams
+    assert a.streams >= MIN_STREAMS and a.empty_reference == 0 and a.reference_tokens > 5 * a.streams
     assert a.token_agreement >= MIN_TOKEN_AGREEMENT, a.as_dict()
     assert a.transcript_match >= 0.98, a.as_dict()
 
@@ -67,7 +67,7 @@ def test_nemotron_shape_fast_cudagraph_fp16_agrees_with_eager_fp32(speech, exact
     real 0.6B model, with logit margins no training has widened."""
     a, _ = _compare("builtin:nemotron-0.6b", speech, seed=4)
     record("nemotron_0.6b_fast_cudagraph_fp16_vs_eager_fp32", a.as_dict())
-    assert a.streams >= MIN_STREAMS and a.reference_tokens > 10 * a.streams
+    assert a.streams >= MIN_STREAMS and a.reference_tokens > 5 * a.streams
     assert a.token_agreement >= MIN_TOKEN_AGREEMENT, a.as_dict()
 
 
@@ -85,7 +85,7 @@ def test_decode_graph_equals_the_eager_decode_loop(speech):
         eager = run_streams(engine, speech, seed=5)
     finally:
         engine.decoder.use_graphs = True
-    assert sum(len(r.tokens) for r in eager.values()) > 20 * len(speech)
+    assert sum(len(r.tokens) for r in eager.values()) > 5 * len(speech)
     differ = [s for s in speech if graphed[s].tokens != eager[s].tokens]
     record("decode_graph_vs_eager_loop", {"streams": len(speech), "differ": len(differ)})
     assert differ == []
