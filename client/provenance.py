@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,14 +29,15 @@ SOURCE_SUFFIXES = (".py", ".sh", ".proto", ".yaml", ".json", ".toml")
 
 def tree_sha256(root: Path = ROOT) -> str:
     """sha256 over the paths and bytes of the source files under SOURCE_DIRS plus pyproject.toml
-    (caches, hidden folders and stamps excluded)."""
+    and every file of the packaged models (engines/assets); caches, hidden folders, recorded
+    results and stamps excluded. Symbolic links are followed (a copy may link its assets)."""
     files = [root / "pyproject.toml"] if (root / "pyproject.toml").exists() else []
     for d in SOURCE_DIRS:
-        base = root / d
-        if base.is_dir():
-            files += [f for f in base.rglob("*") if f.is_file() and f.suffix in SOURCE_SUFFIXES
-                      and not any(part.startswith(".") or part == "__pycache__" or part == "results"
-                                  for part in f.relative_to(root).parts)]
+        for dirpath, dirnames, filenames in os.walk(root / d, followlinks=True):
+            rel = Path(dirpath).relative_to(root)
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and n not in ("__pycache__", "results"))
+            assets = rel.parts[:2] == ("engines", "assets")
+            files += [Path(dirpath) / n for n in filenames if assets or Path(n).suffix in SOURCE_SUFFIXES]
     h = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.relative_to(root).as_posix()):
         h.update(f.relative_to(root).as_posix().encode() + b"\0")
