@@ -55,6 +55,9 @@ def _git(root: Path, *args: str) -> str | None:
 
 def git_revision(root: Path = ROOT) -> dict | None:
     """{"commit", "dirty", "changed"} from git, or None where the tree is no git checkout."""
+    top = (_git(root, "rev-parse", "--show-toplevel") or "").strip()
+    if not top or Path(top).resolve() != root.resolve():
+        return None  # no checkout, or a copy of the tree inside another checkout
     commit = (_git(root, "rev-parse", "HEAD") or "").strip()
     if not commit:
         return None
