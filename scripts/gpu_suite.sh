@@ -7,7 +7,8 @@
 #    into a temporary folder when NeMo, grpcio at the version proto/ demands, or pytest-asyncio are
 #    missing;
 # 2. runs `pytest -m gpu tests/gpu` (NEMO_STREAM_TEST_ORDER=reverse or shuffle-SEED reorders it;
-#    EXTRA_TESTS adds test files, e.g. the CUDA-capable tests of the main suite);
+#    EXTRA_TESTS adds test files, e.g. the CUDA-capable tests of the main suite; GPU_SUITE_TESTS
+#    replaces tests/gpu, e.g. to run its files in a chosen order);
 # 3. writes gpu_suite.json and gpu_suite.md to $OUT (default .gpu-suite/): the commit and dirty
 #    flag (client/provenance.py), the machine, passed/failed/skipped, every test's outcome and
 #    duration, and the figures the tests measured (token agreement, parity, OOM counts).
@@ -45,8 +46,10 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 export GPU_SUITE_FIGURES="$WORK/figures"
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-"$PY" -m pytest -m gpu tests/gpu ${EXTRA_TESTS:-} -p no:cacheprovider -rA --durations=0 \
-    --junitxml="$WORK/junit.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_suite.log"
+# SUITE_BUDGET_S: after that many seconds pytest is interrupted (SIGINT) and still reports the
+# tests it ran, so a device command limit never loses the whole result.
+timeout -s INT "${SUITE_BUDGET_S:-3600}" "$PY" -m pytest -m gpu ${GPU_SUITE_TESTS:-tests/gpu} ${EXTRA_TESTS:-} \
+    -p no:cacheprovider -rA --durations=0 --junitxml="$WORK/junit.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_suite.log"
 CODE=${PIPESTATUS[0]}
 
 "$PY" - "$WORK/junit.xml" "$GPU_SUITE_FIGURES" "$OUT" "$CODE" "$START" <<'EOF'
@@ -85,7 +88,8 @@ import grpc
 rev = source_revision()
 result = {"suite": "tests/gpu (pytest -m gpu)", "command": "bash scripts/gpu_suite.sh",
           "order": os.environ.get("NEMO_STREAM_TEST_ORDER") or "collection order",
-          "extra_tests": os.environ.get("EXTRA_TESTS", ""), "started": start, "exit_status": int(code),
+          "extra_tests": os.environ.get("EXTRA_TESTS", ""), "tests_run": os.environ.get("GPU_SUITE_TESTS", "tests/gpu"),
+          "budget_s": os.environ.get("SUITE_BUDGET_S"), "started": start, "exit_status": int(code),
           "revision": rev, "commit_line": describe(rev),
           "machine": {"gpu": gpu, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                       "cuda": torch.version.cuda, "nemo": nemo_version, "grpcio": grpc.__version__},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 
@@ -46,27 +45,14 @@ def agreement(reference: dict, got: dict) -> Agreement:
         empty_reference=sum(not r.text.strip() for r in reference.values()))
 
 
-def copy_loaded(loaded):
-    """A deep copy of a LoadedModel. NeMo keeps wrapt function wrappers (training_step) in the
-    model's instance dict, which refuse deepcopy: those are shared, not copied."""
-    nm = loaded.nemo_model
-    memo = {id(v): v for v in vars(nm).values() if "FunctionWrapper" in type(v).__name__}
-    return copy.deepcopy(loaded, memo)
-
-
-def build_on(loaded, engine: str, dtype: str, max_streams: int = 256, max_batch: int = 64, lookahead_ms: int = 160,
-             device: str = "cuda", copy_model: bool = True, **cfg):
-    """engines.factory.build_engine for an already loaded model (a deep copy by default, since
-    the factory moves the model to the engine's device and dtype in place)."""
-    import engines.factory as factory
+def build_on(model: str, engine: str, dtype: str, max_streams: int = 256, max_batch: int = 64,
+             lookahead_ms: int = 160, device: str = "cuda", **cfg):
+    """engines.factory.build_engine, the way asr-server builds its engine: the model is loaded
+    afresh (a builtin's random weights come from a fixed seed, so two builds hold the same
+    weights). A deep copy of a loaded NeMo model is not used: on the GPU host its preprocessor's
+    filterbank stayed on the CPU after .to("cuda")."""
     from engines.config import EngineConfig
+    from engines.factory import build_engine
 
-    model = copy_loaded(loaded) if copy_model else loaded
-    original = factory.load_model
-    factory.load_model = lambda *a, **k: model
-    try:
-        return factory.build_engine(EngineConfig(model=loaded.name, engine=engine, device=device, dtype=dtype,
-                                                 lookahead_ms=lookahead_ms, max_streams=max_streams,
-                                                 max_batch=max_batch, **cfg))
-    finally:
-        factory.load_model = original
+    return build_engine(EngineConfig(model=model, engine=engine, device=device, dtype=dtype, lookahead_ms=lookahead_ms,
+                                     max_streams=max_streams, max_batch=max_batch, **cfg))

@@ -35,11 +35,8 @@ def exact_fp32():
 
 
 def _compare(model_spec: str, speech, seed: int):
-    from engines.models import load_model
-
-    loaded = load_model(model_spec, 160)
-    reference = build_on(loaded, "eager", "float32")
-    fast = build_on(loaded, "fast-cudagraph", "float16")
+    reference = build_on(model_spec, "eager", "float32")
+    fast = build_on(model_spec, "fast-cudagraph", "float16")
     assert fast.startup_report.engine == "fast-cudagraph" and fast.startup_report.self_check.passed
     fast.warmup()
     encoder_captures = fast.encoder_engine.captures
@@ -74,9 +71,7 @@ def test_nemotron_shape_fast_cudagraph_fp16_agrees_with_eager_fp32(speech, exact
 def test_decode_graph_equals_the_eager_decode_loop(speech):
     """The RNNT decode loop captured per batch bucket gives the tokens of the same loop run
     eagerly, over every speech stream in mixed batches (demo model, fp16, fast-cudagraph)."""
-    from engines.models import load_model
-
-    engine = build_on(load_model("builtin:demo", 160), "fast-cudagraph", "float16")
+    engine = build_on("builtin:demo", "fast-cudagraph", "float16")
     engine.warmup()
     graphed = run_streams(engine, speech, seed=5)
     assert engine.decoder.use_graphs and engine.decoder._graphs, "the decode loop was not captured"

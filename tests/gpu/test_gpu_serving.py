@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from engines.models import load_model
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from tests.engine_alone import transcribe_alone
@@ -36,7 +35,7 @@ def as_served(samples: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_model("builtin:demo", 160)
+    return "builtin:demo"
 
 
 async def _transcribe_all(stub, datas: list[bytes]) -> list[str]:
@@ -186,8 +185,7 @@ def test_wrong_engine_is_refused_on_gpu(demo, monkeypatch):
 
 async def test_asr_server_defaults_to_fast_cudagraph_on_gpu_and_transcribes_like_cpu():
     examples = sorted((ROOT / "examples").glob("*.wav"))
-    cpu = build_on(load_model("builtin:demo", 160), "eager", "float32", max_streams=4, max_batch=4, device="cpu",
-                   copy_model=False)
+    cpu = build_on("builtin:demo", "eager", "float32", max_streams=4, max_batch=4, device="cpu")
     expected = [transcribe_alone(cpu, _read_wav(f)) for f in examples]
     assert all(t.strip() for t in expected)
     proc, match, _ = await spawn_server("--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
