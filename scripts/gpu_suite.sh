@@ -46,21 +46,44 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 export GPU_SUITE_FIGURES="$WORK/figures"
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-# SUITE_BUDGET_S: after that many seconds pytest is interrupted (SIGINT) and still reports the
-# tests it ran, so a device command limit never loses the whole result.
-timeout -s INT "${SUITE_BUDGET_S:-3600}" "$PY" -m pytest -m gpu ${GPU_SUITE_TESTS:-tests/gpu} ${EXTRA_TESTS:-} \
-    -p no:cacheprovider -rA --durations=0 --junitxml="$WORK/junit.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_suite.log"
-CODE=${PIPESTATUS[0]}
+# SUITE_BUDGET_S: the whole run's seconds; pytest is interrupted (SIGINT) when they are spent and
+# still reports the tests it ran, so a device command limit never loses the whole result.
+# tests/gpu/test_gpu_checkpoints.py runs once per model, each in its own pytest process: on the
+# GPU host a second NeMo restore_from in one process failed (tests/gpu/RESULTS.md).
+BUDGET=${SUITE_BUDGET_S:-3600}
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+: > "$OUT/gpu_suite.log"
+CODE=0
+run_pytest() {  # junit name, then pytest arguments
+    local name=$1; shift
+    [ "$(left)" -gt 5 ] || { echo "gpu_suite: no time left for $name" | tee -a "$OUT/gpu_suite.log"; CODE=124; return; }
+    timeout -s INT "$(left)" "$PY" -m pytest -m gpu "$@" ${EXTRA_TESTS:-} -p no:cacheprovider -rA --durations=0 \
+        --junitxml="$WORK/junit-$name.xml" ${PYTEST_ARGS:-} 2>&1 | tee -a "$OUT/gpu_suite.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || [ "$rc" = 5 ] || CODE=$rc
+    EXTRA_TESTS=""  # once
+}
+if [ -n "${GPU_SUITE_TESTS:-}" ]; then
+    run_pytest all $GPU_SUITE_TESTS
+else
+    run_pytest main tests/gpu --ignore=tests/gpu/test_gpu_checkpoints.py
+    for model in $("$PY" -c "from bench.published_configs import PUBLISHED; print(' '.join(PUBLISHED))"); do
+        GPU_CHECKPOINT_MODEL=$model run_pytest "checkpoint-$model" tests/gpu/test_gpu_checkpoints.py
+    done
+fi
 
-"$PY" - "$WORK/junit.xml" "$GPU_SUITE_FIGURES" "$OUT" "$CODE" "$START" <<'EOF'
+"$PY" - "$WORK" "$GPU_SUITE_FIGURES" "$OUT" "$CODE" "$START" <<'EOF'
 import json, os, platform, subprocess, sys, xml.etree.ElementTree as ET
 from pathlib import Path
-junit, figures, out, code, start = sys.argv[1:6]
+work, figures, out, code, start = sys.argv[1:6]
 from client.provenance import describe, source_revision
 import torch
 tests, counts = [], {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-if Path(junit).exists():
+for junit in sorted(Path(work).glob("junit-*.xml")):
     for case in ET.parse(junit).getroot().iter("testcase"):
+        if not case.get("name"):
+            continue
         outcome = "passed"
         for tag in ("failure", "error", "skipped"):
             node = case.find(tag)
@@ -88,7 +111,8 @@ import grpc
 rev = source_revision()
 result = {"suite": "tests/gpu (pytest -m gpu)", "command": "bash scripts/gpu_suite.sh",
           "order": os.environ.get("NEMO_STREAM_TEST_ORDER") or "collection order",
-          "extra_tests": os.environ.get("EXTRA_TESTS", ""), "tests_run": os.environ.get("GPU_SUITE_TESTS", "tests/gpu"),
+          "extra_tests": os.environ.get("EXTRA_TESTS", ""),
+          "tests_run": os.environ.get("GPU_SUITE_TESTS") or "tests/gpu (checkpoints: one process per model)",
           "budget_s": os.environ.get("SUITE_BUDGET_S"), "started": start, "exit_status": int(code),
           "revision": rev, "commit_line": describe(rev),
           "machine": {"gpu": gpu, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,

@@ -30,6 +30,8 @@ from tests.gpu.speech import clips
 from tests.server_harness import ROOT, final_transcript, python_path, requests_for, spawn_server
 
 STREAMS = int(os.environ.get("GPU_CHECKPOINT_STREAMS", "8"))
+# One model per process (scripts/gpu_suite.sh runs this file once per model): see `checkpoint`.
+MODELS = [m for m in os.environ.get("GPU_CHECKPOINT_MODEL", ",".join(PUBLISHED)).split(",") if m]
 ENGINES = ("eager", "fast", "fast-cudagraph", "cudagraph", "onnx")
 
 
@@ -65,9 +67,12 @@ def _why_not_loadable(path) -> dict:
     return {"entries": len(state), "not_plain_tensors": dict(list(odd.items())[:20]), "torch": torch.__version__}
 
 
-@pytest.fixture(scope="module", params=list(PUBLISHED))
+@pytest.fixture(scope="module", params=MODELS)
 def checkpoint(request, tmp_path_factory, fp32_exact):
-    """(name, path, speech clips, NeMo's reference tokens per clip)."""
+    """(name, path, the loaded model, speech clips, NeMo's reference tokens per clip). The .nemo is
+    restored once in this process: on the GPU host (torch 2.11, NeMo 3.0) a second restore_from in
+    one process failed with torch.load's weights-only UnpicklingError after the first succeeded
+    (tests/gpu/RESULTS.md); asr-server restores a model once per process."""
     name = request.param
     spec = PUBLISHED[name]
     path = tmp_path_factory.mktemp(name) / f"{name}.nemo"
@@ -98,17 +103,19 @@ def checkpoint(request, tmp_path_factory, fp32_exact):
         info["eou"] = {p: loaded.pieces.index(p) for p in EOU_PIECES} | {"blank": loaded.blank_id,
                                                                           "vocabulary": len(loaded.pieces)}
     record(f"checkpoint_{name}", info)
-    del nemo, loaded
-    torch.cuda.empty_cache()
-    return name, path, audios, reference
+    return name, path, loaded, audios, reference
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)
-def test_saved_checkpoint_runs_on_every_engine_in_parity_with_nemo(checkpoint, engine_name, tmp_path):
-    name, path, audios, reference = checkpoint
+def test_saved_checkpoint_runs_on_every_engine_in_parity_with_nemo(checkpoint, engine_name, tmp_path, monkeypatch):
+    name, path, loaded, audios, reference = checkpoint
     spec = PUBLISHED[name]
     assert all(len(t) > 0 for t in reference.values()), "NeMo emitted nothing: parity would be vacuous"
     device = "cpu" if engine_name == "onnx" else "cuda"
+    # The engines share the one restored model, all in float32 (the factory moves it to the engine's
+    # device; the weights stay exact); onnx runs last, since NeMo's export rewrites modules.
+    import engines.factory as factory
+    monkeypatch.setattr(factory, "load_model", lambda *a, **k: loaded)
     engine = build_on(str(path), engine_name, "float32", max_streams=len(audios), max_batch=len(audios),
                       lookahead_ms=spec.lookahead_ms, device=device, cache_dir=str(tmp_path))
     report = engine.startup_report
@@ -131,7 +138,7 @@ def test_saved_checkpoint_runs_on_every_engine_in_parity_with_nemo(checkpoint, e
 
 
 async def test_asr_server_serves_the_saved_checkpoint(checkpoint):
-    name, path, audios, _ = checkpoint
+    name, path, _, audios, _ = checkpoint
     spec = PUBLISHED[name]
     proc, match, _ = await spawn_server("--model", str(path), "--lookahead-ms", str(spec.lookahead_ms),
                                         "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
