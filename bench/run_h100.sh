@@ -78,7 +78,8 @@ trap cleanup EXIT
 
 # -- Python, packages, the machine ---------------------------------------------------------------------
 if [ "$SMOKE" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=${PYTHON:-python3}; fi
-if [ "$SMOKE" != 1 ] && ! "$PY" -c "import nemo, grpc_health, grpc_reflection, soxr" 2>/dev/null; then
+# proto's generated code refuses a grpcio older than it was generated for: importing it checks that.
+if [ "$SMOKE" != 1 ] && ! (cd "$ROOT" && "$PY" -c "import nemo, grpc_health, grpc_reflection, soxr, proto.asr_stream_pb2_grpc") 2>/dev/null; then
     if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
         log "installing wheels from .whl into $WORK/site"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$ROOT"/.whl/*.whl \
@@ -120,8 +121,8 @@ json.dump(env, open(path, "w"), indent=1)
 print(json.dumps(env))
 PYEOF
 if ! "$PY" "$WORK/env.py" "$WORK/env.json" "$GPU" "$SETTINGS" >>"$LOG" 2>&1; then
-    log "FATAL: a package is missing (see bench.log). On a GPU host without network, carry .whl with NeMo's wheels"
-    log "       plus grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 (bash ../shared/device/fetch-wheels.sh ...)"
+    log "FATAL: a package is missing (see bench.log). On a GPU host without network, carry .whl"
+    log "       made by: python scripts/gpu_wheels.py --download .whl"
     exit 1
 fi
 log "machine: $GPU, $(nproc) cores; settings $SETTINGS"
