@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.published_configs import EOU_PIECES, PUBLISHED, save
+from bench.published_configs import EOU_PIECES, PUBLISHED
 from engines.models import load_model
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
