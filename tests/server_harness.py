@@ -161,6 +161,14 @@ def pcm16_audio(seed: int, n: int) -> np.ndarray:
     return np.pad(out, (0, n - out.size)).astype(np.int16)
 
 
+def noise_audio(seed: int, n: int) -> np.ndarray:
+    """Noise with a slow envelope, as int16: for the fake engine, whose hash chain gives almost
+    every chunk of it tokens (a test that needs results to pile up relies on that)."""
+    rng = np.random.default_rng(seed)
+    env = 0.3 + 0.2 * np.sin(np.arange(n) / 2000.0 + seed)
+    return np.clip(rng.standard_normal(n) * 6000 * env, -32768, 32767).astype(np.int16)
+
+
 def expected_transcript(engine, pcm: np.ndarray) -> str:
     """The transcript of `pcm` (int16) run alone through `engine` (before a server owns it). For
     the real engine and half a second of audio or more it must not be empty: an exactness test

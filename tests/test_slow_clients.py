@@ -18,7 +18,7 @@ from server.servicer import END_REASON_KEY, TransportLimits
 from tests.server_harness import (
     expected_transcript,
     FAKE, RATE, audio, config, final_transcript, make_engine, pcm16_audio, requests_for, run_stream,
-    running_server, scrape, stub_for, wall_time_limit_only_for,
+    noise_audio, running_server, scrape, stub_for, wall_time_limit_only_for,
 )
 from tests.waiting import wait_for
 
@@ -89,7 +89,9 @@ async def test_a_client_that_stops_reading_is_bounded_then_resource_exhausted():
     reference = make_engine(FAKE)
     scheduler = SchedulerConfig(batch_wait_s=0.002, response_buffer=4, max_pending_seconds=1.0, stall_timeout_s=20.0)
     message = 1600 * 2  # 0.1 s of PCM16 per message
-    data = pcm16_audio(5, 60 * RATE).tobytes()  # far more than the bounds hold
+    # far more than the bounds hold; noise, so that the fake engine gives nearly every chunk a
+    # result and the results pile up before the audio does
+    data = noise_audio(5, 60 * RATE).tobytes()
     requests = [config(interim_results=True), *(audio(data[p:p + message]) for p in range(0, len(data), message))]
     async with running_server(engine, scheduler=scheduler) as server, stub_for(server) as stub:
         states = record_streams(server)
