@@ -10,7 +10,8 @@
 #   docker run --gpus all -p 50051:50051 -p 9400:9400 -v "$PWD/models:/models:ro" \
 #       -e ASR_MODEL=/models/model.nemo -e ASR_ENGINE=tensorrt nemo-stream
 #
-# The engine is chosen by ASR_ENGINE (eager, cudagraph, onnx, tensorrt) or by flags after the
+# The engine is chosen by ASR_ENGINE (default auto: fast-cudagraph on the GPU, as asr-server's own
+# default; or eager, fast, fast-cudagraph, cudagraph, onnx, tensorrt) or by flags after the
 # image name (they override the environment: `docker run ... nemo-stream --engine tensorrt`).
 # There is no silent fallback: a configured engine that fails to build or fails its start-up
 # self-check stops the container, unless ASR_FALLBACK_ENGINE names one (reported in health and
@@ -47,7 +48,7 @@ USER 10001:10001
 # ASR_FRONTENDS: gRPC frontend processes around the engine; one process answers about 3,000
 # chunks/s, so more than a few hundred streams need 4 (docs/SCALING.md).
 ENV ASR_MODEL=builtin:demo \
-    ASR_ENGINE=cudagraph \
+    ASR_ENGINE=auto \
     ASR_FALLBACK_ENGINE="" \
     ASR_DTYPE=auto \
     ASR_LOOKAHEAD_MS=160 \

@@ -95,7 +95,8 @@ trap cleanup EXIT
 
 # -- Python, packages, the machine ---------------------------------------------------------------------
 if [ "$SMOKE" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=${PYTHON:-python3}; fi
-if [ "$SMOKE" != 1 ] && ! "$PY" -c "import nemo, grpc_health, grpc_reflection, soxr" 2>/dev/null; then
+# proto's generated code refuses a grpcio older than it was generated for: importing it checks that.
+if [ "$SMOKE" != 1 ] && ! (cd "$ROOT" && "$PY" -c "import nemo, grpc_health, grpc_reflection, soxr, proto.asr_stream_pb2_grpc") 2>/dev/null; then
     if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
         log "installing wheels from .whl into $WORK/site"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$ROOT"/.whl/*.whl \
@@ -114,25 +115,31 @@ if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv -l 1 > "$OUT/gpu.csv" 2>/dev/null &
     MON_PID=$!
 fi
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-# One interpreter start checks every package the run needs and records the machine.
+# One interpreter start checks every package the run needs and records the machine and the exact
+# source that runs (client/provenance.py: git's commit and dirty flag, or, in a copy without .git,
+# the REVISION.json stamp `python -m client.provenance --stamp` wrote before the copy, checked
+# against the hash of the files that actually ran).
 cat > "$WORK/env.py" <<'PYEOF'
 import json, os, platform, sys
 import grpc, grpc_health.v1.health, grpc_reflection.v1alpha.reflection, prometheus_client, soxr, torch
 import nemo
-path, gpu, commit, settings = sys.argv[1:5]
+from client.provenance import describe, source_revision
+path, gpu, settings = sys.argv[1:4]
 settings = json.loads(settings)
+revision = source_revision()
 env = {"gpu": gpu, "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
        "cuda_available": torch.cuda.is_available(), "nemo": nemo.__version__, "grpcio": grpc.__version__,
-       "python": platform.python_version(), "platform": platform.platform(), "commit": commit,
+       "python": platform.python_version(), "platform": platform.platform(),
+       "commit": revision["commit"], "dirty": revision["dirty"], "source_revision": revision,
+       "commit_line": describe(revision),
        "command": ("CPU_SMOKE=1 " if settings["cpu_smoke"] == 1 else "") + "bash bench/run_h100.sh",
        "settings": settings}
 json.dump(env, open(path, "w"), indent=1)
 print(json.dumps(env))
 PYEOF
-if ! "$PY" "$WORK/env.py" "$WORK/env.json" "$GPU" "$COMMIT" "$SETTINGS" >>"$LOG" 2>&1; then
-    log "FATAL: a package is missing (see bench.log). On a GPU host without network, carry .whl with NeMo's wheels"
-    log "       plus grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 (bash ../shared/device/fetch-wheels.sh ...)"
+if ! "$PY" "$WORK/env.py" "$WORK/env.json" "$GPU" "$SETTINGS" >>"$LOG" 2>&1; then
+    log "FATAL: a package is missing (see bench.log). On a GPU host without network, carry .whl"
+    log "       made by: python scripts/gpu_wheels.py --download .whl"
     exit 1
 fi
 log "machine: $GPU, $(nproc) cores; settings $SETTINGS"

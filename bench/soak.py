@@ -11,8 +11,10 @@ expected); --target HOST:PORT --metrics-port N [--server-pid PID] uses a running
 Each stream sends a random 0.2-1.2 s of noise-like audio in random-size messages as fast as
 it can, half-closes and reads to its final, unless it is one of the cancelled ones: those are
 cancelled at a random point (while sending, after the half-close before the final, or by a
-short client deadline). Resident memory (VmRSS) is sampled after the warm-up streams, along
-the run, and once every stream is closed. Figures of a run are recorded in bench/SOAK.md.
+short client deadline). Resident memory (VmRSS) of every process of the server (the parent, the
+engine worker, each frontend, and any other descendant) is sampled after the warm-up streams,
+along the run, and once every stream is closed; the figures are the sum over the processes,
+with each process's own figure beside it. Figures of a run are recorded in bench/SOAK.md.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from client.provenance import describe, source_revision  # noqa: E402
 from proto import asr_stream_pb2 as pb  # noqa: E402
 from proto import asr_stream_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -62,13 +65,20 @@ class SoakReport:
     server_errors: dict = field(default_factory=dict)     # error statuses the server sent, CANCELLED aside
     server_rpcs: dict = field(default_factory=dict)       # StreamingRecognize calls by status, server side
     health_end: str = ""
+    # Resident memory of the whole server: the sum over its processes (parent and descendants).
     rss_mib_start: float | None = None       # after warm-up
     rss_mib_before: float | None = None      # after the warm-up streams
     rss_mib_after: float | None = None       # once every stream is closed
     rss_mib_samples: list = field(default_factory=list)  # (streams done, MiB) along the run
+    # The same moments per process ({role: MiB}); roles from process_roles().
+    rss_by_process_start: dict = field(default_factory=dict)
+    rss_by_process_before: dict = field(default_factory=dict)
+    rss_by_process_after: dict = field(default_factory=dict)
+    rss_by_process_samples: list = field(default_factory=list)  # (streams done, {role: MiB})
     server_exit_code: int | None = None
     command: str = ""
     machine: str = ""
+    source_revision: dict = field(default_factory=dict)  # client/provenance.py: commit, dirty flag, tree hash
 
     @property
     def rss_growth_mib(self) -> float | None:
@@ -93,14 +103,18 @@ class SoakReport:
             f"{self.server_errors or 'none'})",
         ]
         if self.rss_mib_after is not None:
-            lines.append(f"server RSS: {self.rss_mib_start} MiB after warm-up, {self.rss_mib_before} MiB after the "
-                         f"warm-up streams, {self.rss_mib_after} MiB at the end (growth {self.rss_growth_mib} MiB)")
+            lines.append(f"server RSS, all {len(self.rss_by_process_after)} processes: {self.rss_mib_start} MiB after "
+                         f"warm-up, {self.rss_mib_before} MiB after the warm-up streams, {self.rss_mib_after} MiB at "
+                         f"the end (growth {self.rss_growth_mib} MiB)")
+            for role, after in sorted(self.rss_by_process_after.items()):
+                lines.append(f"  {role}: {self.rss_by_process_before.get(role)} -> {after} MiB")
         if self.server_exit_code is not None:
             lines.append(f"server exit status after SIGTERM: {self.server_exit_code}")
         return "\n".join(lines)
 
 
 def rss_mib(pid: int | None) -> float | None:
+    """VmRSS of one process, MiB (None when it is gone)."""
     if pid is None:
         return None
     try:
@@ -110,6 +124,62 @@ def rss_mib(pid: int | None) -> float | None:
     except OSError:
         return None
     return None
+
+
+def descendants(pid: int) -> list[int]:
+    """The process and every process below it (read from /proc's parent ids)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces; the parent id follows the state.
+        fields = text[text.rindex(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def process_role(pid: int, root: int) -> str:
+    """What a server process is, from its command line: the parent, an engine worker (a spawned
+    multiprocessing child), a frontend (--frontend-name), multiprocessing's resource tracker."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"gone-{pid}"
+    text = " ".join(argv)
+    if pid == root:
+        return "parent"
+    if "--frontend-name" in argv:
+        return argv[argv.index("--frontend-name") + 1]
+    if "resource_tracker" in text:
+        return "resource-tracker"
+    if "spawn_main" in text:
+        return "engine-worker"
+    return "other"
+
+
+def process_rss(pid: int | None) -> dict[str, float]:
+    """{role: VmRSS MiB} for the server process and all its descendants (a second process of the
+    same role, e.g. a restarted engine worker, gets its process id appended)."""
+    if pid is None:
+        return {}
+    out = {}
+    for p in descendants(pid):
+        mib = rss_mib(p)
+        if mib is not None:
+            role = process_role(p, pid)
+            out[role if role not in out else f"{role}-{p}"] = mib
+    return out
+
+
+def total(by_process: dict[str, float]) -> float | None:
+    return round(sum(by_process.values()), 1) if by_process else None
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -204,14 +274,17 @@ async def one_stream(stub, i: int, args, report: SoakReport) -> None:
 
 async def run_soak(target: str, metrics_port: int, args, pid: int | None = None,
                    log=print) -> SoakReport:
-    report = SoakReport(rss_mib_start=rss_mib(pid))
+    report = SoakReport()
+    report.rss_by_process_start = process_rss(pid)
+    report.rss_mib_start = total(report.rss_by_process_start)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.SpeechRecognitionStub(channel)
         # Warm-up streams (not counted): the allocator and the engine reach their working size.
         warm = SoakReport()
         await asyncio.gather(*(one_stream(stub, 10**9 + i, args, warm) for i in range(args.warmup_streams)))
         warm_rpcs = await settle(metrics_port)
-        report.rss_mib_before = rss_mib(pid)
+        report.rss_by_process_before = process_rss(pid)
+        report.rss_mib_before = total(report.rss_by_process_before)
         started = time.monotonic()
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(args.streams):
@@ -223,9 +296,11 @@ async def run_soak(target: str, metrics_port: int, args, pid: int | None = None,
                 i = queue.get_nowait()
                 await one_stream(stub, i, args, report)
                 if report.streams % step == 0:
-                    report.rss_mib_samples.append((report.streams, rss_mib(pid)))
+                    by_process = process_rss(pid)
+                    report.rss_mib_samples.append((report.streams, total(by_process)))
+                    report.rss_by_process_samples.append((report.streams, by_process))
                     log(f"soak: {report.streams}/{args.streams} streams, errors {report.errors}, "
-                        f"RSS {rss_mib(pid)} MiB")
+                        f"RSS {total(by_process)} MiB ({by_process})")
 
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         report.wall_seconds = round(time.monotonic() - started, 1)
@@ -239,7 +314,8 @@ async def run_soak(target: str, metrics_port: int, args, pid: int | None = None,
 
         status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
         report.health_end = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
-    report.rss_mib_after = rss_mib(pid)
+    report.rss_by_process_after = process_rss(pid)
+    report.rss_mib_after = total(report.rss_by_process_after)
     report.audio_seconds = round(report.audio_seconds, 1)
     return report
 
@@ -257,7 +333,7 @@ async def settle(metrics_port: int, timeout_s: float = 60.0) -> dict:
 async def start_server(server_args: list[str]) -> tuple[asyncio.subprocess.Process, str, int]:
     cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
            "--metrics-port", "0", *server_args]
-    proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     while True:
         line = (await asyncio.wait_for(proc.stdout.readline(), 300)).decode()
@@ -300,13 +376,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--server-args", default=DEFAULT_SERVER_ARGS, help="asr-server flags when the soak starts it")
     p.add_argument("--target", default=None, help="HOST:PORT of a running server (default: start one)")
     p.add_argument("--metrics-port", type=int, default=None, help="its metrics port (with --target)")
-    p.add_argument("--server-pid", type=int, default=None, help="its process id, for RSS (with --target)")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="its process id, for RSS of it and its descendants (with --target)")
     p.add_argument("--json", default=None, help="write the report here")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    revision = source_revision()  # before the run: the source that runs, not what it became meanwhile
     if args.target and args.metrics_port is None:
         raise SystemExit("--target needs --metrics-port")
     if args.target:
@@ -315,6 +393,8 @@ def main(argv=None) -> int:
         report = asyncio.run(soak_with_own_server(args))
     report.command = "python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report.machine = f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
+    report.source_revision = revision
+    print(f"source: {describe(report.source_revision)}")
     print(report.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))

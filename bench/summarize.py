@@ -218,7 +218,9 @@ def markdown(summary: dict) -> str:
     if env:
         lines += [f"- machine: {env.get('gpu', '?')}, {env.get('cpus', '?')} CPU cores; torch {env.get('torch', '?')}, "
                   f"NeMo {env.get('nemo', '?')}, grpcio {env.get('grpcio', '?')}, Python {env.get('python', '?')}",
-                  f"- command: `{env.get('command', 'bash bench/run_h100.sh')}`; commit {env.get('commit', '?')}",
+                  f"- command: `{env.get('command', 'bash bench/run_h100.sh')}`; commit {env.get('commit_line') or env.get('commit', '?')}"
+                  + (f" (source {env['source_revision'].get('source')}, tree sha256 "
+                     f"{env['source_revision'].get('tree_sha256', '?')[:16]})" if env.get("source_revision") else ""),
                   f"- settings: {json.dumps(env.get('settings', {}))}", ""]
     lines += ["## Our service (asr-server + asr-loadgen on the same machine, real-time streams)", "",
               "| lookahead | engine that ran | c=1 chunk p50 ms | c=1 response p50 ms | capacity (metric, p95 <= target) "

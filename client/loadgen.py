@@ -44,6 +44,7 @@ from client.loadgen_audio import AudioSpec
 from client.loadgen_report import (METRICS, level_passes, merge_level, proc_cpu_delta, proc_cpu_snapshot, progress_bar,
                                    scrape, server_delta, table_header, table_row, utterance_row, write_plot)
 from client.loadgen_run import LevelSpec, RunOptions, ShareResult, new_event_loop, prepare, run_share, worker_main
+from client.provenance import source_revision
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 
@@ -489,6 +490,8 @@ async def amain(args: argparse.Namespace) -> int:
     report = {
         "tool": "asr-loadgen", "version": VERSION, "label": args.label, "started_at": started,
         "duration_s": round(time.time() - started, 2), "argv": sys.argv[1:], "host": _host_info(),
+        # The load generator's own source (the same tree as the server's in bench/run_h100.sh).
+        "source_revision": source_revision(),
         "server": server, "server_after": final_server,
         "settings": {"chunk_ms": chunk_ms, "realtime": args.realtime, "interim": args.interim,
                      "ramp_s": args.ramp_s, "workers": args.workers, "target_ms": target_ms,

@@ -55,6 +55,24 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    _reorder(items, os.environ.get("NEMO_STREAM_TEST_ORDER", ""))
+
+
+def _reorder(items, order: str) -> None:
+    """NEMO_STREAM_TEST_ORDER=reverse or shuffle-SEED runs the collected tests in another order
+    (module-scoped fixtures are then set up more than once): a test that passes only after, or
+    only before, some other test shows up. The order is printed with its seed."""
+    if not order:
+        return
+    import random
+
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("shuffle-"):
+        random.Random(int(order.split("-", 1)[1])).shuffle(items)
+    else:
+        raise pytest.UsageError(f"NEMO_STREAM_TEST_ORDER={order!r}: use reverse or shuffle-SEED")
+    print(f"\ntest order: {order} ({len(items)} tests)")
 
 
 @pytest.fixture(autouse=True)

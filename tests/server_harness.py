@@ -98,6 +98,21 @@ def engine_scheduler(server):
     return host.scheduler if host is not None else server.scheduler
 
 
+def wall_time_limit_only_for(server, label: str | None = None) -> None:
+    """`max_stream_seconds` bounds both a stream's audio and its wall time since it opened. A test
+    of the audio limit (or a bystander stream beside a test of the wall-time limit) must not end
+    by the wall clock on a loaded machine: from here on only streams whose client_label is `label`
+    (none, with None) are ended by wall time. The audio limit is untouched."""
+    sched = engine_scheduler(server)
+    reached = sched._time_limit_reached
+
+    def only_labelled(stream):
+        if label is not None and stream.label == label:
+            reached(stream)
+
+    sched._time_limit_reached = only_labelled  # looked up when a stream opens (loop.call_later)
+
+
 @contextlib.asynccontextmanager
 async def running_frontend_pair(engine, **settings):
     """An engine host and one frontend AsrServer on it, in this process. The server it yields
@@ -137,10 +152,33 @@ async def stub_for(server: AsrServer):
 
 # -- audio ------------------------------------------------------------------------------------
 def pcm16_audio(seed: int, n: int) -> np.ndarray:
-    """Noise with a slow envelope, as int16."""
+    """`n` samples of speech-like audio (client/synth_audio.py: voiced syllables, fricatives,
+    pauses) as int16: a real model transcribes it into something, so exactness tests against the
+    real engine compare non-empty transcripts."""
+    from client.synth_audio import synth_speechlike
+
+    out = synth_speechlike(n / RATE + 0.01, seed, RATE)[:n]
+    return np.pad(out, (0, n - out.size)).astype(np.int16)
+
+
+def noise_audio(seed: int, n: int) -> np.ndarray:
+    """Noise with a slow envelope, as int16: for the fake engine, whose hash chain gives almost
+    every chunk of it tokens (a test that needs results to pile up relies on that)."""
     rng = np.random.default_rng(seed)
     env = 0.3 + 0.2 * np.sin(np.arange(n) / 2000.0 + seed)
     return np.clip(rng.standard_normal(n) * 6000 * env, -32768, 32767).astype(np.int16)
+
+
+def expected_transcript(engine, pcm: np.ndarray) -> str:
+    """The transcript of `pcm` (int16) run alone through `engine` (before a server owns it). For
+    the real engine and half a second of audio or more it must not be empty: an exactness test
+    over an empty transcript would pass with the feature missing."""
+    from tests.engine_alone import transcribe_alone
+
+    text = transcribe_alone(engine, as_float(pcm))
+    if hasattr(engine, "encoder_engine") and pcm.size >= RATE // 2:
+        assert text.strip(), f"the real engine transcribed {pcm.size} samples of speech-like audio as nothing"
+    return text
 
 
 def as_float(pcm: np.ndarray) -> np.ndarray:
@@ -229,11 +267,17 @@ ROOT = Path(__file__).resolve().parent.parent
 LISTENING = r"listening on 127\.0\.0\.1:(\d+)"
 
 
+def python_path() -> str:
+    """The repository first, then whatever PYTHONPATH already holds (on a GPU host, the folder
+    the carried wheels were installed into)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
 async def spawn_server(*args: str, env: dict | None = None, ready: str = LISTENING):
     """`python -m server.cli ARGS` in its own process; returns once it printed `ready` (a regex
     over its stdout lines): (process, the match, the lines it printed until then)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", *args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
+        sys.executable, "-m", "server.cli", *args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=python_path(), **(env or {})),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     seen = []
     while True:

@@ -168,6 +168,9 @@ def test_entry_command_parses_with_the_image_defaults_and_overrides():
     env = env_defaults()
     parsed = _run_entry({}, [])
     assert parsed["engine"] == env["ASR_ENGINE"] and parsed["model"] == env["ASR_MODEL"]
+    # The image's default engine is asr-server's own default (README: auto, fast-cudagraph on a GPU).
+    from server.cli import parse_args
+    assert env["ASR_ENGINE"] == parse_args([]).engine == "auto"
     assert parsed["fallback_engine"] is None, "no fallback unless one is named"
     assert (parsed["port"], parsed["metrics_port"]) == (50051, 9400)
     # asr-server binds the metrics port to loopback by default; the image opens it to its network

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -49,8 +50,11 @@ MAX_MESSAGE = 8192           # audio bytes per message the fuzzed server accepts
 class ThreadServer:
     """An AsrServer on its own event loop thread, so hypothesis drives it from sync tests."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, wire: bool = False):
         self.engine = engine
+        self.wire = wire  # through a frontend and the engine host over a Unix socket (--frontends N)
+        self.host = None
+        self._tmp = None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzzed-server", daemon=True)
         self.thread.start()
@@ -59,11 +63,37 @@ class ThreadServer:
         self.served = self.server.served
 
     async def _start(self) -> AsrServer:
-        server = AsrServer(self.engine, server_settings(
+        settings = server_settings(
             metrics_port=None, limits=TransportLimits(idle_timeout_s=30.0, max_audio_message_bytes=MAX_MESSAGE),
-            scheduler=SchedulerConfig(batch_wait_s=0.002, stall_timeout_s=30.0)))
+            scheduler=SchedulerConfig(batch_wait_s=0.002, stall_timeout_s=30.0))
+        if not self.wire:
+            server = AsrServer(self.engine, settings)
+            await server.start()
+            return server
+        # What `asr-server --frontends N` runs: the engine host owns the scheduler; the gRPC
+        # server is a frontend relaying every stream over the IPC wire.
+        import dataclasses
+        import os
+        import tempfile
+
+        from server.engine_host import EngineHost
+        from server.remote_scheduler import RemoteMetrics, RemoteScheduler
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="asr-fuzz-ipc-")
+        self.host = EngineHost(self.engine, settings.scheduler, os.path.join(self._tmp.name, "engine.sock"))
+        await self.host.start(settings.metrics_host, 0)
+        remote = RemoteScheduler(self.host.socket_path, name="frontend-fuzz")
+        facts = await remote.connect()
+        server = AsrServer(facts, dataclasses.replace(settings, metrics_port=None), scheduler=remote,
+                           metrics=RemoteMetrics(remote, max_batch=facts.max_batch))
         await server.start()
+        remote.announce_ready()
         return server
+
+    @property
+    def scheduler(self):
+        """The scheduler that owns the streams: the server's, or the engine host's behind the wire."""
+        return self.host.scheduler if self.host is not None else self.server.scheduler
 
     def run(self, coro, timeout: float = 120.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -73,7 +103,10 @@ class ThreadServer:
         async def poll():
             deadline = time.monotonic() + timeout_s
             while True:
-                state = (self.server.scheduler.active_streams, self.engine.slots_in_use())
+                sync = getattr(self.server.scheduler, "sync", None)
+                if sync is not None:  # closes reach the engine host a moment after the client's status
+                    await sync()
+                state = (self.scheduler.active_streams, self.engine.slots_in_use())
                 if state == (0, 0) or time.monotonic() > deadline:
                     return state
                 await asyncio.sleep(0.005)
@@ -82,6 +115,9 @@ class ThreadServer:
 
     def close(self) -> None:
         self.run(self.server.stop())
+        if self.host is not None:
+            self.run(self.host.stop())
+            self._tmp.cleanup()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
         self.loop.close()
@@ -90,6 +126,13 @@ class ThreadServer:
 @pytest.fixture(scope="module")
 def fake_server():
     server = ThreadServer(FakeEngine(capacity=16, max_batch=8))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def wire_server():
+    server = ThreadServer(FakeEngine(capacity=16, max_batch=8), wire=True)
     yield server
     server.close()
 
@@ -278,7 +321,7 @@ def check_example(server: ThreadServer, batch, reference) -> None:
             samples = pcm.astype(np.float32) / np.float32(32768.0)
             assert responses[-1].results[0].transcript == transcribe_alone(reference, samples)
     assert server.settled() == (0, 0), "a stream or slot was left behind"
-    assert server.server.scheduler.dead_reason is None
+    assert server.scheduler.dead_reason is None
     assert getattr(server.engine, "violations", []) == []
 
 
@@ -293,10 +336,49 @@ def test_fuzzed_streams_fake_engine(fake_server, batch):
     check_example(fake_server, batch, FakeEngine())
 
 
+@settings(max_examples=60, **FUZZ_SETTINGS)
+@given(batch=st.lists(streams(), min_size=1, max_size=3))
+def test_fuzzed_streams_through_the_frontend_wire(wire_server, batch):
+    """The same properties through a frontend and the engine host's IPC wire (--frontends N)."""
+    check_example(wire_server, batch, FakeEngine())
+
+
 @settings(max_examples=12, **FUZZ_SETTINGS)
 @given(batch=st.lists(streams(), min_size=1, max_size=2))
 def test_fuzzed_streams_real_engine(real_server, batch):
     check_example(real_server, batch, None)
+
+
+# -- the long randomized mode: outside CI --------------------------------------------------------
+LONG = os.environ.get("NEMO_STREAM_FUZZ_LONG")
+
+
+@pytest.mark.skipif(not LONG, reason="the long randomized fuzz runs outside CI: NEMO_STREAM_FUZZ_LONG=EXAMPLES "
+                                     "[NEMO_STREAM_FUZZ_SEED=N] pytest tests/test_fuzz.py -k long -s")
+@pytest.mark.parametrize("which", ["fake", "wire", "real"])
+def test_fuzz_long_randomized(which, request):
+    """Random (not derandomized) examples, as many as NEMO_STREAM_FUZZ_LONG says, from a seed that
+    is printed first (NEMO_STREAM_FUZZ_SEED reproduces a run); over the in-process server, the
+    frontend wire and the real engine."""
+    import random
+
+    from hypothesis import seed as hypothesis_seed
+
+    run_seed = int(os.environ.get("NEMO_STREAM_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+    examples = int(LONG)
+    print(f"\nfuzz long mode ({which}): seed {run_seed}, {examples} examples "
+          f"(reproduce: NEMO_STREAM_FUZZ_LONG={examples} NEMO_STREAM_FUZZ_SEED={run_seed})", flush=True)
+    server = request.getfixturevalue({"fake": "fake_server", "wire": "wire_server", "real": "real_server"}[which])
+    reference = None if which == "real" else FakeEngine()
+
+    @hypothesis_seed(run_seed)
+    @settings(max_examples=examples, deadline=None, derandomize=False, database=None, print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=st.lists(streams(), min_size=1, max_size=3 if which != "real" else 2))
+    def run(batch):
+        check_example(server, batch, reference)
+
+    run()
 
 
 def test_the_fuzzed_servers_still_serve(fake_server):

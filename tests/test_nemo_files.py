@@ -113,3 +113,65 @@ def test_builtin_nemotron_shape():
     # fp16 figure from DESIGN.md: 3.8 MB per stream for the two big caches
     cache_bytes = 2 * (24 * 70 * 1024 + 24 * 1024 * 8)
     assert abs(cache_bytes / 1e6 - 3.8) < 0.1
+
+
+# -- .nemo files as older NeMo versions wrote them ---------------------------------------------
+def _repack(src, dst, *, gzip: bool = False, dot_prefix: bool = True, legacy_weights: bool = False) -> None:
+    """Rewrites a .nemo (a tar of model_config.yaml, model_weights.ckpt and the tokenizer's
+    artifacts) the way older NeMo versions did: gzip-compressed (NeMo 1.0-1.6 wrote `w:gz`),
+    members without the `./` prefix, weights in torch's pre-1.6 (non-zip) serialization."""
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(src, "r:") as tar:
+            tar.extractall(tmp, filter="data")
+        weights = Path(tmp) / "model_weights.ckpt"
+        assert weights.exists()
+        if legacy_weights:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            torch.save(state, weights, _use_new_zipfile_serialization=False)
+        with tarfile.open(dst, "w:gz" if gzip else "w:") as tar:
+            for f in sorted(Path(tmp).rglob("*")):
+                name = f.relative_to(tmp).as_posix()
+                tar.add(f, arcname=f"./{name}" if dot_prefix else name, recursive=False)
+
+
+# Each of the three differences loaded alone as well when this was written (each costs a NeMo
+# restore, ~10 s on CI): the suite keeps the file that has all three at once.
+OLD_FORMATS = {
+    "gzip-tar+legacy-weights+no-prefix": dict(gzip=True, legacy_weights=True, dot_prefix=False),
+}
+
+
+@pytest.fixture(scope="module")
+def current_nemo(tmp_path_factory):
+    from nemo.collections.asr.models import EncDecRNNTBPEModel
+
+    torch.manual_seed(0)
+    model = EncDecRNNTBPEModel(cfg=_tiny_cfg())
+    from engines.models import _calibrate_joint
+    _calibrate_joint(model.eval(), 0)
+    path = tmp_path_factory.mktemp("current") / "current.nemo"
+    model.save_to(str(path))
+    loaded = load_model(str(path), lookahead_ms=160)
+    return path, _tokens(loaded)
+
+
+def _tokens(loaded) -> list[int]:
+    from engines.encoders import EagerEncoder
+    from engines.streaming_engine import StreamingEngine
+
+    engine = StreamingEngine(loaded, EagerEncoder(loaded.nemo_model.eval().encoder), 160, capacity=1, max_batch=1,
+                             device=torch.device("cpu"), dtype=torch.float32)
+    return run_alone(engine, speechlike_audio(1.3, seed=5)).tokens
+
+
+@pytest.mark.parametrize("fmt", list(OLD_FORMATS))
+def test_older_nemo_file_formats_load_and_stream_the_same(tmp_path, current_nemo, fmt):
+    path, tokens = current_nemo
+    assert len(tokens) > 0, "an empty transcript would make the comparison vacuous"
+    old = tmp_path / f"{fmt}.nemo"
+    _repack(path, old, **OLD_FORMATS[fmt])
+    assert _tokens(load_model(str(old), lookahead_ms=160)) == tokens

@@ -22,11 +22,11 @@ from server.riva_convert import ResponsePacer, RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME
 from server.scheduler import SchedulerConfig
 from server.servicer import TransportLimits
-from tests.engine_alone import transcribe_alone
 from tests.riva_harness import (
     raw_config, riva_config, riva_final, riva_stream, riva_stub_for, riva_sync, stream_requests,
 )
 from tests.server_harness import (
+    expected_transcript,
     FAKE, RATE, as_float, final_transcript, make_engine, pcm16_audio, requests_for, run_stream, running_server,
     scrape, settle, split_bytes, stub_for, wav_bytes,
 )
@@ -80,7 +80,7 @@ async def test_pacer_answers_each_message_once_its_audio_is_decoded():
 async def test_one_response_per_audio_message_and_the_final_on_the_last(interim):
     engine = make_engine(FAKE)
     clip = pcm16_audio(11, 2 * RATE + 333)
-    expected = transcribe_alone(engine, as_float(clip))
+    expected = expected_transcript(engine, clip)
     data = wav_bytes(clip)
     pieces = [data[:44], *split_bytes(data[44:], np.random.default_rng(3), 5000)]
     pieces[3:3] = [b"", b""]  # empty messages get their responses too
@@ -161,7 +161,7 @@ async def test_word_time_offsets_on_finals_in_milliseconds():
 async def test_recognize_equals_the_native_api():
     engine = make_engine(FAKE)
     clip = pcm16_audio(15, 2 * RATE + 5)
-    expected = transcribe_alone(engine, as_float(clip))
+    expected = expected_transcript(engine, clip)
     async with running_server(engine) as server, riva_stub_for(server) as stub:
         request = rpb.RecognizeRequest(config=riva_config(), audio=wav_bytes(clip))
         request.id.value = "offline-1"
@@ -195,7 +195,7 @@ async def test_model_listing_for_online_and_offline_scripts():
 async def test_riva_and_native_streams_batch_together_exactly():
     engine = make_engine(FAKE, capacity=16, max_batch=8)
     clips = [pcm16_audio(20 + i, RATE + 1000 * i) for i in range(8)]
-    expected = [transcribe_alone(engine, as_float(c)) for c in clips]
+    expected = [expected_transcript(engine, c) for c in clips]
     async with running_server(engine) as server, riva_stub_for(server) as stub, stub_for(server) as native:
         calls = [riva_stream(stub, stream_requests(raw_config(), split_bytes(c.tobytes(), np.random.default_rng(i))))
                  if i % 2 else run_stream(native, requests_for(c.tobytes(), seed=i)) for i, c in enumerate(clips)]
@@ -285,7 +285,7 @@ async def test_what_is_harmless_or_declared_is_accepted():
     false), whether or not the operator declares them; the text is the model's either way."""
     engine = make_engine(FAKE)
     clip = pcm16_audio(17, RATE)
-    expected = transcribe_alone(engine, as_float(clip))
+    expected = expected_transcript(engine, clip)
     harmless = riva_config(language_code="en-US", max_alternatives=3, audio_channel_count=1)
     harmless.speech_contexts.add(boost=4.0)  # the C++ client always sends one, empty without a phrases file
     harmless.diarization_config.max_speaker_count = 3  # diarization not enabled

@@ -257,6 +257,7 @@ async def test_max_stream_duration_ends_the_stream_with_a_final_of_the_first_sec
     expected = transcribe_alone(engine, np.concatenate([first, second])[:16000])
     sched = await started(engine, max_stream_seconds=1.0)
     handle = sched.open_stream()
+    handle.state.time_limit.cancel()  # the audio limit under test, not the same limit in wall time
     assert await handle.push_audio(first)
     assert not await handle.push_audio(second)  # takes 4000 samples, then no more
     assert not await handle.push_audio(make_audio(16, 100))
@@ -286,6 +287,7 @@ async def test_max_stream_duration_fails_a_whole_file_with_out_of_range():
     engine = FakeEngine()
     sched = await started(engine, max_stream_seconds=1.0)
     handle = sched.open_stream(finalize_at_limit=False)
+    handle.state.time_limit.cancel()  # the audio limit under test, not the same limit in wall time
     assert await handle.push_audio(make_audio(14, 12000))
     assert not await handle.push_audio(make_audio(15, 12000))
     events = await collect(handle)

@@ -18,7 +18,7 @@ from server.servicer import END_REASON_KEY, TransportLimits
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
     FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, requests_for,
-    run_stream, run_stream_sync, running_server, scrape, stub_for, wav_bytes,
+    run_stream, run_stream_sync, running_server, scrape, stub_for, wall_time_limit_only_for, wav_bytes,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -196,6 +196,7 @@ async def test_max_stream_duration_ends_a_stream_with_a_final_and_refuses_a_long
     expected = transcribe_alone(engine, as_float(clip[:RATE]))
     async with running_server(engine, scheduler=SchedulerConfig(max_stream_seconds=1.0)) as server, \
             stub_for(server) as stub:
+        wall_time_limit_only_for(server, None)  # the audio limit is under test; load must not end it first
         def stream():
             with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 call = pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(iter(requests_for(clip.tobytes())))

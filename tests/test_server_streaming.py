@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from proto import asr_stream_pb2 as pb
-from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
+    expected_transcript,
     ALL_ENGINE_KINDS, FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio,
     requests_for, run_stream, running_server, stub_for, wav_bytes,
 )
@@ -27,7 +27,7 @@ async def test_32_concurrent_streams_each_exact(engine_kind):
     lengths = [int(rng.integers(RATE // 4, 3 * RATE)) for _ in range(28)]
     lengths += [g.chunk_samples + 50, g.samples_needed(2), 1, 300]  # 1: no frame, no step
     clips = [pcm16_audio(i, n) for i, n in enumerate(lengths)]
-    expected = [transcribe_alone(engine, as_float(c)) for c in clips]  # before the server owns the engine
+    expected = [expected_transcript(engine, c) for c in clips]  # before the server owns the engine
     async with running_server(engine) as server, stub_for(server) as stub:
         results = await asyncio.gather(*(
             run_stream(stub, requests_for(c.tobytes(), seed=i, interim_results=bool(i % 2), client_label=f"c{i}"))
@@ -69,7 +69,7 @@ async def test_interim_results_and_word_times():
 async def test_wav_float32_and_raw_give_the_same_transcript():
     engine = make_engine(FAKE)
     clip = pcm16_audio(2, RATE + 777)
-    expected = transcribe_alone(engine, as_float(clip))
+    expected = expected_transcript(engine, clip)
     async with running_server(engine) as server, stub_for(server) as stub:
         raw = await run_stream(stub, requests_for(clip.tobytes(), seed=1))
         wav = await run_stream(stub, requests_for(wav_bytes(clip), seed=2, sample_rate=0,
@@ -110,7 +110,7 @@ async def test_empty_audio_gets_an_empty_final():
 async def test_unary_recognize_equals_streaming():
     engine = make_engine(FAKE)
     clip = pcm16_audio(4, RATE * 2 + 5)
-    expected = transcribe_alone(engine, as_float(clip))
+    expected = expected_transcript(engine, clip)
     async with running_server(engine) as server, stub_for(server) as stub:
         response = await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(), audio=wav_bytes(clip)))
         raw = await stub.Recognize(pb.RecognizeRequest(

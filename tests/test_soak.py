@@ -24,4 +24,7 @@ async def test_short_soak_leaves_nothing_behind():
     assert report.server_errors == {}, report.server_rpcs  # nothing but OK and CANCELLED went out
     assert report.active_streams_end == 0 and report.slots_in_use_end == 0
     assert report.health_end == "SERVING" and report.server_exit_code == 0
+    # Every process of the server is measured: the engine worker holds the model and its caches.
+    assert {"parent", "engine-worker"} <= set(report.rss_by_process_after), report.rss_by_process_after
+    assert report.rss_by_process_after["engine-worker"] > report.rss_by_process_after["parent"]
     assert report.rss_growth_mib is not None and report.rss_growth_mib < RSS_GROWTH_LIMIT_MIB

@@ -1,0 +1,90 @@
+"""fast-cudagraph in float16, the default engine on a GPU, against NeMo's eager module in float32
+(TF32 off), on speech: token agreement of at least 99.9% and the share of identical whole
+transcripts, over at least 200 streams of the demo model and of the Nemotron 0.6B shape; CUDA
+graphs captured once and never again while serving; the RNNT decode loop's graph against the
+same loop run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine_helpers import run_streams
+from tests.gpu.agreement import agreement, build_on
+from tests.gpu.conftest import record
+from tests.gpu.speech import clips
+
+MIN_STREAMS = 200
+MIN_TOKEN_AGREEMENT = 0.999
+
+
+@pytest.fixture(scope="module")
+def speech():
+    audios = {f"{i:03d}-{name}": samples for i, (name, samples, _) in enumerate(clips(MIN_STREAMS))}
+    assert len(audios) >= MIN_STREAMS
+    return audios
+
+
+@pytest.fixture(scope="module")
+def exact_fp32():
+    """The reference runs in true float32: no TF32 in matmuls or convolutions."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _compare(model_spec: str, speech, seed: int):
+    reference = build_on(model_spec, "eager", "float32")
+    fast = build_on(model_spec, "fast-cudagraph", "float16")
+    assert fast.startup_report.engine == "fast-cudagraph" and fast.startup_report.self_check.passed
+    fast.warmup()
+    encoder_captures = fast.encoder_engine.captures
+    decode_graphs = set(fast.decoder._graphs)
+    ref = run_streams(reference, speech, seed=None)
+    got = run_streams(fast, speech, seed=seed)  # random mixed batches of 1..64 streams
+    # Serving 200+ streams in batches of every size captured nothing new.
+    assert fast.encoder_engine.captures == encoder_captures == len(fast.encoder_engine.buckets)
+    assert set(fast.decoder._graphs) == decode_graphs, "a decode graph was captured while serving"
+    assert fast.executions()["fast-cudagraph"] > 0
+    a = agreement(ref, got)
+    return a, fast, ref
+
+
+def test_demo_model_fast_cudagraph_fp16_agrees_with_eager_fp32(speech, exact_fp32):
+    a, _, _ = _compare("builtin:demo", speech, seed=3)
+    record("demo_fast_cudagraph_fp16_vs_eager_fp32", a.as_dict())
+    assert a.streams >= MIN_STREAMS and a.empty_reference == 0 and a.reference_tokens > 5 * a.streams
+    assert a.token_agreement >= MIN_TOKEN_AGREEMENT, a.as_dict()
+    assert a.transcript_match >= 0.98, a.as_dict()
+
+
+def test_nemotron_shape_fast_cudagraph_fp16_agrees_with_eager_fp32(speech, exact_fp32):
+    """Random weights (joint calibrated so labels follow the audio): the same arithmetic as the
+    real 0.6B model, with logit margins no training has widened."""
+    a, fast, ref = _compare("builtin:nemotron-0.6b", speech, seed=4)
+    del fast
+    # What float16 alone does to these random weights: NeMo's own module in float16, same batches.
+    eager16 = build_on("builtin:nemotron-0.6b", "eager", "float16")
+    b = agreement(ref, run_streams(eager16, speech, seed=None))
+    record("nemotron_0.6b_fast_cudagraph_fp16_vs_eager_fp32", {**a.as_dict(), "eager_fp16_vs_eager_fp32": b.as_dict()})
+    assert a.streams >= MIN_STREAMS and a.reference_tokens > 5 * a.streams
+    assert a.token_agreement >= MIN_TOKEN_AGREEMENT, a.as_dict()
+
+
+def test_decode_graph_equals_the_eager_decode_loop(speech):
+    """The RNNT decode loop captured per batch bucket gives the tokens of the same loop run
+    eagerly, over every speech stream in mixed batches (demo model, fp16, fast-cudagraph)."""
+    engine = build_on("builtin:demo", "fast-cudagraph", "float16")
+    engine.warmup()
+    graphed = run_streams(engine, speech, seed=5)
+    assert engine.decoder.use_graphs and engine.decoder._graphs, "the decode loop was not captured"
+    engine.decoder.use_graphs = False
+    try:
+        eager = run_streams(engine, speech, seed=5)
+    finally:
+        engine.decoder.use_graphs = True
+    assert sum(len(r.tokens) for r in eager.values()) > 5 * len(speech)
+    differ = [s for s in speech if graphed[s].tokens != eager[s].tokens]
+    record("decode_graph_vs_eager_loop", {"streams": len(speech), "differ": len(differ)})
+    assert differ == []
