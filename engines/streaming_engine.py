@@ -60,7 +60,7 @@ class StreamingEngine:
             name=model.name, lookahead_ms=lookahead_ms, lookaheads_ms=model.lookaheads_ms,
             sample_rate=self.geometry.sample_rate, vocabulary_size=len(model.pieces),
             random_weights=model.random_weights, description=model.description,
-            languages=("en", "hi") if model.random_weights else ())
+            languages=model.languages)
         self.allocator = SlotAllocator(capacity)
         self.featurizer = StreamingFeaturizer(nemo.preprocessor.featurizer, self.geometry, capacity, device)
         self.decoder = GreedyRNNTDecoder(nemo.decoder, nemo.joint, model.blank_id,

@@ -5,6 +5,7 @@ so tests run it on the fake engine and the CLI on the real one."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from engines.api import StreamingEngine
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
+from server.call_limits import RecognizeBudget
 from server.gc_policy import apply_gc_policy
 from server.metrics import MetricsObserver, ServerMetrics
 from server.riva_convert import RivaSettings
@@ -113,10 +115,13 @@ class AsrServer:
             # can have no more than this in flight (no BDP probing, which would grow it).
             ("grpc.http2.lookahead_bytes", s.stream_window_bytes), ("grpc.http2.bdp_probe", 0),
         ])
+        # Responses are checked against the send limit; one Recognize byte budget for both APIs.
+        limits = dataclasses.replace(s.limits, max_send_bytes=s.max_message_bytes)
+        budget = RecognizeBudget(limits.recognize)
         pb_grpc.add_SpeechRecognitionServicer_to_server(
-            SpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics), self._grpc)
-        add_riva_servicer(RivaSpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics, s.riva),
-                          self._grpc)
+            SpeechRecognitionServicer(self.scheduler, self.served, limits, self.metrics, budget), self._grpc)
+        add_riva_servicer(RivaSpeechRecognitionServicer(self.scheduler, self.served, limits, self.metrics, s.riva,
+                                                        budget), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, RIVA_SERVICE_NAME,
                                              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -17,8 +17,10 @@ Lifecycle:
   - the engine dies: the frontends answer UNAVAILABLE and NOT_SERVING, and after
     --exit-on-engine-death-s the whole server exits with status 3 for a supervisor to restart.
 
-Per-client stream limits (--max-streams-per-client) are counted per frontend process: a
-client's connections may land on different frontends.
+Per-client stream limits (--max-streams-per-client) hold over the whole server: a client's
+connections may land on different frontends, so the engine process counts its streams (the
+identity travels with each OPEN) and refuses the one past the limit, whichever frontend it
+came through.
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ async def serve_with_frontends(engine, settings: ServerSettings, count: int, arg
     workdir = tempfile.mkdtemp(prefix="asr-engine-")
     socket_path = os.path.join(workdir, "engine.sock")
     host = EngineHost(engine, settings.scheduler, socket_path, gc_freeze=settings.gc_freeze,
-                      gc_threshold=settings.gc_threshold)
+                      gc_threshold=settings.gc_threshold,
+                      max_streams_per_client=settings.security.max_streams_per_client)
     supervisor = FrontendSupervisor(host, count, argv, port, socket_path)
     try:
         try:

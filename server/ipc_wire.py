@@ -22,7 +22,7 @@ from engines.api import TokenEvent
 from server.stream_events import ChunkResult, ErrorKind, StreamEvent, StreamFailure
 
 # frontend -> engine
-OPEN = 1       # (OPEN, key, label, finalize_at_limit)
+OPEN = 1       # (OPEN, key, label, finalize_at_limit, client identity or None)
 AUDIO = 2      # (AUDIO, key, float32 bytes)
 END = 3        # (END, key)
 FAIL = 4       # (FAIL, key, ErrorKind value, message): the frontend failed the stream

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server import ipc_wire as w
+from server.call_limits import CLIENT_IDENTITY
 from server.engine_host import EngineFacts
 from server.ipc_wire import FrameReader, FrameWriter
 from server.metrics import ServerMetrics
@@ -154,7 +155,9 @@ class RemoteScheduler(StreamBooks):
                                   finalize_at_limit=finalize_at_limit)
         state.audio_room.set()
         self._add(state)
-        self._send((w.OPEN, key, label, finalize_at_limit))
+        # The client's identity (set by the security interceptor when streams per client are
+        # limited): the engine process counts them over every frontend.
+        self._send((w.OPEN, key, label, finalize_at_limit, CLIENT_IDENTITY.get()))
         return StreamHandle(self, state)
 
     # -- per-stream operations -----------------------------------------------------------

@@ -32,7 +32,8 @@ from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_audio_pb2 as rau
 from server.audio_decoder import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, AudioDecoder, AudioSpec
 from server.responses import words_from_tokens
-from server.stream_config import ServedModel
+from server.call_limits import shown
+from server.stream_config import ServedModel, language_supported
 from server.stream_events import ChunkResult, ErrorKind, StreamError
 from server.wav_header import AudioError, SampleEncoding, looks_like_wav, parse_wav_header
 
@@ -71,10 +72,10 @@ def validate_riva_config(cfg: rpb.RecognitionConfig, served: ServedModel, settin
                          interim_results: bool = False, label: str = "") -> RivaOptions:
     """Raises StreamError(INVALID_ARGUMENT) naming the first option this server cannot honour."""
     if cfg.model and cfg.model not in served.names:
-        raise invalid(f"model {cfg.model!r} is not served here; served: {', '.join(served.names)}")
+        raise invalid(f"model {shown(cfg.model)} is not served here; served: {', '.join(served.names)}")
     languages = served.info.languages
-    if cfg.language_code and languages and _language(cfg.language_code) not in {_language(x) for x in languages}:
-        raise invalid(f"language_code {cfg.language_code!r} is not supported by {served.info.name}; "
+    if cfg.language_code and not language_supported(cfg.language_code, languages):
+        raise invalid(f"language_code {shown(cfg.language_code)} is not supported by {served.info.name}; "
                       f"supported: {', '.join(languages)}")
     if cfg.encoding not in (rau.ENCODING_UNSPECIFIED, rau.LINEAR_PCM):
         name = rau.AudioEncoding.Name(cfg.encoding) if cfg.encoding in rau.AudioEncoding.values() else str(cfg.encoding)
@@ -101,7 +102,8 @@ def validate_riva_config(cfg: rpb.RecognitionConfig, served: ServedModel, settin
         raise invalid("endpointing_config is not supported: this server has no endpointing and "
                       "sends one final result per stream, at the end of the audio")
     if cfg.custom_configuration:
-        raise invalid(f"custom_configuration is not supported (got keys: {', '.join(sorted(cfg.custom_configuration))})")
+        raise invalid("custom_configuration is not supported (got keys: "
+                      f"{shown(', '.join(sorted(cfg.custom_configuration)))})")
     if cfg.enable_automatic_punctuation and not settings.model_punctuates:
         raise invalid(f"enable_automatic_punctuation is not supported: model {served.info.name} does not "
                       "punctuate and no punctuation model runs here; send enable_automatic_punctuation=false")
@@ -112,14 +114,9 @@ def validate_riva_config(cfg: rpb.RecognitionConfig, served: ServedModel, settin
                        interim_results=interim_results, word_times=cfg.enable_word_time_offsets, label=label)
 
 
-def _language(code: str) -> str:
-    """BCP-47 primary language: 'en-US' matches a model that lists 'en'."""
-    return code.split("-")[0].split("_")[0].lower()
-
-
 def check_runtime_config(request: rpb.StreamingRecognizeRequest) -> None:
     if request.runtime_config:
-        raise invalid(f"runtime_config is not supported (got keys: {', '.join(sorted(request.runtime_config))})")
+        raise invalid(f"runtime_config is not supported (got keys: {shown(', '.join(sorted(request.runtime_config)))})")
 
 
 def request_label(request_id: str) -> str:

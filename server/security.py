@@ -30,6 +30,8 @@ from pathlib import Path
 
 import grpc
 
+from server.call_limits import CLIENT_IDENTITY, shown
+
 log = logging.getLogger("nemostream.security")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -248,8 +250,11 @@ def _counted(handler: grpc.RpcMethodHandler, limiter: ClientLimiter, identity: s
             if handler.request_streaming:
                 await drain_requests(request_or_iterator)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"client {who!r} already has {limiter.limit} streams open (the limit per client); "
-                                "retry when one has finished")
+                                f"client {shown(who)} already has {limiter.limit} streams open (the limit per client, "
+                                "--max-streams-per-client); retry when one has finished")
+        # For the handler: the Recognize byte budget and, behind frontends, the engine process's
+        # count across every frontend (server.engine_host) go by the same identity.
+        CLIENT_IDENTITY.set(who)
         return who
 
     if inspect.isasyncgenfunction(inner):
@@ -302,7 +307,8 @@ def add_security_args(parser) -> None:
     g.add_argument("--auth-exempt-reflection", action="store_true", help="reflection needs no token")
     g.add_argument("--max-streams-per-client", type=int, default=0,
                    help="concurrent StreamingRecognize/Recognize calls per client (token name, client "
-                        "certificate, or peer address); 0: no limit")
+                        "certificate, or peer address), counted across the whole server (with --frontends N, "
+                        "in the engine process, over every frontend); 0: no limit")
 
 
 def security_settings(args) -> SecuritySettings:
