@@ -162,6 +162,12 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported to the client, not lost
+            if handle.state.status.terminal:
+                # The call is ending (its status is going out, or the client left): the read was
+                # cut short by the transport (grpc's AbortError). One line, no traceback.
+                log.debug("riva audio reader stopped: the call ended", extra={
+                    "stream_id": handle.stream_id, "error": f"{type(exc).__name__}: {exc}"})
+                return
             log.exception("riva audio reader failed", extra={"stream_id": handle.stream_id})
             handle.fail(ErrorKind.INTERNAL, f"internal error reading audio: {exc}")
         await drain_requests(requests)

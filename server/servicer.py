@@ -192,8 +192,6 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
             raise asyncio.CancelledError()  # as CANCELLED by the handler, like any cancellation)
         # Count first: once the status is out, a client may already be reading the metrics.
         self._metrics.rpc_finished(method, kind.value)
-        if kind is not ErrorKind.OUT_OF_RANGE and kind is not ErrorKind.CANCELLED:
-            log.info("call ended with an error status", extra={"method": method, "code": kind.value})
         await context.abort(_code(kind), status_message(message))
 
     async def _next_request(self, requests, what: str, timeout_s: float | None = None):
@@ -230,6 +228,12 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported to the client, not lost
+            if handle.state.status.terminal:
+                # The call is ending (its status is going out, or the client left): the read was
+                # cut short by the transport (grpc's AbortError). One line, no traceback.
+                log.debug("audio reader stopped: the call ended", extra={
+                    "stream_id": handle.stream_id, "error": f"{type(exc).__name__}: {exc}"})
+                return
             log.exception("audio reader failed", extra={"stream_id": handle.stream_id})
             handle.fail(ErrorKind.INTERNAL, f"internal error reading audio: {exc}")
         await drain_requests(requests)
