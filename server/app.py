@@ -23,7 +23,7 @@ from server.metrics import MetricsObserver, ServerMetrics
 from server.riva_convert import RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
 from server.scheduler import Scheduler, SchedulerConfig
-from server.security import SecuritySettings
+from server.security import REFUSAL_DRAIN_SECONDS, SecuritySettings
 from server.servicer import SpeechRecognitionServicer, TransportLimits
 from server.stream_config import ServedModel
 
@@ -159,7 +159,8 @@ class AsrServer:
         await self.scheduler.wait_idle(max(5.0, self.settings.exit_on_engine_death_s))
         await asyncio.sleep(self.settings.exit_on_engine_death_s)
         log.critical("stopping: the engine is dead", extra={"reason": reason})
-        await self.stop(grace_s=1.0)
+        # Handlers may still read what their clients send before the status (settle_reader).
+        await self.stop(grace_s=REFUSAL_DRAIN_SECONDS + 1.0)
 
     @property
     def engine_failure(self) -> str | None:
