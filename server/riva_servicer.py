@@ -195,8 +195,8 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             if data:
                 deadline = loop.time() + idle
             elif loop.time() >= deadline:
-                raise _ReadFailed(ErrorKind.DEADLINE_EXCEEDED, f"idle timeout: no audio for {idle:g} s "
-                                  "(messages without audio do not keep a stream open)")
+                raise StreamError(ErrorKind.DEADLINE_EXCEEDED, f"idle timeout: no audio for {idle:g} s "
+                                  "(messages without audio do not keep a stream open)")  # intact: drained
             before = audio.input_seconds
             samples = audio.feed(data)
             call.message(samples.size)  # before the push: its response may be due at once

@@ -254,8 +254,10 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                 raise invalid("config sent twice: only the first request may carry a config")
             if kind != "audio" or not request.audio:
                 if loop.time() >= deadline:
+                    # The request stream is intact (a keep-alive just arrived): the reader drains
+                    # what the client still sends before the status goes out.
                     raise _Abort(ErrorKind.DEADLINE_EXCEEDED, f"idle timeout: no audio for {idle:g} s "
-                                 "(requests without audio do not keep a stream open)", read_failed=True)
+                                 "(requests without audio do not keep a stream open)")
                 continue  # an empty request carries nothing
             deadline = loop.time() + idle
             size = len(request.audio)
