@@ -95,6 +95,7 @@ class Report:
     server_rpcs: dict = field(default_factory=dict)
     health_end: str = ""
     server_exit_code: int | None = None
+    stopped_early: bool = False                          # SIGUSR1: fewer streams than asked for
     command: str = ""
     commit: str = ""
     machine: str = ""
@@ -309,7 +310,8 @@ async def run(args, report: Report, log=print) -> None:
             for role, mib in process_rss(proc.pid).items():
                 rss.setdefault(role, []).append((0, mib))
             engine_pids = child_pids(proc.pid, "engine")
-            hang_at = args.streams // 2
+            hang_at = args.hang_at if args.hang_at is not None else args.streams // 2
+
             hang_task: list[asyncio.Task] = []
 
             async def hang() -> None:
@@ -326,6 +328,15 @@ async def run(args, report: Report, log=print) -> None:
                 log(f"adversarial soak: engine worker {pid} stopped for {args.hang_s} s and continued")
 
             queue = collections.deque(range(args.streams))
+
+            def queue_stop() -> None:
+                report.stopped_early = True
+                queue.clear()
+                log("adversarial soak: SIGUSR1, no new streams")
+
+            # SIGUSR1 ends the run early but properly: no new streams, the open ones finish, and
+            # the end-of-run checks (streams, slots, health, memory, exit status) still run.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, queue_stop)
             step = max(1, args.streams // 20)
             started = time.monotonic()
 
@@ -411,6 +422,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-audio-s", type=float, default=0.2)
     p.add_argument("--max-audio-s", type=float, default=1.2)
     p.add_argument("--hang-s", type=float, default=10.0, help="SIGSTOP of the engine worker at the midpoint")
+    p.add_argument("--hang-at", type=int, default=None, help="streams done when the hang starts (default: half)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-args", default=SERVER_ARGS)
     p.add_argument("--json", default=None)
