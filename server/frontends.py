@@ -39,6 +39,7 @@ import tempfile
 from server.app import AsrServer, ServerSettings
 from server.engine_host import EngineHost
 from server.remote_scheduler import RemoteMetrics, RemoteScheduler
+from server.security import REFUSAL_DRAIN_SECONDS
 
 log = logging.getLogger("nemostream.frontends")
 EXIT_ENGINE_DEAD = 3
@@ -240,7 +241,8 @@ async def serve_frontend(settings: ServerSettings, socket_path: str, name: str) 
         await remote.disconnected.wait()
         if not draining:
             await asyncio.sleep(1.0)
-            await server.stop(grace_s=1.0)
+            # Handlers may still read what their clients send before the status (settle_reader).
+            await server.stop(grace_s=REFUSAL_DRAIN_SECONDS + 1.0)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, lambda: None)

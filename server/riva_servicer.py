@@ -36,7 +36,7 @@ from server.riva_convert import (
     recognize_response, request_label, streaming_response, validate_riva_config,
 )
 from server.scheduler import Scheduler, StreamHandle
-from server.security import drain_requests
+from server.security import REFUSAL_QUIET_SECONDS, drain_requests
 from server.servicer import TransportLimits, settle_reader
 from server.stream_config import ServedModel
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
@@ -111,7 +111,7 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
                 if reader is not None:
                     await settle_reader(reader, handle)
                 elif not read_failed:
-                    await drain_requests(requests)  # refused before the reader started
+                    await drain_requests(requests, quiet_s=REFUSAL_QUIET_SECONDS)  # refused before the reader started
             await self._abort(context, method, kind, str(exc))
         except asyncio.CancelledError:
             code = "CANCELLED"  # client cancelled, disconnected, or its deadline passed
@@ -170,7 +170,7 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
                 return
             log.exception("riva audio reader failed", extra={"stream_id": handle.stream_id})
             handle.fail(ErrorKind.INTERNAL, f"internal error reading audio: {exc}")
-        await drain_requests(requests)
+        await drain_requests(requests, quiet_s=REFUSAL_QUIET_SECONDS)
 
     async def _read_audio(self, requests, handle: StreamHandle, audio: RivaAudio, call: _StreamCall) -> bool:
         """True when the stream stopped taking audio before the client's requests ended."""

@@ -208,17 +208,21 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 # what the client sends, until it half-closes, within this budget; nothing read is used.
 REFUSAL_DRAIN_BYTES = 4 << 20
 REFUSAL_DRAIN_SECONDS = 2.0
+REFUSAL_QUIET_SECONDS = 0.5  # the servicers' drains stop once the client has sent nothing this long
 
 
 async def drain_requests(requests, max_bytes: int = REFUSAL_DRAIN_BYTES,
-                         max_seconds: float = REFUSAL_DRAIN_SECONDS) -> None:
+                         max_seconds: float = REFUSAL_DRAIN_SECONDS, quiet_s: float | None = None) -> None:
+    """Read and drop requests until the client half-closes, within the bounds. `quiet_s`: stop
+    as soon as the client sends nothing for this long (it is not writing, so the status cannot
+    race a write), rather than hold the status of a quiet client for max_seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_seconds
     seen = 0
     it = requests.__aiter__()
     while seen < max_bytes and (left := deadline - loop.time()) > 0:
         try:
-            message = await asyncio.wait_for(it.__anext__(), left)
+            message = await asyncio.wait_for(it.__anext__(), left if quiet_s is None else min(left, quiet_s))
         except (StopAsyncIteration, TimeoutError):
             return
         except Exception:  # noqa: BLE001 - undecodable bytes, a broken stream: stop reading

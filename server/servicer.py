@@ -20,7 +20,7 @@ from server.idle_read import next_within
 from server.metrics import ServerMetrics
 from server.responses import recognition_result, streaming_response
 from server.scheduler import Scheduler, StreamHandle
-from server.security import REFUSAL_DRAIN_SECONDS, drain_requests
+from server.security import REFUSAL_DRAIN_SECONDS, REFUSAL_QUIET_SECONDS, drain_requests
 from server.stream_config import ServedModel, StreamOptions, invalid, validate_config
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
 from server.stream_state import StreamStatus
@@ -146,7 +146,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                 if reader is not None:
                     await settle_reader(reader, handle)
                 elif not getattr(exc, "read_failed", False):
-                    await drain_requests(requests)  # refused before the reader started
+                    await drain_requests(requests, quiet_s=REFUSAL_QUIET_SECONDS)  # refused before the reader started
             await self._abort(context, "StreamingRecognize", exc.kind, exc.message)
         except asyncio.CancelledError:
             code = "CANCELLED"  # client cancelled, disconnected, or its deadline passed
@@ -236,7 +236,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
                 return
             log.exception("audio reader failed", extra={"stream_id": handle.stream_id})
             handle.fail(ErrorKind.INTERNAL, f"internal error reading audio: {exc}")
-        await drain_requests(requests)
+        await drain_requests(requests, quiet_s=REFUSAL_QUIET_SECONDS)
 
     async def _read_audio(self, requests, handle: StreamHandle, decoder: AudioDecoder, context) -> bool:
         """True when the stream stopped taking audio before the client's requests ended."""
