@@ -101,6 +101,7 @@ class LoadedModel:
     lookaheads_ms: tuple[int, ...]
     checksum: str            # identifies the weights, for export caches
     utterance_reset: str = "keep"  # the model's own EngineConfig.utterance_reset ("auto" resolves to it)
+    languages: tuple[str, ...] = ()  # BCP-47 primary languages it was trained on; () unknown (any hint taken)
 
 
 def _builtin_cfg(spec: BuiltinSpec):
@@ -258,12 +259,13 @@ def load_model(spec: str, lookahead_ms: int, seed: int = 0) -> LoadedModel:
     if spec.startswith("builtin:") and spec.split(":", 1)[1] in TRAINED:
         name = spec.split(":", 1)[1]
         model = load_trained_builtin(name)
-        random_weights, description = False, TRAINED[name].description
+        random_weights, description, languages = False, TRAINED[name].description, TRAINED[name].languages
         utterance_reset = TRAINED[name].utterance_reset
     elif spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         model = build_builtin(name, seed=seed)
         random_weights, description = True, BUILTINS[name].description
+        languages = ("en", "hi")  # random weights: the languages of the demo it stands in for
     else:
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"model file {spec!r} does not exist (pass builtin:tiny or a .nemo path)")
@@ -272,6 +274,7 @@ def load_model(spec: str, lookahead_ms: int, seed: int = 0) -> LoadedModel:
         model.eval()
         name, random_weights = os.path.basename(spec), False
         description = f"{type(model).__name__} from {os.path.basename(spec)}"
+        languages = ()  # a .nemo file does not say which languages it serves
     if not isinstance(model, EncDecRNNTModel):
         raise ValueError(f"{spec}: {type(model).__name__} is not an RNNT or hybrid RNNT/CTC model")
     if hasattr(model, "cur_decoder") and model.cur_decoder != "rnnt":
@@ -292,4 +295,5 @@ def load_model(spec: str, lookahead_ms: int, seed: int = 0) -> LoadedModel:
     return LoadedModel(
         name=spec, nemo_model=model, pieces=pieces, word_boundary=boundary,
         blank_id=model.decoder.blank_idx, random_weights=random_weights, description=description,
-        lookaheads_ms=lookaheads, checksum=_weights_checksum(model), utterance_reset=utterance_reset)
+        lookaheads_ms=lookaheads, checksum=_weights_checksum(model), languages=languages,
+        utterance_reset=utterance_reset)

@@ -65,7 +65,7 @@ class StreamingEngine:
             name=model.name, lookahead_ms=lookahead_ms, lookaheads_ms=model.lookaheads_ms,
             sample_rate=self.geometry.sample_rate, vocabulary_size=len(model.pieces),
             random_weights=model.random_weights, description=model.description,
-            languages=("en", "hi") if model.random_weights else (), word_boundary=model.word_boundary,
+            languages=model.languages, word_boundary=model.word_boundary,
             eou_token=model.pieces[self.eou_id] if self.eou_id is not None else "")
         self.allocator = SlotAllocator(capacity)
         self.featurizer = StreamingFeaturizer(nemo.preprocessor.featurizer, self.geometry, capacity, device)

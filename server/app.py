@@ -5,6 +5,7 @@ so tests run it on the fake engine and the CLI on the real one."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -16,13 +17,14 @@ from grpc_reflection.v1alpha import reflection
 from engines.api import EndpointingParams, StreamingEngine
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
+from server.call_limits import RecognizeBudget
 from server.gc_policy import apply_gc_policy
 from server.metrics import MetricsObserver, ServerMetrics
 from server.ops_http import scheduler_status
 from server.riva_convert import RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
 from server.scheduler import Scheduler, SchedulerConfig
-from server.security import SecuritySettings
+from server.security import REFUSAL_DRAIN_SECONDS, SecuritySettings
 from server.servicer import SpeechRecognitionServicer, TransportLimits
 from server.stream_config import ServedModel
 
@@ -144,10 +146,13 @@ class AsrServer:
             ("grpc.http2.lookahead_bytes", s.stream_window_bytes), ("grpc.http2.bdp_probe", 0),
             *s.connection_age_options(),
         ])
+        # Responses are checked against the send limit; one Recognize byte budget for both APIs.
+        limits = dataclasses.replace(s.limits, max_send_bytes=s.max_message_bytes)
+        budget = RecognizeBudget(limits.recognize)
         pb_grpc.add_SpeechRecognitionServicer_to_server(
-            SpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics), self._grpc)
-        add_riva_servicer(RivaSpeechRecognitionServicer(self.scheduler, self.served, s.limits, self.metrics, s.riva),
-                          self._grpc)
+            SpeechRecognitionServicer(self.scheduler, self.served, limits, self.metrics, budget), self._grpc)
+        add_riva_servicer(RivaSpeechRecognitionServicer(self.scheduler, self.served, limits, self.metrics, s.riva,
+                                                        budget), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, RIVA_SERVICE_NAME,
                                              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -189,7 +194,8 @@ class AsrServer:
         await self.scheduler.wait_idle(max(5.0, self.settings.exit_on_engine_death_s))
         await asyncio.sleep(self.settings.exit_on_engine_death_s)
         log.critical("stopping: the engine is dead", extra={"reason": reason})
-        await self.stop(grace_s=1.0)
+        # Handlers may still read what their clients send before the status (settle_reader).
+        await self.stop(grace_s=REFUSAL_DRAIN_SECONDS + 1.0)
 
     @property
     def engine_failure(self) -> str | None:

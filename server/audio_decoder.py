@@ -17,6 +17,9 @@ from server.wav_header import AudioError, SampleEncoding, WavHeader, looks_like_
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 MAX_CHANNELS = 8
 _SNIFF_BYTES = 12  # "RIFF" <size> "WAVE"
+# FLOAT32 audio is in [-1, 1]; a little overshoot (a mix, a gain) is tolerated, values far
+# beyond are not audio (3e38 overflowed the features silently).
+MAX_FLOAT_SAMPLE = 16.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class AudioDecoder:
         self.format: ResolvedFormat | None = None
         self._pending = b""               # header bytes, or a split sample
         self._data_left: int | None = None  # WAV data bytes still expected (None: unbounded)
+        self._data_size = 0               # the WAV header's data size
+        self._trailing = b""              # bytes after a WAV data chunk (other RIFF chunks, or lies)
+        self._trailing_seen = 0
         self._resampler = None
         self.input_samples = 0            # per channel, at the sender's rate
 
@@ -96,6 +102,7 @@ class AudioDecoder:
             self._set_format(self._from_wav(header))
             self._pending = buf[header.data_offset:]
             self._data_left = header.data_size
+            self._data_size = header.data_size or 0
             return True
         spec = self.spec
         if not spec.sample_rate:
@@ -134,6 +141,8 @@ class AudioDecoder:
         fmt = self.format
         assert fmt is not None
         if self._data_left is not None:  # bytes after a WAV data chunk are other chunks, not audio
+            if len(new) > self._data_left:
+                self._check_trailing(new[self._data_left:])
             new = new[:self._data_left]
             self._data_left -= len(new)
         data = self._pending + new if self._pending else new
@@ -149,6 +158,21 @@ class AudioDecoder:
             samples = self._resampler.resample_chunk(samples, last=final)
         return np.ascontiguousarray(samples, dtype=np.float32)
 
+    def _check_trailing(self, extra: bytes) -> None:
+        """Bytes after the data chunk the header announced are accepted only as what a WAV file
+        may hold there: further RIFF chunks (LIST, id3, ...), a pad byte, within the header
+        bound. Anything else means the header's data size is smaller than the audio sent, and
+        dropping the rest silently would return a transcript of part of the audio."""
+        self._trailing_seen += len(extra)
+        if len(self._trailing) < 9:
+            self._trailing += extra[:9 - len(self._trailing)]
+        head = self._trailing[self._data_size & 1:]  # chunks start at even offsets
+        chunk_like = len(head) < 4 or all(32 <= b < 127 for b in head[:4])
+        if not chunk_like or self._trailing_seen > self.max_header_bytes:
+            raise AudioError(f"the WAV header's data size is {self._data_size} bytes, but more audio followed "
+                             f"({self._trailing_seen}+ bytes after it that are no RIFF chunk); fix the header "
+                             "(or stream with an open data size: 0 or 0xFFFFFFFF)")
+
     @staticmethod
     def _to_float(data: bytes, fmt: ResolvedFormat) -> np.ndarray:
         if not data:
@@ -160,6 +184,10 @@ class AudioDecoder:
             samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
             if not np.isfinite(samples).all():
                 raise AudioError("FLOAT32 audio contains NaN or infinite samples")
+            peak = float(np.abs(samples).max())
+            if peak > MAX_FLOAT_SAMPLE:
+                raise AudioError(f"FLOAT32 sample of magnitude {peak:.3g}: samples must lie in [-1, 1] "
+                                 f"(up to {MAX_FLOAT_SAMPLE:g} is tolerated)")
         if fmt.channels > 1:
             samples = samples.reshape(-1, fmt.channels).mean(axis=1, dtype=np.float32)
         return samples

@@ -16,6 +16,7 @@ import sys
 from engines.api import EndpointingParams, StreamingEngine
 from engines.config import DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, UTTERANCE_RESETS, EngineConfig
 from server.app import AsrServer, ServerSettings
+from server.call_limits import RecognizeLimits
 from server.gc_policy import parse_threshold
 from server.logging_setup import configure_logging
 from server.riva_convert import RivaSettings
@@ -86,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = p.add_argument_group("scheduling and limits")
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="deadline to fill a batch after the first ready chunk")
     s.add_argument("--idle-timeout-s", type=float, default=45.0,
-                   help="end a stream the client sends no audio on (above the 30-35 s after which Pipecat's "
-                        "NVIDIA service sends its silence keep-alive)")
+                   help="end a stream the client sends no audio on for this long (messages without audio, "
+                        "keep-alives, do not count); above the 30-35 s after which Pipecat's NVIDIA service "
+                        "sends its silence keep-alive")
     s.add_argument("--max-stream-seconds", type=float, default=3600.0,
                    help="a stream is ended with its final result after this much audio or wall time")
     s.add_argument("--response-buffer", type=int, default=32,
@@ -101,6 +103,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "this long, so balancers that poll /ready stop sending first (deploy/: 3)")
     s.add_argument("--dead-after-failures", type=int, default=3,
                    help="consecutive engine steps of which nothing ran that mark the engine dead")
+    s.add_argument("--engine-hang-s", type=float, default=20.0,
+                   help="a step submitted and none finished for max(this, --engine-hang-factor x the slowest "
+                        "recent step) seconds: the engine is hung and treated as dead (health NOT_SERVING, "
+                        f"streams UNAVAILABLE, exit status {EXIT_ENGINE_DEAD}); 0: never")
+    s.add_argument("--engine-hang-factor", type=float, default=50.0,
+                   help="the hang deadline in multiples of the slowest recent engine step (see --engine-hang-s)")
+    s.add_argument("--recognize-max-call-mb", type=float, default=32,
+                   help="unary Recognize: the largest request recognized (RESOURCE_EXHAUSTED beyond; 0: no limit)")
+    s.add_argument("--recognize-max-client-mb", type=float, default=64,
+                   help="unary Recognize: request bytes in flight per client (RESOURCE_EXHAUSTED beyond; counted "
+                        "per server process, i.e. per frontend with --frontends; 0: no limit)")
+    s.add_argument("--recognize-max-server-mb", type=float, default=128,
+                   help="unary Recognize: request bytes in flight per server process (per frontend with "
+                        "--frontends); RESOURCE_EXHAUSTED beyond; 0: no limit")
     s.add_argument("--exit-on-engine-death-s", type=float, default=1.0,
                    help=f"once the engine is dead (health NOT_SERVING, streams UNAVAILABLE), exit with status "
                         f"{EXIT_ENGINE_DEAD} after this many seconds so an orchestrator restarts the server; "
@@ -170,12 +186,16 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         gc_threshold=parse_threshold(args.gc_threshold),
         riva=RivaSettings(model_punctuates=args.riva_model_punctuates, model_written_form=args.riva_model_written_form),
         limits=TransportLimits(idle_timeout_s=args.idle_timeout_s,
-                               max_audio_message_bytes=int(args.max_audio_message_kb * 1024)),
+                               max_audio_message_bytes=int(args.max_audio_message_kb * 1024),
+                               recognize=RecognizeLimits(per_call_bytes=int(args.recognize_max_call_mb * (1 << 20)),
+                                                         per_client_bytes=int(args.recognize_max_client_mb * (1 << 20)),
+                                                         per_server_bytes=int(args.recognize_max_server_mb * (1 << 20)))),
         scheduler=SchedulerConfig(batch_wait_s=args.batch_wait_ms / 1000.0,
                                   max_stream_seconds=args.max_stream_seconds,
                                   response_buffer=args.response_buffer, max_pending_seconds=args.max_pending_s,
                                   stall_timeout_s=max(args.idle_timeout_s, 1.0),
-                                  dead_after_failures=args.dead_after_failures),
+                                  dead_after_failures=args.dead_after_failures,
+                                  hang_timeout_s=args.engine_hang_s, hang_step_factor=args.engine_hang_factor),
     )
 
 

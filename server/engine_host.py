@@ -31,6 +31,7 @@ from server import ipc_wire as w
 from server.ipc_wire import FrameReader, FrameWriter
 from server.gc_policy import apply_gc_policy
 from server.metrics import MetricsObserver, ServerMetrics
+from server.call_limits import shown
 from server.ops_http import scheduler_status
 from server.scheduler import Scheduler, SchedulerConfig, StreamListener
 from server.stream_events import ErrorKind, StreamError
@@ -62,6 +63,7 @@ class _Relay:
     state: StreamState
     frontend: _Frontend
     outstanding: int = 0   # events sent to the frontend and not yet acknowledged
+    client: str | None = None  # counted against --max-streams-per-client
 
 
 @dataclass(eq=False)
@@ -74,8 +76,13 @@ class _Frontend:
 
 class EngineHost(StreamListener):
     def __init__(self, engine: StreamingEngine, config: SchedulerConfig, socket_path: str,
-                 gc_freeze: bool = False, gc_threshold: tuple[int, int, int] | None = None):
+                 gc_freeze: bool = False, gc_threshold: tuple[int, int, int] | None = None,
+                 max_streams_per_client: int = 0):
         self.engine = engine
+        # Streams per client over every frontend (a client's connections may land on any of
+        # them); each frontend's interceptor still counts its own, which can only be fewer.
+        self.max_streams_per_client = max_streams_per_client
+        self._client_streams: dict[str, int] = {}
         self.config = config
         self.socket_path = socket_path
         self.gc_freeze = gc_freeze
@@ -218,7 +225,8 @@ class EngineHost(StreamListener):
                 if relay.state.events:
                     self._mark_dirty(relay)
         elif kind == w.OPEN:
-            self._open(frontend, m[1], m[2], m[3], EndpointingParams(*m[4]) if m[4] is not None else None)
+            self._open(frontend, m[1], m[2], m[3], EndpointingParams(*m[4]) if m[4] is not None else None,
+                       m[5] if len(m) > 5 else None)
         elif kind == w.EOU:
             relay = frontend.relays.get(m[1])
             if relay is not None:
@@ -253,9 +261,17 @@ class EngineHost(StreamListener):
             raise ConnectionError(f"unknown message kind {kind!r}")
 
     def _open(self, frontend: _Frontend, key: str, label: str, finalize_at_limit: bool,
-              endpointing: EndpointingParams | None) -> None:
+              endpointing: EndpointingParams | None, client: str | None = None) -> None:
         if key in self._relays:
             frontend.out.send((w.FAILED, key, 0, ErrorKind.INTERNAL.value, f"stream id {key} is already open"))
+            return
+        limit = self.max_streams_per_client
+        if client is not None and limit and self._client_streams.get(client, 0) >= limit:
+            self.metrics.call_refused("client_stream_limit")
+            log.warning("refused: streams per client (over every frontend)", extra={"client": client, "limit": limit})
+            frontend.out.send((w.FAILED, key, 0, ErrorKind.RESOURCE_EXHAUSTED.value,
+                               f"client {shown(client)} already has {limit} streams open (the limit per client, "
+                               "--max-streams-per-client, over every frontend); retry when one has finished"))
             return
         try:
             handle = self.scheduler.open_stream(label=label, finalize_at_limit=finalize_at_limit, stream_id=key,
@@ -265,10 +281,20 @@ class EngineHost(StreamListener):
             return
         self.frontend_streams.labels(frontend=frontend.name).inc()
         relay = _Relay(key, handle.state, frontend)
+        if client is not None and limit:
+            relay.client = client
+            self._client_streams[client] = self._client_streams.get(client, 0) + 1
         frontend.relays[key] = relay
         self._relays[key] = relay
 
     def _close(self, relay: _Relay) -> None:
+        if relay.client is not None:
+            left = self._client_streams.get(relay.client, 0) - 1
+            if left > 0:
+                self._client_streams[relay.client] = left
+            else:
+                self._client_streams.pop(relay.client, None)
+            relay.client = None
         self.scheduler.close_stream(relay.state)
         relay.frontend.relays.pop(relay.key, None)
         self._relays.pop(relay.key, None)

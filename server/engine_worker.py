@@ -39,7 +39,9 @@ import marshal
 import mmap
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.reduction
 import os
+import select
 import signal
 import tempfile
 import threading
@@ -59,6 +61,8 @@ from engines.slot_allocator import SlotAllocator
 from server.scheduler import call_soon_from_thread
 
 log = logging.getLogger("nemostream.engine_worker")
+_ForkingPickler = multiprocessing.reduction.ForkingPickler  # what Connection.send pickles with
+_DIRECT_SEND_BYTES = 16 << 10  # larger messages (a step through the pipe) go by the writer thread
 STEPS_IN_FLIGHT = 2  # asynchronous steps sent at once (the scheduler's pipeline depth is 2)
 PROCESS_NAME = "asr-engine"  # what ps shows for the child
 
@@ -334,7 +338,14 @@ class EngineWorker:
         self.startup_report = facts.startup_report
         self._executions = dict(facts.executions)
         self._allocator = SlotAllocator(facts.capacity)
-        self._send_lock = threading.Lock()   # sends come from the loop and from blocking callers
+        self._send_lock = threading.Lock()   # held while bytes go into the pipe (loop, writer thread)
+        # Messages that could not be written at once: the writer thread writes them, in order, so
+        # that no event loop ever blocks on a full pipe (a stopped worker reads nothing).
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox_ready = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._poll = select.poll()
+        self._poll.register(conn.fileno(), select.POLLOUT)
         self._request_lock = threading.Lock()  # one request and its reply at a time
         self._dead_reason: str | None = None
         self._closing = False
@@ -550,13 +561,56 @@ class EngineWorker:
             self.state = EngineState.DEAD
 
     def _send(self, message: tuple) -> None:
+        """Send without blocking: written at once when nothing waits before it and the pipe has
+        room for it, else queued for the writer thread. A worker that stopped reading (hung,
+        SIGSTOP) thus fills the queue, not the event loop's time."""
         if self._dead_reason is not None:
             raise EngineError(self._dead_reason)
-        try:
+        data = bytes(_ForkingPickler.dumps(message))
+        if self._send_lock.acquire(blocking=False):
+            try:
+                # A Unix socket reports POLLOUT while at most a quarter of its buffer is in use:
+                # a message this small then goes in without waiting.
+                if not self._outbox and len(data) <= _DIRECT_SEND_BYTES and self._poll.poll(0):
+                    self._conn.send_bytes(data)
+                    return
+            except (OSError, ValueError) as exc:  # BrokenPipeError; ValueError: the pipe was closed
+                raise EngineError(self._died()) from exc
+            finally:
+                self._send_lock.release()
+        with self._outbox_ready:
+            self._outbox.append(data)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name="engine-worker-writer", daemon=True)
+                self._writer.start()
+            self._outbox_ready.notify()
+
+    def _write_queued(self) -> None:
+        """The writer thread: queued messages into the pipe, in order (blocking writes)."""
+        while True:
+            with self._outbox_ready:
+                while not self._outbox:
+                    self._outbox_ready.wait()
             with self._send_lock:
-                self._conn.send(message)
-        except (OSError, ValueError) as exc:  # BrokenPipeError; ValueError: the pipe was closed
-            raise EngineError(self._died()) from exc
+                while self._outbox:
+                    data = self._outbox.popleft()
+                    if data is None:
+                        return
+                    try:
+                        self._conn.send_bytes(data)
+                    except (OSError, ValueError):  # the worker is gone; the watcher reports it
+                        self._outbox.clear()
+                        return
+
+    def abandon(self, reason: str) -> None:
+        """The scheduler gave up on a worker that stopped answering: kill it now, so that it
+        frees its device and close() does not wait for it."""
+        if self._dead_reason is None:
+            self._dead_reason = reason
+            self.state = EngineState.DEAD
+        if self._process.exitcode is None:
+            log.critical("killing the engine worker", extra={"pid": self._process.pid, "reason": reason})
+            self._process.kill()
 
     def _died(self) -> str:
         if self._dead_reason is None:
@@ -584,9 +638,8 @@ class EngineWorker:
             return
         self._closing = True
         try:
-            with self._send_lock:
-                self._conn.send(("stop",))
-        except (OSError, ValueError):
+            self._send(("stop",))
+        except EngineError:
             pass
         deadline = time.monotonic() + timeout_s
         self._process.join(timeout_s)
@@ -595,4 +648,7 @@ class EngineWorker:
                 break
             stop()
             self._process.join(max(1.0, deadline - time.monotonic()))
+        with self._outbox_ready:  # the writer thread (if any) ends
+            self._outbox.append(None)
+            self._outbox_ready.notify()
         self._conn.close()

@@ -17,8 +17,10 @@ Lifecycle:
   - the engine dies: the frontends answer UNAVAILABLE and NOT_SERVING, and after
     --exit-on-engine-death-s the whole server exits with status 3 for a supervisor to restart.
 
-Per-client stream limits (--max-streams-per-client) are counted per frontend process: a
-client's connections may land on different frontends.
+Per-client stream limits (--max-streams-per-client) hold over the whole server: a client's
+connections may land on different frontends, so the engine process counts its streams (the
+identity travels with each OPEN) and refuses the one past the limit, whichever frontend it
+came through.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import tempfile
 from server.app import AsrServer, ServerSettings
 from server.engine_host import EngineHost
 from server.remote_scheduler import RemoteMetrics, RemoteScheduler
+from server.security import REFUSAL_DRAIN_SECONDS
 
 log = logging.getLogger("nemostream.frontends")
 EXIT_ENGINE_DEAD = 3
@@ -155,7 +158,8 @@ async def serve_with_frontends(engine, settings: ServerSettings, count: int, arg
     workdir = tempfile.mkdtemp(prefix="asr-engine-")
     socket_path = os.path.join(workdir, "engine.sock")
     host = EngineHost(engine, settings.scheduler, socket_path, gc_freeze=settings.gc_freeze,
-                      gc_threshold=settings.gc_threshold)
+                      gc_threshold=settings.gc_threshold,
+                      max_streams_per_client=settings.security.max_streams_per_client)
     supervisor = FrontendSupervisor(host, count, argv, port, socket_path)
     try:
         try:
@@ -244,7 +248,8 @@ async def serve_frontend(settings: ServerSettings, socket_path: str, name: str) 
         await remote.disconnected.wait()
         if not draining:
             await asyncio.sleep(1.0)
-            await server.stop(grace_s=1.0)
+            # Handlers may still read what their clients send before the status (settle_reader).
+            await server.stop(grace_s=REFUSAL_DRAIN_SECONDS + 1.0)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(server.health.enter_graceful_shutdown()))

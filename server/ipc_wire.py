@@ -22,7 +22,7 @@ from engines.api import TokenEvent
 from server.stream_events import ChunkResult, ErrorKind, StreamEvent, StreamFailure, Utterance, UtteranceEnd
 
 # frontend -> engine
-OPEN = 1       # (OPEN, key, label, finalize_at_limit, endpointing as a tuple or None)
+OPEN = 1       # (OPEN, key, label, finalize_at_limit, endpointing as a tuple or None, client identity or None)
 AUDIO = 2      # (AUDIO, key, float32 bytes)
 END = 3        # (END, key)
 FAIL = 4       # (FAIL, key, ErrorKind value, message): the frontend failed the stream

@@ -27,6 +27,7 @@ import numpy as np
 
 from server import ipc_wire as w
 from engines.api import EndpointingParams
+from server.call_limits import CLIENT_IDENTITY
 from server.engine_host import EngineFacts
 from server.ipc_wire import FrameReader, FrameWriter
 from server.metrics import ServerMetrics
@@ -163,7 +164,10 @@ class RemoteScheduler(StreamBooks):
                                   finalize_at_limit=finalize_at_limit, endpointing=endpointing)
         state.audio_room.set()
         self._add(state)
-        self._send((w.OPEN, key, label, finalize_at_limit, endpointing.as_tuple() if endpointing else None))
+        # The client's identity (set by the security interceptor when streams per client are
+        # limited): the engine process counts them over every frontend.
+        self._send((w.OPEN, key, label, finalize_at_limit, endpointing.as_tuple() if endpointing else None,
+                    CLIENT_IDENTITY.get()))
         return StreamHandle(self, state)
 
     # -- per-stream operations -----------------------------------------------------------

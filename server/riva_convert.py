@@ -45,7 +45,8 @@ from proto.riva import riva_audio_pb2 as rau
 from server.audio_decoder import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, AudioDecoder, AudioSpec
 from server.responses import words_from_tokens
 from engines.api import EndpointingParams
-from server.stream_config import ServedModel, resolve_endpointing
+from server.call_limits import shown
+from server.stream_config import ServedModel, language_supported, resolve_endpointing
 from server.stream_events import ChunkResult, ErrorKind, StreamError, Utterance
 from server.wav_header import AudioError, SampleEncoding, looks_like_wav, parse_wav_header
 
@@ -92,10 +93,10 @@ def validate_riva_config(cfg: rpb.RecognitionConfig, served: ServedModel, settin
                          interim_results: bool = False, label: str = "") -> RivaOptions:
     """Raises StreamError(INVALID_ARGUMENT) naming the first option this server cannot honour."""
     if cfg.model and cfg.model not in served.names:
-        raise invalid(f"model {cfg.model!r} is not served here; served: {', '.join(served.names)}")
+        raise invalid(f"model {shown(cfg.model)} is not served here; served: {', '.join(served.names)}")
     languages = served.info.languages
-    if cfg.language_code and languages and _language(cfg.language_code) not in {_language(x) for x in languages}:
-        raise invalid(f"language_code {cfg.language_code!r} is not supported by {served.info.name}; "
+    if cfg.language_code and not language_supported(cfg.language_code, languages):
+        raise invalid(f"language_code {shown(cfg.language_code)} is not supported by {served.info.name}; "
                       f"supported: {', '.join(languages)}")
     if cfg.encoding not in (rau.ENCODING_UNSPECIFIED, rau.LINEAR_PCM):
         name = rau.AudioEncoding.Name(cfg.encoding) if cfg.encoding in rau.AudioEncoding.values() else str(cfg.encoding)
@@ -122,7 +123,7 @@ def validate_riva_config(cfg: rpb.RecognitionConfig, served: ServedModel, settin
     other = sorted(k for k in cfg.custom_configuration
                    if k not in _VAD_KEYS and not k.startswith(_VAD_PREFIXES))
     if other:
-        raise invalid(f"custom_configuration keys not supported: {', '.join(_clip(k) for k in other[:5])} "
+        raise invalid(f"custom_configuration keys not supported: {', '.join(shown(k) for k in other[:5])} "
                       f"(accepted: {', '.join(_VAD_KEYS)}, neural_vad.*)")
     if cfg.custom_configuration:
         notes.append("custom_configuration VAD keys change nothing: endpointing acts on the model's own output")
@@ -143,19 +144,9 @@ def validate_riva_config(cfg: rpb.RecognitionConfig, served: ServedModel, settin
                        endpointing=endpointing, notes=tuple(notes))
 
 
-def _clip(text: str, limit: int = 64) -> str:
-    """A client's string inside a status message, bounded (its length is the client's choice)."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def _language(code: str) -> str:
-    """BCP-47 primary language: 'en-US' matches a model that lists 'en'."""
-    return code.split("-")[0].split("_")[0].lower()
-
-
 def check_runtime_config(request: rpb.StreamingRecognizeRequest) -> None:
     if request.runtime_config:
-        raise invalid(f"runtime_config is not supported (got keys: {', '.join(sorted(request.runtime_config))})")
+        raise invalid(f"runtime_config is not supported (got keys: {shown(', '.join(sorted(request.runtime_config)))})")
 
 
 def request_label(request_id: str) -> str:

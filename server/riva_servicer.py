@@ -27,6 +27,8 @@ from google.protobuf.message import DecodeError
 
 from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_asr_pb2_grpc as rpb_grpc
+from server.call_limits import (RECOGNIZE_PIECE_BYTES, RecognizeBudget, check_request_id, check_response_size,
+                                client_of, status_message)
 from server.idle_read import next_within
 from server.metrics import ServerMetrics
 from server.riva_convert import (
@@ -34,7 +36,8 @@ from server.riva_convert import (
     recognize_response, request_label, streaming_response, validate_riva_config,
 )
 from server.scheduler import Scheduler, StreamHandle
-from server.servicer import TransportLimits
+from server.security import REFUSAL_QUIET_SECONDS, drain_requests
+from server.servicer import TransportLimits, settle_reader
 from server.stream_config import ServedModel
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
 from server.stream_state import StreamStatus
@@ -49,8 +52,9 @@ _METHOD = "Riva/"  # metrics label prefix: Riva/StreamingRecognize, Riva/Recogni
 
 class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
     def __init__(self, scheduler: Scheduler, served: ServedModel, limits: TransportLimits, metrics: ServerMetrics,
-                 settings: RivaSettings | None = None):
+                 settings: RivaSettings | None = None, budget: RecognizeBudget | None = None):
         self._scheduler = scheduler
+        self._budget = budget or RecognizeBudget(limits.recognize)  # shared with the native servicer
         self._served = served
         self._limits = limits
         self._metrics = metrics
@@ -63,30 +67,38 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
     # client that does not read, the call still sees its stream fail and ends.
     async def StreamingRecognize(self, request_iterator, context) -> None:
         method, code, handle, reader, call = _METHOD + "StreamingRecognize", "OK", None, None, None
-        started, closed = time.monotonic(), False
+        started, closed, read_failed = time.monotonic(), False, False
+        requests = request_iterator.__aiter__()
         try:
-            requests = request_iterator.__aiter__()
             # Read the first request before any refusal: a server that ends the call before
             # reading makes grpc.aio clients still writing it see INTERNAL, not our status.
-            first = await self._next_request(requests, "the streaming_config")
+            try:
+                first = await self._next_request(requests, "the streaming_config")
+            except StreamError:
+                read_failed = True
+                raise
             self._scheduler.check_admission()
             if first is None:
                 raise invalid("the stream ended before a streaming_config was sent")
             if first.WhichOneof("streaming_request") != "streaming_config":
                 raise invalid("the first request must carry the streaming_config; got audio_content (or nothing) first")
             check_runtime_config(first)
+            check_request_id(first.id.value)
             options = validate_riva_config(first.streaming_config.config, self._served, self._settings,
                                            first.streaming_config.interim_results, request_label(first.id.value))
             handle = self._scheduler.open_stream(label=options.label, endpointing=options.endpointing)
             self._log_open(handle, options, context, "StreamingRecognize")
             call = _StreamCall(context, handle, options, first.id.value, self._rate, self._frame_seconds,
                                self._limits.idle_timeout_s)
+            call.max_send_bytes = self._limits.max_send_bytes
             # At the final the scheduler is done with the stream: its place is free even while
             # the last responses wait on a slow reader.
             call.on_final = lambda: self._close(handle, call, "OK", started)
             audio = RivaAudio(options, self._rate, self._limits.max_header_bytes)
             reader = asyncio.get_running_loop().create_task(self._pump_audio(requests, handle, audio, call))
             await call.run()
+            closed = self._close(handle, call, code, started)
+            await settle_reader(reader, handle)  # ended at its maximum duration: the client may still send
         except UnreadClient as exc:  # the client stopped reading: free its place now, end the call
             code = exc.kind.value
             closed = self._close(handle, call, code, started)
@@ -94,6 +106,12 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
         except (StreamError, AudioError) as exc:
             kind = exc.kind if isinstance(exc, StreamError) else ErrorKind.INVALID_ARGUMENT
             code = kind.value
+            if kind is not ErrorKind.CANCELLED:
+                closed = closed or self._close(handle, call, code, started)
+                if reader is not None:
+                    await settle_reader(reader, handle)
+                elif not read_failed:
+                    await drain_requests(requests, quiet_s=REFUSAL_QUIET_SECONDS)  # refused before the reader started
             await self._abort(context, method, kind, str(exc))
         except asyncio.CancelledError:
             code = "CANCELLED"  # client cancelled, disconnected, or its deadline passed
@@ -129,28 +147,14 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
 
     async def _pump_audio(self, requests, handle: StreamHandle, audio: RivaAudio, call: _StreamCall) -> None:
         """Reads audio messages while the handler writes responses; a problem fails the stream,
-        which the handler turns into the status."""
+        which the handler turns into the status. Once the stream takes no more audio, what the
+        client still sends is read and dropped, within a bound (server.servicer.settle_reader)."""
         try:
-            while True:
-                request = await self._next_request(requests, "audio_content")
-                if request is None:
-                    break
-                kind = request.WhichOneof("streaming_request")
-                if kind == "streaming_config":
-                    raise invalid("streaming_config sent twice: only the first request may carry it")
-                check_runtime_config(request)
-                data = request.audio_content  # a request without audio still gets its response
-                if len(data) > self._limits.max_audio_message_bytes:
-                    raise invalid(f"audio message of {len(data)} bytes exceeds the limit of "
-                                  f"{self._limits.max_audio_message_bytes} bytes; send smaller messages")
-                before = audio.input_seconds
-                samples = audio.feed(data)
-                call.message(samples.size)  # before the push: its response may be due at once
-                if not await handle.push_audio(samples):
-                    return
-                self._metrics.audio_seconds.inc(audio.input_seconds - before)
-            if await handle.push_audio(audio.finish()):
-                handle.end_audio()
+            if not await self._read_audio(requests, handle, audio, call):
+                return
+        except _ReadFailed as exc:
+            handle.fail(exc.kind, exc.message)
+            return
         except AudioError as exc:
             handle.fail(ErrorKind.INVALID_ARGUMENT, str(exc))
         except StreamError as exc:
@@ -158,16 +162,62 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported to the client, not lost
+            if handle.state.status.terminal:
+                # The call is ending (its status is going out, or the client left): the read was
+                # cut short by the transport (grpc's AbortError). One line, no traceback.
+                log.debug("riva audio reader stopped: the call ended", extra={
+                    "stream_id": handle.stream_id, "error": f"{type(exc).__name__}: {exc}"})
+                return
             log.exception("riva audio reader failed", extra={"stream_id": handle.stream_id})
             handle.fail(ErrorKind.INTERNAL, f"internal error reading audio: {exc}")
+        await drain_requests(requests, quiet_s=REFUSAL_QUIET_SECONDS)
+
+    async def _read_audio(self, requests, handle: StreamHandle, audio: RivaAudio, call: _StreamCall) -> bool:
+        """True when the stream stopped taking audio before the client's requests ended."""
+        idle = self._limits.idle_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + idle  # moves with audio only: empty messages do not keep a stream open
+        while True:
+            try:
+                request = await self._next_request(requests, "audio_content", max(0.0, deadline - loop.time()))
+            except StreamError as exc:
+                raise _ReadFailed(exc.kind, exc.message) from None
+            if request is None:
+                break
+            kind = request.WhichOneof("streaming_request")
+            if kind == "streaming_config":
+                raise invalid("streaming_config sent twice: only the first request may carry it")
+            check_runtime_config(request)
+            data = request.audio_content  # a request without audio still gets its response
+            if len(data) > self._limits.max_audio_message_bytes:
+                raise invalid(f"audio message of {len(data)} bytes exceeds the limit of "
+                              f"{self._limits.max_audio_message_bytes} bytes; send smaller messages")
+            if data:
+                deadline = loop.time() + idle
+            elif loop.time() >= deadline:
+                raise StreamError(ErrorKind.DEADLINE_EXCEEDED, f"idle timeout: no audio for {idle:g} s "
+                                  "(messages without audio do not keep a stream open)")  # intact: drained
+            before = audio.input_seconds
+            samples = audio.feed(data)
+            call.message(samples.size)  # before the push: its response may be due at once
+            if not await handle.push_audio(samples):
+                return True
+            self._metrics.audio_seconds.inc(audio.input_seconds - before)
+        if await handle.push_audio(audio.finish()):
+            handle.end_audio()
+        return False
 
     # -- Recognize -------------------------------------------------------------------------------
     async def Recognize(self, request: rpb.RecognizeRequest, context):
         method, code, handle, feeder = _METHOD + "Recognize", "OK", None, None
+        client, size = None, len(request.audio)
         try:
             self._scheduler.check_admission()
+            check_request_id(request.id.value)
             options = validate_riva_config(request.config, self._served, self._settings,
                                            label=request_label(request.id.value))
+            self._budget.acquire(candidate := client_of(context), size)
+            client = candidate
             handle = self._scheduler.open_stream(label=options.label, finalize_at_limit=False,
                                                  endpointing=options.endpointing)
             self._log_open(handle, options, context, "Recognize")
@@ -182,7 +232,9 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
                 last = event
             if last is None or not last.is_final:
                 raise StreamError(ErrorKind.INTERNAL, "the stream ended without a final result")
-            return recognize_response(finals, last.audio_seconds, options, self._frame_seconds, request.id.value)
+            response = recognize_response(finals, last.audio_seconds, options, self._frame_seconds, request.id.value)
+            check_response_size(response.ByteSize(), self._limits.max_send_bytes, "Recognize response")
+            return response
         except StreamError as exc:
             code = exc.kind.value
             await self._abort(context, method, exc.kind, exc.message)
@@ -190,6 +242,8 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             code = "CANCELLED"
             raise
         finally:
+            if client is not None:
+                self._budget.release(client, size)
             if feeder is not None:
                 feeder.cancel()
             if handle is not None:
@@ -199,12 +253,19 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
                 self._metrics.rpc_finished(method, code)
 
     async def _feed_whole(self, handle: StreamHandle, audio: RivaAudio, data: bytes) -> None:
+        """A piece at a time, as server.servicer's: a file costs its bytes, not its samples."""
         try:
-            if await handle.push_audio(audio.feed(data)) and await handle.push_audio(audio.finish()):
+            for at in range(0, len(data), RECOGNIZE_PIECE_BYTES):
+                before = audio.input_seconds
+                if not await handle.push_audio(audio.feed(data[at:at + RECOGNIZE_PIECE_BYTES])):
+                    return
+                self._metrics.audio_seconds.inc(audio.input_seconds - before)
+            if await handle.push_audio(audio.finish()):
                 handle.end_audio()
-            self._metrics.audio_seconds.inc(audio.input_seconds)
         except AudioError as exc:
             handle.fail(ErrorKind.INVALID_ARGUMENT, str(exc))
+        except StreamError as exc:
+            handle.fail(exc.kind, exc.message)
 
     # -- GetRivaSpeechRecognitionConfig ------------------------------------------------------
     async def GetRivaSpeechRecognitionConfig(self, request: rpb.RivaSpeechRecognitionConfigRequest, context):
@@ -228,11 +289,11 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
     async def _abort(self, context, method: str, kind: ErrorKind, message: str) -> None:
         # Count first: once the status is out, a client may already be reading the metrics.
         self._metrics.rpc_finished(method, kind.value)
-        await context.abort(grpc.StatusCode[kind.value], message)
+        await context.abort(grpc.StatusCode[kind.value], status_message(message))
 
-    async def _next_request(self, requests, what: str):
+    async def _next_request(self, requests, what: str, timeout_s: float | None = None):
         try:
-            return await next_within(requests, self._limits.idle_timeout_s)
+            return await next_within(requests, self._limits.idle_timeout_s if timeout_s is None else timeout_s)
         except StopAsyncIteration:
             return None
         except DecodeError as exc:  # bytes that are no request message at all
@@ -250,6 +311,10 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
             "notes": list(options.notes)})
 
 
+class _ReadFailed(StreamError):
+    """The request stream itself broke (undecodable, idle): nothing more is read from it."""
+
+
 class _StreamCall:
     """One StreamingRecognize call after its config: merges the scheduler's events with the
     arrival of audio messages (ResponsePacer) and writes one response per message. At most one
@@ -262,6 +327,7 @@ class _StreamCall:
         self.rate, self.frame_seconds, self.idle_timeout_s = rate, frame_seconds, idle_timeout_s
         self.pacer = ResponsePacer()
         self.closed = False
+        self.max_send_bytes = 32 << 20
         self.on_final = lambda: None
         self._wake = asyncio.Event()   # an audio message arrived
         self._latest: ChunkResult | None = None
@@ -320,6 +386,7 @@ class _StreamCall:
 
     async def _write(self, response) -> None:
         """Write one response, watching the stream (server.unread_client)."""
+        check_response_size(response.ByteSize(), self.max_send_bytes)
         await write_watching(self.context, response, self.handle.state, self._failure, self.idle_timeout_s)
 
     def _failure(self) -> StreamFailure | None:

@@ -53,6 +53,10 @@ class SchedulerConfig:
     max_stream_seconds: float = 3600.0  # of audio, and of wall time since the stream opened
     stall_timeout_s: float = 60.0     # push_audio waiting this long for room fails the stream
     dead_after_failures: int = 3      # consecutive failed steps that mark the engine dead
+    # A hung engine: with a step submitted, no step finished within max(hang_timeout_s,
+    # hang_step_factor x the slowest recent step) marks the engine dead (0: never).
+    hang_timeout_s: float = 20.0
+    hang_step_factor: float = 50.0
 
     def __post_init__(self) -> None:
         if self.batch_wait_s < 0:
@@ -65,6 +69,8 @@ class SchedulerConfig:
             raise ValueError("max_pending_seconds, max_stream_seconds and stall_timeout_s must be > 0")
         if self.dead_after_failures < 1:
             raise ValueError("dead_after_failures must be >= 1")
+        if self.hang_timeout_s < 0 or self.hang_step_factor < 0:
+            raise ValueError("hang_timeout_s and hang_step_factor must be >= 0")
 
 
 class SchedulerObserver:
@@ -183,6 +189,9 @@ class Scheduler(StreamBooks):
         self._stopping = False
         self._step_async = getattr(engine, "step_async", None)
         self._engine_free_at = 0.0              # when the engine finished its last step (step_async)
+        self._last_progress = 0.0               # when a step last finished, or one was submitted to an idle engine
+        self._slowest_step = 0.0                # the slowest recent step, decaying (the hang deadline's base)
+        self._hang_task: asyncio.Task | None = None
         self.engine_name: str | None = None     # what the warm-up really executed
         self.executions: dict[str, int] = {}    # last snapshot of engine.executions()
 
@@ -194,6 +203,8 @@ class Scheduler(StreamBooks):
         loop = asyncio.get_running_loop()
         self._loop_task = loop.create_task(self._batch_loop(), name="batch-loop")
         self._loop_task.add_done_callback(self._loop_exited)
+        if self.config.hang_timeout_s > 0:
+            self._hang_task = loop.create_task(self._watch_for_hangs(), name="hang-watch")
         # An engine that can die on its own (server.engine_worker: its process exits) says so at
         # once, so health turns NOT_SERVING without waiting for a step to fail.
         watch = getattr(self.engine, "watch", None)
@@ -219,6 +230,8 @@ class Scheduler(StreamBooks):
         self._stopping = True
         for stream in list(self._streams.values()):
             self._fail(stream, ErrorKind.UNAVAILABLE, "server is shutting down")
+        if self._hang_task is not None:
+            self._hang_task.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
@@ -541,6 +554,8 @@ class Scheduler(StreamBooks):
         return planned, queue_waits
 
     def _submit(self, planned: list[_Planned], queue_waits: list[float]) -> None:
+        if self._steps_in_flight == 0:
+            self._last_progress = time.monotonic()  # the hang clock starts with the engine's work
         self._steps_in_flight += 1
         planned = tuple(planned)
         task = asyncio.get_running_loop().create_task(
@@ -712,7 +727,38 @@ class Scheduler(StreamBooks):
                 else:
                     self._maybe_enqueue(p.stream)
             self._steps_in_flight -= 1
+            self._step_finished(time.monotonic())
             self._wakeup.set()
+
+    # -- a hung engine -------------------------------------------------------------------
+    def hang_deadline(self) -> float:
+        """Seconds without a finished step (while one is submitted) after which the engine is
+        taken for hung: the configured floor, or a multiple of the slowest recent step."""
+        return max(self.config.hang_timeout_s, self.config.hang_step_factor * self._slowest_step)
+
+    def _step_finished(self, now: float) -> None:
+        took = now - self._last_progress
+        # A decaying maximum: one slow step (a GC pause, a cold kernel) raises the deadline for
+        # a while, then it returns to what steps take now.
+        self._slowest_step = max(took, self._slowest_step * 0.99)
+        self._last_progress = now
+
+    async def _watch_for_hangs(self) -> None:
+        """An engine that stops answering (a stopped or wedged worker, a driver hang) fails no
+        step: nothing else would notice. Health goes NOT_SERVING, streams get UNAVAILABLE and
+        the server exits with status 3, as for a dead engine."""
+        period = min(1.0, self.config.hang_timeout_s / 4)
+        while self.dead_reason is None and not self._stopping:
+            await asyncio.sleep(period)
+            if self._steps_in_flight and self.engine_name is not None:
+                waited, deadline = time.monotonic() - self._last_progress, self.hang_deadline()
+                if waited > deadline:
+                    reason = (f"the engine is hung: no step finished for {waited:.1f} s "
+                              f"(deadline {deadline:.1f} s, from the step time)")
+                    self._mark_dead(reason)
+                    abandon = getattr(self.engine, "abandon", None)  # an engine worker: killed, not waited for
+                    if callable(abandon):
+                        abandon(reason)
 
     def _scatter(self, ran: tuple[_Planned, ...], result: StepResult, outcome: _StepOutcome,
                  queue_waits: list[float]) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import grpc
 
+from server.call_limits import CLIENT_IDENTITY, shown
+
 log = logging.getLogger("nemostream.security")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -206,17 +208,21 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 # what the client sends, until it half-closes, within this budget; nothing read is used.
 REFUSAL_DRAIN_BYTES = 4 << 20
 REFUSAL_DRAIN_SECONDS = 2.0
+REFUSAL_QUIET_SECONDS = 0.5  # the servicers' drains stop once the client has sent nothing this long
 
 
 async def drain_requests(requests, max_bytes: int = REFUSAL_DRAIN_BYTES,
-                         max_seconds: float = REFUSAL_DRAIN_SECONDS) -> None:
+                         max_seconds: float = REFUSAL_DRAIN_SECONDS, quiet_s: float | None = None) -> None:
+    """Read and drop requests until the client half-closes, within the bounds. `quiet_s`: stop
+    as soon as the client sends nothing for this long (it is not writing, so the status cannot
+    race a write), rather than hold the status of a quiet client for max_seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_seconds
     seen = 0
     it = requests.__aiter__()
     while seen < max_bytes and (left := deadline - loop.time()) > 0:
         try:
-            message = await asyncio.wait_for(it.__anext__(), left)
+            message = await asyncio.wait_for(it.__anext__(), left if quiet_s is None else min(left, quiet_s))
         except (StopAsyncIteration, TimeoutError):
             return
         except Exception:  # noqa: BLE001 - undecodable bytes, a broken stream: stop reading
@@ -248,8 +254,11 @@ def _counted(handler: grpc.RpcMethodHandler, limiter: ClientLimiter, identity: s
             if handler.request_streaming:
                 await drain_requests(request_or_iterator)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"client {who!r} already has {limiter.limit} streams open (the limit per client); "
-                                "retry when one has finished")
+                                f"client {shown(who)} already has {limiter.limit} streams open (the limit per client, "
+                                "--max-streams-per-client); retry when one has finished")
+        # For the handler: the Recognize byte budget and, behind frontends, the engine process's
+        # count across every frontend (server.engine_host) go by the same identity.
+        CLIENT_IDENTITY.set(who)
         return who
 
     if inspect.isasyncgenfunction(inner):
@@ -302,7 +311,8 @@ def add_security_args(parser) -> None:
     g.add_argument("--auth-exempt-reflection", action="store_true", help="reflection needs no token")
     g.add_argument("--max-streams-per-client", type=int, default=0,
                    help="concurrent StreamingRecognize/Recognize calls per client (token name, client "
-                        "certificate, or peer address); 0: no limit")
+                        "certificate, or peer address), counted across the whole server (with --frontends N, "
+                        "in the engine process, over every frontend); 0: no limit")
 
 
 def security_settings(args) -> SecuritySettings:

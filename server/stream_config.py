@@ -12,6 +12,7 @@ from engines.api import MAX_ENDPOINT_HISTORY_MS, EndpointingParams, ModelInfo
 from engines.geometry import ChunkGeometry
 from proto import asr_stream_pb2 as pb
 from server.audio_decoder import AudioSpec
+from server.call_limits import shown
 from server.stream_events import ErrorKind, StreamError
 from server.wav_header import AudioError, SampleEncoding
 
@@ -86,21 +87,33 @@ def native_endpointing(cfg: pb.RecognitionConfig, defaults: EndpointingParams) -
     return resolve_endpointing({k: (None if v == 0 else v) for k, v in values.items()}, defaults, "endpointing")
 
 
+def primary_language(code: str) -> str:
+    """BCP-47 primary language subtag: 'en-US' (or 'en_US') is 'en'."""
+    return code.replace("_", "-").split("-")[0].lower()
+
+
+def language_supported(code: str, languages: tuple[str, ...]) -> bool:
+    """A hint is honoured when the model lists its primary language; a model that lists none
+    (a .nemo file that does not say) takes any hint."""
+    return not languages or primary_language(code) in {primary_language(x) for x in languages}
+
+
 def invalid(message: str) -> StreamError:
     return StreamError(ErrorKind.INVALID_ARGUMENT, message)
 
 
 def validate_config(cfg: pb.RecognitionConfig, served: ServedModel) -> StreamOptions:
     if cfg.model and cfg.model not in served.names:
-        raise invalid(f"model {cfg.model!r} is not served here; served: {', '.join(served.names)}")
+        raise invalid(f"model {shown(cfg.model)} is not served here; served: {', '.join(served.names)}")
     if cfg.lookahead_ms and cfg.lookahead_ms != served.info.lookahead_ms:
         raise invalid(f"lookahead_ms {cfg.lookahead_ms} is not served here; this server runs "
                       f"{served.info.lookahead_ms} ms (send 0 for the server's lookahead)")
     if cfg.encoding not in _ENCODINGS:
         raise invalid(f"encoding {cfg.encoding} is unknown; use PCM16 or FLOAT32")
-    if cfg.language and served.info.languages and cfg.language not in served.info.languages:
-        raise invalid(f"language {cfg.language!r} is not supported by {served.info.name}; "
-                      f"supported: {', '.join(served.info.languages)}")
+    if cfg.language and not language_supported(cfg.language, served.info.languages):
+        raise invalid(f"language {shown(cfg.language)} is not supported by {served.info.name}; "
+                      f"supported: {', '.join(served.info.languages)} (BCP-47, matched by the primary "
+                      "language: en-US is en)")
     if cfg.prompt:
         raise invalid(f"model {served.info.name} takes no prompt; leave prompt empty")
     if len(cfg.client_label) > MAX_LABEL_CHARS or not cfg.client_label.isprintable():
