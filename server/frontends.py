@@ -239,7 +239,10 @@ async def serve_frontend(settings: ServerSettings, socket_path: str, name: str) 
     draining: list[asyncio.Task] = []
 
     def on_term() -> None:
-        if not draining:
+        # After an engine death there is nothing to drain: the open streams were failed, and the
+        # server stops once their handlers have sent that (AsrServer's engine-death path); a
+        # drain's short stop would cut those handlers off.
+        if not draining and remote.dead_reason is None:
             draining.append(loop.create_task(server.drain()))
 
     async def exit_when_orphaned() -> None:
@@ -247,8 +250,13 @@ async def serve_frontend(settings: ServerSettings, socket_path: str, name: str) 
         # their handlers send it, then exit, whatever --exit-on-engine-death-s says.
         await remote.disconnected.wait()
         if not draining:
-            await asyncio.sleep(1.0)
-            # Handlers may still read what their clients send before the status (settle_reader).
+            # Handlers may still read what their clients send before the status (settle_reader):
+            # wait until they have closed their streams (bounded), so that a loaded machine does
+            # not turn their UNAVAILABLE into the transport's "Cancelling all calls".
+            deadline = loop.time() + REFUSAL_DRAIN_SECONDS + 5.0
+            await asyncio.sleep(0.2)
+            while remote.active_streams and loop.time() < deadline:
+                await asyncio.sleep(0.05)
             await server.stop(grace_s=REFUSAL_DRAIN_SECONDS + 1.0)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
