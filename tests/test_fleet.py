@@ -130,13 +130,15 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
         await wait_for(lambda: a.active() >= len(clients) and b.active() >= 1 and c.active() >= 1
                        and a.active() + b.active() + c.active() == len(held), what="streams on every server")
         before = count([b, c])
+        held_elsewhere = int(b.active() + c.active())  # held streams on b and c may end meanwhile
         a.proc.send_signal(signal.SIGTERM)
         if proxy:
             await asyncio.to_thread(proxy.wait_up, {b.address, c.address})
         await asyncio.sleep(0.3)  # the SDK's channel watches health: NOT_SERVING arrives at once
         for k, cl in enumerate(clients):
             assert await batch(cl, 6, 1.0, False, 200 + 10 * k) == ["OK"] * 6
-        assert count([b, c]) - before == 6 * len(clients), "every new stream went to a server not draining"
+        assert 6 * len(clients) <= count([b, c]) - before <= 6 * len(clients) + held_elsewhere, \
+            "every new stream went to a server not draining"
         results = await asyncio.gather(*held)
         assert results == ["OK"] * len(held), f"the streams open on the draining server finished: {results} {DETAILS}"
         assert await asyncio.to_thread(a.proc.wait, 60) == 0
@@ -171,8 +173,9 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
                 assert time.monotonic() < deadline, "the added server got no new stream"
                 assert await batch(cl, 4, 0.5, False, 400 + 10 * k) == ["OK"] * 4
             before = count([c, d])
+            running = sum(not t.done() for t in survivors)  # c's held streams may end meanwhile
             assert await batch(cl, 8, 0.5, False, 500 + 10 * k) == ["OK"] * 8
-            assert count([c, d]) - before == 8
+            assert 8 <= count([c, d]) - before <= 8 + running
         assert await asyncio.gather(*survivors) == ["OK"] * len(survivors), "c's streams went on"
         for cl in clients:
             await cl.close()
