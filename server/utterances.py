@@ -29,10 +29,6 @@ class UtteranceBook:
             self._parts[:] = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
 
-    @property
-    def has_text(self) -> bool:
-        return bool(self._tokens) and bool(self.transcript)
-
     def add(self, tokens: tuple[TokenEvent, ...], text: str) -> str:
         """Tokens and their text join the open utterance; returns the text as added (an
         utterance's text does not start with a space)."""
