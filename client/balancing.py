@@ -34,6 +34,16 @@ SERVICE_CONFIG = json.dumps({
 })
 
 
+def add_target_args(parser) -> None:
+    """--server and --balance, as asr-client and asr-loadgen both take them."""
+    parser.add_argument("--server", default="localhost:50051",
+                        help="HOST:PORT of the server, or several (comma-separated): client-side balancing, "
+                             "each stream on the next healthy server")
+    parser.add_argument("--balance", action="store_true",
+                        help="balance streams over every address of --server's name (e.g. a headless Service), "
+                             "re-resolved as connections end; round_robin with gRPC health checks")
+
+
 def server_list(servers: str | Sequence[str]) -> list[str]:
     """"a:1,b:2" or ["a:1", "b:2"] as a list of HOST:PORT (blanks dropped)."""
     items = servers.split(",") if isinstance(servers, str) else list(servers)

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from client.balancing import add_target_args
 from client.audio_source import FLOAT32, PCM16, AudioFormat
 from client.sdk import AsrError, AsyncAsrClient, Credentials, Endpointing, Result, StreamOptions
 
@@ -42,12 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --endpointing: stop threshold (0: the server's default)")
     m = sub.add_parser("models", help="list the models the server serves")
     for cmd in (t, m):
-        cmd.add_argument("--server", default="localhost:50051",
-                         help="HOST:PORT of the server, or several (comma-separated): each stream goes to the "
-                              "next healthy one")
-        cmd.add_argument("--balance", action="store_true",
-                         help="balance streams over every address of --server's name (e.g. a headless Service), "
-                              "re-resolved as connections end; round_robin with gRPC health checks")
+        add_target_args(cmd)
         cmd.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
         cmd.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
         cmd.add_argument("--tls-ca", default=None, help="PEM CA bundle to verify the server with (implies --tls)")

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from client.balancing import channel_target
+from client.balancing import add_target_args, channel_target
 from client.loadgen_audio import AudioSpec
 from client.loadgen_report import (METRICS, level_passes, merge_level, proc_cpu_delta, proc_cpu_snapshot, progress_bar,
                                    scrape, server_delta, table_header, table_row, utterance_row, write_plot)
@@ -64,12 +64,7 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="asr-loadgen", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--server", default="localhost:50051",
-                   help="HOST:PORT of the server, or several (comma-separated): client-side balancing, each "
-                        "stream on the next healthy server (client.balancing)")
-    p.add_argument("--balance", action="store_true",
-                   help="client-side balancing over every address of --server's name (round_robin, gRPC "
-                        "health checks, re-resolved as connections end)")
+    add_target_args(p)
     a = p.add_argument_group("audio")
     a.add_argument("--audio", nargs="+", default=[], metavar="PATH",
                    help="WAV files or folders of them, cycled across streams (default: synthetic audio)")

@@ -144,11 +144,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(builtin:demo, trained on single utterances: all; others: keep)")
     r = p.add_argument_group("Riva-compatible API (nvidia.riva.asr.RivaSpeechRecognition, on the same port)")
     r.add_argument("--riva-model-punctuates", action="store_true",
-                   help="the model's own text carries punctuation: honour enable_automatic_punctuation=true "
-                        "(refused otherwise)")
+                   help="the model's own text carries punctuation: GetRivaSpeechRecognitionConfig says so "
+                        "(either way enable_automatic_punctuation is served with the model's text as it is)")
     r.add_argument("--riva-model-written-form", action="store_true",
-                   help="the model writes numbers and the like in written form: honour verbatim_transcripts=false "
-                        "(the proto default, a request for inverse text normalization; refused otherwise)")
+                   help="the model writes numbers and the like in written form: GetRivaSpeechRecognitionConfig "
+                        "says so (either way verbatim_transcripts=false is served with the model's text as it is)")
     add_security_args(p)
     o = p.add_argument_group("operations")
     o.add_argument("--log-level", default="INFO")
