@@ -5,7 +5,10 @@
 #   endpoint   - endpointing at stop_history $STOP_MS (Pipecat's default): end of speech -> final
 #   client_eou - endpointing off, the client's end_utterance $EOU_MS after the speech: request -> final
 # Results: $OUT/ttf_<model>_<lookahead>_<mode>.json, $OUT/ttf.log. Run from the repository root after
-# installing the carried wheels (see bench/README.md). Knobs: MODEL, LOOKAHEADS, LEVELS, UTTS, PAUSE.
+# installing the carried wheels (see bench/README.md). Knobs: MODEL, LOOKAHEADS, LEVELS (or LEVELS_<la>
+# per lookahead), UTTS, PAUSE, SERVER_ARGS (e.g. "--frontends 4 --gil-switch-ms 0.5", the capacity
+# set-up of bench/RESULTS.md), C1_UTTS (when set, one stream runs first on its own with that many
+# utterances, for more samples at c=1; then LEVELS with UTTS; results ..._c1.json beside the rest).
 set -u
 OUT=${OUT:-/tmp/ttf_out}; mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -20,20 +23,26 @@ for la in $LOOKAHEADS; do
     slog=$OUT/server_$la.log
     "$PY" -m server.cli --model "$MODEL" --engine "$ENGINE" --device "$DEVICE" --dtype "$DTYPE" --lookahead-ms "$la" \
         --max-streams 1024 --max-batch "$MAX_BATCH" --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 --metrics-port 0 \
-        --log-level WARNING > "$slog" 2>&1 &
+        --log-level WARNING ${SERVER_ARGS:-} > "$slog" 2>&1 &
     spid=$!
     for _ in $(seq 1 240); do grep -q "listening on" "$slog" && break; kill -0 $spid 2>/dev/null || break; sleep 1; done
     line=$(grep "listening on" "$slog") || { echo "server $la did not start" >> "$LOG"; tail -30 "$slog" >> "$LOG"; continue; }
     port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' <<< "$line")
     mport=$(sed -n 's/.*metrics on http:\/\/[^ ]*:\([0-9][0-9]*\)\/metrics.*/\1/p' <<< "$line")
     echo "$la ms: $line" >> "$LOG"
+    lv_var=LEVELS_$la; levels=${!lv_var:-$LEVELS}
     for mode in endpoint client_eou; do
         extra=(--stop-history-ms "$STOP_MS")
         [ "$mode" = client_eou ] && extra=(--no-endpointing --client-eou-ms "$EOU_MS")
-        "$PY" -m client.loadgen --server "127.0.0.1:$port" --metrics-url "http://127.0.0.1:$mport/metrics" \
-            --concurrency "$LEVELS" --utterances "$UTTS" --pause-s "$PAUSE" --audio examples "${extra[@]}" \
-            --workers "$WORKERS" --ramp-s 2 --cooldown-s 1 --level-grace-s 30 --server-pid $spid \
-            --json "$OUT/ttf_${tag}_${la}_${mode}.json" --label "$tag $la ms $mode" >> "$LOG" 2>&1
+        runs=("$levels:$UTTS:")
+        [ -n "${C1_UTTS:-}" ] && runs=("1:$C1_UTTS:_c1" "$levels:$UTTS:")
+        for r in "${runs[@]}"; do
+            IFS=: read -r lv n suffix <<< "$r"
+            "$PY" -m client.loadgen --server "127.0.0.1:$port" --metrics-url "http://127.0.0.1:$mport/metrics" \
+                --concurrency "$lv" --utterances "$n" --pause-s "$PAUSE" --audio examples "${extra[@]}" \
+                --workers "$WORKERS" --ramp-s 2 --cooldown-s 1 --level-grace-s 30 --server-pid $spid \
+                --json "$OUT/ttf_${tag}_${la}_${mode}${suffix}.json" --label "$tag $la ms $mode" >> "$LOG" 2>&1
+        done
     done
     kill -TERM $spid; wait $spid
 done
