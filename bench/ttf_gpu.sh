@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/ttf_out}; mkdir -p "$OUT"
 PY=${PY:-python3}
 MODEL=${MODEL:-builtin:demo}; LOOKAHEADS=${LOOKAHEADS:-"160 560"}; LEVELS=${LEVELS:-1,256}
 UTTS=${UTTS:-4}; PAUSE=${PAUSE:-1.0}; STOP_MS=${STOP_MS:-320}; EOU_MS=${EOU_MS:-200}
-DTYPE=${DTYPE:-float16}; ENGINE=${ENGINE:-fast-cudagraph}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-4}; MAX_BATCH=${MAX_BATCH:-256}
+DTYPE=${DTYPE:-float16}; ENGINE=${ENGINE:-fast-cudagraph}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-4}; MAX_BATCH=${MAX_BATCH:-256}; MAX_STREAMS=${MAX_STREAMS:-4608}
 LOG=$OUT/ttf.log
 tag=$(basename "$MODEL" | tr ':' '_')
 { echo "commit $(git rev-parse HEAD 2>/dev/null || cat .source-commit 2>/dev/null) dirty=$(git status --porcelain 2>/dev/null | grep -qv '^??' && echo yes || echo no)"
@@ -22,7 +22,7 @@ tag=$(basename "$MODEL" | tr ':' '_')
 for la in $LOOKAHEADS; do
     slog=$OUT/server_$la.log
     "$PY" -m server.cli --model "$MODEL" --engine "$ENGINE" --device "$DEVICE" --dtype "$DTYPE" --lookahead-ms "$la" \
-        --max-streams 1024 --max-batch "$MAX_BATCH" --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 --metrics-port 0 \
+        --max-streams "$MAX_STREAMS" --max-batch "$MAX_BATCH" --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 --metrics-port 0 \
         --log-level WARNING ${SERVER_ARGS:-} > "$slog" 2>&1 &
     spid=$!
     for _ in $(seq 1 240); do grep -q "listening on" "$slog" && break; kill -0 $spid 2>/dev/null || break; sleep 1; done
