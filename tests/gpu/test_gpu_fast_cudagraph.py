@@ -1,6 +1,8 @@
 """fast-cudagraph in float16, the default engine on a GPU, against NeMo's eager module in float32
 (TF32 off), on speech: token agreement of at least 99.9% and the share of identical whole
-transcripts, over at least 200 streams of the demo model and of the Nemotron 0.6B shape; CUDA
+transcripts, over at least 200 streams of the demo model; on the Nemotron 0.6B shape (random
+weights) fast-cudagraph fp32 against eager fp32 at 99.9%, and fp16 within what float16 alone
+costs there (see that test); CUDA
 graphs captured once and never again while serving; the RNNT decode loop's graph against the
 same loop run eagerly."""
 
@@ -34,9 +36,9 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _compare(model_spec: str, speech, seed: int):
+def _compare(model_spec: str, speech, seed: int, dtype: str = "float16"):
     reference = build_on(model_spec, "eager", "float32")
-    fast = build_on(model_spec, "fast-cudagraph", "float16")
+    fast = build_on(model_spec, "fast-cudagraph", dtype)
     assert fast.startup_report.engine == "fast-cudagraph" and fast.startup_report.self_check.passed
     fast.warmup()
     encoder_captures = fast.encoder_engine.captures
@@ -48,7 +50,7 @@ def _compare(model_spec: str, speech, seed: int):
     assert set(fast.decoder._graphs) == decode_graphs, "a decode graph was captured while serving"
     assert fast.executions()["fast-cudagraph"] > 0
     a = agreement(ref, got)
-    return a, fast, ref
+    return a, got, ref
 
 
 def test_demo_model_fast_cudagraph_fp16_agrees_with_eager_fp32(speech, exact_fp32):
@@ -59,17 +61,33 @@ def test_demo_model_fast_cudagraph_fp16_agrees_with_eager_fp32(speech, exact_fp3
     assert a.transcript_match >= 0.98, a.as_dict()
 
 
-def test_nemotron_shape_fast_cudagraph_fp16_agrees_with_eager_fp32(speech, exact_fp32):
+# The most the fast step in float16 may lose to eager fp32 beyond what NeMo's own eager module
+# loses in float16 on the same random weights (token agreement, absolute).
+FP16_EXTRA_LOSS = 0.015
+
+
+def test_nemotron_shape_fast_cudagraph_agrees_with_eager(speech, exact_fp32):
     """Random weights (joint calibrated so labels follow the audio): the same arithmetic as the
-    real 0.6B model, with logit margins no training has widened."""
-    a, fast, ref = _compare("builtin:nemotron-0.6b", speech, seed=4)
-    del fast
-    # What float16 alone does to these random weights: NeMo's own module in float16, same batches.
+    real 0.6B model, with logit margins no training has widened. On the GPU host (run 3,
+    tests/gpu/RESULTS.md) NeMo's own eager module in float16 agreed with itself in float32 on
+    only 92% of tokens: an argmax between near-equal random logits flips under any float16
+    rounding, and one flip changes the decoder's later labels. So 99.9% cannot be asked of
+    float16 here, by any engine. What is asked instead:
+    - the fast step with its graphs, in float32, gives eager fp32's tokens (>= 99.9%): its
+      arithmetic and its captured graphs are right on the full shape;
+    - in float16 (the default) it loses no more than float16 itself does: its agreement with
+      eager fp32 is within FP16_EXTRA_LOSS of NeMo's eager fp16 module's."""
+    a32, _, ref = _compare("builtin:nemotron-0.6b", speech, seed=4, dtype="float32")
+    a16, got16, _ = _compare("builtin:nemotron-0.6b", speech, seed=4, dtype="float16")
     eager16 = build_on("builtin:nemotron-0.6b", "eager", "float16")
-    b = agreement(ref, run_streams(eager16, speech, seed=None))
-    record("nemotron_0.6b_fast_cudagraph_fp16_vs_eager_fp32", {**a.as_dict(), "eager_fp16_vs_eager_fp32": b.as_dict()})
-    assert a.streams >= MIN_STREAMS and a.reference_tokens > 5 * a.streams
-    assert a.token_agreement >= MIN_TOKEN_AGREEMENT, a.as_dict()
+    e16 = run_streams(eager16, speech, seed=None)
+    b = agreement(ref, e16)
+    record("nemotron_0.6b_fast_cudagraph_vs_eager", {
+        "fast_cudagraph_fp32_vs_eager_fp32": a32.as_dict(), "fast_cudagraph_fp16_vs_eager_fp32": a16.as_dict(),
+        "eager_fp16_vs_eager_fp32": b.as_dict(), "fast_cudagraph_fp16_vs_eager_fp16": agreement(e16, got16).as_dict()})
+    assert a32.streams >= MIN_STREAMS and a32.reference_tokens > 5 * a32.streams and a32.empty_reference == 0
+    assert a32.token_agreement >= MIN_TOKEN_AGREEMENT, a32.as_dict()
+    assert a16.token_agreement >= b.token_agreement - FP16_EXTRA_LOSS, (a16.as_dict(), b.as_dict())
 
 
 def test_decode_graph_equals_the_eager_decode_loop(speech):
