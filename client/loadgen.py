@@ -16,8 +16,8 @@ bottleneck. --capacity finds the largest concurrency whose p95 chunk latency is 
 
 Calls: --utterances N makes each stream a call of N clips joined by --pause-s of silence, with
 endpointing on (--stop-history-ms, default 320 as Pipecat's; --no-endpointing for off); per
-level it then also reports time to final (the message holding an utterance's last speech sample
-sent -> its final received) p50/p90/p95/p99, finals per stream and utterances missed; with
+level it then also reports time to final (an utterance's last speech sample played -> its final
+received) p50/p90/p95/p99, finals per stream and utterances missed; with
 --client-eou-ms D the client also asks for each utterance's final D ms of audio after its speech
 ends (a turn detector's wait), and the time from that request to the final is reported.
 
@@ -541,8 +541,10 @@ DEFINITIONS = {
     "loadgen.send_lateness_ms": "real-time mode: how late the sender woke up for a message that was due",
     "loadgen.write_ms": "time call.write() took (gRPC flow control: the server not reading fast enough)",
     "server_metrics": "deltas of the server's Prometheus metrics over the level (--metrics-url)",
-    "utterances.time_to_final_ms": "calls (--utterances): per utterance, its final received minus the send time of "
-                                   "the message holding its last speech sample; an utterance's final is the last "
+    "utterances.time_to_final_ms": "calls (--utterances): per utterance, its final received minus the instant its "
+                                   "last speech sample played (real time: the send time of the message holding it, "
+                                   "less the audio after that sample in the message; --no-realtime: that message's "
+                                   "send time); an utterance's final is the last "
                                    "final whose end_seconds falls in its window (its speech start to the next "
                                    "utterance's)",
     "utterances.eou_to_final_ms": "calls with --client-eou-ms: per utterance, its final (closed by the client's "

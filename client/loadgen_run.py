@@ -22,10 +22,11 @@ one's). The utterance's final is the first final of its window received after th
 holding its last speech sample was sent; others in the window are extra (finals before it split
 the utterance, finals after it closed noise in the pause), and a window without such a final is
 a missed utterance (its end went into the next utterance's final, or none came). An
-utterance's *time to final* is its final's receipt minus the send time of the message that
-holds its last speech sample; with client end of utterance, the request is sent when the audio --client-eou-ms past
+utterance's *time to final* is its final's receipt minus the end of its speech (see below); with client end of utterance, the request is sent when the audio --client-eou-ms past
 the speech's end has played (a turn detector's wait), and *EOU to final* is the final's receipt
 minus that request's send time (finals closed by the endpointer first are counted apart).
+Paced in real time, the time to final counts from the instant the last speech sample played (the
+message's send time less the audio after that sample in it), the end of speech a caller makes.
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ async def run_stream(stub, index: int, prep: _Prepared, t_start: float, opts: Ru
             reader.cancel()
     _account(rec, responses, sent, prep.ends_s, t_done, stats, opts.right_context_ms / 1e3)
     if prep.utterances:
-        _account_utterances(rec, responses.finals, sent, eou_sent, prep, stats)
+        _account_utterances(rec, responses.finals, sent, eou_sent, prep, stats, realtime=opts.realtime)
     return rec
 
 
@@ -363,15 +364,22 @@ def match_finals(finals: list[Final], speech_s: list[tuple[float, float]]) -> li
 
 
 def _account_utterances(rec: StreamRecord, finals: list[Final], sent: list[float], eou_sent: list[float],
-                        prep: _Prepared, stats: _ShareStats) -> None:
+                        prep: _Prepared, stats: _ShareStats, realtime: bool = True) -> None:
     """Per utterance of a call: its final (the last in its window), time to final and, with
     client EOU, EOU to final (see the module's docstring)."""
     rec.utterances, rec.finals = len(prep.speech_s), len(finals)
     reasons: dict[str, int] = {}
     for k, mine in enumerate(match_finals(finals, prep.speech_s)):
-        t_speech = sent[prep.speech_end_msg[k]]
+        m = prep.speech_end_msg[k]
+        t_speech = sent[m]
         if math.isnan(t_speech):  # never sent (the call failed first): not the server's miss
             continue
+        if realtime:
+            # Paced in real time, a message goes out when its last sample has played; the last
+            # speech sample played earlier by the audio after it in the message. Measured from
+            # there, time to final does not depend on the message size (a client sending 20 ms
+            # frames and one sending 160 ms messages see the same end of speech).
+            t_speech -= prep.ends_s[m] - prep.speech_s[k][1]
         after = [f for f in mine if f.t >= t_speech]
         rec.extra_finals += len(mine) - min(len(after), 1)
         if not after:

@@ -48,17 +48,16 @@ def clips(tmp_path: Path) -> Path:
 
 
 def earliest_final_s(speech_end: int, ends: list[int]) -> float:
-    """Seconds of audio from the message holding sample speech_end - 1 to the message that
-    completes the fake engine's first chunk of zeros after it: no final can come sooner when
-    the audio is paced in real time."""
+    """Seconds of audio from the end of speech (sample speech_end) to the message that completes
+    the fake engine's first chunk of zeros after it: no final can come sooner when the audio is
+    paced in real time."""
     g = fake_geometry(160)
     k = 0
     while k * g.chunk_samples + g.wait_samples < speech_end:  # chunk k spans [k C + w, (k + 1) C + w)
         k += 1
     need = g.samples_needed(k)
-    last_speech = next(e for e in ends if e >= speech_end)
     completes = next(e for e in ends if e >= need)
-    return (completes - last_speech) / RATE
+    return (completes - speech_end) / RATE
 
 
 def test_calls_join_clips_with_pauses_and_know_where_speech_ends(clips):
@@ -87,15 +86,23 @@ def test_calls_join_clips_with_pauses_and_know_where_speech_ends(clips):
 def test_finals_are_matched_to_utterances_by_window_and_time():
     item = AudioItem("x", b"", RATE, "PCM16")
     ends = [0.5 * (j + 1) for j in range(14)]
-    prep = _Prepared(item, [], ends, speech_s=[(0.5, 2.0), (3.0, 4.0), (5.0, 6.0)], speech_end_msg=[3, 7, 11])
+    # utterance 0's speech ends 0.2 s before its message does: paced in real time, its last
+    # speech sample played 0.2 s before the message went out
+    prep = _Prepared(item, [], ends, speech_s=[(0.5, 1.8), (3.0, 4.0), (5.0, 6.0)], speech_end_msg=[3, 7, 11])
     sent = [100.0 + e for e in ends]
     finals = [Final(101.5, 0.5, 1.2, 0, "endpoint", "a"),      # split off before the speech ended: extra
-              Final(102.4, 1.3, 1.9, 1, "endpoint", "b"),      # utterance 0: 102.4 - sent[3] = 0.4 s
+              Final(102.4, 1.3, 1.9, 1, "endpoint", "b"),      # utterance 0: 102.4 - (sent[3] - 0.2) = 0.6 s
               Final(106.5, 3.1, 5.9, 2, "endpoint", "c d"),    # utterance 2 (1 ran into it: missed)
               Final(107.0, 6.2, 6.5, 3, "end_of_audio", "e")]  # noise in the last pause: extra
     rec, stats = StreamRecord(0, "x", 7.0), _ShareStats()
     _account_utterances(rec, finals, sent, [], prep, stats)
+    assert stats.time_to_final_ms == pytest.approx([600.0, 500.0])
+    # Not paced in real time: from the message's send time.
+    rec, stats = StreamRecord(0, "x", 7.0), _ShareStats()
+    _account_utterances(rec, finals, sent, [], prep, stats, realtime=False)
     assert stats.time_to_final_ms == pytest.approx([400.0, 500.0])
+    rec, stats = StreamRecord(0, "x", 7.0), _ShareStats()
+    _account_utterances(rec, finals, sent, [], prep, stats)
     assert (rec.utterances, rec.finals, rec.missed, rec.extra_finals) == (3, 4, 1, 2)
     assert rec.end_reasons == {"endpoint": 2} and stats.eou_to_final_ms == []
     # Client end of utterance: measured from the request to a final it closed; a final the
@@ -108,7 +115,7 @@ def test_finals_are_matched_to_utterances_by_window_and_time():
     # Utterances never sent (the call failed first) are not missed.
     rec, stats = StreamRecord(0, "x", 7.0, code="UNAVAILABLE"), _ShareStats()
     _account_utterances(rec, finals[:2], sent[:5] + [math.nan] * 9, [], prep, stats)
-    assert rec.missed == 0 and stats.time_to_final_ms == pytest.approx([400.0])
+    assert rec.missed == 0 and stats.time_to_final_ms == pytest.approx([600.0])
 
 
 @pytest.mark.asyncio
