@@ -172,7 +172,7 @@ class AsrServer:
         self.metrics.engine_up.set(1)
         await self._set_health(_SERVING)
         log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port, "engine": name,
-                                   "model": self.served.info.name, "max_streams": self.engine.capacity,
+                                   "model": self.served.info.name, "max_streams": self.scheduler.capacity,
                                    "max_batch": self.engine.max_batch})
 
     def http_status(self) -> dict:

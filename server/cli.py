@@ -45,10 +45,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--fallback-engine", default=None, choices=ENGINE_NAMES[1:],
                    help="engine to start on if --engine cannot load (reported in ListModels and metrics)")
     m.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    m.add_argument("--gpus", default=None, metavar="all|0,1,...",
+                   help="one engine core (an engine worker process with its own scheduler) per listed CUDA "
+                        "device: all (every visible GPU) or indices; new streams go to the core with the most "
+                        "free slots and stay there; a core that dies fails only its own streams (replaces "
+                        "--device)")
+    m.add_argument("--engine-cores", type=int, default=1,
+                   help="engine cores per device (--device, or each of --gpus): several on the CPU, or on one "
+                        "large GPU")
     m.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     m.add_argument("--lookahead-ms", type=int, default=160, choices=sorted(LOOKAHEAD_TO_RIGHT_CONTEXT))
     m.add_argument("--max-batch", type=int, default=32, help="chunks per engine step")
-    m.add_argument("--max-streams", type=int, default=64, help="concurrent streams (cache slots)")
+    m.add_argument("--max-streams", type=int, default=64,
+                   help="concurrent streams (cache slots) per engine core: with --gpus or --engine-cores the "
+                        "server takes this times the number of cores")
     m.add_argument("--profile-every", type=int, default=100,
                    help="every Nth engine step synchronizes the device at each phase, for the per-phase "
                         "times in asr_engine_phase_seconds (0: never)")
@@ -199,8 +209,9 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-async def serve(engine: StreamingEngine, settings: ServerSettings) -> int:
-    server = AsrServer(engine, settings)
+async def serve(engine: StreamingEngine, settings: ServerSettings, cores: list[tuple[str, StreamingEngine]] | None = None) -> int:
+    """`cores`: (device, engine) of every engine core (server.engine_cores); None: `engine` alone."""
+    server = AsrServer(engine, settings, scheduler=engine_cores(cores, settings) if cores else None)
     try:
         await server.start()
     except Exception as exc:  # noqa: BLE001 - a failed warm-up must stop start-up loudly
@@ -223,10 +234,12 @@ async def serve(engine: StreamingEngine, settings: ServerSettings) -> int:
         loop.add_signal_handler(sig, on_signal, sig.name)
     metrics = f", metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     # Scripts and tests wait for this line (it carries the real port when --port 0).
-    print(f"asr-server: listening on {settings.host}:{server.port} (engine {server.scheduler.engine_name}){metrics}",
-          flush=True)
+    count = len(cores or ())
+    on_cores = f", {count} engine cores" if count > 1 else ""
+    print(f"asr-server: listening on {settings.host}:{server.port} (engine {server.scheduler.engine_name}{on_cores})"
+          f"{metrics}", flush=True)
     await server.wait_stopped()
-    if server.engine_failure is not None:
+    if server.engine_failure is not None:  # with several engine cores: every one of them
         print(f"asr-server: the engine failed ({server.engine_failure}); exiting with status {EXIT_ENGINE_DEAD} "
               "so that a supervisor restarts the server", file=sys.stderr, flush=True)
         return EXIT_ENGINE_DEAD
@@ -265,13 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"asr-server: {exc}", file=sys.stderr)
         return 2
-    print(f"asr-server: loading model {cfg.model} (engine {cfg.engine}, device {cfg.device}, "
+    try:
+        devices = core_devices(args)
+    except ValueError as exc:
+        print(f"asr-server: {exc}", file=sys.stderr)
+        return 2
+    print(f"asr-server: loading model {cfg.model} (engine {cfg.engine}, device {', '.join(devices)}, "
           f"lookahead {cfg.lookahead_ms} ms)", flush=True)
     try:
-        engine = start_engine(args, cfg, settings)
+        cores = start_engines(args, cfg, settings, devices)
     except Exception as exc:  # an engine that cannot start must say why, not dump a traceback
         print(f"asr-server: cannot start: {exc}", file=sys.stderr, flush=True)
         return 1
+    engine = cores[0][1]
     try:
         if engine.model_info.random_weights:
             print(f"asr-server: model {engine.model_info.name} has RANDOM weights: its transcripts are meaningless. "
@@ -279,9 +298,80 @@ def main(argv: list[str] | None = None) -> int:
         _set_switch_interval(args)
         if args.frontends > 1:
             from server.frontends import serve_with_frontends
-            return _runner(args)(serve_with_frontends(engine, settings, args.frontends, argv))
-        return _runner(args)(serve(engine, settings))
+            return _runner(args)(serve_with_frontends(engine, settings, args.frontends, argv,
+                                                      scheduler=engine_cores(cores, settings)))
+        return _runner(args)(serve(engine, settings, cores))
     finally:
+        _close_engines([e for _, e in cores])
+
+
+def core_devices(args: argparse.Namespace) -> list[str]:
+    """The device of every engine core: --engine-cores on each of --gpus, or on --device."""
+    if args.engine_cores < 1:
+        raise ValueError("--engine-cores must be at least 1")
+    if args.gpus is None:
+        return [args.device] * args.engine_cores
+    if args.device != "auto":
+        raise ValueError("--gpus and --device exclude each other (--gpus names the CUDA devices)")
+    visible = visible_gpu_count()
+    if args.gpus.strip() == "all":
+        indices = list(range(visible))
+    else:
+        try:
+            indices = [int(part) for part in args.gpus.split(",")]
+        except ValueError:
+            raise ValueError(f"--gpus {args.gpus!r}: expected all or GPU indices such as 0,1") from None
+        if len(set(indices)) != len(indices) or min(indices) < 0:
+            raise ValueError(f"--gpus {args.gpus!r}: each GPU index once, none negative")
+    if not visible:
+        raise ValueError(f"--gpus {args.gpus}: no CUDA GPU is visible on this machine (for several engine cores "
+                         "on the CPU: --device cpu --engine-cores N)")
+    if not indices or max(indices) >= visible:
+        raise ValueError(f"--gpus {args.gpus}: {visible} CUDA GPU(s) visible (indices 0-{visible - 1})")
+    return [f"cuda:{i}" for i in indices for _ in range(args.engine_cores)]
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices torch sees, asked in a short child process: this one stays free of torch and
+    of CUDA state (the engine workers are spawned fresh)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise ValueError(f"--gpus: cannot count the CUDA devices: {out.stderr.strip()[-300:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def start_engines(args: argparse.Namespace, cfg: EngineConfig, settings: ServerSettings,
+                  devices: list[str]) -> list[tuple[str, StreamingEngine]]:
+    """(device, engine) of every core, started at once; if one cannot start, the others are closed."""
+    import concurrent.futures
+    import dataclasses
+
+    if len(devices) == 1:
+        return [(devices[0], start_engine(args, cfg, settings))]
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+        futures = [pool.submit(start_engine, args, dataclasses.replace(cfg, device=d), settings) for d in devices]
+        concurrent.futures.wait(futures)
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        _close_engines([f.result() for f in futures if f.exception() is None])
+        raise failed[0]
+    return [(d, f.result()) for d, f in zip(devices, futures)]
+
+
+def engine_cores(cores: list[tuple[str, StreamingEngine]], settings: ServerSettings):
+    """One scheduler per engine, behind the router (server.engine_cores)."""
+    from server.engine_cores import EngineCore, EngineCores
+    from server.scheduler import Scheduler
+
+    return EngineCores([EngineCore(i, device, Scheduler(engine, settings.scheduler))
+                        for i, (device, engine) in enumerate(cores)])
+
+
+def _close_engines(engines: list[StreamingEngine]) -> None:
+    for engine in engines:
         close = getattr(engine, "close", None)
         if callable(close):
             close()
@@ -297,7 +387,7 @@ def start_engine(args: argparse.Namespace, cfg: EngineConfig, settings: ServerSe
     engine = EngineWorker.start(args.engine_factory, cfg, ChildOptions(
         log_level=args.log_level, log_format=args.log_format, gc_freeze=settings.gc_freeze,
         gc_threshold=settings.gc_threshold))
-    print(f"asr-server: engine worker process {engine.pid} ready", flush=True)
+    print(f"asr-server: engine worker process {engine.pid} ready ({cfg.device})", flush=True)
     return engine
 
 

@@ -77,7 +77,9 @@ class _Frontend:
 class EngineHost(StreamListener):
     def __init__(self, engine: StreamingEngine, config: SchedulerConfig, socket_path: str,
                  gc_freeze: bool = False, gc_threshold: tuple[int, int, int] | None = None,
-                 max_streams_per_client: int = 0):
+                 max_streams_per_client: int = 0, scheduler=None):
+        # `scheduler`: several engine cores (server.engine_cores.EngineCores, whose `engine` is
+        # the first core's); by default a Scheduler on `engine`.
         self.engine = engine
         # Streams per client over every frontend (a client's connections may land on any of
         # them); each frontend's interceptor still counts its own, which can only be fewer.
@@ -89,8 +91,8 @@ class EngineHost(StreamListener):
         self.gc_threshold = gc_threshold
         self.metrics = ServerMetrics(max_batch=engine.max_batch)
         self.metrics.process_name = "engine"
-        self.scheduler = Scheduler(engine, config, MetricsObserver(self.metrics, self._on_engine_dead,
-                                                                   on_step=self.state_changed))
+        self.scheduler = scheduler or Scheduler(engine, config)
+        self.scheduler.observer = MetricsObserver(self.metrics, self._on_engine_dead, on_step=self.state_changed)
         self.scheduler.listener = self
         self.metrics.bind(self.scheduler)
         r = self.metrics.registry
@@ -139,7 +141,7 @@ class EngineHost(StreamListener):
 
     def facts(self) -> EngineFacts:
         return EngineFacts(model_info=self.engine.model_info, geometry=self.engine.geometry,
-                           capacity=self.engine.capacity, max_batch=self.engine.max_batch,
+                           capacity=self.scheduler.capacity, max_batch=self.engine.max_batch,
                            engine_name=self.scheduler.engine_name or "", scheduler=self.config)
 
     @property

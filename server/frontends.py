@@ -147,7 +147,7 @@ class FrontendSupervisor:
             await asyncio.gather(*(p.wait() for p in self.procs.values()))
 
 
-async def serve_with_frontends(engine, settings: ServerSettings, count: int, argv: list[str]) -> int:
+async def serve_with_frontends(engine, settings: ServerSettings, count: int, argv: list[str], scheduler=None) -> int:
     """The parent: engine host + supervisor; returns the process exit status."""
     try:
         reserved = reserve_port(settings.host, settings.port)
@@ -159,7 +159,7 @@ async def serve_with_frontends(engine, settings: ServerSettings, count: int, arg
     socket_path = os.path.join(workdir, "engine.sock")
     host = EngineHost(engine, settings.scheduler, socket_path, gc_freeze=settings.gc_freeze,
                       gc_threshold=settings.gc_threshold,
-                      max_streams_per_client=settings.security.max_streams_per_client)
+                      max_streams_per_client=settings.security.max_streams_per_client, scheduler=scheduler)
     supervisor = FrontendSupervisor(host, count, argv, port, socket_path)
     try:
         try:

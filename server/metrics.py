@@ -77,6 +77,7 @@ class ServerMetrics(SchedulerObserver):
                                     "over this is the slot utilisation an autoscaler follows", registry=r)
         self.engine_up = Gauge("asr_engine_up", "1 while the engine serves, 0 before warm-up or when dead", registry=r)
         batch_buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch} | {max_batch})
+        self._batch_buckets = batch_buckets
         self.batch_size = Histogram("asr_batch_size", "Chunks per engine step", buckets=batch_buckets, registry=r)
         self.queue_wait = Histogram("asr_queue_wait_seconds", "Ready chunk to step start", buckets=_LATENCY_BUCKETS, registry=r)
         self.step_time = Histogram("asr_step_seconds", "Engine step wall time, as the scheduler waits for it",
@@ -123,9 +124,46 @@ class ServerMetrics(SchedulerObserver):
         self.slots_capacity.set_function(lambda: scheduler.capacity)
         self.max_batch.set_function(lambda: scheduler.max_batch)
         self.registry.register(_ExecutionsCollector(scheduler))
+        if hasattr(scheduler, "cores"):  # server.engine_cores: the same, per core
+            self._bind_cores(scheduler)
         if self._gc_timer is None:
             self._gc_timer = _GcPauseTimer(self._gc_pending)
             gc.callbacks.append(self._gc_timer)
+
+    def _bind_cores(self, cores) -> None:
+        """Per-core series, labelled with the core's index and device (`asr-server --gpus`,
+        `--engine-cores`). The unlabelled metrics above stay the server's totals, under the
+        same names as with one engine, so dashboards and autoscalers built on them go on."""
+        r, labels = self.registry, ["core", "device"]
+        up = Gauge("asr_core_up", "1 while the engine core serves, 0 before warm-up or once it is dead",
+                   labels, registry=r)
+        in_use = Gauge("asr_core_slots_in_use", "Engine cache slots held now, per core", labels, registry=r)
+        capacity = Gauge("asr_core_slots_capacity", "Engine cache slots per core (--max-streams)", labels, registry=r)
+        active = Gauge("asr_core_active_streams", "Streams open now, per core (placed on the core with the most "
+                       "free slots, kept there for life)", labels, registry=r)
+        step = Histogram("asr_core_step_seconds", "Engine step wall time, as the scheduler waits for it, per core",
+                         labels, buckets=_LATENCY_BUCKETS, registry=r)
+        batch = Histogram("asr_core_batch_size", "Chunks per engine step, per core", labels,
+                          buckets=self._batch_buckets, registry=r)
+
+        def key(core) -> dict[str, str]:
+            return {"core": str(core.index), "device": core.device}
+
+        for core in cores.cores:
+            s = core.scheduler
+            up.labels(**key(core)).set_function(
+                lambda s=s: float(s.engine_name is not None and s.dead_reason is None))
+            in_use.labels(**key(core)).set_function(s.slots_in_use)
+            capacity.labels(**key(core)).set_function(lambda s=s: s.capacity)
+            active.labels(**key(core)).set_function(lambda s=s: s.active_streams)
+            step.labels(**key(core))   # every core's series exists from the start, stepped or not
+            batch.labels(**key(core))
+
+        def on_step(core, batch_size: int, step_seconds: float, timings) -> None:
+            step.labels(**key(core)).observe(step_seconds)
+            batch.labels(**key(core)).observe(batch_size)
+
+        cores.on_core_step = on_step
 
     # -- SchedulerObserver -------------------------------------------------------------------
     def step_done(self, batch_size, step_seconds, queue_waits, engine, executions, timings=None) -> None:

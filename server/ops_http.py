@@ -57,9 +57,11 @@ def scheduler_status(scheduler, model: str, stopped: bool = False, draining: boo
         "engine_executions": dict(scheduler.executions),  # encoder executions by engine, after the last step
         "model": model,
         "slots_in_use": int(scheduler.slots_in_use()),
-        "slots_capacity": int(scheduler.engine.capacity),
+        "slots_capacity": int(scheduler.capacity),
         "active_streams": int(scheduler.active_streams),
         "dead_reason": scheduler.dead_reason,
+        # Several engine cores (server.engine_cores): each with its device, engine and state.
+        **({"cores": scheduler.core_status()} if hasattr(scheduler, "core_status") else {}),
     }
 
 

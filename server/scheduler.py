@@ -193,6 +193,8 @@ class Scheduler(StreamBooks):
         self._slowest_step = 0.0                # the slowest recent step, decaying (the hang deadline's base)
         self._hang_task: asyncio.Task | None = None
         self.engine_name: str | None = None     # what the warm-up really executed
+        # Which engine this is in messages to clients, when there are several (server.engine_cores).
+        self.label = ""
         self.executions: dict[str, int] = {}    # last snapshot of engine.executions()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -252,7 +254,8 @@ class Scheduler(StreamBooks):
     def check_admission(self) -> None:
         """Raise StreamError when a new stream would be refused (cheap; no slot taken)."""
         if self.dead_reason is not None:
-            raise StreamError(ErrorKind.UNAVAILABLE, f"the engine failed and serves no more streams: {self.dead_reason}")
+            raise StreamError(ErrorKind.UNAVAILABLE,
+                              f"the engine{self._of_label} failed and serves no more streams: {self.dead_reason}")
         if self.engine_name is None:
             raise StreamError(ErrorKind.UNAVAILABLE, "the engine is warming up; retry in a moment")
         if self.draining or self._stopping:
@@ -817,6 +820,10 @@ class Scheduler(StreamBooks):
         for p in planned:
             self._fail(p.stream, ErrorKind.INTERNAL, f"engine step failed: {exc}")
 
+    @property
+    def _of_label(self) -> str:
+        return f" of {self.label}" if self.label else ""
+
     def _count_failure(self, reason: str) -> None:
         """A batch of which nothing ran. Enough in a row mark the engine dead: every open stream
         then gets UNAVAILABLE (retry elsewhere), this batch's included."""
@@ -829,9 +836,9 @@ class Scheduler(StreamBooks):
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
-        log.critical("engine marked dead", extra={"reason": reason})
+        log.critical("engine marked dead", extra={"reason": reason, "core": self.label or None})
         for stream in list(self._streams.values()):
-            self._fail(stream, ErrorKind.UNAVAILABLE, f"the engine failed: {reason}")
+            self._fail(stream, ErrorKind.UNAVAILABLE, f"the engine{self._of_label} failed: {reason}")
         self.observer.engine_dead(reason)
 
 
