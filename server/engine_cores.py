@@ -61,6 +61,7 @@ class EngineCore:
         """This core's entry in /health and /ready (server.ops_http)."""
         s = self.scheduler
         return {"core": self.index, "device": self.device, "state": self.state, "engine": s.engine_name,
+                "pid": getattr(s.engine, "pid", None),  # its engine worker process (None: in this one)
                 "slots_in_use": int(s.slots_in_use()), "slots_capacity": int(s.capacity),
                 "active_streams": int(s.active_streams), "dead_reason": s.dead_reason}
 

@@ -183,7 +183,9 @@ async def serve_with_frontends(engine, settings: ServerSettings, count: int, arg
             loop.add_signal_handler(sig, on_signal, sig.name)
         metrics = (f", metrics on http://{settings.metrics_host}:{host.metrics_port}/metrics"
                    if host.metrics_port else "")
-        print(f"asr-server: listening on {settings.host}:{port} (engine {name}, {count} frontend processes)"
+        cores = len(getattr(host.scheduler, "cores", ()))
+        on_cores = f", {cores} engine cores" if cores > 1 else ""
+        print(f"asr-server: listening on {settings.host}:{port} (engine {name}{on_cores}, {count} frontend processes)"
               f"{metrics}", flush=True)
         death = loop.create_task(host.engine_dead.wait())
         stopped = loop.create_task(stop.wait())

@@ -1,0 +1,213 @@
+"""Several engine cores in one real `asr-server` process (`--device cpu --engine-cores 2`: two
+engine worker processes, each with its own scheduler, the hash-chain fake engine in each):
+placement on the core with the most free slots, a stream's transcript as if alone, the drain
+of every core on SIGTERM, one core's death (only its streams fail, the other goes on, health
+stays SERVING) and the death of every core (NOT_SERVING, the engine-death exit status); with
+frontend processes too. And `--gpus` on a machine without GPUs: a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto import asr_stream_pb2_grpc as pb_grpc
+from server.cli import EXIT_ENGINE_DEAD
+from tests.engine_alone import transcribe_alone
+from tests.fake_engine import FakeEngine
+from tests.server_harness import (ROOT, RATE, as_float, audio, config, final_transcript, held_open_outcome,
+                                  pcm16_audio, python_path, requests_for, scrape, spawn_server)
+
+pytestmark = pytest.mark.asyncio
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def start_server(*extra: str) -> tuple[asyncio.subprocess.Process, int, int]:
+    """Two engine cores on the CPU with 2 slots each; the process, its gRPC and metrics ports."""
+    proc, match, _ = await spawn_server(
+        "--engine-factory", "tests.fake_engine:build_fake_engine", "--device", "cpu", "--engine-cores", "2",
+        "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+        "--max-streams", "2", "--max-batch", "4", *extra,
+        env={"FAKE_ENGINE_STEP_DELAY_S": "0.003"},
+        ready=r"listening on 127\.0\.0\.1:(\d+) \(engine fake, 2 engine cores.*metrics on http://127\.0\.0\.1:(\d+)")
+    return proc, int(match.group(1)), int(match.group(2))
+
+
+def health_json(metrics_port: int) -> dict:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health", timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:  # 503 once dead: the body is the same JSON
+        return json.loads(exc.read())
+
+
+def per_core(metrics_port: int, name: str) -> list[float]:
+    m = scrape(metrics_port)
+    return [m[f"{name}{{core={i},device=cpu}}"] for i in (0, 1)]
+
+
+async def wait_for_core_streams(metrics_port: int, expected: list[int]) -> None:
+    for _ in range(2000):
+        if per_core(metrics_port, "asr_core_active_streams") == expected:
+            return
+        await asyncio.sleep(0.01)
+    assert per_core(metrics_port, "asr_core_active_streams") == expected
+
+
+def sync_outcome(port: int, requests) -> tuple[str, str, list]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            return "OK", "", list(pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(iter(requests)))
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details() or "", []
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])  # 2: frontend processes around the engine process
+async def test_streams_go_to_the_core_with_most_free_slots_and_sigterm_drains_every_core(frontends):
+    proc, port, metrics_port = await start_server("--frontends", frontends, "--drain-grace-s", "60")
+    clip = pcm16_audio(7, 2 * RATE)
+    expected = transcribe_alone(FakeEngine(), as_float(clip))
+    resume, halfway = asyncio.Event(), asyncio.Event()
+    try:
+        cores = health_json(metrics_port)["cores"]
+        assert [(c["core"], c["device"], c["state"], c["engine"]) for c in cores] == [
+            (0, "cpu", "SERVING", "fake"), (1, "cpu", "SERVING", "fake")]
+        assert len({c["pid"] for c in cores}) == 2 and all(c["pid"] for c in cores)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SpeechRecognitionStub(channel)
+            held = []
+            # One at a time: equal free slots go to the lowest core, then to the emptier one.
+            for i, after in enumerate(([1, 0], [1, 1], [2, 1])):
+                held.append(asyncio.create_task(held_open_outcome(stub, i, resume)))
+                await wait_for_core_streams(metrics_port, after)
+
+            async def clip_stream():
+                data = clip.tobytes()
+                pieces = [data[p:p + 3200] for p in range(0, len(data), 3200)]
+
+                async def requests():
+                    yield config()
+                    for n, piece in enumerate(pieces):
+                        if n == len(pieces) // 2:
+                            halfway.set()
+                            await resume.wait()
+                        yield audio(piece)
+
+                return [r async for r in stub.StreamingRecognize(requests())]
+
+            streaming = asyncio.create_task(clip_stream())
+            await halfway.wait()
+            await wait_for_core_streams(metrics_port, [2, 2])  # the only free slot was core 1's
+            code, details, _ = await asyncio.to_thread(sync_outcome, port, requests_for(clip.tobytes()))
+            assert code == "RESOURCE_EXHAUSTED" and "stream slots are in use" in details, (code, details)
+            assert health_json(metrics_port)["slots_capacity"] == 4
+
+            proc.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(1000):
+                if (await health.Check(health_pb2.HealthCheckRequest())).status == NOT_SERVING:
+                    break
+                await asyncio.sleep(0.01)
+            code, details, _ = await asyncio.to_thread(sync_outcome, port, requests_for(clip.tobytes()))
+            assert code == "UNAVAILABLE" and "draining" in details, (code, details)
+            assert proc.returncode is None  # the open streams on both cores go on
+            resume.set()
+            assert final_transcript(await streaming) == expected
+            assert await asyncio.gather(*held) == [("OK", "")] * 3
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        resume.set()
+        await stop(proc)
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+async def test_a_dead_core_fails_only_its_streams_the_other_serves_on_until_it_dies_too(frontends):
+    proc, port, metrics_port = await start_server("--frontends", frontends, "--exit-on-engine-death-s", "0.5")
+    clip = pcm16_audio(8, RATE + 4000)
+    expected = transcribe_alone(FakeEngine(), as_float(clip))
+    resume_core0, resume_core1 = asyncio.Event(), asyncio.Event()
+    try:
+        pids = [c["pid"] for c in health_json(metrics_port)["cores"]]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SpeechRecognitionStub(channel)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == SERVING
+            on_core0, on_core1 = [], []
+            for i, (group, resume, after) in enumerate(((on_core0, resume_core0, [1, 0]),
+                                                         (on_core1, resume_core1, [1, 1]),
+                                                         (on_core0, resume_core0, [2, 1]),
+                                                         (on_core1, resume_core1, [2, 2]))):
+                group.append(asyncio.create_task(held_open_outcome(stub, i, resume)))
+                await wait_for_core_streams(metrics_port, after)
+
+            os.kill(pids[1], signal.SIGKILL)
+            for code, details in await asyncio.wait_for(asyncio.gather(*on_core1), 30):
+                assert code == "UNAVAILABLE" and "the engine of core 1 (cpu) failed" in details, (code, details)
+                assert "engine worker process exited" in details, details
+            await wait_for_core_streams(metrics_port, [2, 0])
+            status = health_json(metrics_port)
+            assert status["status"] == "SERVING" and status["slots_capacity"] == 2
+            assert [c["state"] for c in status["cores"]] == ["SERVING", "NOT_SERVING"]
+            assert "engine worker process exited" in status["cores"][1]["dead_reason"]
+            assert per_core(metrics_port, "asr_core_up") == [1, 0] and scrape(metrics_port)["asr_engine_up"] == 1
+            assert not any(t.done() for t in on_core0)  # core 0's streams did not notice
+
+            # Core 0 has no free slot now, so a new stream is refused; once one of its streams
+            # ends, the next goes there (never to the dead core) and is exact.
+            code, details, _ = await asyncio.to_thread(sync_outcome, port, requests_for(clip.tobytes()))
+            assert code == "RESOURCE_EXHAUSTED", (code, details)
+            resume_core0.set()
+            assert await asyncio.gather(*on_core0) == [("OK", "")] * 2
+            code, details, responses = await asyncio.to_thread(sync_outcome, port, requests_for(clip.tobytes()))
+            assert code == "OK", details
+            assert final_transcript(responses) == expected
+            assert per_core(metrics_port, "asr_core_step_seconds_count")[0] > 0
+            health = health_pb2_grpc.HealthStub(channel)
+            assert (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
+
+            # The last core dies: now the server is dead, and exits for a restart.
+            last = asyncio.create_task(held_open_outcome(stub, 9, resume_core1))
+            await wait_for_core_streams(metrics_port, [1, 0])
+            os.kill(pids[0], signal.SIGKILL)
+            code, details = await asyncio.wait_for(last, 30)
+            # (With frontends, the frontend may hear that the whole engine is dead first: its
+            # message names every core.)
+            assert code == "UNAVAILABLE" and "core 0 (cpu)" in details and "failed" in details, (code, details)
+            statuses = []
+            try:
+                while (message := await watch.read()) is not grpc.aio.EOF:
+                    statuses.append(message.status)
+            except grpc.aio.AioRpcError:
+                pass  # the server went away under the watch
+            assert statuses and statuses[-1] == NOT_SERVING
+        assert await asyncio.wait_for(proc.wait(), 60) == EXIT_ENGINE_DEAD
+        stderr = (await proc.stderr.read()).decode()
+        assert f"exiting with status {EXIT_ENGINE_DEAD}" in stderr and "every engine core failed" in stderr
+    finally:
+        resume_core0.set()
+        resume_core1.set()
+        await stop(proc)
+
+
+async def test_gpus_without_a_gpu_is_a_clear_error():
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
+        "--gpus", "all", cwd=ROOT, env=dict(os.environ, PYTHONPATH=python_path(), CUDA_VISIBLE_DEVICES=""),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 2, stderr
+    assert b"--gpus all: no CUDA GPU is visible" in stderr and b"--engine-cores" in stderr, stderr
