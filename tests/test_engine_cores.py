@@ -8,6 +8,7 @@ frontend processes too. And `--gpus` on a machine without GPUs: a clear error.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -18,12 +19,18 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
+from server.app import AsrServer
 from server.cli import EXIT_ENGINE_DEAD
+from server.engine_cores import EngineCore, EngineCores
+from server.scheduler import Scheduler, SchedulerConfig
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
+from tests.fault_engine import FaultyEngine
 from tests.server_harness import (ROOT, RATE, as_float, audio, config, final_transcript, held_open_outcome,
-                                  pcm16_audio, python_path, requests_for, scrape, spawn_server)
+                                  pcm16_audio, python_path, requests_for, run_stream, scrape, server_settings,
+                                  spawn_server, stub_for, wav_bytes)
 
 pytestmark = pytest.mark.asyncio
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -211,3 +218,79 @@ async def test_gpus_without_a_gpu_is_a_clear_error():
     _, stderr = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 2, stderr
     assert b"--gpus all: no CUDA GPU is visible" in stderr and b"--engine-cores" in stderr, stderr
+
+
+# -- in this process: AsrServer on EngineCores over two fake engines ---------------------------
+@contextlib.asynccontextmanager
+async def server_on_cores(*engines, **settings):
+    s = server_settings(**settings)
+    cores = EngineCores([EngineCore(i, "cpu", Scheduler(e, s.scheduler)) for i, e in enumerate(engines)])
+    server = AsrServer(engines[0], s, scheduler=cores)
+    await server.start()
+    try:
+        yield server, cores
+    finally:
+        await server.stop()
+
+
+async def test_streaming_and_unary_calls_spread_over_the_cores_and_are_exact():
+    engines = [FakeEngine(capacity=2, max_batch=4), FakeEngine(capacity=2, max_batch=4)]
+    clips = [pcm16_audio(20 + i, RATE + 2500 * i) for i in range(4)]
+    expected = [transcribe_alone(FakeEngine(), as_float(c)) for c in clips]
+    async with server_on_cores(*engines) as (server, cores), stub_for(server) as stub:
+        for e in engines:
+            e.gate.clear()  # no step runs until all four calls hold a slot
+        async def recognize(clip):
+            return await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(), audio=wav_bytes(clip)))
+
+        calls = [asyncio.create_task(run_stream(stub, requests_for(clips[0].tobytes()))),
+                 asyncio.create_task(recognize(clips[1])),
+                 asyncio.create_task(run_stream(stub, requests_for(clips[2].tobytes()))),
+                 asyncio.create_task(recognize(clips[3]))]
+        for _ in range(2000):
+            if [c.scheduler.active_streams for c in cores.cores] == [2, 2]:
+                break
+            await asyncio.sleep(0.01)
+        assert [c.scheduler.active_streams for c in cores.cores] == [2, 2]
+        for e in engines:
+            e.gate.set()
+        results = await asyncio.gather(*calls)
+        assert final_transcript(results[0]) == expected[0] and final_transcript(results[2]) == expected[2]
+        assert results[1].result.transcript == expected[1] and results[3].result.transcript == expected[3]
+        for _ in range(500):
+            if cores.active_streams == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert [e.slots_in_use() for e in engines] == [0, 0] and cores.active_streams == 0
+    assert all(not e.violations for e in engines)
+
+
+async def test_a_core_whose_steps_fail_dies_alone_and_the_server_serves_on():
+    engines = [FakeEngine(capacity=2, max_batch=4), FaultyEngine(FakeEngine(capacity=2, max_batch=4), fail_all=True)]
+    clip = pcm16_audio(30, RATE + 1000)
+    expected = transcribe_alone(FakeEngine(), as_float(clip))
+    resume = asyncio.Event()
+    async with server_on_cores(*engines, scheduler=SchedulerConfig(batch_wait_s=0.002, stall_timeout_s=20.0,
+                                                                   dead_after_failures=2)) as (server, cores):
+        async with stub_for(server) as stub:
+            held = asyncio.create_task(held_open_outcome(stub, 1, resume))  # core 0 (equal free slots)
+            for _ in range(500):
+                if cores.cores[0].scheduler.active_streams == 1:
+                    break
+                await asyncio.sleep(0.01)
+            # The next two go to core 1 (more free slots): its steps fail; the second failure kills it.
+            first = await asyncio.to_thread(sync_outcome, server.port, requests_for(clip.tobytes()))
+            assert first[0] == "INTERNAL" and "injected fault" in first[1], first
+            second = await asyncio.to_thread(sync_outcome, server.port, requests_for(clip.tobytes()))
+            assert second[0] == "UNAVAILABLE", second
+            assert "the engine of core 1 (cpu) failed: 2 consecutive failed steps" in second[1], second
+            status = server.http_status()
+            assert status["status"] == "SERVING" and server.engine_failure is None
+            assert [c["state"] for c in status["cores"]] == ["SERVING", "NOT_SERVING"]
+            assert scrape(server.metrics_port)["asr_engine_up"] == 1
+            # The next stream goes to the core that serves, and is exact; the held one goes on.
+            assert final_transcript(await run_stream(stub, requests_for(clip.tobytes()))) == expected
+            assert not held.done()
+            resume.set()
+            assert await held == ("OK", "")
+    assert not engines[0].violations
