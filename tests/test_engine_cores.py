@@ -32,7 +32,6 @@ from tests.server_harness import (ROOT, RATE, as_float, audio, config, final_tra
                                   pcm16_audio, python_path, requests_for, run_stream, scrape, server_settings,
                                   spawn_server, stub_for, wav_bytes)
 
-pytestmark = pytest.mark.asyncio
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -294,3 +293,26 @@ async def test_a_core_whose_steps_fail_dies_alone_and_the_server_serves_on():
             resume.set()
             assert await held == ("OK", "")
     assert not engines[0].violations
+
+
+@pytest.mark.parametrize("argv, visible, devices", [
+    ([], 0, ["auto"]),
+    (["--device", "cpu", "--engine-cores", "3"], 0, ["cpu"] * 3),
+    (["--gpus", "all"], 2, ["cuda:0", "cuda:1"]),
+    (["--gpus", "1,0", "--engine-cores", "2"], 2, ["cuda:1", "cuda:1", "cuda:0", "cuda:0"]),
+    (["--gpus", "2"], 2, "2 CUDA GPU(s) visible"),
+    (["--gpus", "0,0"], 2, "each GPU index once"),
+    (["--gpus", "x"], 2, "expected all or GPU indices"),
+    (["--gpus", "0", "--device", "cuda:1"], 2, "exclude each other"),
+    (["--engine-cores", "0"], 0, "at least 1"),
+])
+def test_core_devices_from_the_flags(monkeypatch, argv, visible, devices):
+    import server.cli as cli
+
+    monkeypatch.setattr(cli, "visible_gpu_count", lambda: visible)
+    args = cli.parse_args(argv)
+    if isinstance(devices, list):
+        assert cli.core_devices(args) == devices
+    else:
+        with pytest.raises(ValueError, match=devices.replace("(", r"\(").replace(")", r"\)")):
+            cli.core_devices(args)
