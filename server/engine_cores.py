@@ -271,14 +271,16 @@ class EngineCores:
 
 
 class _ClosingScheduler:
-    """A core's scheduler as a StreamHandle sees it: the same, except that closing a stream also
-    drops it from the router's stream -> core map."""
+    """A core's scheduler as a StreamHandle sees it: its six per-stream operations, closing a
+    stream also dropping it from the router's stream -> core map."""
 
     def __init__(self, scheduler: Scheduler, core_of: dict[str, EngineCore]):
         self._scheduler, self._core_of = scheduler, core_of
-
-    def __getattr__(self, name: str):
-        return getattr(self._scheduler, name)
+        self.push_audio = scheduler.push_audio
+        self.end_audio = scheduler.end_audio
+        self.fail_stream = scheduler.fail_stream
+        self.end_utterance = scheduler.end_utterance
+        self.next_event = scheduler.next_event
 
     def close_stream(self, stream: StreamState) -> None:
         self._core_of.pop(stream.stream_id, None)

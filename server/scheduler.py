@@ -836,7 +836,7 @@ class Scheduler(StreamBooks):
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
-        log.critical("engine marked dead", extra={"reason": reason, "core": self.label or None})
+        log.critical("engine marked dead", extra={"reason": reason, **({"core": self.label} if self.label else {})})
         for stream in list(self._streams.values()):
             self._fail(stream, ErrorKind.UNAVAILABLE, f"the engine{self._of_label} failed: {reason}")
         self.observer.engine_dead(reason)

@@ -261,6 +261,7 @@ async def test_streaming_and_unary_calls_spread_over_the_cores_and_are_exact():
                 break
             await asyncio.sleep(0.01)
         assert [e.slots_in_use() for e in engines] == [0, 0] and cores.active_streams == 0
+        assert not cores._core_of  # the router forgot every closed stream
     assert all(not e.violations for e in engines)
 
 
