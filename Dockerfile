@@ -46,15 +46,17 @@ RUN groupadd --gid 10001 asr \
 USER 10001:10001
 
 # ASR_FRONTENDS: gRPC frontend processes around the engine; one process answers about 3,000
-# chunks/s, so more than a few hundred streams need 4 (docs/SCALING.md).
+# chunks/s, so more than a few hundred streams need 4 (docs/SCALING.md). ASR_MAX_STREAMS,
+# ASR_MAX_BATCH, ASR_FRONTENDS: auto sizes them to the machine (slots from the GPU's free memory,
+# frontends from the container's cores; the CPU's fixed defaults without a GPU); a number overrides.
 ENV ASR_MODEL=builtin:demo \
     ASR_ENGINE=auto \
     ASR_FALLBACK_ENGINE="" \
     ASR_DTYPE=auto \
     ASR_LOOKAHEAD_MS=160 \
-    ASR_MAX_BATCH=256 \
-    ASR_MAX_STREAMS=512 \
-    ASR_FRONTENDS=1 \
+    ASR_MAX_BATCH=auto \
+    ASR_MAX_STREAMS=auto \
+    ASR_FRONTENDS=auto \
     ASR_LOG_FORMAT=json
 
 # gRPC (SpeechRecognition, grpc.health.v1, reflection) and HTTP (/metrics, /health, /ready).

@@ -22,6 +22,11 @@ class EngineConfig:
     lookahead_ms: int = 160
     max_streams: int = 64         # cache slots; the admission limit
     max_batch: int = 32           # chunks per step
+    # "auto" (asr-server's defaults): on a GPU the factory sizes these from the device
+    # (engines.capacity: slots from free memory, the batch cap of the capacity runs); on the CPU,
+    # or with a factory that does not know them, max_streams and max_batch above hold.
+    auto_max_streams: bool = False
+    auto_max_batch: bool = False
     fallback_engine: str | None = None  # engine to start on if `engine` cannot load (reported)
     cache_dir: str | None = None  # exported graphs / built plans; default ~/.cache/nemo-stream
     seed: int = 0                 # builtin models' random weights

@@ -24,7 +24,10 @@ import torch
 from engines.api import MAX_ENDPOINT_HISTORY_MS, EndpointingParams
 
 # Columns of the per-slot parameter table.
-_ENABLED, _START_N, _START_T, _STOP_N, _STOP_T, _EOU_N, _EOU_T = range(7)
+# (the three windows' lengths side by side, then their thresholds: each group is one slice)
+_ENABLED, _START_N, _STOP_N, _EOU_N, _START_T, _STOP_T, _EOU_T = range(7)
+_WINDOW_N = slice(_START_N, _EOU_N + 1)
+_WINDOW_T = slice(_START_T, _EOU_T + 1)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Endpointer:
         self.device = device
         self.history_frames = max(1, math.ceil(MAX_ENDPOINT_HISTORY_MS / frame_ms))
         self.params = np.zeros((capacity, 7), dtype=np.float32)  # row of a slot; _ENABLED 0: off
+        self._frame_index: dict[int, torch.Tensor] = {}
 
     def state_shapes(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """name -> (shape without the slot dim, slot dim), for the slot pool (float32)."""
@@ -59,9 +63,9 @@ class Endpointer:
         if params is None:
             self.params[slot] = 0.0
             return
-        self.params[slot] = (1.0, self.frames(params.start_history_ms), params.start_threshold,
-                             self.frames(params.stop_history_ms), params.stop_threshold,
-                             self.frames(params.stop_history_eou_ms), params.stop_threshold_eou)
+        self.params[slot] = (1.0, self.frames(params.start_history_ms), self.frames(params.stop_history_ms),
+                             self.frames(params.stop_history_eou_ms), params.start_threshold,
+                             params.stop_threshold, params.stop_threshold_eou)
 
     def enabled(self, slots: np.ndarray) -> bool:
         return bool(self.params[slots, _ENABLED].any())
@@ -75,42 +79,46 @@ class Endpointer:
         state. Returns the events and the rows' new hist and flags (to commit)."""
         B, T = nonblank.shape
         W = hist.shape[1]
-        p = torch.from_numpy(self.params[slots]).to(self.device, non_blocking=True)
-        enabled = p[:, _ENABLED] > 0
+        dev = self.device
+        # One host-to-device copy of the batch's parameter rows; every op below is batched, and
+        # there are few of them (the step's cost is their launches, not their arithmetic).
+        p = torch.from_numpy(self.params[slots]).to(dev, non_blocking=True)
         if reset is not None:
             keep = (~reset)[:, None].to(hist.dtype)
             hist = hist * keep
             flags = flags * keep
-        frame = torch.arange(T, device=self.device)
+        frame = self._frames(T)
         in_step = frame[None, :] < valid[:, None]                      # [B, T]
-        x = torch.where(in_step, nonblank.float(), torch.zeros((), device=self.device))
-        ext = torch.cat([hist.float(), x], dim=1)                       # [B, W + T]
+        ext = torch.cat([hist.float(), nonblank.float() * in_step], dim=1)   # [B, W + T]
         cs = torch.nn.functional.pad(ext.cumsum(1), (1, 0))             # cs[:, i] = sum of ext[:, :i]
-        end_col = (W + 1 + frame)[None, :].expand(B, T)                 # window ends at frame j (inclusive)
-
-        def window(n_col: int) -> tuple[torch.Tensor, torch.Tensor]:
-            n = p[:, n_col].long()
-            start = (end_col - n[:, None]).clamp(min=0)
-            total = cs.gather(1, end_col) - cs.gather(1, start)         # [B, T] non-blank mass
-            return total, n.to(total.dtype)[:, None]
-
-        s_sum, s_n = window(_START_N)
-        e_sum, e_n = window(_STOP_N)
-        u_sum, u_n = window(_EOU_N)
-        start_ok = (s_n == 0) | (s_sum >= p[:, _START_T, None] * s_n)
-        stop_ok = (e_n > 0) & ((e_n - e_sum) >= p[:, _STOP_T, None] * e_n)
-        eou_ok = (u_n == 0) | ((u_n - u_sum) >= p[:, _EOU_T, None] * u_n)
-        live = in_step & enabled[:, None]
+        # The three windows (start, stop, end-of-utterance) at once: the window of n frames
+        # ending at step frame j is cs[W + 1 + j] - cs[W + 1 + j - n].
+        n = p[:, _WINDOW_N].long()                                      # [B, 3]
+        lo = (W + 1 + frame)[None, None, :] - n[:, :, None]             # [B, 3, T]
+        total = cs[:, None, W + 1:W + 1 + T] - cs.gather(1, lo.clamp(min=0).view(B, 3 * T)).view(B, 3, T)
+        nf = n.to(total.dtype)[:, :, None]
+        need = p[:, _WINDOW_T, None] * nf                               # threshold x frames
+        none = nf == 0
+        speech = total >= need                                          # non-blank mass reaches it
+        silence = (nf - total) >= need                                  # blank mass reaches it
+        start_ok = none[:, 0] | speech[:, 0]
+        stop_ok = ~none[:, 1] & silence[:, 1]
+        eou_ok = none[:, 2] | silence[:, 2]
+        live = in_step & (p[:, _ENABLED] > 0)[:, None]
+        may_start = live & start_ok
+        may_stop = live & stop_ok
+        may_stop_eou = live & eou_ok
+        eou_live = eou & live if eou is not None else None
 
         active = flags[:, 0] > 0
         pending = flags[:, 1] > 0
         starts, ends = [], []
-        for j in range(T):
-            began = live[:, j] & ~active & start_ok[:, j]
+        for j in range(T):  # the flags carry from frame to frame: only this runs per frame
+            began = may_start[:, j] & ~active
             active = active | began
-            if eou is not None:
-                pending = pending | (active & eou[:, j])
-            ended = live[:, j] & active & ~began & (stop_ok[:, j] | (pending & eou_ok[:, j]))
+            if eou_live is not None:
+                pending = pending | (active & eou_live[:, j])
+            ended = active & ~began & (may_stop[:, j] | (pending & may_stop_eou[:, j]))
             active = active & ~ended
             pending = pending & ~ended
             starts.append(began)
@@ -118,6 +126,12 @@ class Endpointer:
         new_hist = ext[:, T:]  # the last W frames
         new_flags = torch.stack([active, pending], dim=1).to(flags.dtype)
         return EndpointEvents(torch.stack(starts, 1), torch.stack(ends, 1)), new_hist, new_flags
+
+    def _frames(self, T: int) -> torch.Tensor:
+        got = self._frame_index.get(T)
+        if got is None:
+            got = self._frame_index[T] = torch.arange(T, device=self.device)
+        return got
 
 
 def event_frames(events: EndpointEvents, base: np.ndarray) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:

@@ -8,11 +8,14 @@ is then built, checked the same way, and reported in `StreamingEngine.startup_re
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 from dataclasses import dataclass
 
 import torch
 
+from engines.capacity import StreamSizing, auto_max_batch, streams_for_memory
 from engines.config import EngineConfig
 from engines.encoders import EagerEncoder, EncoderEngine
 from engines.models import LoadedModel, load_model
@@ -86,6 +89,8 @@ class StartupReport:
     fallback_reason: str | None
     self_check: SelfCheck | None
     details: dict
+    device: str = ""                 # where the engine runs ("cpu", "cuda:0", ...)
+    sizing: dict | None = None       # `--max-streams auto` on a GPU: engines.capacity.StreamSizing.as_dict()
 
     @property
     def fell_back(self) -> bool:
@@ -95,7 +100,8 @@ class StartupReport:
         return {"configured_engine": self.configured_engine, "engine": self.engine,
                 "fallback_reason": self.fallback_reason,
                 "self_check": self.self_check.as_dict() if self.self_check else None,
-                "details": dict(self.details)}
+                "details": dict(self.details), "device": self.device,
+                "sizing": dict(self.sizing) if self.sizing else None}
 
 
 def start_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, device: torch.device,
@@ -126,6 +132,9 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
         # slower; flushing them changes nothing a model could notice.
         torch.set_flush_denormal(True)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.auto_max_batch:  # before the encoder engine: its CUDA graphs are captured per bucket up to it
+        cfg = dataclasses.replace(cfg, max_batch=auto_max_batch(
+            device.type == "cuda", cfg.max_batch, None if cfg.auto_max_streams else cfg.max_streams))
     model = load_model(cfg.model, cfg.lookahead_ms, seed=cfg.seed)
     model.nemo_model.to(device=device, dtype=dtype if dtype != torch.float32 else None)
     # The preprocessor's constants stay float32 whatever the model runs in.
@@ -145,12 +154,48 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
             encoder, check = start_encoder_engine(cfg.fallback_engine, model, cfg, device, dtype)
         except EngineStartError as e2:
             raise EngineStartError(f"{e}; the fallback engine failed too: {e2}") from e2
-    engine = StreamingEngine(model, encoder, cfg.lookahead_ms, cfg.max_streams, cfg.max_batch, device, dtype,
-                             align_chunks=cfg.align_chunks,
-                             utterance_reset=model.utterance_reset if cfg.utterance_reset == "auto" else cfg.utterance_reset)
+    utterance_reset = model.utterance_reset if cfg.utterance_reset == "auto" else cfg.utterance_reset
+    sizing = None
+    capacity = cfg.max_streams
+    if cfg.auto_max_streams and device.type == "cuda":
+        sizing = size_slots_for_device(model, encoder, cfg, device, dtype)
+        log.info("max streams (auto): %s", sizing.describe(), extra={"sizing": sizing.as_dict()})
+        if sizing.max_streams < 1:
+            raise EngineStartError(f"not one stream's state fits in the free device memory: {sizing.describe()}. "
+                                   "Free the device, or name --max-streams explicitly")
+        capacity = sizing.max_streams
+    engine = StreamingEngine(model, encoder, cfg.lookahead_ms, capacity, cfg.max_batch, device, dtype,
+                             align_chunks=cfg.align_chunks, utterance_reset=utterance_reset)
     engine.profile_every = cfg.profile_every
     describe = getattr(encoder, "describe", None)
     engine.startup_report = StartupReport(
         configured_engine=engine_name, engine=encoder.name, fallback_reason=fallback_reason, self_check=check,
-        details=describe() if callable(describe) else {"engine": encoder.name})
+        details=describe() if callable(describe) else {"engine": encoder.name}, device=str(device),
+        sizing=sizing.as_dict() if sizing else None)
     return engine
+
+
+def per_stream_state_bytes(model: LoadedModel, encoder: EncoderEngine, cfg: EngineConfig, device: torch.device,
+                           dtype: torch.dtype) -> int:
+    """Device bytes of one cache slot, as the slot pool lays it out for this model and encoder
+    engine (the fast engines keep a projected K/V cache, twice NeMo's): measured on an engine
+    of one slot, which is then dropped."""
+    probe = StreamingEngine(model, encoder, cfg.lookahead_ms, 1, cfg.max_batch, device, dtype,
+                            align_chunks=cfg.align_chunks)
+    try:
+        return probe.pool.bytes_per_slot()
+    finally:
+        del probe
+
+
+def size_slots_for_device(model: LoadedModel, encoder: EncoderEngine, cfg: EngineConfig, device: torch.device,
+                          dtype: torch.dtype) -> StreamSizing:
+    """`--max-streams auto` on a GPU, once the model and the encoder engine are loaded (the graph
+    engines have captured every batch bucket by then, so what their graphs hold is no longer
+    free; what the warm-up captures later is in the headroom, engines.capacity)."""
+    per_stream = per_stream_state_bytes(model, encoder, cfg, device, dtype)
+    gc.collect()
+    free, total = torch.cuda.mem_get_info(device)
+    # Memory torch's caching allocator holds but no tensor uses is free for the pool too.
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return streams_for_memory(int(free + cached), int(total), per_stream, cfg.max_batch)

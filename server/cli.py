@@ -16,6 +16,8 @@ import sys
 from engines.api import EndpointingParams, StreamingEngine
 from engines.config import DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, UTTERANCE_RESETS, EngineConfig
 from server.app import AsrServer, ServerSettings
+from server.auto_config import (AUTO, FRONTENDS_AUTO_HELP, MAX_BATCH_HELP, MAX_STREAMS_HELP, engine_sizing_kwargs,
+                                int_or_auto, resolve_frontends)
 from server.call_limits import RecognizeLimits
 from server.gc_policy import parse_threshold
 from server.logging_setup import configure_logging
@@ -55,10 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "large GPU")
     m.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     m.add_argument("--lookahead-ms", type=int, default=160, choices=sorted(LOOKAHEAD_TO_RIGHT_CONTEXT))
-    m.add_argument("--max-batch", type=int, default=32, help="chunks per engine step")
-    m.add_argument("--max-streams", type=int, default=64,
-                   help="concurrent streams (cache slots) per engine core: with --gpus or --engine-cores the "
-                        "server takes this times the number of cores")
+    m.add_argument("--max-batch", type=int_or_auto, default=AUTO, help=MAX_BATCH_HELP)
+    m.add_argument("--max-streams", type=int_or_auto, default=AUTO,
+                   help=MAX_STREAMS_HELP + "; per engine core: with --gpus or --engine-cores the server takes this "
+                        "times the number of cores")
     m.add_argument("--profile-every", type=int, default=100,
                    help="every Nth engine step synchronizes the device at each phase, for the per-phase "
                         "times in asr_engine_phase_seconds (0: never)")
@@ -71,10 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with its own interpreter lock, so the event loop does not slow its steps down "
                         "(server/engine_worker.py)")
     n = p.add_argument_group("network")
-    n.add_argument("--frontends", type=int, default=1,
+    n.add_argument("--frontends", type=int_or_auto, default=AUTO,
                    help="gRPC frontend processes sharing the port around one engine process; one process "
                         "answers about 3,000 chunks/s, so serving more than a few hundred streams needs "
-                        "several (1: everything in this process)")
+                        "several (1: everything in this process); " + FRONTENDS_AUTO_HELP)
     n.add_argument("--frontend-of", default=None, help=argparse.SUPPRESS)   # internal: run as a frontend
     n.add_argument("--frontend-name", default="frontend", help=argparse.SUPPRESS)
     n.add_argument("--host", default="0.0.0.0")
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    if args.frontends < 1:
+    if args.frontends is not None and args.frontends < 1:
         print("asr-server: --frontends must be at least 1", file=sys.stderr)
         return 2
     if args.frontend_of is not None:  # a frontend process of an engine process: no model here
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
-                           lookahead_ms=args.lookahead_ms, max_streams=args.max_streams, max_batch=args.max_batch,
+                           lookahead_ms=args.lookahead_ms, **engine_sizing_kwargs(args.max_streams, args.max_batch),
                            fallback_engine=args.fallback_engine, cache_dir=args.cache_dir, seed=args.seed,
                            cudagraph_compile=args.compile, profile_every=args.profile_every,
                            utterance_reset=args.utterance_reset)
@@ -296,9 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"asr-server: model {engine.model_info.name} has RANDOM weights: its transcripts are meaningless. "
                   "To serve a real model: asr-server --model /path/to/model.nemo", flush=True)
         _set_switch_interval(args)
-        if args.frontends > 1:
+        frontends, lines = resolve_frontends(args.frontends, engine, args.max_streams is None, args.max_batch is None)
+        for line in lines:
+            print(f"asr-server: {line}", flush=True)
+        if frontends > 1:
             from server.frontends import serve_with_frontends
-            return _runner(args)(serve_with_frontends(engine, settings, args.frontends, argv,
+            return _runner(args)(serve_with_frontends(engine, settings, frontends, argv,
                                                       scheduler=engine_cores(cores, settings)))
         return _runner(args)(serve(engine, settings, cores))
     finally:
@@ -309,6 +314,11 @@ def core_devices(args: argparse.Namespace) -> list[str]:
     """The device of every engine core: --engine-cores on each of --gpus, or on --device."""
     if args.engine_cores < 1:
         raise ValueError("--engine-cores must be at least 1")
+    if args.engine_cores > 1 and args.max_streams is None and args.device != "cpu":
+        # `--max-streams auto` sizes an engine's slots from the device memory free after it
+        # loaded: cores sharing one GPU would each count the same memory.
+        raise ValueError("several engine cores on one device need --max-streams (per core) in place of auto "
+                         "(on the CPU: --device cpu)")
     if args.gpus is None:
         return [args.device] * args.engine_cores
     if args.device != "auto":

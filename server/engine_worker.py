@@ -58,7 +58,7 @@ from engines.api import (BadChunkError, ChunkWork, EndpointingParams, EngineErro
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
 from engines.slot_allocator import SlotAllocator
-from server.scheduler import call_soon_from_thread
+from server.loop_calls import call_soon_from_thread
 
 log = logging.getLogger("nemostream.engine_worker")
 _ForkingPickler = multiprocessing.reduction.ForkingPickler  # what Connection.send pickles with

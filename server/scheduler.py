@@ -33,6 +33,7 @@ import numpy as np
 
 from engines.api import (BadChunkError, ChunkWork, EndpointingParams, EngineError, EngineOverloadedError, EngineState,
                          StepPlan, StepResult, StepTimings, StreamingEngine, StreamStateLostError)
+from server.loop_calls import call_soon_from_thread
 from server.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
                                   UtteranceEnd)
 from server.utterances import UtteranceBook
@@ -840,11 +841,3 @@ class Scheduler(StreamBooks):
         for stream in list(self._streams.values()):
             self._fail(stream, ErrorKind.UNAVAILABLE, f"the engine{self._of_label} failed: {reason}")
         self.observer.engine_dead(reason)
-
-
-def call_soon_from_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
-    """From another thread: run fn on the loop, unless the loop has already closed."""
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:
-        pass

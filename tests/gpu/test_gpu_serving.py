@@ -1,6 +1,7 @@
 """On the GPU, through real gRPC: serving captures no CUDA graph after start-up; a real CUDA
 out-of-memory in a step loses no stream; every GPU engine passes the start-up self-check (and a
-wrong one is refused); `asr-server` with no engine flag starts fast-cudagraph on the GPU and
+wrong one is refused); `asr-server` with no engine or sizing flag starts fast-cudagraph on the
+GPU, sized by `auto` (batch 256, slots from device memory, frontends from the cores), and
 transcribes the examples as the CPU's eager fp32 engine does."""
 
 from __future__ import annotations
@@ -199,7 +200,11 @@ async def test_asr_server_defaults_to_fast_cudagraph_on_gpu_and_transcribes_like
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 120)
     assert model.engine == "fast-cudagraph" and model.engine_executions["fast-cudagraph"] > 0
+    # --max-batch and --max-streams auto (engines/capacity.py): the capacity runs' batch, and slots
+    # from the device memory (the demo model's slots are small: the cap, on any large GPU).
+    assert model.max_batch == 256 and 256 <= model.max_streams <= 4608, (model.max_batch, model.max_streams)
     record("asr_server_default_on_gpu", {"engine": model.engine, "executions": dict(model.engine_executions),
+                                         "max_streams": model.max_streams, "max_batch": model.max_batch,
                                          "equal_to_cpu_eager_fp32": sum(a == b for a, b in zip(got, expected)),
                                          "files": len(examples)})
     assert got == expected
