@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                   "To serve a real model: asr-server --model /path/to/model.nemo", flush=True)
         _set_switch_interval(args)
         frontends, lines = resolve_frontends(args.frontends, engine, args.max_streams is None, args.max_batch is None)
+        if len(cores) > 1:  # the sizing line above is the first core's; each core has its own slots
+            lines.append("engine cores: " + ", ".join(f"core {i} on {device}: {e.capacity} slots"
+                                                      for i, (device, e) in enumerate(cores)))
         for line in lines:
             print(f"asr-server: {line}", flush=True)
         if frontends > 1:

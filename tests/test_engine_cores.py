@@ -38,12 +38,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 async def start_server(*extra: str) -> tuple[asyncio.subprocess.Process, int, int]:
     """Two engine cores on the CPU with 2 slots each; the process, its gRPC and metrics ports."""
-    proc, match, _ = await spawn_server(
+    proc, match, lines = await spawn_server(
         "--engine-factory", "tests.fake_engine:build_fake_engine", "--device", "cpu", "--engine-cores", "2",
         "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
         "--max-streams", "2", "--max-batch", "4", *extra,
         env={"FAKE_ENGINE_STEP_DELAY_S": "0.003"},
         ready=r"listening on 127\.0\.0\.1:(\d+) \(engine fake, 2 engine cores.*metrics on http://127\.0\.0\.1:(\d+)")
+    assert any("engine cores: core 0 on cpu: 2 slots, core 1 on cpu: 2 slots" in line for line in lines), lines
     return proc, int(match.group(1)), int(match.group(2))
 
 
