@@ -94,11 +94,15 @@ def usable_cpus(affinity_cpus: int, cpu_max: str | None = None) -> int:
     return cpus if limit is None else max(1, min(cpus, math.ceil(limit)))
 
 
-def auto_frontends(cpus: int, on_gpu: bool) -> int:
-    """`--frontends auto` (see the module docstring for the figures)."""
+def auto_frontends(cpus: int, on_gpu: bool, engine_cores: int = 1) -> int:
+    """`--frontends auto` (see the module docstring for the figures). With several engine cores
+    (`--gpus`, `--engine-cores`) each core's worker needs a core of its own beside the parent's
+    loop, and each carries its own share of streams, so both the reserve and the cap grow with
+    them."""
     if not on_gpu:
         return 1
-    return max(1, min(MAX_AUTO_FRONTENDS, (cpus - ENGINE_CORES) // CORES_PER_FRONTEND))
+    reserved = ENGINE_CORES + (engine_cores - 1)
+    return max(1, min(MAX_AUTO_FRONTENDS * engine_cores, (cpus - reserved) // CORES_PER_FRONTEND))
 
 
 def read_usable_cpus() -> int:
@@ -138,7 +142,7 @@ def sizing_text(sizing: dict) -> str:
 
 
 def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max_batch_auto: bool,
-                      cpus: int | None = None) -> tuple[int, list[str]]:
+                      cpus: int | None = None, engine_cores: int = 1) -> tuple[int, list[str]]:
     """After the engine started: the frontend count (`frontends` None: auto) and the lines that
     say how the server was sized and from what (asr-server prints them)."""
     device = engine_device(engine)
@@ -149,8 +153,9 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
     how = ""
     if frontends is None:
         cpus = read_usable_cpus() if cpus is None else cpus
-        frontends = auto_frontends(cpus, device.startswith("cuda"))
-        how = f" (auto: {cpus} usable cores, engine on {device or 'a device it did not report'})"
+        frontends = auto_frontends(cpus, device.startswith("cuda"), engine_cores)
+        how = (f" (auto: {cpus} usable cores, {engine_cores} engine core{'s' if engine_cores > 1 else ''}, "
+               f"engine on {device or 'a device it did not report'})")
     lines = [f"sizing: device {device or 'not reported'}, max streams {streams}, max batch {engine.max_batch}"
              f"{' (auto)' if max_batch_auto else ''}, frontends {frontends}{how}"]
     if sizing:

@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"asr-server: model {engine.model_info.name} has RANDOM weights: its transcripts are meaningless. "
                   "To serve a real model: asr-server --model /path/to/model.nemo", flush=True)
         _set_switch_interval(args)
-        frontends, lines = resolve_frontends(args.frontends, engine, args.max_streams is None, args.max_batch is None)
+        frontends, lines = resolve_frontends(args.frontends, engine, args.max_streams is None, args.max_batch is None,
+                                             engine_cores=len(cores))
         if len(cores) > 1:  # the sizing line above is the first core's; each core has its own slots
             lines.append("engine cores: " + ", ".join(f"core {i} on {device}: {e.capacity} slots"
                                                       for i, (device, e) in enumerate(cores)))

@@ -114,6 +114,11 @@ def test_frontends_from_the_cpu_count():
     assert auto_frontends(ENGINE_CORES + 2 * CORES_PER_FRONTEND, on_gpu=True) == 2     # 8 cores
     assert auto_frontends(16, on_gpu=True) == 4                                          # the H200 host
     assert auto_frontends(128, on_gpu=True) == MAX_AUTO_FRONTENDS
+    # several engine cores: one more reserved core per extra engine worker, and a cap per core
+    assert auto_frontends(16, on_gpu=True, engine_cores=2) == 4                          # (16 - 3) // 3
+    assert auto_frontends(32, on_gpu=True, engine_cores=2) == 2 * MAX_AUTO_FRONTENDS     # 9 capped to 8
+    assert auto_frontends(4, on_gpu=True, engine_cores=4) == 1
+    assert auto_frontends(64, on_gpu=False, engine_cores=4) == 1
 
 
 def test_usable_cpus_take_a_cgroup_quota():
