@@ -12,7 +12,6 @@ be the offline (whole-utterance) decoding of the same model up to the first-chun
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 
@@ -28,20 +27,12 @@ BOUND_OTHER = 0.25
 pytestmark = pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason=f"demo model weights missing: {WEIGHTS}")
 
 sys.path.insert(0, os.path.join(ROOT, "train"))
+from tests.manifest_clips import manifest_clips  # noqa: E402
 from wer import normalize, wer_by_lang  # noqa: E402
 
 
 def _examples() -> list[dict]:
-    import soundfile as sf
-    rows = []
-    with open(os.path.join(EXAMPLES, "manifest.json"), encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            pcm, rate = sf.read(os.path.join(EXAMPLES, row["audio_filepath"]), dtype="int16")
-            assert rate == 16000 and pcm.ndim == 1
-            row["pcm"] = pcm
-            rows.append(row)
-    return rows
+    return manifest_clips(EXAMPLES)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ expected failure, strict, so that the model that reaches it has to turn it into 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 
@@ -29,21 +28,13 @@ GUARD = {"en": 0.40, "hi": 0.30}
 pytestmark = pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason=f"demo model weights missing: {WEIGHTS}")
 
 sys.path.insert(0, os.path.join(ROOT, "train"))
+from tests.manifest_clips import manifest_clips  # noqa: E402
 from wer import wer_by_lang  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def sample() -> list[dict]:
-    import soundfile as sf
-    rows = []
-    with open(os.path.join(SAMPLE, "manifest.json"), encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            pcm, rate = sf.read(os.path.join(SAMPLE, row["audio_filepath"]), dtype="int16")
-            assert rate == 16000 and pcm.ndim == 1
-            row["pcm"] = pcm
-            rows.append(row)
-    return rows
+    return manifest_clips(SAMPLE)
 
 
 @pytest.fixture(scope="module")
