@@ -15,14 +15,11 @@ LOG=$OUT/cores.log
 placement=(--engine-cores "$CORES" --device "$DEVICE")
 [ -n "$GPUS" ] && placement=(--gpus "$GPUS")
 "$PY" -m client.provenance >> "$LOG" 2>&1
-"$PY" -m server.cli --model "$MODEL" --engine "$ENGINE" "${placement[@]}" --dtype "$DTYPE" --lookahead-ms "$LOOKAHEAD" \
-    --max-streams "$MAX_STREAMS" --max-batch "$MAX_BATCH" --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 \
-    --metrics-port 0 --log-level WARNING ${SERVER_ARGS:-} > "$OUT/server.log" 2>&1 &
-spid=$!
-for _ in $(seq 1 300); do grep -q "listening on" "$OUT/server.log" && break; kill -0 $spid 2>/dev/null || break; sleep 1; done
-line=$(grep "listening on" "$OUT/server.log") || { echo "server did not start" >> "$LOG"; tail -30 "$OUT/server.log" >> "$LOG"; exit 1; }
-port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' <<< "$line")
-mport=$(sed -n 's/.*metrics on http:\/\/[^ ]*:\([0-9][0-9]*\)\/metrics.*/\1/p' <<< "$line")
+. "$(dirname "$0")/server_start.sh"
+start_server "$OUT/server.log" --model "$MODEL" --engine "$ENGINE" "${placement[@]}" --dtype "$DTYPE" \
+    --lookahead-ms "$LOOKAHEAD" --max-streams "$MAX_STREAMS" --max-batch "$MAX_BATCH" --log-level WARNING \
+    ${SERVER_ARGS:-} 2>> "$LOG" || { echo "server did not start" >> "$LOG"; exit 1; }
+spid=$SPID port=$PORT mport=$MPORT
 grep -E "sizing|core" "$OUT/server.log" >> "$LOG"
 scrape() {  # $1: name
     "$PY" - "$mport" "$OUT/metrics_$1.txt" "$OUT/health_$1.json" <<'PYEOF'

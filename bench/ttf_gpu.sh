@@ -17,19 +17,16 @@ UTTS=${UTTS:-4}; PAUSE=${PAUSE:-1.0}; STOP_MS=${STOP_MS:-320}; EOU_MS=${EOU_MS:-
 DTYPE=${DTYPE:-float16}; ENGINE=${ENGINE:-fast-cudagraph}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-4}; MAX_BATCH=${MAX_BATCH:-256}; MAX_STREAMS=${MAX_STREAMS:-4608}
 LOG=$OUT/ttf.log
 tag=$(basename "$MODEL" | tr ':' '_')
-{ echo "commit $(git rev-parse HEAD 2>/dev/null || cat .source-commit 2>/dev/null) dirty=$(git status --porcelain 2>/dev/null | grep -qv '^??' && echo yes || echo no)"
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; } >> "$LOG"
+. "$(dirname "$0")/server_start.sh"
+{ "$PY" -m client.provenance; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; } >> "$LOG" 2>&1
 for la in $LOOKAHEADS; do
-    slog=$OUT/server_$la.log
-    "$PY" -m server.cli --model "$MODEL" --engine "$ENGINE" --device "$DEVICE" --dtype "$DTYPE" --lookahead-ms "$la" \
-        --max-streams "$MAX_STREAMS" --max-batch "$MAX_BATCH" --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 --metrics-port 0 \
-        --log-level WARNING ${SERVER_ARGS:-} > "$slog" 2>&1 &
-    spid=$!
-    for _ in $(seq 1 240); do grep -q "listening on" "$slog" && break; kill -0 $spid 2>/dev/null || break; sleep 1; done
-    line=$(grep "listening on" "$slog") || { echo "server $la did not start" >> "$LOG"; tail -30 "$slog" >> "$LOG"; continue; }
-    port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' <<< "$line")
-    mport=$(sed -n 's/.*metrics on http:\/\/[^ ]*:\([0-9][0-9]*\)\/metrics.*/\1/p' <<< "$line")
-    echo "$la ms: $line" >> "$LOG"
+    if ! start_server "$OUT/server_$la.log" --model "$MODEL" --engine "$ENGINE" --device "$DEVICE" --dtype "$DTYPE" \
+            --lookahead-ms "$la" --max-streams "$MAX_STREAMS" --max-batch "$MAX_BATCH" --log-level WARNING ${SERVER_ARGS:-} \
+            2>> "$LOG"; then
+        echo "server $la did not start" >> "$LOG"; continue
+    fi
+    spid=$SPID port=$PORT mport=$MPORT
+    echo "$la ms: $LISTEN_LINE" >> "$LOG"
     lv_var=LEVELS_$la; levels=${!lv_var:-$LEVELS}
     for mode in endpoint client_eou; do
         extra=(--stop-history-ms "$STOP_MS")
