@@ -18,6 +18,7 @@ from engines.api import EndpointingParams, StreamingEngine
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.call_limits import RecognizeBudget
+from server.call_skeleton import TransportLimits
 from server.gc_policy import apply_gc_policy
 from server.metrics import MetricsObserver, ServerMetrics
 from server.ops_http import scheduler_status
@@ -25,7 +26,7 @@ from server.riva_convert import RivaSettings
 from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
 from server.scheduler import Scheduler, SchedulerConfig
 from server.security import REFUSAL_DRAIN_SECONDS, SecuritySettings
-from server.servicer import SpeechRecognitionServicer, TransportLimits
+from server.servicer import SpeechRecognitionServicer
 from server.stream_config import ServedModel
 
 log = logging.getLogger("nemostream.server")

@@ -19,12 +19,12 @@ from server.app import AsrServer, ServerSettings
 from server.auto_config import (AUTO, FRONTENDS_AUTO_HELP, MAX_BATCH_HELP, MAX_STREAMS_HELP, engine_sizing_kwargs,
                                 int_or_auto, resolve_frontends)
 from server.call_limits import RecognizeLimits
+from server.call_skeleton import TransportLimits
 from server.gc_policy import parse_threshold
 from server.logging_setup import configure_logging
 from server.riva_convert import RivaSettings
 from server.scheduler import SchedulerConfig
 from server.security import add_security_args, security_settings
-from server.servicer import TransportLimits
 
 log = logging.getLogger("nemostream.cli")
 DEFAULT_FACTORY = "engines.factory:build_engine"

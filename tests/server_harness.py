@@ -25,8 +25,8 @@ import pytest
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.app import AsrServer, ServerSettings
+from server.call_skeleton import TransportLimits
 from server.scheduler import SchedulerConfig
-from server.servicer import TransportLimits
 from bench.soak import scrape  # noqa: F401 - the metrics endpoint as {name{labels}: value}, for the tests
 from tests.fake_engine import FakeEngine
 

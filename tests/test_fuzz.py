@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 
 from proto import asr_stream_pb2 as pb
 from server.app import AsrServer
+from server.call_skeleton import TransportLimits
 from server.scheduler import SchedulerConfig
-from server.servicer import TransportLimits
 from server.stream_config import ServedModel, validate_config
 from server.stream_events import StreamError
 from tests.engine_alone import transcribe_alone

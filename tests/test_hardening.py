@@ -28,9 +28,9 @@ from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_asr_pb2_grpc as rpb_grpc
 from server.app import AsrServer
 from server.call_limits import RecognizeLimits
+from server.call_skeleton import TransportLimits
 from server.scheduler import SchedulerConfig
 from server.security import SecuritySettings
-from server.servicer import TransportLimits
 from tests.riva_harness import raw_config, riva_config, riva_sync, stream_requests
 from tests.server_harness import (
     FAKE, RATE, audio, config, held_open_outcome, make_engine, pcm16_audio, run_stream_sync, running_server,

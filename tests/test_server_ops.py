@@ -18,8 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engines.api import EngineError
 from server.app import SERVICE_NAME, AsrServer
+from server.call_skeleton import TransportLimits
 from server.scheduler import SchedulerConfig
-from server.servicer import TransportLimits
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.server_harness import (
