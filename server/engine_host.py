@@ -394,7 +394,9 @@ def event_message(key: str, consumed: int, event: StreamEvent) -> w.Result | w.F
     """A scheduler event as the wire's message (server.remote_scheduler.result_event reads it)."""
     if isinstance(event, StreamFailure):
         return w.Failed(key, consumed, event.kind.value, event.message)
+    finals = event.finals
+    if finals:  # most chunks close no utterance: no generator for them
+        finals = tuple(w.Final(u.index, u.transcript, u.tokens, u.start_seconds, u.end_seconds, u.closed_by.value)
+                       for u in finals)
     return w.Result(key, consumed, event.chunk_index, event.new_text, event.is_final, event.audio_seconds,
-                    event.audio_ready_at, event.utterance_index,
-                    tuple(w.Final(u.index, u.transcript, u.tokens, u.start_seconds, u.end_seconds, u.closed_by.value)
-                          for u in event.finals))
+                    event.audio_ready_at, event.utterance_index, finals)

@@ -48,12 +48,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, PoolExhaustedError,
-                         StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent)
+                         StepPlan, StepResult, StreamStateLostError, StreamUpdate)
 from engines.config import EngineConfig
 from engines.slot_allocator import SlotAllocator
 from server import wire as w
@@ -112,25 +111,26 @@ class _Link:
         self.decoder = w.Decoder(kinds)
         self._ready: collections.deque = collections.deque()
 
-    def read_bodies(self) -> list[bytes] | None:
-        """The next complete frames' bodies (at least one), or None at the end of the link."""
+    def read_frames(self, take=bytes) -> list | None:
+        """`take` of each of the next complete frames' bodies (at least one; `bytes`: a copy to
+        hand on), or None at the end of the link."""
         while True:
             data = self.sock.recv(1 << 20)
             if not data:
                 self._frames.check_end()
                 return None
-            bodies = self._frames.feed(data)
-            if bodies:
-                return bodies
+            frames = self._frames.feed(data, take)
+            if frames:
+                return frames
 
     def read(self):
         """The next message, or None at the end of the link."""
         while not self._ready:
-            bodies = self.read_bodies()
-            if bodies is None:
+            frames = self.read_frames(self.decoder.decode)
+            if frames is None:
                 return None
-            for body in bodies:
-                self._ready.extend(self.decoder.decode(body))
+            for messages in frames:
+                self._ready.extend(messages)
         return self._ready.popleft()
 
     def send(self, message: w.Message) -> None:
@@ -180,8 +180,6 @@ def _unpack_step(step: w.Step, buffers: dict[int, _SampleBuffer], slots: _ChildS
     return StepPlan(tuple(chunks))
 
 
-_TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(StepTimings))
-_new_tuple = tuple.__new__
 
 
 def _result_rows(result: StepResult) -> list[w.Row]:
@@ -193,9 +191,7 @@ def _unpack_result(done: w.StepDone, sent_at: float, replied_at: float) -> StepR
     """The StepResult, its timings completed with the way there and back (the clock readings of
     both processes: CLOCK_MONOTONIC is one clock for the whole machine)."""
     got, started, ended, replied = done.clocks
-    # TokenEvent rows made in C (tuple.__new__ through map), not by a Python call per token.
-    updates = tuple(StreamUpdate(stream_id=r.stream_id, slot=r.slot,
-                                 tokens=tuple(map(_new_tuple, repeat(TokenEvent), r.tokens)), text_delta=r.text_delta,
+    updates = tuple(StreamUpdate(stream_id=r.stream_id, slot=r.slot, tokens=r.tokens, text_delta=r.text_delta,
                                  is_final=r.is_final, frames_decoded=r.frames_decoded, audio_seconds=r.audio_seconds,
                                  starts=r.starts, ends=r.ends) for r in done.rows)
     timings = dataclasses.replace(done.timings, to_worker_ms=1e3 * (got - sent_at),
@@ -558,7 +554,7 @@ class EngineWorker:
         or a frame that cannot be read, fails what waits."""
         while True:
             try:
-                bodies = self._link.read_bodies()
+                bodies = self._link.read_frames()
             except w.WireError as exc:
                 log.error("closing the engine worker's link: bad frame", extra={"error": str(exc)})
                 call_soon_from_thread(loop, self._fail_waiting, f"the engine worker's link broke: {exc}")

@@ -320,7 +320,7 @@ def result_event(m: w.Result, transcript: str) -> ChunkResult:
                        is_final=m.is_final, audio_seconds=m.audio_seconds, audio_ready_at=m.audio_ready_at,
                        utterance_index=m.utterance_index,
                        finals=tuple(Utterance(u.index, u.transcript, u.tokens, u.start_seconds, u.end_seconds,
-                                              UtteranceEnd(u.closed_by)) for u in m.finals))
+                                              UtteranceEnd(u.closed_by)) for u in m.finals) if m.finals else ())
 
 
 class RemoteMetrics(ServerMetrics):

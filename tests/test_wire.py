@@ -72,9 +72,9 @@ EXAMPLES = [
     w.Step(6, -1, ["a"], [0], [4], [True], [False], [None], [False], np.ones(4, dtype=np.float32).tobytes()),
     w.Stop(),
     w.Done(2, "eager", {"eager": 1}, "ready"),
-    w.Row("a", 3, [(4, "\u2581hello", 1)], " hello", False, 12, 0.96, (2,), (9,)),
+    w.Row("a", 3, TOKENS, " hello", False, 12, 0.96, (2,), (9,)),
     w.StepDone(5, "eager", StepTimings(encoder_ms=1.5, synced=True),
-               [w.Row("a", 3, [(4, "\u2581hello", 1)], " hello", True, 12, 0.96, (2,), (9,))],
+               [w.Row("a", 3, TOKENS[:1], " hello", True, 12, 0.96, (2,), (9,))],
                (1.0, 2.0, 3.0, 4.0), {"eager": 2}, None),
 ]
 DIRECTIONS = (w.FRONTEND_TO_ENGINE, w.ENGINE_TO_FRONTEND, w.TO_WORKER, w.FROM_WORKER)
@@ -89,7 +89,7 @@ def _direction_of(message) -> object:
 
 def _decode_one(data: bytes, kinds) -> list:
     splitter = w.FrameSplitter()
-    bodies = splitter.feed(data)
+    bodies = splitter.feed(data, bytes)
     assert len(bodies) == 1 and splitter.pending == 0
     return w.Decoder(kinds).decode(bodies[0])
 
