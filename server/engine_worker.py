@@ -8,24 +8,28 @@ streams from 13.3 to 17.2 ms, and at 70% to 21.0 ms (bench/shared_gpu_step.py --
 bench/RESULTS.md); the server's event loop at 1,000 streams is such a thread. In its own
 process the engine thread runs alone.
 
-Parent side: `EngineWorker`, a StreamingEngine whose step is a round trip over a pipe. The
-scheduler awaits it on its event loop (`step_async`); `step` blocks instead, for callers without
-a loop. Slots are allocated here, where the books are, and each acquire and release is sent ahead of any step that uses the slot; the
-child maps them onto slots of its own engine, whose own checks still apply.
+Parent side: `EngineWorker`, a StreamingEngine whose step is a round trip over the typed wire
+(server.wire, on a socket pair). The scheduler awaits it on its event loop (`step_async`); `step`
+blocks instead, for callers without a loop. Slots are allocated here, where the books are, and
+each acquire and release is sent ahead of any step that uses the slot; the child maps them onto
+slots of its own engine, whose own checks still apply. Requests that get a reply carry an id,
+and replies are matched by it.
 
-A step's audio does not go through the pipe: it is copied into a buffer both processes map
-(`_SampleBuffer`), and the pipe carries the rows' ids, slots, flags and lengths. Through the
-pipe, the 1-5 MB of a large step went in socket-buffer-sized writes, and between writes the
-engine thread waited for the interpreter lock the event loop held: on an H100 at 1,920 streams
-(560 ms) the scheduler waited 44.9 ms for steps that took 23.2 ms inside the engine
-(asr_step_seconds against asr_engine_step_seconds, bench/RESULTS.md). There are two buffers:
-the scheduler keeps two steps submitted, and `step_async` sends both, so the worker starts the
-second the moment it has replied to the first.
+A step's audio does not go through the link: it is copied into a buffer both processes map
+(`_SampleBuffer`), and the step message carries the rows' ids, slots, flags and lengths. When
+the audio went through the link, the 1-5 MB of a large step went in socket-buffer-sized
+writes, and between writes the engine thread waited for the interpreter lock the event loop held:
+on an H100 at 1,920 streams (560 ms) the scheduler waited 44.9 ms for steps that took 23.2 ms
+inside the engine (asr_step_seconds against asr_engine_step_seconds, bench/RESULTS.md). There
+are two buffers: the scheduler keeps two steps submitted, and `step_async` sends both, so the
+worker starts the second the moment it has replied to the first.
 
-Child side: `_child_main` builds the engine with the named factory (as `asr-server
---engine-factory` names it), reports what the server needs to know about it, then answers
-requests in order until the pipe closes. It ignores SIGINT and SIGTERM: the parent decides when
-it stops (a Ctrl-C reaches the whole process group, and the parent's drain still needs it).
+Child side: `_child_main` reads `Configure` (the engine factory, as `asr-server
+--engine-factory` names it, the EngineConfig and the logging and GC options), builds the engine,
+sends the `Hello` handshake, then answers requests in order until the link closes. A frame it
+cannot read closes the link (logged), and the child exits. It ignores SIGINT and SIGTERM: the
+parent decides when it stops (a Ctrl-C reaches the whole process group, and the parent's drain
+still needs it).
 """
 
 from __future__ import annotations
