@@ -60,11 +60,16 @@ def old_decode_result(message: tuple, transcript: str) -> ChunkResult:
                                     for u_index, text, tokens, start, end, closed_by in finals))
 
 
+def _endpointing_tuple(ep: EndpointingParams) -> tuple:  # main's EndpointingParams.as_tuple
+    return (ep.start_history_ms, ep.start_threshold, ep.stop_history_ms, ep.stop_threshold, ep.stop_history_eou_ms,
+            ep.stop_threshold_eou)
+
+
 def old_pack_step(plan: StepPlan, index: int) -> tuple:
     chunks = plan.chunks
     return ("step_shared", index, [c.stream_id for c in chunks], [c.slot for c in chunks],
             [len(c.samples) for c in chunks], [c.first for c in chunks], [c.audio_ended for c in chunks],
-            [c.endpointing.as_tuple() if c.endpointing is not None else None for c in chunks],
+            [_endpointing_tuple(c.endpointing) if c.endpointing is not None else None for c in chunks],
             [c.new_utterance for c in chunks])
 
 

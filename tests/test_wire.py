@@ -208,6 +208,8 @@ BAD_FRAMES = {
     "an unknown tag": (_frame(msgspec.msgpack.encode([[99, "k"]])), r"malformed frame.*Invalid value 99"),
     "a field of the wrong type": (_frame(msgspec.msgpack.encode([[2, "k", 5]])), "malformed frame.*Expected `bytes`"),
     "a message short of fields": (_frame(msgspec.msgpack.encode([[6, "k"]])), "malformed frame"),
+    "a value its type refuses": (_frame(msgspec.msgpack.encode([[1, "k", "", False, {"start_history_ms": 99999}, None]])),
+                                 "start_history_ms 99999 is outside"),
     "a body cut short": (_frame(w.encode_frame([w.Audio("k", b"\0" * 64)])[w.HEADER.size:-10]), "truncated"),
     "an oversized length": (w.HEADER.pack(w.MAX_FRAME + 1) + b"\0" * 16, "exceeds the limit"),
     "a length of 2**32-1": (b"\xff\xff\xff\xff", "exceeds the limit"),
