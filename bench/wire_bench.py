@@ -152,8 +152,11 @@ def result_case(n: int, final_every: int):
     for i, k in enumerate(keys):
         finals = (Utterance(1, "some words of a closed utterance here", tokens, 0.4, 3.2, UtteranceEnd.ENDPOINT),) \
             if final_every and i % final_every == 0 else ()
-        events.append(ChunkResult(stream_id=k, chunk_index=40, transcript="", new_text=" word", is_final=False,
-                                  audio_seconds=6.4, audio_ready_at=12345.678, utterance_index=2, finals=finals))
+        # Values of their own per stream, as in a server: marshal writes an object it has seen
+        # in the frame as a back-reference, which one shared text or float would favour.
+        events.append(ChunkResult(stream_id=k, chunk_index=40 + i, transcript="", new_text=f" word{i}", is_final=False,
+                                  audio_seconds=6.4 + i / 1000, audio_ready_at=12345.678 + i / 1000,
+                                  utterance_index=2, finals=finals))
     decoder = w.Decoder(w.ENGINE_TO_FRONTEND)
 
     def old():
@@ -208,11 +211,15 @@ def step_request_case(n: int, samples: int):
 
 def step_reply_case(n: int, tokens_per_row: int):
     keys = _keys(n)
+    # Pieces come from the model's vocabulary (one string object per piece, as a tokenizer's
+    # table holds them); each row's text and figures are its own.
+    vocabulary = [f"\u2581w{j}" for j in range(1024)]
     result = StepResult(updates=tuple(StreamUpdate(stream_id=k, slot=i,
-                                                   tokens=tuple(TokenEvent(100 + j, f"\u2581w{j}", 40 + j)
+                                                   tokens=tuple(TokenEvent(100 + j, vocabulary[(7 * i + j) % 1024],
+                                                                           40 + i + j)
                                                                 for j in range(tokens_per_row)),
-                                                   text_delta=" w0" if tokens_per_row else "", is_final=False,
-                                                   frames_decoded=80, audio_seconds=6.4)
+                                                   text_delta=f" w{i}" if tokens_per_row else "", is_final=False,
+                                                   frames_decoded=80 + i, audio_seconds=6.4 + i / 1000)
                                       for i, k in enumerate(keys)), engine="eager",
                         timings=StepTimings(features_ms=1.0, encoder_ms=5.0, decode_ms=2.0, total_ms=9.0))
     clocks = (1.0, 2.0, 3.0, 4.0)
