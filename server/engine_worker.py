@@ -184,8 +184,6 @@ def _unpack_step(step: w.Step, buffers: dict[int, _SampleBuffer], slots: _ChildS
     return StepPlan(tuple(chunks))
 
 
-
-
 def _result_rows(result: StepResult) -> list[w.Row]:
     return [w.Row(u.stream_id, u.slot, u.tokens, u.text_delta, u.is_final, u.frames_decoded, u.audio_seconds,
                   u.starts, u.ends) for u in result.updates]
@@ -289,7 +287,7 @@ def _child_main(sock: socket.socket) -> None:
         report = getattr(engine, "startup_report", None)
         link.send(w.Hello(version=w.PROTOCOL_VERSION, role=w.ROLE_ENGINE_WORKER, model_info=engine.model_info,
                           geometry=engine.geometry, capacity=engine.capacity, max_batch=engine.max_batch,
-                          startup_report=report.as_dict() if hasattr(report, "as_dict") else None,
+                          startup_report=w.plain_report(report.as_dict() if hasattr(report, "as_dict") else None),
                           executions=dict(engine.executions())))
     except BaseException as exc:  # noqa: BLE001 - the parent reports why the engine cannot start
         with contextlib.suppress(OSError):

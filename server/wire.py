@@ -74,6 +74,25 @@ class Hello(Message, tag=20):
     executions: dict[str, int] = {}
 
 
+def plain_report(report: dict | None) -> dict | None:
+    """An engine's start-up report (for health, logs and metrics) as plain values the wire
+    carries: numpy scalars as numbers, anything else it cannot encode (a path, a library's
+    object) as its text, so an odd value in a report never stops a worker from starting."""
+    if report is None:
+        return None
+
+    def hook(obj):
+        item = getattr(obj, "item", None)  # numpy and torch scalars
+        if callable(item):
+            try:
+                return item()
+            except (TypeError, ValueError):
+                pass
+        return str(obj)
+
+    return msgspec.to_builtins(report, enc_hook=hook, str_keys=True)
+
+
 def check_hello(message: object, role: str) -> Hello:
     """The first message of a link, checked: a Hello from `role` in this protocol version."""
     if not isinstance(message, Hello):

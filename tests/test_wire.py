@@ -144,6 +144,19 @@ def test_the_handshake_is_checked():
         EngineFacts.from_hello(msgspec.structs.replace(hello, scheduler={"no_such_setting": 1}))
 
 
+def test_a_start_up_report_with_odd_values_still_travels():
+    from pathlib import Path
+
+    report = {"engine": "onnx", "self_check": {"max_rel_error": np.float32(0.5), "steps": np.int64(3)},
+              "details": {"onnx": Path("/cache/encoder.onnx"), "providers": ("CPUExecutionProvider",)},
+              "sizing": None}
+    hello = msgspec.structs.replace(_example(w.Hello), startup_report=w.plain_report(report))
+    back = _decode_one(w.encode_frame([hello]), w.FROM_WORKER)[0].startup_report
+    assert back == {"engine": "onnx", "self_check": {"max_rel_error": 0.5, "steps": 3},
+                    "details": {"onnx": "/cache/encoder.onnx", "providers": ["CPUExecutionProvider"]}, "sizing": None}
+    assert w.plain_report(None) is None
+
+
 def test_events_cross_the_wire_unchanged():
     closed = Utterance(index=2, transcript="hello there", tokens=TOKENS, start_seconds=0.08, end_seconds=0.32,
                        closed_by=UtteranceEnd.ENDPOINT)
