@@ -96,7 +96,7 @@ trap cleanup EXIT
 # -- Python, packages, the machine ---------------------------------------------------------------------
 if [ "$SMOKE" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=${PYTHON:-python3}; fi
 # proto's generated code refuses a grpcio older than it was generated for: importing it checks that.
-if [ "$SMOKE" != 1 ] && ! (cd "$ROOT" && "$PY" -c "import nemo, grpc_health, grpc_reflection, soxr, proto.asr_stream_pb2_grpc") 2>/dev/null; then
+if [ "$SMOKE" != 1 ] && ! (cd "$ROOT" && "$PY" -c "import nemo, grpc_health, grpc_reflection, msgspec, soxr, proto.asr_stream_pb2_grpc") 2>/dev/null; then
     if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
         log "installing wheels from .whl into $WORK/site"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$ROOT"/.whl/*.whl \
@@ -121,7 +121,7 @@ fi
 # against the hash of the files that actually ran).
 cat > "$WORK/env.py" <<'PYEOF'
 import json, os, platform, sys
-import grpc, grpc_health.v1.health, grpc_reflection.v1alpha.reflection, prometheus_client, soxr, torch
+import grpc, grpc_health.v1.health, grpc_reflection.v1alpha.reflection, msgspec, prometheus_client, soxr, torch
 import nemo
 from client.provenance import describe, source_revision
 path, gpu, settings = sys.argv[1:4]

@@ -87,10 +87,6 @@ class EndpointingParams:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} {value} is outside 0.0..1.0")
 
-    def as_tuple(self) -> tuple:
-        return (self.start_history_ms, self.start_threshold, self.stop_history_ms, self.stop_threshold,
-                self.stop_history_eou_ms, self.stop_threshold_eou)
-
 
 # The longest endpointing window a stream may ask for: the engine keeps this much history of
 # per-frame probabilities per slot (64 frames at the usual 80 ms encoder frame).

@@ -27,14 +27,14 @@ need=$(cat <<'EOF'
 import sys
 sys.path.insert(0, ".")
 from scripts.gpu_wheels import _key, required_grpcio
-import grpc, nemo, pytest_asyncio  # noqa
+import grpc, msgspec, nemo, pytest_asyncio  # noqa
 assert _key(grpc.__version__.split("rc")[0]) >= _key(required_grpcio()), grpc.__version__
 EOF
 )
 if ! "$PY" -c "$need" 2>/dev/null; then
     wheels=$(ls "$ROOT"/.whl/*.whl "$ROOT"/../.whl/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')
     if [ -z "$wheels" ]; then
-        echo "gpu_suite: NeMo, grpcio or pytest-asyncio missing and no .whl carried (python scripts/gpu_wheels.py --download .whl)" >&2
+        echo "gpu_suite: NeMo, grpcio, msgspec or pytest-asyncio missing and no .whl carried (python scripts/gpu_wheels.py --download .whl)" >&2
         exit 2
     fi
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" $wheels \

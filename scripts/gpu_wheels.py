@@ -8,12 +8,14 @@ committed generated code demands. This script lists and downloads, for CPython 3
 - `grpc`: grpcio, grpcio-health-checking and grpcio-reflection at exactly the version the generated
   code under proto/ checks at import (`GRPC_GENERATED_VERSION`, the highest over every *_grpc.py),
   which pyproject.toml's floor must match;
+- `server`: the server's own dependencies missing from the image: msgspec, the typed wire between
+  the server's processes (server/wire.py), at a version pyproject.toml's floor admits;
 - `nemo`: NeMo 3.0's ASR dependencies missing from the image;
 - `tests`: pytest-asyncio and the pytest it was tested with, for `bash scripts/gpu_suite.sh`.
 
     python scripts/gpu_wheels.py --list                 # the pins, one a line
     python scripts/gpu_wheels.py --download .whl         # fetch them (needs registry access)
-    python scripts/gpu_wheels.py --download .whl --only grpc,tests
+    python scripts/gpu_wheels.py --download .whl --only grpc,server,tests
 
 On the host, install them first thing (scripts/gpu_suite.sh and bench/run_h100.sh do):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
@@ -45,6 +47,8 @@ NEMO = (
 )
 # omegaconf 2.3 needs antlr4 4.9.3, published only as a source archive: built into a wheel here.
 SOURCE_ONLY = ("antlr4-python3-runtime==4.9.3",)
+# The server's dependencies the image lacks (msgspec: a cp312 manylinux wheel is published).
+SERVER = ("msgspec==0.23.0",)
 TESTS = ("pytest==9.2.0", "pluggy==1.7.0", "iniconfig==2.3.1", "pytest-asyncio==1.5.0")
 
 
@@ -75,7 +79,7 @@ def grpc_pins(root: Path = ROOT) -> tuple[str, ...]:
 
 
 def recipe(only: set[str] | None = None) -> list[str]:
-    groups = {"grpc": grpc_pins(), "nemo": NEMO, "tests": TESTS}
+    groups = {"grpc": grpc_pins(), "server": SERVER, "nemo": NEMO, "tests": TESTS}
     return [pin for name, pins in groups.items() if only is None or name in only for pin in pins]
 
 
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--download", metavar="DIR")
-    ap.add_argument("--only", default=None, help="comma-separated groups: grpc, nemo, tests (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated groups: grpc, server, nemo, tests (default: all)")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     pins = recipe(only)

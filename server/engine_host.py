@@ -19,22 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
 from prometheus_client import Counter, Gauge
 
 from engines.api import EndpointingParams, StreamingEngine
-from server import ipc_wire as w
-from server.ipc_wire import FrameReader, FrameWriter
+from server import wire as w
+from server.wire import FrameReader, FrameWriter
 from server.gc_policy import apply_gc_policy
 from server.metrics import MetricsObserver, ServerMetrics
 from server.call_limits import shown
 from server.ops_http import scheduler_status
 from server.scheduler import Scheduler, SchedulerConfig, StreamListener
-from server.stream_events import ErrorKind, StreamError
+from server.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
 from server.stream_state import StreamState
 
 log = logging.getLogger("nemostream.engine_host")
@@ -44,8 +44,9 @@ STATE_PERIOD_S = 0.2  # how often frontends hear the engine's state (ListModels,
 
 @dataclass(frozen=True)
 class EngineFacts:
-    """What a frontend needs to know of the engine: sent once, in the HELLO frame. Has the
-    attributes AsrServer reads of an engine (model_info, geometry, capacity, max_batch)."""
+    """What a frontend needs to know of the engine: sent once, as the wire's Hello handshake
+    (`hello`, `from_hello`). Has the attributes AsrServer reads of an engine (model_info,
+    geometry, capacity, max_batch)."""
 
     model_info: object   # engines.api.ModelInfo
     geometry: object     # engines.geometry.ChunkGeometry
@@ -53,6 +54,21 @@ class EngineFacts:
     max_batch: int
     engine_name: str
     scheduler: SchedulerConfig
+
+    def hello(self) -> w.Hello:
+        return w.Hello(version=w.PROTOCOL_VERSION, role=w.ROLE_ENGINE_HOST, model_info=self.model_info,
+                       geometry=self.geometry, capacity=self.capacity, max_batch=self.max_batch,
+                       engine_name=self.engine_name, scheduler=dataclasses.asdict(self.scheduler))
+
+    @classmethod
+    def from_hello(cls, message: object) -> EngineFacts:
+        hello = w.check_hello(message, w.ROLE_ENGINE_HOST)
+        try:
+            scheduler = SchedulerConfig(**hello.scheduler)
+        except (TypeError, ValueError) as exc:
+            raise w.WireError(f"the engine host's scheduler settings are not this version's: {exc}") from None
+        return cls(model_info=hello.model_info, geometry=hello.geometry, capacity=hello.capacity,
+                   max_batch=hello.max_batch, engine_name=hello.engine_name, scheduler=scheduler)
 
 
 @dataclass(eq=False)
@@ -177,14 +193,20 @@ class EngineHost(StreamListener):
         self._conn_tasks.add(task)
         frontend = _Frontend(name="?", out=FrameWriter(writer))
         self._frontends.append(frontend)
-        frontend.out.send((w.HELLO, pickle.dumps(self.facts())))
+        frontend.out.send(self.facts().hello())
         self._send_state_to(frontend)
         try:
-            frames = FrameReader(reader)
+            frames = FrameReader(reader, w.FRONTEND_TO_ENGINE)
             while (batch := await frames.read_frames()) is not None:
                 for frame in batch:
                     for message in frame:
                         self._dispatch(frontend, message)
+        except w.WireError as exc:
+            # A frame this side cannot read: the link is closed (its streams with it), the
+            # frontend told why; the other frontends' streams go on.
+            log.error("closing a frontend's link: bad frame", extra={"frontend": frontend.name, "error": str(exc),
+                                                                     "open_streams": len(frontend.relays)})
+            frontend.out.send(w.Error(id=0, name="WireError", message=str(exc)))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             # A frontend that exits (drained, or stopping) may reset rather than close: only a
             # connection lost with streams open is an error.
@@ -214,72 +236,74 @@ class EngineHost(StreamListener):
         frontend.ready = False
         self._ready_changed.set()
 
-    def _dispatch(self, frontend: _Frontend, m: tuple) -> None:
-        kind = m[0]
-        if kind == w.AUDIO:
-            relay = frontend.relays.get(m[1])
+    def _dispatch(self, frontend: _Frontend, m: w.Message) -> None:
+        kind = type(m)
+        if kind is w.Audio:
+            relay = frontend.relays.get(m.key)
             if relay is not None:  # else refused or closed: its audio goes nowhere
-                self.scheduler.accept_audio(relay.state, np.frombuffer(m[2], dtype=np.float32))
-        elif kind == w.ACK:
-            relay = frontend.relays.get(m[1])
+                self.scheduler.accept_audio(relay.state, np.frombuffer(m.samples, dtype=np.float32))
+        elif kind is w.Ack:
+            relay = frontend.relays.get(m.key)
             if relay is not None:
-                relay.outstanding -= m[2]
+                relay.outstanding -= m.n
                 if relay.state.events:
                     self._mark_dirty(relay)
-        elif kind == w.OPEN:
-            self._open(frontend, m[1], m[2], m[3], EndpointingParams(*m[4]) if m[4] is not None else None,
-                       m[5] if len(m) > 5 else None)
-        elif kind == w.EOU:
-            relay = frontend.relays.get(m[1])
+        elif kind is w.Open:
+            self._open(frontend, m.key, m.label, m.finalize_at_limit, m.endpointing, m.client)
+        elif kind is w.EndUtterance:
+            relay = frontend.relays.get(m.key)
             if relay is not None:
                 self.scheduler.end_utterance(relay.state)
-        elif kind == w.END:
-            relay = frontend.relays.get(m[1])
+        elif kind is w.End:
+            relay = frontend.relays.get(m.key)
             if relay is not None:
                 self.scheduler.end_audio(relay.state)
-        elif kind == w.CLOSE:
-            relay = frontend.relays.get(m[1])
+        elif kind is w.Close:
+            relay = frontend.relays.get(m.key)
             if relay is not None:
                 self._close(relay)
-        elif kind == w.FAIL:
-            relay = frontend.relays.get(m[1])
+        elif kind is w.Fail:
+            relay = frontend.relays.get(m.key)
             if relay is not None:
-                self.scheduler.fail_stream(relay.state, ErrorKind(m[2]), m[3])
-        elif kind == w.RPC:
-            self.metrics.rpc_finished(m[1], m[2])
-        elif kind == w.AUDIO_S:
-            self.metrics.audio_seconds.inc(m[1])
-        elif kind == w.REFUSED:
-            self.metrics.call_refused(m[1])
-        elif kind == w.GC:
-            self.metrics.gc_paused(m[1], m[2], process=frontend.name)
-        elif kind == w.SYNC:
-            frontend.out.send((w.SYNCED, m[1]))
-        elif kind == w.READY:
-            frontend.name, frontend.ready = m[1], True
+                self.scheduler.fail_stream(relay.state, ErrorKind(m.kind), m.message)
+        elif kind is w.Rpc:
+            self.metrics.rpc_finished(m.method, m.code)
+        elif kind is w.AudioSeconds:
+            self.metrics.audio_seconds.inc(m.seconds)
+        elif kind is w.Refused:
+            self.metrics.call_refused(m.reason)
+        elif kind is w.Gc:
+            self.metrics.gc_paused(m.generation, m.seconds, process=frontend.name)
+        elif kind is w.Sync:
+            frontend.out.send(w.Synced(m.id))
+        elif kind is w.Ready:
+            frontend.name, frontend.ready = m.name, True
             self._ready_changed.set()
             log.info("frontend ready", extra={"frontend": frontend.name})
-        else:
-            raise ConnectionError(f"unknown message kind {kind!r}")
+        elif kind is w.Error:
+            raise w.WireError(f"the frontend reported an error: {m.name}: {m.message}")
+        else:  # the decoder admits only this direction's messages
+            raise w.WireError(f"unexpected message {kind.__name__} from a frontend")
 
     def _open(self, frontend: _Frontend, key: str, label: str, finalize_at_limit: bool,
               endpointing: EndpointingParams | None, client: str | None = None) -> None:
         if key in self._relays:
-            frontend.out.send((w.FAILED, key, 0, ErrorKind.INTERNAL.value, f"stream id {key} is already open"))
+            frontend.out.send(w.Failed(key, 0, ErrorKind.INTERNAL.value, f"stream id {key} is already open"))
             return
         limit = self.max_streams_per_client
         if client is not None and limit and self._client_streams.get(client, 0) >= limit:
             self.metrics.call_refused("client_stream_limit")
             log.warning("refused: streams per client (over every frontend)", extra={"client": client, "limit": limit})
-            frontend.out.send((w.FAILED, key, 0, ErrorKind.RESOURCE_EXHAUSTED.value,
-                               f"client {shown(client)} already has {limit} streams open (the limit per client, "
-                               "--max-streams-per-client, over every frontend); retry when one has finished"))
+            frontend.out.send(w.Failed(key, 0, ErrorKind.RESOURCE_EXHAUSTED.value,
+                                       f"client {shown(client)} already has {limit} streams open (the limit per "
+                                       "client, --max-streams-per-client, over every frontend); retry when one has "
+                                       "finished"))
             return
         try:
             handle = self.scheduler.open_stream(label=label, finalize_at_limit=finalize_at_limit, stream_id=key,
                                                 endpointing=endpointing)
         except StreamError as exc:  # admission: the engine process owns the slots
-            frontend.out.send((w.FAILED, key, 0, exc.kind.value, exc.message))
+            frontend.out.send(w.Failed(key, 0, exc.kind.value, exc.message))
             return
         self.frontend_streams.labels(frontend=frontend.name).inc()
         relay = _Relay(key, handle.state, frontend)
@@ -311,7 +335,7 @@ class EngineHost(StreamListener):
     def audio_cut(self, stream: StreamState) -> None:
         relay = self._relays.get(stream.stream_id)
         if relay is not None:
-            relay.frontend.out.send((w.CUT, relay.key, stream.end_reason or ""))
+            relay.frontend.out.send(w.Cut(relay.key, stream.end_reason or ""))
 
     def _mark_dirty(self, relay: _Relay) -> None:
         self._dirty[relay.key] = relay
@@ -331,14 +355,14 @@ class EngineHost(StreamListener):
                 event = take(state)
                 if event is None:
                     break
-                send(w.encode_event(relay.key, state.received - len(state.audio), event))
+                send(event_message(relay.key, state.received - len(state.audio), event))
                 relay.outstanding += 1
 
     # -- state ---------------------------------------------------------------------------
-    def _state_message(self) -> tuple:
+    def _state_message(self) -> w.State:
         s = self.scheduler
-        return (w.STATE, s.engine_name or "", dict(s.executions), s.max_batch, s.slots_in_use(),
-                s.active_streams, s.dead_reason, s.draining)
+        return w.State(s.engine_name or "", dict(s.executions), s.max_batch, s.slots_in_use(), s.active_streams,
+                       s.dead_reason, s.draining)
 
     def _send_state_to(self, frontend: _Frontend) -> None:
         frontend.out.send(self._state_message())
@@ -364,3 +388,15 @@ class EngineHost(StreamListener):
         while True:
             await asyncio.sleep(STATE_PERIOD_S)
             self._send_state()
+
+
+def event_message(key: str, consumed: int, event: StreamEvent) -> w.Result | w.Failed:
+    """A scheduler event as the wire's message (server.remote_scheduler.result_event reads it)."""
+    if isinstance(event, StreamFailure):
+        return w.Failed(key, consumed, event.kind.value, event.message)
+    finals = event.finals
+    if finals:  # most chunks close no utterance: no generator for them
+        finals = tuple(w.Final(u.index, u.transcript, u.tokens, u.start_seconds, u.end_seconds, u.closed_by.value)
+                       for u in finals)
+    return w.Result(key, consumed, event.chunk_index, event.new_text, event.is_final, event.audio_seconds,
+                    event.audio_ready_at, event.utterance_index, finals)

@@ -8,24 +8,28 @@ streams from 13.3 to 17.2 ms, and at 70% to 21.0 ms (bench/shared_gpu_step.py --
 bench/RESULTS.md); the server's event loop at 1,000 streams is such a thread. In its own
 process the engine thread runs alone.
 
-Parent side: `EngineWorker`, a StreamingEngine whose step is a round trip over a pipe. The
-scheduler awaits it on its event loop (`step_async`); `step` blocks instead, for callers without
-a loop. Slots are allocated here, where the books are, and each acquire and release is sent ahead of any step that uses the slot; the
-child maps them onto slots of its own engine, whose own checks still apply.
+Parent side: `EngineWorker`, a StreamingEngine whose step is a round trip over the typed wire
+(server.wire, on a socket pair). The scheduler awaits it on its event loop (`step_async`); `step`
+blocks instead, for callers without a loop. Slots are allocated here, where the books are, and
+each acquire and release is sent ahead of any step that uses the slot; the child maps them onto
+slots of its own engine, whose own checks still apply. Requests that get a reply carry an id,
+and replies are matched by it.
 
-A step's audio does not go through the pipe: it is copied into a buffer both processes map
-(`_SampleBuffer`), and the pipe carries the rows' ids, slots, flags and lengths. Through the
-pipe, the 1-5 MB of a large step went in socket-buffer-sized writes, and between writes the
-engine thread waited for the interpreter lock the event loop held: on an H100 at 1,920 streams
-(560 ms) the scheduler waited 44.9 ms for steps that took 23.2 ms inside the engine
-(asr_step_seconds against asr_engine_step_seconds, bench/RESULTS.md). There are two buffers:
-the scheduler keeps two steps submitted, and `step_async` sends both, so the worker starts the
-second the moment it has replied to the first.
+A step's audio does not go through the link: it is copied into a buffer both processes map
+(`_SampleBuffer`), and the step message carries the rows' ids, slots, flags and lengths. When
+the audio went through the link, the 1-5 MB of a large step went in socket-buffer-sized
+writes, and between writes the engine thread waited for the interpreter lock the event loop held:
+on an H100 at 1,920 streams (560 ms) the scheduler waited 44.9 ms for steps that took 23.2 ms
+inside the engine (asr_step_seconds against asr_engine_step_seconds, bench/RESULTS.md). There
+are two buffers: the scheduler keeps two steps submitted, and `step_async` sends both, so the
+worker starts the second the moment it has replied to the first.
 
-Child side: `_child_main` builds the engine with the named factory (as `asr-server
---engine-factory` names it), reports what the server needs to know about it, then answers
-requests in order until the pipe closes. It ignores SIGINT and SIGTERM: the parent decides when
-it stops (a Ctrl-C reaches the whole process group, and the parent's drain still needs it).
+Child side: `_child_main` reads `Configure` (the engine factory, as `asr-server
+--engine-factory` names it, the EngineConfig and the logging and GC options), builds the engine,
+sends the `Hello` handshake, then answers requests in order until the link closes. A frame it
+cannot read closes the link (logged), and the child exits. It ignores SIGINT and SIGTERM: the
+parent decides when it stops (a Ctrl-C reaches the whole process group, and the parent's drain
+still needs it).
 """
 
 from __future__ import annotations
@@ -34,35 +38,32 @@ import asyncio
 import atexit
 import collections
 import dataclasses
+import contextlib
 import logging
-import marshal
 import mmap
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.reduction
 import os
 import select
 import signal
+import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
 
-from engines.api import (BadChunkError, ChunkWork, EndpointingParams, EngineError, EngineOverloadedError, EngineState, ModelInfo,
-                         PoolExhaustedError, StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate,
-                         TokenEvent)
+from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, PoolExhaustedError,
+                         StepPlan, StepResult, StreamStateLostError, StreamUpdate)
 from engines.config import EngineConfig
-from engines.geometry import ChunkGeometry
 from engines.slot_allocator import SlotAllocator
+from server import wire as w
 from server.loop_calls import call_soon_from_thread
 
 log = logging.getLogger("nemostream.engine_worker")
-_ForkingPickler = multiprocessing.reduction.ForkingPickler  # what Connection.send pickles with
-_DIRECT_SEND_BYTES = 16 << 10  # larger messages (a step through the pipe) go by the writer thread
+_DIRECT_SEND_BYTES = 16 << 10  # larger frames (a step with its audio inline) go by the writer thread
 STEPS_IN_FLIGHT = 2  # asynchronous steps sent at once (the scheduler's pipeline depth is 2)
 PROCESS_NAME = "asr-engine"  # what ps shows for the child
 
@@ -76,16 +77,6 @@ class ChildOptions:
     log_format: str = "text"
     gc_freeze: bool = True
     gc_threshold: tuple[int, int, int] | None = None
-
-
-@dataclass(frozen=True)
-class _Facts:
-    geometry: ChunkGeometry
-    model_info: ModelInfo
-    capacity: int
-    max_batch: int
-    startup_report: dict | None  # the engine's StartupReport.as_dict(): its dataclass would import torch here
-    executions: dict[str, int]
 
 
 class _SampleBuffer:
@@ -115,75 +106,101 @@ class _SampleBuffer:
             pass
 
 
-def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None, index: int = 0) -> tuple:
-    """The message for a step: its audio into the shared buffer and the rest as plain lists, or
-    the whole plan through the pipe when the buffer is missing or too small."""
+class _Link:
+    """The blocking side of the worker link: frames from a socket, decoded (server.wire)."""
+
+    def __init__(self, sock: socket.socket, kinds):
+        self.sock = sock
+        self._frames = w.FrameSplitter()
+        self.decoder = w.Decoder(kinds)
+        self._ready: collections.deque = collections.deque()
+
+    def read_frames(self, take=bytes) -> list | None:
+        """`take` of each of the next complete frames' bodies (at least one; `bytes`: a copy to
+        hand on), or None at the end of the link."""
+        while True:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                self._frames.check_end()
+                return None
+            frames = self._frames.feed(data, take)
+            if frames:
+                return frames
+
+    def read(self):
+        """The next message, or None at the end of the link."""
+        while not self._ready:
+            frames = self.read_frames(self.decoder.decode)
+            if frames is None:
+                return None
+            for messages in frames:
+                self._ready.extend(messages)
+        return self._ready.popleft()
+
+    def send(self, message: w.Message) -> None:
+        self.sock.sendall(w.encode_frame([message]))
+
+
+def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None, index: int, request: int) -> w.Step:
+    """The message for a step: its audio into the shared buffer and the rest as columns, or the
+    audio inline when the buffer is missing or too small."""
     chunks = plan.chunks
     lengths = [len(c.samples) for c in chunks]
     total = sum(lengths)
-    if buffer is None or total > buffer.samples:
-        return ("step", plan)
-    if chunks:
+    inline = buffer is None or total > buffer.samples
+    if chunks and not inline:
         # One call for the whole batch: numpy lets go of the interpreter lock for a large copy,
         # and a copy per row took the lock back once per row, each time waiting for the event
         # loop's turn to end (the scheduler's thread competes with the loop for it).
         np.concatenate([c.samples for c in chunks], out=buffer.array[:total])
-    # Endpointing settings ride on first chunks only, as plain tuples (marshal takes no dataclass).
-    return ("step_shared", index, [c.stream_id for c in chunks], [c.slot for c in chunks], lengths,
-            [c.first for c in chunks], [c.audio_ended for c in chunks],
-            [c.endpointing.as_tuple() if c.endpointing is not None else None for c in chunks],
-            [c.new_utterance for c in chunks])
+    audio = None
+    if inline:
+        audio = np.concatenate([np.asarray(c.samples, dtype=np.float32) for c in chunks]).tobytes() if chunks else b""
+    return w.Step(request, -1 if inline else index, [c.stream_id for c in chunks], [c.slot for c in chunks], lengths,
+                  [c.first for c in chunks], [c.audio_ended for c in chunks], [c.endpointing for c in chunks],
+                  [c.new_utterance for c in chunks], audio)
 
 
-def _unpack_step(message: tuple, buffers: dict[int, _SampleBuffer], slots: _ChildSlots) -> StepPlan:
+def _unpack_step(step: w.Step, buffers: dict[int, _SampleBuffer], slots: _ChildSlots) -> StepPlan:
     """The step's plan on the child's slots."""
-    if message[0] == "step":
-        return slots.plan(message[1])
-    _, index, ids, parent_slots, lengths, firsts, ends, endpointing, new_utterance = message
-    buffer = buffers.get(index)
-    if buffer is None:
-        raise EngineError(f"a step came through shared buffer {index} before it was attached")
+    if step.audio is not None:
+        samples = np.frombuffer(step.audio, dtype=np.float32)
+    else:
+        buffer = buffers.get(step.buffer)
+        if buffer is None:
+            raise EngineError(f"a step came through shared buffer {step.buffer} before it was attached")
+        samples = buffer.array
+    n = len(step.stream_ids)
+    columns = (step.slots, step.lengths, step.firsts, step.audio_ended, step.endpointing, step.new_utterance)
+    if any(len(c) != n for c in columns) or sum(step.lengths) > len(samples):
+        raise EngineError(f"a malformed step: {n} rows, columns of {[len(c) for c in columns]} entries, "
+                          f"{sum(step.lengths)} samples of {len(samples)}")
+    child_slots = slots.child_slots(step.slots, step.stream_ids)
     chunks, at = [], 0
-    for sid, slot, n, first, ended, ep, new in zip(ids, parent_slots, lengths, firsts, ends, endpointing, new_utterance):
+    for sid, slot, length, first, ended, ep, new in zip(step.stream_ids, child_slots, *columns[1:]):
         # A view, valid until the reply: the parent writes the next step only after it.
-        chunks.append(ChunkWork(sid, slots.child_slot(slot, sid), buffer.array[at:at + n], first, ended,
-                                EndpointingParams(*ep) if ep is not None else None, new))
-        at += n
+        chunks.append(ChunkWork(sid, slot, samples[at:at + length], first, ended, ep, new))
+        at += length
     return StepPlan(tuple(chunks))
 
 
-# Replies go back marshalled, not pickled: unpickling a step's updates ran a Python constructor
-# per update and per token on the scheduler's side, where every bit of Python competes with the
-# event loop for the interpreter lock; marshal builds plain tuples in C.
-_TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(StepTimings))
-_new_tuple = tuple.__new__
+def _result_rows(result: StepResult) -> list[w.Row]:
+    return [w.Row(u.stream_id, u.slot, u.tokens, u.text_delta, u.is_final, u.frames_decoded, u.audio_seconds,
+                  u.starts, u.ends) for u in result.updates]
 
 
-def _pack_result(result: StepResult) -> tuple:
-    return (result.engine, tuple(getattr(result.timings, f) for f in _TIMING_FIELDS),
-            [(u.stream_id, u.slot, u.text_delta, u.is_final, u.frames_decoded, u.audio_seconds,
-              tuple(map(tuple, u.tokens)), u.starts, u.ends) for u in result.updates])
-
-
-def _unpack_result(packed: tuple, sent_at: float, replied_at: float) -> StepResult:
+def _unpack_result(done: w.StepDone, sent_at: float, replied_at: float) -> StepResult:
     """The StepResult, its timings completed with the way there and back (the clock readings of
     both processes: CLOCK_MONOTONIC is one clock for the whole machine)."""
-    engine, timings, rows, (got, started, ended, replied) = packed
-    updates = []
-    for sid, slot, text, final, frames, seconds, tokens, starts, ends in rows:
-        # TokenEvent rows made in C (tuple.__new__ through map), not by a Python call per token.
-        updates.append(StreamUpdate(stream_id=sid, slot=slot, tokens=tuple(map(_new_tuple, repeat(TokenEvent), tokens)),
-                                    text_delta=text, is_final=final, frames_decoded=frames, audio_seconds=seconds,
-                                    starts=starts, ends=ends))
-    timings = dict(zip(_TIMING_FIELDS, timings))
-    timings.update(to_worker_ms=1e3 * (got - sent_at), worker_before_ms=1e3 * (started - got),
-                   worker_after_ms=1e3 * (replied - ended), from_worker_ms=1e3 * (replied_at - replied),
-                   unpack_ms=1e3 * (time.monotonic() - replied_at))
-    return StepResult(updates=tuple(updates), engine=engine, timings=StepTimings(**timings))
-
-
-def _reply(conn: multiprocessing.connection.Connection, reply: tuple) -> None:
-    conn.send_bytes(marshal.dumps(reply))
+    got, started, ended, replied = done.clocks
+    updates = tuple(StreamUpdate(stream_id=r.stream_id, slot=r.slot, tokens=r.tokens, text_delta=r.text_delta,
+                                 is_final=r.is_final, frames_decoded=r.frames_decoded, audio_seconds=r.audio_seconds,
+                                 starts=r.starts, ends=r.ends) for r in done.rows)
+    timings = dataclasses.replace(done.timings, to_worker_ms=1e3 * (got - sent_at),
+                                  worker_before_ms=1e3 * (started - got), worker_after_ms=1e3 * (replied - ended),
+                                  from_worker_ms=1e3 * (replied_at - replied),
+                                  unpack_ms=1e3 * (time.monotonic() - replied_at))
+    return StepResult(updates=updates, engine=done.engine, timings=timings)
 
 
 # -- child ---------------------------------------------------------------------------------------
@@ -198,9 +215,10 @@ def load_factory(spec: str) -> Callable[[EngineConfig], object]:
         raise EngineError(f"cannot load the engine factory {spec!r}: {exc}") from exc
 
 
-def _error_reply(exc: BaseException, executions: dict[str, int], state: str | None) -> tuple:
-    return ("err", type(exc).__name__, str(exc), tuple(getattr(exc, "stream_ids", ()) or ()),
-            getattr(exc, "batch_size", None), executions, state)
+def _error_reply(request: int, exc: BaseException, engine=None) -> w.Error:
+    return w.Error(request, type(exc).__name__, str(exc), tuple(getattr(exc, "stream_ids", ()) or ()),
+                   getattr(exc, "batch_size", None), dict(engine.executions()) if engine is not None else None,
+                   _state_of(engine))
 
 
 def _state_of(engine) -> str | None:
@@ -226,19 +244,14 @@ class _ChildSlots:
         del self.to_parent[child]
         self.engine.release_slot(child)
 
-    def child_slot(self, slot: int, stream_id: str) -> int:
+    def child_slots(self, slots: list[int], stream_ids: list[str]) -> list[int]:
+        to_child = self.to_child
         try:
-            return self.to_child[slot]
+            return [to_child[s] for s in slots]
         except KeyError:
-            raise BadChunkError(f"invalid chunks: slot {slot} was not acquired through the engine worker",
-                                (stream_id,)) from None
-
-    def plan(self, plan: StepPlan) -> StepPlan:
-        """A plan that came whole through the pipe, on the child's slots."""
-        unknown = tuple(c.stream_id for c in plan.chunks if c.slot not in self.to_child)
-        if unknown:
-            raise BadChunkError(f"invalid chunks: slots not acquired through the engine worker: {unknown}", unknown)
-        return StepPlan(tuple(dataclasses.replace(c, slot=self.to_child[c.slot]) for c in plan.chunks))
+            unknown = tuple(sid for s, sid in zip(slots, stream_ids) if s not in to_child)
+            raise BadChunkError(f"invalid chunks: slots not acquired through the engine worker: {unknown}",
+                                unknown) from None
 
     def result(self, result: StepResult) -> StepResult:
         """The updates back on the parent's slots, set in place: the engine built them for this
@@ -250,8 +263,7 @@ class _ChildSlots:
         return result
 
 
-def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: EngineConfig,
-                options: ChildOptions) -> None:
+def _child_main(sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:  # a name for ps and top, and for the load generator's CPU report (client.loadgen_report)
@@ -262,63 +274,83 @@ def _child_main(conn: multiprocessing.connection.Connection, factory: str, cfg: 
     from server.gc_policy import apply_gc_policy
     from server.logging_setup import configure_logging
 
-    configure_logging(options.log_level, options.log_format)
+    link = _Link(sock, w.TO_WORKER)
     try:
-        engine = load_factory(factory)(cfg)
+        start = link.read()
+    except (OSError, w.WireError):
+        return
+    if not isinstance(start, w.Configure):
+        return  # not our parent's first message: nothing to build
+    configure_logging(start.log_level, start.log_format)
+    try:
+        engine = load_factory(start.factory)(start.config)
         report = getattr(engine, "startup_report", None)
-        conn.send(("hello", _Facts(engine.geometry, engine.model_info, engine.capacity, engine.max_batch,
-                                   report.as_dict() if hasattr(report, "as_dict") else None,
-                                   dict(engine.executions()))))
+        link.send(w.Hello(version=w.PROTOCOL_VERSION, role=w.ROLE_ENGINE_WORKER, model_info=engine.model_info,
+                          geometry=engine.geometry, capacity=engine.capacity, max_batch=engine.max_batch,
+                          startup_report=w.plain_report(report.as_dict() if hasattr(report, "as_dict") else None),
+                          executions=dict(engine.executions())))
     except BaseException as exc:  # noqa: BLE001 - the parent reports why the engine cannot start
-        conn.send(("failed", f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)))
+        with contextlib.suppress(OSError):
+            link.send(w.Error(0, type(exc).__name__, f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)))
         return
     slots = _ChildSlots(engine)
     buffers: dict[int, _SampleBuffer] = {}
     while True:
         try:
-            message = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
+            message = link.read()
+        except OSError:  # the parent is gone
             return
-        op = message[0]
-        if op in ("step", "step_shared"):
+        except w.WireError as exc:
+            log.error("closing the engine worker's link: bad frame", extra={"error": str(exc)})
+            return
+        kind = type(message)
+        if kind is w.Step:
             try:
                 got = time.monotonic()
                 plan = _unpack_step(message, buffers, slots)
                 started = time.monotonic()
                 result = slots.result(engine.step(plan))
                 ended = time.monotonic()
-                packed = _pack_result(result)
-                reply = ("ok", packed + ((got, started, ended, time.monotonic()),),
-                         dict(engine.executions()), _state_of(engine))
+                rows = _result_rows(result)
+                reply = w.StepDone(message.id, result.engine, result.timings, rows,
+                                   (got, started, ended, time.monotonic()), dict(engine.executions()),
+                                   _state_of(engine))
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the scheduler
-                reply = _error_reply(exc, dict(engine.executions()), _state_of(engine))
-            _reply(conn, reply)
-        elif op == "attach":
+                reply = _error_reply(message.id, exc, engine)
+        elif kind is w.Claim:
             try:
-                buffers[message[1]] = _SampleBuffer(message[2], message[3])
-                _reply(conn, ("ok", None, dict(engine.executions()), _state_of(engine)))
-            except BaseException as exc:  # noqa: BLE001 - the parent then sends audio through the pipe
-                _reply(conn, _error_reply(exc, dict(engine.executions()), _state_of(engine)))
-        elif op == "claim":
-            try:
-                slots.claim(message[1])
+                slots.claim(message.slot)
             except BaseException:  # noqa: BLE001 - the slot's steps will be refused as unknown
-                log.exception("claiming a slot in the engine worker failed", extra={"slot": message[1]})
-        elif op == "release":
+                log.exception("claiming a slot in the engine worker failed", extra={"slot": message.slot})
+            continue
+        elif kind is w.Release:
             try:
-                slots.release(message[1])
+                slots.release(message.slot)
             except BaseException:  # noqa: BLE001
-                log.exception("releasing a slot in the engine worker failed", extra={"slot": message[1]})
-        elif op == "warmup":
+                log.exception("releasing a slot in the engine worker failed", extra={"slot": message.slot})
+            continue
+        elif kind is w.Attach:
+            try:
+                buffers[message.index] = _SampleBuffer(message.path, message.samples)
+                reply = w.Done(message.id, None, dict(engine.executions()), _state_of(engine))
+            except BaseException as exc:  # noqa: BLE001 - the parent then sends audio inline
+                reply = _error_reply(message.id, exc, engine)
+        elif kind is w.Warmup:
             try:
                 name = engine.warmup()
-                apply_gc_policy(options.gc_freeze, options.gc_threshold)
-                _reply(conn, ("ok", name, dict(engine.executions()), _state_of(engine)))
+                apply_gc_policy(start.gc_freeze, start.gc_threshold)
+                reply = w.Done(message.id, name, dict(engine.executions()), _state_of(engine))
             except BaseException as exc:  # noqa: BLE001
-                _reply(conn, _error_reply(exc, dict(engine.executions()), _state_of(engine)))
-        elif op == "stop":
+                reply = _error_reply(message.id, exc, engine)
+        elif kind is w.Stop or message is None:
             return
-
+        else:  # a second Configure: the decoder admits nothing else
+            log.error("closing the engine worker's link: unexpected message", extra={"kind": kind.__name__})
+            return
+        try:
+            link.send(reply)
+        except OSError:
+            return
 
 # -- parent --------------------------------------------------------------------------------------
 _ERRORS = {"BadChunkError": BadChunkError, "StreamStateLostError": StreamStateLostError}
@@ -328,30 +360,32 @@ class EngineWorker:
     """A StreamingEngine running in a child process (see the module docstring). Start it with
     `EngineWorker.start`; `close` stops the child."""
 
-    def __init__(self, process, conn: multiprocessing.connection.Connection, facts: _Facts):
+    def __init__(self, process, link: _Link, hello: w.Hello):
         self._process = process
-        self._conn = conn
-        self.geometry = facts.geometry
-        self.model_info = facts.model_info
-        self.capacity = facts.capacity
-        self.max_batch = facts.max_batch
-        self.startup_report = facts.startup_report
-        self._executions = dict(facts.executions)
-        self._allocator = SlotAllocator(facts.capacity)
-        self._send_lock = threading.Lock()   # held while bytes go into the pipe (loop, writer thread)
-        # Messages that could not be written at once: the writer thread writes them, in order, so
-        # that no event loop ever blocks on a full pipe (a stopped worker reads nothing).
+        self._link = link
+        self._sock = link.sock
+        self.geometry = hello.geometry
+        self.model_info = hello.model_info
+        self.capacity = hello.capacity
+        self.max_batch = hello.max_batch
+        self.startup_report = hello.startup_report
+        self._executions = dict(hello.executions)
+        self._allocator = SlotAllocator(hello.capacity)
+        self._send_lock = threading.Lock()   # held while bytes go into the socket (loop, writer thread)
+        # Frames that could not be written at once: the writer thread writes them, in order, so
+        # that no event loop ever blocks on a full socket (a stopped worker reads nothing).
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_ready = threading.Condition()
         self._writer: threading.Thread | None = None
         self._poll = select.poll()
-        self._poll.register(conn.fileno(), select.POLLOUT)
-        self._request_lock = threading.Lock()  # one request and its reply at a time
+        self._poll.register(self._sock.fileno(), select.POLLOUT)
+        self._request_lock = threading.Lock()  # one blocking request and its reply at a time
+        self._next_id = 0
         self._dead_reason: str | None = None
         self._closing = False
         self._buffers: dict[int, _SampleBuffer] = {}
-        # Asynchronous steps (step_async): replies come back in the order of the requests.
-        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        # Asynchronous steps (step_async), by request id: the reply names the request it answers.
+        self._waiting: dict[int, asyncio.Future] = {}
         self._free_buffers: list[int] = list(range(STEPS_IN_FLIGHT - 1, -1, -1))
         self._room: asyncio.Semaphore | None = None
         self._reader: threading.Thread | None = None
@@ -363,31 +397,48 @@ class EngineWorker:
 
     @classmethod
     def start(cls, factory: str, cfg: EngineConfig, options: ChildOptions | None = None) -> EngineWorker:
-        """Spawn the child, wait until its engine is built. Raises EngineError with the child's
-        reason when it cannot start (or exits first)."""
+        """Spawn the child, send it what to build, wait until its engine is built. Raises
+        EngineError with the child's reason when it cannot start (or exits first)."""
+        options = options or ChildOptions()
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state, no locks held
-        parent, child = ctx.Pipe(duplex=True)
-        process = ctx.Process(target=_child_main, args=(child, factory, cfg, options or ChildOptions()),
-                              name="asr-engine-worker")
-        process.start()
-        child.close()
+        parent, child = socket.socketpair()
+        process = ctx.Process(target=_child_main, args=(child,), name="asr-engine-worker")
         try:
-            while not parent.poll(0.2):
+            process.start()
+        finally:
+            child.close()
+        link = _Link(parent, w.FROM_WORKER)
+        try:
+            link.send(w.Configure(factory, cfg, options.log_level, options.log_format, options.gc_freeze,
+                                  options.gc_threshold))
+            while not select.select([parent], [], [], 0.2)[0]:
                 if not process.is_alive():
                     raise EngineError(f"the engine worker process exited with status {process.exitcode} before it was ready")
-            kind, payload = parent.recv()
+            first = link.read()
+            if first is None:
+                raise EOFError
         except (EOFError, OSError) as exc:
             process.join(5)
+            parent.close()
             raise EngineError(f"the engine worker process exited with status {process.exitcode} before it was ready") from exc
         except BaseException:
             process.kill()
             process.join(5)
+            parent.close()
             raise
-        if kind != "hello":
+        if isinstance(first, w.Error):
             process.join(5)
-            raise EngineError(payload)
-        worker = cls(process, parent, payload)
-        # The child ignores SIGTERM and waits for its pipe to close; at interpreter exit
+            parent.close()
+            raise EngineError(first.message)
+        try:
+            hello = w.check_hello(first, w.ROLE_ENGINE_WORKER)
+        except w.WireError as exc:
+            process.kill()
+            process.join(5)
+            parent.close()
+            raise EngineError(f"the engine worker's handshake failed: {exc}") from exc
+        worker = cls(process, link, hello)
+        # The child ignores SIGTERM and waits for its link to close; at interpreter exit
         # multiprocessing joins its children before this object is gone, so close it first.
         atexit.register(worker.close)
         for index in range(STEPS_IN_FLIGHT):
@@ -396,28 +447,32 @@ class EngineWorker:
 
     def _attach_buffer(self, index: int) -> None:
         """Shared sample buffer `index`, sized for the largest step (every row a stream's first
-        chunk, the longest). Without it (no file could be mapped), audio goes through the pipe."""
+        chunk, the longest). Without it (no file could be mapped), audio goes inline."""
         try:
             buffer = _SampleBuffer.create(self.max_batch * self.geometry.samples_needed(0))
         except OSError as exc:
-            log.warning("no shared sample buffer; step audio goes through the pipe", extra={"error": str(exc)})
+            log.warning("no shared sample buffer; step audio goes inline", extra={"error": str(exc)})
             return
         try:
-            self._request(("attach", index, buffer.path, buffer.samples))
+            self._request(lambda request: w.Attach(request, index, buffer.path, buffer.samples))
             self._buffers[index] = buffer
         except EngineError as exc:
             if self._dead_reason is not None:
                 raise
-            log.warning("the engine worker could not map the shared sample buffer; step audio goes through "
-                        "the pipe", extra={"error": str(exc)})
+            log.warning("the engine worker could not map the shared sample buffer; step audio goes inline",
+                        extra={"error": str(exc)})
         finally:
             buffer.unlink()
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
 
     # -- slots (event loop) ---------------------------------------------------------------------
     def acquire_slot(self) -> int:
         slot = self._allocator.acquire()
         try:
-            self._send(("claim", slot))
+            self._send(w.Claim(slot))
         except EngineError:
             self._allocator.release(slot)
             raise
@@ -426,7 +481,7 @@ class EngineWorker:
     def release_slot(self, slot: int) -> None:
         self._allocator.release(slot)
         try:
-            self._send(("release", slot))
+            self._send(w.Release(slot))
         except EngineError:
             pass  # the child is gone, and its slots with it
 
@@ -440,8 +495,8 @@ class EngineWorker:
     def step(self, plan: StepPlan) -> StepResult:
         with self._request_lock:  # buffer 0 is written for this request only
             sent_at = time.monotonic()
-            packed, replied_at = self._exchange(_pack_step(plan, self._buffers.get(0), 0))
-            return _unpack_result(packed, sent_at, replied_at)
+            done, replied_at = self._exchange(_pack_step(plan, self._buffers.get(0), 0, self._new_id()))
+            return _unpack_result(done, sent_at, replied_at)
 
     async def step_async(self, plan: StepPlan) -> StepResult:
         """`step` for a caller on an event loop (the scheduler): the audio copy and the rebuilding
@@ -463,20 +518,21 @@ class EngineWorker:
 
         reply = loop.create_future()
         sent = False
+        request = self._new_id()
         try:
             sent_at = time.monotonic()
-            message = _pack_step(plan, self._buffers.get(index), index)
+            message = _pack_step(plan, self._buffers.get(index), index, request)
             self._start_reader(loop)
-            self._waiting.append(reply)
+            self._waiting[request] = reply
             try:
                 self._send(message)
             except EngineError:
-                self._waiting.remove(reply)
+                self._waiting.pop(request, None)
                 raise
             sent = True
             # Shielded: a cancelled caller leaves the request to finish, and its buffer stays
             # the worker's until the reply says the worker is done reading it.
-            packed, replied_at = await asyncio.shield(reply)
+            done, replied_at = await asyncio.shield(reply)
         except BaseException:
             if sent and not reply.done():
                 reply.add_done_callback(release)
@@ -484,7 +540,7 @@ class EngineWorker:
                 release()
             raise
         release()
-        return _unpack_result(packed, sent_at, replied_at)
+        return _unpack_result(done, sent_at, replied_at)
 
     def _start_reader(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._reader is not None:
@@ -496,85 +552,119 @@ class EngineWorker:
         self._reader.start()
 
     def _read_replies(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The reader thread: each reply, as bytes, to the loop; the pipe's end fails what waits."""
+        """The reader thread: each frame, as bytes, to the loop (decoded there); the link's end,
+        or a frame that cannot be read, fails what waits."""
         while True:
             try:
-                data = self._conn.recv_bytes()
-            except (EOFError, OSError):
+                bodies = self._link.read_frames()
+            except w.WireError as exc:
+                log.error("closing the engine worker's link: bad frame", extra={"error": str(exc)})
+                call_soon_from_thread(loop, self._fail_waiting, f"the engine worker's link broke: {exc}")
+                return
+            except OSError:
+                bodies = None
+            if bodies is None:
                 call_soon_from_thread(loop, self._fail_waiting)
                 return
-            call_soon_from_thread(loop, self._deliver, data, time.monotonic())
+            replied_at = time.monotonic()
+            for body in bodies:
+                call_soon_from_thread(loop, self._deliver, body, replied_at)
 
-    def _deliver(self, data: bytes, replied_at: float) -> None:
-        """On the loop: the oldest waiting step gets its reply (the worker answers in order)."""
-        future = self._waiting.popleft()
+    def _deliver(self, body: bytes, replied_at: float) -> None:
+        """On the loop: each reply to the step that waits for it (matched by request id)."""
         try:
-            future.set_result((self._result_of(marshal.loads(data)), replied_at))
-        except EngineError as exc:
-            future.set_exception(exc)
+            replies = self._link.decoder.decode(body)
+        except w.WireError as exc:
+            log.error("closing the engine worker's link: bad frame", extra={"error": str(exc)})
+            self.abandon(f"the engine worker's link broke: {exc}")
+            self._fail_waiting()
+            return
+        for reply in replies:
+            future = self._waiting.pop(getattr(reply, "id", 0), None)
+            if future is None:
+                log.error("a reply from the engine worker to no request", extra={"kind": type(reply).__name__})
+                continue
+            try:
+                future.set_result((self._result_of(reply), replied_at))
+            except EngineError as exc:
+                future.set_exception(exc)
 
-    def _fail_waiting(self) -> None:
+    def _fail_waiting(self, reason: str | None = None) -> None:
+        if reason is not None and self._dead_reason is None:
+            self.abandon(reason)
         reason = self._died()
-        while self._waiting:
-            future = self._waiting.popleft()
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
             if not future.done():
                 future.set_exception(EngineError(reason))
 
     def warmup(self) -> str:
-        return self._request(("warmup",))
+        return self._request(w.Warmup)
 
-    def _request(self, message: tuple):
+    def _request(self, make: Callable[[int], w.Message]):
         with self._request_lock:
-            return self._exchange(message)[0]
+            return self._exchange(make(self._new_id()))[0]
 
-    def _exchange(self, message: tuple) -> tuple[object, float]:
+    def _exchange(self, message) -> tuple[object, float]:
         """Send a request and wait for its reply: its value and when it arrived. The caller
         holds the request lock."""
         if self._reader is not None:
-            raise EngineError("a blocking request after asynchronous steps began: the reply reader owns the pipe")
+            raise EngineError("a blocking request after asynchronous steps began: the reply reader owns the link")
         self._send(message)
-        try:
-            reply = marshal.loads(self._conn.recv_bytes())
-        except (EOFError, OSError) as exc:
-            raise EngineError(self._died()) from exc
-        return self._result_of(reply), time.monotonic()
+        while True:
+            try:
+                reply = self._link.read()
+            except w.WireError as exc:
+                self.abandon(f"the engine worker's link broke: {exc}")
+                raise EngineError(self._dead_reason) from exc
+            except OSError as exc:
+                raise EngineError(self._died()) from exc
+            if reply is None:
+                raise EngineError(self._died())
+            if getattr(reply, "id", None) == message.id:
+                return self._result_of(reply), time.monotonic()
+            log.error("a reply from the engine worker to no request", extra={"kind": type(reply).__name__})
 
-    def _result_of(self, reply: tuple):
-        """A reply's value, or its error raised as the type the engine raised."""
-        status, *rest = reply
-        if status == "ok":
-            value, self._executions, state = rest
-            self._note_state(state)
-            return value
-        name, message_text, stream_ids, batch_size, self._executions, state = rest
-        self._note_state(state)
+    def _result_of(self, reply):
+        """A reply's value (a step's: the StepDone itself), or its error raised as the type the
+        engine raised."""
+        if reply.executions is not None:
+            self._executions = reply.executions
+        self._note_state(reply.state)
+        if type(reply) is w.StepDone:
+            return reply
+        if type(reply) is w.Done:
+            return reply.value
+        if type(reply) is not w.Error:
+            raise EngineError(f"the engine worker answered with {type(reply).__name__}")
+        name, text = reply.name, reply.message
         if name == "EngineOverloadedError":
-            raise EngineOverloadedError(message_text, batch_size)
+            raise EngineOverloadedError(text, reply.batch_size)
         if name in _ERRORS:
-            raise _ERRORS[name](message_text, stream_ids)
+            raise _ERRORS[name](text, reply.stream_ids)
         if name == "PoolExhaustedError":
-            raise PoolExhaustedError(message_text)
-        raise EngineError(message_text if name == "EngineError" else f"{name}: {message_text}")
+            raise PoolExhaustedError(text)
+        raise EngineError(text if name == "EngineError" else f"{name}: {text}")
 
     def _note_state(self, state: str | None) -> None:
         if state == EngineState.DEAD.value:
             self.state = EngineState.DEAD
 
-    def _send(self, message: tuple) -> None:
-        """Send without blocking: written at once when nothing waits before it and the pipe has
-        room for it, else queued for the writer thread. A worker that stopped reading (hung,
+    def _send(self, message: w.Message) -> None:
+        """Send without blocking: written at once when nothing waits before it and the socket
+        has room for it, else queued for the writer thread. A worker that stopped reading (hung,
         SIGSTOP) thus fills the queue, not the event loop's time."""
         if self._dead_reason is not None:
             raise EngineError(self._dead_reason)
-        data = bytes(_ForkingPickler.dumps(message))
+        data = w.encode_frame([message])
         if self._send_lock.acquire(blocking=False):
             try:
                 # A Unix socket reports POLLOUT while at most a quarter of its buffer is in use:
-                # a message this small then goes in without waiting.
+                # a frame this small then goes in without waiting.
                 if not self._outbox and len(data) <= _DIRECT_SEND_BYTES and self._poll.poll(0):
-                    self._conn.send_bytes(data)
+                    self._sock.sendall(data)
                     return
-            except (OSError, ValueError) as exc:  # BrokenPipeError; ValueError: the pipe was closed
+            except OSError as exc:  # BrokenPipeError; EBADF: the link was closed
                 raise EngineError(self._died()) from exc
             finally:
                 self._send_lock.release()
@@ -586,7 +676,7 @@ class EngineWorker:
             self._outbox_ready.notify()
 
     def _write_queued(self) -> None:
-        """The writer thread: queued messages into the pipe, in order (blocking writes)."""
+        """The writer thread: queued frames into the socket, in order (blocking writes)."""
         while True:
             with self._outbox_ready:
                 while not self._outbox:
@@ -597,8 +687,8 @@ class EngineWorker:
                     if data is None:
                         return
                     try:
-                        self._conn.send_bytes(data)
-                    except (OSError, ValueError):  # the worker is gone; the watcher reports it
+                        self._sock.sendall(data)
+                    except OSError:  # the worker is gone; the watcher reports it
                         self._outbox.clear()
                         return
 
@@ -638,7 +728,7 @@ class EngineWorker:
             return
         self._closing = True
         try:
-            self._send(("stop",))
+            self._send(w.Stop())
         except EngineError:
             pass
         deadline = time.monotonic() + timeout_s
@@ -651,4 +741,6 @@ class EngineWorker:
         with self._outbox_ready:  # the writer thread (if any) ends
             self._outbox.append(None)
             self._outbox_ready.notify()
-        self._conn.close()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()

@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from server import ipc_wire as w
 from engines.api import EndpointingParams
+from server import wire as w
 from server.call_limits import CLIENT_IDENTITY
 from server.engine_host import EngineFacts
-from server.ipc_wire import FrameReader, FrameWriter
+from server.wire import FrameReader, FrameWriter
 from server.metrics import ServerMetrics
 from server.scheduler import SchedulerConfig, SchedulerObserver, StreamHandle
 from server.stream_books import StreamBooks
-from server.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
+from server.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
+                                  UtteranceEnd)
 from server.stream_state import StreamState, StreamStatus
 
 log = logging.getLogger("nemostream.remote_scheduler")
@@ -77,16 +77,16 @@ class RemoteScheduler(StreamBooks):
 
     # -- lifecycle -----------------------------------------------------------------------
     async def connect(self, timeout_s: float = 30.0) -> EngineFacts:
-        """Connect and read the engine's HELLO (and first STATE)."""
+        """Connect and read the engine's Hello (and first State)."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(self.socket_path, limit=1 << 20), timeout_s)
         self._out = FrameWriter(writer)
-        frames = FrameReader(reader)
+        frames = FrameReader(reader, w.ENGINE_TO_FRONTEND)
         batch = await asyncio.wait_for(frames.read_frames(), timeout_s)
         first = batch[0] if batch else None
-        if not first or first[0][0] != w.HELLO:
-            raise ConnectionError(f"the engine process sent no HELLO first: {first and first[0][0]!r}")
-        self.facts = pickle.loads(first[0][1])
+        if not first:
+            raise w.WireError("the engine process closed the connection before its Hello")
+        self.facts = EngineFacts.from_hello(first[0])
         self.config = self.facts.scheduler
         self._ack_every = max(1, self.config.response_buffer // 2)
         self.max_batch = self.facts.max_batch
@@ -121,14 +121,14 @@ class RemoteScheduler(StreamBooks):
         token = self._sync_token
         future = asyncio.get_running_loop().create_future()
         self._syncs[token] = future
-        self._send((w.SYNC, token))
+        self._send(w.Sync(token))
         try:
             await asyncio.wait_for(future, timeout_s)
         finally:
             self._syncs.pop(token, None)
 
     def announce_ready(self) -> None:
-        self._send((w.READY, self.name))
+        self._send(w.Ready(self.name))
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self._stopping = True
@@ -166,8 +166,7 @@ class RemoteScheduler(StreamBooks):
         self._add(state)
         # The client's identity (set by the security interceptor when streams per client are
         # limited): the engine process counts them over every frontend.
-        self._send((w.OPEN, key, label, finalize_at_limit, endpointing.as_tuple() if endpointing else None,
-                    CLIENT_IDENTITY.get()))
+        self._send(w.Open(key, label, finalize_at_limit, endpointing, CLIENT_IDENTITY.get()))
         return StreamHandle(self, state)
 
     # -- per-stream operations -----------------------------------------------------------
@@ -176,7 +175,7 @@ class RemoteScheduler(StreamBooks):
             return False
         if samples.size == 0:
             return True
-        self._send((w.AUDIO, state.stream_id, np.asarray(samples, dtype=np.float32).tobytes()))
+        self._send(w.Audio(state.stream_id, np.asarray(samples, dtype=np.float32).tobytes()))
         state.received += samples.size
         return await self._wait_for_audio_room(state)
 
@@ -188,7 +187,7 @@ class RemoteScheduler(StreamBooks):
             return
         state.ended_at = time.monotonic()
         state.set_status(StreamStatus.FLUSHING)
-        self._send((w.END, state.stream_id))
+        self._send(w.End(state.stream_id))
 
     def fail_stream(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:
         self._fail(state, kind, message)
@@ -196,7 +195,7 @@ class RemoteScheduler(StreamBooks):
     def end_utterance(self, state: RemoteStreamState) -> bool:
         if state.status is not StreamStatus.RECEIVING:
             return False
-        self._send((w.EOU, state.stream_id))
+        self._send(w.EndUtterance(state.stream_id))
         return True
 
     def take_event(self, state: RemoteStreamState) -> StreamEvent | None:
@@ -213,7 +212,7 @@ class RemoteScheduler(StreamBooks):
         if not state.status.terminal:
             state.set_status(StreamStatus.CANCELLED)
         if self._forget(state):
-            self._send((w.CLOSE, state.stream_id))
+            self._send(w.Close(state.stream_id))
 
     # -- books ---------------------------------------------------------------------------
     def _fail(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:
@@ -222,7 +221,7 @@ class RemoteScheduler(StreamBooks):
             return
         self._emit(state, StreamFailure(state.stream_id, kind, message))
         state.set_status(StreamStatus.FAILED)
-        self._send((w.FAIL, state.stream_id, kind.value, message))
+        self._send(w.Fail(state.stream_id, kind.value, message))
 
     def _emit(self, state: RemoteStreamState, event: StreamEvent) -> None:
         state.events.append(event)
@@ -236,10 +235,10 @@ class RemoteScheduler(StreamBooks):
         this frontend holds more than half a window untaken (a client that does not read)."""
         state.unacked += 1
         if state.unacked >= self._ack_every:
-            self._send((w.ACK, state.stream_id, state.unacked))
+            self._send(w.Ack(state.stream_id, state.unacked))
             state.unacked = 0
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: w.Message) -> None:
         if self._out is not None:
             self._out.send(message)
 
@@ -259,22 +258,22 @@ class RemoteScheduler(StreamBooks):
         if not self._stopping:
             self._mark_dead(reason)
 
-    def _dispatch(self, m: tuple) -> None:
-        kind = m[0]
-        if kind == w.RESULT or kind == w.FAILED:
-            state = self._streams.get(m[1])
+    def _dispatch(self, m: w.Message) -> None:
+        kind = type(m)
+        if kind is w.Result or kind is w.Failed:
+            state = self._streams.get(m.key)
             if state is None or state.status.terminal:
                 return  # closed, or failed here first: the engine's word comes too late
-            state.consumed = m[2]
-            if kind == w.FAILED:
-                self._emit(state, w.decode_failure(m))
+            state.consumed = m.consumed
+            if kind is w.Failed:
+                self._emit(state, StreamFailure(m.key, ErrorKind(m.kind), m.message))
                 state.set_status(StreamStatus.FAILED)
                 return
-            if m[9]:  # the chunk closed utterances: the open one restarts with what it added
-                state.text_parts[:] = [m[4]]
+            if m.finals:  # the chunk closed utterances: the open one restarts with what it added
+                state.text_parts[:] = [m.new_text]
             else:
-                state.text_parts.append(m[4])
-            event = w.decode_result(m, state.transcript)
+                state.text_parts.append(m.new_text)
+            event = result_event(m, state.transcript)
             if event.is_final:  # as the engine process's event says: the last utterance's text
                 event.transcript = event.finals[-1].transcript if event.finals else ""
             if event.is_final and state.status is StreamStatus.RECEIVING:
@@ -282,24 +281,25 @@ class RemoteScheduler(StreamBooks):
             self._emit(state, event)
             if event.is_final:
                 state.set_status(StreamStatus.FINISHED)
-        elif kind == w.SYNCED:
-            future = self._syncs.get(m[1])
+        elif kind is w.Synced:
+            future = self._syncs.get(m.id)
             if future is not None and not future.done():
                 future.set_result(None)
-        elif kind == w.CUT:
-            state = self._streams.get(m[1])
+        elif kind is w.Cut:
+            state = self._streams.get(m.key)
             if state is not None and state.status is StreamStatus.RECEIVING:
-                state.end_reason = m[2] or None
+                state.end_reason = m.end_reason or None
                 state.ended_at = time.monotonic()
                 state.set_status(StreamStatus.FLUSHING)
-        elif kind == w.STATE:
-            _, name, executions, max_batch, slots, _active, dead_reason, draining = m
-            self.engine_name, self.executions, self.max_batch = name or self.engine_name, executions, max_batch
-            self._engine_slots, self._engine_draining = slots, draining
-            if dead_reason is not None:
-                self._mark_dead(dead_reason)
+        elif kind is w.State:
+            self.engine_name, self.executions = m.engine_name or self.engine_name, m.executions
+            self.max_batch, self._engine_slots, self._engine_draining = m.max_batch, m.slots_in_use, m.draining
+            if m.dead_reason is not None:
+                self._mark_dead(m.dead_reason)
+        elif kind is w.Error:  # the engine host is closing this link, and says why
+            raise w.WireError(f"the engine process refused this frontend's link: {m.message}")
         else:
-            log.warning("unknown message from the engine process", extra={"kind": kind})
+            raise w.WireError(f"unexpected message {kind.__name__} from the engine process")
 
     def _mark_dead(self, reason: str) -> None:
         if self.dead_reason is not None:
@@ -311,6 +311,16 @@ class RemoteScheduler(StreamBooks):
                 self._emit(state, StreamFailure(state.stream_id, ErrorKind.UNAVAILABLE, f"the engine failed: {reason}"))
                 state.set_status(StreamStatus.FAILED)
         self.observer.engine_dead(reason)
+
+
+def result_event(m: w.Result, transcript: str) -> ChunkResult:
+    """A Result message as the event the servicers know (stream id = the key); `transcript`: the
+    open utterance's text so far, this message's new_text included."""
+    return ChunkResult(stream_id=m.key, chunk_index=m.chunk_index, transcript=transcript, new_text=m.new_text,
+                       is_final=m.is_final, audio_seconds=m.audio_seconds, audio_ready_at=m.audio_ready_at,
+                       utterance_index=m.utterance_index,
+                       finals=tuple(Utterance(u.index, u.transcript, u.tokens, u.start_seconds, u.end_seconds,
+                                              UtteranceEnd(u.closed_by)) for u in m.finals) if m.finals else ())
 
 
 class RemoteMetrics(ServerMetrics):
@@ -335,13 +345,13 @@ class RemoteMetrics(ServerMetrics):
         super().close()
 
     def rpc_finished(self, method: str, code: str) -> None:
-        self._remote._send((w.RPC, method, code))
+        self._remote._send(w.Rpc(method, code))
 
     def call_refused(self, reason: str) -> None:
-        self._remote._send((w.REFUSED, reason))
+        self._remote._send(w.Refused(reason))
 
     def gc_paused(self, generation: str, seconds: float, process: str | None = None) -> None:
-        self._remote._send((w.GC, generation, seconds))  # on the loop, from flush_gc
+        self._remote._send(w.Gc(generation, seconds))  # on the loop, from flush_gc
 
 
 class _ForwardedCounter:
@@ -361,4 +371,4 @@ class _ForwardedCounter:
     def _flush(self) -> None:
         amount, self._pending = self._pending, 0.0
         if amount:
-            self._remote._send((w.AUDIO_S, amount))
+            self._remote._send(w.AudioSeconds(amount))

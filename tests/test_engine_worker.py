@@ -90,7 +90,7 @@ def test_the_real_model_in_a_worker_transcribes_exactly_as_in_this_process():
     try:
         assert worker.geometry == local.geometry and worker.model_info == local.model_info
         assert worker.startup_report["engine"] == "eager"
-        assert sorted(worker._buffers) == [0, 1]  # step audio goes through shared buffers, not the pipe
+        assert sorted(worker._buffers) == [0, 1]  # step audio goes through shared buffers, not inline in the step message
         before = worker.executions()["eager"]
         assert worker.warmup() == "eager"
         # The warm-up took and gave back slots of the child's own, so its free list no longer
@@ -220,8 +220,8 @@ async def test_a_server_on_a_worker_hosted_engine_transcribes_as_in_process_and_
     assert metrics["asr_step_seconds_sum"] > 0 and metrics["asr_engine_step_seconds_sum"] > 0
 
 
-def test_audio_through_the_shared_buffer_and_through_the_pipe_give_the_same_results():
-    """Steps too large for the shared buffer (or with none) send their audio through the pipe;
+def test_audio_through_the_shared_buffer_and_inline_in_the_step_message_give_the_same_results():
+    """Steps too large for the shared buffer (or with none) send their audio inline in the step message;
     the fake engine's hash chains say both ways deliver the same samples to the same streams."""
     worker = EngineWorker.start("tests.fake_engine:build_fake_engine", _fake_cfg(), QUIET)
     try:
@@ -241,8 +241,8 @@ def test_audio_through_the_shared_buffer_and_through_the_pipe_give_the_same_resu
             worker._buffers = dict(shared)
             through_buffer = worker.step(plans[0]).updates
             worker._buffers = {}
-            through_pipe = worker.step(plans[1]).updates
-            assert [(u.text_delta, u.tokens) for u in through_buffer] == [(u.text_delta, u.tokens) for u in through_pipe]
+            inline = worker.step(plans[1]).updates
+            assert [(u.text_delta, u.tokens) for u in through_buffer] == [(u.text_delta, u.tokens) for u in inline]
             emitted += [u.tokens for u in through_buffer if u.tokens]
         assert emitted  # the comparison above compared something
         worker._buffers = dict(shared)
@@ -281,7 +281,7 @@ async def test_asynchronous_steps_in_flight_together_each_get_their_own_result()
                 assert [(u.text_delta, u.tokens) for u in got.updates] == [(u.text_delta, u.tokens) for u in want.updates]
                 assert got.timings.to_worker_ms > 0 and got.timings.unpack_ms >= 0
         assert sorted(worker._free_buffers) == [0, 1] and not worker._waiting
-        with pytest.raises(EngineError, match="the reply reader owns the pipe"):
+        with pytest.raises(EngineError, match="the reply reader owns the link"):
             worker.step(plan(0, alone, range(0, 1), "x"))  # a blocking reply would be the reader's
 
         os.kill(worker.pid, signal.SIGKILL)
@@ -292,7 +292,7 @@ async def test_asynchronous_steps_in_flight_together_each_get_their_own_result()
         worker.close()
 
 
-def test_replies_larger_than_the_pipe_buffer_arrive_whole_under_uvloop():
+def test_replies_larger_than_the_socket_buffer_arrive_whole_under_uvloop():
     """asr-server runs on uvloop, which puts a descriptor it watches into non-blocking mode; the
     replies' reader must not depend on the loop watching the pipe (a first version did, and a
     reply larger than the socket buffer then failed the engine at 2,880 streams on the H100)."""

@@ -19,9 +19,6 @@ import pytest
 
 from client.loadgen_report import child_pids
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server import ipc_wire as w
-from server.stream_events import ChunkResult, ErrorKind, StreamFailure, Utterance, UtteranceEnd
-from engines.api import TokenEvent
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.server_harness import (
@@ -151,64 +148,6 @@ async def _transcribe(port: int, i: int, clip) -> str | None:
     async with own_channel(port, 1000 + i) as channel:
         stub = pb_grpc.SpeechRecognitionStub(channel)
         return final_transcript([r async for r in stub.StreamingRecognize(iter(requests_for(clip.tobytes(), seed=i)))])
-
-
-# -- the wire itself ------------------------------------------------------------------------------
-def test_events_cross_the_wire_unchanged():
-    closed = Utterance(index=2, transcript="hello there", tokens=(TokenEvent(4, "▁hello", 1), TokenEvent(7, "▁there", 3)),
-                       start_seconds=0.08, end_seconds=0.32, closed_by=UtteranceEnd.ENDPOINT)
-    result = ChunkResult(stream_id="k1", chunk_index=3, transcript="a bc", new_text=" bc", is_final=False,
-                         audio_seconds=1.25, audio_ready_at=123.5, utterance_index=3, finals=(closed,))
-    failure = StreamFailure("k2", ErrorKind.RESOURCE_EXHAUSTED, "all 4 stream slots are in use")
-    import marshal
-    wire = [marshal.loads(marshal.dumps(w.encode_event(e.stream_id, 4096, e))) for e in (result, failure)]
-    assert all(m[2] == 4096 for m in wire)  # the consumed count rides along
-    assert "a bc" not in wire[0]  # the open utterance's text stays home: the frontend appends new_text
-    assert w.decode_result(wire[0], "a bc") == result
-    assert w.decode_failure(wire[1]) == failure
-
-
-@pytest.mark.asyncio
-async def test_frames_batch_messages_and_refuse_corrupt_lengths():
-    reader = asyncio.StreamReader()
-
-    class Sink:
-        def write(self, data):
-            reader.feed_data(data)
-
-        def is_closing(self):
-            return False
-
-    out = w.FrameWriter(Sink())
-    for i in range(5):
-        out.send((w.AUDIO, f"k{i}", b"\0" * 8))
-    await asyncio.sleep(0)  # the flush runs once, on the next loop iteration
-    out.send((w.END, "k9"))
-    await asyncio.sleep(0)
-    frames = w.FrameReader(reader)
-    batch = await frames.read_frames()  # both frames were waiting: one read returns both
-    assert [[m[1] for m in f] for f in batch] == [[f"k{i}" for i in range(5)], ["k9"]]
-    half = w._HEADER.pack(20) + b"x" * 5
-    reader.feed_data(half)
-    pending = asyncio.ensure_future(frames.read_frames())
-    await asyncio.sleep(0.01)
-    assert not pending.done()  # a frame split across reads waits for its rest
-    pending.cancel()
-    bad = w.FrameReader(_fed(w._HEADER.pack(w.MAX_FRAME + 1)))
-    with pytest.raises(ConnectionError, match="exceeds the limit"):
-        await bad.read_frames()
-    cut = w.FrameReader(_fed(w._HEADER.pack(10) + b"abc", eof=True))
-    with pytest.raises(ConnectionError, match="inside a frame"):
-        await cut.read_frames()
-    assert await w.FrameReader(_fed(b"", eof=True)).read_frames() is None
-
-
-def _fed(data: bytes, eof: bool = False) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    reader.feed_data(data)
-    if eof:
-        reader.feed_eof()
-    return reader
 
 
 @pytest.mark.asyncio

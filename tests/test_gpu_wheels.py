@@ -1,5 +1,7 @@
 """The GPU host's wheel recipe (scripts/gpu_wheels.py) pins grpcio where the generated code needs it:
-derived from proto/*_grpc.py, equal to pyproject.toml's floor, and one version per package."""
+derived from proto/*_grpc.py, equal to pyproject.toml's floor, and one version per package; the
+server's own dependencies the GPU image lacks (msgspec, the wire) are in it at a version the
+floor admits."""
 
 from __future__ import annotations
 
@@ -39,3 +41,10 @@ def test_one_version_per_package():
     names = [p.split("==")[0].lower().replace("_", "-") for p in recipe()]
     assert len(names) == len(set(names))
     assert all("==" in p for p in recipe())
+
+
+def test_the_servers_wire_library_is_in_the_recipe_at_an_admitted_version():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = next(m.group(1) for d in deps if (m := re.fullmatch(r"msgspec>=([0-9.]+)", d)))
+    pins = {p.split("==")[0]: p.split("==")[1] for p in recipe({"server"})}
+    assert _key(pins["msgspec"]) >= _key(floor)

@@ -1,0 +1,297 @@
+"""Encode + decode time per message on the server's process links, the typed wire (server.wire,
+msgspec) against the wire it replaced (marshal tuples between frontend and engine host; a
+pickled step request and a marshalled reply between scheduler and engine worker), in one run.
+
+Each case times what both ends do with a message, as the server does it: the sender builds the
+message from its own objects and encodes the frame, the receiver decodes the frame and rebuilds
+what its code uses (for a result: the ChunkResult; for a step: the ChunkWork rows; for a step's
+reply: the StreamUpdates). A step's audio is in the shared buffer either way and is not copied
+here (both wires copy it the same way).
+
+    python bench/wire_bench.py                 # a table, and --json FILE for the figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import marshal
+import pickle
+import platform
+import sys
+import time
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engines.api import (ChunkWork, EndpointingParams, StepPlan, StepResult, StepTimings,  # noqa: E402
+                         StreamUpdate, TokenEvent)
+from server import wire as w  # noqa: E402
+from server.engine_host import event_message  # noqa: E402
+from server.engine_worker import _ChildSlots, _pack_step, _result_rows, _unpack_result, _unpack_step  # noqa: E402
+from server.remote_scheduler import result_event  # noqa: E402
+from server.stream_events import ChunkResult, Utterance, UtteranceEnd  # noqa: E402
+
+
+# -- the old wire, as it was (marshal tuples; the worker's request pickled) -------------------------
+OLD_AUDIO, OLD_RESULT = 2, 21
+_TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(StepTimings))
+_new_tuple = tuple.__new__
+
+
+def old_encode_event(key: str, consumed: int, event: ChunkResult) -> tuple:
+    finals = tuple((u.index, u.transcript, tuple(map(tuple, u.tokens)), u.start_seconds, u.end_seconds,
+                    u.closed_by.value) for u in event.finals)
+    return (OLD_RESULT, key, consumed, event.chunk_index, event.new_text, event.is_final, event.audio_seconds,
+            event.audio_ready_at, event.utterance_index, finals)
+
+
+def old_decode_result(message: tuple, transcript: str) -> ChunkResult:
+    _, key, _, index, new_text, is_final, audio_seconds, ready_at, utterance_index, finals = message
+    return ChunkResult(stream_id=key, chunk_index=index, transcript=transcript, new_text=new_text,
+                       is_final=is_final, audio_seconds=audio_seconds, audio_ready_at=ready_at,
+                       utterance_index=utterance_index,
+                       finals=tuple(Utterance(u_index, text, tuple(TokenEvent._make(t) for t in tokens), start, end,
+                                              UtteranceEnd(closed_by))
+                                    for u_index, text, tokens, start, end, closed_by in finals))
+
+
+def _endpointing_tuple(ep: EndpointingParams) -> tuple:  # main's EndpointingParams.as_tuple
+    return (ep.start_history_ms, ep.start_threshold, ep.stop_history_ms, ep.stop_threshold, ep.stop_history_eou_ms,
+            ep.stop_threshold_eou)
+
+
+def old_pack_step(plan: StepPlan, index: int) -> tuple:
+    chunks = plan.chunks
+    return ("step_shared", index, [c.stream_id for c in chunks], [c.slot for c in chunks],
+            [len(c.samples) for c in chunks], [c.first for c in chunks], [c.audio_ended for c in chunks],
+            [_endpointing_tuple(c.endpointing) if c.endpointing is not None else None for c in chunks],
+            [c.new_utterance for c in chunks])
+
+
+def old_unpack_step(message: tuple, array: np.ndarray, to_child: dict[int, int]) -> StepPlan:
+    _, index, ids, parent_slots, lengths, firsts, ends, endpointing, new_utterance = message
+    chunks, at = [], 0
+    for sid, slot, n, first, ended, ep, new in zip(ids, parent_slots, lengths, firsts, ends, endpointing, new_utterance):
+        chunks.append(ChunkWork(sid, to_child[slot], array[at:at + n], first, ended,
+                                EndpointingParams(*ep) if ep is not None else None, new))
+        at += n
+    return StepPlan(tuple(chunks))
+
+
+def old_pack_result(result: StepResult, clocks: tuple) -> tuple:
+    packed = (result.engine, tuple(getattr(result.timings, f) for f in _TIMING_FIELDS),
+              [(u.stream_id, u.slot, u.text_delta, u.is_final, u.frames_decoded, u.audio_seconds,
+                tuple(map(tuple, u.tokens)), u.starts, u.ends) for u in result.updates])
+    return ("ok", packed + (clocks,), {"eager": 12}, "ready")
+
+
+def old_unpack_result(reply: tuple, sent_at: float, replied_at: float) -> StepResult:
+    _, packed, _, _ = reply
+    engine, timings, rows, (got, started, ended, replied) = packed
+    updates = []
+    for sid, slot, text, final, frames, seconds, tokens, starts, ends in rows:
+        updates.append(StreamUpdate(stream_id=sid, slot=slot, tokens=tuple(map(_new_tuple, repeat(TokenEvent), tokens)),
+                                    text_delta=text, is_final=final, frames_decoded=frames, audio_seconds=seconds,
+                                    starts=starts, ends=ends))
+    timings = dict(zip(_TIMING_FIELDS, timings))
+    timings.update(to_worker_ms=1e3 * (got - sent_at), worker_before_ms=1e3 * (started - got),
+                   worker_after_ms=1e3 * (replied - ended), from_worker_ms=1e3 * (replied_at - replied),
+                   unpack_ms=1e3 * (time.monotonic() - replied_at))
+    return StepResult(updates=tuple(updates), engine=engine, timings=StepTimings(**timings))
+
+
+def old_frames(messages: list, dumps=marshal.dumps, loads=marshal.loads) -> list:
+    """Main's frame path: the body, the header joined to it (FrameWriter.flush), the bytes into
+    the reader's buffer and the body loaded from a view of it (FrameReader._parse)."""
+    body = dumps(messages)
+    data = w.HEADER.pack(len(body)) + body
+    buf = bytearray()
+    buf += data
+    with memoryview(buf) as view:
+        out = loads(view[w.HEADER.size:])
+    del buf[:]
+    return out
+
+
+def new_frames(messages: list, decoder: w.Decoder) -> list:
+    """The typed wire's: encode_frame, then FrameSplitter with the decoder reading in place."""
+    (out,) = w.FrameSplitter().feed(w.encode_frame(messages), decoder.decode)
+    return out
+
+
+# -- workloads ---------------------------------------------------------------------------------------
+def _keys(n: int) -> list[str]:
+    return [f"{i:012x}" for i in range(n)]
+
+
+def audio_case(n: int, samples: int):
+    keys = _keys(n)
+    chunks = [np.random.default_rng(i).standard_normal(samples).astype(np.float32) for i in range(n)]
+    decoder = w.Decoder(w.FRONTEND_TO_ENGINE)
+
+    def old():
+        for m in old_frames([(OLD_AUDIO, k, c.tobytes()) for k, c in zip(keys, chunks)]):
+            np.frombuffer(m[2], dtype=np.float32)
+
+    def new():
+        for m in new_frames([w.Audio(k, c.tobytes()) for k, c in zip(keys, chunks)], decoder):
+            np.frombuffer(m.samples, dtype=np.float32)
+
+    return old, new
+
+
+def result_case(n: int, final_every: int):
+    keys = _keys(n)
+    tokens = tuple(TokenEvent(100 + j, f"\u2581w{j}", 3 * j) for j in range(12))
+    events = []
+    for i, k in enumerate(keys):
+        finals = (Utterance(1, "some words of a closed utterance here", tokens, 0.4, 3.2, UtteranceEnd.ENDPOINT),) \
+            if final_every and i % final_every == 0 else ()
+        # Values of their own per stream, as in a server: marshal writes an object it has seen
+        # in the frame as a back-reference, which one shared text or float would favour.
+        events.append(ChunkResult(stream_id=k, chunk_index=40 + i, transcript="", new_text=f" word{i}", is_final=False,
+                                  audio_seconds=6.4 + i / 1000, audio_ready_at=12345.678 + i / 1000,
+                                  utterance_index=2, finals=finals))
+    decoder = w.Decoder(w.ENGINE_TO_FRONTEND)
+
+    def old():
+        for m in old_frames([old_encode_event(e.stream_id, 102400, e) for e in events]):
+            old_decode_result(m, "text so far word")
+
+    def new():
+        for m in new_frames([event_message(e.stream_id, 102400, e) for e in events], decoder):
+            result_event(m, "text so far word")
+
+    return old, new
+
+
+class _Buffer:
+    def __init__(self, samples: int):
+        self.samples = samples
+        self.array = np.zeros(samples, dtype=np.float32)
+
+
+class _Slots:  # _ChildSlots' engine: slots map onto themselves
+    def acquire_slot(self):
+        return 0
+
+
+def step_request_case(n: int, samples: int):
+    """`samples` per row: a step's audio goes through the shared buffer on both wires, the same
+    np.concatenate into it; with one sample a row the copy costs next to nothing and the case
+    times the message."""
+    keys = _keys(n)
+    ep = EndpointingParams()
+    plan = StepPlan(tuple(ChunkWork(k, i, np.zeros(samples, dtype=np.float32), i % 50 == 0, False,
+                                    ep if i % 50 == 0 else None, False) for i, k in enumerate(keys)))
+    slots = _ChildSlots(_Slots())
+    slots.to_child = {i: i for i in range(n)}
+    buffer = _Buffer(n * samples)
+    buffers = {0: buffer}
+    decoder = w.Decoder(w.TO_WORKER)
+
+    def old():
+        np.concatenate([c.samples for c in plan.chunks], out=buffer.array[:n * samples])
+        # Connection.send pickled the request (its own 4-byte header), recv unpickled it.
+        message = old_frames(old_pack_step(plan, 0), lambda m: pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL),
+                             pickle.loads)
+        old_unpack_step(message, buffer.array, slots.to_child)
+
+    def new():
+        (step,) = new_frames([_pack_step(plan, buffer, 0, 7)], decoder)
+        _unpack_step(step, buffers, slots)
+
+    return old, new
+
+
+def step_reply_case(n: int, tokens_per_row: int):
+    keys = _keys(n)
+    # Pieces come from the model's vocabulary (one string object per piece, as a tokenizer's
+    # table holds them); each row's text and figures are its own.
+    vocabulary = [f"\u2581w{j}" for j in range(1024)]
+    result = StepResult(updates=tuple(StreamUpdate(stream_id=k, slot=i,
+                                                   tokens=tuple(TokenEvent(100 + j, vocabulary[(7 * i + j) % 1024],
+                                                                           40 + i + j)
+                                                                for j in range(tokens_per_row)),
+                                                   text_delta=f" w{i}" if tokens_per_row else "", is_final=False,
+                                                   frames_decoded=80 + i, audio_seconds=6.4 + i / 1000)
+                                      for i, k in enumerate(keys)), engine="eager",
+                        timings=StepTimings(features_ms=1.0, encoder_ms=5.0, decode_ms=2.0, total_ms=9.0))
+    clocks = (1.0, 2.0, 3.0, 4.0)
+    decoder = w.Decoder(w.FROM_WORKER)
+
+    def old():
+        old_unpack_result(old_frames(old_pack_result(result, clocks)), 0.5, 4.5)
+
+    def new():
+        (done,) = new_frames([w.StepDone(7, result.engine, result.timings, _result_rows(result), clocks,
+                                         {"eager": 12}, "ready")], decoder)
+        _unpack_result(done, 0.5, 4.5)
+
+    return old, new
+
+
+def _loops(fn) -> int:
+    """Calls per timed run: enough for about 20 ms."""
+    fn()
+    loops = 1
+    while True:
+        t = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        if time.perf_counter() - t > 0.02:
+            return loops
+        loops *= 2
+
+
+def best_us(old, new, per: int, seconds: float) -> tuple[float, float]:
+    """The best run of each wire, in microseconds per message. Old and new runs alternate, so a
+    neighbour's load on a shared machine slows both alike rather than one of them."""
+    loops = [_loops(old), _loops(new)]
+    best = [float("inf"), float("inf")]
+    deadline = time.perf_counter() + 2 * seconds
+    while time.perf_counter() < deadline:
+        for i, fn in enumerate((old, new)):
+            t = time.perf_counter()
+            for _ in range(loops[i]):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - t) / loops[i])
+    return 1e6 * best[0] / per, 1e6 * best[1] / per
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=1.0, help="timing per case and wire (alternating runs; the best counts)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cases = [
+        ("AUDIO, frame of 64, 160 ms chunks (10 KB)", 64, audio_case(64, 2560)),
+        ("AUDIO, frame of 64, 20 ms chunks (1.3 KB)", 64, audio_case(64, 320)),
+        ("RESULT, frame of 256, no finals", 256, result_case(256, 0)),
+        ("RESULT, frame of 256, 1 in 10 closes an utterance (12 tokens)", 256, result_case(256, 10)),
+        ("step request, 256 rows (per row)", 256, step_request_case(256, 1)),
+        ("step reply, 256 rows, 1 token each (per row)", 256, step_reply_case(256, 1)),
+        ("step reply, 256 rows, no tokens (per row)", 256, step_reply_case(256, 0)),
+    ]
+    rows = []
+    print(f"{'message':66} {'old us':>8} {'new us':>8} {'new/old':>8}")
+    for name, per, (old, new) in cases:
+        o, n = best_us(old, new, per, args.seconds)
+        rows.append({"message": name, "old_us": round(o, 3), "new_us": round(n, 3), "ratio": round(n / o, 3)})
+        print(f"{name:66} {o:8.3f} {n:8.3f} {n / o:8.2f}")
+    if args.json:
+        import msgspec
+
+        Path(args.json).write_text(json.dumps({"python": platform.python_version(), "msgspec": msgspec.__version__,
+                                               "machine": platform.processor() or platform.machine(),
+                                               "cases": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""server.wire, the one typed wire between the server's processes: every message type round-trips,
+frames batch many messages, and a frame that cannot be read (malformed, unknown tag, wrong
+direction, truncated, oversized length) is a WireError that closes its link with a logged
+reason, never a hang. Real links too: an engine host's socket, a frontend's reader and a real
+engine worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import tempfile
+
+import msgspec
+import numpy as np
+import pytest
+
+from engines.api import EndpointingParams, EngineError, ModelInfo, StepTimings, TokenEvent
+from engines.config import EngineConfig
+from engines.geometry import ChunkGeometry
+from server import wire as w
+from server.engine_host import EngineFacts, EngineHost, event_message
+from server.engine_worker import ChildOptions, EngineWorker, _Link
+from server.remote_scheduler import RemoteScheduler, result_event
+from server.scheduler import SchedulerConfig
+from server.stream_events import ChunkResult, ErrorKind, StreamFailure, Utterance, UtteranceEnd
+from tests.fake_engine import FakeEngine
+
+TIMEOUT_S = 10.0  # every read here is bounded: a reader that hangs fails the test instead
+
+GEOMETRY = ChunkGeometry(16000, 160, 512, 256, 16, 9, 2, 8, 160, 96)
+MODEL = ModelInfo("m", 160, (80, 160), 16000, 129, True, "a model", ("hi",), "\u2581", "<eou>")
+TOKENS = (TokenEvent(4, "\u2581hello", 1), TokenEvent(7, "\u2581there", 3))
+ENDPOINTING = EndpointingParams(start_history_ms=100, stop_threshold=0.9)
+
+# One message of every type, with values other than the defaults (a field that did not travel
+# would show as a default on the other side).
+EXAMPLES = [
+    w.Hello(w.PROTOCOL_VERSION, w.ROLE_ENGINE_HOST, MODEL, GEOMETRY, 64, 32, "eager",
+            {"batch_wait_s": 0.002, "pipeline_depth": 3}, {"engine": "eager", "details": {"a": [1, 2]}},
+            {"eager": 5}),
+    w.Error(7, "BadChunkError", "invalid chunks", ("s1", "s2"), 4, {"eager": 1}, "dead"),
+    w.Open("k1", "label", False, ENDPOINTING, "client-a"),
+    w.Audio("k1", np.arange(8, dtype=np.float32).tobytes()),
+    w.End("k1"),
+    w.Fail("k1", ErrorKind.INVALID_ARGUMENT.value, "bad audio"),
+    w.Close("k1"),
+    w.Ack("k1", 16),
+    w.Ready("frontend-2"),
+    w.Rpc("/nemostream.v1.Asr/StreamingRecognize", "OK"),
+    w.Refused("draining"),
+    w.AudioSeconds(1.25),
+    w.Gc("2", 0.003),
+    w.Sync(9),
+    w.EndUtterance("k1"),
+    w.Final(2, "hello there", TOKENS, 0.08, 0.32, UtteranceEnd.ENDPOINT.value),
+    w.Result("k1", 4096, 3, " there", True, 1.5, 123.5, 3,
+             (w.Final(2, "hello there", TOKENS, 0.08, 0.32, UtteranceEnd.ENDPOINT.value),)),
+    w.Failed("k1", 512, ErrorKind.RESOURCE_EXHAUSTED.value, "all 4 stream slots are in use"),
+    w.Cut("k1", "max_stream_seconds"),
+    w.State("eager", {"eager": 3}, 16, 5, 4, "it died", True),
+    w.Synced(9),
+    w.Configure("tests.fake_engine:build_fake_engine", EngineConfig(model="fake", max_streams=8, max_batch=4),
+                "DEBUG", "json", False, (700, 10, 10)),
+    w.Attach(1, 0, "/dev/shm/x", 4096),
+    w.Claim(3),
+    w.Release(3),
+    w.Warmup(2),
+    w.Step(5, 1, ["a", "b"], [0, 3], [2560, 2656], [True, False], [False, True], [ENDPOINTING, None],
+           [False, True], None),
+    w.Step(6, -1, ["a"], [0], [4], [True], [False], [None], [False], np.ones(4, dtype=np.float32).tobytes()),
+    w.Stop(),
+    w.Done(2, "eager", {"eager": 1}, "ready"),
+    w.Row("a", 3, TOKENS, " hello", False, 12, 0.96, (2,), (9,)),
+    w.StepDone(5, "eager", StepTimings(encoder_ms=1.5, synced=True),
+               [w.Row("a", 3, TOKENS[:1], " hello", True, 12, 0.96, (2,), (9,))],
+               (1.0, 2.0, 3.0, 4.0), {"eager": 2}, None),
+]
+DIRECTIONS = (w.FRONTEND_TO_ENGINE, w.ENGINE_TO_FRONTEND, w.TO_WORKER, w.FROM_WORKER)
+
+
+def _direction_of(message) -> object:
+    for kinds in DIRECTIONS:
+        if type(message) in kinds.__args__:
+            return kinds
+    return None
+
+
+def _decode_one(data: bytes, kinds) -> list:
+    splitter = w.FrameSplitter()
+    bodies = splitter.feed(data, bytes)
+    assert len(bodies) == 1 and splitter.pending == 0
+    return w.Decoder(kinds).decode(bodies[0])
+
+
+def test_every_message_type_round_trips():
+    every = {cls for cls in _all_subclasses(w.Message)}
+    assert every == {type(m) for m in EXAMPLES}, "a message type without an example here"
+    for message in EXAMPLES:
+        kinds = _direction_of(message)
+        if kinds is None:  # a part of other messages (Final in Result, Row in StepDone)
+            continue
+        assert _decode_one(w.encode_frame([message]), kinds) == [message], type(message).__name__
+    # Typed fields come back as their types, not as plain lists and dicts.
+    hello = _decode_one(w.encode_frame([_example(w.Hello)]), w.ENGINE_TO_FRONTEND)[0]
+    assert type(hello.geometry) is ChunkGeometry and hello.geometry.chunk_samples == GEOMETRY.chunk_samples
+    assert type(hello.model_info) is ModelInfo
+    step = _decode_one(w.encode_frame([_example(w.Step)]), w.TO_WORKER)[0]
+    assert type(step.endpointing[0]) is EndpointingParams
+    result = _decode_one(w.encode_frame([_example(w.Result)]), w.ENGINE_TO_FRONTEND)[0]
+    assert type(result.finals[0].tokens[0]) is TokenEvent
+
+
+def _example(cls):
+    return next(m for m in EXAMPLES if type(m) is cls)
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+def test_every_tag_is_distinct_and_every_direction_decodes_only_its_own():
+    tags = [cls.__struct_config__.tag for cls in _all_subclasses(w.Message)]
+    assert len(tags) == len(set(tags))
+    audio = w.encode_frame([w.Audio("k", b"\0" * 8)])
+    with pytest.raises(w.WireError, match="malformed frame"):
+        _decode_one(audio, w.ENGINE_TO_FRONTEND)  # a frontend's message where the engine speaks
+
+
+def test_the_handshake_is_checked():
+    hello = EngineFacts(MODEL, GEOMETRY, 64, 32, "eager", SchedulerConfig(response_buffer=8)).hello()
+    back = EngineFacts.from_hello(_decode_one(w.encode_frame([hello]), w.ENGINE_TO_FRONTEND)[0])
+    assert back.scheduler == SchedulerConfig(response_buffer=8) and back.geometry == GEOMETRY
+    with pytest.raises(w.WireError, match="protocol version 99"):
+        EngineFacts.from_hello(msgspec.structs.replace(hello, version=99))
+    with pytest.raises(w.WireError, match="role is 'engine-worker', expected 'engine-host'"):
+        EngineFacts.from_hello(msgspec.structs.replace(hello, role=w.ROLE_ENGINE_WORKER))
+    with pytest.raises(w.WireError, match="not the Hello handshake"):
+        EngineFacts.from_hello(w.State("x", {}, 1, 0, 0, None, False))
+    with pytest.raises(w.WireError, match="scheduler settings"):
+        EngineFacts.from_hello(msgspec.structs.replace(hello, scheduler={"no_such_setting": 1}))
+
+
+def test_a_start_up_report_with_odd_values_still_travels():
+    from pathlib import Path
+
+    report = {"engine": "onnx", "self_check": {"max_rel_error": np.float32(0.5), "steps": np.int64(3)},
+              "details": {"onnx": Path("/cache/encoder.onnx"), "providers": ("CPUExecutionProvider",)},
+              "sizing": None}
+    hello = msgspec.structs.replace(_example(w.Hello), startup_report=w.plain_report(report))
+    back = _decode_one(w.encode_frame([hello]), w.FROM_WORKER)[0].startup_report
+    assert back == {"engine": "onnx", "self_check": {"max_rel_error": 0.5, "steps": 3},
+                    "details": {"onnx": "/cache/encoder.onnx", "providers": ["CPUExecutionProvider"]}, "sizing": None}
+    assert w.plain_report(None) is None
+
+
+def test_events_cross_the_wire_unchanged():
+    closed = Utterance(index=2, transcript="hello there", tokens=TOKENS, start_seconds=0.08, end_seconds=0.32,
+                       closed_by=UtteranceEnd.ENDPOINT)
+    result = ChunkResult(stream_id="k1", chunk_index=3, transcript="a bc", new_text=" bc", is_final=False,
+                         audio_seconds=1.25, audio_ready_at=123.5, utterance_index=3, finals=(closed,))
+    failure = StreamFailure("k2", ErrorKind.RESOURCE_EXHAUSTED, "all 4 stream slots are in use")
+    frame = w.encode_frame([event_message(e.stream_id, 4096, e) for e in (result, failure)])
+    assert b"a bc" not in frame  # the open utterance's text stays home: the frontend appends new_text
+    got_result, got_failure = _decode_one(frame, w.ENGINE_TO_FRONTEND)
+    assert got_result.consumed == got_failure.consumed == 4096  # the consumed count rides along
+    assert result_event(got_result, "a bc") == result
+    assert StreamFailure(got_failure.key, ErrorKind(got_failure.kind), got_failure.message) == failure
+
+
+class _Sink:
+    def __init__(self, reader: asyncio.StreamReader):
+        self.reader = reader
+
+    def write(self, data):
+        self.reader.feed_data(bytes(data))
+
+    def is_closing(self):
+        return False
+
+
+def _fed(data: bytes, eof: bool = False) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+@pytest.mark.asyncio
+async def test_frames_batch_the_messages_of_one_loop_iteration():
+    reader = asyncio.StreamReader()
+    out = w.FrameWriter(_Sink(reader))
+    for i in range(5):
+        out.send(w.Audio(f"k{i}", b"\0" * 8))
+    await asyncio.sleep(0)  # the flush runs once, on the next loop iteration
+    out.send(w.End("k9"))
+    await asyncio.sleep(0)
+    frames = w.FrameReader(reader, w.FRONTEND_TO_ENGINE)
+    batch = await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)  # both frames waited: one read
+    assert [[m.key for m in f] for f in batch] == [[f"k{i}" for i in range(5)], ["k9"]]
+    reader.feed_data(w.HEADER.pack(20) + b"x" * 5)
+    pending = asyncio.ensure_future(frames.read_frames())
+    await asyncio.sleep(0.01)
+    assert not pending.done()  # a frame split across reads waits for its rest
+    pending.cancel()
+    assert await asyncio.wait_for(w.FrameReader(_fed(b"", eof=True), w.FRONTEND_TO_ENGINE).read_frames(),
+                                  TIMEOUT_S) is None
+
+
+def _frame(body: bytes) -> bytes:
+    return w.HEADER.pack(len(body)) + body
+
+
+BAD_FRAMES = {
+    "not msgpack": (_frame(b"\xc1\xc1\xc1"), "malformed frame"),
+    "not a list of messages": (_frame(msgspec.msgpack.encode({"a": 1})), "malformed frame"),
+    "an unknown tag": (_frame(msgspec.msgpack.encode([[99, "k"]])), r"malformed frame.*Invalid value 99"),
+    "a field of the wrong type": (_frame(msgspec.msgpack.encode([[2, "k", 5]])), "malformed frame.*Expected `bytes`"),
+    "a message short of fields": (_frame(msgspec.msgpack.encode([[6, "k"]])), "malformed frame"),
+    "a value its type refuses": (_frame(msgspec.msgpack.encode([[1, "k", "", False, {"start_history_ms": 99999}, None]])),
+                                 "start_history_ms 99999 is outside"),
+    "a body cut short": (_frame(w.encode_frame([w.Audio("k", b"\0" * 64)])[w.HEADER.size:-10]), "truncated"),
+    "an oversized length": (w.HEADER.pack(w.MAX_FRAME + 1) + b"\0" * 16, "exceeds the limit"),
+    "a length of 2**32-1": (b"\xff\xff\xff\xff", "exceeds the limit"),
+    "the end inside a frame": (w.HEADER.pack(10) + b"abc", "inside a frame"),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", list(BAD_FRAMES))
+async def test_a_frame_that_cannot_be_read_is_an_error_not_a_hang(case):
+    data, match = BAD_FRAMES[case]
+    frames = w.FrameReader(_fed(data, eof=True), w.FRONTEND_TO_ENGINE)
+    with pytest.raises(w.WireError, match=match):
+        await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)
+    assert issubclass(w.WireError, ConnectionError)  # readers treat it as a broken link
+
+
+def test_the_worker_links_blocking_reader_has_the_same_checks():
+    for case, (data, match) in BAD_FRAMES.items():
+        a, b = socket.socketpair()
+        try:
+            b.settimeout(TIMEOUT_S)  # a reader that waited for bytes that never come would fail here
+            a.sendall(data)
+            a.shutdown(socket.SHUT_WR)
+            with pytest.raises(w.WireError, match=match):
+                _Link(b, w.FRONTEND_TO_ENGINE).read()
+        finally:
+            a.close()
+            b.close()
+
+
+def test_an_encoder_refuses_a_frame_over_the_limit(monkeypatch):
+    monkeypatch.setattr(w, "MAX_FRAME", 100)
+    with pytest.raises(w.WireError, match="exceeds the limit"):
+        w.encode_frame([w.Audio("k", b"\0" * 200)])
+
+
+# -- real links ----------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_the_engine_host_closes_a_link_that_sends_a_bad_frame_and_says_why(caplog):
+    with tempfile.TemporaryDirectory(prefix="asr-wire-") as tmp:
+        host = EngineHost(FakeEngine(capacity=4, max_batch=2), SchedulerConfig(), os.path.join(tmp, "engine.sock"))
+        await host.start()
+        try:
+            # A well-behaved frontend on the same host, whose link must outlive the bad one.
+            good = RemoteScheduler(host.socket_path, name="good")
+            await asyncio.wait_for(good.connect(), TIMEOUT_S)
+            reader, writer = await asyncio.open_unix_connection(host.socket_path)
+            frames = w.FrameReader(reader, w.ENGINE_TO_FRONTEND)
+            first = await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)
+            assert isinstance(first[0][0], w.Hello)
+            with caplog.at_level(logging.ERROR, logger="nemostream.engine_host"):
+                writer.write(_frame(msgspec.msgpack.encode([[99, "k"]])))
+                got = []
+                while (batch := await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)) is not None:
+                    got += [m for f in batch for m in f]
+            errors = [m for m in got if isinstance(m, w.Error)]
+            assert errors and "Invalid value 99" in errors[0].message  # told why, then the link closed
+            assert any("bad frame" in r.getMessage() for r in caplog.records)
+            writer.close()
+            await asyncio.wait_for(good.sync(), TIMEOUT_S)  # the other frontend's link still answers
+            assert good.dead_reason is None
+            await good.stop()
+        finally:
+            await host.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_frontend_marks_the_engine_dead_on_a_bad_frame_with_the_reason():
+    hello = EngineFacts(MODEL, GEOMETRY, 4, 2, "eager", SchedulerConfig()).hello()
+
+    async def serve(reader, writer):
+        writer.write(w.encode_frame([hello]))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(_frame(b"\x93\x15\xa1k"))  # a whole frame whose Result is cut short
+        await writer.drain()
+        await asyncio.sleep(TIMEOUT_S)  # the connection stays open: only the frame is bad
+
+    with tempfile.TemporaryDirectory(prefix="asr-wire-") as tmp:
+        path = os.path.join(tmp, "engine.sock")
+        server = await asyncio.start_unix_server(serve, path=path)
+        remote = RemoteScheduler(path)
+        try:
+            facts = await asyncio.wait_for(remote.connect(), TIMEOUT_S)
+            assert facts.geometry == GEOMETRY
+            await asyncio.wait_for(remote.disconnected.wait(), TIMEOUT_S)
+            assert "malformed frame" in remote.dead_reason
+        finally:
+            await remote.stop()
+            server.close()
+
+
+def test_a_worker_that_gets_a_bad_frame_closes_its_link_and_the_scheduler_hears_it():
+    worker = EngineWorker.start("tests.fake_engine:build_fake_engine",
+                                EngineConfig(model="fake", max_streams=8, max_batch=4, lookahead_ms=160),
+                                ChildOptions(log_level="WARNING", gc_freeze=False))
+    try:
+        assert worker.warmup()
+        worker._sock.sendall(_frame(msgspec.msgpack.encode([[45, "not an id"]])))
+        worker._process.join(TIMEOUT_S)
+        assert worker._process.exitcode == 0  # it returned: the link closed, not a crash or a hang
+        with pytest.raises(EngineError, match="exited"):
+            worker.warmup()
+    finally:
+        worker.close()
+
+
+@pytest.mark.asyncio
+async def test_worker_replies_are_matched_by_request_id_not_by_order():
+    worker = EngineWorker.start("tests.fake_engine:build_fake_engine",
+                                EngineConfig(model="fake", max_streams=8, max_batch=4, lookahead_ms=160),
+                                ChildOptions(log_level="WARNING", gc_freeze=False))
+    try:
+        worker.warmup()
+        loop = asyncio.get_running_loop()
+        first, second = loop.create_future(), loop.create_future()
+        worker._waiting.update({101: first, 102: second})
+        timings = StepTimings()
+        done = [w.StepDone(i, "fake", timings, [], (0.0, 0.0, 0.0, 0.0), {}, None) for i in (102, 101)]
+        worker._deliver(bytes(w.encode_frame(done))[w.HEADER.size:], 1.0)  # answered in reverse order
+        assert (await first)[0].id == 101 and (await second)[0].id == 102
+    finally:
+        worker.close()
