@@ -118,9 +118,71 @@ class ChunkWork:
     new_utterance: bool = False
 
 
-@dataclass(frozen=True)
 class StepPlan:
-    chunks: tuple[ChunkWork, ...]
+    """One step's rows. Built from ChunkWork rows (`StepPlan(chunks)`), or column by column
+    (`StepPlan.from_columns`: the scheduler builds its rows as arrays, and an engine reads them
+    as arrays). Either form offers both views, each made on first use: `chunks` (a ChunkWork
+    per row) and the columns `stream_ids`, `slots`, `samples`, `first`, `audio_ended`,
+    `new_utterance`, `endpointing` (row -> params, the rows that carry them). Never mutated."""
+
+    __slots__ = ("_chunks", "_columns")
+
+    def __init__(self, chunks: tuple[ChunkWork, ...] | list[ChunkWork] = ()):
+        self._chunks = tuple(chunks)
+        self._columns: tuple | None = None
+
+    @classmethod
+    def from_columns(cls, stream_ids: list[str], slots: np.ndarray, samples: list[np.ndarray], first: np.ndarray,
+                     audio_ended: np.ndarray, new_utterance: np.ndarray,
+                     endpointing: dict[int, EndpointingParams] | None = None) -> StepPlan:
+        n = len(stream_ids)
+        if not (len(slots) == len(samples) == len(first) == len(audio_ended) == len(new_utterance) == n):
+            raise ValueError("a plan's columns must have one entry per row")
+        plan = cls.__new__(cls)
+        plan._chunks = None
+        plan._columns = (list(stream_ids), np.asarray(slots, dtype=np.int64), list(samples),
+                         np.asarray(first, dtype=bool), np.asarray(audio_ended, dtype=bool),
+                         np.asarray(new_utterance, dtype=bool), dict(endpointing or {}))
+        return plan
+
+    @property
+    def chunks(self) -> tuple[ChunkWork, ...]:
+        if self._chunks is None:
+            ids, slots, samples, first, ended, new, endpointing = self._columns
+            self._chunks = tuple(
+                ChunkWork(sid, slot, s, f, e, endpointing.get(i), u)
+                for i, (sid, slot, s, f, e, u) in enumerate(zip(ids, slots.tolist(), samples, first.tolist(),
+                                                                ended.tolist(), new.tolist())))
+        return self._chunks
+
+    def _cols(self) -> tuple:
+        if self._columns is None:
+            c = self._chunks
+            self._columns = ([w.stream_id for w in c], np.fromiter((w.slot for w in c), np.int64, len(c)),
+                             [w.samples for w in c], np.fromiter((w.first for w in c), bool, len(c)),
+                             np.fromiter((w.audio_ended for w in c), bool, len(c)),
+                             np.fromiter((w.new_utterance for w in c), bool, len(c)),
+                             {i: w.endpointing for i, w in enumerate(c) if w.endpointing is not None})
+        return self._columns
+
+    stream_ids = property(lambda self: self._cols()[0])
+    slots = property(lambda self: self._cols()[1])
+    samples = property(lambda self: self._cols()[2])
+    first = property(lambda self: self._cols()[3])
+    audio_ended = property(lambda self: self._cols()[4])
+    new_utterance = property(lambda self: self._cols()[5])
+    endpointing = property(lambda self: self._cols()[6])
+
+    def __len__(self) -> int:
+        return len(self._chunks) if self._chunks is not None else len(self._columns[0])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StepPlan) and self.chunks == other.chunks
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StepPlan({len(self)} rows: {self.stream_ids!r})"
 
 
 class TokenEvent(NamedTuple):
