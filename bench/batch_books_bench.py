@@ -75,10 +75,14 @@ class NullEngine:
         g = self.geometry
         updates = []
         token = (TokenEvent(0, "\u2581a", 0),)
-        for c in plan.chunks:
-            k = self.executions_n
-            tokens = token if (c.slot + k) % 4 == 0 else ()
-            updates.append(StreamUpdate(stream_id=c.stream_id, slot=c.slot, tokens=tokens,
+        k = self.executions_n
+        if hasattr(plan, "from_columns"):  # a columnar plan: the rows without a ChunkWork each
+            rows = zip(plan.stream_ids, plan.slots.tolist())
+        else:
+            rows = ((c.stream_id, c.slot) for c in plan.chunks)
+        for sid, slot in rows:
+            tokens = token if (slot + k) % 4 == 0 else ()
+            updates.append(StreamUpdate(stream_id=sid, slot=slot, tokens=tokens,
                                         text_delta=" a" if tokens else "", is_final=False,
                                         frames_decoded=k * g.encoder_frames, audio_seconds=0.16 * k))
         self.executions_n += 1
