@@ -158,6 +158,9 @@ class StepPlan:
     def _cols(self) -> tuple:
         if self._columns is None:
             c = self._chunks
+            for w in c:
+                if not isinstance(w, ChunkWork):
+                    raise EngineError(f"plan entries must be ChunkWork, got {type(w).__name__}")
             self._columns = ([w.stream_id for w in c], np.fromiter((w.slot for w in c), np.int64, len(c)),
                              [w.samples for w in c], np.fromiter((w.first for w in c), bool, len(c)),
                              np.fromiter((w.audio_ended for w in c), bool, len(c)),
