@@ -159,7 +159,7 @@ def compare(trees: list[str], args) -> None:
             env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
             line = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results[tree].extend(json.loads(line))
-    print(f"| rows | build | push | step (batch + scatter) | take | scheduler us/row | engine (null) | ratio |")
+    print("| rows | build | push | step (batch + scatter) | take | scheduler us/row | engine (null) | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for rows in [int(r) for r in args.rows.split(",")]:
         base = None

@@ -238,11 +238,100 @@ class StepTimings:
     unpack_ms: float = 0.0         # the scheduler's thread rebuilds the result
 
 
-@dataclass(frozen=True)
 class StepResult:
-    updates: tuple[StreamUpdate, ...]
-    engine: str  # name of the encoder engine that executed this step
-    timings: StepTimings = field(default_factory=StepTimings)
+    """One step's rows, in the plan's order. Built from StreamUpdate rows (`StepResult(updates,
+    engine, timings)`), or column by column (`StepResult.from_columns`: token ids with per-row
+    offsets, so rows without tokens cost no object). Either form offers both views, each made
+    on first use: `updates` (a StreamUpdate per row) and the columns (`stream_ids`, `slots`,
+    `is_final`, `frames_decoded`, `audio_seconds`, `text_delta`, `token_offsets` [rows + 1],
+    `token_ids`, `token_pieces`, `token_frames`, and `starts`/`ends`: row -> frames, the rows
+    that have any). Never mutated (server.engine_worker renumbers slots in `updates`)."""
+
+    __slots__ = ("engine", "timings", "_updates", "_columns")
+
+    def __init__(self, updates: tuple[StreamUpdate, ...] | list[StreamUpdate] = (), engine: str = "",
+                 timings: StepTimings | None = None):
+        self._updates = tuple(updates)
+        self._columns: ResultColumns | None = None
+        self.engine = engine  # name of the encoder engine that executed this step
+        self.timings = timings if timings is not None else StepTimings()
+
+    @classmethod
+    def from_columns(cls, columns: ResultColumns, engine: str, timings: StepTimings | None = None) -> StepResult:
+        result = cls((), engine, timings)
+        result._updates = None
+        result._columns = columns
+        return result
+
+    def __len__(self) -> int:
+        return len(self._updates) if self._updates is not None else len(self._columns.stream_ids)
+
+    @property
+    def updates(self) -> tuple[StreamUpdate, ...]:
+        if self._updates is None:
+            c = self._columns
+            self._updates = tuple(
+                StreamUpdate(stream_id=sid, slot=slot, tokens=c.tokens_of(i), text_delta=text, is_final=fin,
+                             frames_decoded=frames, audio_seconds=seconds, starts=c.starts.get(i, ()),
+                             ends=c.ends.get(i, ()))
+                for i, (sid, slot, text, fin, frames, seconds) in enumerate(zip(
+                    c.stream_ids, c.slots.tolist(), c.text_delta, c.is_final.tolist(), c.frames_decoded.tolist(),
+                    c.audio_seconds.tolist())))
+        return self._updates
+
+    @property
+    def columns(self) -> ResultColumns:
+        if self._columns is None:
+            self._columns = ResultColumns.of_updates(self._updates)
+        return self._columns
+
+    def __repr__(self) -> str:
+        return f"StepResult({len(self)} rows, engine={self.engine!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class ResultColumns:
+    """A step's results as columns (see StepResult). Tokens of row i are
+    token_ids[token_offsets[i]:token_offsets[i + 1]] (and the same slice of pieces and frames)."""
+
+    stream_ids: list[str]
+    slots: np.ndarray           # int64 [rows]
+    is_final: np.ndarray        # bool [rows]
+    frames_decoded: np.ndarray  # int64 [rows]
+    audio_seconds: np.ndarray   # float64 [rows]
+    text_delta: list[str]       # per row ("" for most)
+    token_offsets: np.ndarray   # int64 [rows + 1]
+    token_ids: np.ndarray       # int64 [tokens]
+    token_pieces: list[str]     # [tokens]
+    token_frames: np.ndarray    # int64 [tokens]
+    starts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    ends: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def tokens_of(self, row: int) -> tuple[TokenEvent, ...]:
+        a, b = int(self.token_offsets[row]), int(self.token_offsets[row + 1])
+        if a == b:
+            return ()
+        return tuple(map(TokenEvent, self.token_ids[a:b].tolist(), self.token_pieces[a:b],
+                         self.token_frames[a:b].tolist()))
+
+    @classmethod
+    def of_updates(cls, updates: tuple[StreamUpdate, ...]) -> ResultColumns:
+        n = len(updates)
+        counts = np.fromiter((len(u.tokens) for u in updates), np.int64, n)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        tokens = [t for u in updates for t in u.tokens]
+        return cls(stream_ids=[u.stream_id for u in updates],
+                   slots=np.fromiter((u.slot for u in updates), np.int64, n),
+                   is_final=np.fromiter((u.is_final for u in updates), bool, n),
+                   frames_decoded=np.fromiter((u.frames_decoded for u in updates), np.int64, n),
+                   audio_seconds=np.fromiter((u.audio_seconds for u in updates), np.float64, n),
+                   text_delta=[u.text_delta for u in updates], token_offsets=offsets,
+                   token_ids=np.fromiter((t.token_id for t in tokens), np.int64, len(tokens)),
+                   token_pieces=[t.piece for t in tokens],
+                   token_frames=np.fromiter((t.frame for t in tokens), np.int64, len(tokens)),
+                   starts={i: u.starts for i, u in enumerate(updates) if u.starts},
+                   ends={i: u.ends for i, u in enumerate(updates) if u.ends})
 
 
 class EngineState(enum.Enum):
@@ -268,7 +357,12 @@ class ModelInfo:
 def tokens_text(tokens, word_boundary: str, eou_token: str = "") -> str:
     """The text a run of tokens adds (word-start markers as spaces; the end-of-utterance
     token, a signal and not a word, left out)."""
-    text = "".join(t.piece for t in tokens if not eou_token or t.piece != eou_token)
+    return pieces_text([t.piece for t in tokens if not eou_token or t.piece != eou_token], word_boundary)
+
+
+def pieces_text(pieces: list[str], word_boundary: str) -> str:
+    """The text a run of pieces adds (word-start markers as spaces)."""
+    text = "".join(pieces)
     return text.replace(word_boundary, " ") if word_boundary else text
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, PoolExhaustedError,
-                         StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent, tokens_text)
+                         ResultColumns, StepPlan, StepResult, StepTimings, StreamStateLostError, pieces_text)
 from engines.cudagraph_engine import batch_buckets
 from engines.encoders import EncoderEngine
 from engines.endpointing import Endpointer, event_frames
@@ -256,8 +256,8 @@ class StreamingEngine:
             self.featurizer.commit(slots, samples, windows, starts, fresh_host)
             self._sync()
             t_committed = time.perf_counter()
-            updates = self._updates(plan, chunk_index, audio_end, enc_len_host, decoded,
-                                    endpoint[0] if endpoint is not None else None)
+            columns = self._result_columns(plan, chunk_index, audio_end, enc_len_host, decoded,
+                                           endpoint[0] if endpoint is not None else None)
         except Exception as exc:
             ids = tuple(plan.stream_ids)
             raise StreamStateLostError(f"committing the step's state failed ({type(exc).__name__}: {exc}); "
@@ -268,12 +268,13 @@ class StreamingEngine:
                               assemble_ms=1e3 * (t_assembled - t0), gather_ms=1e3 * (t1 - t_feats),
                               commit_ms=1e3 * (t_committed - t3), results_ms=1e3 * (t4 - t_committed),
                               synced=self._sync_now)
-        return StepResult(updates=tuple(updates), engine=self.encoder_engine.name, timings=timings)
+        return StepResult.from_columns(columns, self.encoder_engine.name, timings)
 
-    def _updates(self, plan: StepPlan, chunk_index: np.ndarray, audio_end: np.ndarray,
-                 enc_len: np.ndarray, decoded, endpoint_events=None) -> list[StreamUpdate]:
-        """Advance the host counters (in bulk) and build one StreamUpdate per row; rows without
-        new labels (most of them, at a step of 2-7 encoder frames) build no token objects."""
+    def _result_columns(self, plan: StepPlan, chunk_index: np.ndarray, audio_end: np.ndarray,
+                        enc_len: np.ndarray, decoded, endpoint_events=None) -> ResultColumns:
+        """Advance the host counters (in bulk) and lay the step's results out as columns: token
+        ids with per-row offsets. Only rows with new labels (few, at a step of 2-7 encoder
+        frames) are visited one by one; no object per row."""
         g = self.geometry
         slot = plan.slots
         first = plan.first
@@ -288,37 +289,45 @@ class StreamingEngine:
         self.chunks_done[slot] = k + 1
         self.frames_done[slot] = frames
         self.finished[slot] = final
-        seconds = ((self.featurizer.samples_seen[slot] - g.lead_in) / g.sample_rate).tolist()
+        # the stream's own audio this step has consumed: a client knows its message is covered
+        # once this reaches the message's end
+        seconds = (self.featurizer.samples_seen[slot] - g.lead_in) / g.sample_rate
         starts, ends = event_frames(endpoint_events, base) if endpoint_events is not None else ({}, {})
-        pieces = self.model.pieces
-        eou = self.eou_id
-        updates = []
-        for i, (sid, s, b, fin, n) in enumerate(zip(plan.stream_ids, slot.tolist(), base.tolist(), final.tolist(),
-                                                    frames.tolist())):
-            labels = decoded.labels[i]
-            if labels:
-                # The end-of-utterance token is a signal for the endpointer, not text.
-                tokens = tuple(TokenEvent(lab, pieces[lab], b + fr) for lab, fr in zip(labels, decoded.frames[i])
-                               if lab != eou)
-                text = self._text(s, tokens)
-            else:
-                tokens, text = (), ""
-            updates.append(StreamUpdate(
-                stream_id=sid, slot=s, tokens=tokens, text_delta=text, is_final=fin,
-                frames_decoded=n,
-                # the stream's own audio this step has consumed: a client knows its message
-                # is covered once this reaches the message's end
-                audio_seconds=seconds[i], starts=starts.get(i, ()), ends=ends.get(i, ())))
-        return updates
+        pieces, eou = self.model.pieces, self.eou_id
+        n = len(slot)
+        counts = np.zeros(n, dtype=np.int64)
+        text = [""] * n
+        ids: list[int] = []
+        token_frames: list[int] = []
+        labels_of, frames_of = decoded.labels, decoded.frames
+        labeled = [i for i, labels in enumerate(labels_of) if labels]
+        for i in labeled:
+            # The end-of-utterance token is a signal for the endpointer, not text.
+            b = int(base[i])
+            kept = [(lab, b + fr) for lab, fr in zip(labels_of[i], frames_of[i]) if lab != eou]
+            if kept:
+                counts[i] = len(kept)
+                ids.extend(lab for lab, _ in kept)
+                token_frames.extend(fr for _, fr in kept)
+                text[i] = self._text(int(slot[i]), [pieces[lab] for lab, _ in kept])
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return ResultColumns(stream_ids=plan.stream_ids, slots=slot.copy(), is_final=final,
+                             frames_decoded=frames.astype(np.int64), audio_seconds=seconds.astype(np.float64),
+                             text_delta=text, token_offsets=offsets, token_ids=np.asarray(ids, dtype=np.int64),
+                             token_pieces=[pieces[i] for i in ids], token_frames=np.asarray(token_frames, dtype=np.int64),
+                             starts=starts, ends=ends)
 
     def _sync(self) -> None:
         if self._sync_now and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _text(self, slot: int, tokens: tuple[TokenEvent, ...]) -> str:
-        if not tokens:
+    def _text(self, slot: int, token_pieces: list[str]) -> str:
+        """The text of a row's new pieces (word-start markers as spaces); a stream's text does
+        not start with a space."""
+        if not token_pieces:
             return ""
-        text = tokens_text(tokens, self.model.word_boundary)
+        text = pieces_text(token_pieces, self.model.word_boundary)
         if not self.text_started[slot]:
             text = text.lstrip(" ")
             self.text_started[slot] = bool(text)

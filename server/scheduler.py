@@ -826,71 +826,87 @@ class Scheduler(StreamBooks):
 
     def _scatter(self, batch: _Batch, ran: np.ndarray, result: StepResult, outcome: _StepOutcome,
                  queue_waits: list[float]) -> None:
-        """The result's rows back to their streams. The books advance as arrays; per row only
-        what the stream gets: its event, and its utterance book where the row brought tokens,
-        endpoints or its final."""
+        """The result's rows back to their streams, read from its columns. The books advance as
+        arrays; per row only what the stream gets: its event, and its utterance book where the
+        row brought tokens, endpoints or its final (token objects only for those rows)."""
         at = ran.tolist()
         streams = [batch.streams[p] for p in at]
         expected = [batch.stream_ids[p] for p in at]
-        updates = result.updates
-        if [u.stream_id for u in updates] != expected:  # the engine's order is the plan's, or:
-            by_id = {u.stream_id: u for u in updates}
-            if len(updates) != len(expected) or set(by_id) != set(expected):
+        cols = result.columns
+        order = None  # result row of each planned row, when the engine answered in another order
+        if cols.stream_ids != expected:
+            if len(cols.stream_ids) != len(expected) or set(cols.stream_ids) != set(expected):
                 # The books cannot be trusted for any stream of this step.
-                message = (f"engine returned {len(updates)} updates for a plan of {len(expected)} chunks")
+                message = f"engine returned {len(cols.stream_ids)} updates for a plan of {len(expected)} chunks"
                 log.error(message)
                 for stream in streams:
                     self._fail(stream, ErrorKind.INTERNAL, message)
                 return
-            updates = [by_id[sid] for sid in expected]
+            where = {sid: i for i, sid in enumerate(cols.stream_ids)}
+            order = np.array([where[sid] for sid in expected], dtype=np.int64)
         self.observer.step_done(len(expected), outcome.step_seconds / max(1, len(outcome.done)), queue_waits,
                                 result.engine, outcome.executions, result.timings)
         books, rows = self._books, batch.rows[ran]
         index = books.next_chunk[rows].tolist()
         books.advance(rows)
         due = books.final_due[rows]
-        final_due = ((due >= 0) & (books.next_chunk[rows] >= due)).tolist()
+        final_due = (due >= 0) & (books.next_chunk[rows] >= due)
+        # Rows with something beyond progress: tokens, endpoint events, the final, a client's final.
+        busy = (np.diff(cols.token_offsets) > 0) | cols.is_final
+        if cols.starts or cols.ends:
+            busy[list(cols.starts.keys() | cols.ends.keys())] = True
+        seconds, finals_col = cols.audio_seconds, cols.is_final
+        if order is not None:
+            busy, seconds, finals_col = busy[order], seconds[order], finals_col[order]
+        busy = (busy | final_due).tolist()
         now = time.monotonic()
         ready_at = batch.ready_at[ran].tolist()
         emit, answered = self._emit, self.observer.chunk_answered
-        flushing_status, debug = StreamStatus.FLUSHING, log.isEnabledFor(logging.DEBUG)
-        for stream, update, k, ready, due_now in zip(streams, updates, index, ready_at, final_due):
-            stream.audio_seconds = update.audio_seconds
+        for j, (stream, k, ready, audio_s, heavy) in enumerate(zip(streams, index, ready_at, seconds.tolist(), busy)):
+            stream.audio_seconds = audio_s
             if stream.status.terminal:
                 continue  # cancelled or failed while the step ran: results go nowhere
-            book = stream.utterances
-            if not (update.tokens or update.ends or update.starts or update.is_final or due_now):
-                # Progress only (most rows of a step): the open utterance as it was.
-                emit(stream, ChunkResult(stream.stream_id, k, book.transcript, "", False, update.audio_seconds,
-                                         ready, book.index))
+            if not heavy:  # progress only (most rows of a step): the open utterance as it was
+                book = stream.utterances
+                emit(stream, ChunkResult(stream.stream_id, k, book.transcript, "", False, audio_s, ready, book.index))
                 answered(now - ready)
                 continue
-            if update.is_final and stream.status is not flushing_status:
-                self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
-                continue
-            finals, added = book.apply(update.tokens, update.text_delta, update.starts, update.ends)
-            if update.ends:
-                stream.new_utterance_next = True
-                for _ in finals:
-                    self.observer.utterance_final(UtteranceEnd.ENDPOINT, now - ready)
-            if update.is_final:
-                last = book.close_at_end_of_audio()
-                if last is not None:
-                    finals.append(last)
-                    self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, now - ready)
-            elif due_now:
-                finals.extend(self._close_for_client(stream))
-                added = ""
-            emit(stream, ChunkResult(
-                stream_id=stream.stream_id, chunk_index=k,
-                transcript=(finals[-1].transcript if finals else "") if update.is_final else book.transcript,
-                new_text=added, is_final=update.is_final, audio_seconds=update.audio_seconds,
-                audio_ready_at=ready, utterance_index=book.index, finals=tuple(finals)))
-            answered(now - ready)
-            if debug:
-                log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": k, "final": update.is_final})
-            if update.is_final:
-                stream.set_status(StreamStatus.FINISHED)
+            r = j if order is None else int(order[j])
+            self._deliver(stream, k, ready, now, cols.tokens_of(r), cols.text_delta[r], cols.starts.get(r, ()),
+                          cols.ends.get(r, ()), bool(finals_col[j]), audio_s, bool(final_due[j]))
+
+    def _deliver(self, stream: StreamState, k: int, ready: float, now: float, tokens: tuple, text: str,
+                 starts: tuple[int, ...], ends: tuple[int, ...], is_final: bool, audio_s: float,
+                 final_due: bool) -> None:
+        """One row that brought tokens, endpoint events or the final (or whose client's final
+        is due): its utterance book, then its event."""
+        if is_final and stream.status is not StreamStatus.FLUSHING:
+            self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
+            return
+        book = stream.utterances
+        finals, added = book.apply(tokens, text, starts, ends)
+        if ends:
+            stream.new_utterance_next = True
+            for _ in finals:
+                self.observer.utterance_final(UtteranceEnd.ENDPOINT, now - ready)
+        if is_final:
+            last = book.close_at_end_of_audio()
+            if last is not None:
+                finals.append(last)
+                self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, now - ready)
+        elif final_due:
+            finals.extend(self._close_for_client(stream))
+            added = ""
+        self._emit(stream, ChunkResult(
+            stream_id=stream.stream_id, chunk_index=k,
+            transcript=(finals[-1].transcript if finals else "") if is_final else book.transcript,
+            new_text=added, is_final=is_final, audio_seconds=audio_s,
+            audio_ready_at=ready, utterance_index=book.index, finals=tuple(finals)))
+        self.observer.chunk_answered(now - ready)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": k, "final": is_final})
+        if is_final:
+            stream.set_status(StreamStatus.FINISHED)
 
     def _step_failed(self, batch: _Batch, exc: BaseException) -> None:
         """The step's own machinery raised (not an engine error it handles): fail its streams."""
