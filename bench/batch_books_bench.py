@@ -12,7 +12,9 @@ result event, then takes the events. Per round, in microseconds per row (median 
   take     take_event for every stream
 
 One of four rows gets a token per step (about what a real model's 2-7 encoder frames per
-step give); the rest deliver progress only.
+step give); the rest deliver progress only. The engine answers in columns where the build
+has them (engines.api.ResultColumns, as engines.streaming_engine does); --row-results makes
+it answer with StreamUpdate rows (as an engine worker's reply is unpacked today).
 
   python bench/batch_books_bench.py --rows 256,1024
   python bench/batch_books_bench.py --compare OLD_TREE,NEW_TREE --rows 256,1024 --repeats 3
@@ -39,7 +41,7 @@ class NullEngine:
     """The contract's shape with no compute: every row advances one chunk; one row in four
     gets one token. Builds its results the cheapest way the contract allows."""
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, columnar: bool = True):
         from tests.fake_engine import fake_geometry
         from engines.api import ModelInfo
 
@@ -51,6 +53,7 @@ class NullEngine:
         self._free = list(range(rows - 1, -1, -1))
         self.executions_n = 0
         self.engine_seconds = 0.0
+        self.columnar = columnar  # results as columns where the build has them (else StreamUpdate rows)
 
     def acquire_slot(self) -> int:
         return self._free.pop()
@@ -69,6 +72,10 @@ class NullEngine:
         return "null"
 
     def step(self, plan):
+        from engines import api
+
+        if self.columnar and hasattr(api, "ResultColumns"):
+            return self._columnar_step(plan)
         from engines.api import StepResult, StreamUpdate, TokenEvent
 
         t0 = time.perf_counter()
@@ -90,14 +97,41 @@ class NullEngine:
         self.engine_seconds += time.perf_counter() - t0
         return result
 
+    def _columnar_step(self, plan):
+        """The same result as columns (engines.api.ResultColumns), as the real engine makes it."""
+        from engines.api import ResultColumns, StepResult
+
+        t0 = time.perf_counter()
+        g = self.geometry
+        k = self.executions_n
+        slots = plan.slots
+        n = slots.size
+        has = (slots + k) % 4 == 0
+        counts = has.astype(np.int64)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        t = int(offsets[-1])
+        text = [""] * n
+        for i in np.flatnonzero(has).tolist():
+            text[i] = " a"
+        cols = ResultColumns(stream_ids=plan.stream_ids, slots=slots.copy(), is_final=np.zeros(n, bool),
+                             frames_decoded=np.full(n, k * g.encoder_frames, np.int64),
+                             audio_seconds=np.full(n, 0.16 * k), text_delta=text, token_offsets=offsets,
+                             token_ids=np.zeros(t, np.int64), token_pieces=["\u2581a"] * t,
+                             token_frames=np.zeros(t, np.int64))
+        self.executions_n += 1
+        result = StepResult.from_columns(cols, "null")
+        self.engine_seconds += time.perf_counter() - t0
+        return result
+
     async def step_async(self, plan):
         return self.step(plan)
 
 
-async def run_rows(rows: int, rounds: int, warm: int) -> dict:
+async def run_rows(rows: int, rounds: int, warm: int, columnar: bool = True) -> dict:
     from server.scheduler import Scheduler, SchedulerConfig, StreamListener
 
-    engine = NullEngine(rows)
+    engine = NullEngine(rows, columnar)
     sched = Scheduler(engine, SchedulerConfig(batch_wait_s=0.005, pipeline_depth=2, hang_timeout_s=0))
     await sched.start()
     await sched.warmup()
@@ -155,7 +189,7 @@ def compare(trees: list[str], args) -> None:
     for rep in range(args.repeats):
         for tree in (trees if rep % 2 == 0 else trees[::-1]):
             cmd = [sys.executable, os.path.abspath(__file__), "--rows", args.rows, "--rounds", str(args.rounds),
-                   "--warm", str(args.warm), "--json-line"]
+                   "--warm", str(args.warm), "--json-line", *(["--row-results"] if args.row_results else [])]
             env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
             line = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results[tree].extend(json.loads(line))
@@ -180,11 +214,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="--compare: runs per tree, alternating")
     ap.add_argument("--compare", default=None, help="comma-separated source trees to run alternately")
     ap.add_argument("--json-line", action="store_true", help="print the rows as one JSON line")
+    ap.add_argument("--row-results", action="store_true",
+                    help="the engine answers with StreamUpdate rows (as an engine worker's reply is unpacked), "
+                         "not columns (as engines.streaming_engine does, where the build has them)")
     args = ap.parse_args()
     if args.compare:
         compare(args.compare.split(","), args)
         return
-    rows = [asyncio.run(run_rows(int(r), args.rounds, args.warm)) for r in args.rows.split(",")]
+    rows = [asyncio.run(run_rows(int(r), args.rounds, args.warm, not args.row_results)) for r in args.rows.split(",")]
     if args.json_line:
         print(json.dumps(rows))
     else:

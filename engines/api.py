@@ -270,14 +270,20 @@ class StepResult:
     def updates(self) -> tuple[StreamUpdate, ...]:
         if self._updates is None:
             c = self._columns
+            tokens = c.tokens_by_row()
             self._updates = tuple(
-                StreamUpdate(stream_id=sid, slot=slot, tokens=c.tokens_of(i), text_delta=text, is_final=fin,
+                StreamUpdate(stream_id=sid, slot=slot, tokens=tokens.get(i, ()), text_delta=text, is_final=fin,
                              frames_decoded=frames, audio_seconds=seconds, starts=c.starts.get(i, ()),
                              ends=c.ends.get(i, ()))
                 for i, (sid, slot, text, fin, frames, seconds) in enumerate(zip(
                     c.stream_ids, c.slots.tolist(), c.text_delta, c.is_final.tolist(), c.frames_decoded.tolist(),
                     c.audio_seconds.tolist())))
         return self._updates
+
+    @property
+    def columnar(self) -> bool:
+        """Built from columns, or its columns were asked for already (reading them is free)."""
+        return self._columns is not None
 
     @property
     def columns(self) -> ResultColumns:
@@ -313,6 +319,14 @@ class ResultColumns:
             return ()
         return tuple(map(TokenEvent, self.token_ids[a:b].tolist(), self.token_pieces[a:b],
                          self.token_frames[a:b].tolist()))
+
+    def tokens_by_row(self) -> dict[int, tuple[TokenEvent, ...]]:
+        """The token objects of the rows that have tokens, in one pass over the columns."""
+        offsets = self.token_offsets.tolist()
+        ids, pieces, frames = self.token_ids.tolist(), self.token_pieces, self.token_frames.tolist()
+        return {i: tuple(map(TokenEvent, ids[offsets[i]:offsets[i + 1]], pieces[offsets[i]:offsets[i + 1]],
+                             frames[offsets[i]:offsets[i + 1]]))
+                for i in np.flatnonzero(np.diff(self.token_offsets)).tolist()}
 
     @classmethod
     def of_updates(cls, updates: tuple[StreamUpdate, ...]) -> ResultColumns:

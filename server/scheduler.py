@@ -826,54 +826,70 @@ class Scheduler(StreamBooks):
 
     def _scatter(self, batch: _Batch, ran: np.ndarray, result: StepResult, outcome: _StepOutcome,
                  queue_waits: list[float]) -> None:
-        """The result's rows back to their streams, read from its columns. The books advance as
-        arrays; per row only what the stream gets: its event, and its utterance book where the
-        row brought tokens, endpoints or its final (token objects only for those rows)."""
+        """The result's rows back to their streams. The books advance as arrays; per row only
+        what the stream gets: its event, and its utterance book where the row brought tokens,
+        endpoints or its final. A columnar result (engines.streaming_engine) is read from its
+        columns, so token objects are made only for rows that have tokens; a result of
+        StreamUpdate rows (server.engine_worker's replies, the fake engine) is read row by row."""
         at = ran.tolist()
         streams = [batch.streams[p] for p in at]
         expected = [batch.stream_ids[p] for p in at]
-        cols = result.columns
+        columnar = result.columnar
+        got = result.columns.stream_ids if columnar else [u.stream_id for u in result.updates]
         order = None  # result row of each planned row, when the engine answered in another order
-        if cols.stream_ids != expected:
-            if len(cols.stream_ids) != len(expected) or set(cols.stream_ids) != set(expected):
+        if got != expected:
+            if len(got) != len(expected) or set(got) != set(expected):
                 # The books cannot be trusted for any stream of this step.
-                message = f"engine returned {len(cols.stream_ids)} updates for a plan of {len(expected)} chunks"
+                message = f"engine returned {len(got)} updates for a plan of {len(expected)} chunks"
                 log.error(message)
                 for stream in streams:
                     self._fail(stream, ErrorKind.INTERNAL, message)
                 return
-            where = {sid: i for i, sid in enumerate(cols.stream_ids)}
-            order = np.array([where[sid] for sid in expected], dtype=np.int64)
+            where = {sid: i for i, sid in enumerate(got)}
+            order = [where[sid] for sid in expected]
         self.observer.step_done(len(expected), outcome.step_seconds / max(1, len(outcome.done)), queue_waits,
                                 result.engine, outcome.executions, result.timings)
         books, rows = self._books, batch.rows[ran]
         index = books.next_chunk[rows].tolist()
         books.advance(rows)
         due = books.final_due[rows]
-        final_due = (due >= 0) & (books.next_chunk[rows] >= due)
-        # Rows with something beyond progress: tokens, endpoint events, the final, a client's final.
-        busy = (np.diff(cols.token_offsets) > 0) | cols.is_final
-        if cols.starts or cols.ends:
-            busy[list(cols.starts.keys() | cols.ends.keys())] = True
-        seconds, finals_col = cols.audio_seconds, cols.is_final
-        if order is not None:
-            busy, seconds, finals_col = busy[order], seconds[order], finals_col[order]
-        busy = (busy | final_due).tolist()
+        final_due = ((due >= 0) & (books.next_chunk[rows] >= due)).tolist()
+        if columnar:
+            cols = result.columns
+            # Rows with something beyond progress: tokens, endpoint events, the final.
+            busy = (np.diff(cols.token_offsets) > 0) | cols.is_final
+            if cols.starts or cols.ends:
+                busy[list(cols.starts.keys() | cols.ends.keys())] = True
+            seconds = cols.audio_seconds
+            tokens = cols.tokens_by_row() if len(cols.token_ids) else {}
+            if order is not None:
+                busy, seconds = busy[order], seconds[order]
+            busy, seconds = busy.tolist(), seconds.tolist()
+        else:
+            updates = result.updates if order is None else [result.updates[i] for i in order]
+            busy = [bool(u.tokens or u.starts or u.ends or u.is_final) for u in updates]
+            seconds = [u.audio_seconds for u in updates]
         now = time.monotonic()
         ready_at = batch.ready_at[ran].tolist()
         emit, answered = self._emit, self.observer.chunk_answered
-        for j, (stream, k, ready, audio_s, heavy) in enumerate(zip(streams, index, ready_at, seconds.tolist(), busy)):
+        for j, (stream, k, ready, audio_s, heavy, due_now) in enumerate(
+                zip(streams, index, ready_at, seconds, busy, final_due)):
             stream.audio_seconds = audio_s
             if stream.status.terminal:
                 continue  # cancelled or failed while the step ran: results go nowhere
-            if not heavy:  # progress only (most rows of a step): the open utterance as it was
+            if not (heavy or due_now):  # progress only (most rows of a step): the open utterance as it was
                 book = stream.utterances
                 emit(stream, ChunkResult(stream.stream_id, k, book.transcript, "", False, audio_s, ready, book.index))
                 answered(now - ready)
                 continue
-            r = j if order is None else int(order[j])
-            self._deliver(stream, k, ready, now, cols.tokens_of(r), cols.text_delta[r], cols.starts.get(r, ()),
-                          cols.ends.get(r, ()), bool(finals_col[j]), audio_s, bool(final_due[j]))
+            if columnar:
+                r = j if order is None else order[j]
+                self._deliver(stream, k, ready, now, tokens.get(r, ()), cols.text_delta[r], cols.starts.get(r, ()),
+                              cols.ends.get(r, ()), bool(cols.is_final[r]), audio_s, due_now)
+            else:
+                u = updates[j]
+                self._deliver(stream, k, ready, now, u.tokens, u.text_delta, u.starts, u.ends, u.is_final,
+                              audio_s, due_now)
 
     def _deliver(self, stream: StreamState, k: int, ready: float, now: float, tokens: tuple, text: str,
                  starts: tuple[int, ...], ends: tuple[int, ...], is_final: bool, audio_s: float,
