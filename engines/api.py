@@ -114,9 +114,74 @@ class ChunkWork:
     new_utterance: bool = False
 
 
-@dataclass(frozen=True)
 class StepPlan:
-    chunks: tuple[ChunkWork, ...]
+    """One step's rows. Built from ChunkWork rows (`StepPlan(chunks)`), or column by column
+    (`StepPlan.from_columns`: the scheduler builds its rows as arrays, and an engine reads them
+    as arrays). Either form offers both views, each made on first use: `chunks` (a ChunkWork
+    per row) and the columns `stream_ids`, `slots`, `samples`, `first`, `audio_ended`,
+    `new_utterance`, `endpointing` (row -> params, the rows that carry them). Never mutated."""
+
+    __slots__ = ("_chunks", "_columns")
+
+    def __init__(self, chunks: tuple[ChunkWork, ...] | list[ChunkWork] = ()):
+        self._chunks = tuple(chunks)
+        self._columns: tuple | None = None
+
+    @classmethod
+    def from_columns(cls, stream_ids: list[str], slots: np.ndarray, samples: list[np.ndarray], first: np.ndarray,
+                     audio_ended: np.ndarray, new_utterance: np.ndarray,
+                     endpointing: dict[int, EndpointingParams] | None = None) -> StepPlan:
+        n = len(stream_ids)
+        if not (len(slots) == len(samples) == len(first) == len(audio_ended) == len(new_utterance) == n):
+            raise ValueError("a plan's columns must have one entry per row")
+        plan = cls.__new__(cls)
+        plan._chunks = None
+        plan._columns = (list(stream_ids), np.asarray(slots, dtype=np.int64), list(samples),
+                         np.asarray(first, dtype=bool), np.asarray(audio_ended, dtype=bool),
+                         np.asarray(new_utterance, dtype=bool), dict(endpointing or {}))
+        return plan
+
+    @property
+    def chunks(self) -> tuple[ChunkWork, ...]:
+        if self._chunks is None:
+            ids, slots, samples, first, ended, new, endpointing = self._columns
+            self._chunks = tuple(
+                ChunkWork(sid, slot, s, f, e, endpointing.get(i), u)
+                for i, (sid, slot, s, f, e, u) in enumerate(zip(ids, slots.tolist(), samples, first.tolist(),
+                                                                ended.tolist(), new.tolist())))
+        return self._chunks
+
+    def _cols(self) -> tuple:
+        if self._columns is None:
+            c = self._chunks
+            for w in c:
+                if not isinstance(w, ChunkWork):
+                    raise EngineError(f"plan entries must be ChunkWork, got {type(w).__name__}")
+            self._columns = ([w.stream_id for w in c], np.fromiter((w.slot for w in c), np.int64, len(c)),
+                             [w.samples for w in c], np.fromiter((w.first for w in c), bool, len(c)),
+                             np.fromiter((w.audio_ended for w in c), bool, len(c)),
+                             np.fromiter((w.new_utterance for w in c), bool, len(c)),
+                             {i: w.endpointing for i, w in enumerate(c) if w.endpointing is not None})
+        return self._columns
+
+    stream_ids = property(lambda self: self._cols()[0])
+    slots = property(lambda self: self._cols()[1])
+    samples = property(lambda self: self._cols()[2])
+    first = property(lambda self: self._cols()[3])
+    audio_ended = property(lambda self: self._cols()[4])
+    new_utterance = property(lambda self: self._cols()[5])
+    endpointing = property(lambda self: self._cols()[6])
+
+    def __len__(self) -> int:
+        return len(self._chunks) if self._chunks is not None else len(self._columns[0])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StepPlan) and self.chunks == other.chunks
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StepPlan({len(self)} rows: {self.stream_ids!r})"
 
 
 class TokenEvent(NamedTuple):
@@ -169,11 +234,114 @@ class StepTimings:
     unpack_ms: float = 0.0         # the scheduler's thread rebuilds the result
 
 
-@dataclass(frozen=True)
 class StepResult:
-    updates: tuple[StreamUpdate, ...]
-    engine: str  # name of the encoder engine that executed this step
-    timings: StepTimings = field(default_factory=StepTimings)
+    """One step's rows, in the plan's order. Built from StreamUpdate rows (`StepResult(updates,
+    engine, timings)`), or column by column (`StepResult.from_columns`: token ids with per-row
+    offsets, so rows without tokens cost no object). Either form offers both views, each made
+    on first use: `updates` (a StreamUpdate per row) and the columns (`stream_ids`, `slots`,
+    `is_final`, `frames_decoded`, `audio_seconds`, `text_delta`, `token_offsets` [rows + 1],
+    `token_ids`, `token_pieces`, `token_frames`, and `starts`/`ends`: row -> frames, the rows
+    that have any). Never mutated (server.engine_worker renumbers slots in `updates`)."""
+
+    __slots__ = ("engine", "timings", "_updates", "_columns")
+
+    def __init__(self, updates: tuple[StreamUpdate, ...] | list[StreamUpdate] = (), engine: str = "",
+                 timings: StepTimings | None = None):
+        self._updates = tuple(updates)
+        self._columns: ResultColumns | None = None
+        self.engine = engine  # name of the encoder engine that executed this step
+        self.timings = timings if timings is not None else StepTimings()
+
+    @classmethod
+    def from_columns(cls, columns: ResultColumns, engine: str, timings: StepTimings | None = None) -> StepResult:
+        result = cls((), engine, timings)
+        result._updates = None
+        result._columns = columns
+        return result
+
+    def __len__(self) -> int:
+        return len(self._updates) if self._updates is not None else len(self._columns.stream_ids)
+
+    @property
+    def updates(self) -> tuple[StreamUpdate, ...]:
+        if self._updates is None:
+            c = self._columns
+            tokens = c.tokens_by_row()
+            self._updates = tuple(
+                StreamUpdate(stream_id=sid, slot=slot, tokens=tokens.get(i, ()), text_delta=text, is_final=fin,
+                             frames_decoded=frames, audio_seconds=seconds, starts=c.starts.get(i, ()),
+                             ends=c.ends.get(i, ()))
+                for i, (sid, slot, text, fin, frames, seconds) in enumerate(zip(
+                    c.stream_ids, c.slots.tolist(), c.text_delta, c.is_final.tolist(), c.frames_decoded.tolist(),
+                    c.audio_seconds.tolist())))
+        return self._updates
+
+    @property
+    def columnar(self) -> bool:
+        """Built from columns, or its columns were asked for already (reading them is free)."""
+        return self._columns is not None
+
+    @property
+    def columns(self) -> ResultColumns:
+        if self._columns is None:
+            self._columns = ResultColumns.of_updates(self._updates)
+        return self._columns
+
+    def __repr__(self) -> str:
+        return f"StepResult({len(self)} rows, engine={self.engine!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class ResultColumns:
+    """A step's results as columns (see StepResult). Tokens of row i are
+    token_ids[token_offsets[i]:token_offsets[i + 1]] (and the same slice of pieces and frames)."""
+
+    stream_ids: list[str]
+    slots: np.ndarray           # int64 [rows]
+    is_final: np.ndarray        # bool [rows]
+    frames_decoded: np.ndarray  # int64 [rows]
+    audio_seconds: np.ndarray   # float64 [rows]
+    text_delta: list[str]       # per row ("" for most)
+    token_offsets: np.ndarray   # int64 [rows + 1]
+    token_ids: np.ndarray       # int64 [tokens]
+    token_pieces: list[str]     # [tokens]
+    token_frames: np.ndarray    # int64 [tokens]
+    starts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    ends: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def tokens_of(self, row: int) -> tuple[TokenEvent, ...]:
+        a, b = int(self.token_offsets[row]), int(self.token_offsets[row + 1])
+        if a == b:
+            return ()
+        return tuple(map(TokenEvent, self.token_ids[a:b].tolist(), self.token_pieces[a:b],
+                         self.token_frames[a:b].tolist()))
+
+    def tokens_by_row(self) -> dict[int, tuple[TokenEvent, ...]]:
+        """The token objects of the rows that have tokens, in one pass over the columns."""
+        offsets = self.token_offsets.tolist()
+        ids, pieces, frames = self.token_ids.tolist(), self.token_pieces, self.token_frames.tolist()
+        return {i: tuple(map(TokenEvent, ids[offsets[i]:offsets[i + 1]], pieces[offsets[i]:offsets[i + 1]],
+                             frames[offsets[i]:offsets[i + 1]]))
+                for i in np.flatnonzero(np.diff(self.token_offsets)).tolist()}
+
+    @classmethod
+    def of_updates(cls, updates: tuple[StreamUpdate, ...]) -> ResultColumns:
+        n = len(updates)
+        counts = np.fromiter((len(u.tokens) for u in updates), np.int64, n)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        tokens = [t for u in updates for t in u.tokens]
+        return cls(stream_ids=[u.stream_id for u in updates],
+                   slots=np.fromiter((u.slot for u in updates), np.int64, n),
+                   is_final=np.fromiter((u.is_final for u in updates), bool, n),
+                   frames_decoded=np.fromiter((u.frames_decoded for u in updates), np.int64, n),
+                   audio_seconds=np.fromiter((u.audio_seconds for u in updates), np.float64, n),
+                   text_delta=[u.text_delta for u in updates], token_offsets=offsets,
+                   token_ids=np.fromiter((t.token_id for t in tokens), np.int64, len(tokens)),
+                   token_pieces=[t.piece for t in tokens],
+                   token_frames=np.fromiter((t.frame for t in tokens), np.int64, len(tokens)),
+                   starts={i: u.starts for i, u in enumerate(updates) if u.starts},
+                   ends={i: u.ends for i, u in enumerate(updates) if u.ends})
 
 
 class EngineState(enum.Enum):
@@ -199,7 +367,12 @@ class ModelInfo:
 def tokens_text(tokens, word_boundary: str, eou_token: str = "") -> str:
     """The text a run of tokens adds (word-start markers as spaces; the end-of-utterance
     token, a signal and not a word, left out)."""
-    text = "".join(t.piece for t in tokens if not eou_token or t.piece != eou_token)
+    return pieces_text([t.piece for t in tokens if not eou_token or t.piece != eou_token], word_boundary)
+
+
+def pieces_text(pieces: list[str], word_boundary: str) -> str:
+    """The text a run of pieces adds (word-start markers as spaces)."""
+    text = "".join(pieces)
     return text.replace(word_boundary, " ") if word_boundary else text
 
 

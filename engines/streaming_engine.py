@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, PoolExhaustedError,
-                         StepPlan, StepResult, StepTimings, StreamStateLostError, StreamUpdate, TokenEvent, tokens_text)
+                         ResultColumns, StepPlan, StepResult, StepTimings, StreamStateLostError, pieces_text)
 from engines.cudagraph_engine import batch_buckets
 from engines.encoders import EncoderEngine
 from engines.endpointing import Endpointer, event_frames
@@ -115,53 +115,60 @@ class StreamingEngine:
 
     # -- the step ------------------------------------------------------------------------------
     def _validate(self, plan: StepPlan) -> None:
-        # Finite samples are checked on the assembled windows, in one pass (_check_finite).
+        # Read through the plan's columns (a scheduler's plan comes as columns: no ChunkWork per
+        # row; a plan of other entries raises EngineError there). Finite samples are checked on the assembled windows, in one pass (_check_finite).
+        ids, slots, samples = plan.stream_ids, plan.slots, plan.samples
+        first, ended = plan.first, plan.audio_ended
+        slot_list = slots.tolist()
+        used = self.allocator.used_of(slot_list)
+        in_range = (slots >= 0) & (slots < self.capacity)
+        finished = np.zeros(len(slot_list), dtype=bool)
+        finished[in_range] = self.finished[slots[in_range]]
+        finished &= ~first
         bad: dict[str, str] = {}
         seen_slots: set[int] = set()
-        used = self.allocator.used_of([c.slot for c in plan.chunks if isinstance(c, ChunkWork)])
-        for c in plan.chunks:
-            if not isinstance(c, ChunkWork):
-                raise EngineError(f"plan entries must be ChunkWork, got {type(c).__name__}")
+        for i, (sid, slot, x, f, e, fin, ok) in enumerate(zip(ids, slot_list, samples, first.tolist(), ended.tolist(),
+                                                              finished.tolist(), in_range.tolist())):
             reason = None
-            if not (0 <= c.slot < self.capacity) or c.slot not in used:
-                reason = f"slot {c.slot} is not allocated (unknown stream)"
-            elif c.slot in seen_slots:
-                reason = f"slot {c.slot} appears twice in one step"
-            elif not isinstance(c.samples, np.ndarray) or c.samples.dtype != np.float32 or c.samples.ndim != 1:
+            if not ok or slot not in used:
+                reason = f"slot {slot} is not allocated (unknown stream)"
+            elif slot in seen_slots:
+                reason = f"slot {slot} appears twice in one step"
+            elif not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1:
                 reason = "audio must be a 1-D float32 numpy array"
-            elif len(c.samples) == 0 and not c.audio_ended:
+            elif len(x) == 0 and not e:
                 reason = "empty chunk while the stream's audio continues"
-            elif not c.first and self.finished[c.slot]:
+            elif fin:
                 reason = "the stream has already been finalized"
-            elif c.audio_ended and self._frames_left(c) <= 0:
+            elif e and self._frames_left(slot, x, f) <= 0:
                 reason = "the chunk holds no audio frames (the stream is already complete)"
             if reason is None:
-                seen_slots.add(c.slot)
+                seen_slots.add(slot)
             else:
-                bad[c.stream_id] = reason
-        if len(plan.chunks) > self.max_batch:
-            raise EngineError(f"plan has {len(plan.chunks)} chunks; max_batch is {self.max_batch}")
+                bad[sid] = reason
+        if len(slot_list) > self.max_batch:
+            raise EngineError(f"plan has {len(slot_list)} chunks; max_batch is {self.max_batch}")
         if bad:
             detail = "; ".join(f"{sid}: {why}" for sid, why in bad.items())
             raise BadChunkError(f"invalid chunks: {detail}", tuple(bad))
 
     @staticmethod
-    def _check_finite(chunks, windows: np.ndarray) -> None:
+    def _check_finite(plan: StepPlan, windows: np.ndarray) -> None:
         """The windows hold the chunks' samples and history that passed this check before: one
         sum over the batch is finite unless a sample is not (or, rarely, the float32 sum
         overflows); only then are the rows checked one by one, to name the bad ones."""
         if np.isfinite(windows.sum()):
             return
-        bad = tuple(c.stream_id for c in chunks if not np.isfinite(c.samples).all())
+        bad = tuple(sid for sid, x in zip(plan.stream_ids, plan.samples) if not np.isfinite(x).all())
         if bad:
             detail = "; ".join(f"{sid}: audio contains NaN or infinite samples" for sid in bad)
             raise BadChunkError(f"invalid chunks: {detail}", bad)
 
-    def _frames_left(self, c: ChunkWork) -> int:
+    def _frames_left(self, slot: int, samples: np.ndarray, first: bool) -> int:
         g = self.geometry
-        seen = g.lead_in if c.first else int(self.featurizer.samples_seen[c.slot])
-        k = 0 if c.first else int(self.chunks_done[c.slot])
-        return g.stft_frames(seen + len(c.samples)) - k * g.chunk_frames
+        seen = g.lead_in if first else int(self.featurizer.samples_seen[slot])
+        k = 0 if first else int(self.chunks_done[slot])
+        return g.stft_frames(seen + len(samples)) - k * g.chunk_frames
 
     def step(self, plan: StepPlan) -> StepResult:
         """Compute, then commit. Until the commit nothing of any stream is written, so an
@@ -172,38 +179,39 @@ class StreamingEngine:
         self._steps_run += 1
         self._sync_now = self.sync_timings or (self.profile_every > 0 and self._steps_run % self.profile_every == 0)
         self._validate(plan)
-        if not plan.chunks:
+        if not len(plan):
             return StepResult(updates=(), engine=self.encoder_engine.name)
         try:
             return self._step(plan, t_start)
         except torch.cuda.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # the failed step's blocks go back before the retry
-            raise EngineOverloadedError(f"out of device memory at batch size {len(plan.chunks)}: {exc}",
-                                        batch_size=len(plan.chunks)) from exc
+            raise EngineOverloadedError(f"out of device memory at batch size {len(plan)}: {exc}",
+                                        batch_size=len(plan)) from exc
 
     def _step(self, plan: StepPlan, t0: float) -> StepResult:
-        chunks = plan.chunks
-        slots = [c.slot for c in chunks]
-        chunk_index = [0 if c.first else int(self.chunks_done[c.slot]) for c in chunks]
-        samples = [c.samples for c in chunks]
-        ended = [c.audio_ended for c in chunks]
-        fresh_host = [c.first for c in chunks]
-        for c in chunks:
-            if c.first:  # idempotent: a retried first chunk sets the same row
-                self.endpointer.configure(c.slot, c.endpointing)
+        # The plan's rows as arrays (its columns): no loop over rows here.
+        slot_array = plan.slots
+        slots = slot_array.tolist()
+        fresh_host = plan.first
+        chunk_index = np.where(fresh_host, 0, self.chunks_done[slot_array])
+        samples = plan.samples
+        ended = plan.audio_ended
+        for i in np.flatnonzero(fresh_host).tolist():  # idempotent: a retried first chunk sets the same row
+            self.endpointer.configure(slots[i], plan.endpointing.get(i))
         try:
             windows, audio_end, starts = self.featurizer.assemble(slots, chunk_index, samples, ended, fresh_host)
         except ValueError as e:
-            raise BadChunkError(str(e), tuple(c.stream_id for c in chunks)) from e
-        self._check_finite(chunks, windows)
+            raise BadChunkError(str(e), tuple(plan.stream_ids)) from e
+        self._check_finite(plan, windows)
         t_assembled = time.perf_counter()
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         # A new utterance restarts the model state the reset policy names (the waveform
         # history of the featurizer always carries on: the audio is one signal).
-        reset_host = [c.new_utterance for c in chunks]
-        if self.utterance_reset != "keep" and any(reset_host):
-            restart_host = [f or r for f, r in zip(fresh_host, reset_host)]
+        reset_host = plan.new_utterance
+        any_reset = bool(reset_host.any())
+        if self.utterance_reset != "keep" and any_reset:
+            restart_host = fresh_host | reset_host
         else:
             restart_host = fresh_host
         encoder_restart = restart_host if self.utterance_reset == "all" else fresh_host
@@ -212,7 +220,7 @@ class StreamingEngine:
         self._sync()
         t_feats = time.perf_counter()
         state = self.pool.gather(idx, torch.as_tensor(encoder_restart, device=self.device)
-                                 if any(encoder_restart) else None)
+                                 if encoder_restart.any() else None)
         self._sync()
         t1 = time.perf_counter()
 
@@ -225,12 +233,12 @@ class StreamingEngine:
         self._sync()
         t2 = time.perf_counter()
 
-        dec_state = self.decoder.start_state(fresh, any(restart_host), {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
+        dec_state = self.decoder.start_state(fresh, bool(restart_host.any()),
+                                             {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
         decoded = self.decoder.decode(encoded, enc_len, dec_state)
-        slot_array = np.asarray(slots, dtype=np.int64)
         endpoint = None
         if self.endpointer.enabled(slot_array):
-            reset = torch.as_tensor(reset_host, device=self.device) if any(reset_host) else None
+            reset = torch.as_tensor(reset_host, device=self.device) if any_reset else None
             endpoint = self.endpointer.step(slot_array, decoded.nonblank, decoded.eou, enc_len, reset,
                                             state["ep_hist"], state["ep_flags"])
         enc_len_host = enc_len.cpu().numpy()
@@ -248,10 +256,10 @@ class StreamingEngine:
             self.featurizer.commit(slots, samples, windows, starts, fresh_host)
             self._sync()
             t_committed = time.perf_counter()
-            updates = self._updates(chunks, slots, chunk_index, audio_end, enc_len_host, decoded,
-                                    endpoint[0] if endpoint is not None else None)
+            columns = self._result_columns(plan, chunk_index, audio_end, enc_len_host, decoded,
+                                           endpoint[0] if endpoint is not None else None)
         except Exception as exc:
-            ids = tuple(c.stream_id for c in chunks)
+            ids = tuple(plan.stream_ids)
             raise StreamStateLostError(f"committing the step's state failed ({type(exc).__name__}: {exc}); "
                                        f"the state of {len(ids)} streams is lost", ids) from exc
         t4 = time.perf_counter()
@@ -260,15 +268,16 @@ class StreamingEngine:
                               assemble_ms=1e3 * (t_assembled - t0), gather_ms=1e3 * (t1 - t_feats),
                               commit_ms=1e3 * (t_committed - t3), results_ms=1e3 * (t4 - t_committed),
                               synced=self._sync_now)
-        return StepResult(updates=tuple(updates), engine=self.encoder_engine.name, timings=timings)
+        return StepResult.from_columns(columns, self.encoder_engine.name, timings)
 
-    def _updates(self, chunks, slots: list[int], chunk_index: list[int], audio_end: np.ndarray,
-                 enc_len: np.ndarray, decoded, endpoint_events=None) -> list[StreamUpdate]:
-        """Advance the host counters (in bulk) and build one StreamUpdate per row; rows without
-        new labels (most of them, at a step of 2-7 encoder frames) build no token objects."""
+    def _result_columns(self, plan: StepPlan, chunk_index: np.ndarray, audio_end: np.ndarray,
+                        enc_len: np.ndarray, decoded, endpoint_events=None) -> ResultColumns:
+        """Advance the host counters (in bulk) and lay the step's results out as columns: token
+        ids with per-row offsets. Only rows with new labels (few, at a step of 2-7 encoder
+        frames) are visited one by one; no object per row."""
         g = self.geometry
-        slot = np.asarray(slots, dtype=np.int64)
-        first = np.fromiter((c.first for c in chunks), dtype=bool, count=len(chunks))
+        slot = plan.slots
+        first = plan.first
         if first.any():
             self.frames_done[slot[first]] = 0
             self.text_started[slot[first]] = False
@@ -280,36 +289,45 @@ class StreamingEngine:
         self.chunks_done[slot] = k + 1
         self.frames_done[slot] = frames
         self.finished[slot] = final
-        seconds = ((self.featurizer.samples_seen[slot] - g.lead_in) / g.sample_rate).tolist()
+        # the stream's own audio this step has consumed: a client knows its message is covered
+        # once this reaches the message's end
+        seconds = (self.featurizer.samples_seen[slot] - g.lead_in) / g.sample_rate
         starts, ends = event_frames(endpoint_events, base) if endpoint_events is not None else ({}, {})
-        pieces = self.model.pieces
-        eou = self.eou_id
-        updates = []
-        for i, (c, b, fin, n) in enumerate(zip(chunks, base.tolist(), final.tolist(), frames.tolist())):
-            labels = decoded.labels[i]
-            if labels:
-                # The end-of-utterance token is a signal for the endpointer, not text.
-                tokens = tuple(TokenEvent(lab, pieces[lab], b + fr) for lab, fr in zip(labels, decoded.frames[i])
-                               if lab != eou)
-                text = self._text(c.slot, tokens)
-            else:
-                tokens, text = (), ""
-            updates.append(StreamUpdate(
-                stream_id=c.stream_id, slot=c.slot, tokens=tokens, text_delta=text, is_final=fin,
-                frames_decoded=n,
-                # the stream's own audio this step has consumed: a client knows its message
-                # is covered once this reaches the message's end
-                audio_seconds=seconds[i], starts=starts.get(i, ()), ends=ends.get(i, ())))
-        return updates
+        pieces, eou = self.model.pieces, self.eou_id
+        n = len(slot)
+        counts = np.zeros(n, dtype=np.int64)
+        text = [""] * n
+        ids: list[int] = []
+        token_frames: list[int] = []
+        labels_of, frames_of = decoded.labels, decoded.frames
+        labeled = [i for i, labels in enumerate(labels_of) if labels]
+        for i in labeled:
+            # The end-of-utterance token is a signal for the endpointer, not text.
+            b = int(base[i])
+            kept = [(lab, b + fr) for lab, fr in zip(labels_of[i], frames_of[i]) if lab != eou]
+            if kept:
+                counts[i] = len(kept)
+                ids.extend(lab for lab, _ in kept)
+                token_frames.extend(fr for _, fr in kept)
+                text[i] = self._text(int(slot[i]), [pieces[lab] for lab, _ in kept])
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return ResultColumns(stream_ids=plan.stream_ids, slots=slot.copy(), is_final=final,
+                             frames_decoded=frames.astype(np.int64), audio_seconds=seconds.astype(np.float64),
+                             text_delta=text, token_offsets=offsets, token_ids=np.asarray(ids, dtype=np.int64),
+                             token_pieces=[pieces[i] for i in ids], token_frames=np.asarray(token_frames, dtype=np.int64),
+                             starts=starts, ends=ends)
 
     def _sync(self) -> None:
         if self._sync_now and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _text(self, slot: int, tokens: tuple[TokenEvent, ...]) -> str:
-        if not tokens:
+    def _text(self, slot: int, token_pieces: list[str]) -> str:
+        """The text of a row's new pieces (word-start markers as spaces); a stream's text does
+        not start with a space."""
+        if not token_pieces:
             return ""
-        text = tokens_text(tokens, self.model.word_boundary)
+        text = pieces_text(token_pieces, self.model.word_boundary)
         if not self.text_started[slot]:
             text = text.lstrip(" ")
             self.text_started[slot] = bool(text)

@@ -4,15 +4,16 @@ Pure Python: it talks to the engine only through engines.api (typed plans in, ty
 out) and to the transport only through server.stream_events. No gRPC, no torch.
 
 How a chunk travels:
-  push_audio -> the stream's SampleQueue -> (ChunkGeometry.chunk_span says the next chunk is
-  complete) -> ready queue (FCFS, one entry per stream) -> the batching task takes up to
-  max_batch entries, at most one per stream, once the batch is full or `batch_wait_s` after the
-  oldest entry -> one StepPlan runs on the single engine thread (or, for an engine in a worker
-  process, is sent to it from the loop: server.engine_worker) -> the StepResult is checked
-  against the plan and scattered back as ChunkResult events -> the stream's next chunk, if
-  complete, re-enters the ready queue.
+  push_audio -> the stream's SampleQueue -> (its row in the slot books says the next chunk is
+  complete) -> ready set (FCFS, one row per stream) -> the batching task takes up to max_batch
+  rows, oldest first, once the batch is full or `batch_wait_s` after the oldest entry
+  (server.step_batch.form_batch: array operations over server.slot_books, the audio taken per
+  row) -> one columnar StepPlan runs on the single engine thread (or, for an engine in a worker
+  process, is sent to it from the loop: server.engine_worker), failures isolated
+  (server.step_batch.run_isolated) -> the StepResult is checked against the plan and scattered
+  back as ChunkResult events -> rows whose next chunk is complete rejoin the ready set.
 
-A stream is in at most one submitted step (its `in_flight` flag), so its chunks run in order.
+A stream is in at most one submitted step (its row's `in_flight` flag), so its chunks run in order.
 Up to `pipeline_depth` steps may be submitted at once: a full batch is queued behind the running
 step so the engine thread never waits for the event loop.
 """
@@ -20,25 +21,25 @@ step so the engine thread never waits for the event loop.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from engines.api import (BadChunkError, ChunkWork, EndpointingParams, EngineError, EngineOverloadedError, EngineState,
-                         StepPlan, StepResult, StepTimings, StreamingEngine, StreamStateLostError)
+from engines.api import (EndpointingParams, EngineError, EngineState, StepPlan, StepResult, StepTimings,
+                         StreamingEngine)
 from server.loop_calls import call_soon_from_thread
+from server.slot_books import SlotBooks, SlotStream
+from server.step_batch import StepBatch, StepOutcome, form_batch, run_isolated
+from server.stream_books import StreamBooks
 from server.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
                                   UtteranceEnd)
-from server.utterances import UtteranceBook
-from server.stream_books import StreamBooks
 from server.stream_state import StreamState, StreamStatus
+from server.utterances import UtteranceBook
 
 log = logging.getLogger("nemostream.scheduler")
 
@@ -102,30 +103,6 @@ class StreamListener:
     def audio_cut(self, stream: StreamState) -> None: ...
 
 
-@dataclass(slots=True)  # per chunk per step: not frozen, for a cheaper init; never mutated
-class _Planned:
-    """One stream's chunk in a submitted step, with what the books need when it returns."""
-
-    stream: StreamState
-    work: ChunkWork
-    ready_at: float   # when its audio was complete (per-chunk latency starts here)
-
-
-@dataclass
-class _StepOutcome:
-    """What one submitted batch came to, after retries and splits on the engine thread."""
-
-    done: list[tuple[tuple[_Planned, ...], StepResult]] = field(default_factory=list)  # successful engine steps
-    rejected: dict[str, str] = field(default_factory=dict)  # stream id -> BadChunkError message
-    failed: dict[str, str] = field(default_factory=dict)    # stream id -> why its chunk could not run
-    lost: dict[str, str] = field(default_factory=dict)      # stream id -> StreamStateLostError message
-    faults: list[str] = field(default_factory=list)         # SchedulerObserver.step_fault kinds, in order
-    errors: list[str] = field(default_factory=list)         # the exceptions of failed attempts, for the log
-    max_batch: int | None = None                            # lowered to this after running out of memory
-    step_seconds: float = 0.0   # the engine's time on the attempts that ran
-    executions: dict[str, int] = field(default_factory=dict)
-
-
 class StreamHandle:
     """What the transport holds for one open stream. `scheduler` is this module's Scheduler or
     a frontend process's server.remote_scheduler.RemoteScheduler: the same six operations."""
@@ -180,7 +157,8 @@ class Scheduler(StreamBooks):
         # Never below what one chunk needs, or a stream could wait for room that never comes.
         self._max_pending = max(int(self.config.max_pending_seconds * rate), 2 * self.geometry.segment_samples)
         self._max_samples = int(self.config.max_stream_seconds * rate)
-        self._ready: collections.OrderedDict[str, float] = collections.OrderedDict()  # id -> enqueued at
+        # Per slot: position, ready set (with queue order and time), in flight, flags.
+        self._books = SlotBooks(self.geometry, int(getattr(engine, "capacity", 0) or 1))
         self._wakeup = asyncio.Event()
         self._steps_in_flight = 0
         self._step_tasks: set[asyncio.Task] = set()
@@ -250,7 +228,7 @@ class Scheduler(StreamBooks):
     @property
     def ready_streams(self) -> int:
         """Streams whose next chunk waits in the ready queue."""
-        return len(self._ready)
+        return self._books.ready_count
 
     def check_admission(self) -> None:
         """Raise StreamError when a new stream would be refused (cheap; no slot taken)."""
@@ -282,10 +260,14 @@ class Scheduler(StreamBooks):
                               f"all {self.engine.capacity} stream slots are in use; retry later ({exc})") from exc
         stream_id = stream_id or f"{uuid.uuid4().hex[:12]}"
         info = self.engine.model_info
-        state = StreamState(stream_id=stream_id, slot=slot, label=label, opened_at=time.monotonic(),
-                            finalize_at_limit=finalize_at_limit, endpointing=endpointing,
-                            utterances=UtteranceBook(self.geometry.encoder_frame_seconds,
-                                                     getattr(info, "word_boundary", "\u2581")))
+        try:
+            state = SlotStream(self._books, stream_id=stream_id, slot=slot, label=label, opened_at=time.monotonic(),
+                               finalize_at_limit=finalize_at_limit, endpointing=endpointing,
+                               utterances=UtteranceBook(self.geometry.encoder_frame_seconds,
+                                                        getattr(info, "word_boundary", "\u2581")))
+        except Exception:
+            self.engine.release_slot(slot)
+            raise
         state.audio_room.set()
         state.time_limit = asyncio.get_running_loop().call_later(
             self.config.max_stream_seconds, self._time_limit_reached, state)
@@ -301,17 +283,20 @@ class Scheduler(StreamBooks):
             return False
         if samples.size == 0:
             return True
-        at_limit = stream.received + samples.size > self._max_samples
+        books, slot = self._books, stream.slot
+        received = int(books.received[slot])
+        at_limit = received + samples.size > self._max_samples
         if at_limit:
             if not stream.finalize_at_limit:
                 self._fail(stream, ErrorKind.OUT_OF_RANGE,
                            f"stream exceeds the maximum duration of {self.config.max_stream_seconds:g} s of audio")
                 return False
-            samples = samples[:self._max_samples - stream.received]
+            samples = samples[:self._max_samples - received]
         now = time.monotonic()
         stream.audio.append(np.asarray(samples, dtype=np.float32))
-        stream.received += samples.size
-        stream.arrivals.record(stream.received, now)
+        received += samples.size
+        books.received[slot] = received
+        stream.arrivals.record(received, now)
         stream.peak_pending = max(stream.peak_pending, len(stream.audio))
         if at_limit:  # the rest of the client's audio is not taken
             self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s of audio")
@@ -404,7 +389,6 @@ class Scheduler(StreamBooks):
         if stream.time_limit is not None:
             stream.time_limit.cancel()
             stream.time_limit = None
-        self._ready.pop(stream.stream_id, None)
         self._release_slot(stream)
         self._forget(stream)
 
@@ -421,8 +405,7 @@ class Scheduler(StreamBooks):
         if stream.status.terminal:
             return
         self._emit(stream, StreamFailure(stream.stream_id, kind, message))
-        stream.set_status(StreamStatus.FAILED)
-        self._ready.pop(stream.stream_id, None)
+        stream.set_status(StreamStatus.FAILED)  # leaves the ready set (SlotStream.set_status)
         self._release_slot(stream)
         log.info("stream failed", extra={"stream_id": stream.stream_id, "code": kind.value, "reason": message})
 
@@ -431,26 +414,32 @@ class Scheduler(StreamBooks):
         if stream.slot_released or stream.in_flight or not stream.status.terminal:
             return
         stream.slot_released = True
+        self._books.free(stream.slot)  # the row is cleared; the stream keeps its numbers
         try:
             self.engine.release_slot(stream.slot)
         except Exception:  # noqa: BLE001 - a bad release must not take the loop down
             log.exception("release_slot failed", extra={"stream_id": stream.stream_id, "slot": stream.slot})
 
     def _maybe_enqueue(self, stream: StreamState) -> None:
-        """Put the stream in the ready queue if its next chunk is complete and it may run."""
-        if (not stream.status.accepts_chunks or stream.in_flight or stream.stream_id in self._ready
+        """Put the stream in the ready set if its next chunk is complete and it may run."""
+        books, slot = self._books, stream.slot
+        if (stream.slot_released or not books.live[slot] or books.in_flight[slot] or books.queued[slot]
                 or len(stream.events) >= self.config.response_buffer):
             return
-        flushing = stream.status is StreamStatus.FLUSHING
-        if self.geometry.chunk_span(stream.next_chunk, stream.received, flushing) is None:
-            if self.geometry.finished(stream.next_chunk, stream.received, flushing):
-                self._finish_without_step(stream)
+        if books.flushing[slot]:
+            k, received = int(books.next_chunk[slot]), int(books.received[slot])
+            if self.geometry.chunk_span(k, received, True) is None:
+                if self.geometry.finished(k, received, True):
+                    self._finish_without_step(stream)
+                return
+        elif books.received[slot] < books.due[slot]:
             return
-        self._ready[stream.stream_id] = time.monotonic()
+        books.queue(slot, time.monotonic())
         # Wake the batching task only when this entry can change its decision: the first entry
         # starts the deadline, a full queue is due at once. Waking it for every chunk cost a loop
         # iteration per chunk (bench/host_overhead.py).
-        if len(self._ready) == 1 or len(self._ready) >= self.max_batch:
+        n = books.ready_count
+        if n == 1 or n >= self.max_batch:
             self._wakeup.set()
 
     def _finish_without_step(self, stream: StreamState) -> None:
@@ -484,9 +473,9 @@ class Scheduler(StreamBooks):
                         finally:
                             timer.cancel()
                     continue
-                planned, queue_waits = self._take_batch()
-                if planned:
-                    self._submit(planned, queue_waits)
+                batch, queue_waits = self._take_batch()
+                if batch is not None:
+                    self._submit(batch, queue_waits)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a scheduler bug must not stop serving silently
@@ -504,66 +493,29 @@ class Scheduler(StreamBooks):
         self._mark_dead(reason)
 
     def _batch_due(self) -> bool:
-        if not self._ready or self._steps_in_flight >= self.config.pipeline_depth:
+        if not self._books.ready_count or self._steps_in_flight >= self.config.pipeline_depth:
             return False
-        if len(self._ready) >= self.max_batch:
+        if self._books.ready_count >= self.max_batch:
             return True
         # Partial batches go only to an idle engine thread: while a step runs, chunks keep
         # gathering and the batch grows.
         return self._steps_in_flight == 0 and self._time_to_deadline() == 0.0
 
     def _time_to_deadline(self) -> float | None:
-        if not self._ready or self._steps_in_flight:
+        if not self._books.ready_count or self._steps_in_flight:
             return None
-        oldest = next(iter(self._ready.values()))
+        oldest = self._books.oldest_queued_at()
         return max(0.0, oldest + self.config.batch_wait_s - time.monotonic())
 
-    def _take_batch(self) -> tuple[list[_Planned], list[float]]:
-        now = time.monotonic()
-        planned: list[_Planned] = []
-        queue_waits: list[float] = []
-        while self._ready and len(planned) < self.max_batch:
-            stream_id, enqueued_at = self._ready.popitem(last=False)
-            stream = self._streams.get(stream_id)
-            if stream is None or not stream.status.accepts_chunks or stream.in_flight:
-                continue
-            flushing = stream.status is StreamStatus.FLUSHING
-            k = stream.next_chunk
-            span = self.geometry.chunk_span(k, stream.received, flushing)
-            if span is None:  # cannot happen: enqueued only when complete, and audio only grows
-                log.error("stream in the ready queue without a complete chunk", extra={"stream_id": stream_id})
-                continue
-            start, end = span
-            consumed = stream.received - len(stream.audio)
-            if start != consumed:
-                raise RuntimeError(f"stream {stream_id} chunk {k} starts at {start}, queue at {consumed}")
-            samples = stream.audio.take(end - start)
-            if len(stream.audio) <= self._max_pending:
-                stream.audio_room.set()
-            ended_here = flushing and end == stream.received
-            # A chunk the end of audio completed is ready since the end arrived; others since
-            # the message that brought their last sample.
-            if ended_here and end < self.geometry.samples_needed(k):
-                ready_at = stream.ended_at or now
-            else:
-                ready_at = stream.arrivals.arrival_of(end, default=enqueued_at)
-            work = ChunkWork(stream_id=stream_id, slot=stream.slot, samples=samples,
-                             first=k == 0, audio_ended=ended_here,
-                             endpointing=stream.endpointing if k == 0 else None,
-                             new_utterance=stream.new_utterance_next)
-            stream.new_utterance_next = False
-            stream.in_flight = True
-            planned.append(_Planned(stream, work, ready_at))
-            queue_waits.append(now - enqueued_at)
-        return planned, queue_waits
+    def _take_batch(self) -> tuple[StepBatch | None, list[float]]:
+        return form_batch(self._books, self.max_batch, self._max_pending)
 
-    def _submit(self, planned: list[_Planned], queue_waits: list[float]) -> None:
+    def _submit(self, batch: StepBatch, queue_waits: list[float]) -> None:
         if self._steps_in_flight == 0:
             self._last_progress = time.monotonic()  # the hang clock starts with the engine's work
         self._steps_in_flight += 1
-        planned = tuple(planned)
         task = asyncio.get_running_loop().create_task(
-            self._complete_step(planned, self._run_step(planned), queue_waits))
+            self._complete_step(batch, self._run_step(batch), queue_waits))
         self._step_tasks.add(task)
         task.add_done_callback(self._step_tasks.discard)
 
@@ -586,106 +538,16 @@ class Scheduler(StreamBooks):
         result = self.engine.step(plan)
         return result, time.perf_counter() - t0
 
-    async def _run_step(self, planned: tuple[_Planned, ...]) -> _StepOutcome:
-        """Run the batch, isolating what fails (this logic on the loop, each engine step through
-        _engine_step).
+    def _run_step(self, batch: StepBatch) -> Awaitable[StepOutcome]:
+        return run_isolated(batch, self._engine_step, self.max_batch, self._books, self.engine.executions)
 
-        The engine promises that a step that raises changed no stream's state, so any subset
-        of the batch may simply run again:
-          - BadChunkError: the named streams are rejected, the rest runs again at once;
-          - EngineOverloadedError (out of device memory): the batch runs again in halves, and
-            the maximum batch drops to the size that could not run, halved;
-          - StreamStateLostError: the named streams fail (their state is gone), the rest runs again;
-          - any other error: the same batch runs once more (a transient fault), then in halves,
-            recursively, so the stream whose chunk makes the engine fail fails alone and the
-            others go on. A bounded number of attempts keeps a dead engine from being tried
-            2n times per batch: what is left when they run out fails.
-        Chunks of streams that ended meanwhile are dropped before every attempt."""
-        out = _StepOutcome()
-        max_batch = self.max_batch
-        n = len(planned)
-        budget = 2 + 4 * math.ceil(math.log2(n)) if n > 1 else 2  # attempts for failures other than memory
-        # (group, retried): retried groups, and halves of a failed group, split on their next failure.
-        work: collections.deque[tuple[list[_Planned], bool]] = collections.deque([(list(planned), False)])
-        while work:
-            group, retried = work.popleft()
-            group = [p for p in group if p.stream.status.accepts_chunks]
-            if not group:
-                continue
-            if len(group) > max_batch:
-                parts = [group[i:i + max_batch] for i in range(0, len(group), max_batch)]
-                work.extendleft((part, retried) for part in reversed(parts))
-                continue
-            try:
-                result, seconds = await self._engine_step(StepPlan(tuple(p.work for p in group)))
-                out.step_seconds += seconds
-            except BadChunkError as exc:
-                bad = set(exc.stream_ids) & {p.work.stream_id for p in group}
-                if not bad:
-                    raise
-                for stream_id in bad:
-                    out.rejected[stream_id] = str(exc)
-                work.appendleft(([p for p in group if p.work.stream_id not in bad], retried))
-                continue
-            except StreamStateLostError as exc:
-                lost = set(exc.stream_ids) & {p.work.stream_id for p in group}
-                out.faults.append("lost")
-                out.errors.append(f"{type(exc).__name__}: {exc}")
-                for p in group:
-                    if p.work.stream_id in lost or not lost:
-                        out.lost[p.work.stream_id] = str(exc)
-                rest = [p for p in group if p.work.stream_id not in out.lost]
-                if rest:
-                    work.appendleft((rest, retried))
-                continue
-            except EngineOverloadedError as exc:
-                out.errors.append(f"{type(exc).__name__}: {exc}")
-                if len(group) == 1:  # out of memory even alone: nothing smaller to try
-                    out.faults.append("isolated")
-                    out.failed[group[0].work.stream_id] = f"the engine ran out of memory on this stream alone: {exc}"
-                    continue
-                out.faults.append("overloaded")
-                half = (len(group) + 1) // 2
-                if half < max_batch:
-                    max_batch = half
-                    out.max_batch = max_batch
-                work.appendleft((group[half:], retried))
-                work.appendleft((group[:half], retried))
-                continue
-            except Exception as exc:  # noqa: BLE001 - the engine failed: retry, then isolate
-                out.errors.append(f"{type(exc).__name__}: {exc}")
-                budget -= 1
-                if budget <= 0:
-                    for p in group:
-                        out.failed[p.work.stream_id] = f"engine step failed: {exc}"
-                    for rest, _ in work:
-                        for p in rest:
-                            out.failed[p.work.stream_id] = f"engine step failed: {exc}"
-                    work.clear()
-                    break
-                if not retried:
-                    out.faults.append("retry")
-                    work.appendleft((group, True))
-                elif len(group) > 1:
-                    out.faults.append("split")
-                    half = (len(group) + 1) // 2
-                    work.appendleft((group[half:], True))
-                    work.appendleft((group[:half], True))
-                else:
-                    out.faults.append("isolated")
-                    out.failed[group[0].work.stream_id] = f"engine step failed: {exc}"
-                continue
-            out.done.append((tuple(group), result))
-        out.executions = dict(self.engine.executions())
-        return out
-
-    async def _complete_step(self, planned: tuple[_Planned, ...], run: Awaitable[_StepOutcome],
+    async def _complete_step(self, batch: StepBatch, run: Awaitable[StepOutcome],
                              queue_waits: list[float]) -> None:
         try:
             try:
-                outcome: _StepOutcome = await run
+                outcome: StepOutcome = await run
             except Exception as exc:  # noqa: BLE001 - a failed step fails its streams, not the server
-                self._step_failed(planned, exc)
+                self._step_failed(batch, exc)
                 return
             self.executions = outcome.executions
             for kind in outcome.faults:
@@ -696,16 +558,16 @@ class Scheduler(StreamBooks):
                 self.observer.max_batch_lowered(self.max_batch)
             if outcome.errors:
                 log.error("engine step attempts failed", extra={
-                    "streams": [p.work.stream_id for p in planned], "attempts_failed": len(outcome.errors),
+                    "streams": batch.stream_ids, "attempts_failed": len(outcome.errors),
                     "isolated": sorted(outcome.failed), "errors": outcome.errors[-3:]})
             for stream_id, message in outcome.rejected.items():
                 stream = self._streams.get(stream_id)
                 if stream is not None:
                     self._fail(stream, ErrorKind.INVALID_ARGUMENT, f"the engine rejected this stream's audio: {message}")
             for ran, result in outcome.done:
-                self._scatter(ran, result, outcome, queue_waits)
+                self._scatter(batch, ran, result, outcome, queue_waits)
                 queue_waits = []
-            by_id = {p.work.stream_id: p.stream for p in planned}
+            by_id = dict(zip(batch.stream_ids, batch.streams)) if (outcome.lost or outcome.failed) else {}
             for stream_id, message in outcome.lost.items():
                 self._fail(by_id[stream_id], ErrorKind.INTERNAL, f"the engine lost this stream's state: {message}")
             if outcome.done:
@@ -721,18 +583,35 @@ class Scheduler(StreamBooks):
                     self._fail(by_id[stream_id], ErrorKind.INTERNAL, message)
         except Exception:  # noqa: BLE001
             log.exception("applying a step result failed")
-            for p in planned:
-                self._fail(p.stream, ErrorKind.INTERNAL, "internal error applying an engine step")
+            for stream in batch.streams:
+                self._fail(stream, ErrorKind.INTERNAL, "internal error applying an engine step")
         finally:
-            for p in planned:
-                p.stream.in_flight = False
-                if p.stream.status.terminal:
-                    self._release_slot(p.stream)
-                else:
-                    self._maybe_enqueue(p.stream)
+            self._requeue(batch)
             self._steps_in_flight -= 1
             self._step_finished(time.monotonic())
             self._wakeup.set()
+
+    def _requeue(self, batch: StepBatch) -> None:
+        """A step returned: its rows leave the step. Rows of ended streams give their slot back,
+        rows whose next chunk is already complete (under load, most) rejoin the ready set as
+        one array operation, in the batch's order; flushing rows take the per-stream way."""
+        books, rows = self._books, batch.rows
+        books.in_flight[rows] = False
+        live = books.live[rows]
+        if not live.all():
+            for i in np.flatnonzero(~live).tolist():
+                stream = batch.streams[i]
+                if stream.status.terminal:
+                    self._release_slot(stream)
+        runnable = books.runnable_after_step(rows)
+        if runnable.size:
+            limit = self.config.response_buffer
+            streams = books.streams
+            keep = [r for r in runnable.tolist() if len(streams[r].events) < limit]
+            if keep:
+                books.queue_rows(np.asarray(keep, dtype=np.int64), time.monotonic())
+        for i in np.flatnonzero(live & books.flushing[rows]).tolist():
+            self._maybe_enqueue(batch.streams[i])
 
     # -- a hung engine -------------------------------------------------------------------
     def hang_deadline(self) -> float:
@@ -764,62 +643,112 @@ class Scheduler(StreamBooks):
                     if callable(abandon):
                         abandon(reason)
 
-    def _scatter(self, ran: tuple[_Planned, ...], result: StepResult, outcome: _StepOutcome,
+    def _scatter(self, batch: StepBatch, ran: np.ndarray, result: StepResult, outcome: StepOutcome,
                  queue_waits: list[float]) -> None:
-        by_id = {u.stream_id: u for u in result.updates}
-        expected = [p.work.stream_id for p in ran]
-        if len(result.updates) != len(expected) or set(by_id) != set(expected):
-            # The books cannot be trusted for any stream of this step.
-            message = (f"engine returned {len(result.updates)} updates for a plan of {len(expected)} chunks")
-            log.error(message)
-            for p in ran:
-                self._fail(p.stream, ErrorKind.INTERNAL, message)
-            return
+        """The result's rows back to their streams. The books advance as arrays; per row only
+        what the stream gets: its event, and its utterance book where the row brought tokens,
+        endpoints or its final. A columnar result (engines.streaming_engine) is read from its
+        columns, so token objects are made only for rows that have tokens; a result of
+        StreamUpdate rows (server.engine_worker's replies, the fake engine) is read row by row."""
+        at = ran.tolist()
+        streams = [batch.streams[p] for p in at]
+        expected = [batch.stream_ids[p] for p in at]
+        columnar = result.columnar
+        got = result.columns.stream_ids if columnar else [u.stream_id for u in result.updates]
+        order = None  # result row of each planned row, when the engine answered in another order
+        if got != expected:
+            if len(got) != len(expected) or set(got) != set(expected):
+                # The books cannot be trusted for any stream of this step.
+                message = f"engine returned {len(got)} updates for a plan of {len(expected)} chunks"
+                log.error(message)
+                for stream in streams:
+                    self._fail(stream, ErrorKind.INTERNAL, message)
+                return
+            where = {sid: i for i, sid in enumerate(got)}
+            order = [where[sid] for sid in expected]
         self.observer.step_done(len(expected), outcome.step_seconds / max(1, len(outcome.done)), queue_waits,
                                 result.engine, outcome.executions, result.timings)
+        books, rows = self._books, batch.rows[ran]
+        index = books.next_chunk[rows].tolist()
+        books.advance(rows)
+        due = books.final_due[rows]
+        final_due = ((due >= 0) & (books.next_chunk[rows] >= due)).tolist()
+        if columnar:
+            cols = result.columns
+            # Rows with something beyond progress: tokens, endpoint events, the final.
+            busy = (np.diff(cols.token_offsets) > 0) | cols.is_final
+            if cols.starts or cols.ends:
+                busy[list(cols.starts.keys() | cols.ends.keys())] = True
+            seconds = cols.audio_seconds
+            tokens = cols.tokens_by_row() if len(cols.token_ids) else {}
+            if order is not None:
+                busy, seconds = busy[order], seconds[order]
+            busy, seconds = busy.tolist(), seconds.tolist()
+        else:
+            updates = result.updates if order is None else [result.updates[i] for i in order]
+            busy = [bool(u.tokens or u.starts or u.ends or u.is_final) for u in updates]
+            seconds = [u.audio_seconds for u in updates]
         now = time.monotonic()
-        for p in ran:
-            stream, update = p.stream, by_id[p.work.stream_id]
-            index = stream.next_chunk
-            stream.next_chunk += 1
-            stream.audio_seconds = update.audio_seconds
+        ready_at = batch.ready_at[ran].tolist()
+        emit, answered = self._emit, self.observer.chunk_answered
+        for j, (stream, k, ready, audio_s, heavy, due_now) in enumerate(
+                zip(streams, index, ready_at, seconds, busy, final_due)):
+            stream.audio_seconds = audio_s
             if stream.status.terminal:
                 continue  # cancelled or failed while the step ran: results go nowhere
-            if update.is_final and stream.status is not StreamStatus.FLUSHING:
-                self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
+            if not (heavy or due_now):  # progress only (most rows of a step): the open utterance as it was
+                book = stream.utterances
+                emit(stream, ChunkResult(stream.stream_id, k, book.transcript, "", False, audio_s, ready, book.index))
+                answered(now - ready)
                 continue
-            book = stream.utterances
-            finals, added = book.apply(update.tokens, update.text_delta, update.starts, update.ends)
-            if update.ends:
-                stream.new_utterance_next = True
-                for _ in finals:
-                    self.observer.utterance_final(UtteranceEnd.ENDPOINT, now - p.ready_at)
-            if update.is_final:
-                last = book.close_at_end_of_audio()
-                if last is not None:
-                    finals.append(last)
-                    self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, now - p.ready_at)
-            elif stream.final_due_after is not None and stream.next_chunk >= stream.final_due_after:
-                finals.extend(self._close_for_client(stream))
-                added = ""
-            self._emit(stream, ChunkResult(
-                stream_id=stream.stream_id, chunk_index=index,
-                transcript=(finals[-1].transcript if finals else "") if update.is_final else book.transcript,
-                new_text=added, is_final=update.is_final, audio_seconds=update.audio_seconds,
-                audio_ready_at=p.ready_at, utterance_index=book.index, finals=tuple(finals)))
-            self.observer.chunk_answered(now - p.ready_at)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": index,
-                                               "final": update.is_final})
-            if update.is_final:
-                stream.set_status(StreamStatus.FINISHED)
+            if columnar:
+                r = j if order is None else order[j]
+                self._deliver(stream, k, ready, now, tokens.get(r, ()), cols.text_delta[r], cols.starts.get(r, ()),
+                              cols.ends.get(r, ()), bool(cols.is_final[r]), audio_s, due_now)
+            else:
+                u = updates[j]
+                self._deliver(stream, k, ready, now, u.tokens, u.text_delta, u.starts, u.ends, u.is_final,
+                              audio_s, due_now)
 
-    def _step_failed(self, planned: tuple[_Planned, ...], exc: BaseException) -> None:
+    def _deliver(self, stream: StreamState, k: int, ready: float, now: float, tokens: tuple, text: str,
+                 starts: tuple[int, ...], ends: tuple[int, ...], is_final: bool, audio_s: float,
+                 final_due: bool) -> None:
+        """One row that brought tokens, endpoint events or the final (or whose client's final
+        is due): its utterance book, then its event."""
+        if is_final and stream.status is not StreamStatus.FLUSHING:
+            self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
+            return
+        book = stream.utterances
+        finals, added = book.apply(tokens, text, starts, ends)
+        if ends:
+            stream.new_utterance_next = True
+            for _ in finals:
+                self.observer.utterance_final(UtteranceEnd.ENDPOINT, now - ready)
+        if is_final:
+            last = book.close_at_end_of_audio()
+            if last is not None:
+                finals.append(last)
+                self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, now - ready)
+        elif final_due:
+            finals.extend(self._close_for_client(stream))
+            added = ""
+        self._emit(stream, ChunkResult(
+            stream_id=stream.stream_id, chunk_index=k,
+            transcript=(finals[-1].transcript if finals else "") if is_final else book.transcript,
+            new_text=added, is_final=is_final, audio_seconds=audio_s,
+            audio_ready_at=ready, utterance_index=book.index, finals=tuple(finals)))
+        self.observer.chunk_answered(now - ready)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": k, "final": is_final})
+        if is_final:
+            stream.set_status(StreamStatus.FINISHED)
+
+    def _step_failed(self, batch: StepBatch, exc: BaseException) -> None:
         """The step's own machinery raised (not an engine error it handles): fail its streams."""
-        log.error("engine step failed", exc_info=exc, extra={"streams": [p.work.stream_id for p in planned]})
+        log.error("engine step failed", exc_info=exc, extra={"streams": batch.stream_ids})
         self._count_failure(f"{type(exc).__name__}: {exc}")
-        for p in planned:
-            self._fail(p.stream, ErrorKind.INTERNAL, f"engine step failed: {exc}")
+        for stream in batch.streams:
+            self._fail(stream, ErrorKind.INTERNAL, f"engine step failed: {exc}")
 
     @property
     def _of_label(self) -> str:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import numpy as np
 import pytest
 
-from engines.api import EngineError
+from engines.api import EngineError, StepResult
 from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
 from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
 from tests import waiting
@@ -223,7 +222,7 @@ async def test_result_count_mismatch_fails_the_step_streams():
     class DroppingEngine(FakeEngine):
         def step(self, plan):
             result = super().step(plan)
-            return dataclasses.replace(result, updates=result.updates[:-1])
+            return StepResult(result.updates[:-1], result.engine, result.timings)
 
     engine = DroppingEngine(capacity=2)
     sched = await started(engine)
