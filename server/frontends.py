@@ -87,6 +87,8 @@ class FrontendSupervisor:
         self.socket_path = socket_path
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.lifecycles: dict[int, LifecycleState] = {}
+        self.last_exit: dict[int, str] = {}   # why each frontend's previous process ended (restarted since)
+        self.restarts_of: dict[int, int] = {}
         host.on_frontend_ready = self._ready
         host.frontend_status = self.status
         self.restarts = 0
@@ -114,6 +116,10 @@ class FrontendSupervisor:
             self._watch(i)
 
     async def _spawn(self, index: int) -> None:
+        previous = self.lifecycles.get(index)
+        if previous is not None and previous.reason:
+            self.last_exit[index] = previous.reason
+            self.restarts_of[index] = self.restarts_of.get(index, 0) + 1
         lifecycle = self.lifecycles[index] = LifecycleState(f"frontend-{index}")
         self.host.metrics.watch_lifecycle(lifecycle)
         self.procs[index] = await asyncio.create_subprocess_exec(*self._command(index))
@@ -140,7 +146,8 @@ class FrontendSupervisor:
     def status(self) -> list[dict]:
         """Each frontend's entry in the engine process's /health."""
         return [{"frontend": index, "name": lifecycle.role, "pid": self.procs[index].pid, "state": lifecycle.name,
-                 "reason": lifecycle.reason} for index, lifecycle in sorted(self.lifecycles.items())
+                 "reason": lifecycle.reason, "restarts": self.restarts_of.get(index, 0),
+                 "last_exit": self.last_exit.get(index)} for index, lifecycle in sorted(self.lifecycles.items())
                 if index in self.procs]
 
     def _watch(self, index: int) -> None:
