@@ -298,6 +298,12 @@ async def test_a_core_whose_steps_fail_dies_alone_and_the_server_serves_on():
             assert not held.done()
             resume.set()
             assert await held == ("OK", "")
+            assert server.lifecycle.name == "SERVING"
+    # Stopped: the core that served is STOPPED, the dead one stays DEAD with its reason, and so
+    # does the server's own lifecycle (it never died: one core served on).
+    assert [c.state for c in cores.cores] == ["STOPPED", "DEAD"]
+    assert "2 consecutive failed steps" in cores.cores[1].lifecycle.reason
+    assert server.lifecycle.name == "STOPPED" and server.http_status()["status"] == "STOPPED"
     assert not engines[0].violations
 
 
