@@ -87,8 +87,8 @@ class FrontendSupervisor:
         self.socket_path = socket_path
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.lifecycles: dict[int, LifecycleState] = {}
-        self.last_exit: dict[int, str] = {}   # why each frontend's previous process ended (restarted since)
-        self.restarts_of: dict[int, int] = {}
+        self.last_exit: dict[int, str] = {}   # how each frontend's last process ended
+        self.restarts_of: dict[int, int] = {}  # how often each frontend was started again
         host.on_frontend_ready = self._ready
         host.frontend_status = self.status
         self.restarts = 0
@@ -116,9 +116,7 @@ class FrontendSupervisor:
             self._watch(i)
 
     async def _spawn(self, index: int) -> None:
-        previous = self.lifecycles.get(index)
-        if previous is not None and previous.reason:
-            self.last_exit[index] = previous.reason
+        if index in self.lifecycles:
             self.restarts_of[index] = self.restarts_of.get(index, 0) + 1
         lifecycle = self.lifecycles[index] = LifecycleState(f"frontend-{index}")
         self.host.metrics.watch_lifecycle(lifecycle)
@@ -130,11 +128,15 @@ class FrontendSupervisor:
                 lifecycle.serving()
 
     def _exited(self, index: int, code: int) -> None:
-        """Its process is gone: STOPPED with status 0, DEAD otherwise (a drained one stays STOPPED)."""
+        """Its process is gone: STOPPED with status 0, DEAD otherwise (one already STOPPED or
+        DEAD stays so)."""
+        if self.lifecycles[index].state.final:
+            return
+        self.last_exit[index] = f"the frontend process exited with status {code}"
         if code == 0:
             self.lifecycles[index].stop()
         else:
-            self.lifecycles[index].die(f"the frontend process exited with status {code}")
+            self.lifecycles[index].die(self.last_exit[index])
 
     def notice_drain(self) -> None:
         """SIGUSR1 to every frontend: health NOT_SERVING while new streams are still taken."""

@@ -121,6 +121,6 @@ def test_the_metric_gives_each_roles_state():
     assert 'asr_lifecycle_state{role="server",state="DEAD"} 0.0' in text
     assert 'asr_lifecycle_state{role="core-1",state="DEAD"} 1.0' in text
     assert 'asr_lifecycle_state{role="core-1",state="SERVING"} 0.0' in text
-    # A frontend started again is a new instance under the same role: it replaces the old one.
+    # A role started again (a restarted frontend) is a new instance under the same name: it replaces the old one.
     metrics.watch_lifecycle(LifecycleState("core-1"))
     assert 'asr_lifecycle_state{role="core-1",state="STARTING"} 1.0' in generate_latest(metrics.registry).decode()
