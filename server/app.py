@@ -20,6 +20,7 @@ from proto import asr_stream_pb2_grpc as pb_grpc
 from server.call_limits import RecognizeBudget
 from server.call_skeleton import TransportLimits
 from server.gc_policy import apply_gc_policy
+from server.lifecycle import Lifecycle, LifecycleState
 from server.metrics import MetricsObserver, ServerMetrics
 from server.ops_http import scheduler_status
 from server.riva_convert import RivaSettings
@@ -34,6 +35,11 @@ log = logging.getLogger("nemostream.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeechRecognition"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def grpc_health(state: Lifecycle):
+    """gRPC health for a lifecycle state: SERVING only while SERVING (what clients saw before)."""
+    return _SERVING if state is Lifecycle.SERVING else _NOT_SERVING
 
 
 @dataclass(frozen=True)
@@ -124,18 +130,21 @@ class AsrServer:
         self.served = ServedModel(engine.model_info, engine.geometry, self.settings.model_aliases,
                                   self.settings.endpointing)
         self.health = HealthServicer()
+        # This process's role: the whole server, or one frontend process (server.frontends).
+        self.lifecycle = LifecycleState("server")
+        self.metrics.watch_lifecycle(self.lifecycle)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
-        self._draining = False
+        self._drain_started = False
         self._stopping = False
         self._death_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Listen, warm the engine up, then report SERVING. Raises if the warm-up fails."""
         s = self.settings
-        await self._set_health(_NOT_SERVING)  # probes see NOT_SERVING during the warm-up
+        await self._publish_health()  # probes see NOT_SERVING during the warm-up (STARTING)
         # Tokens and per-client limits are checked in an interceptor, before any handler runs.
         self._grpc = grpc.aio.server(interceptors=s.security.interceptors(self.metrics.call_refused), options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -171,22 +180,28 @@ class AsrServer:
         name = await self.scheduler.warmup()  # raises EngineError unless the engine really ran
         apply_gc_policy(s.gc_freeze, s.gc_threshold)
         self.metrics.engine_up.set(1)
-        await self._set_health(_SERVING)
+        if self.lifecycle.state is Lifecycle.STARTING:  # not dead, drained or stopped meanwhile
+            self.lifecycle.serving()
+        await self._publish_health()
         log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port, "engine": name,
                                    "model": self.served.info.name, "max_streams": self.scheduler.capacity,
                                    "max_batch": self.engine.max_batch})
 
     def http_status(self) -> dict:
         """What /health and /ready on the metrics port answer (server.ops_http)."""
-        return scheduler_status(self.scheduler, self.served.info.name, stopped=self._stopping, draining=self._draining)
+        return scheduler_status(self.scheduler, self.served.info.name, self.lifecycle)
 
-    async def _set_health(self, status) -> None:
+    async def _publish_health(self) -> None:
+        """gRPC health from the lifecycle (grpc_health). After enter_graceful_shutdown (a drain)
+        the servicer keeps NOT_SERVING whatever is set."""
+        status = grpc_health(self.lifecycle.state)
         for service in ("", SERVICE_NAME, RIVA_SERVICE_NAME):
             await self.health.set(service, status)
 
     def _on_engine_dead(self, reason: str) -> None:
         loop = asyncio.get_running_loop()
-        loop.create_task(self._set_health(_NOT_SERVING))
+        self.lifecycle.die(reason)
+        loop.create_task(self._publish_health())
         if self.settings.exit_on_engine_death_s is not None and not self._stopping:
             self._death_task = loop.create_task(self._stop_after_engine_death(reason))
 
@@ -203,13 +218,20 @@ class AsrServer:
         """Why the engine was marked dead, or None while it serves."""
         return self.scheduler.dead_reason
 
-    async def drain(self) -> bool:
-        """Graceful shutdown: NOT_SERVING, refuse new streams with UNAVAILABLE, let open streams
-        finish within the grace period, then stop. True when every stream finished in time."""
-        if self._draining:
-            return False
-        self._draining = True
+    async def notice_drain(self) -> None:
+        """The drain's notice (a frontend process's SIGUSR1, --drain-notice-s): DRAINING and
+        gRPC health NOT_SERVING at once; new streams are still taken until drain() refuses them."""
+        self.lifecycle.drain()
         await self.health.enter_graceful_shutdown()
+
+    async def drain(self) -> bool:
+        """Graceful shutdown: DRAINING (gRPC health NOT_SERVING), refuse new streams with
+        UNAVAILABLE, let open streams finish within the grace period, then STOPPED. True when
+        every stream finished in time."""
+        if self._drain_started:
+            return False
+        self._drain_started = True
+        await self.notice_drain()
         if self.settings.drain_notice_s > 0:
             log.info("draining: notice before refusing new streams", extra={"notice_s": self.settings.drain_notice_s})
             await asyncio.sleep(self.settings.drain_notice_s)
@@ -227,6 +249,7 @@ class AsrServer:
         if self._stopping:
             return await self._stopped.wait()
         self._stopping = True
+        self.lifecycle.stop()  # a dead server stays DEAD
         await self.scheduler.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace_s)

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from engines.api import EndpointingParams, StepTimings
+from server.lifecycle import Lifecycle, LifecycleState
 from server.scheduler import Scheduler, SchedulerObserver, StreamHandle, StreamListener
 from server.stream_events import ErrorKind, StreamError, StreamEvent
 from server.stream_state import StreamState
@@ -34,11 +35,18 @@ log = logging.getLogger("nemostream.engine_cores")
 
 @dataclass(eq=False)
 class EngineCore:
-    """One engine on one device, with its scheduler."""
+    """One engine on one device, with its scheduler, and the core's lifecycle (server.lifecycle):
+    STARTING until its warm-up ran, SERVING, DRAINING once the server drains, STOPPED, or DEAD
+    when its engine died (its reason: the scheduler's). EngineCores moves it, from the
+    scheduler's side: the engine worker process says nothing of its own state."""
 
     index: int
     device: str
     scheduler: Scheduler
+    lifecycle: LifecycleState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lifecycle = LifecycleState(f"core-{self.index}")
 
     @property
     def name(self) -> str:
@@ -50,12 +58,8 @@ class EngineCore:
 
     @property
     def state(self) -> str:
-        s = self.scheduler
-        if s.dead_reason is not None:
-            return "NOT_SERVING"
-        if s.engine_name is None:
-            return "STARTING"
-        return "DRAINING" if s.draining else "SERVING"
+        """The lifecycle state's name (server.lifecycle.Lifecycle)."""
+        return self.lifecycle.name
 
     def status(self) -> dict:
         """This core's entry in /health and /ready (server.ops_http)."""
@@ -63,7 +67,7 @@ class EngineCore:
         return {"core": self.index, "device": self.device, "state": self.state, "engine": s.engine_name,
                 "pid": getattr(s.engine, "pid", None),  # its engine worker process (None: in this one)
                 "slots_in_use": int(s.slots_in_use()), "slots_capacity": int(s.capacity),
-                "active_streams": int(s.active_streams), "dead_reason": s.dead_reason}
+                "active_streams": int(s.active_streams), "dead_reason": self.lifecycle.reason or s.dead_reason}
 
 
 class _CoreObserver(SchedulerObserver):
@@ -145,17 +149,27 @@ class EngineCores:
             await core.scheduler.start()
 
     async def warmup(self) -> str:
-        """Warm every core up at once (each on its own engine); raises if any fails."""
-        names = await asyncio.gather(*(core.scheduler.warmup() for core in self.cores))
+        """Warm every core up at once (each on its own engine); raises if any fails. Each core
+        is SERVING once its own warm-up ran."""
+        async def warm(core: EngineCore) -> str:
+            name = await core.scheduler.warmup()
+            if core.lifecycle.state is Lifecycle.STARTING:  # not dead (its worker exited) or stopped meanwhile
+                core.lifecycle.serving()
+            return name
+
+        names = await asyncio.gather(*(warm(core) for core in self.cores))
         return names[0]
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        for core in self.cores:  # first: its engine worker exiting as told is no death
+            core.lifecycle.stop()  # (a dead core stays DEAD)
         await asyncio.gather(*(core.scheduler.stop(grace_s) for core in self.cores))
 
     def begin_drain(self) -> None:
         self.draining = True
         for core in self.cores:
             core.scheduler.begin_drain()
+            core.lifecycle.drain()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         results = await asyncio.gather(*(core.scheduler.wait_idle(timeout_s) for core in self.cores))
@@ -164,6 +178,7 @@ class EngineCores:
     def core_died(self, core: EngineCore, reason: str) -> None:
         """A core's scheduler marked its engine dead (and failed its streams). The owner hears
         of a death only when no core is left serving."""
+        core.lifecycle.die(reason)
         alive = [c for c in self.cores if c.scheduler.dead_reason is None]
         log.critical("engine core dead", extra={"core": core.index, "device": core.device, "reason": reason,
                                                 "cores_alive": len(alive)})

@@ -30,6 +30,7 @@ from engines.api import EndpointingParams, StreamingEngine
 from server import wire as w
 from server.wire import FrameReader, FrameWriter
 from server.gc_policy import apply_gc_policy
+from server.lifecycle import Lifecycle, LifecycleState
 from server.metrics import MetricsObserver, ServerMetrics
 from server.call_limits import shown
 from server.ops_http import scheduler_status
@@ -107,6 +108,14 @@ class EngineHost(StreamListener):
         self.gc_threshold = gc_threshold
         self.metrics = ServerMetrics(max_batch=engine.max_batch)
         self.metrics.process_name = "engine"
+        # The server's lifecycle, as the engine process sees it: SERVING once the engine warmed
+        # up and the frontends first reported ready (server.frontends says so: `serving()`).
+        self.lifecycle = LifecycleState("server")
+        self.metrics.watch_lifecycle(self.lifecycle)
+        # Each frontend process's entry in /health ({"name", "pid", "state", ...}), from its
+        # supervisor (server.frontends); None: no frontend is listed.
+        self.frontend_status = None
+        self.on_frontend_ready = None  # called with a frontend's name when it reports ready
         self.scheduler = scheduler or Scheduler(engine, config)
         self.scheduler.observer = MetricsObserver(self.metrics, self._on_engine_dead, on_step=self.state_changed)
         self.scheduler.listener = self
@@ -129,8 +138,6 @@ class EngineHost(StreamListener):
         self._state_task: asyncio.Task | None = None
         self._ready_changed = asyncio.Event()
         self._conn_tasks: set[asyncio.Task] = set()
-        self._stopped = False
-        self.drain_noticed = False  # SIGTERM received: /ready 503 during the drain notice (frontends.py)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self, metrics_host: str | None = None, metrics_port: int | None = None) -> str:
@@ -148,12 +155,27 @@ class EngineHost(StreamListener):
 
     def http_status(self) -> dict:
         """/health and /ready on the metrics port (server.ops_http), with the frontends ready."""
-        status = scheduler_status(self.scheduler, self.engine.model_info.name, stopped=self._stopped,
-                                  draining=self.drain_noticed)
+        status = scheduler_status(self.scheduler, self.engine.model_info.name, self.lifecycle)
         status["frontends_ready"] = self.ready_frontends
-        if status["status"] == "SERVING" and not self.ready_frontends:
-            status["status"] = "STARTING"  # nothing listens for gRPC yet (or every frontend is restarting)
+        # Nothing listens for gRPC while every frontend is (re)starting: not ready, though SERVING.
+        status["ready"] = status["ready"] and self.ready_frontends > 0
+        if self.frontend_status is not None:
+            status["frontends"] = self.frontend_status()
         return status
+
+    def serving(self) -> None:
+        """The engine is warm and the frontends reported ready: the server is SERVING (unless it
+        died or began to drain meanwhile)."""
+        if self.lifecycle.state is Lifecycle.STARTING:
+            self.lifecycle.serving()
+
+    def notice_drain(self) -> None:
+        """SIGTERM with --drain-notice-s: DRAINING (/ready 503) while new streams are still taken."""
+        self.lifecycle.drain()
+
+    def frontend_ready(self, name: str) -> bool:
+        """Whether the frontend process of this name is connected and reported ready."""
+        return any(f.ready and f.name == name for f in self._frontends)
 
     def facts(self) -> EngineFacts:
         return EngineFacts(model_info=self.engine.model_info, geometry=self.engine.geometry,
@@ -170,11 +192,12 @@ class EngineHost(StreamListener):
             await self._ready_changed.wait()
 
     def begin_drain(self) -> None:
+        self.lifecycle.drain()
         self.scheduler.begin_drain()
         self._send_state()
 
     async def stop(self) -> None:
-        self._stopped = True
+        self.lifecycle.stop()  # a dead server stays DEAD
         if self._state_task is not None:
             self._state_task.cancel()
         if self._server is not None:
@@ -279,6 +302,8 @@ class EngineHost(StreamListener):
         elif kind is w.Ready:
             frontend.name, frontend.ready = m.name, True
             self._ready_changed.set()
+            if self.on_frontend_ready is not None:
+                self.on_frontend_ready(frontend.name)
             log.info("frontend ready", extra={"frontend": frontend.name})
         elif kind is w.Error:
             raise w.WireError(f"the frontend reported an error: {m.name}: {m.message}")
@@ -368,6 +393,7 @@ class EngineHost(StreamListener):
         frontend.out.send(self._state_message())
 
     def _on_engine_dead(self, reason: str) -> None:
+        self.lifecycle.die(reason)
         self._send_state()  # the frontends hear it at once, not at the next period
         self.engine_dead.set()
 

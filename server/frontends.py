@@ -14,6 +14,11 @@ Lifecycle:
     finish within --drain-grace-s), then the engine stops;
   - a frontend that dies is started again; the engine process closes its streams, so their
     slots come back and no other stream notices;
+  - each frontend's lifecycle (server.lifecycle), kept here from the parent's side and listed in
+    the engine process's /health (`frontends`) and asr_lifecycle_state{role="frontend-N"}:
+    STARTING when spawned, SERVING once it reported ready, DRAINING once told to drain (SIGUSR1
+    notice or SIGTERM), STOPPED when it exits with status 0, DEAD (with its exit status) when it
+    exits otherwise; one started again is a new STARTING instance;
   - the engine dies: the frontends answer UNAVAILABLE and NOT_SERVING, and after
     --exit-on-engine-death-s the whole server exits with status 3 for a supervisor to restart.
 
@@ -38,6 +43,7 @@ import tempfile
 
 from server.app import AsrServer, ServerSettings
 from server.engine_host import EngineHost
+from server.lifecycle import Lifecycle, LifecycleState
 from server.remote_scheduler import RemoteMetrics, RemoteScheduler
 from server.security import REFUSAL_DRAIN_SECONDS
 
@@ -80,6 +86,11 @@ class FrontendSupervisor:
         self.port = port
         self.socket_path = socket_path
         self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.lifecycles: dict[int, LifecycleState] = {}
+        self.last_exit: dict[int, str] = {}   # how each frontend's last process ended
+        self.restarts_of: dict[int, int] = {}  # how often each frontend was started again
+        host.on_frontend_ready = self._ready
+        host.frontend_status = self.status
         self.restarts = 0
         self._stopping = False
         self._watchers: set[asyncio.Task] = set()
@@ -105,7 +116,41 @@ class FrontendSupervisor:
             self._watch(i)
 
     async def _spawn(self, index: int) -> None:
+        if index in self.lifecycles:
+            self.restarts_of[index] = self.restarts_of.get(index, 0) + 1
+        lifecycle = self.lifecycles[index] = LifecycleState(f"frontend-{index}")
+        self.host.metrics.watch_lifecycle(lifecycle)
         self.procs[index] = await asyncio.create_subprocess_exec(*self._command(index))
+
+    def _ready(self, name: str) -> None:
+        for index, lifecycle in self.lifecycles.items():
+            if lifecycle.role == name and lifecycle.state is Lifecycle.STARTING:
+                lifecycle.serving()
+
+    def _exited(self, index: int, code: int) -> None:
+        """Its process is gone: STOPPED with status 0, DEAD otherwise (one already STOPPED or
+        DEAD stays so)."""
+        if self.lifecycles[index].state.final:
+            return
+        self.last_exit[index] = f"the frontend process exited with status {code}"
+        if code == 0:
+            self.lifecycles[index].stop()
+        else:
+            self.lifecycles[index].die(self.last_exit[index])
+
+    def notice_drain(self) -> None:
+        """SIGUSR1 to every frontend: health NOT_SERVING while new streams are still taken."""
+        for index, proc in self.procs.items():
+            self.lifecycles[index].drain()
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+
+    def status(self) -> list[dict]:
+        """Each frontend's entry in the engine process's /health."""
+        return [{"frontend": index, "name": lifecycle.role, "pid": self.procs[index].pid, "state": lifecycle.name,
+                 "reason": lifecycle.reason, "restarts": self.restarts_of.get(index, 0),
+                 "last_exit": self.last_exit.get(index)} for index, lifecycle in sorted(self.lifecycles.items())
+                if index in self.procs]
 
     def _watch(self, index: int) -> None:
         task = asyncio.get_running_loop().create_task(self._keep_alive(index))
@@ -116,6 +161,7 @@ class FrontendSupervisor:
         """Start a frontend again when it dies (not when the server is stopping)."""
         while True:
             code = await self.procs[index].wait()
+            self._exited(index, code)
             if self._stopping or self.host.scheduler.dead_reason is not None:
                 return
             self.restarts += 1
@@ -132,8 +178,9 @@ class FrontendSupervisor:
         self._stopping = True
         for task in list(self._watchers):
             task.cancel()
-        for proc in self.procs.values():
+        for index, proc in self.procs.items():
             if proc.returncode is None:
+                self.lifecycles[index].drain()
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
         waits = [p.wait() for p in self.procs.values()]
@@ -145,6 +192,8 @@ class FrontendSupervisor:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
             await asyncio.gather(*(p.wait() for p in self.procs.values()))
+        for index, proc in self.procs.items():
+            self._exited(index, proc.returncode)
 
 
 async def serve_with_frontends(engine, settings: ServerSettings, count: int, argv: list[str], scheduler=None) -> int:
@@ -165,6 +214,7 @@ async def serve_with_frontends(engine, settings: ServerSettings, count: int, arg
         try:
             name = await host.start(settings.metrics_host, settings.metrics_port)
             await supervisor.start()
+            host.serving()
         except Exception as exc:  # noqa: BLE001 - start-up must fail loudly
             log.critical("start-up failed", exc_info=exc)
             print(f"asr-server: start-up failed: {exc}", file=sys.stderr, flush=True)
@@ -204,10 +254,8 @@ async def serve_with_frontends(engine, settings: ServerSettings, count: int, arg
             return EXIT_ENGINE_DEAD
         death.cancel()
         if settings.drain_notice_s > 0:  # /ready 503 (and the frontends' health, below) before refusing
-            host.drain_noticed = True
-            for proc in supervisor.procs.values():
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGUSR1)
+            host.notice_drain()
+            supervisor.notice_drain()
             await asyncio.sleep(settings.drain_notice_s)
         host.begin_drain()
         await supervisor.stop(grace_s=settings.drain_grace_s)
@@ -262,7 +310,7 @@ async def serve_frontend(settings: ServerSettings, socket_path: str, name: str) 
             await server.stop(grace_s=REFUSAL_DRAIN_SECONDS + 1.0)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(server.health.enter_graceful_shutdown()))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(server.notice_drain()))
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     orphan_watch = loop.create_task(exit_when_orphaned())
     remote.announce_ready()

@@ -7,7 +7,9 @@ import gc
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from server.lifecycle import Lifecycle, LifecycleState
 
 from server.ops_http import OpsHttpServer
 from server.scheduler import Scheduler, SchedulerObserver
@@ -31,6 +33,24 @@ class _ExecutionsCollector:
         family = CounterMetricFamily("asr_engine_executions", "Encoder executions by engine name", labels=["engine"])
         for name, count in sorted(self._scheduler.executions.items()):
             family.add_metric([name], count)
+        yield family
+
+
+class _LifecycleCollector:
+    """asr_lifecycle_state{role,state}: 1 for each role's current state, 0 for the others (a
+    series per state, so a dashboard can sum or alert on DEAD or DRAINING). The roles are read
+    at every scrape: `roles()` gives the LifecycleState of each (a frontend started again is a
+    new instance under the same role name)."""
+
+    def __init__(self, roles):
+        self._roles = roles
+
+    def collect(self):
+        family = GaugeMetricFamily("asr_lifecycle_state", "Each process role's lifecycle state (server, core-N, "
+                                   "frontend-N): 1 for the state it is in, 0 for the others", labels=["role", "state"])
+        for lifecycle in self._roles():
+            for state in Lifecycle:
+                family.add_metric([lifecycle.role, state.name], 1.0 if lifecycle.state is state else 0.0)
         yield family
 
 
@@ -117,6 +137,13 @@ class ServerMetrics(SchedulerObserver):
         self.process_name = "server"  # this process's name in asr_gc_pause_seconds
         self._gc_timer: _GcPauseTimer | None = None
         self._http = None
+        # Roles whose lifecycle this process reports (watch_lifecycle), by role name.
+        self.lifecycles: dict[str, LifecycleState] = {}
+        r.register(_LifecycleCollector(lambda: list(self.lifecycles.values())))
+
+    def watch_lifecycle(self, lifecycle: LifecycleState) -> None:
+        """Report this role in asr_lifecycle_state (the same role again replaces the last one)."""
+        self.lifecycles[lifecycle.role] = lifecycle
 
     def bind(self, scheduler: Scheduler) -> None:
         self.active_streams.set_function(lambda: scheduler.active_streams)
@@ -151,6 +178,7 @@ class ServerMetrics(SchedulerObserver):
 
         for core in cores.cores:
             s = core.scheduler
+            self.watch_lifecycle(core.lifecycle)
             up.labels(**key(core)).set_function(
                 lambda s=s: float(s.engine_name is not None and s.dead_reason is None))
             in_use.labels(**key(core)).set_function(s.slots_in_use)

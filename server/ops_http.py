@@ -6,8 +6,9 @@ executed: the engine named by the warm-up whose execution counter moved, with ev
 execution count, not the engine the server was configured with (a check of the configured name
 is fooled by a silent fallback).
 
-    /health  200 while the process is alive and its engine is not dead; 503 once it is dead
-    /ready   200 only while SERVING: 503 while starting, draining, stopped or dead
+    /health  200 while the process is alive and the server is not DEAD; 503 once it is DEAD
+    /ready   200 only while the server is SERVING (with frontend processes: and one of them
+             serves): 503 while STARTING, DRAINING, STOPPED or DEAD
     /metrics Prometheus text format
     other    404
 
@@ -29,37 +30,29 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from server.lifecycle import Lifecycle, LifecycleState
+
 log = logging.getLogger("nemostream.ops_http")
 
 WORKERS = 4            # threads answering requests
 BACKLOG = 32           # accepted connections waiting for a worker; more are closed at once
 READ_TIMEOUT_S = 5.0   # a connection must send its request (and read the answer) within this
 
-STARTING, SERVING, DRAINING, NOT_SERVING, STOPPED = "STARTING", "SERVING", "DRAINING", "NOT_SERVING", "STOPPED"
-
-
-def scheduler_status(scheduler, model: str, stopped: bool = False, draining: bool = False) -> dict:
-    """The JSON both endpoints answer with, from the scheduler that batches (its own warm-up
-    proved the engine ran: Scheduler.warmup)."""
-    if scheduler.dead_reason is not None:
-        state = NOT_SERVING
-    elif stopped:
-        state = STOPPED
-    elif scheduler.engine_name is None:
-        state = STARTING
-    elif scheduler.draining or draining:  # draining: also during the notice before refusing
-        state = DRAINING
-    else:
-        state = SERVING
+def scheduler_status(scheduler, model: str, lifecycle: LifecycleState) -> dict:
+    """The JSON both endpoints answer with: the server's lifecycle state (`status`, by its enum
+    name, server.lifecycle), then the scheduler that batches (its own warm-up proved the engine
+    ran: Scheduler.warmup). `ready` is what /ready answers by: SERVING (an owner may add more,
+    server.engine_host: a frontend that serves)."""
     return {
-        "status": state,
+        "status": lifecycle.name,
+        "ready": lifecycle.state is Lifecycle.SERVING,
         "engine": scheduler.engine_name,                 # what the warm-up really executed
         "engine_executions": dict(scheduler.executions),  # encoder executions by engine, after the last step
         "model": model,
         "slots_in_use": int(scheduler.slots_in_use()),
         "slots_capacity": int(scheduler.capacity),
         "active_streams": int(scheduler.active_streams),
-        "dead_reason": scheduler.dead_reason,
+        "dead_reason": lifecycle.reason if lifecycle.state is Lifecycle.DEAD else scheduler.dead_reason,
         # Several engine cores (server.engine_cores): each with its device, engine and state.
         **({"cores": scheduler.core_status()} if hasattr(scheduler, "core_status") else {}),
     }
@@ -76,8 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
         elif path in ("/health", "/ready"):
             status = self.server.status()
-            state = status["status"]
-            ok = state == SERVING if path == "/ready" else state != NOT_SERVING
+            ok = status["ready"] is True if path == "/ready" else status["status"] != Lifecycle.DEAD.name
             self._send(200 if ok else 503, "application/json", json.dumps(status).encode())
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found: /metrics, /health, /ready\n")

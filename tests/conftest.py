@@ -8,6 +8,9 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# An illegal lifecycle transition (server.lifecycle) raises here, in this process and in every
+# server process the tests start, instead of being logged and refused as in production.
+os.environ.setdefault("ASR_LIFECYCLE_STRICT", "1")
 logging.getLogger("nemo_logger").setLevel(logging.ERROR)
 
 

@@ -2,7 +2,7 @@
 engine worker processes, each with its own scheduler, the hash-chain fake engine in each):
 placement on the core with the most free slots, a stream's transcript as if alone, the drain
 of every core on SIGTERM, one core's death (only its streams fail, the other goes on, health
-stays SERVING) and the death of every core (NOT_SERVING, the engine-death exit status); with
+stays SERVING, /health reads the core DEAD) and the death of every core (NOT_SERVING, the engine-death exit status); with
 frontend processes too. And `--gpus` on a machine without GPUs: a clear error."""
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ async def test_streams_go_to_the_core_with_most_free_slots_and_sigterm_drains_ev
             code, details, _ = await asyncio.to_thread(sync_outcome, port, requests_for(clip.tobytes()))
             assert code == "UNAVAILABLE" and "draining" in details, (code, details)
             assert proc.returncode is None  # the open streams on both cores go on
+            status = health_json(metrics_port)
+            assert status["status"] == "DRAINING" and [c["state"] for c in status["cores"]] == ["DRAINING"] * 2
             resume.set()
             assert final_transcript(await streaming) == expected
             assert await asyncio.gather(*held) == [("OK", "")] * 3
@@ -168,8 +170,10 @@ async def test_a_dead_core_fails_only_its_streams_the_other_serves_on_until_it_d
             await wait_for_core_streams(metrics_port, [2, 0])
             status = health_json(metrics_port)
             assert status["status"] == "SERVING" and status["slots_capacity"] == 2
-            assert [c["state"] for c in status["cores"]] == ["SERVING", "NOT_SERVING"]
+            assert [c["state"] for c in status["cores"]] == ["SERVING", "DEAD"]
             assert "engine worker process exited" in status["cores"][1]["dead_reason"]
+            m = scrape(metrics_port)
+            assert m["asr_lifecycle_state{role=core-1,state=DEAD}"] == 1 and m["asr_lifecycle_state{role=server,state=SERVING}"] == 1
             assert per_core(metrics_port, "asr_core_up") == [1, 0] and scrape(metrics_port)["asr_engine_up"] == 1
             assert not any(t.done() for t in on_core0)  # core 0's streams did not notice
 
@@ -287,13 +291,19 @@ async def test_a_core_whose_steps_fail_dies_alone_and_the_server_serves_on():
             assert "the engine of core 1 (cpu) failed: 2 consecutive failed steps" in second[1], second
             status = server.http_status()
             assert status["status"] == "SERVING" and server.engine_failure is None
-            assert [c["state"] for c in status["cores"]] == ["SERVING", "NOT_SERVING"]
+            assert [c["state"] for c in status["cores"]] == ["SERVING", "DEAD"]
             assert scrape(server.metrics_port)["asr_engine_up"] == 1
             # The next stream goes to the core that serves, and is exact; the held one goes on.
             assert final_transcript(await run_stream(stub, requests_for(clip.tobytes()))) == expected
             assert not held.done()
             resume.set()
             assert await held == ("OK", "")
+            assert server.lifecycle.name == "SERVING"
+    # Stopped: the core that served is STOPPED, the dead one stays DEAD with its reason, and so
+    # does the server's own lifecycle (it never died: one core served on).
+    assert [c.state for c in cores.cores] == ["STOPPED", "DEAD"]
+    assert "2 consecutive failed steps" in cores.cores[1].lifecycle.reason
+    assert server.lifecycle.name == "STOPPED" and server.http_status()["status"] == "STOPPED"
     assert not engines[0].violations
 
 

@@ -9,9 +9,11 @@ costs only its own streams, its slots come back, and it is started again."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -135,6 +137,14 @@ async def test_a_killed_frontend_costs_only_its_streams_and_is_started_again():
                        and scrape(metrics_port)["asr_active_streams"] == 0, "the dead frontend's slots")
         await wait_for(lambda: scrape(metrics_port)["asr_frontends_ready"] == 2, "the frontend started again")
         assert scrape(metrics_port)["asr_frontend_restarts_total"] == 1
+        # Its lifecycle: the killed process read DEAD (with its exit status); the new one is SERVING.
+        await wait_for(lambda: [f["state"] for f in health(metrics_port)["frontends"]] == ["SERVING"] * 2,
+                       "both frontends SERVING in /health")
+        listed = health(metrics_port)["frontends"]
+        assert sorted(f["restarts"] for f in listed) == [0, 1], listed
+        killed = next(f for f in listed if f["restarts"])
+        assert killed["last_exit"] == "the frontend process exited with status -9", killed
+        assert killed["pid"] not in frontends and killed["reason"] is None
         again = await asyncio.gather(*(
             _transcribe(port, i, clips[i]) for i in range(STREAMS)))
         assert again == expected
@@ -142,6 +152,11 @@ async def test_a_killed_frontend_costs_only_its_streams_and_is_started_again():
     finally:
         resume.set()
         await stop(proc)
+
+
+def health(metrics_port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health", timeout=10) as r:
+        return json.loads(r.read())
 
 
 async def _transcribe(port: int, i: int, clip) -> str | None:

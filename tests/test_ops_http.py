@@ -71,7 +71,10 @@ async def test_health_and_ready_report_the_engine_that_ran_and_follow_a_drain(fr
         code, kind, body = await asyncio.to_thread(get, metrics_port, "/ready")
         assert (code, kind) == (200, "application/json")
         status = json.loads(body)
-        assert status["status"] == "SERVING"
+        assert status["status"] == "SERVING" and status["ready"] is True
+        if frontends == "2":  # the engine process lists each frontend process's lifecycle
+            assert [(f["name"], f["state"]) for f in status["frontends"]] == [
+                ("frontend-0", "SERVING"), ("frontend-1", "SERVING")]
         executions = {k: v for k, v in scrape(metrics_port).items() if k.startswith("asr_engine_executions_total")}
         assert status["engine"] and executions == {
             f"asr_engine_executions_total{{engine={name}}}": float(n) for name, n in status["engine_executions"].items()}
@@ -92,7 +95,14 @@ async def test_health_and_ready_report_the_engine_that_ran_and_follow_a_drain(fr
             code, status = await poll(metrics_port, "/ready", lambda c, s: s["status"] == "DRAINING")
             assert code == 503
             code, _, body = await asyncio.to_thread(get, metrics_port, "/health")
-            assert code == 200 and json.loads(body)["status"] == "DRAINING", "draining is alive, not ready"
+            status = json.loads(body)
+            assert code == 200 and status["status"] == "DRAINING", "draining is alive, not ready"
+            assert status["ready"] is False
+            if frontends == "2":  # each frontend was told to drain
+                assert [f["state"] for f in status["frontends"]] == ["DRAINING", "DRAINING"]
+            metrics = scrape(metrics_port)
+            assert metrics['asr_lifecycle_state{role=server,state=DRAINING}'] == 1.0
+            assert metrics['asr_lifecycle_state{role=server,state=SERVING}'] == 0.0
             resume.set()
             assert (await held)[0] == "OK", "the open stream finished during the drain"
         assert await asyncio.wait_for(proc.wait(), 60) == 0
@@ -110,8 +120,9 @@ async def test_health_is_503_once_the_engine_is_dead():
             stub = pb_grpc.SpeechRecognitionStub(channel)
             with pytest.raises(grpc.RpcError):
                 list(stub.StreamingRecognize(iter(requests_for(pcm16_audio(3, RATE).tobytes()))))
-        code, status = await poll(metrics_port, "/health", lambda c, s: s["status"] == "NOT_SERVING")
-        assert code == 503 and status["dead_reason"]
+        code, status = await poll(metrics_port, "/health", lambda c, s: s["status"] == "DEAD")
+        assert code == 503 and status["dead_reason"] and status["ready"] is False
+        assert scrape(metrics_port)['asr_lifecycle_state{role=server,state=DEAD}'] == 1.0
         assert (await asyncio.to_thread(get, metrics_port, "/ready"))[0] == 503
     finally:
         await stop(proc)

@@ -106,10 +106,13 @@ async def test_not_serving_and_unavailable_until_warmup_ran():
     with pytest.raises(grpc.RpcError) as err:
         await run_stream_sync(server, requests_for(b"\x00\x00" * 100))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "warming up" in err.value.details()
+    assert server.lifecycle.name == "STARTING" and server.http_status()["ready"] is False
     engine.warm_gate.set()
     await starting
     assert await health_of(server.port) == SERVING
+    assert server.lifecycle.name == "SERVING" and server.http_status()["ready"] is True
     await server.stop()
+    assert server.lifecycle.name == "STOPPED"
 
 
 async def test_warmup_that_runs_nothing_fails_start():
@@ -140,6 +143,9 @@ async def test_dead_engine_flips_health_and_refuses_streams():
             await run_stream_sync(server, requests_for(pcm16_audio(1, RATE).tobytes()))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "engine failed" in err.value.details()
         assert scrape(server.metrics_port)["asr_engine_up"] == 0
+        status = server.http_status()
+        assert status["status"] == "DEAD" and "consecutive failed steps" in status["dead_reason"], status
+    assert server.lifecycle.name == "DEAD", "a dead server that is stopped stays DEAD"
 
 
 async def test_metrics_cover_streams_batches_latency_and_executions():
