@@ -67,15 +67,19 @@ EXAMPLES = [
     w.Claim(3),
     w.Release(3),
     w.Warmup(2),
-    w.Step(5, 1, ["a", "b"], [0, 3], [2560, 2656], [True, False], [False, True], [ENDPOINTING, None],
-           [False, True], None),
-    w.Step(6, -1, ["a"], [0], [4], [True], [False], [None], [False], np.ones(4, dtype=np.float32).tobytes()),
+    w.Step(5, 1, ["a", "b"], w.as_column([0, 3], w.I64), w.as_column([0, 2560, 5216], w.I64),
+           w.as_column([w.FIRST, w.AUDIO_ENDED | w.NEW_UTTERANCE], w.U8), {0: ENDPOINTING}, None),
+    w.Step(6, -1, ["a"], w.as_column([0], w.I64), w.as_column([0, 4], w.I64), w.as_column([w.FIRST], w.U8), {},
+           np.ones(4, dtype=np.float32).tobytes()),
     w.Stop(),
     w.Done(2, "eager", {"eager": 1}, "ready"),
-    w.Row("a", 3, TOKENS, " hello", False, 12, 0.96, (2,), (9,)),
-    w.StepDone(5, "eager", StepTimings(encoder_ms=1.5, synced=True),
-               [w.Row("a", 3, TOKENS[:1], " hello", True, 12, 0.96, (2,), (9,))],
-               (1.0, 2.0, 3.0, 4.0), {"eager": 2}, None),
+    w.StepDone(5, "eager", StepTimings(encoder_ms=1.5, synced=True), (1.0, 2.0, 3.0, 4.0), {"eager": 2}, None,
+               w.as_column([1, 0], w.U8), w.as_column([12, 7], w.I64), w.as_column([0.96, 0.56], w.F64),
+               [" hello", ""], w.as_column([0, 1, 1], w.I64), w.as_column([TOKENS[0].token_id], w.I64),
+               [TOKENS[0].piece], w.as_column([TOKENS[0].frame], w.I64), {0: (2,)}, {0: (9,)}),
+    w.StepDone(6, "eager", StepTimings(), (1.0, 2.0, 3.0, 4.0), {"eager": 3}, "ready",
+               w.as_column([0], w.U8), w.as_column([7], w.I64), w.as_column([0.56], w.F64), [""],
+               w.as_column([0, 0], w.I64), b"", [], b"", {}, {}, ["b"], w.as_column([4], w.I64)),
 ]
 DIRECTIONS = (w.FRONTEND_TO_ENGINE, w.ENGINE_TO_FRONTEND, w.TO_WORKER, w.FROM_WORKER)
 
@@ -99,7 +103,7 @@ def test_every_message_type_round_trips():
     assert every == {type(m) for m in EXAMPLES}, "a message type without an example here"
     for message in EXAMPLES:
         kinds = _direction_of(message)
-        if kinds is None:  # a part of other messages (Final in Result, Row in StepDone)
+        if kinds is None:  # a part of other messages (Final in Result)
             continue
         assert _decode_one(w.encode_frame([message]), kinds) == [message], type(message).__name__
     # Typed fields come back as their types, not as plain lists and dicts.
@@ -108,6 +112,7 @@ def test_every_message_type_round_trips():
     assert type(hello.model_info) is ModelInfo
     step = _decode_one(w.encode_frame([_example(w.Step)]), w.TO_WORKER)[0]
     assert type(step.endpointing[0]) is EndpointingParams
+    assert w.column(step.offsets, w.I64, 3, "offsets").tolist() == [0, 2560, 5216]
     result = _decode_one(w.encode_frame([_example(w.Result)]), w.ENGINE_TO_FRONTEND)[0]
     assert type(result.finals[0].tokens[0]) is TokenEvent
 
@@ -342,7 +347,8 @@ async def test_worker_replies_are_matched_by_request_id_not_by_order():
         first, second = loop.create_future(), loop.create_future()
         worker._waiting.update({101: first, 102: second})
         timings = StepTimings()
-        done = [w.StepDone(i, "fake", timings, [], (0.0, 0.0, 0.0, 0.0), {}, None) for i in (102, 101)]
+        done = [w.StepDone(i, "fake", timings, (0.0, 0.0, 0.0, 0.0), {}, None, b"", b"", b"", [],
+                           w.as_column([0], w.I64), b"", [], b"", {}, {}) for i in (102, 101)]
         worker._deliver(bytes(w.encode_frame(done))[w.HEADER.size:], 1.0)  # answered in reverse order
         assert (await first)[0].id == 101 and (await second)[0].id == 102
     finally:
