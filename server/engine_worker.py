@@ -220,6 +220,8 @@ def _unpack_result(done: w.StepDone, plan: StepPlan, sent_at: float, replied_at:
     whole machine)."""
     got, started, ended, replied = done.clocks
     try:
+        if (done.stream_ids is None) != (done.slots is None):
+            raise w.WireError("the rows' stream ids and slots come together or not at all")
         ids = plan.stream_ids if done.stream_ids is None else done.stream_ids
         n = len(ids)
         slots = plan.slots if done.slots is None else w.column(done.slots, w.I64, n, "slots")
