@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engines.api import (BadChunkError, EngineError, EngineOverloadedError, EngineState, PoolExhaustedError,
-                         ResultColumns, StepPlan, StepResult, StreamStateLostError)
+                         ResultColumns, RowSamples, StepPlan, StepResult, StreamStateLostError)
 from engines.config import EngineConfig
 from engines.slot_allocator import SlotAllocator
 from server import wire as w
@@ -197,11 +197,10 @@ def _unpack_step(step: w.Step, buffers: dict[int, _SampleBuffer], slots: _ChildS
     if any(not 0 <= i < n for i in step.endpointing):
         raise EngineError(f"a malformed step: endpointing for rows {sorted(step.endpointing)} of {n}")
     child_slots = slots.child_slots(parent_slots, ids)
-    bounds = offsets.tolist()
-    # Views, valid until the reply: the parent writes the next step only after it.
-    views = [samples[a:b] for a, b in zip(bounds, bounds[1:])]
-    return StepPlan.from_columns(ids, child_slots, views, (flags & w.FIRST) != 0, (flags & w.AUDIO_ENDED) != 0,
-                                 (flags & w.NEW_UTTERANCE) != 0, step.endpointing)
+    # The flat buffer and its offsets, no view per row; valid until the reply: the parent
+    # writes the next step into this buffer only after it.
+    return StepPlan.from_columns(ids, child_slots, RowSamples(samples, offsets), (flags & w.FIRST) != 0,
+                                 (flags & w.AUDIO_ENDED) != 0, (flags & w.NEW_UTTERANCE) != 0, step.endpointing)
 
 
 def _reply(request: int, plan: StepPlan, result: StepResult, slots: _ChildSlots, clocks: tuple[float, float, float],
