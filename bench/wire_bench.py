@@ -10,7 +10,8 @@ message from its own objects and encodes the frame, the receiver decodes the fra
 what its code uses (for a result: the ChunkResult; for a step: the child's StepPlan, from a
 columnar plan as the scheduler builds it; for a step's reply: the parent's StepResult, from a
 columnar result as the engine makes it). A step's audio is in the shared buffer on every wire
-and is copied the same way.
+and is copied the same way. One more step case times where that audio goes next: the engine's
+copy of steady rows into its waveform windows, from a view per row or from the flat buffer.
 
     python bench/wire_bench.py                 # a table, and --json FILE for the figures
 """
@@ -36,8 +37,8 @@ from typing import Union  # noqa: E402
 
 import msgspec  # noqa: E402
 
-from engines.api import (ChunkWork, EndpointingParams, ResultColumns, StepPlan, StepResult,  # noqa: E402
-                         StepTimings, StreamUpdate, TokenEvent)
+from engines.api import (ChunkWork, EndpointingParams, ResultColumns, RowSamples, StepPlan,  # noqa: E402
+                         StepResult, StepTimings, StreamUpdate, TokenEvent)
 from server import wire as w  # noqa: E402
 from server.engine_host import event_message  # noqa: E402
 from server.engine_worker import _ChildSlots, _pack_step, _reply, _unpack_result, _unpack_step  # noqa: E402
@@ -375,6 +376,26 @@ def step_reply_case(n: int, token_rows: int, tokens_per_row: int):
     return old, per_row, new
 
 
+def step_windows_case(n: int, samples: int):
+    """Where the step's audio goes next in the child: the engine copies steady rows (whole
+    chunks mid-stream) into its waveform windows (engines.features.StreamingFeaturizer.assemble).
+    old: a view per row of the shared buffer, stacked (the per-row plan); new: the plan's
+    RowSamples, whose consecutive rows are one slice of the buffer."""
+    flat = np.random.default_rng(0).standard_normal(n * samples).astype(np.float32)
+    offsets = np.arange(n + 1, dtype=np.int64) * samples
+    windows = np.empty((n, samples + 1000), dtype=np.float32)
+    rows = np.arange(n)
+
+    def old():
+        bounds = offsets.tolist()
+        windows[:, 1000:] = np.stack([flat[a:b] for a, b in zip(bounds, bounds[1:])])
+
+    def new():
+        windows[:, 1000:] = RowSamples(flat, offsets).stack(rows, samples)
+
+    return old, new
+
+
 class _Executions:  # _reply's engine: its counters
     def executions(self):
         return {"eager": 12}
@@ -425,7 +446,9 @@ def main(argv=None) -> int:
             (f"step reply, {n} rows, no tokens", n, step_reply_case(n, 0, 0)),
             (f"step reply, {n} rows, 1 in 8 with 2 tokens", n, step_reply_case(n, 1, 2)),
             (f"step reply, {n} rows, 1 token each", n, step_reply_case(n, 8, 1)),
+            (f"step audio into the engine's windows, {n} rows of 160 ms", n, step_windows_case(n, 2560)),
         ]
+    cases.append(("step audio into the engine's windows, 1024 rows of 560 ms", 1024, step_windows_case(1024, 8960)))
     rows = []
     print("µs per message (step cases: per row); rows = the typed wire with a message per row")
     print(f"{'message':62} {'old us':>8} {'rows us':>8} {'new us':>8} {'new/old':>8} {'new/rows':>8}")
