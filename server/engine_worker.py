@@ -19,10 +19,12 @@ A step crosses the link as columns: the step message carries the plan's columns 
 and slots, sample offsets and flags as numpy arrays in bytes), the child builds its plan with
 StepPlan.from_columns, and the reply carries the result's ResultColumns the same way, which the
 parent turns into a StepResult with StepResult.from_columns. So neither side builds a Python
-object per row for rows that carry only progress (a ChunkWork and a StreamUpdate per row cost
-5-10 µs a row with the message per row, bench/wire_bench.py). A step's audio does not go
-through the link: it is copied into a buffer both processes map (`_SampleBuffer`), the rows
-one after another at the message's offsets. When
+object per row for rows that carry only progress (with a message per row, the ChunkWork, Row
+and StreamUpdate of each row cost about 9-11 µs a row for a step and its reply; the columns
+cost under 0.6, bench/RESULTS.md). A step's audio does not go through the link: it is copied
+into a buffer both processes map (`_SampleBuffer`), the rows one after another at the
+message's offsets, and the child's plan reads it as RowSamples (the buffer and the offsets,
+no view per row). When
 the audio went through the link, the 1-5 MB of a large step went in socket-buffer-sized
 writes, and between writes the engine thread waited for the interpreter lock the event loop held:
 on an H100 at 1,920 streams (560 ms) the scheduler waited 44.9 ms for steps that took 23.2 ms
