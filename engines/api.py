@@ -114,12 +114,52 @@ class ChunkWork:
     new_utterance: bool = False
 
 
+class RowSamples:
+    """A step's audio as one flat float32 array with per-row offsets: row i's samples are
+    flat[offsets[i]:offsets[i + 1]]. A sequence of the rows' arrays (each a view, made when
+    asked for), so code that reads samples row by row reads it as a list; an engine that knows
+    it reads `lengths` and `stack` without a view per row (server.engine_worker's plans, whose
+    audio arrives this way in shared memory)."""
+
+    __slots__ = ("flat", "offsets")
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat = flat
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.flat[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+    def __iter__(self):
+        bounds = self.offsets.tolist()
+        flat = self.flat
+        return (flat[a:b] for a, b in zip(bounds, bounds[1:]))
+
+    def stack(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """The named rows, each exactly `width` samples long, as one [rows, width] array."""
+        starts = self.offsets[rows]
+        if len(starts) and np.all(np.diff(starts) == width):  # consecutive rows: one slice
+            return self.flat[int(starts[0]):int(starts[0]) + width * len(starts)].reshape(len(starts), width)
+        return self.flat[starts[:, None] + np.arange(width)]
+
+
 class StepPlan:
     """One step's rows. Built from ChunkWork rows (`StepPlan(chunks)`), or column by column
     (`StepPlan.from_columns`: the scheduler builds its rows as arrays, and an engine reads them
-    as arrays). Either form offers both views, each made on first use: `chunks` (a ChunkWork
-    per row) and the columns `stream_ids`, `slots`, `samples`, `first`, `audio_ended`,
-    `new_utterance`, `endpointing` (row -> params, the rows that carry them). Never mutated."""
+    as arrays; the samples as a list of arrays, or as RowSamples). Either form offers both
+    views, each made on first use: `chunks` (a ChunkWork per row) and the columns `stream_ids`,
+    `slots`, `samples`, `first`, `audio_ended`, `new_utterance`, `endpointing` (row -> params,
+    the rows that carry them). Never mutated."""
 
     __slots__ = ("_chunks", "_columns")
 
@@ -128,7 +168,8 @@ class StepPlan:
         self._columns: tuple | None = None
 
     @classmethod
-    def from_columns(cls, stream_ids: list[str], slots: np.ndarray, samples: list[np.ndarray], first: np.ndarray,
+    def from_columns(cls, stream_ids: list[str], slots: np.ndarray, samples: list[np.ndarray] | RowSamples,
+                     first: np.ndarray,
                      audio_ended: np.ndarray, new_utterance: np.ndarray,
                      endpointing: dict[int, EndpointingParams] | None = None) -> StepPlan:
         n = len(stream_ids)
@@ -136,7 +177,8 @@ class StepPlan:
             raise ValueError("a plan's columns must have one entry per row")
         plan = cls.__new__(cls)
         plan._chunks = None
-        plan._columns = (list(stream_ids), np.asarray(slots, dtype=np.int64), list(samples),
+        plan._columns = (list(stream_ids), np.asarray(slots, dtype=np.int64),
+                         samples if isinstance(samples, RowSamples) else list(samples),
                          np.asarray(first, dtype=bool), np.asarray(audio_ended, dtype=bool),
                          np.asarray(new_utterance, dtype=bool), dict(endpointing or {}))
         return plan

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engines.api import RowSamples
 from engines.geometry import ChunkGeometry
 
 
@@ -75,11 +76,19 @@ class StreamingFeaturizer:
         g = self.geometry
         slot = np.asarray(slots, dtype=np.int64)
         first = np.asarray(fresh, dtype=bool)
-        lens = np.fromiter((len(x) for x in samples), dtype=np.int64, count=len(samples))
+        lens = samples.lengths if isinstance(samples, RowSamples) else \
+            np.fromiter((len(x) for x in samples), dtype=np.int64, count=len(samples))
         framed = lens + np.where(first, g.lead_in, 0)   # a first chunk is framed behind the lead-in
         seen = np.where(first, 0, self.samples_seen[slot])
         starts = np.asarray(chunk_index, dtype=np.int64) * g.chunk_samples - g.stft_left_pad - 1
         return _Rows(slot, first, framed, seen, starts)
+
+    def _stack(self, samples, rows: np.ndarray | None) -> np.ndarray:
+        """The named rows' samples (None: all; whole chunks each) as one array: from a flat
+        buffer without a view per row."""
+        if isinstance(samples, RowSamples):
+            return samples.stack(np.arange(len(samples)) if rows is None else rows, self.window_len - self.history_len)
+        return np.stack(samples if rows is None else [samples[i] for i in rows.tolist()])
 
     def assemble(self, slots: list[int], chunk_index: list[int], samples: list[np.ndarray],
                  ended: list[bool], fresh: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,13 +108,13 @@ class StreamingFeaturizer:
         if steady.all():
             windows = np.empty((B, self.window_len), dtype=np.float32)
             windows[:, :self.history_len] = self.history[r.slot]
-            windows[:, self.history_len:] = np.stack(samples) if B else 0.0
+            windows[:, self.history_len:] = self._stack(samples, None) if B else 0.0
             return windows, audio_end, r.starts
         windows = np.zeros((B, self.window_len), dtype=np.float32)
         rows = np.flatnonzero(steady)
         if len(rows):
             windows[rows, :self.history_len] = self.history[r.slot[rows]]
-            windows[rows, self.history_len:] = np.stack([samples[i] for i in rows])
+            windows[rows, self.history_len:] = self._stack(samples, rows)
         for i in np.flatnonzero(~steady).tolist():
             slot, k, first, t = int(r.slot[i]), chunk_index[i], bool(r.first[i]), int(take[i])
             new = self._framed(samples[i], first)

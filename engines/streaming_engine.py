@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, PoolExhaustedError,
-                         ResultColumns, StepPlan, StepResult, StepTimings, StreamStateLostError, pieces_text)
+                         ResultColumns, RowSamples, StepPlan, StepResult, StepTimings, StreamStateLostError,
+                         pieces_text)
 from engines.cudagraph_engine import batch_buckets
 from engines.encoders import EncoderEngine
 from engines.endpointing import Endpointer, event_frames
@@ -120,6 +121,13 @@ class StreamingEngine:
         ids, slots, samples = plan.stream_ids, plan.slots, plan.samples
         first, ended = plan.first, plan.audio_ended
         slot_list = slots.tolist()
+        if isinstance(samples, RowSamples):  # one flat array: its type is checked once, no view per row
+            flat = samples.flat
+            typed = [isinstance(flat, np.ndarray) and flat.dtype == np.float32 and flat.ndim == 1] * len(slot_list)
+            lengths = samples.lengths.tolist()
+        else:
+            typed = [isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 1 for x in samples]
+            lengths = [len(x) if t else 0 for x, t in zip(samples, typed)]
         used = self.allocator.used_of(slot_list)
         in_range = (slots >= 0) & (slots < self.capacity)
         finished = np.zeros(len(slot_list), dtype=bool)
@@ -127,20 +135,20 @@ class StreamingEngine:
         finished &= ~first
         bad: dict[str, str] = {}
         seen_slots: set[int] = set()
-        for i, (sid, slot, x, f, e, fin, ok) in enumerate(zip(ids, slot_list, samples, first.tolist(), ended.tolist(),
-                                                              finished.tolist(), in_range.tolist())):
+        for sid, slot, t, n, f, e, fin, ok in zip(ids, slot_list, typed, lengths, first.tolist(), ended.tolist(),
+                                                  finished.tolist(), in_range.tolist()):
             reason = None
             if not ok or slot not in used:
                 reason = f"slot {slot} is not allocated (unknown stream)"
             elif slot in seen_slots:
                 reason = f"slot {slot} appears twice in one step"
-            elif not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1:
+            elif not t:
                 reason = "audio must be a 1-D float32 numpy array"
-            elif len(x) == 0 and not e:
+            elif n == 0 and not e:
                 reason = "empty chunk while the stream's audio continues"
             elif fin:
                 reason = "the stream has already been finalized"
-            elif e and self._frames_left(slot, x, f) <= 0:
+            elif e and self._frames_left(slot, n, f) <= 0:
                 reason = "the chunk holds no audio frames (the stream is already complete)"
             if reason is None:
                 seen_slots.add(slot)
@@ -164,11 +172,12 @@ class StreamingEngine:
             detail = "; ".join(f"{sid}: audio contains NaN or infinite samples" for sid in bad)
             raise BadChunkError(f"invalid chunks: {detail}", bad)
 
-    def _frames_left(self, slot: int, samples: np.ndarray, first: bool) -> int:
+    def _frames_left(self, slot: int, samples: int, first: bool) -> int:
+        """Frames a last chunk of `samples` samples leaves to decode."""
         g = self.geometry
         seen = g.lead_in if first else int(self.featurizer.samples_seen[slot])
         k = 0 if first else int(self.chunks_done[slot])
-        return g.stft_frames(seen + len(samples)) - k * g.chunk_frames
+        return g.stft_frames(seen + samples) - k * g.chunk_frames
 
     def step(self, plan: StepPlan) -> StepResult:
         """Compute, then commit. Until the commit nothing of any stream is written, so an

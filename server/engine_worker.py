@@ -15,8 +15,16 @@ each acquire and release is sent ahead of any step that uses the slot; the child
 slots of its own engine, whose own checks still apply. Requests that get a reply carry an id,
 and replies are matched by it.
 
-A step's audio does not go through the link: it is copied into a buffer both processes map
-(`_SampleBuffer`), and the step message carries the rows' ids, slots, flags and lengths. When
+A step crosses the link as columns: the step message carries the plan's columns (stream ids,
+and slots, sample offsets and flags as numpy arrays in bytes), the child builds its plan with
+StepPlan.from_columns, and the reply carries the result's ResultColumns the same way, which the
+parent turns into a StepResult with StepResult.from_columns. So neither side builds a Python
+object per row for rows that carry only progress (with a message per row, the ChunkWork, Row
+and StreamUpdate of each row cost about 9-11 µs a row for a step and its reply; the columns
+cost under 0.6, bench/RESULTS.md). A step's audio does not go through the link: it is copied
+into a buffer both processes map (`_SampleBuffer`), the rows one after another at the
+message's offsets, and the child's plan reads it as RowSamples (the buffer and the offsets,
+no view per row). When
 the audio went through the link, the 1-5 MB of a large step went in socket-buffer-sized
 writes, and between writes the engine thread waited for the interpreter lock the event loop held:
 on an H100 at 1,920 streams (560 ms) the scheduler waited 44.9 ms for steps that took 23.2 ms
@@ -55,8 +63,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, PoolExhaustedError,
-                         StepPlan, StepResult, StreamStateLostError, StreamUpdate)
+from engines.api import (BadChunkError, EngineError, EngineOverloadedError, EngineState, PoolExhaustedError,
+                         ResultColumns, RowSamples, StepPlan, StepResult, StreamStateLostError)
 from engines.config import EngineConfig
 from engines.slot_allocator import SlotAllocator
 from server import wire as w
@@ -142,27 +150,31 @@ class _Link:
 
 
 def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None, index: int, request: int) -> w.Step:
-    """The message for a step: its audio into the shared buffer and the rest as columns, or the
-    audio inline when the buffer is missing or too small."""
-    chunks = plan.chunks
-    lengths = [len(c.samples) for c in chunks]
-    total = sum(lengths)
+    """The message for a step: the plan's columns as they are, and its audio into the shared
+    buffer (or inline when the buffer is missing or too small), the rows one after another."""
+    samples = plan.samples
+    n = len(samples)
+    offsets = np.zeros(n + 1, dtype=w.I64)
+    np.cumsum(np.fromiter(map(len, samples), np.int64, n), out=offsets[1:])
+    total = int(offsets[-1])
     inline = buffer is None or total > buffer.samples
-    if chunks and not inline:
+    if n and not inline:
         # One call for the whole batch: numpy lets go of the interpreter lock for a large copy,
         # and a copy per row took the lock back once per row, each time waiting for the event
         # loop's turn to end (the scheduler's thread competes with the loop for it).
-        np.concatenate([c.samples for c in chunks], out=buffer.array[:total])
+        np.concatenate(samples, out=buffer.array[:total])
     audio = None
     if inline:
-        audio = np.concatenate([np.asarray(c.samples, dtype=np.float32) for c in chunks]).tobytes() if chunks else b""
-    return w.Step(request, -1 if inline else index, [c.stream_id for c in chunks], [c.slot for c in chunks], lengths,
-                  [c.first for c in chunks], [c.audio_ended for c in chunks], [c.endpointing for c in chunks],
-                  [c.new_utterance for c in chunks], audio)
+        audio = np.concatenate([np.asarray(x, dtype=np.float32) for x in samples]).tobytes() if n else b""
+    flags = plan.first.astype(w.U8)
+    flags |= plan.audio_ended.astype(w.U8) << 1
+    flags |= plan.new_utterance.astype(w.U8) << 2
+    return w.Step(request, -1 if inline else index, list(plan.stream_ids), w.as_column(plan.slots, w.I64),
+                  offsets.tobytes(), flags.tobytes(), plan.endpointing, audio)
 
 
 def _unpack_step(step: w.Step, buffers: dict[int, _SampleBuffer], slots: _ChildSlots) -> StepPlan:
-    """The step's plan on the child's slots."""
+    """The step's plan on the child's slots, from its columns (StepPlan.from_columns)."""
     if step.audio is not None:
         samples = np.frombuffer(step.audio, dtype=np.float32)
     else:
@@ -170,37 +182,81 @@ def _unpack_step(step: w.Step, buffers: dict[int, _SampleBuffer], slots: _ChildS
         if buffer is None:
             raise EngineError(f"a step came through shared buffer {step.buffer} before it was attached")
         samples = buffer.array
-    n = len(step.stream_ids)
-    columns = (step.slots, step.lengths, step.firsts, step.audio_ended, step.endpointing, step.new_utterance)
-    if any(len(c) != n for c in columns) or sum(step.lengths) > len(samples):
-        raise EngineError(f"a malformed step: {n} rows, columns of {[len(c) for c in columns]} entries, "
-                          f"{sum(step.lengths)} samples of {len(samples)}")
-    child_slots = slots.child_slots(step.slots, step.stream_ids)
-    chunks, at = [], 0
-    for sid, slot, length, first, ended, ep, new in zip(step.stream_ids, child_slots, *columns[1:]):
-        # A view, valid until the reply: the parent writes the next step only after it.
-        chunks.append(ChunkWork(sid, slot, samples[at:at + length], first, ended, ep, new))
-        at += length
-    return StepPlan(tuple(chunks))
+    ids = step.stream_ids
+    n = len(ids)
+    try:
+        parent_slots = w.column(step.slots, w.I64, n, "slots")
+        offsets = w.column(step.offsets, w.I64, n + 1, "offsets")
+        flags = w.column(step.flags, w.U8, n, "flags")
+    except w.WireError as exc:
+        raise EngineError(f"a malformed step of {n} rows: {exc}") from None
+    lengths = np.diff(offsets)
+    if offsets[0] != 0 or (lengths < 0).any() or offsets[-1] > len(samples):
+        raise EngineError(f"a malformed step: {n} rows, sample offsets from {offsets[0]} to {offsets[-1]} "
+                          f"(not increasing from 0, or past the {len(samples)} samples)")
+    if (flags & ~np.uint8(w.FIRST | w.AUDIO_ENDED | w.NEW_UTTERANCE)).any():
+        raise EngineError("a malformed step: unknown row flags")
+    if any(not 0 <= i < n for i in step.endpointing):
+        raise EngineError(f"a malformed step: endpointing for rows {sorted(step.endpointing)} of {n}")
+    child_slots = slots.child_slots(parent_slots, ids)
+    # The flat buffer and its offsets, no view per row; valid until the reply: the parent
+    # writes the next step into this buffer only after it.
+    return StepPlan.from_columns(ids, child_slots, RowSamples(samples, offsets), (flags & w.FIRST) != 0,
+                                 (flags & w.AUDIO_ENDED) != 0, (flags & w.NEW_UTTERANCE) != 0, step.endpointing)
 
 
-def _result_rows(result: StepResult) -> list[w.Row]:
-    return [w.Row(u.stream_id, u.slot, u.tokens, u.text_delta, u.is_final, u.frames_decoded, u.audio_seconds,
-                  u.starts, u.ends) for u in result.updates]
+def _reply(request: int, plan: StepPlan, result: StepResult, slots: _ChildSlots, clocks: tuple[float, float, float],
+           engine) -> w.StepDone:
+    """A step's reply: the result's columns as they are (an engine that answers with
+    StreamUpdate rows has them laid out as columns here). When the rows are the plan's, in its
+    order (the engine contract), the parent takes stream ids and slots from its own plan."""
+    c = result.columns
+    same = c.stream_ids == plan.stream_ids and np.array_equal(c.slots, plan.slots)
+    ids = None if same else list(c.stream_ids)
+    parent_slots = None if same else w.as_column(slots.parent_slots(c.slots), w.I64)
+    return w.StepDone(request, result.engine, result.timings, (*clocks, time.monotonic()), dict(engine.executions()),
+                      _state_of(engine), w.as_column(c.is_final, w.U8), w.as_column(c.frames_decoded, w.I64),
+                      w.as_column(c.audio_seconds, w.F64), list(c.text_delta), w.as_column(c.token_offsets, w.I64),
+                      w.as_column(c.token_ids, w.I64), list(c.token_pieces), w.as_column(c.token_frames, w.I64),
+                      c.starts, c.ends, ids, parent_slots)
 
 
-def _unpack_result(done: w.StepDone, sent_at: float, replied_at: float) -> StepResult:
-    """The StepResult, its timings completed with the way there and back (the clock readings of
-    both processes: CLOCK_MONOTONIC is one clock for the whole machine)."""
+def _unpack_result(done: w.StepDone, plan: StepPlan, sent_at: float, replied_at: float) -> StepResult:
+    """The StepResult, as columns (StepResult.from_columns), its timings completed with the way
+    there and back (the clock readings of both processes: CLOCK_MONOTONIC is one clock for the
+    whole machine)."""
     got, started, ended, replied = done.clocks
-    updates = tuple(StreamUpdate(stream_id=r.stream_id, slot=r.slot, tokens=r.tokens, text_delta=r.text_delta,
-                                 is_final=r.is_final, frames_decoded=r.frames_decoded, audio_seconds=r.audio_seconds,
-                                 starts=r.starts, ends=r.ends) for r in done.rows)
+    try:
+        if (done.stream_ids is None) != (done.slots is None):
+            raise w.WireError("the rows' stream ids and slots come together or not at all")
+        ids = plan.stream_ids if done.stream_ids is None else done.stream_ids
+        n = len(ids)
+        slots = plan.slots if done.slots is None else w.column(done.slots, w.I64, n, "slots")
+        offsets = w.column(done.token_offsets, w.I64, n + 1, "token_offsets")
+        tokens = int(offsets[-1])
+        if offsets[0] != 0 or (np.diff(offsets) < 0).any() or len(done.token_pieces) != tokens:
+            raise w.WireError(f"token offsets from {offsets[0]} to {tokens} do not fit {len(done.token_pieces)} "
+                              "tokens")
+        if len(done.text_delta) != n:
+            raise w.WireError(f"{len(done.text_delta)} texts for {n} rows")
+        if any(not 0 <= i < n for i in (*done.starts, *done.ends)):
+            raise w.WireError(f"endpoint events for rows outside 0..{n - 1}")
+        columns = ResultColumns(stream_ids=ids, slots=slots,
+                                is_final=w.column(done.is_final, w.U8, n, "is_final").astype(bool),
+                                frames_decoded=w.column(done.frames_decoded, w.I64, n, "frames_decoded"),
+                                audio_seconds=w.column(done.audio_seconds, w.F64, n, "audio_seconds"),
+                                text_delta=done.text_delta, token_offsets=offsets,
+                                token_ids=w.column(done.token_ids, w.I64, tokens, "token_ids"),
+                                token_pieces=done.token_pieces,
+                                token_frames=w.column(done.token_frames, w.I64, tokens, "token_frames"),
+                                starts=done.starts, ends=done.ends)
+    except w.WireError as exc:
+        raise EngineError(f"a malformed step reply from the engine worker: {exc}") from None
     timings = dataclasses.replace(done.timings, to_worker_ms=1e3 * (got - sent_at),
                                   worker_before_ms=1e3 * (started - got), worker_after_ms=1e3 * (replied - ended),
                                   from_worker_ms=1e3 * (replied_at - replied),
                                   unpack_ms=1e3 * (time.monotonic() - replied_at))
-    return StepResult(updates=updates, engine=done.engine, timings=timings)
+    return StepResult.from_columns(columns, done.engine, timings)
 
 
 # -- child ---------------------------------------------------------------------------------------
@@ -228,39 +284,58 @@ def _state_of(engine) -> str | None:
 
 class _ChildSlots:
     """The parent's slot numbers onto the child engine's own (the engine's warm-up acquires and
-    releases slots of its own, so the two free lists need not agree)."""
+    releases slots of its own, so the two free lists need not agree), as arrays indexed by slot
+    (-1: not claimed), so a step's rows map in one array operation."""
 
     def __init__(self, engine):
         self.engine = engine
-        self.to_child: dict[int, int] = {}
-        self.to_parent: dict[int, int] = {}
+        self.to_child = np.full(0, -1, dtype=np.int64)
+        self.to_parent = np.full(0, -1, dtype=np.int64)
+
+    @staticmethod
+    def _set(table: np.ndarray, at: int, value: int) -> np.ndarray:
+        if at >= len(table):
+            grown = np.full(max(2 * len(table), at + 1, 64), -1, dtype=np.int64)
+            grown[:len(table)] = table
+            table = grown
+        table[at] = value
+        return table
 
     def claim(self, slot: int) -> None:
+        if 0 <= slot < len(self.to_child) and self.to_child[slot] >= 0:
+            raise EngineError(f"slot {slot} is claimed already")
         child = self.engine.acquire_slot()
-        self.to_child[slot], self.to_parent[child] = child, slot
+        self.to_child = self._set(self.to_child, slot, child)
+        self.to_parent = self._set(self.to_parent, child, slot)
 
     def release(self, slot: int) -> None:
-        child = self.to_child.pop(slot)
-        del self.to_parent[child]
+        child = int(self.to_child[slot]) if 0 <= slot < len(self.to_child) else -1
+        if child < 0:
+            raise KeyError(slot)
+        self.to_child[slot] = -1
+        self.to_parent[child] = -1
         self.engine.release_slot(child)
 
-    def child_slots(self, slots: list[int], stream_ids: list[str]) -> list[int]:
-        to_child = self.to_child
-        try:
-            return [to_child[s] for s in slots]
-        except KeyError:
-            unknown = tuple(sid for s, sid in zip(slots, stream_ids) if s not in to_child)
-            raise BadChunkError(f"invalid chunks: slots not acquired through the engine worker: {unknown}",
-                                unknown) from None
+    @staticmethod
+    def _map(table: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, dtype=np.int64)
+        known = (slots >= 0) & (slots < len(table))
+        out = np.full(len(slots), -1, dtype=np.int64)
+        out[known] = table[slots[known]]
+        return out
 
-    def result(self, result: StepResult) -> StepResult:
-        """The updates back on the parent's slots, set in place: the engine built them for this
-        step and nothing else holds them (dataclasses.replace per row cost ~2 ms a step)."""
-        for u in result.updates:
-            parent = self.to_parent.get(u.slot, u.slot)
-            if parent != u.slot:
-                object.__setattr__(u, "slot", parent)
-        return result
+    def child_slots(self, slots: np.ndarray, stream_ids: list[str]) -> np.ndarray:
+        child = self._map(self.to_child, slots)
+        unknown = np.flatnonzero(child < 0)
+        if unknown.size:
+            ids = tuple(stream_ids[i] for i in unknown.tolist())
+            raise BadChunkError(f"invalid chunks: slots not acquired through the engine worker: {ids}", ids)
+        return child
+
+    def parent_slots(self, slots: np.ndarray) -> np.ndarray:
+        """The engine's slots as the parent's (a slot the parent did not claim stays as it is)."""
+        parent = self._map(self.to_parent, slots)
+        return np.where(parent >= 0, parent, slots)
 
 
 def _child_main(sock: socket.socket) -> None:
@@ -309,12 +384,8 @@ def _child_main(sock: socket.socket) -> None:
                 got = time.monotonic()
                 plan = _unpack_step(message, buffers, slots)
                 started = time.monotonic()
-                result = slots.result(engine.step(plan))
-                ended = time.monotonic()
-                rows = _result_rows(result)
-                reply = w.StepDone(message.id, result.engine, result.timings, rows,
-                                   (got, started, ended, time.monotonic()), dict(engine.executions()),
-                                   _state_of(engine))
+                result = engine.step(plan)
+                reply = _reply(message.id, plan, result, slots, (got, started, time.monotonic()), engine)
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the scheduler
                 reply = _error_reply(message.id, exc, engine)
         elif kind is w.Claim:
@@ -496,7 +567,7 @@ class EngineWorker:
         with self._request_lock:  # buffer 0 is written for this request only
             sent_at = time.monotonic()
             done, replied_at = self._exchange(_pack_step(plan, self._buffers.get(0), 0, self._new_id()))
-            return _unpack_result(done, sent_at, replied_at)
+            return _unpack_result(done, plan, sent_at, replied_at)
 
     async def step_async(self, plan: StepPlan) -> StepResult:
         """`step` for a caller on an event loop (the scheduler): the audio copy and the rebuilding
@@ -540,7 +611,7 @@ class EngineWorker:
                 release()
             raise
         release()
-        return _unpack_result(done, sent_at, replied_at)
+        return _unpack_result(done, plan, sent_at, replied_at)
 
     def _start_reader(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._reader is not None:

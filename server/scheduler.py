@@ -648,8 +648,9 @@ class Scheduler(StreamBooks):
         """The result's rows back to their streams. The books advance as arrays; per row only
         what the stream gets: its event, and its utterance book where the row brought tokens,
         endpoints or its final. A columnar result (engines.streaming_engine) is read from its
-        columns, so token objects are made only for rows that have tokens; a result of
-        StreamUpdate rows (server.engine_worker's replies, the fake engine) is read row by row."""
+        columns, so token objects are made only for rows that have tokens; so is an engine
+        worker's (server.engine_worker rebuilds it from the reply's columns). A result of
+        StreamUpdate rows (the fake engine) is read row by row."""
         at = ran.tolist()
         streams = [batch.streams[p] for p in at]
         expected = [batch.stream_ids[p] for p in at]

@@ -30,13 +30,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar, Union
 
 import msgspec
+import numpy as np
 
 from engines.api import EndpointingParams, ModelInfo, StepTimings, TokenEvent
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
 
 T = TypeVar("T")
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!I")
 MAX_FRAME = 256 << 20  # a corrupt length must not make the reader allocate without bound
 
@@ -287,20 +288,39 @@ class Warmup(Message, tag=44):
 
 
 class Step(Message, tag=45):
-    """One engine step, as columns (one entry per row). The rows' audio, `lengths` samples each in
-    row order, is in shared buffer `buffer`, or in `audio` (float32 bytes) when no buffer was
-    attached or the step does not fit it. Endpointing settings ride on first chunks only."""
+    """One engine step, as the plan's columns (engines.api.StepPlan.from_columns). The array
+    columns are numpy arrays as raw bytes, each field's dtype fixed here (`column` reads them
+    back and checks their length). The rows' audio, row i's samples at
+    [offsets[i], offsets[i + 1]), is in shared buffer `buffer`, or in `audio` (float32 bytes)
+    when no buffer was attached or the step does not fit it. Endpointing settings ride on
+    first chunks only."""
 
     id: int
     buffer: int
     stream_ids: list[str]
-    slots: list[int]
-    lengths: list[int]
-    firsts: list[bool]
-    audio_ended: list[bool]
-    endpointing: list[Union[EndpointingParams, None]]
-    new_utterance: list[bool]
+    slots: bytes    # int64 [rows]: the scheduler's slots
+    offsets: bytes  # int64 [rows + 1]: the rows' samples in the step's audio
+    flags: bytes    # uint8 [rows]: FIRST | AUDIO_ENDED | NEW_UTTERANCE
+    endpointing: dict[int, EndpointingParams]  # row -> the stream's endpointing (first chunks that have it)
     audio: Union[bytes, None] = None
+
+
+# Step.flags bits
+FIRST, AUDIO_ENDED, NEW_UTTERANCE = 1, 2, 4
+I64, F64, U8 = np.dtype("<i8"), np.dtype("<f8"), np.dtype("u1")
+
+
+def column(data: bytes, dtype: np.dtype, n: int, name: str) -> np.ndarray:
+    """An array column of a message (read-only, a view of `data`): a WireError unless it holds
+    exactly `n` entries."""
+    if len(data) != n * dtype.itemsize:
+        raise WireError(f"column {name} has {len(data)} bytes, not {n} entries of {dtype.itemsize}")
+    return np.frombuffer(data, dtype)
+
+
+def as_column(values, dtype: np.dtype) -> bytes:
+    """An array as a message's column (the bytes `column` reads)."""
+    return np.ascontiguousarray(values, dtype=dtype).tobytes()
 
 
 class Stop(Message, tag=46):
@@ -317,31 +337,32 @@ class Done(Message, tag=50):
     state: Union[str, None]
 
 
-class Row(Message, tag=51):
-    """One stream's update in a step (engines.api.StreamUpdate)."""
-
-    stream_id: str
-    slot: int
-    tokens: tuple[TokenEvent, ...]  # decoded as TokenEvents by msgspec in C (2x faster than a map here)
-    text_delta: str
-    is_final: bool
-    frames_decoded: int
-    audio_seconds: float
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
-
-
 class StepDone(Message, tag=52):
-    """A step's result. clocks: the worker's CLOCK_MONOTONIC readings (request taken, step
-    started, step ended, reply sent), for the way there and back in StepTimings."""
+    """A step's result, as its columns (engines.api.ResultColumns; array columns as in Step).
+    Row i's tokens are [token_offsets[i], token_offsets[i + 1]) of the token columns; starts and
+    ends name the rows that have endpoint events. The rows are the plan's, in its order, unless
+    `stream_ids` and `slots` (int64, the scheduler's slots) say otherwise. clocks: the worker's
+    CLOCK_MONOTONIC readings (request taken, step started, step ended, reply sent), for the way
+    there and back in StepTimings."""
 
     id: int
     engine: str
     timings: StepTimings
-    rows: list[Row]
     clocks: tuple[float, float, float, float]
     executions: dict[str, int]
     state: Union[str, None]
+    is_final: bytes        # uint8 [rows]
+    frames_decoded: bytes  # int64 [rows]
+    audio_seconds: bytes   # float64 [rows]
+    text_delta: list[str]  # [rows]
+    token_offsets: bytes   # int64 [rows + 1]
+    token_ids: bytes       # int64 [tokens]
+    token_pieces: list[str]
+    token_frames: bytes    # int64 [tokens]
+    starts: dict[int, tuple[int, ...]]
+    ends: dict[int, tuple[int, ...]]
+    stream_ids: Union[list[str], None] = None
+    slots: Union[bytes, None] = None
 
 
 FRONTEND_TO_ENGINE = Union[Open, Audio, End, Fail, Close, Ack, Ready, Rpc, Refused, AudioSeconds, Gc, Sync,

@@ -7,6 +7,7 @@ engine worker process."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -16,12 +17,14 @@ import msgspec
 import numpy as np
 import pytest
 
-from engines.api import EndpointingParams, EngineError, ModelInfo, StepTimings, TokenEvent
+from engines.api import (BadChunkError, EndpointingParams, EngineError, ModelInfo, StepPlan, StepResult, StepTimings,
+                         StreamUpdate, TokenEvent)
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
 from server import wire as w
 from server.engine_host import EngineFacts, EngineHost, event_message
-from server.engine_worker import ChildOptions, EngineWorker, _Link
+from server.engine_worker import (ChildOptions, EngineWorker, _ChildSlots, _Link, _pack_step, _reply, _unpack_result,
+                                  _unpack_step)
 from server.remote_scheduler import RemoteScheduler, result_event
 from server.scheduler import SchedulerConfig
 from server.stream_events import ChunkResult, ErrorKind, StreamFailure, Utterance, UtteranceEnd
@@ -67,15 +70,19 @@ EXAMPLES = [
     w.Claim(3),
     w.Release(3),
     w.Warmup(2),
-    w.Step(5, 1, ["a", "b"], [0, 3], [2560, 2656], [True, False], [False, True], [ENDPOINTING, None],
-           [False, True], None),
-    w.Step(6, -1, ["a"], [0], [4], [True], [False], [None], [False], np.ones(4, dtype=np.float32).tobytes()),
+    w.Step(5, 1, ["a", "b"], w.as_column([0, 3], w.I64), w.as_column([0, 2560, 5216], w.I64),
+           w.as_column([w.FIRST, w.AUDIO_ENDED | w.NEW_UTTERANCE], w.U8), {0: ENDPOINTING}, None),
+    w.Step(6, -1, ["a"], w.as_column([0], w.I64), w.as_column([0, 4], w.I64), w.as_column([w.FIRST], w.U8), {},
+           np.ones(4, dtype=np.float32).tobytes()),
     w.Stop(),
     w.Done(2, "eager", {"eager": 1}, "ready"),
-    w.Row("a", 3, TOKENS, " hello", False, 12, 0.96, (2,), (9,)),
-    w.StepDone(5, "eager", StepTimings(encoder_ms=1.5, synced=True),
-               [w.Row("a", 3, TOKENS[:1], " hello", True, 12, 0.96, (2,), (9,))],
-               (1.0, 2.0, 3.0, 4.0), {"eager": 2}, None),
+    w.StepDone(5, "eager", StepTimings(encoder_ms=1.5, synced=True), (1.0, 2.0, 3.0, 4.0), {"eager": 2}, None,
+               w.as_column([1, 0], w.U8), w.as_column([12, 7], w.I64), w.as_column([0.96, 0.56], w.F64),
+               [" hello", ""], w.as_column([0, 1, 1], w.I64), w.as_column([TOKENS[0].token_id], w.I64),
+               [TOKENS[0].piece], w.as_column([TOKENS[0].frame], w.I64), {0: (2,)}, {0: (9,)}),
+    w.StepDone(6, "eager", StepTimings(), (1.0, 2.0, 3.0, 4.0), {"eager": 3}, "ready",
+               w.as_column([0], w.U8), w.as_column([7], w.I64), w.as_column([0.56], w.F64), [""],
+               w.as_column([0, 0], w.I64), b"", [], b"", {}, {}, ["b"], w.as_column([4], w.I64)),
 ]
 DIRECTIONS = (w.FRONTEND_TO_ENGINE, w.ENGINE_TO_FRONTEND, w.TO_WORKER, w.FROM_WORKER)
 
@@ -99,7 +106,7 @@ def test_every_message_type_round_trips():
     assert every == {type(m) for m in EXAMPLES}, "a message type without an example here"
     for message in EXAMPLES:
         kinds = _direction_of(message)
-        if kinds is None:  # a part of other messages (Final in Result, Row in StepDone)
+        if kinds is None:  # a part of other messages (Final in Result)
             continue
         assert _decode_one(w.encode_frame([message]), kinds) == [message], type(message).__name__
     # Typed fields come back as their types, not as plain lists and dicts.
@@ -108,6 +115,7 @@ def test_every_message_type_round_trips():
     assert type(hello.model_info) is ModelInfo
     step = _decode_one(w.encode_frame([_example(w.Step)]), w.TO_WORKER)[0]
     assert type(step.endpointing[0]) is EndpointingParams
+    assert w.column(step.offsets, w.I64, 3, "offsets").tolist() == [0, 2560, 5216]
     result = _decode_one(w.encode_frame([_example(w.Result)]), w.ENGINE_TO_FRONTEND)[0]
     assert type(result.finals[0].tokens[0]) is TokenEvent
 
@@ -169,6 +177,122 @@ def test_events_cross_the_wire_unchanged():
     assert got_result.consumed == got_failure.consumed == 4096  # the consumed count rides along
     assert result_event(got_result, "a bc") == result
     assert StreamFailure(got_failure.key, ErrorKind(got_failure.kind), got_failure.message) == failure
+
+
+class _OwnSlots:  # an engine whose slots the child maps the parent's onto: 10, 11, ...
+    def __init__(self):
+        self.next = 10
+
+    def acquire_slot(self):
+        self.next += 1
+        return self.next - 1
+
+    def executions(self):
+        return {"eager": 1}
+
+
+def _worker_slots(parent_slots) -> _ChildSlots:
+    slots = _ChildSlots(_OwnSlots())
+    for s in parent_slots:
+        slots.claim(s)
+    return slots
+
+
+class _SharedBuffer:  # engine_worker._SampleBuffer's face, in memory
+    def __init__(self, samples: int):
+        self.samples = samples
+        self.array = np.zeros(samples, dtype=np.float32)
+
+
+def _columnar_plan() -> StepPlan:
+    audio = [np.arange(n, dtype=np.float32) + n for n in (4, 0, 7)]
+    return StepPlan.from_columns(["a", "b", "c"], np.array([5, 0, 9]), audio, np.array([True, False, False]),
+                                 np.array([False, True, False]), np.array([False, False, True]), {0: ENDPOINTING})
+
+
+def test_a_step_crosses_the_worker_link_as_columns():
+    plan = _columnar_plan()
+    slots = _worker_slots([0, 5, 9])  # child slots: 0 -> 10, 5 -> 11, 9 -> 12
+    buffer = _SharedBuffer(16)
+    for shared in (buffer, None):  # through the shared buffer, then inline
+        step = _decode_one(w.encode_frame([_pack_step(plan, shared, 0, 3)]), w.TO_WORKER)[0]
+        assert (step.buffer, step.audio is None) == ((0, True) if shared else (-1, False))
+        got = _unpack_step(step, {0: buffer}, slots)
+        assert got._chunks is None  # built from columns: no ChunkWork per row
+        assert got.slots.tolist() == [11, 10, 12] and got.stream_ids == ["a", "b", "c"]
+        assert (got.first.tolist(), got.audio_ended.tolist(), got.new_utterance.tolist()) == \
+            ([True, False, False], [False, True, False], [False, False, True])
+        assert got.endpointing == {0: ENDPOINTING}
+        for x, y in zip(got.samples, plan.samples):
+            assert x.dtype == np.float32 and x.tolist() == y.tolist()
+
+
+def test_a_step_reply_crosses_the_worker_link_as_columns():
+    plan = _columnar_plan()
+    slots = _worker_slots([0, 5, 9])
+    child_plan = _unpack_step(_pack_step(plan, None, 0, 3), {}, slots)
+    updates = (StreamUpdate("a", 11, TOKENS, " hello there", False, 4, 0.32, (1,), ()),
+               StreamUpdate("b", 10, (), "", True, 9, 0.72),
+               StreamUpdate("c", 12, TOKENS[1:], " there", False, 2, 0.16, (), (3,)))
+    for result in (StepResult(updates, "eager", StepTimings(encoder_ms=2.0)),  # an engine of rows
+                   StepResult.from_columns(StepResult(updates).columns, "eager", StepTimings(encoder_ms=2.0))):
+        done = _decode_one(w.encode_frame([_reply(8, child_plan, result, slots, (1.0, 2.0, 3.0), slots.engine)]),
+                           w.FROM_WORKER)[0]
+        assert done.stream_ids is None and done.slots is None  # the plan's rows: the parent has them
+        got = _unpack_result(done, plan, 0.5, 4.5)
+        assert got.columnar and got._updates is None  # no StreamUpdate per row
+        assert got.columns.slots is plan.slots and got.engine == "eager" and got.timings.encoder_ms == 2.0
+        assert got.updates == tuple(dataclasses.replace(u, slot=s) for u, s in zip(updates, (5, 0, 9)))
+    # An engine that answers in another order: the rows name themselves, on the parent's slots.
+    swapped = StepResult((updates[2], updates[0], updates[1]), "eager")
+    done = _decode_one(w.encode_frame([_reply(9, child_plan, swapped, slots, (1.0, 2.0, 3.0), slots.engine)]),
+                       w.FROM_WORKER)[0]
+    got = _unpack_result(done, plan, 0.5, 4.5)
+    assert [(u.stream_id, u.slot, u.tokens) for u in got.updates] == [("c", 9, TOKENS[1:]), ("a", 5, TOKENS),
+                                                                      ("b", 0, ())]
+
+
+def test_a_column_of_the_wrong_length_is_an_error_on_both_sides_of_the_worker_link():
+    with pytest.raises(w.WireError, match="column slots has 12 bytes, not 2 entries"):
+        w.column(b"\0" * 12, w.I64, 2, "slots")
+    plan = _columnar_plan()
+    slots = _worker_slots([0, 5, 9])
+    step = _pack_step(plan, None, 0, 3)
+    bad_steps = {
+        "slots": (msgspec.structs.replace(step, slots=step.slots[:-8]), "column slots has 16 bytes"),
+        "truncated offsets": (msgspec.structs.replace(step, offsets=step.offsets[:-1]), "column offsets"),
+        "offsets past the audio": (msgspec.structs.replace(step, offsets=w.as_column([0, 4, 4, 99], w.I64)),
+                                   "past the 11 samples"),
+        "decreasing offsets": (msgspec.structs.replace(step, offsets=w.as_column([0, 4, 2, 11], w.I64)),
+                               "not increasing"),
+        "unknown flags": (msgspec.structs.replace(step, flags=w.as_column([1, 8, 0], w.U8)), "unknown row flags"),
+        "endpointing of no row": (msgspec.structs.replace(step, endpointing={3: ENDPOINTING}), "endpointing for rows"),
+    }
+    for name, (bad, match) in bad_steps.items():
+        with pytest.raises(EngineError, match=match):
+            _unpack_step(_decode_one(w.encode_frame([bad]), w.TO_WORKER)[0], {}, slots)
+    with pytest.raises(BadChunkError, match="not acquired through the engine worker") as err:
+        _unpack_step(step, {}, _worker_slots([0, 5]))
+    assert err.value.stream_ids == ("c",)
+    child_plan = _unpack_step(step, {}, slots)
+    result = StepResult((StreamUpdate("a", 11, TOKENS, " hello there", False, 4, 0.32),
+                         StreamUpdate("b", 10, (), "", True, 9, 0.72), StreamUpdate("c", 12, (), "", False, 2, 0.16)))
+    done = _reply(8, child_plan, result, slots, (1.0, 2.0, 3.0), slots.engine)
+    bad_replies = {
+        "short is_final": (msgspec.structs.replace(done, is_final=done.is_final[:2]), "column is_final"),
+        "token ids short of the offsets": (msgspec.structs.replace(done, token_ids=done.token_ids[:8]),
+                                           "column token_ids"),
+        "offsets past the pieces": (msgspec.structs.replace(done, token_pieces=done.token_pieces[:1]),
+                                    "do not fit 1 tokens"),
+        "texts short of the rows": (msgspec.structs.replace(done, text_delta=done.text_delta[:2]), "2 texts for 3 rows"),
+        "events of no row": (msgspec.structs.replace(done, ends={7: (1,)}), "endpoint events for rows"),
+        "renamed rows without their slots": (msgspec.structs.replace(done, stream_ids=["a", "b"]), "together or not"),
+        "renamed rows, short of slots": (msgspec.structs.replace(done, stream_ids=["a", "b"], slots=done.is_final),
+                                         "column slots"),
+    }
+    for name, (bad, match) in bad_replies.items():
+        with pytest.raises(EngineError, match=f"malformed step reply.*{match}"):
+            _unpack_result(_decode_one(w.encode_frame([bad]), w.FROM_WORKER)[0], plan, 0.5, 4.5)
 
 
 class _Sink:
@@ -342,7 +466,8 @@ async def test_worker_replies_are_matched_by_request_id_not_by_order():
         first, second = loop.create_future(), loop.create_future()
         worker._waiting.update({101: first, 102: second})
         timings = StepTimings()
-        done = [w.StepDone(i, "fake", timings, [], (0.0, 0.0, 0.0, 0.0), {}, None) for i in (102, 101)]
+        done = [w.StepDone(i, "fake", timings, (0.0, 0.0, 0.0, 0.0), {}, None, b"", b"", b"", [],
+                           w.as_column([0], w.I64), b"", [], b"", {}, {}) for i in (102, 101)]
         worker._deliver(bytes(w.encode_frame(done))[w.HEADER.size:], 1.0)  # answered in reverse order
         assert (await first)[0].id == 101 and (await second)[0].id == 102
     finally:
