@@ -100,7 +100,8 @@ class ChunkGeometry:
         return self.stft_frames(n_samples + self.lead_in) if n_samples > 0 else 0
 
     def samples_needed(self, chunk_index: int) -> int:
-        """Samples a stream must have received before chunk `chunk_index` can run mid-stream."""
+        """Samples a stream must have received before chunk `chunk_index` can run mid-stream.
+        Plain arithmetic: a numpy array of chunk indices gives the array of needs (the slot books)."""
         return (chunk_index + 1) * self.chunk_samples + self.wait_samples
 
     def consumed_after(self, chunk_index: int) -> int:

@@ -135,13 +135,39 @@ class SlotBooks:
         """The rows' chunks ran: each stands at its next chunk."""
         k = self.next_chunk[rows] + 1
         self.next_chunk[rows] = k
-        self.due[rows] = (k + 1) * self.geometry.chunk_samples + self.geometry.wait_samples
+        self.due[rows] = self.geometry.samples_needed(k)
 
     def runnable_after_step(self, rows: np.ndarray) -> np.ndarray:
         """Of a returned step's rows, those mid-stream whose next chunk is complete already (the
         common case under load: the audio kept arriving while the step ran)."""
         return rows[self.live[rows] & ~self.flushing[rows] & ~self.queued[rows] & ~self.in_flight[rows]
                     & (self.received[rows] >= self.due[rows])]
+
+
+class _RowField:
+    """A SlotStream field that is one cell of a slot-books array while the stream holds its slot,
+    and a plain attribute of the object once it gave the slot back (SlotStream._detach)."""
+
+    def __init__(self, array: str, cast, default):
+        self.array, self.cast, self.default = array, cast, default
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.key = "_" + name
+
+    def __get__(self, stream, owner=None):
+        if stream is None:
+            return self
+        b = stream._books
+        if b is None:
+            return stream.__dict__.get(self.key, self.default)
+        return self.cast(getattr(b, self.array)[stream.slot])
+
+    def __set__(self, stream, value) -> None:
+        b = stream._books
+        if b is not None:
+            getattr(b, self.array)[stream.slot] = value
+        else:
+            stream.__dict__[self.key] = value
 
 
 class SlotStream(StreamState):
@@ -171,18 +197,7 @@ class SlotStream(StreamState):
         for name, value in values.items():
             setattr(self, name, value)
 
-    @property
-    def received(self) -> int:
-        b = self._books
-        return int(b.received[self.slot]) if b is not None else self.__dict__["_received"]
-
-    @received.setter
-    def received(self, value: int) -> None:
-        b = self._books
-        if b is not None:
-            b.received[self.slot] = value
-        else:
-            self.__dict__["_received"] = value
+    received = _RowField("received", int, None)
 
     @property
     def next_chunk(self) -> int:
@@ -198,31 +213,8 @@ class SlotStream(StreamState):
         else:
             self.__dict__["_next_chunk"] = value
 
-    @property
-    def in_flight(self) -> bool:
-        b = self._books
-        return bool(b.in_flight[self.slot]) if b is not None else self.__dict__.get("_in_flight", False)
-
-    @in_flight.setter
-    def in_flight(self, value: bool) -> None:
-        b = self._books
-        if b is not None:
-            b.in_flight[self.slot] = value
-        else:
-            self.__dict__["_in_flight"] = value
-
-    @property
-    def new_utterance_next(self) -> bool:
-        b = self._books
-        return bool(b.new_utterance[self.slot]) if b is not None else self.__dict__.get("_new_utterance", False)
-
-    @new_utterance_next.setter
-    def new_utterance_next(self, value: bool) -> None:
-        b = self._books
-        if b is not None:
-            b.new_utterance[self.slot] = value
-        else:
-            self.__dict__["_new_utterance"] = value
+    in_flight = _RowField("in_flight", bool, False)
+    new_utterance_next = _RowField("new_utterance", bool, False)
 
     @property
     def final_due_after(self) -> int | None:

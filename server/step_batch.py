@@ -77,7 +77,7 @@ def form_batch(books: SlotBooks, max_batch: int, max_pending: int) -> tuple[Step
     received = books.received[rows]
     flushing = books.flushing[rows]
     queued_at = books.queued_at[rows]
-    need = (k + 1) * g.chunk_samples + g.wait_samples        # samples_needed(k)
+    need = g.samples_needed(k)
     start = np.where(k == 0, 0, need - g.chunk_samples)      # consumed_after(k - 1)
     # Mid-stream a chunk ends where it is complete; after the end of audio, at most there.
     end = np.where(flushing, np.minimum(need, received), need)
