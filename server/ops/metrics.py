@@ -9,16 +9,16 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from server.lifecycle import Lifecycle, LifecycleState
+from server.ops.lifecycle import Lifecycle, LifecycleState
 
-from server.ops_http import OpsHttpServer
-from server.scheduler import Scheduler, SchedulerObserver
+from server.ops.ops_http import OpsHttpServer
+from server.scheduling.scheduler import Scheduler, SchedulerObserver
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _PHASE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25)
 # StepTimings as phases that do not overlap: (label, what it is), in the order a step runs them.
 STEP_PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
-# The way to an engine worker process and back (StepTimings, server.engine_worker).
+# The way to an engine worker process and back (StepTimings, server.runtime.engine_worker).
 WORKER_PARTS = ("to_worker", "worker_before", "worker_after", "from_worker", "unpack")
 
 
@@ -151,7 +151,7 @@ class ServerMetrics(SchedulerObserver):
         self.slots_capacity.set_function(lambda: scheduler.capacity)
         self.max_batch.set_function(lambda: scheduler.max_batch)
         self.registry.register(_ExecutionsCollector(scheduler))
-        if hasattr(scheduler, "cores"):  # server.engine_cores: the same, per core
+        if hasattr(scheduler, "cores"):  # server.runtime.engine_cores: the same, per core
             self._bind_cores(scheduler)
         if self._gc_timer is None:
             self._gc_timer = _GcPauseTimer(self._gc_pending)
@@ -248,7 +248,7 @@ class ServerMetrics(SchedulerObserver):
             self.errors.labels(method=method, code=code).inc()
 
     def serve(self, host: str, port: int, status) -> int:
-        """Start the HTTP endpoint (server.ops_http: /metrics, and /health and /ready answered
+        """Start the HTTP endpoint (server.ops.ops_http: /metrics, and /health and /ready answered
         from `status()`, a dict); returns the bound port (port 0: any free)."""
         self._http = OpsHttpServer(host, port, self.registry, status)
         return self._http.port

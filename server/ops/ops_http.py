@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from server.lifecycle import Lifecycle, LifecycleState
+from server.ops.lifecycle import Lifecycle, LifecycleState
 
 log = logging.getLogger("nemostream.ops_http")
 
@@ -40,9 +40,9 @@ READ_TIMEOUT_S = 5.0   # a connection must send its request (and read the answer
 
 def scheduler_status(scheduler, model: str, lifecycle: LifecycleState) -> dict:
     """The JSON both endpoints answer with: the server's lifecycle state (`status`, by its enum
-    name, server.lifecycle), then the scheduler that batches (its own warm-up proved the engine
+    name, server.ops.lifecycle), then the scheduler that batches (its own warm-up proved the engine
     ran: Scheduler.warmup). `ready` is what /ready answers by: SERVING (an owner may add more,
-    server.engine_host: a frontend that serves)."""
+    server.runtime.engine_host: a frontend that serves)."""
     return {
         "status": lifecycle.name,
         "ready": lifecycle.state is Lifecycle.SERVING,
@@ -53,7 +53,7 @@ def scheduler_status(scheduler, model: str, lifecycle: LifecycleState) -> dict:
         "slots_capacity": int(scheduler.capacity),
         "active_streams": int(scheduler.active_streams),
         "dead_reason": lifecycle.reason if lifecycle.state is Lifecycle.DEAD else scheduler.dead_reason,
-        # Several engine cores (server.engine_cores): each with its device, engine and state.
+        # Several engine cores (server.runtime.engine_cores): each with its device, engine and state.
         **({"cores": scheduler.core_status()} if hasattr(scheduler, "core_status") else {}),
     }
 

@@ -1,9 +1,9 @@
 """Several engine cores behind the face of one scheduler (`asr-server --gpus` / `--engine-cores`).
 
-A core is one server.scheduler.Scheduler around its own engine (normally an engine worker
+A core is one server.scheduling.scheduler.Scheduler around its own engine (normally an engine worker
 process) on one device. EngineCores places each new stream on the live core with the most
 free slots and keeps it there for life: the StreamHandle it returns is the core's own, and the
-per-stream operations that take a StreamState (server.engine_host, which relays frontend
+per-stream operations that take a StreamState (server.runtime.engine_host, which relays frontend
 processes' streams) find the stream's core by its id. The servicers, AsrServer's drain and the
 engine host see the same attributes and operations as on a single Scheduler.
 
@@ -25,17 +25,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.api import EndpointingParams, StepTimings
-from server.lifecycle import Lifecycle, LifecycleState
-from server.scheduler import Scheduler, SchedulerObserver, StreamHandle, StreamListener
-from server.stream_events import ErrorKind, StreamError, StreamEvent
-from server.stream_state import StreamState
+from server.ops.lifecycle import Lifecycle, LifecycleState
+from server.scheduling.scheduler import Scheduler, SchedulerObserver, StreamHandle, StreamListener
+from server.scheduling.stream_events import ErrorKind, StreamError, StreamEvent
+from server.scheduling.stream_state import StreamState
 
 log = logging.getLogger("nemostream.engine_cores")
 
 
 @dataclass(eq=False)
 class EngineCore:
-    """One engine on one device, with its scheduler, and the core's lifecycle (server.lifecycle):
+    """One engine on one device, with its scheduler, and the core's lifecycle (server.ops.lifecycle):
     STARTING until its warm-up ran, SERVING, DRAINING once the server drains, STOPPED, or DEAD
     when its engine died (its reason: the scheduler's). EngineCores moves it, from the
     scheduler's side: the engine worker process says nothing of its own state."""
@@ -58,11 +58,11 @@ class EngineCore:
 
     @property
     def state(self) -> str:
-        """The lifecycle state's name (server.lifecycle.Lifecycle)."""
+        """The lifecycle state's name (server.ops.lifecycle.Lifecycle)."""
         return self.lifecycle.name
 
     def status(self) -> dict:
-        """This core's entry in /health and /ready (server.ops_http)."""
+        """This core's entry in /health and /ready (server.ops.ops_http)."""
         s = self.scheduler
         return {"core": self.index, "device": self.device, "state": self.state, "engine": s.engine_name,
                 "pid": getattr(s.engine, "pid", None),  # its engine worker process (None: in this one)
@@ -113,7 +113,7 @@ class EngineCores:
         self._observer: SchedulerObserver = SchedulerObserver()
         self._listener: StreamListener = StreamListener()
         # (core, batch_size, step_seconds, timings) after every step: the per-core metrics
-        # (server.metrics.ServerMetrics.bind sets it).
+        # (server.ops.metrics.ServerMetrics.bind sets it).
         self.on_core_step: Callable[[EngineCore, int, float, StepTimings | None], None] | None = None
         self.on_core_dead: Callable[[EngineCore], None] | None = None
         self._core_of: dict[str, EngineCore] = {}  # open stream id -> its core
@@ -254,7 +254,7 @@ class EngineCores:
         # The stream's operations go straight to its core; closing it also forgets its core.
         return StreamHandle(_ClosingScheduler(core.scheduler, self._core_of), handle.state)
 
-    # -- per-stream operations by StreamState (server.engine_host) -----------------------------------
+    # -- per-stream operations by StreamState (server.runtime.engine_host) -----------------------------------
     def _scheduler_of(self, stream: StreamState) -> Scheduler:
         return self._core_of[stream.stream_id].scheduler
 

@@ -1,7 +1,7 @@
 """The engine process's side of a server with frontend processes (`asr-server --frontends N`).
 
 It owns what one process must own: the engine, the scheduler (unchanged), the metrics
-endpoint. Frontend processes (server.remote_scheduler) run the gRPC transport and connect
+endpoint. Frontend processes (server.runtime.remote_scheduler) run the gRPC transport and connect
 over one Unix socket each; this module relays their streams into the scheduler and the
 scheduler's events back. Its event loop carries IPC frames and scheduling, not gRPC, which
 is what bounded one process at about 3,000 chunks/s (docs/SCALING.md).
@@ -27,16 +27,16 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from engines.api import EndpointingParams, StreamingEngine
-from server import wire as w
-from server.wire import FrameReader, FrameWriter
-from server.gc_policy import apply_gc_policy
-from server.lifecycle import Lifecycle, LifecycleState
-from server.metrics import MetricsObserver, ServerMetrics
-from server.call_limits import shown
-from server.ops_http import scheduler_status
-from server.scheduler import Scheduler, SchedulerConfig, StreamListener
-from server.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
-from server.stream_state import StreamState
+from server.runtime import wire as w
+from server.runtime.wire import FrameReader, FrameWriter
+from server.runtime.gc_policy import apply_gc_policy
+from server.ops.lifecycle import Lifecycle, LifecycleState
+from server.ops.metrics import MetricsObserver, ServerMetrics
+from server.transport.call_limits import shown
+from server.ops.ops_http import scheduler_status
+from server.scheduling.scheduler import Scheduler, SchedulerConfig, StreamListener
+from server.scheduling.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
+from server.scheduling.stream_state import StreamState
 
 log = logging.getLogger("nemostream.engine_host")
 
@@ -95,7 +95,7 @@ class EngineHost(StreamListener):
     def __init__(self, engine: StreamingEngine, config: SchedulerConfig, socket_path: str,
                  gc_freeze: bool = False, gc_threshold: tuple[int, int, int] | None = None,
                  max_streams_per_client: int = 0, scheduler=None):
-        # `scheduler`: several engine cores (server.engine_cores.EngineCores, whose `engine` is
+        # `scheduler`: several engine cores (server.runtime.engine_cores.EngineCores, whose `engine` is
         # the first core's); by default a Scheduler on `engine`.
         self.engine = engine
         # Streams per client over every frontend (a client's connections may land on any of
@@ -109,11 +109,11 @@ class EngineHost(StreamListener):
         self.metrics = ServerMetrics(max_batch=engine.max_batch)
         self.metrics.process_name = "engine"
         # The server's lifecycle, as the engine process sees it: SERVING once the engine warmed
-        # up and the frontends first reported ready (server.frontends says so: `serving()`).
+        # up and the frontends first reported ready (server.service.frontends says so: `serving()`).
         self.lifecycle = LifecycleState("server")
         self.metrics.watch_lifecycle(self.lifecycle)
         # Each frontend process's entry in /health ({"name", "pid", "state", ...}), from its
-        # supervisor (server.frontends); None: no frontend is listed.
+        # supervisor (server.service.frontends); None: no frontend is listed.
         self.frontend_status = None
         self.on_frontend_ready = None  # called with a frontend's name when it reports ready
         self.scheduler = scheduler or Scheduler(engine, config)
@@ -154,7 +154,7 @@ class EngineHost(StreamListener):
         return name
 
     def http_status(self) -> dict:
-        """/health and /ready on the metrics port (server.ops_http), with the frontends ready."""
+        """/health and /ready on the metrics port (server.ops.ops_http), with the frontends ready."""
         status = scheduler_status(self.scheduler, self.engine.model_info.name, self.lifecycle)
         status["frontends_ready"] = self.ready_frontends
         # Nothing listens for gRPC while every frontend is (re)starting: not ready, though SERVING.
@@ -417,7 +417,7 @@ class EngineHost(StreamListener):
 
 
 def event_message(key: str, consumed: int, event: StreamEvent) -> w.Result | w.Failed:
-    """A scheduler event as the wire's message (server.remote_scheduler.result_event reads it)."""
+    """A scheduler event as the wire's message (server.runtime.remote_scheduler.result_event reads it)."""
     if isinstance(event, StreamFailure):
         return w.Failed(key, consumed, event.kind.value, event.message)
     finals = event.finals

@@ -9,7 +9,7 @@ bench/RESULTS.md); the server's event loop at 1,000 streams is such a thread. In
 process the engine thread runs alone.
 
 Parent side: `EngineWorker`, a StreamingEngine whose step is a round trip over the typed wire
-(server.wire, on a socket pair). The scheduler awaits it on its event loop (`step_async`); `step`
+(server.runtime.wire, on a socket pair). The scheduler awaits it on its event loop (`step_async`); `step`
 blocks instead, for callers without a loop. Slots are allocated here, where the books are, and
 each acquire and release is sent ahead of any step that uses the slot; the child maps them onto
 slots of its own engine, whose own checks still apply. Requests that get a reply carry an id,
@@ -67,8 +67,8 @@ from engines.api import (BadChunkError, EngineError, EngineOverloadedError, Engi
                          ResultColumns, RowSamples, StepPlan, StepResult, StreamStateLostError)
 from engines.config import EngineConfig
 from engines.slot_allocator import SlotAllocator
-from server import wire as w
-from server.loop_calls import call_soon_from_thread
+from server.runtime import wire as w
+from server.scheduling.loop_calls import call_soon_from_thread
 
 log = logging.getLogger("nemostream.engine_worker")
 _DIRECT_SEND_BYTES = 16 << 10  # larger frames (a step with its audio inline) go by the writer thread
@@ -79,7 +79,7 @@ PROCESS_NAME = "asr-engine"  # what ps shows for the child
 @dataclass(frozen=True)
 class ChildOptions:
     """How the child sets itself up: logging as the parent's, and the garbage collector's
-    policy after warm-up (server.gc_policy), since the child allocates per step too."""
+    policy after warm-up (server.runtime.gc_policy), since the child allocates per step too."""
 
     log_level: str = "INFO"
     log_format: str = "text"
@@ -115,7 +115,7 @@ class _SampleBuffer:
 
 
 class _Link:
-    """The blocking side of the worker link: frames from a socket, decoded (server.wire)."""
+    """The blocking side of the worker link: frames from a socket, decoded (server.runtime.wire)."""
 
     def __init__(self, sock: socket.socket, kinds):
         self.sock = sock
@@ -346,8 +346,8 @@ def _child_main(sock: socket.socket) -> None:
             f.write(PROCESS_NAME)
     except OSError:
         pass
-    from server.gc_policy import apply_gc_policy
-    from server.logging_setup import configure_logging
+    from server.runtime.gc_policy import apply_gc_policy
+    from server.runtime.logging_setup import configure_logging
 
     link = _Link(sock, w.TO_WORKER)
     try:

@@ -1,5 +1,5 @@
-"""A frontend process's scheduler: the same face as server.scheduler.Scheduler to the
-servicers, with the real scheduler in the engine process (server.engine_host) at the other
+"""A frontend process's scheduler: the same face as server.scheduling.scheduler.Scheduler to the
+servicers, with the real scheduler in the engine process (server.runtime.engine_host) at the other
 end of a Unix socket.
 
 What stays here and what goes there:
@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.api import EndpointingParams
-from server import wire as w
-from server.call_limits import CLIENT_IDENTITY
-from server.engine_host import EngineFacts
-from server.wire import FrameReader, FrameWriter
-from server.metrics import ServerMetrics
-from server.scheduler import SchedulerConfig, SchedulerObserver, StreamHandle
-from server.stream_books import StreamBooks
-from server.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
+from server.runtime import wire as w
+from server.transport.call_limits import CLIENT_IDENTITY
+from server.runtime.engine_host import EngineFacts
+from server.runtime.wire import FrameReader, FrameWriter
+from server.ops.metrics import ServerMetrics
+from server.scheduling.scheduler import SchedulerConfig, SchedulerObserver, StreamHandle
+from server.scheduling.stream_books import StreamBooks
+from server.scheduling.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
                                   UtteranceEnd)
-from server.stream_state import StreamState, StreamStatus
+from server.scheduling.stream_state import StreamState, StreamStatus
 
 log = logging.getLogger("nemostream.remote_scheduler")
 GC_FORWARD_PERIOD_S = 0.5
@@ -331,7 +331,7 @@ class RemoteMetrics(ServerMetrics):
         super().__init__(max_batch=max_batch)
         self._remote = scheduler
         self.audio_seconds = _ForwardedCounter(scheduler)
-        # The GC callback only records (see server.metrics._GcPauseTimer); this forwards.
+        # The GC callback only records (see server.ops.metrics._GcPauseTimer); this forwards.
         self._gc_task = asyncio.get_running_loop().create_task(self._forward_gc(), name="gc-forward")
 
     async def _forward_gc(self) -> None:

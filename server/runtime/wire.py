@@ -1,9 +1,9 @@
 """The one wire between the server's processes: typed messages (msgspec Structs, encoded as
 msgpack) in length-prefixed frames. Two links use it (docs/SCALING.md):
 
-  - frontend <-> engine host, over a Unix socket per frontend (server.remote_scheduler,
-    server.engine_host): streams' control, audio and results, metrics, the engine's state;
-  - engine host's scheduler <-> engine worker process, over a socket pair (server.engine_worker):
+  - frontend <-> engine host, over a Unix socket per frontend (server.runtime.remote_scheduler,
+    server.runtime.engine_host): streams' control, audio and results, metrics, the engine's state;
+  - engine host's scheduler <-> engine worker process, over a socket pair (server.runtime.engine_worker):
     slots, steps and their replies. A step's audio does not travel here: it goes through a
     shared-memory sample buffer, and the step message names the buffer.
 
@@ -199,7 +199,7 @@ class EndUtterance(Message, tag=13):
 
 # -- engine host -> frontend -----------------------------------------------------------------
 class Final(Message, tag=30):
-    """An utterance a chunk closed (server.stream_events.Utterance)."""
+    """An utterance a chunk closed (server.scheduling.stream_events.Utterance)."""
 
     index: int
     transcript: str
@@ -256,7 +256,7 @@ class Synced(Message, tag=25):
 # -- scheduler -> engine worker --------------------------------------------------------------
 class Configure(Message, tag=40):
     """First message to a new worker: the engine to build (`factory`, as --engine-factory names
-    it) and how the worker sets itself up (server.engine_worker.ChildOptions)."""
+    it) and how the worker sets itself up (server.runtime.engine_worker.ChildOptions)."""
 
     factory: str
     config: EngineConfig

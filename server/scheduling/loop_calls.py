@@ -2,8 +2,9 @@
 
 Its own module because both sides of the engine boundary need it: the scheduler (an engine's
 death watch fires on another thread) and the engine worker's reader thread (a reply arrived).
-The engine worker sits below the scheduler (transport -> scheduler -> engine), so it cannot
-import this from server.scheduler.
+The engine worker sits below the scheduler that drives it (pyproject.toml's engine-worker-lean
+contract keeps the scheduling core out of it), so it cannot import this from
+server.scheduling.scheduler.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """The asyncio micro-batching scheduler: keeps the books of every stream, feeds the engine.
 
 Pure Python: it talks to the engine only through engines.api (typed plans in, typed results
-out) and to the transport only through server.stream_events. No gRPC, no torch.
+out) and to the transport only through server.scheduling.stream_events. No gRPC, no torch.
 
 How a chunk travels:
   push_audio -> the stream's SampleQueue -> (its row in the slot books says the next chunk is
   complete) -> ready set (FCFS, one row per stream) -> the batching task takes up to max_batch
   rows, oldest first, once the batch is full or `batch_wait_s` after the oldest entry
-  (server.step_batch.form_batch: array operations over server.slot_books, the audio taken per
+  (server.scheduling.step_batch.form_batch: array operations over server.scheduling.slot_books, the audio taken per
   row) -> one columnar StepPlan runs on the single engine thread (or, for an engine in a worker
-  process, is sent to it from the loop: server.engine_worker), failures isolated
-  (server.step_batch.run_isolated) -> the StepResult is checked against the plan and scattered
+  process, is sent to it from the loop: server.runtime.engine_worker), failures isolated
+  (server.scheduling.step_batch.run_isolated) -> the StepResult is checked against the plan and scattered
   back as ChunkResult events -> rows whose next chunk is complete rejoin the ready set.
 
 A stream is in at most one submitted step (its row's `in_flight` flag), so its chunks run in order.
@@ -32,14 +32,14 @@ import numpy as np
 
 from engines.api import (EndpointingParams, EngineError, EngineState, StepPlan, StepResult, StepTimings,
                          StreamingEngine)
-from server.loop_calls import call_soon_from_thread
-from server.slot_books import SlotBooks, SlotStream
-from server.step_batch import StepBatch, StepOutcome, form_batch, run_isolated
-from server.stream_books import StreamBooks
-from server.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
+from server.scheduling.loop_calls import call_soon_from_thread
+from server.scheduling.slot_books import SlotBooks, SlotStream
+from server.scheduling.step_batch import StepBatch, StepOutcome, form_batch, run_isolated
+from server.scheduling.stream_books import StreamBooks
+from server.scheduling.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
                                   UtteranceEnd)
-from server.stream_state import StreamState, StreamStatus
-from server.utterances import UtteranceBook
+from server.scheduling.stream_state import StreamState, StreamStatus
+from server.scheduling.utterances import UtteranceBook
 
 log = logging.getLogger("nemostream.scheduler")
 
@@ -79,7 +79,7 @@ class SchedulerObserver:
     """Hooks for metrics; every method is called on the event loop. No-ops by default."""
 
     # `timings`: the engine's own account of the step (engines.api.StepTimings); step_seconds is
-    # the scheduler's, which also holds the way there and back (server.engine_worker: a pipe).
+    # the scheduler's, which also holds the way there and back (server.runtime.engine_worker: a pipe).
     def step_done(self, batch_size: int, step_seconds: float, queue_waits: list[float],
                   engine: str, executions: dict[str, int], timings: StepTimings | None = None) -> None: ...
     def chunk_answered(self, latency_seconds: float) -> None: ...
@@ -95,7 +95,7 @@ class SchedulerObserver:
 
 
 class StreamListener:
-    """Hooks for a consumer that relays streams elsewhere (server.engine_host, which serves
+    """Hooks for a consumer that relays streams elsewhere (server.runtime.engine_host, which serves
     frontend processes): told when a stream has events to take, and when the scheduler itself
     ended a stream's audio (a duration limit). Called on the event loop. No-ops by default."""
 
@@ -105,7 +105,7 @@ class StreamListener:
 
 class StreamHandle:
     """What the transport holds for one open stream. `scheduler` is this module's Scheduler or
-    a frontend process's server.remote_scheduler.RemoteScheduler: the same six operations."""
+    a frontend process's server.runtime.remote_scheduler.RemoteScheduler: the same six operations."""
 
     def __init__(self, scheduler: Scheduler, state: StreamState):
         self._scheduler = scheduler
@@ -172,7 +172,7 @@ class Scheduler(StreamBooks):
         self._slowest_step = 0.0                # the slowest recent step, decaying (the hang deadline's base)
         self._hang_task: asyncio.Task | None = None
         self.engine_name: str | None = None     # what the warm-up really executed
-        # Which engine this is in messages to clients, when there are several (server.engine_cores).
+        # Which engine this is in messages to clients, when there are several (server.runtime.engine_cores).
         self.label = ""
         self.executions: dict[str, int] = {}    # last snapshot of engine.executions()
 
@@ -186,7 +186,7 @@ class Scheduler(StreamBooks):
         self._loop_task.add_done_callback(self._loop_exited)
         if self.config.hang_timeout_s > 0:
             self._hang_task = loop.create_task(self._watch_for_hangs(), name="hang-watch")
-        # An engine that can die on its own (server.engine_worker: its process exits) says so at
+        # An engine that can die on its own (server.runtime.engine_worker: its process exits) says so at
         # once, so health turns NOT_SERVING without waiting for a step to fail.
         watch = getattr(self.engine, "watch", None)
         if callable(watch):
@@ -278,7 +278,7 @@ class Scheduler(StreamBooks):
     def accept_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
         """push_audio without the wait: append, enforce the duration limit, queue what is
         complete. False once the stream no longer takes audio. A caller that does not await
-        push_audio (server.engine_host) applies the backpressure itself."""
+        push_audio (server.runtime.engine_host) applies the backpressure itself."""
         if stream.status is not StreamStatus.RECEIVING:
             return False
         if samples.size == 0:
@@ -521,7 +521,7 @@ class Scheduler(StreamBooks):
 
     async def _engine_step(self, plan: StepPlan) -> tuple[StepResult, float]:
         """One engine step and the seconds the engine spent on it. An engine with `step_async`
-        (server.engine_worker: the engine in its own process) is awaited here on the loop;
+        (server.runtime.engine_worker: the engine in its own process) is awaited here on the loop;
         any other runs on the one engine thread. The seconds leave out waiting behind the
         step before it (two are submitted at once), so they add up to the engine's busy time."""
         if self._step_async is not None:
@@ -649,7 +649,7 @@ class Scheduler(StreamBooks):
         what the stream gets: its event, and its utterance book where the row brought tokens,
         endpoints or its final. A columnar result (engines.streaming_engine) is read from its
         columns, so token objects are made only for rows that have tokens; so is an engine
-        worker's (server.engine_worker rebuilds it from the reply's columns). A result of
+        worker's (server.runtime.engine_worker rebuilds it from the reply's columns). A result of
         StreamUpdate rows (the fake engine) is read row by row."""
         at = ran.tolist()
         streams = [batch.streams[p] for p in at]

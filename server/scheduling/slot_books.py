@@ -3,7 +3,7 @@ streams wait in the ready set and since when, which are in a step. Choosing a ba
 rows, oldest first, up to the maximum batch) and the plan's row vectors are array operations
 over these, not a walk over stream objects.
 
-The status table stays in server.stream_state (a stream's status changes in one place,
+The status table stays in server.scheduling.stream_state (a stream's status changes in one place,
 StreamState.set_status); the books keep only an index of it (`live`, `flushing`), updated from
 there. A stream that holds a slot reads its position from the books (SlotStream's properties),
 so the arrays are the one copy; when it gives the slot back its values are copied into the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from engines.geometry import ChunkGeometry
-from server.stream_state import StreamState, StreamStatus
+from server.scheduling.stream_state import StreamState, StreamStatus
 
 _NO_DUE = -1  # final_due: no client request for a final pending
 
@@ -171,7 +171,7 @@ class _RowField:
 
 
 class SlotStream(StreamState):
-    """A stream of server.scheduler.Scheduler: its position lives in the slot books' row while
+    """A stream of server.scheduling.scheduler.Scheduler: its position lives in the slot books' row while
     it holds the slot (the arrays are the one copy), in the object once it gave the slot back."""
 
     _VIEWED = ("received", "next_chunk", "in_flight", "new_utterance_next", "final_due_after")

@@ -1,6 +1,6 @@
-"""A step's batch: formed from the slot books (server.slot_books) as columns, and run on the
+"""A step's batch: formed from the slot books (server.scheduling.slot_books) as columns, and run on the
 engine with what fails isolated (retries, splits, a lowered maximum batch). The scheduler
-(server.scheduler) submits batches and applies their outcomes to its streams.
+(server.scheduling.scheduler) submits batches and applies their outcomes to its streams.
 
 Pure Python and numpy; no gRPC, no torch.
 """
@@ -17,8 +17,8 @@ import numpy as np
 
 from engines.api import (BadChunkError, EndpointingParams, EngineOverloadedError, StepPlan, StepResult,
                          StreamStateLostError)
-from server.slot_books import SlotBooks
-from server.stream_state import StreamState
+from server.scheduling.slot_books import SlotBooks
+from server.scheduling.stream_state import StreamState
 
 
 @dataclass(slots=True)

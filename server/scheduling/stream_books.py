@@ -2,8 +2,8 @@
 drain that waits for it to empty, the wait for a stream's next event, and the wait for room
 for more audio (backpressure, and its two failures).
 
-Two schedulers share it: server.scheduler.Scheduler (the engine in this process) and
-server.remote_scheduler.RemoteScheduler (a frontend process, the engine in another). They
+Two schedulers share it: server.scheduling.scheduler.Scheduler (the engine in this process) and
+server.runtime.remote_scheduler.RemoteScheduler (a frontend process, the engine in another). They
 differ in how many samples of a stream are pending (`_pending_samples`), how an event is taken
 (`take_event`) and how a stream fails (`_fail`). Pure Python, no gRPC, no torch.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 
-from server.stream_events import ErrorKind, StreamEvent
-from server.stream_state import StreamState, StreamStatus
+from server.scheduling.stream_events import ErrorKind, StreamEvent
+from server.scheduling.stream_state import StreamState, StreamStatus
 
 
 class StreamBooks:

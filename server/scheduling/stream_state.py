@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.api import EndpointingParams
-from server.stream_events import StreamEvent
-from server.utterances import UtteranceBook
+from server.scheduling.stream_events import StreamEvent
+from server.scheduling.utterances import UtteranceBook
 
 
 class StreamStatus(enum.Enum):
@@ -110,7 +110,7 @@ class StreamState:
     in_flight: bool = False           # a chunk of this stream is in a submitted step
     slot_released: bool = False
     audio_seconds: float = 0.0        # audio decoded so far, as the engine reports it
-    # Utterances: the open one's text and tokens (server.utterances), the stream's endpointing
+    # Utterances: the open one's text and tokens (server.scheduling.utterances), the stream's endpointing
     # (None: off, one utterance per stream), the next chunk starts a new utterance (the engine
     # resets its endpointer there), and a client's request for the final, due once the chunks
     # complete at the request have run (their count) and when it came.

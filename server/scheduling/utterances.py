@@ -1,5 +1,5 @@
 """A stream's utterances, as the scheduler keeps them: the open utterance's tokens and text, and
-the closing of an utterance into its final (server.stream_events.Utterance).
+the closing of an utterance into its final (server.scheduling.stream_events.Utterance).
 
 Only the open utterance is kept, so a stream's memory does not grow with the length of a call.
 The engine says where utterances end (StreamUpdate.ends, encoder frames); a client can end one
@@ -9,7 +9,7 @@ itself, and the end of the audio ends the last. Pure Python, no torch.
 from __future__ import annotations
 
 from engines.api import TokenEvent, tokens_text
-from server.stream_events import Utterance, UtteranceEnd
+from server.scheduling.stream_events import Utterance, UtteranceEnd
 
 
 class UtteranceBook:

@@ -17,18 +17,18 @@ from grpc_reflection.v1alpha import reflection
 from engines.api import EndpointingParams, StreamingEngine
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.call_limits import RecognizeBudget
-from server.call_skeleton import TransportLimits
-from server.gc_policy import apply_gc_policy
-from server.lifecycle import Lifecycle, LifecycleState
-from server.metrics import MetricsObserver, ServerMetrics
-from server.ops_http import scheduler_status
-from server.riva_convert import RivaSettings
-from server.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
-from server.scheduler import Scheduler, SchedulerConfig
-from server.security import REFUSAL_DRAIN_SECONDS, SecuritySettings
-from server.servicer import SpeechRecognitionServicer
-from server.stream_config import ServedModel
+from server.transport.call_limits import RecognizeBudget
+from server.transport.call_skeleton import TransportLimits
+from server.runtime.gc_policy import apply_gc_policy
+from server.ops.lifecycle import Lifecycle, LifecycleState
+from server.ops.metrics import MetricsObserver, ServerMetrics
+from server.ops.ops_http import scheduler_status
+from server.transport.riva_convert import RivaSettings
+from server.transport.riva_servicer import RIVA_SERVICE_NAME, RivaSpeechRecognitionServicer, add_riva_servicer
+from server.scheduling.scheduler import Scheduler, SchedulerConfig
+from server.transport.security import REFUSAL_DRAIN_SECONDS, SecuritySettings
+from server.transport.servicer import SpeechRecognitionServicer
+from server.transport.stream_config import ServedModel
 
 log = logging.getLogger("nemostream.server")
 
@@ -72,7 +72,7 @@ class ServerSettings:
     # for ~0.35 s on a 2-core CPU; after the freeze it takes ~2 ms. Off by default for library
     # use (tests start many servers in one process); asr-server turns it on.
     gc_freeze: bool = False
-    # gc.set_threshold after warm-up (server.gc_policy says why); None: Python's defaults.
+    # gc.set_threshold after warm-up (server.runtime.gc_policy says why); None: Python's defaults.
     gc_threshold: tuple[int, int, int] | None = None
     # Share the port with other processes (SO_REUSEPORT): the frontend processes of one server
     # (`asr-server --frontends N`). Off otherwise, so a second server on a taken port fails.
@@ -116,7 +116,7 @@ class ServerSettings:
 
 class AsrServer:
     """`scheduler` and `metrics` default to a local Scheduler on `engine` and metrics served
-    here. A frontend process passes a server.remote_scheduler.RemoteScheduler (whose `engine`
+    here. A frontend process passes a server.runtime.remote_scheduler.RemoteScheduler (whose `engine`
     is the engine process's EngineFacts) and its RemoteMetrics."""
 
     def __init__(self, engine: StreamingEngine, settings: ServerSettings | None = None,
@@ -130,7 +130,7 @@ class AsrServer:
         self.served = ServedModel(engine.model_info, engine.geometry, self.settings.model_aliases,
                                   self.settings.endpointing)
         self.health = HealthServicer()
-        # This process's role: the whole server, or one frontend process (server.frontends).
+        # This process's role: the whole server, or one frontend process (server.service.frontends).
         self.lifecycle = LifecycleState("server")
         self.metrics.watch_lifecycle(self.lifecycle)
         self.port: int | None = None
@@ -188,7 +188,7 @@ class AsrServer:
                                    "max_batch": self.engine.max_batch})
 
     def http_status(self) -> dict:
-        """What /health and /ready on the metrics port answer (server.ops_http)."""
+        """What /health and /ready on the metrics port answer (server.ops.ops_http)."""
         return scheduler_status(self.scheduler, self.served.info.name, self.lifecycle)
 
     async def _publish_health(self) -> None:

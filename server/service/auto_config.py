@@ -48,7 +48,7 @@ MAX_STREAMS_HELP = (f"concurrent streams (cache slots); auto: on a GPU, as many 
                     f"(engines/capacity.py)")
 FRONTENDS_AUTO_HELP = (f"auto: with the engine on a GPU, one per {CORES_PER_FRONTEND} usable cores after "
                        f"{ENGINE_CORES} for the engine, 1 to {MAX_AUTO_FRONTENDS}; with the engine on the CPU, 1 "
-                       f"(server/auto_config.py)")
+                       f"(server/service/auto_config.py)")
 
 
 def int_or_auto(text: str) -> int | None:

@@ -15,16 +15,16 @@ import sys
 
 from engines.api import EndpointingParams, StreamingEngine
 from engines.config import DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, UTTERANCE_RESETS, EngineConfig
-from server.app import AsrServer, ServerSettings
-from server.auto_config import (AUTO, FRONTENDS_AUTO_HELP, MAX_BATCH_HELP, MAX_STREAMS_HELP, engine_sizing_kwargs,
+from server.service.app import AsrServer, ServerSettings
+from server.service.auto_config import (AUTO, FRONTENDS_AUTO_HELP, MAX_BATCH_HELP, MAX_STREAMS_HELP, engine_sizing_kwargs,
                                 int_or_auto, resolve_frontends)
-from server.call_limits import RecognizeLimits
-from server.call_skeleton import TransportLimits
-from server.gc_policy import parse_threshold
-from server.logging_setup import configure_logging
-from server.riva_convert import RivaSettings
-from server.scheduler import SchedulerConfig
-from server.security import add_security_args, security_settings
+from server.transport.call_limits import RecognizeLimits
+from server.transport.call_skeleton import TransportLimits
+from server.runtime.gc_policy import parse_threshold
+from server.runtime.logging_setup import configure_logging
+from server.transport.riva_convert import RivaSettings
+from server.scheduling.scheduler import SchedulerConfig
+from server.transport.security import add_security_args, security_settings
 
 log = logging.getLogger("nemostream.cli")
 DEFAULT_FACTORY = "engines.factory:build_engine"
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--no-engine-worker", action="store_true",
                    help="run the engine in the server's own process; by default it runs in a worker process "
                         "with its own interpreter lock, so the event loop does not slow its steps down "
-                        "(server/engine_worker.py)")
+                        "(server/runtime/engine_worker.py)")
     n = p.add_argument_group("network")
     n.add_argument("--frontends", type=int_or_auto, default=AUTO,
                    help="gRPC frontend processes sharing the port around one engine process; one process "
@@ -172,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--gc-threshold", default=DEFAULT_GC_THRESHOLD, metavar="G0,G1,G2",
                    help="garbage collector thresholds set after warm-up in every server process (Python's own: "
                         "700,10,10; empty: leave them); on an H100 at 1,024 streams these cut GC pauses from "
-                        "780 ms to 45 ms per level and full collections from 11 to 0 (server/gc_policy.py)")
+                        "780 ms to 45 ms per level and full collections from 11 to 0 (server/runtime/gc_policy.py)")
     o.add_argument("--gil-switch-ms", type=float, default=None,
                    help="Python's thread switch interval (default 5 ms): the event loop and the engine "
                         "thread share one interpreter lock, and a shorter interval bounds how long "
@@ -212,7 +212,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
 
 
 async def serve(engine: StreamingEngine, settings: ServerSettings, cores: list[tuple[str, StreamingEngine]] | None = None) -> int:
-    """`cores`: (device, engine) of every engine core (server.engine_cores); None: `engine` alone."""
+    """`cores`: (device, engine) of every engine core (server.runtime.engine_cores); None: `engine` alone."""
     server = AsrServer(engine, settings, scheduler=engine_cores(cores, settings) if cores else None)
     try:
         await server.start()
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         print("asr-server: --frontends must be at least 1", file=sys.stderr)
         return 2
     if args.frontend_of is not None:  # a frontend process of an engine process: no model here
-        # The parent's drain notice arrives as SIGUSR1 (server.frontends); until the handler is
+        # The parent's drain notice arrives as SIGUSR1 (server.service.frontends); until the handler is
         # set, it must not end the process.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         try:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"asr-server: {exc}", file=sys.stderr)
             return 2
         _set_switch_interval(args)
-        from server.frontends import serve_frontend
+        from server.service.frontends import serve_frontend
         return _runner(args)(serve_frontend(settings, args.frontend_of, args.frontend_name))
     if args.gil_switch_ms is not None and args.gil_switch_ms <= 0:
         print("asr-server: --gil-switch-ms must be positive", file=sys.stderr)
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in lines:
             print(f"asr-server: {line}", flush=True)
         if frontends > 1:
-            from server.frontends import serve_with_frontends
+            from server.service.frontends import serve_with_frontends
             return _runner(args)(serve_with_frontends(engine, settings, frontends, argv,
                                                       scheduler=engine_cores(cores, settings)))
         return _runner(args)(serve(engine, settings, cores))
@@ -376,9 +376,9 @@ def start_engines(args: argparse.Namespace, cfg: EngineConfig, settings: ServerS
 
 
 def engine_cores(cores: list[tuple[str, StreamingEngine]], settings: ServerSettings):
-    """One scheduler per engine, behind the router (server.engine_cores)."""
-    from server.engine_cores import EngineCore, EngineCores
-    from server.scheduler import Scheduler
+    """One scheduler per engine, behind the router (server.runtime.engine_cores)."""
+    from server.runtime.engine_cores import EngineCore, EngineCores
+    from server.scheduling.scheduler import Scheduler
 
     return EngineCores([EngineCore(i, device, Scheduler(engine, settings.scheduler))
                         for i, (device, engine) in enumerate(cores)])
@@ -393,7 +393,7 @@ def _close_engines(engines: list[StreamingEngine]) -> None:
 
 def start_engine(args: argparse.Namespace, cfg: EngineConfig, settings: ServerSettings) -> StreamingEngine:
     """The engine, in a worker process (the default) or in this one (--no-engine-worker)."""
-    from server.engine_worker import ChildOptions, EngineWorker, load_factory
+    from server.runtime.engine_worker import ChildOptions, EngineWorker, load_factory
 
     if args.no_engine_worker:
         return load_factory(args.engine_factory)(cfg)

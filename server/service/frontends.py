@@ -1,10 +1,10 @@
 """`asr-server --frontends N`: one engine process, N gRPC frontend processes on one port.
 
 The engine process (this one, the parent) loads the model, runs the scheduler and the metrics
-endpoint (server.engine_host), and supervises the frontends: `python -m server.cli` again
+endpoint (server.runtime.engine_host), and supervises the frontends: `python -m server.service.cli` again
 with the same arguments plus `--frontend-of SOCKET`, each a grpc.aio server on the shared port
 (SO_REUSEPORT: the kernel spreads new connections across them) with a
-server.remote_scheduler in place of the scheduler. Frontends import no torch.
+server.runtime.remote_scheduler in place of the scheduler. Frontends import no torch.
 
 Lifecycle:
   - start-up: the engine warms up first; the port is reserved before any frontend starts (a
@@ -14,7 +14,7 @@ Lifecycle:
     finish within --drain-grace-s), then the engine stops;
   - a frontend that dies is started again; the engine process closes its streams, so their
     slots come back and no other stream notices;
-  - each frontend's lifecycle (server.lifecycle), kept here from the parent's side and listed in
+  - each frontend's lifecycle (server.ops.lifecycle), kept here from the parent's side and listed in
     the engine process's /health (`frontends`) and asr_lifecycle_state{role="frontend-N"}:
     STARTING when spawned, SERVING once it reported ready, DRAINING once told to drain (SIGUSR1
     notice or SIGTERM), STOPPED when it exits with status 0, DEAD (with its exit status) when it
@@ -41,11 +41,11 @@ import socket
 import sys
 import tempfile
 
-from server.app import AsrServer, ServerSettings
-from server.engine_host import EngineHost
-from server.lifecycle import Lifecycle, LifecycleState
-from server.remote_scheduler import RemoteMetrics, RemoteScheduler
-from server.security import REFUSAL_DRAIN_SECONDS
+from server.service.app import AsrServer, ServerSettings
+from server.runtime.engine_host import EngineHost
+from server.ops.lifecycle import Lifecycle, LifecycleState
+from server.runtime.remote_scheduler import RemoteMetrics, RemoteScheduler
+from server.transport.security import REFUSAL_DRAIN_SECONDS
 
 log = logging.getLogger("nemostream.frontends")
 EXIT_ENGINE_DEAD = 3
@@ -96,7 +96,7 @@ class FrontendSupervisor:
         self._watchers: set[asyncio.Task] = set()
 
     def _command(self, index: int) -> list[str]:
-        return [sys.executable, "-m", "server.cli", *self.argv, "--port", str(self.port),
+        return [sys.executable, "-m", "server.service.cli", *self.argv, "--port", str(self.port),
                 "--frontend-of", self.socket_path, "--frontend-name", f"frontend-{index}"]
 
     async def start(self) -> None:

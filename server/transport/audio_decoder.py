@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.wav_header import AudioError, SampleEncoding, WavHeader, looks_like_wav, parse_wav_header
+from server.transport.wav_header import AudioError, SampleEncoding, WavHeader, looks_like_wav, parse_wav_header
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 MAX_CHANNELS = 8

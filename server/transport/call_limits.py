@@ -11,7 +11,7 @@ import collections
 import contextvars
 from dataclasses import dataclass
 
-from server.stream_events import ErrorKind, StreamError
+from server.scheduling.stream_events import ErrorKind, StreamError
 
 # A client's own strings (a model name, a language code, a RequestId) are echoed into status
 # messages only this far: gRPC sends the message as trailing metadata, and a message over its
@@ -60,7 +60,7 @@ def client_of(context) -> str:
     identity = CLIENT_IDENTITY.get()
     if identity:
         return identity
-    from server.security import peer_identity  # transport-level helper; no cycle at import time
+    from server.transport.security import peer_identity  # transport-level helper; no cycle at import time
 
     return peer_identity(context)
 

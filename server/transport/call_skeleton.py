@@ -1,5 +1,5 @@
-"""One call's skeleton, for both APIs on the port: the native nemostream.v1 (server.servicer)
-and NVIDIA Riva's ASR API (server.riva_servicer).
+"""One call's skeleton, for both APIs on the port: the native nemostream.v1 (server.transport.servicer)
+and NVIDIA Riva's ASR API (server.transport.riva_servicer).
 
 A call goes the same way whichever API it speaks, and this module owns that way once:
 
@@ -7,7 +7,7 @@ A call goes the same way whichever API it speaks, and this module owns that way 
   server that ends the call before reading makes grpc.aio clients still writing it see INTERNAL,
   not our status), asks the scheduler for admission, opens the stream, then runs two halves: a
   reader task that decodes audio and pushes it (waiting while the stream has enough pending), and
-  the handler writing responses while watching the stream (server.unread_client). Any problem
+  the handler writing responses while watching the stream (server.transport.unread_client). Any problem
   becomes the stream's failure, and the failure becomes the gRPC status of the same name
   (ErrorKind), counted in the metrics before it goes out. The stream's place is freed once.
 - Recognize checks the whole request, takes its bytes from the Recognize budget, feeds the
@@ -29,17 +29,17 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.call_limits import (RECOGNIZE_PIECE_BYTES, RecognizeBudget, RecognizeLimits, check_response_size,
+from server.transport.call_limits import (RECOGNIZE_PIECE_BYTES, RecognizeBudget, RecognizeLimits, check_response_size,
                                 client_of, status_message)
-from server.idle_read import next_within
-from server.metrics import ServerMetrics
-from server.scheduler import Scheduler, StreamHandle
-from server.security import REFUSAL_DRAIN_SECONDS, REFUSAL_QUIET_SECONDS, drain_requests
-from server.stream_config import ServedModel
-from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure, Utterance
-from server.stream_state import StreamStatus
-from server.unread_client import UnreadClient, abort_unread, write_watching
-from server.wav_header import AudioError
+from server.transport.idle_read import next_within
+from server.ops.metrics import ServerMetrics
+from server.scheduling.scheduler import Scheduler, StreamHandle
+from server.transport.security import REFUSAL_DRAIN_SECONDS, REFUSAL_QUIET_SECONDS, drain_requests
+from server.transport.stream_config import ServedModel
+from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure, Utterance
+from server.scheduling.stream_state import StreamStatus
+from server.transport.unread_client import UnreadClient, abort_unread, write_watching
+from server.transport.wav_header import AudioError
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class _ReadFailed(StreamError):
 
 async def settle_reader(reader: asyncio.Task | None, handle) -> None:
     """Before a status goes out, let the audio reader finish reading what the client still sends
-    (it drains a bounded amount once the stream has failed or ended: server.security's
+    (it drains a bounded amount once the stream has failed or ended: server.transport.security's
     drain_requests). A grpc.aio client whose request writes race the status sees INTERNAL
     "Internal error from Core" instead of it (grpc/grpc#36066); a client that has half-closed
     sees the status the server sent."""
@@ -180,7 +180,7 @@ class StreamCall:
         self._calls = calls
 
     async def write(self, response, what: str = "response") -> None:
-        """Write one response, watching the stream (server.unread_client)."""
+        """Write one response, watching the stream (server.transport.unread_client)."""
         limits = self._calls.limits
         check_response_size(response.ByteSize(), limits.max_send_bytes, what)
         await write_watching(self.context, response, self.handle.state, self._failure, limits.idle_timeout_s)

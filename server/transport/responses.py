@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from engines.api import TokenEvent
 from proto import asr_stream_pb2 as pb
-from server.stream_events import ChunkResult, Utterance
+from server.scheduling.stream_events import ChunkResult, Utterance
 
 WORD_MARK = "\u2581"  # SentencePiece's word-start marker
 

@@ -42,13 +42,13 @@ import numpy as np
 
 from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_audio_pb2 as rau
-from server.audio_decoder import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, AudioDecoder, AudioSpec
-from server.responses import words_from_tokens
+from server.transport.audio_decoder import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, AudioDecoder, AudioSpec
+from server.transport.responses import words_from_tokens
 from engines.api import EndpointingParams
-from server.call_limits import shown
-from server.stream_config import ServedModel, language_supported, resolve_endpointing
-from server.stream_events import ChunkResult, ErrorKind, StreamError, Utterance
-from server.wav_header import AudioError, SampleEncoding, looks_like_wav, parse_wav_header
+from server.transport.call_limits import shown
+from server.transport.stream_config import ServedModel, language_supported, resolve_endpointing
+from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamError, Utterance
+from server.transport.wav_header import AudioError, SampleEncoding, looks_like_wav, parse_wav_header
 
 _SNIFF_BYTES = 12  # "RIFF" <size> "WAVE"
 

@@ -1,10 +1,10 @@
 """NVIDIA Riva's ASR service (nvidia.riva.asr.RivaSpeechRecognition) on this server's scheduler:
 unmodified `nvidia-riva-client` scripts work against it by changing the address.
 
-Transport only, like server.servicer, and on the same call skeleton (server.call_skeleton: first
+Transport only, like server.transport.servicer, and on the same call skeleton (server.transport.call_skeleton: first
 request, admission, the audio reader, watched writes, statuses, metrics), scheduler, limits and
 metrics as the native API. This module supplies Riva's half: its request checks and options
-(server.riva_convert), its audio decoding and its responses.
+(server.transport.riva_convert), its audio decoding and its responses.
 
 StreamingRecognize answers every audio message exactly once, in order (Riva's clients time
 message i's send to response i's arrival). Response i goes out once the engine has decoded all
@@ -27,16 +27,16 @@ import grpc
 
 from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_asr_pb2_grpc as rpb_grpc
-from server.call_limits import RecognizeBudget, check_request_id
-from server.call_skeleton import ApiNames, CallSkeleton, StreamCall, StreamWriter, TransportLimits
-from server.metrics import ServerMetrics
-from server.riva_convert import (
+from server.transport.call_limits import RecognizeBudget, check_request_id
+from server.transport.call_skeleton import ApiNames, CallSkeleton, StreamCall, StreamWriter, TransportLimits
+from server.ops.metrics import ServerMetrics
+from server.transport.riva_convert import (
     ResponsePacer, RivaAudio, RivaOptions, RivaSettings, check_runtime_config, invalid, model_configs,
     recognize_response, request_label, streaming_response, validate_riva_config,
 )
-from server.scheduler import Scheduler
-from server.stream_config import ServedModel
-from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure, Utterance
+from server.scheduling.scheduler import Scheduler
+from server.transport.stream_config import ServedModel
+from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure, Utterance
 
 log = logging.getLogger("nemostream.riva")
 
@@ -49,7 +49,7 @@ NAMES = ApiNames(log=log, log_prefix="riva ", method_prefix=_METHOD,
 
 
 class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
-    """The call's flow is server.call_skeleton's; this class supplies Riva's half."""
+    """The call's flow is server.transport.call_skeleton's; this class supplies Riva's half."""
 
     names = NAMES
 
@@ -70,7 +70,7 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
     async def Recognize(self, request: rpb.RecognizeRequest, context):
         return await self._calls.recognize(request, context)
 
-    # -- Riva's half of a call (server.call_skeleton.Api) ----------------------------------------
+    # -- Riva's half of a call (server.transport.call_skeleton.Api) ----------------------------------------
     def stream_options(self, first: rpb.StreamingRecognizeRequest | None) -> RivaOptions:
         if first is None:
             raise invalid("the stream ended before a streaming_config was sent")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import grpc
 
-from server.call_limits import CLIENT_IDENTITY, shown
+from server.transport.call_limits import CLIENT_IDENTITY, shown
 
 log = logging.getLogger("nemostream.security")
 
@@ -257,7 +257,7 @@ def _counted(handler: grpc.RpcMethodHandler, limiter: ClientLimiter, identity: s
                                 f"client {shown(who)} already has {limiter.limit} streams open (the limit per client, "
                                 "--max-streams-per-client); retry when one has finished")
         # For the handler: the Recognize byte budget and, behind frontends, the engine process's
-        # count across every frontend (server.engine_host) go by the same identity.
+        # count across every frontend (server.runtime.engine_host) go by the same identity.
         CLIENT_IDENTITY.set(who)
         return who
 

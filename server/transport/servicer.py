@@ -1,7 +1,7 @@
 """The native gRPC servicer (nemostream.v1): transport only. The call's flow (first request,
-admission, the audio reader, the watched writes, statuses, metrics) is server.call_skeleton's;
+admission, the audio reader, the watched writes, statuses, metrics) is server.transport.call_skeleton's;
 this module checks the native requests and builds the native responses. Every decision about
-batching lives in server.scheduler."""
+batching lives in server.scheduling.scheduler."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import logging
 
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.audio_decoder import AudioDecoder
-from server.call_limits import RecognizeBudget
-from server.call_skeleton import ApiNames, CallSkeleton, StreamCall, StreamWriter, TransportLimits
-from server.metrics import ServerMetrics
-from server.responses import final_result, streaming_response, whole_file_result
-from server.scheduler import Scheduler
-from server.stream_config import ServedModel, StreamOptions, invalid, validate_config
-from server.stream_events import ChunkResult, StreamError, StreamFailure, Utterance
+from server.transport.audio_decoder import AudioDecoder
+from server.transport.call_limits import RecognizeBudget
+from server.transport.call_skeleton import ApiNames, CallSkeleton, StreamCall, StreamWriter, TransportLimits
+from server.ops.metrics import ServerMetrics
+from server.transport.responses import final_result, streaming_response, whole_file_result
+from server.scheduling.scheduler import Scheduler
+from server.transport.stream_config import ServedModel, StreamOptions, invalid, validate_config
+from server.scheduling.stream_events import ChunkResult, StreamError, StreamFailure, Utterance
 
 log = logging.getLogger("nemostream.rpc")
 
@@ -28,7 +28,7 @@ END_REASON_KEY = "asr-end-reason"
 
 
 class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
-    """The call's flow is server.call_skeleton's; this class supplies the native API's half."""
+    """The call's flow is server.transport.call_skeleton's; this class supplies the native API's half."""
 
     names = NAMES
 
@@ -47,7 +47,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
     async def Recognize(self, request: pb.RecognizeRequest, context):
         return await self._calls.recognize(request, context)
 
-    # -- the native API's half of a call (server.call_skeleton.Api) ------------------------------
+    # -- the native API's half of a call (server.transport.call_skeleton.Api) ------------------------------
     def stream_options(self, first: pb.StreamingRecognizeRequest | None) -> StreamOptions:
         if first is None:
             raise invalid("the stream ended before a config was sent")

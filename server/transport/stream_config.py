@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from engines.api import MAX_ENDPOINT_HISTORY_MS, EndpointingParams, ModelInfo
 from engines.geometry import ChunkGeometry
 from proto import asr_stream_pb2 as pb
-from server.audio_decoder import AudioSpec
-from server.call_limits import shown
-from server.stream_events import ErrorKind, StreamError
-from server.wav_header import AudioError, SampleEncoding
+from server.transport.audio_decoder import AudioSpec
+from server.transport.call_limits import shown
+from server.scheduling.stream_events import ErrorKind, StreamError
+from server.transport.wav_header import AudioError, SampleEncoding
 
 MAX_LABEL_CHARS = 128
 _ENCODINGS = {

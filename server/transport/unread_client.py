@@ -13,8 +13,8 @@ from typing import Callable
 
 import grpc
 
-from server.stream_events import ErrorKind, StreamFailure
-from server.stream_state import StreamState
+from server.scheduling.stream_events import ErrorKind, StreamFailure
+from server.scheduling.stream_state import StreamState
 
 
 class UnreadClient(Exception):
