@@ -36,7 +36,7 @@ COPY proto ./proto
 
 # The import check fails the build when TensorRT's Python bindings are missing.
 RUN pip install --no-cache-dir "./[gpu]" \
-    && python -c "import tensorrt, grpc_health.v1, engines.factory, server.cli; print('TensorRT', tensorrt.__version__)"
+    && python -c "import tensorrt, grpc_health.v1, engines.factory, server.service.cli; print('TensorRT', tensorrt.__version__)"
 
 RUN groupadd --gid 10001 asr \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin asr \

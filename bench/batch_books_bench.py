@@ -1,6 +1,6 @@
 """Host cost of the scheduler's batch formation and result scatter, per row (issue 17).
 
-One process, one event loop, no gRPC and no engine compute: a Scheduler (server.scheduler) on
+One process, one event loop, no gRPC and no engine compute: a Scheduler (server.scheduling.scheduler) on
 an engine whose step is a coroutine (`step_async`, so no engine thread) and returns a ready
 StepResult at once. Each round pushes one chunk of audio into each of `rows` open streams
 (max_batch = rows, so the last push makes the batch due), waits until every stream has its
@@ -129,7 +129,7 @@ class NullEngine:
 
 
 async def run_rows(rows: int, rounds: int, warm: int, columnar: bool = True) -> dict:
-    from server.scheduler import Scheduler, SchedulerConfig, StreamListener
+    from server.scheduling.scheduler import Scheduler, SchedulerConfig, StreamListener
 
     engine = NullEngine(rows, columnar)
     sched = Scheduler(engine, SchedulerConfig(batch_wait_s=0.005, pipeline_depth=2, hang_timeout_s=0))

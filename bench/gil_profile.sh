@@ -20,7 +20,7 @@ if [ -z "${SKIP_WHEELS:-}" ]; then  # SKIP_WHEELS=1: an environment that has it 
   export PYTHONPATH=$SITE:$PWD PATH=$SITE/bin:$PATH
 fi
 py-spy record --gil --threads --rate 200 --format raw --nonblocking -o "$OUT/gil_stacks.txt" -- \
-  python3 -m server.cli --model "$MODEL" --engine "$ENGINE" --device "$DEVICE" --dtype "$DTYPE" \
+  python3 -m server.service.cli --model "$MODEL" --engine "$ENGINE" --device "$DEVICE" --dtype "$DTYPE" \
   --lookahead-ms "$LA" --max-batch 256 --max-streams 2048 --host 127.0.0.1 --port 50071 --metrics-port 0 \
   --log-level WARNING ${SERVER_ARGS:-} > /tmp/gil_server.log 2>&1 &
 SPY=$!
@@ -29,7 +29,7 @@ grep "asr-server:" /tmp/gil_server.log | tee -a "$LOG"
 python3 -m client.loadgen --server 127.0.0.1:50071 --concurrency "$C" --workers 8 --ramp-s 2 \
   --synthetic-clips 8 --synthetic-seconds "$SECONDS_LOAD" --json "$OUT/loadgen.json" >>"$LOG" 2>&1
 echo "loadgen exit $?" | tee -a "$LOG"
-pkill -INT -f "server.cli --model $MODEL" ; sleep 8
+pkill -INT -f "server.service.cli --model $MODEL" ; sleep 8
 kill -INT "$SPY" 2>/dev/null; wait "$SPY"
 python3 bench/gil_summary.py "$OUT/gil_stacks.txt" > "$OUT/gil_summary.md" 2>>"$LOG"
 { echo "---- server log (last 40 lines) ----"; tail -n 40 /tmp/gil_server.log; } >> "$LOG"

@@ -6,7 +6,7 @@ Two parts, each a ceiling on how many streams one server process can carry whate
           (engine.step's StepTimings). assemble, commit and results are per-row host work; the
           features/gather/encoder/decode phases are model compute here (on a GPU they are kernel
           launches and device waits).
-  serve   a real asr-server (server.cli, grpc.aio on loopback) on an engine whose compute is
+  serve   a real asr-server (server.service.cli, grpc.aio on loopback) on an engine whose compute is
           trivial (tests.fake_engine), pinned to one core, driven by asr-loadgen (pinned to the
           other core) at rising real-time concurrency. Per level: chunks/s the server answered,
           its CPU (whole process, event-loop thread, engine thread) and CPU microseconds per
@@ -93,7 +93,7 @@ def _pinned(core: int | None) -> list[str]:
 
 
 def start_server(args, log_path: str) -> tuple[subprocess.Popen, int, int]:
-    cmd = [*_pinned(0), sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
+    cmd = [*_pinned(0), sys.executable, "-m", "server.service.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
            "--max-streams", str(args.max_streams), "--max-batch", str(args.max_batch),
            "--lookahead-ms", str(args.lookahead_ms), "--batch-wait-ms", str(args.batch_wait_ms),
            "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",

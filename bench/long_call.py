@@ -8,7 +8,7 @@ utterance, and interim results carry only that utterance's text.
     python bench/long_call.py --minutes 60 --server-args "--model builtin:demo --device cpu" \\
         --audio examples --json bench/results/long_call_demo.json
 
-The server is started here (`python -m server.cli` on loopback, --max-stream-seconds above the
+The server is started here (`python -m server.service.cli` on loopback, --max-stream-seconds above the
 call's length) and stopped with SIGTERM at the end. Utterances are the --audio clips (WAV files,
 cycled) or synthetic speech-like clips, each followed by --pause-s of silence (exact zeros).
 Audio goes in messages of --chunk-ms as fast as the server takes it (--speed N: N times real

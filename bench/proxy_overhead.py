@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def start_server(model: str, factory: str | None) -> tuple[subprocess.Popen, int, int]:
     engine = ["--engine-factory", factory] if factory else ["--model", model, "--device", "cpu"]
-    cmd = [sys.executable, "-m", "server.cli", *engine, "--host", "127.0.0.1", "--port", "0",
+    cmd = [sys.executable, "-m", "server.service.cli", *engine, "--host", "127.0.0.1", "--port", "0",
            "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--max-streams", "64", "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
                             text=True)

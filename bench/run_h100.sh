@@ -184,7 +184,7 @@ launch_server() {  # $1: lookahead ms; $2: the server's name (default: the looka
     local la=$1 key=${2:-$1} model=${3:-$MODEL} fb=()
     [ -n "$FALLBACK" ] && fb=(--fallback-engine "$FALLBACK")
     log "== lookahead $la ms: starting asr-server ($model, engine $ENGINE${FALLBACK:+, fallback $FALLBACK}, $DEVICE, $DTYPE)"
-    "$PY" -m server.cli --model "$model" --engine "$ENGINE" "${fb[@]}" --device "$DEVICE" --dtype "$DTYPE" \
+    "$PY" -m server.service.cli --model "$model" --engine "$ENGINE" "${fb[@]}" --device "$DEVICE" --dtype "$DTYPE" \
         --lookahead-ms "$la" --max-batch "$MAX_BATCH" --max-streams "$MAX_STREAMS" --host 127.0.0.1 --port 0 \
         --metrics-host 127.0.0.1 --metrics-port 0 --log-level WARNING --idle-timeout-s 60 ${SERVER_ARGS:-} \
         > "$WORK/server_$key.log" 2>&1 &

@@ -6,7 +6,7 @@
 # ${START_TIMEOUT:-300} s. Needs PY.
 start_server() {
     local log=$1; shift
-    "$PY" -m server.cli "$@" --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 --metrics-port 0 > "$log" 2>&1 &
+    "$PY" -m server.service.cli "$@" --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 --metrics-port 0 > "$log" 2>&1 &
     SPID=$!
     local _
     for _ in $(seq 1 "${START_TIMEOUT:-300}"); do

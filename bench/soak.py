@@ -4,7 +4,7 @@ open and no slot in use, and the server's resident memory before and after.
 
     python bench/soak.py --streams 3000 --concurrency 48 --cancel-fraction 0.25 --json soak.json
 
-By default it starts the server itself (`python -m server.cli --model builtin:tiny --device
+By default it starts the server itself (`python -m server.service.cli --model builtin:tiny --device
 cpu ...`, or --server-args) on loopback and stops it with SIGTERM at the end (exit status 0
 expected); --target HOST:PORT --metrics-port N [--server-pid PID] uses a running one instead.
 
@@ -331,7 +331,7 @@ async def settle(metrics_port: int, timeout_s: float = 60.0) -> dict:
 
 
 async def start_server(server_args: list[str]) -> tuple[asyncio.subprocess.Process, str, int]:
-    cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "server.service.cli", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
            "--metrics-port", "0", *server_args]
     proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)

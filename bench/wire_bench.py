@@ -1,4 +1,4 @@
-"""Encode + decode time per message on the server's process links, the typed wire (server.wire,
+"""Encode + decode time per message on the server's process links, the typed wire (server.runtime.wire,
 msgspec) against the wire it replaced (marshal tuples between frontend and engine host; a
 pickled step request and a marshalled reply between scheduler and engine worker), in one run.
 The worker link's step cases also time the typed wire as it first was, with a message per row
@@ -39,11 +39,11 @@ import msgspec  # noqa: E402
 
 from engines.api import (ChunkWork, EndpointingParams, ResultColumns, RowSamples, StepPlan,  # noqa: E402
                          StepResult, StepTimings, StreamUpdate, TokenEvent)
-from server import wire as w  # noqa: E402
-from server.engine_host import event_message  # noqa: E402
-from server.engine_worker import _ChildSlots, _pack_step, _reply, _unpack_result, _unpack_step  # noqa: E402
-from server.remote_scheduler import result_event  # noqa: E402
-from server.stream_events import ChunkResult, Utterance, UtteranceEnd  # noqa: E402
+from server.runtime import wire as w  # noqa: E402
+from server.runtime.engine_host import event_message  # noqa: E402
+from server.runtime.engine_worker import _ChildSlots, _pack_step, _reply, _unpack_result, _unpack_step  # noqa: E402
+from server.runtime.remote_scheduler import result_event  # noqa: E402
+from server.scheduling.stream_events import ChunkResult, Utterance, UtteranceEnd  # noqa: E402
 
 
 # -- the old wire, as it was (marshal tuples; the worker's request pickled) -------------------------
@@ -276,7 +276,7 @@ class _Slots:  # _ChildSlots' engine: slots map onto themselves
 
 
 def step_request_case(n: int, samples: int):
-    """A columnar plan as the scheduler builds it (server.step_batch), made afresh per call (a
+    """A columnar plan as the scheduler builds it (server.scheduling.step_batch), made afresh per call (a
     plan caches the ChunkWork rows the per-row wires make of it), through both ends of the link:
     the parent's message and the child's StepPlan. `samples` per row: a step's audio goes through
     the shared buffer on every wire, the same np.concatenate into it; with one sample a row the

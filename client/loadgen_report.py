@@ -274,8 +274,8 @@ def _hist_quantile(before: dict, after: dict, name: str, q: float) -> float | No
     return prev_le
 
 
-STEP_PHASE_ORDER = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")  # server.metrics
-WORKER_PARTS = ("to_worker", "worker_before", "worker_after", "from_worker", "unpack")  # server.metrics
+STEP_PHASE_ORDER = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")  # server.ops.metrics
+WORKER_PARTS = ("to_worker", "worker_before", "worker_after", "from_worker", "unpack")  # server.ops.metrics
 
 
 def _label_means_ms(before: dict, after: dict, name: str, label: str, values: tuple[str, ...]) -> tuple[dict, int]:
@@ -369,7 +369,7 @@ def _ticks(stat_path: str) -> tuple[str, int] | None:
     return name, int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
 
 
-ENGINE_WORKER_NAME = "asr-engine"  # the process name server.engine_worker gives its child
+ENGINE_WORKER_NAME = "asr-engine"  # the process name server.runtime.engine_worker gives its child
 
 
 def child_role(pid: int) -> str:

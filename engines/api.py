@@ -118,7 +118,7 @@ class RowSamples:
     """A step's audio as one flat float32 array with per-row offsets: row i's samples are
     flat[offsets[i]:offsets[i + 1]]. A sequence of the rows' arrays (each a view, made when
     asked for), so code that reads samples row by row reads it as a list; an engine that knows
-    it reads `lengths` and `stack` without a view per row (server.engine_worker's plans, whose
+    it reads `lengths` and `stack` without a view per row (server.runtime.engine_worker's plans, whose
     audio arrives this way in shared memory)."""
 
     __slots__ = ("flat", "offsets")
@@ -266,7 +266,7 @@ class StepTimings:
     # holds its launches and the next sync pays for it. (On the CPU every step's phases are
     # true, but only sampled steps say so, the same share of steps on every device.)
     synced: bool = False
-    # The way to an engine in another process and back (server.engine_worker), in ms; zero for
+    # The way to an engine in another process and back (server.runtime.engine_worker), in ms; zero for
     # an engine in the scheduler's process. Clock readings of both processes (CLOCK_MONOTONIC):
     to_worker_ms: float = 0.0      # packing and sending, until the worker takes the request up (with
                                    # two steps in flight, this includes waiting behind the one before)
@@ -283,7 +283,7 @@ class StepResult:
     on first use: `updates` (a StreamUpdate per row) and the columns (`stream_ids`, `slots`,
     `is_final`, `frames_decoded`, `audio_seconds`, `text_delta`, `token_offsets` [rows + 1],
     `token_ids`, `token_pieces`, `token_frames`, and `starts`/`ends`: row -> frames, the rows
-    that have any). Never mutated (server.engine_worker renumbers slots in `updates`)."""
+    that have any). Never mutated (server.runtime.engine_worker renumbers slots in `updates`)."""
 
     __slots__ = ("engine", "timings", "_updates", "_columns")
 

@@ -11,7 +11,7 @@ On a GPU:
   batch was 171, so a cap of 32 would have held it far below). A step at 256 takes 20.6 ms at
   160 ms and 35.2 ms at 560 ms (fast-cudagraph, 0.6B), 13% and 6% of the chunk it serves, so no
   GPU we measured needs a smaller cap for time; out of memory at a batch lowers it while
-  serving (server.scheduler). Never more than the slots there are.
+  serving (server.scheduling.scheduler). Never more than the slots there are.
 - Streams: as many cache slots as fit in the device memory that is free once the model and
   the encoder engine (its CUDA graphs for every batch bucket included) are loaded, after a
   headroom, and never more than MAX_AUTO_STREAMS. The headroom:

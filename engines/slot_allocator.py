@@ -1,5 +1,5 @@
 """Which stream slots are taken: the admission limit as a free list. Pure Python (no torch), so a
-process that keeps the books without the model (server.engine_worker) can allocate too."""
+process that keeps the books without the model (server.runtime.engine_worker) can allocate too."""
 
 from __future__ import annotations
 

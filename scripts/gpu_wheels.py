@@ -9,7 +9,7 @@ committed generated code demands. This script lists and downloads, for CPython 3
   code under proto/ checks at import (`GRPC_GENERATED_VERSION`, the highest over every *_grpc.py),
   which pyproject.toml's floor must match;
 - `server`: the server's own dependencies missing from the image: msgspec, the typed wire between
-  the server's processes (server/wire.py), at a version pyproject.toml's floor admits;
+  the server's processes (server/runtime/wire.py), at a version pyproject.toml's floor admits;
 - `nemo`: NeMo 3.0's ASR dependencies missing from the image;
 - `tests`: pytest-asyncio and the pytest it was tested with, for `bash scripts/gpu_suite.sh`.
 

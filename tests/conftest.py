@@ -8,7 +8,7 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# An illegal lifecycle transition (server.lifecycle) raises here, in this process and in every
+# An illegal lifecycle transition (server.ops.lifecycle) raises here, in this process and in every
 # server process the tests start, instead of being logged and refused as in production.
 os.environ.setdefault("ASR_LIFECYCLE_STRICT", "1")
 logging.getLogger("nemo_logger").setLevel(logging.ERROR)
@@ -36,7 +36,7 @@ def tiny_engine():
 
 
 # The server suites that run twice: on an in-process server ("local") and through the frontend
-# <-> engine process wire ("wire": server.engine_host + server.remote_scheduler over a real Unix
+# <-> engine process wire ("wire": server.runtime.engine_host + server.runtime.remote_scheduler over a real Unix
 # socket, what `asr-server --frontends N` runs). The wire variant runs on the fake engine only:
 # what the wire can break is the relay, not the model. ASR_TEST_FRONTEND_IPC=1 runs every
 # running_server test through the wire instead.

@@ -110,7 +110,7 @@ class Fleet:
     def start(self) -> FleetServer:
         address = f"127.0.0.{self._next}"
         self._next += 1
-        cmd = [sys.executable, "-m", "server.cli", *SERVER_FLAGS, "--host", address, "--port", str(self.port),
+        cmd = [sys.executable, "-m", "server.service.cli", *SERVER_FLAGS, "--host", address, "--port", str(self.port),
                "--metrics-host", address, "--metrics-port", str(self.metrics_port)]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -9,7 +9,7 @@ import grpc
 
 from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_asr_pb2_grpc as rpb_grpc
-from server.app import AsrServer
+from server.service.app import AsrServer
 from tests.server_harness import RATE
 
 _OPTIONS = [("grpc.max_send_message_length", 64 << 20)]

@@ -24,9 +24,9 @@ import pytest
 
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.app import AsrServer, ServerSettings
-from server.call_skeleton import TransportLimits
-from server.scheduler import SchedulerConfig
+from server.service.app import AsrServer, ServerSettings
+from server.transport.call_skeleton import TransportLimits
+from server.scheduling.scheduler import SchedulerConfig
 from bench.soak import scrape  # noqa: F401 - the metrics endpoint as {name{labels}: value}, for the tests
 from tests.fake_engine import FakeEngine
 
@@ -58,7 +58,7 @@ def server_settings(**overrides) -> ServerSettings:
 
 
 # ASR_TEST_FRONTEND_IPC=1 runs every test that uses running_server through the frontend <->
-# engine process wire (server.engine_host + server.remote_scheduler, both in this process over
+# engine process wire (server.runtime.engine_host + server.runtime.remote_scheduler, both in this process over
 # a real Unix socket): the suite that `asr-server --frontends N` must pass as well.
 FRONTEND_IPC = os.environ.get("ASR_TEST_FRONTEND_IPC") == "1"
 SERVER_PATH = "wire" if FRONTEND_IPC else "local"  # set per test by the server_path fixture (conftest)
@@ -119,8 +119,8 @@ async def running_frontend_pair(engine, **settings):
     reports the engine host's metrics port (the endpoint that serves the whole server)."""
     import tempfile
 
-    from server.engine_host import EngineHost
-    from server.remote_scheduler import RemoteMetrics, RemoteScheduler
+    from server.runtime.engine_host import EngineHost
+    from server.runtime.remote_scheduler import RemoteMetrics, RemoteScheduler
 
     s = server_settings(**settings)
     with tempfile.TemporaryDirectory(prefix="asr-ipc-") as tmp:
@@ -274,10 +274,10 @@ def python_path() -> str:
 
 
 async def spawn_server(*args: str, env: dict | None = None, ready: str = LISTENING):
-    """`python -m server.cli ARGS` in its own process; returns once it printed `ready` (a regex
+    """`python -m server.service.cli ARGS` in its own process; returns once it printed `ready` (a regex
     over its stdout lines): (process, the match, the lines it printed until then)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", *args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=python_path(), **(env or {})),
+        sys.executable, "-m", "server.service.cli", *args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=python_path(), **(env or {})),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     seen = []
     while True:

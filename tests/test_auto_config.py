@@ -1,5 +1,5 @@
 """`auto` sizing: slots from device memory and the batch cap (engines/capacity.py, decided in the
-engine process), the frontend count and the flags (server/auto_config.py). The decisions are
+engine process), the frontend count and the flags (server/service/auto_config.py). The decisions are
 pure functions, checked with given memory and CPU figures; the factory's measuring is checked
 on the CPU with the real tiny model (its CUDA memory queries replaced by given figures: no GPU
 here); the CLI's parsing and its explicit values as overrides."""
@@ -15,9 +15,9 @@ import pytest
 from engines.capacity import (GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_STREAMS, STEP_STATE_COPIES, StreamSizing,
                               auto_max_batch, streams_for_memory)
 from engines.config import EngineConfig
-from server.auto_config import (CORES_PER_FRONTEND, ENGINE_CORES, MAX_AUTO_FRONTENDS, auto_frontends,
+from server.service.auto_config import (CORES_PER_FRONTEND, ENGINE_CORES, MAX_AUTO_FRONTENDS, auto_frontends,
                                 cgroup_cpu_limit, engine_sizing_kwargs, int_or_auto, resolve_frontends, usable_cpus)
-from server.cli import parse_args
+from server.service.cli import parse_args
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -12,8 +12,8 @@ import pytest
 
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.app import ServerSettings
-from server.cli import build_settings, parse_args
+from server.service.app import ServerSettings
+from server.service.cli import build_settings, parse_args
 from tests.fake_engine import FakeEngine
 from tests.server_harness import RATE, audio, config, final_transcript, pcm16_audio, running_server
 

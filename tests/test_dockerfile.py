@@ -122,14 +122,14 @@ def test_healthcheck_speaks_grpc_health():
 
 def _cli_or_skip():
     try:
-        import server.cli  # noqa: F401
+        import server.service.cli  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"server/cli.py is not importable yet ({e}); the entry flags cannot be checked")
+        pytest.skip(f"server/service/cli.py is not importable yet ({e}); the entry flags cannot be checked")
 
 
 def _help_flags() -> set[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "asr-server")
-    cmd = [exe, "--help"] if os.path.exists(exe) else [sys.executable, "-m", "server.cli", "--help"]
+    cmd = [exe, "--help"] if os.path.exists(exe) else [sys.executable, "-m", "server.service.cli", "--help"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", result.stdout))
@@ -148,7 +148,7 @@ def test_entry_flags_exist_in_asr_server_help():
     assert used <= set(env), f"variables without an ENV default: {sorted(used - set(env))}"
 
 
-_PARSE = ("import json, sys; from server.cli import parse_args; "
+_PARSE = ("import json, sys; from server.service.cli import parse_args; "
           "print(json.dumps(vars(parse_args(sys.argv[1:]))))")
 
 
@@ -169,7 +169,7 @@ def test_entry_command_parses_with_the_image_defaults_and_overrides():
     parsed = _run_entry({}, [])
     assert parsed["engine"] == env["ASR_ENGINE"] and parsed["model"] == env["ASR_MODEL"]
     # The image's default engine is asr-server's own default (README: auto, fast-cudagraph on a GPU).
-    from server.cli import parse_args
+    from server.service.cli import parse_args
     assert env["ASR_ENGINE"] == parse_args([]).engine == "auto"
     assert parsed["fallback_engine"] is None, "no fallback unless one is named"
     assert (parsed["port"], parsed["metrics_port"]) == (50051, 9400)

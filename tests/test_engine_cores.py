@@ -21,10 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.app import AsrServer
-from server.cli import EXIT_ENGINE_DEAD
-from server.engine_cores import EngineCore, EngineCores
-from server.scheduler import Scheduler, SchedulerConfig
+from server.service.app import AsrServer
+from server.service.cli import EXIT_ENGINE_DEAD
+from server.runtime.engine_cores import EngineCore, EngineCores
+from server.scheduling.scheduler import Scheduler, SchedulerConfig
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.fault_engine import FaultyEngine
@@ -216,7 +216,7 @@ async def test_a_dead_core_fails_only_its_streams_the_other_serves_on_until_it_d
 
 async def test_gpus_without_a_gpu_is_a_clear_error():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
+        sys.executable, "-m", "server.service.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
         "--gpus", "all", cwd=ROOT, env=dict(os.environ, PYTHONPATH=python_path(), CUDA_VISIBLE_DEVICES=""),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, stderr = await asyncio.wait_for(proc.communicate(), 120)
@@ -321,7 +321,7 @@ async def test_a_core_whose_steps_fail_dies_alone_and_the_server_serves_on():
     (["--engine-cores", "0"], 0, "at least 1"),
 ])
 def test_core_devices_from_the_flags(monkeypatch, argv, visible, devices):
-    import server.cli as cli
+    import server.service.cli as cli
 
     monkeypatch.setattr(cli, "visible_gpu_count", lambda: visible)
     args = cli.parse_args(argv)

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.loadgen_report import child_pids
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.cli import EXIT_ENGINE_DEAD
+from server.service.cli import EXIT_ENGINE_DEAD
 from tests.server_harness import RATE, held_open_outcome, pcm16_audio, requests_for, scrape, spawn_server
 
 pytestmark = pytest.mark.asyncio
@@ -100,7 +100,7 @@ async def test_repeated_engine_failure_goes_not_serving_fails_open_streams_unava
 
 @pytest.mark.parametrize("frontends", ["1", "2"])
 async def test_a_killed_engine_worker_fails_open_streams_unavailable_and_the_server_exits_nonzero(frontends):
-    """The engine's own process (server.engine_worker) killed while streams are open and no
+    """The engine's own process (server.runtime.engine_worker) killed while streams are open and no
     step runs: the server notices the exit itself, not at the next step."""
     proc, port, metrics_port = await start_server(
         "tests.fake_engine:build_fake_engine", "--exit-on-engine-death-s", "0.5", "--frontends", frontends)

@@ -1,4 +1,4 @@
-"""server.engine_worker: the engine in a child process of its own, behind the StreamingEngine
+"""server.runtime.engine_worker: the engine in a child process of its own, behind the StreamingEngine
 interface. Real child processes throughout: the real builtin:tiny model (transcripts equal to
 the same engine in this process), and fake engines (tests.fake_engine) for the error paths."""
 
@@ -14,7 +14,7 @@ import pytest
 from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, EngineState, StepPlan,
                          StepResult, StreamStateLostError, StreamUpdate, TokenEvent)
 from engines.config import EngineConfig
-from server.engine_worker import ChildOptions, EngineWorker
+from server.runtime.engine_worker import ChildOptions, EngineWorker
 from tests.fake_engine import FakeEngine
 
 QUIET = ChildOptions(log_level="WARNING", gc_freeze=False)

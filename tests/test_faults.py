@@ -293,7 +293,7 @@ async def test_out_of_memory_with_a_single_chunk_fails_that_stream_only():
 async def _scheduler_batch(engine: FaultyEngine, clips: list[np.ndarray], **config):
     """Run the clips through a bare scheduler as one batch (the engine gate holds the first
     step until all first chunks are queued); returns each stream's last event."""
-    from server.scheduler import Scheduler, SchedulerConfig
+    from server.scheduling.scheduler import Scheduler, SchedulerConfig
 
     sched = Scheduler(engine, SchedulerConfig(batch_wait_s=0.001, **config))
     await sched.start()

@@ -46,11 +46,23 @@ async def one_stream(client: AsyncAsrClient, seconds: float, realtime: bool, see
         finals = [r async for r in client.stream(chunks, sample_rate=RATE, realtime=realtime) if r.is_final]
     except AsrError as exc:
         DETAILS.append(f"{exc.code}: {exc.details}")
+        if (exc.code, exc.details) == ("INTERNAL", AIO_WRITE_FAILED):
+            return WRITE_FAILED
         return exc.code
     return "OK" if len(finals) == 1 else f"{len(finals)} finals"
 
 
 DETAILS: list[str] = []  # every failed stream's status and details, for the assertion messages
+
+# grpc.aio's status when a client write fails as the call ends (grpc/grpc#36066, the SDK's
+# AsyncAsrClient says so): the failed write replaces the status that arrived with this one. A
+# killed server's stream can meet a write in flight, whether the proxy resets it
+# (RST_STREAM(CANCEL)) or the connection itself breaks. Reproduced with a SIGKILLed grpc.aio
+# server and streams writing every 1 ms: behind HAProxy 2.6 one stream in four; on a direct
+# connection none on an idle machine, about one in five with both cores busy. At this test's
+# 100 ms pace it is rare, and shows under load (a full suite run).
+AIO_WRITE_FAILED = "Internal error from Core"
+WRITE_FAILED = "INTERNAL (a write failed as the call ended)"
 
 
 async def wait_for(condition, timeout: float = 20.0, what: str = "") -> None:
@@ -148,7 +160,9 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
         # ends CANCELLED once the server had answered (the proxy resets it with
         # RST_STREAM(CANCEL)) and UNAVAILABLE before (the proxy answers 502); with client-side
         # balancing the connection itself breaks: UNAVAILABLE.
-        expected = {id(via_proxy): {"CANCELLED", "UNAVAILABLE"}, id(sdk): {"UNAVAILABLE"}}
+        # Either way a write in flight can turn the status into grpc.aio's INTERNAL
+        # (AIO_WRITE_FAILED above); a status of the server's own never matches that.
+        expected = {id(via_proxy): {"CANCELLED", "UNAVAILABLE", WRITE_FAILED}, id(sdk): {"UNAVAILABLE", WRITE_FAILED}}
         held = [(cl, asyncio.create_task(one_stream(cl, 6.0, True, 300 + 10 * k + i)))
                 for k, cl in enumerate(clients) for i in range(6)]
         await wait_for(lambda: b.active() >= len(clients) and c.active() >= 1
@@ -158,7 +172,8 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
         await asyncio.to_thread(b.proc.wait, 30)
         done, _ = await asyncio.wait([t for _, t in held], timeout=3.0)
         failed = [(expected[id(cl)], t.result()) for cl, t in held if t in done]
-        assert len(failed) == on_b and all(got in want for want, got in failed), f"{on_b} on the killed server: {failed}"
+        assert len(failed) == on_b and all(got in want for want, got in failed), \
+            f"{on_b} on the killed server: {failed} {DETAILS}"
         survivors = [t for _, t in held if t not in done]
         members([c])
         if proxy:

@@ -207,7 +207,7 @@ async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it():
     try:
         for frontends in ("2", "1"):
             second = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
+                sys.executable, "-m", "server.service.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
                 "--frontends", frontends, "--host", "127.0.0.1", "--port", str(port), "--no-metrics",
                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -34,11 +34,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from proto import asr_stream_pb2 as pb
-from server.app import AsrServer
-from server.call_skeleton import TransportLimits
-from server.scheduler import SchedulerConfig
-from server.stream_config import ServedModel, validate_config
-from server.stream_events import StreamError
+from server.service.app import AsrServer
+from server.transport.call_skeleton import TransportLimits
+from server.scheduling.scheduler import SchedulerConfig
+from server.transport.stream_config import ServedModel, validate_config
+from server.scheduling.stream_events import StreamError
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.server_harness import RATE, server_settings
@@ -76,8 +76,8 @@ class ThreadServer:
         import os
         import tempfile
 
-        from server.engine_host import EngineHost
-        from server.remote_scheduler import RemoteMetrics, RemoteScheduler
+        from server.runtime.engine_host import EngineHost
+        from server.runtime.remote_scheduler import RemoteMetrics, RemoteScheduler
 
         self._tmp = tempfile.TemporaryDirectory(prefix="asr-fuzz-ipc-")
         self.host = EngineHost(self.engine, settings.scheduler, os.path.join(self._tmp.name, "engine.sock"))

@@ -26,11 +26,11 @@ from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_asr_pb2_grpc as rpb_grpc
-from server.app import AsrServer
-from server.call_limits import RecognizeLimits
-from server.call_skeleton import TransportLimits
-from server.scheduler import SchedulerConfig
-from server.security import SecuritySettings
+from server.service.app import AsrServer
+from server.transport.call_limits import RecognizeLimits
+from server.transport.call_skeleton import TransportLimits
+from server.scheduling.scheduler import SchedulerConfig
+from server.transport.security import SecuritySettings
 from tests.riva_harness import raw_config, riva_config, riva_sync, stream_requests
 from tests.server_harness import (
     FAKE, RATE, audio, config, held_open_outcome, make_engine, pcm16_audio, run_stream_sync, running_server,
@@ -344,8 +344,8 @@ async def test_long_client_strings_still_get_invalid_argument():
 
 # -- 7. the per-client limit holds over frontends ------------------------------------------------
 async def test_streams_per_client_limit_holds_over_every_frontend():
-    from server.engine_host import EngineHost
-    from server.remote_scheduler import RemoteMetrics, RemoteScheduler
+    from server.runtime.engine_host import EngineHost
+    from server.runtime.remote_scheduler import RemoteMetrics, RemoteScheduler
 
     engine = make_engine(FAKE)
     settings = server_settings(security=SecuritySettings(max_streams_per_client=2))

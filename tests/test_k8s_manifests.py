@@ -60,7 +60,7 @@ def test_manifests_validate_against_the_kubernetes_schemas():
 
 
 def test_every_flag_the_manifests_name_exists_in_asr_server():
-    help_text = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=ROOT, capture_output=True,
+    help_text = subprocess.run([sys.executable, "-m", "server.service.cli", "--help"], cwd=ROOT, capture_output=True,
                                text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
                                                             "COLUMNS": "200"}).stdout
     known = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", help_text))
@@ -70,14 +70,14 @@ def test_every_flag_the_manifests_name_exists_in_asr_server():
                          if not line.lstrip().startswith("#"))  # comments name client flags too
     named |= set(re.findall(r"--[a-z0-9][a-z0-9-]*", manifest))
     assert named <= known, f"flags asr-server does not have: {sorted(named - known)}"
-    from server.cli import parse_args
+    from server.service.cli import parse_args
 
     args = parse_args([f"{k}={v}" for k, v in server_args().items()])
     assert (args.port, args.metrics_port, args.metrics_host) == (50051, 9400, "0.0.0.0")
 
 
 def test_ports_probes_and_services_match_the_server():
-    from server.app import SERVICE_NAME
+    from server.service.app import SERVICE_NAME
 
     args = server_args()
     container = server_container()
@@ -122,8 +122,8 @@ def test_the_proxy_runs_the_shipped_haproxy_config_against_the_servers():
 def test_scrape_config_and_autoscaler_use_metrics_the_server_exports():
     from prometheus_client import generate_latest
 
-    from server.metrics import ServerMetrics
-    from server.scheduler import Scheduler
+    from server.ops.metrics import ServerMetrics
+    from server.scheduling.scheduler import Scheduler
     from tests.fake_engine import FakeEngine
 
     metrics = ServerMetrics()

@@ -1,4 +1,4 @@
-"""server/lifecycle.py: the one lifecycle of every process role (server, engine core, frontend).
+"""server/ops/lifecycle.py: the one lifecycle of every process role (server, engine core, frontend).
 
 Unit tests of the transitions, of what is refused, of the metric and the gRPC health mapping.
 Where each role really moves through it: tests/test_ops_http.py (a draining server, a dead one,
@@ -13,9 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 from prometheus_client import generate_latest
 
-from server.app import grpc_health
-from server.lifecycle import ALLOWED, STRICT_ENV, IllegalTransition, Lifecycle, LifecycleState, strict_default
-from server.metrics import ServerMetrics
+from server.service.app import grpc_health
+from server.ops.lifecycle import ALLOWED, STRICT_ENV, IllegalTransition, Lifecycle, LifecycleState, strict_default
+from server.ops.metrics import ServerMetrics
 
 S = Lifecycle
 

@@ -1,5 +1,5 @@
 """/health, /ready and /metrics on the metrics port of a real `asr-server` process
-(server/ops_http.py): the JSON names the engine that really executed, /ready follows the serving
+(server/ops/ops_http.py): the JSON names the engine that really executed, /ready follows the serving
 state through a drain, a dead engine makes /health 503, other paths are 404, and half-open
 connections hold neither a thread each nor the endpoint for good."""
 
@@ -18,8 +18,8 @@ import pytest
 
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.cli import parse_args
-from server.ops_http import WORKERS
+from server.service.cli import parse_args
+from server.ops.ops_http import WORKERS
 from tests.server_harness import RATE, held_open_outcome, pcm16_audio, requests_for, scrape, spawn_server
 
 READY = r"listening on 127\.0\.0\.1:(\d+).*metrics on http://127\.0\.0\.1:(\d+)"

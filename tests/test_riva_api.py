@@ -18,10 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_asr_pb2_grpc as rpb_grpc
-from server.call_skeleton import TransportLimits
-from server.riva_convert import ResponsePacer, RivaSettings
-from server.riva_servicer import RIVA_SERVICE_NAME
-from server.scheduler import SchedulerConfig
+from server.transport.call_skeleton import TransportLimits
+from server.transport.riva_convert import ResponsePacer, RivaSettings
+from server.transport.riva_servicer import RIVA_SERVICE_NAME
+from server.scheduling.scheduler import SchedulerConfig
 from tests.riva_harness import (
     raw_config, riva_config, riva_final, riva_stream, riva_stub_for, riva_sync, stream_requests,
 )

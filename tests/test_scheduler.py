@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from engines.api import EngineError, StepResult
-from server.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
-from server.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
+from server.scheduling.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
+from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure
 from tests import waiting
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine

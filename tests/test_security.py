@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from client.sdk import AsrClient, AsrError, AsyncAsrClient, Credentials, open_channel
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.security import SecuritySettings, load_tokens
+from server.transport.security import SecuritySettings, load_tokens
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
     FAKE, RATE, as_float, audio, config, make_engine, pcm16_audio, running_server, scrape, spawn_server,
@@ -276,13 +276,13 @@ async def test_streams_per_client_limit_by_token_and_by_peer(expected):
 
 
 def load_tokens_text(text: str) -> dict[str, str]:
-    from server.security import parse_tokens
+    from server.transport.security import parse_tokens
 
     return parse_tokens(text, "test")
 
 
 def test_bad_security_settings_are_refused(tmp_path, monkeypatch):
-    from server.security import parse_tokens
+    from server.transport.security import parse_tokens
 
     with pytest.raises(ValueError, match="both a certificate and a key"):
         SecuritySettings(tls_cert="a.pem")
@@ -354,7 +354,7 @@ async def test_asr_server_refuses_to_start_with_a_bad_security_setup(pki):
             (["--tls-cert", str(pki.server.cert)], {}, "both a certificate and a key"),
             (["--tls-cert", "/nonexistent.pem", "--tls-key", str(pki.server.key)], {}, "does not exist")):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine", *extra,
+            sys.executable, "-m", "server.service.cli", "--engine-factory", "tests.fake_engine:build_fake_engine", *extra,
             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **env),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         _, stderr = await asyncio.wait_for(proc.communicate(), 120)

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engines.api import TokenEvent
-from server.audio_decoder import AudioDecoder, AudioSpec
-from server.responses import words_from_tokens
-from server.wav_header import AudioError, SampleEncoding
+from server.transport.audio_decoder import AudioDecoder, AudioSpec
+from server.transport.responses import words_from_tokens
+from server.transport.wav_header import AudioError, SampleEncoding
 from tests.server_harness import RATE, as_float, pcm16_audio, wav_bytes
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.call_skeleton import TransportLimits
-from server.scheduler import SchedulerConfig
-from server.servicer import END_REASON_KEY
+from server.transport.call_skeleton import TransportLimits
+from server.scheduling.scheduler import SchedulerConfig
+from server.transport.servicer import END_REASON_KEY
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
     FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, requests_for,

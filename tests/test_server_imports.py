@@ -2,8 +2,9 @@
 
 The contracts live in pyproject.toml ([tool.importlinter]): engines/ is the only code that
 imports torch/NeMo/ONNX Runtime/TensorRT, engines/ never imports server/ or client/, client/
-never imports server/ or engines/, the scheduling core knows no gRPC or protobuf, and server/'s
-modules sit in layers (process assembly -> transport -> scheduling core -> engine worker).
+never imports server/ or engines/, the scheduling core knows no gRPC or protobuf, server/'s
+sub-packages sit in layers (service -> runtime -> transport -> ops -> scheduling) and each
+sub-package's modules in layers of their own.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def test_import_contracts_are_kept():
 def test_server_and_client_import_no_torch_at_run_time():
     """What import-linter cannot see: it reads our code, not our dependencies'. Importing the
     server and client must not pull torch in through a third-party package either."""
-    code = ("import sys; import server.app, server.cli, server.scheduler, server.servicer, server.frontends, "
-            "server.engine_worker, client.sdk, client.cli; "
+    code = ("import sys; import server.service.app, server.service.cli, server.service.frontends, "
+            "server.transport.servicer, server.scheduling.scheduler, server.runtime.engine_worker, "
+            "client.sdk, client.cli; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'nemo', 'onnxruntime', 'tensorrt')); "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

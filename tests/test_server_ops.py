@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engines.api import EngineError
-from server.app import SERVICE_NAME, AsrServer
-from server.call_skeleton import TransportLimits
-from server.scheduler import SchedulerConfig
+from server.service.app import SERVICE_NAME, AsrServer
+from server.transport.call_skeleton import TransportLimits
+from server.scheduling.scheduler import SchedulerConfig
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.server_harness import (
@@ -271,14 +271,14 @@ async def test_gc_freeze_moves_start_up_objects_out_of_collections():
         gc.unfreeze()
     async with running_server(make_engine(FAKE)):
         assert gc.get_freeze_count() == 0  # off unless asked for (asr-server asks)
-    from server.cli import build_settings, parse_args
+    from server.service.cli import build_settings, parse_args
     assert build_settings(parse_args([])).gc_freeze and not build_settings(parse_args(["--no-gc-freeze"])).gc_freeze
 
 
 async def test_gc_threshold_is_applied_after_warm_up_and_bad_values_are_refused():
     import gc
 
-    from server.gc_policy import parse_threshold
+    from server.runtime.gc_policy import parse_threshold
     assert parse_threshold(None) is None and parse_threshold("20000, 20,20") == (20000, 20, 20)
     for bad in ("1,2", "0,1,1", "a,b,c", "1,2,3,4"):
         with pytest.raises(ValueError, match="three positive integers"):
@@ -298,7 +298,7 @@ async def test_a_collection_inside_a_metrics_lock_does_not_deadlock():
     import gc
     import threading
 
-    from server.metrics import ServerMetrics
+    from server.ops.metrics import ServerMetrics
 
     metrics = ServerMetrics()
     metrics.bind(FakeBinding())

@@ -118,7 +118,7 @@ async def test_sigterm_when_idle_exits_zero_at_once(frontends):
 
 async def test_bad_flags_exit_nonzero_with_a_message():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
+        sys.executable, "-m", "server.service.cli", "--engine-factory", "tests.fake_engine:build_fake_engine",
         "--max-streams", "0", cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, stderr = await asyncio.wait_for(proc.communicate(), 120)

@@ -1,4 +1,4 @@
-"""The scheduler's array books (server.slot_books): batch choice, rows' life, and a stream's
+"""The scheduler's array books (server.scheduling.slot_books): batch choice, rows' life, and a stream's
 transcript whatever batch it rode in (the scheduler on the hash-chain fake engine)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from server.scheduler import Scheduler, SchedulerConfig
-from server.slot_books import SlotBooks, SlotStream
-from server.stream_events import ChunkResult
-from server.stream_state import StreamStatus
+from server.scheduling.scheduler import Scheduler, SchedulerConfig
+from server.scheduling.slot_books import SlotBooks, SlotStream
+from server.scheduling.stream_events import ChunkResult
+from server.scheduling.stream_state import StreamStatus
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine, fake_geometry
 

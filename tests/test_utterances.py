@@ -1,4 +1,4 @@
-"""Utterances in the scheduler (server.utterances, Scheduler.end_utterance), against the fake
+"""Utterances in the scheduler (server.scheduling.utterances, Scheduler.end_utterance), against the fake
 engine, whose endpointing is as deterministic as its text: a chunk of exact zeros after speech
 ends an utterance at the chunk's last frame.
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from engines.api import EndpointingParams
-from server.stream_events import ChunkResult, UtteranceEnd
-from server.utterances import UtteranceBook
+from server.scheduling.stream_events import ChunkResult, UtteranceEnd
+from server.scheduling.utterances import UtteranceBook
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
 from tests.test_scheduler import collect, feed, started

@@ -160,7 +160,7 @@ def demo_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("asr-server") / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--model", "builtin:demo", "--device", "cpu",
+            [sys.executable, "-m", "server.service.cli", "--model", "builtin:demo", "--device", "cpu",
              "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
              "--idle-timeout-s", f"{IDLE_TIMEOUT_S:g}"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""server.wire, the one typed wire between the server's processes: every message type round-trips,
+"""server.runtime.wire, the one typed wire between the server's processes: every message type round-trips,
 frames batch many messages, and a frame that cannot be read (malformed, unknown tag, wrong
 direction, truncated, oversized length) is a WireError that closes its link with a logged
 reason, never a hang. Real links too: an engine host's socket, a frontend's reader and a real
@@ -21,13 +21,13 @@ from engines.api import (BadChunkError, EndpointingParams, EngineError, ModelInf
                          StreamUpdate, TokenEvent)
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
-from server import wire as w
-from server.engine_host import EngineFacts, EngineHost, event_message
-from server.engine_worker import (ChildOptions, EngineWorker, _ChildSlots, _Link, _pack_step, _reply, _unpack_result,
+from server.runtime import wire as w
+from server.runtime.engine_host import EngineFacts, EngineHost, event_message
+from server.runtime.engine_worker import (ChildOptions, EngineWorker, _ChildSlots, _Link, _pack_step, _reply, _unpack_result,
                                   _unpack_step)
-from server.remote_scheduler import RemoteScheduler, result_event
-from server.scheduler import SchedulerConfig
-from server.stream_events import ChunkResult, ErrorKind, StreamFailure, Utterance, UtteranceEnd
+from server.runtime.remote_scheduler import RemoteScheduler, result_event
+from server.scheduling.scheduler import SchedulerConfig
+from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamFailure, Utterance, UtteranceEnd
 from tests.fake_engine import FakeEngine
 
 TIMEOUT_S = 10.0  # every read here is bounded: a reader that hangs fails the test instead

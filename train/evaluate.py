@@ -1,6 +1,6 @@
 """Word error rate of a served model per language at every lookahead, three ways:
 
-- server:  streaming through a real gRPC server on loopback (server.app.AsrServer), many streams
+- server:  streaming through a real gRPC server on loopback (server.service.app.AsrServer), many streams
            at once, audio sent as PCM16 WAV bytes in 100 ms messages, unpaced;
 - engine:  streaming through engines.factory.build_engine + StreamingEngine.step directly, the
            streams batched in lockstep (every step carries each open stream's next chunk);
@@ -109,7 +109,7 @@ class LoopbackServer:
     """An AsrServer on 127.0.0.1 (any free port) in its own event-loop thread."""
 
     def __init__(self, engine):
-        from server.app import AsrServer, ServerSettings
+        from server.service.app import AsrServer, ServerSettings
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

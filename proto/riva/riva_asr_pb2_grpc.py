@@ -63,7 +63,7 @@ class RivaSpeechRecognitionServicer:
 
     def StreamingRecognize(self, request_iterator, context):
         """First request: streaming_config. Then audio_content messages. One response per audio
-        message (the last one carries the final result); see server/riva_servicer.py.
+        message (the last one carries the final result); see server/transport/riva_servicer.py.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,374 @@
+"""A frontend process's scheduler: the same face as server.scheduling.scheduler.Scheduler to the
+servicers, with the real scheduler in the engine process (server.runtime.engine_host) at the other
+end of a Unix socket.
+
+What stays here and what goes there:
+  - here: the stream's view for its handler (status, undelivered events, the end reason), the
+    audio backpressure (pending = sent - consumed, the consumed count arriving with each
+    event), failures the transport decides (bad audio, cancellation, a client not reading);
+  - there: admission (slots), batching, the duration limits, every result.
+
+A stream is opened without a round trip: its first event is the engine's refusal when there
+is no room, which the handler turns into RESOURCE_EXHAUSTED exactly as for a local refusal.
+If the engine process goes away, every open stream fails with UNAVAILABLE and the frontend
+reports itself dead (health NOT_SERVING), like a local engine death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engines.api import EndpointingParams
+from server.runtime import wire as w
+from server.transport.call_limits import CLIENT_IDENTITY
+from server.runtime.engine_host import EngineFacts
+from server.runtime.wire import FrameReader, FrameWriter
+from server.ops.metrics import ServerMetrics
+from server.scheduling.scheduler import SchedulerConfig, SchedulerObserver, StreamHandle
+from server.scheduling.stream_books import StreamBooks
+from server.scheduling.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
+                                  UtteranceEnd)
+from server.scheduling.stream_state import StreamState, StreamStatus
+
+log = logging.getLogger("nemostream.remote_scheduler")
+GC_FORWARD_PERIOD_S = 0.5
+
+
+@dataclass(eq=False)
+class RemoteStreamState(StreamState):
+    consumed: int = 0   # samples the engine has taken from this stream (from its last event)
+    unacked: int = 0    # events taken by the handler and not yet acknowledged to the engine
+    text_parts: list[str] = field(default_factory=list)  # the open utterance's text, as relayed
+
+    @property
+    def transcript(self) -> str:
+        if len(self.text_parts) > 1:
+            self.text_parts[:] = ["".join(self.text_parts)]
+        return self.text_parts[0] if self.text_parts else ""
+
+
+class RemoteScheduler(StreamBooks):
+    def __init__(self, socket_path: str, name: str = "frontend"):
+        super().__init__()
+        self.socket_path = socket_path
+        self.name = name
+        self.observer = SchedulerObserver()
+        self.facts: EngineFacts | None = None
+        self.config = SchedulerConfig()
+        self.engine_name: str | None = None
+        self.executions: dict[str, int] = {}
+        self.max_batch = 1
+        self._engine_slots = 0
+        self._engine_draining = False
+        self._ack_every = 1
+        self._out: FrameWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._stopping = False
+        self._max_pending = 0
+        self.disconnected = asyncio.Event()  # the engine process's connection ended
+        self._syncs: dict[int, asyncio.Future] = {}
+        self._sync_token = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def connect(self, timeout_s: float = 30.0) -> EngineFacts:
+        """Connect and read the engine's Hello (and first State)."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(self.socket_path, limit=1 << 20), timeout_s)
+        self._out = FrameWriter(writer)
+        frames = FrameReader(reader, w.ENGINE_TO_FRONTEND)
+        batch = await asyncio.wait_for(frames.read_frames(), timeout_s)
+        first = batch[0] if batch else None
+        if not first:
+            raise w.WireError("the engine process closed the connection before its Hello")
+        self.facts = EngineFacts.from_hello(first[0])
+        self.config = self.facts.scheduler
+        self._ack_every = max(1, self.config.response_buffer // 2)
+        self.max_batch = self.facts.max_batch
+        self.engine_name = self.facts.engine_name
+        g = self.facts.geometry
+        # As the scheduler computes it: never below what one chunk needs.
+        self._max_pending = max(int(self.config.max_pending_seconds * g.sample_rate), 2 * g.segment_samples)
+        for message in [*first[1:], *(m for frame in batch[1:] for m in frame)]:
+            self._dispatch(message)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(frames), name="engine-reader")
+        return self.facts
+
+    @property
+    def engine(self) -> EngineFacts:
+        assert self.facts is not None, "connect() first"
+        return self.facts
+
+    async def start(self) -> None:
+        if self._out is None:
+            await self.connect()
+
+    async def warmup(self) -> str:
+        """The engine process warmed up (and proved it) before it accepted this connection."""
+        if not self.engine_name:
+            raise StreamError(ErrorKind.UNAVAILABLE, "the engine process has not warmed up")
+        return self.engine_name
+
+    async def sync(self, timeout_s: float = 10.0) -> None:
+        """Return once the engine process has applied everything this frontend sent before
+        (streams closed, metrics counted): messages on one connection are applied in order."""
+        self._sync_token += 1
+        token = self._sync_token
+        future = asyncio.get_running_loop().create_future()
+        self._syncs[token] = future
+        self._send(w.Sync(token))
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._syncs.pop(token, None)
+
+    def announce_ready(self) -> None:
+        self._send(w.Ready(self.name))
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping = True
+        for state in list(self._streams.values()):
+            self._fail(state, ErrorKind.UNAVAILABLE, "server is shutting down")
+        if self._out is not None:
+            self._out.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    # -- what the servicers and metrics read -----------------------------------------------
+    def slots_in_use(self) -> int:
+        return self._engine_slots
+
+    @property
+    def ready_streams(self) -> int:
+        return 0  # the ready queue is the engine process's
+
+    def check_admission(self) -> None:
+        if self.dead_reason is not None:
+            raise StreamError(ErrorKind.UNAVAILABLE, f"the engine failed and serves no more streams: {self.dead_reason}")
+        if self._out is None or not self.engine_name:
+            raise StreamError(ErrorKind.UNAVAILABLE, "the engine is warming up; retry in a moment")
+        if self.draining or self._stopping or self._engine_draining:
+            raise StreamError(ErrorKind.UNAVAILABLE, "server is draining for shutdown; retry on another replica")
+
+    def open_stream(self, label: str = "", finalize_at_limit: bool = True,
+                    endpointing: EndpointingParams | None = None) -> StreamHandle:
+        self.check_admission()
+        key = uuid.uuid4().hex[:12]
+        state = RemoteStreamState(stream_id=key, slot=-1, label=label, opened_at=time.monotonic(),
+                                  finalize_at_limit=finalize_at_limit, endpointing=endpointing)
+        state.audio_room.set()
+        self._add(state)
+        # The client's identity (set by the security interceptor when streams per client are
+        # limited): the engine process counts them over every frontend.
+        self._send(w.Open(key, label, finalize_at_limit, endpointing, CLIENT_IDENTITY.get()))
+        return StreamHandle(self, state)
+
+    # -- per-stream operations -----------------------------------------------------------
+    async def push_audio(self, state: RemoteStreamState, samples: np.ndarray) -> bool:
+        if state.status is not StreamStatus.RECEIVING:
+            return False
+        if samples.size == 0:
+            return True
+        self._send(w.Audio(state.stream_id, np.asarray(samples, dtype=np.float32).tobytes()))
+        state.received += samples.size
+        return await self._wait_for_audio_room(state)
+
+    def _pending_samples(self, state: RemoteStreamState) -> int:
+        return state.received - state.consumed  # consumed arrives with each of the engine's results
+
+    def end_audio(self, state: RemoteStreamState) -> None:
+        if state.status is not StreamStatus.RECEIVING:
+            return
+        state.ended_at = time.monotonic()
+        state.set_status(StreamStatus.FLUSHING)
+        self._send(w.End(state.stream_id))
+
+    def fail_stream(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:
+        self._fail(state, kind, message)
+
+    def end_utterance(self, state: RemoteStreamState) -> bool:
+        if state.status is not StreamStatus.RECEIVING:
+            return False
+        self._send(w.EndUtterance(state.stream_id))
+        return True
+
+    def take_event(self, state: RemoteStreamState) -> StreamEvent | None:
+        if not state.events:
+            return None
+        event = state.events.popleft()
+        if isinstance(event, StreamFailure) or event.is_final:
+            state.terminal_delivered = True
+        if not state.status.terminal:  # a finished stream needs no more room
+            self._ack(state)
+        return event
+
+    def close_stream(self, state: RemoteStreamState) -> None:
+        if not state.status.terminal:
+            state.set_status(StreamStatus.CANCELLED)
+        if self._forget(state):
+            self._send(w.Close(state.stream_id))
+
+    # -- books ---------------------------------------------------------------------------
+    def _fail(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:
+        """A failure decided here: the handler sees it at once; the engine frees the slot."""
+        if state.status.terminal:
+            return
+        self._emit(state, StreamFailure(state.stream_id, kind, message))
+        state.set_status(StreamStatus.FAILED)
+        self._send(w.Fail(state.stream_id, kind.value, message))
+
+    def _emit(self, state: RemoteStreamState, event: StreamEvent) -> None:
+        state.events.append(event)
+        state.peak_events = max(state.peak_events, len(state.events))
+        state.events_ready.set()
+        state.audio_room.set()  # a push_audio waiting for room re-checks (consumed moved, or the reader is stuck)
+
+    def _ack(self, state: RemoteStreamState) -> None:
+        """Tell the engine its events were taken, every half response window rather than per
+        event: the engine stops forwarding only at a full window, which it reaches only when
+        this frontend holds more than half a window untaken (a client that does not read)."""
+        state.unacked += 1
+        if state.unacked >= self._ack_every:
+            self._send(w.Ack(state.stream_id, state.unacked))
+            state.unacked = 0
+
+    def _send(self, message: w.Message) -> None:
+        if self._out is not None:
+            self._out.send(message)
+
+    # -- the engine's frames -------------------------------------------------------------
+    async def _read(self, frames: FrameReader) -> None:
+        reason = "the engine process closed its connection"
+        try:
+            while (batch := await frames.read_frames()) is not None:
+                for frame in batch:
+                    for message in frame:
+                        self._dispatch(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken engine link is an engine death
+            reason = f"the connection to the engine process broke: {exc}"
+        self.disconnected.set()
+        if not self._stopping:
+            self._mark_dead(reason)
+
+    def _dispatch(self, m: w.Message) -> None:
+        kind = type(m)
+        if kind is w.Result or kind is w.Failed:
+            state = self._streams.get(m.key)
+            if state is None or state.status.terminal:
+                return  # closed, or failed here first: the engine's word comes too late
+            state.consumed = m.consumed
+            if kind is w.Failed:
+                self._emit(state, StreamFailure(m.key, ErrorKind(m.kind), m.message))
+                state.set_status(StreamStatus.FAILED)
+                return
+            if m.finals:  # the chunk closed utterances: the open one restarts with what it added
+                state.text_parts[:] = [m.new_text]
+            else:
+                state.text_parts.append(m.new_text)
+            event = result_event(m, state.transcript)
+            if event.is_final:  # as the engine process's event says: the last utterance's text
+                event.transcript = event.finals[-1].transcript if event.finals else ""
+            if event.is_final and state.status is StreamStatus.RECEIVING:
+                state.set_status(StreamStatus.FLUSHING)  # the engine ended it (a duration limit)
+            self._emit(state, event)
+            if event.is_final:
+                state.set_status(StreamStatus.FINISHED)
+        elif kind is w.Synced:
+            future = self._syncs.get(m.id)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif kind is w.Cut:
+            state = self._streams.get(m.key)
+            if state is not None and state.status is StreamStatus.RECEIVING:
+                state.end_reason = m.end_reason or None
+                state.ended_at = time.monotonic()
+                state.set_status(StreamStatus.FLUSHING)
+        elif kind is w.State:
+            self.engine_name, self.executions = m.engine_name or self.engine_name, m.executions
+            self.max_batch, self._engine_slots, self._engine_draining = m.max_batch, m.slots_in_use, m.draining
+            if m.dead_reason is not None:
+                self._mark_dead(m.dead_reason)
+        elif kind is w.Error:  # the engine host is closing this link, and says why
+            raise w.WireError(f"the engine process refused this frontend's link: {m.message}")
+        else:
+            raise w.WireError(f"unexpected message {kind.__name__} from the engine process")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        log.critical("engine marked dead", extra={"reason": reason})
+        for state in list(self._streams.values()):
+            if not state.status.terminal:
+                self._emit(state, StreamFailure(state.stream_id, ErrorKind.UNAVAILABLE, f"the engine failed: {reason}"))
+                state.set_status(StreamStatus.FAILED)
+        self.observer.engine_dead(reason)
+
+
+def result_event(m: w.Result, transcript: str) -> ChunkResult:
+    """A Result message as the event the servicers know (stream id = the key); `transcript`: the
+    open utterance's text so far, this message's new_text included."""
+    return ChunkResult(stream_id=m.key, chunk_index=m.chunk_index, transcript=transcript, new_text=m.new_text,
+                       is_final=m.is_final, audio_seconds=m.audio_seconds, audio_ready_at=m.audio_ready_at,
+                       utterance_index=m.utterance_index,
+                       finals=tuple(Utterance(u.index, u.transcript, u.tokens, u.start_seconds, u.end_seconds,
+                                              UtteranceEnd(u.closed_by)) for u in m.finals) if m.finals else ())
+
+
+class RemoteMetrics(ServerMetrics):
+    """A frontend's metrics: its transport counts go to the engine process, whose endpoint
+    serves the whole server's figures (the frontend serves none of its own)."""
+
+    def __init__(self, scheduler: RemoteScheduler, max_batch: int = 32):
+        super().__init__(max_batch=max_batch)
+        self._remote = scheduler
+        self.audio_seconds = _ForwardedCounter(scheduler)
+        # The GC callback only records (see server.ops.metrics._GcPauseTimer); this forwards.
+        self._gc_task = asyncio.get_running_loop().create_task(self._forward_gc(), name="gc-forward")
+
+    async def _forward_gc(self) -> None:
+        while True:
+            await asyncio.sleep(GC_FORWARD_PERIOD_S)
+            self.flush_gc()
+
+    def close(self) -> None:
+        self._gc_task.cancel()
+        self.flush_gc()
+        super().close()
+
+    def rpc_finished(self, method: str, code: str) -> None:
+        self._remote._send(w.Rpc(method, code))
+
+    def call_refused(self, reason: str) -> None:
+        self._remote._send(w.Refused(reason))
+
+    def gc_paused(self, generation: str, seconds: float, process: str | None = None) -> None:
+        self._remote._send(w.Gc(generation, seconds))  # on the loop, from flush_gc
+
+
+class _ForwardedCounter:
+    """`.inc()` like a prometheus Counter; the sum goes out once per loop iteration."""
+
+    def __init__(self, scheduler: RemoteScheduler):
+        self._remote = scheduler
+        self._pending = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount <= 0:
+            return
+        if self._pending == 0.0:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending += amount
+
+    def _flush(self) -> None:
+        amount, self._pending = self._pending, 0.0
+        if amount:
+            self._remote._send(w.AudioSeconds(amount))

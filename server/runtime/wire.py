@@ -1,0 +1,497 @@
+"""The one wire between the server's processes: typed messages (msgspec Structs, encoded as
+msgpack) in length-prefixed frames. Two links use it (docs/SCALING.md):
+
+  - frontend <-> engine host, over a Unix socket per frontend (server.runtime.remote_scheduler,
+    server.runtime.engine_host): streams' control, audio and results, metrics, the engine's state;
+  - engine host's scheduler <-> engine worker process, over a socket pair (server.runtime.engine_worker):
+    slots, steps and their replies. A step's audio does not travel here: it goes through a
+    shared-memory sample buffer, and the step message names the buffer.
+
+A frame is a 4-byte big-endian length and a msgpack array of messages: a writer sends everything
+one event-loop iteration produced as one frame, so one syscall and one decode cover many streams.
+A length over MAX_FRAME is refused before anything is allocated for it.
+
+Every message is an array whose first element is its type's tag (`array_like=True`: no field
+names on the wire, about the size and speed of the positional tuples this wire replaced). Each
+link direction has a decoder that accepts only that direction's messages, so an unknown tag, a
+field of the wrong type or a truncated body is a WireError: the reader closes that link and logs
+the reason, never guesses. A reply names the request it answers (`id`); an Error message is the
+reply that failed. The first message on a link is the Hello handshake (protocol version, the
+sender's role, what the other side must know of the engine), which the receiver checks.
+
+This module imports no server code above it: every process role uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+from typing import Any, TypeVar, Union
+
+import msgspec
+import numpy as np
+
+from engines.api import EndpointingParams, ModelInfo, StepTimings, TokenEvent
+from engines.config import EngineConfig
+from engines.geometry import ChunkGeometry
+
+T = TypeVar("T")
+PROTOCOL_VERSION = 2
+HEADER = struct.Struct("!I")
+MAX_FRAME = 256 << 20  # a corrupt length must not make the reader allocate without bound
+
+# Hello.role: who sent the handshake
+ROLE_ENGINE_HOST = "engine-host"      # to a frontend
+ROLE_ENGINE_WORKER = "engine-worker"  # to the scheduler that started it
+
+
+class WireError(ConnectionError):
+    """A frame that cannot be read (bad length, malformed or truncated body, unknown or unexpected
+    message) or a failed handshake: the link it came on is closed, with this as the reason."""
+
+
+class Message(msgspec.Struct, array_like=True, gc=False):
+    """Base of every message (gc=False: messages hold no reference cycles, and the collector
+    need not track the thousands a second this wire carries)."""
+
+
+# -- the handshake and errors (both links) --------------------------------------------------
+class Hello(Message, tag=20):
+    """First message on a link, from the side that owns the engine. The fields are what the
+    receiver needs of the engine: its model, chunk geometry, capacity and largest batch; from the
+    engine host also its warmed-up engine's name and its scheduler settings (SchedulerConfig's
+    fields), from an engine worker its start-up report and execution counters."""
+
+    version: int
+    role: str
+    model_info: ModelInfo
+    geometry: ChunkGeometry
+    capacity: int
+    max_batch: int
+    engine_name: str = ""
+    scheduler: dict[str, Union[int, float]] = {}
+    startup_report: Union[dict[str, Any], None] = None
+    executions: dict[str, int] = {}
+
+
+def plain_report(report: dict | None) -> dict | None:
+    """An engine's start-up report (for health, logs and metrics) as plain values the wire
+    carries: numpy scalars as numbers, anything else it cannot encode (a path, a library's
+    object) as its text, so an odd value in a report never stops a worker from starting."""
+    if report is None:
+        return None
+
+    def hook(obj):
+        item = getattr(obj, "item", None)  # numpy and torch scalars
+        if callable(item):
+            try:
+                return item()
+            except (TypeError, ValueError):
+                pass
+        return str(obj)
+
+    return msgspec.to_builtins(report, enc_hook=hook, str_keys=True)
+
+
+def check_hello(message: object, role: str) -> Hello:
+    """The first message of a link, checked: a Hello from `role` in this protocol version."""
+    if not isinstance(message, Hello):
+        raise WireError(f"the link's first message is {type(message).__name__}, not the Hello handshake")
+    if message.version != PROTOCOL_VERSION:
+        raise WireError(f"the peer speaks wire protocol version {message.version}, this process {PROTOCOL_VERSION}")
+    if message.role != role:
+        raise WireError(f"the peer's role is {message.role!r}, expected {role!r}")
+    return message
+
+
+class Error(Message, tag=26):
+    """A request that failed (`id`: the request's; 0 when the link itself failed and is being
+    closed). `name` is the exception's type (the worker raises the same type on the other side);
+    stream_ids and batch_size carry what BadChunkError and EngineOverloadedError hold; executions
+    and state are the engine's counters and EngineState value at the time."""
+
+    id: int
+    name: str
+    message: str
+    stream_ids: tuple[str, ...] = ()
+    batch_size: Union[int, None] = None
+    executions: Union[dict[str, int], None] = None
+    state: Union[str, None] = None
+
+
+# -- frontend -> engine host -----------------------------------------------------------------
+class Open(Message, tag=1):
+    key: str                 # the frontend's stream id (random hex: unique across frontends)
+    label: str
+    finalize_at_limit: bool
+    endpointing: Union[EndpointingParams, None]
+    client: Union[str, None]  # the client's identity when streams per client are limited
+
+
+class Audio(Message, tag=2):
+    key: str
+    samples: bytes  # float32 at the model's rate
+
+
+class End(Message, tag=3):
+    key: str
+
+
+class Fail(Message, tag=4):
+    """The frontend failed the stream (bad audio, a client that does not read, cancellation)."""
+
+    key: str
+    kind: str  # ErrorKind value
+    message: str
+
+
+class Close(Message, tag=5):
+    """The call is over: the engine frees the stream."""
+
+    key: str
+
+
+class Ack(Message, tag=6):
+    """The frontend's servicer took n events (the response window)."""
+
+    key: str
+    n: int
+
+
+class Ready(Message, tag=7):
+    """The frontend's gRPC port is open."""
+
+    name: str
+
+
+class Rpc(Message, tag=8):
+    """An RPC finished: counted in the engine host's metrics registry."""
+
+    method: str
+    code: str
+
+
+class Refused(Message, tag=9):
+    reason: str
+
+
+class AudioSeconds(Message, tag=10):
+    seconds: float  # audio received since the last one
+
+
+class Gc(Message, tag=11):
+    generation: str
+    seconds: float
+
+
+class Sync(Message, tag=12):
+    """Answered with Synced(id) once everything sent before it is applied."""
+
+    id: int
+
+
+class EndUtterance(Message, tag=13):
+    """The client asks for the open utterance's final (Scheduler.end_utterance)."""
+
+    key: str
+
+
+# -- engine host -> frontend -----------------------------------------------------------------
+class Final(Message, tag=30):
+    """An utterance a chunk closed (server.scheduling.stream_events.Utterance)."""
+
+    index: int
+    transcript: str
+    tokens: tuple[TokenEvent, ...]
+    start_seconds: float
+    end_seconds: float
+    closed_by: str  # UtteranceEnd value
+
+
+class Result(Message, tag=21):
+    """A chunk's result. The frontend keeps the open utterance's text: new_text is appended, and
+    after a chunk that closed utterances (finals) the text restarts from new_text, so the text so
+    far is not resent per chunk. consumed: samples of the stream the engine has taken."""
+
+    key: str
+    consumed: int
+    chunk_index: int
+    new_text: str
+    is_final: bool
+    audio_seconds: float
+    audio_ready_at: float
+    utterance_index: int
+    finals: tuple[Final, ...] = ()
+
+
+class Failed(Message, tag=22):
+    key: str
+    consumed: int
+    kind: str  # ErrorKind value
+    message: str
+
+
+class Cut(Message, tag=23):
+    """The engine ended the stream's audio at a duration limit."""
+
+    key: str
+    end_reason: str
+
+
+class State(Message, tag=24):
+    engine_name: str
+    executions: dict[str, int]
+    max_batch: int
+    slots_in_use: int
+    active_streams: int
+    dead_reason: Union[str, None]
+    draining: bool
+
+
+class Synced(Message, tag=25):
+    id: int
+
+
+# -- scheduler -> engine worker --------------------------------------------------------------
+class Configure(Message, tag=40):
+    """First message to a new worker: the engine to build (`factory`, as --engine-factory names
+    it) and how the worker sets itself up (server.runtime.engine_worker.ChildOptions)."""
+
+    factory: str
+    config: EngineConfig
+    log_level: str
+    log_format: str
+    gc_freeze: bool
+    gc_threshold: Union[tuple[int, int, int], None]
+
+
+class Attach(Message, tag=41):
+    """Map shared sample buffer `index` (a file of `samples` float32)."""
+
+    id: int
+    index: int
+    path: str
+    samples: int
+
+
+class Claim(Message, tag=42):
+    slot: int  # the scheduler's slot number, mapped onto one of the worker engine's own
+
+
+class Release(Message, tag=43):
+    slot: int
+
+
+class Warmup(Message, tag=44):
+    id: int
+
+
+class Step(Message, tag=45):
+    """One engine step, as the plan's columns (engines.api.StepPlan.from_columns). The array
+    columns are numpy arrays as raw bytes, each field's dtype fixed here (`column` reads them
+    back and checks their length). The rows' audio, row i's samples at
+    [offsets[i], offsets[i + 1]), is in shared buffer `buffer`, or in `audio` (float32 bytes)
+    when no buffer was attached or the step does not fit it. Endpointing settings ride on
+    first chunks only."""
+
+    id: int
+    buffer: int
+    stream_ids: list[str]
+    slots: bytes    # int64 [rows]: the scheduler's slots
+    offsets: bytes  # int64 [rows + 1]: the rows' samples in the step's audio
+    flags: bytes    # uint8 [rows]: FIRST | AUDIO_ENDED | NEW_UTTERANCE
+    endpointing: dict[int, EndpointingParams]  # row -> the stream's endpointing (first chunks that have it)
+    audio: Union[bytes, None] = None
+
+
+# Step.flags bits
+FIRST, AUDIO_ENDED, NEW_UTTERANCE = 1, 2, 4
+I64, F64, U8 = np.dtype("<i8"), np.dtype("<f8"), np.dtype("u1")
+
+
+def column(data: bytes, dtype: np.dtype, n: int, name: str) -> np.ndarray:
+    """An array column of a message (read-only, a view of `data`): a WireError unless it holds
+    exactly `n` entries."""
+    if len(data) != n * dtype.itemsize:
+        raise WireError(f"column {name} has {len(data)} bytes, not {n} entries of {dtype.itemsize}")
+    return np.frombuffer(data, dtype)
+
+
+def as_column(values, dtype: np.dtype) -> bytes:
+    """An array as a message's column (the bytes `column` reads)."""
+    return np.ascontiguousarray(values, dtype=dtype).tobytes()
+
+
+class Stop(Message, tag=46):
+    pass
+
+
+# -- engine worker -> scheduler --------------------------------------------------------------
+class Done(Message, tag=50):
+    """A request other than a step succeeded; `value` (the warmed-up engine's name, for Warmup)."""
+
+    id: int
+    value: Union[str, None]
+    executions: dict[str, int]
+    state: Union[str, None]
+
+
+class StepDone(Message, tag=52):
+    """A step's result, as its columns (engines.api.ResultColumns; array columns as in Step).
+    Row i's tokens are [token_offsets[i], token_offsets[i + 1]) of the token columns; starts and
+    ends name the rows that have endpoint events. The rows are the plan's, in its order, unless
+    `stream_ids` and `slots` (int64, the scheduler's slots) say otherwise. clocks: the worker's
+    CLOCK_MONOTONIC readings (request taken, step started, step ended, reply sent), for the way
+    there and back in StepTimings."""
+
+    id: int
+    engine: str
+    timings: StepTimings
+    clocks: tuple[float, float, float, float]
+    executions: dict[str, int]
+    state: Union[str, None]
+    is_final: bytes        # uint8 [rows]
+    frames_decoded: bytes  # int64 [rows]
+    audio_seconds: bytes   # float64 [rows]
+    text_delta: list[str]  # [rows]
+    token_offsets: bytes   # int64 [rows + 1]
+    token_ids: bytes       # int64 [tokens]
+    token_pieces: list[str]
+    token_frames: bytes    # int64 [tokens]
+    starts: dict[int, tuple[int, ...]]
+    ends: dict[int, tuple[int, ...]]
+    stream_ids: Union[list[str], None] = None
+    slots: Union[bytes, None] = None
+
+
+FRONTEND_TO_ENGINE = Union[Open, Audio, End, Fail, Close, Ack, Ready, Rpc, Refused, AudioSeconds, Gc, Sync,
+                           EndUtterance, Error]
+ENGINE_TO_FRONTEND = Union[Hello, Result, Failed, Cut, State, Synced, Error]
+TO_WORKER = Union[Configure, Attach, Claim, Release, Warmup, Step, Stop]
+FROM_WORKER = Union[Hello, Done, StepDone, Error]
+
+
+# -- frames ------------------------------------------------------------------------------------
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_frame(messages: list) -> bytearray:
+    """One frame: the length, then the messages as one msgpack array (encoded in place after
+    the header, no second copy)."""
+    frame = bytearray(HEADER.size)
+    _encoder.encode_into(messages, frame, HEADER.size)
+    size = len(frame) - HEADER.size
+    if size > MAX_FRAME:
+        raise WireError(f"a frame of {size} bytes exceeds the limit of {MAX_FRAME}")
+    HEADER.pack_into(frame, 0, size)
+    return frame
+
+
+class Decoder:
+    """Frame bodies into the messages one link direction may carry (`kinds`: one of the unions
+    above); anything else is a WireError naming what was wrong."""
+
+    def __init__(self, kinds):
+        self._decoder = msgspec.msgpack.Decoder(list[kinds])
+
+    def decode(self, body) -> list:
+        try:
+            return self._decoder.decode(body)
+        except msgspec.DecodeError as exc:  # ValidationError included: unknown tag, wrong field
+            raise WireError(f"malformed frame ({len(body)} bytes): {exc}") from None
+
+
+class FrameSplitter:
+    """Bytes as they arrive -> complete frames. Both the event-loop reader and the worker link's
+    blocking reader use it, so the bound on lengths is checked in one place."""
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes, take: Callable[[memoryview], T]) -> list[T]:
+        """`take` of each complete frame's body (a view into the buffer, valid during the call:
+        a decoder reads it in place, `bytes` copies it out)."""
+        buf = self._buf
+        buf += data
+        frames: list[T] = []
+        pos, n = 0, len(buf)
+        with memoryview(buf) as view:
+            while n - pos >= HEADER.size:
+                (size,) = HEADER.unpack_from(buf, pos)
+                if size > MAX_FRAME:
+                    raise WireError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}")
+                start = pos + HEADER.size
+                if n - start < size:
+                    break
+                frames.append(take(view[start:start + size]))
+                pos = start + size
+        if pos:
+            del buf[:pos]
+        return frames
+
+    def check_end(self) -> None:
+        """The connection ended: an error if it ended inside a frame."""
+        if self._buf:
+            raise WireError(f"connection closed inside a frame ({len(self._buf)} bytes pending)")
+
+
+class FrameWriter:
+    """Collects messages and writes them as one frame per event-loop iteration: the first
+    message of an iteration schedules the flush, the rest ride along."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._writer = writer
+        self._pending: list = []
+        self._scheduled = False
+        self.closed = False
+
+    def send(self, message: Message) -> None:
+        if self.closed:
+            return
+        self._pending.append(message)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending or self.closed:
+            return
+        frame = encode_frame(self._pending)
+        self._pending = []
+        if self._writer.is_closing():
+            self.closed = True
+            return
+        self._writer.write(frame)
+
+    def close(self) -> None:
+        self.flush()
+        self.closed = True
+        self._writer.close()
+
+
+class FrameReader:
+    """Reads whatever the socket has and returns every complete frame in it, decoded: one await
+    covers all the frames a busy peer wrote meanwhile (the engine host reads N frontends)."""
+
+    def __init__(self, reader: asyncio.StreamReader, kinds):
+        self._reader = reader
+        self._frames = FrameSplitter()
+        self._decoder = Decoder(kinds)
+
+    async def read_frames(self) -> list[list] | None:
+        """The next complete frames (at least one), each a list of messages, or None at a clean
+        end of the connection. Raises WireError for a frame that cannot be read."""
+        while True:
+            data = await self._reader.read(1 << 20)
+            if not data:
+                self._frames.check_end()
+                return None
+            frames = self._frames.feed(data, self._decoder.decode)
+            if frames:
+                return frames

@@ -1,0 +1,773 @@
+"""The asyncio micro-batching scheduler: keeps the books of every stream, feeds the engine.
+
+Pure Python: it talks to the engine only through engines.api (typed plans in, typed results
+out) and to the transport only through server.scheduling.stream_events. No gRPC, no torch.
+
+How a chunk travels:
+  push_audio -> the stream's SampleQueue -> (its row in the slot books says the next chunk is
+  complete) -> ready set (FCFS, one row per stream) -> the batching task takes up to max_batch
+  rows, oldest first, once the batch is full or `batch_wait_s` after the oldest entry
+  (server.scheduling.step_batch.form_batch: array operations over server.scheduling.slot_books, the audio taken per
+  row) -> one columnar StepPlan runs on the single engine thread (or, for an engine in a worker
+  process, is sent to it from the loop: server.runtime.engine_worker), failures isolated
+  (server.scheduling.step_batch.run_isolated) -> the StepResult is checked against the plan and scattered
+  back as ChunkResult events -> rows whose next chunk is complete rejoin the ready set.
+
+A stream is in at most one submitted step (its row's `in_flight` flag), so its chunks run in order.
+Up to `pipeline_depth` steps may be submitted at once: a full batch is queued behind the running
+step so the engine thread never waits for the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import numpy as np
+
+from engines.api import (EndpointingParams, EngineError, EngineState, StepPlan, StepResult, StepTimings,
+                         StreamingEngine)
+from server.scheduling.loop_calls import call_soon_from_thread
+from server.scheduling.slot_books import SlotBooks, SlotStream
+from server.scheduling.step_batch import StepBatch, StepOutcome, form_batch, run_isolated
+from server.scheduling.stream_books import StreamBooks
+from server.scheduling.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
+                                  UtteranceEnd)
+from server.scheduling.stream_state import StreamState, StreamStatus
+from server.scheduling.utterances import UtteranceBook
+
+log = logging.getLogger("nemostream.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    batch_wait_s: float = 0.005       # deadline from the oldest ready chunk to fill a batch
+    pipeline_depth: int = 2           # steps submitted to the engine thread at once
+    response_buffer: int = 32         # undelivered results per stream before it stops being scheduled
+    # Unprocessed audio per stream before push_audio waits (backpressure); a stream whose client
+    # also leaves response_buffer results unread past it fails with RESOURCE_EXHAUSTED.
+    max_pending_seconds: float = 30.0
+    max_stream_seconds: float = 3600.0  # of audio, and of wall time since the stream opened
+    stall_timeout_s: float = 60.0     # push_audio waiting this long for room fails the stream
+    dead_after_failures: int = 3      # consecutive failed steps that mark the engine dead
+    # A hung engine: with a step submitted, no step finished within max(hang_timeout_s,
+    # hang_step_factor x the slowest recent step) marks the engine dead (0: never).
+    hang_timeout_s: float = 20.0
+    hang_step_factor: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.batch_wait_s < 0:
+            raise ValueError("batch_wait_s must be >= 0")
+        if self.pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be >= 1")
+        if self.response_buffer < 1:
+            raise ValueError("response_buffer must be >= 1")
+        if self.max_pending_seconds <= 0 or self.max_stream_seconds <= 0 or self.stall_timeout_s <= 0:
+            raise ValueError("max_pending_seconds, max_stream_seconds and stall_timeout_s must be > 0")
+        if self.dead_after_failures < 1:
+            raise ValueError("dead_after_failures must be >= 1")
+        if self.hang_timeout_s < 0 or self.hang_step_factor < 0:
+            raise ValueError("hang_timeout_s and hang_step_factor must be >= 0")
+
+
+class SchedulerObserver:
+    """Hooks for metrics; every method is called on the event loop. No-ops by default."""
+
+    # `timings`: the engine's own account of the step (engines.api.StepTimings); step_seconds is
+    # the scheduler's, which also holds the way there and back (server.runtime.engine_worker: a pipe).
+    def step_done(self, batch_size: int, step_seconds: float, queue_waits: list[float],
+                  engine: str, executions: dict[str, int], timings: StepTimings | None = None) -> None: ...
+    def chunk_answered(self, latency_seconds: float) -> None: ...
+    # An utterance's final went out: what closed it, and the seconds from the audio (or, for
+    # the client's request, the request) that made it due to the final.
+    def utterance_final(self, closed_by: UtteranceEnd, latency_seconds: float) -> None: ...
+    def engine_dead(self, reason: str) -> None: ...
+    # A step attempt that raised, by what the scheduler did about it: "retry" (the same batch
+    # again), "split" (halves), "overloaded" (out of memory: halves and a lower max batch),
+    # "isolated" (one stream failed alone), "lost" (state lost in the commit).
+    def step_fault(self, kind: str) -> None: ...
+    def max_batch_lowered(self, max_batch: int) -> None: ...
+
+
+class StreamListener:
+    """Hooks for a consumer that relays streams elsewhere (server.runtime.engine_host, which serves
+    frontend processes): told when a stream has events to take, and when the scheduler itself
+    ended a stream's audio (a duration limit). Called on the event loop. No-ops by default."""
+
+    def events_added(self, stream: StreamState) -> None: ...
+    def audio_cut(self, stream: StreamState) -> None: ...
+
+
+class StreamHandle:
+    """What the transport holds for one open stream. `scheduler` is this module's Scheduler or
+    a frontend process's server.runtime.remote_scheduler.RemoteScheduler: the same six operations."""
+
+    def __init__(self, scheduler: Scheduler, state: StreamState):
+        self._scheduler = scheduler
+        self.state = state
+
+    @property
+    def stream_id(self) -> str:
+        return self.state.stream_id
+
+    async def push_audio(self, samples: np.ndarray) -> bool:
+        return await self._scheduler.push_audio(self.state, samples)
+
+    def end_audio(self) -> None:
+        self._scheduler.end_audio(self.state)
+
+    def fail(self, kind: ErrorKind, message: str) -> None:
+        self._scheduler.fail_stream(self.state, kind, message)
+
+    def end_utterance(self) -> bool:
+        return self._scheduler.end_utterance(self.state)
+
+    async def next_event(self) -> StreamEvent | None:
+        return await self._scheduler.next_event(self.state)
+
+    def close(self) -> None:
+        self._scheduler.close_stream(self.state)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+
+class Scheduler(StreamBooks):
+    def __init__(self, engine: StreamingEngine, config: SchedulerConfig | None = None,
+                 observer: SchedulerObserver | None = None):
+        super().__init__()
+        self.engine = engine
+        self.config = config or SchedulerConfig()
+        self.observer = observer or SchedulerObserver()
+        self.listener = StreamListener()
+        self.geometry = engine.geometry
+        self.max_batch = max(1, int(engine.max_batch))
+        rate = self.geometry.sample_rate
+        # Never below what one chunk needs, or a stream could wait for room that never comes.
+        self._max_pending = max(int(self.config.max_pending_seconds * rate), 2 * self.geometry.segment_samples)
+        self._max_samples = int(self.config.max_stream_seconds * rate)
+        # Per slot: position, ready set (with queue order and time), in flight, flags.
+        self._books = SlotBooks(self.geometry, int(getattr(engine, "capacity", 0) or 1))
+        self._wakeup = asyncio.Event()
+        self._steps_in_flight = 0
+        self._step_tasks: set[asyncio.Task] = set()
+        self._consecutive_failures = 0
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._stopping = False
+        self._step_async = getattr(engine, "step_async", None)
+        self._engine_free_at = 0.0              # when the engine finished its last step (step_async)
+        self._last_progress = 0.0               # when a step last finished, or one was submitted to an idle engine
+        self._slowest_step = 0.0                # the slowest recent step, decaying (the hang deadline's base)
+        self._hang_task: asyncio.Task | None = None
+        self.engine_name: str | None = None     # what the warm-up really executed
+        # Which engine this is in messages to clients, when there are several (server.runtime.engine_cores).
+        self.label = ""
+        self.executions: dict[str, int] = {}    # last snapshot of engine.executions()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        # One dedicated thread: engine steps are not thread-safe (NeMo mutates streaming_cfg),
+        # and the event loop must keep reading and writing while the engine computes.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        loop = asyncio.get_running_loop()
+        self._loop_task = loop.create_task(self._batch_loop(), name="batch-loop")
+        self._loop_task.add_done_callback(self._loop_exited)
+        if self.config.hang_timeout_s > 0:
+            self._hang_task = loop.create_task(self._watch_for_hangs(), name="hang-watch")
+        # An engine that can die on its own (server.runtime.engine_worker: its process exits) says so at
+        # once, so health turns NOT_SERVING without waiting for a step to fail.
+        watch = getattr(self.engine, "watch", None)
+        if callable(watch):
+            watch(lambda reason: call_soon_from_thread(loop, self._mark_dead, reason))
+
+    async def warmup(self) -> str:
+        """Run the engine's warm-up on the engine thread; prove its execution counter moved."""
+        def run() -> tuple[str, dict[str, int], dict[str, int]]:
+            before = dict(self.engine.executions())
+            name = self.engine.warmup()
+            return name, before, dict(self.engine.executions())
+
+        name, before, after = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        if after.get(name, 0) <= before.get(name, 0):
+            raise EngineError(f"warm-up claims engine {name!r} but its execution counter did not move "
+                              f"(before {before}, after {after})")
+        self.engine_name, self.executions = name, after
+        return name
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Fail what is still open, let submitted steps finish (up to grace_s), stop the thread."""
+        self._stopping = True
+        for stream in list(self._streams.values()):
+            self._fail(stream, ErrorKind.UNAVAILABLE, "server is shutting down")
+        if self._hang_task is not None:
+            self._hang_task.cancel()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._step_tasks:
+            await asyncio.wait(list(self._step_tasks), timeout=grace_s)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- admission -----------------------------------------------------------------------
+    def slots_in_use(self) -> int:
+        return self.engine.slots_in_use()
+
+    @property
+    def ready_streams(self) -> int:
+        """Streams whose next chunk waits in the ready queue."""
+        return self._books.ready_count
+
+    def check_admission(self) -> None:
+        """Raise StreamError when a new stream would be refused (cheap; no slot taken)."""
+        if self.dead_reason is not None:
+            raise StreamError(ErrorKind.UNAVAILABLE,
+                              f"the engine{self._of_label} failed and serves no more streams: {self.dead_reason}")
+        if self.engine_name is None:
+            raise StreamError(ErrorKind.UNAVAILABLE, "the engine is warming up; retry in a moment")
+        if self.draining or self._stopping:
+            raise StreamError(ErrorKind.UNAVAILABLE, "server is draining for shutdown; retry on another replica")
+        if len(self._streams) >= self.engine.capacity:
+            raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
+                              f"all {self.engine.capacity} stream slots are in use; retry later")
+
+    def open_stream(self, label: str = "", finalize_at_limit: bool = True, stream_id: str | None = None,
+                    endpointing: EndpointingParams | None = None) -> StreamHandle:
+        """A new stream, holding a slot. At max_stream_seconds (of audio, or of wall time) a
+        stream with `finalize_at_limit` is ended there and gets its final result (a client
+        that never half-closes); one without fails with OUT_OF_RANGE (a whole file that is too
+        long). `stream_id`: the caller's own unique id (a frontend process names its streams).
+        `endpointing`: how the engine splits the stream into utterances (None: one utterance)."""
+        self.check_admission()
+        if stream_id is not None and stream_id in self._streams:
+            raise StreamError(ErrorKind.INTERNAL, f"stream id {stream_id} is already open")
+        try:
+            slot = self.engine.acquire_slot()
+        except EngineError as exc:  # PoolExhaustedError: slots of leaving streams still in a step
+            raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
+                              f"all {self.engine.capacity} stream slots are in use; retry later ({exc})") from exc
+        stream_id = stream_id or f"{uuid.uuid4().hex[:12]}"
+        info = self.engine.model_info
+        try:
+            state = SlotStream(self._books, stream_id=stream_id, slot=slot, label=label, opened_at=time.monotonic(),
+                               finalize_at_limit=finalize_at_limit, endpointing=endpointing,
+                               utterances=UtteranceBook(self.geometry.encoder_frame_seconds,
+                                                        getattr(info, "word_boundary", "\u2581")))
+        except Exception:
+            self.engine.release_slot(slot)
+            raise
+        state.audio_room.set()
+        state.time_limit = asyncio.get_running_loop().call_later(
+            self.config.max_stream_seconds, self._time_limit_reached, state)
+        self._add(state)
+        return StreamHandle(self, state)
+
+    # -- per-stream operations (event loop) ----------------------------------------------
+    def accept_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
+        """push_audio without the wait: append, enforce the duration limit, queue what is
+        complete. False once the stream no longer takes audio. A caller that does not await
+        push_audio (server.runtime.engine_host) applies the backpressure itself."""
+        if stream.status is not StreamStatus.RECEIVING:
+            return False
+        if samples.size == 0:
+            return True
+        books, slot = self._books, stream.slot
+        received = int(books.received[slot])
+        at_limit = received + samples.size > self._max_samples
+        if at_limit:
+            if not stream.finalize_at_limit:
+                self._fail(stream, ErrorKind.OUT_OF_RANGE,
+                           f"stream exceeds the maximum duration of {self.config.max_stream_seconds:g} s of audio")
+                return False
+            samples = samples[:self._max_samples - received]
+        now = time.monotonic()
+        stream.audio.append(np.asarray(samples, dtype=np.float32))
+        received += samples.size
+        books.received[slot] = received
+        stream.arrivals.record(received, now)
+        stream.peak_pending = max(stream.peak_pending, len(stream.audio))
+        if at_limit:  # the rest of the client's audio is not taken
+            self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s of audio")
+            return False
+        self._maybe_enqueue(stream)
+        return True
+
+    async def push_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
+        """Append samples at the model's rate. Waits while too much audio is pending (the
+        backpressure that reaches the client through gRPC flow control). False once the
+        stream no longer takes audio."""
+        if not self.accept_audio(stream, samples):
+            return False
+        return await self._wait_for_audio_room(stream)
+
+    def _pending_samples(self, stream: StreamState) -> int:
+        return len(stream.audio)
+
+    def _end_at_limit(self, stream: StreamState, what: str) -> None:
+        log.info("stream reached its maximum duration; finalizing", extra={"stream_id": stream.stream_id, "limit": what})
+        stream.end_reason = f"the stream reached the maximum duration of {what}"
+        self.end_audio(stream)
+        self.listener.audio_cut(stream)
+
+    def _time_limit_reached(self, stream: StreamState) -> None:
+        if stream.status is not StreamStatus.RECEIVING:
+            return
+        if stream.finalize_at_limit:
+            self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s since it opened")
+        else:
+            self._fail(stream, ErrorKind.OUT_OF_RANGE,
+                       f"stream exceeds the maximum duration of {self.config.max_stream_seconds:g} s")
+
+    def end_audio(self, stream: StreamState) -> None:
+        if stream.status is not StreamStatus.RECEIVING:
+            return
+        stream.ended_at = time.monotonic()
+        stream.set_status(StreamStatus.FLUSHING)
+        self._maybe_enqueue(stream)
+
+    def fail_stream(self, stream: StreamState, kind: ErrorKind, message: str) -> None:
+        self._fail(stream, kind, message)
+
+    def end_utterance(self, stream: StreamState) -> bool:
+        """The client says its speaker stopped (its own turn detector): the open utterance gets
+        its final once the chunks whose audio is complete now have run, at once when none is
+        pending. Audio short of a whole chunk waits for the next utterance (it cannot run
+        alone without breaking the caches). False when the request was ignored: the stream
+        takes no more audio (its end will close the utterance) or its client leaves a full
+        response window unread."""
+        if stream.status is not StreamStatus.RECEIVING or len(stream.events) >= self.config.response_buffer:
+            return False
+        target = stream.next_chunk
+        while self.geometry.chunk_span(target, stream.received, False) is not None:
+            target += 1
+        stream.final_requested_at = time.monotonic()
+        if target > stream.next_chunk or stream.in_flight:
+            stream.final_due_after = max(target, stream.final_due_after or 0)
+            return True
+        self._emit(stream, ChunkResult(
+            stream_id=stream.stream_id, chunk_index=stream.next_chunk - 1, transcript="", new_text="",
+            is_final=False, audio_seconds=stream.audio_seconds, audio_ready_at=stream.final_requested_at,
+            finals=self._close_for_client(stream), utterance_index=stream.utterances.index))
+        return True
+
+    def _close_for_client(self, stream: StreamState) -> tuple[Utterance, ...]:
+        stream.final_due_after = None
+        stream.new_utterance_next = True
+        # An utterance without tokens ends where the decoded audio does.
+        closed = stream.utterances.close(
+            UtteranceEnd.CLIENT, end_frame=int(stream.audio_seconds / self.geometry.encoder_frame_seconds))
+        self.observer.utterance_final(UtteranceEnd.CLIENT, time.monotonic() - stream.final_requested_at)
+        return (closed,) if closed is not None else ()
+
+    def take_event(self, stream: StreamState) -> StreamEvent | None:
+        """The next undelivered event, or None when there is none now (next_event waits)."""
+        if not stream.events:
+            return None
+        event = stream.events.popleft()
+        if isinstance(event, StreamFailure) or event.is_final:
+            stream.terminal_delivered = True
+        self._maybe_enqueue(stream)  # room in the response buffer may unblock the stream
+        return event
+
+    def close_stream(self, stream: StreamState) -> None:
+        """The consumer left (normally, by error, or cancelled): drop the stream at once; its
+        slot is freed now, or when the step it is in returns."""
+        if not stream.status.terminal:
+            stream.set_status(StreamStatus.CANCELLED)
+        if stream.time_limit is not None:
+            stream.time_limit.cancel()
+            stream.time_limit = None
+        self._release_slot(stream)
+        self._forget(stream)
+
+    # -- books ---------------------------------------------------------------------------
+    def _emit(self, stream: StreamState, event: StreamEvent) -> None:
+        stream.events.append(event)
+        stream.peak_events = max(stream.peak_events, len(stream.events))
+        stream.events_ready.set()
+        self.listener.events_added(stream)
+        if len(stream.events) >= self.config.response_buffer:
+            stream.audio_room.set()  # a push_audio waiting for room re-checks: the reader may be stuck
+
+    def _fail(self, stream: StreamState, kind: ErrorKind, message: str) -> None:
+        if stream.status.terminal:
+            return
+        self._emit(stream, StreamFailure(stream.stream_id, kind, message))
+        stream.set_status(StreamStatus.FAILED)  # leaves the ready set (SlotStream.set_status)
+        self._release_slot(stream)
+        log.info("stream failed", extra={"stream_id": stream.stream_id, "code": kind.value, "reason": message})
+
+    def _release_slot(self, stream: StreamState) -> None:
+        # A slot in a submitted step is still the engine's to write: free it when the step returns.
+        if stream.slot_released or stream.in_flight or not stream.status.terminal:
+            return
+        stream.slot_released = True
+        self._books.free(stream.slot)  # the row is cleared; the stream keeps its numbers
+        try:
+            self.engine.release_slot(stream.slot)
+        except Exception:  # noqa: BLE001 - a bad release must not take the loop down
+            log.exception("release_slot failed", extra={"stream_id": stream.stream_id, "slot": stream.slot})
+
+    def _maybe_enqueue(self, stream: StreamState) -> None:
+        """Put the stream in the ready set if its next chunk is complete and it may run."""
+        books, slot = self._books, stream.slot
+        if (stream.slot_released or not books.live[slot] or books.in_flight[slot] or books.queued[slot]
+                or len(stream.events) >= self.config.response_buffer):
+            return
+        if books.flushing[slot]:
+            k, received = int(books.next_chunk[slot]), int(books.received[slot])
+            if self.geometry.chunk_span(k, received, True) is None:
+                if self.geometry.finished(k, received, True):
+                    self._finish_without_step(stream)
+                return
+        elif books.received[slot] < books.due[slot]:
+            return
+        books.queue(slot, time.monotonic())
+        # Wake the batching task only when this entry can change its decision: the first entry
+        # starts the deadline, a full queue is due at once. Waking it for every chunk cost a loop
+        # iteration per chunk (bench/host_overhead.py).
+        n = books.ready_count
+        if n == 1 or n >= self.max_batch:
+            self._wakeup.set()
+
+    def _finish_without_step(self, stream: StreamState) -> None:
+        """Every frame is decoded but the engine has not said final: the stream ended on a
+        chunk boundary after its last chunk ran, or holds less than one frame of audio."""
+        ready_at = stream.ended_at or time.monotonic()
+        last = stream.utterances.close_at_end_of_audio()
+        if last is not None:
+            self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, time.monotonic() - ready_at)
+        self._emit(stream, ChunkResult(
+            stream_id=stream.stream_id, chunk_index=stream.next_chunk - 1,
+            transcript=last.transcript if last is not None else "", new_text="", is_final=True, audio_seconds=stream.received / self.geometry.sample_rate,
+            audio_ready_at=ready_at, finals=(last,) if last is not None else (),
+            utterance_index=stream.utterances.index))
+        stream.set_status(StreamStatus.FINISHED)
+        self._release_slot(stream)
+
+    # -- the batching task -----------------------------------------------------------------
+    async def _batch_loop(self) -> None:
+        while not self._stopping:
+            try:
+                if not self._batch_due():
+                    self._wakeup.clear()
+                    timeout = self._time_to_deadline()
+                    if timeout is None:
+                        await self._wakeup.wait()
+                    else:  # a timer, not wait_for: no task per wait
+                        timer = asyncio.get_running_loop().call_later(timeout, self._wakeup.set)
+                        try:
+                            await self._wakeup.wait()
+                        finally:
+                            timer.cancel()
+                    continue
+                batch, queue_waits = self._take_batch()
+                if batch is not None:
+                    self._submit(batch, queue_waits)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a scheduler bug must not stop serving silently
+                log.exception("batch loop iteration failed")
+                await asyncio.sleep(0.01)  # back off, so a persistent bug does not spin a core
+
+    def _loop_exited(self, task: asyncio.Task) -> None:
+        if self._stopping:
+            return
+        if task.cancelled():  # the event loop is closing under us: nothing left to serve
+            log.warning("batch loop cancelled without stop()")
+            return
+        reason = f"batch loop exited unexpectedly: {task.exception()!r}"
+        log.critical(reason)
+        self._mark_dead(reason)
+
+    def _batch_due(self) -> bool:
+        if not self._books.ready_count or self._steps_in_flight >= self.config.pipeline_depth:
+            return False
+        if self._books.ready_count >= self.max_batch:
+            return True
+        # Partial batches go only to an idle engine thread: while a step runs, chunks keep
+        # gathering and the batch grows.
+        return self._steps_in_flight == 0 and self._time_to_deadline() == 0.0
+
+    def _time_to_deadline(self) -> float | None:
+        if not self._books.ready_count or self._steps_in_flight:
+            return None
+        oldest = self._books.oldest_queued_at()
+        return max(0.0, oldest + self.config.batch_wait_s - time.monotonic())
+
+    def _take_batch(self) -> tuple[StepBatch | None, list[float]]:
+        return form_batch(self._books, self.max_batch, self._max_pending)
+
+    def _submit(self, batch: StepBatch, queue_waits: list[float]) -> None:
+        if self._steps_in_flight == 0:
+            self._last_progress = time.monotonic()  # the hang clock starts with the engine's work
+        self._steps_in_flight += 1
+        task = asyncio.get_running_loop().create_task(
+            self._complete_step(batch, self._run_step(batch), queue_waits))
+        self._step_tasks.add(task)
+        task.add_done_callback(self._step_tasks.discard)
+
+    async def _engine_step(self, plan: StepPlan) -> tuple[StepResult, float]:
+        """One engine step and the seconds the engine spent on it. An engine with `step_async`
+        (server.runtime.engine_worker: the engine in its own process) is awaited here on the loop;
+        any other runs on the one engine thread. The seconds leave out waiting behind the
+        step before it (two are submitted at once), so they add up to the engine's busy time."""
+        if self._step_async is not None:
+            start = time.perf_counter()
+            result = await self._step_async(plan)
+            end = time.perf_counter()
+            seconds = end - max(start, self._engine_free_at)
+            self._engine_free_at = end
+            return result, seconds
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_step, plan)
+
+    def _timed_step(self, plan: StepPlan) -> tuple[StepResult, float]:
+        t0 = time.perf_counter()
+        result = self.engine.step(plan)
+        return result, time.perf_counter() - t0
+
+    def _run_step(self, batch: StepBatch) -> Awaitable[StepOutcome]:
+        return run_isolated(batch, self._engine_step, self.max_batch, self._books, self.engine.executions)
+
+    async def _complete_step(self, batch: StepBatch, run: Awaitable[StepOutcome],
+                             queue_waits: list[float]) -> None:
+        try:
+            try:
+                outcome: StepOutcome = await run
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its streams, not the server
+                self._step_failed(batch, exc)
+                return
+            self.executions = outcome.executions
+            for kind in outcome.faults:
+                self.observer.step_fault(kind)
+            if outcome.max_batch is not None and outcome.max_batch < self.max_batch:
+                self.max_batch = outcome.max_batch
+                log.warning("engine out of memory: max batch lowered", extra={"max_batch": self.max_batch})
+                self.observer.max_batch_lowered(self.max_batch)
+            if outcome.errors:
+                log.error("engine step attempts failed", extra={
+                    "streams": batch.stream_ids, "attempts_failed": len(outcome.errors),
+                    "isolated": sorted(outcome.failed), "errors": outcome.errors[-3:]})
+            for stream_id, message in outcome.rejected.items():
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    self._fail(stream, ErrorKind.INVALID_ARGUMENT, f"the engine rejected this stream's audio: {message}")
+            for ran, result in outcome.done:
+                self._scatter(batch, ran, result, outcome, queue_waits)
+                queue_waits = []
+            by_id = dict(zip(batch.stream_ids, batch.streams)) if (outcome.lost or outcome.failed) else {}
+            for stream_id, message in outcome.lost.items():
+                self._fail(by_id[stream_id], ErrorKind.INTERNAL, f"the engine lost this stream's state: {message}")
+            if outcome.done:
+                self._consecutive_failures = 0
+                for stream_id, message in outcome.failed.items():
+                    self._fail(by_id[stream_id], ErrorKind.INTERNAL,
+                               f"{message} (the other streams of its batch went on)")
+            elif outcome.failed or outcome.lost:
+                # Nothing of this batch ran: the engine itself may be broken.
+                reason = outcome.errors[-1] if outcome.errors else "unknown error"
+                self._count_failure(reason)
+                for stream_id, message in outcome.failed.items():
+                    self._fail(by_id[stream_id], ErrorKind.INTERNAL, message)
+        except Exception:  # noqa: BLE001
+            log.exception("applying a step result failed")
+            for stream in batch.streams:
+                self._fail(stream, ErrorKind.INTERNAL, "internal error applying an engine step")
+        finally:
+            self._requeue(batch)
+            self._steps_in_flight -= 1
+            self._step_finished(time.monotonic())
+            self._wakeup.set()
+
+    def _requeue(self, batch: StepBatch) -> None:
+        """A step returned: its rows leave the step. Rows of ended streams give their slot back,
+        rows whose next chunk is already complete (under load, most) rejoin the ready set as
+        one array operation, in the batch's order; flushing rows take the per-stream way."""
+        books, rows = self._books, batch.rows
+        books.in_flight[rows] = False
+        live = books.live[rows]
+        if not live.all():
+            for i in np.flatnonzero(~live).tolist():
+                stream = batch.streams[i]
+                if stream.status.terminal:
+                    self._release_slot(stream)
+        runnable = books.runnable_after_step(rows)
+        if runnable.size:
+            limit = self.config.response_buffer
+            streams = books.streams
+            keep = [r for r in runnable.tolist() if len(streams[r].events) < limit]
+            if keep:
+                books.queue_rows(np.asarray(keep, dtype=np.int64), time.monotonic())
+        for i in np.flatnonzero(live & books.flushing[rows]).tolist():
+            self._maybe_enqueue(batch.streams[i])
+
+    # -- a hung engine -------------------------------------------------------------------
+    def hang_deadline(self) -> float:
+        """Seconds without a finished step (while one is submitted) after which the engine is
+        taken for hung: the configured floor, or a multiple of the slowest recent step."""
+        return max(self.config.hang_timeout_s, self.config.hang_step_factor * self._slowest_step)
+
+    def _step_finished(self, now: float) -> None:
+        took = now - self._last_progress
+        # A decaying maximum: one slow step (a GC pause, a cold kernel) raises the deadline for
+        # a while, then it returns to what steps take now.
+        self._slowest_step = max(took, self._slowest_step * 0.99)
+        self._last_progress = now
+
+    async def _watch_for_hangs(self) -> None:
+        """An engine that stops answering (a stopped or wedged worker, a driver hang) fails no
+        step: nothing else would notice. Health goes NOT_SERVING, streams get UNAVAILABLE and
+        the server exits with status 3, as for a dead engine."""
+        period = min(1.0, self.config.hang_timeout_s / 4)
+        while self.dead_reason is None and not self._stopping:
+            await asyncio.sleep(period)
+            if self._steps_in_flight and self.engine_name is not None:
+                waited, deadline = time.monotonic() - self._last_progress, self.hang_deadline()
+                if waited > deadline:
+                    reason = (f"the engine is hung: no step finished for {waited:.1f} s "
+                              f"(deadline {deadline:.1f} s, from the step time)")
+                    self._mark_dead(reason)
+                    abandon = getattr(self.engine, "abandon", None)  # an engine worker: killed, not waited for
+                    if callable(abandon):
+                        abandon(reason)
+
+    def _scatter(self, batch: StepBatch, ran: np.ndarray, result: StepResult, outcome: StepOutcome,
+                 queue_waits: list[float]) -> None:
+        """The result's rows back to their streams. The books advance as arrays; per row only
+        what the stream gets: its event, and its utterance book where the row brought tokens,
+        endpoints or its final. A columnar result (engines.streaming_engine) is read from its
+        columns, so token objects are made only for rows that have tokens; so is an engine
+        worker's (server.runtime.engine_worker rebuilds it from the reply's columns). A result of
+        StreamUpdate rows (the fake engine) is read row by row."""
+        at = ran.tolist()
+        streams = [batch.streams[p] for p in at]
+        expected = [batch.stream_ids[p] for p in at]
+        columnar = result.columnar
+        got = result.columns.stream_ids if columnar else [u.stream_id for u in result.updates]
+        order = None  # result row of each planned row, when the engine answered in another order
+        if got != expected:
+            if len(got) != len(expected) or set(got) != set(expected):
+                # The books cannot be trusted for any stream of this step.
+                message = f"engine returned {len(got)} updates for a plan of {len(expected)} chunks"
+                log.error(message)
+                for stream in streams:
+                    self._fail(stream, ErrorKind.INTERNAL, message)
+                return
+            where = {sid: i for i, sid in enumerate(got)}
+            order = [where[sid] for sid in expected]
+        self.observer.step_done(len(expected), outcome.step_seconds / max(1, len(outcome.done)), queue_waits,
+                                result.engine, outcome.executions, result.timings)
+        books, rows = self._books, batch.rows[ran]
+        index = books.next_chunk[rows].tolist()
+        books.advance(rows)
+        due = books.final_due[rows]
+        final_due = ((due >= 0) & (books.next_chunk[rows] >= due)).tolist()
+        if columnar:
+            cols = result.columns
+            # Rows with something beyond progress: tokens, endpoint events, the final.
+            busy = (np.diff(cols.token_offsets) > 0) | cols.is_final
+            if cols.starts or cols.ends:
+                busy[list(cols.starts.keys() | cols.ends.keys())] = True
+            seconds = cols.audio_seconds
+            tokens = cols.tokens_by_row() if len(cols.token_ids) else {}
+            if order is not None:
+                busy, seconds = busy[order], seconds[order]
+            busy, seconds = busy.tolist(), seconds.tolist()
+        else:
+            updates = result.updates if order is None else [result.updates[i] for i in order]
+            busy = [bool(u.tokens or u.starts or u.ends or u.is_final) for u in updates]
+            seconds = [u.audio_seconds for u in updates]
+        now = time.monotonic()
+        ready_at = batch.ready_at[ran].tolist()
+        emit, answered = self._emit, self.observer.chunk_answered
+        for j, (stream, k, ready, audio_s, heavy, due_now) in enumerate(
+                zip(streams, index, ready_at, seconds, busy, final_due)):
+            stream.audio_seconds = audio_s
+            if stream.status.terminal:
+                continue  # cancelled or failed while the step ran: results go nowhere
+            if not (heavy or due_now):  # progress only (most rows of a step): the open utterance as it was
+                book = stream.utterances
+                emit(stream, ChunkResult(stream.stream_id, k, book.transcript, "", False, audio_s, ready, book.index))
+                answered(now - ready)
+                continue
+            if columnar:
+                r = j if order is None else order[j]
+                self._deliver(stream, k, ready, now, tokens.get(r, ()), cols.text_delta[r], cols.starts.get(r, ()),
+                              cols.ends.get(r, ()), bool(cols.is_final[r]), audio_s, due_now)
+            else:
+                u = updates[j]
+                self._deliver(stream, k, ready, now, u.tokens, u.text_delta, u.starts, u.ends, u.is_final,
+                              audio_s, due_now)
+
+    def _deliver(self, stream: StreamState, k: int, ready: float, now: float, tokens: tuple, text: str,
+                 starts: tuple[int, ...], ends: tuple[int, ...], is_final: bool, audio_s: float,
+                 final_due: bool) -> None:
+        """One row that brought tokens, endpoint events or the final (or whose client's final
+        is due): its utterance book, then its event."""
+        if is_final and stream.status is not StreamStatus.FLUSHING:
+            self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
+            return
+        book = stream.utterances
+        finals, added = book.apply(tokens, text, starts, ends)
+        if ends:
+            stream.new_utterance_next = True
+            for _ in finals:
+                self.observer.utterance_final(UtteranceEnd.ENDPOINT, now - ready)
+        if is_final:
+            last = book.close_at_end_of_audio()
+            if last is not None:
+                finals.append(last)
+                self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, now - ready)
+        elif final_due:
+            finals.extend(self._close_for_client(stream))
+            added = ""
+        self._emit(stream, ChunkResult(
+            stream_id=stream.stream_id, chunk_index=k,
+            transcript=(finals[-1].transcript if finals else "") if is_final else book.transcript,
+            new_text=added, is_final=is_final, audio_seconds=audio_s,
+            audio_ready_at=ready, utterance_index=book.index, finals=tuple(finals)))
+        self.observer.chunk_answered(now - ready)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": k, "final": is_final})
+        if is_final:
+            stream.set_status(StreamStatus.FINISHED)
+
+    def _step_failed(self, batch: StepBatch, exc: BaseException) -> None:
+        """The step's own machinery raised (not an engine error it handles): fail its streams."""
+        log.error("engine step failed", exc_info=exc, extra={"streams": batch.stream_ids})
+        self._count_failure(f"{type(exc).__name__}: {exc}")
+        for stream in batch.streams:
+            self._fail(stream, ErrorKind.INTERNAL, f"engine step failed: {exc}")
+
+    @property
+    def _of_label(self) -> str:
+        return f" of {self.label}" if self.label else ""
+
+    def _count_failure(self, reason: str) -> None:
+        """A batch of which nothing ran. Enough in a row mark the engine dead: every open stream
+        then gets UNAVAILABLE (retry elsewhere), this batch's included."""
+        self._consecutive_failures += 1
+        state = getattr(self.engine, "state", None)
+        if state is EngineState.DEAD or self._consecutive_failures >= self.config.dead_after_failures:
+            self._mark_dead(f"{self._consecutive_failures} consecutive failed steps, last: {reason}")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        log.critical("engine marked dead", extra={"reason": reason, **({"core": self.label} if self.label else {})})
+        for stream in list(self._streams.values()):
+            self._fail(stream, ErrorKind.UNAVAILABLE, f"the engine{self._of_label} failed: {reason}")
+        self.observer.engine_dead(reason)

@@ -1,0 +1,100 @@
+"""A stream's utterances, as the scheduler keeps them: the open utterance's tokens and text, and
+the closing of an utterance into its final (server.scheduling.stream_events.Utterance).
+
+Only the open utterance is kept, so a stream's memory does not grow with the length of a call.
+The engine says where utterances end (StreamUpdate.ends, encoder frames); a client can end one
+itself, and the end of the audio ends the last. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+from engines.api import TokenEvent, tokens_text
+from server.scheduling.stream_events import Utterance, UtteranceEnd
+
+
+class UtteranceBook:
+    def __init__(self, frame_seconds: float, word_boundary: str = "\u2581"):
+        self.frame_seconds = frame_seconds
+        self.word_boundary = word_boundary
+        self.index = 0                   # the open utterance's index
+        self.finals = 0                  # utterances closed with a final so far
+        self._tokens: list[TokenEvent] = []
+        self._parts: list[str] = []
+        self._speech_at: int | None = None  # frame the endpointer heard speech start, if it did
+
+    # -- the open utterance -------------------------------------------------------------------
+    @property
+    def transcript(self) -> str:
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    def add(self, tokens: tuple[TokenEvent, ...], text: str) -> str:
+        """Tokens and their text join the open utterance; returns the text as added (an
+        utterance's text does not start with a space)."""
+        if not tokens:
+            return ""
+        if not self._parts or not self.transcript:
+            text = text.lstrip(" ")
+        self._tokens.extend(tokens)
+        if text:
+            self._parts.append(text)
+        return text
+
+    def speech_started(self, frame: int) -> None:
+        if self._speech_at is None:
+            self._speech_at = frame
+
+    # -- a step with endpoint events ----------------------------------------------------------
+    def apply(self, tokens: tuple[TokenEvent, ...], text: str, starts: tuple[int, ...],
+              ends: tuple[int, ...]) -> tuple[list[Utterance], str]:
+        """One step's tokens, split at the step's utterance ends. Returns the finals this step
+        closed (utterances without text are dropped silently: the endpointer heard noise) and
+        the text the step added to the open utterance."""
+        if not ends:
+            for frame in starts:
+                self.speech_started(frame)
+            return [], self.add(tokens, text)
+        finals: list[Utterance] = []
+        rest = list(tokens)
+        pending_starts = sorted(starts)
+        for end in ends:
+            for frame in [f for f in pending_starts if f <= end]:
+                self.speech_started(frame)
+                pending_starts.remove(frame)
+            mine = [t for t in rest if t.frame <= end]
+            rest = rest[len(mine):]
+            self.add(tuple(mine), tokens_text(mine, self.word_boundary))
+            closed = self.close(UtteranceEnd.ENDPOINT, end_frame=end, keep_empty=False)
+            if closed is not None:
+                finals.append(closed)
+        for frame in pending_starts:
+            self.speech_started(frame)
+        added = self.add(tuple(rest), tokens_text(rest, self.word_boundary))
+        return finals, added
+
+    def close(self, closed_by: UtteranceEnd, end_frame: int | None = None, keep_empty: bool = True) -> Utterance | None:
+        """Close the open utterance and open the next. An utterance without text gives no final
+        unless `keep_empty` (None is returned; the index is not used up)."""
+        tokens, text = tuple(self._tokens), self.transcript
+        speech_at = self._speech_at
+        self._tokens, self._parts, self._speech_at = [], [], None
+        if not text and not keep_empty:
+            return None
+        fs = self.frame_seconds
+        if tokens:
+            first = tokens[0].frame if speech_at is None else min(speech_at, tokens[0].frame)
+            start, end = first * fs, (tokens[-1].frame + 1) * fs
+        else:
+            start = (speech_at if speech_at is not None else (end_frame or 0)) * fs
+            end = max(start, (end_frame if end_frame is not None else 0) * fs)
+        utterance = Utterance(index=self.index, transcript=text, tokens=tokens, start_seconds=start,
+                              end_seconds=end, closed_by=closed_by)
+        self.index += 1
+        self.finals += 1
+        return utterance
+
+    def close_at_end_of_audio(self) -> Utterance | None:
+        """The end of the audio closes the last utterance. It has a final even without text,
+        unless an earlier utterance had one (a stream always ends with at least one final)."""
+        return self.close(UtteranceEnd.END_OF_AUDIO, keep_empty=self.finals == 0)

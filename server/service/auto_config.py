@@ -1,0 +1,164 @@
+"""`asr-server`'s `auto` defaults that the server process decides: the sizing flags' parsing,
+and how many gRPC frontend processes to run. Pure functions on given numbers (plus two small
+readers of the machine, kept apart), unit-tested in tests/test_auto_config.py. The engine's own
+sizing (slots from device memory, the batch cap) is decided where the device is, in the engine
+process: engines/capacity.py.
+
+Frontends (`--frontends auto`): on the CPU, 1 (everything in one process, as before: a CPU
+engine carries a handful of streams, far below what one event loop answers). On a GPU, one
+frontend per CORES_PER_FRONTEND usable cores after ENGINE_CORES, at least 1, at most
+MAX_AUTO_FRONTENDS. The figures, from the H100 capacity run 19 (bench/RESULTS.md, 1,728
+streams at 160 ms with `--frontends 4`):
+  - ENGINE_CORES = 2: the engine worker used 0.83 of a core and the parent's event loop (the
+    scheduler) 0.64; each must have a core of its own, or a step waits for the CPU.
+  - CORES_PER_FRONTEND = 3: a frontend carrying a quarter of those streams used 0.43-0.48 of a
+    core on its event loop; gRPC's own threads and the kernel's network work for its
+    connections come on top, and chunks arrive in bursts, so each frontend gets well over one
+    core's worth of room.
+  - MAX_AUTO_FRONTENDS = 4: the count every recorded capacity run used; at that capacity each
+    frontend was half busy, and more frontends mean more frames for the parent's one event
+    loop, the next limit after the engine. A host with more cores gets 4 (16 cores: exactly 4).
+CPU counts are the cores this process may run on (its affinity) and, where a cgroup (v2) CPU
+quota is lower (a container's CPU limit), that quota.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+
+from engines.capacity import GPU_MAX_BATCH, MAX_AUTO_STREAMS, StreamSizing
+from engines.config import EngineConfig
+
+log = logging.getLogger("nemostream.cli")
+AUTO = "auto"
+ENGINE_CORES = 2
+CORES_PER_FRONTEND = 3
+MAX_AUTO_FRONTENDS = 4
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+# What `auto` means, for asr-server --help.
+MAX_BATCH_HELP = (f"chunks per engine step; auto: {GPU_MAX_BATCH} on a GPU (the batch of the capacity runs; never "
+                  f"above an explicit --max-streams), {EngineConfig.max_batch} on the CPU (engines/capacity.py)")
+MAX_STREAMS_HELP = (f"concurrent streams (cache slots); auto: on a GPU, as many as the device memory free after "
+                    f"loading holds, less a headroom for the step at the largest batch, at most {MAX_AUTO_STREAMS} "
+                    f"(printed at start-up with its figures); {EngineConfig.max_streams} on the CPU "
+                    f"(engines/capacity.py)")
+FRONTENDS_AUTO_HELP = (f"auto: with the engine on a GPU, one per {CORES_PER_FRONTEND} usable cores after "
+                       f"{ENGINE_CORES} for the engine, 1 to {MAX_AUTO_FRONTENDS}; with the engine on the CPU, 1 "
+                       f"(server/service/auto_config.py)")
+
+
+def int_or_auto(text: str) -> int | None:
+    """argparse type of the sizing flags: `auto` -> None, else the integer (range checks stay
+    with whoever takes the value, so their messages do not change)."""
+    if text.strip().lower() == AUTO:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or {AUTO!r}, got {text!r}") from None
+
+
+def engine_sizing_kwargs(max_streams: int | None, max_batch: int | None) -> dict:
+    """EngineConfig's sizing fields from the flags: an explicit value is used as given; `auto`
+    keeps the CPU figure (EngineConfig's default) and lets the factory size it on a GPU."""
+    return {"max_streams": EngineConfig.max_streams if max_streams is None else max_streams,
+            "auto_max_streams": max_streams is None,
+            "max_batch": EngineConfig.max_batch if max_batch is None else max_batch,
+            "auto_max_batch": max_batch is None}
+
+
+def cgroup_cpu_limit(cpu_max: str | None) -> float | None:
+    """Cores a cgroup v2 `cpu.max` ("QUOTA PERIOD", or "max PERIOD": no limit) allows; None
+    when there is no limit or the text is not that."""
+    if not cpu_max:
+        return None
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def usable_cpus(affinity_cpus: int, cpu_max: str | None = None) -> int:
+    """Cores this process can use: its affinity, lowered to a cgroup quota (rounded up: a quota
+    of 2.5 cores still runs three busy processes part of the time)."""
+    limit = cgroup_cpu_limit(cpu_max)
+    cpus = max(1, affinity_cpus)
+    return cpus if limit is None else max(1, min(cpus, math.ceil(limit)))
+
+
+def auto_frontends(cpus: int, on_gpu: bool, engine_cores: int = 1) -> int:
+    """`--frontends auto` (see the module docstring for the figures). With several engine cores
+    (`--gpus`, `--engine-cores`) each core's worker needs a core of its own beside the parent's
+    loop, and each carries its own share of streams, so both the reserve and the cap grow with
+    them."""
+    if not on_gpu:
+        return 1
+    reserved = ENGINE_CORES + (engine_cores - 1)
+    return max(1, min(MAX_AUTO_FRONTENDS * engine_cores, (cpus - reserved) // CORES_PER_FRONTEND))
+
+
+def read_usable_cpus() -> int:
+    """usable_cpus() of this machine and process."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            cpu_max = f.read()
+    except OSError:
+        cpu_max = None
+    return usable_cpus(affinity, cpu_max)
+
+
+def engine_device(engine) -> str:
+    """Where a started engine runs ("cpu", "cuda:0", ...), from its start-up report (a dict from
+    an engine worker, an object in process); "" when it does not say (e.g. the test engines),
+    which counts as the CPU."""
+    report = getattr(engine, "startup_report", None)
+    if isinstance(report, dict):
+        return str(report.get("device") or "")
+    return str(getattr(report, "device", "") or getattr(engine, "device", "") or "")
+
+
+def engine_sizing(engine) -> dict | None:
+    """The engine's `--max-streams auto` decision and its figures (engines.capacity), if it made one."""
+    report = getattr(engine, "startup_report", None)
+    sizing = report.get("sizing") if isinstance(report, dict) else getattr(report, "sizing", None)
+    return dict(sizing) if sizing else None
+
+
+def sizing_text(sizing: dict) -> str:
+    """engine_sizing()'s figures in words."""
+    return StreamSizing(**sizing).describe()
+
+
+def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max_batch_auto: bool,
+                      cpus: int | None = None, engine_cores: int = 1) -> tuple[int, list[str]]:
+    """After the engine started: the frontend count (`frontends` None: auto) and the lines that
+    say how the server was sized and from what (asr-server prints them)."""
+    device = engine_device(engine)
+    sizing = engine_sizing(engine)
+    streams = str(engine.capacity)
+    if max_streams_auto:
+        streams += " (auto: from device memory)" if sizing else " (auto: the fixed default)"
+    how = ""
+    if frontends is None:
+        cpus = read_usable_cpus() if cpus is None else cpus
+        frontends = auto_frontends(cpus, device.startswith("cuda"), engine_cores)
+        how = (f" (auto: {cpus} usable cores, {engine_cores} engine core{'s' if engine_cores > 1 else ''}, "
+               f"engine on {device or 'a device it did not report'})")
+    lines = [f"sizing: device {device or 'not reported'}, max streams {streams}, max batch {engine.max_batch}"
+             f"{' (auto)' if max_batch_auto else ''}, frontends {frontends}{how}"]
+    if sizing:
+        lines.append(f"max streams from device memory: {sizing_text(sizing)}")
+        log.info("max streams sized from device memory", extra={"sizing": sizing})
+    return frontends, lines

@@ -1,0 +1,79 @@
+"""Scheduler results -> protobuf responses, with word and token times on finals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engines.api import TokenEvent
+from proto import asr_stream_pb2 as pb
+from server.scheduling.stream_events import ChunkResult, Utterance
+
+WORD_MARK = "\u2581"  # SentencePiece's word-start marker
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start_seconds: float
+    end_seconds: float
+
+
+def words_from_tokens(tokens: tuple[TokenEvent, ...], frame_seconds: float) -> list[Word]:
+    """Group tokens into words: a piece that starts with the word marker (or a space) starts a
+    word. A word spans from its first token's encoder frame to the end of its last token's."""
+    words: list[Word] = []
+    text, first, last = "", None, None
+    for tok in tokens:
+        piece = tok.piece.replace(WORD_MARK, " ")
+        if piece.startswith(" ") and text.strip():
+            words.append(Word(text.strip(), first * frame_seconds, (last + 1) * frame_seconds))
+            text, first = "", None
+        if first is None:
+            first = tok.frame
+        text, last = text + piece, tok.frame
+    if text.strip():
+        words.append(Word(text.strip(), first * frame_seconds, (last + 1) * frame_seconds))
+    return words
+
+
+def final_result(utterance: Utterance, frame_seconds: float) -> pb.RecognitionResult:
+    result = pb.RecognitionResult(transcript=utterance.transcript, is_final=True, stability=1.0,
+                                  utterance_index=utterance.index, start_seconds=utterance.start_seconds,
+                                  end_seconds=utterance.end_seconds, end_reason=utterance.closed_by.value)
+    result.words.extend(pb.WordTime(word=w.word, start_seconds=w.start_seconds, end_seconds=w.end_seconds)
+                        for w in words_from_tokens(utterance.tokens, frame_seconds))
+    result.tokens.extend(pb.TokenTime(token_id=t.token_id, piece=t.piece, start_seconds=t.frame * frame_seconds)
+                         for t in utterance.tokens)
+    return result
+
+
+def interim_result(event: ChunkResult) -> pb.RecognitionResult:
+    """The open utterance so far (stability 1.0: greedy decoding never revises emitted text;
+    the last word may still grow)."""
+    return pb.RecognitionResult(transcript=event.transcript, is_final=False, stability=1.0,
+                                utterance_index=event.utterance_index)
+
+
+def streaming_response(event: ChunkResult, interim_results: bool, frame_seconds: float) -> pb.StreamingRecognizeResponse:
+    response = pb.StreamingRecognizeResponse(chunk_index=event.chunk_index, audio_processed=event.audio_seconds,
+                                             stream_id=event.stream_id)
+    response.results.extend(final_result(u, frame_seconds) for u in event.finals)
+    if interim_results and not event.is_final:
+        response.results.append(interim_result(event))
+    return response
+
+
+def whole_file_result(finals: list[Utterance], frame_seconds: float) -> pb.RecognitionResult:
+    """Recognize's one result: the utterances joined (one utterance without endpointing)."""
+    if not finals:
+        return pb.RecognitionResult(is_final=True, stability=1.0)
+    if len(finals) == 1:
+        return final_result(finals[0], frame_seconds)
+    texts = [u.transcript for u in finals if u.transcript]
+    tokens = tuple(t for u in finals for t in u.tokens)
+    joined = Utterance(index=0, transcript=" ".join(texts), tokens=tokens,
+                       start_seconds=finals[0].start_seconds if finals else 0.0,
+                       end_seconds=finals[-1].end_seconds if finals else 0.0, closed_by=finals[-1].closed_by)
+    result = final_result(joined, frame_seconds)
+    result.end_reason = finals[-1].closed_by.value if finals else ""
+    return result

@@ -1,0 +1,75 @@
+"""Writing responses to a client that may stop reading, shared by the native and Riva servicers.
+
+A response write waits while the client does not read (HTTP/2 flow control). The wait watches
+the stream: if the stream fails meanwhile (its buffers filled up, it idled) or the client reads
+nothing for the idle timeout, it ends with UnreadClient, so the handler frees the stream's place
+at once instead of when gRPC lets go of the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import grpc
+
+from server.scheduling.stream_events import ErrorKind, StreamFailure
+from server.scheduling.stream_state import StreamState
+
+
+class UnreadClient(Exception):
+    """The stream ended while a response write waited on a client that does not read."""
+
+    def __init__(self, kind: ErrorKind, message: str, write: asyncio.Future):
+        super().__init__(message)
+        self.kind, self.message, self.write = kind, message, write
+
+
+def forget(future: asyncio.Future) -> None:
+    """A future left to finish on its own (or never): its outcome is not an error to report."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+async def write_watching(context, response, state: StreamState,
+                         failure: Callable[[], StreamFailure | None], idle_timeout_s: float) -> None:
+    """Write one response, ending the wait with UnreadClient when `failure()` names one or the
+    client reads nothing for idle_timeout_s."""
+    loop = asyncio.get_running_loop()
+    write = asyncio.ensure_future(context.write(response))
+    # One event wakes this wait: the write finishing, the stream's next event or failure, or the
+    # idle deadline. A callback and a timer cost far less per response than a watcher task and
+    # asyncio.wait (bench/host_overhead.py).
+    wake = state.events_ready
+    write.add_done_callback(lambda _: wake.set())
+    expired: list[bool] = []
+
+    def on_deadline() -> None:  # a flag, not the clock: a timer may fire a hair early
+        expired.append(True)
+        wake.set()
+
+    timer = loop.call_later(idle_timeout_s, on_deadline)
+    try:
+        while not write.done():
+            failed = failure()
+            if failed is not None:
+                raise UnreadClient(failed.kind, failed.message, write)
+            if expired:
+                raise UnreadClient(ErrorKind.DEADLINE_EXCEEDED,
+                                   f"the client read no response for {idle_timeout_s:g} s", write)
+            wake.clear()  # set again by the stream's next event or failure
+            await wake.wait()
+    finally:
+        timer.cancel()
+    write.result()
+
+
+async def abort_unread(context, exc: UnreadClient, idle_timeout_s: float) -> None:
+    """End a call whose client does not read: the status queues behind the unsent responses
+    (the client sees it once it reads); wait for it at most idle_timeout_s, then leave the call
+    to gRPC (its memory is bounded by the flow-control window). Returns only in that last case."""
+    forget(exc.write)
+    abort = asyncio.ensure_future(context.abort(grpc.StatusCode[exc.kind.value], exc.message))
+    forget(abort)
+    done, _ = await asyncio.wait((abort,), timeout=idle_timeout_s)
+    if done:
+        abort.result()  # raises grpc's AbortError, which ends the handler as an abort should
