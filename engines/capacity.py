@@ -6,8 +6,8 @@ On the CPU the slot count is the fixed default (EngineConfig's max_streams): the
 handful of streams and the test suite relies on that number.
 
 Batch (`--max-batch auto`) on a GPU: measured where the engine runs (engines.factory), at
-start-up (on the CPU: EngineConfig's max_batch, unmeasured; engines.factory.MEASURE_BATCH_ON_CPU says
-why). The fixed default GPU_MAX_BATCH is the floor; from it the factory times the whole engine
+start-up (on the CPU: EngineConfig's max_batch, unmeasured; engines.factory.MEASURE_BATCH_ON_CPU
+says why). The fixed default GPU_MAX_BATCH is the floor; from it the factory times the whole engine
 step (features, encoder, decoding, commit) on silent streams at doubling batches up to
 MAX_AUTO_BATCH (and never above an explicit --max-streams, nor, with `--max-streams auto`, above
 what the device memory holds with its step headroom), and keeps the largest batch whose step

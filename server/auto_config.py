@@ -29,7 +29,8 @@ import logging
 import math
 import os
 
-from engines.capacity import GPU_MAX_BATCH, MAX_AUTO_BATCH, MAX_AUTO_STREAMS, STEP_BUDGET_FRACTION, BatchSizing, StreamSizing
+from engines.capacity import (GPU_MAX_BATCH, MAX_AUTO_BATCH, MAX_AUTO_STREAMS, STEP_BUDGET_FRACTION, BatchSizing,
+                              StreamSizing)
 from engines.config import EngineConfig
 
 log = logging.getLogger("nemostream.cli")
@@ -40,10 +41,10 @@ MAX_AUTO_FRONTENDS = 4
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 # What `auto` means, for asr-server --help.
-MAX_BATCH_HELP = (f"chunks per engine step; auto: measured at start-up, the largest batch up to {MAX_AUTO_BATCH} "
-                  f"(never above --max-streams) whose step takes at most {STEP_BUDGET_FRACTION:g} of a chunk's "
-                  f"duration, and not below {GPU_MAX_BATCH} on a GPU, {EngineConfig.max_batch} on the CPU unless "
-                  f"even that is too slow (printed at start-up with its figures; engines/capacity.py)")
+MAX_BATCH_HELP = (f"chunks per engine step; auto: on a GPU, measured at start-up: the largest batch up to "
+                  f"{MAX_AUTO_BATCH} (never above --max-streams) whose step takes at most {STEP_BUDGET_FRACTION:g} "
+                  f"of a chunk's duration, not below {GPU_MAX_BATCH} unless even that is too slow (printed at start-up "
+                  f"with its figures); {EngineConfig.max_batch} on the CPU (engines/capacity.py)")
 MAX_STREAMS_HELP = (f"concurrent streams (cache slots); auto: on a GPU, as many as the device memory free after "
                     f"loading holds, less a headroom for the step at the largest batch, at most {MAX_AUTO_STREAMS} "
                     f"(printed at start-up with its figures); {EngineConfig.max_streams} on the CPU "
