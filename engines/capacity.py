@@ -2,19 +2,45 @@
 (`asr-server --max-streams auto --max-batch auto`, the defaults). Pure arithmetic on numbers
 the factory measured (engines.factory): no torch here, so it is unit-tested with given figures.
 
-On the CPU the answers are the fixed defaults (EngineConfig's max_streams and max_batch): the
-CPU serves a handful of streams and the test suite relies on those numbers.
+On the CPU the slot count is the fixed default (EngineConfig's max_streams): the CPU serves a
+handful of streams and the test suite relies on that number.
 
-On a GPU:
-- Batch: GPU_MAX_BATCH, the largest batch of every recorded capacity run (bench/RESULTS.md:
-  `--max-batch 256`; at the measured capacity of one H100, 1,728 streams at 160 ms, the mean
-  batch was 171, so a cap of 32 would have held it far below). A step at 256 takes 20.6 ms at
-  160 ms and 35.2 ms at 560 ms (fast-cudagraph, 0.6B), 13% and 6% of the chunk it serves, so no
-  GPU we measured needs a smaller cap for time; out of memory at a batch lowers it while
-  serving (server.scheduling.scheduler). Never more than the slots there are.
-- Streams: as many cache slots as fit in the device memory that is free once the model and
-  the encoder engine (its CUDA graphs for every batch bucket included) are loaded, after a
-  headroom, and never more than MAX_AUTO_STREAMS. The headroom:
+Batch (`--max-batch auto`) on a GPU: measured where the engine runs (engines.factory), at
+start-up (on the CPU: EngineConfig's max_batch, unmeasured; engines.factory.MEASURE_BATCH_ON_CPU
+says why). The fixed default GPU_MAX_BATCH is the floor; from it the factory times the whole engine
+step (features, encoder, decoding, commit) on silent streams at doubling batches up to
+MAX_AUTO_BATCH (and never above an explicit --max-streams, nor, with `--max-streams auto`, above
+what the device memory holds with its step headroom), and keeps the largest batch whose step
+takes at most STEP_BUDGET_FRACTION of the chunk's real-time period and that still buys
+throughput: each doubling must carry at least MIN_DOUBLING_GAIN times the rows per millisecond
+of the batch below it (choose_max_batch). Only when even the default is too slow does the batch
+go below it: halving, down to 1.
+  GPU_MAX_BATCH = 256, the largest batch of the recorded capacity runs (bench/RESULTS.md: at
+  the measured capacity of one H100, 1,728 streams at 160 ms, the mean batch was 171). The
+  encoder step grows less than its rows on a large GPU (issue 17, fast-cudagraph on an H200: 6.8,
+  11.1 and 19.8 ms at 256, 512 and 1,024 rows at 160 ms; 12.8, 23.3 and 44.9 ms at 560 ms), so
+  larger batches are measured; whether they are taken is MIN_DOUBLING_GAIN's rule.
+  MAX_AUTO_BATCH = 1,024: the largest batch measured; an explicit --max-batch may go higher.
+  MIN_DOUBLING_GAIN = 1.25: a larger batch adds latency to every row in it (the rows wait for
+  the whole step), so it must pay in throughput. What the measurement times is the engine's step;
+  the work outside it (the link to the engine worker, the scheduler's books, the frontends)
+  grows with the rows as well, so a doubling that makes the step only a little cheaper per row
+  buys no capacity. Measured on one H200 (bench/RESULTS.md, runs 20 and 21, 0.6B fp16): max
+  batch 512 against 256 gave 2,160 against 2,232 streams at 160 ms, and at 560 ms a p95 chunk
+  latency of 512 against 298 ms at 4,608 streams; the encoder alone is 1.23x (160 ms) and 1.10x
+  (560 ms) the rows per ms at 512 as at 256, the whole step less. A step with a large fixed cost
+  (launches, a small model) nearly doubles its throughput per doubling and grows.
+  STEP_BUDGET_FRACTION = 0.5: the scheduler keeps up to two steps in flight (its
+  pipeline_depth), so a chunk that becomes ready just after a step was submitted waits for that
+  step and the one queued behind it before its own; with each step at most half a chunk period,
+  those two finish within one period, the streams keep up with real time, and the chunk's
+  latency stays about one period. What is left of the period is room for the host's work (the
+  event loop forming the batch, the frontends) and for speech, whose decode loop emits more
+  symbols than the silence the measurement steps on.
+  Out of memory at a batch while serving still lowers it (server.scheduling.scheduler).
+Streams (`--max-streams auto`) on a GPU: as many cache slots as fit in the device memory that is
+  free once the model and the encoder engine (its CUDA graphs for every batch bucket included)
+  are loaded, after a headroom, and never more than MAX_AUTO_STREAMS. The headroom:
     * HEADROOM_FRACTION of the device's total memory, for what start-up has not allocated yet:
       the decode loop's CUDA graphs (captured in the warm-up, one per bucket), cuBLAS/cuDNN
       workspaces, the caching allocator's fragmentation, another process's growth;
@@ -31,9 +57,14 @@ On a GPU:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 GPU_MAX_BATCH = 256
+MAX_AUTO_BATCH = 1024
+STEP_BUDGET_FRACTION = 0.5
+MIN_DOUBLING_GAIN = 1.25
 MAX_AUTO_STREAMS = 4608
 HEADROOM_FRACTION = 0.10
 STEP_STATE_COPIES = 4
@@ -68,11 +99,135 @@ class StreamSizing:
 
 
 def auto_max_batch(on_gpu: bool, cpu_default: int, max_streams: int | None = None) -> int:
-    """The batch cap for `--max-batch auto`. `max_streams`: an explicit slot count (a batch
+    """The fixed default batch cap for `--max-batch auto`, the floor of the measured choice (and
+    the choice itself where nothing is measured). `max_streams`: an explicit slot count (a batch
     never holds more rows than there are streams); None when it is automatic too."""
-    if not on_gpu:
-        return cpu_default
-    return GPU_MAX_BATCH if max_streams is None else max(1, min(GPU_MAX_BATCH, max_streams))
+    default = GPU_MAX_BATCH if on_gpu else cpu_default
+    return default if max_streams is None else max(1, min(default, max_streams))
+
+
+@dataclass(frozen=True)
+class BatchSizing:
+    """The decision for `--max-batch auto`, with the figures it came from (printed at start-up and
+    carried in the engine's start-up report)."""
+
+    max_batch: int
+    default: int              # the fixed default: the floor unless even it is too slow
+    limit: int                # the largest batch tried: MAX_AUTO_BATCH, explicit --max-streams, device memory
+    chunk_ms: float           # the chunk's real-time period
+    budget_ms: float          # STEP_BUDGET_FRACTION of it: the most a step may take
+    measured: tuple[tuple[int, float | None], ...]  # (batch, step ms) in the order measured; None: it did not run
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["measured"] = [[b, ms] for b, ms in self.measured]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BatchSizing:
+        return cls(**{**d, "measured": tuple((int(b), None if ms is None else float(ms)) for b, ms in d["measured"])})
+
+    def _next_gains_too_little(self) -> bool:
+        times = dict(self.measured)
+        above = [b for b, _ in self.measured if b > self.max_batch]
+        if not above or times.get(self.max_batch) is None:
+            return False
+        nxt = min(above)
+        ms = times[nxt]
+        return ms is not None and ms <= self.budget_ms and not gains_enough(
+            self.max_batch, times[self.max_batch], nxt, ms)
+
+    def describe(self) -> str:
+        steps = ", ".join(f"{b}: {'did not run' if ms is None else f'{ms:.1f} ms'}" for b, ms in self.measured)
+        if self.max_batch >= self.limit:
+            why = f"the limit {self.limit} fits"
+        elif self.max_batch < self.default:
+            why = f"below the default {self.default}: it is too slow"
+        elif self._next_gains_too_little():
+            why = (f"the next batch gains too little throughput (less than {MIN_DOUBLING_GAIN:g}x the rows "
+                   f"per ms a doubling; limit {self.limit})")
+        else:
+            why = f"the next batch is too slow (limit {self.limit})"
+        return (f"max batch {self.max_batch} ({why}): step time by batch {steps}; a step may take "
+                f"{self.budget_ms:.1f} ms, {STEP_BUDGET_FRACTION:g} of the {self.chunk_ms:.0f} ms chunk")
+
+
+def batch_limit(default: int, max_streams: int | None = None, memory_limit: int | None = None) -> int:
+    """The largest batch `--max-batch auto` tries: MAX_AUTO_BATCH, never above an explicit slot
+    count, nor above what the device memory holds (`memory_limit`, batch_memory_limit) unless the
+    default itself is above that (the memory only stops the growth: the default stays what it
+    was)."""
+    limit = MAX_AUTO_BATCH if max_streams is None else max(1, min(MAX_AUTO_BATCH, max_streams))
+    if memory_limit is not None:
+        limit = max(min(limit, default), min(limit, memory_limit))
+    return limit
+
+
+def batch_memory_limit(free_bytes: int, total_bytes: int, per_stream_bytes: int, limit: int = MAX_AUTO_BATCH) -> int:
+    """With `--max-streams auto`: the largest batch up to `limit` whose step headroom still
+    leaves slots for a full batch (streams_for_memory with that batch holds at least as many
+    streams as the batch has rows); 0 when not even one does."""
+    best = 0
+    for b in sorted({1 << k for k in range(limit.bit_length())} | {limit}):
+        if streams_for_memory(free_bytes, total_bytes, per_stream_bytes, b).fits_in_memory >= b:
+            best = b
+    return best
+
+
+def batch_candidates(default: int, limit: int) -> tuple[int, ...]:
+    """The batches measured upwards: the default, doubling, and the limit itself (a limit below
+    the default is the only one)."""
+    if default >= limit:
+        return (limit,)
+    out, b = [], default
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return (*out, limit)
+
+
+def gains_enough(batch: int, ms: float, larger: int, larger_ms: float, gain: float = MIN_DOUBLING_GAIN) -> bool:
+    """Whether `larger` rows in `larger_ms` carry at least `gain` times the rows per ms of `batch`
+    rows in `ms`, per doubling (a step from 512 to 700 rows needs gain ** log2(700 / 512))."""
+    if ms <= 0:
+        return False
+    need = gain ** math.log2(larger / batch)
+    return (larger / larger_ms) >= need * (batch / ms) if larger_ms > 0 else True
+
+
+def choose_max_batch(default: int, limit: int, chunk_ms: float, step_ms: Callable[[int], float | None],
+                     fraction: float = STEP_BUDGET_FRACTION) -> BatchSizing:
+    """`--max-batch auto`: the largest candidate (batch_candidates) whose step, as `step_ms(batch)`
+    measures it (None: the step could not run, e.g. out of memory), takes at most `fraction` of
+    the chunk period and carries enough more rows per ms than the batch below it (gains_enough).
+    Measured upwards, stopping at the first that does not fit or does not gain (a step does not
+    get cheaper per row with more rows once it stopped); when even the first does not fit,
+    halving down to the largest that does, and 1 when none does."""
+    if default < 1 or limit < 1 or chunk_ms <= 0 or not 0 < fraction <= 1:
+        raise ValueError(f"bad figures: default {default}, limit {limit}, chunk {chunk_ms} ms, fraction {fraction}")
+    budget = fraction * chunk_ms
+    measured: list[tuple[int, float | None]] = []
+
+    def fits(batch: int) -> bool:
+        ms = step_ms(batch)
+        measured.append((batch, None if ms is None else float(ms)))
+        return ms is not None and ms <= budget
+
+    chosen = 0
+    ups = batch_candidates(default, limit)
+    for b in ups:
+        if not fits(b):
+            break
+        if chosen and not gains_enough(chosen, measured[-2][1], b, measured[-1][1]):
+            break
+        chosen = b
+    b = ups[0] // 2
+    while not chosen and b >= 1:
+        if fits(b):
+            chosen = b
+        b //= 2
+    return BatchSizing(max_batch=max(chosen, 1), default=default, limit=limit, chunk_ms=float(chunk_ms),
+                       budget_ms=budget, measured=tuple(measured))
 
 
 def streams_for_memory(free_bytes: int, total_bytes: int, per_stream_bytes: int, max_batch: int, *,

@@ -23,7 +23,7 @@ class EngineConfig:
     max_streams: int = 64         # cache slots; the admission limit
     max_batch: int = 32           # chunks per step
     # "auto" (asr-server's defaults): on a GPU the factory sizes these from the device
-    # (engines.capacity: slots from free memory, the batch cap of the capacity runs); on the CPU,
+    # (engines.capacity: slots from free memory, the batch cap from the step's measured time); on the CPU,
     # or with a factory that does not know them, max_streams and max_batch above hold.
     auto_max_streams: bool = False
     auto_max_batch: bool = False

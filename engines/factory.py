@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.capacity import StreamSizing, auto_max_batch, streams_for_memory
+from engines.api import EngineOverloadedError
+from engines.capacity import (BatchSizing, StreamSizing, auto_max_batch, batch_limit, batch_memory_limit,
+                              choose_max_batch, streams_for_memory)
 from engines.config import EngineConfig
 from engines.encoders import EagerEncoder, EncoderEngine
 from engines.models import LoadedModel, load_model
 from engines.selfcheck import SelfCheck, check_encoder_engine
-from engines.streaming_engine import StreamingEngine
+from engines.streaming_engine import StreamingEngine, geometry_of
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ class StartupReport:
     details: dict
     device: str = ""                 # where the engine runs ("cpu", "cuda:0", ...)
     sizing: dict | None = None       # `--max-streams auto` on a GPU: engines.capacity.StreamSizing.as_dict()
+    batch_sizing: dict | None = None  # `--max-batch auto`, measured: engines.capacity.BatchSizing.as_dict()
 
     @property
     def fell_back(self) -> bool:
@@ -101,7 +104,8 @@ class StartupReport:
                 "fallback_reason": self.fallback_reason,
                 "self_check": self.self_check.as_dict() if self.self_check else None,
                 "details": dict(self.details), "device": self.device,
-                "sizing": dict(self.sizing) if self.sizing else None}
+                "sizing": dict(self.sizing) if self.sizing else None,
+                "batch_sizing": dict(self.batch_sizing) if self.batch_sizing else None}
 
 
 def start_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, device: torch.device,
@@ -125,6 +129,41 @@ def start_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, devic
     return encoder, check
 
 
+def start_with_fallback(engine_name: str, model: LoadedModel, cfg: EngineConfig, device: torch.device,
+                        dtype: torch.dtype) -> tuple[EncoderEngine, SelfCheck | None, str, str | None]:
+    """The configured encoder engine, or the named fallback if it cannot start: (encoder, its
+    self-check, the name it was started by, why it fell back or None)."""
+    try:
+        encoder, check = start_encoder_engine(engine_name, model, cfg, device, dtype)
+        return encoder, check, engine_name, None
+    except EngineStartError as e:
+        if cfg.fallback_engine is None or cfg.fallback_engine == engine_name:
+            raise EngineStartError(f"{e}. Refusing to start on another engine; name a fallback engine "
+                                   f"explicitly to allow one.") from e
+        log.error("%s; starting on the named fallback engine %r", e, cfg.fallback_engine)
+        try:
+            encoder, check = start_encoder_engine(cfg.fallback_engine, model, cfg, device, dtype)
+        except EngineStartError as e2:
+            raise EngineStartError(f"{e}; the fallback engine failed too: {e2}") from e2
+        return encoder, check, cfg.fallback_engine, str(e)
+
+
+# Engines whose start-up cost grows with the largest batch far beyond a few steps: TensorRT builds
+# a plan for its batch profile (minutes, cached per largest batch), so `--max-batch auto` keeps
+# the fixed default there instead of building plans to measure.
+UNMEASURED_BATCH_ENGINES = ("tensorrt",)
+# On the CPU `--max-batch auto` keeps the fixed default, unmeasured: a CPU step's time grows about
+# linearly with its rows (no idle parallel width for more rows to fill), so a larger batch adds no
+# capacity, only latency; and a CPU shared with other work times far too noisily to choose by
+# (the tiny model on a loaded 2-core host: 32 rows from 64 to 2,260 ms, 1 row from 95 to 805 ms
+# within a minute), so the batch would change from one start to the next. Tests turn it on to run
+# the measuring path, which is the same code on either device.
+MEASURE_BATCH_ON_CPU = False
+# A timed step over this many chunk periods ends the measurement of its batch at once: it does
+# not fit the step budget (a fraction of one period) whatever the other steps take.
+STEP_GIVE_UP = 1.0
+
+
 def build_engine(cfg: EngineConfig) -> StreamingEngine:
     device = resolve_device(cfg.device)
     if device.type == "cpu":
@@ -132,28 +171,39 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
         # slower; flushing them changes nothing a model could notice.
         torch.set_flush_denormal(True)
     dtype = resolve_dtype(cfg.dtype, device)
+    engine_name = resolve_engine_name(cfg.engine, device)
+    measure_batch = (cfg.auto_max_batch and (device.type == "cuda" or MEASURE_BATCH_ON_CPU)
+                     and not {engine_name, cfg.fallback_engine} & set(UNMEASURED_BATCH_ENGINES))
+    # The slot count when it is known now: explicit, or the CPU's fixed one (a GPU's automatic one
+    # comes from the memory left after the batch is chosen).
+    streams = None if cfg.auto_max_streams and device.type == "cuda" else cfg.max_streams
+    default_batch = cfg.max_batch
     if cfg.auto_max_batch:  # before the encoder engine: its CUDA graphs are captured per bucket up to it
-        cfg = dataclasses.replace(cfg, max_batch=auto_max_batch(
-            device.type == "cuda", cfg.max_batch, None if cfg.auto_max_streams else cfg.max_streams))
+        default_batch = auto_max_batch(device.type == "cuda", cfg.max_batch, streams)
+        cfg = dataclasses.replace(cfg, max_batch=default_batch)
     model = load_model(cfg.model, cfg.lookahead_ms, seed=cfg.seed)
     model.nemo_model.to(device=device, dtype=dtype if dtype != torch.float32 else None)
     # The preprocessor's constants stay float32 whatever the model runs in.
     model.nemo_model.preprocessor.to(dtype=torch.float32)
     model.nemo_model.eval()
-    fallback_reason = None
-    engine_name = resolve_engine_name(cfg.engine, device)
-    try:
-        encoder, check = start_encoder_engine(engine_name, model, cfg, device, dtype)
-    except EngineStartError as e:
-        if cfg.fallback_engine is None or cfg.fallback_engine == engine_name:
-            raise EngineStartError(f"{e}. Refusing to start on another engine; name a fallback engine "
-                                   f"explicitly to allow one.") from e
-        fallback_reason = str(e)
-        log.error("%s; starting on the named fallback engine %r", e, cfg.fallback_engine)
-        try:
-            encoder, check = start_encoder_engine(cfg.fallback_engine, model, cfg, device, dtype)
-        except EngineStartError as e2:
-            raise EngineStartError(f"{e}; the fallback engine failed too: {e2}") from e2
+    batch_sizing = None
+    if measure_batch:
+        # The encoder is built for the largest batch tried (its graphs captured for every bucket up
+        # to it), the step timed at the candidates, and the encoder rebuilt for the choice when
+        # that is smaller, so it ends as `--max-batch <choice>` would have built it. Memory is
+        # sized afterwards, with the chosen batch in its headroom.
+        cfg = dataclasses.replace(cfg, max_batch=batch_limit(
+            default_batch, streams, memory_batch_limit(model, cfg, device, dtype) if streams is None else None))
+    encoder, check, started_name, fallback_reason = start_with_fallback(engine_name, model, cfg, device, dtype)
+    if measure_batch:
+        batch_sizing = measure_max_batch(model, encoder, cfg, device, dtype, default_batch)
+        log.info("max batch (auto): %s", batch_sizing.describe(), extra={"batch_sizing": batch_sizing.as_dict()})
+        if batch_sizing.max_batch != cfg.max_batch:
+            cfg = dataclasses.replace(cfg, max_batch=batch_sizing.max_batch)
+            if getattr(encoder, "max_batch", None) is not None:  # graph buckets up to the old limit
+                del encoder
+                _free_device_memory(device)
+                encoder, check = start_encoder_engine(started_name, model, cfg, device, dtype)
     utterance_reset = model.utterance_reset if cfg.utterance_reset == "auto" else cfg.utterance_reset
     sizing = None
     capacity = cfg.max_streams
@@ -171,8 +221,54 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
     engine.startup_report = StartupReport(
         configured_engine=engine_name, engine=encoder.name, fallback_reason=fallback_reason, self_check=check,
         details=describe() if callable(describe) else {"engine": encoder.name}, device=str(device),
-        sizing=sizing.as_dict() if sizing else None)
+        sizing=sizing.as_dict() if sizing else None,
+        batch_sizing=batch_sizing.as_dict() if batch_sizing else None)
     return engine
+
+
+def measure_max_batch(model: LoadedModel, encoder: EncoderEngine, cfg: EngineConfig, device: torch.device,
+                      dtype: torch.dtype, default: int) -> BatchSizing:
+    """`--max-batch auto`: the whole step timed at the candidate batches (engines.capacity
+    .choose_max_batch) up to cfg.max_batch, which the encoder was built for. Each batch runs on
+    a probe engine of exactly that many slots, dropped after: a batch the device memory cannot
+    take counts as not fitting."""
+    chunk_ms = geometry_of(model, cfg.lookahead_ms, cfg.align_chunks).chunk_ms
+    give_up_ms = STEP_GIVE_UP * chunk_ms
+
+    def step_ms(rows: int) -> float | None:
+        probe = None
+        try:
+            probe = StreamingEngine(model, encoder, cfg.lookahead_ms, rows, rows, device, dtype,
+                                    align_chunks=cfg.align_chunks)
+            return probe.measure_step_ms(rows, give_up_ms=give_up_ms)
+        except (EngineOverloadedError, torch.cuda.OutOfMemoryError) as exc:
+            log.info("max batch (auto): a step of %d rows does not fit in device memory: %s", rows, exc)
+            return None
+        finally:
+            del probe
+            _free_device_memory(device)
+
+    return choose_max_batch(default, cfg.max_batch, chunk_ms, step_ms)
+
+
+def memory_batch_limit(model: LoadedModel, cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> int | None:
+    """With `--max-streams auto` on a GPU: the largest batch whose step headroom still leaves
+    the device memory slots for a full batch (engines.capacity.batch_memory_limit), from the
+    memory free before the encoder engine is built (its graphs then take some of it: the
+    streams are sized again after, with the batch chosen). None on the CPU."""
+    if device.type != "cuda":
+        return None
+    # A slot as the eager engine lays it out, doubled: no engine's slot is larger (the fast
+    # engines keep a projected K/V channel cache, twice NeMo's; the other state is the same).
+    per_stream = 2 * per_stream_state_bytes(model, EagerEncoder(model.nemo_model.encoder), cfg, device, dtype)
+    free, total = free_device_memory(device)
+    return batch_memory_limit(free, total, per_stream)
+
+
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def per_stream_state_bytes(model: LoadedModel, encoder: EncoderEngine, cfg: EngineConfig, device: torch.device,
@@ -194,8 +290,14 @@ def size_slots_for_device(model: LoadedModel, encoder: EncoderEngine, cfg: Engin
     engines have captured every batch bucket by then, so what their graphs hold is no longer
     free; what the warm-up captures later is in the headroom, engines.capacity)."""
     per_stream = per_stream_state_bytes(model, encoder, cfg, device, dtype)
+    free, total = free_device_memory(device)
+    return streams_for_memory(free, total, per_stream, cfg.max_batch)
+
+
+def free_device_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes free for us, total bytes) of a CUDA device."""
     gc.collect()
     free, total = torch.cuda.mem_get_info(device)
     # Memory torch's caching allocator holds but no tensor uses is free for the pool too.
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return streams_for_memory(int(free + cached), int(total), per_stream, cfg.max_batch)
+    return int(free + cached), int(total)

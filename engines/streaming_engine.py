@@ -328,7 +328,12 @@ class StreamingEngine:
                              starts=starts, ends=ends)
 
     def _sync(self) -> None:
-        if self._sync_now and self.device.type == "cuda":
+        if self._sync_now:
+            self.synchronize()
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a step returns before its commit has run on a GPU)."""
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _text(self, slot: int, token_pieces: list[str]) -> str:
@@ -388,6 +393,41 @@ class StreamingEngine:
             if len(slots) < rows:
                 break
         return steps
+
+
+    def measure_step_ms(self, rows: int, timed_steps: int = 3, give_up_ms: float | None = None) -> float:
+        """The whole step's time (ms, the median of `timed_steps`) at `rows` silent streams in
+        steady state, for `--max-batch auto` (engines.capacity.choose_max_batch): the first chunk
+        and one middle chunk run untimed (they capture the bucket's CUDA graphs and fill the
+        caches), then middle chunks are timed, each to the device's end of its work. A timed step
+        over `give_up_ms` ends the measurement at once (its time is the answer: clearly too
+        slow, no need to pay for more). Every slot must be free: the engine is a probe of `rows`
+        slots. Raises EngineOverloadedError when the device runs out of memory."""
+        if not 1 <= rows <= min(self.capacity, self.max_batch) or timed_steps < 1:
+            raise ValueError(f"cannot time {rows} rows on an engine of {self.capacity} slots, batch {self.max_batch}")
+        g = self.geometry
+        chunks = 2 + timed_steps
+        n = g.samples_needed(chunks)  # one more chunk than run: no step is a stream's last
+        audio = np.zeros(n, np.float32)
+        slots = [self.acquire_slot() for _ in range(rows)]
+        times: list[float] = []
+        try:
+            for k in range(chunks):
+                start, end = g.chunk_span(k, n, False)
+                plan = StepPlan(chunks=tuple(ChunkWork(f"measure-{i}", slot, audio[start:end], k == 0, False)
+                                             for i, slot in enumerate(slots)))
+                self.synchronize()
+                t0 = time.perf_counter()
+                self.step(plan)
+                self.synchronize()
+                if k >= 2:
+                    times.append(1e3 * (time.perf_counter() - t0))
+                    if give_up_ms is not None and times[-1] > give_up_ms:
+                        break
+        finally:
+            for slot in slots:
+                self.release_slot(slot)
+        return float(np.median(times))
 
 
 EOU_PIECES = ("<EOU>", "<eou>")

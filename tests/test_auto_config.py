@@ -12,8 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from engines.capacity import (GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_STREAMS, STEP_STATE_COPIES, StreamSizing,
-                              auto_max_batch, streams_for_memory)
+from engines.capacity import (GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, MAX_AUTO_STREAMS, STEP_BUDGET_FRACTION,
+                              STEP_STATE_COPIES, BatchSizing, StreamSizing, auto_max_batch, batch_candidates,
+                              batch_limit, batch_memory_limit, choose_max_batch, gains_enough,
+                              streams_for_memory)
 from engines.config import EngineConfig
 from server.service.auto_config import (CORES_PER_FRONTEND, ENGINE_CORES, MAX_AUTO_FRONTENDS, auto_frontends,
                                 cgroup_cpu_limit, engine_sizing_kwargs, int_or_auto, resolve_frontends, usable_cpus)
@@ -94,7 +96,9 @@ def test_the_factory_measures_a_slot_as_the_pool_lays_it_out(tiny_engine, monkey
 
 
 def test_auto_on_the_cpu_keeps_the_fixed_defaults():
-    from engines.factory import build_engine
+    from engines.factory import MEASURE_BATCH_ON_CPU, build_engine
+
+    assert not MEASURE_BATCH_ON_CPU
 
     cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
                        **engine_sizing_kwargs(None, None))
@@ -102,7 +106,7 @@ def test_auto_on_the_cpu_keeps_the_fixed_defaults():
     engine = build_engine(cfg)
     assert (engine.capacity, engine.max_batch) == (EngineConfig.max_streams, EngineConfig.max_batch) == (64, 32)
     report = engine.startup_report.as_dict()
-    assert report["device"] == "cpu" and report["sizing"] is None
+    assert report["device"] == "cpu" and report["sizing"] is None and report["batch_sizing"] is None
 
 
 # -- frontends ------------------------------------------------------------------------------------
@@ -142,7 +146,8 @@ def test_resolve_frontends_and_the_lines_it_prints():
     gpu = _engine("cuda:0", capacity=sizing.max_streams, max_batch=256, sizing=sizing.as_dict())
     frontends, lines = resolve_frontends(None, gpu, True, True, cpus=16)
     assert frontends == 4
-    assert "device cuda:0, max streams 4608 (auto: from device memory), max batch 256 (auto), frontends 4" in lines[0]
+    assert ("device cuda:0, max streams 4608 (auto: from device memory), max batch 256 (auto: the fixed default), "
+            "frontends 4") in lines[0]
     assert "16 usable cores" in lines[0] and "limited by the cap" in lines[1]
     # an explicit count wins; an engine that reports no device (the test engines) counts as the CPU
     assert resolve_frontends(3, gpu, True, True, cpus=16)[0] == 3
@@ -171,3 +176,240 @@ def test_a_bad_value_is_refused():
         int_or_auto("many")
     with pytest.raises(SystemExit):
         parse_args(["--max-streams", "many"])
+
+
+# -- the batch cap from the step's measured time ----------------------------------------------------
+
+# Issue 17's H200 figures (fast-cudagraph, 0.6B, step ms by batch) and a linear model between them.
+H200_160 = {256: 6.77, 512: 11.05, 1024: 19.81}
+H200_560 = {256: 12.78, 512: 23.32, 1024: 44.93}
+
+
+def _timer(table: dict[int, float] | None = None, per_row_ms: float | None = None, fixed_ms: float = 0.0):
+    """step_ms for choose_max_batch from given figures (or fixed_ms + per_row_ms a row); records
+    the batches it was asked for."""
+    asked: list[int] = []
+
+    def step_ms(batch: int):
+        asked.append(batch)
+        if table is not None:
+            return table.get(batch)
+        return fixed_ms + per_row_ms * batch
+
+    step_ms.asked = asked
+    return step_ms
+
+
+def test_a_step_with_a_fixed_cost_takes_the_largest_batch_that_fits_the_budget():
+    # 5 ms a step plus 0.01 ms a row: each doubling nearly doubles the rows per ms.
+    for chunk_ms in (160.0, 560.0):
+        step = _timer({b: 5.0 + 0.01 * b for b in (256, 512, 1024)})
+        s = choose_max_batch(GPU_MAX_BATCH, MAX_AUTO_BATCH, chunk_ms, step)
+        assert s.max_batch == MAX_AUTO_BATCH == 1024 and step.asked == [256, 512, 1024]
+        assert s.budget_ms == STEP_BUDGET_FRACTION * chunk_ms
+        assert "max batch 1024 (the limit 1024 fits)" in s.describe()
+
+
+def test_a_doubling_that_buys_too_little_throughput_is_not_taken():
+    # The H200's encoder: 512 rows carry 1.23x (160 ms) and 1.10x (560 ms) the rows per ms of
+    # 256, under MIN_DOUBLING_GAIN: the measured capacity did not grow with them (runs 20-21).
+    for chunk_ms, table in ((160.0, H200_160), (560.0, H200_560)):
+        step = _timer(table)
+        s = choose_max_batch(GPU_MAX_BATCH, MAX_AUTO_BATCH, chunk_ms, step)
+        assert s.max_batch == 256 and step.asked == [256, 512]
+        assert s.measured == tuple(list(table.items())[:2])
+        assert "gains too little throughput" in s.describe()
+        assert "11.1 ms" in BatchSizing.from_dict(choose_max_batch(256, 1024, 160.0, _timer(H200_160)).as_dict()).describe()
+    # a gain just above the rule is taken, just below is not (512 rows at 2 x 256 / 1.25 ms)
+    assert choose_max_batch(256, 1024, 160.0, _timer({256: 10.0, 512: 15.9, 1024: 100.0})).max_batch == 512
+    assert choose_max_batch(256, 1024, 160.0, _timer({256: 10.0, 512: 16.1})).max_batch == 256
+    # a candidate that is not a doubling (the limit 700) is judged per doubling
+    assert gains_enough(512, 10.0, 700, 11.0) and not gains_enough(512, 10.0, 700, 12.5)
+
+
+def test_the_batch_stops_below_the_first_that_does_not_fit():
+    # 40 ms + 0.04 ms a row: 60.5 ms at 512 fits half of 160 ms (and gains 1.66x), 81 ms at 1024 does not.
+    step = _timer(per_row_ms=0.04, fixed_ms=40.0)
+    s = choose_max_batch(256, 1024, 160.0, step)
+    assert s.max_batch == 512 and step.asked == [256, 512, 1024]
+    assert "the next batch is too slow" in s.describe()
+    # a batch that could not run (out of memory) does not fit either, and nothing above it is tried
+    step = _timer({256: 5.0, 512: None, 1024: 9.0})
+    s = choose_max_batch(256, 1024, 160.0, step)
+    assert s.max_batch == 256 and step.asked == [256, 512] and "512: did not run" in s.describe()
+
+
+def test_below_the_default_only_when_the_default_is_too_slow():
+    step = _timer(per_row_ms=1.0)  # 256 ms at 256: over the 80 ms budget; 64 rows take 64 ms
+    s = choose_max_batch(256, 1024, 160.0, step)
+    assert s.max_batch == 64 and step.asked == [256, 128, 64]
+    assert "below the default 256" in s.describe()
+    # nothing fits: one row, the least a batch can be
+    step = _timer(per_row_ms=1000.0)
+    s = choose_max_batch(256, 1024, 160.0, step)
+    assert s.max_batch == 1 and step.asked == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    # a default that fits is kept even when the next candidate fails by a hair
+    s = choose_max_batch(256, 1024, 160.0, _timer({256: 80.0, 512: 80.01}))
+    assert s.max_batch == 256
+
+
+def test_the_choice_is_monotone_in_the_step_time_and_the_budget():
+    # Faster steps never choose a smaller batch; a longer chunk (more budget) never either.
+    previous = None
+    for per_row in (2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.01):
+        chosen = choose_max_batch(256, 1024, 160.0, _timer(per_row_ms=per_row)).max_batch
+        assert previous is None or chosen >= previous
+        previous = chosen
+    by_chunk = [choose_max_batch(256, 1024, c, _timer(per_row_ms=0.2)).max_batch for c in (80.0, 160.0, 560.0, 1120.0)]
+    assert by_chunk == sorted(by_chunk) and by_chunk[0] < by_chunk[-1]
+    # whatever the figures, the choice is one of the batches measured and fitted, or 1; a larger
+    # one that fitted was not taken only for gaining too little
+    for per_row, fixed in ((0.01, 0.0), (0.01, 20.0), (0.3, 0.0), (5.0, 0.0)):
+        s = choose_max_batch(256, 1024, 160.0, _timer(per_row_ms=per_row, fixed_ms=fixed))
+        times = dict(s.measured)
+        fitted = [b for b, ms in s.measured if ms is not None and ms <= s.budget_ms]
+        assert s.max_batch in fitted or (not fitted and s.max_batch == 1)
+        for b in fitted:
+            if b > s.max_batch:
+                assert not gains_enough(s.max_batch, times[s.max_batch], b, times[b])
+
+
+def test_the_candidates_respect_the_streams_and_the_memory():
+    assert batch_candidates(256, 1024) == (256, 512, 1024)
+    assert batch_candidates(256, 700) == (256, 512, 700)
+    assert batch_candidates(32, 64) == (32, 64)
+    assert batch_candidates(256, 100) == (100,)
+    assert batch_limit(256) == MAX_AUTO_BATCH
+    assert batch_limit(256, max_streams=700) == 700 and batch_limit(100, max_streams=100) == 100
+    assert batch_limit(256, max_streams=5000) == MAX_AUTO_BATCH
+    # an explicit slot count bounds every batch measured
+    step = _timer(per_row_ms=0.001, fixed_ms=5.0)
+    s = choose_max_batch(auto_max_batch(True, 32, 700), batch_limit(256, max_streams=700), 160.0, step)
+    assert s.max_batch == 700 and max(step.asked) == 700
+    # memory stops the growth, never the default
+    assert batch_limit(256, memory_limit=512) == 512
+    assert batch_limit(256, memory_limit=64) == 256
+    assert batch_limit(256, memory_limit=0) == 256
+
+
+def test_the_memory_limit_leaves_slots_for_a_full_batch():
+    # An H200 holds a 1,024-row step of the 0.6B slots with room to spare; a 24 GB GPU does not.
+    assert batch_memory_limit(130 * GIB, 140 * GIB, 2 * NEMOTRON_FAST_SLOT) == MAX_AUTO_BATCH
+    free, total, per = 20 * GIB, 24 * GIB, 2 * NEMOTRON_FAST_SLOT
+    b = batch_memory_limit(free, total, per)
+    assert 1 <= b < MAX_AUTO_BATCH
+    assert streams_for_memory(free, total, per, b).fits_in_memory >= b
+    assert streams_for_memory(free, total, per, 2 * b).fits_in_memory < 2 * b
+    assert batch_memory_limit(1 * GIB, 24 * GIB, per) == 0
+
+
+def test_batch_sizing_round_trips_through_its_dict():
+    s = choose_max_batch(256, 1024, 160.0, _timer({256: 5.0, 512: None}))
+    assert BatchSizing.from_dict(s.as_dict()) == s
+    with pytest.raises(ValueError):
+        choose_max_batch(0, 1024, 160.0, _timer(per_row_ms=1.0))
+
+
+def test_the_step_is_timed_on_a_real_engine(tiny_engine):
+    # The measuring loop is the same on either device: whole steps of silent streams.
+    ms = tiny_engine.measure_step_ms(4, timed_steps=2)
+    assert ms > 0 and tiny_engine.slots_in_use() == 0
+    with pytest.raises(ValueError):
+        tiny_engine.measure_step_ms(tiny_engine.max_batch + 1)
+    # a step over the give-up time ends the measuring after one timed step
+    steps = []
+    original = tiny_engine.step
+    try:
+        tiny_engine.step = lambda plan: (steps.append(len(plan)), original(plan))[1]
+        tiny_engine.measure_step_ms(2, timed_steps=5, give_up_ms=0.0)
+    finally:
+        del tiny_engine.step
+    assert steps == [2, 2, 2] and tiny_engine.slots_in_use() == 0
+
+
+def test_the_factory_measures_the_batch_and_rebuilds_the_encoder_for_it(monkeypatch):
+    # The GPU's path, run on the CPU: encoder built for the largest batch tried, the step timed
+    # there, the encoder rebuilt for a smaller choice, the engine and its report at the choice.
+    from engines import factory
+
+    monkeypatch.setattr(factory, "MEASURE_BATCH_ON_CPU", True)
+    built: list[int] = []
+    original_start = factory.start_encoder_engine
+
+    def start(name, model, cfg, device, dtype):
+        encoder, check = original_start(name, model, cfg, device, dtype)
+        encoder.max_batch = cfg.max_batch  # as the graph engines have: buckets up to it
+        built.append(cfg.max_batch)
+        return encoder, check
+
+    monkeypatch.setattr(factory, "start_encoder_engine", start)
+    timed: list[int] = []
+
+    def step_ms(self, rows, timed_steps=3, give_up_ms=None):
+        timed.append(rows)
+        return 1.0 if rows <= 4 else 1e6  # 4 rows fit, 8 do not
+
+    monkeypatch.setattr(factory.StreamingEngine, "measure_step_ms", step_ms)
+    cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                       **engine_sizing_kwargs(16, None))
+    engine = factory.build_engine(cfg)
+    # default min(32, 16 slots) = 16 is too slow: halving to 4
+    assert timed == [16, 8, 4] and built == [16, 4]
+    assert (engine.capacity, engine.max_batch) == (16, 4)
+    report = engine.startup_report.as_dict()
+    assert report["batch_sizing"]["max_batch"] == 4 and report["batch_sizing"]["limit"] == 16
+    assert report["details"]["engine"] == "eager" and engine.slots_in_use() == 0
+    # an explicit --max-batch measures nothing
+    timed.clear()
+    built.clear()
+    engine = factory.build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                                               **engine_sizing_kwargs(16, 8)))
+    assert timed == [] and built == [8] and engine.max_batch == 8
+    assert engine.startup_report.batch_sizing is None
+
+
+def test_the_sizing_lines_say_how_the_batch_was_chosen():
+    s = choose_max_batch(256, 1024, 160.0, _timer(H200_160))
+    sizing = streams_for_memory(130 * GIB, 140 * GIB, NEMOTRON_FAST_SLOT, s.max_batch)
+    gpu = SimpleNamespace(capacity=sizing.max_streams, max_batch=s.max_batch, startup_report={
+        "device": "cuda:0", "sizing": sizing.as_dict(), "batch_sizing": s.as_dict()})
+    _, lines = resolve_frontends(1, gpu, True, True)
+    assert "max batch 256 (auto: measured step time)" in lines[0]
+    assert lines[-1].startswith("max batch from the step time: max batch 256") and "512: 11.1 ms" in lines[-1]
+    _, lines = resolve_frontends(1, _engine("cpu"), True, True)
+    assert "max batch 32 (auto: the fixed default)" in lines[0] and len(lines) == 1
+
+
+async def test_a_real_server_reports_its_measured_batch():
+    # A real server process (builtin:tiny on the CPU, its engine in a worker process) with the
+    # measuring turned on as on a GPU: its sizing lines carry the measured choice and ListModels
+    # serves the same cap. The figures themselves are this host's, so only their agreement is
+    # asserted.
+    import asyncio
+    import re
+
+    import grpc
+
+    from proto import asr_stream_pb2 as pb
+    from proto import asr_stream_pb2_grpc as pb_grpc
+    from tests.server_harness import spawn_server
+
+    proc, match, lines = await spawn_server(
+        "--engine-factory", "tests.measuring_factory:build", "--model", "builtin:tiny", "--device", "cpu",
+        "--host", "127.0.0.1", "--port", "0", "--no-metrics", "--max-streams", "8")
+    try:
+        text = "".join(lines)
+        sizing = re.search(r"sizing: .*max batch (\d+) \(auto: measured step time\)", text)
+        measured = re.search(r"max batch from the step time: max batch (\d+) .*step time by batch (.*); a step may "
+                             r"take 80\.0 ms, 0\.5 of the 160 ms chunk", text)
+        assert sizing and measured, text
+        chosen = int(sizing.group(1))
+        assert int(measured.group(1)) == chosen and 1 <= chosen <= 8
+        tried = [int(b) for b in re.findall(r"(\d+): ", measured.group(2))]
+        assert tried[0] == 8 and (chosen in tried or chosen == 1)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+            model = (await pb_grpc.SpeechRecognitionStub(channel).ListModels(pb.ListModelsRequest())).models[0]
+        assert (model.max_batch, model.max_streams) == (chosen, 8)
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 60)

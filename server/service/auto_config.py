@@ -1,8 +1,8 @@
 """`asr-server`'s `auto` defaults that the server process decides: the sizing flags' parsing,
 and how many gRPC frontend processes to run. Pure functions on given numbers (plus two small
 readers of the machine, kept apart), unit-tested in tests/test_auto_config.py. The engine's own
-sizing (slots from device memory, the batch cap) is decided where the device is, in the engine
-process: engines/capacity.py.
+sizing (slots from device memory, the batch cap from the step's measured time) is decided where
+the device is, in the engine process: engines/capacity.py.
 
 Frontends (`--frontends auto`): on the CPU, 1 (everything in one process, as before: a CPU
 engine carries a handful of streams, far below what one event loop answers). On a GPU, one
@@ -29,7 +29,8 @@ import logging
 import math
 import os
 
-from engines.capacity import GPU_MAX_BATCH, MAX_AUTO_STREAMS, StreamSizing
+from engines.capacity import (GPU_MAX_BATCH, MAX_AUTO_BATCH, MAX_AUTO_STREAMS, MIN_DOUBLING_GAIN, STEP_BUDGET_FRACTION, BatchSizing,
+                              StreamSizing)
 from engines.config import EngineConfig
 
 log = logging.getLogger("nemostream.cli")
@@ -40,8 +41,11 @@ MAX_AUTO_FRONTENDS = 4
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 # What `auto` means, for asr-server --help.
-MAX_BATCH_HELP = (f"chunks per engine step; auto: {GPU_MAX_BATCH} on a GPU (the batch of the capacity runs; never "
-                  f"above an explicit --max-streams), {EngineConfig.max_batch} on the CPU (engines/capacity.py)")
+MAX_BATCH_HELP = (f"chunks per engine step; auto: on a GPU, measured at start-up: the largest batch up to "
+                  f"{MAX_AUTO_BATCH} (never above --max-streams) whose step takes at most {STEP_BUDGET_FRACTION:g} "
+                  f"of a chunk's duration and each doubling carries at least {MIN_DOUBLING_GAIN:g}x the rows per ms, not "
+                  f"below {GPU_MAX_BATCH} unless even that is too slow (printed at start-up "
+                  f"with its figures); {EngineConfig.max_batch} on the CPU (engines/capacity.py)")
 MAX_STREAMS_HELP = (f"concurrent streams (cache slots); auto: on a GPU, as many as the device memory free after "
                     f"loading holds, less a headroom for the step at the largest batch, at most {MAX_AUTO_STREAMS} "
                     f"(printed at start-up with its figures); {EngineConfig.max_streams} on the CPU "
@@ -136,6 +140,13 @@ def engine_sizing(engine) -> dict | None:
     return dict(sizing) if sizing else None
 
 
+def engine_batch_sizing(engine) -> dict | None:
+    """The engine's measured `--max-batch auto` decision and its figures (engines.capacity), if it made one."""
+    report = getattr(engine, "startup_report", None)
+    sizing = report.get("batch_sizing") if isinstance(report, dict) else getattr(report, "batch_sizing", None)
+    return dict(sizing) if sizing else None
+
+
 def sizing_text(sizing: dict) -> str:
     """engine_sizing()'s figures in words."""
     return StreamSizing(**sizing).describe()
@@ -147,6 +158,7 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
     say how the server was sized and from what (asr-server prints them)."""
     device = engine_device(engine)
     sizing = engine_sizing(engine)
+    batch_sizing = engine_batch_sizing(engine)
     streams = str(engine.capacity)
     if max_streams_auto:
         streams += " (auto: from device memory)" if sizing else " (auto: the fixed default)"
@@ -156,9 +168,15 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
         frontends = auto_frontends(cpus, device.startswith("cuda"), engine_cores)
         how = (f" (auto: {cpus} usable cores, {engine_cores} engine core{'s' if engine_cores > 1 else ''}, "
                f"engine on {device or 'a device it did not report'})")
+    batch = ""
+    if max_batch_auto:
+        batch = " (auto: measured step time)" if batch_sizing else " (auto: the fixed default)"
     lines = [f"sizing: device {device or 'not reported'}, max streams {streams}, max batch {engine.max_batch}"
-             f"{' (auto)' if max_batch_auto else ''}, frontends {frontends}{how}"]
+             f"{batch}, frontends {frontends}{how}"]
     if sizing:
         lines.append(f"max streams from device memory: {sizing_text(sizing)}")
         log.info("max streams sized from device memory", extra={"sizing": sizing})
+    if batch_sizing:
+        lines.append(f"max batch from the step time: {BatchSizing.from_dict(batch_sizing).describe()}")
+        log.info("max batch sized from the step time", extra={"batch_sizing": batch_sizing})
     return frontends, lines
