@@ -106,8 +106,10 @@ if [ "$SMOKE" != 1 ] && ! (cd "$ROOT" && "$PY" -c "import nemo, grpc_health, grp
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# A number stays a number in the settings' JSON; `auto` (the server's own sizing) becomes a string.
+json_num_or_str() { if [[ $1 =~ ^[0-9]+$ ]]; then echo "$1"; else echo "\"$1\""; fi; }
 SETTINGS=$(printf '{"model":"%s","device":"%s","dtype":"%s","engine":"%s","fallback":"%s","lookaheads":"%s","levels_160":"%s","levels_560":"%s","max_batch":%s,"max_streams":%s,"workers":%s,"clip_s":%s,"ramp_s":%s,"capacity_metric":"%s","baseline_args":"%s","server_args":"%s","budget_s":%s,"cpu_smoke":%s}' \
-    "$MODEL" "$DEVICE" "$DTYPE" "$ENGINE" "$FALLBACK" "$LOOKAHEADS" "$LEVELS_160" "$LEVELS_560" "$MAX_BATCH" "$MAX_STREAMS" \
+    "$MODEL" "$DEVICE" "$DTYPE" "$ENGINE" "$FALLBACK" "$LOOKAHEADS" "$LEVELS_160" "$LEVELS_560" "$(json_num_or_str "$MAX_BATCH")" "$(json_num_or_str "$MAX_STREAMS")" \
     "$WORKERS" "$SECS" "$RAMP" "$CAP_METRIC" "$BASE_ARGS" "${SERVER_ARGS:-}" "$BUDGET_S" "$SMOKE")
 GPU="cpu only"
 if command -v nvidia-smi >/dev/null 2>&1; then
