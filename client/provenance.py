@@ -69,14 +69,17 @@ def git_revision(root: Path = ROOT) -> dict | None:
 def source_revision(root: Path = ROOT) -> dict:
     """What a report records: commit, dirty flag, where they came from, and the tree hash."""
     rev = git_revision(root)
-    if rev is not None:
+    tree = tree_sha256(root)
+    stamp = json.loads((root / STAMP).read_text()) if (root / STAMP).exists() else None
+    if rev is not None and not (rev.get("dirty") and stamp and stamp.get("tree_sha256") == tree):
         rev["source"] = "git"
-    elif (root / STAMP).exists():
-        rev = json.loads((root / STAMP).read_text())
-        rev["source"] = STAMP
+    elif stamp is not None:
+        # No git, or a git whose HEAD is older than the files (a device copy carries the
+        # checkout's .git as it was when that copy was first made, so it reads "changed"): a
+        # stamp whose tree hash is the tree's names the commit that really ran.
+        rev = {**stamp, "source": STAMP}
     else:
         rev = {"commit": "unknown", "dirty": None, "changed": [], "source": "none"}
-    tree = tree_sha256(root)
     if rev.get("source") == STAMP and rev.get("tree_sha256") not in (None, tree):
         # The files changed after the stamp was written: the stamp's commit is not what ran.
         rev["dirty"] = True
