@@ -11,19 +11,20 @@ What each test judges:
   model's level on it with a margin. The sample is too small to judge the issue's targets (it
   meets them while the whole set does not), so it only catches a model that got worse.
 - the whole set, rendered at test time into a temporary folder (about 5 s; rendering is seeded,
-  so the audio and the figures repeat run to run): GUARD is this model's level with a margin,
+  so the audio repeats run to run): GUARD is this model's level with a margin,
   so a regression of a few points fails; Hindi must meet the issue's target (15%), which this
   model does; English's target (10%) is not reached yet, an expected failure, strict, so that the
   model that reaches it has to turn it into a plain test. Without espeakng-loader (the dev extra)
   or the `espeak-ng` program (`apt-get install espeak-ng`; .ci/run installs it) these skip.
 
 Measured with this model (160 ms, through the server): whole set English 16.2%, Hindi 11.3-11.4%
-(train/evaluate.py's client and this file's request split differ by one Hindi word); the sample
+(train/evaluate.py's client splits the audio differently); the sample
 English 7.1%, Hindi 13.9% (6 of 85 and 10 of 72 words). The previous model (commit b2be0f0):
-whole set 26.9%, 13.1%; sample 10.6%, 15.3%. Each GUARD leaves about two words of margin on the
-sample and 1.6-2.8 points on the whole set, where this file's figures repeat exactly run to run:
-the previous model fails the English bounds of both and the whole set's Hindi bound. It met the
-Hindi target too, so that test alone would not tell the two models apart.
+whole set 26.9%, 13.1%; sample 10.6%, 15.3%. Batches form by timing, so a figure can move by a word
+or two run to run (the previous model's whole-set Hindi: 13.1% and 13.4% in two runs). Each GUARD
+leaves two words of margin on the sample and 1.6-2.8 points on the whole set: the previous model
+fails the English bounds of both and, narrowly, the whole set's Hindi bound. It met the Hindi
+target too, so that test alone would not tell the two models apart.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ def test_unseen_sample_through_server_at_160ms(sample, sample_transcripts):
     hyps = sample_transcripts
     assert all(h.strip() for h in hyps), _detail(sample, hyps)
     wer = _wer(sample, hyps)
-    for lang, bound in SAMPLE_GUARD.items():
-        assert wer[lang] <= bound, f"{lang} WER {wer[lang]:.1%} > {bound:.0%}\n{_detail(sample, hyps)}"
+    over = {lang: wer[lang] for lang, bound in SAMPLE_GUARD.items() if wer[lang] > bound}
+    assert not over, f"WER {wer} over {SAMPLE_GUARD} in {sorted(over)}\n{_detail(sample, hyps)}"
 
 
 # -- the whole set, rendered here: the issue's targets --------------------------------------------
@@ -165,8 +166,8 @@ def test_whole_unseen_set_through_server_at_160ms(whole_set, whole_transcripts):
     hyps = whole_transcripts
     assert all(h.strip() for h in hyps), _detail(whole_set, hyps)
     wer = _wer(whole_set, hyps)
-    for lang, bound in GUARD.items():
-        assert wer[lang] <= bound, f"{lang} WER {wer[lang]:.1%} > {bound:.0%} ({wer})\n{_detail(whole_set, hyps)}"
+    over = {lang: wer[lang] for lang, bound in GUARD.items() if wer[lang] > bound}
+    assert not over, f"WER {wer} over {GUARD} in {sorted(over)}\n{_detail(whole_set, hyps)}"
 
 
 def test_whole_unseen_set_hindi_meets_the_target(whole_set, whole_transcripts):
