@@ -22,9 +22,10 @@ Measured with this model (160 ms, through the server): whole set English 16.2%, 
 English 7.1%, Hindi 13.9% (6 of 85 and 10 of 72 words). The previous model (commit b2be0f0):
 whole set 26.9%, 13.1%; sample 10.6%, 15.3%. Batches form by timing, so a figure can move by a word
 or two run to run (the previous model's whole-set Hindi: 13.1% and 13.4% in two runs). Each GUARD
-leaves two words of margin on the sample and 1.6-2.8 points on the whole set: the previous model
-fails the English bounds of both and, narrowly, the whole set's Hindi bound. It met the Hindi
-target too, so that test alone would not tell the two models apart.
+leaves two words of margin on the sample and about 2.7 points on the whole set (Debian's
+`espeak-ng` on another release may render its half a little differently): the previous model
+fails the English bounds of both. It met the Hindi bounds and target too, so those alone would
+not tell the two models apart.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ SAMPLE = os.path.join(ROOT, "tests", "data", "unseen")
 WEIGHTS = os.path.join(ROOT, "engines", "assets", "demo", "weights.pt")
 RENDER = os.path.join(ROOT, "train", "render_unseen.py")
 TARGET = {"en": 0.10, "hi": 0.15}           # issue 20, on the whole unseen set
-GUARD = {"en": 0.19, "hi": 0.13}            # whole set: measured en 16.2%, hi 11.4%
+GUARD = {"en": 0.19, "hi": 0.14}            # whole set: measured en 16.2%, hi 11.4%
 SAMPLE_GUARD = {"en": 0.10, "hi": 0.18}     # the sample (85, 72 words): measured en 7.1%, hi 13.9%
 CONCURRENCY = 16                            # streams open at once: one full engine batch
 
