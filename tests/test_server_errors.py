@@ -13,9 +13,10 @@ import pytest
 
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
-from server.transport.call_skeleton import TransportLimits
+from proto.riva import riva_asr_pb2_grpc as rpb_grpc
 from server.scheduling.scheduler import SchedulerConfig
-from server.transport.servicer import END_REASON_KEY
+from server.transport.call_skeleton import END_REASON_KEY, TransportLimits
+from tests.riva_harness import raw_config, riva_final, stream_requests
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
     FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, requests_for,
@@ -206,6 +207,19 @@ async def test_max_stream_duration_ends_a_stream_with_a_final_and_refuses_a_long
 
         responses, code, trailing = await asyncio.to_thread(stream)
         assert code == grpc.StatusCode.OK and final_transcript(responses) == expected
+        assert "maximum duration of 1 s of audio" in trailing[END_REASON_KEY]
+
+        # The Riva API ends it the same way: its final, OK, and the same trailer (one call skeleton).
+        def riva_stream_sync():
+            pieces = [clip.tobytes()[i:i + 6400] for i in range(0, clip.nbytes, 6400)]
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                call = rpb_grpc.RivaSpeechRecognitionStub(channel).StreamingRecognize(
+                    iter(stream_requests(raw_config(), pieces)))
+                responses = list(call)
+                return responses, call.code(), dict(call.trailing_metadata())
+
+        responses, code, trailing = await asyncio.to_thread(riva_stream_sync)
+        assert code == grpc.StatusCode.OK and riva_final(responses).alternatives[0].transcript == expected
         assert "maximum duration of 1 s of audio" in trailing[END_REASON_KEY]
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(sample_rate=RATE), audio=clip.tobytes()))

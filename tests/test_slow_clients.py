@@ -15,7 +15,7 @@ import pytest
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.transport.call_skeleton import TransportLimits
 from server.scheduling.scheduler import SchedulerConfig
-from server.transport.servicer import END_REASON_KEY
+from server.transport.call_skeleton import END_REASON_KEY
 from tests.server_harness import (
     expected_transcript,
     FAKE, RATE, audio, config, final_transcript, make_engine, pcm16_audio, requests_for, run_stream,

@@ -42,6 +42,11 @@ from server.transport.unread_client import UnreadClient, abort_unread, write_wat
 from server.transport.wav_header import AudioError
 
 
+# The trailing metadata that says why the server ended a stream the client had not ended
+# (e.g. "maximum duration of 1 s of audio reached"): on the native and the Riva API alike.
+END_REASON_KEY = "asr-end-reason"
+
+
 @dataclass(frozen=True)
 class TransportLimits:
     idle_timeout_s: float = 45.0             # no request from the client for this long ends the stream
@@ -196,6 +201,14 @@ class StreamCall:
             if isinstance(event, StreamFailure):
                 return event
         return StreamFailure(self.handle.stream_id, ErrorKind.INTERNAL, "the stream failed")
+
+    def mark_final(self) -> None:
+        """At the stream's final: why the server ended a stream the client did not end (the
+        maximum duration, say) goes out as the trailing metadata END_REASON_KEY, whatever the
+        API; a stream the client ended has no reason and no such trailer."""
+        reason = self.handle.state.end_reason
+        if reason:
+            self.context.set_trailing_metadata(((END_REASON_KEY, reason),))
 
     def close(self, code: str) -> bool:
         """Free the stream's place in the scheduler: its slot goes at once, or when its running

@@ -176,6 +176,7 @@ class _RivaWriter(StreamWriter):
             # whether or not this loop saw their wake-up before the final arrived.
             await self._answer(self.pacer.ready())
             total = self.pacer.finish()
+            self.call.mark_final()
             # At the final the scheduler is done with the stream: its place is free even while
             # the last responses wait on a slow reader.
             self.call.close("OK")

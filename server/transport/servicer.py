@@ -24,7 +24,6 @@ NAMES = ApiNames(log=log, log_prefix="", method_prefix="", request_type=pb.Strea
                  config="the config", audio="audio", no_audio="requests")
 
 # Trailing metadata of a stream the server ended itself, with a final result (max duration).
-END_REASON_KEY = "asr-end-reason"
 
 
 class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServicer):
@@ -120,8 +119,8 @@ class _NativeWriter(StreamWriter):
                 raise StreamError(event.kind, event.message)
             self.chunks += 1
             response = streaming_response(event, self.options.interim_results, self.frame_seconds)
-            if event.is_final and handle.state.end_reason:
-                self.call.context.set_trailing_metadata(((END_REASON_KEY, handle.state.end_reason),))
+            if event.is_final:
+                self.call.mark_final()
             # The stream stays open (for admission and drain) until its final is written; a
             # write that waits on a client that does not read ends in UnreadClient.
             await self.call.write(response, "final result" if event.is_final else "result")
