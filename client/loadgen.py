@@ -14,6 +14,12 @@ generator's own event-loop lag, send lateness and CPU say when it, not the serve
 bottleneck. --capacity finds the largest concurrency whose p95 chunk latency is at most
 --target-ms with zero errors.
 
+Long streams: --stream-seconds S makes every stream play its clips back to back (cycled) for S
+seconds of audio, as a call lasts, instead of one clip each: short clips measure stream churn
+(stream openings, first chunks, finals) as much as steady serving. Latencies stay per chunk.
+
+    asr-loadgen --capacity --target-ms 160 --stream-seconds 60 --synthetic-seconds 6
+
 Calls: --utterances N makes each stream a call of N clips joined by --pause-s of silence, with
 endpointing on (--stop-history-ms, default 320 as Pipecat's; --no-endpointing for off); per
 level it then also reports time to final (an utterance's last speech sample played -> its final
@@ -71,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--synthetic-clips", type=int, default=8, help="distinct synthetic clips")
     a.add_argument("--synthetic-seconds", type=float, default=8.0, help="length of each synthetic clip")
     a.add_argument("--max-audio-s", type=float, default=0.0, help="trim longer files to this many seconds (0: no)")
+    a.add_argument("--stream-seconds", type=float, default=0.0,
+                   help="each stream plays its clips back to back (cycled) for this many seconds of audio, "
+                        "cut there (calls of --utterances are repeated whole); 0: one clip (or call) per stream")
     a.add_argument("--chunk-ms", type=float, default=0.0, help="audio per message; 0: the model's chunk (ListModels)")
     u = p.add_argument_group("calls of several utterances")
     u.add_argument("--utterances", type=int, default=0,
@@ -147,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--chunk-ms and --ramp-s must be >= 0")
     if args.utterances < 0 or args.pause_s < 0:
         p.error("--utterances and --pause-s must be >= 0")
+    if args.stream_seconds < 0:
+        p.error("--stream-seconds must be >= 0")
     if args.client_eou_ms is not None and (args.utterances < 1 or args.client_eou_ms < 0):
         p.error("--client-eou-ms needs --utterances and a value >= 0")
     return args
@@ -405,7 +416,7 @@ async def amain(args: argparse.Namespace) -> int:
                      client_eou_ms=args.client_eou_ms)
     audio = AudioSpec(paths=tuple(args.audio), synthetic_clips=args.synthetic_clips,
                       synthetic_seconds=args.synthetic_seconds, max_seconds=args.max_audio_s,
-                      utterances=args.utterances, pause_s=args.pause_s)
+                      utterances=args.utterances, pause_s=args.pause_s, stream_seconds=args.stream_seconds)
     cfg = LoadgenConfig(run=run, audio=audio, workers=args.workers, ramp_s=args.ramp_s,
                         level_grace_s=args.level_grace_s, lag_threshold_ms=args.lag_threshold_ms,
                         metrics_url=args.metrics_url, server_pid=args.server_pid, use_uvloop=not args.no_uvloop,
@@ -420,7 +431,9 @@ async def amain(args: argparse.Namespace) -> int:
     started = time.time()
     async with LoadGenerator(cfg) as gen:
         total_audio = sum(i.seconds for i in gen.items)
-        print(f"asr-loadgen: {len(gen.items)} audio item(s), {total_audio:.1f} s in all; messages of {chunk_ms:g} ms, "
+        print(f"asr-loadgen: {len(gen.items)} audio item(s), {total_audio:.1f} s in all"
+              + (f" (streams of {args.stream_seconds:g} s, clips back to back)" if args.stream_seconds else "")
+              + f"; messages of {chunk_ms:g} ms, "
               f"{'real-time' if args.realtime else 'as fast as possible'}, ramp {args.ramp_s:g} s, "
               f"{args.workers} worker process(es)", flush=True)
         if args.utterances:
@@ -494,7 +507,7 @@ async def amain(args: argparse.Namespace) -> int:
                      "stop_on_fail": args.stop_on_fail, "time_budget_s": args.time_budget_s,
                      "utterances": args.utterances, "pause_s": args.pause_s if args.utterances else None,
                      "endpointing": dict(run.endpointing) if run.endpointing else None,
-                     "client_eou_ms": args.client_eou_ms,
+                     "client_eou_ms": args.client_eou_ms, "stream_seconds": args.stream_seconds,
                      "audio": asdict(audio), "audio_items": len(gen.items), "audio_seconds_total": total_audio},
         "definitions": DEFINITIONS,
         "levels": [_public(lv) for lv in levels],
