@@ -161,6 +161,15 @@ async def test_long_streams_play_their_clips_back_to_back_for_the_length_asked(t
             _write_wav(wav, np.frombuffer(item.data, "<i2"), item.sample_rate)
             response = await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(), audio=wav.read_bytes()))
             expected[item.name] = response.result.transcript
+        # The time budget counts a level's whole audio: a second level of 3 s streams cannot end
+        # inside 4 s once the first has run (it would have started under "no new level after").
+        budgeted = tmp_path / "budget.json"
+        args = parse_args(["--server", f"127.0.0.1:{server.port}", "--concurrency", "1,2", "--synthetic-clips", "1",
+                           "--synthetic-seconds", "1.1", "--stream-seconds", str(seconds), "--ramp-s", "0.1",
+                           "--cooldown-s", "0", "--time-budget-s", "4", "--json", str(budgeted), "--quiet"])
+        assert await amain(args) == 0
+    short = json.loads(budgeted.read_text())
+    assert [lv["concurrency"] for lv in short["levels"]] == [1] and short["levels_skipped_for_time"] == [2]
     report = json.loads(out.read_text())
     assert report["settings"]["stream_seconds"] == seconds and report["settings"]["audio_items"] == 2
     assert report["settings"]["audio_seconds_total"] == pytest.approx(2 * seconds)
@@ -264,6 +273,17 @@ async def test_capacity_search_bisects_to_the_largest_passing_level():
     # Nothing fails up to the maximum: the capacity is a lower bound.
     cap = await capacity_search(run, {}, 100.0, start=4, maximum=20, resolution=0.0, max_probes=20)
     assert cap["capacity"] == 20 and cap["limited_by_max_concurrency"] and cap["probes"] == [4, 8, 16, 20]
+    # Only a failing level known: with growth 2, stepping down is the bisection from zero.
+    cap = await capacity_search(run, {100: level(100, False)}, 100.0, start=4, maximum=1000, resolution=0.0,
+                                max_probes=20)
+    assert cap["capacity"] == 37 and cap["probes"][:3] == [50, 25, 37]
+    # Growth 1.1 from a level near the capacity (expensive levels): small steps up, then down.
+    cap = await capacity_search(run, {34: level(34, True)}, 100.0, start=4, maximum=1000, resolution=0.0,
+                                max_probes=20, growth=1.1)
+    assert cap["capacity"] == 37 and cap["probes"] == [38, 36, 37]
+    cap = await capacity_search(run, {42: level(42, False)}, 100.0, start=4, maximum=1000, resolution=0.0,
+                                max_probes=1, growth=1.1)
+    assert cap["probes"] == [38] and cap["bracket"] == [0, 38] and cap["search_unfinished"]
 
 
 def test_a_busy_load_generator_is_reported():
