@@ -36,6 +36,10 @@ def _f(v, nd=1) -> str:
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
+def _secs(v) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
 def load_loadgen(out: str | None, prefix: str = "loadgen") -> dict[int, dict]:
     reports = {}
     if not out:
@@ -251,7 +255,7 @@ def _overview(runs: list[dict]) -> list[str]:
         cap = f"{_f(o['capacity'])} ({o['capacity_metric']} <= {o['target_ms']:g} ms, bracket {o['capacity_bracket']})"
         if o.get("capacity_search_unfinished"):
             cap += " unfinished"
-        lines.append(f"| {o['lookahead_ms']} ms | {_f(o['stream_s'], 1)} | {o['engine']} ({o['engine_executions']}) "
+        lines.append(f"| {o['lookahead_ms']} ms | {_secs(o['stream_s'])} | {o['engine']} ({o['engine_executions']}) "
                      f"| {_f(o['c1_chunk_p50_ms'])} | {_f(o['c1_response_p50_ms'])} | {cap} "
                      f"| up to {o['capacity_chunk_metric_measured']} | {_f(o['best_rtfx'])} ({o['best_rtfx_at']}) "
                      f"| {_f(o.get('server_cores_per_1k_streams_at_capacity'), 2)} |")
@@ -291,7 +295,7 @@ def markdown(summary: dict) -> str:
     lines += ["## Our service (asr-server + asr-loadgen on the same machine, real-time streams)", ""]
     lines += _overview(summary["ours"])
     for o in summary["ours"]:
-        lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels, streams of {_f(o['stream_s'], 0)} s "
+        lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels, streams of {_secs(o['stream_s'])} s "
                       f"({o['model']}, max batch {o['max_batch']})", ""]
         lines += _levels_table(o)
     if summary.get("churn"):
@@ -299,7 +303,7 @@ def markdown(summary: dict) -> str:
                       "weigh as much as steady serving)", ""]
         lines += _overview(summary["churn"])
         for o in summary["churn"]:
-            lines += ["", f"### churn, {o['lookahead_ms']} ms lookahead: levels, streams of {_f(o['stream_s'], 1)} s", ""]
+            lines += ["", f"### churn, {o['lookahead_ms']} ms lookahead: levels, streams of {_secs(o['stream_s'])} s", ""]
             lines += _levels_table(o)
     base = summary["baseline"]
     lines += ["", "## NeMo 3.0 CacheAwareRNNTPipeline baseline (same model shape, same GPU, in-process, max rate)", "",
@@ -382,7 +386,7 @@ def capacity_ratio(o: dict, best: dict, ours_dtype: str | None, base_dtype: str 
     (audio seconds per wall second at max rate on files) bounds the real-time streams its pipeline
     could carry, with no latency bound; ours counts streams that met the p95 target."""
     cap = o["capacity"] or 0
-    length = f"streams of {_f(o['stream_s'], 0)} s" if o.get("stream_s") else "streams"
+    length = f"streams of {_secs(o['stream_s'])} s" if o.get("stream_s") else "streams"
     return {"what": f"{o['lookahead_ms']} ms{variant}: our real-time {length} at p95 {o['capacity_metric']} latency "
                     f"<= {o['target_ms']:g} ms over NeMo's offline RTFx at batch {best['batch']} "
                     f"({best['files']} files of {best['audio_s'] / best['files']:g} s at max rate: an upper bound "
@@ -430,14 +434,14 @@ def summarize(out: str, baseline_path: str | None, env_path: str | None, baselin
             # Long streams leave out c=1 (a 60 s level for one stream); the churn variant has it.
             src, where = o, ""
             if o["c1_chunk_p50_ms"] is None and churn_by_la.get(la, {}).get("c1_chunk_p50_ms") is not None:
-                src, where = churn_by_la[la], f" (churn variant, streams of {_f(churn_by_la[la]['stream_s'], 1)} s)"
+                src, where = churn_by_la[la], f" (churn variant, streams of {_secs(churn_by_la[la]['stream_s'])} s)"
             for key, name in (("c1_chunk_p50_ms", "chunk"), ("c1_response_p50_ms", "response")):
                 v = src[key]
                 targets.append({"what": f"{la} ms: c=1 {name} latency p50 < {t:g} ms{where}", "value": _f(v),
                                 "verdict": "-" if v is None else ("PASS" if v < t else "FAIL")})
         if la in CAPACITY_TARGETS:
             bound, need = CAPACITY_TARGETS[la]
-            length = f" (streams of {_f(o['stream_s'], 0)} s)" if o.get("stream_s") else ""
+            length = f" (streams of {_secs(o['stream_s'])} s)" if o.get("stream_s") else ""
             for key, name in (("capacity_response_metric_measured", "response"),
                               ("capacity_chunk_metric_measured", "chunk")):
                 v = o[key]

@@ -28,7 +28,7 @@ def _report(stream_s: float, levels: list[dict], capacity: int) -> dict:
               "engine_executions": {"fast-cudagraph": 9}}
     return {"server": server, "server_after": server, "levels": levels,
             "settings": {"target_ms": 160.0, "stream_seconds": stream_s if stream_s > 6 else 0.0,
-                         "audio": {"paths": [], "utterances": 0, "synthetic_seconds": 6.0}},
+                         "audio": {"paths": [], "utterances": 0, "synthetic_seconds": min(stream_s, 6.0)}},
             "capacity": {"capacity": capacity, "metric": "chunk", "bracket": [capacity, capacity + 200],
                          "search_unfinished": False}}
 
@@ -39,14 +39,14 @@ def test_long_run_churn_variant_cores_per_thousand_and_the_dtype_of_the_ratio(tm
     out.mkdir(), work.mkdir()
     (out / "loadgen_160.json").write_text(json.dumps(_report(60.0, [_level(2000, 120.0, 3.0),
                                                                    _level(2200, 190.0, 3.3)], 2000)))
-    (work / "churn_160.json").write_text(json.dumps(_report(6.0, [_level(1, 15.0, 0.2), _level(2400, 150.0, 4.8)],
+    (work / "churn_160.json").write_text(json.dumps(_report(1.5, [_level(1, 15.0, 0.2), _level(2400, 150.0, 4.8)],
                                                               2400)))
     (work / "env.json").write_text(json.dumps({"settings": {"dtype": "float16"}}))
     (work / "base.jsonl").write_text(json.dumps({"batch": 256, "ctx": [70, 1], "files": 256, "audio_s": 2560.0,
                                                  "wall_s": 5.0, "rtfx": 512.0}) + "\n")
     s = summarize(str(out), str(work / "base.jsonl"), str(work / "env.json"), base_dtype, None, churn_dir=str(work))
     (main,), (churn,) = s["ours"], s["churn"]
-    assert main["stream_s"] == 60.0 and churn["stream_s"] == 6.0
+    assert main["stream_s"] == 60.0 and churn["stream_s"] == 1.5
     assert [r["srv_cores_per_1k"] for r in main["levels"]] == [1.5, 1.5]
     assert main["server_cores_per_1k_streams_at_capacity"] == 1.5
     assert churn["server_cores_per_1k_streams_at_capacity"] == 2.0
@@ -59,6 +59,7 @@ def test_long_run_churn_variant_cores_per_thousand_and_the_dtype_of_the_ratio(tm
     assert ("both float16" in ratios["main"]["what"]) == same
     assert ("NOT the same dtype" in ratios["main"]["what"]) == (not same)
     md = (out / "summary.md").read_text()
+    assert "churn, 160 ms lookahead: levels, streams of 1.5 s" in md and "(churn variant, streams of 1.5 s)" in md
     assert "## Churn variant" in md and "server CPU cores per 1,000 streams at capacity" in md
     assert "streams of 60 s at p95 chunk latency <= 160 ms over NeMo's offline RTFx at batch 256" in md
     assert f"dtype: NeMo's pipeline {base_dtype} (BASE_DTYPE), our server float16" in md
