@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # End-to-end benchmark on one GPU host, in one command (about 9 minutes):
 #   1. NeMo 3.0's own CacheAwareRNNTPipeline on the Nemotron-0.6b shape (the baseline to beat),
-#      at 160 ms and 560 ms lookahead (.devbench/nemo_pipeline_baseline.py, a git-ignored copy
-#      of ../shared/bench);
+#      at 160 ms and 560 ms lookahead, in the server's dtype (.devbench/nemo_pipeline_baseline.py,
+#      a git-ignored copy of ../shared/bench);
 #   2. for each lookahead (160, 560 ms): asr-server --model builtin:nemotron-0.6b --dtype float16
 #      --device cuda on the fastest engine that starts (fast-cudagraph, else eager: ListModels reports
-#      what really ran), then asr-loadgen on the same machine (several worker processes): a sweep
-#      of real-time streams and a capacity search (p95 latency <= the lookahead, zero errors);
+#      what really ran), then asr-loadgen on the same machine (several worker processes), real-time
+#      streams, capacity = the most streams with p95 chunk latency <= the lookahead, zero errors:
+#      a. the churn variant (CHURN=1): one SECS-second clip per stream (stream openings, first
+#         chunks and finals weigh as much as steady serving), a sweep and a capacity search; cheap
+#         (a level lasts ~SECS + RAMP s), it also gives c=1 latency and where to look next;
+#      b. the main measurement: streams of STREAM_S seconds (60: calls last minutes; clips played
+#         back to back), levels from the churn capacity stepping by LONG_GROWTH (each level costs
+#         STREAM_S + RAMP s, so two or three fit); STREAM_S=0 makes the short clips the main run;
 #      then, on the same server (TTF=1), time to final: calls of several utterances (the example
 #      clips joined by pauses) at one stream and at the capacity just found, twice: with
 #      endpointing at stop_history 320 ms (Pipecat's default; end of speech -> final), and with
@@ -16,8 +22,19 @@
 #      closed by end_of_audio);
 #   3. bench/summarize.py: summary.json + summary.md (tables, ratios to NeMo, the issue's targets;
 #      the time-to-final runs' levels go into summary.json and a table of summary.md).
-# Results in $OUT (at most 8 files): loadgen_160.{json,png}, loadgen_560.{json,png}, summary.json,
-# summary.md, bench.log (console, baseline output, server logs), gpu.csv (nvidia-smi each second).
+# Results in $OUT (at most 8 files): loadgen_160.{json,png}, loadgen_560.{json,png} (the main
+# measurement), summary.json (the churn variant's levels too), summary.md, bench.log (console,
+# baseline output, server logs), gpu.csv (nvidia-smi each second).
+#
+# Time (GPU defaults, one device call of 600 s; typical times from H200 runs 20-22): setup 10 s,
+# baseline ~65 s, each server start ~35 s (START_EST 40), a churn level ~9.5 s, a 60 s level ~64 s.
+# When a server is up, its lookahead's share is (BUDGET_S - elapsed - RESERVE - TTF_DEMO_EST
+# - START_EST x servers still to start) / lookaheads left - TTF_EST: at 160 ms (up at ~110 s)
+# (550 - 110 - 10 - 40) / 2 = 195 s: churn CHURN_S = 45 s (5 levels), then 195 - 48 - 5 = 142 s
+# for 60 s levels: a level starts only if its ramp and audio end inside that (asr-loadgen
+# --time-budget-s), so 2 (the second ends at ~127 s). At 560 ms (up at ~325 s): 550 - 325 - 10
+# = 215 s: churn 45 s, 2 long levels. The run ends at ~505 s; the worst overrun past BUDGET_S is a
+# level's grace (GRACE) and a server's stop, inside the 600 s.
 #
 #   bash bench/run_h100.sh                 # on the GPU host (through the device tool)
 #   CPU_SMOKE=1 bash bench/run_h100.sh     # the same pipeline on CPU with builtin:tiny, ~2 minutes
@@ -37,7 +54,7 @@ LOG=$OUT/bench.log
 : > "$LOG"
 
 if [ "$SMOKE" = 1 ]; then
-    BUDGET_S=${BUDGET_S:-100}
+    BUDGET_S=${BUDGET_S:-180}
     MODEL=${MODEL:-builtin:tiny}; DEVICE=${DEVICE:-cpu}; DTYPE=${DTYPE:-float32}
     ENGINE=${ENGINE:-eager}; FALLBACK=${FALLBACK:-}
     LOOKAHEADS=${LOOKAHEADS:-160 560}
@@ -46,30 +63,44 @@ if [ "$SMOKE" = 1 ]; then
     MAX_BATCH=${MAX_BATCH:-8}; MAX_STREAMS=${MAX_STREAMS:-16}
     WORKERS=${WORKERS:-2}; SECS=${SECS:-1.5}; CLIPS=${CLIPS:-2}; RAMP=${RAMP:-0.3}; GRACE=${GRACE:-3}
     PROBES=${PROBES:-2}; START_EST=${START_EST:-25}; RESERVE=${RESERVE:-5}; MIN_BUDGET=${MIN_BUDGET:-10}
+    STREAM_S=${STREAM_S:-4}; CHURN=${CHURN:-1}; CHURN_S=${CHURN_S:-12}; LONG_GROWTH=${LONG_GROWTH:-1.1}; LONG_PROBES=${LONG_PROBES:-2}
     # Every server starts at once: start-up is most of the smoke's time, and its timings mean nothing.
     PARALLEL_START=${PARALLEL_START:-1}
     # The baseline at toy size on CPU proves the invocation (its figures mean nothing); it costs
     # about 80 s of a 2-core machine, so it runs only with SMOKE_BASELINE=1 (in the background).
     SMOKE_BASELINE=${SMOKE_BASELINE:-0}
-    BASE_ARGS=${BASE_ARGS:-"2 64 cpu float32 4 2 70,1;70,6 4"}
+    BASE_DTYPE=${BASE_DTYPE:-$DTYPE}
+    BASE_ARGS=${BASE_ARGS:-"2 64 cpu $BASE_DTYPE 4 2 70,1;70,6 4"}
     BASE_TIMEOUT=${BASE_TIMEOUT:-300}
     TTF_UTTERANCES=${TTF_UTTERANCES:-2}; TTF_EST=${TTF_EST:-25}; TTF_DEMO=${TTF_DEMO:-0}; TTF_DEMO_EST=${TTF_DEMO_EST:-60}
 else
-    BUDGET_S=${BUDGET_S:-500}
+    BUDGET_S=${BUDGET_S:-550}
     MODEL=${MODEL:-builtin:nemotron-0.6b}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-float16}
     ENGINE=${ENGINE:-fast-cudagraph}; FALLBACK=${FALLBACK-eager}
     LOOKAHEADS=${LOOKAHEADS:-160 560}
-    LEVELS_160=${LEVELS_160:-1,64,256,512,1024,1536,2048}; LEVELS_560=${LEVELS_560:-1,256,1024,2048,3072,4096}
-    MAX_C_160=${MAX_C_160:-4096}; MAX_C_560=${MAX_C_560:-4096}
+    # The short-clip sweep (the churn variant; the main run with STREAM_S=0) around the capacities
+    # of runs 20-22 (2,016-2,232 at 160 ms, 4,352 at 560 ms, 6 s clips).
+    LEVELS_160=${LEVELS_160:-1,2048,2560}; LEVELS_560=${LEVELS_560:-1,4096,4608}
+    MAX_C_160=${MAX_C_160:-4096}; MAX_C_560=${MAX_C_560:-4608}
     MAX_BATCH=${MAX_BATCH:-256}; MAX_STREAMS=${MAX_STREAMS:-4608}
     WORKERS=${WORKERS:-8}; SECS=${SECS:-6}; CLIPS=${CLIPS:-16}; RAMP=${RAMP:-2}; GRACE=${GRACE:-20}
-    PROBES=${PROBES:-4}; START_EST=${START_EST:-90}; RESERVE=${RESERVE:-15}; MIN_BUDGET=${MIN_BUDGET:-20}
+    PROBES=${PROBES:-4}; START_EST=${START_EST:-40}; RESERVE=${RESERVE:-10}; MIN_BUDGET=${MIN_BUDGET:-20}
+    STREAM_S=${STREAM_S:-60}; CHURN=${CHURN:-1}; CHURN_S=${CHURN_S:-45}; LONG_GROWTH=${LONG_GROWTH:-1.1}; LONG_PROBES=${LONG_PROBES:-3}
     # One server at a time: nothing else runs beside a measurement.
     PARALLEL_START=${PARALLEL_START:-0}
     SMOKE_BASELINE=0
+    # The baseline runs in the server's dtype, so the ratio compares like with like. The script
+    # passes its DTYPE to NeMo's pipeline config (asr.compute_dtype); NeMo's setup_device
+    # (nemo.collections.asr.inference.utils.device_utils) takes bfloat16, float16 or float32 on
+    # CUDA, and with use_amp false (nemo_pipeline.yaml) the wrapper casts the model to it. On CPU
+    # NeMo always computes in float32, whatever is asked. BASE_DTYPE=bfloat16 gives runs 1-22's.
+    BASE_DTYPE=${BASE_DTYPE:-$DTYPE}
     # LAYERS DMODEL DEVICE DTYPE FILES SECONDS CTXS BATCHES (see .devbench/nemo_pipeline_baseline.py)
-    BASE_ARGS=${BASE_ARGS:-"24 1024 cuda bfloat16 256 10 70,1;70,6 256"}
+    BASE_ARGS=${BASE_ARGS:-"24 1024 cuda $BASE_DTYPE 256 10 70,1;70,6 256"}
     BASE_TIMEOUT=${BASE_TIMEOUT:-170}
+    # Time to final does not fit beside 60 s levels in one 600 s call: bench/ttf_gpu.sh measures it in
+    # its own call (TTF=1 here adds it back, at the cost of long levels).
+    if [ "$STREAM_S" != 0 ]; then TTF=${TTF:-0}; TTF_DEMO=${TTF_DEMO:-0}; fi
     TTF_UTTERANCES=${TTF_UTTERANCES:-4}; TTF_EST=${TTF_EST:-75}; TTF_DEMO=${TTF_DEMO:-1}; TTF_DEMO_EST=${TTF_DEMO_EST:-150}
 fi
 # Time to final (TTF=0: off): calls of TTF_UTTERANCES clips of TTF_AUDIO joined by TTF_PAUSE s of
@@ -108,9 +139,10 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # A number stays a number in the settings' JSON; `auto` (the server's own sizing) becomes a string.
 json_num_or_str() { if [[ $1 =~ ^[0-9]+$ ]]; then echo "$1"; else echo "\"$1\""; fi; }
-SETTINGS=$(printf '{"model":"%s","device":"%s","dtype":"%s","engine":"%s","fallback":"%s","lookaheads":"%s","levels_160":"%s","levels_560":"%s","max_batch":%s,"max_streams":%s,"workers":%s,"clip_s":%s,"ramp_s":%s,"capacity_metric":"%s","baseline_args":"%s","server_args":"%s","budget_s":%s,"cpu_smoke":%s}' \
+BASE_DTYPE=$(awk '{print $4}' <<< "$BASE_ARGS")  # what really runs, also when BASE_ARGS is given
+SETTINGS=$(printf '{"model":"%s","device":"%s","dtype":"%s","engine":"%s","fallback":"%s","lookaheads":"%s","levels_160":"%s","levels_560":"%s","max_batch":%s,"max_streams":%s,"workers":%s,"clip_s":%s,"stream_s":%s,"churn":%s,"churn_s":%s,"long_growth":%s,"long_probes":%s,"ramp_s":%s,"capacity_metric":"%s","baseline_args":"%s","baseline_dtype":"%s","server_args":"%s","budget_s":%s,"cpu_smoke":%s}' \
     "$MODEL" "$DEVICE" "$DTYPE" "$ENGINE" "$FALLBACK" "$LOOKAHEADS" "$LEVELS_160" "$LEVELS_560" "$(json_num_or_str "$MAX_BATCH")" "$(json_num_or_str "$MAX_STREAMS")" \
-    "$WORKERS" "$SECS" "$RAMP" "$CAP_METRIC" "$BASE_ARGS" "${SERVER_ARGS:-}" "$BUDGET_S" "$SMOKE")
+    "$WORKERS" "$SECS" "$STREAM_S" "$CHURN" "$CHURN_S" "$LONG_GROWTH" "$LONG_PROBES" "$RAMP" "$CAP_METRIC" "$BASE_ARGS" "$BASE_DTYPE" "${SERVER_ARGS:-}" "$BUDGET_S" "$SMOKE")
 GPU="cpu only"
 if command -v nvidia-smi >/dev/null 2>&1; then
     GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
@@ -239,28 +271,77 @@ time_to_final() {  # $1: the server's name (it is up), $2: levels
     done
 }
 
+# One asr-loadgen measurement against the server of lookahead $1: $2 the JSON (and plot) path
+# without extension, $3 sweep levels, $4 seconds of time budget, $5.. extra flags (audio, search).
+measure() {
+    local la=$1 path=$2 levels=$3 budget=$4 maxc_var=MAX_C_$1
+    shift 4
+    local maxc=${!maxc_var:-1024} plot=()
+    [[ $path == "$OUT"/* ]] && plot=(--plot "$path.png")
+    log "loadgen -> $(basename "$path").json: levels $levels, capacity search up to $maxc (p95 $CAP_METRIC latency <= $la ms), levels that end within ${budget}s; $*"
+    "$PY" -m client.loadgen --server "127.0.0.1:${PORTS[$la]}" --metrics-url "http://127.0.0.1:${MPORTS[$la]}/metrics" \
+        --concurrency "$levels" --capacity --capacity-metric "$CAP_METRIC" --target-ms "$la" --stop-on-fail \
+        --max-concurrency "$maxc" --resolution "$RESOLUTION" --workers "$WORKERS" --synthetic-clips "$CLIPS" \
+        --synthetic-seconds "$SECS" --ramp-s "$RAMP" --cooldown-s 1 --level-grace-s "$GRACE" \
+        --time-budget-s "$budget" --server-pid "${SPID[$la]}" --json "$path.json" "${plot[@]}" \
+        --label "$GPU / $la ms / $ENGINE" --quiet "$@" 2>&1 | tee -a "$LOG"
+    log "loadgen $(basename "$path") exit status ${PIPESTATUS[0]}"
+}
+capacity_of() {  # $1: a capacity run's JSON: its capacity (0 when none)
+    "$PY" - "$1" <<'PYEOF' 2>/dev/null || echo 0
+import json, sys
+print((json.load(open(sys.argv[1])).get("capacity") or {}).get("capacity") or 0)
+PYEOF
+}
+
 set -- $LOOKAHEADS
 n_left=$#
-LEVEL_MAX=$(awk -v r="$RAMP" -v s="$SECS" -v g="$GRACE" 'BEGIN { printf "%d", r + s + g + 4 }')
-if [ "$PARALLEL_START" = 1 ]; then for la in $LOOKAHEADS; do launch_server "$la"; done; fi
+# A level of the long run: ramp, audio, cooldown and ~1 s for the finals and ListModels after it.
+LONG_LEVEL_S=$(awk -v r="$RAMP" -v s="$STREAM_S" 'BEGIN { printf "%d", r + s + 2.99 }')
+SHORT_LEVEL_S=$(awk -v r="$RAMP" -v s="$SECS" 'BEGIN { printf "%d", r + s + 2.99 }')
+TAIL_S=5  # after a run's last level: its finals, the report, the plot
+LONG=$([ "$STREAM_S" != 0 ] && echo 1 || echo 0)
+declare -A UP
+if [ "$PARALLEL_START" = 1 ]; then
+    # Every server is up before the first measurement: one still starting beside it (importing
+    # NeMo, building its model) would take the cores a measured server needs.
+    for la in $LOOKAHEADS; do launch_server "$la"; done
+    for la in $LOOKAHEADS; do await_server "$la" && UP[$la]=1; done
+fi
 for la in $LOOKAHEADS; do
-    [ "$PARALLEL_START" = 1 ] || launch_server "$la"
-    if await_server "$la"; then
+    if [ "$PARALLEL_START" != 1 ]; then launch_server "$la"; await_server "$la" && UP[$la]=1; fi
+    if [ -n "${UP[$la]:-}" ]; then
         # Split what is left between this lookahead and the next ones (each may need a server start).
+        t_la=$(date +%s)
         starts=$(( PARALLEL_START == 1 ? 0 : n_left - 1 ))
-        budget=$(( ( $(remaining) - RESERVE - TTF_DEMO_EST - starts * START_EST ) / n_left - LEVEL_MAX - TTF_EST ))
-        [ "$budget" -lt "$MIN_BUDGET" ] && budget=$MIN_BUDGET
-        levels_var=LEVELS_$la; maxc_var=MAX_C_$la
-        levels=${!levels_var:-1}; maxc=${!maxc_var:-1024}
-        log "loadgen: levels $levels, capacity search up to $maxc (p95 $CAP_METRIC latency <= $la ms), new levels for ${budget}s"
-        "$PY" -m client.loadgen --server "127.0.0.1:${PORTS[$la]}" --metrics-url "http://127.0.0.1:${MPORTS[$la]}/metrics" \
-            --concurrency "$levels" --capacity --capacity-metric "$CAP_METRIC" --target-ms "$la" --stop-on-fail \
-            --max-concurrency "$maxc" --max-probes "$PROBES" --resolution "$RESOLUTION" \
-            --workers "$WORKERS" --synthetic-clips "$CLIPS" --synthetic-seconds "$SECS" --ramp-s "$RAMP" \
-            --cooldown-s 1 --level-grace-s "$GRACE" --time-budget-s "$budget" --server-pid "${SPID[$la]}" \
-            --json "$OUT/loadgen_$la.json" --plot "$OUT/loadgen_$la.png" \
-            --label "$GPU / $la ms / $ENGINE" --quiet 2>&1 | tee -a "$LOG"
-        log "loadgen ($la ms) exit status ${PIPESTATUS[0]}"
+        share=$(( ( $(remaining) - RESERVE - TTF_DEMO_EST - starts * START_EST ) / n_left - TTF_EST ))
+        levels_var=LEVELS_$la; levels=${!levels_var:-1}
+        if [ "$LONG" = 0 ]; then
+            budget=$(( share - TAIL_S )); [ "$budget" -lt "$MIN_BUDGET" ] && budget=$MIN_BUDGET
+            measure "$la" "$OUT/loadgen_$la" "$levels" "$budget" --max-probes "$PROBES"
+        else
+            long_levels_var=LONG_LEVELS_$la; long_levels=${!long_levels_var:-}
+            if [ "$CHURN" = 1 ]; then
+                # Churn first: cheap, and its capacity is where the long levels start. It leaves
+                # two long levels their time when it can, and always runs its first level.
+                budget=$(( share - 2 * LONG_LEVEL_S - TAIL_S ))
+                [ "$budget" -gt "$CHURN_S" ] && budget=$CHURN_S
+                [ "$budget" -lt "$SHORT_LEVEL_S" ] && budget=$SHORT_LEVEL_S
+                log "== churn variant ($la ms): one ${SECS}s clip per stream"
+                measure "$la" "$WORK/churn_$la" "$levels" "$budget" --max-probes "$PROBES"
+                churn_cap=$(capacity_of "$WORK/churn_$la.json")
+                [ -z "$long_levels" ] && [ "$churn_cap" -gt 1 ] 2>/dev/null && long_levels=$churn_cap
+            fi
+            [ -z "$long_levels" ] && long_levels=$levels
+            budget=$(( share - ( $(date +%s) - t_la ) - TAIL_S ))
+            if [ "$budget" -lt "$LONG_LEVEL_S" ]; then
+                log "long streams ($la ms): ${budget}s left of this lookahead's share, less than one level (${LONG_LEVEL_S}s): not run"
+            else
+                log "== long streams ($la ms): ${STREAM_S}s of audio each (clips back to back), levels from $long_levels by x$LONG_GROWTH"
+                measure "$la" "$OUT/loadgen_$la" "$long_levels" "$budget" --stream-seconds "$STREAM_S" \
+                    --capacity-growth "$LONG_GROWTH" --max-probes "$LONG_PROBES"
+            fi
+        fi
         [ "$TTF" = 1 ] && time_to_final "$la" "$(ttf_levels "$OUT/loadgen_$la.json")"
     fi
     stop_server "$la"
@@ -284,8 +365,7 @@ if [ -n "$BASE_PID" ]; then
     BASE_PID=""
 fi
 [ -f "$WORK/baseline.skipped" ] && BASE_SKIPPED=$(cat "$WORK/baseline.skipped")
-BASE_DTYPE=$(awk '{print $4}' <<< "$BASE_ARGS")
-"$PY" bench/summarize.py --out "$OUT" --baseline "$WORK/baseline.jsonl" --baseline-dtype "$BASE_DTYPE" --ttf "$WORK" \
+"$PY" bench/summarize.py --out "$OUT" --baseline "$WORK/baseline.jsonl" --baseline-dtype "$BASE_DTYPE" --ttf "$WORK" --churn "$WORK" \
     --env "$WORK/env.json" ${BASE_SKIPPED:+--baseline-skipped "$BASE_SKIPPED"} 2>&1 | tee -a "$LOG"
 [ -n "$MON_PID" ] && kill "$MON_PID" 2>/dev/null
 log "done in $(elapsed)s; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -4,8 +4,10 @@ sweep and capacity per lookahead (asr-loadgen reports), NeMo's CacheAwareRNNTPip
 
   python bench/summarize.py --out DIR [--baseline baseline.jsonl] [--env env.json]
 
-Reads DIR/loadgen_<lookahead>.json (and, with --ttf TTF_DIR, the time-to-final runs
-TTF_DIR/ttf_<server>_<mode>.json: asr-loadgen reports of calls of several utterances); writes
+Reads DIR/loadgen_<lookahead>.json (the main measurement: long streams by default), with
+--churn CHURN_DIR the churn variant CHURN_DIR/churn_<lookahead>.json (one short clip per stream:
+stream openings and finals as much as steady serving), and, with --ttf TTF_DIR, the time-to-final
+runs TTF_DIR/ttf_<server>_<mode>.json (asr-loadgen reports of calls of several utterances); writes
 DIR/summary.json and DIR/summary.md, and prints the markdown. Standard library only.
 """
 
@@ -34,10 +36,16 @@ def _f(v, nd=1) -> str:
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
-def load_loadgen(out: str) -> dict[int, dict]:
+def _secs(v) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def load_loadgen(out: str | None, prefix: str = "loadgen") -> dict[int, dict]:
     reports = {}
-    for path in sorted(glob.glob(os.path.join(out, "loadgen_*.json"))):
-        m = re.search(r"loadgen_(\d+)\.json$", path)
+    if not out:
+        return reports
+    for path in sorted(glob.glob(os.path.join(out, f"{prefix}_*.json"))):
+        m = re.search(prefix + r"_(\d+)\.json$", path)
         if m:
             with open(path) as f:
                 reports[int(m.group(1))] = json.load(f)
@@ -144,6 +152,23 @@ def _level_at(report: dict, c: int | None) -> dict | None:
     return None
 
 
+def stream_seconds(report: dict) -> float | None:
+    """Audio seconds each stream played: --stream-seconds, else the synthetic clip's length
+    (None for WAV files of mixed lengths)."""
+    st = report.get("settings") or {}
+    audio = st.get("audio") or {}
+    if st.get("stream_seconds"):
+        return float(st["stream_seconds"])
+    if not audio.get("paths") and not audio.get("utterances"):
+        return audio.get("synthetic_seconds")
+    return None
+
+
+def per_1k(cores, c) -> float | None:
+    """Server CPU cores per 1,000 concurrent streams."""
+    return round(1000.0 * cores / c, 3) if cores is not None and c else None
+
+
 def ours(la: int, report: dict) -> dict:
     levels = sorted(report["levels"], key=lambda lv: lv["concurrency"])
     target = report["settings"]["target_ms"]
@@ -153,11 +178,12 @@ def ours(la: int, report: dict) -> dict:
     passing_resp = [lv["concurrency"] for lv in levels if lv.get("passes_target", {}).get("response")]
     at_cap = _level_at(report, cap.get("capacity"))
     best = max(levels, key=lambda lv: lv["throughput"]["rtfx"] or 0, default=None)
+    cap_cores = _server_cores(at_cap.get("server_process") or {}) if at_cap else None
     return {
         "lookahead_ms": la, "engine": report["server"]["engine"], "engine_after": report["server_after"]["engine"],
         "engine_executions": report["server_after"]["engine_executions"], "model": report["server"]["name"],
         "max_batch": report["server"]["max_batch"], "max_streams": report["server"]["max_streams"],
-        "target_ms": target, "capacity_metric": cap.get("metric"),
+        "target_ms": target, "capacity_metric": cap.get("metric"), "stream_s": stream_seconds(report),
         "capacity": cap.get("capacity"), "capacity_bracket": cap.get("bracket"),
         "capacity_search_unfinished": cap.get("search_unfinished"),
         "capacity_chunk_metric_measured": max(passing_chunk, default=0),
@@ -168,6 +194,8 @@ def ours(la: int, report: dict) -> dict:
         "best_rtfx": best["throughput"]["rtfx"] if best else None,
         "best_rtfx_at": best["concurrency"] if best else None,
         "at_capacity": _breakdown(at_cap),
+        "server_cores_at_capacity": cap_cores,
+        "server_cores_per_1k_streams_at_capacity": per_1k(cap_cores, at_cap["concurrency"] if at_cap else None),
         "loadgen_bound_levels": [lv["concurrency"] for lv in levels if lv["loadgen"]["bottleneck"]],
         "levels": [_level_row(lv) for lv in levels],
     }
@@ -191,6 +219,11 @@ def _breakdown(lv: dict | None) -> dict | None:
     }
 
 
+def _server_cores(sp: dict):
+    """CPU cores of every server process (with frontend processes: all of them)."""
+    return sp.get("cores_all_processes") or sp.get("cores_with_frontends") or sp.get("cores")
+
+
 def _level_row(lv: dict) -> dict:
     sm = lv.get("server_metrics") or {}
     sp = lv.get("server_process") or {}
@@ -203,13 +236,50 @@ def _level_row(lv: dict) -> dict:
         "busy": sm.get("engine_busy_fraction"), "lg_bound": lv["loadgen"]["bottleneck"],
         "lg_cpu_max": max(lv["loadgen"]["cpu_util"], default=None),
         # With frontend processes: all of the server's processes, and the busiest frontend's event loop.
-        "srv_cores": (sp.get("cores_all_processes") or sp.get("cores_with_frontends") or sp.get("cores")),
+        "srv_cores": _server_cores(sp),
+        "srv_cores_per_1k": per_1k(_server_cores(sp), lv["concurrency"]),
         "engine_worker": (sp.get("engine_worker") or {}).get("cores"),
         "srv_main": sp.get("main_thread_cores"),
         "fe_loop_max": max((f["main_thread_cores"] for f in sp.get("frontends", [])), default=None),
         "gc_ms": sm.get("gc_pause_ms_total"), "gc_full": sm.get("gc_full_collections"),
         "gc_engine": (sm.get("gc_by_process") or {}).get("engine"),
     }
+
+
+def _overview(runs: list[dict]) -> list[str]:
+    lines = ["| lookahead | stream s | engine that ran | c=1 chunk p50 ms | c=1 response p50 ms "
+             "| capacity (metric, p95 <= target) | levels passing chunk p95 | best RTFx (at c) "
+             "| server CPU cores per 1,000 streams at capacity |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for o in runs:
+        cap = f"{_f(o['capacity'])} ({o['capacity_metric']} <= {o['target_ms']:g} ms, bracket {o['capacity_bracket']})"
+        if o.get("capacity_search_unfinished"):
+            cap += " unfinished"
+        lines.append(f"| {o['lookahead_ms']} ms | {_secs(o['stream_s'])} | {o['engine']} ({o['engine_executions']}) "
+                     f"| {_f(o['c1_chunk_p50_ms'])} | {_f(o['c1_response_p50_ms'])} | {cap} "
+                     f"| up to {o['capacity_chunk_metric_measured']} | {_f(o['best_rtfx'])} ({o['best_rtfx_at']}) "
+                     f"| {_f(o.get('server_cores_per_1k_streams_at_capacity'), 2)} |")
+    return lines
+
+
+def _levels_table(o: dict) -> list[str]:
+    lines = ["| c | done | errors | chunk p50 | chunk p95 | resp p50 | resp p95 | final p95 | RTFx | mean batch "
+             "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest frontend loop] {engine worker} "
+             "| server cores per 1,000 streams | GC ms (full) [engine process] | loadgen CPU max | LG-bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in o["levels"]:
+        lines.append(f"| {r['c']} | {r['done']} | {r['errors'] or 0} | {_f(r['chunk_p50'])} | {_f(r['chunk_p95'])} "
+                     f"| {_f(r['resp_p50'])} | {_f(r['resp_p95'])} | {_f(r['final_p95'])} | {_f(r['rtfx'])} "
+                     f"| {_f(r['batch'])} | {_f(r['step_ms'])} | {_f(r['queue_ms'])} | {_f(r['busy'], 2)} "
+                     f"| {_f(r['srv_cores'], 2)} ({_f(r['srv_main'], 2)})"
+                     + (f" [{_f(r['fe_loop_max'], 2)}]" if r.get("fe_loop_max") is not None else "")
+                     + (f" {{{_f(r['engine_worker'], 2)}}}" if r.get("engine_worker") is not None else "") + " "
+                     f"| {_f(r.get('srv_cores_per_1k'), 2)} "
+                     f"| {_f(r.get('gc_ms'))} ({r.get('gc_full') if r.get('gc_full') is not None else '-'})"
+                     + (f" [engine {_f(r['gc_engine']['ms'])} ({r['gc_engine']['full']})]" if r.get("gc_engine") else "")
+                     + " "
+                     f"| {_f(r['lg_cpu_max'], 2)} | {'yes' if r['lg_bound'] else ''} |")
+    return lines
 
 
 def markdown(summary: dict) -> str:
@@ -222,37 +292,23 @@ def markdown(summary: dict) -> str:
                   + (f" (source {env['source_revision'].get('source')}, tree sha256 "
                      f"{env['source_revision'].get('tree_sha256', '?')[:16]})" if env.get("source_revision") else ""),
                   f"- settings: {json.dumps(env.get('settings', {}))}", ""]
-    lines += ["## Our service (asr-server + asr-loadgen on the same machine, real-time streams)", "",
-              "| lookahead | engine that ran | c=1 chunk p50 ms | c=1 response p50 ms | capacity (metric, p95 <= target) "
-              "| levels passing chunk p95 | best RTFx (at c) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Our service (asr-server + asr-loadgen on the same machine, real-time streams)", ""]
+    lines += _overview(summary["ours"])
     for o in summary["ours"]:
-        cap = f"{_f(o['capacity'])} ({o['capacity_metric']} <= {o['target_ms']:g} ms, bracket {o['capacity_bracket']})"
-        if o.get("capacity_search_unfinished"):
-            cap += " unfinished"
-        lines.append(f"| {o['lookahead_ms']} ms | {o['engine']} ({o['engine_executions']}) | {_f(o['c1_chunk_p50_ms'])} "
-                     f"| {_f(o['c1_response_p50_ms'])} | {cap} | up to {o['capacity_chunk_metric_measured']} "
-                     f"| {_f(o['best_rtfx'])} ({o['best_rtfx_at']}) |")
-    for o in summary["ours"]:
-        lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels ({o['model']}, max batch {o['max_batch']})", "",
-                  "| c | done | errors | chunk p50 | chunk p95 | resp p50 | resp p95 | final p95 | RTFx | mean batch "
-                  "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest frontend loop] {engine worker} "
-                  "| GC ms (full) [engine process] "
-                  "| loadgen CPU max | LG-bound |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in o["levels"]:
-            lines.append(f"| {r['c']} | {r['done']} | {r['errors'] or 0} | {_f(r['chunk_p50'])} | {_f(r['chunk_p95'])} "
-                         f"| {_f(r['resp_p50'])} | {_f(r['resp_p95'])} | {_f(r['final_p95'])} | {_f(r['rtfx'])} "
-                         f"| {_f(r['batch'])} | {_f(r['step_ms'])} | {_f(r['queue_ms'])} | {_f(r['busy'], 2)} "
-                         f"| {_f(r['srv_cores'], 2)} ({_f(r['srv_main'], 2)})"
-                         + (f" [{_f(r['fe_loop_max'], 2)}]" if r.get("fe_loop_max") is not None else "")
-                         + (f" {{{_f(r['engine_worker'], 2)}}}" if r.get("engine_worker") is not None else "") + " "
-                         f"| {_f(r.get('gc_ms'))} ({r.get('gc_full') if r.get('gc_full') is not None else '-'})"
-                         + (f" [engine {_f(r['gc_engine']['ms'])} ({r['gc_engine']['full']})]" if r.get("gc_engine") else "")
-                         + " "
-                         f"| {_f(r['lg_cpu_max'], 2)} | {'yes' if r['lg_bound'] else ''} |")
+        lines += ["", f"### {o['lookahead_ms']} ms lookahead: levels, streams of {_secs(o['stream_s'])} s "
+                      f"({o['model']}, max batch {o['max_batch']})", ""]
+        lines += _levels_table(o)
+    if summary.get("churn"):
+        lines += ["", "## Churn variant (one short clip per stream: stream openings, first chunks and finals "
+                      "weigh as much as steady serving)", ""]
+        lines += _overview(summary["churn"])
+        for o in summary["churn"]:
+            lines += ["", f"### churn, {o['lookahead_ms']} ms lookahead: levels, streams of {_secs(o['stream_s'])} s", ""]
+            lines += _levels_table(o)
     base = summary["baseline"]
-    lines += ["", "## NeMo 3.0 CacheAwareRNNTPipeline baseline (same model shape, same GPU, in-process, max rate)", ""]
+    lines += ["", "## NeMo 3.0 CacheAwareRNNTPipeline baseline (same model shape, same GPU, in-process, max rate)", "",
+              f"dtype: NeMo's pipeline {base.get('dtype') or '?'} (BASE_DTYPE), our server {summary.get('dtype') or '?'}: "
+              f"{_dtype_phrase(summary.get('dtype'), base.get('dtype'))}", ""]
     if base["runs"]:
         lines += ["| lookahead | batch | files x s | dtype | wall s | RTFx | est. ms/step |", "|---|---|---|---|---|---|---|"]
         for r in base["runs"]:
@@ -282,6 +338,8 @@ def markdown(summary: dict) -> str:
     for t in summary["targets"]:
         lines.append(f"- {t['what']}: {t['value']} -> {t['verdict']}")
     for r in summary["ratios"]:
+        lines.append(f"- {r['what']}: {r['value']}")
+    for r in summary.get("server_cpu_per_1k_streams", []):
         lines.append(f"- {r['what']}: {r['value']}")
     lines += ["", "## Where the time goes (at the capacity level)", ""]
     for o in summary["ours"]:
@@ -317,48 +375,95 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dtype_phrase(ours_dtype: str | None, base_dtype: str | None) -> str:
+    if ours_dtype and ours_dtype == base_dtype:
+        return f"both {ours_dtype}"
+    return f"ours {ours_dtype or '?'}, NeMo's {base_dtype or '?'}: NOT the same dtype"
+
+
+def capacity_ratio(o: dict, best: dict, ours_dtype: str | None, base_dtype: str | None, variant: str) -> dict:
+    """Our real-time capacity over NeMo's offline RTFx, with what the ratio means: NeMo's RTFx
+    (audio seconds per wall second at max rate on files) bounds the real-time streams its pipeline
+    could carry, with no latency bound; ours counts streams that met the p95 target."""
+    cap = o["capacity"] or 0
+    length = f"streams of {_secs(o['stream_s'])} s" if o.get("stream_s") else "streams"
+    return {"what": f"{o['lookahead_ms']} ms{variant}: our real-time {length} at p95 {o['capacity_metric']} latency "
+                    f"<= {o['target_ms']:g} ms over NeMo's offline RTFx at batch {best['batch']} "
+                    f"({best['files']} files of {best['audio_s'] / best['files']:g} s at max rate: an upper bound "
+                    f"on the real-time streams it could carry, with no latency bound), "
+                    f"{_dtype_phrase(ours_dtype, base_dtype)}",
+            "value": f"{cap} / {best['rtfx']} = {cap / best['rtfx']:.2f}x",
+            "ours": cap, "nemo_rtfx": best["rtfx"], "ratio": round(cap / best["rtfx"], 3),
+            "ours_dtype": ours_dtype, "nemo_dtype": base_dtype, "variant": variant.strip(" ,") or "main"}
+
+
+def cpu_lines(runs: list[dict], variant: str) -> list[dict]:
+    out = []
+    for o in runs:
+        b = o["at_capacity"]
+        if not b or o["server_cores_at_capacity"] is None:
+            continue
+        out.append({"what": f"{o['lookahead_ms']} ms{variant}: server CPU cores per 1,000 streams at capacity "
+                            f"(c={b['concurrency']}, every server process: {_f(o['server_cores_at_capacity'], 2)} cores)",
+                    "value": _f(o["server_cores_per_1k_streams_at_capacity"], 2),
+                    "lookahead_ms": o["lookahead_ms"], "variant": variant.strip(" ,") or "main",
+                    "concurrency": b["concurrency"], "server_cores": o["server_cores_at_capacity"],
+                    "cores_per_1k_streams": o["server_cores_per_1k_streams_at_capacity"]})
+    return out
+
+
 def summarize(out: str, baseline_path: str | None, env_path: str | None, baseline_dtype: str | None,
-              baseline_skipped: str | None, ttf_dir: str | None = None) -> dict:
+              baseline_skipped: str | None, ttf_dir: str | None = None, churn_dir: str | None = None) -> dict:
     reports = load_loadgen(out)
+    churn_reports = load_loadgen(churn_dir, "churn")
     env = {}
     if env_path and os.path.exists(env_path):
         with open(env_path) as f:
             env = json.load(f)
+    ours_dtype = (env.get("settings") or {}).get("dtype")
     runs, calibration = load_baseline(baseline_path)
     base_rows = baseline_rows(runs)
     our = [ours(la, reports[la]) for la in sorted(reports)]
+    churn = [ours(la, churn_reports[la]) for la in sorted(churn_reports)]
+    churn_by_la = {o["lookahead_ms"]: o for o in churn}
     targets, ratios = [], []
     for o in our:
         la = o["lookahead_ms"]
         if la in C1_P50_TARGET_MS:
             t = C1_P50_TARGET_MS[la]
+            # Long streams leave out c=1 (a 60 s level for one stream); the churn variant has it.
+            src, where = o, ""
+            if o["c1_chunk_p50_ms"] is None and churn_by_la.get(la, {}).get("c1_chunk_p50_ms") is not None:
+                src, where = churn_by_la[la], f" (churn variant, streams of {_secs(churn_by_la[la]['stream_s'])} s)"
             for key, name in (("c1_chunk_p50_ms", "chunk"), ("c1_response_p50_ms", "response")):
-                v = o[key]
-                targets.append({"what": f"{la} ms: c=1 {name} latency p50 < {t:g} ms", "value": _f(v),
+                v = src[key]
+                targets.append({"what": f"{la} ms: c=1 {name} latency p50 < {t:g} ms{where}", "value": _f(v),
                                 "verdict": "-" if v is None else ("PASS" if v < t else "FAIL")})
         if la in CAPACITY_TARGETS:
             bound, need = CAPACITY_TARGETS[la]
+            length = f" (streams of {_secs(o['stream_s'])} s)" if o.get("stream_s") else ""
             for key, name in (("capacity_response_metric_measured", "response"),
                               ("capacity_chunk_metric_measured", "chunk")):
                 v = o[key]
-                targets.append({"what": f"{la} ms: streams with {name} p95 <= {bound:g} ms and zero errors >= {need}",
-                                "value": v, "verdict": "PASS" if v >= need else "FAIL"})
+                targets.append({"what": f"{la} ms: streams with {name} p95 <= {bound:g} ms and zero errors >= {need}"
+                                        f"{length}", "value": v, "verdict": "PASS" if v >= need else "FAIL"})
         best = max((r for r in base_rows if r["lookahead_ms"] == la), key=lambda r: r["rtfx"], default=None)
         if best:
-            cap = o["capacity"] or 0
-            ratios.append({"what": f"{la} ms: our capacity / NeMo pipeline RTFx at batch {best['batch']} "
-                                   f"(RTFx bounds the real-time streams NeMo could carry)",
-                           "value": f"{cap} / {best['rtfx']} = {cap / best['rtfx']:.2f}x"})
+            ratios.append(capacity_ratio(o, best, ours_dtype, baseline_dtype, ""))
+            if la in churn_by_la:
+                ratios.append(capacity_ratio(churn_by_la[la], best, ours_dtype, baseline_dtype, ", churn variant"))
             if o["at_capacity"] and o["at_capacity"]["server_mean_step_ms"] and best["est_ms_per_step"]:
                 ratios.append({"what": f"{la} ms: our mean step ms at capacity (batch "
                                        f"{_f(o['at_capacity']['server_mean_batch'])}) vs NeMo est. ms/step (batch {best['batch']})",
                                "value": f"{o['at_capacity']['server_mean_step_ms']} vs {best['est_ms_per_step']}"})
     ttf = load_ttf(ttf_dir)
     targets += ttf_targets(ttf)
-    summary = {"env": env, "ours": our,
+    summary = {"env": env, "dtype": ours_dtype, "ours": our, "churn": churn,
                "baseline": {"runs": base_rows, "calibration": calibration, "dtype": baseline_dtype,
                             "skipped": baseline_skipped},
-               "targets": targets, "ratios": ratios, "time_to_final": ttf}
+               "targets": targets, "ratios": ratios,
+               "server_cpu_per_1k_streams": cpu_lines(our, "") + cpu_lines(churn, ", churn variant"),
+               "time_to_final": ttf}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     md = markdown(summary)
@@ -375,8 +480,9 @@ def main() -> None:
     p.add_argument("--baseline-skipped", default=None, help="why the baseline did not run")
     p.add_argument("--env", default=None, help="JSON describing the machine and settings")
     p.add_argument("--ttf", default=None, help="folder of the time-to-final runs (ttf_<server>_<mode>.json)")
+    p.add_argument("--churn", default=None, help="folder of the churn variant's runs (churn_<lookahead>.json)")
     a = p.parse_args()
-    summarize(a.out, a.baseline, a.env, a.baseline_dtype, a.baseline_skipped, a.ttf)
+    summarize(a.out, a.baseline, a.env, a.baseline_dtype, a.baseline_skipped, a.ttf, a.churn)
     with open(os.path.join(a.out, "summary.md")) as f:
         print(f.read())
 

@@ -14,6 +14,12 @@ generator's own event-loop lag, send lateness and CPU say when it, not the serve
 bottleneck. --capacity finds the largest concurrency whose p95 chunk latency is at most
 --target-ms with zero errors.
 
+Long streams: --stream-seconds S makes every stream play its clips back to back (cycled) for S
+seconds of audio, as a call lasts, instead of one clip each: short clips measure stream churn
+(stream openings, first chunks, finals) as much as steady serving. Latencies stay per chunk.
+
+    asr-loadgen --capacity --target-ms 160 --stream-seconds 60 --synthetic-seconds 6
+
 Calls: --utterances N makes each stream a call of N clips joined by --pause-s of silence, with
 endpointing on (--stop-history-ms, default 320 as Pipecat's; --no-endpointing for off); per
 level it then also reports time to final (an utterance's last speech sample played -> its final
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -71,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--synthetic-clips", type=int, default=8, help="distinct synthetic clips")
     a.add_argument("--synthetic-seconds", type=float, default=8.0, help="length of each synthetic clip")
     a.add_argument("--max-audio-s", type=float, default=0.0, help="trim longer files to this many seconds (0: no)")
+    a.add_argument("--stream-seconds", type=float, default=0.0,
+                   help="each stream plays its clips back to back (cycled) for this many seconds of audio, "
+                        "cut there (calls of --utterances are repeated whole); 0: one clip (or call) per stream")
     a.add_argument("--chunk-ms", type=float, default=0.0, help="audio per message; 0: the model's chunk (ListModels)")
     u = p.add_argument_group("calls of several utterances")
     u.add_argument("--utterances", type=int, default=0,
@@ -119,12 +129,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--stop-on-fail", action="store_true",
                    help="sweep: run no higher level once one fails the target (or has errors)")
     c.add_argument("--time-budget-s", type=float, default=0.0,
-                   help="start no new level after this many seconds (0: no limit; the first level always runs); "
-                        "the report says which levels were skipped")
+                   help="start no level whose audio (ramp + longest stream, paced in real time) would end after "
+                        "this many seconds (0: no limit; the first level always runs); the report says which "
+                        "levels were skipped")
     c.add_argument("--start-concurrency", type=int, default=16, help="first probe when no sweep brackets it")
     c.add_argument("--max-concurrency", type=int, default=4096, help="never probe above this")
     c.add_argument("--resolution", type=float, default=0.05, help="stop bisecting when the bracket is this narrow (relative)")
     c.add_argument("--max-probes", type=int, default=10, help="most levels the capacity search runs")
+    c.add_argument("--capacity-growth", type=float, default=2.0,
+                   help="until a level passes and one fails, step up from the highest passing level (or down "
+                        "from the lowest failing one) by this factor, then bisect; e.g. 1.1 around a known "
+                        "capacity when each level is expensive (long streams)")
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     o.add_argument("--plot", default=None, metavar="FILE.png", help="plot latency against concurrency (matplotlib)")
@@ -147,6 +162,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--chunk-ms and --ramp-s must be >= 0")
     if args.utterances < 0 or args.pause_s < 0:
         p.error("--utterances and --pause-s must be >= 0")
+    if args.stream_seconds < 0:
+        p.error("--stream-seconds must be >= 0")
+    if args.capacity_growth <= 1:
+        p.error("--capacity-growth must be > 1")
     if args.client_eou_ms is not None and (args.utterances < 1 or args.client_eou_ms < 0):
         p.error("--client-eou-ms needs --utterances and a value >= 0")
     return args
@@ -329,11 +348,13 @@ class OutOfTime(Exception):
 
 
 async def capacity_search(run, results: dict[int, dict], target_ms: float, start: int, maximum: int,
-                          resolution: float, max_probes: int, metric: str = "chunk") -> dict:
+                          resolution: float, max_probes: int, metric: str = "chunk", growth: float = 2.0) -> dict:
     """Largest concurrency that passes (the metric's p95 <= target, zero errors, all streams
     completed), assuming passing is monotone in concurrency. Levels already in `results` (the
-    sweep) bracket the search; then grow by doubling until a level fails, then bisect. `run`
-    may raise OutOfTime: the search then reports the bracket it had."""
+    sweep) bracket the search; then grow by `growth` (doubling) until a level fails, or, when
+    only failing levels are known, shrink by it until one passes; then bisect. With growth 2 the
+    shrinking is the bisection from zero. `run` may raise OutOfTime: the search then reports the
+    bracket it had."""
     probes: list[int] = []
     out_of_time = False
 
@@ -352,17 +373,25 @@ async def capacity_search(run, results: dict[int, dict], target_ms: float, start
     lo = passing[-1] if passing else 0
     try:
         if hi is None:
-            c = max(start, lo * 2) if lo else start
+            c = max(start, _grow(lo, growth)) if lo else start
             while len(probes) < max_probes:
                 c = min(c, maximum)
                 if await probe(c):
                     lo = c
                     if c >= maximum:
                         break
-                    c *= 2
+                    c = _grow(c, growth)
                 else:
                     hi = c
                     break
+        # Nothing passed yet: step down from the lowest failing level (what bisecting from zero
+        # does when growth is 2; a smaller factor probes near a level known to be close).
+        while hi is not None and lo == 0 and hi > 1 and len(probes) < max_probes:
+            c = max(1, min(hi - 1, int(hi / growth)))
+            if await probe(c):
+                lo = c
+            else:
+                hi = c
         while hi is not None and hi - lo > max(1, int(resolution * max(lo, 1))) and len(probes) < max_probes:
             mid = (lo + hi) // 2
             if await probe(mid):
@@ -379,6 +408,10 @@ async def capacity_search(run, results: dict[int, dict], target_ms: float, start
             "time_budget_exhausted": out_of_time,
             "loadgen_bound_levels": lg_bound,
             "criterion": f"p95 {METRICS[metric]} <= target_ms, zero errors, every stream completed"}
+
+
+def _grow(c: int, growth: float) -> int:
+    return max(c + 1, math.ceil(c * growth))
 
 
 def _host_info() -> dict:
@@ -405,7 +438,7 @@ async def amain(args: argparse.Namespace) -> int:
                      client_eou_ms=args.client_eou_ms)
     audio = AudioSpec(paths=tuple(args.audio), synthetic_clips=args.synthetic_clips,
                       synthetic_seconds=args.synthetic_seconds, max_seconds=args.max_audio_s,
-                      utterances=args.utterances, pause_s=args.pause_s)
+                      utterances=args.utterances, pause_s=args.pause_s, stream_seconds=args.stream_seconds)
     cfg = LoadgenConfig(run=run, audio=audio, workers=args.workers, ramp_s=args.ramp_s,
                         level_grace_s=args.level_grace_s, lag_threshold_ms=args.lag_threshold_ms,
                         metrics_url=args.metrics_url, server_pid=args.server_pid, use_uvloop=not args.no_uvloop,
@@ -420,7 +453,9 @@ async def amain(args: argparse.Namespace) -> int:
     started = time.time()
     async with LoadGenerator(cfg) as gen:
         total_audio = sum(i.seconds for i in gen.items)
-        print(f"asr-loadgen: {len(gen.items)} audio item(s), {total_audio:.1f} s in all; messages of {chunk_ms:g} ms, "
+        print(f"asr-loadgen: {len(gen.items)} audio item(s), {total_audio:.1f} s in all"
+              + (f" (streams of {args.stream_seconds:g} s, clips back to back)" if args.stream_seconds else "")
+              + f"; messages of {chunk_ms:g} ms, "
               f"{'real-time' if args.realtime else 'as fast as possible'}, ramp {args.ramp_s:g} s, "
               f"{args.workers} worker process(es)", flush=True)
         if args.utterances:
@@ -434,8 +469,11 @@ async def amain(args: argparse.Namespace) -> int:
         budget_end = started + args.time_budget_s if args.time_budget_s > 0 else None
         shown_target = target_ms if args.capacity or args.target_ms is not None else None
 
+        # A level lasts its ramp and its longest stream's audio (real time): it starts only if that fits.
+        level_s = args.ramp_s + (gen.max_audio_s if args.realtime else 0.0)
+
         async def run_one(c: int) -> dict:
-            if order and budget_end is not None and time.time() + args.cooldown_s > budget_end:
+            if order and budget_end is not None and time.time() + args.cooldown_s + level_s > budget_end:
                 print(f"asr-loadgen: time budget of {args.time_budget_s:g} s spent: level {c} not run", flush=True)
                 skipped.append(c)
                 raise OutOfTime()
@@ -470,7 +508,7 @@ async def amain(args: argparse.Namespace) -> int:
         if args.capacity:
             capacity = await capacity_search(run_one, results, target_ms, args.start_concurrency,
                                              args.max_concurrency, args.resolution, args.max_probes,
-                                             args.capacity_metric)
+                                             args.capacity_metric, args.capacity_growth)
     levels = [results[c] for c in order]
     if capacity is not None:
         bound = capacity["bracket"][1]
@@ -492,9 +530,10 @@ async def amain(args: argparse.Namespace) -> int:
                      "ramp_s": args.ramp_s, "workers": args.workers, "target_ms": target_ms,
                      "right_context_ms": args.right_context_ms, "capacity_metric": args.capacity_metric,
                      "stop_on_fail": args.stop_on_fail, "time_budget_s": args.time_budget_s,
+                     "capacity_growth": args.capacity_growth,
                      "utterances": args.utterances, "pause_s": args.pause_s if args.utterances else None,
                      "endpointing": dict(run.endpointing) if run.endpointing else None,
-                     "client_eou_ms": args.client_eou_ms,
+                     "client_eou_ms": args.client_eou_ms, "stream_seconds": args.stream_seconds,
                      "audio": asdict(audio), "audio_items": len(gen.items), "audio_seconds_total": total_audio},
         "definitions": DEFINITIONS,
         "levels": [_public(lv) for lv in levels],

@@ -6,6 +6,12 @@ by `pause_s` of silence (exact zeros; one pause also follows the last clip, so i
 heard), with each utterance's speech (first to last sample above a small fraction of the clip's
 peak) known in samples: what time to final is measured from.
 
+With `stream_seconds` > 0 every stream lasts that long: item k becomes items k, k + 1, ...
+(cycled) played back to back until the length is reached, cut there; calls are repeated whole
+(never cut inside an utterance, so the stream may run a little past the length). Speech, not
+silence padding: a long stream loads the server like a long phone call, where 6-second clips
+measure stream churn (openings, first chunks, finals) as much as steady serving.
+
 The load generator sends raw samples with the rate and encoding in the config (no WAV header),
 so every message boundary is known in samples: that is what maps responses to messages.
 """
@@ -71,6 +77,7 @@ class AudioSpec:
     max_seconds: float = 0.0   # > 0: trim longer files to this many seconds
     utterances: int = 0        # > 0: each item is a call of this many clips joined by pauses
     pause_s: float = 1.0       # silence between (and after) a call's utterances
+    stream_seconds: float = 0.0  # > 0: each stream plays items back to back for this long
 
     def load(self) -> list[AudioItem]:
         items = [read_wav(p) for p in expand_paths(self.paths)] if self.paths else synthetic_items(
@@ -82,6 +89,8 @@ class AudioSpec:
             raise ValueError("no audio: every file given is empty")
         if self.utterances > 0:
             items = [join_call(items, k, self.utterances, self.pause_s) for k in range(len(items))]
+        if self.stream_seconds > 0:
+            items = [lengthen(items, k, self.stream_seconds) for k in range(len(items))]
         return items
 
 
@@ -107,16 +116,41 @@ def join_call(items: list[AudioItem], first: int, utterances: int, pause_s: floa
     pause = bytes(int(round(pause_s * head.sample_rate)) * head.frame_bytes)
     for j in range(utterances):
         clip = items[(first + j) % len(items)]
-        if (clip.sample_rate, clip.encoding, clip.channels) != (head.sample_rate, head.encoding, head.channels):
-            raise ValueError(f"--utterances joins clips of one format: {clip.name} ({clip.sample_rate} Hz "
-                             f"{clip.encoding} x{clip.channels}) differs from {head.name} ({head.sample_rate} Hz "
-                             f"{head.encoding} x{head.channels})")
+        _check_same_format(head, clip, "--utterances")
         lo, hi = speech_bounds(clip)
         speech.append((at + lo, at + hi))
         parts += [clip.data, pause]
         at += clip.n_samples + len(pause) // head.frame_bytes
     return AudioItem(f"call-{first:03d}-{head.name}", b"".join(parts), head.sample_rate, head.encoding,
                      head.channels, tuple(speech))
+
+
+def _check_same_format(head: AudioItem, clip: AudioItem, option: str) -> None:
+    if (clip.sample_rate, clip.encoding, clip.channels) != (head.sample_rate, head.encoding, head.channels):
+        raise ValueError(f"{option} joins clips of one format: {clip.name} ({clip.sample_rate} Hz "
+                         f"{clip.encoding} x{clip.channels}) differs from {head.name} ({head.sample_rate} Hz "
+                         f"{head.encoding} x{head.channels})")
+
+
+def lengthen(items: list[AudioItem], first: int, seconds: float) -> AudioItem:
+    """A stream of `seconds`: items first, first + 1, ... (cycled) back to back. Plain clips are
+    cut at exactly that many samples; calls (items with speech windows) are appended whole, their
+    windows shifted, so no utterance is cut and the stream is at least that long."""
+    head = items[first % len(items)]
+    want = int(round(seconds * head.sample_rate))
+    parts, speech, at, j = [], [], 0, 0
+    while at < want:
+        clip = items[(first + j) % len(items)]
+        _check_same_format(head, clip, "--stream-seconds")
+        parts.append(clip.data)
+        speech += [(lo + at, hi + at) for lo, hi in clip.speech]
+        at += clip.n_samples
+        j += 1
+    data = b"".join(parts)
+    if not head.speech:
+        data = data[:want * head.frame_bytes]
+    return AudioItem(f"long-{first:03d}-{head.name}", data, head.sample_rate, head.encoding, head.channels,
+                     tuple(speech))
 
 
 def expand_paths(paths: tuple[str, ...] | list[str]) -> list[str]:

@@ -144,6 +144,62 @@ async def test_worker_processes_no_realtime_and_capacity_search(tiny_engine, tmp
         assert by_audio.setdefault(d["audio"], d["transcript"]) == d["transcript"]
 
 
+async def test_long_streams_play_their_clips_back_to_back_for_the_length_asked(tiny_engine, tmp_path):
+    """--stream-seconds: each stream lasts that much audio (clips cycled, cut at the length), paced
+    in real time, with one chunk latency per message; the server hears exactly that audio."""
+    seconds, out, dump = 3.0, tmp_path / "report.json", tmp_path / "t.jsonl"
+    spec = AudioSpec(synthetic_clips=2, synthetic_seconds=1.1, stream_seconds=seconds)
+    items = spec.load()
+    async with running_server(tiny_engine) as server, stub_for(server) as stub:
+        args = parse_args(["--server", f"127.0.0.1:{server.port}", "--concurrency", "2", "--synthetic-clips", "2",
+                           "--synthetic-seconds", "1.1", "--stream-seconds", str(seconds), "--ramp-s", "0.1",
+                           "--cooldown-s", "0", "--json", str(out), "--dump-transcripts", str(dump), "--quiet"])
+        assert await amain(args) == 0
+        expected = {}
+        for item in items:
+            wav = tmp_path / f"{item.name}.wav"
+            _write_wav(wav, np.frombuffer(item.data, "<i2"), item.sample_rate)
+            response = await stub.Recognize(pb.RecognizeRequest(config=pb.RecognitionConfig(), audio=wav.read_bytes()))
+            expected[item.name] = response.result.transcript
+        # The time budget counts a level's whole audio: a second level of 3 s streams cannot end
+        # inside 4 s once the first has run (it would have started under "no new level after").
+        budgeted = tmp_path / "budget.json"
+        args = parse_args(["--server", f"127.0.0.1:{server.port}", "--concurrency", "1,2", "--synthetic-clips", "1",
+                           "--synthetic-seconds", "1.1", "--stream-seconds", str(seconds), "--ramp-s", "0.1",
+                           "--cooldown-s", "0", "--time-budget-s", "4", "--json", str(budgeted), "--quiet"])
+        assert await amain(args) == 0
+    short = json.loads(budgeted.read_text())
+    assert [lv["concurrency"] for lv in short["levels"]] == [1] and short["levels_skipped_for_time"] == [2]
+    report = json.loads(out.read_text())
+    assert report["settings"]["stream_seconds"] == seconds and report["settings"]["audio_items"] == 2
+    assert report["settings"]["audio_seconds_total"] == pytest.approx(2 * seconds)
+    (level,) = report["levels"]
+    per_stream = math.ceil(seconds * 1000 / CHUNK_MS)  # 19 messages of 160 ms for 3 s
+    _check_level(level, 2, 2 * per_stream)
+    assert level["throughput"]["audio_s"] == pytest.approx(2 * seconds)
+    # Paced in real time: the last message of a stream goes out at least S - one message after
+    # its first, so no stream can finish in much less than S seconds of wall time.
+    assert level["rtf"]["min"] >= (seconds - CHUNK_MS / 1000) / seconds
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert [d["audio"] for d in lines] == [i.name for i in items]
+    for d in lines:
+        assert d["status"] == "OK" and d["transcript"] == expected[d["audio"]], d
+
+
+def test_long_streams_cycle_clips_and_cut_at_the_length():
+    clips = AudioSpec(synthetic_clips=3, synthetic_seconds=0.5).load()
+    items = AudioSpec(synthetic_clips=3, synthetic_seconds=0.5, stream_seconds=1.7).load()
+    assert [i.n_samples for i in items] == [int(1.7 * 16000)] * 3 and all(not i.speech for i in items)
+    # Stream 1 plays clips 1, 2, 0, 1 (the last cut): speech back to back, no silence between.
+    assert items[1].data == (clips[1].data + clips[2].data + clips[0].data + clips[1].data)[:len(items[1].data)]
+    assert items[1].name.startswith("long-001-synthetic-001")
+    # Longer clips than the length: cut to it. 0 leaves the clips as they are.
+    assert [i.seconds for i in AudioSpec(synthetic_clips=1, synthetic_seconds=2.0, stream_seconds=0.5).load()] == [0.5]
+    assert AudioSpec(synthetic_clips=3, synthetic_seconds=0.5).load() == clips
+    with pytest.raises(SystemExit):
+        parse_args(["--stream-seconds", "-1"])
+
+
 # -- pure parts -------------------------------------------------------------------------------------
 def test_responses_are_matched_to_the_messages_they_cover():
     ends = [0.1, 0.2, 0.3, 0.4, 0.45]
@@ -217,6 +273,17 @@ async def test_capacity_search_bisects_to_the_largest_passing_level():
     # Nothing fails up to the maximum: the capacity is a lower bound.
     cap = await capacity_search(run, {}, 100.0, start=4, maximum=20, resolution=0.0, max_probes=20)
     assert cap["capacity"] == 20 and cap["limited_by_max_concurrency"] and cap["probes"] == [4, 8, 16, 20]
+    # Only a failing level known: with growth 2, stepping down is the bisection from zero.
+    cap = await capacity_search(run, {100: level(100, False)}, 100.0, start=4, maximum=1000, resolution=0.0,
+                                max_probes=20)
+    assert cap["capacity"] == 37 and cap["probes"][:3] == [50, 25, 37]
+    # Growth 1.1 from a level near the capacity (expensive levels): small steps up, then down.
+    cap = await capacity_search(run, {34: level(34, True)}, 100.0, start=4, maximum=1000, resolution=0.0,
+                                max_probes=20, growth=1.1)
+    assert cap["capacity"] == 37 and cap["probes"] == [38, 36, 37]
+    cap = await capacity_search(run, {42: level(42, False)}, 100.0, start=4, maximum=1000, resolution=0.0,
+                                max_probes=1, growth=1.1)
+    assert cap["probes"] == [38] and cap["bracket"] == [0, 38] and cap["search_unfinished"]
 
 
 def test_a_busy_load_generator_is_reported():

@@ -83,6 +83,22 @@ def test_calls_join_clips_with_pauses_and_know_where_speech_ends(clips):
         assert prep.eou_after_msg[k] == max(prep.speech_end_msg[k], int((hi + 0.2 * RATE) // step) - 1)
 
 
+def test_long_streams_repeat_calls_whole_with_their_speech_windows(clips):
+    calls = AudioSpec(paths=(str(clips),), utterances=2, pause_s=PAUSE_S).load()
+    longer = AudioSpec(paths=(str(clips),), utterances=2, pause_s=PAUSE_S, stream_seconds=5.0).load()
+    assert len(longer) == 3
+    for k, item in enumerate(longer):
+        # calls k, k + 1, ... until 5 s: never cut inside an utterance, so at least 5 s
+        parts, at, speech = [], 0, []
+        while at < 5 * RATE:
+            call = calls[(k + len(parts)) % 3]
+            speech += [(lo + at, hi + at) for lo, hi in call.speech]
+            parts.append(call.data)
+            at += call.n_samples
+        assert item.data == b"".join(parts) and item.speech == tuple(speech) and item.seconds >= 5.0
+        assert item.n_samples - calls[(k + len(parts) - 1) % 3].n_samples < 5 * RATE
+
+
 def test_finals_are_matched_to_utterances_by_window_and_time():
     item = AudioItem("x", b"", RATE, "PCM16")
     ends = [0.5 * (j + 1) for j in range(14)]
@@ -157,6 +173,7 @@ async def test_report_with_endpointing_client_eou_and_without(clips, tmp_path):
         client_eou = await run("--utterances", "3", "--pause-s", str(PAUSE_S), "--client-eou-ms", "150",
                                "--no-endpointing")
         plain = await run()
+        long_calls = await run("--utterances", "2", "--pause-s", str(PAUSE_S), "--stream-seconds", "5")
     (lv,) = endpointed["levels"]
     assert endpointed["settings"]["endpointing"]["stop_history_ms"] == 320
     u = lv["utterances"]
@@ -174,4 +191,11 @@ async def test_report_with_endpointing_client_eou_and_without(clips, tmp_path):
     (lv,) = plain["levels"]
     assert "utterances" not in lv and plain["settings"]["utterances"] == 0
     assert lv["anomaly_count"] == 0 and lv["final_latency_ms"]["count"] == 2
+    # Long streams of calls: every utterance of the repeated calls is accounted for.
+    (lv,) = long_calls["levels"]
+    items = AudioSpec(paths=(str(clips),), utterances=2, pause_s=PAUSE_S, stream_seconds=5.0).load()
+    u = lv["utterances"]
+    assert long_calls["settings"]["stream_seconds"] == 5.0
+    assert (u["sent"], u["with_final"], u["missed"]) == (sum(len(i.speech) for i in items[:2]),) * 2 + (0,)
+    assert lv["chunk_latency_ms"]["count"] == sum(len(i.messages(CHUNK_MS)[0]) for i in items[:2])
     assert engine.slots_in_use() == 0
