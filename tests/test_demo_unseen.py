@@ -145,12 +145,16 @@ def test_sample_is_unseen_speech_of_both_languages_and_builds(sample):
     assert {r["text"] for r in sample if r["lang"] == "en"} <= en
 
 
+def _assert_guarded(items, hyps, guard: dict[str, float]) -> None:
+    """Every transcript non-empty and each language's WER within its bound."""
+    assert all(h.strip() for h in hyps), _detail(items, hyps)
+    wer = _wer(items, hyps)
+    over = {lang: wer[lang] for lang, bound in guard.items() if wer[lang] > bound}
+    assert not over, f"WER {wer} over {guard} in {sorted(over)}\n{_detail(items, hyps)}"
+
+
 def test_unseen_sample_through_server_at_160ms(sample, sample_transcripts):
-    hyps = sample_transcripts
-    assert all(h.strip() for h in hyps), _detail(sample, hyps)
-    wer = _wer(sample, hyps)
-    over = {lang: wer[lang] for lang, bound in SAMPLE_GUARD.items() if wer[lang] > bound}
-    assert not over, f"WER {wer} over {SAMPLE_GUARD} in {sorted(over)}\n{_detail(sample, hyps)}"
+    _assert_guarded(sample, sample_transcripts, SAMPLE_GUARD)
 
 
 # -- the whole set, rendered here: the issue's targets --------------------------------------------
@@ -164,11 +168,7 @@ def test_whole_set_holds_the_sample(sample, whole_set):
 
 
 def test_whole_unseen_set_through_server_at_160ms(whole_set, whole_transcripts):
-    hyps = whole_transcripts
-    assert all(h.strip() for h in hyps), _detail(whole_set, hyps)
-    wer = _wer(whole_set, hyps)
-    over = {lang: wer[lang] for lang, bound in GUARD.items() if wer[lang] > bound}
-    assert not over, f"WER {wer} over {GUARD} in {sorted(over)}\n{_detail(whole_set, hyps)}"
+    _assert_guarded(whole_set, whole_transcripts, GUARD)
 
 
 def test_whole_unseen_set_hindi_meets_the_target(whole_set, whole_transcripts):
