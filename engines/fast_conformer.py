@@ -580,6 +580,9 @@ class FastConformerEncoder(EncoderEngine):
         self.params = FastConformerParams.from_encoder(encoder, device, dtype)
         self.parts = StepParts(compile, compile_mode) if compile else _EAGER_PARTS
         self.cache_channel_shape = self.params.cache_channel_shape
+        # The next attention cache is the last 70 frames of [cache; this step's T' frames]
+        # (fast_step's cc_next), so the slot pool can keep it as a ring and commit T' frames.
+        self.cache_shift_frames = self.params.geo.frames_out
 
     def _check_lookahead(self) -> None:
         if list(self.encoder.att_context_size) != self.params.att_context_size:

@@ -47,7 +47,7 @@ def geometry_of(model: LoadedModel, lookahead_ms: int, align_chunks: bool = True
 class StreamingEngine:
     def __init__(self, model: LoadedModel, encoder: EncoderEngine, lookahead_ms: int, capacity: int,
                  max_batch: int, device: torch.device, dtype: torch.dtype, align_chunks: bool = True,
-                 utterance_reset: str = "keep"):
+                 utterance_reset: str = "keep", ring_cache: bool = True):
         self.model = model
         self.encoder_engine = encoder
         # Set by engines.factory.build_engine: configured vs running engine, self-check, fallback.
@@ -78,8 +78,13 @@ class StreamingEngine:
         # [L, 70, 2d]); it says so through `cache_channel_shape`.
         channel_shape = getattr(encoder, "cache_channel_shape", None) or (
             n_layers, enc.streaming_cfg.last_channel_cache_size, d)
+        # An engine whose step only appends its new frames to the attention window says how many
+        # (`cache_shift_frames`); the pool then keeps that cache as a ring and the commit writes
+        # those frames only (engines/slot_pool.py). ring_cache=False writes whole windows (A/B).
+        shift = int(getattr(encoder, "cache_shift_frames", 0) or 0) if ring_cache else 0
+        self.ring_cache = shift > 0
         specs = [
-            StateSpec("cache_channel", tuple(channel_shape), 1, dtype),
+            StateSpec("cache_channel", tuple(channel_shape), 1, dtype, ring_shift=shift),
             StateSpec("cache_time", (n_layers, d, enc.conv_context_size[0]), 1, dtype),
             StateSpec("cache_len", (), 0, torch.int64),
             StateSpec("pre_encode", (self.featurizer.n_mels, self.geometry.pre_encode_frames), 0, torch.float32),
@@ -261,7 +266,7 @@ class StreamingEngine:
                 "pre_encode": x[:, :, -P:] if P else x[:, :, :0],
                 **decoded.state,
                 **({"ep_hist": endpoint[1], "ep_flags": endpoint[2]} if endpoint is not None else {}),
-            })
+            }, restart=encoder_restart)
             self.featurizer.commit(slots, samples, windows, starts, fresh_host)
             self._sync()
             t_committed = time.perf_counter()
