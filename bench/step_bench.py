@@ -6,7 +6,12 @@ the same model, batch and device.
       --lookaheads 160,560 --batches 1,16,64,256 --out bench/results/step_h100.json
 
 Streams are in steady state (caches full after warm-up steps); each figure is the median of
---iters steps. Also reports the slot pool's bytes per stream.
+--iters steps. Also reports the slot pool's bytes per stream and the step's phases (timed with a
+device sync at each boundary, in separate steps). `--ring both` times the attention cache kept as a
+ring (the commit writes a step's new frames) against whole windows, alternating on each batch:
+
+  python bench/step_bench.py --model builtin:nemotron-0.6b --device cuda --dtype float16 \
+      --engine fast-cudagraph --lookaheads 160,560 --batches 64,256,512 --ring both --repeats 3 --no-nemo
 """
 
 from __future__ import annotations
@@ -56,12 +61,15 @@ def bench_ours(engine: StreamingEngine, batch: int, iters: int, warm: int) -> di
     finally:
         for s in slots:
             engine.release_slot(s)
-    return {
-        "step_ms": statistics.median(totals),
-        "features_ms": statistics.median(p.features_ms for p in phases),
-        "encoder_ms": statistics.median(p.encoder_ms for p in phases),
-        "decode_ms": statistics.median(p.decode_ms for p in phases),
-    }
+    out = {"step_ms": statistics.median(totals)}
+    for name in PHASES:
+        out[f"{name}_ms"] = statistics.median(getattr(p, f"{name}_ms") for p in phases)
+    return out
+
+
+# the step's phases (engines.api.StepTimings), each timed to the device's end of its work when
+# the engine synchronizes at phase boundaries (sync_timings)
+PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
 
 
 def bench_nemo(model, batch: int, iters: int, warm: int, dev, dtype) -> dict:
@@ -99,6 +107,10 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--no-nemo", action="store_true", help="skip NeMo's own step")
     ap.add_argument("--engine", default="eager", help="encoder engine (engines.config.ENGINE_NAMES)")
+    ap.add_argument("--ring", choices=("on", "off", "both"), default="on",
+                    help="the attention cache as a ring in the slot pool (engines with cache_shift_frames); "
+                         "both: A/B, the two engines alternating on each batch")
+    ap.add_argument("--repeats", type=int, default=1, help="alternations per batch with --ring both")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -117,31 +129,39 @@ def main() -> None:
                            max_batch=max(batches))
         encoder = (EagerEncoder(nemo.encoder) if args.engine == "eager"
                    else make_encoder_engine(args.engine, model, cfg, dev, dtype))
-        engine = StreamingEngine(model, encoder, la, capacity=max(batches),
-                                 max_batch=max(batches), device=dev, dtype=dtype)
+        variants = {"on": [True], "off": [False], "both": [False, True]}[args.ring]
+        engines = {ring: StreamingEngine(model, encoder, la, capacity=max(batches), max_batch=max(batches),
+                                         device=dev, dtype=dtype, ring_cache=ring) for ring in variants}
         for b in batches:
-            engine.sync_timings = True
-            phases = bench_ours(engine, b, max(3, args.iters // 2), args.warm)
-            engine.sync_timings = False
-            row = {"lookahead_ms": la, "batch": b, **bench_ours(engine, b, args.iters, args.warm)}
-            row.update({k: v for k, v in phases.items() if k != "step_ms"})
-            if not args.no_nemo:
-                row.update(bench_nemo(nemo, b, args.iters, args.warm, dev, dtype))
-            row["pool_bytes_per_slot"] = engine.pool.bytes_per_slot()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del engine, nemo, model
+            runs: dict[bool, list[dict]] = {ring: [] for ring in variants}
+            for _ in range(args.repeats if len(variants) > 1 else 1):
+                for ring, engine in engines.items():
+                    engine.sync_timings = True
+                    phases = bench_ours(engine, b, max(3, args.iters // 2), args.warm)
+                    engine.sync_timings = False
+                    run = bench_ours(engine, b, args.iters, args.warm)
+                    run.update({k: v for k, v in phases.items() if k != "step_ms"})
+                    runs[ring].append(run)
+            nemo_ms = {} if args.no_nemo else bench_nemo(nemo, b, args.iters, args.warm, dev, dtype)
+            for ring, engine in engines.items():
+                row = {"lookahead_ms": la, "batch": b, "ring_cache": engine.ring_cache}
+                row.update({k: statistics.median(r[k] for r in runs[ring]) for k in runs[ring][0]})
+                row.update(nemo_ms)
+                row["pool_bytes_per_slot"] = engine.pool.bytes_per_slot()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del engines, nemo, model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"\n{args.model} {dtype} on {gpu}, encoder engine {args.engine}; median of {args.iters} steady-state steps\n")
-    print("| lookahead | batch | our step ms | features | encoder | decode | NeMo conformer_stream_step ms | slot MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| lookahead | batch | ring | our step ms | " + " | ".join(PHASES) + " | NeMo conformer_stream_step ms | slot MB |")
+    print("|---|---|---|---|" + "---|" * len(PHASES) + "---|---|")
     for r in rows:
-        print(f"| {r['lookahead_ms']} | {r['batch']} | {r['step_ms']:.1f} | {r['features_ms']:.1f} | "
-              f"{r['encoder_ms']:.1f} | {r['decode_ms']:.1f} | {r.get('nemo_step_ms', float('nan')):.1f} | "
-              f"{r['pool_bytes_per_slot'] / 2**20:.2f} |")
+        print(f"| {r['lookahead_ms']} | {r['batch']} | {'on' if r['ring_cache'] else 'off'} | {r['step_ms']:.2f} | "
+              + " | ".join(f"{r[f'{n}_ms']:.2f}" for n in PHASES)
+              + f" | {r.get('nemo_step_ms', float('nan')):.1f} | {r['pool_bytes_per_slot'] / 2**20:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "engine": args.engine, "dtype": str(dtype), "device": gpu, "torch": torch.__version__,
