@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -72,6 +73,27 @@ def bench_ours(engine: StreamingEngine, batch: int, iters: int, warm: int) -> di
 PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
 
 
+def profile_steps(engine: StreamingEngine, batch: int, steps: int, warm: int, label: str, top: int = 22) -> None:
+    """torch.profiler over `steps` steady-state steps: the operators by the host's own time and by
+    the device's, per step, so it shows which of the step's host work leaves the device waiting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        bench_ours(engine, batch, steps, warm)
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    n = steps + warm
+    print(f"\n## profile: {label}; {n} steps (per step: host {sum(e.self_cpu_time_total for e in events) / n / 1e3:.2f} ms of "
+          f"operator time, device {sum(getattr(e, device_key, 0) for e in events) / n / 1e3:.2f} ms of kernel time)")
+    for key, what in (("self_cpu_time_total", "host"), (device_key, "device")):
+        print(f"### by {what} time, ms per step: operator, host self, device self, calls per step")
+        for e in sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:top]:
+            print(f"  {e.key[:60]:60s} {e.self_cpu_time_total / n / 1e3:7.3f} {getattr(e, device_key, 0) / n / 1e3:7.3f} "
+                  f"{e.count / n:7.1f}")
+    sys.stdout.flush()
+
+
 def bench_nemo(model, batch: int, iters: int, warm: int, dev, dtype) -> dict:
     enc = model.encoder
     cfg = enc.streaming_cfg
@@ -111,6 +133,8 @@ def main() -> None:
                     help="the attention cache as a ring in the slot pool (engines with cache_shift_frames); "
                          "both: A/B, the two engines alternating on each batch")
     ap.add_argument("--repeats", type=int, default=1, help="alternations per batch with --ring both")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also run STEPS steps per batch under torch.profiler and print the top operators")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -140,8 +164,14 @@ def main() -> None:
                     phases = bench_ours(engine, b, max(3, args.iters // 2), args.warm)
                     engine.sync_timings = False
                     run = bench_ours(engine, b, args.iters, args.warm)
+                    # unsynchronized, a phase's time is the host's (launches, numpy, Python) up to
+                    # the first implicit wait for the device (the decode's lengths copy)
+                    run = {"step_ms": run["step_ms"], **{f"host_{k}": v for k, v in run.items() if k != "step_ms"}}
                     run.update({k: v for k, v in phases.items() if k != "step_ms"})
                     runs[ring].append(run)
+            if args.profile:
+                for ring, engine in engines.items():
+                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, ring {'on' if ring else 'off'}")
             nemo_ms = {} if args.no_nemo else bench_nemo(nemo, b, args.iters, args.warm, dev, dtype)
             for ring, engine in engines.items():
                 row = {"lookahead_ms": la, "batch": b, "ring_cache": engine.ring_cache}
