@@ -33,8 +33,15 @@ class EncoderEngine:
         with self._lock:
             self._executions += 1
 
-    def step(self, feats, lengths, cache_channel, cache_time, cache_len):
-        return self._run(feats, lengths, cache_channel, cache_time, cache_len)
+    # True where `step` takes `cache_head`: the attention cache rows in the slot pool's ring order
+    accepts_ring_order = False
+
+    def step(self, feats, lengths, cache_channel, cache_time, cache_len, cache_head=None):
+        if cache_head is None:
+            return self._run(feats, lengths, cache_channel, cache_time, cache_len)
+        if not self.accepts_ring_order:
+            raise ValueError(f"the {self.name} encoder engine takes its attention cache in time order only")
+        return self._run(feats, lengths, cache_channel, cache_time, cache_len, cache_head=cache_head)
 
     def _run(self, feats, lengths, cache_channel, cache_time, cache_len):
         raise NotImplementedError

@@ -482,9 +482,18 @@ def step_masks(p: FastConformerParams, enc_len: torch.Tensor, cache_len: torch.T
     return mask_bias, valid
 
 
+def ring_key_order(p: FastConformerParams, cache_head: torch.Tensor) -> torch.Tensor:
+    """[B, N] int64: the time index of the key at each position of a row whose first 70
+    positions hold its attention cache as the slot pool's ring (position q holds the frame of
+    time (q - head) mod 70, the oldest at the head); the new frames follow in order."""
+    C = p.geo.cache
+    j = p.key_index[None, :]
+    return torch.where(j < C, (j - cache_head[:, None]) % C, j)
+
+
 def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor, kv_work: torch.Tensor,
               conv_work: torch.Tensor, cache_len: torch.Tensor, parts: StepParts | None = None,
-              bias_buffer: torch.Tensor | None = None):
+              bias_buffer: torch.Tensor | None = None, cache_head: torch.Tensor | None = None):
     """One streaming encoder step over caller-owned workspaces.
 
     Inputs: `feats [B, n_mels, frames_in]` (model dtype), `lengths [B]` valid mel frames,
@@ -497,7 +506,13 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     cache_time_next [L, B, d, K-1], cache_len_next [B])`; the caches are views of the
     workspaces (valid until they are written again).
     `bias_buffer`, optional `[B, H, T', keys_pad]`, receives each layer's attention bias
-    (16-aligned rows, so SDPA's memory-efficient kernel takes it without padding it)."""
+    (16-aligned rows, so SDPA's memory-efficient kernel takes it without padding it).
+    `cache_head`, optional `[B]` int64: the cache frames in `kv_work` are in the slot pool's
+    ring order, the oldest at that position (the pool's rows copied as stored, with no
+    rotation: one copy fewer). Attention does not care where a key sits once its bias follows
+    it, so each layer's bias, computed in time order, is permuted to the ring's order. The
+    returned `cc_next` is then time-ordered only in its last T' frames (the new ones, all a
+    ring's commit writes) and for rows whose cache was empty."""
     g = p.geo
     parts = parts or _EAGER_PARTS
     T, C, K1 = g.frames_out, g.cache, g.conv_cache
@@ -506,11 +521,17 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     mask_bias, valid = step_masks(p, enc_len, cache_len)
     valid3 = valid.view(B, T, 1)
     bias_out = None if bias_buffer is None else bias_buffer[..., :g.keys]
+    order = None
+    if cache_head is not None:
+        order = ring_key_order(p, cache_head)[:, None, None, :].expand(B, g.n_heads, T, g.keys)
     for l, (wa, wb, wc) in enumerate(p.layers):
         x, qkv = parts.a(x, g, *wa)
         kv = kv_work[l]
         kv[:, C:].copy_(qkv[:, g.d_model:3 * g.d_model].view(B, T, 2 * g.d_model))
-        bias = _attention_bias(qkv, mask_bias, g, out=bias_out)
+        if order is None:
+            bias = _attention_bias(qkv, mask_bias, g, out=bias_out)
+        else:
+            bias = torch.gather(_attention_bias(qkv, mask_bias, g), 3, order, out=bias_out)
         x, pre_glu = parts.b(x, qkv, kv, bias, valid, g, *wb)
         conv = conv_work[l]
         # GLU straight into the conv workspace; padded frames enter the conv as zeros (NeMo).
@@ -544,6 +565,8 @@ class FastStepBuffers:
         self.conv_work = torch.zeros(g.n_layers, max_batch, g.conv_cache + g.frames_out, g.d_model, dtype=p.dtype,
                                      device=device)
         self.cache_len = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        # each row's ring head when its cache frames come in the slot pool's ring order (0: time order)
+        self.cache_head = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.bias = torch.zeros(max_batch, g.n_heads, g.frames_out, g.keys_pad, dtype=p.dtype, device=device)
         self.geo = g
 
@@ -555,12 +578,17 @@ class FastStepBuffers:
     def step_args(self, b: int):
         return (self.feats[:b], self.lengths[:b], self.kv_work[:, :b], self.conv_work[:, :b], self.cache_len[:b])
 
+    def cache_channel(self, n: int) -> torch.Tensor:
+        """The first n rows' attention-cache frames [L, n, 70, 2d]: a caller may gather its rows
+        straight into them (engines/slot_pool.py `gather(into=...)`), saving the copy in."""
+        return self.kv_work[:, :n, :self.geo.cache]
+
     def bias_buffer(self, b: int):
         return self.bias[:b]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
-                   (self.feats, self.lengths, self.kv_work, self.conv_work, self.cache_len, self.bias))
+                   (self.feats, self.lengths, self.kv_work, self.conv_work, self.cache_len, self.cache_head, self.bias))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,7 +667,15 @@ class FastCudaGraphEncoder(FastConformerEncoder):
 
     def _call(self, b: int):
         return fast_step(self.params, *self.buffers.step_args(b), parts=self.parts,
-                         bias_buffer=self.buffers.bias_buffer(b) if self.params.device.type == "cuda" else None)
+                         bias_buffer=self.buffers.bias_buffer(b) if self.params.device.type == "cuda" else None,
+                         cache_head=self.buffers.cache_head[:b])
+
+    # The slot pool may gather a batch's attention caches straight into the static buffer, in its
+    # ring order, and pass each row's head (StreamingEngine does, with ring_cache).
+    accepts_ring_order = True
+
+    def cache_channel_buffer(self, n: int) -> torch.Tensor:
+        return self.buffers.cache_channel(n)
 
     def _prepare(self, warmup_iters: int) -> None:
         if not self.use_graphs:
@@ -662,7 +698,7 @@ class FastCudaGraphEncoder(FastConformerEncoder):
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
 
-    def _run(self, feats, lengths, cache_channel, cache_time, cache_len):
+    def _run(self, feats, lengths, cache_channel, cache_time, cache_len, cache_head=None):
         self._check_lookahead()
         n = feats.shape[0]
         b = next((x for x in self.buckets if x >= n), None)
@@ -671,11 +707,18 @@ class FastCudaGraphEncoder(FastConformerEncoder):
         g = self.params.geo
         with torch.inference_mode():
             i_feats, i_len, i_cc, i_ct, i_ccl = self.buffers.inputs(b)
+            i_head = self.buffers.cache_head
             i_feats[:n].copy_(feats)
             i_len[:n].copy_(lengths)
-            i_cc[:, :n].copy_(cache_channel)
+            if not _same_view(cache_channel, i_cc[:, :n]):  # gathered elsewhere: copy it in
+                i_cc[:, :n].copy_(cache_channel)
             i_ct[:, :n].copy_(cache_time)
             i_ccl[:n].copy_(cache_len)
+            if cache_head is None:
+                i_head[:b].zero_()
+            else:
+                i_head[:n].copy_(cache_head)
+                i_head[n:b].zero_()
             if b > n:
                 i_len[n:].fill_(g.frames_in)
                 i_ccl[n:].zero_()
@@ -692,6 +735,10 @@ class FastCudaGraphEncoder(FastConformerEncoder):
         return {"engine": self.name, "buckets": list(self.buckets), "captures": self.captures,
                 "compile": self.parts.compiled, "graphs": self.use_graphs,
                 "prepare_seconds": round(self.prepare_seconds, 2)}
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def build_fast_encoder(model, cfg, device: torch.device, dtype: torch.dtype, graphs: bool = False, **options):

@@ -56,15 +56,24 @@ class SlotPool:
     def bytes_per_slot(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values()) // self.capacity
 
-    def gather(self, index: torch.Tensor, fresh: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def gather(self, index: torch.Tensor, fresh: torch.Tensor | None = None,
+               into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The batch's rows, in batch order. Rows where `fresh` is true (a stream's first chunk)
         come back zeroed, so a reused slot starts exactly like a new one without the pool being
-        touched before the step succeeds."""
+        touched before the step succeeds.
+
+        `into` names caller buffers (any strides, the rows' shape) to gather states straight
+        into: one copy, where a gather then a copy into the buffer is two. A ring state gathered
+        so keeps its ring order (rows as stored; their heads: `heads_of`); otherwise a ring's
+        rows come in time order, the oldest frame first."""
         out = {}
+        into = into or {}
         fresh_rows = None if fresh is None else fresh.nonzero()[:, 0]
         for name, t in self.tensors.items():
             dim = self.specs[name].slot_dim
-            if name in self.heads:
+            if name in into:
+                rows = torch.index_select(t, dim, index, out=into[name])
+            elif name in self.heads:
                 rows = self._gather_ring(name, t, dim, index)
             else:
                 rows = t.index_select(dim, index)
@@ -86,6 +95,10 @@ class SlotPool:
                 t.index_copy_(spec.slot_dim, index, v.to(t.dtype))
 
     # -- rings --------------------------------------------------------------------------------
+    def heads_of(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Each row's ring head (the position of its oldest frame), for rows gathered as stored."""
+        return self.heads[name].index_select(0, index)
+
     def _ring_positions(self, name: str, slots: torch.Tensor, frames: int) -> torch.Tensor:
         """Flat positions (slot * C + ring index) of each row's first `frames` frames from its
         head, in time order: [rows * frames]."""

@@ -83,6 +83,10 @@ class StreamingEngine:
         # those frames only (engines/slot_pool.py). ring_cache=False writes whole windows (A/B).
         shift = int(getattr(encoder, "cache_shift_frames", 0) or 0) if ring_cache else 0
         self.ring_cache = shift > 0
+        # An engine with a static attention-cache buffer that takes the ring's order (the
+        # fast-cudagraph engine) gets its rows gathered straight into that buffer, unrotated.
+        self.gather_into_encoder = self.ring_cache and getattr(encoder, "accepts_ring_order", False) \
+            and hasattr(encoder, "cache_channel_buffer")
         specs = [
             StateSpec("cache_channel", tuple(channel_shape), 1, dtype, ring_shift=shift),
             StateSpec("cache_time", (n_layers, d, enc.conv_context_size[0]), 1, dtype),
@@ -233,15 +237,20 @@ class StreamingEngine:
         feats = self.featurizer.compute(windows, audio_end, starts, chunk_index)
         self._sync()
         t_feats = time.perf_counter()
+        into, head = None, None
+        if self.gather_into_encoder:
+            into = {"cache_channel": self.encoder_engine.cache_channel_buffer(len(slots))}
+            head = self.pool.heads_of("cache_channel", idx)
         state = self.pool.gather(idx, torch.as_tensor(encoder_restart, device=self.device)
-                                 if encoder_restart.any() else None)
+                                 if encoder_restart.any() else None, into=into)
         self._sync()
         t1 = time.perf_counter()
 
         x = torch.cat([state["pre_encode"], feats.new_frames], dim=-1)
         lengths = feats.valid_frames + self.geometry.pre_encode_frames
         encoded, enc_len, cc_next, ct_next, ccl_next = self.encoder_engine.step(
-            x.to(self.dtype), lengths, state["cache_channel"], state["cache_time"], state["cache_len"])
+            x.to(self.dtype), lengths, state["cache_channel"], state["cache_time"], state["cache_len"],
+            **({"cache_head": head} if head is not None else {}))
         # A full chunk yields encoder_frames outputs; a stream's short last chunk fewer.
         enc_len = torch.clamp(enc_len, max=self.geometry.encoder_frames)
         self._sync()

@@ -34,8 +34,8 @@ class EncoderRecorder:
         self._inner = engine.encoder_engine.step
 
     def __enter__(self):
-        def recording_step(*args):
-            out = self._inner(*args)
+        def recording_step(*args, **kwargs):
+            out = self._inner(*args, **kwargs)
             encoded, enc_len = out[0], out[1]
             lengths = torch.clamp(enc_len, max=self.engine.geometry.encoder_frames)
             self.rows = [encoded[i, :, : int(lengths[i])].detach().float().cpu() for i in range(encoded.shape[0])]

@@ -272,3 +272,64 @@ def test_ring_cache_equals_whole_windows(engines, audios, seed):
     assert any(r.tokens for r in ref.values()), "nothing transcribed: the comparison is vacuous"
     if fast.geometry.encoder_frames < 70:  # heads advance unless a step shifts the whole window
         assert int(fast.pool.heads["cache_channel"].max()) > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_step_takes_its_cache_in_ring_order(engines, seed):
+    """fast_step with `cache_head`: each row's cache frames rotated as the slot pool's ring
+    stores them (oldest at the head) give the step's outputs of the time-ordered cache: encoded
+    frames, lengths, the conv cache and the new K|V frames (what a ring's commit writes)."""
+    _, fast = engines
+    p = fast.encoder_engine.params
+    g = p.geo
+    feats, lengths, cc, ct, cache_len = _random_state(p, 5, seed)
+    kv_time = torch.randn(g.n_layers, 5, g.cache, 2 * g.d_model, generator=torch.Generator().manual_seed(seed))
+    head = torch.tensor([0, 1, g.cache - 1, 17 % g.cache, 40 % g.cache])
+    # ring position q holds the frame of time (q - head) mod C
+    pos = (torch.arange(g.cache)[None, :] + head[:, None]) % g.cache          # time j sits at pos[b, j]
+    kv_ring = torch.empty_like(kv_time)
+    for b in range(5):
+        kv_ring[:, b, pos[b]] = kv_time[:, b]
+    with torch.inference_mode():
+        outs = []
+        for kv, h in ((kv_time, None), (kv_ring, head)):
+            bufs = FastStepBuffers(p, max_batch=5)
+            for dst, src in zip(bufs.inputs(5), (feats, lengths, kv, ct, cache_len)):
+                dst.copy_(src)
+            out = fast_step(p, *bufs.step_args(5), cache_head=h)
+            outs.append([t.clone() for t in out])
+    ref, got = outs
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[4], ref[4])
+    _assert_close(got[0], ref[0], "encoded")
+    _assert_close(got[3], ref[3], "cache_last_time_next")
+    T = g.frames_out
+    _assert_close(got[2][:, :, -T:], ref[2][:, :, -T:], "new K|V frames")
+    assert (ref[0] - fast_step(p, *_buffers_with(p, feats, lengths, kv_ring, ct, cache_len))[0]).abs().max() > ATOL, \
+        "a rotated cache read in time order should differ: the test would not see a wrong order"
+
+
+def _buffers_with(p, *inputs):
+    bufs = FastStepBuffers(p, max_batch=inputs[0].shape[0])
+    for dst, src in zip(bufs.inputs(inputs[0].shape[0]), inputs):
+        dst.copy_(src)
+    return bufs.step_args(inputs[0].shape[0])
+
+
+def test_graph_engine_gathers_the_ring_straight_into_its_buffer(engines, audios, eager_alone):
+    """With the fast-cudagraph engine (static buffers; no capture on CPU) the slot pool gathers
+    the attention cache straight into the engine's buffer in ring order: mixed batches, reused
+    slots, still the tokens of streams alone and encoder outputs within 1e-4."""
+    eager, _ = engines
+    enc = eager.model.nemo_model.encoder
+    graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4))
+    engine = StreamingEngine(eager.model, graph_eng, eager.geometry.lookahead_ms, capacity=16, max_batch=8,
+                             device=torch.device("cpu"), dtype=torch.float32)
+    assert engine.ring_cache and engine.gather_into_encoder
+    for round_ in range(2):  # the second round on slots whose rings hold the first round's frames
+        mixed = run_streams(engine, audios, seed=7 + round_, start_step={sid: i % 3 for i, sid in enumerate(audios)})
+        for sid, ref in eager_alone.items():
+            assert mixed[sid].tokens == ref.tokens, (round_, sid)
+            for a, b in zip(mixed[sid].encoded, ref.encoded):
+                _assert_close(a, b, sid)
+    if engine.geometry.encoder_frames < 70:  # heads advance unless a step shifts the whole window
+        assert int(engine.pool.heads["cache_channel"].max()) > 0
