@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engines.api import MAX_ENDPOINT_HISTORY_MS, EndpointingParams
+from engines.device_io import to_device
 
 # Columns of the per-slot parameter table.
 # (the three windows' lengths side by side, then their thresholds: each group is one slice)
@@ -82,7 +83,7 @@ class Endpointer:
         dev = self.device
         # One host-to-device copy of the batch's parameter rows; every op below is batched, and
         # there are few of them (the step's cost is their launches, not their arithmetic).
-        p = torch.from_numpy(self.params[slots]).to(dev, non_blocking=True)
+        p = to_device(self.params[slots], dev)
         if reset is not None:
             keep = (~reset)[:, None].to(hist.dtype)
             hist = hist * keep

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from engines.api import RowSamples
+from engines.device_io import to_device
 from engines.geometry import ChunkGeometry
 
 
@@ -157,14 +158,14 @@ class StreamingFeaturizer:
                 chunk_index: list[int]) -> FeatureBatch:
         g = self.geometry
         dev = self.device
-        x = torch.from_numpy(windows).to(dev, non_blocking=True)
+        x = to_device(windows, dev)
         B, W = x.shape
-        pos = torch.from_numpy(starts).to(dev)[:, None] + torch.arange(1, W, device=dev)[None, :]
+        pos = to_device(starts, dev)[:, None] + torch.arange(1, W, device=dev)[None, :]
         if self.preemph:
             y = x[:, 1:] - self.preemph * x[:, :-1]
         else:
             y = x[:, 1:].clone()
-        end = torch.from_numpy(np.where(audio_end < 0, np.iinfo(np.int64).max, audio_end)).to(dev)
+        end = to_device(np.where(audio_end < 0, np.iinfo(np.int64).max, audio_end), dev)
         y = y.masked_fill((pos < 0) | (pos >= end[:, None]), 0.0)
         spec = torch.stft(y, n_fft=g.n_fft, hop_length=g.hop, win_length=self.window.shape[0],
                           window=self.window, center=False, return_complex=True)
@@ -184,7 +185,7 @@ class StreamingFeaturizer:
         if done.any():
             frames = g.stft_frames_many(audio_end[done])
             valid[done] = np.minimum(C, frames - np.asarray(chunk_index, dtype=np.int64)[done] * C)
-        valid_t = torch.from_numpy(valid).to(dev)
+        valid_t = to_device(valid, dev)
         frame_mask = torch.arange(C, device=dev)[None, :] >= valid_t[:, None]
         mel = mel.masked_fill(frame_mask[:, None, :], self.pad_value)
         return FeatureBatch(new_frames=mel, valid_frames=valid_t, valid_frames_host=valid)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engines.device_io import to_device
+
 
 @dataclass(frozen=True)
 class StateSpec:
@@ -56,11 +58,12 @@ class SlotPool:
     def bytes_per_slot(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values()) // self.capacity
 
-    def gather(self, index: torch.Tensor, fresh: torch.Tensor | None = None,
+    def gather(self, index: torch.Tensor, fresh: np.ndarray | torch.Tensor | None = None,
                into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The batch's rows, in batch order. Rows where `fresh` is true (a stream's first chunk)
         come back zeroed, so a reused slot starts exactly like a new one without the pool being
-        touched before the step succeeds.
+        touched before the step succeeds. `fresh` is a host bool array (a device one costs a
+        synchronization to find its rows).
 
         `into` names caller buffers (any strides, the rows' shape) to gather states straight
         into: one copy, where a gather then a copy into the buffer is two. A ring state gathered
@@ -68,7 +71,12 @@ class SlotPool:
         rows come in time order, the oldest frame first."""
         out = {}
         into = into or {}
-        fresh_rows = None if fresh is None else fresh.nonzero()[:, 0]
+        if fresh is None:
+            fresh_rows = None
+        elif isinstance(fresh, np.ndarray):  # a host mask: its rows without a device sync
+            fresh_rows = to_device(np.flatnonzero(fresh), index.device) if fresh.any() else None
+        else:
+            fresh_rows = fresh.nonzero()[:, 0]
         for name, t in self.tensors.items():
             dim = self.specs[name].slot_dim
             if name in into:
@@ -121,8 +129,8 @@ class SlotPool:
         new = v.narrow(dim + 1, C - shift, shift)  # the new frames: the window's last `shift`
         if restart is not None and bool(np.any(restart)):
             # host masks -> device row lists (no device sync)
-            whole = torch.as_tensor(np.flatnonzero(restart), device=index.device)
-            steady = torch.as_tensor(np.flatnonzero(~np.asarray(restart)), device=index.device)
+            whole = to_device(np.flatnonzero(restart), index.device)
+            steady = to_device(np.flatnonzero(~np.asarray(restart)), index.device)
             t.index_copy_(dim, index.index_select(0, whole), v.index_select(dim, whole))
             heads.index_fill_(0, index.index_select(0, whole), 0)
             if not steady.numel():

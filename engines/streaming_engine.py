@@ -17,6 +17,7 @@ from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloaded
                          ResultColumns, RowSamples, StepPlan, StepResult, StepTimings, StreamStateLostError,
                          pieces_text)
 from engines.cudagraph_engine import batch_buckets
+from engines.device_io import to_device
 from engines.encoders import EncoderEngine
 from engines.endpointing import Endpointer, event_frames
 from engines.features import StreamingFeaturizer
@@ -223,7 +224,7 @@ class StreamingEngine:
             raise BadChunkError(str(e), tuple(plan.stream_ids)) from e
         self._check_finite(plan, windows)
         t_assembled = time.perf_counter()
-        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        idx = to_device(slot_array, self.device, torch.long)
         # A new utterance restarts the model state the reset policy names (the waveform
         # history of the featurizer always carries on: the audio is one signal).
         reset_host = plan.new_utterance
@@ -233,7 +234,7 @@ class StreamingEngine:
         else:
             restart_host = fresh_host
         encoder_restart = restart_host if self.utterance_reset == "all" else fresh_host
-        fresh = torch.as_tensor(restart_host, device=self.device)
+        fresh = to_device(restart_host, self.device)
         feats = self.featurizer.compute(windows, audio_end, starts, chunk_index)
         self._sync()
         t_feats = time.perf_counter()
@@ -241,8 +242,7 @@ class StreamingEngine:
         if self.gather_into_encoder:
             into = {"cache_channel": self.encoder_engine.cache_channel_buffer(len(slots))}
             head = self.pool.heads_of("cache_channel", idx)
-        state = self.pool.gather(idx, torch.as_tensor(encoder_restart, device=self.device)
-                                 if encoder_restart.any() else None, into=into)
+        state = self.pool.gather(idx, encoder_restart if encoder_restart.any() else None, into=into)
         self._sync()
         t1 = time.perf_counter()
 
@@ -261,7 +261,7 @@ class StreamingEngine:
         decoded = self.decoder.decode(encoded, enc_len, dec_state)
         endpoint = None
         if self.endpointer.enabled(slot_array):
-            reset = torch.as_tensor(reset_host, device=self.device) if any_reset else None
+            reset = to_device(reset_host, self.device) if any_reset else None
             endpoint = self.endpointer.step(slot_array, decoded.nonblank, decoded.eou, enc_len, reset,
                                             state["ep_hist"], state["ep_flags"])
         enc_len_host = enc_len.cpu().numpy()

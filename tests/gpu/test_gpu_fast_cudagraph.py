@@ -106,3 +106,44 @@ def test_decode_graph_equals_the_eager_decode_loop(speech):
     differ = [s for s in speech if graphed[s].tokens != eager[s].tokens]
     record("decode_graph_vs_eager_loop", {"streams": len(speech), "differ": len(differ)})
     assert differ == []
+
+
+def test_a_step_queues_its_work_up_to_the_decode_without_waiting_for_the_device():
+    """Everything a step does before its decode loop (validation, the windows, host arrays to the
+    device, features, the slot pool's gather straight into the encoder's buffer in ring order, the
+    encoder's graph) is queued without a stream synchronization (engines/device_io.py), so the
+    host can prepare a step while the device still runs the previous one. With torch's sync debug
+    mode at "error" any synchronizing call raises; it is switched off where the decode loop starts
+    (its termination test and the labels' copy wait for the device by design)."""
+    import numpy as np
+
+    from engines.api import ChunkWork, StepPlan
+
+    engine = build_on("builtin:demo", "fast-cudagraph", "float16")
+    engine.warmup()
+    assert engine.ring_cache and engine.gather_into_encoder
+    g = engine.geometry
+    audio = np.random.default_rng(0).standard_normal(g.samples_needed(3)).astype(np.float32) * 0.1
+    slots = [engine.acquire_slot() for _ in range(8)]
+    inner = engine.decoder.decode
+    reached = []
+
+    def decode(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        reached.append(True)
+        return inner(*args, **kwargs)
+
+    try:
+        for k in range(3):
+            start, end = g.chunk_span(k, audio.size, False)
+            plan = StepPlan(tuple(ChunkWork(f"s{i}", s, audio[start:end], k == 0, False) for i, s in enumerate(slots)))
+            if k == 2:  # steady rows, after a first chunk (fresh rows) and a middle one
+                engine.decoder.decode = decode
+                torch.cuda.set_sync_debug_mode("error")
+            engine.step(plan)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        engine.decoder.decode = inner
+        for s in slots:
+            engine.release_slot(s)
+    assert reached, "the step never reached its decode loop"
