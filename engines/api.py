@@ -266,6 +266,9 @@ class StepTimings:
     # holds its launches and the next sync pays for it. (On the CPU every step's phases are
     # true, but only sampled steps say so, the same share of steps on every device.)
     synced: bool = False
+    # True when the step's preparation (validation, windows: assemble_ms) ran while the step
+    # before it was on the device (StreamingEngine.prepare, the engine worker's read-ahead)
+    prepared_ahead: bool = False
     # The way to an engine in another process and back (server.runtime.engine_worker), in ms; zero for
     # an engine in the scheduler's process. Clock readings of both processes (CLOCK_MONOTONIC):
     to_worker_ms: float = 0.0      # packing and sending, until the worker takes the request up (with

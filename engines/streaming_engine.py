@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -189,41 +191,69 @@ class StreamingEngine:
         k = 0 if first else int(self.chunks_done[slot])
         return g.stft_frames(seen + samples) - k * g.chunk_frames
 
-    def step(self, plan: StepPlan) -> StepResult:
-        """Compute, then commit. Until the commit nothing of any stream is written, so an
-        exception there leaves every slot as it was; out of device memory becomes
-        EngineOverloadedError (the scheduler retries in smaller batches). A failure during the
-        commit is StreamStateLostError: those streams cannot continue."""
-        t_start = time.perf_counter()
-        self._steps_run += 1
-        self._sync_now = self.sync_timings or (self.profile_every > 0 and self._steps_run % self.profile_every == 0)
+    def prepare(self, plan: StepPlan) -> "PreparedStep":
+        """The step's host work before anything reaches the device: the plan checked, each row's
+        waveform window assembled. Writes no stream's state (a fresh row's endpointing settings
+        are set, idempotently), so a caller may prepare the next step while the device still
+        runs this one, when the two steps hold different streams (the scheduler's steps do: a
+        stream is in one submitted step at a time). Raises BadChunkError for a bad plan."""
+        t0 = time.perf_counter()
         self._validate(plan)
         if not len(plan):
-            return StepResult(updates=(), engine=self.encoder_engine.name)
-        try:
-            return self._step(plan, t_start)
-        except torch.cuda.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # the failed step's blocks go back before the retry
-            raise EngineOverloadedError(f"out of device memory at batch size {len(plan)}: {exc}",
-                                        batch_size=len(plan)) from exc
-
-    def _step(self, plan: StepPlan, t0: float) -> StepResult:
-        # The plan's rows as arrays (its columns): no loop over rows here.
+            return PreparedStep(plan, None, None, None, None, 0.0)
         slot_array = plan.slots
-        slots = slot_array.tolist()
         fresh_host = plan.first
         chunk_index = np.where(fresh_host, 0, self.chunks_done[slot_array])
-        samples = plan.samples
-        ended = plan.audio_ended
+        slots = slot_array.tolist()
         for i in np.flatnonzero(fresh_host).tolist():  # idempotent: a retried first chunk sets the same row
             self.endpointer.configure(slots[i], plan.endpointing.get(i))
         try:
-            windows, audio_end, starts = self.featurizer.assemble(slots, chunk_index, samples, ended, fresh_host)
+            windows, audio_end, starts = self.featurizer.assemble(slots, chunk_index, plan.samples, plan.audio_ended,
+                                                                  fresh_host)
         except ValueError as e:
             raise BadChunkError(str(e), tuple(plan.stream_ids)) from e
         self._check_finite(plan, windows)
+        return PreparedStep(plan, chunk_index, windows, audio_end, starts, time.perf_counter() - t0)
+
+    def step(self, plan: "StepPlan | PreparedStep", while_device_runs=None) -> StepResult:
+        """Compute, then commit. Until the commit nothing of any stream is written, so an
+        exception there leaves every slot as it was; out of device memory becomes
+        EngineOverloadedError (the scheduler retries in smaller batches). A failure during the
+        commit is StreamStateLostError: those streams cannot continue.
+
+        `plan` may come prepared (`prepare`). `while_device_runs`, a callable, is called once the
+        step's features, gather and encoder are queued on the device and before the step first
+        waits for it (the decode loop): the engine worker prepares its next step there."""
+        t_start = time.perf_counter()
+        self._steps_run += 1
+        self._sync_now = self.sync_timings or (self.profile_every > 0 and self._steps_run % self.profile_every == 0)
+        if isinstance(plan, PreparedStep):
+            prepared = dataclasses.replace(plan, ahead=True)
+        else:
+            prepared = self.prepare(plan)
+        if not len(prepared.plan):
+            return StepResult(updates=(), engine=self.encoder_engine.name)
+        try:
+            return self._step(prepared, while_device_runs)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the failed step's blocks go back before the retry
+            raise EngineOverloadedError(f"out of device memory at batch size {len(prepared.plan)}: {exc}",
+                                        batch_size=len(prepared.plan)) from exc
+
+    def _step(self, prepared: "PreparedStep", while_device_runs=None) -> StepResult:
+        # The plan's rows as arrays (its columns): no loop over rows here.
+        plan = prepared.plan
+        slot_array = plan.slots
+        slots = slot_array.tolist()
+        fresh_host = plan.first
+        chunk_index = prepared.chunk_index
+        samples = plan.samples
+        windows, audio_end, starts = prepared.windows, prepared.audio_end, prepared.starts
+        # The assemble phase is the preparation, wherever it ran (in this call, or in the
+        # engine worker while the previous step ran); the step's total is its own work.
         t_assembled = time.perf_counter()
+        t0 = t_assembled - prepared.seconds
         idx = to_device(slot_array, self.device, torch.long)
         # A new utterance restarts the model state the reset policy names (the waveform
         # history of the featurizer always carries on: the audio is one signal).
@@ -255,6 +285,10 @@ class StreamingEngine:
         enc_len = torch.clamp(enc_len, max=self.geometry.encoder_frames)
         self._sync()
         t2 = time.perf_counter()
+        aside = 0.0  # seconds the caller's work took inside this step (not the step's own)
+        if while_device_runs is not None:
+            while_device_runs()
+            aside = time.perf_counter() - t2
 
         dec_state = self.decoder.start_state(fresh, bool(restart_host.any()),
                                              {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
@@ -287,10 +321,10 @@ class StreamingEngine:
                                        f"the state of {len(ids)} streams is lost", ids) from exc
         t4 = time.perf_counter()
         timings = StepTimings(features_ms=1e3 * (t1 - t0), encoder_ms=1e3 * (t2 - t1),
-                              decode_ms=1e3 * (t3 - t2), total_ms=1e3 * (t4 - t0),
+                              decode_ms=1e3 * (t3 - t2 - aside), total_ms=1e3 * (t4 - t0 - aside),
                               assemble_ms=1e3 * (t_assembled - t0), gather_ms=1e3 * (t1 - t_feats),
                               commit_ms=1e3 * (t_committed - t3), results_ms=1e3 * (t4 - t_committed),
-                              synced=self._sync_now)
+                              synced=self._sync_now, prepared_ahead=prepared.ahead)
         return StepResult.from_columns(columns, self.encoder_engine.name, timings)
 
     def _result_columns(self, plan: StepPlan, chunk_index: np.ndarray, audio_end: np.ndarray,
@@ -442,6 +476,20 @@ class StreamingEngine:
             for slot in slots:
                 self.release_slot(slot)
         return float(np.median(times))
+
+
+@dataclass(frozen=True)
+class PreparedStep:
+    """A plan checked and its waveform windows assembled (StreamingEngine.prepare): the host
+    work of a step before anything reaches the device."""
+
+    plan: StepPlan
+    chunk_index: np.ndarray | None   # each row's chunk number
+    windows: np.ndarray | None       # [rows, window samples]
+    audio_end: np.ndarray | None     # framed samples where a finished stream ends, -1 while open
+    starts: np.ndarray | None        # each window's absolute first sample
+    seconds: float                   # host time the preparation took
+    ahead: bool = False              # prepared before this step's own call (while another ran)
 
 
 EOU_PIECES = ("<EOU>", "<eou>")

@@ -4,6 +4,7 @@ the same engine in this process), and fake engines (tests.fake_engine) for the e
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -314,3 +315,61 @@ def test_replies_larger_than_the_socket_buffer_arrive_whole_under_uvloop():
         assert worker.state is EngineState.READY
     finally:
         worker.close()
+
+
+@pytest.mark.asyncio
+async def test_the_worker_prepares_the_next_step_while_one_runs_and_keeps_every_result():
+    """Two steps in flight on a real engine (the scheduler's way: each stream in one of them):
+    the child reads the second while the first runs, prepares it (checks, waveform windows)
+    and runs it after; every result equals the same steps taken one at a time in this process.
+    A slot claimed while a step runs is in place for the next step; a bad chunk in a step read
+    ahead fails that step alone, in its turn."""
+    import asyncio
+
+    from engines.factory import build_engine
+    from engines.models import speechlike_audio
+
+    cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", lookahead_ms=160,
+                       max_streams=12, max_batch=6)
+    g_local = build_engine(cfg)
+    rounds = 6
+    audio = [speechlike_audio(1.8 + 0.1 * i, seed=40 + i) for i in range(6)]
+    n = min(len(a) for a in audio)
+
+    def plan(k: int, slots: dict[int, int], rows) -> StepPlan:
+        start, end = g_local.geometry.chunk_span(k, n, False)
+        return StepPlan(tuple(ChunkWork(f"s{i}", slots[i], audio[i][start:end], k == 0, False) for i in rows))
+
+    local_slots = {i: g_local.acquire_slot() for i in range(6)}
+    want = [[g_local.step(plan(k, local_slots, rows)) for rows in (range(0, 3), range(3, 6))] for k in range(rounds)]
+
+    worker = EngineWorker.start("engines.factory:build_engine", cfg, QUIET)
+    try:
+        worker.warmup()
+        slots = {i: worker.acquire_slot() for i in range(5)}
+        ahead = 0
+        for k in range(rounds):
+            first = asyncio.ensure_future(worker.step_async(plan(k, slots, range(0, 3))))
+            await asyncio.sleep(0)
+            if k == 0:
+                slots[5] = worker.acquire_slot()  # claimed while the first step is on its way
+            second = await worker.step_async(plan(k, slots, range(3, 6)))
+            got = [await first, second]
+            for g, w_ in zip(got, want[k]):
+                assert [(u.stream_id, u.text_delta, u.tokens, u.is_final) for u in g.updates] == \
+                    [(u.stream_id, u.text_delta, u.tokens, u.is_final) for u in w_.updates]
+            ahead += sum(r.timings.prepared_ahead for r in got)
+        assert any(u.text_delta for r in want for s in r for u in s.updates), "nothing transcribed: vacuous"
+        assert ahead >= rounds // 2, f"the second step was prepared ahead in {ahead} of {rounds} rounds"
+
+        bad = plan(rounds, slots, range(3, 6))
+        bad_audio = bad.chunks[1].samples.copy()
+        bad_audio[3] = np.nan
+        bad = StepPlan((bad.chunks[0], dataclasses.replace(bad.chunks[1], samples=bad_audio), bad.chunks[2]))
+        ok, failed = await asyncio.gather(worker.step_async(plan(rounds, slots, range(0, 3))),
+                                          worker.step_async(bad), return_exceptions=True)
+        assert isinstance(failed, BadChunkError) and "s4" in failed.stream_ids, failed
+        assert not isinstance(ok, BaseException) and len(ok.updates) == 3
+    finally:
+        worker.close()
+    assert worker._process.exitcode == 0

@@ -120,6 +120,10 @@ class ServerMetrics(SchedulerObserver):
             "end_of_audio: the chunk's last audio; client: the client's request) to the final's result",
             ["closed_by"], buckets=_LATENCY_BUCKETS, registry=r)
         self.steps = Counter("asr_steps", "Engine steps by the engine name the step reported", ["engine"], registry=r)
+        self.steps_prepared_ahead = Counter(
+            "asr_engine_steps_prepared_ahead", "Engine steps whose host preparation (validation, waveform "
+            "windows) ran while the step before them was on the device (the engine worker's read-ahead)",
+            registry=r)
         self.errors = Counter("asr_errors", "RPCs that ended with an error, by status code", ["method", "code"], registry=r)
         self.rpcs = Counter("asr_rpcs", "RPCs finished, by status code", ["method", "code"], registry=r)
         self.audio_seconds = Counter("asr_audio_seconds", "Seconds of audio received", registry=r)
@@ -202,6 +206,8 @@ class ServerMetrics(SchedulerObserver):
         self.steps.labels(engine=engine).inc()
         if timings is not None and timings.total_ms > 0:
             self.engine_step_time.observe(timings.total_ms / 1e3)
+            if timings.prepared_ahead:
+                self.steps_prepared_ahead.inc()
             if timings.to_worker_ms > 0:
                 for part in WORKER_PARTS:
                     self.worker_time.labels(part=part).observe(max(0.0, getattr(timings, f"{part}_ms")) / 1e3)

@@ -145,8 +145,27 @@ class _Link:
                 self._ready.extend(messages)
         return self._ready.popleft()
 
+    def poll(self):
+        """The next message if a whole one has arrived, else NOTHING, without waiting; None at
+        the end of the link."""
+        if self._ready:
+            return self._ready.popleft()
+        try:
+            data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return NOTHING
+        if not data:
+            self._frames.check_end()
+            return None
+        for messages in self._frames.feed(data, self.decoder.decode):
+            self._ready.extend(messages)
+        return self._ready.popleft() if self._ready else NOTHING
+
     def send(self, message: w.Message) -> None:
         self.sock.sendall(w.encode_frame([message]))
+
+
+NOTHING = object()  # _Link.poll: no whole message has arrived yet
 
 
 def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None, index: int, request: int) -> w.Step:
@@ -370,9 +389,10 @@ def _child_main(sock: socket.socket) -> None:
         return
     slots = _ChildSlots(engine)
     buffers: dict[int, _SampleBuffer] = {}
+    ahead = _ReadAhead(link, engine, slots, buffers)
     while True:
         try:
-            message = link.read()
+            message, early = ahead.next()
         except OSError:  # the parent is gone
             return
         except w.WireError as exc:
@@ -381,24 +401,19 @@ def _child_main(sock: socket.socket) -> None:
         kind = type(message)
         if kind is w.Step:
             try:
-                got = time.monotonic()
-                plan = _unpack_step(message, buffers, slots)
+                if early is None:
+                    got = time.monotonic()
+                    plan = _unpack_step(message, buffers, slots)
+                    work = plan
+                else:  # read and prepared while the previous step ran on the device
+                    got, plan, work = early.unwrap()
                 started = time.monotonic()
-                result = engine.step(plan)
+                result = engine.step(work, ahead.during_step) if ahead.prepares else engine.step(work)
                 reply = _reply(message.id, plan, result, slots, (got, started, time.monotonic()), engine)
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the scheduler
                 reply = _error_reply(message.id, exc, engine)
-        elif kind is w.Claim:
-            try:
-                slots.claim(message.slot)
-            except BaseException:  # noqa: BLE001 - the slot's steps will be refused as unknown
-                log.exception("claiming a slot in the engine worker failed", extra={"slot": message.slot})
-            continue
-        elif kind is w.Release:
-            try:
-                slots.release(message.slot)
-            except BaseException:  # noqa: BLE001
-                log.exception("releasing a slot in the engine worker failed", extra={"slot": message.slot})
+        elif kind is w.Claim or kind is w.Release:
+            _apply_slot_message(message, slots)
             continue
         elif kind is w.Attach:
             try:
@@ -421,6 +436,82 @@ def _child_main(sock: socket.socket) -> None:
         try:
             link.send(reply)
         except OSError:
+            return
+
+
+def _apply_slot_message(message, slots: "_ChildSlots") -> None:
+    try:
+        if type(message) is w.Claim:
+            slots.claim(message.slot)
+        else:
+            slots.release(message.slot)
+    except BaseException:  # noqa: BLE001 - a failed claim: the slot's steps will be refused as unknown
+        log.exception("applying a slot message in the engine worker failed",
+                      extra={"slot": message.slot, "kind": type(message).__name__})
+
+
+@dataclasses.dataclass
+class _Early:
+    """A step read ahead: when it was read, and its plan prepared, or why it could not be."""
+
+    got: float
+    plan: StepPlan | None = None
+    prepared: object = None
+    error: BaseException | None = None
+
+    def unwrap(self):
+        if self.error is not None:
+            raise self.error
+        return self.got, self.plan, self.prepared
+
+
+class _ReadAhead:
+    """The child's reads, with one step of look-ahead: while the device runs a step
+    (StreamingEngine.step calls `during_step` once its features, gather and encoder are queued,
+    before it first waits for the device), the messages that have already arrived are taken
+    without waiting; claims and releases apply at once (they touch no slot of a step in flight:
+    the scheduler releases a slot only when no step holds it), and the first step among them is
+    unpacked and prepared (StreamingEngine.prepare: its rows checked and its windows assembled,
+    host work that no longer waits for the step before it). Its streams are not in the running
+    step (a stream is in one submitted step at a time), so the order of their work is kept.
+    Replies keep the order of the requests."""
+
+    def __init__(self, link: _Link, engine, slots: "_ChildSlots", buffers: dict):
+        self.link, self.engine, self.slots, self.buffers = link, engine, slots, buffers
+        self.prepares = callable(getattr(engine, "prepare", None))
+        self._backlog: collections.deque = collections.deque()  # (message, _Early | None)
+        self._broken: BaseException | None = None
+
+    def next(self):
+        if self._backlog:
+            return self._backlog.popleft()
+        if self._broken is not None:
+            raise self._broken
+        return self.link.read(), None
+
+    def during_step(self) -> None:
+        if self._backlog or self._broken is not None:
+            return
+        while True:
+            try:
+                message = self.link.poll()
+            except (OSError, w.WireError) as exc:  # met again by the main loop, in order
+                self._broken = exc
+                return
+            if message is NOTHING:
+                return
+            if type(message) is w.Claim or type(message) is w.Release:
+                _apply_slot_message(message, self.slots)
+                continue
+            early = None
+            if type(message) is w.Step:
+                early = _Early(time.monotonic())
+                try:
+                    early.plan = _unpack_step(message, self.buffers, self.slots)
+                    early.prepared = self.engine.prepare(early.plan)
+                except BaseException as exc:  # noqa: BLE001 - replied in its turn
+                    early.error = exc
+            self._backlog.append((message, early))
             return
 
 # -- parent --------------------------------------------------------------------------------------
