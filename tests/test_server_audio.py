@@ -113,3 +113,23 @@ def test_words_from_tokens():
     assert [w.word for w in words] == ["the", "cats", "sat"]
     assert [(round(w.start_seconds, 2), round(w.end_seconds, 2)) for w in words] == [(0.0, 0.08), (0.24, 0.4), (0.72, 0.8)]
     assert words_from_tokens((), 0.08) == []
+
+
+def test_sniff_audio_start_judges_the_first_bytes():
+    """One judgement of a stream's first bytes for both APIs (server/transport/wav_header.py):
+    what could still begin a WAV header waits, a header cut off by the end is an error, anything
+    else is raw audio."""
+    from server.transport.wav_header import sniff_audio_start
+
+    full = wav_bytes(np.zeros(1600, dtype=np.int16), RATE)
+    for prefix in (b"", b"R", b"RIF", b"RIFF\x00\x00", full[:11]):
+        assert sniff_audio_start(prefix, False, 1 << 16).need_more, prefix
+    assert sniff_audio_start(full[:30], False, 1 << 16).need_more       # inside the header
+    with pytest.raises(AudioError, match="ended inside the WAV header"):
+        sniff_audio_start(full[:30], True, 1 << 16)
+    start = sniff_audio_start(full, False, 1 << 16)
+    assert not start.need_more and start.header is not None and start.header.sample_rate == RATE
+    for raw in (b"\x01\x02", b"RIFX", b"RIFF\x00\x00\x00\x00WAVX", b"RI"):
+        final = raw == b"RI"  # a stream that ended after two bytes is raw audio, not a header
+        start = sniff_audio_start(raw, final, 1 << 16)
+        assert start.header is None and not start.need_more, raw

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.transport.wav_header import AudioError, SampleEncoding, WavHeader, looks_like_wav, parse_wav_header
+from server.transport.wav_header import AudioError, SampleEncoding, WavHeader, sniff_audio_start
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 MAX_CHANNELS = 8
-_SNIFF_BYTES = 12  # "RIFF" <size> "WAVE"
 # FLOAT32 audio is in [-1, 1]; a little overshoot (a mix, a gain) is tolerated, values far
 # beyond are not audio (3e38 overflowed the features silently).
 MAX_FLOAT_SAMPLE = 16.0
@@ -91,14 +90,11 @@ class AudioDecoder:
     def _resolve(self, final: bool) -> bool:
         """Decide WAV or raw from the first bytes; False while more bytes are needed."""
         buf = self._pending
-        if len(buf) < _SNIFF_BYTES and not final and buf[:4] == b"RIFF"[:len(buf[:4])]:
-            return False  # could still become a WAV header
-        if looks_like_wav(buf):
-            header = parse_wav_header(buf, self.max_header_bytes)
-            if header is None:
-                if final:
-                    raise AudioError("audio ended inside the WAV header")
-                return False
+        start = sniff_audio_start(buf, final, self.max_header_bytes)
+        if start.need_more:
+            return False
+        header = start.header
+        if header is not None:
             self._set_format(self._from_wav(header))
             self._pending = buf[header.data_offset:]
             self._data_left = header.data_size

@@ -48,9 +48,8 @@ from engines.api import EndpointingParams
 from server.transport.call_limits import shown
 from server.transport.stream_config import ServedModel, language_supported, resolve_endpointing
 from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamError, Utterance
-from server.transport.wav_header import AudioError, SampleEncoding, looks_like_wav, parse_wav_header
+from server.transport.wav_header import AudioError, SampleEncoding, sniff_audio_start
 
-_SNIFF_BYTES = 12  # "RIFF" <size> "WAVE"
 
 
 @dataclass(frozen=True)
@@ -193,15 +192,12 @@ class RivaAudio:
         return self._decoder.input_seconds if self._decoder is not None else 0.0
 
     def _open(self, final: bool) -> bool:
-        buf, o = self._pending, self.options
-        if not final and len(buf) < _SNIFF_BYTES and b"RIFF".startswith(buf[:4]):
-            return False  # may still become a WAV header
-        if looks_like_wav(buf):
-            header = parse_wav_header(buf, self.max_header_bytes)
-            if header is None:
-                if final:
-                    raise AudioError("audio ended inside the WAV header")
-                return False
+        o = self.options
+        start = sniff_audio_start(self._pending, final, self.max_header_bytes)
+        if start.need_more:
+            return False
+        header = start.header
+        if header is not None:
             if o.sample_rate and o.sample_rate != header.sample_rate:
                 raise AudioError(f"sample_rate_hertz is {o.sample_rate} but the WAV header says "
                                  f"{header.sample_rate} Hz; send 0 or the file's rate")

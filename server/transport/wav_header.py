@@ -37,6 +37,34 @@ def looks_like_wav(prefix: bytes) -> bool:
     return len(prefix) >= 12 and prefix[:4] == b"RIFF" and prefix[8:12] == b"WAVE"
 
 
+_SNIFF_BYTES = 12  # "RIFF" <size> "WAVE"
+
+
+@dataclass(frozen=True)
+class AudioStart:
+    """What a stream's first bytes say: a WAV header, raw samples, or not yet known."""
+
+    header: WavHeader | None  # the WAV header, when the stream starts with one
+    need_more: bool = False   # the bytes so far could still begin a WAV header: wait for more
+
+
+def sniff_audio_start(buf: bytes, final: bool, max_header_bytes: int) -> AudioStart:
+    """Decide from a stream's first bytes (all that arrived, `final` when no more will) whether
+    they begin a WAV header. Fewer than 12 bytes that could start "RIFF....WAVE" wait for more;
+    a header cut off by the end of the stream is an AudioError. Both APIs' decoders use this, so
+    the native and the Riva stream judge the same bytes the same way."""
+    if not final and len(buf) < _SNIFF_BYTES and b"RIFF".startswith(buf[:4]):
+        return AudioStart(None, need_more=True)
+    if not looks_like_wav(buf):
+        return AudioStart(None)
+    header = parse_wav_header(buf, max_header_bytes)
+    if header is None:
+        if final:
+            raise AudioError("audio ended inside the WAV header")
+        return AudioStart(None, need_more=True)
+    return AudioStart(header)
+
+
 def parse_wav_header(buf: bytes, max_header_bytes: int) -> WavHeader | None:
     """The header, or None while more bytes are needed. Raises AudioError on a bad header."""
     if not looks_like_wav(buf):
