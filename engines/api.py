@@ -279,6 +279,12 @@ class StepTimings:
     unpack_ms: float = 0.0         # the scheduler's thread rebuilds the result
 
 
+# The stages of a step run in parts (StreamingEngine.start_step, a StepRun): its device work
+# up to the encoder is queued; the device has finished it and its device state is committed.
+QUEUED = "queued"
+DEVICE_DONE = "device_done"
+
+
 class StepResult:
     """One step's rows, in the plan's order. Built from StreamUpdate rows (`StepResult(updates,
     engine, timings)`), or column by column (`StepResult.from_columns`: token ids with per-row

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engines.api import (BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo, PoolExhaustedError,
-                         ResultColumns, RowSamples, StepPlan, StepResult, StepTimings, StreamStateLostError,
-                         pieces_text)
+from engines.api import (DEVICE_DONE, QUEUED, BadChunkError, ChunkWork, EngineError, EngineOverloadedError, ModelInfo,
+                         PoolExhaustedError, ResultColumns, RowSamples, StepPlan, StepResult, StepTimings,
+                         StreamStateLostError, pieces_text)
 from engines.cudagraph_engine import batch_buckets
 from engines.device_io import to_device
 from engines.encoders import EncoderEngine
@@ -111,7 +111,6 @@ class StreamingEngine:
         self.sync_timings = False
         self.profile_every = 0
         self._steps_run = 0
-        self._sync_now = False
 
     # -- slots ---------------------------------------------------------------------------------
     def acquire_slot(self) -> int:
@@ -224,34 +223,43 @@ class StreamingEngine:
         `plan` may come prepared (`prepare`). `while_device_runs`, a callable, is called once the
         step's features, gather and encoder are queued on the device and before the step first
         waits for it (the decode loop): the engine worker prepares its next step there."""
-        t_start = time.perf_counter()
+        run = self.start_step(plan)
+        if run.advance() and while_device_runs is not None:  # queued on the device
+            while_device_runs()
+        while run.advance():
+            pass
+        return run.result
+
+    def start_step(self, plan: "StepPlan | PreparedStep") -> "StepRun":
+        """The step as a StepRun, for a caller that interleaves two steps (the engine worker);
+        `step` runs one to its end. Raises BadChunkError for a bad plan."""
         self._steps_run += 1
-        self._sync_now = self.sync_timings or (self.profile_every > 0 and self._steps_run % self.profile_every == 0)
+        sync = self.sync_timings or (self.profile_every > 0 and self._steps_run % self.profile_every == 0)
         if isinstance(plan, PreparedStep):
             prepared = dataclasses.replace(plan, ahead=True)
         else:
             prepared = self.prepare(plan)
-        if not len(prepared.plan):
-            return StepResult(updates=(), engine=self.encoder_engine.name)
-        try:
-            return self._step(prepared, while_device_runs)
-        except torch.cuda.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # the failed step's blocks go back before the retry
-            raise EngineOverloadedError(f"out of device memory at batch size {len(prepared.plan)}: {exc}",
-                                        batch_size=len(prepared.plan)) from exc
+        return StepRun(self, prepared, sync)
 
-    def _step(self, prepared: "PreparedStep", while_device_runs=None) -> StepResult:
-        # The plan's rows as arrays (its columns): no loop over rows here.
+    def _stages(self, prepared: "PreparedStep", sync: bool):
+        """The step, as a generator that yields twice (StepRun): once its device work up to the
+        encoder is queued (QUEUED), once the device has finished it and the device state is
+        committed (DEVICE_DONE: the next step's device work may be queued from here on, and this
+        step's host part then runs while the device computes that one). Returns the StepResult."""
         plan = prepared.plan
+        if not len(plan):
+            return StepResult(updates=(), engine=self.encoder_engine.name)
+        # The plan's rows as arrays (its columns): no loop over rows here.
         slot_array = plan.slots
         slots = slot_array.tolist()
         fresh_host = plan.first
         chunk_index = prepared.chunk_index
         samples = plan.samples
         windows, audio_end, starts = prepared.windows, prepared.audio_end, prepared.starts
+        wait = self.synchronize if sync else _no_wait
         # The assemble phase is the preparation, wherever it ran (in this call, or in the
-        # engine worker while the previous step ran); the step's total is its own work.
+        # engine worker while the previous step ran). Phases and the total are the step's own
+        # work: the time spent at its yields (the caller's) is left out.
         t_assembled = time.perf_counter()
         t0 = t_assembled - prepared.seconds
         idx = to_device(slot_array, self.device, torch.long)
@@ -266,14 +274,14 @@ class StreamingEngine:
         encoder_restart = restart_host if self.utterance_reset == "all" else fresh_host
         fresh = to_device(restart_host, self.device)
         feats = self.featurizer.compute(windows, audio_end, starts, chunk_index)
-        self._sync()
+        wait()
         t_feats = time.perf_counter()
         into, head = None, None
         if self.gather_into_encoder:
             into = {"cache_channel": self.encoder_engine.cache_channel_buffer(len(slots))}
             head = self.pool.heads_of("cache_channel", idx)
         state = self.pool.gather(idx, encoder_restart if encoder_restart.any() else None, into=into)
-        self._sync()
+        wait()
         t1 = time.perf_counter()
 
         x = torch.cat([state["pre_encode"], feats.new_frames], dim=-1)
@@ -283,21 +291,24 @@ class StreamingEngine:
             **({"cache_head": head} if head is not None else {}))
         # A full chunk yields encoder_frames outputs; a stream's short last chunk fewer.
         enc_len = torch.clamp(enc_len, max=self.geometry.encoder_frames)
-        self._sync()
+        wait()
         t2 = time.perf_counter()
-        aside = 0.0  # seconds the caller's work took inside this step (not the step's own)
-        if while_device_runs is not None:
-            while_device_runs()
-            aside = time.perf_counter() - t2
+        yield QUEUED
+        resumed = time.perf_counter()
+        aside = resumed - t2
 
         dec_state = self.decoder.start_state(fresh, bool(restart_host.any()),
                                              {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
         decoded = self.decoder.decode(encoded, enc_len, dec_state)
         endpoint = None
+        events = ({}, {})
         if self.endpointer.enabled(slot_array):
             reset = to_device(reset_host, self.device) if any_reset else None
             endpoint = self.endpointer.step(slot_array, decoded.nonblank, decoded.eou, enc_len, reset,
                                             state["ep_hist"], state["ep_flags"])
+            # to the host now, before the next step's work is queued behind this one's
+            base = np.where(fresh_host, 0, self.frames_done[slot_array])
+            events = event_frames(endpoint[0], base)
         enc_len_host = enc_len.cpu().numpy()
         t3 = time.perf_counter()
 
@@ -310,25 +321,30 @@ class StreamingEngine:
                 **decoded.state,
                 **({"ep_hist": endpoint[1], "ep_flags": endpoint[2]} if endpoint is not None else {}),
             }, restart=encoder_restart)
-            self.featurizer.commit(slots, samples, windows, starts, fresh_host)
-            self._sync()
-            t_committed = time.perf_counter()
-            columns = self._result_columns(plan, chunk_index, audio_end, enc_len_host, decoded,
-                                           endpoint[0] if endpoint is not None else None)
         except Exception as exc:
-            ids = tuple(plan.stream_ids)
-            raise StreamStateLostError(f"committing the step's state failed ({type(exc).__name__}: {exc}); "
-                                       f"the state of {len(ids)} streams is lost", ids) from exc
+            raise _state_lost(plan, exc) from exc
+        t_scattered = time.perf_counter()
+        yield DEVICE_DONE
+        aside += time.perf_counter() - t_scattered
+        t_host = time.perf_counter()
+        try:
+            self.featurizer.commit(slots, samples, windows, starts, fresh_host)
+            wait()
+            t_committed = time.perf_counter()
+            columns = self._result_columns(plan, chunk_index, audio_end, enc_len_host, decoded, events)
+        except Exception as exc:
+            raise _state_lost(plan, exc) from exc
         t4 = time.perf_counter()
+        commit_s = (t_scattered - t3) + (t_committed - t_host)
         timings = StepTimings(features_ms=1e3 * (t1 - t0), encoder_ms=1e3 * (t2 - t1),
-                              decode_ms=1e3 * (t3 - t2 - aside), total_ms=1e3 * (t4 - t0 - aside),
+                              decode_ms=1e3 * (t3 - resumed), total_ms=1e3 * (t4 - t0 - aside),
                               assemble_ms=1e3 * (t_assembled - t0), gather_ms=1e3 * (t1 - t_feats),
-                              commit_ms=1e3 * (t_committed - t3), results_ms=1e3 * (t4 - t_committed),
-                              synced=self._sync_now, prepared_ahead=prepared.ahead)
+                              commit_ms=1e3 * commit_s, results_ms=1e3 * (t4 - t_committed),
+                              synced=sync, prepared_ahead=prepared.ahead)
         return StepResult.from_columns(columns, self.encoder_engine.name, timings)
 
     def _result_columns(self, plan: StepPlan, chunk_index: np.ndarray, audio_end: np.ndarray,
-                        enc_len: np.ndarray, decoded, endpoint_events=None) -> ResultColumns:
+                        enc_len: np.ndarray, decoded, events: tuple[dict, dict] = ({}, {})) -> ResultColumns:
         """Advance the host counters (in bulk) and lay the step's results out as columns: token
         ids with per-row offsets. Only rows with new labels (few, at a step of 2-7 encoder
         frames) are visited one by one; no object per row."""
@@ -349,7 +365,7 @@ class StreamingEngine:
         # the stream's own audio this step has consumed: a client knows its message is covered
         # once this reaches the message's end
         seconds = (self.featurizer.samples_seen[slot] - g.lead_in) / g.sample_rate
-        starts, ends = event_frames(endpoint_events, base) if endpoint_events is not None else ({}, {})
+        starts, ends = events  # endpoint events as stream frames (found before the host part)
         pieces, eou = self.model.pieces, self.eou_id
         n = len(slot)
         counts = np.zeros(n, dtype=np.int64)
@@ -374,10 +390,6 @@ class StreamingEngine:
                              text_delta=text, token_offsets=offsets, token_ids=np.asarray(ids, dtype=np.int64),
                              token_pieces=[pieces[i] for i in ids], token_frames=np.asarray(token_frames, dtype=np.int64),
                              starts=starts, ends=ends)
-
-    def _sync(self) -> None:
-        if self._sync_now:
-            self.synchronize()
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (a step returns before its commit has run on a GPU)."""
@@ -490,6 +502,46 @@ class PreparedStep:
     starts: np.ndarray | None        # each window's absolute first sample
     seconds: float                   # host time the preparation took
     ahead: bool = False              # prepared before this step's own call (while another ran)
+
+
+class StepRun:
+    """One step, run in stages (StreamingEngine.start_step): `advance` runs it to its next stage
+    (QUEUED, DEVICE_DONE) and returns True, or runs its last part and returns False, with the
+    StepResult in `result`. Between stages the caller may do other work: prepare the next step
+    while this one is QUEUED, queue the next step's device work once this one is DEVICE_DONE
+    (two steps of different streams only). Out of device memory becomes EngineOverloadedError,
+    as in StreamingEngine.step."""
+
+    def __init__(self, engine: StreamingEngine, prepared: PreparedStep, sync: bool):
+        self._engine = engine
+        self._rows = len(prepared.plan)
+        self._stages = engine._stages(prepared, sync)
+        self.stage: str | None = None
+        self.result: StepResult | None = None
+
+    def advance(self) -> bool:
+        try:
+            self.stage = next(self._stages)
+            return True
+        except StopIteration as done:
+            self.result = done.value
+            self.stage = None
+            return False
+        except torch.cuda.OutOfMemoryError as exc:
+            if self._engine.device.type == "cuda":
+                torch.cuda.empty_cache()  # the failed step's blocks go back before the retry
+            raise EngineOverloadedError(f"out of device memory at batch size {self._rows}: {exc}",
+                                        batch_size=self._rows) from exc
+
+
+def _no_wait() -> None:
+    pass
+
+
+def _state_lost(plan: StepPlan, exc: BaseException) -> StreamStateLostError:
+    ids = tuple(plan.stream_ids)
+    return StreamStateLostError(f"committing the step's state failed ({type(exc).__name__}: {exc}); "
+                                f"the state of {len(ids)} streams is lost", ids)
 
 
 EOU_PIECES = ("<EOU>", "<eou>")

@@ -334,3 +334,53 @@ def test_graph_engine_gathers_the_ring_straight_into_its_buffer(engines, audios,
                 _assert_close(a, b, sid)
     if engine.geometry.encoder_frames < 70:  # heads advance unless a step shifts the whole window
         assert int(engine.pool.heads["cache_channel"].max()) > 0
+
+
+def test_two_steps_interleaved_in_stages_equal_the_steps_one_after_the_other(engines, audios):
+    """StreamingEngine.start_step: step B's device work queued once step A's device part is done
+    and before A's host part (the engine worker's overlap), on the graph engine's static buffers,
+    which B's encoder overwrites: A's state was committed from them before, so both give what
+    they give one after the other."""
+    from engines.api import DEVICE_DONE, QUEUED, ChunkWork, StepPlan
+
+    eager, _ = engines
+    enc = eager.model.nemo_model.encoder
+
+    def build():
+        graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4))
+        return StreamingEngine(eager.model, graph_eng, eager.geometry.lookahead_ms, capacity=16, max_batch=8,
+                               device=torch.device("cpu"), dtype=torch.float32)
+
+    g = eager.geometry
+    clips = [speechlike_audio(1.6 + 0.2 * i, seed=70 + i) for i in range(6)]
+    n = min(len(c) for c in clips)
+    steps = g.total_chunks(n) - 1
+
+    def plans(engine, slots, k):
+        start, end = g.chunk_span(k, n, False)
+        return [StepPlan(tuple(ChunkWork(f"s{i}", slots[i], clips[i][start:end], k == 0, False) for i in rows))
+                for rows in (range(0, 3), range(3, 6))]
+
+    def rows(result):
+        return [(u.stream_id, u.tokens, u.text_delta) for u in result.updates]
+
+    one, two = build(), build()
+    slots_one = [one.acquire_slot() for _ in clips]
+    slots_two = [two.acquire_slot() for _ in clips]
+    want, got = [], []
+    for k in range(steps):
+        a, b = plans(one, slots_one, k)
+        want += [rows(one.step(a)), rows(one.step(b))]
+        a, b = plans(two, slots_two, k)
+        run_a = two.start_step(a)
+        assert run_a.advance() and run_a.stage == QUEUED
+        assert run_a.advance() and run_a.stage == DEVICE_DONE
+        run_b = two.start_step(two.prepare(b))
+        assert run_b.advance() and run_b.stage == QUEUED
+        assert not run_a.advance()  # A's host part, while B's work is queued
+        while run_b.advance():
+            pass
+        got += [rows(run_a.result), rows(run_b.result)]
+        assert run_b.result.timings.prepared_ahead and not run_a.result.timings.prepared_ahead
+    assert got == want
+    assert any(t for r in want for _, t, _ in r), "nothing transcribed: the comparison is vacuous"

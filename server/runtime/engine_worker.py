@@ -38,6 +38,14 @@ sends the `Hello` handshake, then answers requests in order until the link close
 cannot read closes the link (logged), and the child exits. It ignores SIGINT and SIGTERM: the
 parent decides when it stops (a Ctrl-C reaches the whole process group, and the parent's drain
 still needs it).
+
+With two steps in flight the child overlaps them (`_ReadAhead`, `_start`, `_finish`): while the
+device runs step n (StreamingEngine.start_step, a StepRun at QUEUED) it reads step n+1 if it
+has arrived and prepares it (checks, waveform windows); once the device has finished step n and
+its device state is committed (DEVICE_DONE), it queues step n+1's device work, and then does step
+n's host part (waveform history, counters, results, the reply) while the device computes n+1.
+The two steps never share a stream (the scheduler submits a stream in one step at a time), so
+each stream's work keeps its order, and the replies keep the requests' order.
 """
 
 from __future__ import annotations
@@ -63,8 +71,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.api import (BadChunkError, EngineError, EngineOverloadedError, EngineState, PoolExhaustedError,
-                         ResultColumns, RowSamples, StepPlan, StepResult, StreamStateLostError)
+from engines.api import (DEVICE_DONE, QUEUED, BadChunkError, EngineError, EngineOverloadedError, EngineState,
+                         PoolExhaustedError, ResultColumns, RowSamples, StepPlan, StepResult, StreamStateLostError)
 from engines.config import EngineConfig
 from engines.slot_allocator import SlotAllocator
 from server.runtime import wire as w
@@ -390,26 +398,25 @@ def _child_main(sock: socket.socket) -> None:
     slots = _ChildSlots(engine)
     buffers: dict[int, _SampleBuffer] = {}
     ahead = _ReadAhead(link, engine, slots, buffers)
+    started: _Started | None = None  # the next step, its device work already queued
     while True:
-        try:
-            message, early = ahead.next()
-        except OSError:  # the parent is gone
-            return
-        except w.WireError as exc:
-            log.error("closing the engine worker's link: bad frame", extra={"error": str(exc)})
-            return
+        if started is not None:
+            message, early = started.message, None
+        else:
+            try:
+                message, early = ahead.next()
+            except OSError:  # the parent is gone
+                return
+            except w.WireError as exc:
+                log.error("closing the engine worker's link: bad frame", extra={"error": str(exc)})
+                return
         kind = type(message)
         if kind is w.Step:
+            current, started = started, None
             try:
-                if early is None:
-                    got = time.monotonic()
-                    plan = _unpack_step(message, buffers, slots)
-                    work = plan
-                else:  # read and prepared while the previous step ran on the device
-                    got, plan, work = early.unwrap()
-                started = time.monotonic()
-                result = engine.step(work, ahead.during_step) if ahead.prepares else engine.step(work)
-                reply = _reply(message.id, plan, result, slots, (got, started, time.monotonic()), engine)
+                if current is None:
+                    current = _start(message, early, engine, ahead, slots, buffers)
+                reply, started = _finish(current, engine, ahead, slots)
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the scheduler
                 reply = _error_reply(message.id, exc, engine)
         elif kind is w.Claim or kind is w.Release:
@@ -437,6 +444,62 @@ def _child_main(sock: socket.socket) -> None:
             link.send(reply)
         except OSError:
             return
+
+
+@dataclasses.dataclass
+class _Started:
+    """A step whose run has begun: its request, when it was read and began, and its StepRun
+    (at QUEUED, or finished), or why it could not begin."""
+
+    message: w.Step
+    got: float
+    began: float
+    plan: StepPlan | None
+    run: object = None           # a StepRun, or a plain engine's StepResult
+    error: BaseException | None = None
+
+
+def _start(message: w.Step, early: "_Early | None", engine, ahead: "_ReadAhead", slots: "_ChildSlots",
+           buffers: dict) -> _Started:
+    """Unpack (or take the prepared plan of) a step and queue its device work."""
+    if early is None:
+        got = time.monotonic()
+        plan = _unpack_step(message, buffers, slots)
+        work = plan
+    else:  # read and prepared while the previous step ran on the device
+        got, plan, work = early.unwrap()
+    began = time.monotonic()
+    if not ahead.stages:  # an engine without stages (a test's fake): its whole step, here
+        return _Started(message, got, began, plan, engine.step(work))
+    run = engine.start_step(work)
+    run.advance()
+    return _Started(message, got, began, plan, run)
+
+
+def _finish(current: _Started, engine, ahead: "_ReadAhead", slots: "_ChildSlots"):
+    """Run a begun step to its end: while its device work runs, read ahead (the next step is
+    prepared); once the device has finished it, queue the next step's device work; then this
+    step's host part, and its reply. Returns (the reply, the next step begun or None)."""
+    if current.error is not None:
+        raise current.error
+    run, nxt = current.run, None
+    if ahead.stages:
+        if run.stage == QUEUED:
+            ahead.during_step()
+            run.advance()
+        if run.stage == DEVICE_DONE:
+            nxt = ahead.start_next()
+        while run.advance():
+            pass
+        result = run.result
+    else:
+        result = run
+    try:
+        reply = _reply(current.message.id, current.plan, result, slots, (current.got, current.began, time.monotonic()),
+                       engine)
+    except BaseException as exc:  # noqa: BLE001
+        reply = _error_reply(current.message.id, exc, engine)
+    return reply, nxt
 
 
 def _apply_slot_message(message, slots: "_ChildSlots") -> None:
@@ -478,7 +541,8 @@ class _ReadAhead:
 
     def __init__(self, link: _Link, engine, slots: "_ChildSlots", buffers: dict):
         self.link, self.engine, self.slots, self.buffers = link, engine, slots, buffers
-        self.prepares = callable(getattr(engine, "prepare", None))
+        self.stages = callable(getattr(engine, "start_step", None))
+        self.prepares = self.stages and callable(getattr(engine, "prepare", None))
         self._backlog: collections.deque = collections.deque()  # (message, _Early | None)
         self._broken: BaseException | None = None
 
@@ -489,8 +553,24 @@ class _ReadAhead:
             raise self._broken
         return self.link.read(), None
 
+    def start_next(self) -> "_Started | None":
+        """The next step begun (its device work queued behind the current one's), when it was
+        read and prepared ahead; None otherwise. A failure to begin is kept for its turn."""
+        if not self._backlog or type(self._backlog[0][0]) is not w.Step or self._backlog[0][1] is None:
+            return None
+        message, early = self._backlog.popleft()
+        began = time.monotonic()
+        if early.error is not None:
+            return _Started(message, early.got, began, early.plan, error=early.error)
+        try:
+            run = self.engine.start_step(early.prepared)
+            run.advance()
+        except BaseException as exc:  # noqa: BLE001 - replied in its turn
+            return _Started(message, early.got, began, early.plan, error=exc)
+        return _Started(message, early.got, began, early.plan, run)
+
     def during_step(self) -> None:
-        if self._backlog or self._broken is not None:
+        if not self.prepares or self._backlog or self._broken is not None:
             return
         while True:
             try:
