@@ -518,14 +518,18 @@ class StepRun:
         self._stages = engine._stages(prepared, sync)
         self.stage: str | None = None
         self.result: StepResult | None = None
+        self.finished = False
 
     def advance(self) -> bool:
+        if self.finished:
+            return False
         try:
             self.stage = next(self._stages)
             return True
         except StopIteration as done:
             self.result = done.value
             self.stage = None
+            self.finished = True
             return False
         except torch.cuda.OutOfMemoryError as exc:
             if self._engine.device.type == "cuda":

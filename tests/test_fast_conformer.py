@@ -384,3 +384,13 @@ def test_two_steps_interleaved_in_stages_equal_the_steps_one_after_the_other(eng
         assert run_b.result.timings.prepared_ahead and not run_a.result.timings.prepared_ahead
     assert got == want
     assert any(t for r in want for _, t, _ in r), "nothing transcribed: the comparison is vacuous"
+
+
+def test_an_empty_step_returns_an_empty_result_through_its_stages(engines):
+    from engines.api import StepPlan
+
+    _, fast = engines
+    assert fast.step(StepPlan(())).updates == ()
+    run = fast.start_step(StepPlan(()))
+    assert not run.advance() and not run.advance()  # finished, and stays so
+    assert run.result is not None and run.result.updates == ()
