@@ -170,49 +170,49 @@ class RemoteScheduler(StreamBooks):
         return StreamHandle(self, state)
 
     # -- per-stream operations -----------------------------------------------------------
-    async def push_audio(self, state: RemoteStreamState, samples: np.ndarray) -> bool:
-        if state.status is not StreamStatus.RECEIVING:
+    async def push_audio(self, stream: RemoteStreamState, samples: np.ndarray) -> bool:
+        if stream.status is not StreamStatus.RECEIVING:
             return False
         if samples.size == 0:
             return True
-        self._send(w.Audio(state.stream_id, np.asarray(samples, dtype=np.float32).tobytes()))
-        state.received += samples.size
-        return await self._wait_for_audio_room(state)
+        self._send(w.Audio(stream.stream_id, np.asarray(samples, dtype=np.float32).tobytes()))
+        stream.received += samples.size
+        return await self._wait_for_audio_room(stream)
 
-    def _pending_samples(self, state: RemoteStreamState) -> int:
-        return state.received - state.consumed  # consumed arrives with each of the engine's results
+    def _pending_samples(self, stream: RemoteStreamState) -> int:
+        return stream.received - stream.consumed  # consumed arrives with each of the engine's results
 
-    def end_audio(self, state: RemoteStreamState) -> None:
-        if state.status is not StreamStatus.RECEIVING:
+    def end_audio(self, stream: RemoteStreamState) -> None:
+        if stream.status is not StreamStatus.RECEIVING:
             return
-        state.ended_at = time.monotonic()
-        state.set_status(StreamStatus.FLUSHING)
-        self._send(w.End(state.stream_id))
+        stream.ended_at = time.monotonic()
+        stream.set_status(StreamStatus.FLUSHING)
+        self._send(w.End(stream.stream_id))
 
-    def fail_stream(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:
-        self._fail(state, kind, message)
+    def fail_stream(self, stream: RemoteStreamState, kind: ErrorKind, message: str) -> None:
+        self._fail(stream, kind, message)
 
-    def end_utterance(self, state: RemoteStreamState) -> bool:
-        if state.status is not StreamStatus.RECEIVING:
+    def end_utterance(self, stream: RemoteStreamState) -> bool:
+        if stream.status is not StreamStatus.RECEIVING:
             return False
-        self._send(w.EndUtterance(state.stream_id))
+        self._send(w.EndUtterance(stream.stream_id))
         return True
 
-    def take_event(self, state: RemoteStreamState) -> StreamEvent | None:
-        if not state.events:
+    def take_event(self, stream: RemoteStreamState) -> StreamEvent | None:
+        if not stream.events:
             return None
-        event = state.events.popleft()
+        event = stream.events.popleft()
         if isinstance(event, StreamFailure) or event.is_final:
-            state.terminal_delivered = True
-        if not state.status.terminal:  # a finished stream needs no more room
-            self._ack(state)
+            stream.terminal_delivered = True
+        if not stream.status.terminal:  # a finished stream needs no more room
+            self._ack(stream)
         return event
 
-    def close_stream(self, state: RemoteStreamState) -> None:
-        if not state.status.terminal:
-            state.set_status(StreamStatus.CANCELLED)
-        if self._forget(state):
-            self._send(w.Close(state.stream_id))
+    def close_stream(self, stream: RemoteStreamState) -> None:
+        if not stream.status.terminal:
+            stream.set_status(StreamStatus.CANCELLED)
+        if self._forget(stream):
+            self._send(w.Close(stream.stream_id))
 
     # -- books ---------------------------------------------------------------------------
     def _fail(self, state: RemoteStreamState, kind: ErrorKind, message: str) -> None:

@@ -35,7 +35,7 @@ from engines.api import (EndpointingParams, EngineError, EngineState, StepPlan, 
 from server.scheduling.loop_calls import call_soon_from_thread
 from server.scheduling.slot_books import SlotBooks, SlotStream
 from server.scheduling.step_batch import StepBatch, StepOutcome, form_batch, run_isolated
-from server.scheduling.stream_books import StreamBooks
+from server.scheduling.stream_books import StreamBooks, StreamScheduler
 from server.scheduling.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
                                   UtteranceEnd)
 from server.scheduling.stream_state import StreamState, StreamStatus
@@ -104,10 +104,10 @@ class StreamListener:
 
 
 class StreamHandle:
-    """What the transport holds for one open stream. `scheduler` is this module's Scheduler or
-    a frontend process's server.runtime.remote_scheduler.RemoteScheduler: the same six operations."""
+    """What the transport holds for one open stream, on any StreamScheduler (this module's
+    Scheduler, a frontend's RemoteScheduler, EngineCores): the same six operations."""
 
-    def __init__(self, scheduler: Scheduler, state: StreamState):
+    def __init__(self, scheduler: StreamScheduler, state: StreamState):
         self._scheduler = scheduler
         self.state = state
 

@@ -11,9 +11,50 @@ differ in how many samples of a stream are pending (`_pending_samples`), how an 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import numpy as np
+
+from engines.api import EndpointingParams
 from server.scheduling.stream_events import ErrorKind, StreamEvent
 from server.scheduling.stream_state import StreamState, StreamStatus
+
+if TYPE_CHECKING:
+    from server.scheduling.scheduler import StreamHandle
+
+
+@runtime_checkable
+class StreamScheduler(Protocol):
+    """The face the transport holds, whatever runs the engine: server.scheduling.scheduler's
+    Scheduler (the engine in this process, or in its worker), server.runtime.remote_scheduler's
+    RemoteScheduler (a frontend process; the engine host in another) and
+    server.runtime.engine_cores' EngineCores (several engine cores). The servicers, StreamHandle
+    and health use only this; tests/test_stream_face.py checks that each of the three has every
+    member, with these parameters, so the three cannot drift apart unseen. An implementation may
+    take more keyword parameters (the engine host opens its relayed streams under their ids)."""
+
+    draining: bool
+    dead_reason: str | None
+
+    @property
+    def active_streams(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    def slots_in_use(self) -> int: ...
+    @property
+    def ready_streams(self) -> int: ...
+    def check_admission(self) -> None: ...
+    def open_stream(self, label: str = "", finalize_at_limit: bool = True,
+                    endpointing: EndpointingParams | None = None) -> StreamHandle: ...
+    async def push_audio(self, stream: StreamState, samples: np.ndarray) -> bool: ...
+    def end_audio(self, stream: StreamState) -> None: ...
+    def fail_stream(self, stream: StreamState, kind: ErrorKind, message: str) -> None: ...
+    def end_utterance(self, stream: StreamState) -> bool: ...
+    async def next_event(self, stream: StreamState) -> StreamEvent | None: ...
+    def take_event(self, stream: StreamState) -> StreamEvent | None: ...
+    def close_stream(self, stream: StreamState) -> None: ...
+    def begin_drain(self) -> None: ...
+    async def wait_idle(self, timeout_s: float) -> bool: ...
 
 
 class StreamBooks:
