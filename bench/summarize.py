@@ -216,6 +216,7 @@ def _breakdown(lv: dict | None) -> dict | None:
         "server_process": lv.get("server_process"),
         "engine_step_ms": sm.get("mean_engine_step_ms"), "phase_ms": sm.get("phase_ms_mean") or {},
         "phase_samples": sm.get("phase_samples"), "worker_ms": sm.get("engine_worker_ms_mean") or {},
+        "prepared_ahead_share": sm.get("steps_prepared_ahead_share"),
     }
 
 
@@ -367,7 +368,9 @@ def markdown(summary: dict) -> str:
                 + (f"; phases in ms, mean of {b['phase_samples']} steps synchronized at each phase: {phases}"
                    if phases else "")
                 + ("; the way to the worker and back in ms: "
-                   + ", ".join(f"{k} {_f(v, 2)}" for k, v in b["worker_ms"].items()) if b.get("worker_ms") else ""))
+                   + ", ".join(f"{k} {_f(v, 2)}" for k, v in b["worker_ms"].items()) if b.get("worker_ms") else "")
+                + (f"; {_f(100 * b['prepared_ahead_share'], 0)}% of steps prepared while the step before them ran "
+                   "(the worker's overlap)" if b.get("prepared_ahead_share") is not None else ""))
     if any(o["loadgen_bound_levels"] for o in summary["ours"]):
         lines.append("- the load generator was the bottleneck at: "
                      + "; ".join(f"{o['lookahead_ms']} ms: {o['loadgen_bound_levels']}" for o in summary["ours"]

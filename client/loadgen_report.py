@@ -231,7 +231,11 @@ _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 def scrape(url: str, timeout: float = 10.0) -> dict[tuple[str, tuple], float]:
     """{(name, ((label, value), ...)): value} from a Prometheus text endpoint."""
-    text = urllib.request.urlopen(url, timeout=timeout).read().decode()
+    return parse_metrics(urllib.request.urlopen(url, timeout=timeout).read().decode())
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """{(name, ((label, value), ...)): value} from Prometheus text exposition."""
     out = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -341,6 +345,10 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
         "mean_batch": mean("asr_batch_size"), "mean_step_ms": mean("asr_step_seconds", 1e3),
         # inside the engine (the rest of mean_step_ms is the way to the engine worker and back)
         "mean_engine_step_ms": mean("asr_engine_step_seconds", 1e3),
+        # steps whose host preparation ran while the step before them was on the device (the
+        # engine worker's overlap of its two steps in flight)
+        "steps_prepared_ahead_share": (round(_delta(before, after, "asr_engine_steps_prepared_ahead_total") / steps, 3)
+                                       if steps > 0 else None),
         "phase_ms_mean": phases, "phase_samples": phase_samples,
         "engine_worker_ms_mean": worker,  # the way to the engine worker process and back, by part
         "step_ms_p50": q("asr_step_seconds", 0.5), "step_ms_p95": q("asr_step_seconds", 0.95),

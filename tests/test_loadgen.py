@@ -298,3 +298,21 @@ def test_a_busy_load_generator_is_reported():
     assert not calm["loadgen"]["bottleneck"] and calm["loadgen"]["bottleneck_reasons"] == []
     reasons = " ".join(busy["loadgen"]["bottleneck_reasons"])
     assert busy["loadgen"]["bottleneck"] and "lag" in reasons and "busy" in reasons
+
+
+def test_the_report_reads_the_share_of_steps_prepared_ahead():
+    """asr_engine_steps_prepared_ahead (server.ops.metrics, from StepTimings.prepared_ahead: the
+    engine worker's overlap) reaches the level's server metrics as a share of the steps."""
+    from prometheus_client import generate_latest
+
+    from client.loadgen_report import parse_metrics, server_delta
+    from engines.api import StepTimings
+    from server.ops.metrics import ServerMetrics
+
+    m = ServerMetrics(max_batch=8)
+    before = parse_metrics(generate_latest(m.registry).decode())
+    for ahead in (True, False, True, True):
+        m.step_done(4, 0.01, [0.001] * 4, "eager", {"eager": 1}, StepTimings(total_ms=9.0, prepared_ahead=ahead))
+    after = parse_metrics(generate_latest(m.registry).decode())
+    sm = server_delta(before, after, wall_s=1.0)
+    assert sm["steps"] == 4 and sm["steps_prepared_ahead_share"] == 0.75
