@@ -21,4 +21,6 @@ def to_device(array, device: torch.device, dtype: torch.dtype | None = None) -> 
     host = torch.as_tensor(np.ascontiguousarray(array), dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
+    if host.numel() == 0:  # nothing to copy: no pinned block to ask for
+        return torch.empty(host.shape, dtype=host.dtype, device=device)
     return host.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,19 @@
+"""engines/device_io.to_device on the CPU (the pinned, non-blocking path needs CUDA: the GPU
+suite's step test runs it under torch's sync debug mode)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engines.device_io import to_device
+
+
+def test_values_dtype_and_independence_from_the_source():
+    a = np.arange(6, dtype=np.int64)[::2]  # not contiguous
+    t = to_device(a, torch.device("cpu"), torch.long)
+    assert t.dtype == torch.long and t.tolist() == [0, 2, 4]
+    mask = to_device(np.array([True, False]), torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.tolist() == [True, False]
+    empty = to_device(np.zeros(0, dtype=np.int64), torch.device("cpu"))
+    assert empty.shape == (0,) and empty.dtype == torch.int64
