@@ -17,7 +17,8 @@ import torch
 
 
 def to_device(array, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`array` (numpy array or list) as a tensor on `device`, queued without a synchronization."""
+    """`array` (numpy array or list) as a tensor on `device`, queued without a synchronization.
+    On the CPU the tensor may share the array's memory (as torch.from_numpy does)."""
     host = torch.as_tensor(np.ascontiguousarray(array), dtype=dtype)
     if device.type != "cuda":
         return host.to(device)

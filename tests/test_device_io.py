@@ -9,7 +9,7 @@ import torch
 from engines.device_io import to_device
 
 
-def test_values_dtype_and_independence_from_the_source():
+def test_values_and_dtypes():
     a = np.arange(6, dtype=np.int64)[::2]  # not contiguous
     t = to_device(a, torch.device("cpu"), torch.long)
     assert t.dtype == torch.long and t.tolist() == [0, 2, 4]
