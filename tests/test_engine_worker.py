@@ -46,6 +46,23 @@ def build_scripted_faults(cfg: EngineConfig) -> FakeEngine:
     return _ScriptedFaults(capacity=cfg.max_streams, max_batch=cfg.max_batch, lookahead_ms=cfg.lookahead_ms)
 
 
+def build_host_part_fault(cfg: EngineConfig):
+    """A real engine whose step fails in its host part (after its device state is committed)
+    when the plan holds a stream named "boom": StreamStateLostError, as a broken commit gives."""
+    from engines.factory import build_engine
+
+    engine = build_engine(cfg)
+    inner = engine._result_columns
+
+    def result_columns(plan, *args, **kwargs):
+        if "boom" in plan.stream_ids:
+            raise RuntimeError("injected fault in the step's host part")
+        return inner(plan, *args, **kwargs)
+
+    engine._result_columns = result_columns
+    return engine
+
+
 def build_refusing(cfg: EngineConfig):
     raise ValueError("no model at /nowhere/model.nemo")
 
@@ -373,3 +390,41 @@ async def test_the_worker_prepares_the_next_step_while_one_runs_and_keeps_every_
     finally:
         worker.close()
     assert worker._process.exitcode == 0
+
+
+@pytest.mark.asyncio
+async def test_a_step_failing_in_its_host_part_leaves_the_next_step_begun_meanwhile_whole():
+    """The worker queues step B's device work before step A's host part; when A's host part
+    fails (its streams' state is lost: StreamStateLostError), B still runs to its end and gets
+    its own result, the one it gets alone."""
+    import asyncio
+
+    from engines.models import speechlike_audio
+
+    cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", lookahead_ms=160, max_streams=8, max_batch=4)
+    worker = EngineWorker.start("tests.test_engine_worker:build_host_part_fault", cfg, QUIET)
+    try:
+        worker.warmup()
+        g = worker.geometry
+        audio = [speechlike_audio(1.5, seed=60 + i) for i in range(4)]
+        slots = [worker.acquire_slot() for _ in audio]
+        ids = ["boom", "a1", "b0", "b1"]
+
+        def plan(k: int, rows) -> StepPlan:
+            start, end = g.chunk_span(k, len(audio[0]), False)
+            return StepPlan(tuple(ChunkWork(ids[i], slots[i], audio[i][start:end], k == 0, False) for i in rows))
+
+        outcomes = []
+        for _ in range(3):  # a few tries: B must arrive while A runs for the overlap to happen
+            # a reply lost with its failed neighbour would hang: bounded, it fails the test instead
+            failed, ok = await asyncio.wait_for(asyncio.gather(
+                worker.step_async(plan(0, (0, 1))), worker.step_async(plan(0, (2, 3))), return_exceptions=True), 60)
+            assert isinstance(failed, StreamStateLostError) and "boom" in failed.stream_ids, failed
+            assert not isinstance(ok, BaseException) and [u.stream_id for u in ok.updates] == ["b0", "b1"]
+            outcomes.append(ok.timings.prepared_ahead)
+            for slot in slots:  # the lost streams, and B's, start afresh in new slots
+                worker.release_slot(slot)
+            slots[:] = [worker.acquire_slot() for _ in audio]
+        assert any(outcomes), "B was never begun while A ran: the overlap was not exercised"
+    finally:
+        worker.close()

@@ -416,9 +416,10 @@ def _child_main(sock: socket.socket) -> None:
             try:
                 if current is None:
                     current = _start(message, early, engine, ahead, slots, buffers)
-                reply, started = _finish(current, engine, ahead, slots)
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the scheduler
-                reply = _error_reply(message.id, exc, engine)
+                current = _Started(message, time.monotonic(), time.monotonic(), None, error=exc)
+            # a failure of this step is its reply; a next step begun meanwhile carries on
+            reply, started = _finish(current, engine, ahead, slots)
         elif kind is w.Claim or kind is w.Release:
             _apply_slot_message(message, slots)
             continue
@@ -480,24 +481,25 @@ def _finish(current: _Started, engine, ahead: "_ReadAhead", slots: "_ChildSlots"
     """Run a begun step to its end: while its device work runs, read ahead (the next step is
     prepared); once the device has finished it, queue the next step's device work; then this
     step's host part, and its reply. Returns (the reply, the next step begun or None)."""
-    if current.error is not None:
-        raise current.error
-    run, nxt = current.run, None
-    if ahead.stages:
-        if run.stage == QUEUED:
-            ahead.during_step()
-            run.advance()
-        if run.stage == DEVICE_DONE:
-            nxt = ahead.start_next()
-        while run.advance():
-            pass
-        result = run.result
-    else:
-        result = run
+    nxt = None
     try:
+        if current.error is not None:
+            raise current.error
+        run = current.run
+        if ahead.stages:
+            if run.stage == QUEUED:
+                ahead.during_step()
+                run.advance()
+            if run.stage == DEVICE_DONE:
+                nxt = ahead.start_next()
+            while run.advance():
+                pass
+            result = run.result
+        else:
+            result = run
         reply = _reply(current.message.id, current.plan, result, slots, (current.got, current.began, time.monotonic()),
                        engine)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the scheduler, in its turn
         reply = _error_reply(current.message.id, exc, engine)
     return reply, nxt
 
