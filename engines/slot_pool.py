@@ -58,12 +58,12 @@ class SlotPool:
     def bytes_per_slot(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values()) // self.capacity
 
-    def gather(self, index: torch.Tensor, fresh: np.ndarray | torch.Tensor | None = None,
+    def gather(self, index: torch.Tensor, fresh: np.ndarray | None = None,
                into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The batch's rows, in batch order. Rows where `fresh` is true (a stream's first chunk)
         come back zeroed, so a reused slot starts exactly like a new one without the pool being
-        touched before the step succeeds. `fresh` is a host bool array (a device one costs a
-        synchronization to find its rows).
+        touched before the step succeeds. `fresh` is a host bool array (its rows reach the
+        device without a synchronization, which a device mask's nonzero() would cost).
 
         `into` names caller buffers (any strides, the rows' shape) to gather states straight
         into: one copy, where a gather then a copy into the buffer is two. A ring state gathered
@@ -71,12 +71,9 @@ class SlotPool:
         rows come in time order, the oldest frame first."""
         out = {}
         into = into or {}
-        if fresh is None:
-            fresh_rows = None
-        elif isinstance(fresh, np.ndarray):  # a host mask: its rows without a device sync
-            fresh_rows = to_device(np.flatnonzero(fresh), index.device) if fresh.any() else None
-        else:
-            fresh_rows = fresh.nonzero()[:, 0]
+        fresh_rows = None
+        if fresh is not None and fresh.any():
+            fresh_rows = to_device(np.flatnonzero(fresh), index.device)
         for name, t in self.tensors.items():
             dim = self.specs[name].slot_dim
             if name in into:
@@ -107,19 +104,18 @@ class SlotPool:
         """Each row's ring head (the position of its oldest frame), for rows gathered as stored."""
         return self.heads[name].index_select(0, index)
 
-    def _ring_positions(self, name: str, slots: torch.Tensor, frames: int) -> torch.Tensor:
+    @staticmethod
+    def _ring_positions(slots: torch.Tensor, head: torch.Tensor, C: int, frames: int) -> torch.Tensor:
         """Flat positions (slot * C + ring index) of each row's first `frames` frames from its
         head, in time order: [rows * frames]."""
-        t = self.tensors[name]
-        C = t.shape[self.specs[name].slot_dim + 1]
         steps = torch.arange(frames, device=slots.device)
-        head = self.heads[name].index_select(0, slots)
         return (slots[:, None] * C + (head[:, None] + steps[None, :]) % C).reshape(-1)
 
     def _gather_ring(self, name: str, t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
         C = t.shape[dim + 1]
         flat = t.flatten(dim, dim + 1)
-        return flat.index_select(dim, self._ring_positions(name, index, C)).unflatten(dim, (index.numel(), C))
+        positions = self._ring_positions(index, self.heads_of(name, index), C, C)
+        return flat.index_select(dim, positions).unflatten(dim, (index.numel(), C))
 
     def _scatter_ring(self, name: str, t: torch.Tensor, spec: StateSpec, index: torch.Tensor, v: torch.Tensor,
                       restart) -> None:
@@ -137,5 +133,6 @@ class SlotPool:
                 return
             index, new = index.index_select(0, steady), new.index_select(dim, steady)
         # they overwrite each ring's oldest frames
-        t.flatten(dim, dim + 1).index_copy_(dim, self._ring_positions(name, index, shift), new.flatten(dim, dim + 1))
-        heads.index_copy_(0, index, (heads.index_select(0, index) + shift) % C)
+        head = heads.index_select(0, index)
+        t.flatten(dim, dim + 1).index_copy_(dim, self._ring_positions(index, head, C, shift), new.flatten(dim, dim + 1))
+        heads.index_copy_(0, index, (head + shift) % C)

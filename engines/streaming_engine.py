@@ -214,18 +214,13 @@ class StreamingEngine:
         self._check_finite(plan, windows)
         return PreparedStep(plan, chunk_index, windows, audio_end, starts, time.perf_counter() - t0)
 
-    def step(self, plan: "StepPlan | PreparedStep", while_device_runs=None) -> StepResult:
+    def step(self, plan: "StepPlan | PreparedStep") -> StepResult:
         """Compute, then commit. Until the commit nothing of any stream is written, so an
         exception there leaves every slot as it was; out of device memory becomes
         EngineOverloadedError (the scheduler retries in smaller batches). A failure during the
-        commit is StreamStateLostError: those streams cannot continue.
-
-        `plan` may come prepared (`prepare`). `while_device_runs`, a callable, is called once the
-        step's features, gather and encoder are queued on the device and before the step first
-        waits for it (the decode loop): the engine worker prepares its next step there."""
+        commit is StreamStateLostError: those streams cannot continue. `plan` may come prepared
+        (`prepare`). The whole step at once; `start_step` runs it in stages."""
         run = self.start_step(plan)
-        if run.advance() and while_device_runs is not None:  # queued on the device
-            while_device_runs()
         while run.advance():
             pass
         return run.result

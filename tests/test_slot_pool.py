@@ -41,8 +41,7 @@ def test_ring_gathers_what_whole_windows_gather(shift):
         restart = ~started[slots] | (rng.random(n) < 0.1)
         started[slots] = True
         idx = torch.as_tensor(slots, dtype=torch.long)
-        fresh = torch.as_tensor(restart)
-        got, ref = ring.gather(idx, fresh), whole.gather(idx, fresh)
+        got, ref = ring.gather(idx, restart), whole.gather(idx, restart)
         for name in ref:
             assert torch.equal(got[name], ref[name]), name
         nxt = _step(ref, shift, gen)

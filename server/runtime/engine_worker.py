@@ -532,8 +532,8 @@ class _Early:
 
 class _ReadAhead:
     """The child's reads, with one step of look-ahead: while the device runs a step
-    (StreamingEngine.step calls `during_step` once its features, gather and encoder are queued,
-    before it first waits for the device), the messages that have already arrived are taken
+    (`_finish` calls `during_step` once the step's StepRun is QUEUED: features, gather and
+    encoder queued, before it first waits for the device), the messages that have already arrived are taken
     without waiting; claims and releases apply at once (they touch no slot of a step in flight:
     the scheduler releases a slot only when no step holds it), and the first step among them is
     unpacked and prepared (StreamingEngine.prepare: its rows checked and its windows assembled,
