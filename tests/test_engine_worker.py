@@ -359,6 +359,9 @@ async def test_the_worker_prepares_the_next_step_while_one_runs_and_keeps_every_
 
     local_slots = {i: g_local.acquire_slot() for i in range(6)}
     want = [[g_local.step(plan(k, local_slots, rows)) for rows in (range(0, 3), range(3, 6))] for k in range(rounds)]
+    for slot in local_slots.values():
+        g_local.release_slot(slot)
+    assert g_local.slots_in_use() == 0
 
     worker = EngineWorker.start("engines.factory:build_engine", cfg, QUIET)
     try:
@@ -387,6 +390,9 @@ async def test_the_worker_prepares_the_next_step_while_one_runs_and_keeps_every_
                                           worker.step_async(bad), return_exceptions=True)
         assert isinstance(failed, BadChunkError) and "s4" in failed.stream_ids, failed
         assert not isinstance(ok, BaseException) and len(ok.updates) == 3
+        for slot in slots.values():
+            worker.release_slot(slot)
+        assert worker.slots_in_use() == 0
     finally:
         worker.close()
     assert worker._process.exitcode == 0
@@ -426,5 +432,8 @@ async def test_a_step_failing_in_its_host_part_leaves_the_next_step_begun_meanwh
                 worker.release_slot(slot)
             slots[:] = [worker.acquire_slot() for _ in audio]
         assert any(outcomes), "B was never begun while A ran: the overlap was not exercised"
+        for slot in slots:
+            worker.release_slot(slot)
+        assert worker.slots_in_use() == 0
     finally:
         worker.close()

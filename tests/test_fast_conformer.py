@@ -384,6 +384,10 @@ def test_two_steps_interleaved_in_stages_equal_the_steps_one_after_the_other(eng
         assert run_b.result.timings.prepared_ahead and not run_a.result.timings.prepared_ahead
     assert got == want
     assert any(t for r in want for _, t, _ in r), "nothing transcribed: the comparison is vacuous"
+    for engine, slots in ((one, slots_one), (two, slots_two)):
+        for slot in slots:
+            engine.release_slot(slot)
+        assert engine.slots_in_use() == 0
 
 
 def test_an_empty_step_returns_an_empty_result_through_its_stages(engines):
