@@ -19,9 +19,20 @@ import torch
 def to_device(array, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`array` (numpy array or list) as a tensor on `device`, queued without a synchronization.
     On the CPU the tensor may share the array's memory (as torch.from_numpy does)."""
-    host = torch.as_tensor(np.ascontiguousarray(array), dtype=dtype)
+    host = np.ascontiguousarray(array, dtype=None if dtype is None else _NUMPY_OF[dtype])
+    if dtype is None and not isinstance(array, np.ndarray) and host.dtype == np.float64:
+        host = host.astype(np.float32)  # a list of floats: torch's default dtype, as torch.as_tensor gives
     if device.type != "cuda":
-        return host.to(device)
-    if host.numel() == 0:  # nothing to copy: no pinned block to ask for
-        return torch.empty(host.shape, dtype=host.dtype, device=device)
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.from_numpy(host).to(device)
+    pinned = torch.empty(host.shape, dtype=dtype or torch.from_numpy(host[:0].reshape(-1)).dtype, pin_memory=True)
+    if host.size:
+        # numpy's copy, on this thread: torch's own copy into the pinned block runs on its
+        # intra-op pool, whose threads then spin. On the H200 that cost the engine process
+        # about 5 cores at 1,536 streams and slowed the step (bench/RESULTS.md, run 24).
+        pinned.numpy()[...] = host
+    return pinned.to(device, non_blocking=True)
+
+
+_NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+             torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
+             torch.uint8: np.uint8, torch.bool: np.bool_}

@@ -514,12 +514,16 @@ class StepRun:
         self.stage: str | None = None
         self.result: StepResult | None = None
         self.finished = False
+        self._queued: torch.cuda.Event | None = None  # recorded behind the work queued at QUEUED
 
     def advance(self) -> bool:
         if self.finished:
             return False
         try:
             self.stage = next(self._stages)
+            if self.stage == QUEUED and self._engine.device.type == "cuda":
+                self._queued = torch.cuda.Event()
+                self._queued.record()
             return True
         except StopIteration as done:
             self.result = done.value
@@ -531,6 +535,12 @@ class StepRun:
                 torch.cuda.empty_cache()  # the failed step's blocks go back before the retry
             raise EngineOverloadedError(f"out of device memory at batch size {self._rows}: {exc}",
                                         batch_size=self._rows) from exc
+
+
+    def device_busy(self) -> bool:
+        """At QUEUED: whether the device is still running the work queued so far (asking does
+        not wait). False on the CPU, where queued work has already run."""
+        return self.stage == QUEUED and self._queued is not None and not self._queued.query()
 
 
 def _no_wait() -> None:

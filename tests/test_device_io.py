@@ -17,3 +17,11 @@ def test_values_and_dtypes():
     assert mask.dtype == torch.bool and mask.tolist() == [True, False]
     empty = to_device(np.zeros(0, dtype=np.int64), torch.device("cpu"))
     assert empty.shape == (0,) and empty.dtype == torch.int64
+
+
+def test_lists_and_conversions_match_torch_as_tensor():
+    for value, dtype in (([1.5, 2.0], None), ([1, 2], None), ([True, False], None), (np.arange(3), torch.int32),
+                         (np.array([0.5, 1.5], dtype=np.float64), torch.float16), (np.zeros((2, 3), np.float32), None)):
+        got = to_device(value, torch.device("cpu"), dtype)
+        want = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value, dtype=dtype)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (value, dtype)

@@ -437,3 +437,48 @@ async def test_a_step_failing_in_its_host_part_leaves_the_next_step_begun_meanwh
         assert worker.slots_in_use() == 0
     finally:
         worker.close()
+
+
+def test_while_the_device_is_busy_the_child_keeps_taking_messages_until_it_is_not():
+    """_ReadAhead.during_step: a message that arrives after the step was queued, while the
+    device still runs it, is taken then (here a slot claim, applied at once), not after the
+    step; and once the device is done it stops waiting though nothing came."""
+    import socket
+    import time
+
+    from server.runtime import wire as w
+    from server.runtime.engine_worker import _ChildSlots, _Link, _ReadAhead
+
+    class Run:  # a step at QUEUED whose device work lasts until `until`
+        def __init__(self, seconds):
+            self.until = time.monotonic() + seconds
+
+        def device_busy(self):
+            return time.monotonic() < self.until
+
+    class Staged(FakeEngine):  # an engine with stages, as far as the read-ahead asks
+        def start_step(self, work):
+            raise AssertionError("not reached")
+
+        def prepare(self, plan):
+            raise AssertionError("not reached")
+
+    parent, child = socket.socketpair()
+    try:
+        engine = Staged(capacity=4)
+        slots = _ChildSlots(engine)
+        ahead = _ReadAhead(_Link(child, w.TO_WORKER), engine, slots, {})
+        sender = threading.Timer(0.05, lambda: parent.sendall(w.encode_frame([w.Claim(slot=2)])))
+        sender.start()
+        t0 = time.monotonic()
+        ahead.during_step(Run(0.4))
+        waited = time.monotonic() - t0
+        sender.join()
+        assert slots.to_child[2] >= 0, "the claim that came while the device was busy was not taken"
+        assert 0.3 <= waited < 5.0, waited  # it waited for the device, and no longer
+        t0 = time.monotonic()
+        ahead.during_step(Run(0.0))
+        assert time.monotonic() - t0 < 0.3
+    finally:
+        parent.close()
+        child.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 import numpy as np
 import pytest
@@ -349,3 +350,53 @@ async def test_config_validation():
         SchedulerConfig(pipeline_depth=0)
     with pytest.raises(ValueError):
         SchedulerConfig(batch_wait_s=-1)
+
+
+class _WorkerLikeEngine(FakeEngine):
+    """The fake engine behind `step_async`, as the engine worker offers it: steps run one at a
+    time on one thread; `submitted` counts the steps the scheduler has handed over."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._thread = concurrent.futures.ThreadPoolExecutor(1)
+        self.submitted: list[int] = []  # rows of each step handed over
+
+    async def step_async(self, plan):
+        self.submitted.append(len(plan.chunks))
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.step, plan)
+
+
+@pytest.mark.parametrize("overlap_at", [0.5, 1.0])
+async def test_a_partial_batch_goes_behind_a_running_step_only_with_overlap(overlap_at):
+    """With an engine in another process, the next step is sent before the running one ends
+    (the worker prepares it meanwhile), though its batch is not full; with overlap_at >= 1 only
+    a full batch would be. Either way every transcript is the stream's own."""
+    engine = _WorkerLikeEngine(capacity=8, max_batch=8)
+    audios = [make_audio(40 + i, engine.geometry.samples_needed(2)) for i in range(3)]
+    expected = [transcribe_alone(engine, a) for a in audios]
+    sched = await started(engine, batch_wait_s=0, overlap_at=overlap_at)
+    first = sched.open_stream(label="first")
+    engine.gate.clear()  # hold the engine inside the first step
+    task = asyncio.gather(collect(first), feed(first, audios[0], 1))
+    await wait_for(lambda: len(engine.submitted) == 1, "the first step to be handed over")
+    others = [sched.open_stream(label=f"s{i}") for i in (1, 2)]
+    tasks = [asyncio.gather(collect(h), feed(h, audios[i], i)) for i, h in zip((1, 2), others)]
+    if overlap_at < 1:
+        await wait_for(lambda: len(engine.submitted) == 2, "a second step behind the running one")
+        assert engine.submitted[1] < engine.max_batch
+    else:
+        await asyncio.sleep(0.3)
+        assert len(engine.submitted) == 1, engine.submitted
+    engine.gate.set()
+    results = await asyncio.gather(task, *tasks)
+    for (events, _), want in zip(results, expected):
+        assert events[-1].is_final and events[-1].transcript == want
+    await sched.stop()
+    for h in [first, *others]:
+        h.close()
+    assert engine.violations == [] and engine.slots_in_use() == 0
+
+
+async def test_overlap_config_is_checked():
+    with pytest.raises(ValueError):
+        SchedulerConfig(overlap_at=-0.1)

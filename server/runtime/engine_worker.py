@@ -169,6 +169,11 @@ class _Link:
             self._ready.extend(messages)
         return self._ready.popleft() if self._ready else NOTHING
 
+    def wait_readable(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for bytes to arrive (returns at once with a message decoded)."""
+        if not self._ready:
+            select.select([self.sock], [], [], timeout)
+
     def send(self, message: w.Message) -> None:
         self.sock.sendall(w.encode_frame([message]))
 
@@ -488,7 +493,7 @@ def _finish(current: _Started, engine, ahead: "_ReadAhead", slots: "_ChildSlots"
         run = current.run
         if ahead.stages:
             if run.stage == QUEUED:
-                ahead.during_step()
+                ahead.during_step(run)
                 run.advance()
             if run.stage == DEVICE_DONE:
                 nxt = ahead.start_next()
@@ -571,9 +576,13 @@ class _ReadAhead:
             return _Started(message, early.got, began, early.plan, error=exc)
         return _Started(message, early.got, began, early.plan, run)
 
-    def during_step(self) -> None:
+    def during_step(self, run) -> None:
+        """While `run` (at QUEUED) keeps the device busy, take the messages that arrive, until a
+        step is among them: the parent sends the next step before this one ends (the
+        scheduler's `overlap_at`), and it is prepared here, on the host, while the device works."""
         if not self.prepares or self._backlog or self._broken is not None:
             return
+        busy = getattr(run, "device_busy", None)
         while True:
             try:
                 message = self.link.poll()
@@ -581,7 +590,10 @@ class _ReadAhead:
                 self._broken = exc
                 return
             if message is NOTHING:
-                return
+                if busy is None or not busy():
+                    return
+                self.link.wait_readable(DURING_STEP_POLL_S)
+                continue
             if type(message) is w.Claim or type(message) is w.Release:
                 _apply_slot_message(message, self.slots)
                 continue
@@ -595,6 +607,11 @@ class _ReadAhead:
                     early.error = exc
             self._backlog.append((message, early))
             return
+
+
+# How long the child waits for the next step's message at a time while the device is busy: the
+# device's state is asked again after each wait.
+DURING_STEP_POLL_S = 0.0005
 
 # -- parent --------------------------------------------------------------------------------------
 _ERRORS = {"BadChunkError": BadChunkError, "StreamStateLostError": StreamStateLostError}
