@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from engines.device_io import to_device
+from engines.row_gather import gather_rows
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ class SlotPool:
         for name, t in self.tensors.items():
             dim = self.specs[name].slot_dim
             if name in into:
-                rows = torch.index_select(t, dim, index, out=into[name])
+                rows = into[name]
+                if dim != 1 or not gather_rows(t, index, rows):  # engines/row_gather.py: why
+                    torch.index_select(t, dim, index, out=rows)
             elif name in self.heads:
                 rows = self._gather_ring(name, t, dim, index)
             else:

@@ -147,3 +147,38 @@ def test_a_step_queues_its_work_up_to_the_decode_without_waiting_for_the_device(
         for s in slots:
             engine.release_slot(s)
     assert reached, "the step never reached its decode loop"
+
+
+def test_the_slot_rows_block_copy_equals_index_select_and_is_faster():
+    """engines/row_gather.py on the device, at the 0.6B model's attention-cache shape (24 layers,
+    rows of 70 frames x 2048, float16) into the encoder buffer's strided layout: the same bytes
+    as index_select, and its time beside index_select's (recorded, not asserted: a figure)."""
+    from engines import row_gather
+
+    assert row_gather.triton is not None, "Triton is missing from this PyTorch build"
+    L, S, C, D, n, T = 24, 600, 70, 2048, 256, 2
+    src = torch.randn(L, S, C, D, dtype=torch.float16, device="cuda")
+    buffer = torch.zeros(L, 320, C + T, D, dtype=torch.float16, device="cuda")
+    out = buffer[:, :n, :C]
+    index = torch.randperm(S, device="cuda")[:n]
+    assert row_gather.gather_rows(src, index, out)
+    assert torch.equal(out, src.index_select(1, index))
+    assert torch.count_nonzero(buffer[:, :n, C:]) == 0 and torch.count_nonzero(buffer[:, n:]) == 0
+
+    def ms(fn, reps=10):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
+    block = ms(lambda: row_gather.gather_rows(src, index, out))
+    select = ms(lambda: torch.index_select(src, 1, index, out=out))
+    gbytes = 2 * out.numel() * out.element_size() / 1e9
+    record("row_gather_256_rows", {"block_copy_ms": round(block, 3), "index_select_ms": round(select, 3),
+                                   "block_copy_GBps": round(gbytes / block * 1e3, 1),
+                                   "index_select_GBps": round(gbytes / select * 1e3, 1)})

@@ -1,0 +1,54 @@
+"""engines/row_gather.py: the block copy of slot rows into a strided buffer equals
+index_select. On a machine without a GPU it runs under Triton's interpreter, where Triton is
+installed (PyTorch's CPU wheels do not bring it); the GPU suite runs it on the device
+(tests/gpu/test_gpu_fast_cudagraph.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from engines import row_gather
+
+CHECK = textwrap.dedent("""
+    import torch
+    from engines import row_gather
+    torch.manual_seed(0)
+    L, S, C, D = 3, 7, 5, 6
+    src = torch.randn(L, S, C, D, dtype=torch.float16)
+    big = torch.zeros(L, 9, C + 2, D, dtype=torch.float16)   # room for new frames: strided rows
+    out = big[:, :4, :C]
+    index = torch.tensor([6, 0, 3, 3], dtype=torch.int64)
+    assert row_gather.usable(src, out)
+    assert row_gather.gather_rows(src, index, out)
+    assert torch.equal(out, src.index_select(1, index))
+    assert torch.count_nonzero(big[:, :4, C:]) == 0 and torch.count_nonzero(big[:, 4:]) == 0  # nothing else written
+    assert not row_gather.usable(src, big[:, :4, :C, :3])  # pieces not contiguous: the caller's index_select
+    assert not row_gather.gather_rows(src.float(), index, out)  # dtypes differ
+    print("ok")
+""")
+
+
+def test_block_copy_equals_index_select_under_the_interpreter():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton is not installed (PyTorch's CPU wheels do not bring it); the GPU suite runs the kernel")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_without_a_device_or_interpreter_it_declines_and_the_caller_keeps_index_select():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter is on in this process")
+    src = torch.randn(2, 3, 4)
+    out = torch.empty(2, 2, 4)
+    assert not row_gather.usable(src, out)
+    assert not row_gather.gather_rows(src, torch.tensor([2, 0]), out)
