@@ -14,6 +14,8 @@ returns False and the caller keeps index_select.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 try:  # present with PyTorch's CUDA wheels; not needed on the CPU
@@ -22,7 +24,9 @@ try:  # present with PyTorch's CUDA wheels; not needed on the CPU
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
+log = logging.getLogger(__name__)
 BLOCK = 4096  # elements per program: 8 KB of float16, enough to keep the loads wide
+_failed: str | None = None  # why the kernel failed, once it has
 
 
 def usable(src: torch.Tensor, out: torch.Tensor) -> bool:
@@ -39,16 +43,24 @@ def usable(src: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> bool:
-    """out[:, r] = src[:, index[r]] for every row r; False (nothing done) where `usable` is not."""
-    if not usable(src, out) or index.dim() != 1 or index.numel() != out.shape[1]:
+    """out[:, r] = src[:, index[r]] for every row r; False (nothing done) where `usable` is not,
+    or where the kernel could not be built or launched (then never again in this process: the
+    caller's index_select serves, slower, rather than the step failing)."""
+    global _failed
+    if _failed is not None or not usable(src, out) or index.dim() != 1 or index.numel() != out.shape[1]:
         return False
     L, n = out.shape[0], out.shape[1]
     piece = out[0, 0].numel() if n else 0
     if n == 0 or L == 0 or piece == 0:
         return True
     grid = (L * n, triton.cdiv(piece, BLOCK))
-    _gather_rows_kernel[grid](src, out, index, n, piece, src.stride(0), src.stride(1), out.stride(0),
-                              out.stride(1), BLOCK=BLOCK)
+    try:
+        _gather_rows_kernel[grid](src, out, index, n, piece, src.stride(0), src.stride(1), out.stride(0),
+                                  out.stride(1), BLOCK=BLOCK)
+    except Exception as exc:  # noqa: BLE001 - a compiler or driver problem: fall back, say so once
+        _failed = f"{type(exc).__name__}: {exc}"
+        log.warning("the Triton row copy failed; index_select serves instead", extra={"error": _failed[:500]})
+        return False
     return True
 
 

@@ -52,3 +52,25 @@ def test_without_a_device_or_interpreter_it_declines_and_the_caller_keeps_index_
     out = torch.empty(2, 2, 4)
     assert not row_gather.usable(src, out)
     assert not row_gather.gather_rows(src, torch.tensor([2, 0]), out)
+
+
+def test_a_kernel_that_fails_leaves_the_copy_to_index_select(monkeypatch):
+    """A compiler or driver failure at the first launch: gather_rows declines from then on and
+    the caller keeps index_select (engines/slot_pool.py)."""
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no compiler here")
+            return launch
+
+    monkeypatch.setattr(row_gather, "usable", lambda src, out: True)
+    monkeypatch.setattr(row_gather, "triton", type("T", (), {"cdiv": staticmethod(lambda a, b: -(-a // b))}))
+    monkeypatch.setattr(row_gather, "_gather_rows_kernel", Broken(), raising=False)
+    monkeypatch.setattr(row_gather, "_failed", None)
+    src = torch.randn(2, 5, 3, 4)
+    out = torch.zeros(2, 3, 3, 4)
+    assert not row_gather.gather_rows(src, torch.tensor([4, 1, 0]), out)
+    assert row_gather._failed and "no compiler here" in row_gather._failed
+    assert not row_gather.gather_rows(src, torch.tensor([4, 1, 0]), out)  # not tried again
+    assert torch.count_nonzero(out) == 0
