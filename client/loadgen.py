@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--model", default="", help="model name to request (default: the server's)")
     s.add_argument("--lookahead-ms", type=int, default=0, help="lookahead to request (0: the server's)")
     s.add_argument("--workers", type=int, default=1, help="load-generator processes (each owns a share of streams)")
-    s.add_argument("--channels", type=int, default=0, help="gRPC connections per worker (0: one per 100 streams)")
+    s.add_argument("--channels", type=int, default=0, help="gRPC connections per worker (0: one per 25 streams, at most 64)")
     s.add_argument("--cooldown-s", type=float, default=1.0, help="pause between levels")
     s.add_argument("--stream-timeout-s", type=float, default=0.0, help="gRPC deadline per stream (0: none)")
     s.add_argument("--level-grace-s", type=float, default=120.0,

@@ -47,7 +47,14 @@ from proto import asr_stream_pb2_grpc as pb_grpc
 
 _ENCODING = {"PCM16": pb.PCM16, "FLOAT32": pb.FLOAT32}
 _COVER_EPS_S = 1e-4          # float slack when comparing audio_processed with a message's end
-_STREAMS_PER_CHANNEL = 100    # HTTP/2 connections: one per this many streams (auto mode)
+# HTTP/2 connections: one per this many streams (auto mode), at most _MAX_AUTO_CHANNELS per worker.
+# A server with --frontends spreads connections, not streams, over its frontend processes (the
+# kernel's SO_REUSEPORT hash), so few connections load them unevenly: on the H200 with one
+# per 100 streams (8 workers, 24 connections at 2,133 streams) one frontend's event loop ran at
+# 0.96 of a core while another's ran at 0.25, and that frontend's streams timed out (run 26,
+# bench/RESULTS.md). Callers behind a voice agent open one connection per call.
+_STREAMS_PER_CHANNEL = 25
+_MAX_AUTO_CHANNELS = 64
 _LAG_PERIOD_S = 0.01
 
 
@@ -62,7 +69,7 @@ class RunOptions:
     lookahead_ms: int = 0
     stream_timeout_s: float | None = None   # gRPC deadline per stream; None: none
     right_context_ms: float = 6.0           # audio the server needs past a chunk's end (response latency)
-    channels: int = 0                       # connections per worker; 0: one per 100 streams
+    channels: int = 0                       # connections per worker; 0: one per 25 streams
     label: str = "loadgen"
     # Endpointing settings (EndpointingConfig fields; 0: the server's default); None: off.
     endpointing: tuple[tuple[str, float], ...] | None = None
@@ -423,6 +430,11 @@ async def _lag_monitor(samples: list[float], stop: asyncio.Event) -> None:
         samples.append(1e3 * max(time.monotonic() - t - _LAG_PERIOD_S, 0.0))
 
 
+def auto_channels(streams: int) -> int:
+    """A worker's connections for `streams` streams when --channels is not given."""
+    return max(1, min(_MAX_AUTO_CHANNELS, math.ceil(streams / _STREAMS_PER_CHANNEL)))
+
+
 def make_channels(target: str, count: int, balance: bool = False) -> list[grpc.aio.Channel]:
     # A local subchannel pool and a distinct argument per channel: separate TCP connections.
     # Several servers (or `balance`): each channel balances its streams over all of them.
@@ -442,7 +454,7 @@ async def run_share(level: LevelSpec, worker: int, workers: int, prepared: list[
         return ShareResult(worker=worker, streams=[], chunk_latency_ms=[], response_latency_ms=[],
                            response_latency_negative=0, loop_lag_ms=[], wake_late_ms=[], write_ms=[], cpu_s=0.0,
                            wall_s=0.0, first_start_wall=level.start_wall, last_end_wall=level.start_wall, pid=os.getpid())
-    n_channels = opts.channels or max(1, min(16, math.ceil(len(indices) / _STREAMS_PER_CHANNEL)))
+    n_channels = opts.channels or auto_channels(len(indices))
     channels = make_channels(opts.target, n_channels, opts.balance)
     stubs = [pb_grpc.SpeechRecognitionStub(c) for c in channels]
     stats = _ShareStats()

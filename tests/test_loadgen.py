@@ -316,3 +316,12 @@ def test_the_report_reads_the_share_of_steps_prepared_ahead():
     after = parse_metrics(generate_latest(m.registry).decode())
     sm = server_delta(before, after, wall_s=1.0)
     assert sm["steps"] == 4 and sm["steps_prepared_ahead_share"] == 0.75
+
+
+def test_a_worker_opens_a_connection_per_25_streams_so_frontends_share_the_load():
+    """A server's frontend processes share connections, not streams (SO_REUSEPORT): a worker
+    carrying hundreds of streams opens many connections (run 26: with one per 100, one frontend
+    of four carried four times another's load)."""
+    from client.loadgen_run import auto_channels
+    assert [auto_channels(n) for n in (1, 25, 26, 267, 500)] == [1, 1, 2, 11, 20]
+    assert auto_channels(100_000) == 64
