@@ -227,25 +227,56 @@ _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
 
 
 def open_channel(target: str | Sequence[str], credentials: Credentials = Credentials(), aio: bool = False,
-                 balance: bool = False):
+                 balance: bool = False, own_connection: int | None = None):
     """A sync (or grpc.aio) channel to `target`, over TLS when the credentials ask for it.
     Several servers ("a:1,b:2" or a list), or `balance` with one name, give a channel that
-    places each call on the next healthy server (client.balancing)."""
+    places each call on the next healthy server (client.balancing). `own_connection` (a
+    number) gives the channel TCP connections of its own, not shared with other channels."""
     module = grpc.aio if aio else grpc
     target, balancing = channel_target(target, balance)
     options = _CHANNEL_OPTIONS + balancing + credentials.options()
+    if own_connection is not None:
+        options = options + [("grpc.use_local_subchannel_pool", 1), ("nemostream.connection", own_connection)]
     if credentials.secure:
         return module.secure_channel(target, credentials.channel_credentials(), options=options)
     return module.insecure_channel(target, options=options)
 
 
+class _Connections:
+    """A client's channels and stubs: one, or `count` with TCP connections of their own, each
+    call on the next (round robin). A server with several frontend processes spreads
+    connections over them, not calls, so a client carrying many streams at once opens several
+    connections (`connections=`) to load them evenly."""
+
+    def __init__(self, target, credentials: Credentials, aio: bool, balance: bool, count: int, channel):
+        if count < 1:
+            raise ValueError(f"connections must be >= 1, got {count}")
+        if channel is not None and count != 1:
+            raise ValueError("give either a channel or a number of connections")
+        if channel is not None:
+            self.channels = [channel]
+        elif count == 1:
+            self.channels = [open_channel(target, credentials, aio=aio, balance=balance)]
+        else:
+            self.channels = [open_channel(target, credentials, aio=aio, balance=balance, own_connection=i)
+                             for i in range(count)]
+        self.stubs = [pb_grpc.SpeechRecognitionStub(c) for c in self.channels]
+        self._turn = itertools.cycle(range(len(self.stubs)))
+
+    def stub(self) -> pb_grpc.SpeechRecognitionStub:
+        return self.stubs[next(self._turn)]
+
+
 class AsrClient:
     def __init__(self, target: str | Sequence[str], *, channel: grpc.Channel | None = None, timeout: float | None = None,
-                 credentials: Credentials = Credentials(), balance: bool = False):
-        self._channel = channel or open_channel(target, credentials, balance=balance)
-        self._stub = pb_grpc.SpeechRecognitionStub(self._channel)
+                 credentials: Credentials = Credentials(), balance: bool = False, connections: int = 1):
+        self._connections = _Connections(target, credentials, False, balance, connections, channel)
         self._metadata = credentials.metadata()
         self.timeout = timeout
+
+    @property
+    def _stub(self) -> pb_grpc.SpeechRecognitionStub:
+        return self._connections.stub()
 
     def __enter__(self) -> AsrClient:
         return self
@@ -254,7 +285,8 @@ class AsrClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._connections.channels:
+            channel.close()
 
     def stream(self, chunks: Iterable[bytes | np.ndarray], *, sample_rate: int = 0, encoding: str | None = None,
                options: StreamOptions = StreamOptions(), realtime: bool = False,
@@ -329,11 +361,14 @@ class AsyncAsrClient:
     """
 
     def __init__(self, target: str | Sequence[str], *, channel: grpc.aio.Channel | None = None, timeout: float | None = None,
-                 credentials: Credentials = Credentials(), balance: bool = False):
-        self._channel = channel or open_channel(target, credentials, aio=True, balance=balance)
-        self._stub = pb_grpc.SpeechRecognitionStub(self._channel)
+                 credentials: Credentials = Credentials(), balance: bool = False, connections: int = 1):
+        self._connections = _Connections(target, credentials, True, balance, connections, channel)
         self._metadata = credentials.metadata()
         self.timeout = timeout
+
+    @property
+    def _stub(self) -> pb_grpc.SpeechRecognitionStub:
+        return self._connections.stub()
 
     async def __aenter__(self) -> AsyncAsrClient:
         return self
@@ -342,7 +377,8 @@ class AsyncAsrClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._connections.channels:
+            await channel.close()
 
     async def stream(self, chunks: Iterable[bytes | np.ndarray] | AsyncIterable[bytes | np.ndarray], *,
                      sample_rate: int = 0, encoding: str | None = None, options: StreamOptions = StreamOptions(),

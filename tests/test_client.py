@@ -167,3 +167,21 @@ async def test_cli_transcribe_and_models(tmp_path):
         assert code == 1 and "not a WAV file" in err
         code, out, err = await run_cli("models", "--server", target)
         assert code == 0 and "fake:hash" in out and "engine fake" in out and "RANDOM weights" in out
+
+
+async def test_connections_are_checked_and_taken_in_turn():
+    """`connections=N` opens N channels of their own and calls take them in turn; a given
+    channel and a number of connections together, or fewer than one, are refused."""
+    import grpc
+
+    with pytest.raises(ValueError):
+        AsrClient("127.0.0.1:1", connections=0)
+    with grpc.insecure_channel("127.0.0.1:1") as channel, pytest.raises(ValueError):
+        AsrClient("127.0.0.1:1", channel=channel, connections=2)
+    client = AsrClient("127.0.0.1:1", connections=3)
+    try:
+        stubs = client._connections.stubs
+        assert len({id(c) for c in client._connections.channels}) == 3
+        assert [client._stub for _ in range(6)] == stubs + stubs
+    finally:
+        client.close()

@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from client.loadgen_report import child_pids
+from client.sdk import AsyncAsrClient
 from proto import asr_stream_pb2_grpc as pb_grpc
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
@@ -83,6 +84,24 @@ async def test_connections_spread_over_the_frontends_and_every_stream_is_exact()
         assert m["asr_frontends_ready"] == 2 and m["asr_slots_in_use"] == 0 and m["asr_active_streams"] == 0
         assert m["asr_audio_seconds_total"] == pytest.approx(sum(c.size for c in clips) / RATE)
         assert m["asr_steps_total{engine=fake}"] > 0
+
+        # The SDK's client for many streams at once: `connections=` opens that many connections,
+        # its streams taking them in turn, so both frontends carry some (as above, all on one
+        # would happen with probability 2 / 2**16), and every transcript is exact.
+        async with AsyncAsrClient(f"127.0.0.1:{port}", connections=STREAMS) as client:
+            assert len(client._connections.channels) == STREAMS
+
+            async def sdk(i: int):
+                return [f.transcript async for r in client.stream([clips[i].tobytes()], sample_rate=RATE,
+                                                                  encoding="PCM16") for f in r.finals]
+
+            finals = await asyncio.gather(*(sdk(i) for i in range(STREAMS)))
+        assert finals == [[e] for e in expected]
+        await wait_for(lambda: scrape(metrics_port).get("asr_rpcs_total{code=OK,method=StreamingRecognize}")
+                       == 2 * STREAMS, "the frontends' RPC counts to reach the engine process")
+        later = {k: v for k, v in scrape(metrics_port).items() if k.startswith("asr_frontend_streams_total")}
+        added = {k: later[k] - per_frontend.get(k, 0) for k in later}
+        assert sum(added.values()) == STREAMS and len(added) == 2 and min(added.values()) >= 1, added
     finally:
         await stop(proc)
 
