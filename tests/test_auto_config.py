@@ -19,6 +19,7 @@ from engines.capacity import (GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, 
 from engines.config import EngineConfig
 from server.service.auto_config import (CORES_PER_FRONTEND, ENGINE_CORES, MAX_AUTO_FRONTENDS, auto_frontends,
                                 cgroup_cpu_limit, engine_sizing_kwargs, int_or_auto, resolve_frontends, usable_cpus)
+from server.scheduling.scheduler import SchedulerConfig
 from server.service.cli import parse_args
 
 GIB = 1 << 30
@@ -413,3 +414,11 @@ async def test_a_real_server_reports_its_measured_batch():
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 60)
+
+
+def test_overlap_at_reaches_the_scheduler_and_is_checked():
+    from server.service.cli import build_settings
+    assert build_settings(parse_args([])).scheduler.overlap_at == SchedulerConfig.overlap_at
+    assert build_settings(parse_args(["--overlap-at", "0.3"])).scheduler.overlap_at == 0.3
+    with pytest.raises(ValueError):
+        build_settings(parse_args(["--overlap-at", "-1"]))
