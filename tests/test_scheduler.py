@@ -400,3 +400,29 @@ async def test_a_partial_batch_goes_behind_a_running_step_only_with_overlap(over
 async def test_overlap_config_is_checked():
     with pytest.raises(ValueError):
         SchedulerConfig(overlap_at=-0.1)
+
+
+@pytest.mark.parametrize("min_arrivals", [1.0, 0.0])
+async def test_a_lone_chunk_at_low_load_does_not_wait_for_company(min_arrivals):
+    """One stream: its chunk goes to the idle engine at once, though the batching deadline is
+    long (0.6 s here); with wait_min_arrivals=0 (always wait) it waits that deadline."""
+    engine = FakeEngine(capacity=4, max_batch=4)
+    waits: list[float] = []
+
+    class Watch(SchedulerObserver):
+        def step_done(self, batch_size, step_seconds, queue_waits, *args, **kwargs):
+            waits.extend(queue_waits)
+
+    sched = Scheduler(engine, SchedulerConfig(batch_wait_s=0.6, wait_min_arrivals=min_arrivals), observer=Watch())
+    await sched.start()
+    await sched.warmup()
+    handle = sched.open_stream(label="one")
+    await handle.push_audio(make_audio(7, engine.geometry.samples_needed(0)))
+    await wait_for(lambda: len(waits) >= 1, "the first step")
+    handle.close()
+    await sched.stop()
+    if min_arrivals:
+        assert waits[0] < 0.3, waits
+    else:
+        assert waits[0] >= 0.55, waits
+    assert engine.violations == []

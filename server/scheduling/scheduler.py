@@ -32,6 +32,7 @@ import numpy as np
 
 from engines.api import (EndpointingParams, EngineError, EngineState, StepPlan, StepResult, StepTimings,
                          StreamingEngine)
+from server.scheduling.arrival_rate import ArrivalRate
 from server.scheduling.loop_calls import call_soon_from_thread
 from server.scheduling.slot_books import SlotBooks, SlotStream
 from server.scheduling.step_batch import StepBatch, StepOutcome, form_batch, run_isolated
@@ -47,6 +48,10 @@ log = logging.getLogger("nemostream.scheduler")
 @dataclass(frozen=True)
 class SchedulerConfig:
     batch_wait_s: float = 0.005       # deadline from the oldest ready chunk to fill a batch
+    # ... kept only when at least this many chunks are expected meanwhile (the recent rate of
+    # chunks into steps x batch_wait_s); at lower load a partial batch goes at once
+    # (server/scheduling/arrival_rate.py). 0: always wait.
+    wait_min_arrivals: float = 1.0
     pipeline_depth: int = 2           # steps submitted to the engine thread at once
     # With a step running in an engine worker (an engine with step_async), the next step goes
     # behind it once it has run this share of the recent steps' time, full or not: the worker
@@ -74,6 +79,8 @@ class SchedulerConfig:
             raise ValueError("pipeline_depth must be >= 1")
         if self.overlap_at < 0:
             raise ValueError("overlap_at must be >= 0")
+        if self.wait_min_arrivals < 0:
+            raise ValueError("wait_min_arrivals must be >= 0")
         if self.response_buffer < 1:
             raise ValueError("response_buffer must be >= 1")
         if self.max_pending_seconds <= 0 or self.max_stream_seconds <= 0 or self.stall_timeout_s <= 0:
@@ -179,6 +186,7 @@ class Scheduler(StreamBooks):
         self._engine_free_at = 0.0              # when the engine finished its last step (step_async)
         self._running_since = 0.0               # when the step now running began (about)
         self._step_s = 0.0                      # the engine's recent step seconds (moving average)
+        self._arrivals = ArrivalRate()          # chunks into steps per second, recently
         self._last_progress = 0.0               # when a step last finished, or one was submitted to an idle engine
         self._slowest_step = 0.0                # the slowest recent step, decaying (the hang deadline's base)
         self._hang_task: asyncio.Task | None = None
@@ -524,15 +532,25 @@ class Scheduler(StreamBooks):
                 return None
             return max(0.0, self._running_since + self.config.overlap_at * self._step_s - now)
         oldest = self._books.oldest_queued_at()
-        return max(0.0, oldest + self.config.batch_wait_s - now)
+        return max(0.0, oldest + self._batch_wait(now) - now)
+
+    def _batch_wait(self, now: float) -> float:
+        """How long a partial batch for an idle engine waits for company: batch_wait_s when the
+        recent load brings at least wait_min_arrivals chunks in that time, else nothing."""
+        wait = self.config.batch_wait_s
+        if self._arrivals.per_second(now) * wait >= self.config.wait_min_arrivals:
+            return wait
+        return 0.0
 
     def _take_batch(self) -> tuple[StepBatch | None, list[float]]:
         return form_batch(self._books, self.max_batch, self._max_pending)
 
     def _submit(self, batch: StepBatch, queue_waits: list[float]) -> None:
+        now = time.monotonic()
         if self._steps_in_flight == 0:
-            self._last_progress = time.monotonic()  # the hang clock starts with the engine's work
-            self._running_since = self._last_progress
+            self._last_progress = now  # the hang clock starts with the engine's work
+            self._running_since = now
+        self._arrivals.add(len(batch.rows), now)
         self._steps_in_flight += 1
         task = asyncio.get_running_loop().create_task(
             self._complete_step(batch, self._run_step(batch), queue_waits))

@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n.add_argument("--max-audio-message-kb", type=float, default=1024, help="largest streamed audio message")
     s = p.add_argument_group("scheduling and limits")
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="deadline to fill a batch after the first ready chunk")
+    s.add_argument("--batch-wait-min-chunks", type=float, default=SchedulerConfig.wait_min_arrivals, metavar="N",
+                   help="wait --batch-wait-ms for a fuller batch only when the recent load brings at least N chunks "
+                        "in that time; at lower load a chunk goes at once (0: always wait)")
     s.add_argument("--overlap-at", type=float, default=SchedulerConfig.overlap_at, metavar="SHARE",
                    help="with the engine in its worker process: send the next step behind a running one once "
                         "that has run this share of the recent steps' time, so the worker prepares it while "
@@ -207,6 +210,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
                                                          per_client_bytes=int(args.recognize_max_client_mb * (1 << 20)),
                                                          per_server_bytes=int(args.recognize_max_server_mb * (1 << 20)))),
         scheduler=SchedulerConfig(batch_wait_s=args.batch_wait_ms / 1000.0, overlap_at=args.overlap_at,
+                                  wait_min_arrivals=args.batch_wait_min_chunks,
                                   max_stream_seconds=args.max_stream_seconds,
                                   response_buffer=args.response_buffer, max_pending_seconds=args.max_pending_s,
                                   stall_timeout_s=max(args.idle_timeout_s, 1.0),
