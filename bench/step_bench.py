@@ -12,6 +12,8 @@ ring (the commit writes a step's new frames) against whole windows, alternating 
 
   python bench/step_bench.py --model builtin:nemotron-0.6b --device cuda --dtype float16 \
       --engine fast-cudagraph --lookaheads 160,560 --batches 64,256,512 --ring both --repeats 3 --no-nemo
+
+`--feature-graphs both` does the same for the features' CUDA graphs (engines/features.py).
 """
 
 from __future__ import annotations
@@ -132,7 +134,10 @@ def main() -> None:
     ap.add_argument("--ring", choices=("on", "off", "both"), default="on",
                     help="the attention cache as a ring in the slot pool (engines with cache_shift_frames); "
                          "both: A/B, the two engines alternating on each batch")
-    ap.add_argument("--repeats", type=int, default=1, help="alternations per batch with --ring both")
+    ap.add_argument("--feature-graphs", choices=("on", "off", "both"), default="on",
+                    help="the features in a CUDA graph per batch bucket (engines/features.py FeatureGraphs; GPU and a "
+                         "bucketed encoder only); both: A/B, as --ring")
+    ap.add_argument("--repeats", type=int, default=1, help="alternations per batch with an A/B (--ring or --feature-graphs both)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS steps per batch under torch.profiler and print the top operators")
     ap.add_argument("--out", default=None)
@@ -153,11 +158,13 @@ def main() -> None:
                            max_batch=max(batches))
         encoder = (EagerEncoder(nemo.encoder) if args.engine == "eager"
                    else make_encoder_engine(args.engine, model, cfg, dev, dtype))
-        variants = {"on": [True], "off": [False], "both": [False, True]}[args.ring]
-        engines = {ring: StreamingEngine(model, encoder, la, capacity=max(batches), max_batch=max(batches),
-                                         device=dev, dtype=dtype, ring_cache=ring) for ring in variants}
+        choice = {"on": [True], "off": [False], "both": [False, True]}
+        # (ring cache, feature graphs) of each engine; an A/B alternates them on each batch
+        variants = [(ring, fg) for ring in choice[args.ring] for fg in choice[args.feature_graphs]]
+        engines = {v: StreamingEngine(model, encoder, la, capacity=max(batches), max_batch=max(batches),
+                                      device=dev, dtype=dtype, ring_cache=v[0], feature_graphs=v[1]) for v in variants}
         for b in batches:
-            runs: dict[bool, list[dict]] = {ring: [] for ring in variants}
+            runs: dict[tuple, list[dict]] = {v: [] for v in variants}
             for _ in range(args.repeats if len(variants) > 1 else 1):
                 for ring, engine in engines.items():
                     engine.sync_timings = True
@@ -171,10 +178,12 @@ def main() -> None:
                     runs[ring].append(run)
             if args.profile:
                 for ring, engine in engines.items():
-                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, ring {'on' if ring else 'off'}")
+                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, ring {'on' if ring[0] else 'off'}, "
+                                                                      f"feature graphs {'on' if ring[1] else 'off'}")
             nemo_ms = {} if args.no_nemo else bench_nemo(nemo, b, args.iters, args.warm, dev, dtype)
             for ring, engine in engines.items():
-                row = {"lookahead_ms": la, "batch": b, "ring_cache": engine.ring_cache}
+                row = {"lookahead_ms": la, "batch": b, "ring_cache": engine.ring_cache,
+                       "feature_graphs": engine.featurizer.graphs is not None}
                 row.update({k: statistics.median(r[k] for r in runs[ring]) for k in runs[ring][0]})
                 row.update(nemo_ms)
                 row["pool_bytes_per_slot"] = engine.pool.bytes_per_slot()
@@ -186,10 +195,12 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"\n{args.model} {dtype} on {gpu}, encoder engine {args.engine}; median of {args.iters} steady-state steps\n")
-    print("| lookahead | batch | ring | our step ms | " + " | ".join(PHASES) + " | NeMo conformer_stream_step ms | slot MB |")
-    print("|---|---|---|---|" + "---|" * len(PHASES) + "---|---|")
+    print("| lookahead | batch | ring | feature graphs | our step ms | " + " | ".join(PHASES)
+          + " | NeMo conformer_stream_step ms | slot MB |")
+    print("|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|")
     for r in rows:
-        print(f"| {r['lookahead_ms']} | {r['batch']} | {'on' if r['ring_cache'] else 'off'} | {r['step_ms']:.2f} | "
+        print(f"| {r['lookahead_ms']} | {r['batch']} | {'on' if r['ring_cache'] else 'off'} | "
+              f"{'on' if r['feature_graphs'] else 'off'} | {r['step_ms']:.2f} | "
               + " | ".join(f"{r[f'{n}_ms']:.2f}" for n in PHASES)
               + f" | {r.get('nemo_step_ms', float('nan')):.1f} | {r['pool_bytes_per_slot'] / 2**20:.2f} |")
     if args.out:

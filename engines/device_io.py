@@ -36,3 +36,18 @@ def to_device(array, device: torch.device, dtype: torch.dtype | None = None) -> 
 _NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
              torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
              torch.uint8: np.uint8, torch.bool: np.bool_}
+
+
+def copy_into(dst: torch.Tensor, array) -> None:
+    """Copy a host array into the device tensor `dst` (same shape) without a synchronization:
+    through a pinned block, as `to_device`, but into a buffer that already exists (a CUDA
+    graph's static input)."""
+    host = np.ascontiguousarray(array, dtype=_NUMPY_OF[dst.dtype])
+    if dst.device.type != "cuda":
+        dst.copy_(torch.from_numpy(host))
+        return
+    if host.size == 0:
+        return
+    pinned = torch.empty(host.shape, dtype=dst.dtype, pin_memory=True)
+    pinned.numpy()[...] = host
+    dst.copy_(pinned, non_blocking=True)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from engines.api import RowSamples
-from engines.device_io import to_device
+from engines.device_io import copy_into, to_device
 from engines.geometry import ChunkGeometry
 
 
@@ -66,6 +66,7 @@ class StreamingFeaturizer:
         self.history_len = 1 + g.stft_left_pad + g.right_context
         self.history = np.zeros((capacity, self.history_len), dtype=np.float32)
         self.samples_seen = np.zeros(capacity, dtype=np.int64)
+        self.graphs: FeatureGraphs | None = None  # set by the engine on a GPU (FeatureGraphs)
 
     def _framed(self, new: np.ndarray, first: bool) -> np.ndarray:
         lead = self.geometry.lead_in
@@ -157,15 +158,37 @@ class StreamingFeaturizer:
     def compute(self, windows: np.ndarray, audio_end: np.ndarray, starts: np.ndarray,
                 chunk_index: list[int]) -> FeatureBatch:
         g = self.geometry
-        dev = self.device
-        x = to_device(windows, dev)
-        B, W = x.shape
-        pos = to_device(starts, dev)[:, None] + torch.arange(1, W, device=dev)[None, :]
+        B = windows.shape[0]
+        end = np.where(audio_end < 0, np.iinfo(np.int64).max, audio_end)
+        # frames past the end of a finished stream are padding, as in NeMo's preprocessor
+        C = g.chunk_frames
+        valid = np.full(B, C, dtype=np.int64)
+        done = audio_end >= 0
+        if done.any():
+            frames = g.stft_frames_many(audio_end[done])
+            valid[done] = np.minimum(C, frames - np.asarray(chunk_index, dtype=np.int64)[done] * C)
+        graphs = self.graphs
+        if graphs is not None and B <= graphs.max_batch:
+            mel, valid_t = graphs.run(windows, starts, end, valid)
+        else:
+            dev = self.device
+            valid_t = to_device(valid, dev)
+            mel = self.mel(to_device(windows, dev), to_device(starts, dev), to_device(end, dev), valid_t)
+        return FeatureBatch(new_frames=mel, valid_frames=valid_t, valid_frames_host=valid)
+
+    def mel(self, x: torch.Tensor, starts: torch.Tensor, end: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The device part: windows [B, W] float32, each window's absolute first sample, the
+        stream's end in framed samples (int64 max while open) and the chunk's frames inside
+        the stream -> log-mel [B, n_mels, C]. Only tensor operations of fixed shapes: the
+        feature graphs capture it as it is."""
+        g = self.geometry
+        dev = x.device
+        W = x.shape[1]
+        pos = starts[:, None] + torch.arange(1, W, device=dev)[None, :]
         if self.preemph:
             y = x[:, 1:] - self.preemph * x[:, :-1]
         else:
             y = x[:, 1:].clone()
-        end = to_device(np.where(audio_end < 0, np.iinfo(np.int64).max, audio_end), dev)
         y = y.masked_fill((pos < 0) | (pos >= end[:, None]), 0.0)
         spec = torch.stft(y, n_fft=g.n_fft, hop_length=g.hop, win_length=self.window.shape[0],
                           window=self.window, center=False, return_complex=True)
@@ -178,14 +201,83 @@ class StreamingFeaturizer:
                 mel = torch.log(mel + self.guard_value)
             else:
                 mel = torch.log(torch.clamp(mel, min=self.guard_value))
-        # frames past the end of a finished stream are padding, as in NeMo's preprocessor
-        C = g.chunk_frames
-        valid = np.full(B, C, dtype=np.int64)
-        done = audio_end >= 0
-        if done.any():
-            frames = g.stft_frames_many(audio_end[done])
-            valid[done] = np.minimum(C, frames - np.asarray(chunk_index, dtype=np.int64)[done] * C)
-        valid_t = to_device(valid, dev)
-        frame_mask = torch.arange(C, device=dev)[None, :] >= valid_t[:, None]
-        mel = mel.masked_fill(frame_mask[:, None, :], self.pad_value)
-        return FeatureBatch(new_frames=mel, valid_frames=valid_t, valid_frames_host=valid)
+        frame_mask = torch.arange(g.chunk_frames, device=dev)[None, :] >= valid[:, None]
+        return mel.masked_fill(frame_mask[:, None, :], self.pad_value)
+
+
+class FeatureGraphs:
+    """`StreamingFeaturizer.mel` captured into one CUDA graph per batch bucket, replayed on
+    static input buffers: a step's features are one graph launch instead of about twenty
+    kernels queued one by one from Python, the host's work between two device runs of the
+    engine worker's overlap (server/runtime/engine_worker.py). A batch of n rows runs in the
+    smallest bucket >= n; rows past n hold whatever an earlier step left there (finite audio:
+    a bad chunk never reaches the features), and their outputs are not read. Outputs are views
+    into the graph's memory, valid until the next step's features: a step's device work that
+    reads them is queued before the next step's (the worker queues a step's device work only
+    once the step before it is on the device). `use_graphs=False` runs the same buffers
+    without capturing (tests on CPU)."""
+
+    def __init__(self, featurizer: StreamingFeaturizer, buckets: tuple[int, ...], use_graphs: bool = True):
+        self.featurizer = featurizer
+        self.buckets = tuple(sorted(set(buckets)))
+        self.max_batch = self.buckets[-1]
+        dev = featurizer.device
+        if use_graphs and dev.type != "cuda":
+            raise RuntimeError(f"feature graphs need a CUDA device, not {dev}")
+        n, C = self.max_batch, featurizer.geometry.chunk_frames
+        self.x = torch.zeros(n, featurizer.window_len, dtype=torch.float32, device=dev)
+        self.starts = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.end = torch.full((n,), np.iinfo(np.int64).max, dtype=torch.int64, device=dev)
+        self.valid = torch.full((n,), C, dtype=torch.int64, device=dev)
+        self.use_graphs = use_graphs
+        self.captures = 0
+        self.runs = 0
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        if use_graphs:
+            self._capture()
+
+    def _call(self, b: int) -> torch.Tensor:
+        return self.featurizer.mel(self.x[:b], self.starts[:b], self.end[:b], self.valid[:b])
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        dev = self.featurizer.device
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        for b in sorted(self.buckets, reverse=True):
+            with torch.cuda.stream(side):
+                for _ in range(2):  # cuFFT plans and the allocator settle before the capture
+                    self._call(b)
+            side.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=side):
+                out = self._call(b)
+            self._graphs[b] = graph
+            self._outputs[b] = out
+            self.captures += 1
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+
+    @torch.inference_mode()
+    def run(self, windows: np.ndarray, starts: np.ndarray, end: np.ndarray,
+            valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-mel [n, n_mels, C], valid frames [n] on the device) of a batch of n rows."""
+        n = windows.shape[0]
+        b = next(x for x in self.buckets if x >= n)
+        copy_into(self.x[:n], windows)
+        copy_into(self.starts[:n], starts)
+        copy_into(self.end[:n], end)
+        copy_into(self.valid[:n], valid)
+        if self.use_graphs:
+            self._graphs[b].replay()
+            out = self._outputs[b]
+        else:  # into a buffer kept per bucket, as the graph's output is: the same aliasing on the CPU
+            fresh = self._call(b)
+            out = self._outputs.get(b)
+            if out is None or out.shape != fresh.shape:
+                out = self._outputs[b] = torch.empty_like(fresh)
+            out.copy_(fresh)
+        self.runs += 1
+        return out[:n], self.valid[:n]

@@ -22,7 +22,7 @@ from engines.cudagraph_engine import batch_buckets
 from engines.device_io import to_device
 from engines.encoders import EncoderEngine
 from engines.endpointing import Endpointer, event_frames
-from engines.features import StreamingFeaturizer
+from engines.features import FeatureGraphs, StreamingFeaturizer
 from engines.geometry import ChunkGeometry
 from engines.models import LoadedModel
 from engines.rnnt_decoder import GreedyRNNTDecoder
@@ -50,7 +50,7 @@ def geometry_of(model: LoadedModel, lookahead_ms: int, align_chunks: bool = True
 class StreamingEngine:
     def __init__(self, model: LoadedModel, encoder: EncoderEngine, lookahead_ms: int, capacity: int,
                  max_batch: int, device: torch.device, dtype: torch.dtype, align_chunks: bool = True,
-                 utterance_reset: str = "keep", ring_cache: bool = True):
+                 utterance_reset: str = "keep", ring_cache: bool = True, feature_graphs: bool = True):
         self.model = model
         self.encoder_engine = encoder
         # Set by engines.factory.build_engine: configured vs running engine, self-check, fallback.
@@ -73,6 +73,16 @@ class StreamingEngine:
             eou_token=model.pieces[self.eou_id] if self.eou_id is not None else "")
         self.allocator = SlotAllocator(capacity)
         self.featurizer = StreamingFeaturizer(nemo.preprocessor.featurizer, self.geometry, capacity, device)
+        # On a GPU beside an encoder with batch buckets (its CUDA graphs), the features get a graph
+        # per bucket too (engines/features.py FeatureGraphs); one that cannot be captured leaves
+        # them eager. feature_graphs=False keeps them eager (A/B).
+        buckets = getattr(encoder, "buckets", None)
+        if feature_graphs and device.type == "cuda" and buckets:
+            try:
+                self.featurizer.graphs = FeatureGraphs(self.featurizer, tuple(buckets))
+            except Exception as exc:  # noqa: BLE001 - a capture problem costs speed, not service
+                log.warning("feature graphs not captured; features run eagerly",
+                            extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
         self.decoder = GreedyRNNTDecoder(nemo.decoder, nemo.joint, model.blank_id,
                                          max_symbols=_max_symbols(nemo), eou_id=self.eou_id)
         self.endpointer = Endpointer(capacity, 1e3 * self.geometry.encoder_frame_seconds, device)

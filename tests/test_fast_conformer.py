@@ -347,9 +347,13 @@ def test_two_steps_interleaved_in_stages_equal_the_steps_one_after_the_other(eng
     enc = eager.model.nemo_model.encoder
 
     def build():
+        from engines.features import FeatureGraphs
         graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4))
-        return StreamingEngine(eager.model, graph_eng, eager.geometry.lookahead_ms, capacity=16, max_batch=8,
-                               device=torch.device("cpu"), dtype=torch.float32)
+        engine = StreamingEngine(eager.model, graph_eng, eager.geometry.lookahead_ms, capacity=16, max_batch=8,
+                                 device=torch.device("cpu"), dtype=torch.float32)
+        # the features' per-bucket output buffers too, as on a GPU
+        engine.featurizer.graphs = FeatureGraphs(engine.featurizer, graph_eng.buckets, use_graphs=False)
+        return engine
 
     g = eager.geometry
     clips = [speechlike_audio(1.6 + 0.2 * i, seed=70 + i) for i in range(6)]
@@ -398,3 +402,26 @@ def test_an_empty_step_returns_an_empty_result_through_its_stages(engines):
     run = fast.start_step(StepPlan(()))
     assert not run.advance() and not run.advance()  # finished, and stays so
     assert run.result is not None and run.result.updates == ()
+
+
+def test_feature_graphs_path_gives_the_streams_their_own_tokens(engines, audios, eager_alone):
+    """engines/features.py FeatureGraphs on CPU (its static buffers and per-bucket outputs, no
+    capture), beside the graph engine's buffers: mixed batches of 1..8 rows in buckets 2, 4, 8,
+    reused slots, and two steps interleaved as the worker's overlap runs them, still each
+    stream's tokens alone and encoder outputs within 1e-4."""
+    from engines.features import FeatureGraphs
+
+    eager, _ = engines
+    enc = eager.model.nemo_model.encoder
+    graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4))
+    engine = StreamingEngine(eager.model, graph_eng, eager.geometry.lookahead_ms, capacity=16, max_batch=8,
+                             device=torch.device("cpu"), dtype=torch.float32)
+    assert engine.featurizer.graphs is None  # captured only on a GPU
+    engine.featurizer.graphs = FeatureGraphs(engine.featurizer, graph_eng.buckets, use_graphs=False)
+    for round_ in range(2):
+        mixed = run_streams(engine, audios, seed=11 + round_, start_step={sid: i % 3 for i, sid in enumerate(audios)})
+        for sid, ref in eager_alone.items():
+            assert mixed[sid].tokens == ref.tokens, (round_, sid)
+            for a, b in zip(mixed[sid].encoded, ref.encoded):
+                _assert_close(a, b, sid)
+    assert engine.featurizer.graphs.runs > 0

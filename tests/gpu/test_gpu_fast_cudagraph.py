@@ -182,3 +182,30 @@ def test_the_slot_rows_block_copy_equals_index_select_and_is_faster():
     record("row_gather_256_rows", {"block_copy_ms": round(block, 3), "index_select_ms": round(select, 3),
                                    "block_copy_GBps": round(gbytes / block * 1e3, 1),
                                    "index_select_GBps": round(gbytes / select * 1e3, 1)})
+
+
+def test_feature_graphs_are_captured_per_bucket_and_equal_the_eager_features():
+    """engines/features.py FeatureGraphs on the device: one graph per encoder bucket, captured
+    at start-up, and a batch's log-mel from its graph equals the eager computation's (float32
+    on both sides), at batch sizes inside and between buckets, open and finished streams."""
+    import numpy as np
+
+    engine = build_on("builtin:demo", "fast-cudagraph", "float16")
+    graphs = engine.featurizer.graphs
+    assert graphs is not None and graphs.use_graphs
+    assert graphs.captures == len(engine.encoder_engine.buckets)
+    f = engine.featurizer
+    rng = np.random.default_rng(3)
+    C = engine.geometry.chunk_frames
+    for n in (1, 3, 8, 37, graphs.max_batch):
+        windows = (rng.standard_normal((n, f.window_len)) * 0.1).astype(np.float32)
+        starts = rng.integers(-f.window_len, 10 * f.window_len, n).astype(np.int64)
+        end = np.where(rng.random(n) < 0.3, starts + rng.integers(1, f.window_len, n), np.iinfo(np.int64).max)
+        valid = np.where(end < np.iinfo(np.int64).max, rng.integers(0, C + 1, n), C).astype(np.int64)
+        got, got_valid = graphs.run(windows, starts, end, valid)
+        dev = f.device
+        want = f.mel(torch.as_tensor(windows, device=dev), torch.as_tensor(starts, device=dev),
+                     torch.as_tensor(end, device=dev), torch.as_tensor(valid, device=dev))
+        assert torch.equal(got_valid.cpu(), torch.as_tensor(valid))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert graphs.captures == len(engine.encoder_engine.buckets)  # nothing captured while running
