@@ -546,7 +546,6 @@ class StepRun:
             raise EngineOverloadedError(f"out of device memory at batch size {self._rows}: {exc}",
                                         batch_size=self._rows) from exc
 
-
     def device_busy(self) -> bool:
         """At QUEUED: whether the device is still running the work queued so far (asking does
         not wait). False on the CPU, where queued work has already run."""
