@@ -20,7 +20,9 @@ def _level(c: int, p95: float, cores: float) -> dict:
             "response_latency_ms": lat, "final_latency_ms": lat, "throughput": {"rtfx": 0.9 * c},
             "passes_target": {"chunk": p95 <= 160, "response": p95 <= 160},
             "loadgen": {"bottleneck": False, "cpu_util": [0.1], "loop_lag_ms": {"p99": 1.0}},
-            "server_process": {"cores": cores / 2, "main_thread_cores": 0.1, "cores_all_processes": cores}}
+            "server_process": {"cores": cores / 2, "main_thread_cores": 0.1, "cores_all_processes": cores,
+                               "frontends": [{"pid": 1, "cores": 0.9, "main_thread_cores": 0.7},
+                                             {"pid": 2, "cores": 0.4, "main_thread_cores": 0.25}]}}
 
 
 def _report(stream_s: float, levels: list[dict], capacity: int) -> dict:
@@ -61,6 +63,7 @@ def test_long_run_churn_variant_cores_per_thousand_and_the_dtype_of_the_ratio(tm
     md = (out / "summary.md").read_text()
     assert "churn, 160 ms lookahead: levels, streams of 1.5 s" in md and "(churn variant, streams of 1.5 s)" in md
     assert "## Churn variant" in md and "server CPU cores per 1,000 streams at capacity" in md
+    assert "[busiest / least busy frontend loop]" in md and "(0.10) [0.70 / 0.25]" in md  # the frontends' spread
     assert "streams of 60 s at p95 chunk latency <= 160 ms over NeMo's offline RTFx at batch 256" in md
     assert f"dtype: NeMo's pipeline {base_dtype} (BASE_DTYPE), our server float16" in md
     assert json.loads((out / "summary.json").read_text())["server_cpu_per_1k_streams"][0]["cores_per_1k_streams"] == 1.5
