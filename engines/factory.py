@@ -286,7 +286,7 @@ def per_stream_state_bytes(model: LoadedModel, encoder: EncoderEngine, cfg: Engi
     engine (the fast engines keep a projected K/V cache, twice NeMo's): measured on an engine
     of one slot, which is then dropped."""
     probe = StreamingEngine(model, encoder, cfg.lookahead_ms, 1, cfg.max_batch, device, dtype,
-                            align_chunks=cfg.align_chunks)
+                            align_chunks=cfg.align_chunks, feature_graphs=False)  # it never steps
     try:
         return probe.pool.bytes_per_slot()
     finally:
