@@ -244,6 +244,7 @@ def _level_row(lv: dict) -> dict:
         "fe_loop_max": max((f["main_thread_cores"] for f in sp.get("frontends", [])), default=None),
         # and the least busy one's: connections, not streams, are spread over the frontends
         "fe_loop_min": min((f["main_thread_cores"] for f in sp.get("frontends", [])), default=None),
+        "fe_streams": sorted((sm.get("frontend_streams") or {}).values(), reverse=True),
         "gc_ms": sm.get("gc_pause_ms_total"), "gc_full": sm.get("gc_full_collections"),
         "gc_engine": (sm.get("gc_by_process") or {}).get("engine"),
     }
@@ -267,7 +268,8 @@ def _overview(runs: list[dict]) -> list[str]:
 
 def _levels_table(o: dict) -> list[str]:
     lines = ["| c | done | errors | chunk p50 | chunk p95 | resp p50 | resp p95 | final p95 | RTFx | mean batch "
-             "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest / least busy frontend loop] "
+             "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest / least busy frontend loop; "
+             "streams per frontend] "
              "{engine worker} "
              "| server cores per 1,000 streams | GC ms (full) [engine process] | loadgen CPU max | LG-bound |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -276,8 +278,9 @@ def _levels_table(o: dict) -> list[str]:
                      f"| {_f(r['resp_p50'])} | {_f(r['resp_p95'])} | {_f(r['final_p95'])} | {_f(r['rtfx'])} "
                      f"| {_f(r['batch'])} | {_f(r['step_ms'])} | {_f(r['queue_ms'])} | {_f(r['busy'], 2)} "
                      f"| {_f(r['srv_cores'], 2)} ({_f(r['srv_main'], 2)})"
-                     + (f" [{_f(r['fe_loop_max'], 2)} / {_f(r.get('fe_loop_min'), 2)}]"
-                        if r.get("fe_loop_max") is not None else "")
+                     + (f" [{_f(r['fe_loop_max'], 2)} / {_f(r.get('fe_loop_min'), 2)}"
+                        + (f"; streams {' / '.join(str(n) for n in r['fe_streams'])}" if r.get("fe_streams") else "")
+                        + "]" if r.get("fe_loop_max") is not None else "")
                      + (f" {{{_f(r['engine_worker'], 2)}}}" if r.get("engine_worker") is not None else "") + " "
                      f"| {_f(r.get('srv_cores_per_1k'), 2)} "
                      f"| {_f(r.get('gc_ms'))} ({r.get('gc_full') if r.get('gc_full') is not None else '-'})"

@@ -339,9 +339,18 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
             d = int(v - before.get((n, labels), 0.0))
             gc_full += d
             gc_by_process.setdefault(process, {"ms": 0.0, "full": 0})["full"] += d
+    # streams opened through each frontend process during the level (asr_frontend_streams_total,
+    # with --frontends): the kernel spreads connections, not streams, over them
+    frontend_streams = {}
+    for (n, labels), v in after.items():
+        if n == "asr_frontend_streams_total":
+            d = int(v - before.get((n, labels), 0.0))
+            if d:
+                frontend_streams[dict(labels).get("frontend", "?")] = d
     return {
         "steps": int(steps), "steps_per_s": round(steps / wall_s, 2) if wall_s > 0 else None,
         "steps_by_engine": engines, "engine_executions": executions,
+        "frontend_streams": frontend_streams,
         "mean_batch": mean("asr_batch_size"), "mean_step_ms": mean("asr_step_seconds", 1e3),
         # inside the engine (the rest of mean_step_ms is the way to the engine worker and back)
         "mean_engine_step_ms": mean("asr_engine_step_seconds", 1e3),

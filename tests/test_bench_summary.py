@@ -17,6 +17,7 @@ from bench.summarize import summarize
 def _level(c: int, p95: float, cores: float) -> dict:
     lat = {"p50": p95 / 2, "p95": p95}
     return {"concurrency": c, "streams_completed": c, "errors": {}, "chunk_latency_ms": lat,
+            "server_metrics": {"frontend_streams": {"frontend-0": c - c // 3, "frontend-1": c // 3}},
             "response_latency_ms": lat, "final_latency_ms": lat, "throughput": {"rtfx": 0.9 * c},
             "passes_target": {"chunk": p95 <= 160, "response": p95 <= 160},
             "loadgen": {"bottleneck": False, "cpu_util": [0.1], "loop_lag_ms": {"p99": 1.0}},
@@ -63,7 +64,8 @@ def test_long_run_churn_variant_cores_per_thousand_and_the_dtype_of_the_ratio(tm
     md = (out / "summary.md").read_text()
     assert "churn, 160 ms lookahead: levels, streams of 1.5 s" in md and "(churn variant, streams of 1.5 s)" in md
     assert "## Churn variant" in md and "server CPU cores per 1,000 streams at capacity" in md
-    assert "[busiest / least busy frontend loop]" in md and "(0.10) [0.70 / 0.25]" in md  # the frontends' spread
+    assert "[busiest / least busy frontend loop; streams per frontend]" in md
+    assert "(0.10) [0.70 / 0.25; streams 1334 / 666]" in md  # the frontends' spread, in CPU and in streams
     assert "streams of 60 s at p95 chunk latency <= 160 ms over NeMo's offline RTFx at batch 256" in md
     assert f"dtype: NeMo's pipeline {base_dtype} (BASE_DTYPE), our server float16" in md
     assert json.loads((out / "summary.json").read_text())["server_cpu_per_1k_streams"][0]["cores_per_1k_streams"] == 1.5

@@ -325,3 +325,21 @@ def test_a_worker_opens_a_connection_per_25_streams_so_frontends_share_the_load(
     from client.loadgen_run import auto_channels
     assert [auto_channels(n) for n in (1, 25, 26, 267, 500)] == [1, 1, 2, 11, 20]
     assert auto_channels(100_000) == 64
+
+
+def test_the_report_counts_the_streams_each_frontend_opened_in_the_level():
+    """asr_frontend_streams_total{frontend} (server.runtime.engine_host) reaches the level's server
+    metrics as streams per frontend, so an uneven spread of connections shows in the report."""
+    from prometheus_client import Counter, generate_latest
+
+    from client.loadgen_report import parse_metrics, server_delta
+    from server.ops.metrics import ServerMetrics
+
+    m = ServerMetrics(max_batch=8)
+    opened = Counter("asr_frontend_streams", "streams by frontend", ["frontend"], registry=m.registry)
+    opened.labels(frontend="frontend-0").inc(5)
+    before = parse_metrics(generate_latest(m.registry).decode())
+    opened.labels(frontend="frontend-0").inc(3)
+    opened.labels(frontend="frontend-1").inc(1)
+    after = parse_metrics(generate_latest(m.registry).decode())
+    assert server_delta(before, after, wall_s=1.0)["frontend_streams"] == {"frontend-0": 3, "frontend-1": 1}
