@@ -17,15 +17,14 @@ What each test judges:
   model that reaches it has to turn it into a plain test. Without espeakng-loader (the dev extra)
   or the `espeak-ng` program (`apt-get install espeak-ng`; .ci/run installs it) these skip.
 
-Measured with this model (160 ms, through the server): whole set English 16.2%, Hindi 11.3-11.4%
-(train/evaluate.py's client splits the audio differently); the sample
-English 7.1%, Hindi 13.9% (6 of 85 and 10 of 72 words). The previous model (commit b2be0f0):
-whole set 26.9%, 13.1%; sample 10.6%, 15.3%. Batches form by timing, so a figure can move by a word
-or two run to run (the previous model's whole-set Hindi: 13.1% and 13.4% in two runs). Each GUARD
-leaves two words of margin on the sample and about 2.7 points on the whole set (Debian's
-`espeak-ng` on another release may render its half a little differently): the previous model
-fails the English bounds of both. It met the Hindi bounds and target too, so those alone would
-not tell the two models apart.
+Measured with this model (commit 5e336dd's weights; 160 ms, through the server): whole set
+English 14.8% and 14.5%, Hindi 8.8%, in two runs of train/evaluate.py (whose client splits the
+audio differently from this test's); the sample English 3.5%, Hindi 6.9% (3 of 85 and 5 of 72 words). The model before
+it (commit 3bfe6df): whole set 16.2%, 11.3%. Batches form by timing, so a figure can move by a
+word or two run to run. Each GUARD leaves two words or more of margin on the sample and about
+2.7 points on the whole set (Debian's `espeak-ng` on another release may render its half a little
+differently); the model of commit b2be0f0 (26.9%, 13.1%) fails the English bounds of both and
+the whole set's Hindi bound.
 """
 
 from __future__ import annotations
