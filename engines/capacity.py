@@ -30,9 +30,9 @@ go below it: halving, down to 1.
   latency of 512 against 298 ms at 4,608 streams; the encoder alone is 1.23x (160 ms) and 1.10x
   (560 ms) the rows per ms at 512 as at 256, the whole step less. A step with a large fixed cost
   (launches, a small model) nearly doubles its throughput per doubling and grows. Since the
-  attention cache is a ring read in place (step_bench on the H200: 16.8 ms at 256 rows, 27.3 at
-  512, 1.23x the rows per ms at the bench's phases, more with the server's fixed costs), the
-  H200 measures its way to 512 (tests/gpu/RESULTS.md, run 6).
+  attention cache is a ring read in place, the start-up measurement on the H200 takes 512
+  (tests/gpu/RESULTS.md, run 6): on its silent streams the doubling passes the rule, where
+  bench/step_bench.py's speech-like steady state gives 1.23x (16.8 ms at 256 rows, 27.3 at 512).
   STEP_BUDGET_FRACTION = 0.5: the scheduler keeps up to two steps in flight (its
   pipeline_depth), so a chunk that becomes ready just after a step was submitted waits for that
   step and the one queued behind it before its own; with each step at most half a chunk period,
