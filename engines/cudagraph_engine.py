@@ -49,6 +49,30 @@ from engines.export import EncoderIO, encoder_io
 log = logging.getLogger(__name__)
 
 
+def capture_per_bucket(device: torch.device, buckets, call, warmup_iters: int = 2) -> dict:
+    """`call(b)` captured into one CUDA graph per bucket b: each bucket is first run
+    `warmup_iters` times (at least once) on a side stream, so lazy initialisation (cuBLAS/cuFFT
+    plans, the allocator) happens outside the capture, then captured there. Largest first, in
+    one memory pool: smaller buckets reuse the freed intermediates of larger ones. Returns
+    {bucket: (graph, what the captured call returned)}; replaying a graph rewrites that output."""
+    pool = torch.cuda.graph_pool_handle()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    captured = {}
+    for b in sorted(buckets, reverse=True):
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup_iters, 1)):
+                call(b)
+        side.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=side):
+            out = call(b)
+        captured[b] = (graph, out)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    return captured
+
+
 def batch_buckets(max_batch: int, buckets: list[int] | tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Bucket sizes: powers of two up to 64, then quarter steps between powers of two (64, 80,
     96, 112, 128, 160, ...), and max_batch itself (or the given sizes, with max_batch added when
@@ -189,26 +213,16 @@ class CudaGraphEncoder(EncoderEngine):
                     self._mark_dynamic(views)
                     self._fn(*views)
             return
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        # Largest first: smaller buckets reuse the freed intermediates of larger ones.
+        def call(b: int):
+            views = self._views(b)
+            self._mark_dynamic(views)
+            return self._fn(*views)
+
         with self._compiled_layers():
-            for b in sorted(self.buckets, reverse=True):
-                views = self._views(b)
-                self._mark_dynamic(views)
-                with torch.cuda.stream(side):
-                    for _ in range(max(warmup_iters, 1)):
-                        self._fn(*views)
-                side.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=side):
-                    out = self._fn(*views)
+            for b, (graph, out) in capture_per_bucket(self.device, self.buckets, call, warmup_iters).items():
                 self._graphs[b] = graph
                 self._outputs[b] = tuple(out)
                 self.captures += 1
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
 
     # -- a step ------------------------------------------------------------------------------
     def _run(self, feats, lengths, cache_channel, cache_time, cache_len):

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engines.cudagraph_engine import batch_buckets
+from engines.cudagraph_engine import batch_buckets, capture_per_bucket
 from engines.encoders import EncoderEngine
 
 log = logging.getLogger(__name__)
@@ -680,23 +680,10 @@ class FastCudaGraphEncoder(FastConformerEncoder):
     def _prepare(self, warmup_iters: int) -> None:
         if not self.use_graphs:
             return
-        dev = self.params.device
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        for b in sorted(self.buckets, reverse=True):
-            with torch.cuda.stream(side):
-                for _ in range(max(warmup_iters, 1)):
-                    self._call(b)
-            side.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=side):
-                out = self._call(b)
+        for b, (graph, out) in capture_per_bucket(self.params.device, self.buckets, self._call, warmup_iters).items():
             self._graphs[b] = graph
             self._outputs[b] = tuple(out)
             self.captures += 1
-        torch.cuda.current_stream(dev).wait_stream(side)
-        torch.cuda.synchronize(dev)
 
     def _run(self, feats, lengths, cache_channel, cache_time, cache_len, cache_head=None):
         self._check_lookahead()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from engines.api import RowSamples
+from engines.cudagraph_engine import capture_per_bucket
 from engines.device_io import copy_into, to_device
 from engines.geometry import ChunkGeometry
 
@@ -242,23 +243,11 @@ class FeatureGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        dev = self.featurizer.device
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        for b in sorted(self.buckets, reverse=True):
-            with torch.cuda.stream(side):
-                for _ in range(2):  # cuFFT plans and the allocator settle before the capture
-                    self._call(b)
-            side.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=side):
-                out = self._call(b)
+        # two runs first: cuFFT plans and the allocator settle before the capture
+        for b, (graph, out) in capture_per_bucket(self.featurizer.device, self.buckets, self._call, 2).items():
             self._graphs[b] = graph
             self._outputs[b] = out
             self.captures += 1
-        torch.cuda.current_stream(dev).wait_stream(side)
-        torch.cuda.synchronize(dev)
 
     @torch.inference_mode()
     def run(self, windows: np.ndarray, starts: np.ndarray, end: np.ndarray,
