@@ -24,18 +24,10 @@ def to_device(array, device: torch.device, dtype: torch.dtype | None = None) -> 
         host = host.astype(np.float32)  # a list of floats: torch's default dtype, as torch.as_tensor gives
     if device.type != "cuda":
         return torch.from_numpy(host).to(device)
-    pinned = torch.empty(host.shape, dtype=dtype or torch.from_numpy(host[:0].reshape(-1)).dtype, pin_memory=True)
-    if host.size:
-        # numpy's copy, on this thread: torch's own copy into the pinned block runs on its
-        # intra-op pool, whose threads then spin. On the H200 that cost the engine process
-        # about 5 cores at 1,536 streams and slowed the step (bench/RESULTS.md, run 24).
-        pinned.numpy()[...] = host
-    return pinned.to(device, non_blocking=True)
-
-
-_NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
-             torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
-             torch.uint8: np.uint8, torch.bool: np.bool_}
+    dtype = dtype or torch.from_numpy(host[:0].reshape(-1)).dtype
+    if host.size == 0:  # nothing to copy: no pinned block to ask for
+        return torch.empty(host.shape, dtype=dtype, device=device)
+    return _pinned(host, dtype).to(device, non_blocking=True)
 
 
 def copy_into(dst: torch.Tensor, array) -> None:
@@ -48,6 +40,19 @@ def copy_into(dst: torch.Tensor, array) -> None:
         return
     if host.size == 0:
         return
-    pinned = torch.empty(host.shape, dtype=dst.dtype, pin_memory=True)
+    dst.copy_(_pinned(host, dst.dtype), non_blocking=True)
+
+
+def _pinned(host: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A pinned block from PyTorch's caching host allocator (kept until the copy that reads it
+    has run), filled by numpy's copy on this thread: torch's own copy into the pinned block runs
+    on its intra-op pool, whose threads then spin. On the H200 that cost the engine process
+    about 5 cores at 1,536 streams and slowed the step (bench/RESULTS.md, run 24)."""
+    pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
     pinned.numpy()[...] = host
-    dst.copy_(pinned, non_blocking=True)
+    return pinned
+
+
+_NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+             torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
+             torch.uint8: np.uint8, torch.bool: np.bool_}

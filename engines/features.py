@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from engines.api import RowSamples
-from engines.cudagraph_engine import capture_per_bucket
+from engines.cudagraph_engine import bucket_for, capture_per_bucket
 from engines.device_io import copy_into, to_device
 from engines.geometry import ChunkGeometry
 
@@ -254,7 +254,7 @@ class FeatureGraphs:
             valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-mel [n, n_mels, C], valid frames [n] on the device) of a batch of n rows."""
         n = windows.shape[0]
-        b = next(x for x in self.buckets if x >= n)
+        b = bucket_for(n, self.buckets)
         copy_into(self.x[:n], windows)
         copy_into(self.starts[:n], starts)
         copy_into(self.end[:n], end)
