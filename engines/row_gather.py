@@ -15,6 +15,7 @@ returns False and the caller keeps index_select.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -74,7 +75,6 @@ def _piece_contiguous(t: torch.Tensor) -> bool:
 
 
 def _interpreted() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
