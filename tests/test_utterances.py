@@ -7,17 +7,19 @@ ends an utterance at the chunk's last frame.
 - A client's request for the final: at once when nothing is pending, else right after the
   chunks whose audio was complete at the request; the next chunk starts a new utterance.
 - The end of the audio ends the last utterance; a stream without endpointing is one utterance.
-- Only the open utterance is kept: a long call's books do not grow.
+- Only the open utterance is kept: a long call's books do not grow, and the open utterance's
+  tokens are not objects the garbage collector walks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import numpy as np
 import pytest
 
-from engines.api import EndpointingParams
+from engines.api import EndpointingParams, TokenEvent
 from server.scheduling.stream_events import ChunkResult, UtteranceEnd
 from server.scheduling.utterances import UtteranceBook
 from tests.engine_alone import transcribe_alone
@@ -139,7 +141,7 @@ async def test_a_long_call_keeps_only_the_open_utterance():
         nonlocal peak_tokens
         count = 0
         async for event in handle:
-            peak_tokens = max(peak_tokens, len(book._tokens))
+            peak_tokens = max(peak_tokens, book.open_tokens)
             count += len(event.finals)
         return count
 
@@ -149,3 +151,37 @@ async def test_a_long_call_keeps_only_the_open_utterance():
     assert finals >= n
     per_utterance = 4 * g.encoder_frames * 2  # at most 2 tokens per frame of one utterance's chunks (fake: <= 2 a chunk)
     assert peak_tokens <= per_utterance, peak_tokens
+
+
+def _tracked_reachable(root: object) -> int:
+    """Objects the garbage collector tracks, reachable from `root` (root included)."""
+    seen, todo = {id(root)}, [root]
+    count = 0
+    while todo:
+        obj = todo.pop()
+        count += gc.is_tracked(obj)
+        for ref in gc.get_referents(obj):
+            if id(ref) not in seen and not isinstance(ref, type):
+                seen.add(id(ref))
+                todo.append(ref)
+    return count
+
+
+async def test_a_long_open_utterance_holds_no_more_tracked_objects_than_a_short_one():
+    # A call without endpointing keeps one utterance open for its whole length: its tokens must
+    # not each be an object the garbage collector walks (run 29: a full collection of the
+    # scheduler's heap at 2,400 such streams stalled every stream for about a second).
+    def book_with(n: int) -> UtteranceBook:
+        book = UtteranceBook(0.08)
+        for i in range(n):
+            book.add((TokenEvent(i % 500, f"\u2581w{i % 97}", i),), f" w{i % 97}")
+        return book
+
+    short, long = book_with(3), book_with(5_000)
+    assert long.open_tokens == 5_000
+    assert _tracked_reachable(long) == _tracked_reachable(short)
+    closed = long.close(UtteranceEnd.END_OF_AUDIO)
+    assert closed is not None and len(closed.tokens) == 5_000
+    assert closed.tokens[4_999] == TokenEvent(4_999 % 500, f"\u2581w{4_999 % 97}", 4_999)
+    assert closed.start_seconds == 0.0 and closed.end_seconds == 5_000 * 0.08
+    assert long.open_tokens == 0

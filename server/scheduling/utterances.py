@@ -4,6 +4,13 @@ the closing of an utterance into its final (server.scheduling.stream_events.Utte
 Only the open utterance is kept, so a stream's memory does not grow with the length of a call.
 The engine says where utterances end (StreamUpdate.ends, encoder frames); a client can end one
 itself, and the end of the audio ends the last. Pure Python, no torch.
+
+The open utterance's tokens are kept as three columns (ids, pieces, frames), not as TokenEvent
+tuples: a tuple subclass stays tracked by the garbage collector, and an utterance that runs long
+(endpointing off, or a speaker who never pauses) held one per token. At 2,400 streams of 60 s that
+was most of the scheduler process's heap, and each full collection walked it (about a second on
+the H200 host, bench/RESULTS.md run 29). Three lists per stream are three tracked objects
+whatever their length; the TokenEvents are built once, when the utterance closes.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ class UtteranceBook:
         self.word_boundary = word_boundary
         self.index = 0                   # the open utterance's index
         self.finals = 0                  # utterances closed with a final so far
-        self._tokens: list[TokenEvent] = []
+        self._ids: list[int] = []         # the open utterance's tokens, by column
+        self._pieces: list[str] = []
+        self._frames: list[int] = []
         self._parts: list[str] = []
         self._speech_at: int | None = None  # frame the endpointer heard speech start, if it did
 
@@ -29,6 +38,11 @@ class UtteranceBook:
             self._parts[:] = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
 
+    @property
+    def open_tokens(self) -> int:
+        """How many tokens the open utterance holds."""
+        return len(self._ids)
+
     def add(self, tokens: tuple[TokenEvent, ...], text: str) -> str:
         """Tokens and their text join the open utterance; returns the text as added (an
         utterance's text does not start with a space)."""
@@ -36,7 +50,10 @@ class UtteranceBook:
             return ""
         if not self._parts or not self.transcript:
             text = text.lstrip(" ")
-        self._tokens.extend(tokens)
+        for token_id, piece, frame in tokens:
+            self._ids.append(token_id)
+            self._pieces.append(piece)
+            self._frames.append(frame)
         if text:
             self._parts.append(text)
         return text
@@ -76,15 +93,15 @@ class UtteranceBook:
     def close(self, closed_by: UtteranceEnd, end_frame: int | None = None, keep_empty: bool = True) -> Utterance | None:
         """Close the open utterance and open the next. An utterance without text gives no final
         unless `keep_empty` (None is returned; the index is not used up)."""
-        tokens, text = tuple(self._tokens), self.transcript
-        speech_at = self._speech_at
-        self._tokens, self._parts, self._speech_at = [], [], None
+        text, speech_at, frames = self.transcript, self._speech_at, self._frames
+        tokens = tuple(map(TokenEvent, self._ids, self._pieces, frames)) if (text or keep_empty) else ()
+        self._ids, self._pieces, self._frames, self._parts, self._speech_at = [], [], [], [], None
         if not text and not keep_empty:
             return None
         fs = self.frame_seconds
         if tokens:
-            first = tokens[0].frame if speech_at is None else min(speech_at, tokens[0].frame)
-            start, end = first * fs, (tokens[-1].frame + 1) * fs
+            first = frames[0] if speech_at is None else min(speech_at, frames[0])
+            start, end = first * fs, (frames[-1] + 1) * fs
         else:
             start = (speech_at if speech_at is not None else (end_frame or 0)) * fs
             end = max(start, (end_frame if end_frame is not None else 0) * fs)
