@@ -271,7 +271,7 @@ def _levels_table(o: dict) -> list[str]:
              "| step ms | queue ms | engine busy | server CPU cores (main thread) [busiest / least busy frontend loop; "
              "streams per frontend] "
              "{engine worker} "
-             "| server cores per 1,000 streams | GC ms (full) [engine process] | loadgen CPU max | LG-bound |",
+             "| server cores per 1,000 streams | GC ms (full) [engine process, its longest pause ms] | loadgen CPU max | LG-bound |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in o["levels"]:
         lines.append(f"| {r['c']} | {r['done']} | {r['errors'] or 0} | {_f(r['chunk_p50'])} | {_f(r['chunk_p95'])} "
@@ -284,7 +284,10 @@ def _levels_table(o: dict) -> list[str]:
                      + (f" {{{_f(r['engine_worker'], 2)}}}" if r.get("engine_worker") is not None else "") + " "
                      f"| {_f(r.get('srv_cores_per_1k'), 2)} "
                      f"| {_f(r.get('gc_ms'))} ({r.get('gc_full') if r.get('gc_full') is not None else '-'})"
-                     + (f" [engine {_f(r['gc_engine']['ms'])} ({r['gc_engine']['full']})]" if r.get("gc_engine") else "")
+                     + (f" [engine {_f(r['gc_engine']['ms'])} ({r['gc_engine']['full']})"
+                        + (f", longest <= {_f(r['gc_engine']['longest_ms_at_most'])}"
+                           if r['gc_engine'].get("longest_ms_at_most") is not None else "")
+                        + "]" if r.get("gc_engine") else "")
                      + " "
                      f"| {_f(r['lg_cpu_max'], 2)} | {'yes' if r['lg_bound'] else ''} |")
     return lines

@@ -328,17 +328,35 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
     # (with --frontends: per process too; the engine process's pauses stop the engine thread)
     gc_pause_s, gc_full = 0.0, 0
     gc_by_process: dict[str, dict] = {}
+    longest: dict[str, dict[float, int]] = {}  # process -> bucket edge -> pauses at most that long
     for (n, labels), v in after.items():
-        process = dict(labels).get("process", "server")
+        lab = dict(labels)
+        process, generation = lab.get("process", "server"), lab.get("generation", "?")
+        if not n.startswith("asr_gc_pause_seconds_"):
+            continue
+        d = v - before.get((n, labels), 0.0)
+        entry = gc_by_process.setdefault(process, {"ms": 0.0, "full": 0, "by_generation": {}})
+        gen = entry["by_generation"].setdefault(generation, {"ms": 0.0, "count": 0})
         if n == "asr_gc_pause_seconds_sum":
-            d = v - before.get((n, labels), 0.0)
             gc_pause_s += d
-            entry = gc_by_process.setdefault(process, {"ms": 0.0, "full": 0})
             entry["ms"] = round(entry["ms"] + 1e3 * d, 1)
-        elif n == "asr_gc_pause_seconds_count" and dict(labels).get("generation") == "2":
-            d = int(v - before.get((n, labels), 0.0))
-            gc_full += d
-            gc_by_process.setdefault(process, {"ms": 0.0, "full": 0})["full"] += d
+            gen["ms"] = round(gen["ms"] + 1e3 * d, 1)
+        elif n == "asr_gc_pause_seconds_count":
+            gen["count"] += int(d)
+            if generation == "2":
+                gc_full += int(d)
+                entry["full"] += int(d)
+        elif n == "asr_gc_pause_seconds_bucket":
+            edge = float(lab.get("le", "inf"))
+            by_edge = longest.setdefault(process, {})
+            by_edge[edge] = by_edge.get(edge, 0) + int(d)
+    # The longest pause of each process, as the smallest bucket edge that holds every pause of the
+    # level (a bound, not a reading): a sum hides whether it was many short pauses or one stall.
+    for process, by_edge in longest.items():
+        total = max(by_edge.values(), default=0)
+        bound = next((edge for edge in sorted(by_edge) if by_edge[edge] >= total), None) if total else None
+        gc_by_process[process]["longest_ms_at_most"] = (None if bound is None or bound == float("inf")
+                                                        else round(1e3 * bound, 1))
     # streams opened through each frontend process during the level (asr_frontend_streams_total,
     # with --frontends): the kernel spreads connections, not streams, over them
     frontend_streams = {}
