@@ -9,6 +9,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from server.ops.bulk_histogram import BulkHistogram
 from server.ops.lifecycle import Lifecycle, LifecycleState
 
 from server.ops.ops_http import OpsHttpServer
@@ -99,7 +100,9 @@ class ServerMetrics(SchedulerObserver):
         batch_buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch} | {max_batch})
         self._batch_buckets = batch_buckets
         self.batch_size = Histogram("asr_batch_size", "Chunks per engine step", buckets=batch_buckets, registry=r)
-        self.queue_wait = Histogram("asr_queue_wait_seconds", "Ready chunk to step start", buckets=_LATENCY_BUCKETS, registry=r)
+        # Observed per chunk, a step's at once (server.ops.bulk_histogram says why).
+        self.queue_wait = BulkHistogram("asr_queue_wait_seconds", "Ready chunk to step start", _LATENCY_BUCKETS)
+        r.register(self.queue_wait)
         self.step_time = Histogram("asr_step_seconds", "Engine step wall time, as the scheduler waits for it",
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.engine_step_time = Histogram(
@@ -113,8 +116,9 @@ class ServerMetrics(SchedulerObserver):
         self.engine_phase_time = Histogram(
             "asr_engine_phase_seconds", "Engine step phases, from the steps that synchronized the device at each "
             "phase boundary (every --profile-every steps)", ["phase"], buckets=_PHASE_BUCKETS, registry=r)
-        self.chunk_latency = Histogram("asr_chunk_latency_seconds",
-                                       "Arrival of a chunk's last audio to its result", buckets=_LATENCY_BUCKETS, registry=r)
+        self.chunk_latency = BulkHistogram("asr_chunk_latency_seconds", "Arrival of a chunk's last audio to its result",
+                                           _LATENCY_BUCKETS)
+        r.register(self.chunk_latency)
         self.utterance_final_time = Histogram(
             "asr_utterance_final_seconds", "An utterance's final, from the audio that made it due (endpoint, "
             "end_of_audio: the chunk's last audio; client: the client's request) to the final's result",
@@ -201,8 +205,7 @@ class ServerMetrics(SchedulerObserver):
     def step_done(self, batch_size, step_seconds, queue_waits, engine, executions, timings=None) -> None:
         self.batch_size.observe(batch_size)
         self.step_time.observe(step_seconds)
-        for wait in queue_waits:
-            self.queue_wait.observe(wait)
+        self.queue_wait.observe_many(queue_waits)
         self.steps.labels(engine=engine).inc()
         if timings is not None and timings.total_ms > 0:
             self.engine_step_time.observe(timings.total_ms / 1e3)
@@ -218,8 +221,8 @@ class ServerMetrics(SchedulerObserver):
                         t.decode_ms, t.commit_ms, t.results_ms)):
                     self.engine_phase_time.labels(phase=phase).observe(max(0.0, ms) / 1e3)
 
-    def chunk_answered(self, latency_seconds: float) -> None:
-        self.chunk_latency.observe(latency_seconds)
+    def chunks_answered(self, latencies_seconds) -> None:
+        self.chunk_latency.observe_many(latencies_seconds)
 
     def utterance_final(self, closed_by, latency_seconds: float) -> None:
         self.utterance_final_time.labels(closed_by=closed_by.value).observe(max(0.0, latency_seconds))
@@ -280,8 +283,8 @@ class MetricsObserver(SchedulerObserver):
         if self._on_step is not None:
             self._on_step()
 
-    def chunk_answered(self, latency_seconds: float) -> None:
-        self._metrics.chunk_answered(latency_seconds)
+    def chunks_answered(self, latencies_seconds) -> None:
+        self._metrics.chunks_answered(latencies_seconds)
 
     def utterance_final(self, closed_by, latency_seconds: float) -> None:
         self._metrics.utterance_final(closed_by, latency_seconds)

@@ -82,8 +82,8 @@ class _CoreObserver(SchedulerObserver):
         if self._cores.on_core_step is not None:
             self._cores.on_core_step(self._core, batch_size, step_seconds, timings)
 
-    def chunk_answered(self, latency_seconds: float) -> None:
-        self._cores.observer.chunk_answered(latency_seconds)
+    def chunks_answered(self, latencies_seconds) -> None:
+        self._cores.observer.chunks_answered(latencies_seconds)
 
     def utterance_final(self, closed_by, latency_seconds: float) -> None:
         self._cores.observer.utterance_final(closed_by, latency_seconds)

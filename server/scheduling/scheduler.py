@@ -25,7 +25,7 @@ import concurrent.futures
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,9 +96,11 @@ class SchedulerObserver:
 
     # `timings`: the engine's own account of the step (engines.api.StepTimings); step_seconds is
     # the scheduler's, which also holds the way there and back (server.runtime.engine_worker: a pipe).
-    def step_done(self, batch_size: int, step_seconds: float, queue_waits: list[float],
+    # queue_waits and latencies: one value per chunk of the step (sequences of seconds), so a
+    # metric takes a step's chunks at once rather than a call per chunk.
+    def step_done(self, batch_size: int, step_seconds: float, queue_waits: Sequence[float],
                   engine: str, executions: dict[str, int], timings: StepTimings | None = None) -> None: ...
-    def chunk_answered(self, latency_seconds: float) -> None: ...
+    def chunks_answered(self, latencies_seconds: Sequence[float]) -> None: ...
     # An utterance's final went out: what closed it, and the seconds from the audio (or, for
     # the client's request, the request) that made it due to the final.
     def utterance_final(self, closed_by: UtteranceEnd, latency_seconds: float) -> None: ...
@@ -542,10 +544,10 @@ class Scheduler(StreamBooks):
             return wait
         return 0.0
 
-    def _take_batch(self) -> tuple[StepBatch | None, list[float]]:
+    def _take_batch(self) -> tuple[StepBatch | None, Sequence[float]]:
         return form_batch(self._books, self.max_batch, self._max_pending)
 
-    def _submit(self, batch: StepBatch, queue_waits: list[float]) -> None:
+    def _submit(self, batch: StepBatch, queue_waits: Sequence[float]) -> None:
         now = time.monotonic()
         if self._steps_in_flight == 0:
             self._last_progress = now  # the hang clock starts with the engine's work
@@ -582,7 +584,7 @@ class Scheduler(StreamBooks):
         return run_isolated(batch, self._engine_step, self.max_batch, self._books, self.engine.executions)
 
     async def _complete_step(self, batch: StepBatch, run: Awaitable[StepOutcome],
-                             queue_waits: list[float]) -> None:
+                             queue_waits: Sequence[float]) -> None:
         try:
             try:
                 outcome: StepOutcome = await run
@@ -684,7 +686,7 @@ class Scheduler(StreamBooks):
                         abandon(reason)
 
     def _scatter(self, batch: StepBatch, ran: np.ndarray, result: StepResult, outcome: StepOutcome,
-                 queue_waits: list[float]) -> None:
+                 queue_waits: Sequence[float]) -> None:
         """The result's rows back to their streams. The books advance as arrays; per row only
         what the stream gets: its event, and its utterance book where the row brought tokens,
         endpoints or its final. A columnar result (engines.streaming_engine) is read from its
@@ -731,7 +733,8 @@ class Scheduler(StreamBooks):
             seconds = [u.audio_seconds for u in updates]
         now = time.monotonic()
         ready_at = batch.ready_at[ran].tolist()
-        emit, answered = self._emit, self.observer.chunk_answered
+        emit = self._emit
+        answered: list[float] = []  # the latency of each chunk answered here
         for j, (stream, k, ready, audio_s, heavy, due_now) in enumerate(
                 zip(streams, index, ready_at, seconds, busy, final_due)):
             stream.audio_seconds = audio_s
@@ -740,25 +743,30 @@ class Scheduler(StreamBooks):
             if not (heavy or due_now):  # progress only (most rows of a step): the open utterance as it was
                 book = stream.utterances
                 emit(stream, ChunkResult(stream.stream_id, k, book.transcript, "", False, audio_s, ready, book.index))
-                answered(now - ready)
+                answered.append(now - ready)
                 continue
             if columnar:
                 r = j if order is None else order[j]
-                self._deliver(stream, k, ready, now, tokens.get(r, ()), cols.text_delta[r], cols.starts.get(r, ()),
-                              cols.ends.get(r, ()), bool(cols.is_final[r]), audio_s, due_now)
+                done = self._deliver(stream, k, ready, now, tokens.get(r, ()), cols.text_delta[r],
+                                     cols.starts.get(r, ()), cols.ends.get(r, ()), bool(cols.is_final[r]), audio_s,
+                                     due_now)
             else:
                 u = updates[j]
-                self._deliver(stream, k, ready, now, u.tokens, u.text_delta, u.starts, u.ends, u.is_final,
-                              audio_s, due_now)
+                done = self._deliver(stream, k, ready, now, u.tokens, u.text_delta, u.starts, u.ends, u.is_final,
+                                     audio_s, due_now)
+            if done:
+                answered.append(now - ready)
+        if answered:
+            self.observer.chunks_answered(answered)
 
     def _deliver(self, stream: StreamState, k: int, ready: float, now: float, tokens: tuple, text: str,
                  starts: tuple[int, ...], ends: tuple[int, ...], is_final: bool, audio_s: float,
-                 final_due: bool) -> None:
+                 final_due: bool) -> bool:
         """One row that brought tokens, endpoint events or the final (or whose client's final
-        is due): its utterance book, then its event."""
+        is due): its utterance book, then its event. False when the row failed the stream instead."""
         if is_final and stream.status is not StreamStatus.FLUSHING:
             self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
-            return
+            return False
         book = stream.utterances
         finals, added = book.apply(tokens, text, starts, ends)
         if ends:
@@ -778,11 +786,11 @@ class Scheduler(StreamBooks):
             transcript=(finals[-1].transcript if finals else "") if is_final else book.transcript,
             new_text=added, is_final=is_final, audio_seconds=audio_s,
             audio_ready_at=ready, utterance_index=book.index, finals=tuple(finals)))
-        self.observer.chunk_answered(now - ready)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": k, "final": is_final})
         if is_final:
             stream.set_status(StreamStatus.FINISHED)
+        return True
 
     def _step_failed(self, batch: StepBatch, exc: BaseException) -> None:
         """The step's own machinery raised (not an engine error it handles): fail its streams."""

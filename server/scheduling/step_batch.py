@@ -65,9 +65,10 @@ class StepOutcome:
     executions: dict[str, int] = field(default_factory=dict)
 
 
-def form_batch(books: SlotBooks, max_batch: int, max_pending: int) -> tuple[StepBatch | None, list[float]]:
+def form_batch(books: SlotBooks, max_batch: int, max_pending: int) -> tuple[StepBatch | None, np.ndarray | list]:
     """The next batch: its rows chosen and their chunk spans computed over the slot books'
-    arrays; per row only the audio is taken from the stream's queue."""
+    arrays; per row only the audio is taken from the stream's queue. Also each row's seconds
+    in the queue (an array, for the metrics)."""
     g = books.geometry
     rows = books.choose(max_batch)
     if rows.size == 0:
@@ -109,7 +110,7 @@ def form_batch(books: SlotBooks, max_batch: int, max_pending: int) -> tuple[Step
     batch = StepBatch(rows=rows, streams=streams, stream_ids=[s.stream_id for s in streams], samples=samples,
                        first=first, audio_ended=ended_here, new_utterance=new_utterance, endpointing=endpointing,
                        ready_at=ready_at)
-    return batch, (now - queued_at).tolist()
+    return batch, now - queued_at
 
 
 async def run_isolated(batch: StepBatch, engine_step: Callable[[StepPlan], Awaitable[tuple[StepResult, float]]],
