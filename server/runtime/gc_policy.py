@@ -12,10 +12,23 @@ Larger thresholds collect less often; cyclic garbage is still collected, only la
 
 from __future__ import annotations
 
+import collections
 import gc
 import logging
+import multiprocessing
+import os
+import threading
+import time
 
 log = logging.getLogger("nemostream.gc")
+
+# A diagnostic, off by default: every this many seconds each server process logs what its
+# collector tracks, by generation and by type (gc_census). It walks the heap (tens of ms at a
+# few hundred thousand objects), so it is for a benchmark or a debugging session, never left
+# on: NEMOSTREAM_GC_CENSUS_S=20 bash bench/run_h100.sh. Why it exists: on the H200 the
+# scheduler's process kept ~85,000 tracked objects a second alive past a young collection
+# (bench/RESULTS.md, run 31), which the 2-core CPU machine does not reproduce.
+CENSUS_ENV = "NEMOSTREAM_GC_CENSUS_S"
 
 
 def parse_threshold(text: str | None) -> tuple[int, int, int] | None:
@@ -36,3 +49,56 @@ def apply_gc_policy(freeze: bool, threshold: tuple[int, int, int] | None) -> Non
     if threshold is not None:
         gc.set_threshold(*threshold)
         log.info("garbage collector thresholds set to %s", threshold)
+    period = census_period()
+    global _census_stop
+    if period is not None and _census_stop is None:
+        _census_stop = threading.Event()
+        threading.Thread(target=_census_loop, args=(period, _census_stop), name="gc-census", daemon=True).start()
+
+
+_census_stop: threading.Event | None = None  # set: the census thread ends
+
+
+def stop_census() -> None:
+    global _census_stop
+    if _census_stop is not None:
+        _census_stop.set()
+        _census_stop = None
+
+
+def census_period() -> float | None:
+    text = os.environ.get(CENSUS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        period = float(text)
+    except ValueError:
+        raise ValueError(f"{CENSUS_ENV} takes seconds (a number); got {text!r}") from None
+    return period if period > 0 else None
+
+
+def gc_census(top: int = 12) -> dict:
+    """What the collector tracks now: objects per generation (frozen ones apart), the most
+    common types among the young and middle generations (where objects that outlive a young
+    collection wait), and the collections so far per generation."""
+    sizes, kinds = [], collections.Counter()
+    for generation in (0, 1, 2):
+        objects = gc.get_objects(generation)
+        sizes.append(len(objects))
+        if generation < 2:
+            kinds.update(type(o).__qualname__ for o in objects)
+        del objects
+    return {"tracked": sizes, "frozen": gc.get_freeze_count(),
+            "collections": [g["collections"] for g in gc.get_stats()],
+            "collected": [g["collected"] for g in gc.get_stats()],
+            "young_types": kinds.most_common(top)}
+
+
+def _census_loop(period: float, stop: threading.Event) -> None:
+    while not stop.wait(period):
+        started = time.perf_counter()
+        census = gc_census()
+        census["walk_ms"] = round(1e3 * (time.perf_counter() - started), 1)
+        census["pid"] = os.getpid()
+        census["process"] = multiprocessing.current_process().name  # the engine worker names itself; others: MainProcess
+        log.info("gc census %s", census, extra={"gc_census": census})

@@ -1,0 +1,64 @@
+"""server.runtime.gc_policy: the thresholds' parsing and the opt-in census of what the
+collector tracks (NEMOSTREAM_GC_CENSUS_S), a diagnostic for the scheduler's collections."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+import pytest
+
+from server.runtime import gc_policy
+
+
+class _Held:  # a tracked type of its own, so the census can be checked for it
+    pass
+
+
+def test_thresholds_parse_or_are_refused():
+    assert gc_policy.parse_threshold("20000,20,20") == (20000, 20, 20)
+    assert gc_policy.parse_threshold("") is None
+    for bad in ("1,2", "0,1,1", "a,b,c"):
+        with pytest.raises(ValueError):
+            gc_policy.parse_threshold(bad)
+
+
+def test_the_census_counts_young_objects_by_type():
+    gc.collect()
+    held = [_Held() for _ in range(3_000)]  # young: allocated after the last collection
+    census = gc_policy.gc_census(top=50)
+    kinds = dict(census["young_types"])
+    assert kinds.get("_Held", 0) >= 3_000
+    assert len(census["tracked"]) == 3 and sum(census["tracked"]) >= 3_000
+    assert len(census["collections"]) == 3
+    del held
+
+
+def test_the_census_period_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(gc_policy.CENSUS_ENV, raising=False)
+    assert gc_policy.census_period() is None
+    monkeypatch.setenv(gc_policy.CENSUS_ENV, "0")
+    assert gc_policy.census_period() is None
+    monkeypatch.setenv(gc_policy.CENSUS_ENV, "2.5")
+    assert gc_policy.census_period() == 2.5
+    monkeypatch.setenv(gc_policy.CENSUS_ENV, "soon")
+    with pytest.raises(ValueError, match=gc_policy.CENSUS_ENV):
+        gc_policy.census_period()
+
+
+def test_with_the_census_on_the_policy_logs_it_periodically(monkeypatch, caplog):
+    monkeypatch.setenv(gc_policy.CENSUS_ENV, "0.05")
+    threshold = gc.get_threshold()
+    try:
+        with caplog.at_level(logging.INFO, logger="nemostream.gc"):
+            gc_policy.apply_gc_policy(freeze=False, threshold=None)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not any("gc census" in r.getMessage() for r in caplog.records):
+                time.sleep(0.02)
+    finally:
+        gc_policy.stop_census()
+        gc.set_threshold(*threshold)
+    records = [r for r in caplog.records if "gc census" in r.getMessage()]
+    assert records, "no census logged"
+    assert set(records[0].gc_census) >= {"tracked", "young_types", "collections", "walk_ms", "pid"}
