@@ -30,9 +30,12 @@ go below it: halving, down to 1.
   latency of 512 against 298 ms at 4,608 streams; the encoder alone is 1.23x (160 ms) and 1.10x
   (560 ms) the rows per ms at 512 as at 256, the whole step less. A step with a large fixed cost
   (launches, a small model) nearly doubles its throughput per doubling and grows. Since the
-  attention cache is a ring read in place, the start-up measurement on the H200 takes 512
-  (tests/gpu/RESULTS.md, run 6): on its silent streams the doubling passes the rule, where
-  bench/step_bench.py's speech-like steady state gives 1.23x (16.8 ms at 256 rows, 27.3 at 512).
+  attention cache is a ring read in place, the start-up measurement on the H200 sits at the
+  line: it took 512 in the GPU suite (tests/gpu/RESULTS.md, runs 6 and 8) and 256 in the
+  benchmark's servers (bench/RESULTS.md, runs 28 and 31: 13.4-13.8 ms at 256, 22.7-24.2 at 512).
+  Under load 256 is the better choice today: with max batch 512 no level passed at 160 ms down
+  to 2,086 streams (runs 29-30), where 256 carried 2,400; the scheduler's loop, not the step,
+  binds at those batches (docs/SCALING.md, Next).
   STEP_BUDGET_FRACTION = 0.5: the scheduler keeps up to two steps in flight (its
   pipeline_depth), so a chunk that becomes ready just after a step was submitted waits for that
   step and the one queued behind it before its own; with each step at most half a chunk period,
