@@ -30,6 +30,7 @@ from tests.server_harness import (
     FAKE, RATE, as_float, final_transcript, make_engine, pcm16_audio, requests_for, run_stream, running_server,
     scrape, settle, split_bytes, stub_for, wav_bytes,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -200,12 +201,16 @@ async def test_riva_and_native_streams_batch_together_exactly():
         calls = [riva_stream(stub, stream_requests(raw_config(), split_bytes(c.tobytes(), np.random.default_rng(i))))
                  if i % 2 else run_stream(native, requests_for(c.tobytes(), seed=i)) for i, c in enumerate(clips)]
         results = await asyncio.gather(*calls)
+        # With frontend processes an RPC's count reaches the engine process's registry in a
+        # message after the call ended (w.Rpc): wait for it, then it must be exactly 4.
+        key = 'asr_rpcs_total{code=OK,method=Riva/StreamingRecognize}'
+        await wait_for(lambda: scrape(server.metrics_port).get(key, 0) >= 4, "the Riva calls' count")
         metrics = scrape(server.metrics_port)
     for i, responses in enumerate(results):
         got = riva_final(responses).alternatives[0].transcript if i % 2 else final_transcript(responses)
         assert got == expected[i], i
     assert engine.violations == [] and max(engine.batch_sizes) > 1 and engine.slots_in_use() == 0
-    assert metrics['asr_rpcs_total{code=OK,method=Riva/StreamingRecognize}'] == 4
+    assert metrics[key] == 4
 
 
 async def test_health_and_reflection_name_the_riva_service():
