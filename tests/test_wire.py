@@ -305,6 +305,9 @@ class _Sink:
     def is_closing(self):
         return False
 
+    def close(self):
+        pass
+
 
 def _fed(data: bytes, eof: bool = False) -> asyncio.StreamReader:
     reader = asyncio.StreamReader()
@@ -472,3 +475,28 @@ async def test_worker_replies_are_matched_by_request_id_not_by_order():
         assert (await first)[0].id == 101 and (await second)[0].id == 102
     finally:
         worker.close()
+
+
+@pytest.mark.asyncio
+async def test_a_spaced_writer_sends_an_idle_links_message_at_once_and_a_busy_ones_together():
+    """FrameWriter(min_interval_s): the first message after a quiet spell goes on the next loop
+    iteration; messages of the following iterations within the interval wait and share a frame;
+    close() writes what waits."""
+    reader = asyncio.StreamReader()
+    sink = _Sink(reader)
+    out = w.FrameWriter(sink, min_interval_s=0.2)
+    out.send(w.Audio("a", b"\0" * 8))
+    await asyncio.sleep(0)
+    assert out.frames == 1  # idle: at once
+    for i in range(3):  # three more loop iterations, well inside the interval
+        out.send(w.Audio(f"b{i}", b"\0" * 8))
+        await asyncio.sleep(0)
+    assert out.frames == 1  # they wait for the interval
+    await asyncio.sleep(0.3)
+    assert out.frames == 2  # and go as one frame
+    out.send(w.End("c"))
+    out.close()  # close does not wait for the interval
+    assert out.frames == 3
+    frames = w.FrameReader(reader, w.FRONTEND_TO_ENGINE)
+    batch = await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)
+    assert [[m.key for m in f] for f in batch] == [["a"], ["b0", "b1", "b2"], ["c"]]

@@ -38,6 +38,10 @@ from server.scheduling.stream_state import StreamState, StreamStatus
 
 log = logging.getLogger("nemostream.remote_scheduler")
 GC_FORWARD_PERIOD_S = 0.5
+# A frontend's frames to the engine process at most this often while it is busy (an idle link's
+# message goes at once; server.runtime.wire.FrameWriter says why): a millisecond against a
+# chunk of 80-560 ms of audio.
+FRAME_INTERVAL_S = 0.001
 
 
 @dataclass(eq=False)
@@ -80,7 +84,7 @@ class RemoteScheduler(StreamBooks):
         """Connect and read the engine's Hello (and first State)."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(self.socket_path, limit=1 << 20), timeout_s)
-        self._out = FrameWriter(writer)
+        self._out = FrameWriter(writer, min_interval_s=FRAME_INTERVAL_S)
         frames = FrameReader(reader, w.ENGINE_TO_FRONTEND)
         batch = await asyncio.wait_for(frames.read_frames(), timeout_s)
         first = batch[0] if batch else None
