@@ -42,6 +42,9 @@ GC_FORWARD_PERIOD_S = 0.5
 # message goes at once; server.runtime.wire.FrameWriter says why): a millisecond against a
 # chunk of 80-560 ms of audio.
 FRAME_INTERVAL_S = 0.001
+# A frontend's count of audio seconds goes to the engine process at most this often (and before
+# every RPC's end): a metric, read by scrapes seconds apart.
+AUDIO_SECONDS_PERIOD_S = 0.1
 
 
 @dataclass(eq=False)
@@ -346,9 +349,12 @@ class RemoteMetrics(ServerMetrics):
     def close(self) -> None:
         self._gc_task.cancel()
         self.flush_gc()
+        self.audio_seconds.flush()
         super().close()
 
     def rpc_finished(self, method: str, code: str) -> None:
+        # The call's audio is counted before its end: whoever sees the RPC counted sees its audio.
+        self.audio_seconds.flush()
         self._remote._send(w.Rpc(method, code))
 
     def call_refused(self, reason: str) -> None:
@@ -359,20 +365,27 @@ class RemoteMetrics(ServerMetrics):
 
 
 class _ForwardedCounter:
-    """`.inc()` like a prometheus Counter; the sum goes out once per loop iteration."""
+    """`.inc()` like a prometheus Counter; the sum goes out AUDIO_SECONDS_PERIOD_S after the
+    first increment since the last message, and at once before an RPC's end is counted (so a
+    finished call's audio is counted before the call). Once per loop iteration it was a sixth of
+    the messages the engine process read (bench/RESULTS.md, the frontends' frames)."""
 
     def __init__(self, scheduler: RemoteScheduler):
         self._remote = scheduler
         self._pending = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     def inc(self, amount: float = 1.0) -> None:
         if amount <= 0:
             return
-        if self._pending == 0.0:
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(AUDIO_SECONDS_PERIOD_S, self.flush)
         self._pending += amount
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         amount, self._pending = self._pending, 0.0
         if amount:
             self._remote._send(w.AudioSeconds(amount))
