@@ -166,7 +166,7 @@ def main() -> None:
         for b in batches:
             runs: dict[tuple, list[dict]] = {v: [] for v in variants}
             for _ in range(args.repeats if len(variants) > 1 else 1):
-                for ring, engine in engines.items():
+                for variant, engine in engines.items():
                     engine.sync_timings = True
                     phases = bench_ours(engine, b, max(3, args.iters // 2), args.warm)
                     engine.sync_timings = False
@@ -175,16 +175,16 @@ def main() -> None:
                     # the first implicit wait for the device (the decode's lengths copy)
                     run = {"step_ms": run["step_ms"], **{f"host_{k}": v for k, v in run.items() if k != "step_ms"}}
                     run.update({k: v for k, v in phases.items() if k != "step_ms"})
-                    runs[ring].append(run)
+                    runs[variant].append(run)
             if args.profile:
-                for ring, engine in engines.items():
-                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, ring {'on' if ring[0] else 'off'}, "
-                                                                      f"feature graphs {'on' if ring[1] else 'off'}")
+                for (ring, fg), engine in engines.items():
+                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, ring {'on' if ring else 'off'}, "
+                                                                      f"feature graphs {'on' if fg else 'off'}")
             nemo_ms = {} if args.no_nemo else bench_nemo(nemo, b, args.iters, args.warm, dev, dtype)
-            for ring, engine in engines.items():
+            for variant, engine in engines.items():
                 row = {"lookahead_ms": la, "batch": b, "ring_cache": engine.ring_cache,
                        "feature_graphs": engine.featurizer.graphs is not None}
-                row.update({k: statistics.median(r[k] for r in runs[ring]) for k in runs[ring][0]})
+                row.update({k: statistics.median(r[k] for r in runs[variant]) for k in runs[variant][0]})
                 row.update(nemo_ms)
                 row["pool_bytes_per_slot"] = engine.pool.bytes_per_slot()
                 rows.append(row)

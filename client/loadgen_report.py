@@ -330,10 +330,10 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
     gc_by_process: dict[str, dict] = {}
     longest: dict[str, dict[float, int]] = {}  # process -> bucket edge -> pauses at most that long
     for (n, labels), v in after.items():
-        lab = dict(labels)
-        process, generation = lab.get("process", "server"), lab.get("generation", "?")
         if not n.startswith("asr_gc_pause_seconds_"):
             continue
+        lab = dict(labels)
+        process, generation = lab.get("process", "server"), lab.get("generation", "?")
         d = v - before.get((n, labels), 0.0)
         entry = gc_by_process.setdefault(process, {"ms": 0.0, "full": 0, "by_generation": {}})
         gen = entry["by_generation"].setdefault(generation, {"ms": 0.0, "count": 0})

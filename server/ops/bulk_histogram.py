@@ -32,9 +32,6 @@ class BulkHistogram(Collector):
         self._sum = 0.0
         self._lock = threading.Lock()  # the scrape runs on another thread
 
-    def observe(self, value: float) -> None:
-        self.observe_many(np.asarray([value], dtype=np.float64))
-
     def observe_many(self, values: np.ndarray | Iterable[float]) -> None:
         """Values in seconds (any float array). A value equal to an edge falls in that edge's
         bucket (le: less than or equal), as in prometheus_client."""

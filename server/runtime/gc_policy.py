@@ -88,9 +88,10 @@ def gc_census(top: int = 12) -> dict:
         if generation < 2:
             kinds.update(type(o).__qualname__ for o in objects)
         del objects
+    stats = gc.get_stats()
     return {"tracked": sizes, "frozen": gc.get_freeze_count(),
-            "collections": [g["collections"] for g in gc.get_stats()],
-            "collected": [g["collected"] for g in gc.get_stats()],
+            "collections": [g["collections"] for g in stats],
+            "collected": [g["collected"] for g in stats],
             "young_types": kinds.most_common(top)}
 
 
