@@ -11,7 +11,7 @@ committed generated code demands. This script lists and downloads, for CPython 3
 - `server`: the server's own dependencies missing from the image: msgspec, the typed wire between
   the server's processes (server/runtime/wire.py), at a version pyproject.toml's floor admits;
 - `nemo`: NeMo 3.0's ASR dependencies missing from the image;
-- `tests`: pytest-asyncio and the pytest it was tested with, for `bash scripts/gpu_suite.sh`.
+- `tests`: pytest-asyncio, pytest-timeout and the pytest they were tested with, for `bash scripts/gpu_suite.sh`.
 
     python scripts/gpu_wheels.py --list                 # the pins, one a line
     python scripts/gpu_wheels.py --download .whl         # fetch them (needs registry access)
@@ -49,7 +49,7 @@ NEMO = (
 SOURCE_ONLY = ("antlr4-python3-runtime==4.9.3",)
 # The server's dependencies the image lacks (msgspec: a cp312 manylinux wheel is published).
 SERVER = ("msgspec==0.23.0",)
-TESTS = ("pytest==9.2.0", "pluggy==1.7.0", "iniconfig==2.3.1", "pytest-asyncio==1.5.0")
+TESTS = ("pytest==9.2.0", "pluggy==1.7.0", "iniconfig==2.3.1", "pytest-asyncio==1.5.0", "pytest-timeout==2.4.0")
 
 
 def generated_grpc_versions(root: Path = ROOT) -> dict[str, str]:

@@ -14,6 +14,19 @@ os.environ.setdefault("ASR_LIFECYCLE_STRICT", "1")
 logging.getLogger("nemo_logger").setLevel(logging.ERROR)
 
 
+# A test still running after this many seconds prints its threads' and tasks' stacks
+# (tests/hang_report.py); pytest-timeout (pyproject.toml) fails it later.
+HANG_REPORT_S = float(os.environ.get("NEMO_STREAM_TEST_HANG_REPORT_S", "240"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    from tests.hang_report import HangReporter
+
+    with HangReporter(item.nodeid, HANG_REPORT_S, item.config.pluginmanager.getplugin("capturemanager")):
+        return (yield)
+
+
 def _quiet_nemo() -> None:
     try:
         from nemo.utils import logging as nemo_logging

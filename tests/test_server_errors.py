@@ -114,6 +114,29 @@ async def test_every_bad_stream_is_invalid_argument_and_bystanders_are_unaffecte
     assert engine.slots_in_use() == 0 and engine.violations == []
 
 
+async def test_a_refusal_reaches_a_half_closed_client_while_a_response_is_in_flight():
+    """"config twice" after half a second of audio: the stream fails while the response to its
+    first chunk is being written to a client that has already half-closed. The status must go
+    out after that write; sent beside it (before the fix) the sync client waited forever in
+    about one call in four."""
+    engine = make_engine(FAKE, capacity=8)
+    requests = [config(), audio(PCM), config()]
+
+    def call(port: int) -> tuple[str, str]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                list(pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(iter(requests), timeout=5))
+            except grpc.RpcError as exc:
+                return exc.code().name, exc.details() or ""
+        return "OK", ""
+
+    async with running_server(engine) as server:
+        outcomes = [await asyncio.to_thread(call, server.port) for _ in range(40)]
+    assert all(code == "INVALID_ARGUMENT" and "config sent twice" in details for code, details in outcomes), \
+        sorted(set(outcomes))
+    assert engine.slots_in_use() == 0
+
+
 async def test_bad_unary_requests():
     engine = make_engine(FAKE)
     async with running_server(engine) as server, stub_for(server) as stub:

@@ -3,7 +3,8 @@
 A response write waits while the client does not read (HTTP/2 flow control). The wait watches
 the stream: if the stream fails meanwhile (its buffers filled up, it idled) or the client reads
 nothing for the idle timeout, it ends with UnreadClient, so the handler frees the stream's place
-at once instead of when gRPC lets go of the call.
+at once instead of when gRPC lets go of the call. A failure that does not come from a slow
+client lets the write in flight finish first (WRITE_GRACE_S), so that the status goes out after it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import grpc
 
 from server.scheduling.stream_events import ErrorKind, StreamFailure
 from server.scheduling.stream_state import StreamState
+
+
+# How long a write in flight when its stream fails may still take before the client counts as
+# not reading: a reading client takes a response within a round trip.
+WRITE_GRACE_S = 0.5
+# Failures that say the client does not keep up (its results or audio piled up, it idled): the
+# write they interrupt waits on that client, so the wait ends at once.
+CLIENT_NOT_KEEPING_UP = frozenset({ErrorKind.RESOURCE_EXHAUSTED, ErrorKind.DEADLINE_EXCEEDED})
 
 
 class UnreadClient(Exception):
@@ -51,6 +60,15 @@ async def write_watching(context, response, state: StreamState,
     try:
         while not write.done():
             failed = failure()
+            if failed is not None and failed.kind not in CLIENT_NOT_KEEPING_UP:
+                # The stream failed for another reason (a bad request, an engine fault) while
+                # this write was in flight. A client that reads takes the response within
+                # moments, and the status must go out after the write, not beside it: an abort
+                # while a write is pending left a half-closed client of the sync API waiting
+                # for a status forever (grpcio 1.85, tests/test_server_errors.py).
+                await asyncio.wait((write,), timeout=min(WRITE_GRACE_S, idle_timeout_s))
+                if write.done():
+                    break  # the handler takes the failure from the stream next
             if failed is not None:
                 raise UnreadClient(failed.kind, failed.message, write)
             if expired:
