@@ -9,15 +9,25 @@ so that a hang in CI says which await never completed.
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import gc
 import io
 import sys
 import threading
+import traceback
 import types
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def thread_stacks() -> str:
+    """Every thread's stack (what faulthandler prints, into any text stream)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = io.StringIO()
+    for ident, frame in sys._current_frames().items():
+        print(f"Thread {names.get(ident, ident)} (most recent call last):", file=out)
+        out.writelines(traceback.format_stack(frame))
+    return out.getvalue()
 
 
 def running_loops() -> list[asyncio.AbstractEventLoop]:
@@ -85,7 +95,7 @@ class HangReporter:
 
     def _write(self, err) -> None:
         print(f"\n=== {self.test_id} still running after {self._after_s:.0f} s: threads and tasks ===", file=err)
-        faulthandler.dump_traceback(file=err, all_threads=True)
+        print(thread_stacks(), file=err)
         for loop in running_loops():
             done = threading.Event()
 
