@@ -8,6 +8,13 @@ What stays here and what goes there:
     event), failures the transport decides (bad audio, cancellation, a client not reading);
   - there: admission (slots), batching, the duration limits, every result.
 
+A stream's audio goes to the engine process when it completes a chunk (the engine can do
+nothing with less): a voice agent's 20 ms packets would otherwise each be a message that the
+engine process, whose loop binds the server's capacity, reads and books. Held audio also goes
+out before the stream's end or an end of utterance is sent, when it would pass the stream's
+duration limit, and once it has waited HOLD_MAX_S (a client that stopped sending mid-chunk:
+the engine's wall-time limit then still sees its audio).
+
 A stream is opened without a round trip: its first event is the engine's refusal when there
 is no room, which the handler turns into RESOURCE_EXHAUSTED exactly as for a local refusal.
 If the engine process goes away, every open stream fails with UNAVAILABLE and the frontend
@@ -45,6 +52,9 @@ FRAME_INTERVAL_S = 0.001
 # A frontend's count of audio seconds goes to the engine process at most this often (and before
 # every RPC's end): a metric, read by scrapes seconds apart.
 AUDIO_SECONDS_PERIOD_S = 0.1
+# Audio short of a chunk waits in the frontend at most this long (checked every HOLD_SWEEP_S).
+HOLD_MAX_S = 0.25
+HOLD_SWEEP_S = 0.05
 
 
 @dataclass(eq=False)
@@ -52,6 +62,9 @@ class RemoteStreamState(StreamState):
     consumed: int = 0   # samples the engine has taken from this stream (from its last event)
     unacked: int = 0    # events taken by the handler and not yet acknowledged to the engine
     text_parts: list[str] = field(default_factory=list)  # the open utterance's text, as relayed
+    held: list[bytes] = field(default_factory=list)  # audio not sent yet: short of the next chunk
+    held_since: float = 0.0  # when the oldest held audio arrived
+    forward_at: int = 0      # `received` at which the held audio completes a chunk and goes out
 
     @property
     def transcript(self) -> str:
@@ -81,6 +94,9 @@ class RemoteScheduler(StreamBooks):
         self.disconnected = asyncio.Event()  # the engine process's connection ended
         self._syncs: dict[int, asyncio.Future] = {}
         self._sync_token = 0
+        self._max_samples = 0
+        self._holding: dict[str, RemoteStreamState] = {}  # streams with held audio, oldest hold first
+        self._sweeper: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def connect(self, timeout_s: float = 30.0) -> EngineFacts:
@@ -101,6 +117,7 @@ class RemoteScheduler(StreamBooks):
         g = self.facts.geometry
         # As the scheduler computes it: never below what one chunk needs.
         self._max_pending = max(int(self.config.max_pending_seconds * g.sample_rate), 2 * g.segment_samples)
+        self._max_samples = int(self.config.max_stream_seconds * g.sample_rate)  # as the scheduler's
         for message in [*first[1:], *(m for frame in batch[1:] for m in frame)]:
             self._dispatch(message)
         self._reader_task = asyncio.get_running_loop().create_task(self._read(frames), name="engine-reader")
@@ -143,6 +160,8 @@ class RemoteScheduler(StreamBooks):
             self._fail(state, ErrorKind.UNAVAILABLE, "server is shutting down")
         if self._out is not None:
             self._out.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._reader_task is not None:
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
@@ -170,6 +189,7 @@ class RemoteScheduler(StreamBooks):
         state = RemoteStreamState(stream_id=key, slot=-1, label=label, opened_at=time.monotonic(),
                                   finalize_at_limit=finalize_at_limit, endpointing=endpointing)
         state.audio_room.set()
+        state.forward_at = self._forward_point(0)
         self._add(state)
         # The client's identity (set by the security interceptor when streams per client are
         # limited): the engine process counts them over every frontend.
@@ -182,9 +202,54 @@ class RemoteScheduler(StreamBooks):
             return False
         if samples.size == 0:
             return True
-        self._send(w.Audio(stream.stream_id, np.asarray(samples, dtype=np.float32).tobytes()))
+        if not stream.held:
+            stream.held_since = time.monotonic()
+            self._holding[stream.stream_id] = stream
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep_held(), name="held-audio")
+        stream.held.append(np.asarray(samples, dtype=np.float32).tobytes())
         stream.received += samples.size
+        if stream.received >= stream.forward_at:
+            self._forward_held(stream)
         return await self._wait_for_audio_room(stream)
+
+    def _forward_point(self, received: int) -> int:
+        """The `received` count at which held audio must go: the first chunk boundary past
+        `received`, or just past the duration limit if that comes first (the engine process
+        cuts the stream there)."""
+        g = self.engine.geometry
+        need = g.samples_needed(max(0, (received - g.wait_samples) // g.chunk_samples))
+        return min(need, self._max_samples + 1)
+
+    def _forward_held(self, stream: RemoteStreamState) -> None:
+        """Send the stream's held audio as one message."""
+        held = stream.held
+        if not held:
+            return
+        if stream.status.terminal:  # the engine has let go of the stream: nothing to send it
+            self._drop_held(stream)
+            return
+        self._send(w.Audio(stream.stream_id, held[0] if len(held) == 1 else b"".join(held)))
+        stream.held = []
+        self._holding.pop(stream.stream_id, None)
+        stream.forward_at = self._forward_point(stream.received)
+
+    def _drop_held(self, stream: RemoteStreamState) -> None:
+        stream.held = []
+        self._holding.pop(stream.stream_id, None)
+
+    async def _sweep_held(self) -> None:
+        """Held audio goes out once it has waited HOLD_MAX_S; the task ends when none is held."""
+        try:
+            while self._holding:
+                await asyncio.sleep(HOLD_SWEEP_S)
+                now = time.monotonic()
+                for stream in list(self._holding.values()):  # oldest hold first
+                    if now - stream.held_since < HOLD_MAX_S:
+                        break
+                    self._forward_held(stream)
+        finally:
+            self._sweeper = None
 
     def _pending_samples(self, stream: RemoteStreamState) -> int:
         return stream.received - stream.consumed  # consumed arrives with each of the engine's results
@@ -194,6 +259,7 @@ class RemoteScheduler(StreamBooks):
             return
         stream.ended_at = time.monotonic()
         stream.set_status(StreamStatus.FLUSHING)
+        self._forward_held(stream)
         self._send(w.End(stream.stream_id))
 
     def fail_stream(self, stream: RemoteStreamState, kind: ErrorKind, message: str) -> None:
@@ -202,6 +268,7 @@ class RemoteScheduler(StreamBooks):
     def end_utterance(self, stream: RemoteStreamState) -> bool:
         if stream.status is not StreamStatus.RECEIVING:
             return False
+        self._forward_held(stream)  # the utterance ends after all the audio sent so far
         self._send(w.EndUtterance(stream.stream_id))
         return True
 
@@ -218,6 +285,7 @@ class RemoteScheduler(StreamBooks):
     def close_stream(self, stream: RemoteStreamState) -> None:
         if not stream.status.terminal:
             stream.set_status(StreamStatus.CANCELLED)
+        self._drop_held(stream)
         if self._forget(stream):
             self._send(w.Close(stream.stream_id))
 
@@ -226,6 +294,7 @@ class RemoteScheduler(StreamBooks):
         """A failure decided here: the handler sees it at once; the engine frees the slot."""
         if state.status.terminal:
             return
+        self._drop_held(state)
         self._emit(state, StreamFailure(state.stream_id, kind, message))
         state.set_status(StreamStatus.FAILED)
         self._send(w.Fail(state.stream_id, kind.value, message))
@@ -273,6 +342,7 @@ class RemoteScheduler(StreamBooks):
                 return  # closed, or failed here first: the engine's word comes too late
             state.consumed = m.consumed
             if kind is w.Failed:
+                self._drop_held(state)
                 self._emit(state, StreamFailure(m.key, ErrorKind(m.kind), m.message))
                 state.set_status(StreamStatus.FAILED)
                 return
@@ -295,6 +365,7 @@ class RemoteScheduler(StreamBooks):
         elif kind is w.Cut:
             state = self._streams.get(m.key)
             if state is not None and state.status is StreamStatus.RECEIVING:
+                self._drop_held(state)  # the engine takes no more of its audio
                 state.end_reason = m.end_reason or None
                 state.ended_at = time.monotonic()
                 state.set_status(StreamStatus.FLUSHING)
@@ -314,6 +385,7 @@ class RemoteScheduler(StreamBooks):
         self.dead_reason = reason
         log.critical("engine marked dead", extra={"reason": reason})
         for state in list(self._streams.values()):
+            self._drop_held(state)
             if not state.status.terminal:
                 self._emit(state, StreamFailure(state.stream_id, ErrorKind.UNAVAILABLE, f"the engine failed: {reason}"))
                 state.set_status(StreamStatus.FAILED)

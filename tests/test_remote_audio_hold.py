@@ -1,0 +1,115 @@
+"""A frontend holds a stream's audio until it completes a chunk (server.runtime.remote_scheduler):
+a client's small packets (a voice agent's 20 ms) reach the engine process as one message per
+chunk, not one per packet, and the transcript and results are what they are when the audio is
+sent a chunk at a time. Held audio still goes out at the stream's end (and before an end of utterance),
+and after HOLD_MAX_S when the client stops sending mid-chunk."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from proto import asr_stream_pb2 as pb
+from server.runtime import remote_scheduler as rs
+from server.runtime import wire as w
+from tests.engine_alone import transcribe_alone
+from tests.server_harness import (
+    FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, running_frontend_pair, stub_for,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+def count_audio_messages(server) -> dict[str, int]:
+    """Audio messages the engine host reads, per stream key (wraps its dispatch)."""
+    host = server.engine_host
+    counts: dict[str, int] = {}
+    dispatch = host._dispatch
+
+    def counting(frontend, message):
+        if type(message) is w.Audio:
+            counts[message.key] = counts.get(message.key, 0) + 1
+        dispatch(frontend, message)
+
+    host._dispatch = counting
+    return counts
+
+
+def packets(data: bytes, size: int) -> list[pb.StreamingRecognizeRequest]:
+    return [audio(data[p:p + size]) for p in range(0, len(data), size)]
+
+
+async def test_small_packets_reach_the_engine_a_chunk_at_a_time_with_the_same_results():
+    engine = make_engine(FAKE, capacity=4)
+    clip = pcm16_audio(21, 3 * RATE)
+    data = clip.tobytes()
+    g = engine.geometry
+    twenty_ms = 2 * RATE // 50
+    async with running_frontend_pair(engine) as server, stub_for(server) as stub:
+        counts = count_audio_messages(server)
+        small = [r async for r in stub.StreamingRecognize(
+            _gen([config(interim_results=True), *packets(data, twenty_ms)]))]
+        whole_chunks = [r async for r in stub.StreamingRecognize(
+            _gen([config(interim_results=True), *packets(data, 2 * g.chunk_samples)]))]
+    assert final_transcript(small) == transcribe_alone(engine, as_float(clip)) != ""
+    # Result for result, the same as the audio sent a chunk per message.
+    assert [(r.results[0].transcript, r.results[0].is_final) for r in small if r.results] == \
+        [(r.results[0].transcript, r.results[0].is_final) for r in whole_chunks if r.results]
+    sent_small = list(counts.values())[0]
+    n_packets = -(-len(data) // twenty_ms)
+    chunks = -(-clip.size // g.chunk_samples)
+    assert sent_small <= chunks + 1, (sent_small, chunks)  # a message per chunk (and the tail at the end)
+    assert sent_small * 4 <= n_packets  # not a message per 20 ms packet (150 of them)
+    assert engine.slots_in_use() == 0
+
+
+async def _gen(requests):
+    for r in requests:
+        yield r
+
+
+async def test_audio_held_mid_chunk_goes_out_after_hold_max_when_the_client_stops_sending(monkeypatch):
+    monkeypatch.setattr(rs, "HOLD_MAX_S", 0.1)
+    engine = make_engine(FAKE, capacity=4)
+    g = engine.geometry
+    part = pcm16_audio(22, g.samples_needed(0) // 2).tobytes()  # half of the first chunk
+    resume = asyncio.Event()
+
+    async def requests():
+        yield config()
+        yield audio(part)
+        await resume.wait()
+
+    async with running_frontend_pair(engine) as server, stub_for(server) as stub:
+        counts = count_audio_messages(server)
+        call = stub.StreamingRecognize(requests())
+        reader = asyncio.ensure_future(call.read())
+        for _ in range(200):  # the held half chunk reaches the engine process without more audio
+            if counts:
+                break
+            await asyncio.sleep(0.01)
+        assert list(counts.values()) == [1]
+        host_streams = list(server.engine_host._relays.values())
+        assert host_streams[0].state.received == len(part) // 2
+        call.cancel()
+        resume.set()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+    assert engine.slots_in_use() == 0
+
+
+async def test_the_end_sends_the_held_tail_first():
+    engine = make_engine(FAKE, capacity=4)
+    g = engine.geometry
+    clip = pcm16_audio(23, g.samples_needed(2) + g.chunk_samples // 3)  # ends mid-chunk
+    data = clip.tobytes()
+    async with running_frontend_pair(engine) as server, stub_for(server) as stub:
+        counts = count_audio_messages(server)
+        responses = [r async for r in stub.StreamingRecognize(
+            _gen([config(interim_results=True), *packets(data, 640)]))]
+    # The tail short of a chunk was held, and went out with the end: the final covers it.
+    assert final_transcript(responses) == transcribe_alone(engine, as_float(clip)) != ""
+    assert sum(counts.values()) <= 4
+    assert engine.slots_in_use() == 0
