@@ -111,6 +111,9 @@ TTF_STOP_MS=${TTF_STOP_MS:-320}; TTF_EOU_MS=${TTF_EOU_MS:-200}
 [ "$TTF" = 1 ] || { TTF_EST=0; TTF_DEMO=0; }
 [ "$TTF_DEMO" = 1 ] || TTF_DEMO_EST=0
 CAP_METRIC=${CAP_METRIC:-chunk}
+# Audio per client message in the capacity runs, ms; 0: the model's chunk. Voice agents send 20 ms
+# packets (frontends hold them until a chunk is complete: docs/SCALING.md, the wire).
+CHUNK_MS=${CHUNK_MS:-0}
 RESOLUTION=${RESOLUTION:-0.05}
 START_TIMEOUT=${START_TIMEOUT:-300}
 SERVER_PIDS=""; MON_PID=""; BASE_PID=""
@@ -282,7 +285,7 @@ measure() {
     "$PY" -m client.loadgen --server "127.0.0.1:${PORTS[$la]}" --metrics-url "http://127.0.0.1:${MPORTS[$la]}/metrics" \
         --concurrency "$levels" --capacity --capacity-metric "$CAP_METRIC" --target-ms "$la" --stop-on-fail \
         --max-concurrency "$maxc" --resolution "$RESOLUTION" --workers "$WORKERS" --synthetic-clips "$CLIPS" \
-        --synthetic-seconds "$SECS" --ramp-s "$RAMP" --cooldown-s 1 --level-grace-s "$GRACE" \
+        --synthetic-seconds "$SECS" --ramp-s "$RAMP" --cooldown-s 1 --level-grace-s "$GRACE" --chunk-ms "$CHUNK_MS" \
         --time-budget-s "$budget" --server-pid "${SPID[$la]}" --json "$path.json" "${plot[@]}" \
         --label "$GPU / $la ms / $ENGINE" --quiet "$@" 2>&1 | tee -a "$LOG"
     log "loadgen $(basename "$path") exit status ${PIPESTATUS[0]}"
