@@ -114,10 +114,8 @@ class RemoteScheduler(StreamBooks):
         self._ack_every = max(1, self.config.response_buffer // 2)
         self.max_batch = self.facts.max_batch
         self.engine_name = self.facts.engine_name
-        g = self.facts.geometry
-        # As the scheduler computes it: never below what one chunk needs.
-        self._max_pending = max(int(self.config.max_pending_seconds * g.sample_rate), 2 * g.segment_samples)
-        self._max_samples = int(self.config.max_stream_seconds * g.sample_rate)  # as the scheduler's
+        self._max_pending = self.config.max_pending_samples(self.facts.geometry)
+        self._max_samples = self.config.max_stream_samples(self.facts.geometry)
         for message in [*first[1:], *(m for frame in batch[1:] for m in frame)]:
             self._dispatch(message)
         self._reader_task = asyncio.get_running_loop().create_task(self._read(frames), name="engine-reader")
@@ -224,15 +222,10 @@ class RemoteScheduler(StreamBooks):
     def _forward_held(self, stream: RemoteStreamState) -> None:
         """Send the stream's held audio as one message."""
         held = stream.held
-        if not held:
-            return
-        if stream.status.terminal:  # the engine has let go of the stream: nothing to send it
-            self._drop_held(stream)
-            return
-        self._send(w.Audio(stream.stream_id, held[0] if len(held) == 1 else b"".join(held)))
-        stream.held = []
-        self._holding.pop(stream.stream_id, None)
-        stream.forward_at = self._forward_point(stream.received)
+        if held and not stream.status.terminal:  # (a terminal stream: the engine has let it go)
+            self._send(w.Audio(stream.stream_id, held[0] if len(held) == 1 else b"".join(held)))
+            stream.forward_at = self._forward_point(stream.received)
+        self._drop_held(stream)
 
     def _drop_held(self, stream: RemoteStreamState) -> None:
         stream.held = []
@@ -244,7 +237,10 @@ class RemoteScheduler(StreamBooks):
             while self._holding:
                 await asyncio.sleep(HOLD_SWEEP_S)
                 now = time.monotonic()
-                for stream in list(self._holding.values()):  # oldest hold first
+                # Oldest hold first; forwarding removes the stream, so the next is again first
+                # (no copy of the whole dict every sweep).
+                while self._holding:
+                    stream = next(iter(self._holding.values()))
                     if now - stream.held_since < HOLD_MAX_S:
                         break
                     self._forward_held(stream)

@@ -90,6 +90,17 @@ class SchedulerConfig:
         if self.hang_timeout_s < 0 or self.hang_step_factor < 0:
             raise ValueError("hang_timeout_s and hang_step_factor must be >= 0")
 
+    # The bounds in samples, for the scheduler and for a frontend's view of it alike
+    # (server.runtime.remote_scheduler), so the two cannot drift apart.
+    def max_pending_samples(self, geometry) -> int:
+        """Unprocessed audio per stream before push_audio waits. Never below what one chunk
+        needs, or a stream could wait for room that never comes."""
+        return max(int(self.max_pending_seconds * geometry.sample_rate), 2 * geometry.segment_samples)
+
+    def max_stream_samples(self, geometry) -> int:
+        """The most audio a stream takes (max_stream_seconds at the model's rate)."""
+        return int(self.max_stream_seconds * geometry.sample_rate)
+
 
 class SchedulerObserver:
     """Hooks for metrics; every method is called on the event loop. No-ops by default."""
@@ -171,10 +182,8 @@ class Scheduler(StreamBooks):
         self.listener = StreamListener()
         self.geometry = engine.geometry
         self.max_batch = max(1, int(engine.max_batch))
-        rate = self.geometry.sample_rate
-        # Never below what one chunk needs, or a stream could wait for room that never comes.
-        self._max_pending = max(int(self.config.max_pending_seconds * rate), 2 * self.geometry.segment_samples)
-        self._max_samples = int(self.config.max_stream_seconds * rate)
+        self._max_pending = self.config.max_pending_samples(self.geometry)
+        self._max_samples = self.config.max_stream_samples(self.geometry)
         # Per slot: position, ready set (with queue order and time), in flight, flags.
         self._books = SlotBooks(self.geometry, int(getattr(engine, "capacity", 0) or 1))
         self._wakeup = asyncio.Event()
