@@ -360,11 +360,15 @@ class RemoteScheduler(StreamBooks):
                 future.set_result(None)
         elif kind is w.Cut:
             state = self._streams.get(m.key)
-            if state is not None and state.status is StreamStatus.RECEIVING:
-                self._drop_held(state)  # the engine takes no more of its audio
+            if state is not None and not state.status.terminal:
+                # The engine cut the audio at a limit: that is the stream's end reason even when
+                # the client's own end reached this frontend first (the client sent past the
+                # limit), as in an in-process scheduler, which cuts when the audio arrives.
                 state.end_reason = m.end_reason or None
-                state.ended_at = time.monotonic()
-                state.set_status(StreamStatus.FLUSHING)
+                if state.status is StreamStatus.RECEIVING:
+                    self._drop_held(state)  # the engine takes no more of its audio
+                    state.ended_at = time.monotonic()
+                    state.set_status(StreamStatus.FLUSHING)
         elif kind is w.State:
             self.engine_name, self.executions = m.engine_name or self.engine_name, m.executions
             self.max_batch, self._engine_slots, self._engine_draining = m.max_batch, m.slots_in_use, m.draining
