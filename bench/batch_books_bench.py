@@ -17,6 +17,7 @@ has them (engines.api.ResultColumns, as engines.streaming_engine does); --row-re
 it answer with StreamUpdate rows (as an engine worker's reply is unpacked today).
 
   python bench/batch_books_bench.py --rows 256,1024
+  python bench/batch_books_bench.py --rows 256 --straddle   # every chunk split over two messages
   python bench/batch_books_bench.py --compare OLD_TREE,NEW_TREE --rows 256,1024 --repeats 3
 
 --compare runs this script alternately against each tree (PYTHONPATH) in subprocesses, so the
@@ -128,7 +129,7 @@ class NullEngine:
         return self.step(plan)
 
 
-async def run_rows(rows: int, rounds: int, warm: int, columnar: bool = True) -> dict:
+async def run_rows(rows: int, rounds: int, warm: int, columnar: bool = True, straddle: bool = False) -> dict:
     from server.scheduling.scheduler import Scheduler, SchedulerConfig, StreamListener
 
     engine = NullEngine(rows, columnar)
@@ -153,9 +154,12 @@ async def run_rows(rows: int, rounds: int, warm: int, columnar: bool = True) -> 
     audio = rng.standard_normal(g.samples_needed(rounds + warm + 1)).astype(np.float32)
     out = {"push": [], "step": [], "take": [], "engine": []}
     loop = asyncio.get_running_loop()
+    sent = 0
     for k in range(warm + rounds):
-        lo = g.samples_needed(k - 1) if k else 0
-        piece = audio[lo:g.samples_needed(k)]
+        # Each message ends on chunk k's boundary, or (--straddle) half a chunk past it, so that
+        # every chunk spans two messages (a frontend forwarding all of its held audio did that).
+        end = g.samples_needed(k) + (g.chunk_samples // 2 if straddle else 0)
+        piece, sent = audio[sent:end], end
         counter.n, counter.want, counter.done = 0, rows, loop.create_future()
         e0 = engine.engine_seconds
         t0 = time.perf_counter()
@@ -189,7 +193,8 @@ def compare(trees: list[str], args) -> None:
     for rep in range(args.repeats):
         for tree in (trees if rep % 2 == 0 else trees[::-1]):
             cmd = [sys.executable, os.path.abspath(__file__), "--rows", args.rows, "--rounds", str(args.rounds),
-                   "--warm", str(args.warm), "--json-line", *(["--row-results"] if args.row_results else [])]
+                   "--warm", str(args.warm), "--json-line", *(["--row-results"] if args.row_results else []),
+                   *(["--straddle"] if args.straddle else [])]
             env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
             line = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results[tree].extend(json.loads(line))
@@ -214,6 +219,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="--compare: runs per tree, alternating")
     ap.add_argument("--compare", default=None, help="comma-separated source trees to run alternately")
     ap.add_argument("--json-line", action="store_true", help="print the rows as one JSON line")
+    ap.add_argument("--straddle", action="store_true",
+                    help="messages end half a chunk past each chunk boundary: every chunk spans two messages")
     ap.add_argument("--row-results", action="store_true",
                     help="the engine answers with StreamUpdate rows (as an engine worker's reply is unpacked), "
                          "not columns (as engines.streaming_engine does, where the build has them)")
@@ -221,7 +228,7 @@ def main() -> None:
     if args.compare:
         compare(args.compare.split(","), args)
         return
-    rows = [asyncio.run(run_rows(int(r), args.rounds, args.warm, not args.row_results)) for r in args.rows.split(",")]
+    rows = [asyncio.run(run_rows(int(r), args.rounds, args.warm, not args.row_results, args.straddle)) for r in args.rows.split(",")]
     if args.json_line:
         print(json.dumps(rows))
     else:

@@ -37,6 +37,21 @@ def count_audio_messages(server) -> dict[str, int]:
     return counts
 
 
+def record_audio_ends(server) -> list[int]:
+    """Where each Audio message the engine host reads ends, in samples of its stream (one stream)."""
+    host = server.engine_host
+    ends: list[int] = []
+    dispatch = host._dispatch
+
+    def recording(frontend, message):
+        if type(message) is w.Audio:
+            ends.append((ends[-1] if ends else 0) + len(message.samples) // 4)
+        dispatch(frontend, message)
+
+    host._dispatch = recording
+    return ends
+
+
 def packets(data: bytes, size: int) -> list[pb.StreamingRecognizeRequest]:
     return [audio(data[p:p + size]) for p in range(0, len(data), size)]
 
@@ -62,6 +77,26 @@ async def test_small_packets_reach_the_engine_a_chunk_at_a_time_with_the_same_re
     chunks = -(-clip.size // g.chunk_samples)
     assert sent_small <= chunks + 1, (sent_small, chunks)  # a message per chunk (and the tail at the end)
     assert sent_small * 4 <= n_packets  # not a message per 20 ms packet (150 of them)
+    assert engine.slots_in_use() == 0
+
+
+async def test_held_audio_goes_out_on_chunk_boundaries_so_no_chunk_spans_two_messages():
+    """Packets that do not divide a chunk (30 ms against the fake engine's chunk): each message
+    but the tail ends exactly where a chunk does, the rest of the packet staying held; the
+    engine process then takes every chunk from one message."""
+    engine = make_engine(FAKE, capacity=4)
+    g = engine.geometry
+    clip = pcm16_audio(23, 3 * RATE)
+    packet = 2 * (3 * RATE // 100)  # 30 ms of 16-bit samples
+    async with running_frontend_pair(engine) as server, stub_for(server) as stub:
+        ends = record_audio_ends(server)
+        got = [r async for r in stub.StreamingRecognize(_gen([config(interim_results=True),
+                                                              *packets(clip.tobytes(), packet)]))]
+    assert final_transcript(got) == transcribe_alone(engine, as_float(clip)) != ""
+    assert ends[-1] == clip.size and len(ends) >= 3
+    boundaries = {g.samples_needed(k) for k in range(clip.size // g.chunk_samples + 2)}
+    assert (3 * RATE // 100) % g.chunk_samples != 0  # the packets do not line up with chunks by themselves
+    assert set(ends[:-1]) <= boundaries, sorted(set(ends[:-1]) - boundaries)
     assert engine.slots_in_use() == 0
 
 

@@ -208,7 +208,7 @@ class RemoteScheduler(StreamBooks):
         stream.held.append(np.asarray(samples, dtype=np.float32).tobytes())
         stream.received += samples.size
         if stream.received >= stream.forward_at:
-            self._forward_held(stream)
+            self._forward_to_boundary(stream)
         return await self._wait_for_audio_room(stream)
 
     def _forward_point(self, received: int) -> int:
@@ -218,6 +218,30 @@ class RemoteScheduler(StreamBooks):
         g = self.engine.geometry
         need = g.samples_needed(max(0, (received - g.wait_samples) // g.chunk_samples))
         return min(need, self._max_samples + 1)
+
+    def _forward_to_boundary(self, stream: RemoteStreamState) -> None:
+        """The held audio has completed a chunk: send it up to the last chunk boundary it
+        reached and keep the rest held. A message then ends where a chunk does, so the engine
+        process takes each chunk from one message (a view, where a chunk split over two
+        messages was a copy per row in its event loop). At the duration limit all of it goes."""
+        g = self.engine.geometry
+        boundary = ((stream.received - g.wait_samples) // g.chunk_samples) * g.chunk_samples + g.wait_samples
+        keep = stream.received - boundary
+        if stream.forward_at > self._max_samples or keep <= 0 or stream.status.terminal:
+            self._forward_held(stream)
+            return
+        held = stream.held[0] if len(stream.held) == 1 else b"".join(stream.held)
+        cut = len(held) - 4 * keep  # float32 samples
+        if cut <= 0:  # (cannot happen: the held audio reached forward_at, a boundary)
+            self._forward_held(stream)
+            return
+        view = memoryview(held)
+        self._send(w.Audio(stream.stream_id, view[:cut]))
+        stream.held = [view[cut:].tobytes()]
+        stream.held_since = time.monotonic()  # what stays held arrived with the latest packet
+        self._holding.pop(stream.stream_id, None)
+        self._holding[stream.stream_id] = stream  # to the back: the sweeper's dict stays oldest first
+        stream.forward_at = self._forward_point(stream.received)
 
     def _forward_held(self, stream: RemoteStreamState) -> None:
         """Send the stream's held audio as one message."""
