@@ -67,14 +67,12 @@ class Link:
         self.results = 0
         self.failed: list[str] = []
         self.unacked: dict[str, int] = {}
-        self.writer: asyncio.StreamWriter | None = None
         self.out: w.FrameWriter | None = None
         self.ack_every = 16
 
     async def connect(self, path: str) -> w.Hello:
-        reader, self.writer = await asyncio.open_unix_connection(path, limit=1 << 20)
-        self.out = w.FrameWriter(self.writer)
-        self.frames = w.FrameReader(reader, w.ENGINE_TO_FRONTEND)
+        self.frames = await w.open_link(path, w.ENGINE_TO_FRONTEND)
+        self.out = w.FrameWriter(self.frames.transport)
         batch = await self.frames.read_frames()
         hello = w.check_hello(batch[0][0], w.ROLE_ENGINE_HOST)
         self.ack_every = max(1, int(hello.scheduler.get("response_buffer", 32)) // 2)

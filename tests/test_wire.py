@@ -296,11 +296,13 @@ def test_a_column_of_the_wrong_length_is_an_error_on_both_sides_of_the_worker_li
 
 
 class _Sink:
-    def __init__(self, reader: asyncio.StreamReader):
+    """A transport that hands what is written straight to a FrameReader."""
+
+    def __init__(self, reader: w.FrameReader):
         self.reader = reader
 
     def write(self, data):
-        self.reader.feed_data(bytes(data))
+        self.reader.feed(bytes(data))
 
     def is_closing(self):
         return False
@@ -309,9 +311,9 @@ class _Sink:
         pass
 
 
-def _fed(data: bytes, eof: bool = False) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    reader.feed_data(data)
+def _fed(data: bytes, eof: bool = False) -> w.FrameReader:
+    reader = w.FrameReader(w.FRONTEND_TO_ENGINE)
+    reader.feed(data)
     if eof:
         reader.feed_eof()
     return reader
@@ -319,23 +321,68 @@ def _fed(data: bytes, eof: bool = False) -> asyncio.StreamReader:
 
 @pytest.mark.asyncio
 async def test_frames_batch_the_messages_of_one_loop_iteration():
-    reader = asyncio.StreamReader()
-    out = w.FrameWriter(_Sink(reader))
+    frames = w.FrameReader(w.FRONTEND_TO_ENGINE)
+    out = w.FrameWriter(_Sink(frames))
     for i in range(5):
         out.send(w.Audio(f"k{i}", b"\0" * 8))
     await asyncio.sleep(0)  # the flush runs once, on the next loop iteration
     out.send(w.End("k9"))
     await asyncio.sleep(0)
-    frames = w.FrameReader(reader, w.FRONTEND_TO_ENGINE)
     batch = await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)  # both frames waited: one read
     assert [[m.key for m in f] for f in batch] == [[f"k{i}" for i in range(5)], ["k9"]]
-    reader.feed_data(w.HEADER.pack(20) + b"x" * 5)
+    frames.feed(w.HEADER.pack(20) + b"x" * 5)
     pending = asyncio.ensure_future(frames.read_frames())
     await asyncio.sleep(0.01)
     assert not pending.done()  # a frame split across reads waits for its rest
     pending.cancel()
-    assert await asyncio.wait_for(w.FrameReader(_fed(b"", eof=True), w.FRONTEND_TO_ENGINE).read_frames(),
-                                  TIMEOUT_S) is None
+    assert await asyncio.wait_for(_fed(b"", eof=True).read_frames(), TIMEOUT_S) is None
+
+
+@pytest.mark.asyncio
+async def test_the_reader_takes_frames_larger_than_its_buffer_and_split_anywhere():
+    """Frames arrive in pieces of every size, some larger than the reader's starting buffer:
+    every message comes out whole and in order, and the buffer is reused, not grown, once the
+    frames fit."""
+    rng = np.random.default_rng(5)
+    messages = [w.Audio(f"k{i}", rng.bytes(int(n))) for i, n in enumerate(rng.integers(0, 300_000, 40))]
+    data = b"".join(bytes(w.encode_frame([m])) for m in messages)
+    frames = w.FrameReader(w.FRONTEND_TO_ENGINE, size=1 << 16)
+    got, pos = [], 0
+    while pos < len(data):
+        step = int(rng.integers(1, 200_000))
+        frames.feed(data[pos:pos + step])
+        pos += step
+        if frames._ready:
+            got += [m for f in await frames.read_frames() for m in f]
+    assert got == messages
+    size = len(frames._buf)
+    small = [m for m in messages if len(m.samples) < size // 2][:5]
+    assert len(small) == 5
+    frames.feed(b"".join(bytes(w.encode_frame([m])) for m in small))
+    assert [m for f in await frames.read_frames() for m in f] == small
+    assert len(frames._buf) == size  # frames that fit reuse the buffer
+    frames.feed_eof()
+    assert await asyncio.wait_for(frames.read_frames(), TIMEOUT_S) is None
+
+
+@pytest.mark.asyncio
+async def test_the_reader_pauses_its_transport_while_frames_wait_and_resumes_when_read():
+    class Transport:
+        paused = 0
+
+        def pause_reading(self):
+            self.paused += 1
+
+        def resume_reading(self):
+            self.paused -= 1
+
+    frames = w.FrameReader(w.FRONTEND_TO_ENGINE)
+    frames.connection_made(transport := Transport())
+    one = bytes(w.encode_frame([w.End("k")]))
+    frames.feed(one * (w.FrameReader.READY_FRAMES_MAX + 1))
+    assert transport.paused == 1
+    batch = await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)
+    assert len(batch) == w.FrameReader.READY_FRAMES_MAX + 1 and transport.paused == 0
 
 
 def _frame(body: bytes) -> bytes:
@@ -361,7 +408,7 @@ BAD_FRAMES = {
 @pytest.mark.parametrize("case", list(BAD_FRAMES))
 async def test_a_frame_that_cannot_be_read_is_an_error_not_a_hang(case):
     data, match = BAD_FRAMES[case]
-    frames = w.FrameReader(_fed(data, eof=True), w.FRONTEND_TO_ENGINE)
+    frames = _fed(data, eof=True)
     with pytest.raises(w.WireError, match=match):
         await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)
     assert issubclass(w.WireError, ConnectionError)  # readers treat it as a broken link
@@ -397,8 +444,8 @@ async def test_the_engine_host_closes_a_link_that_sends_a_bad_frame_and_says_why
             # A well-behaved frontend on the same host, whose link must outlive the bad one.
             good = RemoteScheduler(host.socket_path, name="good")
             await asyncio.wait_for(good.connect(), TIMEOUT_S)
-            reader, writer = await asyncio.open_unix_connection(host.socket_path)
-            frames = w.FrameReader(reader, w.ENGINE_TO_FRONTEND)
+            frames = await w.open_link(host.socket_path, w.ENGINE_TO_FRONTEND)
+            writer = frames.transport
             first = await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)
             assert isinstance(first[0][0], w.Hello)
             with caplog.at_level(logging.ERROR, logger="nemostream.engine_host"):
@@ -482,8 +529,8 @@ async def test_a_spaced_writer_sends_an_idle_links_message_at_once_and_a_busy_on
     """FrameWriter(min_interval_s): the first message after a quiet spell goes on the next loop
     iteration; messages of the following iterations within the interval wait and share a frame;
     close() writes what waits."""
-    reader = asyncio.StreamReader()
-    sink = _Sink(reader)
+    frames = w.FrameReader(w.FRONTEND_TO_ENGINE)
+    sink = _Sink(frames)
     out = w.FrameWriter(sink, min_interval_s=0.2)
     out.send(w.Audio("a", b"\0" * 8))
     await asyncio.sleep(0)
@@ -497,6 +544,5 @@ async def test_a_spaced_writer_sends_an_idle_links_message_at_once_and_a_busy_on
     out.send(w.End("c"))
     out.close()  # close does not wait for the interval
     assert out.frames == 3
-    frames = w.FrameReader(reader, w.FRONTEND_TO_ENGINE)
     batch = await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)
     assert [[m.key for m in f] for f in batch] == [["a"], ["b0", "b1", "b2"], ["c"]]

@@ -148,8 +148,7 @@ class EngineHost(StreamListener):
         self.metrics.engine_up.set(1)
         if metrics_port is not None:
             self.metrics_port = self.metrics.serve(metrics_host or "127.0.0.1", metrics_port, self.http_status)
-        self._server = await asyncio.start_unix_server(self._serve_connection, path=self.socket_path,
-                                                       limit=1 << 20)
+        self._server = await w.serve_links(self.socket_path, w.FRONTEND_TO_ENGINE, self._serve_connection)
         self._state_task = asyncio.get_running_loop().create_task(self._broadcast_state(), name="engine-state")
         return name
 
@@ -211,15 +210,14 @@ class EngineHost(StreamListener):
         self.metrics.close()
 
     # -- connections ---------------------------------------------------------------------
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_connection(self, frames: FrameReader) -> None:
         task = asyncio.current_task()
         self._conn_tasks.add(task)
-        frontend = _Frontend(name="?", out=FrameWriter(writer))
+        frontend = _Frontend(name="?", out=FrameWriter(frames.transport))
         self._frontends.append(frontend)
         frontend.out.send(self.facts().hello())
         self._send_state_to(frontend)
         try:
-            frames = FrameReader(reader, w.FRONTEND_TO_ENGINE)
             while (batch := await frames.read_frames()) is not None:
                 for frame in batch:
                     for message in frame:

@@ -101,10 +101,8 @@ class RemoteScheduler(StreamBooks):
     # -- lifecycle -----------------------------------------------------------------------
     async def connect(self, timeout_s: float = 30.0) -> EngineFacts:
         """Connect and read the engine's Hello (and first State)."""
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(self.socket_path, limit=1 << 20), timeout_s)
-        self._out = FrameWriter(writer, min_interval_s=FRAME_INTERVAL_S)
-        frames = FrameReader(reader, w.ENGINE_TO_FRONTEND)
+        frames = await asyncio.wait_for(w.open_link(self.socket_path, w.ENGINE_TO_FRONTEND), timeout_s)
+        self._out = FrameWriter(frames.transport, min_interval_s=FRAME_INTERVAL_S)
         batch = await asyncio.wait_for(frames.read_frames(), timeout_s)
         first = batch[0] if batch else None
         if not first:

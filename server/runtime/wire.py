@@ -451,7 +451,7 @@ class FrameWriter:
     a frame at 700 streams), and every frame costs the reading process a wake-up of its event
     loop, the engine process's loop being what binds (bench/RESULTS.md, runs 29-31)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, min_interval_s: float = 0.0):
+    def __init__(self, writer: asyncio.WriteTransport, min_interval_s: float = 0.0):
         self._writer = writer
         self._pending: list = []
         self._scheduled = False
@@ -493,23 +493,165 @@ class FrameWriter:
         self._writer.close()
 
 
-class FrameReader:
-    """Reads whatever the socket has and returns every complete frame in it, decoded: one await
-    covers all the frames a busy peer wrote meanwhile (the engine host reads N frontends)."""
+class FrameReader(asyncio.BufferedProtocol):
+    """A link's reading end on the event loop: the kernel writes into one buffer that is reused,
+    and each complete frame is decoded where it lies. `read_frames` returns every frame decoded
+    since the last call: one await covers all that a busy peer wrote meanwhile (the engine host
+    reads N frontends).
 
-    def __init__(self, reader: asyncio.StreamReader, kinds):
-        self._reader = reader
-        self._frames = FrameSplitter()
+    Why a protocol and not an asyncio.StreamReader: through a StreamReader each byte of audio a
+    frontend sent was copied five times in the engine process (the loop's bytes, the reader's
+    buffer, the read's bytes, the frame buffer, the decoded field), in buffers big enough to be
+    fresh memory each time; copies and page faults were a fifth of that process's CPU at 2,000
+    streams (perf, bench/RESULTS.md). Here the kernel's copy and the decoded field are the only
+    two.
+
+    Reading pauses while more than READY_FRAMES_MAX decoded frames wait to be read, so a reader
+    that falls behind holds its peer back (the kernel's socket buffer, then the peer's writes)
+    instead of growing without bound. `feed` and `feed_eof` put bytes in without a transport."""
+
+    READY_FRAMES_MAX = 256
+    MIN_READ = 1 << 16  # room offered to each read of the socket
+
+    def __init__(self, kinds, size: int = 1 << 20):
         self._decoder = Decoder(kinds)
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = 0   # the first byte not yet decoded
+        self._end = 0     # the end of what has arrived
+        self._want = 0    # the size of the frame that has begun arriving (header read), else 0
+        self._ready: list[list] = []
+        self._error: BaseException | None = None
+        self._ended = False  # the peer closed its end, or the connection was lost
+        self._lost: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+        self._paused = False
+        self.transport: asyncio.Transport | None = None
+        self.on_connected: Callable[[], None] | None = None
 
+    # -- asyncio.BufferedProtocol -----------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.on_connected is not None:
+            self.on_connected()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._make_room(max(self.MIN_READ, self._want - (self._end - self._start)))
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        if self._error is None:
+            try:
+                self._split()
+            except WireError as exc:
+                self._error = exc
+        if len(self._ready) > self.READY_FRAMES_MAX and self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        self._wake()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._ended = True
+        self._lost = exc
+        self._wake()
+
+    # -- without a transport (tests) -------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            room = self.get_buffer(len(data) - pos)
+            n = min(len(room), len(data) - pos)
+            room[:n] = data[pos:pos + n]
+            self.buffer_updated(n)
+            pos += n
+
+    def feed_eof(self) -> None:
+        self.eof_received()
+
+    # -- the reader's side --------------------------------------------------------------------------
     async def read_frames(self) -> list[list] | None:
-        """The next complete frames (at least one), each a list of messages, or None at a clean
-        end of the connection. Raises WireError for a frame that cannot be read."""
+        """The frames decoded so far (at least one), each a list of messages, or None at a clean
+        end of the connection. Raises WireError for a frame that cannot be read (the frames
+        before it are returned first), and the connection's error when it was lost."""
         while True:
-            data = await self._reader.read(1 << 20)
-            if not data:
-                self._frames.check_end()
-                return None
-            frames = self._frames.feed(data, self._decoder.decode)
-            if frames:
+            if self._ready:
+                frames, self._ready = self._ready, []
+                if self._paused and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
                 return frames
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                if self._lost is not None:
+                    raise self._lost
+                if self._end > self._start:
+                    raise WireError(f"connection closed inside a frame ({self._end - self._start} bytes pending)")
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _split(self) -> None:
+        buf, view, pos, end = self._buf, self._view, self._start, self._end
+        decode, ready = self._decoder.decode, self._ready
+        self._want = 0
+        while end - pos >= HEADER.size:
+            (size,) = HEADER.unpack_from(buf, pos)
+            if size > MAX_FRAME:
+                raise WireError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}")
+            body = pos + HEADER.size
+            if end - body < size:
+                self._want = HEADER.size + size
+                break
+            ready.append(decode(view[body:body + size]))
+            pos = body + size
+        if pos == end:
+            self._start = self._end = 0
+        else:
+            self._start = pos
+
+    def _make_room(self, free: int) -> None:
+        """At least `free` bytes after the end; a partial frame moves to the front, or to a
+        larger buffer when it would not fit (a frame larger than the buffer)."""
+        if len(self._buf) - self._end >= free:
+            return
+        pending = self._end - self._start
+        if pending + free <= len(self._buf):
+            self._view[:pending] = self._view[self._start:self._end]
+        else:
+            bigger = bytearray(max(2 * len(self._buf), pending + free))
+            bigger[:pending] = self._view[self._start:self._end]
+            self._view.release()
+            self._buf, self._view = bigger, memoryview(bigger)
+        self._start, self._end = 0, pending
+
+
+async def open_link(path: str, kinds) -> FrameReader:
+    """Connect to a Unix socket; the reader's `transport` writes (FrameWriter(reader.transport))."""
+    _, reader = await asyncio.get_running_loop().create_unix_connection(lambda: FrameReader(kinds), path)
+    return reader
+
+
+async def serve_links(path: str, kinds, handle: Callable[[FrameReader], Any]) -> asyncio.AbstractServer:
+    """Listen on a Unix socket; each connection runs `handle(reader)` as a task of its own."""
+    loop = asyncio.get_running_loop()
+
+    def accepted() -> FrameReader:
+        reader = FrameReader(kinds)
+        reader.on_connected = lambda: loop.create_task(handle(reader))
+        return reader
+
+    return await loop.create_unix_server(accepted, path=path)
