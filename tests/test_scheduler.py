@@ -426,3 +426,27 @@ async def test_a_lone_chunk_at_low_load_does_not_wait_for_company(min_arrivals):
     else:
         assert waits[0] >= 0.55, waits
     assert engine.violations == []
+
+
+def test_sample_queue_takes_spans_in_order_whatever_the_message_sizes():
+    """SampleQueue: a take from the front message is that message or a view of it; one that
+    spans messages joins them; every sample comes out once, in order, as contiguous float32
+    (a strided or float64 input is converted on the way in)."""
+    from server.scheduling.stream_state import SampleQueue
+
+    rng = np.random.default_rng(3)
+    signal = rng.standard_normal(10_000).astype(np.float32)
+    queue = SampleQueue()
+    cuts = [0, 1000, 1000, 3500, 3600, 7000, 10_000]
+    for a, b in zip(cuts, cuts[1:]):
+        piece = signal[a:b]
+        queue.append(piece.astype(np.float64) if a == 3500 else piece)
+    strided = np.repeat(signal[:50], 2)[::2]  # a non-contiguous view
+    queue.append(strided)
+    assert queue.size == len(queue) == 10_050
+    taken = [queue.take(n) for n in (1000, 2550, 50, 2000, 1400, 2990, 60)]  # some span two messages
+    assert queue.size == 0
+    assert all(t.dtype == np.float32 and t.flags.c_contiguous for t in taken)
+    assert np.array_equal(np.concatenate(taken), np.concatenate([signal, signal[:50]]))
+    with pytest.raises(ValueError):
+        queue.take(1)

@@ -323,11 +323,13 @@ class Scheduler(StreamBooks):
                 return False
             samples = samples[:self._max_samples - received]
         now = time.monotonic()
-        stream.audio.append(np.asarray(samples, dtype=np.float32))
+        queue = stream.audio
+        queue.append(samples)
         received += samples.size
         books.received[slot] = received
         stream.arrivals.record(received, now)
-        stream.peak_pending = max(stream.peak_pending, len(stream.audio))
+        if queue.size > stream.peak_pending:
+            stream.peak_pending = queue.size
         if at_limit:  # the rest of the client's audio is not taken
             self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s of audio")
             return False

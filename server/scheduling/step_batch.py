@@ -87,23 +87,24 @@ def form_batch(books: SlotBooks, max_batch: int, max_pending: int) -> tuple[Step
     first = k == 0
     new_utterance = books.new_utterance[rows].copy()
     books.new_utterance[rows] = False
-    streams = [books.streams[r] for r in rows.tolist()]
+    all_streams = books.streams
+    streams = [all_streams[r] for r in rows.tolist()]
     samples: list[np.ndarray] = []
-    ready_at = np.empty(rows.size)
+    ready: list[float] = []
     endpointing: dict[int, EndpointingParams] = {}
     # A chunk the end of audio completed is ready since the end arrived; others since the
     # message that brought their last sample.
     ended_early = ended_here & (end < need)
-    for i, (stream, a, e, got, enq, early) in enumerate(zip(streams, start.tolist(), end.tolist(), received.tolist(),
-                                                            queued_at.tolist(), ended_early.tolist())):
+    for stream, a, e, got, enq, early in zip(streams, start.tolist(), end.tolist(), received.tolist(),
+                                             queued_at.tolist(), ended_early.tolist()):
         audio = stream.audio
-        if a != got - len(audio):
-            raise RuntimeError(f"stream {stream.stream_id} chunk {int(k[i])} starts at {a}, "
-                               f"queue at {got - len(audio)}")
+        if a != got - audio.size:
+            raise RuntimeError(f"stream {stream.stream_id} chunk starts at {a}, queue at {got - audio.size}")
         samples.append(audio.take(e - a))
-        if len(audio) <= max_pending:
+        if audio.size <= max_pending:
             stream.audio_room.set()
-        ready_at[i] = (stream.ended_at or now) if early else stream.arrivals.arrival_of(e, default=enq)
+        ready.append((stream.ended_at or now) if early else stream.arrivals.arrival_of(e, default=enq))
+    ready_at = np.array(ready, dtype=np.float64)
     for i in np.flatnonzero(first).tolist():
         if streams[i].endpointing is not None:
             endpointing[i] = streams[i].endpointing

@@ -53,12 +53,27 @@ class SampleQueue:
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def size(self) -> int:
+        return self._size
+
     def append(self, samples: np.ndarray) -> None:
+        """Samples as float32, contiguous (a copy only when they are not), so a take is a view."""
         if samples.size:
-            self._parts.append(samples)
+            self._parts.append(np.ascontiguousarray(samples, dtype=np.float32))
             self._size += samples.size
 
     def take(self, n: int) -> np.ndarray:
+        parts = self._parts
+        if parts and 0 < n <= parts[0].size:
+            # The usual take: one chunk from the front message (a frontend's messages end on
+            # chunk boundaries), as the message itself or a view of it.
+            head = parts[0]
+            self._size -= n
+            if head.size == n:
+                return parts.popleft()
+            parts[0] = head[n:]
+            return head[:n]
         if n > self._size:
             raise ValueError(f"take({n}) from a queue of {self._size} samples")
         out: list[np.ndarray] = []
