@@ -407,10 +407,12 @@ class Scheduler(StreamBooks):
         """The next undelivered event, or None when there is none now (next_event waits)."""
         if not stream.events:
             return None
+        was_full = len(stream.events) >= self.config.response_buffer
         event = stream.events.popleft()
         if isinstance(event, StreamFailure) or event.is_final:
             stream.terminal_delivered = True
-        self._maybe_enqueue(stream)  # room in the response buffer may unblock the stream
+        if was_full:  # room in the response buffer unblocks the stream (nothing else here can)
+            self._maybe_enqueue(stream)
         return event
 
     def close_stream(self, stream: StreamState) -> None:
