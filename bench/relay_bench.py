@@ -169,8 +169,9 @@ def run_once(args, tree: str | None) -> dict:
     cmd = [sys.executable, "-m", "server.service.cli", "--engine-factory", args.engine_factory, "--frontends", "2",
            "--port", "0", "--metrics-port", "0", "--max-batch", str(args.max_batch),
            "--max-streams", str(args.streams + 16), *args.server_args.split()]
+    log = open(args.server_log, "a") if args.server_log else subprocess.DEVNULL
     server = subprocess.Popen(cmd, env=env, cwd=os.path.abspath(tree) if tree else None, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+                              stderr=log, text=True)
     try:
         for line in server.stdout:
             if "listening on" in line:
@@ -210,6 +211,8 @@ def main() -> None:
     ap.add_argument("--compare", default=None, help="comma-separated source trees, run alternately")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--server-log", default=None,
+                    help="append the server's log here (NEMOSTREAM_GC_CENSUS_S=5 in the environment: its gc census)")
     args = ap.parse_args()
     rows = []
     if args.compare:
