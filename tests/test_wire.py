@@ -355,12 +355,12 @@ async def test_the_reader_takes_frames_larger_than_its_buffer_and_split_anywhere
         if frames._ready:
             got += [m for f in await frames.read_frames() for m in f]
     assert got == messages
-    size = len(frames._buf)
+    size = frames.buffer_size
     small = [m for m in messages if len(m.samples) < size // 2][:5]
     assert len(small) == 5
     frames.feed(b"".join(bytes(w.encode_frame([m])) for m in small))
     assert [m for f in await frames.read_frames() for m in f] == small
-    assert len(frames._buf) == size  # frames that fit reuse the buffer
+    assert frames.buffer_size == size  # frames that fit reuse the buffer
     frames.feed_eof()
     assert await asyncio.wait_for(frames.read_frames(), TIMEOUT_S) is None
 
@@ -546,3 +546,12 @@ async def test_a_spaced_writer_sends_an_idle_links_message_at_once_and_a_busy_on
     assert out.frames == 3
     batch = await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)
     assert [[m.key for m in f] for f in batch] == [["a"], ["b0", "b1", "b2"], ["c"]]
+
+
+@pytest.mark.asyncio
+async def test_the_frames_before_a_bad_one_are_read_first_then_the_error():
+    good = [w.Audio("a", b"\0" * 8), w.End("a")]
+    frames = _fed(b"".join(bytes(w.encode_frame([m])) for m in good) + _frame(b"\xc1"), eof=False)
+    assert [m for f in await asyncio.wait_for(frames.read_frames(), TIMEOUT_S) for m in f] == good
+    with pytest.raises(w.WireError, match="malformed frame"):
+        await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)

@@ -133,13 +133,15 @@ class _Link:
 
     def read_frames(self, take=bytes) -> list | None:
         """`take` of each of the next complete frames' bodies (at least one; `bytes`: a copy to
-        hand on), or None at the end of the link."""
+        hand on), or None at the end of the link. The socket is read straight into the
+        splitter's reused buffer."""
         while True:
-            data = self.sock.recv(1 << 20)
-            if not data:
+            n = self.sock.recv_into(self._frames.room())
+            if not n:
                 self._frames.check_end()
                 return None
-            frames = self._frames.feed(data, take)
+            self._frames.filled(n)
+            frames = self._frames.split(take)
             if frames:
                 return frames
 
@@ -159,13 +161,14 @@ class _Link:
         if self._ready:
             return self._ready.popleft()
         try:
-            data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            n = self.sock.recv_into(self._frames.room(), 0, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return NOTHING
-        if not data:
+        if not n:
             self._frames.check_end()
             return None
-        for messages in self._frames.feed(data, self.decoder.decode):
+        self._frames.filled(n)
+        for messages in self._frames.split(self.decoder.decode):
             self._ready.extend(messages)
         return self._ready.popleft() if self._ready else NOTHING
 

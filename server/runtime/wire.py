@@ -403,41 +403,94 @@ class Decoder:
 
 
 class FrameSplitter:
-    """Bytes as they arrive -> complete frames. Both the event-loop reader and the worker link's
-    blocking reader use it, so the bound on lengths is checked in one place."""
+    """Bytes as they arrive -> complete frames, in one buffer that is reused: the bytes are read
+    into it (`room`, then `filled`), and each complete frame's body is handed on as a view where
+    it lies (`split`). The event-loop reader (FrameReader) and the worker link's blocking reader
+    both use it, so the framing and the bound on lengths live in one place.
 
-    def __init__(self):
-        self._buf = bytearray()
+    Why one reused buffer: a frame of a busy link holds hundreds of kilobytes of audio, and a
+    new buffer per read is fresh memory from the kernel each time (page faults and copies were
+    a fifth of the engine process's CPU, bench/RESULTS.md)."""
+
+    MIN_READ = 1 << 16  # room offered to each read
+
+    def __init__(self, size: int = 1 << 20):
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = 0   # the first byte not yet split off
+        self._end = 0     # the end of what has arrived
+        self._want = 0    # the whole size of the frame that has begun arriving, once its header has
 
     @property
     def pending(self) -> int:
+        """Bytes that arrived and are not yet part of a complete frame."""
+        return self._end - self._start
+
+    @property
+    def capacity(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes, take: Callable[[memoryview], T]) -> list[T]:
-        """`take` of each complete frame's body (a view into the buffer, valid during the call:
-        a decoder reads it in place, `bytes` copies it out)."""
-        buf = self._buf
-        buf += data
-        frames: list[T] = []
-        pos, n = 0, len(buf)
-        with memoryview(buf) as view:
-            while n - pos >= HEADER.size:
-                (size,) = HEADER.unpack_from(buf, pos)
-                if size > MAX_FRAME:
-                    raise WireError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}")
-                start = pos + HEADER.size
-                if n - start < size:
-                    break
-                frames.append(take(view[start:start + size]))
-                pos = start + size
-        if pos:
-            del buf[:pos]
+    def room(self) -> memoryview:
+        """Where the next bytes go: at least MIN_READ bytes, and enough for the rest of a frame
+        that has begun arriving (a frame larger than the buffer grows it)."""
+        free = max(self.MIN_READ, self._want - self.pending)
+        if len(self._buf) - self._end < free:
+            pending = self.pending
+            if pending + free <= len(self._buf):  # the partial frame moves to the front
+                self._view[:pending] = self._view[self._start:self._end]
+            else:
+                bigger = bytearray(max(2 * len(self._buf), pending + free))
+                bigger[:pending] = self._view[self._start:self._end]
+                self._view.release()
+                self._buf, self._view = bigger, memoryview(bigger)
+            self._start, self._end = 0, pending
+        return self._view[self._end:]
+
+    def filled(self, n: int) -> None:
+        """`n` bytes were written at the start of `room()`."""
+        self._end += n
+
+    def split(self, take: Callable[[memoryview], T], frames: list | None = None) -> list[T]:
+        """`take` of each complete frame's body, appended to `frames` (a new list by default) as
+        each is taken, so a take that raises leaves the frames before it there. The body is a
+        view into the buffer, valid during the call (a decoder reads it in place, `bytes` copies
+        it out). A WireError for a length over MAX_FRAME, before anything is allocated for it."""
+        buf, view, pos, end = self._buf, self._view, self._start, self._end
+        frames = [] if frames is None else frames
+        self._want = 0
+        while end - pos >= HEADER.size:
+            (size,) = HEADER.unpack_from(buf, pos)
+            if size > MAX_FRAME:
+                raise WireError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}")
+            body = pos + HEADER.size
+            if end - body < size:
+                self._want = HEADER.size + size
+                break
+            frames.append(take(view[body:body + size]))
+            pos = body + size
+            self._start = pos  # (a take that raises leaves the frames before it split off)
+        if pos == end:
+            self._start = self._end = 0
         return frames
+
+    def feed(self, data, take: Callable[[memoryview], T]) -> list[T]:
+        """Bytes from elsewhere: copied in, then split."""
+        frames: list[T] = []
+        data = memoryview(data)
+        while True:
+            room = self.room()
+            n = min(len(room), len(data))
+            room[:n] = data[:n]
+            self.filled(n)
+            data = data[n:]
+            frames += self.split(take)
+            if not data:
+                return frames
 
     def check_end(self) -> None:
         """The connection ended: an error if it ended inside a frame."""
-        if self._buf:
-            raise WireError(f"connection closed inside a frame ({len(self._buf)} bytes pending)")
+        if self.pending:
+            raise WireError(f"connection closed inside a frame ({self.pending} bytes pending)")
 
 
 class FrameWriter:
@@ -494,7 +547,7 @@ class FrameWriter:
 
 
 class FrameReader(asyncio.BufferedProtocol):
-    """A link's reading end on the event loop: the kernel writes into one buffer that is reused,
+    """A link's reading end on the event loop: the kernel writes into the FrameSplitter's buffer
     and each complete frame is decoded where it lies. `read_frames` returns every frame decoded
     since the last call: one await covers all that a busy peer wrote meanwhile (the engine host
     reads N frontends).
@@ -511,15 +564,10 @@ class FrameReader(asyncio.BufferedProtocol):
     instead of growing without bound. `feed` and `feed_eof` put bytes in without a transport."""
 
     READY_FRAMES_MAX = 256
-    MIN_READ = 1 << 16  # room offered to each read of the socket
 
     def __init__(self, kinds, size: int = 1 << 20):
         self._decoder = Decoder(kinds)
-        self._buf = bytearray(size)
-        self._view = memoryview(self._buf)
-        self._start = 0   # the first byte not yet decoded
-        self._end = 0     # the end of what has arrived
-        self._want = 0    # the size of the frame that has begun arriving (header read), else 0
+        self._frames = FrameSplitter(size)
         self._ready: list[list] = []
         self._error: BaseException | None = None
         self._ended = False  # the peer closed its end, or the connection was lost
@@ -529,6 +577,10 @@ class FrameReader(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.on_connected: Callable[[], None] | None = None
 
+    @property
+    def buffer_size(self) -> int:
+        return self._frames.capacity
+
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -536,14 +588,13 @@ class FrameReader(asyncio.BufferedProtocol):
             self.on_connected()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._make_room(max(self.MIN_READ, self._want - (self._end - self._start)))
-        return self._view[self._end:]
+        return self._frames.room()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._end += nbytes
+        self._frames.filled(nbytes)
         if self._error is None:
             try:
-                self._split()
+                self._frames.split(self._decoder.decode, self._ready)
             except WireError as exc:
                 self._error = exc
         if len(self._ready) > self.READY_FRAMES_MAX and self.transport is not None and not self._paused:
@@ -563,13 +614,13 @@ class FrameReader(asyncio.BufferedProtocol):
 
     # -- without a transport (tests) -------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        pos = 0
-        while pos < len(data):
-            room = self.get_buffer(len(data) - pos)
-            n = min(len(room), len(data) - pos)
-            room[:n] = data[pos:pos + n]
+        data = memoryview(data)
+        while data:
+            room = self.get_buffer(len(data))
+            n = min(len(room), len(data))
+            room[:n] = data[:n]
             self.buffer_updated(n)
-            pos += n
+            data = data[n:]
 
     def feed_eof(self) -> None:
         self.eof_received()
@@ -591,8 +642,7 @@ class FrameReader(asyncio.BufferedProtocol):
             if self._ended:
                 if self._lost is not None:
                     raise self._lost
-                if self._end > self._start:
-                    raise WireError(f"connection closed inside a frame ({self._end - self._start} bytes pending)")
+                self._frames.check_end()
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -603,40 +653,6 @@ class FrameReader(asyncio.BufferedProtocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-    def _split(self) -> None:
-        buf, view, pos, end = self._buf, self._view, self._start, self._end
-        decode, ready = self._decoder.decode, self._ready
-        self._want = 0
-        while end - pos >= HEADER.size:
-            (size,) = HEADER.unpack_from(buf, pos)
-            if size > MAX_FRAME:
-                raise WireError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}")
-            body = pos + HEADER.size
-            if end - body < size:
-                self._want = HEADER.size + size
-                break
-            ready.append(decode(view[body:body + size]))
-            pos = body + size
-        if pos == end:
-            self._start = self._end = 0
-        else:
-            self._start = pos
-
-    def _make_room(self, free: int) -> None:
-        """At least `free` bytes after the end; a partial frame moves to the front, or to a
-        larger buffer when it would not fit (a frame larger than the buffer)."""
-        if len(self._buf) - self._end >= free:
-            return
-        pending = self._end - self._start
-        if pending + free <= len(self._buf):
-            self._view[:pending] = self._view[self._start:self._end]
-        else:
-            bigger = bytearray(max(2 * len(self._buf), pending + free))
-            bigger[:pending] = self._view[self._start:self._end]
-            self._view.release()
-            self._buf, self._view = bigger, memoryview(bigger)
-        self._start, self._end = 0, pending
 
 
 async def open_link(path: str, kinds) -> FrameReader:
