@@ -95,7 +95,8 @@ class Link:
                         self.failed.append(f"{m.kind}: {m.message}")
 
 
-async def drive(path: str, streams: int, links: int, warm: float, seconds: float, server_pid: int) -> dict:
+async def drive(path: str, streams: int, links: int, warm: float, seconds: float, server_pid: int,
+                tick_s: float) -> dict:
     hello = None
     group = [Link(f"bench-{i}") for i in range(links)]
     for link in group:
@@ -112,8 +113,10 @@ async def drive(path: str, streams: int, links: int, warm: float, seconds: float
         key = uuid.uuid4().hex[:12]
         keys[i % links].append(key)
         group[i % links].out.send(w.Open(key, "", True, None, None))
-    # Streams start spread over one period; each sends a chunk every period, in real time.
-    slots = 20
+    # Streams start spread over one period; each sends a chunk every period, in real time. Each
+    # link writes a frame per tick with the chunks due then (a frontend writes at most one frame
+    # a millisecond: server.runtime.remote_scheduler.FRAME_INTERVAL_S).
+    slots = max(1, round(period / tick_s))
     start = time.monotonic() + 0.2
     sent_first: set[str] = set()
     worker = None
@@ -156,7 +159,7 @@ async def drive(path: str, streams: int, links: int, warm: float, seconds: float
     return {"streams": streams, "links": links, "seconds": round(wall, 2), "chunks_per_s": round(results / wall, 1),
             "expected_chunks_per_s": round(streams / period, 1),
             "engine_process_cores": round(cpu / wall, 3), "worker_cores": round(worker_cpu / wall, 3),
-            "engine_process_us_per_chunk": round(1e6 * cpu / max(results, 1), 2),
+            "engine_process_us_per_chunk": round(1e6 * cpu / max(results, 1), 2), "tick_ms": round(1e3 * tick_s, 2),
             "load_cores": round((time.process_time() - measured["self_cpu"]) / wall, 3),
             "failed": len(failed), "first_failure": failed[0] if failed else None}
 
@@ -189,7 +192,8 @@ def run_once(args, tree: str | None) -> dict:
             time.sleep(0.1)
         if not path:
             raise RuntimeError("no frontend with --frontend-of found")
-        return asyncio.run(drive(path, args.streams, args.links, args.warm, args.seconds, server.pid))
+        return asyncio.run(drive(path, args.streams, args.links, args.warm, args.seconds, server.pid,
+                                 args.tick_ms / 1e3))
     finally:
         server.terminate()
         try:
@@ -204,7 +208,8 @@ def main() -> None:
     ap.add_argument("--links", type=int, default=2, help="fake frontends (engine-host connections)")
     ap.add_argument("--warm", type=float, default=6.0)
     ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--max-batch", type=int, default=512)
+    ap.add_argument("--tick-ms", type=float, default=1.0, help="each link writes a frame this often")
     ap.add_argument("--step-delay-s", type=float, default=0.02, help="the fake engine's step time")
     ap.add_argument("--engine-factory", default="tests.fake_engine:build_fake_engine")
     ap.add_argument("--server-args", default="", help="more asr-server arguments, space-separated")
