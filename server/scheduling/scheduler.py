@@ -736,7 +736,9 @@ class Scheduler(StreamBooks):
             if cols.starts or cols.ends:
                 busy[list(cols.starts.keys() | cols.ends.keys())] = True
             seconds = cols.audio_seconds
-            tokens = cols.tokens_by_row() if len(cols.token_ids) else {}
+            # The token columns as lists, sliced per row below: no token object per token.
+            offs = cols.token_offsets.tolist()
+            ids, pieces, frames = cols.token_ids.tolist(), cols.token_pieces, cols.token_frames.tolist()
             if order is not None:
                 busy, seconds = busy[order], seconds[order]
             busy, seconds = busy.tolist(), seconds.tolist()
@@ -760,28 +762,30 @@ class Scheduler(StreamBooks):
                 continue
             if columnar:
                 r = j if order is None else order[j]
-                done = self._deliver(stream, k, ready, now, tokens.get(r, ()), cols.text_delta[r],
+                a, b = offs[r], offs[r + 1]
+                done = self._deliver(stream, k, ready, now, ids[a:b], pieces[a:b], frames[a:b], cols.text_delta[r],
                                      cols.starts.get(r, ()), cols.ends.get(r, ()), bool(cols.is_final[r]), audio_s,
                                      due_now)
             else:
                 u = updates[j]
-                done = self._deliver(stream, k, ready, now, u.tokens, u.text_delta, u.starts, u.ends, u.is_final,
-                                     audio_s, due_now)
+                t_ids, t_pieces, t_frames = (list(c) for c in zip(*u.tokens)) if u.tokens else ([], [], [])
+                done = self._deliver(stream, k, ready, now, t_ids, t_pieces, t_frames, u.text_delta, u.starts, u.ends,
+                                     u.is_final, audio_s, due_now)
             if done:
                 answered.append(now - ready)
         if answered:
             self.observer.chunks_answered(answered)
 
-    def _deliver(self, stream: StreamState, k: int, ready: float, now: float, tokens: tuple, text: str,
-                 starts: tuple[int, ...], ends: tuple[int, ...], is_final: bool, audio_s: float,
-                 final_due: bool) -> bool:
+    def _deliver(self, stream: StreamState, k: int, ready: float, now: float, ids: list[int], pieces: list[str],
+                 frames: list[int], text: str, starts: tuple[int, ...], ends: tuple[int, ...], is_final: bool,
+                 audio_s: float, final_due: bool) -> bool:
         """One row that brought tokens, endpoint events or the final (or whose client's final
         is due): its utterance book, then its event. False when the row failed the stream instead."""
         if is_final and stream.status is not StreamStatus.FLUSHING:
             self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
             return False
         book = stream.utterances
-        finals, added = book.apply(tokens, text, starts, ends)
+        finals, added = book.apply_columns(ids, pieces, frames, text, starts, ends)
         if ends:
             stream.new_utterance_next = True
             for _ in finals:

@@ -15,7 +15,7 @@ whatever their length; the TokenEvents are built once, when the utterance closes
 
 from __future__ import annotations
 
-from engines.api import TokenEvent, tokens_text
+from engines.api import TokenEvent, pieces_text
 from server.scheduling.stream_events import Utterance, UtteranceEnd
 
 
@@ -48,12 +48,18 @@ class UtteranceBook:
         utterance's text does not start with a space)."""
         if not tokens:
             return ""
+        ids, pieces, frames = map(list, zip(*tokens))
+        return self.add_columns(ids, pieces, frames, text)
+
+    def add_columns(self, ids: list[int], pieces: list[str], frames: list[int], text: str) -> str:
+        """`add` with the tokens as three columns (as a step's result carries them)."""
+        if not ids:
+            return ""
         if not self._parts or not self.transcript:
             text = text.lstrip(" ")
-        for token_id, piece, frame in tokens:
-            self._ids.append(token_id)
-            self._pieces.append(piece)
-            self._frames.append(frame)
+        self._ids += ids
+        self._pieces += pieces
+        self._frames += frames
         if text:
             self._parts.append(text)
         return text
@@ -68,26 +74,36 @@ class UtteranceBook:
         """One step's tokens, split at the step's utterance ends. Returns the finals this step
         closed (utterances without text are dropped silently: the endpointer heard noise) and
         the text the step added to the open utterance."""
+        ids, pieces, frames = (list(c) for c in zip(*tokens)) if tokens else ([], [], [])
+        return self.apply_columns(ids, pieces, frames, text, starts, ends)
+
+    def apply_columns(self, ids: list[int], pieces: list[str], frames: list[int], text: str,
+                      starts: tuple[int, ...], ends: tuple[int, ...]) -> tuple[list[Utterance], str]:
+        """`apply` with the tokens as three columns: the scheduler hands a step's token columns
+        on as slices, with no token object made until an utterance closes."""
         if not ends:
             for frame in starts:
                 self.speech_started(frame)
-            return [], self.add(tokens, text)
+            return [], self.add_columns(ids, pieces, frames, text)
         finals: list[Utterance] = []
-        rest = list(tokens)
+        pos = 0
         pending_starts = sorted(starts)
         for end in ends:
             for frame in [f for f in pending_starts if f <= end]:
                 self.speech_started(frame)
                 pending_starts.remove(frame)
-            mine = [t for t in rest if t.frame <= end]
-            rest = rest[len(mine):]
-            self.add(tuple(mine), tokens_text(mine, self.word_boundary))
+            cut = pos
+            while cut < len(frames) and frames[cut] <= end:  # a step's tokens are in frame order
+                cut += 1
+            self.add_columns(ids[pos:cut], pieces[pos:cut], frames[pos:cut],
+                             pieces_text(pieces[pos:cut], self.word_boundary))
+            pos = cut
             closed = self.close(UtteranceEnd.ENDPOINT, end_frame=end, keep_empty=False)
             if closed is not None:
                 finals.append(closed)
         for frame in pending_starts:
             self.speech_started(frame)
-        added = self.add(tuple(rest), tokens_text(rest, self.word_boundary))
+        added = self.add_columns(ids[pos:], pieces[pos:], frames[pos:], pieces_text(pieces[pos:], self.word_boundary))
         return finals, added
 
     def close(self, closed_by: UtteranceEnd, end_frame: int | None = None, keep_empty: bool = True) -> Utterance | None:
