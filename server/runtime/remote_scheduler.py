@@ -209,31 +209,31 @@ class RemoteScheduler(StreamBooks):
             self._forward_to_boundary(stream)
         return await self._wait_for_audio_room(stream)
 
+    def _chunks_complete(self, received: int) -> int:
+        """How many chunk boundaries (ChunkGeometry.samples_needed) `received` samples reach."""
+        g = self.engine.geometry
+        return max(0, (received - g.wait_samples) // g.chunk_samples)
+
     def _forward_point(self, received: int) -> int:
         """The `received` count at which held audio must go: the first chunk boundary past
         `received`, or just past the duration limit if that comes first (the engine process
         cuts the stream there)."""
-        g = self.engine.geometry
-        need = g.samples_needed(max(0, (received - g.wait_samples) // g.chunk_samples))
-        return min(need, self._max_samples + 1)
+        return min(self.engine.geometry.samples_needed(self._chunks_complete(received)), self._max_samples + 1)
 
     def _forward_to_boundary(self, stream: RemoteStreamState) -> None:
         """The held audio has completed a chunk: send it up to the last chunk boundary it
         reached and keep the rest held. A message then ends where a chunk does, so the engine
         process takes each chunk from one message (a view, where a chunk split over two
         messages was a copy per row in its event loop). At the duration limit all of it goes."""
-        g = self.engine.geometry
-        boundary = ((stream.received - g.wait_samples) // g.chunk_samples) * g.chunk_samples + g.wait_samples
+        boundary = self.engine.geometry.samples_needed(self._chunks_complete(stream.received) - 1)
         keep = stream.received - boundary
         if stream.forward_at > self._max_samples or keep <= 0 or stream.status.terminal:
             self._forward_held(stream)
             return
-        held = stream.held[0] if len(stream.held) == 1 else b"".join(stream.held)
-        cut = len(held) - 4 * keep  # float32 samples
-        if cut <= 0:  # (cannot happen: the held audio reached forward_at, a boundary)
-            self._forward_held(stream)
-            return
-        view = memoryview(held)
+        # The held audio began at or before the last forward point, a boundary no later than
+        # this one, so `keep` is shorter than what is held.
+        view = memoryview(self._held_bytes(stream))
+        cut = len(view) - 4 * keep  # float32 samples
         self._send(w.Audio(stream.stream_id, view[:cut]))
         stream.held = [view[cut:].tobytes()]
         stream.held_since = time.monotonic()  # what stays held arrived with the latest packet
@@ -243,11 +243,15 @@ class RemoteScheduler(StreamBooks):
 
     def _forward_held(self, stream: RemoteStreamState) -> None:
         """Send the stream's held audio as one message."""
-        held = stream.held
-        if held and not stream.status.terminal:  # (a terminal stream: the engine has let it go)
-            self._send(w.Audio(stream.stream_id, held[0] if len(held) == 1 else b"".join(held)))
+        if stream.held and not stream.status.terminal:  # (a terminal stream: the engine has let it go)
+            self._send(w.Audio(stream.stream_id, self._held_bytes(stream)))
             stream.forward_at = self._forward_point(stream.received)
         self._drop_held(stream)
+
+    @staticmethod
+    def _held_bytes(stream: RemoteStreamState) -> bytes:
+        held = stream.held
+        return held[0] if len(held) == 1 else b"".join(held)
 
     def _drop_held(self, stream: RemoteStreamState) -> None:
         stream.held = []

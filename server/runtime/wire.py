@@ -473,17 +473,22 @@ class FrameSplitter:
             self._start = self._end = 0
         return frames
 
+    def fill_from(self, data: memoryview) -> memoryview:
+        """Copy in as much of `data` as `room()` offers; the rest is returned (bytes that come
+        from elsewhere than a socket read: tests, benchmarks)."""
+        room = self.room()
+        n = min(len(room), len(data))
+        room[:n] = data[:n]
+        self.filled(n)
+        return data[n:]
+
     def feed(self, data, take: Callable[[memoryview], T]) -> list[T]:
         """Bytes from elsewhere: copied in, then split."""
         frames: list[T] = []
         data = memoryview(data)
         while True:
-            room = self.room()
-            n = min(len(room), len(data))
-            room[:n] = data[:n]
-            self.filled(n)
-            data = data[n:]
-            frames += self.split(take)
+            data = self.fill_from(data)
+            self.split(take, frames)
             if not data:
                 return frames
 
@@ -592,6 +597,10 @@ class FrameReader(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._frames.filled(nbytes)
+        self._split()
+
+    def _split(self) -> None:
+        """Decode what has arrived; pause reading while too many frames wait to be read."""
         if self._error is None:
             try:
                 self._frames.split(self._decoder.decode, self._ready)
@@ -616,11 +625,8 @@ class FrameReader(asyncio.BufferedProtocol):
     def feed(self, data: bytes) -> None:
         data = memoryview(data)
         while data:
-            room = self.get_buffer(len(data))
-            n = min(len(room), len(data))
-            room[:n] = data[:n]
-            self.buffer_updated(n)
-            data = data[n:]
+            data = self._frames.fill_from(data)
+            self._split()
 
     def feed_eof(self) -> None:
         self.eof_received()

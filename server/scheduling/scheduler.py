@@ -40,7 +40,7 @@ from server.scheduling.stream_books import StreamBooks, StreamScheduler
 from server.scheduling.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
                                   UtteranceEnd)
 from server.scheduling.stream_state import StreamState, StreamStatus
-from server.scheduling.utterances import UtteranceBook
+from server.scheduling.utterances import UtteranceBook, token_columns
 
 log = logging.getLogger("nemostream.scheduler")
 
@@ -328,8 +328,8 @@ class Scheduler(StreamBooks):
         received += samples.size
         books.received[slot] = received
         stream.arrivals.record(received, now)
-        if queue.size > stream.peak_pending:
-            stream.peak_pending = queue.size
+        if len(queue) > stream.peak_pending:
+            stream.peak_pending = len(queue)
         if at_limit:  # the rest of the client's audio is not taken
             self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s of audio")
             return False
@@ -768,8 +768,7 @@ class Scheduler(StreamBooks):
                                      due_now)
             else:
                 u = updates[j]
-                t_ids, t_pieces, t_frames = (list(c) for c in zip(*u.tokens)) if u.tokens else ([], [], [])
-                done = self._deliver(stream, k, ready, now, t_ids, t_pieces, t_frames, u.text_delta, u.starts, u.ends,
+                done = self._deliver(stream, k, ready, now, *token_columns(u.tokens), u.text_delta, u.starts, u.ends,
                                      u.is_final, audio_s, due_now)
             if done:
                 answered.append(now - ready)

@@ -98,10 +98,10 @@ def form_batch(books: SlotBooks, max_batch: int, max_pending: int) -> tuple[Step
     for stream, a, e, got, enq, early in zip(streams, start.tolist(), end.tolist(), received.tolist(),
                                              queued_at.tolist(), ended_early.tolist()):
         audio = stream.audio
-        if a != got - audio.size:
-            raise RuntimeError(f"stream {stream.stream_id} chunk starts at {a}, queue at {got - audio.size}")
+        if a != got - len(audio):
+            raise RuntimeError(f"stream {stream.stream_id} chunk starts at {a}, queue at {got - len(audio)}")
         samples.append(audio.take(e - a))
-        if audio.size <= max_pending:
+        if len(audio) <= max_pending:
             stream.audio_room.set()
         ready.append((stream.ended_at or now) if early else stream.arrivals.arrival_of(e, default=enq))
     ready_at = np.array(ready, dtype=np.float64)

@@ -53,10 +53,6 @@ class SampleQueue:
     def __len__(self) -> int:
         return self._size
 
-    @property
-    def size(self) -> int:
-        return self._size
-
     def append(self, samples: np.ndarray) -> None:
         """Samples as float32, contiguous (a copy only when they are not), so a take is a view."""
         if samples.size:

@@ -19,6 +19,14 @@ from engines.api import TokenEvent, pieces_text
 from server.scheduling.stream_events import Utterance, UtteranceEnd
 
 
+def token_columns(tokens: tuple[TokenEvent, ...]) -> tuple[list[int], list[str], list[int]]:
+    """TokenEvents as the three columns the book keeps (ids, pieces, frames)."""
+    if not tokens:
+        return [], [], []
+    ids, pieces, frames = zip(*tokens)
+    return list(ids), list(pieces), list(frames)
+
+
 class UtteranceBook:
     def __init__(self, frame_seconds: float, word_boundary: str = "\u2581"):
         self.frame_seconds = frame_seconds
@@ -46,10 +54,7 @@ class UtteranceBook:
     def add(self, tokens: tuple[TokenEvent, ...], text: str) -> str:
         """Tokens and their text join the open utterance; returns the text as added (an
         utterance's text does not start with a space)."""
-        if not tokens:
-            return ""
-        ids, pieces, frames = map(list, zip(*tokens))
-        return self.add_columns(ids, pieces, frames, text)
+        return self.add_columns(*token_columns(tokens), text)
 
     def add_columns(self, ids: list[int], pieces: list[str], frames: list[int], text: str) -> str:
         """`add` with the tokens as three columns (as a step's result carries them)."""
@@ -74,8 +79,7 @@ class UtteranceBook:
         """One step's tokens, split at the step's utterance ends. Returns the finals this step
         closed (utterances without text are dropped silently: the endpointer heard noise) and
         the text the step added to the open utterance."""
-        ids, pieces, frames = (list(c) for c in zip(*tokens)) if tokens else ([], [], [])
-        return self.apply_columns(ids, pieces, frames, text, starts, ends)
+        return self.apply_columns(*token_columns(tokens), text, starts, ends)
 
     def apply_columns(self, ids: list[int], pieces: list[str], frames: list[int], text: str,
                       starts: tuple[int, ...], ends: tuple[int, ...]) -> tuple[list[Utterance], str]:
