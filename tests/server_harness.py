@@ -220,16 +220,21 @@ def requests_for(data: bytes, seed: int = 0, **config_fields) -> list[pb.Streami
     return [config(**config_fields), *(audio(p) for p in split_bytes(data, np.random.default_rng(seed)))]
 
 
+async def request_stream(requests, until: asyncio.Event | None = None):
+    """The requests as a client's request stream; with `until`, the client then keeps the
+    stream open, sending nothing, until the event is set."""
+    for r in requests:
+        yield r
+    if until is not None:
+        await until.wait()
+
+
 async def held_open_outcome(stub, seed: int, resume: asyncio.Event) -> tuple[str, str]:
     """A stream with less than one chunk of audio (in no engine step), held open until `resume`:
     (status code name, details) of how the server ended it, ("OK", "") if it did not."""
-    async def requests():
-        yield config()
-        yield audio(pcm16_audio(seed, 800).tobytes())
-        await resume.wait()
-
     try:
-        _ = [r async for r in stub.StreamingRecognize(requests())]
+        requests = request_stream([config(), audio(pcm16_audio(seed, 800).tobytes())], until=resume)
+        _ = [r async for r in stub.StreamingRecognize(requests)]
     except grpc.aio.AioRpcError as exc:
         return exc.code().name, exc.details() or ""
     return "OK", ""
@@ -237,11 +242,7 @@ async def held_open_outcome(stub, seed: int, resume: asyncio.Event) -> tuple[str
 
 async def run_stream(stub, requests) -> list[pb.StreamingRecognizeResponse]:
     """Send the requests, return every response; raises grpc.aio.AioRpcError on an error status."""
-    async def gen():
-        for r in requests:
-            yield r
-
-    return [r async for r in stub.StreamingRecognize(gen())]
+    return [r async for r in stub.StreamingRecognize(request_stream(requests))]
 
 
 async def run_stream_sync(server: AsrServer, requests) -> list[pb.StreamingRecognizeResponse]:

@@ -16,7 +16,8 @@ from server.runtime import remote_scheduler as rs
 from server.runtime import wire as w
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
-    FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, running_frontend_pair, stub_for,
+    FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, request_stream,
+    running_frontend_pair, stub_for,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -65,9 +66,9 @@ async def test_small_packets_reach_the_engine_a_chunk_at_a_time_with_the_same_re
     async with running_frontend_pair(engine) as server, stub_for(server) as stub:
         counts = count_audio_messages(server)
         small = [r async for r in stub.StreamingRecognize(
-            _gen([config(interim_results=True), *packets(data, twenty_ms)]))]
+            request_stream([config(interim_results=True), *packets(data, twenty_ms)]))]
         whole_chunks = [r async for r in stub.StreamingRecognize(
-            _gen([config(interim_results=True), *packets(data, 2 * g.chunk_samples)]))]
+            request_stream([config(interim_results=True), *packets(data, 2 * g.chunk_samples)]))]
     assert final_transcript(small) == transcribe_alone(engine, as_float(clip)) != ""
     # Result for result, the same as the audio sent a chunk per message.
     assert [(r.results[0].transcript, r.results[0].is_final) for r in small if r.results] == \
@@ -90,7 +91,7 @@ async def test_held_audio_goes_out_on_chunk_boundaries_so_no_chunk_spans_two_mes
     packet = 2 * (3 * RATE // 100)  # 30 ms of 16-bit samples
     async with running_frontend_pair(engine) as server, stub_for(server) as stub:
         ends = record_audio_ends(server)
-        got = [r async for r in stub.StreamingRecognize(_gen([config(interim_results=True),
+        got = [r async for r in stub.StreamingRecognize(request_stream([config(interim_results=True),
                                                               *packets(clip.tobytes(), packet)]))]
     assert final_transcript(got) == transcribe_alone(engine, as_float(clip)) != ""
     assert ends[-1] == clip.size and len(ends) >= 3
@@ -100,11 +101,6 @@ async def test_held_audio_goes_out_on_chunk_boundaries_so_no_chunk_spans_two_mes
     assert engine.slots_in_use() == 0
 
 
-async def _gen(requests):
-    for r in requests:
-        yield r
-
-
 async def test_audio_held_mid_chunk_goes_out_after_hold_max_when_the_client_stops_sending(monkeypatch):
     monkeypatch.setattr(rs, "HOLD_MAX_S", 0.1)
     engine = make_engine(FAKE, capacity=4)
@@ -112,14 +108,9 @@ async def test_audio_held_mid_chunk_goes_out_after_hold_max_when_the_client_stop
     part = pcm16_audio(22, g.samples_needed(0) // 2).tobytes()  # half of the first chunk
     resume = asyncio.Event()
 
-    async def requests():
-        yield config()
-        yield audio(part)
-        await resume.wait()
-
     async with running_frontend_pair(engine) as server, stub_for(server) as stub:
         counts = count_audio_messages(server)
-        call = stub.StreamingRecognize(requests())
+        call = stub.StreamingRecognize(request_stream([config(), audio(part)], until=resume))
         reader = asyncio.ensure_future(call.read())
         for _ in range(200):  # the held half chunk reaches the engine process without more audio
             if counts:
@@ -143,7 +134,7 @@ async def test_the_end_sends_the_held_tail_first():
     async with running_frontend_pair(engine) as server, stub_for(server) as stub:
         counts = count_audio_messages(server)
         responses = [r async for r in stub.StreamingRecognize(
-            _gen([config(interim_results=True), *packets(data, 640)]))]
+            request_stream([config(interim_results=True), *packets(data, 640)]))]
     # The tail short of a chunk was held, and went out with the end: the final covers it.
     assert final_transcript(responses) == transcribe_alone(engine, as_float(clip)) != ""
     assert sum(counts.values()) <= 4

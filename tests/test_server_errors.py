@@ -19,7 +19,7 @@ from server.transport.call_skeleton import END_REASON_KEY, TransportLimits
 from tests.riva_harness import raw_config, riva_final, stream_requests
 from tests.engine_alone import transcribe_alone
 from tests.server_harness import (
-    FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, requests_for,
+    FAKE, RATE, as_float, audio, config, final_transcript, make_engine, pcm16_audio, request_stream, requests_for,
     run_stream, run_stream_sync, running_server, scrape, stub_for, wall_time_limit_only_for, wav_bytes,
 )
 
@@ -179,15 +179,11 @@ async def test_message_over_the_transport_limit_is_resource_exhausted():
 async def test_idle_client_gets_deadline_exceeded():
     engine = make_engine(FAKE)
     never = asyncio.Event()
-
-    async def stalled():
-        yield config()
-        yield audio(PCM[:3200])
-        await never.wait()  # the client goes quiet without closing
+    stalled = request_stream([config(), audio(PCM[:3200])], until=never)  # the client goes quiet without closing
 
     async with running_server(engine, limits=TransportLimits(idle_timeout_s=0.3)) as server, stub_for(server) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            _ = [r async for r in stub.StreamingRecognize(stalled())]
+            _ = [r async for r in stub.StreamingRecognize(stalled)]
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "idle timeout: no request for 0.3 s" in err.value.details()
         assert server.scheduler.active_streams == 0
@@ -198,14 +194,10 @@ async def test_client_deadline_is_honoured_and_frees_the_slot():
     engine = make_engine(FAKE)
     never = asyncio.Event()
 
-    async def endless():
-        yield config()
-        yield audio(PCM)
-        await never.wait()
-
     async with running_server(engine) as server, stub_for(server) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            _ = [r async for r in stub.StreamingRecognize(endless(), timeout=0.5)]
+            _ = [r async for r in stub.StreamingRecognize(request_stream([config(), audio(PCM)], until=never),
+                                                          timeout=0.5)]
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         for _ in range(2000):  # the server learns of the deadline asynchronously
             if server.scheduler.active_streams == 0 and engine.slots_in_use() == 0:
