@@ -167,6 +167,8 @@ async def drive(path: str, streams: int, links: int, warm: float, seconds: float
 def run_once(args, tree: str | None) -> dict:
     env = dict(os.environ)
     env.setdefault("FAKE_ENGINE_STEP_DELAY_S", str(args.step_delay_s))
+    if args.tokens_per_chunk is not None:
+        env["FAKE_ENGINE_TOKENS_PER_CHUNK"] = str(args.tokens_per_chunk)
     if tree:
         env["PYTHONPATH"] = os.path.abspath(tree)
     cmd = [sys.executable, "-m", "server.service.cli", "--engine-factory", args.engine_factory, "--frontends", "2",
@@ -212,6 +214,9 @@ def main() -> None:
     ap.add_argument("--tick-ms", type=float, default=1.0, help="each link writes a frame this often")
     ap.add_argument("--step-delay-s", type=float, default=0.02, help="the fake engine's step time")
     ap.add_argument("--engine-factory", default="tests.fake_engine:build_fake_engine")
+    ap.add_argument("--tokens-per-chunk", type=int, default=None,
+                    help="tokens each chunk emits (default: the fake's 0-2; 6 is the random-weight "
+                         "nemotron-0.6b's rate at 160 ms)")
     ap.add_argument("--server-args", default="", help="more asr-server arguments, space-separated")
     ap.add_argument("--compare", default=None, help="comma-separated source trees, run alternately")
     ap.add_argument("--repeats", type=int, default=3)

@@ -68,12 +68,18 @@ class _Slot:
 
 class FakeEngine:
     def __init__(self, capacity: int = 64, max_batch: int = 32, lookahead_ms: int = 160,
-                 step_delay_s: float = 0.0, name: str = ENGINE_NAME):
+                 step_delay_s: float = 0.0, name: str = ENGINE_NAME, tokens_per_chunk: int | None = None):
         self.geometry = fake_geometry(lookahead_ms)
         self.capacity = capacity
         self.max_batch = max_batch
         self.name = name
         self.step_delay_s = step_delay_s
+        # None: 0-2 tokens a chunk from the hash (a trained model's rate is below one); a number:
+        # exactly that many, as a random-weight model emits (builtin:nemotron-0.6b gives about its
+        # max_symbols x frames a chunk, 6 at 160 ms), for benchmarks of the per-token host work.
+        if tokens_per_chunk is not None and not 0 <= tokens_per_chunk <= 15:
+            raise ValueError(f"tokens_per_chunk must be 0-15 (one digest byte each); got {tokens_per_chunk}")
+        self.tokens_per_chunk = tokens_per_chunk
         self.model_info = ModelInfo(
             name="fake:hash", lookahead_ms=lookahead_ms, lookaheads_ms=(lookahead_ms,),
             sample_rate=self.geometry.sample_rate, vocabulary_size=len(PIECES),
@@ -190,7 +196,7 @@ class FakeEngine:
         digest = hashlib.blake2b(state.digest + struct.pack("<q", k) + c.samples.tobytes(), digest_size=16).digest()
         state.digest, state.chunks = digest, k + 1
         state.samples += c.samples.size
-        n_tokens = digest[0] % 3
+        n_tokens = digest[0] % 3 if self.tokens_per_chunk is None else self.tokens_per_chunk
         tokens = tuple(
             TokenEvent(token_id=digest[1 + i] % len(PIECES), piece=PIECES[digest[1 + i] % len(PIECES)],
                        frame=k * g.encoder_frames + i % g.encoder_frames)
@@ -236,7 +242,10 @@ class FakeEngine:
 def build_fake_engine(cfg: EngineConfig) -> FakeEngine:
     """Engine factory with build_engine's signature, for `asr-server --engine-factory`.
 
-    FAKE_ENGINE_STEP_DELAY_S slows each step (a subprocess test wants streams to stay open).
+    FAKE_ENGINE_STEP_DELAY_S slows each step (a subprocess test wants streams to stay open);
+    FAKE_ENGINE_TOKENS_PER_CHUNK fixes the tokens a chunk emits (bench/relay_bench.py).
     """
+    tokens = os.environ.get("FAKE_ENGINE_TOKENS_PER_CHUNK")
     return FakeEngine(capacity=cfg.max_streams, max_batch=cfg.max_batch, lookahead_ms=cfg.lookahead_ms,
-                      step_delay_s=float(os.environ.get("FAKE_ENGINE_STEP_DELAY_S", "0")))
+                      step_delay_s=float(os.environ.get("FAKE_ENGINE_STEP_DELAY_S", "0")),
+                      tokens_per_chunk=int(tokens) if tokens else None)

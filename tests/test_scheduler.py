@@ -92,6 +92,24 @@ async def test_many_concurrent_streams_are_exact_and_batched():
     assert engine.slots_in_use() == 0 and sched.active_streams == 0
 
 
+async def test_token_heavy_streams_are_exact():
+    """Six tokens a chunk, as a random-weight model emits (bench/relay_bench.py --tokens-per-chunk):
+    every chunk's text reaches its stream, in order, whatever the batch."""
+    engine = FakeEngine(capacity=16, max_batch=8, step_delay_s=0.001, tokens_per_chunk=6)
+    audios = [make_audio(50 + i, 16000 + 997 * i) for i in range(12)]
+    expected = [transcribe_alone(engine, a) for a in audios]
+    sched = await started(engine)
+    results = await asyncio.gather(*(run_one(sched, a, seed=i) for i, a in enumerate(audios)))
+    await sched.stop()
+    for i, events in enumerate(results):
+        assert events[-1].transcript == expected[i], i
+        # Each chunk's new text is its six pieces (a piece may be a word start, hence >= 6 chars).
+        assert all(len(e.new_text) >= 6 for e in events[:-1]), i
+    assert engine.violations == [] and engine.slots_in_use() == 0
+    with pytest.raises(ValueError, match="0-15"):  # a token id is one byte of the chunk's digest
+        FakeEngine(tokens_per_chunk=16)
+
+
 async def test_empty_audio_gets_empty_final_without_step():
     engine = FakeEngine()
     sched = await started(engine)
