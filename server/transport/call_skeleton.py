@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError
 
 from server.transport.call_limits import (RECOGNIZE_PIECE_BYTES, RecognizeBudget, RecognizeLimits, check_response_size,
                                 client_of, status_message)
-from server.transport.idle_read import next_within
+from server.transport.idle_read import IdleReads, next_within
 from server.ops.metrics import ServerMetrics
 from server.scheduling.scheduler import Scheduler, StreamHandle
 from server.transport.security import REFUSAL_DRAIN_SECONDS, REFUSAL_QUIET_SECONDS, drain_requests
@@ -327,29 +327,33 @@ class CallSkeleton:
         # The idle deadline moves with audio only: requests that carry none (keep-alives) do not
         # hold a stream open past --idle-timeout-s.
         deadline = loop.time() + idle
-        while True:
-            request = await self._next_request(requests, names.audio, max(0.0, deadline - loop.time()))
-            if request is None:
-                break
-            data = writer.audio_of(request)
-            if data and len(data) > most:
-                raise StreamError(ErrorKind.INVALID_ARGUMENT, f"audio message of {len(data)} bytes exceeds the "
-                                  f"limit of {most} bytes; send smaller messages")
-            if data:
-                deadline = loop.time() + idle
-            elif loop.time() >= deadline:
-                # The request stream is intact (a keep-alive just arrived): the reader drains
-                # what the client still sends before the status goes out.
-                raise StreamError(ErrorKind.DEADLINE_EXCEEDED, f"idle timeout: no audio for {idle:g} s "
-                                  f"({names.no_audio} without audio do not keep a stream open)")
-            if data is None:
-                continue
-            before = decoder.input_seconds
-            samples = decoder.feed(data)
-            writer.message(samples.size)  # before the push: a response may be due at once
-            if not await handle.push_audio(samples):
-                return True
-            self.metrics.audio_seconds.inc(decoder.input_seconds - before)
+        reads = IdleReads()  # one timer for all of this task's reads (server.transport.idle_read)
+        try:
+            while True:
+                request = await self._next_request(requests, names.audio, max(0.0, deadline - loop.time()), reads)
+                if request is None:
+                    break
+                data = writer.audio_of(request)
+                if data and len(data) > most:
+                    raise StreamError(ErrorKind.INVALID_ARGUMENT, f"audio message of {len(data)} bytes exceeds the "
+                                      f"limit of {most} bytes; send smaller messages")
+                if data:
+                    deadline = loop.time() + idle
+                elif loop.time() >= deadline:
+                    # The request stream is intact (a keep-alive just arrived): the reader drains
+                    # what the client still sends before the status goes out.
+                    raise StreamError(ErrorKind.DEADLINE_EXCEEDED, f"idle timeout: no audio for {idle:g} s "
+                                      f"({names.no_audio} without audio do not keep a stream open)")
+                if data is None:
+                    continue
+                before = decoder.input_seconds
+                samples = decoder.feed(data)
+                writer.message(samples.size)  # before the push: a response may be due at once
+                if not await handle.push_audio(samples):
+                    return True
+                self.metrics.audio_seconds.inc(decoder.input_seconds - before)
+        finally:
+            reads.close()
         try:
             tail = decoder.finish()
         except AudioError:
@@ -361,11 +365,16 @@ class CallSkeleton:
             handle.end_audio()
         return False
 
-    async def _next_request(self, requests, what: str, timeout_s: float | None = None):
-        """The next request within timeout_s (the idle timeout by default); None at the end."""
+    async def _next_request(self, requests, what: str, timeout_s: float | None = None,
+                            reads: IdleReads | None = None):
+        """The next request within timeout_s (the idle timeout by default); None at the end.
+        A loop of reads passes its IdleReads (one timer for all of them)."""
         idle = self.limits.idle_timeout_s
+        timeout_s = idle if timeout_s is None else timeout_s
         try:
-            return await next_within(requests, idle if timeout_s is None else timeout_s)
+            if reads is not None:
+                return await reads.next(requests, timeout_s)
+            return await next_within(requests, timeout_s)
         except StopAsyncIteration:
             return None
         except DecodeError as exc:  # bytes that are no request message at all
