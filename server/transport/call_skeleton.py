@@ -38,7 +38,7 @@ from server.transport.security import REFUSAL_DRAIN_SECONDS, REFUSAL_QUIET_SECON
 from server.transport.stream_config import ServedModel
 from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure, Utterance
 from server.scheduling.stream_state import StreamStatus
-from server.transport.unread_client import UnreadClient, abort_unread, write_watching
+from server.transport.unread_client import UnreadClient, WatchedWrites, abort_unread
 from server.transport.wav_header import AudioError
 
 
@@ -183,12 +183,15 @@ class StreamCall:
         self.started = time.monotonic()
         self.closed = False
         self._calls = calls
+        self._writes: WatchedWrites | None = None  # made at the first write
 
     async def write(self, response, what: str = "response") -> None:
         """Write one response, watching the stream (server.transport.unread_client)."""
         limits = self._calls.limits
         check_response_size(response.ByteSize(), limits.max_send_bytes, what)
-        await write_watching(self.context, response, self.handle.state, self._failure, limits.idle_timeout_s)
+        if self._writes is None:
+            self._writes = WatchedWrites(self.context, self.handle.state, self._failure, limits.idle_timeout_s)
+        await self._writes.write(response)
 
     def _failure(self) -> StreamFailure | None:
         state = self.handle.state
@@ -213,6 +216,8 @@ class StreamCall:
     def close(self, code: str) -> bool:
         """Free the stream's place in the scheduler: its slot goes at once, or when its running
         step returns. True once closed (at most once)."""
+        if self._writes is not None:
+            self._writes.close()
         handle = self.handle
         if handle is None or self.closed:
             return handle is not None

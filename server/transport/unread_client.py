@@ -39,46 +39,87 @@ def forget(future: asyncio.Future) -> None:
     future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
+class WatchedWrites:
+    """The response writes of one call, each watched: it ends with UnreadClient when `failure()`
+    names a failure or the client reads nothing for idle_timeout_s while it waits.
+
+    One per call, made by the task that writes: one idle timer for all of the call's writes,
+    re-armed when it fires at the deadline as it stands then (a write moves the deadline by
+    writing a number), and one bound callback, where a timer, a closure and a callback per
+    write cost about a tenth of a bare grpc.aio server's CPU per chunk (bench/grpc_overhead.py).
+    `close()` when the call ends."""
+
+    def __init__(self, context, state: StreamState, failure: Callable[[], StreamFailure | None],
+                 idle_timeout_s: float):
+        self._context, self._failure, self._idle = context, failure, idle_timeout_s
+        self._loop = asyncio.get_running_loop()
+        # One event wakes a waiting write: the write finishing, the stream's next event or
+        # failure, or the idle deadline. A callback and a timer cost far less per response than
+        # a watcher task and asyncio.wait (bench/host_overhead.py).
+        self._wake = state.events_ready
+        self._deadline: float | None = None  # loop time; None while no write waits
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False  # a flag, not the clock: a timer may fire a hair early
+
+    def _write_done(self, _write: asyncio.Future) -> None:
+        self._wake.set()
+
+    def _check(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # no write waits: the next write arms a timer again
+        if self._loop.time() < deadline:  # later writes moved the deadline
+            self._timer = self._loop.call_at(deadline, self._check)
+            return
+        self._expired = True
+        self._wake.set()
+
+    async def write(self, response) -> None:
+        write = asyncio.ensure_future(self._context.write(response))
+        write.add_done_callback(self._write_done)
+        deadline = self._loop.time() + self._idle
+        self._deadline, self._expired = deadline, False
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._check)
+        wake = self._wake
+        try:
+            while not write.done():
+                failed = self._failure()
+                if failed is not None and failed.kind not in CLIENT_NOT_KEEPING_UP:
+                    # The stream failed for another reason (a bad request, an engine fault) while
+                    # this write was in flight. A client that reads takes the response within
+                    # moments, and the status must go out after the write, not beside it: an abort
+                    # while a write is pending left a half-closed client of the sync API waiting
+                    # for a status forever (grpcio 1.85, tests/test_server_errors.py).
+                    await asyncio.wait((write,), timeout=min(WRITE_GRACE_S, self._idle))
+                    if write.done():
+                        break  # the handler takes the failure from the stream next
+                if failed is not None:
+                    raise UnreadClient(failed.kind, failed.message, write)
+                if self._expired:
+                    raise UnreadClient(ErrorKind.DEADLINE_EXCEEDED,
+                                       f"the client read no response for {self._idle:g} s", write)
+                wake.clear()  # set again by the stream's next event or failure
+                await wake.wait()
+        finally:
+            self._deadline = None
+        write.result()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 async def write_watching(context, response, state: StreamState,
                          failure: Callable[[], StreamFailure | None], idle_timeout_s: float) -> None:
-    """Write one response, ending the wait with UnreadClient when `failure()` names one or the
-    client reads nothing for idle_timeout_s."""
-    loop = asyncio.get_running_loop()
-    write = asyncio.ensure_future(context.write(response))
-    # One event wakes this wait: the write finishing, the stream's next event or failure, or the
-    # idle deadline. A callback and a timer cost far less per response than a watcher task and
-    # asyncio.wait (bench/host_overhead.py).
-    wake = state.events_ready
-    write.add_done_callback(lambda _: wake.set())
-    expired: list[bool] = []
-
-    def on_deadline() -> None:  # a flag, not the clock: a timer may fire a hair early
-        expired.append(True)
-        wake.set()
-
-    timer = loop.call_later(idle_timeout_s, on_deadline)
+    """One watched write (WatchedWrites) for a caller that writes once."""
+    writes = WatchedWrites(context, state, failure, idle_timeout_s)
     try:
-        while not write.done():
-            failed = failure()
-            if failed is not None and failed.kind not in CLIENT_NOT_KEEPING_UP:
-                # The stream failed for another reason (a bad request, an engine fault) while
-                # this write was in flight. A client that reads takes the response within
-                # moments, and the status must go out after the write, not beside it: an abort
-                # while a write is pending left a half-closed client of the sync API waiting
-                # for a status forever (grpcio 1.85, tests/test_server_errors.py).
-                await asyncio.wait((write,), timeout=min(WRITE_GRACE_S, idle_timeout_s))
-                if write.done():
-                    break  # the handler takes the failure from the stream next
-            if failed is not None:
-                raise UnreadClient(failed.kind, failed.message, write)
-            if expired:
-                raise UnreadClient(ErrorKind.DEADLINE_EXCEEDED,
-                                   f"the client read no response for {idle_timeout_s:g} s", write)
-            wake.clear()  # set again by the stream's next event or failure
-            await wake.wait()
+        await writes.write(response)
     finally:
-        timer.cancel()
-    write.result()
+        writes.close()
 
 
 async def abort_unread(context, exc: UnreadClient, idle_timeout_s: float) -> None:
