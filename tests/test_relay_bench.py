@@ -12,7 +12,7 @@ from bench import relay_bench
 def test_relay_bench_drives_a_real_engine_host_and_measures_it():
     args = argparse.Namespace(streams=60, links=2, warm=1.5, seconds=2.5, max_batch=64, step_delay_s=0.005,
                               engine_factory="tests.fake_engine:build_fake_engine", server_args="", server_log=None,
-                              tick_ms=1.0)
+                              tick_ms=1.0, tokens_per_chunk=6)  # the random-weight model's rate
     row = relay_bench.run_once(args, None)
     assert row["failed"] == 0, row["first_failure"]
     # Every stream's chunk answered each period (real time), within the measuring window's edges.
