@@ -191,7 +191,7 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
             running = sum(not t.done() for t in survivors)  # c's held streams may end meanwhile
             assert await batch(cl, 8, 0.5, False, 500 + 10 * k) == ["OK"] * 8
             assert 8 <= count([c, d]) - before <= 8 + running
-        assert await asyncio.gather(*survivors) == ["OK"] * len(survivors), "c's streams went on"
+        assert await asyncio.gather(*survivors) == ["OK"] * len(survivors), f"c's streams went on {DETAILS}"
         for cl in clients:
             await cl.close()
     finally:
