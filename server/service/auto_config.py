@@ -7,20 +7,21 @@ the device is, in the engine process: engines/capacity.py.
 Frontends (`--frontends auto`): on the CPU, 1 (everything in one process, as before: a CPU
 engine carries a handful of streams, far below what one event loop answers). On a GPU, one
 frontend per CORES_PER_FRONTEND usable cores after ENGINE_CORES, at least 1, at most
-MAX_AUTO_FRONTENDS. The figures:
-  - ENGINE_CORES = 2: the engine worker and the parent's event loop (the scheduler) each need a
-    core of their own, or a step waits for the CPU (H100 run 19: 0.83 and 0.64 of a core at
-    1,728 streams; H200 runs 28-31: the parent's loop at 0.74-0.93 from 2,400 streams).
-  - CORES_PER_FRONTEND = 2: a frontend's CPU is about 225 us per chunk answered on the H200 host
-    (runs 28-31, 160 ms: four frontends at 0.62-0.84 of a core each at 2,400 streams and
-    0.86-1.06 at 2,760, where the level failed), most of it grpc.aio's own per-message work
-    (bench/grpc_overhead.py), and one process cannot use more than about one core. A frontend
-    therefore carries about 700 streams at 160 ms; 4,000 streams need six. One per 3 cores (the
-    rule before, from run 19 where four frontends were half busy at 1,728 streams) gave a
-    16-core host 4 frontends, saturated before the engine was.
-  - MAX_AUTO_FRONTENDS = 8: each frontend writes the parent at most one frame a millisecond, so
-    the parent's reading grows with their number; 8 cover 5,600 streams at 160 ms. A 16-core
-    host gets 7.
+MAX_AUTO_FRONTENDS. The figures, from the H100 capacity run 19 (bench/RESULTS.md, 1,728
+streams at 160 ms with `--frontends 4`):
+  - ENGINE_CORES = 2: the engine worker used 0.83 of a core and the parent's event loop (the
+    scheduler) 0.64; each must have a core of its own, or a step waits for the CPU.
+  - CORES_PER_FRONTEND = 3: a frontend carrying a quarter of those streams used 0.43-0.48 of a
+    core on its event loop; gRPC's own threads and the kernel's network work for its
+    connections come on top, and chunks arrive in bursts, so each frontend gets well over one
+    core's worth of room.
+  - MAX_AUTO_FRONTENDS = 4: the count every recorded capacity run used; at that capacity each
+    frontend was half busy, and more frontends mean more frames for the parent's one event
+    loop, the next limit after the engine. A host with more cores gets 4 (16 cores: exactly 4).
+    Tried on the H200 (bench/RESULTS.md, runs 32-33, 160 ms, 60 s streams): 7 frontends (one per
+    2 cores) did no better than 4: 2,363 streams failed with p95 982 ms beside 2,290 failing with
+    945 ms on 4, the busiest frontend loop at 0.64 of a core against 0.84. The frontends are not
+    what binds there; the parent's loop and the batch cap are.
 CPU counts are the cores this process may run on (its affinity) and, where a cgroup (v2) CPU
 quota is lower (a container's CPU limit), that quota.
 """
@@ -39,8 +40,8 @@ from engines.config import EngineConfig
 log = logging.getLogger("nemostream.cli")
 AUTO = "auto"
 ENGINE_CORES = 2
-CORES_PER_FRONTEND = 2
-MAX_AUTO_FRONTENDS = 8
+CORES_PER_FRONTEND = 3
+MAX_AUTO_FRONTENDS = 4
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 # What `auto` means, for asr-server --help.
