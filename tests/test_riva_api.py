@@ -444,20 +444,16 @@ async def test_a_client_that_stops_reading_loses_its_place_and_gets_an_error():
     assert responses and not any(r.results[0].is_final for r in responses if r.results)
 
 
-def test_undecodable_first_request_is_invalid_argument():
+async def test_undecodable_first_request_is_invalid_argument():
     """Bytes that are no StreamingRecognizeRequest get INVALID_ARGUMENT naming the message,
     as on the native API (not UNKNOWN)."""
     engine = make_engine(FAKE)
-
-    async def scenario():
-        async with running_server(engine) as server:
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                method = channel.stream_stream(f"/{RIVA_SERVICE_NAME}/StreamingRecognize", request_serializer=None,
-                                               response_deserializer=rpb.StreamingRecognizeResponse.FromString)
-                with pytest.raises(grpc.RpcError) as err:
-                    await asyncio.to_thread(lambda: list(method(iter([b"\x0f\xff\xff\xff"]), timeout=30)))
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "StreamingRecognizeRequest" in err.value.details()
-            assert engine.slots_in_use() == 0
-
-    asyncio.run(scenario())
+    async with running_server(engine) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            method = channel.stream_stream(f"/{RIVA_SERVICE_NAME}/StreamingRecognize", request_serializer=None,
+                                           response_deserializer=rpb.StreamingRecognizeResponse.FromString)
+            with pytest.raises(grpc.RpcError) as err:
+                await asyncio.to_thread(lambda: list(method(iter([b"\x0f\xff\xff\xff"]), timeout=30)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "StreamingRecognizeRequest" in err.value.details()
+        assert engine.slots_in_use() == 0

@@ -446,7 +446,7 @@ async def test_a_lone_chunk_at_low_load_does_not_wait_for_company(min_arrivals):
     assert engine.violations == []
 
 
-def test_sample_queue_takes_spans_in_order_whatever_the_message_sizes():
+async def test_sample_queue_takes_spans_in_order_whatever_the_message_sizes():  # async: the module's mark
     """SampleQueue: a take from the front message is that message or a view of it; one that
     spans messages joins them; every sample comes out once, in order, as contiguous float32
     (a strided or float64 input is converted on the way in)."""
