@@ -310,6 +310,39 @@ async def test_asynchronous_steps_in_flight_together_each_get_their_own_result()
         worker.close()
 
 
+async def test_a_cancelled_step_keeps_its_buffer_until_the_worker_replies(monkeypatch):
+    """A caller cancelled while its step runs gets CancelledError at once; the step's shared
+    buffer stays the worker's until the reply comes (the worker may still be reading it), then
+    is free again, and the next step's result is its own."""
+    import asyncio
+
+    monkeypatch.setenv("FAKE_ENGINE_STEP_DELAY_S", "0.4")  # read by the child's factory
+    worker = EngineWorker.start("tests.fake_engine:build_fake_engine", _fake_cfg(), QUIET)
+    try:
+        worker.warmup()
+        g = worker.geometry
+        rng = np.random.default_rng(11)
+        audio = rng.standard_normal(g.samples_needed(1)).astype(np.float32)
+        start, end = g.chunk_span(0, len(audio), False)
+        slot = worker.acquire_slot()
+        step = asyncio.ensure_future(worker.step_async(StepPlan((ChunkWork("c0", slot, audio[start:end], True, False),))))
+        await asyncio.sleep(0.1)  # sent; the worker is inside its 0.4 s step
+        assert len(worker._free_buffers) == 1 and len(worker._waiting) == 1
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        assert len(worker._free_buffers) == 1, "the buffer went back while the worker still had the step"
+        deadline = asyncio.get_running_loop().time() + 10
+        while worker._waiting and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert not worker._waiting and sorted(worker._free_buffers) == [0, 1]  # the reply freed it
+        other = worker.acquire_slot()
+        result = await worker.step_async(StepPlan((ChunkWork("d0", other, audio[start:end], True, False),)))
+        assert [u.stream_id for u in result.updates] == ["d0"]
+    finally:
+        worker.close()
+
+
 def test_replies_larger_than_the_socket_buffer_arrive_whole_under_uvloop():
     """asr-server runs on uvloop, which puts a descriptor it watches into non-blocking mode; the
     replies' reader must not depend on the loop watching the pipe (a first version did, and a
