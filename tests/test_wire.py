@@ -23,8 +23,8 @@ from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
 from server.runtime import wire as w
 from server.runtime.engine_host import EngineFacts, EngineHost, event_message
-from server.runtime.engine_worker import (ChildOptions, EngineWorker, _ChildSlots, _Link, _pack_step, _reply, _unpack_result,
-                                  _unpack_step)
+from server.runtime.engine_worker import (ChildOptions, EngineWorker, _ChildSlots, _Link, _Pending, _pack_step, _reply,
+                                          _unpack_result, _unpack_step)
 from server.runtime.remote_scheduler import RemoteScheduler, result_event
 from server.scheduling.scheduler import SchedulerConfig
 from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamFailure, Utterance, UtteranceEnd
@@ -514,7 +514,7 @@ async def test_worker_replies_are_matched_by_request_id_not_by_order():
         worker.warmup()
         loop = asyncio.get_running_loop()
         first, second = loop.create_future(), loop.create_future()
-        worker._waiting.update({101: first, 102: second})
+        worker._waiting.update({101: _Pending(first), 102: _Pending(second)})
         timings = StepTimings()
         done = [w.StepDone(i, "fake", timings, (0.0, 0.0, 0.0, 0.0), {}, None, b"", b"", b"", [],
                            w.as_column([0], w.I64), b"", [], b"", {}, {}) for i in (102, 101)]
