@@ -12,7 +12,7 @@ combination run, alternating, --repeats times):
           idle_reads  the request iterator under server.transport.idle_read.IdleReads
   writes: plain       await context.write()
           watched     the servicers' watched write: server.transport.unread_client.WatchedWrites,
-                      one per call (write_watching, per write, in a tree that has no WatchedWrites)
+                      one per call (in an older tree that has none, its write_watching, per write)
 
 --trees A,B imports the server's modules from each source tree in turn (a git worktree at each
 commit): the same servicer on two versions of the transport's helpers.
@@ -45,7 +45,7 @@ IDLE_S = 30.0
 
 
 class _Stream:
-    """The StreamState fields write_watching reads."""
+    """The StreamState fields WatchedWrites reads."""
 
     def __init__(self) -> None:
         self.events_ready = asyncio.Event()

@@ -37,7 +37,7 @@ async def test_reads_that_come_in_time_never_time_out_and_one_timer_serves_them(
     real_call_at = loop.call_at
 
     def counting_call_at(when, callback, *args, **kwargs):
-        if getattr(callback, "__self__", None) is reads:
+        if getattr(callback, "__self__", None) is reads._deadline:  # its LazyDeadline
             timers.append(when)
         return real_call_at(when, callback, *args, **kwargs)
 
@@ -119,4 +119,4 @@ async def test_end_of_iteration_passes_through():
     with pytest.raises(StopAsyncIteration):
         await reads.next(source, 1.0)
     reads.close()
-    assert reads._timer is None  # closed: nothing holds the task
+    assert reads._deadline._timer is None  # closed: nothing holds the task

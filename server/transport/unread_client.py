@@ -16,6 +16,7 @@ import grpc
 
 from server.scheduling.stream_events import ErrorKind, StreamFailure
 from server.scheduling.stream_state import StreamState
+from server.transport.lazy_deadline import LazyDeadline
 
 
 # How long a write in flight when its stream fails may still take before the client counts as
@@ -43,45 +44,32 @@ class WatchedWrites:
     """The response writes of one call, each watched: it ends with UnreadClient when `failure()`
     names a failure or the client reads nothing for idle_timeout_s while it waits.
 
-    One per call, made by the task that writes: one idle timer for all of the call's writes,
-    re-armed when it fires at the deadline as it stands then (a write moves the deadline by
-    writing a number), and one bound callback, where a timer, a closure and a callback per
-    write cost about a tenth of a bare grpc.aio server's CPU per chunk (bench/grpc_overhead.py).
-    `close()` when the call ends."""
+    One per call, made by the task that writes: one LazyDeadline for all of the call's writes and
+    one bound callback, where a timer, a closure and a callback per write cost about a tenth of a
+    bare grpc.aio server's CPU per chunk (bench/grpc_overhead.py). `close()` when the call ends."""
 
     def __init__(self, context, state: StreamState, failure: Callable[[], StreamFailure | None],
                  idle_timeout_s: float):
         self._context, self._failure, self._idle = context, failure, idle_timeout_s
-        self._loop = asyncio.get_running_loop()
         # One event wakes a waiting write: the write finishing, the stream's next event or
         # failure, or the idle deadline. A callback and a timer cost far less per response than
         # a watcher task and asyncio.wait (bench/host_overhead.py).
         self._wake = state.events_ready
-        self._deadline: float | None = None  # loop time; None while no write waits
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = LazyDeadline(self._expire)
         self._expired = False  # a flag, not the clock: a timer may fire a hair early
 
     def _write_done(self, _write: asyncio.Future) -> None:
         self._wake.set()
 
-    def _check(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return  # no write waits: the next write arms a timer again
-        if self._loop.time() < deadline:  # later writes moved the deadline
-            self._timer = self._loop.call_at(deadline, self._check)
-            return
+    def _expire(self) -> None:
         self._expired = True
         self._wake.set()
 
     async def write(self, response) -> None:
         write = asyncio.ensure_future(self._context.write(response))
         write.add_done_callback(self._write_done)
-        deadline = self._loop.time() + self._idle
-        self._deadline, self._expired = deadline, False
-        if self._timer is None:
-            self._timer = self._loop.call_at(deadline, self._check)
+        self._expired = False
+        self._deadline.arm(self._idle)
         wake = self._wake
         try:
             while not write.done():
@@ -103,23 +91,11 @@ class WatchedWrites:
                 wake.clear()  # set again by the stream's next event or failure
                 await wake.wait()
         finally:
-            self._deadline = None
+            self._deadline.disarm()
         write.result()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
-async def write_watching(context, response, state: StreamState,
-                         failure: Callable[[], StreamFailure | None], idle_timeout_s: float) -> None:
-    """One watched write (WatchedWrites) for a caller that writes once."""
-    writes = WatchedWrites(context, state, failure, idle_timeout_s)
-    try:
-        await writes.write(response)
-    finally:
-        writes.close()
+        self._deadline.close()
 
 
 async def abort_unread(context, exc: UnreadClient, idle_timeout_s: float) -> None:
