@@ -339,6 +339,9 @@ async def test_a_cancelled_step_keeps_its_buffer_until_the_worker_replies(monkey
         other = worker.acquire_slot()
         result = await worker.step_async(StepPlan((ChunkWork("d0", other, audio[start:end], True, False),)))
         assert [u.stream_id for u in result.updates] == ["d0"]
+        worker.release_slot(slot)
+        worker.release_slot(other)
+        assert worker.slots_in_use() == 0
     finally:
         worker.close()
 
