@@ -84,13 +84,15 @@ class Link:
             for frame in batch:
                 for m in frame:
                     kind = type(m)
-                    if kind is w.Result:
-                        self.results += 1
-                        n = self.unacked.get(m.key, 0) + 1
-                        if n >= self.ack_every:
-                            self.out.send(w.Ack(m.key, n))
-                            n = 0
-                        self.unacked[m.key] = n
+                    if kind is w.Rows:  # a step's rows of this link's streams: each is a result
+                        self.results += len(m.keys)
+                        unacked = self.unacked
+                        for key in m.keys:
+                            n = unacked.get(key, 0) + 1
+                            if n >= self.ack_every:
+                                self.out.send(w.Ack(key, n))
+                                n = 0
+                            unacked[key] = n
                     elif kind is w.Failed:
                         self.failed.append(f"{m.kind}: {m.message}")
 

@@ -40,10 +40,10 @@ import msgspec  # noqa: E402
 from engines.api import (ChunkWork, EndpointingParams, ResultColumns, RowSamples, StepPlan,  # noqa: E402
                          StepResult, StepTimings, StreamUpdate, TokenEvent)
 from server.runtime import wire as w  # noqa: E402
-from server.runtime.engine_host import event_message  # noqa: E402
+from server.runtime.engine_host import rows_message  # noqa: E402
 from server.runtime.engine_worker import _ChildSlots, _pack_step, _reply, _unpack_result, _unpack_step  # noqa: E402
-from server.runtime.remote_scheduler import result_event  # noqa: E402
-from server.scheduling.stream_events import ChunkResult, Utterance, UtteranceEnd  # noqa: E402
+from server.scheduling.stream_events import ChunkResult, ChunkRows, Utterance, UtteranceEnd  # noqa: E402
+from server.scheduling.utterances import UtteranceBook, chunk_event  # noqa: E402
 
 
 # -- the old wire, as it was (marshal tuples; the worker's request pickled) -------------------------
@@ -236,6 +236,10 @@ def audio_case(n: int, samples: int):
 
 
 def result_case(n: int, final_every: int):
+    """A step's results for n streams. Old: the parent's ChunkResult per stream as a marshal
+    tuple, the frontend's event rebuilt from it. New: the step's rows as one Rows message of
+    columns (server.runtime.engine_host.rows_message), the frontend making each stream's event
+    with its own utterance book (server.scheduling.utterances.chunk_event), as the server does."""
     keys = _keys(n)
     tokens = tuple(TokenEvent(100 + j, f"\u2581w{j}", 3 * j) for j in range(12))
     events = []
@@ -247,6 +251,26 @@ def result_case(n: int, final_every: int):
         events.append(ChunkResult(stream_id=k, chunk_index=40 + i, transcript="", new_text=f" word{i}", is_final=False,
                                   audio_seconds=6.4 + i / 1000, audio_ready_at=12345.678 + i / 1000,
                                   utterance_index=2, finals=finals))
+    # The same step as rows: one token per stream (its new word); a closing stream's row carries
+    # the utterance's 12 tokens and the endpoint that closes it.
+    rows = ChunkRows([], [], [], [], [], [], [], [], [], [], [], [], {}, {})
+    for i, e in enumerate(events):
+        toks = tokens if e.finals else (TokenEvent(7, f"\u2581word{i}", 2),)
+        rows.streams.append(_Keyed(e.stream_id))
+        rows.consumed.append(102400)
+        rows.chunk.append(e.chunk_index)
+        rows.audio_seconds.append(e.audio_seconds)
+        rows.ready_at.append(e.audio_ready_at)
+        rows.is_final.append(False)
+        rows.final_due.append(False)
+        rows.ids += [t.token_id for t in toks]
+        rows.pieces += [t.piece for t in toks]
+        rows.frames += [t.frame for t in toks]
+        rows.tok_end.append(len(rows.ids))
+        rows.text.append(e.new_text)
+        if e.finals:
+            rows.ends[i] = (40,)
+    books = {k: UtteranceBook(0.08) for k in keys}
     decoder = w.Decoder(w.ENGINE_TO_FRONTEND)
 
     def old():
@@ -254,10 +278,21 @@ def result_case(n: int, final_every: int):
             old_decode_result(m, "text so far word")
 
     def new():
-        for m in new_frames([event_message(e.stream_id, 102400, e) for e in events], decoder):
-            result_event(m, "text so far word")
+        for m in new_frames([rows_message(rows)], decoder):
+            a = 0
+            for i, key in enumerate(m.keys):
+                b = m.tok_end[i]
+                chunk_event(key, books[key], m.chunk[i], m.ready_at[i], m.audio_seconds[i], m.ids[a:b], m.pieces[a:b],
+                            m.frames[a:b], m.text[i], m.starts.get(i, ()), m.ends.get(i, ()), m.is_final[i],
+                            m.final_due[i])
+                a = b
 
     return old, new
+
+
+class _Keyed:
+    def __init__(self, stream_id: str):
+        self.stream_id = stream_id
 
 
 class _Buffer:
@@ -437,7 +472,7 @@ def main(argv=None) -> int:
     cases = [
         ("AUDIO, frame of 64, 160 ms chunks (10 KB)", 64, audio_case(64, 2560)),
         ("AUDIO, frame of 64, 20 ms chunks (1.3 KB)", 64, audio_case(64, 320)),
-        ("RESULT, frame of 256, no finals", 256, result_case(256, 0)),
+        ("RESULT (new: Rows), frame of 256, no finals", 256, result_case(256, 0)),
         ("RESULT, frame of 256, 1 in 10 closes an utterance (12 tokens)", 256, result_case(256, 10)),
     ]
     for n in (256, 1024):

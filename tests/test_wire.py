@@ -22,12 +22,13 @@ from engines.api import (BadChunkError, EndpointingParams, EngineError, ModelInf
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
 from server.runtime import wire as w
-from server.runtime.engine_host import EngineFacts, EngineHost, event_message
+from server.runtime.engine_host import EngineFacts, EngineHost, event_message, rows_message
 from server.runtime.engine_worker import (ChildOptions, EngineWorker, _ChildSlots, _Link, _Pending, _pack_step, _reply,
                                           _unpack_result, _unpack_step)
-from server.runtime.remote_scheduler import RemoteScheduler, result_event
+from server.runtime.remote_scheduler import RemoteScheduler
 from server.scheduling.scheduler import SchedulerConfig
-from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamFailure, Utterance, UtteranceEnd
+from server.scheduling.stream_events import ChunkRows, ErrorKind, StreamFailure, UtteranceEnd
+from server.scheduling.utterances import UtteranceBook, chunk_event
 from tests.fake_engine import FakeEngine
 
 TIMEOUT_S = 10.0  # every read here is bounded: a reader that hangs fails the test instead
@@ -57,9 +58,9 @@ EXAMPLES = [
     w.Gc("2", 0.003),
     w.Sync(9),
     w.EndUtterance("k1"),
-    w.Final(2, "hello there", TOKENS, 0.08, 0.32, UtteranceEnd.ENDPOINT.value),
-    w.Result("k1", 4096, 3, " there", True, 1.5, 123.5, 3,
-             (w.Final(2, "hello there", TOKENS, 0.08, 0.32, UtteranceEnd.ENDPOINT.value),)),
+    w.UtteranceFinal(UtteranceEnd.CLIENT.value, 0.25),
+    w.Rows(["k1", "k2"], [4096, 512], [3, 0], [1.5, 0.08], [123.5, 124.0], [True, False], [False, True], [2, 2],
+           [4, 7], ["\u2581hello", "\u2581there"], [1, 3], [" hello there", ""], {0: (1,)}, {0: (3,)}),
     w.Failed("k1", 512, ErrorKind.RESOURCE_EXHAUSTED.value, "all 4 stream slots are in use"),
     w.Cut("k1", "max_stream_seconds"),
     w.State("eager", {"eager": 3}, 16, 5, 4, "it died", True),
@@ -106,8 +107,7 @@ def test_every_message_type_round_trips():
     assert every == {type(m) for m in EXAMPLES}, "a message type without an example here"
     for message in EXAMPLES:
         kinds = _direction_of(message)
-        if kinds is None:  # a part of other messages (Final in Result)
-            continue
+        assert kinds is not None, type(message).__name__
         assert _decode_one(w.encode_frame([message]), kinds) == [message], type(message).__name__
     # Typed fields come back as their types, not as plain lists and dicts.
     hello = _decode_one(w.encode_frame([_example(w.Hello)]), w.ENGINE_TO_FRONTEND)[0]
@@ -116,8 +116,8 @@ def test_every_message_type_round_trips():
     step = _decode_one(w.encode_frame([_example(w.Step)]), w.TO_WORKER)[0]
     assert type(step.endpointing[0]) is EndpointingParams
     assert w.column(step.offsets, w.I64, 3, "offsets").tolist() == [0, 2560, 5216]
-    result = _decode_one(w.encode_frame([_example(w.Result)]), w.ENGINE_TO_FRONTEND)[0]
-    assert type(result.finals[0].tokens[0]) is TokenEvent
+    rows = _decode_one(w.encode_frame([_example(w.Rows)]), w.ENGINE_TO_FRONTEND)[0]
+    assert rows.ends == {0: (3,)} and type(rows.is_final[0]) is bool
 
 
 def _example(cls):
@@ -165,18 +165,63 @@ def test_a_start_up_report_with_odd_values_still_travels():
     assert w.plain_report(None) is None
 
 
-def test_events_cross_the_wire_unchanged():
-    closed = Utterance(index=2, transcript="hello there", tokens=TOKENS, start_seconds=0.08, end_seconds=0.32,
-                       closed_by=UtteranceEnd.ENDPOINT)
-    result = ChunkResult(stream_id="k1", chunk_index=3, transcript="a bc", new_text=" bc", is_final=False,
-                         audio_seconds=1.25, audio_ready_at=123.5, utterance_index=3, finals=(closed,))
-    failure = StreamFailure("k2", ErrorKind.RESOURCE_EXHAUSTED, "all 4 stream slots are in use")
-    frame = w.encode_frame([event_message(e.stream_id, 4096, e) for e in (result, failure)])
-    assert b"a bc" not in frame  # the open utterance's text stays home: the frontend appends new_text
-    got_result, got_failure = _decode_one(frame, w.ENGINE_TO_FRONTEND)
-    assert got_result.consumed == got_failure.consumed == 4096  # the consumed count rides along
-    assert result_event(got_result, "a bc") == result
+def _rows_of(streams):
+    """Three streams' rows: tokens closing an utterance at an endpoint, progress only, and the
+    end of the audio with the client's final due."""
+    return ChunkRows(streams, [4096, 512, 9000], [3, 0, 8], [1.25, 0.08, 0.64], [123.5, 124.0, 124.5],
+                     [False, False, True], [False, True, False], [3, 3, 4], [4, 7, 9, 11],
+                     ["\u2581hello", "\u2581there", "\u2581again", "\u2581bye"], [1, 3, 6, 7],
+                     [" hello there again", "", " bye"], {0: (1,)}, {0: (4,)})
+
+
+def test_rows_cross_the_wire_and_make_the_same_events_on_either_side():
+    """The engine process hands a step's rows over as columns; the frontend makes each stream's
+    events from them with its own books, exactly as an in-process scheduler does with its own."""
+    class _Stream:
+        def __init__(self, stream_id):
+            self.stream_id = stream_id
+
+    rows = _rows_of([_Stream("k1"), _Stream("k2"), _Stream("k3")])
+    failure = StreamFailure("k4", ErrorKind.RESOURCE_EXHAUSTED, "all 4 stream slots are in use")
+    frame = w.encode_frame([rows_message(rows), event_message("k4", 77, failure)])
+    got, got_failure = _decode_one(frame, w.ENGINE_TO_FRONTEND)
+    assert got.keys == ["k1", "k2", "k3"] and got.consumed == [4096, 512, 9000]
+    assert got_failure.consumed == 77
     assert StreamFailure(got_failure.key, ErrorKind(got_failure.kind), got_failure.message) == failure
+    here = [UtteranceBook(0.08) for _ in range(3)]
+    there = [UtteranceBook(0.08) for _ in range(3)]
+    for book in here + there:  # each stream has some text open already
+        book.add_columns([2], ["\u2581so"], [0], "so")
+    a = 0
+    events = []
+    for i, key in enumerate(got.keys):
+        b = got.tok_end[i]
+        mine = chunk_event(key, here[i], rows.chunk[i], rows.ready_at[i], rows.audio_seconds[i], rows.ids[a:b],
+                           rows.pieces[a:b], rows.frames[a:b], rows.text[i], rows.starts.get(i, ()),
+                           rows.ends.get(i, ()), rows.is_final[i], rows.final_due[i])
+        theirs = chunk_event(key, there[i], got.chunk[i], got.ready_at[i], got.audio_seconds[i], got.ids[a:b],
+                             got.pieces[a:b], got.frames[a:b], got.text[i], got.starts.get(i, ()),
+                             got.ends.get(i, ()), got.is_final[i], got.final_due[i])
+        assert mine == theirs
+        events.append(theirs)
+        a = b
+    # The first stream's endpoint closed "so hello there" at frame 4; "again" opens the next utterance.
+    assert [u.transcript for u in events[0].finals] == ["so hello there"]
+    assert events[0].transcript == "again" and events[0].utterance_index == 1
+    assert events[1].finals[0].closed_by is UtteranceEnd.CLIENT and events[1].finals[0].transcript == "so"
+    assert events[2].is_final and events[2].transcript == "so bye" and events[2].finals[0].transcript == "so bye"
+    with pytest.raises(TypeError, match="chunk event reached"):
+        event_message("k1", 0, events[0])
+
+
+def test_a_frontends_share_of_the_rows_keeps_each_rows_tokens_and_events():
+    rows = _rows_of(["s1", "s2", "s3"])
+    share = rows.take([2, 0])
+    assert share.streams == ["s3", "s1"] and share.chunk == [8, 3] and share.is_final == [True, False]
+    assert share.tok_end == [1, 4] and share.pieces == ["\u2581bye", "\u2581hello", "\u2581there", "\u2581again"]
+    assert share.frames == [7, 1, 3, 6] and share.text == [" bye", " hello there again"]
+    assert share.starts == {1: (1,)} and share.ends == {1: (4,)}
+    assert rows.take([]).streams == [] and rows.take([1]).tok_end == [0]
 
 
 class _OwnSlots:  # an engine whose slots the child maps the parent's onto: 10, 11, ...

@@ -276,6 +276,9 @@ class EngineCores:
     def take_event(self, stream: StreamState) -> StreamEvent | None:
         return self._scheduler_of(stream).take_event(stream)
 
+    def acknowledge(self, stream: StreamState, n: int) -> None:
+        self._scheduler_of(stream).acknowledge(stream, n)
+
     async def next_event(self, stream: StreamState) -> StreamEvent | None:
         return await self._scheduler_of(stream).next_event(stream)
 

@@ -6,12 +6,16 @@ over one Unix socket each; this module relays their streams into the scheduler a
 scheduler's events back. Its event loop carries IPC frames and scheduling, not gRPC, which
 is what bounded one process at about 3,000 chunks/s (docs/SCALING.md).
 
+The frontends keep their streams' text: a step's answered chunks go to each frontend as one
+Rows message of columns (the scheduler's ChunkRows, this listener being one that `wants_rows`),
+and the frontend makes the events (server.scheduling.utterances.chunk_event). This process
+makes no object per answered chunk; failures and the scheduler's cuts go as messages of their own.
+
 Per stream it keeps the scheduler's own rules:
   - audio goes in with Scheduler.accept_audio (no wait here); the frontend applies the
-    backpressure, from the consumed-sample count each event carries;
-  - at most `response_buffer` events are in a frontend's hands unacknowledged; the rest stay
-    in the scheduler's per-stream buffer, which then stops scheduling the stream as it does
-    for a client that does not read;
+    backpressure, from the consumed-sample count each row carries;
+  - a stream with `response_buffer` rows in a frontend's hands unacknowledged is not scheduled
+    (Scheduler.acknowledge), as for a client that does not read;
   - a frontend whose connection ends has its streams closed: their slots come back.
 """
 
@@ -35,7 +39,7 @@ from server.ops.metrics import MetricsObserver, ServerMetrics
 from server.transport.call_limits import shown
 from server.ops.ops_http import scheduler_status
 from server.scheduling.scheduler import Scheduler, SchedulerConfig, StreamListener
-from server.scheduling.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
+from server.scheduling.stream_events import ChunkRows, ErrorKind, StreamError, StreamEvent, StreamFailure, UtteranceEnd
 from server.scheduling.stream_state import StreamState
 
 log = logging.getLogger("nemostream.engine_host")
@@ -79,7 +83,6 @@ class _Relay:
     key: str
     state: StreamState
     frontend: _Frontend
-    outstanding: int = 0   # events sent to the frontend and not yet acknowledged
     client: str | None = None  # counted against --max-streams-per-client
 
 
@@ -92,6 +95,8 @@ class _Frontend:
 
 
 class EngineHost(StreamListener):
+    wants_rows = True  # the frontends make the chunk events (StreamListener)
+
     def __init__(self, engine: StreamingEngine, config: SchedulerConfig, socket_path: str,
                  gc_freeze: bool = False, gc_threshold: tuple[int, int, int] | None = None,
                  max_streams_per_client: int = 0, scheduler=None):
@@ -266,9 +271,7 @@ class EngineHost(StreamListener):
         elif kind is w.Ack:
             relay = frontend.relays.get(m.key)
             if relay is not None:
-                relay.outstanding -= m.n
-                if relay.state.events:
-                    self._mark_dirty(relay)
+                self.scheduler.acknowledge(relay.state, m.n)
         elif kind is w.Open:
             self._open(frontend, m.key, m.label, m.finalize_at_limit, m.endpointing, m.client)
         elif kind is w.EndUtterance:
@@ -287,6 +290,8 @@ class EngineHost(StreamListener):
             relay = frontend.relays.get(m.key)
             if relay is not None:
                 self.scheduler.fail_stream(relay.state, ErrorKind(m.kind), m.message)
+        elif kind is w.UtteranceFinal:
+            self.scheduler.observer.utterance_final(UtteranceEnd(m.closed_by), m.seconds)
         elif kind is w.Rpc:
             self.metrics.rpc_finished(m.method, m.code)
         elif kind is w.AudioSeconds:
@@ -368,18 +373,29 @@ class EngineHost(StreamListener):
             asyncio.get_running_loop().call_soon(self._forward_dirty)
 
     def _forward_dirty(self) -> None:
+        # The events a scheduler with this listener keeps are failures: one per stream, its last.
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, {}
-        window = self.config.response_buffer
         take = self.scheduler.take_event
         for relay in dirty.values():
             state, send = relay.state, relay.frontend.out.send
-            while relay.outstanding < window:
-                event = take(state)
-                if event is None:
-                    break
+            while (event := take(state)) is not None:
                 send(event_message(relay.key, state.received - len(state.audio), event))
-                relay.outstanding += 1
+
+    def chunk_rows(self, rows: ChunkRows) -> None:
+        """A step's answered chunks: one Rows message to each frontend with streams among them."""
+        relays = self._relays
+        owners = [relays.get(stream.stream_id) for stream in rows.streams]
+        only = owners[0].frontend if owners[0] is not None else None
+        if only is not None and all(o is not None and o.frontend is only for o in owners):
+            only.out.send(rows_message(rows))
+            return
+        shares: dict[int, tuple[_Frontend, list[int]]] = {}
+        for i, owner in enumerate(owners):
+            if owner is not None:  # (a stream whose relay closed is no longer live: none is expected)
+                shares.setdefault(id(owner.frontend), (owner.frontend, []))[1].append(i)
+        for frontend, positions in shares.values():
+            frontend.out.send(rows_message(rows.take(positions)))
 
     # -- state ---------------------------------------------------------------------------
     def _state_message(self) -> w.State:
@@ -414,13 +430,16 @@ class EngineHost(StreamListener):
             self._send_state()
 
 
-def event_message(key: str, consumed: int, event: StreamEvent) -> w.Result | w.Failed:
-    """A scheduler event as the wire's message (server.runtime.remote_scheduler.result_event reads it)."""
-    if isinstance(event, StreamFailure):
-        return w.Failed(key, consumed, event.kind.value, event.message)
-    finals = event.finals
-    if finals:  # most chunks close no utterance: no generator for them
-        finals = tuple(w.Final(u.index, u.transcript, u.tokens, u.start_seconds, u.end_seconds, u.closed_by.value)
-                       for u in finals)
-    return w.Result(key, consumed, event.chunk_index, event.new_text, event.is_final, event.audio_seconds,
-                    event.audio_ready_at, event.utterance_index, finals)
+def event_message(key: str, consumed: int, event: StreamEvent) -> w.Failed:
+    """A scheduler event as the wire's message. The scheduler of a listener that makes the chunk
+    events (`wants_rows`) keeps failures only; a chunk's event here is a bug, said so loudly."""
+    if not isinstance(event, StreamFailure):
+        raise TypeError(f"a chunk event reached the engine host's relay: {type(event).__name__}")
+    return w.Failed(key, consumed, event.kind.value, event.message)
+
+
+def rows_message(rows: ChunkRows) -> w.Rows:
+    """ChunkRows as the wire's message (the streams by their keys: the frontends' stream ids)."""
+    return w.Rows([stream.stream_id for stream in rows.streams], rows.consumed, rows.chunk, rows.audio_seconds,
+                  rows.ready_at, rows.is_final, rows.final_due, rows.tok_end, rows.ids, rows.pieces, rows.frames,
+                  rows.text, rows.starts, rows.ends)

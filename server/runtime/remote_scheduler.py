@@ -3,10 +3,12 @@ servicers, with the real scheduler in the engine process (server.runtime.engine_
 end of a Unix socket.
 
 What stays here and what goes there:
-  - here: the stream's view for its handler (status, undelivered events, the end reason), the
+  - here: the stream's view for its handler (status, undelivered events, the end reason), its
+    utterances and text, made into its events from the engine's rows of token columns
+    (server.scheduling.utterances.chunk_event, as an in-process scheduler makes them), the
     audio backpressure (pending = sent - consumed, the consumed count arriving with each
-    event), failures the transport decides (bad audio, cancellation, a client not reading);
-  - there: admission (slots), batching, the duration limits, every result.
+    row), failures the transport decides (bad audio, cancellation, a client not reading);
+  - there: admission (slots), batching, the duration limits, the engine's results.
 
 A stream's audio goes to the engine process when it completes a chunk (the engine can do
 nothing with less): a voice agent's 20 ms packets would otherwise each be a message that the
@@ -39,9 +41,9 @@ from server.runtime.wire import FrameReader, FrameWriter
 from server.ops.metrics import ServerMetrics
 from server.scheduling.scheduler import SchedulerConfig, SchedulerObserver, StreamHandle
 from server.scheduling.stream_books import StreamBooks
-from server.scheduling.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
-                                  UtteranceEnd)
+from server.scheduling.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure, UtteranceEnd
 from server.scheduling.stream_state import StreamState, StreamStatus
+from server.scheduling.utterances import UtteranceBook, chunk_event
 
 log = logging.getLogger("nemostream.remote_scheduler")
 GC_FORWARD_PERIOD_S = 0.5
@@ -61,16 +63,9 @@ HOLD_SWEEP_S = 0.05
 class RemoteStreamState(StreamState):
     consumed: int = 0   # samples the engine has taken from this stream (from its last event)
     unacked: int = 0    # events taken by the handler and not yet acknowledged to the engine
-    text_parts: list[str] = field(default_factory=list)  # the open utterance's text, as relayed
     held: list[bytes] = field(default_factory=list)  # audio not sent yet: short of the next chunk
     held_since: float = 0.0  # when the oldest held audio arrived
     forward_at: int = 0      # `received` at which the held audio completes a chunk and goes out
-
-    @property
-    def transcript(self) -> str:
-        if len(self.text_parts) > 1:
-            self.text_parts[:] = ["".join(self.text_parts)]
-        return self.text_parts[0] if self.text_parts else ""
 
 
 class RemoteScheduler(StreamBooks):
@@ -182,8 +177,11 @@ class RemoteScheduler(StreamBooks):
                     endpointing: EndpointingParams | None = None) -> StreamHandle:
         self.check_admission()
         key = uuid.uuid4().hex[:12]
+        facts = self.engine
         state = RemoteStreamState(stream_id=key, slot=-1, label=label, opened_at=time.monotonic(),
-                                  finalize_at_limit=finalize_at_limit, endpointing=endpointing)
+                                  finalize_at_limit=finalize_at_limit, endpointing=endpointing,
+                                  utterances=UtteranceBook(facts.geometry.encoder_frame_seconds,
+                                                           getattr(facts.model_info, "word_boundary", "\u2581")))
         state.audio_room.set()
         state.forward_at = self._forward_point(0)
         self._add(state)
@@ -291,6 +289,7 @@ class RemoteScheduler(StreamBooks):
         if stream.status is not StreamStatus.RECEIVING:
             return False
         self._forward_held(stream)  # the utterance ends after all the audio sent so far
+        stream.final_requested_at = time.monotonic()  # (the engine process may ignore the request)
         self._send(w.EndUtterance(stream.stream_id))
         return True
 
@@ -358,28 +357,16 @@ class RemoteScheduler(StreamBooks):
 
     def _dispatch(self, m: w.Message) -> None:
         kind = type(m)
-        if kind is w.Result or kind is w.Failed:
+        if kind is w.Rows:
+            self._rows(m)
+        elif kind is w.Failed:
             state = self._streams.get(m.key)
             if state is None or state.status.terminal:
                 return  # closed, or failed here first: the engine's word comes too late
             state.consumed = m.consumed
-            if kind is w.Failed:
-                self._drop_held(state)
-                self._emit(state, StreamFailure(m.key, ErrorKind(m.kind), m.message))
-                state.set_status(StreamStatus.FAILED)
-                return
-            if m.finals:  # the chunk closed utterances: the open one restarts with what it added
-                state.text_parts[:] = [m.new_text]
-            else:
-                state.text_parts.append(m.new_text)
-            event = result_event(m, state.transcript)
-            if event.is_final:  # as the engine process's event says: the last utterance's text
-                event.transcript = event.finals[-1].transcript if event.finals else ""
-            if event.is_final and state.status is StreamStatus.RECEIVING:
-                state.set_status(StreamStatus.FLUSHING)  # the engine ended it (a duration limit)
-            self._emit(state, event)
-            if event.is_final:
-                state.set_status(StreamStatus.FINISHED)
+            self._drop_held(state)
+            self._emit(state, StreamFailure(m.key, ErrorKind(m.kind), m.message))
+            state.set_status(StreamStatus.FAILED)
         elif kind is w.Synced:
             future = self._syncs.get(m.id)
             if future is not None and not future.done():
@@ -405,6 +392,40 @@ class RemoteScheduler(StreamBooks):
         else:
             raise w.WireError(f"unexpected message {kind.__name__} from the engine process")
 
+    def _rows(self, m: w.Rows) -> None:
+        """A step's answered chunks of this frontend's streams: each stream's utterances and text
+        move on, and its event goes to its handler."""
+        streams, emit = self._streams, self._emit
+        ids, pieces, frames, starts, ends = m.ids, m.pieces, m.frames, m.starts, m.ends
+        a = 0
+        for i, key in enumerate(m.keys):
+            b = m.tok_end[i]
+            state = streams.get(key)
+            if state is None or state.status.terminal:
+                a = b
+                continue  # closed, or failed here first: the engine's word comes too late
+            state.consumed = m.consumed[i]
+            is_final = m.is_final[i]
+            event = chunk_event(key, state.utterances, m.chunk[i], m.ready_at[i], m.audio_seconds[i], ids[a:b],
+                                pieces[a:b], frames[a:b], m.text[i], starts.get(i, ()), ends.get(i, ()), is_final,
+                                m.final_due[i])
+            a = b
+            if event.finals:
+                self._finals_done(state, event)
+            if is_final and state.status is StreamStatus.RECEIVING:
+                state.set_status(StreamStatus.FLUSHING)  # the engine ended it (a duration limit)
+            emit(state, event)
+            if is_final:
+                state.set_status(StreamStatus.FINISHED)
+
+    def _finals_done(self, state: RemoteStreamState, event) -> None:
+        """The engine host counts finals' latencies: from the audio that closed an utterance, or
+        from the client's request here."""
+        now = time.monotonic()
+        for u in event.finals:
+            since = state.final_requested_at if u.closed_by is UtteranceEnd.CLIENT else event.audio_ready_at
+            self._send(w.UtteranceFinal(u.closed_by.value, now - since))
+
     def _mark_dead(self, reason: str) -> None:
         if self.dead_reason is not None:
             return
@@ -416,16 +437,6 @@ class RemoteScheduler(StreamBooks):
                 self._emit(state, StreamFailure(state.stream_id, ErrorKind.UNAVAILABLE, f"the engine failed: {reason}"))
                 state.set_status(StreamStatus.FAILED)
         self.observer.engine_dead(reason)
-
-
-def result_event(m: w.Result, transcript: str) -> ChunkResult:
-    """A Result message as the event the servicers know (stream id = the key); `transcript`: the
-    open utterance's text so far, this message's new_text included."""
-    return ChunkResult(stream_id=m.key, chunk_index=m.chunk_index, transcript=transcript, new_text=m.new_text,
-                       is_final=m.is_final, audio_seconds=m.audio_seconds, audio_ready_at=m.audio_ready_at,
-                       utterance_index=m.utterance_index,
-                       finals=tuple(Utterance(u.index, u.transcript, u.tokens, u.start_seconds, u.end_seconds,
-                                              UtteranceEnd(u.closed_by)) for u in m.finals) if m.finals else ())
 
 
 class RemoteMetrics(ServerMetrics):

@@ -32,12 +32,12 @@ from typing import Any, TypeVar, Union
 import msgspec
 import numpy as np
 
-from engines.api import EndpointingParams, ModelInfo, StepTimings, TokenEvent
+from engines.api import EndpointingParams, ModelInfo, StepTimings
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
 
 T = TypeVar("T")
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct("!I")
 MAX_FRAME = 256 << 20  # a corrupt length must not make the reader allocate without bound
 
@@ -197,32 +197,37 @@ class EndUtterance(Message, tag=13):
     key: str
 
 
-# -- engine host -> frontend -----------------------------------------------------------------
-class Final(Message, tag=30):
-    """An utterance a chunk closed (server.scheduling.stream_events.Utterance)."""
+class UtteranceFinal(Message, tag=14):
+    """A frontend closed an utterance with its final: how long after the audio (or the client's
+    request) that closed it, for the engine host's metrics."""
 
-    index: int
-    transcript: str
-    tokens: tuple[TokenEvent, ...]
-    start_seconds: float
-    end_seconds: float
     closed_by: str  # UtteranceEnd value
+    seconds: float
 
 
-class Result(Message, tag=21):
-    """A chunk's result. The frontend keeps the open utterance's text: new_text is appended, and
-    after a chunk that closed utterances (finals) the text restarts from new_text, so the text so
-    far is not resent per chunk. consumed: samples of the stream the engine has taken."""
+# -- engine host -> frontend -----------------------------------------------------------------
+class Rows(Message, tag=21):
+    """A step's answered chunks of this frontend's streams, as columns
+    (server.scheduling.stream_events.ChunkRows): the frontend keeps each stream's utterances and
+    makes its events (server.scheduling.utterances.chunk_event), so the engine process makes no
+    object per row. Row i is keys[i]'s chunk; its tokens are ids/pieces/frames[tok_end[i-1]:
+    tok_end[i]] (from 0 for row 0); starts/ends: the endpointer's events of the rows that had any.
+    consumed: samples of the stream the engine has taken."""
 
-    key: str
-    consumed: int
-    chunk_index: int
-    new_text: str
-    is_final: bool
-    audio_seconds: float
-    audio_ready_at: float
-    utterance_index: int
-    finals: tuple[Final, ...] = ()
+    keys: list[str]
+    consumed: list[int]
+    chunk: list[int]
+    audio_seconds: list[float]
+    ready_at: list[float]
+    is_final: list[bool]
+    final_due: list[bool]
+    tok_end: list[int]
+    ids: list[int]
+    pieces: list[str]
+    frames: list[int]
+    text: list[str]
+    starts: dict[int, tuple[int, ...]]
+    ends: dict[int, tuple[int, ...]]
 
 
 class Failed(Message, tag=22):
@@ -366,8 +371,8 @@ class StepDone(Message, tag=52):
 
 
 FRONTEND_TO_ENGINE = Union[Open, Audio, End, Fail, Close, Ack, Ready, Rpc, Refused, AudioSeconds, Gc, Sync,
-                           EndUtterance, Error]
-ENGINE_TO_FRONTEND = Union[Hello, Result, Failed, Cut, State, Synced, Error]
+                           EndUtterance, UtteranceFinal, Error]
+ENGINE_TO_FRONTEND = Union[Hello, Rows, Failed, Cut, State, Synced, Error]
 TO_WORKER = Union[Configure, Attach, Claim, Release, Warmup, Step, Stop]
 FROM_WORKER = Union[Hello, Done, StepDone, Error]
 

@@ -11,7 +11,9 @@ How a chunk travels:
   row) -> one columnar StepPlan runs on the single engine thread (or, for an engine in a worker
   process, is sent to it from the loop: server.runtime.engine_worker), failures isolated
   (server.scheduling.step_batch.run_isolated) -> the StepResult is checked against the plan and scattered
-  back as ChunkResult events -> rows whose next chunk is complete rejoin the ready set.
+  back as ChunkResult events (or, to a listener that makes the events itself, as ChunkRows
+  columns: server.runtime.engine_host, whose frontend processes keep the streams' text) -> rows
+  whose next chunk is complete rejoin the ready set.
 
 A stream is in at most one submitted step (its row's `in_flight` flag), so its chunks run in order.
 Up to `pipeline_depth` steps may be submitted at once: a full batch is queued behind the running
@@ -37,10 +39,10 @@ from server.scheduling.loop_calls import call_soon_from_thread
 from server.scheduling.slot_books import SlotBooks, SlotStream
 from server.scheduling.step_batch import StepBatch, StepOutcome, form_batch, run_isolated
 from server.scheduling.stream_books import StreamBooks, StreamScheduler
-from server.scheduling.stream_events import (ChunkResult, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
+from server.scheduling.stream_events import (ChunkResult, ChunkRows, ErrorKind, StreamError, StreamEvent, StreamFailure, Utterance,
                                   UtteranceEnd)
 from server.scheduling.stream_state import StreamState, StreamStatus
-from server.scheduling.utterances import UtteranceBook, token_columns
+from server.scheduling.utterances import UtteranceBook, chunk_event, token_columns
 
 log = logging.getLogger("nemostream.scheduler")
 
@@ -126,10 +128,18 @@ class SchedulerObserver:
 class StreamListener:
     """Hooks for a consumer that relays streams elsewhere (server.runtime.engine_host, which serves
     frontend processes): told when a stream has events to take, and when the scheduler itself
-    ended a stream's audio (a duration limit). Called on the event loop. No-ops by default."""
+    ended a stream's audio (a duration limit). Called on the event loop. No-ops by default.
+
+    A listener with `wants_rows` makes the streams' chunk events itself: it gets every answered
+    chunk as ChunkRows columns (`chunk_rows`), and only failures as events. The scheduler then
+    keeps no text: its streams' utterance books stay empty, and each row handed over counts as
+    an event unread until the listener's `Scheduler.acknowledge`."""
+
+    wants_rows = False
 
     def events_added(self, stream: StreamState) -> None: ...
     def audio_cut(self, stream: StreamState) -> None: ...
+    def chunk_rows(self, rows: ChunkRows) -> None: ...
 
 
 class StreamHandle:
@@ -379,7 +389,7 @@ class Scheduler(StreamBooks):
         alone without breaking the caches). False when the request was ignored: the stream
         takes no more audio (its end will close the utterance) or its client leaves a full
         response window unread."""
-        if stream.status is not StreamStatus.RECEIVING or len(stream.events) >= self.config.response_buffer:
+        if stream.status is not StreamStatus.RECEIVING or self._unread(stream) >= self.config.response_buffer:
             return False
         target = stream.next_chunk
         while self.geometry.chunk_span(target, stream.received, False) is not None:
@@ -388,20 +398,52 @@ class Scheduler(StreamBooks):
         if target > stream.next_chunk or stream.in_flight:
             stream.final_due_after = max(target, stream.final_due_after or 0)
             return True
-        self._emit(stream, ChunkResult(
-            stream_id=stream.stream_id, chunk_index=stream.next_chunk - 1, transcript="", new_text="",
-            is_final=False, audio_seconds=stream.audio_seconds, audio_ready_at=stream.final_requested_at,
-            finals=self._close_for_client(stream), utterance_index=stream.utterances.index))
-        return True
-
-    def _close_for_client(self, stream: StreamState) -> tuple[Utterance, ...]:
         stream.final_due_after = None
         stream.new_utterance_next = True
-        # An utterance without tokens ends where the decoded audio does.
-        closed = stream.utterances.close(
-            UtteranceEnd.CLIENT, end_frame=int(stream.audio_seconds / self.geometry.encoder_frame_seconds))
-        self.observer.utterance_final(UtteranceEnd.CLIENT, time.monotonic() - stream.final_requested_at)
-        return (closed,) if closed is not None else ()
+        self._answer_without_step(stream, stream.audio_seconds, stream.final_requested_at, is_final=False,
+                                  final_due=True)
+        return True
+
+    def _answer_without_step(self, stream: StreamState, audio_s: float, ready: float, is_final: bool,
+                             final_due: bool) -> None:
+        """A stream's event that needs no step (its final at the end of audio, or the client's
+        final with no chunk pending): in the stream's own book, or to a listener that makes
+        the events, as one row."""
+        k = stream.next_chunk - 1
+        if self.listener.wants_rows:
+            self._books.unread[stream.slot] += 1
+            self.listener.chunk_rows(ChunkRows(
+                [stream], [stream.received - len(stream.audio)], [k], [audio_s], [ready], [is_final], [final_due],
+                [0], [], [], [], [""], {}, {}))
+            return
+        event = chunk_event(stream.stream_id, stream.utterances, k, ready, audio_s, [], [], [], "", (), (),
+                            is_final, final_due)
+        self._observe_finals(stream, event.finals, time.monotonic(), ready)
+        self._emit(stream, event)
+
+    def _observe_finals(self, stream: StreamState, finals: tuple[Utterance, ...], now: float, ready: float) -> None:
+        for u in finals:
+            since = stream.final_requested_at if u.closed_by is UtteranceEnd.CLIENT else ready
+            self.observer.utterance_final(u.closed_by, now - since)
+
+    def _unread(self, stream: StreamState) -> int:
+        """Events of the stream not taken yet: in its buffer here, or handed to a listener that
+        makes the events and not acknowledged by it."""
+        unread = len(stream.events)
+        if not stream.slot_released:
+            unread += int(self._books.unread[stream.slot])
+        return unread
+
+    def acknowledge(self, stream: StreamState, n: int) -> None:
+        """A listener that makes the events (`wants_rows`) took n of the stream's rows: room in
+        its response window lets the stream be scheduled again."""
+        if stream.slot_released or n <= 0:
+            return
+        books, slot = self._books, stream.slot
+        was_full = self._unread(stream) >= self.config.response_buffer
+        books.unread[slot] = max(0, int(books.unread[slot]) - n)
+        if was_full:
+            self._maybe_enqueue(stream)
 
     def take_event(self, stream: StreamState) -> StreamEvent | None:
         """The next undelivered event, or None when there is none now (next_event waits)."""
@@ -458,7 +500,7 @@ class Scheduler(StreamBooks):
         """Put the stream in the ready set if its next chunk is complete and it may run."""
         books, slot = self._books, stream.slot
         if (stream.slot_released or not books.live[slot] or books.in_flight[slot] or books.queued[slot]
-                or len(stream.events) >= self.config.response_buffer):
+                or len(stream.events) + books.unread[slot] >= self.config.response_buffer):
             return
         if books.flushing[slot]:
             k, received = int(books.next_chunk[slot]), int(books.received[slot])
@@ -480,14 +522,8 @@ class Scheduler(StreamBooks):
         """Every frame is decoded but the engine has not said final: the stream ended on a
         chunk boundary after its last chunk ran, or holds less than one frame of audio."""
         ready_at = stream.ended_at or time.monotonic()
-        last = stream.utterances.close_at_end_of_audio()
-        if last is not None:
-            self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, time.monotonic() - ready_at)
-        self._emit(stream, ChunkResult(
-            stream_id=stream.stream_id, chunk_index=stream.next_chunk - 1,
-            transcript=last.transcript if last is not None else "", new_text="", is_final=True, audio_seconds=stream.received / self.geometry.sample_rate,
-            audio_ready_at=ready_at, finals=(last,) if last is not None else (),
-            utterance_index=stream.utterances.index))
+        self._answer_without_step(stream, stream.received / self.geometry.sample_rate, ready_at, is_final=True,
+                                  final_due=False)
         stream.set_status(StreamStatus.FINISHED)
         self._release_slot(stream)
 
@@ -661,10 +697,13 @@ class Scheduler(StreamBooks):
         runnable = books.runnable_after_step(rows)
         if runnable.size:
             limit = self.config.response_buffer
-            streams = books.streams
-            keep = [r for r in runnable.tolist() if len(streams[r].events) < limit]
-            if keep:
-                books.queue_rows(np.asarray(keep, dtype=np.int64), time.monotonic())
+            if self.listener.wants_rows:  # events here are failures only, of streams no longer live
+                keep = runnable[books.unread[runnable] < limit]
+            else:
+                streams = books.streams
+                keep = np.asarray([r for r in runnable.tolist() if len(streams[r].events) < limit], dtype=np.int64)
+            if keep.size:
+                books.queue_rows(keep, time.monotonic())
         for i in np.flatnonzero(live & books.flushing[rows]).tolist():
             self._maybe_enqueue(batch.streams[i])
 
@@ -729,6 +768,9 @@ class Scheduler(StreamBooks):
         books.advance(rows)
         due = books.final_due[rows]
         final_due = ((due >= 0) & (books.next_chunk[rows] >= due)).tolist()
+        if self.listener.wants_rows:
+            self._hand_rows(streams, index, batch.ready_at[ran].tolist(), final_due, result, order)
+            return
         if columnar:
             cols = result.columns
             # Rows with something beyond progress: tokens, endpoint events, the final.
@@ -775,38 +817,72 @@ class Scheduler(StreamBooks):
         if answered:
             self.observer.chunks_answered(answered)
 
+    def _row_control(self, stream: StreamState, ends: bool, is_final: bool, final_due: bool) -> bool:
+        """What a row that closes utterances or the stream changes in the books (whoever keeps its
+        text). False when the row fails the stream instead."""
+        if is_final and stream.status is not StreamStatus.FLUSHING:
+            self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
+            return False
+        if ends:
+            stream.new_utterance_next = True  # the engine resets its endpointer at the next chunk
+        if final_due and not is_final:
+            stream.final_due_after = None
+            stream.new_utterance_next = True
+        return True
+
     def _deliver(self, stream: StreamState, k: int, ready: float, now: float, ids: list[int], pieces: list[str],
                  frames: list[int], text: str, starts: tuple[int, ...], ends: tuple[int, ...], is_final: bool,
                  audio_s: float, final_due: bool) -> bool:
         """One row that brought tokens, endpoint events or the final (or whose client's final
         is due): its utterance book, then its event. False when the row failed the stream instead."""
-        if is_final and stream.status is not StreamStatus.FLUSHING:
-            self._fail(stream, ErrorKind.INTERNAL, "engine reported a final before the end of audio")
+        if not self._row_control(stream, bool(ends), is_final, final_due):
             return False
-        book = stream.utterances
-        finals, added = book.apply_columns(ids, pieces, frames, text, starts, ends)
-        if ends:
-            stream.new_utterance_next = True
-            for _ in finals:
-                self.observer.utterance_final(UtteranceEnd.ENDPOINT, now - ready)
-        if is_final:
-            last = book.close_at_end_of_audio()
-            if last is not None:
-                finals.append(last)
-                self.observer.utterance_final(UtteranceEnd.END_OF_AUDIO, now - ready)
-        elif final_due:
-            finals.extend(self._close_for_client(stream))
-            added = ""
-        self._emit(stream, ChunkResult(
-            stream_id=stream.stream_id, chunk_index=k,
-            transcript=(finals[-1].transcript if finals else "") if is_final else book.transcript,
-            new_text=added, is_final=is_final, audio_seconds=audio_s,
-            audio_ready_at=ready, utterance_index=book.index, finals=tuple(finals)))
+        event = chunk_event(stream.stream_id, stream.utterances, k, ready, audio_s, ids, pieces, frames, text, starts,
+                            ends, is_final, final_due)
+        if event.finals:
+            self._observe_finals(stream, event.finals, now, ready)
+        self._emit(stream, event)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": k, "final": is_final})
         if is_final:
             stream.set_status(StreamStatus.FINISHED)
         return True
+
+    def _hand_rows(self, streams: list[StreamState], index: list[int], ready_at: list[float], final_due: list[bool],
+                   result: StepResult, order: list[int] | None) -> None:
+        """The step's rows to a listener that makes the events (`wants_rows`), as columns. Per row
+        only what the books need: the rows that end the stream or an utterance (few), and rows of
+        streams that ended while the step ran (dropped)."""
+        rows = _result_rows(result)  # in the result's order
+        if order is not None:  # the planned rows' columns follow the result's order (which does not matter)
+            planned = {r: j for j, r in enumerate(order)}
+            perm = [planned[r] for r in range(len(order))]
+            streams, index, ready_at, final_due = ([x[j] for j in perm] for x in (streams, index, ready_at, final_due))
+        rows.streams, rows.chunk, rows.ready_at, rows.final_due = streams, index, ready_at, final_due
+        is_final = rows.is_final
+        for stream, seconds in zip(streams, rows.audio_seconds):
+            stream.audio_seconds = seconds
+        special = set(np.flatnonzero(np.asarray(is_final, dtype=bool) | np.asarray(final_due, dtype=bool)).tolist())
+        special.update(rows.ends)
+        dropped = {j for j, stream in enumerate(streams) if stream.status.terminal}  # cancelled or failed meanwhile
+        for j in sorted(special - dropped):
+            if not self._row_control(streams[j], j in rows.ends, is_final[j], final_due[j]):
+                dropped.add(j)
+        if dropped:
+            rows = rows.take([j for j in range(len(streams)) if j not in dropped])
+            if not rows.streams:
+                return
+        rows.consumed = [s.received - len(s.audio) for s in rows.streams]
+        slots = np.fromiter((s.slot for s in rows.streams), dtype=np.int64, count=len(rows.streams))
+        self._books.unread[slots] += 1
+        now = time.monotonic()
+        self.observer.chunks_answered([now - t for t in rows.ready_at])
+        self.listener.chunk_rows(rows)
+        if log.isEnabledFor(logging.DEBUG):
+            for stream, k, final in zip(rows.streams, rows.chunk, rows.is_final):
+                log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": k, "final": final})
+        for j in np.flatnonzero(rows.is_final).tolist():
+            rows.streams[j].set_status(StreamStatus.FINISHED)
 
     def _step_failed(self, batch: StepBatch, exc: BaseException) -> None:
         """The step's own machinery raised (not an engine error it handles): fail its streams."""
@@ -835,3 +911,28 @@ class Scheduler(StreamBooks):
         for stream in list(self._streams.values()):
             self._fail(stream, ErrorKind.UNAVAILABLE, f"the engine{self._of_label} failed: {reason}")
         self.observer.engine_dead(reason)
+
+
+def _result_rows(result: StepResult) -> ChunkRows:
+    """A step result's rows as ChunkRows columns in its own order (the per-row columns that the
+    plan knows, streams, chunk, ready_at, final_due and consumed, left for the caller)."""
+    if result.columnar:
+        cols = result.columns
+        return ChunkRows([], [], [], cols.audio_seconds.tolist(), [], cols.is_final.tolist(), [],
+                         cols.token_offsets[1:].tolist(), cols.token_ids.tolist(), cols.token_pieces,
+                         cols.token_frames.tolist(), cols.text_delta, cols.starts, cols.ends)
+    rows = ChunkRows([], [], [], [], [], [], [], [], [], [], [], [], {}, {})
+    for r, u in enumerate(result.updates):  # StreamUpdate rows (an in-process fake engine)
+        ids, pieces, frames = token_columns(u.tokens)
+        rows.ids += ids
+        rows.pieces += pieces
+        rows.frames += frames
+        rows.tok_end.append(len(rows.ids))
+        rows.text.append(u.text_delta)
+        rows.audio_seconds.append(u.audio_seconds)
+        rows.is_final.append(u.is_final)
+        if u.starts:
+            rows.starts[r] = tuple(u.starts)
+        if u.ends:
+            rows.ends[r] = tuple(u.ends)
+    return rows

@@ -51,6 +51,9 @@ class SlotBooks:
         self.order = extend(get("order"), np.int64, 0)              # its place in the ready set (FCFS)
         self.new_utterance = extend(get("new_utterance"), bool, False)  # the next chunk starts an utterance
         self.final_due = extend(get("final_due"), np.int64, _NO_DUE)    # the client's final is due at this chunk count
+        # Rows handed to a listener that makes the events (Scheduler.acknowledge) and not yet
+        # taken: the stream is not scheduled while its response window is full.
+        self.unread = extend(get("unread"), np.int64, 0)
         self.streams.extend([None] * (size - self.size))
         self.size = size
 
@@ -82,6 +85,7 @@ class SlotBooks:
         self.live[slot] = self.flushing[slot] = self.in_flight[slot] = self.queued[slot] = False
         self.new_utterance[slot] = False
         self.queued_at[slot], self.order[slot], self.final_due[slot] = 0.0, 0, _NO_DUE
+        self.unread[slot] = 0
 
     def status_changed(self, slot: int, status: StreamStatus) -> None:
         self.live[slot] = status.accepts_chunks

@@ -81,3 +81,54 @@ class StreamFailure:
 
 
 StreamEvent = ChunkResult | StreamFailure
+
+
+@dataclass(slots=True)
+class ChunkRows:
+    """Answered chunks of several streams as columns, for a listener that turns them into events
+    itself (server.runtime.engine_host: a frontend process keeps each stream's text and builds
+    its events, server.scheduling.utterances.chunk_event), so the scheduler's process makes no
+    object per row. Row i is streams[i]'s chunk; its tokens are ids/pieces/frames[tok_end[i-1]:
+    tok_end[i]] (from 0 for row 0). `final_due`: the client's final is due after this chunk;
+    `starts`/`ends`: the endpointer's events (encoder frames) of the rows that had any."""
+
+    streams: list          # StreamState per row
+    consumed: list[int]    # samples of the stream the engine has taken, after this chunk
+    chunk: list[int]
+    audio_seconds: list[float]
+    ready_at: list[float]
+    is_final: list[bool]
+    final_due: list[bool]
+    tok_end: list[int]
+    ids: list[int]
+    pieces: list[str]
+    frames: list[int]
+    text: list[str]
+    starts: dict[int, tuple[int, ...]]
+    ends: dict[int, tuple[int, ...]]
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def take(self, positions: list[int]) -> ChunkRows:
+        """These rows, in this order (a frontend's share of a step, or a step's rows without
+        those of streams that ended while it ran)."""
+        out = ChunkRows([], [], [], [], [], [], [], [], [], [], [], [], {}, {})
+        per_row = [(name, getattr(self, name), getattr(out, name))
+                   for name in ("streams", "consumed", "chunk", "audio_seconds", "ready_at", "is_final", "final_due",
+                                "text")]
+        per_row = [(src, dst) for name, src, dst in per_row if len(src) == len(self.tok_end)]
+        ends, ids, pieces, frames = self.tok_end, self.ids, self.pieces, self.frames
+        for i, p in enumerate(positions):
+            for src, dst in per_row:
+                dst.append(src[p])
+            a, b = (ends[p - 1] if p else 0), ends[p]
+            out.ids += ids[a:b]
+            out.pieces += pieces[a:b]
+            out.frames += frames[a:b]
+            out.tok_end.append(len(out.ids))
+            if p in self.starts:
+                out.starts[i] = self.starts[p]
+            if p in self.ends:
+                out.ends[i] = self.ends[p]
+        return out

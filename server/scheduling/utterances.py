@@ -16,7 +16,7 @@ whatever their length; the TokenEvents are built once, when the utterance closes
 from __future__ import annotations
 
 from engines.api import TokenEvent, pieces_text
-from server.scheduling.stream_events import Utterance, UtteranceEnd
+from server.scheduling.stream_events import ChunkResult, Utterance, UtteranceEnd
 
 
 def token_columns(tokens: tuple[TokenEvent, ...]) -> tuple[list[int], list[str], list[int]]:
@@ -135,3 +135,31 @@ class UtteranceBook:
         """The end of the audio closes the last utterance. It has a final even without text,
         unless an earlier utterance had one (a stream always ends with at least one final)."""
         return self.close(UtteranceEnd.END_OF_AUDIO, keep_empty=self.finals == 0)
+
+
+def chunk_event(stream_id: str, book: UtteranceBook, k: int, ready: float, audio_s: float, ids: list[int],
+                pieces: list[str], frames: list[int], text: str, starts: tuple[int, ...], ends: tuple[int, ...],
+                is_final: bool, final_due: bool) -> ChunkResult:
+    """One answered chunk of a stream as its event, the stream's utterance book brought up to it:
+    its tokens join the open utterance, split at the endpointer's ends (each closing a final);
+    `is_final` (the end of the audio) closes the last utterance, `final_due` (the client asked)
+    closes the open one. A chunk with none of these (most chunks) leaves the book as it was.
+    The one place a chunk's text is made, whether the scheduler's process or a frontend process
+    keeps the book (server.runtime.remote_scheduler). The caller counts the finals' latencies,
+    by each Utterance's closed_by."""
+    if not (ids or starts or ends or is_final or final_due):
+        return ChunkResult(stream_id, k, book.transcript, "", False, audio_s, ready, book.index)
+    finals, added = book.apply_columns(ids, pieces, frames, text, starts, ends)
+    if is_final:
+        last = book.close_at_end_of_audio()
+        if last is not None:
+            finals.append(last)
+    elif final_due:
+        # An utterance without tokens ends where the decoded audio does.
+        closed = book.close(UtteranceEnd.CLIENT, end_frame=int(audio_s / book.frame_seconds))
+        if closed is not None:
+            finals.append(closed)
+        added = ""
+    transcript = (finals[-1].transcript if finals else "") if is_final else book.transcript
+    return ChunkResult(stream_id=stream_id, chunk_index=k, transcript=transcript, new_text=added, is_final=is_final,
+                       audio_seconds=audio_s, audio_ready_at=ready, utterance_index=book.index, finals=tuple(finals))
