@@ -398,17 +398,15 @@ class RemoteScheduler(StreamBooks):
         streams, emit = self._streams, self._emit
         ids, pieces, frames, starts, ends = m.ids, m.pieces, m.frames, m.starts, m.ends
         a = 0
-        for i, key in enumerate(m.keys):
-            b = m.tok_end[i]
+        for i, (key, consumed, k, seconds, ready, is_final, final_due, b, text) in enumerate(zip(
+                m.keys, m.consumed, m.chunk, m.audio_seconds, m.ready_at, m.is_final, m.final_due, m.tok_end, m.text)):
             state = streams.get(key)
             if state is None or state.status.terminal:
                 a = b
                 continue  # closed, or failed here first: the engine's word comes too late
-            state.consumed = m.consumed[i]
-            is_final = m.is_final[i]
-            event = chunk_event(key, state.utterances, m.chunk[i], m.ready_at[i], m.audio_seconds[i], ids[a:b],
-                                pieces[a:b], frames[a:b], m.text[i], starts.get(i, ()), ends.get(i, ()), is_final,
-                                m.final_due[i])
+            state.consumed = consumed
+            event = chunk_event(key, state.utterances, k, ready, seconds, ids[a:b], pieces[a:b], frames[a:b], text,
+                                starts.get(i, ()), ends.get(i, ()), is_final, final_due)
             a = b
             if event.finals:
                 self._finals_done(state, event)

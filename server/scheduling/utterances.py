@@ -147,8 +147,9 @@ def chunk_event(stream_id: str, book: UtteranceBook, k: int, ready: float, audio
     The one place a chunk's text is made, whether the scheduler's process or a frontend process
     keeps the book (server.runtime.remote_scheduler). The caller counts the finals' latencies,
     by each Utterance's closed_by."""
-    if not (ids or starts or ends or is_final or final_due):
-        return ChunkResult(stream_id, k, book.transcript, "", False, audio_s, ready, book.index)
+    if not (starts or ends or is_final or final_due):  # most chunks: progress, or tokens for the open utterance
+        added = book.add_columns(ids, pieces, frames, text) if ids else ""
+        return ChunkResult(stream_id, k, book.transcript, added, False, audio_s, ready, book.index)
     finals, added = book.apply_columns(ids, pieces, frames, text, starts, ends)
     if is_final:
         last = book.close_at_end_of_audio()
