@@ -255,8 +255,12 @@ class EngineCores:
         return StreamHandle(_ClosingScheduler(core.scheduler, self._core_of), handle.state)
 
     # -- per-stream operations by StreamState (server.runtime.engine_host) -----------------------------------
-    def _scheduler_of(self, stream: StreamState) -> Scheduler:
+    def scheduler_of(self, stream: StreamState) -> Scheduler:
+        """The scheduler of the stream's core (the engine host calls its accept_audio directly:
+        one lookup per stream, not per message)."""
         return self._core_of[stream.stream_id].scheduler
+
+    _scheduler_of = scheduler_of
 
     def accept_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
         return self._scheduler_of(stream).accept_audio(stream, samples)

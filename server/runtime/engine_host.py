@@ -83,6 +83,7 @@ class _Relay:
     key: str
     state: StreamState
     frontend: _Frontend
+    accept: object = None  # the stream's scheduler's accept_audio (its core's, with several)
     client: str | None = None  # counted against --max-streams-per-client
 
 
@@ -267,7 +268,7 @@ class EngineHost(StreamListener):
         if kind is w.Audio:
             relay = frontend.relays.get(m.key)
             if relay is not None:  # else refused or closed: its audio goes nowhere
-                self.scheduler.accept_audio(relay.state, np.frombuffer(m.samples, dtype=np.float32))
+                relay.accept(relay.state, np.frombuffer(m.samples, dtype=np.float32))
         elif kind is w.Ack:
             relay = frontend.relays.get(m.key)
             if relay is not None:
@@ -334,7 +335,8 @@ class EngineHost(StreamListener):
             frontend.out.send(w.Failed(key, 0, exc.kind.value, exc.message))
             return
         self.frontend_streams.labels(frontend=frontend.name).inc()
-        relay = _Relay(key, handle.state, frontend)
+        core_of = getattr(self.scheduler, "scheduler_of", None)  # several engine cores
+        relay = _Relay(key, handle.state, frontend, (core_of(handle.state) if core_of else self.scheduler).accept_audio)
         if client is not None and limit:
             relay.client = client
             self._client_streams[client] = self._client_streams.get(client, 0) + 1

@@ -769,7 +769,8 @@ class Scheduler(StreamBooks):
         due = books.final_due[rows]
         final_due = ((due >= 0) & (books.next_chunk[rows] >= due)).tolist()
         if self.listener.wants_rows:
-            self._hand_rows(streams, index, batch.ready_at[ran].tolist(), final_due, result, order)
+            self._hand_rows(streams, index, batch.ready_at[ran].tolist(), batch.consumed[ran].tolist(), final_due,
+                            result, order)
             return
         if columnar:
             cols = result.columns
@@ -848,8 +849,8 @@ class Scheduler(StreamBooks):
             stream.set_status(StreamStatus.FINISHED)
         return True
 
-    def _hand_rows(self, streams: list[StreamState], index: list[int], ready_at: list[float], final_due: list[bool],
-                   result: StepResult, order: list[int] | None) -> None:
+    def _hand_rows(self, streams: list[StreamState], index: list[int], ready_at: list[float], consumed: list[int],
+                   final_due: list[bool], result: StepResult, order: list[int] | None) -> None:
         """The step's rows to a listener that makes the events (`wants_rows`), as columns. Per row
         only what the books need: the rows that end the stream or an utterance (few), and rows of
         streams that ended while the step ran (dropped)."""
@@ -857,8 +858,9 @@ class Scheduler(StreamBooks):
         if order is not None:  # the planned rows' columns follow the result's order (which does not matter)
             planned = {r: j for j, r in enumerate(order)}
             perm = [planned[r] for r in range(len(order))]
-            streams, index, ready_at, final_due = ([x[j] for j in perm] for x in (streams, index, ready_at, final_due))
-        rows.streams, rows.chunk, rows.ready_at, rows.final_due = streams, index, ready_at, final_due
+            streams, index, ready_at, consumed, final_due = (
+                [x[j] for j in perm] for x in (streams, index, ready_at, consumed, final_due))
+        rows.streams, rows.chunk, rows.ready_at, rows.consumed, rows.final_due = streams, index, ready_at, consumed, final_due
         is_final = rows.is_final
         for stream, seconds in zip(streams, rows.audio_seconds):
             stream.audio_seconds = seconds
@@ -872,7 +874,6 @@ class Scheduler(StreamBooks):
             rows = rows.take([j for j in range(len(streams)) if j not in dropped])
             if not rows.streams:
                 return
-        rows.consumed = [s.received - len(s.audio) for s in rows.streams]
         slots = np.fromiter((s.slot for s in rows.streams), dtype=np.int64, count=len(rows.streams))
         self._books.unread[slots] += 1
         now = time.monotonic()

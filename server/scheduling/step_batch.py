@@ -35,6 +35,7 @@ class StepBatch:
     new_utterance: np.ndarray
     endpointing: dict[int, EndpointingParams]  # position -> the stream's endpointing (first chunks)
     ready_at: np.ndarray             # when each row's audio was complete (per-chunk latency starts here)
+    consumed: np.ndarray             # each stream's samples taken from its queue, this row's chunk included
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -110,7 +111,7 @@ def form_batch(books: SlotBooks, max_batch: int, max_pending: int) -> tuple[Step
             endpointing[i] = streams[i].endpointing
     batch = StepBatch(rows=rows, streams=streams, stream_ids=[s.stream_id for s in streams], samples=samples,
                        first=first, audio_ended=ended_here, new_utterance=new_utterance, endpointing=endpointing,
-                       ready_at=ready_at)
+                       ready_at=ready_at, consumed=end)
     return batch, now - queued_at
 
 

@@ -113,22 +113,26 @@ class ChunkRows:
     def take(self, positions: list[int]) -> ChunkRows:
         """These rows, in this order (a frontend's share of a step, or a step's rows without
         those of streams that ended while it ran)."""
-        out = ChunkRows([], [], [], [], [], [], [], [], [], [], [], [], {}, {})
-        per_row = [(name, getattr(self, name), getattr(out, name))
-                   for name in ("streams", "consumed", "chunk", "audio_seconds", "ready_at", "is_final", "final_due",
-                                "text")]
-        per_row = [(src, dst) for name, src, dst in per_row if len(src) == len(self.tok_end)]
+        def pick(column: list) -> list:
+            return [column[p] for p in positions] if len(column) == len(self.tok_end) else []
+
+        out = ChunkRows(pick(self.streams), pick(self.consumed), pick(self.chunk), pick(self.audio_seconds),
+                        pick(self.ready_at), pick(self.is_final), pick(self.final_due), [], [], [], [],
+                        pick(self.text), {}, {})
         ends, ids, pieces, frames = self.tok_end, self.ids, self.pieces, self.frames
-        for i, p in enumerate(positions):
-            for src, dst in per_row:
-                dst.append(src[p])
-            a, b = (ends[p - 1] if p else 0), ends[p]
-            out.ids += ids[a:b]
-            out.pieces += pieces[a:b]
-            out.frames += frames[a:b]
-            out.tok_end.append(len(out.ids))
-            if p in self.starts:
-                out.starts[i] = self.starts[p]
-            if p in self.ends:
-                out.ends[i] = self.ends[p]
+        tok_end, out_ids, out_pieces, out_frames = out.tok_end, out.ids, out.pieces, out.frames
+        for p in positions:
+            b = ends[p]
+            a = ends[p - 1] if p else 0
+            if b > a:
+                out_ids += ids[a:b]
+                out_pieces += pieces[a:b]
+                out_frames += frames[a:b]
+            tok_end.append(len(out_ids))
+        if self.starts or self.ends:
+            for i, p in enumerate(positions):
+                if p in self.starts:
+                    out.starts[i] = self.starts[p]
+                if p in self.ends:
+                    out.ends[i] = self.ends[p]
         return out
