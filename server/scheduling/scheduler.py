@@ -324,7 +324,7 @@ class Scheduler(StreamBooks):
         if samples.size == 0:
             return True
         books, slot = self._books, stream.slot
-        received = int(books.received[slot])
+        received = books.received.item(slot)
         at_limit = received + samples.size > self._max_samples
         if at_limit:
             if not stream.finalize_at_limit:
@@ -338,12 +338,13 @@ class Scheduler(StreamBooks):
         received += samples.size
         books.received[slot] = received
         stream.arrivals.record(received, now)
-        if len(queue) > stream.peak_pending:
-            stream.peak_pending = len(queue)
+        pending = len(queue)
+        if pending > stream.peak_pending:
+            stream.peak_pending = pending
         if at_limit:  # the rest of the client's audio is not taken
             self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s of audio")
             return False
-        self._maybe_enqueue(stream)
+        self._maybe_enqueue(stream, now)
         return True
 
     async def push_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
@@ -496,11 +497,11 @@ class Scheduler(StreamBooks):
         except Exception:  # noqa: BLE001 - a bad release must not take the loop down
             log.exception("release_slot failed", extra={"stream_id": stream.stream_id, "slot": stream.slot})
 
-    def _maybe_enqueue(self, stream: StreamState) -> None:
+    def _maybe_enqueue(self, stream: StreamState, now: float | None = None) -> None:
         """Put the stream in the ready set if its next chunk is complete and it may run."""
         books, slot = self._books, stream.slot
         if (stream.slot_released or not books.live[slot] or books.in_flight[slot] or books.queued[slot]
-                or len(stream.events) + books.unread[slot] >= self.config.response_buffer):
+                or len(stream.events) + books.unread.item(slot) >= self.config.response_buffer):
             return
         if books.flushing[slot]:
             k, received = int(books.next_chunk[slot]), int(books.received[slot])
@@ -508,9 +509,9 @@ class Scheduler(StreamBooks):
                 if self.geometry.finished(k, received, True):
                     self._finish_without_step(stream)
                 return
-        elif books.received[slot] < books.due[slot]:
+        elif books.received.item(slot) < books.due.item(slot):
             return
-        books.queue(slot, time.monotonic())
+        books.queue(slot, now or time.monotonic())
         # Wake the batching task only when this entry can change its decision: the first entry
         # starts the deadline, a full queue is due at once. Waking it for every chunk cost a loop
         # iteration per chunk (bench/host_overhead.py).
