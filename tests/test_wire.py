@@ -600,3 +600,20 @@ async def test_the_frames_before_a_bad_one_are_read_first_then_the_error():
     assert [m for f in await asyncio.wait_for(frames.read_frames(), TIMEOUT_S) for m in f] == good
     with pytest.raises(w.WireError, match="malformed frame"):
         await asyncio.wait_for(frames.read_frames(), TIMEOUT_S)
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"consumed": [1]}, "different lengths"),
+    ({"tok_end": [2, 3]}, "token columns"),
+    ({"pieces": ["\u2581a"]}, "token columns"),
+    ({"ends": {5: (3,)}}, "not there"),
+], ids=["a short column", "tokens past the columns", "a short token column", "an event of no row"])
+def test_a_rows_message_whose_columns_disagree_is_a_wire_error(change, why):
+    good = _example(w.Rows)
+    assert _decode_one(w.encode_frame([good]), w.ENGINE_TO_FRONTEND) == [good]
+    fields = {f: getattr(good, f) for f in good.__struct_fields__}
+    fields.update(change)
+    raw = msgspec.msgpack.encode([[21, *fields.values()]])  # as a peer would send it, unchecked
+    frame = w.HEADER.pack(len(raw)) + raw
+    with pytest.raises(w.WireError, match=why):
+        _decode_one(frame, w.ENGINE_TO_FRONTEND)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +84,7 @@ class _Relay:
     key: str
     state: StreamState
     frontend: _Frontend
-    accept: object = None  # the stream's scheduler's accept_audio (its core's, with several)
+    accept: Callable[[StreamState, np.ndarray], bool] | None = None  # its scheduler's accept_audio (its core's)
     client: str | None = None  # counted against --max-streams-per-client
 
 
@@ -386,6 +387,8 @@ class EngineHost(StreamListener):
 
     def chunk_rows(self, rows: ChunkRows) -> None:
         """A step's answered chunks: one Rows message to each frontend with streams among them."""
+        if not rows.streams:
+            return
         relays = self._relays
         owners = [relays.get(stream.stream_id) for stream in rows.streams]
         only = owners[0].frontend if owners[0] is not None else None

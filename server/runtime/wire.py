@@ -229,6 +229,18 @@ class Rows(Message, tag=21):
     starts: dict[int, tuple[int, ...]]
     ends: dict[int, tuple[int, ...]]
 
+    def __post_init__(self) -> None:
+        # Columns that disagree would pair one stream's row with another's values, or leave rows
+        # out without a word (zip stops at the shortest): a malformed message, never a guess.
+        n = len(self.keys)
+        if not (len(self.consumed) == len(self.chunk) == len(self.audio_seconds) == len(self.ready_at)
+                == len(self.is_final) == len(self.final_due) == len(self.tok_end) == len(self.text) == n):
+            raise ValueError(f"Rows: per-row columns of different lengths for {n} rows")
+        if not (len(self.ids) == len(self.pieces) == len(self.frames) == (self.tok_end[-1] if n else 0)):
+            raise ValueError("Rows: the token columns do not end where the last row's tokens do")
+        if any(not 0 <= i < n for i in self.starts) or any(not 0 <= i < n for i in self.ends):
+            raise ValueError("Rows: an endpoint event names a row that is not there")
+
 
 class Failed(Message, tag=22):
     key: str
