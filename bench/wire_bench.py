@@ -42,6 +42,7 @@ from engines.api import (ChunkWork, EndpointingParams, ResultColumns, RowSamples
 from server.runtime import wire as w  # noqa: E402
 from server.runtime.engine_host import rows_message  # noqa: E402
 from server.runtime.engine_worker import _ChildSlots, _pack_step, _reply, _unpack_result, _unpack_step  # noqa: E402
+from server.scheduling.row_columns import RowColumns  # noqa: E402
 from server.scheduling.stream_events import ChunkResult, ChunkRows, Utterance, UtteranceEnd  # noqa: E402
 from server.scheduling.utterances import UtteranceBook, chunk_event  # noqa: E402
 
@@ -253,23 +254,26 @@ def result_case(n: int, final_every: int):
                                   utterance_index=2, finals=finals))
     # The same step as rows: one token per stream (its new word); a closing stream's row carries
     # the utterance's 12 tokens and the endpoint that closes it.
-    rows = ChunkRows([], [], [], [], [], [], [], [], [], [], [], [], {}, {})
+    cols: dict = {name: [] for name in RowColumns.__struct_fields__ if name not in ("starts", "ends")}
+    ends: dict = {}
+    streams = []
     for i, e in enumerate(events):
         toks = tokens if e.finals else (TokenEvent(7, f"\u2581word{i}", 2),)
-        rows.streams.append(_Keyed(e.stream_id))
-        rows.consumed.append(102400)
-        rows.chunk.append(e.chunk_index)
-        rows.audio_seconds.append(e.audio_seconds)
-        rows.ready_at.append(e.audio_ready_at)
-        rows.is_final.append(False)
-        rows.final_due.append(False)
-        rows.ids += [t.token_id for t in toks]
-        rows.pieces += [t.piece for t in toks]
-        rows.frames += [t.frame for t in toks]
-        rows.tok_end.append(len(rows.ids))
-        rows.text.append(e.new_text)
+        streams.append(_Keyed(e.stream_id))
+        cols["consumed"].append(102400)
+        cols["chunk"].append(e.chunk_index)
+        cols["audio_seconds"].append(e.audio_seconds)
+        cols["ready_at"].append(e.audio_ready_at)
+        cols["is_final"].append(False)
+        cols["final_due"].append(False)
+        cols["ids"] += [t.token_id for t in toks]
+        cols["pieces"] += [t.piece for t in toks]
+        cols["frames"] += [t.frame for t in toks]
+        cols["tok_end"].append(len(cols["ids"]))
+        cols["text"].append(e.new_text)
         if e.finals:
-            rows.ends[i] = (40,)
+            ends[i] = (40,)
+    rows = ChunkRows(streams, RowColumns(**cols, starts={}, ends=ends))
     books = {k: UtteranceBook(0.08) for k in keys}
     decoder = w.Decoder(w.ENGINE_TO_FRONTEND)
 
@@ -279,12 +283,12 @@ def result_case(n: int, final_every: int):
 
     def new():
         for m in new_frames([rows_message(rows)], decoder):
-            a = 0
+            c, a = m.columns, 0
             for i, key in enumerate(m.keys):
-                b = m.tok_end[i]
-                chunk_event(key, books[key], m.chunk[i], m.ready_at[i], m.audio_seconds[i], m.ids[a:b], m.pieces[a:b],
-                            m.frames[a:b], m.text[i], m.starts.get(i, ()), m.ends.get(i, ()), m.is_final[i],
-                            m.final_due[i])
+                b = c.tok_end[i]
+                chunk_event(key, books[key], c.chunk[i], c.ready_at[i], c.audio_seconds[i], c.ids[a:b], c.pieces[a:b],
+                            c.frames[a:b], c.text[i], c.starts.get(i, ()), c.ends.get(i, ()), c.is_final[i],
+                            c.final_due[i])
                 a = b
 
     return old, new

@@ -46,14 +46,14 @@ class RowsListener(StreamListener):
 
     def chunk_rows(self, rows: ChunkRows) -> None:
         self.steps.append(rows)
+        c = rows.columns
         a = 0
         for i, stream in enumerate(rows.streams):
-            b = rows.tok_end[i]
+            b = c.tok_end[i]
             book = self.books.setdefault(stream.stream_id, UtteranceBook(self.frame_seconds))
             self.events.setdefault(stream.stream_id, []).append(chunk_event(
-                stream.stream_id, book, rows.chunk[i], rows.ready_at[i], rows.audio_seconds[i], rows.ids[a:b],
-                rows.pieces[a:b], rows.frames[a:b], rows.text[i], rows.starts.get(i, ()), rows.ends.get(i, ()),
-                rows.is_final[i], rows.final_due[i]))
+                stream.stream_id, book, c.chunk[i], c.ready_at[i], c.audio_seconds[i], c.ids[a:b], c.pieces[a:b],
+                c.frames[a:b], c.text[i], c.starts.get(i, ()), c.ends.get(i, ()), c.is_final[i], c.final_due[i]))
             a = b
         self.rows_seen += len(rows)
 

@@ -26,6 +26,7 @@ from server.runtime.engine_host import EngineFacts, EngineHost, event_message, r
 from server.runtime.engine_worker import (ChildOptions, EngineWorker, _ChildSlots, _Link, _Pending, _pack_step, _reply,
                                           _unpack_result, _unpack_step)
 from server.runtime.remote_scheduler import RemoteScheduler
+from server.scheduling.row_columns import RowColumns
 from server.scheduling.scheduler import SchedulerConfig
 from server.scheduling.stream_events import ChunkRows, ErrorKind, StreamFailure, UtteranceEnd
 from server.scheduling.utterances import UtteranceBook, chunk_event
@@ -59,8 +60,9 @@ EXAMPLES = [
     w.Sync(9),
     w.EndUtterance("k1"),
     w.UtteranceFinal(UtteranceEnd.CLIENT.value, 0.25),
-    w.Rows(["k1", "k2"], [4096, 512], [3, 0], [1.5, 0.08], [123.5, 124.0], [True, False], [False, True], [2, 2],
-           [4, 7], ["\u2581hello", "\u2581there"], [1, 3], [" hello there", ""], {0: (1,)}, {0: (3,)}),
+    w.Rows(["k1", "k2"], RowColumns([4096, 512], [3, 0], [1.5, 0.08], [123.5, 124.0], [True, False], [False, True],
+                                    [2, 2], [4, 7], ["\u2581hello", "\u2581there"], [1, 3], [" hello there", ""],
+                                    {0: (1,)}, {0: (3,)})),
     w.Failed("k1", 512, ErrorKind.RESOURCE_EXHAUSTED.value, "all 4 stream slots are in use"),
     w.Cut("k1", "max_stream_seconds"),
     w.State("eager", {"eager": 3}, 16, 5, 4, "it died", True),
@@ -117,7 +119,7 @@ def test_every_message_type_round_trips():
     assert type(step.endpointing[0]) is EndpointingParams
     assert w.column(step.offsets, w.I64, 3, "offsets").tolist() == [0, 2560, 5216]
     rows = _decode_one(w.encode_frame([_example(w.Rows)]), w.ENGINE_TO_FRONTEND)[0]
-    assert rows.ends == {0: (3,)} and type(rows.is_final[0]) is bool
+    assert type(rows.columns) is RowColumns and rows.columns.ends == {0: (3,)} and type(rows.columns.is_final[0]) is bool
 
 
 def _example(cls):
@@ -168,10 +170,10 @@ def test_a_start_up_report_with_odd_values_still_travels():
 def _rows_of(streams):
     """Three streams' rows: tokens closing an utterance at an endpoint, progress only, and the
     end of the audio with the client's final due."""
-    return ChunkRows(streams, [4096, 512, 9000], [3, 0, 8], [1.25, 0.08, 0.64], [123.5, 124.0, 124.5],
-                     [False, False, True], [False, True, False], [3, 3, 4], [4, 7, 9, 11],
-                     ["\u2581hello", "\u2581there", "\u2581again", "\u2581bye"], [1, 3, 6, 7],
-                     [" hello there again", "", " bye"], {0: (1,)}, {0: (4,)})
+    return ChunkRows(streams, RowColumns([4096, 512, 9000], [3, 0, 8], [1.25, 0.08, 0.64], [123.5, 124.0, 124.5],
+                                         [False, False, True], [False, True, False], [3, 3, 4], [4, 7, 9, 11],
+                                         ["\u2581hello", "\u2581there", "\u2581again", "\u2581bye"], [1, 3, 6, 7],
+                                         [" hello there again", "", " bye"], {0: (1,)}, {0: (4,)}))
 
 
 def test_rows_cross_the_wire_and_make_the_same_events_on_either_side():
@@ -185,7 +187,7 @@ def test_rows_cross_the_wire_and_make_the_same_events_on_either_side():
     failure = StreamFailure("k4", ErrorKind.RESOURCE_EXHAUSTED, "all 4 stream slots are in use")
     frame = w.encode_frame([rows_message(rows), event_message("k4", 77, failure)])
     got, got_failure = _decode_one(frame, w.ENGINE_TO_FRONTEND)
-    assert got.keys == ["k1", "k2", "k3"] and got.consumed == [4096, 512, 9000]
+    assert got.keys == ["k1", "k2", "k3"] and got.columns.consumed == [4096, 512, 9000]
     assert got_failure.consumed == 77
     assert StreamFailure(got_failure.key, ErrorKind(got_failure.kind), got_failure.message) == failure
     here = [UtteranceBook(0.08) for _ in range(3)]
@@ -195,13 +197,13 @@ def test_rows_cross_the_wire_and_make_the_same_events_on_either_side():
     a = 0
     events = []
     for i, key in enumerate(got.keys):
-        b = got.tok_end[i]
-        mine = chunk_event(key, here[i], rows.chunk[i], rows.ready_at[i], rows.audio_seconds[i], rows.ids[a:b],
-                           rows.pieces[a:b], rows.frames[a:b], rows.text[i], rows.starts.get(i, ()),
-                           rows.ends.get(i, ()), rows.is_final[i], rows.final_due[i])
-        theirs = chunk_event(key, there[i], got.chunk[i], got.ready_at[i], got.audio_seconds[i], got.ids[a:b],
-                             got.pieces[a:b], got.frames[a:b], got.text[i], got.starts.get(i, ()),
-                             got.ends.get(i, ()), got.is_final[i], got.final_due[i])
+        b = got.columns.tok_end[i]
+        mine = chunk_event(key, here[i], rows.columns.chunk[i], rows.columns.ready_at[i], rows.columns.audio_seconds[i], rows.columns.ids[a:b],
+                           rows.columns.pieces[a:b], rows.columns.frames[a:b], rows.columns.text[i], rows.columns.starts.get(i, ()),
+                           rows.columns.ends.get(i, ()), rows.columns.is_final[i], rows.columns.final_due[i])
+        theirs = chunk_event(key, there[i], got.columns.chunk[i], got.columns.ready_at[i], got.columns.audio_seconds[i], got.columns.ids[a:b],
+                             got.columns.pieces[a:b], got.columns.frames[a:b], got.columns.text[i], got.columns.starts.get(i, ()),
+                             got.columns.ends.get(i, ()), got.columns.is_final[i], got.columns.final_due[i])
         assert mine == theirs
         events.append(theirs)
         a = b
@@ -217,11 +219,13 @@ def test_rows_cross_the_wire_and_make_the_same_events_on_either_side():
 def test_a_frontends_share_of_the_rows_keeps_each_rows_tokens_and_events():
     rows = _rows_of(["s1", "s2", "s3"])
     share = rows.take([2, 0])
-    assert share.streams == ["s3", "s1"] and share.chunk == [8, 3] and share.is_final == [True, False]
-    assert share.tok_end == [1, 4] and share.pieces == ["\u2581bye", "\u2581hello", "\u2581there", "\u2581again"]
-    assert share.frames == [7, 1, 3, 6] and share.text == [" bye", " hello there again"]
-    assert share.starts == {1: (1,)} and share.ends == {1: (4,)}
-    assert rows.take([]).streams == [] and rows.take([1]).tok_end == [0]
+    c = share.columns
+    assert share.streams == ["s3", "s1"] and c.chunk == [8, 3] and c.is_final == [True, False]
+    assert c.consumed == [9000, 4096] and c.final_due == [False, False]
+    assert c.tok_end == [1, 4] and c.pieces == ["\u2581bye", "\u2581hello", "\u2581there", "\u2581again"]
+    assert c.frames == [7, 1, 3, 6] and c.text == [" bye", " hello there again"]
+    assert c.starts == {1: (1,)} and c.ends == {1: (4,)}
+    assert rows.take([]).streams == [] and rows.take([1]).columns.tok_end == [0]
 
 
 class _OwnSlots:  # an engine whose slots the child maps the parent's onto: 10, 11, ...
@@ -607,13 +611,17 @@ async def test_the_frames_before_a_bad_one_are_read_first_then_the_error():
     ({"tok_end": [2, 3]}, "token columns"),
     ({"pieces": ["\u2581a"]}, "token columns"),
     ({"ends": {5: (3,)}}, "not there"),
-], ids=["a short column", "tokens past the columns", "a short token column", "an event of no row"])
+    ({"keys": ["k1"]}, "1 keys for 2 rows"),
+], ids=["a short column", "tokens past the columns", "a short token column", "an event of no row", "a key short"])
 def test_a_rows_message_whose_columns_disagree_is_a_wire_error(change, why):
     good = _example(w.Rows)
     assert _decode_one(w.encode_frame([good]), w.ENGINE_TO_FRONTEND) == [good]
-    fields = {f: getattr(good, f) for f in good.__struct_fields__}
-    fields.update(change)
-    raw = msgspec.msgpack.encode([[21, *fields.values()]])  # as a peer would send it, unchecked
+    columns = {f: getattr(good.columns, f) for f in good.columns.__struct_fields__}
+    keys = good.keys
+    if "keys" in change:
+        keys = change.pop("keys")
+    columns.update(change)
+    raw = msgspec.msgpack.encode([[21, keys, list(columns.values())]])  # as a peer would send it, unchecked
     frame = w.HEADER.pack(len(raw)) + raw
     with pytest.raises(w.WireError, match=why):
         _decode_one(frame, w.ENGINE_TO_FRONTEND)

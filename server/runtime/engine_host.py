@@ -445,6 +445,4 @@ def event_message(key: str, consumed: int, event: StreamEvent) -> w.Failed:
 
 def rows_message(rows: ChunkRows) -> w.Rows:
     """ChunkRows as the wire's message (the streams by their keys: the frontends' stream ids)."""
-    return w.Rows([stream.stream_id for stream in rows.streams], rows.consumed, rows.chunk, rows.audio_seconds,
-                  rows.ready_at, rows.is_final, rows.final_due, rows.tok_end, rows.ids, rows.pieces, rows.frames,
-                  rows.text, rows.starts, rows.ends)
+    return w.Rows([stream.stream_id for stream in rows.streams], rows.columns)

@@ -395,11 +395,11 @@ class RemoteScheduler(StreamBooks):
     def _rows(self, m: w.Rows) -> None:
         """A step's answered chunks of this frontend's streams: each stream's utterances and text
         move on, and its event goes to its handler."""
-        streams, emit = self._streams, self._emit
-        ids, pieces, frames, starts, ends = m.ids, m.pieces, m.frames, m.starts, m.ends
+        streams, emit, c = self._streams, self._emit, m.columns
+        ids, pieces, frames, starts, ends = c.ids, c.pieces, c.frames, c.starts, c.ends
         a = 0
         for i, (key, consumed, k, seconds, ready, is_final, final_due, b, text) in enumerate(zip(
-                m.keys, m.consumed, m.chunk, m.audio_seconds, m.ready_at, m.is_final, m.final_due, m.tok_end, m.text)):
+                m.keys, c.consumed, c.chunk, c.audio_seconds, c.ready_at, c.is_final, c.final_due, c.tok_end, c.text)):
             state = streams.get(key)
             if state is None or state.status.terminal:
                 a = b

@@ -19,7 +19,8 @@ the reason, never guesses. A reply names the request it answers (`id`); an Error
 reply that failed. The first message on a link is the Hello handshake (protocol version, the
 sender's role, what the other side must know of the engine), which the receiver checks.
 
-This module imports no server code above it: every process role uses it.
+This module imports no server code above it (only server.scheduling.row_columns, a leaf, for
+the Rows it carries): every process role uses it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 from engines.api import EndpointingParams, ModelInfo, StepTimings
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
+from server.scheduling.row_columns import RowColumns
 
 T = TypeVar("T")
 PROTOCOL_VERSION = 3
@@ -207,39 +209,17 @@ class UtteranceFinal(Message, tag=14):
 
 # -- engine host -> frontend -----------------------------------------------------------------
 class Rows(Message, tag=21):
-    """A step's answered chunks of this frontend's streams, as columns
-    (server.scheduling.stream_events.ChunkRows): the frontend keeps each stream's utterances and
-    makes its events (server.scheduling.utterances.chunk_event), so the engine process makes no
-    object per row. Row i is keys[i]'s chunk; its tokens are ids/pieces/frames[tok_end[i-1]:
-    tok_end[i]] (from 0 for row 0); starts/ends: the endpointer's events of the rows that had any.
-    consumed: samples of the stream the engine has taken."""
+    """A step's answered chunks of this frontend's streams: row i is keys[i]'s chunk, its values
+    in `columns` (server.scheduling.stream_events.RowColumns). The frontend keeps each stream's
+    utterances and makes its events (server.scheduling.utterances.chunk_event), so the engine
+    process makes no object per row."""
 
     keys: list[str]
-    consumed: list[int]
-    chunk: list[int]
-    audio_seconds: list[float]
-    ready_at: list[float]
-    is_final: list[bool]
-    final_due: list[bool]
-    tok_end: list[int]
-    ids: list[int]
-    pieces: list[str]
-    frames: list[int]
-    text: list[str]
-    starts: dict[int, tuple[int, ...]]
-    ends: dict[int, tuple[int, ...]]
+    columns: RowColumns
 
     def __post_init__(self) -> None:
-        # Columns that disagree would pair one stream's row with another's values, or leave rows
-        # out without a word (zip stops at the shortest): a malformed message, never a guess.
-        n = len(self.keys)
-        if not (len(self.consumed) == len(self.chunk) == len(self.audio_seconds) == len(self.ready_at)
-                == len(self.is_final) == len(self.final_due) == len(self.tok_end) == len(self.text) == n):
-            raise ValueError(f"Rows: per-row columns of different lengths for {n} rows")
-        if not (len(self.ids) == len(self.pieces) == len(self.frames) == (self.tok_end[-1] if n else 0)):
-            raise ValueError("Rows: the token columns do not end where the last row's tokens do")
-        if any(not 0 <= i < n for i in self.starts) or any(not 0 <= i < n for i in self.ends):
-            raise ValueError("Rows: an endpoint event names a row that is not there")
+        if len(self.keys) != len(self.columns):
+            raise ValueError(f"Rows: {len(self.keys)} keys for {len(self.columns)} rows")
 
 
 class Failed(Message, tag=22):

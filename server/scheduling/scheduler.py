@@ -36,6 +36,7 @@ from engines.api import (EndpointingParams, EngineError, EngineState, StepPlan, 
                          StreamingEngine)
 from server.scheduling.arrival_rate import ArrivalRate
 from server.scheduling.loop_calls import call_soon_from_thread
+from server.scheduling.row_columns import RowColumns
 from server.scheduling.slot_books import SlotBooks, SlotStream
 from server.scheduling.step_batch import StepBatch, StepOutcome, form_batch, run_isolated
 from server.scheduling.stream_books import StreamBooks, StreamScheduler
@@ -413,9 +414,9 @@ class Scheduler(StreamBooks):
         k = stream.next_chunk - 1
         if self.listener.wants_rows:
             self._books.unread[stream.slot] += 1
-            self.listener.chunk_rows(ChunkRows(
-                [stream], [stream.received - len(stream.audio)], [k], [audio_s], [ready], [is_final], [final_due],
-                [0], [], [], [], [""], {}, {}))
+            self.listener.chunk_rows(ChunkRows([stream], RowColumns(
+                [stream.received - len(stream.audio)], [k], [audio_s], [ready], [is_final], [final_due], [0], [], [],
+                [], [""], {}, {})))
             return
         event = chunk_event(stream.stream_id, stream.utterances, k, ready, audio_s, [], [], [], "", (), (),
                             is_final, final_due)
@@ -855,35 +856,36 @@ class Scheduler(StreamBooks):
         """The step's rows to a listener that makes the events (`wants_rows`), as columns. Per row
         only what the books need: the rows that end the stream or an utterance (few), and rows of
         streams that ended while the step ran (dropped)."""
-        rows = _result_rows(result)  # in the result's order
         if order is not None:  # the planned rows' columns follow the result's order (which does not matter)
             planned = {r: j for j, r in enumerate(order)}
             perm = [planned[r] for r in range(len(order))]
             streams, index, ready_at, consumed, final_due = (
                 [x[j] for j in perm] for x in (streams, index, ready_at, consumed, final_due))
-        rows.streams, rows.chunk, rows.ready_at, rows.consumed, rows.final_due = streams, index, ready_at, consumed, final_due
-        is_final = rows.is_final
-        for stream, seconds in zip(streams, rows.audio_seconds):
+        rows = ChunkRows(streams, _row_columns(result, consumed, index, ready_at, final_due))
+        cols = rows.columns
+        is_final = cols.is_final
+        for stream, seconds in zip(streams, cols.audio_seconds):
             stream.audio_seconds = seconds
         special = set(np.flatnonzero(np.asarray(is_final, dtype=bool) | np.asarray(final_due, dtype=bool)).tolist())
-        special.update(rows.ends)
+        special.update(cols.ends)
         dropped = {j for j, stream in enumerate(streams) if stream.status.terminal}  # cancelled or failed meanwhile
         for j in sorted(special - dropped):
-            if not self._row_control(streams[j], j in rows.ends, is_final[j], final_due[j]):
+            if not self._row_control(streams[j], j in cols.ends, is_final[j], final_due[j]):
                 dropped.add(j)
         if dropped:
             rows = rows.take([j for j in range(len(streams)) if j not in dropped])
             if not rows.streams:
                 return
+            cols = rows.columns
         slots = np.fromiter((s.slot for s in rows.streams), dtype=np.int64, count=len(rows.streams))
         self._books.unread[slots] += 1
         now = time.monotonic()
-        self.observer.chunks_answered([now - t for t in rows.ready_at])
+        self.observer.chunks_answered([now - t for t in cols.ready_at])
         self.listener.chunk_rows(rows)
         if log.isEnabledFor(logging.DEBUG):
-            for stream, k, final in zip(rows.streams, rows.chunk, rows.is_final):
+            for stream, k, final in zip(rows.streams, cols.chunk, cols.is_final):
                 log.debug("chunk done", extra={"stream_id": stream.stream_id, "chunk": k, "final": final})
-        for j in np.flatnonzero(rows.is_final).tolist():
+        for j in np.flatnonzero(cols.is_final).tolist():
             rows.streams[j].set_status(StreamStatus.FINISHED)
 
     def _step_failed(self, batch: StepBatch, exc: BaseException) -> None:
@@ -915,26 +917,28 @@ class Scheduler(StreamBooks):
         self.observer.engine_dead(reason)
 
 
-def _result_rows(result: StepResult) -> ChunkRows:
-    """A step result's rows as ChunkRows columns in its own order (the per-row columns that the
-    plan knows, streams, chunk, ready_at, final_due and consumed, left for the caller)."""
+def _row_columns(result: StepResult, consumed: list[int], chunk: list[int], ready_at: list[float],
+                 final_due: list[bool]) -> RowColumns:
+    """A step result's rows as RowColumns, with the columns the plan knows (given in the
+    result's order)."""
     if result.columnar:
         cols = result.columns
-        return ChunkRows([], [], [], cols.audio_seconds.tolist(), [], cols.is_final.tolist(), [],
-                         cols.token_offsets[1:].tolist(), cols.token_ids.tolist(), cols.token_pieces,
-                         cols.token_frames.tolist(), cols.text_delta, cols.starts, cols.ends)
-    rows = ChunkRows([], [], [], [], [], [], [], [], [], [], [], [], {}, {})
+        return RowColumns(consumed, chunk, cols.audio_seconds.tolist(), ready_at, cols.is_final.tolist(), final_due,
+                          cols.token_offsets[1:].tolist(), cols.token_ids.tolist(), cols.token_pieces,
+                          cols.token_frames.tolist(), cols.text_delta, cols.starts, cols.ends)
+    seconds, is_final, tok_end, ids, pieces, frames, text, starts, ends = [], [], [], [], [], [], [], {}, {}
     for r, u in enumerate(result.updates):  # StreamUpdate rows (an in-process fake engine)
-        ids, pieces, frames = token_columns(u.tokens)
-        rows.ids += ids
-        rows.pieces += pieces
-        rows.frames += frames
-        rows.tok_end.append(len(rows.ids))
-        rows.text.append(u.text_delta)
-        rows.audio_seconds.append(u.audio_seconds)
-        rows.is_final.append(u.is_final)
+        i, p, f = token_columns(u.tokens)
+        ids += i
+        pieces += p
+        frames += f
+        tok_end.append(len(ids))
+        text.append(u.text_delta)
+        seconds.append(u.audio_seconds)
+        is_final.append(u.is_final)
         if u.starts:
-            rows.starts[r] = tuple(u.starts)
+            starts[r] = tuple(u.starts)
         if u.ends:
-            rows.ends[r] = tuple(u.ends)
-    return rows
+            ends[r] = tuple(u.ends)
+    return RowColumns(consumed, chunk, seconds, ready_at, is_final, final_due, tok_end, ids, pieces, frames, text,
+                      starts, ends)

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass
 
 from engines.api import TokenEvent
+from server.scheduling.row_columns import RowColumns
 
 
 class ErrorKind(enum.Enum):
@@ -85,54 +86,16 @@ StreamEvent = ChunkResult | StreamFailure
 
 @dataclass(slots=True)
 class ChunkRows:
-    """Answered chunks of several streams as columns, for a listener that turns them into events
-    itself (server.runtime.engine_host: a frontend process keeps each stream's text and builds
-    its events, server.scheduling.utterances.chunk_event), so the scheduler's process makes no
-    object per row. Row i is streams[i]'s chunk; its tokens are ids/pieces/frames[tok_end[i-1]:
-    tok_end[i]] (from 0 for row 0). `final_due`: the client's final is due after this chunk;
-    `starts`/`ends`: the endpointer's events (encoder frames) of the rows that had any."""
+    """A step's answered chunks for a listener that makes the events itself
+    (server.runtime.engine_host: its frontend processes keep each stream's text): row i is
+    streams[i]'s chunk, its values in `columns`. The scheduler's process makes no object per row."""
 
     streams: list          # StreamState per row
-    consumed: list[int]    # samples of the stream the engine has taken, after this chunk
-    chunk: list[int]
-    audio_seconds: list[float]
-    ready_at: list[float]
-    is_final: list[bool]
-    final_due: list[bool]
-    tok_end: list[int]
-    ids: list[int]
-    pieces: list[str]
-    frames: list[int]
-    text: list[str]
-    starts: dict[int, tuple[int, ...]]
-    ends: dict[int, tuple[int, ...]]
+    columns: RowColumns
 
     def __len__(self) -> int:
         return len(self.streams)
 
     def take(self, positions: list[int]) -> ChunkRows:
-        """These rows, in this order (a frontend's share of a step, or a step's rows without
-        those of streams that ended while it ran)."""
-        def pick(column: list) -> list:
-            return [column[p] for p in positions] if len(column) == len(self.tok_end) else []
-
-        out = ChunkRows(pick(self.streams), pick(self.consumed), pick(self.chunk), pick(self.audio_seconds),
-                        pick(self.ready_at), pick(self.is_final), pick(self.final_due), [], [], [], [],
-                        pick(self.text), {}, {})
-        ends, ids, pieces, frames = self.tok_end, self.ids, self.pieces, self.frames
-        tok_end, out_ids, out_pieces, out_frames = out.tok_end, out.ids, out.pieces, out.frames
-        for p in positions:
-            b = ends[p]
-            a = ends[p - 1] if p else 0
-            if b > a:
-                out_ids += ids[a:b]
-                out_pieces += pieces[a:b]
-                out_frames += frames[a:b]
-            tok_end.append(len(out_ids))
-        if self.starts or self.ends:
-            for i, p in enumerate(positions):
-                if p in self.starts:
-                    out.starts[i] = self.starts[p]
-                if p in self.ends:
-                    out.ends[i] = self.ends[p]
-        return out
+        """These rows, in this order."""
+        return ChunkRows([self.streams[p] for p in positions], self.columns.take(positions))
