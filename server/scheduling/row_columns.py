@@ -11,14 +11,15 @@ from __future__ import annotations
 import msgspec
 
 
-class RowColumns(msgspec.Struct, array_like=True):
+class RowColumns(msgspec.Struct, array_like=True, gc=False):
     """Answered chunks of several streams as columns: what a frontend needs to make each
     stream's event (server.scheduling.utterances.chunk_event) with no object per row on the way.
     Row i's tokens are ids/pieces/frames[tok_end[i-1]:tok_end[i]] (from 0 for row 0);
     `final_due`: the client's final is due after this chunk; `starts`/`ends`: the endpointer's
     events (encoder frames) of the rows that had any; `consumed`: samples of the stream the
     engine has taken, this chunk included. The same struct travels on the wire
-    (server.runtime.wire.Rows), where its check makes a malformed message an error."""
+    (server.runtime.wire.Rows), where its check makes a malformed message an error. Untracked by
+    the garbage collector, as the wire's messages are: it holds no reference cycle."""
 
     consumed: list[int]
     chunk: list[int]
