@@ -260,31 +260,30 @@ class EngineCores:
         one lookup per stream, not per message)."""
         return self._core_of[stream.stream_id].scheduler
 
-    _scheduler_of = scheduler_of
 
     def accept_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
-        return self._scheduler_of(stream).accept_audio(stream, samples)
+        return self.scheduler_of(stream).accept_audio(stream, samples)
 
     async def push_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
-        return await self._scheduler_of(stream).push_audio(stream, samples)
+        return await self.scheduler_of(stream).push_audio(stream, samples)
 
     def end_audio(self, stream: StreamState) -> None:
-        self._scheduler_of(stream).end_audio(stream)
+        self.scheduler_of(stream).end_audio(stream)
 
     def fail_stream(self, stream: StreamState, kind: ErrorKind, message: str) -> None:
-        self._scheduler_of(stream).fail_stream(stream, kind, message)
+        self.scheduler_of(stream).fail_stream(stream, kind, message)
 
     def end_utterance(self, stream: StreamState) -> bool:
-        return self._scheduler_of(stream).end_utterance(stream)
+        return self.scheduler_of(stream).end_utterance(stream)
 
     def take_event(self, stream: StreamState) -> StreamEvent | None:
-        return self._scheduler_of(stream).take_event(stream)
+        return self.scheduler_of(stream).take_event(stream)
 
     def acknowledge(self, stream: StreamState, n: int) -> None:
-        self._scheduler_of(stream).acknowledge(stream, n)
+        self.scheduler_of(stream).acknowledge(stream, n)
 
     async def next_event(self, stream: StreamState) -> StreamEvent | None:
-        return await self._scheduler_of(stream).next_event(stream)
+        return await self.scheduler_of(stream).next_event(stream)
 
     def close_stream(self, stream: StreamState) -> None:
         core = self._core_of.pop(stream.stream_id, None)

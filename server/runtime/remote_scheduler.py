@@ -41,9 +41,9 @@ from server.runtime.wire import FrameReader, FrameWriter
 from server.ops.metrics import ServerMetrics
 from server.scheduling.scheduler import SchedulerConfig, SchedulerObserver, StreamHandle
 from server.scheduling.stream_books import StreamBooks
-from server.scheduling.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure, UtteranceEnd
+from server.scheduling.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
 from server.scheduling.stream_state import StreamState, StreamStatus
-from server.scheduling.utterances import UtteranceBook, chunk_event
+from server.scheduling.utterances import UtteranceBook, chunk_event, final_latency
 
 log = logging.getLogger("nemostream.remote_scheduler")
 GC_FORWARD_PERIOD_S = 0.5
@@ -421,8 +421,8 @@ class RemoteScheduler(StreamBooks):
         from the client's request here."""
         now = time.monotonic()
         for u in event.finals:
-            since = state.final_requested_at if u.closed_by is UtteranceEnd.CLIENT else event.audio_ready_at
-            self._send(w.UtteranceFinal(u.closed_by.value, now - since))
+            self._send(w.UtteranceFinal(u.closed_by.value, final_latency(u, state.final_requested_at,
+                                                                         event.audio_ready_at, now)))
 
     def _mark_dead(self, reason: str) -> None:
         if self.dead_reason is not None:

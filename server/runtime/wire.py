@@ -210,7 +210,7 @@ class UtteranceFinal(Message, tag=14):
 # -- engine host -> frontend -----------------------------------------------------------------
 class Rows(Message, tag=21):
     """A step's answered chunks of this frontend's streams: row i is keys[i]'s chunk, its values
-    in `columns` (server.scheduling.stream_events.RowColumns). The frontend keeps each stream's
+    in `columns` (server.scheduling.row_columns.RowColumns). The frontend keeps each stream's
     utterances and makes its events (server.scheduling.utterances.chunk_event), so the engine
     process makes no object per row."""
 

@@ -411,7 +411,7 @@ class Scheduler(StepResults, StreamBooks):
         makes the events and not acknowledged by it."""
         unread = len(stream.events)
         if not stream.slot_released:
-            unread += int(self._books.unread[stream.slot])
+            unread += self._books.unread.item(stream.slot)
         return unread
 
     def acknowledge(self, stream: StreamState, n: int) -> None:
@@ -480,7 +480,7 @@ class Scheduler(StepResults, StreamBooks):
         """Put the stream in the ready set if its next chunk is complete and it may run."""
         books, slot = self._books, stream.slot
         if (stream.slot_released or not books.live[slot] or books.in_flight[slot] or books.queued[slot]
-                or len(stream.events) + books.unread.item(slot) >= self.config.response_buffer):
+                or self._unread(stream) >= self.config.response_buffer):
             return
         if books.flushing[slot]:
             k, received = int(books.next_chunk[slot]), int(books.received[slot])

@@ -25,9 +25,9 @@ import numpy as np
 from engines.api import StepResult
 from server.scheduling.row_columns import RowColumns
 from server.scheduling.step_batch import StepBatch, StepOutcome
-from server.scheduling.stream_events import ChunkResult, ChunkRows, ErrorKind, Utterance, UtteranceEnd
+from server.scheduling.stream_events import ChunkRows, ErrorKind, Utterance
 from server.scheduling.stream_state import StreamState, StreamStatus
-from server.scheduling.utterances import chunk_event, token_columns
+from server.scheduling.utterances import chunk_event, final_latency, token_columns
 
 log = logging.getLogger("nemostream.scheduler")
 
@@ -54,8 +54,7 @@ class StepResults:
 
     def _observe_finals(self, stream: StreamState, finals: tuple[Utterance, ...], now: float, ready: float) -> None:
         for u in finals:
-            since = stream.final_requested_at if u.closed_by is UtteranceEnd.CLIENT else ready
-            self.observer.utterance_final(u.closed_by, now - since)
+            self.observer.utterance_final(u.closed_by, final_latency(u, stream.final_requested_at, ready, now))
 
     def _scatter(self, batch: StepBatch, ran: np.ndarray, result: StepResult, outcome: StepOutcome,
                  queue_waits: Sequence[float]) -> None:
@@ -119,8 +118,8 @@ class StepResults:
             if stream.status.terminal:
                 continue  # cancelled or failed while the step ran: results go nowhere
             if not (heavy or due_now):  # progress only (most rows of a step): the open utterance as it was
-                book = stream.utterances
-                emit(stream, ChunkResult(stream.stream_id, k, book.transcript, "", False, audio_s, ready, book.index))
+                emit(stream, chunk_event(stream.stream_id, stream.utterances, k, ready, audio_s, (), (), (), "", (),
+                                         (), False, False))
                 answered.append(now - ready)
                 continue
             if columnar:
@@ -208,27 +207,11 @@ class StepResults:
 
 
 def row_columns(result: StepResult, consumed: list[int], chunk: list[int], ready_at: list[float],
-                 final_due: list[bool]) -> RowColumns:
+                final_due: list[bool]) -> RowColumns:
     """A step result's rows as RowColumns, with the columns the plan knows (given in the
-    result's order)."""
-    if result.columnar:
-        cols = result.columns
-        return RowColumns(consumed, chunk, cols.audio_seconds.tolist(), ready_at, cols.is_final.tolist(), final_due,
-                          cols.token_offsets[1:].tolist(), cols.token_ids.tolist(), cols.token_pieces,
-                          cols.token_frames.tolist(), cols.text_delta, cols.starts, cols.ends)
-    seconds, is_final, tok_end, ids, pieces, frames, text, starts, ends = [], [], [], [], [], [], [], {}, {}
-    for r, u in enumerate(result.updates):  # StreamUpdate rows (an in-process fake engine)
-        i, p, f = token_columns(u.tokens)
-        ids += i
-        pieces += p
-        frames += f
-        tok_end.append(len(ids))
-        text.append(u.text_delta)
-        seconds.append(u.audio_seconds)
-        is_final.append(u.is_final)
-        if u.starts:
-            starts[r] = tuple(u.starts)
-        if u.ends:
-            ends[r] = tuple(u.ends)
-    return RowColumns(consumed, chunk, seconds, ready_at, is_final, final_due, tok_end, ids, pieces, frames, text,
-                      starts, ends)
+    result's order). A result of StreamUpdate rows (an in-process fake engine) is read through
+    StepResult.columns, which turns them into columns."""
+    cols = result.columns
+    return RowColumns(consumed, chunk, cols.audio_seconds.tolist(), ready_at, cols.is_final.tolist(), final_due,
+                      cols.token_offsets[1:].tolist(), cols.token_ids.tolist(), cols.token_pieces,
+                      cols.token_frames.tolist(), cols.text_delta, cols.starts, cols.ends)

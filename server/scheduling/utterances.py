@@ -164,3 +164,9 @@ def chunk_event(stream_id: str, book: UtteranceBook, k: int, ready: float, audio
     transcript = (finals[-1].transcript if finals else "") if is_final else book.transcript
     return ChunkResult(stream_id=stream_id, chunk_index=k, transcript=transcript, new_text=added, is_final=is_final,
                        audio_seconds=audio_s, audio_ready_at=ready, utterance_index=book.index, finals=tuple(finals))
+
+
+def final_latency(utterance: Utterance, requested_at: float, ready: float, now: float) -> float:
+    """How long an utterance's final took: from the client's request for a final it asked for,
+    else from the audio that made the chunk that closed it (the endpoint, the end of audio)."""
+    return now - (requested_at if utterance.closed_by is UtteranceEnd.CLIENT else ready)
