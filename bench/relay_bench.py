@@ -5,9 +5,10 @@ engine host relaying frontends' streams, the scheduler, the link to the engine w
 event loop runs at 0.84-0.93 of a core at 2,400 streams on the H200 (bench/RESULTS.md, runs
 28-31). An end-to-end run on a 2-core machine cannot measure that process alone: the load
 generator and the gRPC frontends take the cores it needs. Here the frontends are replaced by
-this script's own wire links, which send each stream's audio a chunk at a time in real time
-(as a frontend's hold does), read the results and acknowledge them as a frontend does, and
-cost a few microseconds a chunk.
+this script's own wire links, which write each stream's audio a chunk at a time in real time
+(as a frontend's hold does) into the engine's sample ring and say so once a tick (Written), or
+with --audio-messages send it in Audio messages (a frontend that cannot map the rings), read
+the results and acknowledge them as a frontend does, and cost a few microseconds a chunk.
 
 It starts a real `asr-server --frontends 2` (the engine host, the scheduler and the engine
 worker as they run in production; its two gRPC frontends stay idle) on the fake engine, finds
@@ -61,13 +62,17 @@ def cmdline(pid: int) -> list[str]:
 class Link:
     """One fake frontend: a connection to the engine host and its streams."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, use_rings: bool = True):
         self.name = name
+        self.use_rings = use_rings
         self.results = 0
         self.failed: list[str] = []
         self.unacked: dict[str, int] = {}
         self.out: w.FrameWriter | None = None
         self.ack_every = 16
+        self.rings: list = []  # the engine cores' sample rings, mapped (none: audio in Audio messages)
+        self.rows: dict[str, tuple[int, int]] = {}  # key -> (core, ring row), from Opened
+        self.consumed: dict[str, int] = {}
 
     async def connect(self, path: str) -> w.Hello:
         self.frames = await w.open_link(path, w.ENGINE_TO_FRONTEND)
@@ -75,6 +80,9 @@ class Link:
         batch = await self.frames.read_frames()
         hello = w.check_hello(batch[0][0], w.ROLE_ENGINE_HOST)
         self.ack_every = max(1, int(hello.scheduler.get("response_buffer", 32)) // 2)
+        if self.use_rings:
+            from engines.sample_ring import SampleRing
+            self.rings = [SampleRing.attach(r.path, r.slots, r.width) for r in hello.rings]
         self.out.send(w.Ready(self.name))
         return hello
 
@@ -86,20 +94,38 @@ class Link:
                     if kind is w.Rows:  # a step's rows of this link's streams: each is a result
                         self.results += len(m.keys)
                         unacked = self.unacked
+                        if self.rings:
+                            self.consumed.update(zip(m.keys, m.columns.consumed))
                         for key in m.keys:
                             n = unacked.get(key, 0) + 1
                             if n >= self.ack_every:
                                 self.out.send(w.Ack(key, n))
                                 n = 0
                             unacked[key] = n
+                    elif kind is w.Opened:
+                        self.rows[m.key] = (m.core, m.slot)
                     elif kind is w.Failed:
                         self.failed.append(f"{m.kind}: {m.message}")
 
+    def write(self, key: str, position: int, samples: np.ndarray, written: dict) -> bool:
+        """A frontend's write of a stream's audio into its ring row (False: no row yet, or no
+        room); `written` collects (core -> {row: total}) for the tick's Written messages."""
+        where = self.rows.get(key)
+        if where is None:
+            return False
+        core, slot = where
+        ring = self.rings[core]
+        if position + samples.size - self.consumed.get(key, 0) > ring.width:
+            return False
+        ring.write(slot, position, samples)
+        written.setdefault(core, {})[slot] = position + samples.size
+        return True
+
 
 async def drive(path: str, streams: int, links: int, warm: float, seconds: float, server_pid: int,
-                tick_s: float) -> dict:
+                tick_s: float, use_rings: bool = True) -> dict:
     hello = None
-    group = [Link(f"bench-{i}") for i in range(links)]
+    group = [Link(f"bench-{i}", use_rings) for i in range(links)]
     for link in group:
         hello = await link.connect(path)
     readers = [asyncio.get_running_loop().create_task(link.read()) for link in group]
@@ -113,7 +139,9 @@ async def drive(path: str, streams: int, links: int, warm: float, seconds: float
     for i in range(streams):
         key = uuid.uuid4().hex[:12]
         keys[i % links].append(key)
-        group[i % links].out.send(w.Open(key, "", True, None, None))
+        link = group[i % links]
+        link.out.send(w.Open(key, "", True, None, None, bool(link.rings)))
+    positions: dict[str, int] = {}
     # Streams start spread over one period; each sends a chunk every period, in real time. Each
     # link writes a frame per tick with the chunks due then (a frontend writes at most one frame
     # a millisecond: server.runtime.remote_scheduler.FRAME_INTERVAL_S).
@@ -133,6 +161,17 @@ async def drive(path: str, streams: int, links: int, warm: float, seconds: float
             await asyncio.sleep(due - now)
         part = tick % slots
         for link, mine in zip(group, keys):
+            if link.rings:  # as a frontend does: write the ring, then one Written a core
+                written: dict = {}
+                for key in mine[part::slots]:
+                    at = positions.get(key, 0)
+                    audio = noise[first:first + chunk] if at else noise[:first]
+                    if link.write(key, at, audio, written):
+                        positions[key] = at + audio.size
+                for core, rows in written.items():
+                    link.out.send(w.Written(core, w.as_column(list(rows), w.I64),
+                                            w.as_column(list(rows.values()), w.I64)))
+                continue
             for key in mine[part::slots]:
                 if key in sent_first:
                     link.out.send(w.Audio(key, chunk_audio))
@@ -162,7 +201,8 @@ async def drive(path: str, streams: int, links: int, warm: float, seconds: float
             "engine_process_cores": round(cpu / wall, 3), "worker_cores": round(worker_cpu / wall, 3),
             "engine_process_us_per_chunk": round(1e6 * cpu / max(results, 1), 2), "tick_ms": round(1e3 * tick_s, 2),
             "load_cores": round((time.process_time() - measured["self_cpu"]) / wall, 3),
-            "failed": len(failed), "first_failure": failed[0] if failed else None}
+            "failed": len(failed), "first_failure": failed[0] if failed else None,
+            "audio": "ring" if all(link.rings for link in group) else "messages"}
 
 
 def run_once(args, tree: str | None) -> dict:
@@ -196,7 +236,7 @@ def run_once(args, tree: str | None) -> dict:
         if not path:
             raise RuntimeError("no frontend with --frontend-of found")
         return asyncio.run(drive(path, args.streams, args.links, args.warm, args.seconds, server.pid,
-                                 args.tick_ms / 1e3))
+                                 args.tick_ms / 1e3, not args.audio_messages))
     finally:
         server.terminate()
         try:
@@ -219,6 +259,8 @@ def main() -> None:
                     help="tokens each chunk emits (default: the fake's 0-2; 6 is the random-weight "
                          "nemotron-0.6b's rate at 160 ms)")
     ap.add_argument("--server-args", default="", help="more asr-server arguments, space-separated")
+    ap.add_argument("--audio-messages", action="store_true",
+                    help="send audio in Audio messages, as a frontend that cannot map the rings does")
     ap.add_argument("--compare", default=None, help="comma-separated source trees, run alternately")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the rows here")

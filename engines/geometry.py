@@ -104,6 +104,12 @@ class ChunkGeometry:
         Plain arithmetic: a numpy array of chunk indices gives the array of needs (the slot books)."""
         return (chunk_index + 1) * self.chunk_samples + self.wait_samples
 
+    def chunks_complete(self, received):
+        """How many chunks `received` samples complete mid-stream: the inverse of samples_needed
+        (an int for an int, an array for an array: the slot books)."""
+        n = (received - self.wait_samples) // self.chunk_samples
+        return max(0, n) if isinstance(n, int) else n.clip(min=0)
+
     def consumed_after(self, chunk_index: int) -> int:
         """Samples handed to the engine once chunks 0..chunk_index have run (mid-stream)."""
         return self.samples_needed(chunk_index)

@@ -23,15 +23,31 @@ from tests.server_harness import (
 pytestmark = pytest.mark.asyncio
 
 
+def _deliveries(host, message) -> list[tuple[str, int]]:
+    """(stream key, samples delivered so far) for each stream an audio message delivers: an
+    Audio message (a frontend without the ring), or each row of a Written (the ring's rows
+    named by their slots)."""
+    if type(message) is w.Audio:
+        relay = host._relays.get(message.key)
+        return [(message.key, (relay.state.received if relay else 0) + len(message.samples) // 4)]
+    if type(message) is w.Written:
+        by_slot = {r.state.slot: r for r in host._relays.values() if r.ring_core == message.core}
+        slots = w.column(message.slots, w.I64, len(message.slots) // 8, "slots").tolist()
+        totals = w.column(message.totals, w.I64, len(slots), "totals").tolist()
+        return [(by_slot[s].key, t) for s, t in zip(slots, totals)]
+    return []
+
+
 def count_audio_messages(server) -> dict[str, int]:
-    """Audio messages the engine host reads, per stream key (wraps its dispatch)."""
+    """Audio deliveries the engine host reads (Audio messages, or rows of Written), per stream
+    key (wraps its dispatch)."""
     host = server.engine_host
     counts: dict[str, int] = {}
     dispatch = host._dispatch
 
     def counting(frontend, message):
-        if type(message) is w.Audio:
-            counts[message.key] = counts.get(message.key, 0) + 1
+        for key, _ in _deliveries(host, message):
+            counts[key] = counts.get(key, 0) + 1
         dispatch(frontend, message)
 
     host._dispatch = counting
@@ -39,14 +55,13 @@ def count_audio_messages(server) -> dict[str, int]:
 
 
 def record_audio_ends(server) -> list[int]:
-    """Where each Audio message the engine host reads ends, in samples of its stream (one stream)."""
+    """Where each delivery the engine host reads ends, in samples of its stream (one stream)."""
     host = server.engine_host
     ends: list[int] = []
     dispatch = host._dispatch
 
     def recording(frontend, message):
-        if type(message) is w.Audio:
-            ends.append((ends[-1] if ends else 0) + len(message.samples) // 4)
+        ends.extend(total for _, total in _deliveries(host, message))
         dispatch(frontend, message)
 
     host._dispatch = recording

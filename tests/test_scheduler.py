@@ -468,3 +468,18 @@ async def test_sample_queue_takes_spans_in_order_whatever_the_message_sizes():  
     assert np.array_equal(np.concatenate(taken), np.concatenate([signal, signal[:50]]))
     with pytest.raises(ValueError):
         queue.take(1)
+
+
+async def test_once_per_iteration_runs_its_callback_once_for_every_request_before_it():
+    from server.scheduling.loop_calls import OncePerIteration
+
+    calls = []
+    soon = OncePerIteration(lambda: calls.append(len(calls)))
+    for _ in range(3):
+        soon.request()
+    assert calls == []  # not before the loop's next iteration
+    await asyncio.sleep(0)
+    assert calls == [0]
+    soon.request()
+    await asyncio.sleep(0)
+    assert calls == [0, 1]  # a request after the run: another run

@@ -21,10 +21,11 @@ from engines.api import (BadChunkError, EndpointingParams, EngineError, ModelInf
                          StreamUpdate, TokenEvent)
 from engines.config import EngineConfig
 from engines.geometry import ChunkGeometry
+from engines.sample_ring import RingSamples, SampleRing
 from server.runtime import wire as w
 from server.runtime.engine_host import EngineFacts, EngineHost, event_message, rows_message
-from server.runtime.engine_worker import (ChildOptions, EngineWorker, _ChildSlots, _Link, _Pending, _pack_step, _reply,
-                                          _unpack_result, _unpack_step)
+from server.runtime.engine_worker import (RING, ChildOptions, EngineWorker, _ChildSlots, _Link, _Pending, _pack_step,
+                                          _reply, _unpack_result, _unpack_step)
 from server.runtime.remote_scheduler import RemoteScheduler
 from server.scheduling.row_columns import RowColumns
 from server.scheduling.scheduler import SchedulerConfig
@@ -44,9 +45,9 @@ ENDPOINTING = EndpointingParams(start_history_ms=100, stop_threshold=0.9)
 EXAMPLES = [
     w.Hello(w.PROTOCOL_VERSION, w.ROLE_ENGINE_HOST, MODEL, GEOMETRY, 64, 32, "eager",
             {"batch_wait_s": 0.002, "pipeline_depth": 3}, {"engine": "eager", "details": {"a": [1, 2]}},
-            {"eager": 5}),
+            {"eager": 5}, [w.RingInfo("/proc/1/fd/9", 64, 32000)]),
     w.Error(7, "BadChunkError", "invalid chunks", ("s1", "s2"), 4, {"eager": 1}, "dead"),
-    w.Open("k1", "label", False, ENDPOINTING, "client-a"),
+    w.Open("k1", "label", False, ENDPOINTING, "client-a", True),
     w.Audio("k1", np.arange(8, dtype=np.float32).tobytes()),
     w.End("k1"),
     w.Fail("k1", ErrorKind.INVALID_ARGUMENT.value, "bad audio"),
@@ -60,6 +61,9 @@ EXAMPLES = [
     w.Sync(9),
     w.EndUtterance("k1"),
     w.UtteranceFinal(UtteranceEnd.CLIENT.value, 0.25),
+    w.Written(0, w.as_column([3, 7], w.I64), w.as_column([5120, 2560], w.I64)),
+    w.Stopped("k1"),
+    w.Opened("k1", 0, 3),
     w.Rows(["k1", "k2"], RowColumns([4096, 512], [3, 0], [1.5, 0.08], [123.5, 124.0], [True, False], [False, True],
                                     [2, 2], [4, 7], ["\u2581hello", "\u2581there"], [1, 3], [" hello there", ""],
                                     {0: (1,)}, {0: (3,)})),
@@ -70,6 +74,7 @@ EXAMPLES = [
     w.Configure("tests.fake_engine:build_fake_engine", EngineConfig(model="fake", max_streams=8, max_batch=4),
                 "DEBUG", "json", False, (700, 10, 10)),
     w.Attach(1, 0, "/dev/shm/x", 4096),
+    w.AttachRing(2, "/proc/1/fd/9", 8, 32000),
     w.Claim(3),
     w.Release(3),
     w.Warmup(2),
@@ -77,6 +82,8 @@ EXAMPLES = [
            w.as_column([w.FIRST, w.AUDIO_ENDED | w.NEW_UTTERANCE], w.U8), {0: ENDPOINTING}, None),
     w.Step(6, -1, ["a"], w.as_column([0], w.I64), w.as_column([0, 4], w.I64), w.as_column([w.FIRST], w.U8), {},
            np.ones(4, dtype=np.float32).tobytes()),
+    w.Step(7, -1, ["a", "b"], w.as_column([0, 3], w.I64), b"", w.as_column([0, w.FIRST], w.U8), {}, None,
+           w.as_column([2560, 5120, 0, 2656], w.I64)),
     w.Stop(),
     w.Done(2, "eager", {"eager": 1}, "ready"),
     w.StepDone(5, "eager", StepTimings(encoder_ms=1.5, synced=True), (1.0, 2.0, 3.0, 4.0), {"eager": 2}, None,
@@ -274,6 +281,51 @@ def test_a_step_crosses_the_worker_link_as_columns():
         assert got.endpointing == {0: ENDPOINTING}
         for x, y in zip(got.samples, plan.samples):
             assert x.dtype == np.float32 and x.tolist() == y.tolist()
+
+
+def _ring_plan():
+    """A plan whose audio lies in a sample ring of 10 rows of 16 samples: row 5 holds stream
+    samples 20..35 (one span wraps), row 9 samples 0..6."""
+    ring = SampleRing.local(10, 16)
+    ring.write(5, 20, np.arange(20, 36, dtype=np.float32))
+    ring.write(9, 0, np.arange(100, 107, dtype=np.float32))
+    samples = RingSamples(ring, np.array([5, 9, 5]), np.array([30, 0, 20]), np.array([36, 7, 20]))
+    plan = StepPlan.from_columns(["a", "c", "b"], np.array([5, 9, 5]), samples, np.array([False, True, False]),
+                                 np.array([False, False, True]), np.array([False, False, False]))
+    return ring, plan
+
+
+def test_a_step_whose_audio_is_in_the_sample_ring_sends_spans_only():
+    ring, plan = _ring_plan()
+    slots = _worker_slots([0, 5, 9])
+    step = _decode_one(w.encode_frame([_pack_step(plan, _SharedBuffer(64), 0, 3, ring)]), w.TO_WORKER)[0]
+    assert step.audio is None and step.offsets == b"" and step.spans is not None  # no audio crossed
+    got = _unpack_step(step, {RING: ring}, slots)
+    assert [x.tolist() for x in got.samples] == [list(range(30, 36)), list(range(100, 107)), []]
+    assert got.slots.tolist() == [11, 12, 11]
+    # Another ring than the worker's (or none): the audio goes the old way, and arrives the same.
+    step = _decode_one(w.encode_frame([_pack_step(plan, None, 0, 4, SampleRing.local(10, 16))]), w.TO_WORKER)[0]
+    assert step.spans is None and step.audio is not None
+    assert [x.tolist() for x in _unpack_step(step, {}, slots).samples] == \
+        [list(range(30, 36)), list(range(100, 107)), []]
+
+
+@pytest.mark.parametrize("spans, match", [
+    ([0, 6, 0, 7], "ring row 42"),                 # slot past the ring's rows (below)
+    ([6, 0, 0, 7], r"spans \[6, 0\)"),             # an end before its start
+    ([0, 17, 0, 7], "the ring has 10 rows of 16"),  # longer than the ring
+    ([0, 6], "spans"),                             # short of a row
+])
+def test_a_step_with_bad_ring_spans_is_an_error(spans, match):
+    ring, plan = _ring_plan()
+    slots = _worker_slots([0, 5, 9, 42])
+    rows = [42, 9] if "42" in match else [5, 9]
+    step = w.Step(1, -1, ["a", "c"], w.as_column(rows, w.I64), b"", w.as_column([0, 0], w.U8), {}, None,
+                  w.as_column(spans, w.I64))
+    with pytest.raises(EngineError, match=match):
+        _unpack_step(step, {RING: ring}, slots)
+    with pytest.raises(EngineError, match="before it was attached"):
+        _unpack_step(msgspec.structs.replace(step, spans=w.as_column([0, 6, 0, 7], w.I64)), {}, slots)
 
 
 def test_a_step_reply_crosses_the_worker_link_as_columns():

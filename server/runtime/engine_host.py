@@ -11,9 +11,18 @@ Rows message of columns (the scheduler's ChunkRows, this listener being one that
 and the frontend makes the events (server.scheduling.utterances.chunk_event). This process
 makes no object per answered chunk; failures and the scheduler's cuts go as messages of their own.
 
+The frontends write their streams' audio too: the Hello names each engine core's sample ring
+(engines.sample_ring, shared memory), a stream opened with `ring` is answered with its row
+(Opened), and the frontend writes the audio there and says how far once a frame for all its
+streams written (Written), which the scheduler books as arrays (Scheduler.audio_written). The
+row stays the stream's, its slot out of the pool, until the frontend says it writes no more
+(End, Fail, Close, Stopped, or its link ends): a late write never lands in another stream's row.
+A frontend that cannot map the rings sends its audio in Audio messages instead.
+
 Per stream it keeps the scheduler's own rules:
-  - audio goes in with Scheduler.accept_audio (no wait here); the frontend applies the
-    backpressure, from the consumed-sample count each row carries;
+  - audio goes in with Scheduler.audio_written or accept_audio (no wait here); the frontend
+    applies the backpressure, from the consumed-sample count each row carries, and writes no
+    further ahead of it than the ring's width;
   - a stream with `response_buffer` rows in a frontend's hands unacknowledged is not scheduled
     (Scheduler.acknowledge), as for a client that does not read;
   - a frontend whose connection ends has its streams closed: their slots come back.
@@ -25,7 +34,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +47,7 @@ from server.ops.lifecycle import Lifecycle, LifecycleState
 from server.ops.metrics import MetricsObserver, ServerMetrics
 from server.transport.call_limits import shown
 from server.ops.ops_http import scheduler_status
+from server.scheduling.loop_calls import OncePerIteration
 from server.scheduling.scheduler import Scheduler, SchedulerConfig, StreamListener
 from server.scheduling.stream_events import ChunkRows, ErrorKind, StreamError, StreamEvent, StreamFailure, UtteranceEnd
 from server.scheduling.stream_state import StreamState
@@ -60,11 +69,13 @@ class EngineFacts:
     max_batch: int
     engine_name: str
     scheduler: SchedulerConfig
+    rings: list = field(default_factory=list)  # wire.RingInfo per engine core (none: audio in messages)
 
     def hello(self) -> w.Hello:
         return w.Hello(version=w.PROTOCOL_VERSION, role=w.ROLE_ENGINE_HOST, model_info=self.model_info,
                        geometry=self.geometry, capacity=self.capacity, max_batch=self.max_batch,
-                       engine_name=self.engine_name, scheduler=dataclasses.asdict(self.scheduler))
+                       engine_name=self.engine_name, scheduler=dataclasses.asdict(self.scheduler),
+                       rings=list(self.rings))
 
     @classmethod
     def from_hello(cls, message: object) -> EngineFacts:
@@ -74,7 +85,8 @@ class EngineFacts:
         except (TypeError, ValueError) as exc:
             raise w.WireError(f"the engine host's scheduler settings are not this version's: {exc}") from None
         return cls(model_info=hello.model_info, geometry=hello.geometry, capacity=hello.capacity,
-                   max_batch=hello.max_batch, engine_name=hello.engine_name, scheduler=scheduler)
+                   max_batch=hello.max_batch, engine_name=hello.engine_name, scheduler=scheduler,
+                   rings=list(hello.rings))
 
 
 @dataclass(eq=False)
@@ -84,7 +96,8 @@ class _Relay:
     key: str
     state: StreamState
     frontend: _Frontend
-    accept: Callable[[StreamState, np.ndarray], bool] | None = None  # its scheduler's accept_audio (its core's)
+    core: Scheduler | None = None  # its engine core's scheduler
+    ring_core: int = -1  # the core whose sample ring the frontend writes the stream's audio into (-1: none)
     client: str | None = None  # counted against --max-streams-per-client
 
 
@@ -92,6 +105,7 @@ class _Relay:
 class _Frontend:
     name: str
     out: FrameWriter
+    index: int  # marks the ring rows it writes (EngineHost._writers)
     relays: dict[str, _Relay] = field(default_factory=dict)
     ready: bool = False
 
@@ -124,6 +138,16 @@ class EngineHost(StreamListener):
         self.frontend_status = None
         self.on_frontend_ready = None  # called with a frontend's name when it reports ready
         self.scheduler = scheduler or Scheduler(engine, config)
+        # The engine cores' schedulers, and the frontend writing each row of each core's sample
+        # ring (-1: none), checked against every Written message.
+        self._cores: list[Scheduler] = [c.scheduler for c in getattr(self.scheduler, "cores", ())] or [self.scheduler]
+        self._core_index = {id(core): i for i, core in enumerate(self._cores)}
+        self._writers = [np.full(core.sample_ring.slots, -1, dtype=np.int32) for core in self._cores]
+        # What the Hello offers the frontends: every core's ring, when all are shared (else none:
+        # audio in messages).
+        rings = [core.sample_ring for core in self._cores]
+        self._ring_infos = [w.RingInfo(r.path, r.slots, r.width) for r in rings] if all(r.path for r in rings) else []
+        self._frontend_count = 0
         self.scheduler.observer = MetricsObserver(self.metrics, self._on_engine_dead, on_step=self.state_changed)
         self.scheduler.listener = self
         self.metrics.bind(self.scheduler)
@@ -139,8 +163,10 @@ class EngineHost(StreamListener):
         self._relays: dict[str, _Relay] = {}
         self._frontends: list[_Frontend] = []
         self._dirty: dict[str, _Relay] = {}
-        self._flush_scheduled = False
-        self._state_scheduled = False
+        # Once per loop iteration: a step's failures for many streams go out in one frame, and
+        # the state after a step once, ahead of the step's results.
+        self._forward_soon = OncePerIteration(self._forward_dirty)
+        self._state_soon = OncePerIteration(self._send_state)
         self._server: asyncio.AbstractServer | None = None
         self._state_task: asyncio.Task | None = None
         self._ready_changed = asyncio.Event()
@@ -186,7 +212,8 @@ class EngineHost(StreamListener):
     def facts(self) -> EngineFacts:
         return EngineFacts(model_info=self.engine.model_info, geometry=self.engine.geometry,
                            capacity=self.scheduler.capacity, max_batch=self.engine.max_batch,
-                           engine_name=self.scheduler.engine_name or "", scheduler=self.config)
+                           engine_name=self.scheduler.engine_name or "", scheduler=self.config,
+                           rings=self._ring_infos)
 
     @property
     def ready_frontends(self) -> int:
@@ -220,7 +247,8 @@ class EngineHost(StreamListener):
     async def _serve_connection(self, frames: FrameReader) -> None:
         task = asyncio.current_task()
         self._conn_tasks.add(task)
-        frontend = _Frontend(name="?", out=FrameWriter(frames.transport))
+        self._frontend_count += 1
+        frontend = _Frontend(name="?", out=FrameWriter(frames.transport), index=self._frontend_count)
         self._frontends.append(frontend)
         frontend.out.send(self.facts().hello())
         self._send_state_to(frontend)
@@ -269,13 +297,15 @@ class EngineHost(StreamListener):
         if kind is w.Audio:
             relay = frontend.relays.get(m.key)
             if relay is not None:  # else refused or closed: its audio goes nowhere
-                relay.accept(relay.state, np.frombuffer(m.samples, dtype=np.float32))
+                relay.core.accept_audio(relay.state, np.frombuffer(m.samples, dtype=np.float32))
         elif kind is w.Ack:
             relay = frontend.relays.get(m.key)
             if relay is not None:
                 self.scheduler.acknowledge(relay.state, m.n)
+        elif kind is w.Written:
+            self._written(frontend, m)
         elif kind is w.Open:
-            self._open(frontend, m.key, m.label, m.finalize_at_limit, m.endpointing, m.client)
+            self._open(frontend, m.key, m.label, m.finalize_at_limit, m.endpointing, m.client, m.ring)
         elif kind is w.EndUtterance:
             relay = frontend.relays.get(m.key)
             if relay is not None:
@@ -283,7 +313,12 @@ class EngineHost(StreamListener):
         elif kind is w.End:
             relay = frontend.relays.get(m.key)
             if relay is not None:
+                self._detach_writer(relay)
                 self.scheduler.end_audio(relay.state)
+        elif kind is w.Stopped:
+            relay = frontend.relays.get(m.key)
+            if relay is not None:
+                self._detach_writer(relay)
         elif kind is w.Close:
             relay = frontend.relays.get(m.key)
             if relay is not None:
@@ -291,6 +326,7 @@ class EngineHost(StreamListener):
         elif kind is w.Fail:
             relay = frontend.relays.get(m.key)
             if relay is not None:
+                self._detach_writer(relay)
                 self.scheduler.fail_stream(relay.state, ErrorKind(m.kind), m.message)
         elif kind is w.UtteranceFinal:
             self.scheduler.observer.utterance_final(UtteranceEnd(m.closed_by), m.seconds)
@@ -315,8 +351,33 @@ class EngineHost(StreamListener):
         else:  # the decoder admits only this direction's messages
             raise w.WireError(f"unexpected message {kind.__name__} from a frontend")
 
+    def _written(self, frontend: _Frontend, m: w.Written) -> None:
+        """A frontend wrote its streams' audio into a core's sample ring: the scheduler books it
+        for all of them at once. Rows the frontend does not write (never given, or detached) are
+        a broken frontend: its link is closed."""
+        if not 0 <= m.core < len(self._cores):
+            raise w.WireError(f"Written names engine core {m.core} of {len(self._cores)}")
+        n = len(m.slots) // w.I64.itemsize
+        slots = w.column(m.slots, w.I64, n, "slots")
+        totals = w.column(m.totals, w.I64, n, "totals")
+        writers = self._writers[m.core]
+        if ((slots < 0) | (slots >= writers.size)).any() or (writers[slots] != frontend.index).any():
+            raise w.WireError(f"Written names ring rows of core {m.core} that this frontend does not write")
+        self._cores[m.core].audio_written(slots, totals)
+
+    def _detach_writer(self, relay: _Relay) -> None:
+        """The frontend writes no more of the stream's audio."""
+        if relay.ring_core < 0:
+            return
+        slot = relay.state.slot
+        writers = self._writers[relay.ring_core]
+        if writers[slot] == relay.frontend.index:
+            writers[slot] = -1
+        relay.ring_core = -1
+        relay.core.writer_detached(relay.state)
+
     def _open(self, frontend: _Frontend, key: str, label: str, finalize_at_limit: bool,
-              endpointing: EndpointingParams | None, client: str | None = None) -> None:
+              endpointing: EndpointingParams | None, client: str | None = None, ring: bool = False) -> None:
         if key in self._relays:
             frontend.out.send(w.Failed(key, 0, ErrorKind.INTERNAL.value, f"stream id {key} is already open"))
             return
@@ -337,14 +398,24 @@ class EngineHost(StreamListener):
             return
         self.frontend_streams.labels(frontend=frontend.name).inc()
         core_of = getattr(self.scheduler, "scheduler_of", None)  # several engine cores
-        relay = _Relay(key, handle.state, frontend, (core_of(handle.state) if core_of else self.scheduler).accept_audio)
+        core = core_of(handle.state) if core_of else self.scheduler
+        relay = _Relay(key, handle.state, frontend, core)
         if client is not None and limit:
             relay.client = client
             self._client_streams[client] = self._client_streams.get(client, 0) + 1
         frontend.relays[key] = relay
         self._relays[key] = relay
+        if ring and self._ring_infos:
+            # The frontend writes the stream's audio into its core's ring: the slot stays the
+            # stream's until the frontend says it writes no more (Scheduler.writer_detached).
+            index = self._core_index[id(core)]
+            relay.ring_core = index
+            handle.state.writer_attached = True
+            self._writers[index][handle.state.slot] = frontend.index
+            frontend.out.send(w.Opened(key, index, handle.state.slot))
 
     def _close(self, relay: _Relay) -> None:
+        self._detach_writer(relay)
         if relay.client is not None:
             left = self._client_streams.get(relay.client, 0) - 1
             if left > 0:
@@ -370,20 +441,16 @@ class EngineHost(StreamListener):
 
     def _mark_dirty(self, relay: _Relay) -> None:
         self._dirty[relay.key] = relay
-        if not self._flush_scheduled:
-            # Once per loop iteration: a step's results for many streams go out in one frame.
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._forward_dirty)
+        self._forward_soon.request()
 
     def _forward_dirty(self) -> None:
         # The events a scheduler with this listener keeps are failures: one per stream, its last.
-        self._flush_scheduled = False
         dirty, self._dirty = self._dirty, {}
         take = self.scheduler.take_event
         for relay in dirty.values():
             state, send = relay.state, relay.frontend.out.send
             while (event := take(state)) is not None:
-                send(event_message(relay.key, state.received - len(state.audio), event))
+                send(event_message(relay.key, relay.core.consumed_samples(state), event))
 
     def chunk_rows(self, rows: ChunkRows) -> None:
         """A step's answered chunks: one Rows message to each frontend with streams among them."""
@@ -419,12 +486,9 @@ class EngineHost(StreamListener):
     def state_changed(self) -> None:
         """After a step: the executions moved. Once per loop iteration, ahead of the step's
         results, so a client that got its final sees what ran in ListModels."""
-        if not self._state_scheduled:
-            self._state_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_state)
+        self._state_soon.request()
 
     def _send_state(self) -> None:
-        self._state_scheduled = False
         message = self._state_message()
         for frontend in self._frontends:
             frontend.out.send(message)

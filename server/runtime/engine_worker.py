@@ -21,10 +21,13 @@ StepPlan.from_columns, and the reply carries the result's ResultColumns the same
 parent turns into a StepResult with StepResult.from_columns. So neither side builds a Python
 object per row for rows that carry only progress (with a message per row, the ChunkWork, Row
 and StreamUpdate of each row cost about 9-11 µs a row for a step and its reply; the columns
-cost under 0.6, bench/RESULTS.md). A step's audio does not go through the link: it is copied
-into a buffer both processes map (`_SampleBuffer`), the rows one after another at the
-message's offsets, and the child's plan reads it as RowSamples (the buffer and the offsets,
-no view per row). When
+cost under 0.6, bench/RESULTS.md). A step's audio does not go through the link. The
+scheduler keeps each slot's audio in a sample ring (engines.sample_ring) that this class
+creates in shared memory and the child maps (`AttachRing`): a step names each row's span of
+it, and the child gathers the spans into one array (RowSamples) while the device runs the step
+before, so the parent copies no audio at all. A plan whose audio is not in the ring (a caller
+other than the scheduler) is copied into a buffer both processes map (`_SampleBuffer`), the
+rows one after another at the message's offsets. When
 the audio went through the link, the 1-5 MB of a large step went in socket-buffer-sized
 writes, and between writes the engine thread waited for the interpreter lock the event loop held:
 on an H100 at 1,920 streams (560 ms) the scheduler waited 44.9 ms for steps that took 23.2 ms
@@ -74,6 +77,7 @@ import numpy as np
 from engines.api import (DEVICE_DONE, QUEUED, BadChunkError, EngineError, EngineOverloadedError, EngineState,
                          PoolExhaustedError, ResultColumns, RowSamples, StepPlan, StepResult, StreamStateLostError)
 from engines.config import EngineConfig
+from engines.sample_ring import RingSamples, SampleRing, ring_width
 from engines.slot_allocator import SlotAllocator
 from server.runtime import wire as w
 from server.scheduling.loop_calls import call_soon_from_thread
@@ -210,10 +214,20 @@ class _Pending:
             self.on_arrival()
 
 
-def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None, index: int, request: int) -> w.Step:
-    """The message for a step: the plan's columns as they are, and its audio into the shared
-    buffer (or inline when the buffer is missing or too small), the rows one after another."""
+def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None, index: int, request: int,
+               ring: SampleRing | None = None) -> w.Step:
+    """The message for a step: the plan's columns as they are, and its audio as spans of the
+    sample ring both processes map (`ring`), or else copied into the shared buffer (or inline
+    when the buffer is missing or too small), the rows one after another."""
     samples = plan.samples
+    flags = plan.first.astype(w.U8)
+    flags |= plan.audio_ended.astype(w.U8) << 1
+    flags |= plan.new_utterance.astype(w.U8) << 2
+    if (ring is not None and isinstance(samples, RingSamples) and samples.ring is ring
+            and np.array_equal(samples.slots, plan.slots)):
+        spans = np.stack((samples.starts, samples.ends), axis=1).astype(w.I64, copy=False)
+        return w.Step(request, -1, list(plan.stream_ids), w.as_column(plan.slots, w.I64), b"", flags.tobytes(),
+                      plan.endpointing, None, spans.tobytes())
     n = len(samples)
     offsets = np.zeros(n + 1, dtype=w.I64)
     np.cumsum(np.fromiter(map(len, samples), np.int64, n), out=offsets[1:])
@@ -227,43 +241,75 @@ def _pack_step(plan: StepPlan, buffer: _SampleBuffer | None, index: int, request
     audio = None
     if inline:
         audio = np.concatenate([np.asarray(x, dtype=np.float32) for x in samples]).tobytes() if n else b""
-    flags = plan.first.astype(w.U8)
-    flags |= plan.audio_ended.astype(w.U8) << 1
-    flags |= plan.new_utterance.astype(w.U8) << 2
     return w.Step(request, -1 if inline else index, list(plan.stream_ids), w.as_column(plan.slots, w.I64),
                   offsets.tobytes(), flags.tobytes(), plan.endpointing, audio)
 
 
-def _unpack_step(step: w.Step, buffers: dict[int, _SampleBuffer], slots: _ChildSlots) -> StepPlan:
-    """The step's plan on the child's slots, from its columns (StepPlan.from_columns)."""
-    if step.audio is not None:
-        samples = np.frombuffer(step.audio, dtype=np.float32)
-    else:
-        buffer = buffers.get(step.buffer)
-        if buffer is None:
-            raise EngineError(f"a step came through shared buffer {step.buffer} before it was attached")
-        samples = buffer.array
+RING = -2  # the key of the sample ring among the child's mapped buffers
+
+
+def _ring_samples(step: w.Step, ring: SampleRing | None, parent_slots: np.ndarray) -> RowSamples:
+    """A step's audio gathered from the rows' spans of the sample ring."""
+    if ring is None:
+        raise EngineError("a step named spans of the sample ring before it was attached")
+    n = len(parent_slots)
+    try:
+        spans = w.column(step.spans, w.I64, 2 * n, "spans").reshape(n, 2)
+    except w.WireError as exc:
+        raise EngineError(f"a malformed step of {n} rows: {exc}") from None
+    starts, ends = spans[:, 0], spans[:, 1]
+    bad = ((parent_slots < 0) | (parent_slots >= ring.slots) | (starts < 0) | (ends < starts)
+           | (ends - starts > ring.width))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise EngineError(f"a malformed step: row {i} spans [{starts[i]}, {ends[i]}) of ring row {parent_slots[i]} "
+                          f"(the ring has {ring.slots} rows of {ring.width} samples)")
+    return ring.gather(parent_slots, starts, ends)
+
+
+def _unpack_step(step: w.Step, buffers: dict, slots: _ChildSlots) -> StepPlan:
+    """The step's plan on the child's slots, from its columns (StepPlan.from_columns).
+    `buffers`: the shared sample buffers by index, and the sample ring at RING."""
     ids = step.stream_ids
     n = len(ids)
     try:
         parent_slots = w.column(step.slots, w.I64, n, "slots")
-        offsets = w.column(step.offsets, w.I64, n + 1, "offsets")
         flags = w.column(step.flags, w.U8, n, "flags")
+    except w.WireError as exc:
+        raise EngineError(f"a malformed step of {n} rows: {exc}") from None
+    if step.spans is not None:
+        rows = _ring_samples(step, buffers.get(RING), parent_slots)
+    else:
+        rows = _buffer_samples(step, buffers, n)
+    if (flags & ~np.uint8(w.FIRST | w.AUDIO_ENDED | w.NEW_UTTERANCE)).any():
+        raise EngineError("a malformed step: unknown row flags")
+    if any(not 0 <= i < n for i in step.endpointing):
+        raise EngineError(f"a malformed step: endpointing for rows {sorted(step.endpointing)} of {n}")
+    child_slots = slots.child_slots(parent_slots, ids)
+    return StepPlan.from_columns(ids, child_slots, rows, (flags & w.FIRST) != 0,
+                                 (flags & w.AUDIO_ENDED) != 0, (flags & w.NEW_UTTERANCE) != 0, step.endpointing)
+
+
+def _buffer_samples(step: w.Step, buffers: dict, n: int) -> RowSamples:
+    """A step's audio at its offsets in a shared buffer, or inline: the flat buffer and its
+    offsets, no view per row; valid until the reply (the parent writes the next step into this
+    buffer only after it)."""
+    if step.audio is not None:
+        samples = np.frombuffer(step.audio, dtype=np.float32)
+    else:
+        buffer = buffers.get(step.buffer)
+        if buffer is None or step.buffer == RING:
+            raise EngineError(f"a step came through shared buffer {step.buffer} before it was attached")
+        samples = buffer.array
+    try:
+        offsets = w.column(step.offsets, w.I64, n + 1, "offsets")
     except w.WireError as exc:
         raise EngineError(f"a malformed step of {n} rows: {exc}") from None
     lengths = np.diff(offsets)
     if offsets[0] != 0 or (lengths < 0).any() or offsets[-1] > len(samples):
         raise EngineError(f"a malformed step: {n} rows, sample offsets from {offsets[0]} to {offsets[-1]} "
                           f"(not increasing from 0, or past the {len(samples)} samples)")
-    if (flags & ~np.uint8(w.FIRST | w.AUDIO_ENDED | w.NEW_UTTERANCE)).any():
-        raise EngineError("a malformed step: unknown row flags")
-    if any(not 0 <= i < n for i in step.endpointing):
-        raise EngineError(f"a malformed step: endpointing for rows {sorted(step.endpointing)} of {n}")
-    child_slots = slots.child_slots(parent_slots, ids)
-    # The flat buffer and its offsets, no view per row; valid until the reply: the parent
-    # writes the next step into this buffer only after it.
-    return StepPlan.from_columns(ids, child_slots, RowSamples(samples, offsets), (flags & w.FIRST) != 0,
-                                 (flags & w.AUDIO_ENDED) != 0, (flags & w.NEW_UTTERANCE) != 0, step.endpointing)
+    return RowSamples(samples, offsets)
 
 
 def _reply(request: int, plan: StepPlan, result: StepResult, slots: _ChildSlots, clocks: tuple[float, float, float],
@@ -457,11 +503,14 @@ def _child_main(sock: socket.socket) -> None:
         elif kind is w.Claim or kind is w.Release:
             _apply_slot_message(message, slots)
             continue
-        elif kind is w.Attach:
+        elif kind is w.Attach or kind is w.AttachRing:
             try:
-                buffers[message.index] = _SampleBuffer(message.path, message.samples)
+                if kind is w.Attach:
+                    buffers[message.index] = _SampleBuffer(message.path, message.samples)
+                else:
+                    buffers[RING] = SampleRing.attach(message.path, message.slots, message.width)
                 reply = w.Done(message.id, None, dict(engine.executions()), _state_of(engine))
-            except BaseException as exc:  # noqa: BLE001 - the parent then sends audio inline
+            except BaseException as exc:  # noqa: BLE001 - the parent then sends audio another way
                 reply = _error_reply(message.id, exc, engine)
         elif kind is w.Warmup:
             try:
@@ -674,6 +723,7 @@ class EngineWorker:
         self._dead_reason: str | None = None
         self._closing = False
         self._buffers: dict[int, _SampleBuffer] = {}
+        self.sample_ring: SampleRing | None = None  # each slot's audio, mapped by the child too (_attach_ring)
         # Asynchronous steps (step_async), by request id: the reply names the request it answers.
         self._waiting: dict[int, _Pending] = {}
         self._free_buffers: list[int] = list(range(STEPS_IN_FLIGHT - 1, -1, -1))
@@ -733,7 +783,29 @@ class EngineWorker:
         atexit.register(worker.close)
         for index in range(STEPS_IN_FLIGHT):
             worker._attach_buffer(index)
+        worker._attach_ring()
         return worker
+
+    def _attach_ring(self) -> None:
+        """The sample ring the scheduler writes each slot's audio into (`sample_ring`, read by
+        server.scheduling.scheduler), shared with the child (and with frontend processes, which
+        write their streams' audio into it: server.runtime.remote_scheduler). Without it (no
+        shared memory could be made or mapped) the scheduler keeps a ring of its own and steps
+        copy their audio."""
+        try:
+            ring = SampleRing.shared(self.capacity, ring_width(self.geometry))
+        except OSError as exc:
+            log.warning("no shared sample ring; steps copy their audio", extra={"error": str(exc)})
+            return
+        try:
+            self._request(lambda request: w.AttachRing(request, ring.path, ring.slots, ring.width))
+            self.sample_ring = ring
+        except EngineError as exc:
+            ring.close()
+            if self._dead_reason is not None:
+                raise
+            log.warning("the engine worker could not map the shared sample ring; steps copy their audio",
+                        extra={"error": str(exc)})
 
     def _attach_buffer(self, index: int) -> None:
         """Shared sample buffer `index`, sized for the largest step (every row a stream's first
@@ -785,7 +857,8 @@ class EngineWorker:
     def step(self, plan: StepPlan) -> StepResult:
         with self._request_lock:  # buffer 0 is written for this request only
             sent_at = time.monotonic()
-            done, replied_at = self._exchange(_pack_step(plan, self._buffers.get(0), 0, self._new_id()))
+            message = _pack_step(plan, self._buffers.get(0), 0, self._new_id(), self.sample_ring)
+            done, replied_at = self._exchange(message)
             return _unpack_result(done, plan, sent_at, replied_at)
 
     async def step_async(self, plan: StepPlan) -> StepResult:
@@ -811,7 +884,7 @@ class EngineWorker:
         request = self._new_id()
         try:
             sent_at = time.monotonic()
-            message = _pack_step(plan, self._buffers.get(index), index, request)
+            message = _pack_step(plan, self._buffers.get(index), index, request, self.sample_ring)
             self._start_reader(loop)
             self._waiting[request] = pending
             try:
@@ -1017,6 +1090,8 @@ class EngineWorker:
         if self._closing:
             return
         self._closing = True
+        if self.sample_ring is not None:
+            self.sample_ring.close()  # (mapped where it is, it stays until those processes end)
         try:
             self._send(w.Stop())
         except EngineError:

@@ -11,11 +11,19 @@ What stays here and what goes there:
   - there: admission (slots), batching, the duration limits, the engine's results.
 
 A stream's audio goes to the engine process when it completes a chunk (the engine can do
-nothing with less): a voice agent's 20 ms packets would otherwise each be a message that the
-engine process, whose loop binds the server's capacity, reads and books. Held audio also goes
-out before the stream's end or an end of utterance is sent, when it would pass the stream's
-duration limit, and once it has waited HOLD_MAX_S (a client that stopped sending mid-chunk:
-the engine's wall-time limit then still sees its audio).
+nothing with less): a voice agent's 20 ms packets would otherwise each be a write that the
+engine process, whose loop binds the server's capacity, reads and books. Held audio is also
+released before the stream's end or an end of utterance is sent, when it would pass the
+stream's duration limit, and once it has waited HOLD_MAX_S (a client that stopped sending
+mid-chunk: the engine's wall-time limit then still sees its audio).
+
+Released audio is written straight into the stream's row of its engine core's sample ring
+(engines.sample_ring, shared memory the engine process and its worker map; the row comes with
+Opened), never more than the ring's width past what the engine has consumed: the rest waits here
+until the rows say the engine took more. One Written message a loop iteration tells the engine
+process how far every stream written meanwhile now goes, and End or EndUtterance follow only
+once the audio before them is written and said. Where the rings cannot be mapped the audio goes
+in Audio messages, the engine process copying it into the ring.
 
 A stream is opened without a round trip: its first event is the engine's refusal when there
 is no room, which the handler turns into RESOURCE_EXHAUSTED exactly as for a local refusal.
@@ -34,11 +42,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.api import EndpointingParams
+from engines.sample_ring import SampleRing
 from server.runtime import wire as w
 from server.transport.call_limits import CLIENT_IDENTITY
 from server.runtime.engine_host import EngineFacts
 from server.runtime.wire import FrameReader, FrameWriter
 from server.ops.metrics import ServerMetrics
+from server.scheduling.loop_calls import OncePerIteration
 from server.scheduling.scheduler import SchedulerConfig, SchedulerObserver, StreamHandle
 from server.scheduling.stream_books import StreamBooks
 from server.scheduling.stream_events import ErrorKind, StreamError, StreamEvent, StreamFailure
@@ -63,9 +73,17 @@ HOLD_SWEEP_S = 0.05
 class RemoteStreamState(StreamState):
     consumed: int = 0   # samples the engine has taken from this stream (from its last event)
     unacked: int = 0    # events taken by the handler and not yet acknowledged to the engine
-    held: list[bytes] = field(default_factory=list)  # audio not sent yet: short of the next chunk
-    held_since: float = 0.0  # when the oldest held audio arrived
-    forward_at: int = 0      # `received` at which the held audio completes a chunk and goes out
+    held: list[bytes] = field(default_factory=list)  # audio not delivered yet (samples sent..received)
+    held_since: float = 0.0  # when the oldest audio not released yet arrived
+    forward_at: int = 0      # `received` at which the held audio completes a chunk and is released
+    release_to: int = 0      # audio up to here goes out now (or as soon as the ring has room for it)
+    sent: int = 0            # samples delivered: written into the engine core's ring, or sent
+    # The engine core's sample ring and its row (Opened); awaiting_slot: asked for one, no answer yet.
+    ring: SampleRing | None = None
+    core: int = -1
+    awaiting_slot: bool = False
+    # End and EndUtterance wait here, as (samples, message), until that much audio is delivered.
+    after_audio: list[tuple[int, w.Message]] = field(default_factory=list)
 
 
 class RemoteScheduler(StreamBooks):
@@ -90,8 +108,13 @@ class RemoteScheduler(StreamBooks):
         self._syncs: dict[int, asyncio.Future] = {}
         self._sync_token = 0
         self._max_samples = 0
-        self._holding: dict[str, RemoteStreamState] = {}  # streams with held audio, oldest hold first
+        self._holding: dict[str, RemoteStreamState] = {}  # streams with audio not released, oldest first
         self._sweeper: asyncio.Task | None = None
+        # The engine cores' sample rings (Hello), mapped here: this frontend writes its streams'
+        # audio into them. Empty: audio goes in Audio messages.
+        self._rings: list[SampleRing] = []
+        self._written: dict[int, dict[int, int]] = {}  # core -> {ring row: samples written}, not yet said
+        self._written_soon = OncePerIteration(self._flush_written)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def connect(self, timeout_s: float = 30.0) -> EngineFacts:
@@ -109,10 +132,19 @@ class RemoteScheduler(StreamBooks):
         self.engine_name = self.facts.engine_name
         self._max_pending = self.config.max_pending_samples(self.facts.geometry)
         self._max_samples = self.config.max_stream_samples(self.facts.geometry)
+        self._rings = self._attach_rings(self.facts.rings)
         for message in [*first[1:], *(m for frame in batch[1:] for m in frame)]:
             self._dispatch(message)
         self._reader_task = asyncio.get_running_loop().create_task(self._read(frames), name="engine-reader")
         return self.facts
+
+    def _attach_rings(self, rings: list) -> list[SampleRing]:
+        """Map the engine cores' sample rings; none (audio in messages) if any cannot be."""
+        try:
+            return [SampleRing.attach(r.path, r.slots, r.width) for r in rings]
+        except (OSError, ValueError) as exc:
+            log.warning("cannot map the engine's sample rings; audio goes in messages", extra={"error": str(exc)})
+            return []
 
     @property
     def engine(self) -> EngineFacts:
@@ -184,10 +216,11 @@ class RemoteScheduler(StreamBooks):
                                                            getattr(facts.model_info, "word_boundary", "\u2581")))
         state.audio_room.set()
         state.forward_at = self._forward_point(0)
+        state.awaiting_slot = bool(self._rings)  # its audio waits for its ring row (Opened)
         self._add(state)
         # The client's identity (set by the security interceptor when streams per client are
         # limited): the engine process counts them over every frontend.
-        self._send(w.Open(key, label, finalize_at_limit, endpointing, CLIENT_IDENTITY.get()))
+        self._send(w.Open(key, label, finalize_at_limit, endpointing, CLIENT_IDENTITY.get(), state.awaiting_slot))
         return StreamHandle(self, state)
 
     # -- per-stream operations -----------------------------------------------------------
@@ -196,7 +229,7 @@ class RemoteScheduler(StreamBooks):
             return False
         if samples.size == 0:
             return True
-        if not stream.held:
+        if stream.received <= stream.release_to:  # all released so far: this starts a hold
             stream.held_since = time.monotonic()
             self._holding[stream.stream_id] = stream
             if self._sweeper is None:
@@ -207,56 +240,112 @@ class RemoteScheduler(StreamBooks):
             self._forward_to_boundary(stream)
         return await self._wait_for_audio_room(stream)
 
-    def _chunks_complete(self, received: int) -> int:
-        """How many chunk boundaries (ChunkGeometry.samples_needed) `received` samples reach."""
-        g = self.engine.geometry
-        return max(0, (received - g.wait_samples) // g.chunk_samples)
-
     def _forward_point(self, received: int) -> int:
         """The `received` count at which held audio must go: the first chunk boundary past
         `received`, or just past the duration limit if that comes first (the engine process
         cuts the stream there)."""
-        return min(self.engine.geometry.samples_needed(self._chunks_complete(received)), self._max_samples + 1)
+        g = self.engine.geometry
+        return min(g.samples_needed(g.chunks_complete(received)), self._max_samples + 1)
 
     def _forward_to_boundary(self, stream: RemoteStreamState) -> None:
-        """The held audio has completed a chunk: send it up to the last chunk boundary it
-        reached and keep the rest held. A message then ends where a chunk does, so the engine
-        process takes each chunk from one message (a view, where a chunk split over two
-        messages was a copy per row in its event loop). At the duration limit all of it goes."""
-        boundary = self.engine.geometry.samples_needed(self._chunks_complete(stream.received) - 1)
+        """The held audio has completed a chunk: release it up to the last chunk boundary it
+        reached and keep the rest held. What goes out then ends where a chunk does, so the
+        engine takes each chunk from one write (a message, before the ring: a chunk split over
+        two was a copy per row in its event loop). At the duration limit all of it goes."""
+        g = self.engine.geometry
+        boundary = g.samples_needed(g.chunks_complete(stream.received) - 1)
         keep = stream.received - boundary
         if stream.forward_at > self._max_samples or keep <= 0 or stream.status.terminal:
             self._forward_held(stream)
             return
         # The held audio began at or before the last forward point, a boundary no later than
         # this one, so `keep` is shorter than what is held.
-        view = memoryview(self._held_bytes(stream))
-        cut = len(view) - 4 * keep  # float32 samples
-        self._send(w.Audio(stream.stream_id, view[:cut]))
-        stream.held = [view[cut:].tobytes()]
+        self._release(stream, boundary)
         stream.held_since = time.monotonic()  # what stays held arrived with the latest packet
         self._holding.pop(stream.stream_id, None)
         self._holding[stream.stream_id] = stream  # to the back: the sweeper's dict stays oldest first
         stream.forward_at = self._forward_point(stream.received)
 
     def _forward_held(self, stream: RemoteStreamState) -> None:
-        """Send the stream's held audio as one message."""
-        if stream.held and not stream.status.terminal:  # (a terminal stream: the engine has let it go)
-            self._send(w.Audio(stream.stream_id, self._held_bytes(stream)))
+        """Release all of the stream's held audio."""
+        if stream.status.terminal:  # (the engine has let it go)
+            self._drop_held(stream)
+            return
+        self._holding.pop(stream.stream_id, None)
+        if stream.received > stream.release_to:
+            self._release(stream, stream.received)
             stream.forward_at = self._forward_point(stream.received)
-        self._drop_held(stream)
+
+    def _release(self, stream: RemoteStreamState, upto: int) -> None:
+        stream.release_to = max(stream.release_to, upto)
+        self._deliver(stream)
+
+    def _deliver(self, stream: RemoteStreamState) -> None:
+        """The released audio goes out: written into the stream's row of its engine core's ring
+        as far as the ring has room (the engine frees it as it consumes; the rows say how far),
+        or, without a ring, in one Audio message. Then the End or EndUtterance it was waiting
+        for, if any."""
+        n = stream.release_to - stream.sent
+        if n <= 0 or stream.awaiting_slot:
+            return
+        ring = stream.ring
+        if ring is not None:
+            n = min(n, ring.width - (stream.sent - stream.consumed))
+            if n <= 0:
+                return
+        data = self._take_held(stream, n)
+        if ring is not None:
+            ring.write(stream.slot, stream.sent, np.frombuffer(data, dtype=np.float32))
+            self._note_written(stream.core, stream.slot, stream.sent + n)
+        else:
+            self._send(w.Audio(stream.stream_id, data))
+        stream.sent += n
+        if stream.after_audio:
+            self._send_after_audio(stream)
 
     @staticmethod
-    def _held_bytes(stream: RemoteStreamState) -> bytes:
+    def _take_held(stream: RemoteStreamState, n: int):
+        """The first n held samples (float32 bytes), out of the hold."""
         held = stream.held
-        return held[0] if len(held) == 1 else b"".join(held)
+        data = held[0] if len(held) == 1 else b"".join(held)
+        if len(data) == 4 * n:
+            stream.held = []
+            return data
+        view = memoryview(data)
+        stream.held = [view[4 * n:].tobytes()]
+        return view[:4 * n]
+
+    def _note_written(self, core: int, slot: int, total: int) -> None:
+        """Say it once a loop iteration, for every stream written meanwhile (one Written per core)."""
+        self._written.setdefault(core, {})[slot] = total
+        self._written_soon.request()
+
+    def _flush_written(self) -> None:
+        written, self._written = self._written, {}
+        for core, rows in written.items():
+            self._send(w.Written(core, w.as_column(list(rows.keys()), w.I64), w.as_column(list(rows.values()), w.I64)))
+
+    def _after_audio(self, stream: RemoteStreamState, message: w.Message) -> None:
+        """Send `message` once the audio received so far is delivered (now, unless the ring's
+        room or the stream's row is still to come), after the Written that says so."""
+        stream.after_audio.append((stream.received, message))
+        self._send_after_audio(stream)
+
+    def _send_after_audio(self, stream: RemoteStreamState) -> None:
+        while stream.after_audio and stream.after_audio[0][0] <= stream.sent:
+            _, message = stream.after_audio.pop(0)
+            self._flush_written()
+            self._send(message)
 
     def _drop_held(self, stream: RemoteStreamState) -> None:
+        """The engine takes no more of the stream's audio (ended, failed or closed)."""
         stream.held = []
+        stream.release_to = stream.sent = stream.received
+        stream.after_audio.clear()
         self._holding.pop(stream.stream_id, None)
 
     async def _sweep_held(self) -> None:
-        """Held audio goes out once it has waited HOLD_MAX_S; the task ends when none is held."""
+        """Held audio is released once it has waited HOLD_MAX_S; the task ends when none is held."""
         try:
             while self._holding:
                 await asyncio.sleep(HOLD_SWEEP_S)
@@ -280,7 +369,7 @@ class RemoteScheduler(StreamBooks):
         stream.ended_at = time.monotonic()
         stream.set_status(StreamStatus.FLUSHING)
         self._forward_held(stream)
-        self._send(w.End(stream.stream_id))
+        self._after_audio(stream, w.End(stream.stream_id))  # the engine's last sample is the client's
 
     def fail_stream(self, stream: RemoteStreamState, kind: ErrorKind, message: str) -> None:
         self._fail(stream, kind, message)
@@ -290,7 +379,7 @@ class RemoteScheduler(StreamBooks):
             return False
         self._forward_held(stream)  # the utterance ends after all the audio sent so far
         stream.final_requested_at = time.monotonic()  # (the engine process may ignore the request)
-        self._send(w.EndUtterance(stream.stream_id))
+        self._after_audio(stream, w.EndUtterance(stream.stream_id))
         return True
 
     def take_event(self, stream: RemoteStreamState) -> StreamEvent | None:
@@ -308,6 +397,7 @@ class RemoteScheduler(StreamBooks):
             stream.set_status(StreamStatus.CANCELLED)
         self._drop_held(stream)
         if self._forget(stream):
+            self._flush_written()  # (the engine refuses writes it is told of after the stream's Close)
             self._send(w.Close(stream.stream_id))
 
     # -- books ---------------------------------------------------------------------------
@@ -318,6 +408,7 @@ class RemoteScheduler(StreamBooks):
         self._drop_held(state)
         self._emit(state, StreamFailure(state.stream_id, kind, message))
         state.set_status(StreamStatus.FAILED)
+        self._flush_written()  # (as for Close)
         self._send(w.Fail(state.stream_id, kind.value, message))
 
     def _emit(self, state: RemoteStreamState, event: StreamEvent) -> None:
@@ -364,9 +455,11 @@ class RemoteScheduler(StreamBooks):
             if state is None or state.status.terminal:
                 return  # closed, or failed here first: the engine's word comes too late
             state.consumed = m.consumed
-            self._drop_held(state)
+            self._stop_writing(state)
             self._emit(state, StreamFailure(m.key, ErrorKind(m.kind), m.message))
             state.set_status(StreamStatus.FAILED)
+        elif kind is w.Opened:
+            self._opened(m)
         elif kind is w.Synced:
             future = self._syncs.get(m.id)
             if future is not None and not future.done():
@@ -379,7 +472,7 @@ class RemoteScheduler(StreamBooks):
                 # limit), as in an in-process scheduler, which cuts when the audio arrives.
                 state.end_reason = m.end_reason or None
                 if state.status is StreamStatus.RECEIVING:
-                    self._drop_held(state)  # the engine takes no more of its audio
+                    self._stop_writing(state)  # the engine takes no more of its audio
                     state.ended_at = time.monotonic()
                     state.set_status(StreamStatus.FLUSHING)
         elif kind is w.State:
@@ -391,6 +484,26 @@ class RemoteScheduler(StreamBooks):
             raise w.WireError(f"the engine process refused this frontend's link: {m.message}")
         else:
             raise w.WireError(f"unexpected message {kind.__name__} from the engine process")
+
+    def _opened(self, m: w.Opened) -> None:
+        """The stream's row in its engine core's ring: its released audio goes there now."""
+        if not 0 <= m.core < len(self._rings) or not 0 <= m.slot < self._rings[m.core].slots:
+            raise w.WireError(f"Opened names row {m.slot} of ring {m.core}, which this frontend does not have")
+        state = self._streams.get(m.key)
+        if state is None or not state.awaiting_slot:
+            return  # closed meanwhile (the engine has its Close)
+        state.awaiting_slot = False
+        state.ring, state.core, state.slot = self._rings[m.core], m.core, m.slot
+        self._deliver(state)
+
+    def _stop_writing(self, state: RemoteStreamState) -> None:
+        """The engine ended or failed the stream: no more of its audio goes out, and a stream
+        that writes into a ring says so (its slot may then go back to the engine's pool)."""
+        self._drop_held(state)
+        if state.ring is not None or state.awaiting_slot:
+            state.ring, state.awaiting_slot = None, False
+            self._flush_written()  # what it wrote is said before it stops
+            self._send(w.Stopped(state.stream_id))
 
     def _rows(self, m: w.Rows) -> None:
         """A step's answered chunks of this frontend's streams: each stream's utterances and text
@@ -405,6 +518,8 @@ class RemoteScheduler(StreamBooks):
                 a = b
                 continue  # closed, or failed here first: the engine's word comes too late
             state.consumed = consumed
+            if state.release_to > state.sent:  # audio that waited for room in the ring
+                self._deliver(state)
             event = chunk_event(key, state.utterances, k, ready, seconds, ids[a:b], pieces[a:b], frames[a:b], text,
                                 starts.get(i, ()), ends.get(i, ()), is_final, final_due)
             a = b

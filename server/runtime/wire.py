@@ -39,7 +39,7 @@ from engines.geometry import ChunkGeometry
 from server.scheduling.row_columns import RowColumns
 
 T = TypeVar("T")
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 HEADER = struct.Struct("!I")
 MAX_FRAME = 256 << 20  # a corrupt length must not make the reader allocate without bound
 
@@ -59,6 +59,14 @@ class Message(msgspec.Struct, array_like=True, gc=False):
 
 
 # -- the handshake and errors (both links) --------------------------------------------------
+class RingInfo(msgspec.Struct, array_like=True, gc=False):
+    """A sample ring another process can map (engines.sample_ring.SampleRing.attach)."""
+
+    path: str
+    slots: int
+    width: int
+
+
 class Hello(Message, tag=20):
     """First message on a link, from the side that owns the engine. The fields are what the
     receiver needs of the engine: its model, chunk geometry, capacity and largest batch; from the
@@ -75,6 +83,9 @@ class Hello(Message, tag=20):
     scheduler: dict[str, Union[int, float]] = {}
     startup_report: Union[dict[str, Any], None] = None
     executions: dict[str, int] = {}
+    # From the engine host: its engine cores' sample rings (core i's at i), which a frontend
+    # maps to write its streams' audio into (none: the frontends send audio in messages).
+    rings: list[RingInfo] = []
 
 
 def plain_report(report: dict | None) -> dict | None:
@@ -129,6 +140,9 @@ class Open(Message, tag=1):
     finalize_at_limit: bool
     endpointing: Union[EndpointingParams, None]
     client: Union[str, None]  # the client's identity when streams per client are limited
+    # The frontend writes the stream's audio into its engine core's sample ring (answered with
+    # Opened) rather than sending it in Audio messages.
+    ring: bool = False
 
 
 class Audio(Message, tag=2):
@@ -137,6 +151,9 @@ class Audio(Message, tag=2):
 
 
 class End(Message, tag=3):
+    """The client's audio ended. For a stream written into the ring, sent once every sample is
+    written and counted (Written): the frontend writes no more of it."""
+
     key: str
 
 
@@ -207,7 +224,34 @@ class UtteranceFinal(Message, tag=14):
     seconds: float
 
 
+class Written(Message, tag=15):
+    """Streams' audio written into engine core `core`'s sample ring: the stream in ring row
+    slots[i] has totals[i] samples there now (one message a frame for every stream written).
+    A slot this frontend was not given (Opened), or is no longer writing, is a WireError."""
+
+    core: int
+    slots: bytes   # int64 [streams]
+    totals: bytes  # int64 [streams]
+
+
+class Stopped(Message, tag=16):
+    """The frontend writes no more of this stream's audio (it saw the engine end or fail it):
+    its slot may go back to the pool once the stream is done. End, Fail and Close say the same."""
+
+    key: str
+
+
 # -- engine host -> frontend -----------------------------------------------------------------
+class Opened(Message, tag=27):
+    """The stream (Open with ring) writes its audio into row `slot` of engine core `core`'s
+    sample ring (Hello.rings), stream sample s at column s % width, never more than the ring's
+    width past what the engine has consumed (the rows' counts)."""
+
+    key: str
+    core: int
+    slot: int
+
+
 class Rows(Message, tag=21):
     """A step's answered chunks of this frontend's streams: row i is keys[i]'s chunk, its values
     in `columns` (server.scheduling.row_columns.RowColumns). The frontend keeps each stream's
@@ -272,6 +316,16 @@ class Attach(Message, tag=41):
     samples: int
 
 
+class AttachRing(Message, tag=47):
+    """Map the scheduler's sample ring (engines.sample_ring): a file of `slots` x `width`
+    float32, row i the audio of the scheduler's slot i. A step then names its rows' spans."""
+
+    id: int
+    path: str
+    slots: int
+    width: int
+
+
 class Claim(Message, tag=42):
     slot: int  # the scheduler's slot number, mapped onto one of the worker engine's own
 
@@ -287,19 +341,21 @@ class Warmup(Message, tag=44):
 class Step(Message, tag=45):
     """One engine step, as the plan's columns (engines.api.StepPlan.from_columns). The array
     columns are numpy arrays as raw bytes, each field's dtype fixed here (`column` reads them
-    back and checks their length). The rows' audio, row i's samples at
-    [offsets[i], offsets[i + 1]), is in shared buffer `buffer`, or in `audio` (float32 bytes)
-    when no buffer was attached or the step does not fit it. Endpointing settings ride on
-    first chunks only."""
+    back and checks their length). The rows' audio is named by `spans` when it lies in the
+    sample ring the worker mapped (AttachRing): row i is stream samples [spans[2i], spans[2i+1])
+    of ring row slots[i]. Otherwise row i's samples are at [offsets[i], offsets[i + 1]) of
+    shared buffer `buffer`, or of `audio` (float32 bytes) when no buffer was attached or the
+    step does not fit it. Endpointing settings ride on first chunks only."""
 
     id: int
     buffer: int
     stream_ids: list[str]
     slots: bytes    # int64 [rows]: the scheduler's slots
-    offsets: bytes  # int64 [rows + 1]: the rows' samples in the step's audio
+    offsets: bytes  # int64 [rows + 1]: the rows' samples in the step's audio (empty with spans)
     flags: bytes    # uint8 [rows]: FIRST | AUDIO_ENDED | NEW_UTTERANCE
     endpointing: dict[int, EndpointingParams]  # row -> the stream's endpointing (first chunks that have it)
     audio: Union[bytes, None] = None
+    spans: Union[bytes, None] = None  # int64 [rows, 2]: each row's start and end in the sample ring
 
 
 # Step.flags bits
@@ -363,9 +419,9 @@ class StepDone(Message, tag=52):
 
 
 FRONTEND_TO_ENGINE = Union[Open, Audio, End, Fail, Close, Ack, Ready, Rpc, Refused, AudioSeconds, Gc, Sync,
-                           EndUtterance, UtteranceFinal, Error]
-ENGINE_TO_FRONTEND = Union[Hello, Rows, Failed, Cut, State, Synced, Error]
-TO_WORKER = Union[Configure, Attach, Claim, Release, Warmup, Step, Stop]
+                           EndUtterance, UtteranceFinal, Written, Stopped, Error]
+ENGINE_TO_FRONTEND = Union[Hello, Rows, Failed, Cut, State, Synced, Opened, Error]
+TO_WORKER = Union[Configure, Attach, AttachRing, Claim, Release, Warmup, Step, Stop]
 FROM_WORKER = Union[Hello, Done, StepDone, Error]
 
 

@@ -4,11 +4,13 @@ Pure Python: it talks to the engine only through engines.api (typed plans in, ty
 out) and to the transport only through server.scheduling.stream_events. No gRPC, no torch.
 
 How a chunk travels:
-  push_audio -> the stream's SampleQueue -> (its row in the slot books says the next chunk is
-  complete) -> ready set (FCFS, one row per stream) -> the batching task takes up to max_batch
-  rows, oldest first, once the batch is full or `batch_wait_s` after the oldest entry
-  (server.scheduling.step_batch.form_batch: array operations over server.scheduling.slot_books, the audio taken per
-  row) -> one columnar StepPlan runs on the single engine thread (or, for an engine in a worker
+  push_audio -> the stream's row of the sample ring (engines.sample_ring; what does not fit
+  waits in the stream's SampleQueue until a step frees room) -> (its row in the slot books says
+  the next chunk is complete) -> ready set (FCFS, one row per stream) -> the batching task takes
+  up to max_batch rows, oldest first, once the batch is full or `batch_wait_s` after the oldest
+  entry (server.scheduling.step_batch.form_batch: array operations over
+  server.scheduling.slot_books; the audio stays in the ring, the plan names its spans) -> one
+  columnar StepPlan runs on the single engine thread (or, for an engine in a worker
   process, is sent to it from the loop: server.runtime.engine_worker), failures isolated
   (server.scheduling.step_batch.run_isolated) -> the StepResult is checked against the plan and
   scattered back (server.scheduling.step_results) as ChunkResult events, or, to a listener that
@@ -35,6 +37,7 @@ import numpy as np
 from engines.api import (EndpointingParams, EngineError, EngineState, StepPlan, StepResult, StepTimings,
                          StreamingEngine)
 from server.scheduling.arrival_rate import ArrivalRate
+from server.scheduling.audio_intake import AudioIntake
 from server.scheduling.loop_calls import call_soon_from_thread
 from server.scheduling.slot_books import SlotBooks, SlotStream
 from server.scheduling.step_batch import StepBatch, StepOutcome, form_batch, run_isolated
@@ -183,7 +186,7 @@ class StreamHandle:
         return event
 
 
-class Scheduler(StepResults, StreamBooks):
+class Scheduler(AudioIntake, StepResults, StreamBooks):
     def __init__(self, engine: StreamingEngine, config: SchedulerConfig | None = None,
                  observer: SchedulerObserver | None = None):
         super().__init__()
@@ -197,6 +200,7 @@ class Scheduler(StepResults, StreamBooks):
         self._max_samples = self.config.max_stream_samples(self.geometry)
         # Per slot: position, ready set (with queue order and time), in flight, flags.
         self._books = SlotBooks(self.geometry, int(getattr(engine, "capacity", 0) or 1))
+        self._init_audio(engine)  # each slot's audio: the sample ring, and the frontends' counts
         self._wakeup = asyncio.Event()
         self._steps_in_flight = 0
         self._step_tasks: set[asyncio.Task] = set()
@@ -261,6 +265,8 @@ class Scheduler(StepResults, StreamBooks):
             await asyncio.wait(list(self._step_tasks), timeout=grace_s)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_ring:
+            self._ring.close()
 
     # -- admission -----------------------------------------------------------------------
     def slots_in_use(self) -> int:
@@ -299,6 +305,9 @@ class Scheduler(StepResults, StreamBooks):
         except EngineError as exc:  # PoolExhaustedError: slots of leaving streams still in a step
             raise StreamError(ErrorKind.RESOURCE_EXHAUSTED,
                               f"all {self.engine.capacity} stream slots are in use; retry later ({exc})") from exc
+        if slot >= self._ring.slots:
+            self.engine.release_slot(slot)
+            raise StreamError(ErrorKind.INTERNAL, f"slot {slot} is past the sample ring's {self._ring.slots} rows")
         stream_id = stream_id or f"{uuid.uuid4().hex[:12]}"
         info = self.engine.model_info
         try:
@@ -315,50 +324,7 @@ class Scheduler(StepResults, StreamBooks):
         self._add(state)
         return StreamHandle(self, state)
 
-    # -- per-stream operations (event loop) ----------------------------------------------
-    def accept_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
-        """push_audio without the wait: append, enforce the duration limit, queue what is
-        complete. False once the stream no longer takes audio. A caller that does not await
-        push_audio (server.runtime.engine_host) applies the backpressure itself."""
-        if stream.status is not StreamStatus.RECEIVING:
-            return False
-        if samples.size == 0:
-            return True
-        books, slot = self._books, stream.slot
-        received = books.received.item(slot)
-        at_limit = received + samples.size > self._max_samples
-        if at_limit:
-            if not stream.finalize_at_limit:
-                self._fail(stream, ErrorKind.OUT_OF_RANGE,
-                           f"stream exceeds the maximum duration of {self.config.max_stream_seconds:g} s of audio")
-                return False
-            samples = samples[:self._max_samples - received]
-        now = time.monotonic()
-        queue = stream.audio
-        queue.append(samples)
-        received += samples.size
-        books.received[slot] = received
-        stream.arrivals.record(received, now)
-        pending = len(queue)
-        if pending > stream.peak_pending:
-            stream.peak_pending = pending
-        if at_limit:  # the rest of the client's audio is not taken
-            self._end_at_limit(stream, f"{self.config.max_stream_seconds:g} s of audio")
-            return False
-        self._maybe_enqueue(stream, now)
-        return True
-
-    async def push_audio(self, stream: StreamState, samples: np.ndarray) -> bool:
-        """Append samples at the model's rate. Waits while too much audio is pending (the
-        backpressure that reaches the client through gRPC flow control). False once the
-        stream no longer takes audio."""
-        if not self.accept_audio(stream, samples):
-            return False
-        return await self._wait_for_audio_room(stream)
-
-    def _pending_samples(self, stream: StreamState) -> int:
-        return len(stream.audio)
-
+    # -- per-stream operations (event loop; the audio's: server.scheduling.audio_intake) ---
     def _end_at_limit(self, stream: StreamState, what: str) -> None:
         log.info("stream reached its maximum duration; finalizing", extra={"stream_id": stream.stream_id, "limit": what})
         stream.end_reason = f"the stream reached the maximum duration of {what}"
@@ -375,6 +341,7 @@ class Scheduler(StepResults, StreamBooks):
                        f"stream exceeds the maximum duration of {self.config.max_stream_seconds:g} s")
 
     def end_audio(self, stream: StreamState) -> None:
+        self.book_written()  # the stream's last counts first
         if stream.status is not StreamStatus.RECEIVING:
             return
         stream.ended_at = time.monotonic()
@@ -391,6 +358,7 @@ class Scheduler(StepResults, StreamBooks):
         alone without breaking the caches). False when the request was ignored: the stream
         takes no more audio (its end will close the utterance) or its client leaves a full
         response window unread."""
+        self.book_written()  # the chunks complete now include the counts kept
         if stream.status is not StreamStatus.RECEIVING or self._unread(stream) >= self.config.response_buffer:
             return False
         target = stream.next_chunk
@@ -467,8 +435,9 @@ class Scheduler(StepResults, StreamBooks):
 
     def _release_slot(self, stream: StreamState) -> None:
         # A slot in a submitted step is still the engine's to write: free it when the step returns.
-        if stream.slot_released or stream.in_flight or not stream.status.terminal:
+        if stream.slot_released or stream.in_flight or not stream.status.terminal or stream.writer_attached:
             return
+        self.book_written()  # counts kept for this slot apply to this stream, not the next one
         stream.slot_released = True
         self._books.free(stream.slot)  # the row is cleared; the stream keeps its numbers
         try:
@@ -482,13 +451,19 @@ class Scheduler(StepResults, StreamBooks):
         if (stream.slot_released or not books.live[slot] or books.in_flight[slot] or books.queued[slot]
                 or self._unread(stream) >= self.config.response_buffer):
             return
+        if books.spilled.item(slot):
+            self._drain_spill(stream)
+        spilled = books.spilled.item(slot)
+        in_ring = books.received.item(slot) - spilled
         if books.flushing[slot]:
-            k, received = int(books.next_chunk[slot]), int(books.received[slot])
-            if self.geometry.chunk_span(k, received, True) is None:
-                if self.geometry.finished(k, received, True):
+            # Ended: its last chunks run to the end of its audio, once all of it is in the ring
+            # (until then the ring is full, so the next chunk is a whole one).
+            k, ended = int(books.next_chunk[slot]), spilled == 0
+            if self.geometry.chunk_span(k, in_ring, ended) is None:
+                if self.geometry.finished(k, in_ring, ended):
                     self._finish_without_step(stream)
                 return
-        elif books.received.item(slot) < books.due.item(slot):
+        elif in_ring < books.due.item(slot):
             return
         books.queue(slot, now or time.monotonic())
         # Wake the batching task only when this entry can change its decision: the first entry
@@ -511,6 +486,7 @@ class Scheduler(StepResults, StreamBooks):
     async def _batch_loop(self) -> None:
         while not self._stopping:
             try:
+                self.book_written()
                 if not self._batch_due():
                     self._wakeup.clear()
                     timeout = self._time_to_deadline()
@@ -574,7 +550,7 @@ class Scheduler(StepResults, StreamBooks):
         return 0.0
 
     def _take_batch(self) -> tuple[StepBatch | None, Sequence[float]]:
-        return form_batch(self._books, self.max_batch, self._max_pending)
+        return form_batch(self._books, self._ring, self.max_batch)
 
     def _submit(self, batch: StepBatch, queue_waits: Sequence[float]) -> None:
         now = time.monotonic()
@@ -668,6 +644,7 @@ class Scheduler(StepResults, StreamBooks):
         one array operation, in the batch's order; flushing rows take the per-stream way."""
         books, rows = self._books, batch.rows
         books.in_flight[rows] = False
+        self._room_freed(rows)  # ring room for audio that waited (server.scheduling.audio_intake)
         live = books.live[rows]
         if not live.all():
             for i in np.flatnonzero(~live).tolist():

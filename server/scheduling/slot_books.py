@@ -20,6 +20,10 @@ from engines.geometry import ChunkGeometry
 from server.scheduling.stream_state import StreamState, StreamStatus
 
 _NO_DUE = -1  # final_due: no client request for a final pending
+# When each of a stream's latest chunks was completed by the audio that arrived: per slot, chunk
+# k at column k % COMPLETED_KEPT. A stream more chunks ahead than this (a client sending far
+# faster than real time) has its older chunks' times overwritten by later ones.
+COMPLETED_KEPT = 64
 
 
 class SlotBooks:
@@ -41,6 +45,10 @@ class SlotBooks:
         first = self.size == 0
         get = (lambda name: None) if first else (lambda name: getattr(self, name))
         self.received = extend(get("received"), np.int64, 0)        # samples received
+        # Of those, samples not in the slot's sample ring yet (engines.sample_ring): held back
+        # while the ring has no room, written once a step frees some (usually 0).
+        self.spilled = extend(get("spilled"), np.int64, 0)
+        self.room_wanted = extend(get("room_wanted"), bool, False)  # a push_audio waits for room
         self.next_chunk = extend(get("next_chunk"), np.int64, 0)    # the next chunk to hand to the engine
         self.due = extend(get("due"), np.int64, 0)                  # samples that complete it mid-stream
         self.live = extend(get("live"), bool, False)                # status accepts chunks
@@ -54,6 +62,10 @@ class SlotBooks:
         # Rows handed to a listener that makes the events (Scheduler.acknowledge) and not yet
         # taken: the stream is not scheduled while its response window is full.
         self.unread = extend(get("unread"), np.int64, 0)
+        completed = np.zeros((size, COMPLETED_KEPT), dtype=np.float64)  # 0: no time known
+        if not first:
+            completed[:self.size] = self.completed_at
+        self.completed_at = completed
         self.streams.extend([None] * (size - self.size))
         self.size = size
 
@@ -80,12 +92,41 @@ class SlotBooks:
     def _clear(self, slot: int) -> None:
         if self.queued[slot]:
             self.ready_count -= 1
-        self.received[slot] = self.next_chunk[slot] = 0
+        self.received[slot] = self.next_chunk[slot] = self.spilled[slot] = 0
+        self.room_wanted[slot] = False
         self.due[slot] = self.geometry.samples_needed(0)
         self.live[slot] = self.flushing[slot] = self.in_flight[slot] = self.queued[slot] = False
         self.new_utterance[slot] = False
         self.queued_at[slot], self.order[slot], self.final_due[slot] = 0.0, 0, _NO_DUE
         self.unread[slot] = 0
+        self.completed_at[slot] = 0.0
+
+    # -- audio in --------------------------------------------------------------------------------
+    def mark_completed(self, slots: np.ndarray, before: np.ndarray, after: np.ndarray, times: np.ndarray) -> None:
+        """The rows' received counts went from `before` to `after` at `times`: the chunks this
+        completed were ready then (a chunk's latency starts at the audio that completed it)."""
+        c0, c1 = self.geometry.chunks_complete(before), self.geometry.chunks_complete(after)
+        grew = c1 > c0
+        if not grew.any():
+            return
+        self.completed_at[slots[grew], c0[grew] % COMPLETED_KEPT] = times[grew]
+        several = c1 - c0 > 1  # an entry that completed several chunks: the rest of them, row by row
+        for slot, a, b, at in zip(slots[several].tolist(), before[several].tolist(), after[several].tolist(),
+                                  times[several].tolist()):
+            self.mark_completed_one(slot, a, b, at)
+
+    def mark_completed_one(self, slot: int, before: int, after: int, now: float) -> None:
+        """mark_completed for one row, in plain integers (a message at a time)."""
+        c0, c1 = self.geometry.chunks_complete(before), self.geometry.chunks_complete(after)
+        if c1 > c0:
+            self.completed_at[slot, c0 % COMPLETED_KEPT] = now
+            if c1 - c0 > 1:
+                self.completed_at[slot, np.arange(c0 + 1, min(c1, c0 + COMPLETED_KEPT)) % COMPLETED_KEPT] = now
+
+    def completed_time(self, rows: np.ndarray, chunks: np.ndarray, default: np.ndarray) -> np.ndarray:
+        """When the rows' chunks were completed by their audio (`default` where not known)."""
+        at = self.completed_at[rows, chunks % COMPLETED_KEPT]
+        return np.where(at > 0, at, default)
 
     def status_changed(self, slot: int, status: StreamStatus) -> None:
         self.live[slot] = status.accepts_chunks
@@ -141,11 +182,21 @@ class SlotBooks:
         self.next_chunk[rows] = k
         self.due[rows] = self.geometry.samples_needed(k)
 
+    def kept(self, slot: int) -> int:
+        """The first sample of the slot's stream a step may still read: where its next chunk
+        starts (a chunk in a step is the next one until the step returns)."""
+        k = self.next_chunk.item(slot)
+        return 0 if k == 0 else self.due.item(slot) - self.geometry.chunk_samples
+
+    def kept_of(self, rows: np.ndarray) -> np.ndarray:
+        """`kept` of several rows."""
+        return np.where(self.next_chunk[rows] > 0, self.due[rows] - self.geometry.chunk_samples, 0)
+
     def runnable_after_step(self, rows: np.ndarray) -> np.ndarray:
         """Of a returned step's rows, those mid-stream whose next chunk is complete already (the
-        common case under load: the audio kept arriving while the step ran)."""
+        common case under load: the audio kept arriving while the step ran), in the ring."""
         return rows[self.live[rows] & ~self.flushing[rows] & ~self.queued[rows] & ~self.in_flight[rows]
-                    & (self.received[rows] >= self.due[rows])]
+                    & (self.received[rows] - self.spilled[rows] >= self.due[rows])]
 
 
 class _RowField:

@@ -17,6 +17,7 @@ import numpy as np
 
 from engines.api import (BadChunkError, EndpointingParams, EngineOverloadedError, StepPlan, StepResult,
                          StreamStateLostError)
+from engines.sample_ring import RingSamples, SampleRing
 from server.scheduling.slot_books import SlotBooks
 from server.scheduling.stream_state import StreamState
 
@@ -29,13 +30,13 @@ class StepBatch:
     rows: np.ndarray                 # the rows' slots
     streams: list[StreamState]
     stream_ids: list[str]
-    samples: list[np.ndarray]
+    samples: RingSamples             # the rows' chunks: spans of the slots' sample ring
     first: np.ndarray
     audio_ended: np.ndarray
     new_utterance: np.ndarray
     endpointing: dict[int, EndpointingParams]  # position -> the stream's endpointing (first chunks)
     ready_at: np.ndarray             # when each row's audio was complete (per-chunk latency starts here)
-    consumed: np.ndarray             # each stream's samples taken from its queue, this row's chunk included
+    consumed: np.ndarray             # each stream's samples consumed once this row's chunk has run (its end)
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -46,7 +47,7 @@ class StepBatch:
                                          self.new_utterance, self.endpointing)
         at = pos.tolist()
         where = {p: i for i, p in enumerate(at)}
-        return StepPlan.from_columns([self.stream_ids[p] for p in at], self.rows[pos], [self.samples[p] for p in at],
+        return StepPlan.from_columns([self.stream_ids[p] for p in at], self.rows[pos], self.samples.take(pos),
                                      self.first[pos], self.audio_ended[pos], self.new_utterance[pos],
                                      {where[p]: e for p, e in self.endpointing.items() if p in where})
 
@@ -66,10 +67,10 @@ class StepOutcome:
     executions: dict[str, int] = field(default_factory=dict)
 
 
-def form_batch(books: SlotBooks, max_batch: int, max_pending: int) -> tuple[StepBatch | None, np.ndarray | list]:
+def form_batch(books: SlotBooks, ring: SampleRing, max_batch: int) -> tuple[StepBatch | None, np.ndarray | list]:
     """The next batch: its rows chosen and their chunk spans computed over the slot books'
-    arrays; per row only the audio is taken from the stream's queue. Also each row's seconds
-    in the queue (an array, for the metrics)."""
+    arrays; the audio stays in the ring (the plan names its spans); per row only its ready time
+    is looked up. Also each row's seconds in the queue (an array, for the metrics)."""
     g = books.geometry
     rows = books.choose(max_batch)
     if rows.size == 0:
@@ -90,22 +91,18 @@ def form_batch(books: SlotBooks, max_batch: int, max_pending: int) -> tuple[Step
     books.new_utterance[rows] = False
     all_streams = books.streams
     streams = [all_streams[r] for r in rows.tolist()]
-    samples: list[np.ndarray] = []
-    ready: list[float] = []
+    in_ring = received - books.spilled[rows]
+    if (end > in_ring).any() or (in_ring - start > ring.width).any():  # the books and the ring disagree
+        bad = int(np.flatnonzero((end > in_ring) | (in_ring - start > ring.width))[0])
+        raise RuntimeError(f"stream {streams[bad].stream_id}: chunk [{start[bad]}, {end[bad]}) is not in its ring "
+                           f"({in_ring[bad]} samples written, {ring.width} kept)")
+    samples = RingSamples(ring, rows, start, end)
     endpointing: dict[int, EndpointingParams] = {}
-    # A chunk the end of audio completed is ready since the end arrived; others since the
-    # message that brought their last sample.
-    ended_early = ended_here & (end < need)
-    for stream, a, e, got, enq, early in zip(streams, start.tolist(), end.tolist(), received.tolist(),
-                                             queued_at.tolist(), ended_early.tolist()):
-        audio = stream.audio
-        if a != got - len(audio):
-            raise RuntimeError(f"stream {stream.stream_id} chunk starts at {a}, queue at {got - len(audio)}")
-        samples.append(audio.take(e - a))
-        if len(audio) <= max_pending:
-            stream.audio_room.set()
-        ready.append((stream.ended_at or now) if early else stream.arrivals.arrival_of(e, default=enq))
-    ready_at = np.array(ready, dtype=np.float64)
+    # A chunk is ready since the audio that completed it arrived; one that the end of audio
+    # completed, since the end arrived.
+    ready_at = books.completed_time(rows, k, queued_at)
+    for i in np.flatnonzero(ended_here & (end < need)).tolist():
+        ready_at[i] = streams[i].ended_at or now
     for i in np.flatnonzero(first).tolist():
         if streams[i].endpointing is not None:
             endpointing[i] = streams[i].endpointing

@@ -40,7 +40,8 @@ _ALLOWED = {
 
 
 class SampleQueue:
-    """Received samples not yet handed to the engine, as a list of arrays.
+    """Received samples not yet in the stream's sample ring (engines.sample_ring: a client that
+    sent more than the ring has room for), as a list of arrays.
 
     Appends are O(1) and a take concatenates only what it returns, so a client that sends a
     whole file at once does not cost a quadratic number of copies.
@@ -89,23 +90,6 @@ class SampleQueue:
         return np.ascontiguousarray(out[0] if len(out) == 1 else np.concatenate(out), dtype=np.float32)
 
 
-class ArrivalLog:
-    """When the audio up to each sample arrived, so per-chunk latency starts at the message
-    that completed the chunk (what a client measures), not when the scheduler noticed it."""
-
-    def __init__(self) -> None:
-        self._marks: collections.deque[tuple[int, float]] = collections.deque()
-
-    def record(self, received_total: int, when: float) -> None:
-        self._marks.append((received_total, when))
-
-    def arrival_of(self, sample_end: int, default: float) -> float:
-        # Chunk ends only grow, so marks before this one are never needed again.
-        while self._marks and self._marks[0][0] < sample_end:
-            self._marks.popleft()
-        return self._marks[0][1] if self._marks else default
-
-
 @dataclass(eq=False)
 class StreamState:
     stream_id: str
@@ -113,8 +97,7 @@ class StreamState:
     label: str
     opened_at: float
     status: StreamStatus = StreamStatus.RECEIVING
-    audio: SampleQueue = field(default_factory=SampleQueue)
-    arrivals: ArrivalLog = field(default_factory=ArrivalLog)
+    audio: SampleQueue = field(default_factory=SampleQueue)  # received, not in the sample ring yet (no room)
     received: int = 0                 # samples received in all (at the model's rate)
     ended_at: float | None = None     # when the end of audio arrived
     next_chunk: int = 0               # index of the next chunk to hand to the engine
@@ -138,6 +121,9 @@ class StreamState:
     end_reason: str | None = None     # why the server ended the audio (None: the client half-closed)
     time_limit: asyncio.TimerHandle | None = None  # max_stream_seconds of wall time
     peak_pending: int = 0             # most samples ever waiting at once (memory bound, for tests)
+    # A frontend process writes the stream's audio into the sample ring (server.runtime.engine_host):
+    # its slot does not go back to the pool until the frontend has said it writes no more.
+    writer_attached: bool = False
     peak_events: int = 0              # most undelivered results ever held at once
 
     def set_status(self, new: StreamStatus) -> None:
