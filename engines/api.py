@@ -280,7 +280,9 @@ class StepTimings:
 
 
 # The stages of a step run in parts (StreamingEngine.start_step, a StepRun): its device work
-# up to the encoder is queued; the device has finished it and its device state is committed.
+# up to the encoder is queued, with copies of what the rest of the step reads (the next step's
+# device work may be queued from here on where the engine's `next_at` says so); its decode has
+# run and its commit is queued (the next step's device work may be queued from here on).
 QUEUED = "queued"
 DEVICE_DONE = "device_done"
 

@@ -151,13 +151,23 @@ class GreedyRNNTDecoder:
         return self._graphs[key]
 
     @torch.inference_mode()
+    def project(self, encoded: torch.Tensor) -> torch.Tensor:
+        """The joint's projection of the encoder frames, [B, D, T] (NeMo's encoder layout) ->
+        [B, T, H]: a tensor of its own, so the decode no longer reads `encoded` (a graph
+        encoder's static buffer, which the next step may overwrite once it is queued)."""
+        return self.joint.project_encoder(encoded.transpose(1, 2))
+
+    @torch.inference_mode()
     def decode(self, encoded: torch.Tensor, lengths: torch.Tensor, state: dict[str, torch.Tensor]) -> DecodeOutput:
         """encoded [B, D, T] (NeMo's encoder layout), lengths [B]; state rows in batch order."""
-        B, _, T = encoded.shape
-        f = self.joint.project_encoder(encoded.transpose(1, 2))  # [B, T, H]
-        H = f.shape[-1]
+        return self.decode_projected(self.project(encoded), lengths, state)
+
+    @torch.inference_mode()
+    def decode_projected(self, f: torch.Tensor, lengths: torch.Tensor, state: dict[str, torch.Tensor]) -> DecodeOutput:
+        """f [B, T, H] from `project`, lengths [B]; state rows in batch order."""
+        B, T, H = f.shape
         graph = None
-        if self.use_graphs and encoded.is_cuda:
+        if self.use_graphs and f.is_cuda:
             try:
                 L, graph = self._graphed_loop(B, T, H, f, state)
             except Exception as exc:  # capture is an optimisation of this loop, not an engine

@@ -14,7 +14,7 @@ step that is 2 of 70 frames: the commit moves 1/35 of the bytes it moved as a wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -93,16 +93,67 @@ class SlotPool:
     def scatter(self, index: torch.Tensor, values: dict[str, torch.Tensor], restart=None) -> None:
         """Writes the batch's next state. `restart` (host bool per row, optional) marks rows whose
         state the step began from zero (a stream's first chunk): their rings are written whole,
-        since their old frames belong to the slot's previous stream."""
+        since their old frames belong to the slot's previous stream. `stage` then `commit`."""
+        self.commit(index, self.stage(values, restart))
+
+    def stage(self, values: dict[str, torch.Tensor], restart=None) -> "StagedState":
+        """What `commit` will write, copied out of `values` now: the new frames of each ring row
+        (the whole window of a restart row), every other state whole, in the pool's dtypes.
+        Why a copy: a CUDA-graph encoder's outputs are its static buffers, which the next step's
+        encoder overwrites as soon as it is queued; staged, a step's state no longer depends on
+        them, and its commit can follow its decode while the next step's encoder runs. Nothing
+        of the pool is written here (compute, then commit)."""
+        restart_rows = steady_rows = None
+        if restart is not None and bool(np.any(restart)):
+            restart = np.asarray(restart, dtype=bool)
+            restart_rows, steady_rows = np.flatnonzero(restart), np.flatnonzero(~restart)
+        staged = StagedState(restart_rows=restart_rows, steady_rows=steady_rows)
         for name, v in values.items():
             t = self.tensors[name]
             spec = self.specs[name]
-            if name in self.heads:
-                self._scatter_ring(name, t, spec, index, v.to(t.dtype), restart)
-            else:
-                t.index_copy_(spec.slot_dim, index, v.to(t.dtype))
+            if name not in self.heads:
+                staged.whole[name] = v.to(t.dtype, copy=True)
+                continue
+            dim, shift = spec.slot_dim, spec.ring_shift
+            C = t.shape[dim + 1]
+            new = v.narrow(dim + 1, C - shift, shift)  # the new frames: the window's last `shift`
+            if restart_rows is not None:
+                whole = to_device(restart_rows, v.device)
+                staged.ring_whole[name] = v.index_select(dim, whole).to(t.dtype)
+                new = new.index_select(dim, to_device(steady_rows, v.device))
+            out = torch.empty(new.shape, dtype=t.dtype, device=t.device)
+            out.copy_(new)  # always a copy: a view here would still read the encoder's buffer
+            staged.ring_new[name] = out.flatten(dim, dim + 1)
+        return staged
+
+    def commit(self, index: torch.Tensor, staged: "StagedState", values: dict[str, torch.Tensor] | None = None) -> None:
+        """Writes a staged state (`stage`), and `values`, states written whole that the caller
+        owns (no copy), into the batch's slots."""
+        for name, v in {**staged.whole, **(values or {})}.items():
+            t = self.tensors[name]
+            t.index_copy_(self.specs[name].slot_dim, index, v.to(t.dtype))
+        for name, new in staged.ring_new.items():
+            self._commit_ring(name, index, staged, new)
 
     # -- rings --------------------------------------------------------------------------------
+    def _commit_ring(self, name: str, index: torch.Tensor, staged: "StagedState", new: torch.Tensor) -> None:
+        t = self.tensors[name]
+        dim, shift = self.specs[name].slot_dim, self.specs[name].ring_shift
+        C = t.shape[dim + 1]
+        heads = self.heads[name]
+        if staged.restart_rows is not None:
+            # host row lists -> device (no device sync)
+            whole = index.index_select(0, to_device(staged.restart_rows, index.device))
+            t.index_copy_(dim, whole, staged.ring_whole[name])
+            heads.index_fill_(0, whole, 0)
+            if not len(staged.steady_rows):
+                return
+            index = index.index_select(0, to_device(staged.steady_rows, index.device))
+        # they overwrite each ring's oldest frames
+        head = heads.index_select(0, index)
+        t.flatten(dim, dim + 1).index_copy_(dim, self._ring_positions(index, head, C, shift), new)
+        heads.index_copy_(0, index, (head + shift) % C)
+
     def heads_of(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """Each row's ring head (the position of its oldest frame), for rows gathered as stored."""
         return self.heads[name].index_select(0, index)
@@ -120,22 +171,17 @@ class SlotPool:
         positions = self._ring_positions(index, self.heads_of(name, index), C, C)
         return flat.index_select(dim, positions).unflatten(dim, (index.numel(), C))
 
-    def _scatter_ring(self, name: str, t: torch.Tensor, spec: StateSpec, index: torch.Tensor, v: torch.Tensor,
-                      restart) -> None:
-        dim, shift = spec.slot_dim, spec.ring_shift
-        C = t.shape[dim + 1]
-        heads = self.heads[name]
-        new = v.narrow(dim + 1, C - shift, shift)  # the new frames: the window's last `shift`
-        if restart is not None and bool(np.any(restart)):
-            # host masks -> device row lists (no device sync)
-            whole = to_device(np.flatnonzero(restart), index.device)
-            steady = to_device(np.flatnonzero(~np.asarray(restart)), index.device)
-            t.index_copy_(dim, index.index_select(0, whole), v.index_select(dim, whole))
-            heads.index_fill_(0, index.index_select(0, whole), 0)
-            if not steady.numel():
-                return
-            index, new = index.index_select(0, steady), new.index_select(dim, steady)
-        # they overwrite each ring's oldest frames
-        head = heads.index_select(0, index)
-        t.flatten(dim, dim + 1).index_copy_(dim, self._ring_positions(index, head, C, shift), new.flatten(dim, dim + 1))
-        heads.index_copy_(0, index, (head + shift) % C)
+
+@dataclass
+class StagedState:
+    """A step's next state, copied out of the tensors it was computed in (SlotPool.stage), ready
+    for SlotPool.commit. Tensors hold rows in batch order."""
+
+    restart_rows: np.ndarray | None = None  # batch rows whose rings are written whole (None: none)
+    steady_rows: np.ndarray | None = None   # the other rows, whose rings append (with restart_rows)
+    whole: dict[str, torch.Tensor] = field(default_factory=dict)      # states written whole
+    ring_new: dict[str, torch.Tensor] = field(default_factory=dict)   # ring states: the appending rows' new frames, frames flattened into the row dim
+    ring_whole: dict[str, torch.Tensor] = field(default_factory=dict)  # ring states: the restart rows' whole windows
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.whole.values(), *self.ring_new.values(), *self.ring_whole.values()]

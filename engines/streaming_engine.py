@@ -7,6 +7,7 @@ thread-safe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import dataclasses
@@ -50,7 +51,8 @@ def geometry_of(model: LoadedModel, lookahead_ms: int, align_chunks: bool = True
 class StreamingEngine:
     def __init__(self, model: LoadedModel, encoder: EncoderEngine, lookahead_ms: int, capacity: int,
                  max_batch: int, device: torch.device, dtype: torch.dtype, align_chunks: bool = True,
-                 utterance_reset: str = "keep", ring_cache: bool = True, feature_graphs: bool = True):
+                 utterance_reset: str = "keep", ring_cache: bool = True, feature_graphs: bool = True,
+                 decode_stream: bool = True):
         self.model = model
         self.encoder_engine = encoder
         # Set by engines.factory.build_engine: configured vs running engine, self-check, fallback.
@@ -85,6 +87,20 @@ class StreamingEngine:
                             extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
         self.decoder = GreedyRNNTDecoder(nemo.decoder, nemo.joint, model.blank_id,
                                          max_symbols=_max_symbols(nemo), eou_id=self.eou_id)
+        # On a GPU a step's decode and commit run on a CUDA stream of their own, of high
+        # priority, so that the next step's features, gather and encoder (queued on the main
+        # stream once this step's are: StepRun.next_at) run while this one decodes. The decode
+        # loop waits on the host every few iterations, and the host then builds results: on one
+        # stream the device idled through both. decode_stream=False keeps one stream (A/B).
+        self.decode_stream = None
+        if decode_stream and device.type == "cuda":
+            self.decode_stream = torch.cuda.Stream(device=device, priority=torch.cuda.Stream.priority_range()[1])
+        # The stage of a step (StepRun) from which the next step's device work may be queued
+        # behind it (the engine worker reads it): QUEUED with a decode stream (the next encoder
+        # runs beside this decode), else DEVICE_DONE (on one stream the next step would run
+        # before this one's decode; on the CPU there is nothing to overlap). Either is correct
+        # for two steps of different streams: the step reads only its own copies after QUEUED.
+        self.next_at = QUEUED if self.decode_stream is not None else DEVICE_DONE
         self.endpointer = Endpointer(capacity, 1e3 * self.geometry.encoder_frame_seconds, device)
         n_layers, d = len(enc.layers), enc.d_model
         # An encoder engine may keep a different per-layer attention cache (e.g. projected K/V,
@@ -248,9 +264,11 @@ class StreamingEngine:
 
     def _stages(self, prepared: "PreparedStep", sync: bool):
         """The step, as a generator that yields twice (StepRun): once its device work up to the
-        encoder is queued (QUEUED), once the device has finished it and the device state is
-        committed (DEVICE_DONE: the next step's device work may be queued from here on, and this
-        step's host part then runs while the device computes that one). Returns the StepResult."""
+        encoder is queued, with copies of everything the rest of the step reads (QUEUED: with a
+        decode stream, the next step's device work may be queued from here on), once its decode
+        has run and its commit is queued (DEVICE_DONE: the next step's device work may be queued
+        from here on in any case, and this step's host part then runs while the device computes
+        that one). Returns the StepResult once the commit has run on the device."""
         plan = prepared.plan
         if not len(plan):
             return StepResult(updates=(), engine=self.encoder_engine.name)
@@ -296,38 +314,45 @@ class StreamingEngine:
             **({"cache_head": head} if head is not None else {}))
         # A full chunk yields encoder_frames outputs; a stream's short last chunk fewer.
         enc_len = torch.clamp(enc_len, max=self.geometry.encoder_frames)
+        # The rest of the step reads copies, not the encoder's outputs: a graph encoder's are its
+        # static buffers, which the next step's encoder overwrites once it is queued (at QUEUED
+        # on a GPU with a decode stream). The copies are what the commit will write (the ring's
+        # new frames, not whole windows) and the joint's projection of the frames.
+        projected = self.decoder.project(encoded)
+        P = self.geometry.pre_encode_frames
+        staged = self.pool.stage({"cache_channel": cc_next, "cache_time": ct_next, "cache_len": ccl_next,
+                                  "pre_encode": x[:, :, -P:] if P else x[:, :, :0]}, restart=encoder_restart)
+        ready = self._mark_main()
         wait()
         t2 = time.perf_counter()
         yield QUEUED
         resumed = time.perf_counter()
         aside = resumed - t2
 
-        dec_state = self.decoder.start_state(fresh, bool(restart_host.any()),
-                                             {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
-        decoded = self.decoder.decode(encoded, enc_len, dec_state)
-        endpoint = None
-        events = ({}, {})
-        if self.endpointer.enabled(slot_array):
-            reset = to_device(reset_host, self.device) if any_reset else None
-            endpoint = self.endpointer.step(slot_array, decoded.nonblank, decoded.eou, enc_len, reset,
-                                            state["ep_hist"], state["ep_flags"])
-            # to the host now, before the next step's work is queued behind this one's
-            base = np.where(fresh_host, 0, self.frames_done[slot_array])
-            events = event_frames(endpoint[0], base)
-        enc_len_host = enc_len.cpu().numpy()
-        t3 = time.perf_counter()
+        with self._on_decode_stream(ready, idx, fresh, projected, enc_len, *state.values(), *staged.tensors()):
+            dec_state = self.decoder.start_state(fresh, bool(restart_host.any()),
+                                                 {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
+            decoded = self.decoder.decode_projected(projected, enc_len, dec_state)
+            endpoint = None
+            events = ({}, {})
+            if self.endpointer.enabled(slot_array):
+                reset = to_device(reset_host, self.device) if any_reset else None
+                endpoint = self.endpointer.step(slot_array, decoded.nonblank, decoded.eou, enc_len, reset,
+                                                state["ep_hist"], state["ep_flags"])
+                base = np.where(fresh_host, 0, self.frames_done[slot_array])
+                events = event_frames(endpoint[0], base)
+            enc_len_host = enc_len.cpu().numpy()
+            t3 = time.perf_counter()
 
-        # Success: commit every piece of state. Nothing above wrote any stream's state.
-        try:
-            P = self.geometry.pre_encode_frames
-            self.pool.scatter(idx, {
-                "cache_channel": cc_next, "cache_time": ct_next, "cache_len": ccl_next,
-                "pre_encode": x[:, :, -P:] if P else x[:, :, :0],
-                **decoded.state,
-                **({"ep_hist": endpoint[1], "ep_flags": endpoint[2]} if endpoint is not None else {}),
-            }, restart=encoder_restart)
-        except Exception as exc:
-            raise _state_lost(plan, exc) from exc
+            # Success: commit every piece of state. Nothing above wrote any stream's state.
+            try:
+                self.pool.commit(idx, staged, {
+                    **decoded.state,
+                    **({"ep_hist": endpoint[1], "ep_flags": endpoint[2]} if endpoint is not None else {}),
+                })
+            except Exception as exc:
+                raise _state_lost(plan, exc) from exc
+            committed = self._mark_decode()
         t_scattered = time.perf_counter()
         yield DEVICE_DONE
         aside += time.perf_counter() - t_scattered
@@ -339,6 +364,10 @@ class StreamingEngine:
             columns = self._result_columns(plan, chunk_index, audio_end, enc_len_host, decoded, events)
         except Exception as exc:
             raise _state_lost(plan, exc) from exc
+        if committed is not None:
+            # A later step of these streams may gather on the main stream: their state is in
+            # the pool before this step's result is out.
+            committed.synchronize()
         t4 = time.perf_counter()
         commit_s = (t_scattered - t3) + (t_committed - t_host)
         timings = StepTimings(features_ms=1e3 * (t1 - t0), encoder_ms=1e3 * (t2 - t1),
@@ -395,6 +424,39 @@ class StreamingEngine:
                              text_delta=text, token_offsets=offsets, token_ids=np.asarray(ids, dtype=np.int64),
                              token_pieces=[pieces[i] for i in ids], token_frames=np.asarray(token_frames, dtype=np.int64),
                              starts=starts, ends=ends)
+
+    # -- streams ---------------------------------------------------------------------------------
+    def _mark_main(self):
+        """An event behind the work queued on the main stream so far, for the decode stream to
+        wait on (not the stream itself: the next step's work may be queued on it by then)."""
+        if self.decode_stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def _mark_decode(self):
+        if self.decode_stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.decode_stream)
+        return event
+
+    @contextlib.contextmanager
+    def _on_decode_stream(self, ready, *handed: torch.Tensor):
+        """The decode stream as the current stream, after the main stream's work up to `ready`.
+        The `handed` tensors, made on the main stream, are marked as used by the decode stream,
+        so that the caching allocator gives none of their memory to the main stream before the
+        decode stream's work on them has run."""
+        if self.decode_stream is None:
+            yield
+            return
+        self.decode_stream.wait_event(ready)
+        for t in handed:
+            if t is not None and t.is_cuda:
+                t.record_stream(self.decode_stream)
+        with torch.cuda.stream(self.decode_stream):
+            yield
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (a step returns before its commit has run on a GPU)."""
@@ -513,8 +575,8 @@ class StepRun:
     """One step, run in stages (StreamingEngine.start_step): `advance` runs it to its next stage
     (QUEUED, DEVICE_DONE) and returns True, or runs its last part and returns False, with the
     StepResult in `result`. Between stages the caller may do other work: prepare the next step
-    while this one is QUEUED, queue the next step's device work once this one is DEVICE_DONE
-    (two steps of different streams only). Out of device memory becomes EngineOverloadedError,
+    while this one is QUEUED, queue the next step's device work once this one has reached the
+    engine's `next_at` (two steps of different streams only). Out of device memory becomes EngineOverloadedError,
     as in StreamingEngine.step."""
 
     def __init__(self, engine: StreamingEngine, prepared: PreparedStep, sync: bool):

@@ -63,6 +63,18 @@ def build_host_part_fault(cfg: EngineConfig):
     return engine
 
 
+def build_early_next(cfg: EngineConfig):
+    """A real engine that lets the next step's device work be queued as soon as a step's encoder
+    is (StreamingEngine.next_at = QUEUED, as on a GPU with a decode stream), so the worker begins
+    the next step before this one's decode."""
+    from engines.api import QUEUED
+    from engines.factory import build_engine
+
+    engine = build_engine(cfg)
+    engine.next_at = QUEUED
+    return engine
+
+
 def build_refusing(cfg: EngineConfig):
     raise ValueError("no model at /nowhere/model.nemo")
 
@@ -371,12 +383,14 @@ def test_replies_larger_than_the_socket_buffer_arrive_whole_under_uvloop():
 
 
 @pytest.mark.asyncio
-async def test_the_worker_prepares_the_next_step_while_one_runs_and_keeps_every_result():
+@pytest.mark.parametrize("factory", ["engines.factory:build_engine", "tests.test_engine_worker:build_early_next"])
+async def test_the_worker_prepares_the_next_step_while_one_runs_and_keeps_every_result(factory):
     """Two steps in flight on a real engine (the scheduler's way: each stream in one of them):
     the child reads the second while the first runs, prepares it (checks, waveform windows)
     and runs it after; every result equals the same steps taken one at a time in this process.
     A slot claimed while a step runs is in place for the next step; a bad chunk in a step read
-    ahead fails that step alone, in its turn."""
+    ahead fails that step alone, in its turn. With build_early_next the second step's device
+    work is begun before the first one's decode (StreamingEngine.next_at)."""
     import asyncio
 
     from engines.factory import build_engine
@@ -399,7 +413,7 @@ async def test_the_worker_prepares_the_next_step_while_one_runs_and_keeps_every_
         g_local.release_slot(slot)
     assert g_local.slots_in_use() == 0
 
-    worker = EngineWorker.start("engines.factory:build_engine", cfg, QUIET)
+    worker = EngineWorker.start(factory, cfg, QUIET)
     try:
         worker.warmup()
         slots = {i: worker.acquire_slot() for i in range(5)}
@@ -518,3 +532,66 @@ def test_while_the_device_is_busy_the_child_keeps_taking_messages_until_it_is_no
     finally:
         parent.close()
         child.close()
+
+
+@pytest.mark.parametrize("next_at", ["queued", "device_done"])
+def test_the_next_step_is_begun_from_the_stage_the_engine_names(next_at, monkeypatch):
+    """_finish: with the engine's next_at QUEUED the step read ahead is begun right after the
+    read-ahead, before the current step's decode (its advance from QUEUED); with DEVICE_DONE
+    only after it. With QUEUED, a step that arrives during the decode is taken then (a read
+    that does not wait) and begun before the current step's host part."""
+    from engines.api import DEVICE_DONE, QUEUED
+    import types
+
+    from server.runtime.engine_worker import _finish, _Started
+
+    order = []
+
+    class Run:
+        stage = QUEUED
+
+        def advance(self):
+            order.append(f"advance from {self.stage}")
+            self.stage = {QUEUED: DEVICE_DONE, DEVICE_DONE: None}[self.stage]
+            return self.stage is not None
+
+        @property
+        def result(self):
+            return "result"
+
+    class Ahead:
+        stages = True
+        arrived = False
+
+        def during_step(self, run, wait=True):
+            order.append("read ahead" if wait else "read what arrived")
+
+        def start_next(self):
+            order.append("begin next")
+            return "next" if self.arrived else None
+
+    class Engine:
+        pass
+
+    engine = Engine()
+    engine.next_at = QUEUED if next_at == "queued" else DEVICE_DONE
+    ahead = Ahead()
+    ahead.arrived = True
+    current = _Started(message=types.SimpleNamespace(id=1), got=0.0, began=0.0, plan=None, run=Run())
+    import server.runtime.engine_worker as ew
+    monkeypatch.setattr(ew, "_reply", lambda *args: "reply")
+    reply, nxt = _finish(current, engine, ahead, None)
+    assert (reply, nxt) == ("reply", "next")
+    if next_at == "queued":
+        assert order == ["read ahead", "begin next", "advance from queued", "advance from device_done"]
+    else:
+        assert order == ["read ahead", "advance from queued", "begin next", "advance from device_done"]
+    order.clear()
+    ahead.arrived = False  # nothing read ahead: with QUEUED, what came during the decode is taken
+    reply, nxt = _finish(_Started(message=types.SimpleNamespace(id=1), got=0.0, began=0.0, plan=None, run=Run()), engine, ahead, None)
+    assert nxt is None
+    if next_at == "queued":
+        assert order == ["read ahead", "begin next", "advance from queued", "read what arrived", "begin next",
+                         "advance from device_done"]
+    else:
+        assert order == ["read ahead", "advance from queued", "begin next", "advance from device_done"]

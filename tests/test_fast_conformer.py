@@ -336,19 +336,36 @@ def test_graph_engine_gathers_the_ring_straight_into_its_buffer(engines, audios,
         assert int(engine.pool.heads["cache_channel"].max()) > 0
 
 
-def test_two_steps_interleaved_in_stages_equal_the_steps_one_after_the_other(engines, audios):
-    """StreamingEngine.start_step: step B's device work queued once step A's device part is done
-    and before A's host part (the engine worker's overlap), on the graph engine's static buffers,
-    which B's encoder overwrites: A's state was committed from them before, so both give what
-    they give one after the other."""
+@pytest.mark.parametrize("b_from", ["device_done", "queued"])
+def test_two_steps_interleaved_in_stages_equal_the_steps_one_after_the_other(engines, audios, b_from):
+    """StreamingEngine.start_step: step B's device work queued behind step A's (the engine
+    worker's overlap), on the graph engine's static buffers, which B's encoder overwrites.
+    b_from="device_done": once A's decode and commit are queued, before A's host part (one
+    stream). b_from="queued": as soon as A's encoder is queued, before A's decode (a GPU with a
+    decode stream, StreamingEngine.next_at): A's decode and commit must read their own copies
+    (SlotPool.stage, the decoder's projection), not the buffers B has overwritten. Either way
+    both give what they give one after the other."""
     from engines.api import DEVICE_DONE, QUEUED, ChunkWork, StepPlan
 
     eager, _ = engines
     enc = eager.model.nemo_model.encoder
 
+    class StaticFrames(FastCudaGraphEncoder):
+        """Uncaptured, its caches are already per-bucket workspaces; its encoder frames come
+        back in one buffer per shape too, as a captured graph's output does."""
+
+        frames: dict = {}
+
+        def _run(self, *args, **kwargs):
+            encoded, *rest = super()._run(*args, **kwargs)
+            out = self.frames.setdefault(tuple(encoded.shape), torch.empty_like(encoded))
+            out.copy_(encoded)
+            return (out, *rest)
+
     def build():
         from engines.features import FeatureGraphs
-        graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4))
+        graph_eng = StaticFrames(enc, max_batch=8, use_graphs=False, buckets=(2, 4))
+        graph_eng.frames = {}
         engine = StreamingEngine(eager.model, graph_eng, eager.geometry.lookahead_ms, capacity=16, max_batch=8,
                                  device=torch.device("cpu"), dtype=torch.float32)
         # the features' per-bucket output buffers too, as on a GPU
@@ -378,9 +395,12 @@ def test_two_steps_interleaved_in_stages_equal_the_steps_one_after_the_other(eng
         a, b = plans(two, slots_two, k)
         run_a = two.start_step(a)
         assert run_a.advance() and run_a.stage == QUEUED
-        assert run_a.advance() and run_a.stage == DEVICE_DONE
+        if b_from == "device_done":
+            assert run_a.advance() and run_a.stage == DEVICE_DONE
         run_b = two.start_step(two.prepare(b))
         assert run_b.advance() and run_b.stage == QUEUED
+        if b_from == "queued":
+            assert run_a.advance() and run_a.stage == DEVICE_DONE  # A's decode and commit, after B's encoder
         assert not run_a.advance()  # A's host part, while B's work is queued
         while run_b.advance():
             pass

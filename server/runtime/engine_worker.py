@@ -44,9 +44,12 @@ still needs it).
 
 With two steps in flight the child overlaps them (`_ReadAhead`, `_start`, `_finish`): while the
 device runs step n (StreamingEngine.start_step, a StepRun at QUEUED) it reads step n+1 if it
-has arrived and prepares it (checks, waveform windows); once the device has finished step n and
-its device state is committed (DEVICE_DONE), it queues step n+1's device work, and then does step
-n's host part (waveform history, counters, results, the reply) while the device computes n+1.
+has arrived and prepares it (checks, waveform windows), and queues step n+1's device work from
+the stage the engine names (`next_at`): on a GPU, where the engine decodes on a CUDA stream of
+its own, at once, so that n+1's features, gather and encoder run while step n decodes and
+commits (a step that arrives during that decode is taken and queued before n's results);
+otherwise once step n's decode and commit are queued (DEVICE_DONE). Then it does step n's host
+part (waveform history, counters, results, the reply) while the device computes n+1.
 The two steps never share a stream (the scheduler submits a stream in one step at a time), so
 each stream's work keeps its order, and the replies keep the requests' order.
 """
@@ -570,10 +573,18 @@ def _finish(current: _Started, engine, ahead: "_ReadAhead", slots: "_ChildSlots"
             raise current.error
         run = current.run
         if ahead.stages:
+            # From which stage the next step's device work may be queued behind this one's:
+            # QUEUED where the engine decodes on a stream of its own (the next encoder runs
+            # beside this decode), else DEVICE_DONE.
+            early_next = getattr(engine, "next_at", DEVICE_DONE) == QUEUED
             if run.stage == QUEUED:
                 ahead.during_step(run)
+                if early_next:
+                    nxt = ahead.start_next()
                 run.advance()
-            if run.stage == DEVICE_DONE:
+            if run.stage == DEVICE_DONE and nxt is None:
+                if early_next:  # a step that came during the decode goes on the device before the results
+                    ahead.during_step(run, wait=False)
                 nxt = ahead.start_next()
             while run.advance():
                 pass
@@ -654,13 +665,14 @@ class _ReadAhead:
             return _Started(message, early.got, began, early.plan, error=exc)
         return _Started(message, early.got, began, early.plan, run)
 
-    def during_step(self, run) -> None:
+    def during_step(self, run, wait: bool = True) -> None:
         """While `run` (at QUEUED) keeps the device busy, take the messages that arrive, until a
         step is among them: the parent sends the next step before this one ends (the
-        scheduler's `overlap_at`), and it is prepared here, on the host, while the device works."""
+        scheduler's `overlap_at`), and it is prepared here, on the host, while the device works.
+        wait=False takes only what has already arrived."""
         if not self.prepares or self._backlog or self._broken is not None:
             return
-        busy = getattr(run, "device_busy", None)
+        busy = getattr(run, "device_busy", None) if wait else None
         while True:
             try:
                 message = self.link.poll()
