@@ -101,7 +101,7 @@ def main() -> int:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
-                       lookahead_ms=args.lookahead, max_streams=2 * max(batches), max_batch=max(batches))
+                       lookahead_ms=args.lookahead, max_streams=2 * max(batches), max_batch=max(batches), decode_stream=True)
     t0 = time.perf_counter()
     engine = build_engine(cfg)
     engine.warmup()

@@ -45,6 +45,10 @@ class EngineConfig:
     # "all" restarts the encoder caches too, as for a new stream (a model trained on single
     # utterances only); "auto": the model's own setting (builtin:demo: all; others: keep).
     utterance_reset: str = "auto"
+    # On a GPU, a step's decode and commit on a CUDA stream of their own, so the next step's
+    # encoder runs beside them (engines.streaming_engine: decode_stream). Off by default until
+    # the GPU suite and bench/pipeline_bench.py have run it (not yet: no device time was left).
+    decode_stream: bool = False
 
     def __post_init__(self) -> None:
         if self.utterance_reset not in UTTERANCE_RESETS:

@@ -224,7 +224,8 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
                                    "Free the device, or name --max-streams explicitly")
         capacity = sizing.max_streams
     engine = StreamingEngine(model, encoder, cfg.lookahead_ms, capacity, cfg.max_batch, device, dtype,
-                             align_chunks=cfg.align_chunks, utterance_reset=utterance_reset)
+                             align_chunks=cfg.align_chunks, utterance_reset=utterance_reset,
+                             decode_stream=cfg.decode_stream)
     engine.profile_every = cfg.profile_every
     describe = getattr(encoder, "describe", None)
     engine.startup_report = StartupReport(

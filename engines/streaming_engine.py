@@ -52,7 +52,7 @@ class StreamingEngine:
     def __init__(self, model: LoadedModel, encoder: EncoderEngine, lookahead_ms: int, capacity: int,
                  max_batch: int, device: torch.device, dtype: torch.dtype, align_chunks: bool = True,
                  utterance_reset: str = "keep", ring_cache: bool = True, feature_graphs: bool = True,
-                 decode_stream: bool = True):
+                 decode_stream: bool = False):
         self.model = model
         self.encoder_engine = encoder
         # Set by engines.factory.build_engine: configured vs running engine, self-check, fallback.
@@ -91,7 +91,8 @@ class StreamingEngine:
         # priority, so that the next step's features, gather and encoder (queued on the main
         # stream once this step's are: StepRun.next_at) run while this one decodes. The decode
         # loop waits on the host every few iterations, and the host then builds results: on one
-        # stream the device idled through both. decode_stream=False keeps one stream (A/B).
+        # stream the device idled through both. decode_stream=False (the default until it has
+        # run on a GPU) keeps one stream.
         self.decode_stream = None
         if decode_stream and device.type == "cuda":
             self.decode_stream = torch.cuda.Stream(device=device, priority=torch.cuda.Stream.priority_range()[1])
@@ -329,16 +330,17 @@ class StreamingEngine:
         resumed = time.perf_counter()
         aside = resumed - t2
 
-        with self._on_decode_stream(ready, idx, fresh, projected, enc_len, *state.values(), *staged.tensors()):
+        decoding = {k: state[k] for k in ("dec_out", "dec_h", "dec_c", "ep_hist", "ep_flags") if k in state}
+        with self._on_decode_stream(ready, idx, fresh, projected, enc_len, *decoding.values(), *staged.tensors()):
             dec_state = self.decoder.start_state(fresh, bool(restart_host.any()),
-                                                 {k: state[k] for k in ("dec_out", "dec_h", "dec_c")})
+                                                 {k: decoding[k] for k in ("dec_out", "dec_h", "dec_c")})
             decoded = self.decoder.decode_projected(projected, enc_len, dec_state)
             endpoint = None
             events = ({}, {})
             if self.endpointer.enabled(slot_array):
                 reset = to_device(reset_host, self.device) if any_reset else None
                 endpoint = self.endpointer.step(slot_array, decoded.nonblank, decoded.eou, enc_len, reset,
-                                                state["ep_hist"], state["ep_flags"])
+                                                decoding["ep_hist"], decoding["ep_flags"])
                 base = np.where(fresh_host, 0, self.frames_done[slot_array])
                 events = event_frames(endpoint[0], base)
             enc_len_host = enc_len.cpu().numpy()

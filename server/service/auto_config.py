@@ -7,21 +7,21 @@ the device is, in the engine process: engines/capacity.py.
 Frontends (`--frontends auto`): on the CPU, 1 (everything in one process, as before: a CPU
 engine carries a handful of streams, far below what one event loop answers). On a GPU, one
 frontend per CORES_PER_FRONTEND usable cores after ENGINE_CORES, at least 1, at most
-MAX_AUTO_FRONTENDS. The figures, from the H100 capacity run 19 (bench/RESULTS.md, 1,728
-streams at 160 ms with `--frontends 4`):
-  - ENGINE_CORES = 2: the engine worker used 0.83 of a core and the parent's event loop (the
-    scheduler) 0.64; each must have a core of its own, or a step waits for the CPU.
-  - CORES_PER_FRONTEND = 3: a frontend carrying a quarter of those streams used 0.43-0.48 of a
-    core on its event loop; gRPC's own threads and the kernel's network work for its
-    connections come on top, and chunks arrive in bursts, so each frontend gets well over one
-    core's worth of room.
-  - MAX_AUTO_FRONTENDS = 4: the count every recorded capacity run used; at that capacity each
-    frontend was half busy, and more frontends mean more frames for the parent's one event
-    loop, the next limit after the engine. A host with more cores gets 4 (16 cores: exactly 4).
-    Tried on the H200 (bench/RESULTS.md, runs 32-33, 160 ms, 60 s streams): 7 frontends (one per
-    2 cores) did no better than 4: 2,363 streams failed with p95 982 ms beside 2,290 failing with
-    945 ms on 4, the busiest frontend loop at 0.64 of a core against 0.84. The frontends are not
-    what binds there; the parent's loop and the batch cap are.
+MAX_AUTO_FRONTENDS. The figures (bench/RESULTS.md):
+  - ENGINE_CORES = 2: in the H100 run 19 the engine worker used 0.83 of a core and the parent's
+    event loop (the scheduler) 0.64; each must have a core of its own, or a step waits for the
+    CPU.
+  - CORES_PER_FRONTEND = 2: a frontend's event loop carries up to about 800 streams of 160 ms
+    on a core (H100 run 34: 0.89 of a core at 821 streams, 0.94-0.95 at 871-995 where the level
+    failed); gRPC's completion-queue thread and the kernel's network work for its connections
+    come on top of the loop, so each frontend gets two cores' worth of room.
+  - MAX_AUTO_FRONTENDS = 6: since the frontends write their audio into the engine's sample ring
+    (runs 34-35) the parent's loop is at 0.4 of a core at 3,000 streams, and what a frontend
+    costs it is one small message a loop iteration; the frontends became a limit (four of them
+    at 0.94-0.95 of a core where run 34's 3,102 streams failed), and six carried the best
+    capacity measured (run 35: 3,140 streams, the busiest frontend at 0.79). A 16-core host gets
+    (16 - 2) // 2 = 7, capped to 6. Before the ring (H200 runs 32-33) 7 frontends did no better
+    than 4, when the parent's loop bound.
 CPU counts are the cores this process may run on (its affinity) and, where a cgroup (v2) CPU
 quota is lower (a container's CPU limit), that quota.
 """
@@ -40,8 +40,8 @@ from engines.config import EngineConfig
 log = logging.getLogger("nemostream.cli")
 AUTO = "auto"
 ENGINE_CORES = 2
-CORES_PER_FRONTEND = 3
-MAX_AUTO_FRONTENDS = 4
+CORES_PER_FRONTEND = 2
+MAX_AUTO_FRONTENDS = 6
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 # What `auto` means, for asr-server --help.

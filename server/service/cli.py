@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--profile-every", type=int, default=100,
                    help="every Nth engine step synchronizes the device at each phase, for the per-phase "
                         "times in asr_engine_phase_seconds (0: never)")
+    m.add_argument("--decode-stream", action="store_true",
+                   help="on a GPU, decode each step on a CUDA stream of its own, beside the next step's encoder "
+                        "(not yet measured on a GPU; by default the next step waits for each decode)")
     m.add_argument("--cache-dir", default=None, help="exported graphs / built engine plans")
     m.add_argument("--seed", type=int, default=0, help="seed of builtin models' random weights")
     m.add_argument("--engine-factory", default=DEFAULT_FACTORY,
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                            lookahead_ms=args.lookahead_ms, **engine_sizing_kwargs(args.max_streams, args.max_batch),
                            fallback_engine=args.fallback_engine, cache_dir=args.cache_dir, seed=args.seed,
                            cudagraph_compile=args.compile, profile_every=args.profile_every,
-                           utterance_reset=args.utterance_reset)
+                           utterance_reset=args.utterance_reset, decode_stream=args.decode_stream)
         settings = build_settings(args)
     except ValueError as exc:
         print(f"asr-server: {exc}", file=sys.stderr)

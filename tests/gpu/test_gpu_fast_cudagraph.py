@@ -226,7 +226,7 @@ def test_steps_begun_at_queued_beside_a_decode_on_its_stream_equal_the_steps_one
     from engines.models import speechlike_audio
 
     engine = build_engine(EngineConfig(model="builtin:tiny", engine=engine_name, device="cuda", dtype="float32",
-                                       lookahead_ms=160, max_streams=16, max_batch=8))
+                                       lookahead_ms=160, max_streams=16, max_batch=8, decode_stream=True))
     assert engine.encoder_engine.name == engine_name
     assert engine.decode_stream is not None and engine.next_at == QUEUED
     g = engine.geometry
