@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DecodeOutput:
-    labels: list[list[int]]   # per row, new labels in order
-    frames: list[list[int]]   # per row, the chunk-relative encoder frame of each label
+    """The new labels as columns: every row's labels in emission order, the rows one after
+    another (`label_counts` per row), so no list is made per row."""
+
+    label_ids: np.ndarray     # [labels] int64
+    label_frames: np.ndarray  # [labels] int64, the chunk-relative encoder frame of each label
+    label_counts: np.ndarray  # [B] int64, labels per row
     state: dict[str, torch.Tensor]  # new per-row decoder state (pred_out, h, c)
     # [B, T] on the device, for endpointing: each frame's non-blank probability at its first
     # joint evaluation, and (models with an end-of-utterance token) whether it emitted that token.
@@ -207,18 +211,10 @@ class GreedyRNNTDecoder:
         out = torch.stack((torch.cat(outs_k), torch.cat(outs_t), torch.cat(outs_m).long()))[:, :, :B]
         K, F, M = out.transpose(1, 2).cpu().numpy()  # each [B, iterations]
         rows, cols = np.nonzero(M)
-        counts = np.bincount(rows, minlength=B).tolist()
-        flat_k, flat_t = K[rows, cols].tolist(), F[rows, cols].tolist()
-        labels: list[list[int]] = []
-        frames: list[list[int]] = []
-        at = 0
-        for n in counts:
-            labels.append(flat_k[at:at + n])
-            frames.append(flat_t[at:at + n])
-            at += n
         new_state = {"dec_out": L.g[:B].clone(), "dec_h": L.h[:, :B].clone(), "dec_c": L.c[:, :B].clone()}
-        return DecodeOutput(labels=labels, frames=frames, state=new_state, nonblank=L.nonblank[:B].clone(),
-                            eou=L.eou[:B].clone() if self.eou_id is not None else None)
+        return DecodeOutput(label_ids=K[rows, cols].astype(np.int64), label_frames=F[rows, cols].astype(np.int64),
+                            label_counts=np.bincount(rows, minlength=B).astype(np.int64), state=new_state,
+                            nonblank=L.nonblank[:B].clone(), eou=L.eou[:B].clone() if self.eou_id is not None else None)
 
 
 @dataclass

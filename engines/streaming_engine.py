@@ -132,6 +132,8 @@ class StreamingEngine:
         self.chunks_done = np.zeros(capacity, dtype=np.int64)
         self.frames_done = np.zeros(capacity, dtype=np.int64)
         self.text_started = np.zeros(capacity, dtype=bool)
+        # each piece's text (its word-start marker a space), so a row's text is one join
+        self._piece_text = [pieces_text([p], model.word_boundary) for p in model.pieces]
         self.finished = np.zeros(capacity, dtype=bool)
         # Benchmarks set this to attribute GPU time to phases (a device sync at each boundary);
         # profile_every does it for every Nth step while serving (EngineConfig.profile_every).
@@ -382,8 +384,8 @@ class StreamingEngine:
     def _result_columns(self, plan: StepPlan, chunk_index: np.ndarray, audio_end: np.ndarray,
                         enc_len: np.ndarray, decoded, events: tuple[dict, dict] = ({}, {})) -> ResultColumns:
         """Advance the host counters (in bulk) and lay the step's results out as columns: token
-        ids with per-row offsets. Only rows with new labels (few, at a step of 2-7 encoder
-        frames) are visited one by one; no object per row."""
+        ids with per-row offsets, as array operations over the decode's label columns. Only the
+        rows with new text are visited one by one (their text); no object per row."""
         g = self.geometry
         slot = plan.slots
         first = plan.first
@@ -402,29 +404,33 @@ class StreamingEngine:
         # once this reaches the message's end
         seconds = (self.featurizer.samples_seen[slot] - g.lead_in) / g.sample_rate
         starts, ends = events  # endpoint events as stream frames (found before the host part)
-        pieces, eou = self.model.pieces, self.eou_id
         n = len(slot)
-        counts = np.zeros(n, dtype=np.int64)
-        text = [""] * n
-        ids: list[int] = []
-        token_frames: list[int] = []
-        labels_of, frames_of = decoded.labels, decoded.frames
-        labeled = [i for i, labels in enumerate(labels_of) if labels]
-        for i in labeled:
-            # The end-of-utterance token is a signal for the endpointer, not text.
-            b = int(base[i])
-            kept = [(lab, b + fr) for lab, fr in zip(labels_of[i], frames_of[i]) if lab != eou]
-            if kept:
-                counts[i] = len(kept)
-                ids.extend(lab for lab, _ in kept)
-                token_frames.extend(fr for _, fr in kept)
-                text[i] = self._text(int(slot[i]), [pieces[lab] for lab, _ in kept])
+        row_of = np.repeat(np.arange(n), decoded.label_counts)
+        ids, token_frames = decoded.label_ids, decoded.label_frames
+        if self.eou_id is not None:  # the end-of-utterance token is a signal for the endpointer, not text
+            keep = ids != self.eou_id
+            ids, token_frames, row_of = ids[keep], token_frames[keep], row_of[keep]
+        token_frames = base[row_of] + token_frames
         offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
+        np.cumsum(np.bincount(row_of, minlength=n), out=offsets[1:])
+        id_list = ids.tolist()
+        pieces, piece_text = self.model.pieces, self._piece_text
+        texts = [piece_text[i] for i in id_list]
+        text = [""] * n
+        bounds = offsets.tolist()
+        slots_list = slot.tolist()
+        started = self.text_started
+        for r in np.unique(row_of).tolist():
+            t = "".join(texts[bounds[r]:bounds[r + 1]])
+            s = slots_list[r]
+            if not started[s]:  # a stream's text does not start with a space
+                t = t.lstrip(" ")
+                started[s] = bool(t)
+            text[r] = t
         return ResultColumns(stream_ids=plan.stream_ids, slots=slot.copy(), is_final=final,
                              frames_decoded=frames.astype(np.int64), audio_seconds=seconds.astype(np.float64),
-                             text_delta=text, token_offsets=offsets, token_ids=np.asarray(ids, dtype=np.int64),
-                             token_pieces=[pieces[i] for i in ids], token_frames=np.asarray(token_frames, dtype=np.int64),
+                             text_delta=text, token_offsets=offsets, token_ids=ids.astype(np.int64, copy=False),
+                             token_pieces=[pieces[i] for i in id_list], token_frames=token_frames.astype(np.int64),
                              starts=starts, ends=ends)
 
     # -- streams ---------------------------------------------------------------------------------
@@ -464,17 +470,6 @@ class StreamingEngine:
         """Wait for the device's queued work (a step returns before its commit has run on a GPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _text(self, slot: int, token_pieces: list[str]) -> str:
-        """The text of a row's new pieces (word-start markers as spaces); a stream's text does
-        not start with a space."""
-        if not token_pieces:
-            return ""
-        text = pieces_text(token_pieces, self.model.word_boundary)
-        if not self.text_started[slot]:
-            text = text.lstrip(" ")
-            self.text_started[slot] = bool(text)
-        return text
 
     # -- self-check ------------------------------------------------------------------------------
     def warmup(self) -> str:

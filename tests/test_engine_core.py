@@ -425,3 +425,57 @@ def test_no_graph_capture_while_serving_after_warmup():
     audio = {f"s{i}": _audio(1.0 + 0.3 * i, seed=200 + i) for i in range(8)}
     run_streams(engine, audio, seed=5)
     assert len(engine.decoder._graphs) == captured
+
+
+def test_result_columns_lay_the_decoded_labels_out_per_row_without_the_end_of_utterance_token():
+    """StreamingEngine._result_columns over the decode's label columns: each row's tokens in
+    order at its offsets, frames counted from the stream's start, the end-of-utterance token
+    dropped (a signal for the endpointer, not text), a row with no labels (or only that token)
+    empty, each row's text its pieces with word-start markers as spaces, and a stream's text
+    not starting with a space."""
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+    from engines.rnnt_decoder import DecodeOutput
+
+    engine = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                                       max_streams=8, max_batch=8))
+    pieces = engine.model.pieces
+    word = [i for i, p in enumerate(pieces) if p.startswith("\u2581") and len(p) > 1][:3]
+    inner = [i for i, p in enumerate(pieces) if not p.startswith("\u2581") and not p.startswith("<")][:2]
+    eou = inner[1]
+    engine.eou_id = eou  # as for a model with an end-of-utterance token
+    g = engine.geometry
+    slots = [engine.acquire_slot() for _ in range(4)]
+    audio = np.zeros(g.samples_needed(3), np.float32)
+    try:
+        def plan(k):
+            a, b = g.chunk_span(k, len(audio), False)
+            return StepPlan(tuple(ChunkWork(f"s{i}", s, audio[a:b], k == 0, False) for i, s in enumerate(slots)))
+
+        def columns(k, rows):
+            counts = np.array([len(r) for r in rows], dtype=np.int64)
+            flat = [x for r in rows for x in r]
+            decoded = DecodeOutput(label_ids=np.array([x for x, _ in flat], dtype=np.int64),
+                                   label_frames=np.array([f for _, f in flat], dtype=np.int64),
+                                   label_counts=counts, state={})
+            return engine._result_columns(plan(k), np.full(4, k, dtype=np.int64), np.full(4, -1, dtype=np.int64),
+                                          np.full(4, g.encoder_frames, dtype=np.int64), decoded)
+
+        # first chunk: row 0 two word pieces, row 1 nothing, row 2 only the end-of-utterance
+        # token, row 3 a word piece, the end-of-utterance token and an inner piece
+        c = columns(0, [[(word[0], 0), (word[1], 1)], [], [(eou, 1)], [(word[2], 0), (eou, 0), (inner[0], 1)]])
+        assert c.token_offsets.tolist() == [0, 2, 2, 2, 4]
+        assert c.token_ids.tolist() == [word[0], word[1], word[2], inner[0]]
+        assert c.token_pieces == [pieces[i] for i in c.token_ids.tolist()]
+        assert c.token_frames.tolist() == [0, 1, 0, 1]
+        text = lambda ids: "".join(pieces[i] for i in ids).replace("\u2581", " ")  # noqa: E731
+        assert c.text_delta == [text([word[0], word[1]]).lstrip(), "", "", text([word[2], inner[0]]).lstrip()]
+        # the next chunk: frames from the stream's start, text with its word-start space kept
+        # where the stream has text, stripped where it has none yet (row 1)
+        c = columns(1, [[(word[2], 1)], [(word[0], 0)], [], []])
+        f = g.encoder_frames
+        assert c.token_frames.tolist() == [f + 1, f] and c.token_offsets.tolist() == [0, 1, 2, 2, 2]
+        assert c.text_delta == [text([word[2]]), text([word[0]]).lstrip(), "", ""]
+    finally:
+        for s in slots:
+            engine.release_slot(s)
