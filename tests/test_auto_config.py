@@ -171,6 +171,9 @@ def test_flags_default_to_auto_and_explicit_values_override():
     assert (cfg.max_streams, cfg.auto_max_streams, cfg.max_batch, cfg.auto_max_batch) == (4608, False, 256, False)
     assert parse_args(["--max-streams", "AUTO", "--frontends", "auto"]).max_streams is None
     assert dataclasses.replace(cfg, max_batch=8).max_batch == 8
+    # the decode's own CUDA stream: off unless asked for (not yet run on a GPU)
+    assert parse_args([]).decode_stream is False and EngineConfig().decode_stream is False
+    assert parse_args(["--decode-stream"]).decode_stream is True
 
 
 def test_a_bad_value_is_refused():

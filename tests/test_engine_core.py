@@ -479,3 +479,18 @@ def test_result_columns_lay_the_decoded_labels_out_per_row_without_the_end_of_ut
     finally:
         for s in slots:
             engine.release_slot(s)
+
+
+def test_a_decode_stream_is_made_only_on_a_gpu():
+    """EngineConfig.decode_stream asks for the decode's CUDA stream; on the CPU there is none,
+    so the next step waits for the decode (next_at DEVICE_DONE) and steps run as without it."""
+    from engines.api import DEVICE_DONE
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+
+    engine = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                                       max_streams=2, max_batch=2, decode_stream=True))
+    assert engine.decode_stream is None and engine.next_at == DEVICE_DONE
+    audio = _audio(1.2, seed=900)
+    got = run_streams(engine, {"a": audio}, seed=1)
+    assert got["a"].tokens, "nothing decoded"
