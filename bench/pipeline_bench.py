@@ -107,7 +107,7 @@ def main() -> int:
     engine.warmup()
     print(f"# {args.model} {engine.dtype} on {engine.device}, encoder engine {engine.encoder_engine.name}, "
           f"ready in {time.perf_counter() - t0:.1f} s; decode stream: {engine.decode_stream is not None}", flush=True)
-    stream = engine.decode_stream
+    stream, stream_next_at = engine.decode_stream, engine.next_at  # restored after each batch
     if stream is None:  # the CPU: the order of the stages alone (checks this script and the staging)
         print("# no decode stream on this device (CUDA only): both modes run on one stream, the "
               "next step begun at QUEUED or at DEVICE_DONE", flush=True)
@@ -130,7 +130,7 @@ def main() -> int:
                         engine.release_slot(slot)
                 seconds[mode].append(took / args.steps)
                 tokens.setdefault(mode, out)
-        engine.decode_stream, engine.next_at = stream, QUEUED if stream is not None else DEVICE_DONE
+        engine.decode_stream, engine.next_at = stream, stream_next_at
         same = tokens["decode stream"] == tokens["one stream"]
         decoded = sum(len(t) for step in tokens["one stream"] for t in step)
         row = {"batch": batch, "same_tokens": same, "tokens": decoded}

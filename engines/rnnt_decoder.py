@@ -157,14 +157,10 @@ class GreedyRNNTDecoder:
     @torch.inference_mode()
     def project(self, encoded: torch.Tensor) -> torch.Tensor:
         """The joint's projection of the encoder frames, [B, D, T] (NeMo's encoder layout) ->
-        [B, T, H]: a tensor of its own, so the decode no longer reads `encoded` (a graph
-        encoder's static buffer, which the next step may overwrite once it is queued)."""
+        [B, T, H]: a tensor of its own, so the decode (`decode_projected`) no longer reads
+        `encoded` (a graph encoder's static buffer, which the next step may overwrite once it is
+        queued)."""
         return self.joint.project_encoder(encoded.transpose(1, 2))
-
-    @torch.inference_mode()
-    def decode(self, encoded: torch.Tensor, lengths: torch.Tensor, state: dict[str, torch.Tensor]) -> DecodeOutput:
-        """encoded [B, D, T] (NeMo's encoder layout), lengths [B]; state rows in batch order."""
-        return self.decode_projected(self.project(encoded), lengths, state)
 
     @torch.inference_mode()
     def decode_projected(self, f: torch.Tensor, lengths: torch.Tensor, state: dict[str, torch.Tensor]) -> DecodeOutput:

@@ -90,15 +90,12 @@ class SlotPool:
             out[name] = rows
         return out
 
-    def scatter(self, index: torch.Tensor, values: dict[str, torch.Tensor], restart=None) -> None:
-        """Writes the batch's next state. `restart` (host bool per row, optional) marks rows whose
-        state the step began from zero (a stream's first chunk): their rings are written whole,
-        since their old frames belong to the slot's previous stream. `stage` then `commit`."""
-        self.commit(index, self.stage(values, restart))
-
     def stage(self, values: dict[str, torch.Tensor], restart=None) -> "StagedState":
-        """What `commit` will write, copied out of `values` now: the new frames of each ring row
-        (the whole window of a restart row), every other state whole, in the pool's dtypes.
+        """What `commit` will write, copied out of `values` (the batch's next state) now: the new
+        frames of each ring row, every other state whole, in the pool's dtypes. `restart` (host
+        bool per row, optional) marks rows whose state the step began from zero (a stream's
+        first chunk): their rings are written whole, since their old frames belong to the slot's
+        previous stream.
         Why a copy: a CUDA-graph encoder's outputs are its static buffers, which the next step's
         encoder overwrites as soon as it is queued; staged, a step's state no longer depends on
         them, and its commit can follow its decode while the next step's encoder runs. Nothing

@@ -325,7 +325,7 @@ class StreamingEngine:
         P = self.geometry.pre_encode_frames
         staged = self.pool.stage({"cache_channel": cc_next, "cache_time": ct_next, "cache_len": ccl_next,
                                   "pre_encode": x[:, :, -P:] if P else x[:, :, :0]}, restart=encoder_restart)
-        ready = self._mark_main()
+        ready = self._event_behind()
         wait()
         t2 = time.perf_counter()
         yield QUEUED
@@ -356,7 +356,7 @@ class StreamingEngine:
                 })
             except Exception as exc:
                 raise _state_lost(plan, exc) from exc
-            committed = self._mark_decode()
+            committed = self._event_behind(self.decode_stream)
         t_scattered = time.perf_counter()
         yield DEVICE_DONE
         aside += time.perf_counter() - t_scattered
@@ -420,7 +420,7 @@ class StreamingEngine:
         bounds = offsets.tolist()
         slots_list = slot.tolist()
         started = self.text_started
-        for r in np.unique(row_of).tolist():
+        for r in np.flatnonzero(np.diff(offsets)).tolist():  # the rows with tokens
             t = "".join(texts[bounds[r]:bounds[r + 1]])
             s = slots_list[r]
             if not started[s]:  # a stream's text does not start with a space
@@ -434,20 +434,14 @@ class StreamingEngine:
                              starts=starts, ends=ends)
 
     # -- streams ---------------------------------------------------------------------------------
-    def _mark_main(self):
-        """An event behind the work queued on the main stream so far, for the decode stream to
-        wait on (not the stream itself: the next step's work may be queued on it by then)."""
+    def _event_behind(self, stream=None):
+        """With a decode stream, an event behind the work queued so far on `stream` (the current
+        stream when None); else None. The decode stream waits on such an event rather than on
+        the main stream itself, whose next step may be queued by then."""
         if self.decode_stream is None:
             return None
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
-
-    def _mark_decode(self):
-        if self.decode_stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.decode_stream)
+        event.record(stream if stream is not None else torch.cuda.current_stream(self.device))
         return event
 
     @contextlib.contextmanager

@@ -45,8 +45,8 @@ def test_ring_gathers_what_whole_windows_gather(shift):
         for name in ref:
             assert torch.equal(got[name], ref[name]), name
         nxt = _step(ref, shift, gen)
-        ring.scatter(idx, nxt, restart=restart)
-        whole.scatter(idx, nxt, restart=restart)
+        ring.commit(idx, ring.stage(nxt, restart=restart))
+        whole.commit(idx, whole.stage(nxt, restart=restart))
     every = torch.arange(CAP)
     assert torch.equal(ring.gather(every)["cc"], whole.gather(every)["cc"])
     if shift < C:  # a shift of the whole window brings every head back to 0
@@ -58,11 +58,11 @@ def test_commit_writes_only_the_new_frames():
     ring, _ = _pools(shift)
     idx = torch.tensor([4])
     first = {"cc": torch.ones(L, 1, C, F), "h": torch.zeros(1, 4)}
-    ring.scatter(idx, first, restart=np.array([True]))
+    ring.commit(idx, ring.stage(first, restart=np.array([True])))
     before = ring.tensors["cc"].clone()
     nxt = {"cc": torch.cat([first["cc"][:, :, shift:], torch.full((L, 1, shift, F), 5.0)], dim=2),
            "h": torch.zeros(1, 4)}
-    ring.scatter(idx, nxt, restart=np.array([False]))
+    ring.commit(idx, ring.stage(nxt, restart=np.array([False])))
     changed = (ring.tensors["cc"] != before).any(dim=-1)  # [L, CAP, C]
     assert changed[:, 4].sum(dim=-1).tolist() == [shift] * L   # two frames per layer, no more
     assert not changed[:, :4].any() and not changed[:, 5:].any()
