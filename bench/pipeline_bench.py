@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from client.provenance import describe, source_revision  # noqa: E402
 from engines.api import DEVICE_DONE, QUEUED, ChunkWork, StepPlan  # noqa: E402
 from engines.config import EngineConfig  # noqa: E402
 from engines.factory import build_engine  # noqa: E402
@@ -102,6 +103,8 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
                        lookahead_ms=args.lookahead, max_streams=2 * max(batches), max_batch=max(batches), decode_stream=True)
+    revision = source_revision()  # before the run: the source that runs
+    print(f"# source: {describe(revision)}", flush=True)
     t0 = time.perf_counter()
     engine = build_engine(cfg)
     engine.warmup()
@@ -153,7 +156,7 @@ def main() -> int:
               f"{r['decode stream']['realtime_streams']:.0f} | {r['same_tokens']} ({r['tokens']} tokens) |")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "machine": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor(),
+            "source_revision": revision, "machine": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "model": args.model, "engine": engine.encoder_engine.name,
             "dtype": str(engine.dtype), "lookahead_ms": args.lookahead, "steps": args.steps, "repeats": args.repeats,
             "rows": rows_out}, indent=1))

@@ -60,8 +60,10 @@ def run_here(batch: int, tokens: int, iters: int) -> dict:
         columns = engine._result_columns(*args)
         times.append(time.perf_counter() - t0)
     assert len(columns.token_ids) == batch * tokens and all(columns.text_delta)
+    from client.provenance import source_revision
+
     return {"batch": batch, "tokens_per_row": tokens, "median_us": 1e6 * statistics.median(times),
-            "min_us": 1e6 * min(times)}
+            "min_us": 1e6 * min(times), "source_revision": source_revision(Path(__file__).resolve().parent.parent)}
 
 
 def main() -> int:
@@ -75,20 +77,28 @@ def main() -> int:
     args = ap.parse_args()
     if args.json or not args.trees:
         row = run_here(args.batch, args.tokens, args.iters)
+        from client.provenance import describe
+
         print(json.dumps(row) if args.json else f"batch {row['batch']}, {row['tokens_per_row']} labels a row: "
-              f"median {row['median_us']:.0f} us, min {row['min_us']:.0f} us")
+              f"median {row['median_us']:.0f} us, min {row['min_us']:.0f} us ({describe(row['source_revision'])})")
         return 0
+    from client.provenance import describe
+
     here = Path(__file__).resolve()
     got: dict[str, list[float]] = {t: [] for t in args.trees}
+    revisions: dict[str, dict] = {}
     for _ in range(args.rounds):
         for tree in args.trees:
             done = subprocess.run([sys.executable, str(Path(tree) / "bench" / here.name), "--json", "--batch",
                                    str(args.batch), "--tokens", str(args.tokens), "--iters", str(args.iters)],
                                   capture_output=True, text=True, cwd=tree, env={"PYTHONPATH": tree, "PATH": ""},
                                   check=True)
-            got[tree].append(json.loads(done.stdout.strip().splitlines()[-1])["median_us"])
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            got[tree].append(row["median_us"])
+            revisions[tree] = row.get("source_revision", {})
     for tree, values in got.items():
-        print(f"{tree}: median of medians {statistics.median(values):.0f} us ({', '.join(f'{v:.0f}' for v in values)})")
+        print(f"{tree} ({describe(revisions[tree]) if revisions[tree] else 'revision not recorded'}): median of "
+              f"medians {statistics.median(values):.0f} us ({', '.join(f'{v:.0f}' for v in values)})")
     return 0
 
 

@@ -20,6 +20,8 @@ def test_pipeline_bench_runs_both_orders_and_finds_the_same_tokens(tmp_path):
                            "--steps", "6", "--repeats", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    (row,) = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    assert report["source_revision"]["commit"] and "dirty" in report["source_revision"], report
+    (row,) = report["rows"]
     assert row["batch"] == 3 and row["same_tokens"] and row["tokens"] > 0, row
     assert row["decode stream"]["step_ms"] > 0 and row["one stream"]["step_ms"] > 0, row

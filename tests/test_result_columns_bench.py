@@ -17,3 +17,4 @@ def test_result_columns_bench_times_a_batch():
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["batch"] == 8 and row["tokens_per_row"] == 3 and 0 < row["min_us"] <= row["median_us"], row
+    assert row["source_revision"]["commit"] and "dirty" in row["source_revision"], row
