@@ -213,6 +213,14 @@ class StreamCall:
         if reason:
             self.context.set_trailing_metadata(((END_REASON_KEY, reason),))
 
+    def release(self) -> None:
+        """At the end of the handler: drop the writer and the write watch. Each refers back to
+        this call (the writer for its stream, the watch through `_failure`), so without this
+        a finished call, its stream's state and its queued audio would wait for the garbage
+        collector instead of being freed when the handler returns."""
+        self.writer = None
+        self._writes = None
+
     def close(self, code: str) -> bool:
         """Free the stream's place in the scheduler: its slot goes at once, or when its running
         step returns. True once closed (at most once)."""
@@ -294,6 +302,7 @@ class CallSkeleton:
             call.close(code)
             if code in ("OK", "CANCELLED"):  # errors were counted before the status went out
                 self.metrics.rpc_finished(method, code)
+            call.release()
 
     async def _pump_audio(self, requests, call: StreamCall, decoder: Decoder) -> None:
         """Reads audio while the handler writes responses; any problem fails the stream, which

@@ -49,7 +49,16 @@ class LazyDeadline:
         self._on_expiry()
 
     def close(self) -> None:
+        """No expiry any more. Also lets go of `on_expiry`: it is a method of the owner, which
+        holds this deadline, and the cycle would keep the owner (and what it holds of its call)
+        until the garbage collector's next run instead of freeing it when the call ends."""
         self._deadline = None
+        self._on_expiry = _expired_after_close
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _expired_after_close() -> None:
+    """A closed deadline's expiry: never called (close cancels the timer and clears the
+    deadline), there so that the class keeps one shape."""
