@@ -54,11 +54,21 @@ Streams (`--max-streams auto`) on a GPU: as many cache slots as fit in the devic
       rows' state out of the pool, the encoder and the decoder write new state beside it, and
       the pool takes it back only after the step succeeded (compute-then-commit), so a batch
       holds about three copies of its rows' state at once; one more for the intermediates.
-  MAX_AUTO_STREAMS: the slot count of the capacity runs (4,608), above the most real-time
-  streams one GPU carried in any recorded run (3,456 at 560 ms on an H100). Beyond it, memory
-  is not what limits a server: the GPU's step time and the host are, and unused slots would
-  only admit streams that cannot be served in real time. An explicit `--max-streams` may go
-  higher.
+  The cap, where `--max-batch auto` measured the step: SLOTS_PER_STEP_CAPACITY times the
+  real-time streams that step carries at the chosen batch, one step after another (batch x
+  chunk period / step time; realtime_cap). Beyond what the step can carry, memory is not what
+  limits a server, and slots would only admit streams that cannot be served in real time, to
+  the cost of every other stream; refused instead (RESOURCE_EXHAUSTED), a stream goes to
+  another server. The factor is 2 because the measurement underestimates what serving carries:
+  it times a lone step on silence, where the engine worker overlaps the next step's host work
+  and encoder with this one's decode. On an H200 at 160 ms (256 rows in 13.6 ms) that is 6,000
+  slots, where the capacity runs carried 2,400-3,140; at 560 ms it lets memory decide (issue 17
+  asks for 8,000 streams there).
+  MAX_AUTO_STREAMS (4,608, the slot count of the earlier capacity runs) is the cap where the
+  step was not measured (an explicit --max-batch), and MAX_AUTO_SLOTS (16,384) the most slots
+  `auto` takes whatever the step: a small model's step carries tens of thousands of streams on
+  paper, where the host's per-stream work binds long before (each slot also holds host arrays,
+  2 s of its audio in the sample ring among them). An explicit `--max-streams` may go higher.
 """
 
 from __future__ import annotations
@@ -72,6 +82,9 @@ MAX_AUTO_BATCH = 1024
 STEP_BUDGET_FRACTION = 0.5
 MIN_DOUBLING_GAIN = 1.25
 MAX_AUTO_STREAMS = 4608
+SLOTS_PER_STEP_CAPACITY = 2.0
+MAX_AUTO_SLOTS = 16384
+UNMEASURED_CAP_REASON = f"the fixed cap for an unmeasured step ({MAX_AUTO_STREAMS})"
 HEADROOM_FRACTION = 0.10
 STEP_STATE_COPIES = 4
 
@@ -92,6 +105,7 @@ class StreamSizing:
     headroom_bytes: int
     fits_in_memory: int       # slots the memory would hold, before the cap
     cap: int
+    cap_reason: str = UNMEASURED_CAP_REASON
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,7 +115,7 @@ class StreamSizing:
         return (f"{self.max_streams} streams (limited by {limit}): {self.free_bytes / GIB:.1f} GiB free of "
                 f"{self.total_bytes / GIB:.1f} GiB, {self.per_stream_bytes / MIB:.2f} MiB per stream, "
                 f"{self.headroom_bytes / GIB:.1f} GiB kept for the step at batch {self.max_batch} and the rest "
-                f"of start-up; {self.fits_in_memory} would fit, cap {self.cap}")
+                f"of start-up; {self.fits_in_memory} would fit, cap {self.cap}: {self.cap_reason}")
 
 
 def auto_max_batch(on_gpu: bool, cpu_default: int, max_streams: int | None = None) -> int:
@@ -236,9 +250,26 @@ def choose_max_batch(default: int, limit: int, chunk_ms: float, step_ms: Callabl
                        budget_ms=budget, measured=tuple(measured))
 
 
+def realtime_cap(batch_sizing: BatchSizing | None) -> tuple[int, str]:
+    """The slot cap for `--max-streams auto` and why: SLOTS_PER_STEP_CAPACITY times the
+    real-time streams the measured step carries at the chosen batch (never below that batch,
+    never above MAX_AUTO_SLOTS); MAX_AUTO_STREAMS where the step was not measured (see the
+    module docstring)."""
+    ms = dict(batch_sizing.measured).get(batch_sizing.max_batch) if batch_sizing is not None else None
+    if not ms:
+        return MAX_AUTO_STREAMS, UNMEASURED_CAP_REASON
+    carried = batch_sizing.max_batch * batch_sizing.chunk_ms / ms
+    cap = max(batch_sizing.max_batch, int(SLOTS_PER_STEP_CAPACITY * carried))
+    why = (f"{SLOTS_PER_STEP_CAPACITY:g}x the {carried:.0f} real-time streams a step of "
+           f"{batch_sizing.max_batch} rows in {ms:.1f} ms carries at {batch_sizing.chunk_ms:.0f} ms chunks")
+    if cap > MAX_AUTO_SLOTS:
+        return MAX_AUTO_SLOTS, f"the most slots auto takes ({MAX_AUTO_SLOTS}; {why})"
+    return cap, why
+
+
 def streams_for_memory(free_bytes: int, total_bytes: int, per_stream_bytes: int, max_batch: int, *,
                        cap: int = MAX_AUTO_STREAMS, headroom_fraction: float = HEADROOM_FRACTION,
-                       step_copies: int = STEP_STATE_COPIES) -> StreamSizing:
+                       step_copies: int = STEP_STATE_COPIES, cap_reason: str | None = None) -> StreamSizing:
     """Slots for `--max-streams auto` on a GPU (see the module docstring for the headroom)."""
     if per_stream_bytes <= 0:
         raise ValueError(f"per-stream state must be positive, got {per_stream_bytes} bytes")
@@ -248,4 +279,5 @@ def streams_for_memory(free_bytes: int, total_bytes: int, per_stream_bytes: int,
     fits = max(0, (free_bytes - headroom) // per_stream_bytes)
     return StreamSizing(max_streams=min(fits, cap), free_bytes=free_bytes, total_bytes=total_bytes,
                         per_stream_bytes=per_stream_bytes, max_batch=max_batch, headroom_bytes=headroom,
-                        fits_in_memory=fits, cap=cap)
+                        fits_in_memory=fits, cap=cap,
+                        cap_reason=cap_reason or (UNMEASURED_CAP_REASON if cap == MAX_AUTO_STREAMS else f"the cap {cap}"))

@@ -17,7 +17,7 @@ import torch
 
 from engines.api import EngineOverloadedError
 from engines.capacity import (BatchSizing, StreamSizing, auto_max_batch, batch_limit, batch_memory_limit,
-                              choose_max_batch, streams_for_memory)
+                              choose_max_batch, realtime_cap, streams_for_memory)
 from engines.config import EngineConfig
 from engines.encoders import EagerEncoder, EncoderEngine
 from engines.models import LoadedModel, load_model
@@ -217,7 +217,7 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
     sizing = None
     capacity = cfg.max_streams
     if cfg.auto_max_streams and device.type == "cuda":
-        sizing = size_slots_for_device(model, encoder, cfg, device, dtype)
+        sizing = size_slots_for_device(model, encoder, cfg, device, dtype, batch_sizing)
         log.info("max streams (auto): %s", sizing.describe(), extra={"sizing": sizing.as_dict()})
         if sizing.max_streams < 1:
             raise EngineStartError(f"not one stream's state fits in the free device memory: {sizing.describe()}. "
@@ -295,13 +295,15 @@ def per_stream_state_bytes(model: LoadedModel, encoder: EncoderEngine, cfg: Engi
 
 
 def size_slots_for_device(model: LoadedModel, encoder: EncoderEngine, cfg: EngineConfig, device: torch.device,
-                          dtype: torch.dtype) -> StreamSizing:
+                          dtype: torch.dtype, batch_sizing: BatchSizing | None = None) -> StreamSizing:
     """`--max-streams auto` on a GPU, once the model and the encoder engine are loaded (the graph
     engines have captured every batch bucket by then, so what their graphs hold is no longer
-    free; what the warm-up captures later is in the headroom, engines.capacity)."""
+    free; what the warm-up captures later is in the headroom, engines.capacity), capped by what
+    the measured step carries (engines.capacity.realtime_cap)."""
     per_stream = per_stream_state_bytes(model, encoder, cfg, device, dtype)
     free, total = free_device_memory(device)
-    return streams_for_memory(free, total, per_stream, cfg.max_batch)
+    cap, why = realtime_cap(batch_sizing)
+    return streams_for_memory(free, total, per_stream, cfg.max_batch, cap=cap, cap_reason=why)
 
 
 def free_device_memory(device: torch.device) -> tuple[int, int]:

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from engines.capacity import (GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, MAX_AUTO_STREAMS, STEP_BUDGET_FRACTION,
-                              STEP_STATE_COPIES, BatchSizing, StreamSizing, auto_max_batch, batch_candidates,
-                              batch_limit, batch_memory_limit, choose_max_batch, gains_enough,
+from engines.capacity import (GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, MAX_AUTO_SLOTS, MAX_AUTO_STREAMS,
+                              SLOTS_PER_STEP_CAPACITY, STEP_BUDGET_FRACTION, STEP_STATE_COPIES, BatchSizing, StreamSizing, auto_max_batch, batch_candidates,
+                              batch_limit, batch_memory_limit, choose_max_batch, gains_enough, realtime_cap,
                               streams_for_memory)
 from engines.config import EngineConfig
 from server.service.auto_config import (CORES_PER_FRONTEND, ENGINE_CORES, MAX_AUTO_FRONTENDS, auto_frontends,
@@ -35,6 +35,31 @@ def test_a_large_gpu_is_capped():
                            max_batch=256)
     assert s.fits_in_memory > MAX_AUTO_STREAMS and s.max_streams == MAX_AUTO_STREAMS == s.cap
     assert "limited by the cap" in s.describe()
+
+
+def test_the_cap_is_what_the_measured_step_carries_twice_over():
+    """With the step measured, the slots stop at SLOTS_PER_STEP_CAPACITY x the real-time streams
+    it carries (batch x chunk / step): an H200's whole step at 160 ms (256 rows in 13.6 ms, runs
+    28 and 31) gives about 6,000; at 560 ms with 1,024 rows in 80 ms, memory decides."""
+    at_160 = choose_max_batch(256, 256, 160.0, _timer({256: 13.6}))
+    cap, why = realtime_cap(at_160)
+    assert cap == int(SLOTS_PER_STEP_CAPACITY * 256 * 160.0 / 13.6) == 6023
+    assert "3012 real-time streams a step of 256 rows in 13.6 ms" in why
+    s = streams_for_memory(130 * GIB, 140 * GIB, NEMOTRON_FAST_SLOT, 256, cap=cap, cap_reason=why)
+    assert s.max_streams == 6023 and "limited by the cap" in s.describe() and why in s.describe()
+    at_560 = choose_max_batch(1024, 1024, 560.0, _timer({1024: 80.0}))
+    cap, why = realtime_cap(at_560)
+    assert cap == 14336
+    s = streams_for_memory(130 * GIB, 140 * GIB, NEMOTRON_FAST_SLOT, 1024, cap=cap, cap_reason=why)
+    assert s.max_streams == s.fits_in_memory < cap and "limited by device memory" in s.describe()
+    assert s.max_streams >= 8000  # issue 17's 560 ms target fits an H200
+    # unmeasured (an explicit --max-batch): the fixed cap; a slow step never caps below its batch
+    assert realtime_cap(None) == (MAX_AUTO_STREAMS, f"the fixed cap for an unmeasured step ({MAX_AUTO_STREAMS})")
+    assert realtime_cap(choose_max_batch(256, 256, 160.0, _timer({256: 79.0})))[0] == 2 * int(256 * 160 / 79.0)
+    small_model = realtime_cap(choose_max_batch(1024, 1024, 160.0, _timer({1024: 8.0})))
+    assert small_model[0] == MAX_AUTO_SLOTS and "20480 real-time streams" in small_model[1]
+    assert realtime_cap(BatchSizing(max_batch=64, default=256, limit=256, chunk_ms=160.0, budget_ms=80.0,
+                                    measured=((256, None), (128, 500.0), (64, 9000.0))))[0] == 64
 
 
 def test_a_small_gpu_is_limited_by_its_memory_after_the_headroom():

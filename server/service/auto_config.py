@@ -33,7 +33,8 @@ import logging
 import math
 import os
 
-from engines.capacity import (GPU_MAX_BATCH, MAX_AUTO_BATCH, MAX_AUTO_STREAMS, MIN_DOUBLING_GAIN, STEP_BUDGET_FRACTION, BatchSizing,
+from engines.capacity import (GPU_MAX_BATCH, MAX_AUTO_BATCH, MAX_AUTO_STREAMS, MIN_DOUBLING_GAIN, SLOTS_PER_STEP_CAPACITY,
+                              STEP_BUDGET_FRACTION, BatchSizing,
                               StreamSizing)
 from engines.config import EngineConfig
 
@@ -51,9 +52,10 @@ MAX_BATCH_HELP = (f"chunks per engine step; auto: on a GPU, measured at start-up
                   f"below {GPU_MAX_BATCH} unless even that is too slow (printed at start-up "
                   f"with its figures); {EngineConfig.max_batch} on the CPU (engines/capacity.py)")
 MAX_STREAMS_HELP = (f"concurrent streams (cache slots); auto: on a GPU, as many as the device memory free after "
-                    f"loading holds, less a headroom for the step at the largest batch, at most {MAX_AUTO_STREAMS} "
-                    f"(printed at start-up with its figures); {EngineConfig.max_streams} on the CPU "
-                    f"(engines/capacity.py)")
+                    f"loading holds, less a headroom for the step at the largest batch, at most "
+                    f"{SLOTS_PER_STEP_CAPACITY:g}x the real-time streams the step measured at start-up carries "
+                    f"({MAX_AUTO_STREAMS} where it was not measured) (printed at start-up with its figures); "
+                    f"{EngineConfig.max_streams} on the CPU (engines/capacity.py)")
 FRONTENDS_AUTO_HELP = (f"auto: with the engine on a GPU, one per {CORES_PER_FRONTEND} usable cores after "
                        f"{ENGINE_CORES} for the engine, 1 to {MAX_AUTO_FRONTENDS}; with the engine on the CPU, 1 "
                        f"(server/service/auto_config.py)")
