@@ -152,6 +152,17 @@ class RowSamples:
             return self.flat[int(starts[0]):int(starts[0]) + width * len(starts)].reshape(len(starts), width)
         return self.flat[starts[:, None] + np.arange(width)]
 
+    def stack_into(self, out: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """The named rows (None: all), each exactly out.shape[1] samples long, written into `out`
+        ([rows, width], a view such as the new-audio columns of a batch's windows)."""
+        out[...] = self.stack(np.arange(len(self)) if rows is None else rows, out.shape[1])
+
+    @property
+    def typed(self) -> bool:
+        """Whether the samples are 1-D float32 (what an engine takes)."""
+        flat = self.flat
+        return isinstance(flat, np.ndarray) and flat.dtype == np.float32 and flat.ndim == 1
+
 
 class StepPlan:
     """One step's rows. Built from ChunkWork rows (`StepPlan(chunks)`), or column by column

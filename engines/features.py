@@ -111,7 +111,10 @@ class StreamingFeaturizer:
         if steady.all():
             windows = np.empty((B, self.window_len), dtype=np.float32)
             windows[:, :self.history_len] = self.history[r.slot]
-            windows[:, self.history_len:] = self._stack(samples, None) if B else 0.0
+            if isinstance(samples, RowSamples):  # straight into the windows (a ring's spans: one pass)
+                samples.stack_into(windows[:, self.history_len:])
+            else:
+                windows[:, self.history_len:] = self._stack(samples, None) if B else 0.0
             return windows, audio_end, r.starts
         windows = np.zeros((B, self.window_len), dtype=np.float32)
         rows = np.flatnonzero(steady)

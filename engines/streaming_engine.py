@@ -161,9 +161,8 @@ class StreamingEngine:
         ids, slots, samples = plan.stream_ids, plan.slots, plan.samples
         first, ended = plan.first, plan.audio_ended
         slot_list = slots.tolist()
-        if isinstance(samples, RowSamples):  # one flat array: its type is checked once, no view per row
-            flat = samples.flat
-            typed = [isinstance(flat, np.ndarray) and flat.dtype == np.float32 and flat.ndim == 1] * len(slot_list)
+        if isinstance(samples, RowSamples):  # one flat array (or a ring): its type is checked once, no view per row
+            typed = [samples.typed] * len(slot_list)
             lengths = samples.lengths.tolist()
         else:
             typed = [isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 1 for x in samples]

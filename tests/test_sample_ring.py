@@ -54,6 +54,73 @@ def test_ring_samples_read_as_row_samples_and_gather_only_when_asked():
         RingSamples(ring, np.array([0]), np.array([5]), np.array([4]))
 
 
+def test_ring_rows_are_written_straight_into_a_batch_without_a_gathered_copy():
+    """stack_into: each row's span copied from the ring into the windows' audio columns (wrapping
+    spans included), equal to the gathered rows, and no gathered copy made; a row of another
+    length is refused, not padded."""
+    rng = np.random.default_rng(1)
+    ring = SampleRing.local(5, 16)
+    data = {slot: rng.standard_normal(64).astype(np.float32) for slot in range(5)}
+    starts = np.array([3, 10, 14, 0, 7])  # slot 2's span wraps (14 + 6 > 16); slot 1's ends at its row's end
+    for slot, a in enumerate(starts.tolist()):
+        ring.write(slot, a, data[slot][a:a + 6])
+    rows = RingSamples(ring, np.array([4, 2, 0, 3, 1]), starts[[4, 2, 0, 3, 1]], starts[[4, 2, 0, 3, 1]] + 6)
+    out = np.full((5, 9), -1.0, dtype=np.float32)
+    rows.stack_into(out[:, 3:])
+    expected = np.stack([data[s][a:a + 6] for s, a in zip([4, 2, 0, 3, 1], starts[[4, 2, 0, 3, 1]].tolist())])
+    assert np.array_equal(out[:, 3:], expected) and (out[:, :3] == -1).all()
+    assert not rows._gathered and rows.typed
+    some = np.zeros((2, 6), dtype=np.float32)
+    rows.stack_into(some, np.array([3, 1]))
+    assert np.array_equal(some, expected[[3, 1]])
+    assert np.array_equal(rows.stack(np.arange(5), 6), expected)  # the gathered path agrees
+    with pytest.raises(ValueError, match="holds 6 samples, not 5"):
+        rows.stack_into(np.zeros((5, 5), dtype=np.float32))
+    flat = RowSamples(expected.reshape(-1), np.arange(6) * 6)
+    again = np.zeros((5, 6), dtype=np.float32)
+    flat.stack_into(again)
+    assert np.array_equal(again, expected) and flat.typed
+    assert not RowSamples(np.zeros(4, dtype=np.float64), np.array([0, 4])).typed
+
+
+def test_an_engine_prepares_the_same_windows_from_ring_spans_as_from_arrays():
+    """The real engine's prepared step (validation, waveform windows) from a ring's spans, as the
+    engine worker gets its steps, equals the one from the same audio as arrays, and its steps
+    transcribe the same."""
+    from engines.api import StepPlan
+    from engines.factory import build_engine
+    from engines.models import speechlike_audio
+
+    def engine():
+        return build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", max_streams=8, max_batch=4))
+    a, b = engine(), engine()
+    g = a.geometry
+    ring = SampleRing.local(8, ring_width(g))
+    clips = [speechlike_audio(2.0, seed=40 + i) for i in range(3)]
+    slots_a = [a.acquire_slot() for _ in clips]
+    slots_b = [b.acquire_slot() for _ in clips]
+    assert slots_a == slots_b
+    tokens = 0
+    for k in range(5):
+        spans = [g.chunk_span(k, len(c), False) for c in clips]
+        first = np.array([k == 0] * 3)
+        no = np.zeros(3, dtype=bool)
+        arrays = [c[s:e] for c, (s, e) in zip(clips, spans)]
+        starts = np.array([s for s, _ in spans])
+        for slot, (s, e), c in zip(slots_b, spans, clips):
+            ring.write(slot, s, c[s:e])
+        plan_a = StepPlan.from_columns(["x", "y", "z"], np.array(slots_a), arrays, first, no, no)
+        plan_b = StepPlan.from_columns(["x", "y", "z"], np.array(slots_b),
+                                       RingSamples(ring, np.array(slots_b), starts, np.array([e for _, e in spans])),
+                                       first, no, no)
+        pa, pb = a.prepare(plan_a), b.prepare(plan_b)
+        assert np.array_equal(pa.windows, pb.windows) and np.array_equal(pa.starts, pb.starts)
+        ra, rb = a.step(pa), b.step(pb)
+        assert [u.tokens for u in ra.updates] == [u.tokens for u in rb.updates]
+        tokens += sum(len(u.tokens) for u in ra.updates)
+    assert tokens > 0  # the comparison covered decoded text, not only silence
+
+
 def test_a_shared_ring_is_the_same_memory_in_another_process():
     """What one process writes into a shared ring another reads, both ways (a real child
     process attaches by the ring's path); once closed, no new process can attach."""
