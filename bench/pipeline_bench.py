@@ -34,10 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client.provenance import describe, source_revision  # noqa: E402
-from engines.api import DEVICE_DONE, QUEUED, ChunkWork, StepPlan  # noqa: E402
+from engines.api import DEVICE_DONE, QUEUED, StepPlan  # noqa: E402
 from engines.config import EngineConfig  # noqa: E402
 from engines.factory import build_engine  # noqa: E402
 from engines.models import speechlike_audio  # noqa: E402
+from engines.sample_ring import RingSamples, SampleRing  # noqa: E402
 
 
 def run_pipelined(engine, plans: list[StepPlan]) -> tuple[float, float, list]:
@@ -79,15 +80,24 @@ def clips_for(engine, batch: int, steps: int) -> list[np.ndarray]:
 
 def plans_for(engine, clips: list[np.ndarray], steps: int) -> tuple[list[StepPlan], list[int]]:
     """`steps` plans over two sets of fresh streams (the clips' halves), alternating (a stream in
-    every other step, as the scheduler's two steps in flight hold different streams)."""
+    every other step, as the scheduler's two steps in flight hold different streams). Each row's
+    audio is a span of a sample ring holding the whole clip, as the engine worker's steps name
+    spans of the ring the frontends write (engines.sample_ring), so the host work is the
+    worker's."""
     g = engine.geometry
     batch, n = len(clips) // 2, len(clips[0])
     slots = [engine.acquire_slot() for _ in clips]
+    ring = SampleRing.local(engine.capacity, n)
+    for slot, clip in zip(slots, clips):
+        ring.write(slot, 0, clip)
     plans = []
     for i in range(steps):
-        k, rows = i // 2, range(0, batch) if i % 2 == 0 else range(batch, 2 * batch)
+        k, rows = i // 2, list(range(0, batch) if i % 2 == 0 else range(batch, 2 * batch))
         start, end = g.chunk_span(k, n, False)
-        plans.append(StepPlan(tuple(ChunkWork(f"s{r}", slots[r], clips[r][start:end], k == 0, False) for r in rows)))
+        row_slots = np.array([slots[r] for r in rows], dtype=np.int64)
+        samples = RingSamples(ring, row_slots, np.full(batch, start), np.full(batch, end))
+        flags = np.zeros(batch, dtype=bool)
+        plans.append(StepPlan.from_columns([f"s{r}" for r in rows], row_slots, samples, flags | (k == 0), flags, flags))
     return plans, slots
 
 
