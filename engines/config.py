@@ -46,8 +46,9 @@ class EngineConfig:
     # utterances only); "auto": the model's own setting (builtin:demo: all; others: keep).
     utterance_reset: str = "auto"
     # On a GPU, a step's decode and commit on a CUDA stream of their own, so the next step's
-    # encoder runs beside them (engines.streaming_engine: decode_stream). Off by default until
-    # the GPU suite and bench/pipeline_bench.py have run it (not yet: no device time was left).
+    # encoder runs beside them (engines.streaming_engine: decode_stream). Off by default: on an
+    # H100 it made the engine's steps 1.17x as frequent at 160 ms and 256 rows, but 0.58x at
+    # 560 ms (bench/RESULTS.md, run 36).
     decode_stream: bool = False
 
     def __post_init__(self) -> None:
