@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from client.provenance import describe, source_revision  # noqa: E402  (no torch: the parent of --trees takes it too)
+
 
 def run_here(batch: int, tokens: int, iters: int) -> dict:
     import numpy as np
@@ -60,8 +62,6 @@ def run_here(batch: int, tokens: int, iters: int) -> dict:
         columns = engine._result_columns(*args)
         times.append(time.perf_counter() - t0)
     assert len(columns.token_ids) == batch * tokens and all(columns.text_delta)
-    from client.provenance import source_revision
-
     return {"batch": batch, "tokens_per_row": tokens, "median_us": 1e6 * statistics.median(times),
             "min_us": 1e6 * min(times), "source_revision": source_revision(Path(__file__).resolve().parent.parent)}
 
@@ -77,13 +77,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.json or not args.trees:
         row = run_here(args.batch, args.tokens, args.iters)
-        from client.provenance import describe
-
         print(json.dumps(row) if args.json else f"batch {row['batch']}, {row['tokens_per_row']} labels a row: "
               f"median {row['median_us']:.0f} us, min {row['min_us']:.0f} us ({describe(row['source_revision'])})")
         return 0
-    from client.provenance import describe
-
     here = Path(__file__).resolve()
     got: dict[str, list[float]] = {t: [] for t in args.trees}
     revisions: dict[str, dict] = {}
