@@ -281,3 +281,57 @@ def streams_for_memory(free_bytes: int, total_bytes: int, per_stream_bytes: int,
                         per_stream_bytes=per_stream_bytes, max_batch=max_batch, headroom_bytes=headroom,
                         fits_in_memory=fits, cap=cap,
                         cap_reason=cap_reason or (UNMEASURED_CAP_REASON if cap == MAX_AUTO_STREAMS else f"the cap {cap}"))
+
+
+# -- the decode's own CUDA stream (`--decode-stream auto`): timed by engines.decode_overlap ---------
+
+# The decode stream is kept when the better of its timings beats the better of one stream's by
+# at least this factor; a smaller gain is within what repeats of one mode differ by (run 36:
+# 3-10% at 160 ms) and does not pay for a second stream's moving parts.
+MIN_DECODE_STREAM_GAIN = 1.03
+
+
+@dataclass(frozen=True)
+class DecodeStreamChoice:
+    """The start-up's decision and what it rests on. `one_stream_ms` and `decode_stream_ms` are
+    the pipelined step times of each repeat (empty when nothing was measured)."""
+
+    on: bool
+    reason: str
+    rows: int = 0
+    one_stream_ms: tuple[float, ...] = ()
+    decode_stream_ms: tuple[float, ...] = ()
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.one_stream_ms or not self.decode_stream_ms:
+            return None
+        return min(self.one_stream_ms) / min(self.decode_stream_ms)
+
+    def as_dict(self) -> dict:
+        return {"on": self.on, "reason": self.reason, "rows": self.rows,
+                "one_stream_ms": list(self.one_stream_ms), "decode_stream_ms": list(self.decode_stream_ms)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecodeStreamChoice:
+        return cls(on=bool(d["on"]), reason=str(d["reason"]), rows=int(d.get("rows", 0)),
+                   one_stream_ms=tuple(d.get("one_stream_ms", ())), decode_stream_ms=tuple(d.get("decode_stream_ms", ())))
+
+    def describe(self) -> str:
+        state = "on" if self.on else "off"
+        if self.speedup is None:
+            return f"{state} ({self.reason})"
+        return (f"{state} ({self.reason}): a pipelined step of {self.rows} rows took "
+                f"{min(self.decode_stream_ms):.2f} ms with it and {min(self.one_stream_ms):.2f} ms without, "
+                f"{self.speedup:.2f}x (kept from {MIN_DECODE_STREAM_GAIN:.2f}x)")
+
+
+def decide_decode_stream(one_stream_ms: list[float], decode_stream_ms: list[float], rows: int,
+                         min_gain: float = MIN_DECODE_STREAM_GAIN) -> DecodeStreamChoice:
+    """The better of each mode's repeats, compared: the decode stream if it gains min_gain."""
+    gain = min(one_stream_ms) / min(decode_stream_ms)
+    on = gain >= min_gain
+    why = "measured: faster with a decode stream" if on else (
+        "measured: slower with a decode stream" if gain < 1 else "measured: too little gain for a second stream")
+    return DecodeStreamChoice(on=on, reason=why, rows=rows, one_stream_ms=tuple(one_stream_ms),
+                              decode_stream_ms=tuple(decode_stream_ms))

@@ -11,6 +11,7 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 # 10 ms hop: (right + 1) * 80 ms of audio per step.
 LOOKAHEAD_TO_RIGHT_CONTEXT = {80: 0, 160: 1, 560: 6, 1120: 13}
 UTTERANCE_RESETS = ("auto", "keep", "decoder", "all")
+DECODE_STREAM_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,20 @@ class EngineConfig:
     # utterances only); "auto": the model's own setting (builtin:demo: all; others: keep).
     utterance_reset: str = "auto"
     # On a GPU, a step's decode and commit on a CUDA stream of their own, so the next step's
-    # encoder runs beside them (engines.streaming_engine: decode_stream). Off by default: on an
-    # H100 it made the engine's steps 1.17x as frequent at 160 ms and 256 rows, but 0.58x at
-    # 560 ms (bench/RESULTS.md, run 36).
-    decode_stream: bool = False
+    # encoder runs beside them (engines.streaming_engine: decode_stream): "on", "off", or "auto"
+    # (asr-server's default): start-up times the engine's steps both ways at its max batch and
+    # keeps the faster (engines.decode_overlap). On an H100 the stream made the steps 1.17x as
+    # frequent at 160 ms and 256 rows but 0.58x at 560 ms (bench/RESULTS.md, run 36). Off here,
+    # for the factory's other callers (tests, benchmarks), which choose.
+    decode_stream: str = "off"
 
     def __post_init__(self) -> None:
         if self.utterance_reset not in UTTERANCE_RESETS:
             raise ValueError(f"unknown utterance_reset {self.utterance_reset!r}; choose one of "
                              f"{', '.join(UTTERANCE_RESETS)}")
+        if self.decode_stream not in DECODE_STREAM_MODES:
+            raise ValueError(f"unknown decode_stream {self.decode_stream!r}; choose one of "
+                             f"{', '.join(DECODE_STREAM_MODES)}")
         if self.engine not in ENGINE_NAMES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
         if self.fallback_engine is not None and self.fallback_engine not in ENGINE_NAMES[1:]:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from engines.api import EngineOverloadedError
-from engines.capacity import (BatchSizing, StreamSizing, auto_max_batch, batch_limit, batch_memory_limit,
-                              choose_max_batch, realtime_cap, streams_for_memory)
+from engines.capacity import (BatchSizing, DecodeStreamChoice, StreamSizing, auto_max_batch, batch_limit,
+                              batch_memory_limit, choose_max_batch, realtime_cap, streams_for_memory)
 from engines.config import EngineConfig
+from engines.decode_overlap import measure_decode_stream
 from engines.encoders import EagerEncoder, EncoderEngine
 from engines.models import LoadedModel, load_model
 from engines.selfcheck import SelfCheck, check_encoder_engine
@@ -94,6 +95,7 @@ class StartupReport:
     device: str = ""                 # where the engine runs ("cpu", "cuda:0", ...)
     sizing: dict | None = None       # `--max-streams auto` on a GPU: engines.capacity.StreamSizing.as_dict()
     batch_sizing: dict | None = None  # `--max-batch auto`, measured: engines.capacity.BatchSizing.as_dict()
+    decode_stream: dict | None = None  # engines.capacity.DecodeStreamChoice.as_dict()
 
     @property
     def fell_back(self) -> bool:
@@ -105,7 +107,8 @@ class StartupReport:
                 "self_check": self.self_check.as_dict() if self.self_check else None,
                 "details": dict(self.details), "device": self.device,
                 "sizing": dict(self.sizing) if self.sizing else None,
-                "batch_sizing": dict(self.batch_sizing) if self.batch_sizing else None}
+                "batch_sizing": dict(self.batch_sizing) if self.batch_sizing else None,
+                "decode_stream": dict(self.decode_stream) if self.decode_stream else None}
 
 
 def start_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, device: torch.device,
@@ -159,6 +162,10 @@ UNMEASURED_BATCH_ENGINES = ("tensorrt",)
 # within a minute), so the batch would change from one start to the next. Tests turn it on to run
 # the measuring path, which is the same code on either device.
 MEASURE_BATCH_ON_CPU = False
+# On the CPU `--decode-stream auto` is off, unmeasured: there is no CUDA stream to decode on.
+# Tests turn this on to run the measuring path (on the CPU its "on" only begins the next step
+# earlier: StreamingEngine.set_decode_stream).
+MEASURE_DECODE_STREAM_ON_CPU = False
 # A timed step over this many chunk periods ends the measurement of its batch at once: it does
 # not fit the step budget (a fraction of one period) whatever the other steps take.
 STEP_GIVE_UP = 1.0
@@ -225,15 +232,44 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
         capacity = sizing.max_streams
     engine = StreamingEngine(model, encoder, cfg.lookahead_ms, capacity, cfg.max_batch, device, dtype,
                              align_chunks=cfg.align_chunks, utterance_reset=utterance_reset,
-                             decode_stream=cfg.decode_stream)
+                             decode_stream=cfg.decode_stream != "off")
+    decode_choice = choose_decode_stream(engine, cfg.decode_stream)
+    log.info("decode stream: %s", decode_choice.describe(), extra={"decode_stream": decode_choice.as_dict()})
     engine.profile_every = cfg.profile_every
     describe = getattr(encoder, "describe", None)
     engine.startup_report = StartupReport(
         configured_engine=engine_name, engine=encoder.name, fallback_reason=fallback_reason, self_check=check,
         details=describe() if callable(describe) else {"engine": encoder.name}, device=str(device),
         sizing=sizing.as_dict() if sizing else None,
-        batch_sizing=batch_sizing.as_dict() if batch_sizing else None)
+        batch_sizing=batch_sizing.as_dict() if batch_sizing else None, decode_stream=decode_choice.as_dict())
     return engine
+
+
+def choose_decode_stream(engine: StreamingEngine, mode: str) -> DecodeStreamChoice:
+    """`--decode-stream`: "on" and "off" as asked (on the CPU there is no stream to decode on);
+    "auto" on a GPU times the engine's pipelined steps both ways at its max batch (or half its
+    slots, when fewer: two steps in flight hold different streams) and keeps the faster
+    (engines.decode_overlap). Leaves the engine in the mode returned."""
+    cuda = engine.device.type == "cuda"
+    if mode != "auto":
+        reason = f"--decode-stream {mode}"
+        if mode == "on" and not cuda:
+            reason += ": no CUDA device, one stream"
+        return DecodeStreamChoice(on=engine.decode_stream is not None, reason=reason)
+    if not cuda and not MEASURE_DECODE_STREAM_ON_CPU:
+        engine.set_decode_stream(False)
+        return DecodeStreamChoice(on=False, reason="auto: no CUDA device, one stream")
+    rows = min(engine.max_batch, engine.capacity // 2)
+    if rows < 1:
+        engine.set_decode_stream(False)
+        return DecodeStreamChoice(on=False, reason="auto: one slot, nothing to time two steps with")
+    try:
+        return measure_decode_stream(engine, rows)
+    except (EngineOverloadedError, torch.cuda.OutOfMemoryError) as exc:
+        # measure_decode_stream left one stream; serving goes on in the mode that needs no timing
+        log.warning("decode stream: timing %d rows failed, one stream kept: %s", rows, exc)
+        _free_device_memory(engine.device)
+        return DecodeStreamChoice(on=False, reason=f"auto: timing {rows} rows failed ({type(exc).__name__}), one stream")
 
 
 def measure_max_batch(model: LoadedModel, encoder: EncoderEngine, cfg: EngineConfig, device: torch.device,

@@ -87,15 +87,18 @@ class StreamingEngine:
                             extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
         self.decoder = GreedyRNNTDecoder(nemo.decoder, nemo.joint, model.blank_id,
                                          max_symbols=_max_symbols(nemo), eou_id=self.eou_id)
-        # On a GPU a step's decode and commit run on a CUDA stream of their own, of high
+        # On a GPU a step's decode and commit may run on a CUDA stream of their own, of high
         # priority, so that the next step's features, gather and encoder (queued on the main
         # stream once this step's are: StepRun.next_at) run while this one decodes. The decode
         # loop waits on the host every few iterations, and the host then builds results: on one
-        # stream the device idled through both. decode_stream=False (the default until it has
-        # run on a GPU) keeps one stream.
-        self.decode_stream = None
+        # stream the device idles through both. Whether that pays depends on the model, the
+        # lookahead, the batch and the card, so start-up times both (engines.decode_overlap) and
+        # switches with set_decode_stream; decode_stream=True makes the stream, in use from here.
+        self._made_decode_stream = None
         if decode_stream and device.type == "cuda":
-            self.decode_stream = torch.cuda.Stream(device=device, priority=torch.cuda.Stream.priority_range()[1])
+            self._made_decode_stream = torch.cuda.Stream(device=device,
+                                                         priority=torch.cuda.Stream.priority_range()[1])
+        self.decode_stream = self._made_decode_stream
         # The stage of a step (StepRun) from which the next step's device work may be queued
         # behind it (the engine worker reads it): QUEUED with a decode stream (the next encoder
         # runs beside this decode), else DEVICE_DONE (on one stream the next step would run
@@ -458,6 +461,18 @@ class StreamingEngine:
                 t.record_stream(self.decode_stream)
         with torch.cuda.stream(self.decode_stream):
             yield
+
+    def set_decode_stream(self, on: bool) -> None:
+        """Decode on the CUDA stream made at construction (on) or on the main stream (off);
+        between steps only, with none in flight. The next step is then begun at QUEUED or at
+        DEVICE_DONE (next_at). On the CPU no stream is made: `on` only begins the next step at
+        QUEUED, which is correct there too and orders the host work as a GPU's would (what the
+        start-up's timing and the benchmark exercise on a CPU)."""
+        if on and self.device.type == "cuda" and self._made_decode_stream is None:
+            raise ValueError("this engine was built without a decode stream (decode_stream=False)")
+        self.synchronize()
+        self.decode_stream = self._made_decode_stream if on else None
+        self.next_at = QUEUED if on else DEVICE_DONE
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (a step returns before its commit has run on a GPU)."""

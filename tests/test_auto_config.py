@@ -196,9 +196,11 @@ def test_flags_default_to_auto_and_explicit_values_override():
     assert (cfg.max_streams, cfg.auto_max_streams, cfg.max_batch, cfg.auto_max_batch) == (4608, False, 256, False)
     assert parse_args(["--max-streams", "AUTO", "--frontends", "auto"]).max_streams is None
     assert dataclasses.replace(cfg, max_batch=8).max_batch == 8
-    # the decode's own CUDA stream: off unless asked for (not yet run on a GPU)
-    assert parse_args([]).decode_stream is False and EngineConfig().decode_stream is False
-    assert parse_args(["--decode-stream"]).decode_stream is True
+    # the decode's own CUDA stream: asr-server times it at start-up (auto); the flag alone is on;
+    # EngineConfig's other callers (tests, benchmarks) get one stream unless they ask
+    assert parse_args([]).decode_stream == "auto" and EngineConfig().decode_stream == "off"
+    assert parse_args(["--decode-stream"]).decode_stream == "on"
+    assert parse_args(["--decode-stream", "off"]).decode_stream == "off"
 
 
 def test_a_bad_value_is_refused():
@@ -437,6 +439,12 @@ async def test_a_real_server_reports_its_measured_batch():
         assert int(measured.group(1)) == chosen and 1 <= chosen <= 8
         tried = [int(b) for b in re.findall(r"(\d+): ", measured.group(2))]
         assert tried[0] == 8 and (chosen in tried or chosen == 1)
+        # --decode-stream auto timed both ways at the chosen batch (the 8 slots allow 4 rows: two
+        # steps in flight hold different streams)
+        decode = re.search(r"decode stream: (on|off) \(measured: [^)]*\): a pipelined step of (\d+) rows took "
+                           r"([\d.]+) ms with it and ([\d.]+) ms without, ([\d.]+)x", text)
+        assert decode, text
+        assert int(decode.group(2)) == min(chosen, 4) and float(decode.group(3)) > 0 and float(decode.group(4)) > 0
         async with grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
             model = (await pb_grpc.SpeechRecognitionStub(channel).ListModels(pb.ListModelsRequest())).models[0]
         assert (model.max_batch, model.max_streams) == (chosen, 8)

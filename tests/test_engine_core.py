@@ -489,7 +489,7 @@ def test_a_decode_stream_is_made_only_on_a_gpu():
     from engines.factory import build_engine
 
     engine = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
-                                       max_streams=2, max_batch=2, decode_stream=True))
+                                       max_streams=2, max_batch=2, decode_stream="on"))
     assert engine.decode_stream is None and engine.next_at == DEVICE_DONE
     audio = _audio(1.2, seed=900)
     got = run_streams(engine, {"a": audio}, seed=1)

@@ -106,6 +106,17 @@ async def batch(client, n: int, seconds: float, realtime: bool, seed: int) -> li
     return await asyncio.gather(*(one_stream(client, seconds, realtime, seed + i) for i in range(n)))
 
 
+def story(proxy, client, via_proxy) -> str:
+    """What a failed assertion prints: each failed stream's status and details, which client
+    sent it, and (through the proxy) HAProxy's log lines of streams that did not end 200 with
+    no termination flags, whose two-letter state says which side ended them and when."""
+    lines = [f"client: {'HAProxy' if client is via_proxy else 'client-side balancing'}", f"statuses: {DETAILS}"]
+    if proxy is not None:
+        log = (proxy.workdir / "haproxy.log").read_text().splitlines()
+        lines += [line for line in log if " 200 " not in line or " ---- " not in line][-40:]
+    return "\n".join(lines)
+
+
 async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
     fleet, dns = Fleet(), DnsStub()
     a, b, c, d = (fleet.start() for _ in range(4))
@@ -151,7 +162,8 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
             await asyncio.to_thread(proxy.wait_up, {b.address, c.address})
         await asyncio.sleep(0.3)  # the SDK's channel watches health: NOT_SERVING arrives at once
         for k, cl in enumerate(clients):
-            assert await batch(cl, 6, 1.0, False, 200 + 10 * k) == ["OK"] * 6
+            results = await batch(cl, 6, 1.0, False, 200 + 10 * k)
+            assert results == ["OK"] * 6, f"{results}\n{story(proxy, cl, via_proxy)}"
         assert 6 * len(clients) <= count([b, c]) - before <= 6 * len(clients) + held_elsewhere, \
             "every new stream went to a server not draining"
         results = await asyncio.gather(*held)
@@ -189,10 +201,12 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
             deadline = time.monotonic() + 30.0
             while await asyncio.to_thread(d.streamed) == before:
                 assert time.monotonic() < deadline, "the added server got no new stream"
-                assert await batch(cl, 4, 0.5, False, 400 + 10 * k) == ["OK"] * 4
+                results = await batch(cl, 4, 0.5, False, 400 + 10 * k)
+                assert results == ["OK"] * 4, f"{results}\n{story(proxy, cl, via_proxy)}"
             before = count([c, d])
             running = sum(not t.done() for t in survivors)  # c's held streams may end meanwhile
-            assert await batch(cl, 8, 0.5, False, 500 + 10 * k) == ["OK"] * 8
+            results = await batch(cl, 8, 0.5, False, 500 + 10 * k)
+            assert results == ["OK"] * 8, f"{results}\n{story(proxy, cl, via_proxy)}"
             assert 8 <= count([c, d]) - before <= 8 + running
         assert await asyncio.gather(*survivors) == ["OK"] * len(survivors), f"c's streams went on {DETAILS}"
         for cl in clients:

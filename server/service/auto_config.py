@@ -34,7 +34,7 @@ import math
 import os
 
 from engines.capacity import (GPU_MAX_BATCH, MAX_AUTO_BATCH, MAX_AUTO_STREAMS, MIN_DOUBLING_GAIN, SLOTS_PER_STEP_CAPACITY,
-                              STEP_BUDGET_FRACTION, BatchSizing,
+                              STEP_BUDGET_FRACTION, BatchSizing, DecodeStreamChoice,
                               StreamSizing)
 from engines.config import EngineConfig
 
@@ -153,6 +153,14 @@ def engine_batch_sizing(engine) -> dict | None:
     return dict(sizing) if sizing else None
 
 
+def engine_decode_stream(engine) -> dict | None:
+    """The engine's `--decode-stream` decision and, when it timed both, its figures
+    (engines.capacity.DecodeStreamChoice), if it reported one."""
+    report = getattr(engine, "startup_report", None)
+    choice = report.get("decode_stream") if isinstance(report, dict) else getattr(report, "decode_stream", None)
+    return dict(choice) if choice else None
+
+
 def sizing_text(sizing: dict) -> str:
     """engine_sizing()'s figures in words."""
     return StreamSizing(**sizing).describe()
@@ -185,4 +193,7 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
     if batch_sizing:
         lines.append(f"max batch from the step time: {BatchSizing.from_dict(batch_sizing).describe()}")
         log.info("max batch sized from the step time", extra={"batch_sizing": batch_sizing})
+    decode_stream = engine_decode_stream(engine)
+    if decode_stream:
+        lines.append(f"decode stream: {DecodeStreamChoice.from_dict(decode_stream).describe()}")
     return frontends, lines

@@ -226,7 +226,7 @@ def test_steps_begun_at_queued_beside_a_decode_on_its_stream_equal_the_steps_one
     from engines.models import speechlike_audio
 
     engine = build_engine(EngineConfig(model="builtin:tiny", engine=engine_name, device="cuda", dtype="float32",
-                                       lookahead_ms=160, max_streams=16, max_batch=8, decode_stream=True))
+                                       lookahead_ms=160, max_streams=16, max_batch=8, decode_stream="on"))
     assert engine.encoder_engine.name == engine_name
     assert engine.decode_stream is not None and engine.next_at == QUEUED
     g = engine.geometry
@@ -242,10 +242,9 @@ def test_steps_begun_at_queued_beside_a_decode_on_its_stream_equal_the_steps_one
         return [(u.stream_id, u.tokens) for u in result.updates]
 
     want, got = [], []
-    decode_stream = engine.decode_stream
     for interleaved in (False, True):
         # the reference: one step at a time, all on one stream (no decode stream)
-        engine.decode_stream = decode_stream if interleaved else None
+        engine.set_decode_stream(interleaved)
         slots = [engine.acquire_slot() for _ in clips]
         out = got if interleaved else want
         for k in range(g.total_chunks(n) - 1):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 
 import grpc
@@ -190,9 +191,14 @@ async def test_asr_server_defaults_to_fast_cudagraph_on_gpu_and_transcribes_like
     cpu = build_on("builtin:demo", "eager", "float32", max_streams=4, max_batch=4, device="cpu")
     expected = [transcribe_alone(cpu, _read_wav(f)) for f in examples]
     assert all(t.strip() for t in expected)
-    proc, match, _ = await spawn_server("--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
-                                        "--metrics-port", "0")
+    proc, match, lines = await spawn_server("--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
+                                            "--metrics-port", "0")
     try:
+        # --decode-stream auto: both modes timed at start-up, at the measured batch; the
+        # transcripts below are served in whichever mode was kept
+        decode = re.search(r"decode stream: (on|off) \(measured: [^)]*\): a pipelined step of (\d+) rows took "
+                           r"([\d.]+) ms with it and ([\d.]+) ms without", "".join(lines))
+        assert decode, "".join(lines)[-3000:]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
             stub = pb_grpc.SpeechRecognitionStub(channel)
             got = await _transcribe_all(stub, [pcm16(_read_wav(f)) for f in examples])
@@ -208,8 +214,11 @@ async def test_asr_server_defaults_to_fast_cudagraph_on_gpu_and_transcribes_like
     # small: the cap, on any large GPU).
     assert GPU_MAX_BATCH <= model.max_batch <= min(MAX_AUTO_BATCH, model.max_streams), (model.max_batch, model.max_streams)
     assert 256 <= model.max_streams <= MAX_AUTO_SLOTS, model.max_streams
+    assert int(decode.group(2)) == min(model.max_batch, model.max_streams // 2)  # two steps in flight, other streams
     record("asr_server_default_on_gpu", {"engine": model.engine, "executions": dict(model.engine_executions),
                                          "max_streams": model.max_streams, "max_batch": model.max_batch,
+                                         "decode_stream": decode.group(1),
+                                         "decode_stream_ms": float(decode.group(3)), "one_stream_ms": float(decode.group(4)),
                                          "equal_to_cpu_eager_fp32": sum(a == b for a, b in zip(got, expected)),
                                          "files": len(examples)})
     assert got == expected
