@@ -173,6 +173,17 @@ class HAProxy:
                 up.add(fields[4])
         return up
 
+    def log_mark(self) -> int:
+        """Where the log ends now (its line count), for aborts_since."""
+        return len((self.workdir / "haproxy.log").read_text().splitlines())
+
+    def aborts_since(self, mark: int) -> int:
+        """Streams logged since `mark` whose server side aborted during the data phase (HAProxy's
+        termination state "SD"): the server's connection closed under them."""
+        time.sleep(0.2)  # HAProxy logs a stream as it ends: let the last lines of a batch land
+        lines = (self.workdir / "haproxy.log").read_text().splitlines()[mark:]
+        return sum(" SD-- " in line for line in lines)
+
     def wait_up(self, addresses: set[str], timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

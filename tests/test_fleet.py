@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import grpc
 import pytest
@@ -106,6 +107,33 @@ async def batch(client, n: int, seconds: float, realtime: bool, seed: int) -> li
     return await asyncio.gather(*(one_stream(client, seconds, realtime, seed + i) for i in range(n)))
 
 
+# Through HAProxy a stream can fail on a server that stays up, when that server ages the proxy's
+# connection (--max-connection-age-s, 2 s here): HAProxy 2.6 may open a stream on a connection
+# while the server is telling it to go away, and the server's close of an aged connection can take
+# the last stream's status with it. HAProxy logs such a stream "SD" (the server side aborted in
+# the data phase); the client sees CANCELLED (RST_STREAM(CANCEL), before the server answered) or
+# UNKNOWN ("Data frame with END_STREAM flag received": the stream ended with no grpc-status).
+# Seen in about one full suite run in five on the loaded 2-core machine, and once in about 2,400
+# streams of a repro with a 0.5 s age and the cores busy (deploy/README.md, "HAProxy and the
+# servers' connection age"). A fleet reached only through the proxy needs no connection age (the
+# proxy places every stream and finds servers through DNS); this fleet also serves client-side
+# balancing, which does. So a proxied stream that fails so passes here, no more of them than
+# HAProxy logged aborts in the same span; any other failure, or one more, fails the test.
+AGE_LOSS = {"CANCELLED", "UNKNOWN"}
+AGE_LOSSES: list[str] = []  # what passed so, for the report
+
+
+def expect_ok(results: list[str], client, via_proxy, proxy, mark: int, what: str) -> int:
+    """Every stream "OK", but for HAProxy's connection-age aborts (above): returns how many."""
+    failed = [r for r in results if r != "OK"]
+    if failed and client is via_proxy and proxy is not None and all(r in AGE_LOSS for r in failed) \
+            and len(failed) <= proxy.aborts_since(mark):
+        AGE_LOSSES.append(f"{what}: {failed}")
+        return len(failed)
+    assert not failed, f"{what}: {results}\n{story(proxy, client, via_proxy)}"
+    return 0
+
+
 def story(proxy, client, via_proxy) -> str:
     """What a failed assertion prints: each failed stream's status and details, which client
     sent it, and (through the proxy) HAProxy's log lines of streams that did not end 200 with
@@ -150,8 +178,12 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
             await sdk.list_models()
             await asyncio.sleep(0.05)
 
+        def mark() -> int:
+            return proxy.log_mark() if proxy else 0
+
         # SIGTERM: a drains; its open streams finish, new ones go to b and c
-        held = [asyncio.create_task(one_stream(cl, 6.0, True, 100 + 10 * k + i))
+        held_mark = mark()
+        held = [(cl, asyncio.create_task(one_stream(cl, 6.0, True, 100 + 10 * k + i)))
                 for k, cl in enumerate(clients) for i in range(6)]
         await wait_for(lambda: a.active() >= len(clients) and b.active() >= 1 and c.active() >= 1
                        and a.active() + b.active() + c.active() == len(held), what="streams on every server")
@@ -161,13 +193,15 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
         if proxy:
             await asyncio.to_thread(proxy.wait_up, {b.address, c.address})
         await asyncio.sleep(0.3)  # the SDK's channel watches health: NOT_SERVING arrives at once
+        lost = 0
         for k, cl in enumerate(clients):
-            results = await batch(cl, 6, 1.0, False, 200 + 10 * k)
-            assert results == ["OK"] * 6, f"{results}\n{story(proxy, cl, via_proxy)}"
-        assert 6 * len(clients) <= count([b, c]) - before <= 6 * len(clients) + held_elsewhere, \
+            since = mark()
+            lost += expect_ok(await batch(cl, 6, 1.0, False, 200 + 10 * k), cl, via_proxy, proxy, since, "drain")
+        assert 6 * len(clients) - lost <= count([b, c]) - before <= 6 * len(clients) + held_elsewhere, \
             "every new stream went to a server not draining"
-        results = await asyncio.gather(*held)
-        assert results == ["OK"] * len(held), f"the streams open on the draining server finished: {results} {DETAILS}"
+        for cl in clients:
+            expect_ok(await asyncio.gather(*(t for c_, t in held if c_ is cl)), cl, via_proxy, proxy, held_mark,
+                      "the streams open on the draining server finished")
         assert await asyncio.to_thread(a.proc.wait, 60) == 0
         members([b, c])
 
@@ -189,7 +223,8 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
         failed = [(expected[id(cl)], t.result()) for cl, t in held if t in done]
         assert len(failed) == on_b and all(got in want for want, got in failed), \
             f"{on_b} on the killed server: {failed} {DETAILS}"
-        survivors = [t for _, t in held if t not in done]
+        survivors = [(cl, t) for cl, t in held if t not in done]
+        survivors_mark = mark()  # a survivor's own abort comes after the kill's
         members([c])
         if proxy:
             await asyncio.to_thread(proxy.wait_up, {c.address})
@@ -201,16 +236,20 @@ async def test_fleet_behind_haproxy_and_with_client_side_balancing(tmp_path):
             deadline = time.monotonic() + 30.0
             while await asyncio.to_thread(d.streamed) == before:
                 assert time.monotonic() < deadline, "the added server got no new stream"
-                results = await batch(cl, 4, 0.5, False, 400 + 10 * k)
-                assert results == ["OK"] * 4, f"{results}\n{story(proxy, cl, via_proxy)}"
+                since = mark()
+                expect_ok(await batch(cl, 4, 0.5, False, 400 + 10 * k), cl, via_proxy, proxy, since, "until d serves")
             before = count([c, d])
-            running = sum(not t.done() for t in survivors)  # c's held streams may end meanwhile
-            results = await batch(cl, 8, 0.5, False, 500 + 10 * k)
-            assert results == ["OK"] * 8, f"{results}\n{story(proxy, cl, via_proxy)}"
-            assert 8 <= count([c, d]) - before <= 8 + running
-        assert await asyncio.gather(*survivors) == ["OK"] * len(survivors), f"c's streams went on {DETAILS}"
+            running = sum(not t.done() for _, t in survivors)  # c's held streams may end meanwhile
+            since = mark()
+            lost = expect_ok(await batch(cl, 8, 0.5, False, 500 + 10 * k), cl, via_proxy, proxy, since, "c and d")
+            assert 8 - lost <= count([c, d]) - before <= 8 + running
+        for cl in clients:
+            expect_ok(await asyncio.gather(*(t for c_, t in survivors if c_ is cl)), cl, via_proxy, proxy,
+                      survivors_mark, "c's streams went on")
         for cl in clients:
             await cl.close()
+        if AGE_LOSSES:  # passed, but said: the warnings summary of the run shows it
+            warnings.warn(f"HAProxy's connection-age aborts (AGE_LOSS above): {AGE_LOSSES}; {DETAILS}", stacklevel=1)
     finally:
         if proxy:
             proxy.stop()
