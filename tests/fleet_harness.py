@@ -177,12 +177,13 @@ class HAProxy:
         """Where the log ends now (its line count), for aborts_since."""
         return len((self.workdir / "haproxy.log").read_text().splitlines())
 
-    def aborts_since(self, mark: int) -> int:
-        """Streams logged since `mark` whose server side aborted during the data phase (HAProxy's
-        termination state "SD"): the server's connection closed under them."""
+    def aborts_since(self, mark: int) -> list[int]:
+        """The log lines (their numbers) since `mark` of streams whose server side aborted during
+        the data phase (HAProxy's termination state "SD"): the server's connection closed under
+        them."""
         time.sleep(0.2)  # HAProxy logs a stream as it ends: let the last lines of a batch land
-        lines = (self.workdir / "haproxy.log").read_text().splitlines()[mark:]
-        return sum(" SD-- " in line for line in lines)
+        lines = (self.workdir / "haproxy.log").read_text().splitlines()
+        return [i for i in range(mark, len(lines)) if " SD-- " in lines[i]]
 
     def wait_up(self, addresses: set[str], timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
