@@ -34,7 +34,7 @@ from server.transport.call_limits import (RECOGNIZE_PIECE_BYTES, RecognizeBudget
 from server.transport.idle_read import IdleReads, next_within
 from server.ops.metrics import ServerMetrics
 from server.scheduling.scheduler import Scheduler, StreamHandle
-from server.transport.security import REFUSAL_DRAIN_SECONDS, REFUSAL_QUIET_SECONDS, drain_requests
+from server.transport.security import REFUSAL_DRAIN_SECONDS, REFUSAL_QUIET_SECONDS, drain_requests, end_with_status
 from server.transport.stream_config import ServedModel
 from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure, Utterance
 from server.scheduling.stream_state import StreamStatus
@@ -290,7 +290,7 @@ class CallSkeleton:
                     await settle_reader(reader, call.handle)
                 elif not isinstance(exc, _ReadFailed):
                     await drain_requests(requests, quiet_s=REFUSAL_QUIET_SECONDS)  # refused before the reader started
-            await self._abort(context, method, kind, str(exc))
+            self._refuse(context, method, kind, str(exc))
         except asyncio.CancelledError:
             code = "CANCELLED"  # client cancelled, disconnected, or its deadline passed
             raise
@@ -428,7 +428,7 @@ class CallSkeleton:
         except (StreamError, AudioError) as exc:
             kind = exc.kind if isinstance(exc, StreamError) else ErrorKind.INVALID_ARGUMENT
             code = kind.value
-            await self._abort(context, method, kind, str(exc))
+            self._refuse(context, method, kind, str(exc))
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -460,12 +460,14 @@ class CallSkeleton:
             handle.fail(exc.kind, exc.message)
 
     # -- shared ----------------------------------------------------------------------------------
-    async def _abort(self, context, method: str, kind: ErrorKind, message: str) -> None:
+    def _refuse(self, context, method: str, kind: ErrorKind, message: str) -> None:
+        """Ends the call with the status once the handler returns (the caller returns next; not
+        context.abort, which leaves the call in a reference cycle: security.end_with_status)."""
         if kind is ErrorKind.CANCELLED:  # the client has left: no one to send a status to (counted
             raise asyncio.CancelledError()  # as CANCELLED by the handler, like any cancellation)
         # Count first: once the status is out, a client may already be reading the metrics.
         self.metrics.rpc_finished(method, kind.value)
-        await context.abort(grpc.StatusCode[kind.value], status_message(message))
+        end_with_status(context, grpc.StatusCode[kind.value], status_message(message))
 
     def _log_open(self, handle: StreamHandle, options, context, rpc: str) -> None:
         names = self.api.names

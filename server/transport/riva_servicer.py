@@ -36,6 +36,7 @@ from server.transport.riva_convert import (
 )
 from server.scheduling.scheduler import Scheduler
 from server.transport.stream_config import ServedModel
+from server.transport.security import end_with_status
 from server.scheduling.stream_events import ChunkResult, ErrorKind, StreamError, StreamFailure, Utterance
 
 log = logging.getLogger("nemostream.riva")
@@ -106,8 +107,9 @@ class RivaSpeechRecognitionServicer(rpb_grpc.RivaSpeechRecognitionServicer):
         method = _METHOD + "GetRivaSpeechRecognitionConfig"
         if request.model_name and request.model_name not in self._served.names:
             self._metrics.rpc_finished(method, "NOT_FOUND")
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model_name!r} is not served here; "
-                                                           f"served: {', '.join(self._served.names)}")
+            end_with_status(context, grpc.StatusCode.NOT_FOUND, f"model {request.model_name!r} is not served here; "
+                                                                f"served: {', '.join(self._served.names)}")
+            return None
         s, g = self._scheduler, self._served.geometry
         parameters = {"engine": s.engine_name or "", "chunk_ms": f"{g.chunk_ms:g}",
                       "max_streams": str(s.capacity), "max_batch": str(s.max_batch),

@@ -221,13 +221,27 @@ async def drain_requests(requests, max_bytes: int = REFUSAL_DRAIN_BYTES,
     seen = 0
     it = requests.__aiter__()
     while seen < max_bytes and (left := deadline - loop.time()) > 0:
+        # asyncio.timeout, not wait_for: wait_for runs the read as a task, whose exception (the
+        # StopAsyncIteration of a half-closed client) its frame then holds in a cycle, and, raised
+        # while the handler handles its refusal, that exception's context is the refusal's error,
+        # whose traceback holds the handler's frame and the call until a garbage collection.
         try:
-            message = await asyncio.wait_for(it.__anext__(), left if quiet_s is None else min(left, quiet_s))
+            async with asyncio.timeout(left if quiet_s is None else min(left, quiet_s)):
+                message = await it.__anext__()
         except (StopAsyncIteration, TimeoutError):
             return
         except Exception:  # noqa: BLE001 - undecodable bytes, a broken stream: stop reading
             return
         seen += message.ByteSize() if hasattr(message, "ByteSize") else 1
+
+
+def end_with_status(context, code: grpc.StatusCode, details: str) -> None:
+    """The call's status once its handler returns (which it does next). Not context.abort: its
+    AbortError's traceback is held by grpc's handler frame, a cycle that keeps the handler's
+    frame and what it read until a garbage collection, which a serving process runs rarely
+    (server.runtime.gc_policy): a storm of refused calls would pile them up."""
+    context.set_code(code)
+    context.set_details(details)
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
@@ -236,7 +250,7 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: st
     async def refuse(request_or_iterator, context):
         if handler.request_streaming:
             await drain_requests(request_or_iterator)
-        await context.abort(code, details)
+        end_with_status(context, code, details)
 
     return _same_shape(handler, refuse)
 
@@ -246,16 +260,17 @@ def _counted(handler: grpc.RpcMethodHandler, limiter: ClientLimiter, identity: s
     """The handler, run only while its client has fewer than the limit of calls open."""
     inner = _behaviour(handler)
 
-    async def admit(request_or_iterator, context) -> str:
+    async def admit(request_or_iterator, context) -> str | None:
         who = identity or peer_identity(context)
         if not limiter.acquire(who):
             on_refused("client_stream_limit")
             log.warning("refused: streams per client", extra={"client": who, "limit": limiter.limit})
             if handler.request_streaming:
                 await drain_requests(request_or_iterator)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"client {shown(who)} already has {limiter.limit} streams open (the limit per client, "
-                                "--max-streams-per-client); retry when one has finished")
+            end_with_status(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"client {shown(who)} already has {limiter.limit} streams open (the limit per client, "
+                            "--max-streams-per-client); retry when one has finished")
+            return None
         # For the handler: the Recognize byte budget and, behind frontends, the engine process's
         # count across every frontend (server.runtime.engine_host) go by the same identity.
         CLIENT_IDENTITY.set(who)
@@ -264,6 +279,8 @@ def _counted(handler: grpc.RpcMethodHandler, limiter: ClientLimiter, identity: s
     if inspect.isasyncgenfunction(inner):
         async def run(request_or_iterator, context):
             who = await admit(request_or_iterator, context)
+            if who is None:
+                return
             try:
                 async for response in inner(request_or_iterator, context):
                     yield response
@@ -272,6 +289,8 @@ def _counted(handler: grpc.RpcMethodHandler, limiter: ClientLimiter, identity: s
     elif inspect.iscoroutinefunction(inner):
         async def run(request_or_iterator, context):
             who = await admit(request_or_iterator, context)
+            if who is None:
+                return None
             try:
                 return await inner(request_or_iterator, context)
             finally:
