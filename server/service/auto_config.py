@@ -139,30 +139,18 @@ def engine_device(engine) -> str:
     return str(getattr(report, "device", "") or getattr(engine, "device", "") or "")
 
 
-def engine_sizing(engine) -> dict | None:
-    """The engine's `--max-streams auto` decision and its figures (engines.capacity), if it made one."""
+def reported(engine, field: str) -> dict | None:
+    """One decision of the engine's start-up report with its figures (engines.factory
+    StartupReport: a dict from an engine worker, an object in process), or None if it made none:
+    "sizing" (`--max-streams auto`), "batch_sizing" (`--max-batch auto`, measured),
+    "decode_stream" (`--decode-stream`, and the times when it measured)."""
     report = getattr(engine, "startup_report", None)
-    sizing = report.get("sizing") if isinstance(report, dict) else getattr(report, "sizing", None)
-    return dict(sizing) if sizing else None
-
-
-def engine_batch_sizing(engine) -> dict | None:
-    """The engine's measured `--max-batch auto` decision and its figures (engines.capacity), if it made one."""
-    report = getattr(engine, "startup_report", None)
-    sizing = report.get("batch_sizing") if isinstance(report, dict) else getattr(report, "batch_sizing", None)
-    return dict(sizing) if sizing else None
-
-
-def engine_decode_stream(engine) -> dict | None:
-    """The engine's `--decode-stream` decision and, when it timed both, its figures
-    (engines.capacity.DecodeStreamChoice), if it reported one."""
-    report = getattr(engine, "startup_report", None)
-    choice = report.get("decode_stream") if isinstance(report, dict) else getattr(report, "decode_stream", None)
-    return dict(choice) if choice else None
+    value = report.get(field) if isinstance(report, dict) else getattr(report, field, None)
+    return dict(value) if value else None
 
 
 def sizing_text(sizing: dict) -> str:
-    """engine_sizing()'s figures in words."""
+    """reported(engine, "sizing")'s figures in words."""
     return StreamSizing(**sizing).describe()
 
 
@@ -171,8 +159,8 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
     """After the engine started: the frontend count (`frontends` None: auto) and the lines that
     say how the server was sized and from what (asr-server prints them)."""
     device = engine_device(engine)
-    sizing = engine_sizing(engine)
-    batch_sizing = engine_batch_sizing(engine)
+    sizing = reported(engine, "sizing")
+    batch_sizing = reported(engine, "batch_sizing")
     streams = str(engine.capacity)
     if max_streams_auto:
         streams += " (auto: from device memory)" if sizing else " (auto: the fixed default)"
@@ -193,7 +181,7 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
     if batch_sizing:
         lines.append(f"max batch from the step time: {BatchSizing.from_dict(batch_sizing).describe()}")
         log.info("max batch sized from the step time", extra={"batch_sizing": batch_sizing})
-    decode_stream = engine_decode_stream(engine)
+    decode_stream = reported(engine, "decode_stream")
     if decode_stream:
         lines.append(f"decode stream: {DecodeStreamChoice.from_dict(decode_stream).describe()}")
     return frontends, lines
