@@ -76,6 +76,7 @@ class HangReporter:
         self._timer = threading.Timer(after_s, self._report)
         self._timer.daemon = True
         self._after_s = after_s
+        self.written = threading.Event()  # set once a report has been written out in full
 
     def __enter__(self) -> HangReporter:
         self._timer.start()
@@ -92,6 +93,7 @@ class HangReporter:
         finally:
             if self._capture is not None:
                 self._capture.resume_global_capture()
+            self.written.set()
 
     def _write(self, err) -> None:
         print(f"\n=== {self.test_id} still running after {self._after_s:.0f} s: threads and tasks ===", file=err)

@@ -16,10 +16,16 @@ async def test_the_report_names_the_stuck_task_and_its_coroutine(capsys):
     never = asyncio.Event()
     task = asyncio.create_task(waits_for_ever(never), name="stuck-one")
     try:
-        with HangReporter("some/test.py::hangs", after_s=0.2):
-            await asyncio.sleep(1.0)  # the loop stays free to run the report's callback
+        with HangReporter("some/test.py::hangs", after_s=0.2) as reporter:
+            # The loop stays free to run the report's callback. The report walks every object
+            # of the process (its suspended coroutines), which late in a full run on a slow
+            # machine takes longer than any fixed sleep: wait until it is written.
+            deadline = asyncio.get_running_loop().time() + 60
+            while not reporter.written.is_set() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
     finally:
         task.cancel()
+    assert reporter.written.is_set(), "the report was not written within 60 s"
     err = capsys.readouterr().err
     assert "some/test.py::hangs still running after 0 s" in err
     assert "Thread" in err  # every thread's stack
