@@ -2,7 +2,7 @@
 stream of its own against one stream, on one engine, alternating.
 
 The worker keeps two steps in flight, each stream in one of them, and begins the next step's
-device work behind the current one's (server/runtime/engine_worker.py `_finish`). With one stream
+device work behind the current one's (server/runtime/worker_process.py `finish_step`). With one stream
 it can do so only once the current step has decoded and committed (DEVICE_DONE): the decode loop
 waits for the device every few iterations and the host then reads the results back, so the device
 idles between one step's decode and the next step's features. With a decode stream

@@ -41,7 +41,7 @@ from engines.api import (ChunkWork, EndpointingParams, ResultColumns, RowSamples
                          StepResult, StepTimings, StreamUpdate, TokenEvent)
 from server.runtime import wire as w  # noqa: E402
 from server.runtime.engine_host import rows_message  # noqa: E402
-from server.runtime.engine_worker import _ChildSlots, _pack_step, _reply, _unpack_result, _unpack_step  # noqa: E402
+from server.runtime.worker_link import ChildSlots, pack_step, step_reply, unpack_result, unpack_step  # noqa: E402
 from server.scheduling.row_columns import RowColumns  # noqa: E402
 from server.scheduling.stream_events import ChunkResult, ChunkRows, Utterance, UtteranceEnd  # noqa: E402
 from server.scheduling.utterances import UtteranceBook, chunk_event  # noqa: E402
@@ -175,7 +175,7 @@ def rows_unpack_step(step: RowsStep, samples: np.ndarray, to_child: dict[int, in
 
 
 def rows_reply(request: int, result: StepResult, to_parent: dict[int, int], clocks: tuple) -> RowsStepDone:
-    for u in result.updates:  # the child's slots back to the parent's, in place (main's _ChildSlots.result)
+    for u in result.updates:  # the child's slots back to the parent's, in place (main's ChildSlots.result)
         parent = to_parent.get(u.slot, u.slot)
         if parent != u.slot:
             object.__setattr__(u, "slot", parent)
@@ -305,7 +305,7 @@ class _Buffer:
         self.array = np.zeros(samples, dtype=np.float32)
 
 
-class _Slots:  # _ChildSlots' engine: slots map onto themselves
+class _Slots:  # ChildSlots' engine: slots map onto themselves
     def __init__(self):
         self.next = 0
 
@@ -332,7 +332,7 @@ def step_request_case(n: int, samples: int):
     def plan() -> StepPlan:
         return StepPlan.from_columns(keys, rows, audio, first, ended, new_utterance, endpointing)
 
-    slots = _ChildSlots(_Slots())
+    slots = ChildSlots(_Slots())
     for i in range(n):
         slots.claim(i)
     to_child = {i: i for i in range(n)}
@@ -354,8 +354,8 @@ def step_request_case(n: int, samples: int):
         rows_unpack_step(step, buffer.array, to_child)
 
     def new():
-        (step,) = new_frames([_pack_step(plan(), buffer, 0, 7)], decoder)
-        _unpack_step(step, buffers, slots)
+        (step,) = new_frames([pack_step(plan(), buffer, 0, 7)], decoder)
+        unpack_step(step, buffers, slots)
 
     return old, per_row, new
 
@@ -393,7 +393,7 @@ def step_reply_case(n: int, token_rows: int, tokens_per_row: int):
             token_frames=np.asarray(token_frames, dtype=np.int64)), "eager", timings)
 
     plan = StepPlan.from_columns(keys, slots, [np.zeros(1, np.float32)] * n, final, final, final)
-    child = _ChildSlots(_Slots())
+    child = ChildSlots(_Slots())
     for i in range(n):
         child.claim(i)
     to_parent = {i: i for i in range(n)}
@@ -409,8 +409,8 @@ def step_reply_case(n: int, token_rows: int, tokens_per_row: int):
         rows_unpack_result(done, 0.5, 4.5)
 
     def new():
-        (done,) = new_frames([_reply(7, plan, result(), child, clocks[:3], _Executions())], decoder)
-        _unpack_result(done, plan, 0.5, 4.5)
+        (done,) = new_frames([step_reply(7, plan, result(), child, clocks[:3], _Executions())], decoder)
+        unpack_result(done, plan, 0.5, 4.5)
 
     return old, per_row, new
 

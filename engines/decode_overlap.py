@@ -38,8 +38,8 @@ CLIPS = 16
 
 
 def run_pipelined(engine, plans: list[StepPlan]) -> tuple[float, float, list]:
-    """The plans, two in flight as the engine worker runs them (server/runtime/engine_worker.py
-    `_finish`): the next plan prepared while the current step runs, its device work begun at the
+    """The plans, two in flight as the engine worker runs them (server/runtime/worker_process.py
+    `finish_step`): the next plan prepared while the current step runs, its device work begun at the
     stage the engine names (`next_at`). Returns (seconds, this thread's CPU seconds, each step's
     tokens per row). The CPU seconds are the host work a worker thread does for these steps; on
     CUDA they include the waits for the device, which the runtime spends spinning by default:

@@ -490,14 +490,15 @@ async def test_a_step_failing_in_its_host_part_leaves_the_next_step_begun_meanwh
 
 
 def test_while_the_device_is_busy_the_child_keeps_taking_messages_until_it_is_not():
-    """_ReadAhead.during_step: a message that arrives after the step was queued, while the
+    """ReadAhead.during_step: a message that arrives after the step was queued, while the
     device still runs it, is taken then (here a slot claim, applied at once), not after the
     step; and once the device is done it stops waiting though nothing came."""
     import socket
     import time
 
     from server.runtime import wire as w
-    from server.runtime.engine_worker import _ChildSlots, _Link, _ReadAhead
+    from server.runtime.worker_link import ChildSlots, Link
+    from server.runtime.worker_process import ReadAhead
 
     class Run:  # a step at QUEUED whose device work lasts until `until`
         def __init__(self, seconds):
@@ -516,8 +517,8 @@ def test_while_the_device_is_busy_the_child_keeps_taking_messages_until_it_is_no
     parent, child = socket.socketpair()
     try:
         engine = Staged(capacity=4)
-        slots = _ChildSlots(engine)
-        ahead = _ReadAhead(_Link(child, w.TO_WORKER), engine, slots, {})
+        slots = ChildSlots(engine)
+        ahead = ReadAhead(Link(child, w.TO_WORKER), engine, slots, {})
         sender = threading.Timer(0.05, lambda: parent.sendall(w.encode_frame([w.Claim(slot=2)])))
         sender.start()
         t0 = time.monotonic()
@@ -536,14 +537,14 @@ def test_while_the_device_is_busy_the_child_keeps_taking_messages_until_it_is_no
 
 @pytest.mark.parametrize("next_at", ["queued", "device_done"])
 def test_the_next_step_is_begun_from_the_stage_the_engine_names(next_at, monkeypatch):
-    """_finish: with the engine's next_at QUEUED the step read ahead is begun right after the
+    """finish_step: with the engine's next_at QUEUED the step read ahead is begun right after the
     read-ahead, before the current step's decode (its advance from QUEUED); with DEVICE_DONE
     only after it. With QUEUED, a step that arrives during the decode is taken then (a read
     that does not wait) and begun before the current step's host part."""
     from engines.api import DEVICE_DONE, QUEUED
     import types
 
-    from server.runtime.engine_worker import _finish, _Started
+    from server.runtime.worker_process import Started, finish_step
 
     order = []
 
@@ -577,10 +578,10 @@ def test_the_next_step_is_begun_from_the_stage_the_engine_names(next_at, monkeyp
     engine.next_at = QUEUED if next_at == "queued" else DEVICE_DONE
     ahead = Ahead()
     ahead.arrived = True
-    current = _Started(message=types.SimpleNamespace(id=1), got=0.0, began=0.0, plan=None, run=Run())
-    import server.runtime.engine_worker as ew
-    monkeypatch.setattr(ew, "_reply", lambda *args: "reply")
-    reply, nxt = _finish(current, engine, ahead, None)
+    current = Started(message=types.SimpleNamespace(id=1), got=0.0, began=0.0, plan=None, run=Run())
+    import server.runtime.worker_process as wp
+    monkeypatch.setattr(wp, "step_reply", lambda *args: "reply")
+    reply, nxt = finish_step(current, engine, ahead, None)
     assert (reply, nxt) == ("reply", "next")
     if next_at == "queued":
         assert order == ["read ahead", "begin next", "advance from queued", "advance from device_done"]
@@ -588,7 +589,7 @@ def test_the_next_step_is_begun_from_the_stage_the_engine_names(next_at, monkeyp
         assert order == ["read ahead", "advance from queued", "begin next", "advance from device_done"]
     order.clear()
     ahead.arrived = False  # nothing read ahead: with QUEUED, what came during the decode is taken
-    reply, nxt = _finish(_Started(message=types.SimpleNamespace(id=1), got=0.0, began=0.0, plan=None, run=Run()), engine, ahead, None)
+    reply, nxt = finish_step(Started(message=types.SimpleNamespace(id=1), got=0.0, began=0.0, plan=None, run=Run()), engine, ahead, None)
     assert nxt is None
     if next_at == "queued":
         assert order == ["read ahead", "begin next", "advance from queued", "read what arrived", "begin next",

@@ -24,8 +24,8 @@ from engines.geometry import ChunkGeometry
 from engines.sample_ring import RingSamples, SampleRing
 from server.runtime import wire as w
 from server.runtime.engine_host import EngineFacts, EngineHost, event_message, rows_message
-from server.runtime.engine_worker import (RING, ChildOptions, EngineWorker, _ChildSlots, _Link, _Pending, _pack_step,
-                                          _reply, _unpack_result, _unpack_step)
+from server.runtime.engine_worker import ChildOptions, EngineWorker, _Pending
+from server.runtime.worker_link import RING, ChildSlots, Link, pack_step, step_reply, unpack_result, unpack_step
 from server.runtime.remote_scheduler import RemoteScheduler
 from server.scheduling.row_columns import RowColumns
 from server.scheduling.scheduler import SchedulerConfig
@@ -247,14 +247,14 @@ class _OwnSlots:  # an engine whose slots the child maps the parent's onto: 10, 
         return {"eager": 1}
 
 
-def _worker_slots(parent_slots) -> _ChildSlots:
-    slots = _ChildSlots(_OwnSlots())
+def _worker_slots(parent_slots) -> ChildSlots:
+    slots = ChildSlots(_OwnSlots())
     for s in parent_slots:
         slots.claim(s)
     return slots
 
 
-class _SharedBuffer:  # engine_worker._SampleBuffer's face, in memory
+class _SharedBuffer:  # worker_link.SampleBuffer's face, in memory
     def __init__(self, samples: int):
         self.samples = samples
         self.array = np.zeros(samples, dtype=np.float32)
@@ -271,9 +271,9 @@ def test_a_step_crosses_the_worker_link_as_columns():
     slots = _worker_slots([0, 5, 9])  # child slots: 0 -> 10, 5 -> 11, 9 -> 12
     buffer = _SharedBuffer(16)
     for shared in (buffer, None):  # through the shared buffer, then inline
-        step = _decode_one(w.encode_frame([_pack_step(plan, shared, 0, 3)]), w.TO_WORKER)[0]
+        step = _decode_one(w.encode_frame([pack_step(plan, shared, 0, 3)]), w.TO_WORKER)[0]
         assert (step.buffer, step.audio is None) == ((0, True) if shared else (-1, False))
-        got = _unpack_step(step, {0: buffer}, slots)
+        got = unpack_step(step, {0: buffer}, slots)
         assert got._chunks is None  # built from columns: no ChunkWork per row
         assert got.slots.tolist() == [11, 10, 12] and got.stream_ids == ["a", "b", "c"]
         assert (got.first.tolist(), got.audio_ended.tolist(), got.new_utterance.tolist()) == \
@@ -298,15 +298,15 @@ def _ring_plan():
 def test_a_step_whose_audio_is_in_the_sample_ring_sends_spans_only():
     ring, plan = _ring_plan()
     slots = _worker_slots([0, 5, 9])
-    step = _decode_one(w.encode_frame([_pack_step(plan, _SharedBuffer(64), 0, 3, ring)]), w.TO_WORKER)[0]
+    step = _decode_one(w.encode_frame([pack_step(plan, _SharedBuffer(64), 0, 3, ring)]), w.TO_WORKER)[0]
     assert step.audio is None and step.offsets == b"" and step.spans is not None  # no audio crossed
-    got = _unpack_step(step, {RING: ring}, slots)
+    got = unpack_step(step, {RING: ring}, slots)
     assert [x.tolist() for x in got.samples] == [list(range(30, 36)), list(range(100, 107)), []]
     assert got.slots.tolist() == [11, 12, 11]
     # Another ring than the worker's (or none): the audio goes the old way, and arrives the same.
-    step = _decode_one(w.encode_frame([_pack_step(plan, None, 0, 4, SampleRing.local(10, 16))]), w.TO_WORKER)[0]
+    step = _decode_one(w.encode_frame([pack_step(plan, None, 0, 4, SampleRing.local(10, 16))]), w.TO_WORKER)[0]
     assert step.spans is None and step.audio is not None
-    assert [x.tolist() for x in _unpack_step(step, {}, slots).samples] == \
+    assert [x.tolist() for x in unpack_step(step, {}, slots).samples] == \
         [list(range(30, 36)), list(range(100, 107)), []]
 
 
@@ -323,32 +323,32 @@ def test_a_step_with_bad_ring_spans_is_an_error(spans, match):
     step = w.Step(1, -1, ["a", "c"], w.as_column(rows, w.I64), b"", w.as_column([0, 0], w.U8), {}, None,
                   w.as_column(spans, w.I64))
     with pytest.raises(EngineError, match=match):
-        _unpack_step(step, {RING: ring}, slots)
+        unpack_step(step, {RING: ring}, slots)
     with pytest.raises(EngineError, match="before it was attached"):
-        _unpack_step(msgspec.structs.replace(step, spans=w.as_column([0, 6, 0, 7], w.I64)), {}, slots)
+        unpack_step(msgspec.structs.replace(step, spans=w.as_column([0, 6, 0, 7], w.I64)), {}, slots)
 
 
 def test_a_step_reply_crosses_the_worker_link_as_columns():
     plan = _columnar_plan()
     slots = _worker_slots([0, 5, 9])
-    child_plan = _unpack_step(_pack_step(plan, None, 0, 3), {}, slots)
+    child_plan = unpack_step(pack_step(plan, None, 0, 3), {}, slots)
     updates = (StreamUpdate("a", 11, TOKENS, " hello there", False, 4, 0.32, (1,), ()),
                StreamUpdate("b", 10, (), "", True, 9, 0.72),
                StreamUpdate("c", 12, TOKENS[1:], " there", False, 2, 0.16, (), (3,)))
     for result in (StepResult(updates, "eager", StepTimings(encoder_ms=2.0)),  # an engine of rows
                    StepResult.from_columns(StepResult(updates).columns, "eager", StepTimings(encoder_ms=2.0))):
-        done = _decode_one(w.encode_frame([_reply(8, child_plan, result, slots, (1.0, 2.0, 3.0), slots.engine)]),
+        done = _decode_one(w.encode_frame([step_reply(8, child_plan, result, slots, (1.0, 2.0, 3.0), slots.engine)]),
                            w.FROM_WORKER)[0]
         assert done.stream_ids is None and done.slots is None  # the plan's rows: the parent has them
-        got = _unpack_result(done, plan, 0.5, 4.5)
+        got = unpack_result(done, plan, 0.5, 4.5)
         assert got.columnar and got._updates is None  # no StreamUpdate per row
         assert got.columns.slots is plan.slots and got.engine == "eager" and got.timings.encoder_ms == 2.0
         assert got.updates == tuple(dataclasses.replace(u, slot=s) for u, s in zip(updates, (5, 0, 9)))
     # An engine that answers in another order: the rows name themselves, on the parent's slots.
     swapped = StepResult((updates[2], updates[0], updates[1]), "eager")
-    done = _decode_one(w.encode_frame([_reply(9, child_plan, swapped, slots, (1.0, 2.0, 3.0), slots.engine)]),
+    done = _decode_one(w.encode_frame([step_reply(9, child_plan, swapped, slots, (1.0, 2.0, 3.0), slots.engine)]),
                        w.FROM_WORKER)[0]
-    got = _unpack_result(done, plan, 0.5, 4.5)
+    got = unpack_result(done, plan, 0.5, 4.5)
     assert [(u.stream_id, u.slot, u.tokens) for u in got.updates] == [("c", 9, TOKENS[1:]), ("a", 5, TOKENS),
                                                                       ("b", 0, ())]
 
@@ -358,7 +358,7 @@ def test_a_column_of_the_wrong_length_is_an_error_on_both_sides_of_the_worker_li
         w.column(b"\0" * 12, w.I64, 2, "slots")
     plan = _columnar_plan()
     slots = _worker_slots([0, 5, 9])
-    step = _pack_step(plan, None, 0, 3)
+    step = pack_step(plan, None, 0, 3)
     bad_steps = {
         "slots": (msgspec.structs.replace(step, slots=step.slots[:-8]), "column slots has 16 bytes"),
         "truncated offsets": (msgspec.structs.replace(step, offsets=step.offsets[:-1]), "column offsets"),
@@ -371,14 +371,14 @@ def test_a_column_of_the_wrong_length_is_an_error_on_both_sides_of_the_worker_li
     }
     for name, (bad, match) in bad_steps.items():
         with pytest.raises(EngineError, match=match):
-            _unpack_step(_decode_one(w.encode_frame([bad]), w.TO_WORKER)[0], {}, slots)
+            unpack_step(_decode_one(w.encode_frame([bad]), w.TO_WORKER)[0], {}, slots)
     with pytest.raises(BadChunkError, match="not acquired through the engine worker") as err:
-        _unpack_step(step, {}, _worker_slots([0, 5]))
+        unpack_step(step, {}, _worker_slots([0, 5]))
     assert err.value.stream_ids == ("c",)
-    child_plan = _unpack_step(step, {}, slots)
+    child_plan = unpack_step(step, {}, slots)
     result = StepResult((StreamUpdate("a", 11, TOKENS, " hello there", False, 4, 0.32),
                          StreamUpdate("b", 10, (), "", True, 9, 0.72), StreamUpdate("c", 12, (), "", False, 2, 0.16)))
-    done = _reply(8, child_plan, result, slots, (1.0, 2.0, 3.0), slots.engine)
+    done = step_reply(8, child_plan, result, slots, (1.0, 2.0, 3.0), slots.engine)
     bad_replies = {
         "short is_final": (msgspec.structs.replace(done, is_final=done.is_final[:2]), "column is_final"),
         "token ids short of the offsets": (msgspec.structs.replace(done, token_ids=done.token_ids[:8]),
@@ -393,7 +393,7 @@ def test_a_column_of_the_wrong_length_is_an_error_on_both_sides_of_the_worker_li
     }
     for name, (bad, match) in bad_replies.items():
         with pytest.raises(EngineError, match=f"malformed step reply.*{match}"):
-            _unpack_result(_decode_one(w.encode_frame([bad]), w.FROM_WORKER)[0], plan, 0.5, 4.5)
+            unpack_result(_decode_one(w.encode_frame([bad]), w.FROM_WORKER)[0], plan, 0.5, 4.5)
 
 
 class _Sink:
@@ -523,7 +523,7 @@ def test_the_worker_links_blocking_reader_has_the_same_checks():
             a.sendall(data)
             a.shutdown(socket.SHUT_WR)
             with pytest.raises(w.WireError, match=match):
-                _Link(b, w.FRONTEND_TO_ENGINE).read()
+                Link(b, w.FRONTEND_TO_ENGINE).read()
         finally:
             a.close()
             b.close()

@@ -407,7 +407,8 @@ def _close_engines(engines: list[StreamingEngine]) -> None:
 
 def start_engine(args: argparse.Namespace, cfg: EngineConfig, settings: ServerSettings) -> StreamingEngine:
     """The engine, in a worker process (the default) or in this one (--no-engine-worker)."""
-    from server.runtime.engine_worker import ChildOptions, EngineWorker, load_factory
+    from server.runtime.engine_worker import ChildOptions, EngineWorker
+    from server.runtime.worker_process import load_factory
 
     if args.no_engine_worker:
         return load_factory(args.engine_factory)(cfg)
