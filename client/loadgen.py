@@ -58,6 +58,16 @@ from proto import asr_stream_pb2_grpc as pb_grpc
 VERSION = 1
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, but not for on/off switches: a `--no-X` switch's default is
+    its dest's True, which would read as if the switch were on by default."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
@@ -70,7 +80,7 @@ def _int_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="asr-loadgen", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelp)
     add_target_args(p)
     a = p.add_argument_group("audio")
     a.add_argument("--audio", nargs="+", default=[], metavar="PATH",

@@ -43,7 +43,7 @@ go below it: halving, down to 1.
   latency stays about one period. What is left of the period is room for the host's work (the
   event loop forming the batch, the frontends) and for speech, whose decode loop emits more
   symbols than the silence the measurement steps on.
-  Out of memory at a batch while serving still lowers it (server.scheduling.scheduler).
+  Out of memory at a batch while serving still lowers it (server.scheduling.step_batch and step_loop).
 Streams (`--max-streams auto`) on a GPU: as many cache slots as fit in the device memory that is
   free once the model and the encoder engine (its CUDA graphs for every batch bucket included)
   are loaded, after a headroom, and never more than MAX_AUTO_STREAMS. The headroom:

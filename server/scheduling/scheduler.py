@@ -61,7 +61,7 @@ class SchedulerConfig:
     # With a step running in an engine worker (an engine with step_async), the next step goes
     # behind it once it has run this share of the recent steps' time, full or not: the worker
     # prepares it while the device runs the first, and queues its device work the moment the
-    # first's is done (server.runtime.engine_worker). Chunks that come later wait for the step
+    # first's is done (server.runtime.worker_process). Chunks that come later wait for the step
     # after. >= 1: only a full batch goes behind a running step (the earlier policy, under which
     # 1% of steps were prepared ahead on the H200, run 24).
     overlap_at: float = 0.6

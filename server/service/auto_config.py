@@ -57,7 +57,8 @@ MAX_STREAMS_HELP = (f"concurrent streams (cache slots); auto: on a GPU, as many 
                     f"({MAX_AUTO_STREAMS} where it was not measured) (printed at start-up with its figures); "
                     f"{EngineConfig.max_streams} on the CPU (engines/capacity.py)")
 FRONTENDS_AUTO_HELP = (f"auto: with the engine on a GPU, one per {CORES_PER_FRONTEND} usable cores after "
-                       f"{ENGINE_CORES} for the engine, 1 to {MAX_AUTO_FRONTENDS}; with the engine on the CPU, 1 "
+                       f"{ENGINE_CORES} for the engine (and 1 more per further engine core), 1 to {MAX_AUTO_FRONTENDS} per "
+                       f"engine core; with the engine on the CPU, 1 "
                        f"(server/service/auto_config.py)")
 
 

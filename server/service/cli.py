@@ -67,9 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "times in asr_engine_phase_seconds (0: never)")
     m.add_argument("--decode-stream", choices=DECODE_STREAM_MODES, nargs="?", const="on", default="auto",
                    help="on a GPU, decode each step on a CUDA stream of its own, beside the next step's encoder; "
-                        "without it the next step waits for each decode. auto (the default): start-up times the "
-                        "steps both ways at the max batch and keeps the faster (on an H100 the stream gave 1.17x "
-                        "the steps at 160 ms and 0.58x at 560 ms, at 256 rows). The flag alone means on")
+                        "without it the next step waits for each decode. auto (the default): on a GPU, start-up times "
+                        "the steps both ways at the max batch (or half the slots, if fewer) and keeps the decode "
+                        "stream only where it is at least 3%% faster (on an H100 it gave 1.17x the steps at 160 ms "
+                        "and 0.58x at 560 ms, at 256 rows); on the CPU, off. The flag alone means on")
     m.add_argument("--cache-dir", default=None, help="exported graphs / built engine plans")
     m.add_argument("--seed", type=int, default=0, help="seed of builtin models' random weights")
     m.add_argument("--engine-factory", default=DEFAULT_FACTORY,
@@ -187,8 +188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "700,10,10; empty: leave them); on an H100 at 1,024 streams these cut GC pauses from "
                         "780 ms to 45 ms per level and full collections from 11 to 0 (server/runtime/gc_policy.py)")
     o.add_argument("--gil-switch-ms", type=float, default=None,
-                   help="Python's thread switch interval (default 5 ms): the event loop and the engine "
-                        "thread share one interpreter lock, and a shorter interval bounds how long "
+                   help="Python's thread switch interval (default 5 ms): with --no-engine-worker the event loop "
+                        "and the engine thread share one interpreter lock, and a shorter interval bounds how long "
                         "the loop waits for it while the engine thread runs Python")
     return p.parse_args(argv)
 
