@@ -27,6 +27,15 @@ def pytest_runtest_call(item):
         return (yield)
 
 
+@pytest.fixture(scope="session")
+def event_loop_policy():
+    """pytest-asyncio's loops for every test: ones that close the subprocess transports a test
+    left open before they close (tests/loop_hygiene.py says why)."""
+    from tests.loop_hygiene import ReapingLoopPolicy
+
+    return ReapingLoopPolicy()
+
+
 def _quiet_nemo() -> None:
     try:
         from nemo.utils import logging as nemo_logging
