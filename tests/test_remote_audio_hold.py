@@ -76,6 +76,7 @@ def record_audio_ends(server) -> list[int]:
 # failed so in about one run in six).
 CLIP_SAMPLES = 3 * RATE // 2
 
+
 def packets(data: bytes, size: int) -> list[pb.StreamingRecognizeRequest]:
     return [audio(data[p:p + size]) for p in range(0, len(data), size)]
 
