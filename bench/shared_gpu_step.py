@@ -35,7 +35,6 @@ def _hold_the_lock(duty: float, stop: threading.Event, period_s: float = 0.002) 
 
 
 def _worker(args: argparse.Namespace, batches: list[int], loads: list[float], barrier, results) -> None:
-    import numpy as np
     import torch
 
     from engines.api import ChunkWork, StepPlan

@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 from engines.api import ChunkWork, StepPlan

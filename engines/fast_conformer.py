@@ -439,7 +439,7 @@ def _part_c(x, conv, geo: Geometry, w_dw, b_dw, lnn_w, lnn_b, w_p2, b_p2, ln2_w,
             lno_w, lno_b):
     """Causal depthwise conv over [conv cache; GLU outputs], conv norm, Swish, pointwise conv,
     FF2 (half-step residual), output norm."""
-    d, T = geo.d_model, geo.frames_out
+    d = geo.d_model
     y = (conv.unfold(1, geo.conv_kernel, 1) * w_dw).sum(-1) + b_dw      # [B, T', d]
     y = F.silu(F.layer_norm(y, (d,), lnn_w, lnn_b, geo.eps)).view(-1, d)
     x = x + F.linear(y, w_p2, b_p2)

@@ -4,7 +4,6 @@ and padding logic (the part that could corrupt a real stream) runs here without 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

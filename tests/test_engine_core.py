@@ -177,7 +177,7 @@ def test_bad_input_is_refused_and_harms_no_one(tiny_engine, stream_audio, alone_
     good = tiny_engine.acquire_slot()
     victim = tiny_engine.acquire_slot()
     try:
-        runs_tokens, text, k = [], "", 0
+        runs_tokens, k = [], 0
         a, b = g.chunk_span(0, len(good_audio), True)
         r = tiny_engine.step(StepPlan((ChunkWork("good", good, good_audio[a:b], True, False),)))
         runs_tokens += [t.token_id for t in r.updates[0].tokens]

@@ -7,7 +7,6 @@ and an engine that cannot be built.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engines.fast_conformer import (FastConformerEncoder, FastConformerParams, FastCudaGraphEncoder,
-                                    FastStepBuffers, StepParts, UnsupportedEncoder, fast_step)
+                                    FastStepBuffers, UnsupportedEncoder, fast_step)
 from engines.models import speechlike_audio
 from engines.streaming_engine import StreamingEngine
 from tests.engine_helpers import run_alone, run_streams

@@ -6,7 +6,6 @@ the graph TensorRT would build from.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

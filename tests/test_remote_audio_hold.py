@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 
 from proto import asr_stream_pb2 as pb

@@ -19,7 +19,7 @@ from proto import asr_stream_pb2 as pb
 from proto.riva import riva_asr_pb2 as rpb
 from tests.engine_alone import transcribe_alone
 from tests.riva_harness import raw_config, riva_stream, riva_stub_for, stream_requests
-from tests.server_harness import (FAKE, RATE, as_float, audio, config, make_engine, run_stream, running_server,
+from tests.server_harness import (FAKE, as_float, audio, config, make_engine, run_stream, running_server,
                                   split_bytes, stub_for)
 
 pytestmark = pytest.mark.asyncio
