@@ -245,12 +245,15 @@ async def run_stream(stub, requests) -> list[pb.StreamingRecognizeResponse]:
     return [r async for r in stub.StreamingRecognize(request_stream(requests))]
 
 
-async def run_stream_sync(server: AsrServer, requests) -> list[pb.StreamingRecognizeResponse]:
-    """Like run_stream, through the sync gRPC API in a thread. Use it to check error statuses:
-    a grpc.aio client still writing when the server ends the call may report INTERNAL "Internal
-    error from Core" instead of the server's status (grpc/grpc#36066); the sync API does not."""
+async def run_stream_sync(server: AsrServer | int, requests) -> list[pb.StreamingRecognizeResponse]:
+    """Like run_stream, through the sync gRPC API in a thread, on an in-process server or the port
+    of a server process. Use it to check error statuses: a grpc.aio client still writing when the
+    server ends the call may report INTERNAL "Internal error from Core" instead of the server's
+    status (grpc/grpc#36066); the sync API does not."""
+    port = server if isinstance(server, int) else server.port
+
     def call():
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}",
+        with grpc.insecure_channel(f"127.0.0.1:{port}",
                                    options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
             return list(pb_grpc.SpeechRecognitionStub(channel).StreamingRecognize(iter(requests)))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from tests.hang_report import HangReporter
+from tests.waiting import wait_for
 
 
 async def waits_for_ever(event: asyncio.Event) -> None:
@@ -20,18 +21,16 @@ async def test_the_report_names_the_stuck_task_and_its_coroutine(capsys):
             # The loop stays free to run the report's callback. The report walks every object
             # of the process (its suspended coroutines), which late in a full run on a slow
             # machine takes longer than any fixed sleep: wait until it is written.
-            deadline = asyncio.get_running_loop().time() + 60
-            while not reporter.written.is_set() and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
+            await wait_for(reporter.written.is_set, "the report to be written")
     finally:
         task.cancel()
-    assert reporter.written.is_set(), "the report was not written within 60 s"
     err = capsys.readouterr().err
     assert "some/test.py::hangs still running after 0 s" in err
     assert "Thread" in err  # every thread's stack
     assert "stuck-one" in err and "in waits_for_ever" in err  # the task and where it waits
     assert "suspended coroutines of the project:" in err
-    assert "tests/test_hang_report.py:12 in waits_for_ever" in err
+    awaits_at = waits_for_ever.__code__.co_firstlineno + 1  # the line of its await
+    assert f"tests/test_hang_report.py:{awaits_at} in waits_for_ever" in err
 
 
 async def test_a_test_that_ends_in_time_prints_nothing(capsys):

@@ -20,7 +20,7 @@ from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from server.service.cli import parse_args
 from server.ops.ops_http import WORKERS
-from tests.server_harness import RATE, held_open_outcome, pcm16_audio, requests_for, scrape, spawn_server
+from tests.server_harness import RATE, held_open_outcome, pcm16_audio, requests_for, run_stream_sync, scrape, spawn_server
 
 READY = r"listening on 127\.0\.0\.1:(\d+).*metrics on http://127\.0\.0\.1:(\d+)"
 
@@ -186,14 +186,9 @@ async def test_drain_notice_reports_draining_before_refusing(frontends):
 
             # Sync API in a thread: refused while it may still be writing (by the draining
             # server, or by gRPC as the server stops), a grpc.aio client can report INTERNAL
-            # "Internal error from Core" in place of UNAVAILABLE (grpc/grpc#36066); the sync
-            # API reports the status it was given.
-            def refused():
-                with grpc.insecure_channel(f"127.0.0.1:{port}") as sync_channel:
-                    list(pb_grpc.SpeechRecognitionStub(sync_channel).StreamingRecognize(iter(requests_for(clip))))
-
+            # "Internal error from Core" in place of UNAVAILABLE (grpc/grpc#36066).
             with pytest.raises(grpc.RpcError) as err:
-                await asyncio.to_thread(refused)
+                await run_stream_sync(port, requests_for(clip))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (err.value.code(), err.value.details())
         assert await asyncio.wait_for(proc.wait(), 60) == 0
     finally:
