@@ -49,18 +49,23 @@ def main() -> int:
     ap.add_argument("--batches", default="256,512")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per batch and mode (after 4 untimed)")
     ap.add_argument("--repeats", type=int, default=2, help="alternations of the two modes per batch")
+    ap.add_argument("--step-attention", choices=("sdpa", "kernel"), default="sdpa",
+                    help="the fast engines' attention (asr-server --step-attention)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
-                       lookahead_ms=args.lookahead, max_streams=2 * max(batches), max_batch=max(batches), decode_stream="on")
+                       lookahead_ms=args.lookahead, max_streams=2 * max(batches), max_batch=max(batches), decode_stream="on",
+                       step_attention=args.step_attention)
     revision = source_revision()  # before the run: the source that runs
     print(f"# source: {describe(revision)}", flush=True)
     t0 = time.perf_counter()
     engine = build_engine(cfg)
     engine.warmup()
     print(f"# {args.model} {engine.dtype} on {engine.device}, encoder engine {engine.encoder_engine.name}, "
-          f"ready in {time.perf_counter() - t0:.1f} s; decode stream: {engine.decode_stream is not None}", flush=True)
+          f"ready in {time.perf_counter() - t0:.1f} s; decode stream: {engine.decode_stream is not None}; "
+          f"attention: {getattr(engine.encoder_engine, 'attention', 'sdpa')}"
+          f"{' (the cache read in the pool)' if engine.cache_in_place else ''}", flush=True)
     if engine.decode_stream is None:  # the CPU: the order of the stages alone (checks this script and the staging)
         print("# no decode stream on this device (CUDA only): both modes run on one stream, the "
               "next step begun at QUEUED or at DEVICE_DONE", flush=True)
@@ -104,6 +109,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({
             "source_revision": revision, "machine": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "model": args.model, "engine": engine.encoder_engine.name,
+            "attention": getattr(engine.encoder_engine, "attention", "sdpa"), "cache_in_place": engine.cache_in_place,
             "dtype": str(engine.dtype), "lookahead_ms": args.lookahead, "steps": args.steps, "repeats": args.repeats,
             "rows": rows_out}, indent=1))
     return 0 if all(r["same_tokens"] for r in rows_out) else 1

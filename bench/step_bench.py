@@ -136,6 +136,9 @@ def main() -> None:
     ap.add_argument("--feature-graphs", choices=("on", "off", "both"), default="on",
                     help="the features in a CUDA graph per batch bucket (engines/features.py FeatureGraphs; GPU and a "
                          "bucketed encoder only); both: A/B, as --ring")
+    ap.add_argument("--attention", choices=("sdpa", "kernel", "both"), default="sdpa",
+                    help="the fast engines' attention: sdpa (PyTorch's, over the gathered cache), kernel "
+                         "(engines/step_attention.py, reading the cache in the slot pool: no gather), both (an A/B)")
     ap.add_argument("--repeats", type=int, default=1, help="alternations per batch with an A/B (--ring or --feature-graphs both)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS steps per batch under torch.profiler and print the top operators")
@@ -153,15 +156,18 @@ def main() -> None:
         nemo.preprocessor.to(dtype=torch.float32)
         nemo.eval()
         print(f"# loaded {args.model} at {la} ms in {time.time() - t:.1f} s", flush=True)
-        cfg = EngineConfig(model=args.model, engine=args.engine, lookahead_ms=la, max_streams=max(batches),
-                           max_batch=max(batches))
-        encoder = (EagerEncoder(nemo.encoder) if args.engine == "eager"
-                   else make_encoder_engine(args.engine, model, cfg, dev, dtype))
+        attentions = ["sdpa", "kernel"] if args.attention == "both" else [args.attention]
+        encoders = {}
+        for attention in attentions:
+            cfg = EngineConfig(model=args.model, engine=args.engine, lookahead_ms=la, max_streams=max(batches),
+                               max_batch=max(batches), step_attention=attention)
+            encoders[attention] = (EagerEncoder(nemo.encoder) if args.engine == "eager"
+                                   else make_encoder_engine(args.engine, model, cfg, dev, dtype))
         choice = {"on": [True], "off": [False], "both": [False, True]}
-        # (ring cache, feature graphs) of each engine; an A/B alternates them on each batch
-        variants = [(ring, fg) for ring in choice[args.ring] for fg in choice[args.feature_graphs]]
-        engines = {v: StreamingEngine(model, encoder, la, capacity=max(batches), max_batch=max(batches),
-                                      device=dev, dtype=dtype, ring_cache=v[0], feature_graphs=v[1]) for v in variants}
+        # (attention, ring cache, feature graphs) of each engine; an A/B alternates them on each batch
+        variants = [(a, ring, fg) for a in attentions for ring in choice[args.ring] for fg in choice[args.feature_graphs]]
+        engines = {v: StreamingEngine(model, encoders[v[0]], la, capacity=max(batches), max_batch=max(batches),
+                                      device=dev, dtype=dtype, ring_cache=v[1], feature_graphs=v[2]) for v in variants}
         for b in batches:
             runs: dict[tuple, list[dict]] = {v: [] for v in variants}
             for _ in range(args.repeats if len(variants) > 1 else 1):
@@ -176,29 +182,32 @@ def main() -> None:
                     run.update({k: v for k, v in phases.items() if k != "step_ms"})
                     runs[variant].append(run)
             if args.profile:
-                for (ring, fg), engine in engines.items():
-                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, ring {'on' if ring else 'off'}, "
+                for (attention, ring, fg), engine in engines.items():
+                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, attention {attention}, "
+                                                                      f"ring {'on' if ring else 'off'}, "
                                                                       f"feature graphs {'on' if fg else 'off'}")
             nemo_ms = {} if args.no_nemo else bench_nemo(nemo, b, args.iters, args.warm, dev, dtype)
             for variant, engine in engines.items():
-                row = {"lookahead_ms": la, "batch": b, "ring_cache": engine.ring_cache,
+                row = {"lookahead_ms": la, "batch": b, "attention": variant[0], "cache_in_place": engine.cache_in_place,
+                       "ring_cache": engine.ring_cache,
                        "feature_graphs": engine.featurizer.graphs is not None}
                 row.update({k: statistics.median(r[k] for r in runs[variant]) for k in runs[variant][0]})
                 row.update(nemo_ms)
                 row["pool_bytes_per_slot"] = engine.pool.bytes_per_slot()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        del engines, nemo, model
+        del engines, encoders, nemo, model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"\n{args.model} {dtype} on {gpu}, encoder engine {args.engine}; median of {args.iters} steady-state steps\n")
-    print("| lookahead | batch | ring | feature graphs | our step ms | " + " | ".join(PHASES)
+    print("| lookahead | batch | attention | ring | feature graphs | our step ms | " + " | ".join(PHASES)
           + " | NeMo conformer_stream_step ms | slot MB |")
-    print("|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|")
+    print("|---|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|")
     for r in rows:
-        print(f"| {r['lookahead_ms']} | {r['batch']} | {'on' if r['ring_cache'] else 'off'} | "
+        print(f"| {r['lookahead_ms']} | {r['batch']} | {r['attention']}{' (in the pool)' if r['cache_in_place'] else ''} | "
+              f"{'on' if r['ring_cache'] else 'off'} | "
               f"{'on' if r['feature_graphs'] else 'off'} | {r['step_ms']:.2f} | "
               + " | ".join(f"{r[f'{n}_ms']:.2f}" for n in PHASES)
               + f" | {r.get('nemo_step_ms', float('nan')):.1f} | {r['pool_bytes_per_slot'] / 2**20:.2f} |")

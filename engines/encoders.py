@@ -9,9 +9,21 @@ report what ran rather than what was configured.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+
+@dataclass(frozen=True)
+class PoolRows:
+    """In place of a gathered attention cache: the slot pool's attention-cache tensor and the
+    batch's slots in it, for an engine that reads each row's cache where it lies
+    (`EncoderEngine.reads_cache_in_place`) instead of from a copy. The rows come in the pool's
+    ring order; `step`'s `cache_head` gives each row's oldest frame."""
+
+    pool: torch.Tensor    # [L, slots, C, ...] the pool's attention cache, every slot
+    slots: torch.Tensor   # int64 [B] on the pool's device
 
 
 class EncoderEngine:
@@ -35,12 +47,17 @@ class EncoderEngine:
 
     # True where `step` takes `cache_head`: the attention cache rows in the slot pool's ring order
     accepts_ring_order = False
+    # True where `step` also takes a PoolRows for `cache_channel` (with `cache_head`): the engine
+    # reads the rows' attention caches out of the pool itself, and the pool skips their gather.
+    reads_cache_in_place = False
 
     def step(self, feats, lengths, cache_channel, cache_time, cache_len, cache_head=None):
         if cache_head is None:
             return self._run(feats, lengths, cache_channel, cache_time, cache_len)
         if not self.accepts_ring_order:
             raise ValueError(f"the {self.name} encoder engine takes its attention cache in time order only")
+        if isinstance(cache_channel, PoolRows) and not self.reads_cache_in_place:
+            raise ValueError(f"the {self.name} encoder engine does not read its attention cache from the pool")
         return self._run(feats, lengths, cache_channel, cache_time, cache_len, cache_head=cache_head)
 
     def _run(self, feats, lengths, cache_channel, cache_time, cache_len):

@@ -62,10 +62,13 @@ import torch
 import torch.nn.functional as F
 
 from engines.cudagraph_engine import batch_buckets, capture_per_bucket
-from engines.encoders import EncoderEngine
+from engines.encoders import EncoderEngine, PoolRows
+from engines.step_attention import CacheTable, step_attention
+from engines.step_attention import supports as step_attention_supports
 
 log = logging.getLogger(__name__)
 
+ATTENTION_CHOICES = ("sdpa", "kernel")
 MASK_VALUE = -10000.0  # NeMo's masked score (finite: a fully masked row stays finite)
 
 
@@ -420,16 +423,43 @@ def _attention_bias(qkv, mask_bias, geo: Geometry, out=None):
     return torch.add(bd, mask_bias, out=out)
 
 
-def _part_b(x, qkv, kv, bias, valid, geo: Geometry, w_o, b_o, lnc_w, lnc_b, w_p1, b_p1):
-    """Attention over [cached K/V; new K/V] with the bias; output projection (padded query frames
-    contribute zero, as in NeMo); the conv module's first pointwise conv (GLU input)."""
+def _attend_sdpa(qkv, kv, bias, geo: Geometry):
+    """Attention over [cached K/V; new K/V] (`kv [B, 70 + T', 2d]`, the workspace) with the
+    bias, by PyTorch's SDPA: [B*T', d]."""
     d, T, H, dk, N = geo.d_model, geo.frames_out, geo.n_heads, geo.d_k, geo.keys
-    B = x.shape[0] // T
+    B = qkv.shape[0] // T
     q = qkv[:, :d].view(B, T, H, dk).transpose(1, 2)
     k = kv[:, :, :d].view(B, N, H, dk).transpose(1, 2)
     v = kv[:, :, d:].view(B, N, H, dk).transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    o = o.transpose(1, 2).reshape(B * T, d) * valid
+    return o.transpose(1, 2).reshape(B * T, d)
+
+
+def _attend_kernel(qkv, kv, bias, geo: Geometry, cache: "KernelCache", layer: int):
+    """The same attention by engines/step_attention.py's kernel: the cached K/V read where
+    `cache.table` says they lie (the slot pool, or the workspace), the new frames' from the
+    workspace: [B*T', d]."""
+    d, T, C = geo.d_model, geo.frames_out, geo.cache
+    B = qkv.shape[0] // T
+    o = step_attention(qkv[:, :d].view(B, T, d), kv[:, C:], bias, cache.table, layer, cache.slots[:B], C,
+                       geo.n_heads)
+    return o.view(B * T, d)
+
+
+@dataclass
+class KernelCache:
+    """Where the attention kernel reads each row's cached K/V: the table (a layer's base address
+    and the slot stride) and each row's slot in it."""
+
+    table: CacheTable
+    slots: torch.Tensor  # int64 [max rows]
+
+
+def _part_b(x, o, valid, geo: Geometry, w_o, b_o, lnc_w, lnc_b, w_p1, b_p1):
+    """The attention's output projection (padded query frames contribute zero, as in NeMo); the
+    conv module's first pointwise conv (GLU input)."""
+    d = geo.d_model
+    o = o * valid
     x = x + F.linear(o, w_o, b_o)
     c = F.layer_norm(x, (d,), lnc_w, lnc_b, geo.eps)
     return x, F.linear(c, w_p1, b_p1)
@@ -493,7 +523,8 @@ def ring_key_order(p: FastConformerParams, cache_head: torch.Tensor) -> torch.Te
 
 def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor, kv_work: torch.Tensor,
               conv_work: torch.Tensor, cache_len: torch.Tensor, parts: StepParts | None = None,
-              bias_buffer: torch.Tensor | None = None, cache_head: torch.Tensor | None = None):
+              bias_buffer: torch.Tensor | None = None, cache_head: torch.Tensor | None = None,
+              kernel_cache: KernelCache | None = None):
     """One streaming encoder step over caller-owned workspaces.
 
     Inputs: `feats [B, n_mels, frames_in]` (model dtype), `lengths [B]` valid mel frames,
@@ -512,7 +543,11 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     rotation: one copy fewer). Attention does not care where a key sits once its bias follows
     it, so each layer's bias, computed in time order, is permuted to the ring's order. The
     returned `cc_next` is then time-ordered only in its last T' frames (the new ones, all a
-    ring's commit writes) and for rows whose cache was empty."""
+    ring's commit writes) and for rows whose cache was empty.
+    `kernel_cache`, optional: attention by engines/step_attention.py's kernel, which reads the
+    cached K/V where its table says (the slot pool itself, in its ring order with `cache_head`:
+    then `kv_work`'s first 70 frames are neither read nor written, and `cc_next` holds the new
+    frames only in its last T'), instead of SDPA over `kv_work`."""
     g = p.geo
     parts = parts or _EAGER_PARTS
     T, C, K1 = g.frames_out, g.cache, g.conv_cache
@@ -532,7 +567,11 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
             bias = _attention_bias(qkv, mask_bias, g, out=bias_out)
         else:
             bias = torch.gather(_attention_bias(qkv, mask_bias, g), 3, order, out=bias_out)
-        x, pre_glu = parts.b(x, qkv, kv, bias, valid, g, *wb)
+        if kernel_cache is None:
+            o = _attend_sdpa(qkv, kv, bias, g)
+        else:
+            o = _attend_kernel(qkv, kv, bias, g, kernel_cache, l)
+        x, pre_glu = parts.b(x, o, valid, g, *wb)
         conv = conv_work[l]
         # GLU straight into the conv workspace; padded frames enter the conv as zeros (NeMo).
         new = conv[:, K1:]
@@ -567,6 +606,11 @@ class FastStepBuffers:
         self.cache_len = torch.zeros(max_batch, dtype=torch.int64, device=device)
         # each row's ring head when its cache frames come in the slot pool's ring order (0: time order)
         self.cache_head = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        # for the attention kernel (engines/step_attention.py): where the cached K/V lie (the
+        # workspace itself, whose row r is "slot" r, or a slot pool) and each row's slot there
+        self.kernel_cache = KernelCache(CacheTable.empty(g.n_layers, device),
+                                        torch.arange(max_batch, dtype=torch.int64, device=device))
+        self.workspace_slots = torch.arange(max_batch, dtype=torch.int64, device=device)
         self.bias = torch.zeros(max_batch, g.n_heads, g.frames_out, g.keys_pad, dtype=p.dtype, device=device)
         self.geo = g
 
@@ -588,7 +632,21 @@ class FastStepBuffers:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
-                   (self.feats, self.lengths, self.kv_work, self.conv_work, self.cache_len, self.cache_head, self.bias))
+                   (self.feats, self.lengths, self.kv_work, self.conv_work, self.cache_len, self.cache_head, self.bias,
+                    self.kernel_cache.table.table, self.kernel_cache.slots, self.workspace_slots))
+
+    def read_cache_from_workspace(self, b: int) -> None:
+        """The kernel's rows 0..b-1 read their cache from the workspace (what a gather filled)."""
+        self.kernel_cache.table.point_at(self.kv_work)
+        self.kernel_cache.slots[:b].copy_(self.workspace_slots[:b])
+
+    def read_cache_from_pool(self, rows: PoolRows, b: int) -> None:
+        """The kernel's rows read their cache from the slot pool: the batch's slots, then padding
+        rows (up to the bucket b) on slot 0, whose frames their empty cache masks."""
+        n = rows.slots.numel()
+        self.kernel_cache.table.point_at(rows.pool)
+        self.kernel_cache.slots[:n].copy_(rows.slots)
+        self.kernel_cache.slots[n:b].zero_()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,11 +704,21 @@ class FastCudaGraphEncoder(FastConformerEncoder):
 
     def __init__(self, encoder: torch.nn.Module, max_batch: int, device=None, dtype=None, compile: bool = False,
                  compile_mode: str | None = None, use_graphs: bool = True, warmup_iters: int = 2,
-                 buckets: tuple[int, ...] | None = None):
+                 buckets: tuple[int, ...] | None = None, attention: str = "sdpa"):
         super().__init__(encoder, device, dtype, compile, compile_mode)
         p = self.params
         if use_graphs and p.device.type != "cuda":
             raise RuntimeError(f"the fast-cudagraph engine needs a CUDA device, not {p.device}")
+        # attention: "sdpa" (PyTorch's, over the workspace the pool's rows are gathered into) or
+        # "kernel" (engines/step_attention.py, reading the cache in the pool: no gather)
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, not {attention!r}")
+        if attention == "kernel":
+            why = step_attention_supports(p.geo.d_k, p.dtype, p.device)
+            if why is not None:
+                raise UnsupportedEncoder(f"the attention kernel cannot serve: {why}")
+        self.attention = attention
+        self.reads_cache_in_place = attention == "kernel"
         self.use_graphs = use_graphs
         self.buckets = tuple(sorted(set(buckets) | {max_batch})) if buckets else batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
@@ -668,7 +736,8 @@ class FastCudaGraphEncoder(FastConformerEncoder):
     def _call(self, b: int):
         return fast_step(self.params, *self.buffers.step_args(b), parts=self.parts,
                          bias_buffer=self.buffers.bias_buffer(b) if self.params.device.type == "cuda" else None,
-                         cache_head=self.buffers.cache_head[:b])
+                         cache_head=self.buffers.cache_head[:b],
+                         kernel_cache=self.buffers.kernel_cache if self.attention == "kernel" else None)
 
     # The slot pool may gather a batch's attention caches straight into the static buffer, in its
     # ring order, and pass each row's head (StreamingEngine does, with ring_cache).
@@ -678,6 +747,8 @@ class FastCudaGraphEncoder(FastConformerEncoder):
         return self.buffers.cache_channel(n)
 
     def _prepare(self, warmup_iters: int) -> None:
+        if self.attention == "kernel":
+            self.buffers.read_cache_from_workspace(self.max_batch)  # what warm-up and capture read
         if not self.use_graphs:
             return
         for b, (graph, out) in capture_per_bucket(self.params.device, self.buckets, self._call, warmup_iters).items():
@@ -697,8 +768,15 @@ class FastCudaGraphEncoder(FastConformerEncoder):
             i_head = self.buffers.cache_head
             i_feats[:n].copy_(feats)
             i_len[:n].copy_(lengths)
-            if not _same_view(cache_channel, i_cc[:, :n]):  # gathered elsewhere: copy it in
-                i_cc[:, :n].copy_(cache_channel)
+            if isinstance(cache_channel, PoolRows):  # the kernel reads the pool's rows in place
+                if cache_head is None:
+                    raise ValueError("an attention cache read in the pool comes in its ring order: cache_head is needed")
+                self.buffers.read_cache_from_pool(cache_channel, b)
+            else:
+                if self.attention == "kernel":
+                    self.buffers.read_cache_from_workspace(b)
+                if not _same_view(cache_channel, i_cc[:, :n]):  # gathered elsewhere: copy it in
+                    i_cc[:, :n].copy_(cache_channel)
             i_ct[:, :n].copy_(cache_time)
             i_ccl[:n].copy_(cache_len)
             if cache_head is None:
@@ -720,7 +798,7 @@ class FastCudaGraphEncoder(FastConformerEncoder):
 
     def describe(self) -> dict:
         return {"engine": self.name, "buckets": list(self.buckets), "captures": self.captures,
-                "compile": self.parts.compiled, "graphs": self.use_graphs,
+                "compile": self.parts.compiled, "graphs": self.use_graphs, "attention": self.attention,
                 "prepare_seconds": round(self.prepare_seconds, 2)}
 
 
@@ -733,5 +811,12 @@ def build_fast_encoder(model, cfg, device: torch.device, dtype: torch.dtype, gra
     FastCudaGraphEncoder ("fast-cudagraph", buckets up to cfg.max_batch)."""
     encoder = model.nemo_model.encoder
     if graphs:
-        return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, **options)
+        attention = getattr(cfg, "step_attention", "sdpa")
+        if attention == "kernel":
+            why = step_attention_supports(encoder.layers[0].self_attn.d_k, dtype, device)
+            if why is not None:
+                log.warning("the attention kernel cannot serve here (%s): the step keeps SDPA over the gathered cache",
+                            why)
+                attention = "sdpa"
+        return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, attention=attention, **options)
     return FastConformerEncoder(encoder, device, dtype, **options)

@@ -60,7 +60,7 @@ class SlotPool:
         return sum(t.numel() * t.element_size() for t in self.tensors.values()) // self.capacity
 
     def gather(self, index: torch.Tensor, fresh: np.ndarray | None = None,
-               into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+               into: dict[str, torch.Tensor] | None = None, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """The batch's rows, in batch order. Rows where `fresh` is true (a stream's first chunk)
         come back zeroed, so a reused slot starts exactly like a new one without the pool being
         touched before the step succeeds. `fresh` is a host bool array (its rows reach the
@@ -69,13 +69,16 @@ class SlotPool:
         `into` names caller buffers (any strides, the rows' shape) to gather states straight
         into: one copy, where a gather then a copy into the buffer is two. A ring state gathered
         so keeps its ring order (rows as stored; their heads: `heads_of`); otherwise a ring's
-        rows come in time order, the oldest frame first."""
+        rows come in time order, the oldest frame first. States named in `skip` are not
+        gathered (an engine that reads them in the pool itself)."""
         out = {}
         into = into or {}
         fresh_rows = None
         if fresh is not None and fresh.any():
             fresh_rows = to_device(np.flatnonzero(fresh), index.device)
         for name, t in self.tensors.items():
+            if name in skip:
+                continue
             dim = self.specs[name].slot_dim
             if name in into:
                 rows = into[name]

@@ -21,7 +21,7 @@ from engines.api import (DEVICE_DONE, QUEUED, BadChunkError, ChunkWork, EngineEr
                          StreamStateLostError, pieces_text)
 from engines.cudagraph_engine import batch_buckets
 from engines.device_io import to_device
-from engines.encoders import EncoderEngine
+from engines.encoders import EncoderEngine, PoolRows
 from engines.endpointing import Endpointer, event_frames
 from engines.features import FeatureGraphs, StreamingFeaturizer
 from engines.geometry import ChunkGeometry
@@ -120,6 +120,10 @@ class StreamingEngine:
         # fast-cudagraph engine) gets its rows gathered straight into that buffer, unrotated.
         self.gather_into_encoder = self.ring_cache and getattr(encoder, "accepts_ring_order", False) \
             and hasattr(encoder, "cache_channel_buffer")
+        # An engine that reads each row's attention cache in the pool itself (the fast-cudagraph
+        # engine with its attention kernel, engines/step_attention.py) gets no gather of it at all.
+        self.cache_in_place = self.ring_cache and getattr(encoder, "accepts_ring_order", False) \
+            and getattr(encoder, "reads_cache_in_place", False)
         specs = [
             StateSpec("cache_channel", tuple(channel_shape), 1, dtype, ring_shift=shift),
             StateSpec("cache_time", (n_layers, d, enc.conv_context_size[0]), 1, dtype),
@@ -304,11 +308,16 @@ class StreamingEngine:
         feats = self.featurizer.compute(windows, audio_end, starts, chunk_index)
         wait()
         t_feats = time.perf_counter()
-        into, head = None, None
-        if self.gather_into_encoder:
+        into, head, skip = None, None, ()
+        if self.cache_in_place:
+            head = self.pool.heads_of("cache_channel", idx)
+            skip = ("cache_channel",)
+        elif self.gather_into_encoder:
             into = {"cache_channel": self.encoder_engine.cache_channel_buffer(len(slots))}
             head = self.pool.heads_of("cache_channel", idx)
-        state = self.pool.gather(idx, encoder_restart if encoder_restart.any() else None, into=into)
+        state = self.pool.gather(idx, encoder_restart if encoder_restart.any() else None, into=into, skip=skip)
+        if self.cache_in_place:
+            state["cache_channel"] = PoolRows(self.pool.tensors["cache_channel"], idx)
         wait()
         t1 = time.perf_counter()
 

@@ -14,8 +14,8 @@ import signal
 import sys
 
 from engines.api import EndpointingParams, StreamingEngine
-from engines.config import (DECODE_STREAM_MODES, DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, UTTERANCE_RESETS,
-                            EngineConfig)
+from engines.config import (DECODE_STREAM_MODES, DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, STEP_ATTENTION_MODES,
+                            UTTERANCE_RESETS, EngineConfig)
 from server.service.app import AsrServer, ServerSettings
 from server.service.auto_config import (AUTO, FRONTENDS_AUTO_HELP, MAX_BATCH_HELP, MAX_STREAMS_HELP, engine_sizing_kwargs,
                                 int_or_auto, resolve_frontends)
@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the steps both ways at the max batch (or half the slots, if fewer) and keeps the decode "
                         "stream only where it is at least 3%% faster (on an H100 it gave 1.17x the steps at 160 ms "
                         "and 0.58x at 560 ms, at 256 rows); on the CPU, off. The flag alone means on")
+    m.add_argument("--step-attention", choices=STEP_ATTENTION_MODES, default="sdpa",
+                   help="the fast engines' attention: sdpa (PyTorch's, over a copy of each row's attention cache "
+                        "gathered out of the slot pool) or kernel (a Triton kernel that reads each row's cache in the "
+                        "pool itself: no copy; needs Triton, which PyTorch's CUDA wheels bring; where it cannot run "
+                        "the engine keeps sdpa and logs why)")
     m.add_argument("--cache-dir", default=None, help="exported graphs / built engine plans")
     m.add_argument("--seed", type=int, default=0, help="seed of builtin models' random weights")
     m.add_argument("--engine-factory", default=DEFAULT_FACTORY,
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                            lookahead_ms=args.lookahead_ms, **engine_sizing_kwargs(args.max_streams, args.max_batch),
                            fallback_engine=args.fallback_engine, cache_dir=args.cache_dir, seed=args.seed,
                            cudagraph_compile=args.compile, profile_every=args.profile_every,
-                           utterance_reset=args.utterance_reset, decode_stream=args.decode_stream)
+                           utterance_reset=args.utterance_reset, decode_stream=args.decode_stream,
+                           step_attention=args.step_attention)
         settings = build_settings(args)
     except ValueError as exc:
         print(f"asr-server: {exc}", file=sys.stderr)

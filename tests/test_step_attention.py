@@ -1,0 +1,194 @@
+"""engines/step_attention.py: the fast step's attention kernel, which reads each row's cached K/V
+where it lies (the slot pool's ring, or the workspace), against PyTorch's SDPA over a gathered
+copy, and whole streams through StreamingEngine with the cache read in the pool (no gather)
+against NeMo's own module. On a machine without a GPU the kernel runs under Triton's
+interpreter, where Triton is installed (PyTorch's CPU wheels do not bring it; the test extra
+installs it); the GPU suite runs it on the device (tests/gpu/test_gpu_fast_cudagraph.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from engines import step_attention
+from engines.encoders import EagerEncoder, PoolRows
+from engines.step_attention import CacheTable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _interpret(script: str, timeout: float = 600) -> str:
+    """Runs `script` in a fresh interpreter with Triton's interpreter on (it must be on before
+    the kernel is defined), returns its stdout; skips where Triton is not installed."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton is not installed (PyTorch's CPU wheels do not bring it; `pip install -e .[dev]` does)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+KERNEL_AGAINST_SDPA = """
+    import torch
+    import torch.nn.functional as F
+    from engines.step_attention import CacheTable, step_attention
+
+    def reference(q, pool_l, slots, new, bias, H):
+        B, T, d = q.shape
+        dk = d // H
+        kv = torch.cat([pool_l[slots], new], 1).float()
+        k = kv[..., :d].view(B, -1, H, dk).transpose(1, 2)
+        v = kv[..., d:].view(B, -1, H, dk).transpose(1, 2)
+        qq = q.float().view(B, T, H, dk).transpose(1, 2)
+        return F.scaled_dot_product_attention(qq, k, v, attn_mask=bias.float()).transpose(1, 2).reshape(B, T, d)
+
+    torch.manual_seed(0)
+    worst = {}
+    for dtype, T, H, dk in [(torch.float32, 2, 4, 16), (torch.float32, 7, 2, 32), (torch.float16, 2, 2, 16),
+                            (torch.float16, 13, 2, 16)]:
+        L, S, C, B = 2, 9, 11, 5
+        d = H * dk
+        pool = torch.randn(L, S, C, 2 * d).to(dtype)
+        slots = torch.tensor([8, 0, 3, 3, 5])      # any order, a slot twice (the workspace's padding rows)
+        big_q = torch.randn(B, T, 3 * d).to(dtype)  # q as the fused GEMM leaves it: strided rows
+        q = big_q[..., :d]
+        new = torch.randn(B, T, 2 * d).to(dtype)
+        bias = torch.randn(B, H, T, C + T).to(dtype)
+        bias[0, :, :, :4] = -10000.0                # masked cache frames
+        bias[1, :, -1, :] = -10000.0                # a query that sees nothing (a padded frame)
+        bias[2] = -10000.0                          # a whole row masked
+        table = CacheTable.empty(L, torch.device("cpu"))
+        table.point_at(pool)
+        for layer in range(L):
+            got = step_attention(q, new, bias, table, layer, slots, C, H)
+            want = reference(q, pool[layer], slots, new, bias, H)
+            err = (got.float() - want).abs().max().item()
+            worst[(str(dtype), T, layer)] = err
+            assert err <= (1e-5 if dtype == torch.float32 else 4e-3), (dtype, T, layer, err)
+            # out= into a strided buffer, and the same result
+            out = torch.zeros(B, T, 2 * d, dtype=dtype)[..., :d]
+            step_attention(q, new, bias, table, layer, slots, C, H, out=out)
+            assert torch.equal(out, got)
+        # The table follows a new pool without anything else changing.
+        other = torch.randn(L, S + 3, C, 2 * d).to(dtype)
+        table.point_at(other)
+        got = step_attention(q, new, bias, table, 1, slots, C, H)
+        assert (got.float() - reference(q, other[1], slots, new, bias, H)).abs().max().item() <= 4e-3
+        assert (got.float() - reference(q, pool[1], slots, new, bias, H)).abs().max().item() > 1e-2
+    print("ok", max(worst.values()))
+"""
+
+
+def test_the_kernel_equals_sdpa_over_a_gathered_copy_under_the_interpreter():
+    out = _interpret(KERNEL_AGAINST_SDPA)
+    assert out.startswith("ok"), out
+
+
+STREAMS_IN_PLACE = """
+    import torch
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+    from engines.fast_conformer import FastCudaGraphEncoder
+    from engines.models import speechlike_audio
+    from engines.streaming_engine import StreamingEngine
+    from tests.conftest import _quiet_nemo
+    from tests.engine_helpers import run_alone, run_streams
+
+    _quiet_nemo()
+    # 0.05 s: shorter than a chunk; 6.3 s: past one turn of the 70-frame ring at 160 ms (35 steps)
+    seconds = {160: [0.05, 0.9, 1.37, 6.3], 560: [0.4, 2.05, 3.1]}
+    for la, secs in seconds.items():
+        eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                                          lookahead_ms=la, max_streams=16, max_batch=8))
+        audios = {f"s{i}": speechlike_audio(s, seed=500 + i) for i, s in enumerate(secs)}
+        want = {sid: run_alone(eager, a, sid) for sid, a in audios.items()}
+        enc = eager.model.nemo_model.encoder
+        for ring in (True, False):
+            graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4), attention="kernel")
+            engine = StreamingEngine(eager.model, graph_eng, la, capacity=16, max_batch=8,
+                                     device=torch.device("cpu"), dtype=torch.float32, ring_cache=ring)
+            assert engine.cache_in_place == ring
+            C = graph_eng.params.geo.cache
+            for round_ in range(2):  # the second round reuses the first's slots
+                got = run_streams(engine, audios, seed=7 + round_, start_step={sid: i % 3 for i, sid in enumerate(audios)})
+                for sid, ref in want.items():
+                    assert ref.tokens, ("no exactness over an empty transcript", sid)
+                    assert got[sid].tokens == ref.tokens, (la, ring, round_, sid)
+                    for a, b in zip(got[sid].encoded, ref.encoded):
+                        err = (a - b).abs().max().item() if a.numel() else 0.0
+                        assert err <= 1e-4, (la, ring, sid, err)
+            untouched = int(torch.count_nonzero(graph_eng.buffers.kv_work[:, :, :C]))
+            # Read in the pool, the workspace's cache frames were never written; gathered, they were.
+            assert (untouched == 0) == ring, (la, ring, untouched)
+            assert engine.slots_in_use() == 0
+    print("ok")
+"""
+
+
+def test_streams_with_the_cache_read_in_the_pool_decode_as_nemo_does_under_the_interpreter():
+    """Whole streams at 160 and 560 ms, in mixed batches at different positions, slots reused,
+    one stream past a turn of the ring: with the attention kernel reading the pool's ring in
+    place (no gather: the workspace's cache frames stay zero), and with it reading a gathered
+    workspace (ring_cache off), each stream's tokens are NeMo's alone and its encoder outputs
+    within 1e-4."""
+    out = _interpret(STREAMS_IN_PLACE, timeout=900)
+    assert out.strip().endswith("ok"), out
+
+
+def test_without_triton_or_a_device_the_kernel_says_why_it_cannot_serve(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    why = step_attention.supports(16, torch.float32, torch.device("cpu"))
+    assert why is not None and "Triton" in why
+    monkeypatch.setattr(step_attention, "available", lambda device: True)
+    assert step_attention.supports(16, torch.float16, torch.device("cpu")) is None
+    assert "power of two" in step_attention.supports(24, torch.float16, torch.device("cpu"))
+    assert "power of two" in step_attention.supports(8, torch.float16, torch.device("cpu"))
+    assert "CUDA" in step_attention.supports(64, torch.float32, torch.device("cuda"))
+
+
+def test_the_cache_table_names_a_tensor_by_its_addresses_and_checks_its_layout():
+    table = CacheTable.empty(3, torch.device("cpu"))
+    pool = torch.zeros(3, 5, 4, 8)
+    table.point_at(pool)
+    assert table.table.tolist() == [pool[i].data_ptr() for i in range(3)] + [pool.stride(1)]
+    work = torch.zeros(3, 7, 6, 8)  # a workspace: 6 frames a row, of which the first 4 are the cache
+    table.point_at(work)
+    assert table.table.tolist() == [work[i].data_ptr() for i in range(3)] + [6 * 8]
+    table.table.zero_()
+    table.point_at(work)  # already named: nothing written
+    assert table.table.count_nonzero() == 0
+    with pytest.raises(ValueError, match="contiguous frames"):
+        table.point_at(torch.zeros(3, 5, 8, 4).transpose(2, 3))
+    with pytest.raises(ValueError, match="L=3"):
+        table.point_at(torch.zeros(2, 5, 4, 8))
+
+
+def test_an_engine_that_does_not_read_the_pool_refuses_pool_rows():
+    class Probe(EagerEncoder):
+        accepts_ring_order = True
+
+    rows = PoolRows(torch.zeros(2, 3, 4, 8), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="does not read its attention cache from the pool"):
+        Probe(torch.nn.Identity()).step(None, None, rows, None, None, cache_head=torch.zeros(2, dtype=torch.int64))
+
+
+def test_the_fast_graph_engine_refuses_the_kernel_where_it_cannot_run(monkeypatch):
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+    from engines.fast_conformer import FastCudaGraphEncoder, UnsupportedEncoder
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                                      lookahead_ms=160, max_streams=4, max_batch=2))
+    with pytest.raises(UnsupportedEncoder, match="attention kernel"):
+        FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, attention="kernel")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, attention="flash")
