@@ -31,6 +31,20 @@ def test_the_stream_is_kept_only_where_it_gains_clearly():
     assert at.on
 
 
+def test_a_decode_stream_whose_repeats_swing_is_not_kept():
+    """Run 37 on an H100, 160 ms at 256 rows: one repeat with the decode stream 1.19x faster,
+    the other 2.4x slower. The better repeats alone would keep it; every repeat must gain."""
+    swing = decide_decode_stream([12.28, 11.85], [23.93, 9.98], rows=256)
+    assert swing.speedup == pytest.approx(11.85 / 9.98) and swing.worst_speedup == pytest.approx(11.85 / 23.93)
+    assert not swing.on and "unsteady" in swing.reason
+    text = swing.describe()
+    assert text.startswith("off (measured: unsteady") and "its slower repeat 23.93 ms, 0.50x" in text
+    # both repeats clear the margin, the slower one only just
+    steady = decide_decode_stream([11.85, 12.28], [9.98, 11.85 / MIN_DECODE_STREAM_GAIN], rows=256)
+    assert steady.on
+    assert not decide_decode_stream([11.85, 12.28], [9.98, 11.85 / (MIN_DECODE_STREAM_GAIN - 0.01)], rows=256).on
+
+
 def test_the_choice_round_trips_and_says_what_it_rests_on():
     choice = decide_decode_stream([11.59, 12.4], [9.90, 10.8], rows=256)
     assert DecodeStreamChoice.from_dict(choice.as_dict()) == choice

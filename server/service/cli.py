@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on a GPU, decode each step on a CUDA stream of its own, beside the next step's encoder; "
                         "without it the next step waits for each decode. auto (the default): on a GPU, start-up times "
                         "the steps both ways at the max batch (or half the slots, if fewer) and keeps the decode "
-                        "stream only where it is at least 3%% faster (on an H100 it gave 1.17x the steps at 160 ms "
+                        "stream only where even its slower repeat is at least 3%% faster (on an H100 it gave 1.17x the steps at 160 ms "
                         "and 0.58x at 560 ms, at 256 rows); on the CPU, off. The flag alone means on")
     m.add_argument("--step-attention", choices=STEP_ATTENTION_MODES, default="sdpa",
                    help="the fast engines' attention: sdpa (PyTorch's, over a copy of each row's attention cache "
