@@ -333,11 +333,11 @@ class DecodeStreamChoice:
         state = "on" if self.on else "off"
         if self.speedup is None:
             return f"{state} ({self.reason})"
-        slower = (f" (its slower repeat {max(self.decode_stream_ms):.2f} ms, {self.worst_speedup:.2f}x)"
+        slower = (f"; its slower repeat {max(self.decode_stream_ms):.2f} ms, {self.worst_speedup:.2f}x"
                   if len(self.decode_stream_ms) > 1 else "")
         return (f"{state} ({self.reason}): a pipelined step of {self.rows} rows took "
-                f"{min(self.decode_stream_ms):.2f} ms with it{slower} and {min(self.one_stream_ms):.2f} ms without, "
-                f"{self.speedup:.2f}x (kept from {MIN_DECODE_STREAM_GAIN:.2f}x in every repeat)")
+                f"{min(self.decode_stream_ms):.2f} ms with it and {min(self.one_stream_ms):.2f} ms without, "
+                f"{self.speedup:.2f}x{slower} (kept from {MIN_DECODE_STREAM_GAIN:.2f}x in every repeat)")
 
 
 def decide_decode_stream(one_stream_ms: list[float], decode_stream_ms: list[float], rows: int,
@@ -352,7 +352,7 @@ def decide_decode_stream(one_stream_ms: list[float], decode_stream_ms: list[floa
     elif gain < 1:
         why = "measured: slower with a decode stream"
     elif gain >= min_gain:
-        why = "measured: unsteady with a decode stream (a repeat gained too little or lost)"
+        why = "measured: unsteady with a decode stream, a repeat gained too little or lost"
     else:
         why = "measured: too little gain for a second stream"
     return DecodeStreamChoice(on=on, reason=why, rows=rows, one_stream_ms=tuple(one_stream_ms),
