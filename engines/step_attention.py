@@ -124,7 +124,8 @@ def step_attention(q: torch.Tensor, new_kv: torch.Tensor, bias: torch.Tensor, ta
         bias, bias.stride(0), bias.stride(1), bias.stride(2),
         out, out.stride(0), out.stride(1),
         T, cache_frames, d, 1.0 / math.sqrt(dk),
-        CACHE_DTYPE=_tl_dtype(cache_dtype or new_kv.dtype), DK=dk, BLOCK_T=block_t, BLOCK_C=block_c)
+        CACHE_DTYPE=_tl_dtype(cache_dtype or new_kv.dtype), DK=dk, BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=4 if dk <= 64 else 8)
     return out
 
 
@@ -133,7 +134,9 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 if triton is not None:
-    @triton.jit
+    # `layer` is not specialized: Triton would otherwise compile a variant for layer 1 (and for
+    # multiples of 16), all of which must exist before the graphs are captured.
+    @triton.jit(do_not_specialize=["layer"])
     def _attention_kernel(q_ptr, q_sb, q_st,
                           table_ptr, layer, n_layers, slots_ptr,
                           new_ptr, n_sb, n_st,
