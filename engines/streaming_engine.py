@@ -596,6 +596,7 @@ class StepRun:
     def __init__(self, engine: StreamingEngine, prepared: PreparedStep, sync: bool):
         self._engine = engine
         self._rows = len(prepared.plan)
+        self.synced = sync  # the device synchronized at each phase (profiling): nothing overlaps it
         self._stages = engine._stages(prepared, sync)
         self.stage: str | None = None
         self.result: StepResult | None = None

@@ -596,3 +596,13 @@ def test_the_next_step_is_begun_from_the_stage_the_engine_names(next_at, monkeyp
                          "advance from device_done"]
     else:
         assert order == ["read ahead", "advance from queued", "begin next", "advance from device_done"]
+    # A step synchronized at each phase (profile_every) finishes before the next begins: its
+    # phases then hold its own device work only.
+    order.clear()
+    ahead.arrived = True
+    synced = Run()
+    synced.synced = True
+    reply, nxt = finish_step(Started(message=types.SimpleNamespace(id=1), got=0.0, began=0.0, plan=None, run=synced),
+                             engine, ahead, None)
+    assert reply == "reply" and nxt is None
+    assert order == ["read ahead", "advance from queued", "advance from device_done"]

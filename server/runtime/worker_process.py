@@ -180,12 +180,17 @@ def finish_step(current: Started, engine, ahead: "ReadAhead", slots: "ChildSlots
             # QUEUED where the engine decodes on a stream of its own (the next encoder runs
             # beside this decode), else DEVICE_DONE.
             early_next = getattr(engine, "next_at", DEVICE_DONE) == QUEUED
+            # A step that synchronizes the device at each phase (one in profile_every, for the
+            # per-phase times) begins no next step before it has finished: its later phases would
+            # otherwise wait for the next step's features, gather and encoder too (queued on the
+            # same stream before its own last work), and report them as its own.
+            overlap = not getattr(run, "synced", False)
             if run.stage == QUEUED:
                 ahead.during_step(run)
-                if early_next:
+                if early_next and overlap:
                     nxt = ahead.start_next()
                 run.advance()
-            if run.stage == DEVICE_DONE and nxt is None:
+            if run.stage == DEVICE_DONE and nxt is None and overlap:
                 if early_next:  # a step that came during the decode goes on the device before the results
                     ahead.during_step(run, wait=False)
                 nxt = ahead.start_next()
