@@ -143,11 +143,12 @@ def test_frontends_from_the_cpu_count():
     assert auto_frontends(4, on_gpu=True) == 1
     assert auto_frontends(ENGINE_CORES + 2 * CORES_PER_FRONTEND, on_gpu=True) == 2     # 6 cores
     assert auto_frontends(8, on_gpu=True) == 3
-    assert auto_frontends(16, on_gpu=True) == 6                                          # the H100/H200 host: 7 capped
+    assert auto_frontends(16, on_gpu=True) == 7                                          # the H100/H200 host
     assert auto_frontends(128, on_gpu=True) == MAX_AUTO_FRONTENDS
     # several engine cores: one more reserved core per extra engine worker, and a cap per core
     assert auto_frontends(16, on_gpu=True, engine_cores=2) == 6                          # (16 - 3) // 2
-    assert auto_frontends(32, on_gpu=True, engine_cores=2) == 2 * MAX_AUTO_FRONTENDS     # 14 capped to 12
+    assert auto_frontends(32, on_gpu=True, engine_cores=2) == 14                         # (32 - 3) // 2, under 2 x 8
+    assert auto_frontends(64, on_gpu=True, engine_cores=2) == 2 * MAX_AUTO_FRONTENDS     # 30 capped to 16
     assert auto_frontends(4, on_gpu=True, engine_cores=4) == 1
     assert auto_frontends(64, on_gpu=False, engine_cores=4) == 1
 
@@ -172,9 +173,9 @@ def test_resolve_frontends_and_the_lines_it_prints():
     sizing = streams_for_memory(130 * GIB, 140 * GIB, NEMOTRON_FAST_SLOT, 256)
     gpu = _engine("cuda:0", capacity=sizing.max_streams, max_batch=256, sizing=sizing.as_dict())
     frontends, lines = resolve_frontends(None, gpu, True, True, cpus=16)
-    assert frontends == 6
+    assert frontends == 7
     assert ("device cuda:0, max streams 4608 (auto: from device memory), max batch 256 (auto: the fixed default), "
-            "frontends 6") in lines[0]
+            "frontends 7") in lines[0]
     assert "16 usable cores" in lines[0] and "limited by the cap" in lines[1]
     # an explicit count wins; an engine that reports no device (the test engines) counts as the CPU
     assert resolve_frontends(3, gpu, True, True, cpus=16)[0] == 3

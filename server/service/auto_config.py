@@ -19,9 +19,13 @@ MAX_AUTO_FRONTENDS. The figures (bench/RESULTS.md):
     (runs 34-35) the parent's loop is at 0.4 of a core at 3,000 streams, and what a frontend
     costs it is one small message a loop iteration; the frontends became a limit (four of them
     at 0.94-0.95 of a core where run 34's 3,102 streams failed), and six carried the best
-    capacity measured (run 35: 3,140 streams, the busiest frontend at 0.79). A 16-core host gets
-    (16 - 2) // 2 = 7, capped to 6. Before the ring (H200 runs 32-33) 7 frontends did no better
-    than 4, when the parent's loop bound.
+    capacity measured (run 35: 3,140 streams, the busiest frontend at 0.79). Before the ring (H200
+    runs 32-33) 7 frontends did no better than 4, when the parent's loop bound.
+  - MAX_AUTO_FRONTENDS = 8 since run 38 (one H100, default flags: 3,466 streams at 160 ms with
+    six): the busiest frontend's loop was at 0.87 of a core there and 0.92 at the failing 3,632,
+    the parent's at 0.44. The kernel spreads connections over the frontends unevenly (721 against
+    433 streams there), so at issue 17's 4,000 streams the busiest of six would need about a
+    whole core; a 16-core host now gets (16 - 2) // 2 = 7. Not yet measured with seven.
 CPU counts are the cores this process may run on (its affinity) and, where a cgroup (v2) CPU
 quota is lower (a container's CPU limit), that quota.
 """
@@ -42,7 +46,7 @@ log = logging.getLogger("nemostream.cli")
 AUTO = "auto"
 ENGINE_CORES = 2
 CORES_PER_FRONTEND = 2
-MAX_AUTO_FRONTENDS = 6
+MAX_AUTO_FRONTENDS = 8
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 # What `auto` means, for asr-server --help.
