@@ -49,14 +49,14 @@ def main() -> int:
     ap.add_argument("--batches", default="256,512")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per batch and mode (after 4 untimed)")
     ap.add_argument("--repeats", type=int, default=2, help="alternations of the two modes per batch")
-    ap.add_argument("--step-attention", choices=("sdpa", "kernel"), default="sdpa",
-                    help="the fast engines' attention (asr-server --step-attention)")
+    ap.add_argument("--step-kernels", choices=("torch", "triton"), default="torch",
+                    help="the fast-cudagraph engine's kernels (asr-server --step-kernels)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cfg = EngineConfig(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype,
                        lookahead_ms=args.lookahead, max_streams=2 * max(batches), max_batch=max(batches), decode_stream="on",
-                       step_attention=args.step_attention)
+                       step_kernels=args.step_kernels)
     revision = source_revision()  # before the run: the source that runs
     print(f"# source: {describe(revision)}", flush=True)
     t0 = time.perf_counter()
@@ -64,7 +64,8 @@ def main() -> int:
     engine.warmup()
     print(f"# {args.model} {engine.dtype} on {engine.device}, encoder engine {engine.encoder_engine.name}, "
           f"ready in {time.perf_counter() - t0:.1f} s; decode stream: {engine.decode_stream is not None}; "
-          f"attention: {getattr(engine.encoder_engine, 'attention', 'sdpa')}"
+          f"attention: {getattr(engine.encoder_engine, 'attention', 'sdpa')}, "
+          f"fused norms: {getattr(getattr(engine.encoder_engine, 'parts', None), 'fused', False)}"
           f"{' (the cache read in the pool)' if engine.cache_in_place else ''}", flush=True)
     if engine.decode_stream is None:  # the CPU: the order of the stages alone (checks this script and the staging)
         print("# no decode stream on this device (CUDA only): both modes run on one stream, the "

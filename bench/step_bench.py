@@ -136,9 +136,10 @@ def main() -> None:
     ap.add_argument("--feature-graphs", choices=("on", "off", "both"), default="on",
                     help="the features in a CUDA graph per batch bucket (engines/features.py FeatureGraphs; GPU and a "
                          "bucketed encoder only); both: A/B, as --ring")
-    ap.add_argument("--attention", choices=("sdpa", "kernel", "both"), default="sdpa",
-                    help="the fast engines' attention: sdpa (PyTorch's, over the gathered cache), kernel "
-                         "(engines/step_attention.py, reading the cache in the slot pool: no gather), both (an A/B)")
+    ap.add_argument("--kernels", default="torch",
+                    help="comma-separated kernel sets of the fast-cudagraph engine, an A/B when several: torch "
+                         "(PyTorch's: SDPA over the gathered cache), attention (engines/step_attention.py reading the "
+                         "cache in the slot pool, no gather), fused (engines/fused_norms.py), triton (both)")
     ap.add_argument("--repeats", type=int, default=1, help="alternations per batch with an A/B (--ring or --feature-graphs both)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS steps per batch under torch.profiler and print the top operators")
@@ -156,16 +157,26 @@ def main() -> None:
         nemo.preprocessor.to(dtype=torch.float32)
         nemo.eval()
         print(f"# loaded {args.model} at {la} ms in {time.time() - t:.1f} s", flush=True)
-        attentions = ["sdpa", "kernel"] if args.attention == "both" else [args.attention]
+        kernel_sets = [k.strip() for k in args.kernels.split(",") if k.strip()]
+        unknown = set(kernel_sets) - {"torch", "attention", "fused", "triton"}
+        if unknown or not kernel_sets:
+            ap.error(f"--kernels: unknown kernel sets {sorted(unknown)}")
         encoders = {}
-        for attention in attentions:
-            cfg = EngineConfig(model=args.model, engine=args.engine, lookahead_ms=la, max_streams=max(batches),
-                               max_batch=max(batches), step_attention=attention)
-            encoders[attention] = (EagerEncoder(nemo.encoder) if args.engine == "eager"
-                                   else make_encoder_engine(args.engine, model, cfg, dev, dtype))
+        cfg = EngineConfig(model=args.model, engine=args.engine, lookahead_ms=la, max_streams=max(batches),
+                           max_batch=max(batches))
+        for kernels in kernel_sets:
+            if args.engine == "eager":
+                encoders[kernels] = EagerEncoder(nemo.encoder)
+            elif kernels == "torch":
+                encoders[kernels] = make_encoder_engine(args.engine, model, cfg, dev, dtype)
+            else:  # the Triton kernels, one set or both (fast-cudagraph only)
+                from engines.fast_conformer import build_fast_encoder
+                encoders[kernels] = build_fast_encoder(
+                    model, cfg, dev, dtype, graphs=True, attention="kernel" if kernels in ("attention", "triton") else "sdpa",
+                    fused_norms=kernels in ("fused", "triton"))
         choice = {"on": [True], "off": [False], "both": [False, True]}
         # (attention, ring cache, feature graphs) of each engine; an A/B alternates them on each batch
-        variants = [(a, ring, fg) for a in attentions for ring in choice[args.ring] for fg in choice[args.feature_graphs]]
+        variants = [(a, ring, fg) for a in kernel_sets for ring in choice[args.ring] for fg in choice[args.feature_graphs]]
         engines = {v: StreamingEngine(model, encoders[v[0]], la, capacity=max(batches), max_batch=max(batches),
                                       device=dev, dtype=dtype, ring_cache=v[1], feature_graphs=v[2]) for v in variants}
         for b in batches:
@@ -183,12 +194,12 @@ def main() -> None:
                     runs[variant].append(run)
             if args.profile:
                 for (attention, ring, fg), engine in engines.items():
-                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, attention {attention}, "
+                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, kernels {attention}, "
                                                                       f"ring {'on' if ring else 'off'}, "
                                                                       f"feature graphs {'on' if fg else 'off'}")
             nemo_ms = {} if args.no_nemo else bench_nemo(nemo, b, args.iters, args.warm, dev, dtype)
             for variant, engine in engines.items():
-                row = {"lookahead_ms": la, "batch": b, "attention": variant[0], "cache_in_place": engine.cache_in_place,
+                row = {"lookahead_ms": la, "batch": b, "kernels": variant[0], "cache_in_place": engine.cache_in_place,
                        "ring_cache": engine.ring_cache,
                        "feature_graphs": engine.featurizer.graphs is not None}
                 row.update({k: statistics.median(r[k] for r in runs[variant]) for k in runs[variant][0]})
@@ -202,11 +213,11 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"\n{args.model} {dtype} on {gpu}, encoder engine {args.engine}; median of {args.iters} steady-state steps\n")
-    print("| lookahead | batch | attention | ring | feature graphs | our step ms | " + " | ".join(PHASES)
+    print("| lookahead | batch | kernels | ring | feature graphs | our step ms | " + " | ".join(PHASES)
           + " | NeMo conformer_stream_step ms | slot MB |")
     print("|---|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|")
     for r in rows:
-        print(f"| {r['lookahead_ms']} | {r['batch']} | {r['attention']}{' (in the pool)' if r['cache_in_place'] else ''} | "
+        print(f"| {r['lookahead_ms']} | {r['batch']} | {r['kernels']}{' (cache read in the pool)' if r['cache_in_place'] else ''} | "
               f"{'on' if r['ring_cache'] else 'off'} | "
               f"{'on' if r['feature_graphs'] else 'off'} | {r['step_ms']:.2f} | "
               + " | ".join(f"{r[f'{n}_ms']:.2f}" for n in PHASES)

@@ -12,7 +12,7 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 LOOKAHEAD_TO_RIGHT_CONTEXT = {80: 0, 160: 1, 560: 6, 1120: 13}
 UTTERANCE_RESETS = ("auto", "keep", "decoder", "all")
 DECODE_STREAM_MODES = ("auto", "on", "off")
-STEP_ATTENTION_MODES = ("sdpa", "kernel")
+STEP_KERNELS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,15 @@ class EngineConfig:
     # frequent at 160 ms and 256 rows but 0.58x at 560 ms (bench/RESULTS.md, run 36). Off here,
     # for the factory's other callers (tests, benchmarks), which choose.
     decode_stream: str = "off"
-    # The fast engines' attention (engines.fast_conformer): "sdpa", PyTorch's over a copy of each
-    # row's attention cache gathered into the encoder's workspace, or "kernel"
-    # (engines/step_attention.py), which reads each row's cache in the slot pool itself, so the
-    # step copies no cache (7 MB a stream for the 0.6B model). "kernel" needs Triton (PyTorch's
-    # CUDA wheels bring it); where it cannot run the engine keeps "sdpa" and says so. sdpa by
-    # default until the GPU measures the kernel (bench/step_bench.py --attention both).
-    step_attention: str = "sdpa"
+    # The fast-cudagraph engine's kernels (engines.fast_conformer): "torch", PyTorch's operations
+    # (SDPA over a copy of each row's attention cache gathered into the encoder's workspace), or
+    # "triton": the attention by engines/step_attention.py, which reads each row's cache in the
+    # slot pool itself (the step copies no cache: 7 MB a stream for the 0.6B model), and each
+    # layer's element-wise chains fused (engines/fused_norms.py: fewer launches, fewer passes).
+    # Needs Triton (PyTorch's CUDA wheels bring it); where it cannot run the engine keeps "torch"
+    # and says so. "torch" by default until the GPU measures "triton" (bench/step_bench.py
+    # --kernels torch,attention,triton).
+    step_kernels: str = "torch"
 
     def __post_init__(self) -> None:
         if self.utterance_reset not in UTTERANCE_RESETS:
@@ -69,9 +71,8 @@ class EngineConfig:
         if self.decode_stream not in DECODE_STREAM_MODES:
             raise ValueError(f"unknown decode_stream {self.decode_stream!r}; choose one of "
                              f"{', '.join(DECODE_STREAM_MODES)}")
-        if self.step_attention not in STEP_ATTENTION_MODES:
-            raise ValueError(f"unknown step_attention {self.step_attention!r}; choose one of "
-                             f"{', '.join(STEP_ATTENTION_MODES)}")
+        if self.step_kernels not in STEP_KERNELS:
+            raise ValueError(f"unknown step_kernels {self.step_kernels!r}; choose one of {', '.join(STEP_KERNELS)}")
         if self.engine not in ENGINE_NAMES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
         if self.fallback_engine is not None and self.fallback_engine not in ENGINE_NAMES[1:]:

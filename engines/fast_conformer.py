@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from engines.cudagraph_engine import batch_buckets, capture_per_bucket
 from engines.encoders import EncoderEngine, PoolRows
+from engines.fused_norms import add_layer_norm, conv_norm_silu
 from engines.step_attention import CacheTable, step_attention
 from engines.step_attention import supports as step_attention_supports
 
@@ -479,16 +480,48 @@ def _part_c(x, conv, geo: Geometry, w_dw, b_dw, lnn_w, lnn_b, w_p2, b_p2, ln2_w,
     return F.layer_norm(x, (d,), lno_w, lno_b, geo.eps)
 
 
-class StepParts:
-    """The three per-layer pieces of the step, eager or torch.compiled. Writes into the
-    workspaces (the new K/V frames, the GLU outputs) stay outside them, so a compiled piece
-    never mutates one of its inputs."""
+def _part_a_fused(x, geo: Geometry, ln1_w, ln1_b, w1, b1, w2, b2, lna_w, lna_b, w_qkv, b_qkv):
+    """_part_a with the residual add and the attention's norm in one kernel (engines/fused_norms.py)."""
+    d = geo.d_model
+    h = F.layer_norm(x, (d,), ln1_w, ln1_b, geo.eps)
+    h = F.silu(F.linear(h, w1, b1))
+    x, a = add_layer_norm(x, F.linear(h, w2, b2), lna_w, lna_b, geo.eps)
+    return x, F.linear(a, w_qkv, b_qkv)
 
-    def __init__(self, compile: bool = False, compile_mode: str | None = None, dynamic: bool | None = None):
+
+def _part_b_fused(x, o, valid, geo: Geometry, w_o, b_o, lnc_w, lnc_b, w_p1, b_p1):
+    """_part_b with the residual add and the conv module's norm in one kernel."""
+    x, c = add_layer_norm(x, F.linear(o * valid, w_o, b_o), lnc_w, lnc_b, geo.eps)
+    return x, F.linear(c, w_p1, b_p1)
+
+
+def _part_c_fused(x, conv, geo: Geometry, w_dw, b_dw, lnn_w, lnn_b, w_p2, b_p2, ln2_w, ln2_b, w3, b3, w4, b4,
+                  lno_w, lno_b):
+    """_part_c with the depthwise conv, its bias, norm and Swish in one kernel, and each residual
+    add with the norm after it in one."""
+    y = conv_norm_silu(conv, w_dw, b_dw, lnn_w, lnn_b, geo.eps)
+    x, h = add_layer_norm(x, F.linear(y, w_p2, b_p2), ln2_w, ln2_b, geo.eps)
+    h = F.silu(F.linear(h, w3, b3))
+    return add_layer_norm(x, F.linear(h, w4, b4), lno_w, lno_b, geo.eps)[1]
+
+
+class StepParts:
+    """The three per-layer pieces of the step: eager, torch.compiled, or with their element-wise
+    chains fused into Triton kernels (engines/fused_norms.py). Writes into the workspaces (the
+    new K/V frames, the GLU outputs) stay outside them, so a compiled piece never mutates one
+    of its inputs."""
+
+    def __init__(self, compile: bool = False, compile_mode: str | None = None, dynamic: bool | None = None,
+                 fused: bool = False):
         # dynamic=None: dynamo's automatic dynamic shapes (a second batch size recompiles once
         # with a symbolic batch, later ones reuse it); dynamic=False: one compilation per batch.
+        if compile and fused:
+            raise ValueError("torch.compile and the fused kernels are two ways to fuse the same chains: choose one")
         self.compiled = compile
-        if compile:
+        self.fused = fused
+        if fused:
+            self.a, self.b, self.c = _part_a_fused, _part_b_fused, _part_c_fused
+        elif compile:
             self.a = torch.compile(_part_a, mode=compile_mode, dynamic=dynamic)
             self.b = torch.compile(_part_b, mode=compile_mode, dynamic=dynamic)
             self.c = torch.compile(_part_c, mode=compile_mode, dynamic=dynamic)
@@ -704,9 +737,14 @@ class FastCudaGraphEncoder(FastConformerEncoder):
 
     def __init__(self, encoder: torch.nn.Module, max_batch: int, device=None, dtype=None, compile: bool = False,
                  compile_mode: str | None = None, use_graphs: bool = True, warmup_iters: int = 2,
-                 buckets: tuple[int, ...] | None = None, attention: str = "sdpa"):
+                 buckets: tuple[int, ...] | None = None, attention: str = "sdpa", fused_norms: bool = False):
         super().__init__(encoder, device, dtype, compile, compile_mode)
         p = self.params
+        if fused_norms:  # engines/fused_norms.py: each layer's element-wise chains in Triton kernels
+            why = step_attention_supports(p.geo.d_k, p.dtype, p.device)
+            if why is not None:
+                raise UnsupportedEncoder(f"the fused kernels cannot serve: {why}")
+            self.parts = StepParts(fused=True)
         if use_graphs and p.device.type != "cuda":
             raise RuntimeError(f"the fast-cudagraph engine needs a CUDA device, not {p.device}")
         # attention: "sdpa" (PyTorch's, over the workspace the pool's rows are gathered into) or
@@ -799,6 +837,7 @@ class FastCudaGraphEncoder(FastConformerEncoder):
     def describe(self) -> dict:
         return {"engine": self.name, "buckets": list(self.buckets), "captures": self.captures,
                 "compile": self.parts.compiled, "graphs": self.use_graphs, "attention": self.attention,
+                "fused_norms": self.parts.fused,
                 "prepare_seconds": round(self.prepare_seconds, 2)}
 
 
@@ -811,12 +850,14 @@ def build_fast_encoder(model, cfg, device: torch.device, dtype: torch.dtype, gra
     FastCudaGraphEncoder ("fast-cudagraph", buckets up to cfg.max_batch)."""
     encoder = model.nemo_model.encoder
     if graphs:
-        attention = getattr(cfg, "step_attention", "sdpa")
-        if attention == "kernel":
+        kernels = getattr(cfg, "step_kernels", "torch")
+        if kernels == "triton":
             why = step_attention_supports(encoder.layers[0].self_attn.d_k, dtype, device)
             if why is not None:
-                log.warning("the attention kernel cannot serve here (%s): the step keeps SDPA over the gathered cache",
-                            why)
-                attention = "sdpa"
-        return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, attention=attention, **options)
+                log.warning("the Triton kernels cannot serve here (%s): the step keeps PyTorch's", why)
+                kernels = "torch"
+        triton_kernels = kernels == "triton"
+        options.setdefault("attention", "kernel" if triton_kernels else "sdpa")
+        options.setdefault("fused_norms", triton_kernels and not options.get("compile"))
+        return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, **options)
     return FastConformerEncoder(encoder, device, dtype, **options)

@@ -112,7 +112,10 @@ STREAMS_IN_PLACE = """
         want = {sid: run_alone(eager, a, sid) for sid, a in audios.items()}
         enc = eager.model.nemo_model.encoder
         for ring in (True, False):
-            graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4), attention="kernel")
+            # read in the pool with the fused element-wise kernels too (engines/fused_norms.py); gathered without
+            graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4), attention="kernel",
+                                             fused_norms=ring)
+            assert graph_eng.parts.fused == ring
             engine = StreamingEngine(eager.model, graph_eng, la, capacity=16, max_batch=8,
                                      device=torch.device("cpu"), dtype=torch.float32, ring_cache=ring)
             assert engine.cache_in_place == ring
@@ -136,7 +139,8 @@ STREAMS_IN_PLACE = """
 def test_streams_with_the_cache_read_in_the_pool_decode_as_nemo_does_under_the_interpreter():
     """Whole streams at 160 and 560 ms, in mixed batches at different positions, slots reused,
     one stream past a turn of the ring: with the attention kernel reading the pool's ring in
-    place (no gather: the workspace's cache frames stay zero), and with it reading a gathered
+    place (no gather: the workspace's cache frames stay zero) and the fused element-wise
+    kernels (engines/fused_norms.py), and with the attention kernel reading a gathered
     workspace (ring_cache off), each stream's tokens are NeMo's alone and its encoder outputs
     within 1e-4."""
     out = _interpret(STREAMS_IN_PLACE, timeout=900)

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from engines.api import EndpointingParams, StreamingEngine
-from engines.config import (DECODE_STREAM_MODES, DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, STEP_ATTENTION_MODES,
+from engines.config import (DECODE_STREAM_MODES, DTYPE_NAMES, ENGINE_NAMES, LOOKAHEAD_TO_RIGHT_CONTEXT, STEP_KERNELS,
                             UTTERANCE_RESETS, EngineConfig)
 from server.service.app import AsrServer, ServerSettings
 from server.service.auto_config import (AUTO, FRONTENDS_AUTO_HELP, MAX_BATCH_HELP, MAX_STREAMS_HELP, engine_sizing_kwargs,
@@ -71,11 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the steps both ways at the max batch (or half the slots, if fewer) and keeps the decode "
                         "stream only where even its slower repeat is at least 3%% faster (on an H100 it gave 1.17x the steps at 160 ms "
                         "and 0.58x at 560 ms, at 256 rows); on the CPU, off. The flag alone means on")
-    m.add_argument("--step-attention", choices=STEP_ATTENTION_MODES, default="sdpa",
-                   help="the fast engines' attention: sdpa (PyTorch's, over a copy of each row's attention cache "
-                        "gathered out of the slot pool) or kernel (a Triton kernel that reads each row's cache in the "
-                        "pool itself: no copy; needs Triton, which PyTorch's CUDA wheels bring; where it cannot run "
-                        "the engine keeps sdpa and logs why)")
+    m.add_argument("--step-kernels", choices=STEP_KERNELS, default="torch",
+                   help="the fast-cudagraph engine's kernels: torch (PyTorch's: SDPA over a copy of each row's "
+                        "attention cache gathered out of the slot pool) or triton (an attention kernel that reads each "
+                        "row's cache in the pool itself, no copy, and each layer's element-wise chains fused; needs "
+                        "Triton, which PyTorch's CUDA wheels bring; where it cannot run the engine keeps torch and "
+                        "logs why)")
     m.add_argument("--cache-dir", default=None, help="exported graphs / built engine plans")
     m.add_argument("--seed", type=int, default=0, help="seed of builtin models' random weights")
     m.add_argument("--engine-factory", default=DEFAULT_FACTORY,
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                            fallback_engine=args.fallback_engine, cache_dir=args.cache_dir, seed=args.seed,
                            cudagraph_compile=args.compile, profile_every=args.profile_every,
                            utterance_reset=args.utterance_reset, decode_stream=args.decode_stream,
-                           step_attention=args.step_attention)
+                           step_kernels=args.step_kernels)
         settings = build_settings(args)
     except ValueError as exc:
         print(f"asr-server: {exc}", file=sys.stderr)

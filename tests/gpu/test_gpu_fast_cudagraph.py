@@ -268,28 +268,30 @@ def test_steps_begun_at_queued_beside_a_decode_on_its_stream_equal_the_steps_one
     assert engine.slots_in_use() == 0
 
 
-def test_the_attention_kernel_reading_the_pool_agrees_with_sdpa_over_the_gathered_cache(speech):
-    """`--step-attention kernel` (engines/step_attention.py: each row's attention cache read in
-    the slot pool, no gather) against the same engine with SDPA over the gathered copy: demo
-    model, fp16, fast-cudagraph, every speech stream in the same random mixed batches. The two
-    attentions round differently in float16, so token agreement >= 99.9% and whole transcripts
-    >= 98% rather than equality (the CPU test, tests/test_step_attention.py, holds fp32 to
-    1e-4 against NeMo). The workspace's cache frames are never written (the cache came from the
-    pool), no graph is captured while serving, and one step at 64 rows is timed both ways
-    (recorded, not asserted; bench/step_bench.py --attention both measures it)."""
-    sdpa = build_on("builtin:demo", "fast-cudagraph", "float16")
-    kernel = build_on("builtin:demo", "fast-cudagraph", "float16", step_attention="kernel")
-    assert kernel.encoder_engine.attention == "kernel" and kernel.cache_in_place
-    assert sdpa.encoder_engine.attention == "sdpa" and not sdpa.cache_in_place
-    for engine in (sdpa, kernel):
+def test_the_triton_kernels_agree_with_torch_and_read_the_cache_in_the_pool(speech):
+    """`--step-kernels triton` (engines/step_attention.py: each row's attention cache read in the
+    slot pool, no gather; engines/fused_norms.py: each layer's element-wise chains fused) against
+    the same engine with PyTorch's operations: demo model, fp16, fast-cudagraph, every speech
+    stream in the same random mixed batches. The two round differently in float16, so token
+    agreement >= 99.9% and whole transcripts >= 98% rather than equality (the CPU tests,
+    tests/test_step_attention.py and tests/test_fused_norms.py, hold fp32 to 1e-4 against NeMo).
+    The workspace's cache frames are never written (the cache came from the pool), no graph is
+    captured while serving, and one step at 1 and 64 rows is timed both ways (recorded, not
+    asserted; bench/step_bench.py --kernels torch,attention,triton measures it)."""
+    plain = build_on("builtin:demo", "fast-cudagraph", "float16")
+    fused = build_on("builtin:demo", "fast-cudagraph", "float16", step_kernels="triton")
+    assert fused.encoder_engine.attention == "kernel" and fused.encoder_engine.parts.fused and fused.cache_in_place
+    assert plain.encoder_engine.attention == "sdpa" and not plain.encoder_engine.parts.fused and not plain.cache_in_place
+    for engine in (plain, fused):
         engine.warmup()
-    captures = kernel.encoder_engine.captures
-    a = agreement(run_streams(sdpa, speech, seed=6), run_streams(kernel, speech, seed=6))
-    assert kernel.encoder_engine.captures == captures
-    C = kernel.encoder_engine.params.geo.cache
-    assert int(torch.count_nonzero(kernel.encoder_engine.buffers.kv_work[:, :, :C])) == 0
-    timing = {name: engine.measure_step_ms(64) for name, engine in (("sdpa", sdpa), ("kernel", kernel))}
-    record("attention_kernel_vs_sdpa_demo_fp16", {**a.as_dict(), "step_ms_at_64_rows": timing})
+    captures = fused.encoder_engine.captures
+    a = agreement(run_streams(plain, speech, seed=6), run_streams(fused, speech, seed=6))
+    assert fused.encoder_engine.captures == captures
+    C = fused.encoder_engine.params.geo.cache
+    assert int(torch.count_nonzero(fused.encoder_engine.buffers.kv_work[:, :, :C])) == 0
+    timing = {name: {rows: engine.measure_step_ms(rows) for rows in (1, 64)}
+              for name, engine in (("torch", plain), ("triton", fused))}
+    record("triton_kernels_vs_torch_demo_fp16", {**a.as_dict(), "step_ms_by_rows": timing})
     assert a.streams >= MIN_STREAMS and a.reference_tokens > 5 * a.streams and a.empty_reference == 0
     assert a.token_agreement >= MIN_TOKEN_AGREEMENT, a.as_dict()
     assert a.transcript_match >= 0.98, a.as_dict()
