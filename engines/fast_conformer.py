@@ -741,6 +741,8 @@ class FastCudaGraphEncoder(FastConformerEncoder):
         super().__init__(encoder, device, dtype, compile, compile_mode)
         p = self.params
         if fused_norms:  # engines/fused_norms.py: each layer's element-wise chains in Triton kernels
+            if compile:
+                raise ValueError("torch.compile and the fused kernels are two ways to fuse the same chains: choose one")
             why = step_attention_supports(p.geo.d_k, p.dtype, p.device)
             if why is not None:
                 raise UnsupportedEncoder(f"the fused kernels cannot serve: {why}")
