@@ -300,7 +300,7 @@ def build_variant(name: str, model, lookahead: int, dev, dtype, buckets: list[in
     if name == "eager":
         return EagerEncoder(enc)
     if name.startswith("fast"):
-        from engines.fast_conformer import build_fast_encoder
+        from engines.fast_engines import build_fast_encoder
         cfg = SimpleNamespace(max_batch=max(buckets), lookahead_ms=lookahead, cache_dir=cache_dir)
         options = {"compile": True} if "compile" in name else {}
         if "compile" in name:

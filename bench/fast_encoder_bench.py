@@ -43,7 +43,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engines.config import LOOKAHEAD_TO_RIGHT_CONTEXT  # noqa: E402
-from engines.fast_conformer import FastConformerEncoder, FastStepBuffers, StepParts, fast_step  # noqa: E402
+from engines.fast_conformer import FastStepBuffers, StepParts, fast_step  # noqa: E402
+from engines.fast_engines import FastConformerEncoder  # noqa: E402
 
 T0 = time.perf_counter()
 

@@ -170,7 +170,7 @@ def main() -> None:
             elif kernels == "torch":
                 encoders[kernels] = make_encoder_engine(args.engine, model, cfg, dev, dtype)
             else:  # the Triton kernels, one set or both (fast-cudagraph only)
-                from engines.fast_conformer import build_fast_encoder
+                from engines.fast_engines import build_fast_encoder
                 encoders[kernels] = build_fast_encoder(
                     model, cfg, dev, dtype, graphs=True, attention="kernel" if kernels in ("attention", "triton") else "sdpa",
                     fused_norms=kernels in ("fused", "triton"))

@@ -54,7 +54,7 @@ class EngineConfig:
     # frequent at 160 ms and 256 rows but 0.58x at 560 ms (bench/RESULTS.md, run 36). Off here,
     # for the factory's other callers (tests, benchmarks), which choose.
     decode_stream: str = "off"
-    # The fast-cudagraph engine's kernels (engines.fast_conformer): "torch", PyTorch's operations
+    # The fast-cudagraph engine's kernels (engines.fast_engines): "torch", PyTorch's operations
     # (SDPA over a copy of each row's attention cache gathered into the encoder's workspace), or
     # "triton": the attention by engines/step_attention.py, which reads each row's cache in the
     # slot pool itself (the step copies no cache: 7 MB a stream for the 0.6B model), and each

@@ -64,7 +64,7 @@ def make_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, device
         from engines.cudagraph_engine import build_cudagraph_encoder
         return build_cudagraph_encoder(model, cfg, device, dtype)
     if name in ("fast", "fast-cudagraph"):
-        from engines.fast_conformer import build_fast_encoder
+        from engines.fast_engines import build_fast_encoder
         if name == "fast":
             return build_fast_encoder(model, cfg, device, dtype)
         return build_fast_encoder(model, cfg, device, dtype, graphs=True, compile=cfg.cudagraph_compile)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.fast_conformer import (FastConformerEncoder, FastConformerParams, FastCudaGraphEncoder,
-                                    FastStepBuffers, UnsupportedEncoder, fast_step)
+from engines.fast_conformer import FastConformerParams, FastStepBuffers, UnsupportedEncoder, fast_step
+from engines.fast_engines import FastConformerEncoder, FastCudaGraphEncoder
 from engines.models import speechlike_audio
 from engines.streaming_engine import StreamingEngine
 from tests.engine_helpers import run_alone, run_streams
@@ -237,7 +237,7 @@ def test_startup_self_check_passes(engines):
     cache layout, counters that move, outputs equal to eager."""
     from types import SimpleNamespace
 
-    from engines.fast_conformer import build_fast_encoder
+    from engines.fast_engines import build_fast_encoder
     from engines.selfcheck import check_encoder_engine
 
     eager, _ = engines

@@ -99,7 +99,8 @@ def test_compile_and_fusion_are_one_choice():
 def test_the_fast_graph_engine_refuses_fused_kernels_where_triton_cannot_run(monkeypatch):
     from engines.config import EngineConfig
     from engines.factory import build_engine
-    from engines.fast_conformer import FastCudaGraphEncoder, UnsupportedEncoder
+    from engines.fast_conformer import UnsupportedEncoder
+    from engines.fast_engines import FastCudaGraphEncoder
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",

@@ -34,7 +34,7 @@ def saved(tmp_path_factory):
 
 def _engine(loaded, name: str, lookahead_ms: int):
     from engines.encoders import EagerEncoder
-    from engines.fast_conformer import FastConformerEncoder
+    from engines.fast_engines import FastConformerEncoder
     from engines.streaming_engine import StreamingEngine
 
     enc = loaded.nemo_model.encoder

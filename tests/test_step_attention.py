@@ -96,7 +96,7 @@ STREAMS_IN_PLACE = """
     import torch
     from engines.config import EngineConfig
     from engines.factory import build_engine
-    from engines.fast_conformer import FastCudaGraphEncoder
+    from engines.fast_engines import FastCudaGraphEncoder
     from engines.models import speechlike_audio
     from engines.streaming_engine import StreamingEngine
     from tests.conftest import _quiet_nemo
@@ -187,7 +187,8 @@ def test_an_engine_that_does_not_read_the_pool_refuses_pool_rows():
 def test_the_fast_graph_engine_refuses_the_kernel_where_it_cannot_run(monkeypatch):
     from engines.config import EngineConfig
     from engines.factory import build_engine
-    from engines.fast_conformer import FastCudaGraphEncoder, UnsupportedEncoder
+    from engines.fast_conformer import UnsupportedEncoder
+    from engines.fast_engines import FastCudaGraphEncoder
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
