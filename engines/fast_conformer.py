@@ -54,8 +54,7 @@ import torch.nn.functional as F
 
 from engines.encoders import PoolRows
 from engines.fused_norms import add_layer_norm, conv_norm_silu
-from engines.step_attention import CacheTable, step_attention
-MASK_VALUE = -10000.0  # NeMo's masked score (finite: a fully masked row stays finite)
+from engines.step_attention import MASK_VALUE, CacheTable, StepShape, step_attention
 
 
 class UnsupportedEncoder(ValueError):
@@ -125,6 +124,10 @@ class FastConformerParams:
         self.dtype = dtype
         g = geo
         self.key_index = torch.arange(g.keys, device=device)
+        # for the attention kernel (engines/step_attention.py): the chunk visibility as bytes, the shape
+        self.chunk_ok_i8 = chunk_ok.to(torch.int8).contiguous()
+        self.step_shape = StepShape(frames=g.frames_out, cache=g.cache, d_model=g.d_model, n_heads=g.n_heads,
+                                    rel_pad=g.rel_pad)
         self.frame_index = torch.arange(g.frames_out, device=device)
         self.time_index = torch.arange(max(g.frames_in, 1), device=device)
 
@@ -421,15 +424,15 @@ def _attend_sdpa(qkv, kv, bias, geo: Geometry):
     return o.transpose(1, 2).reshape(B * T, d)
 
 
-def _attend_kernel(qkv, kv, bias, geo: Geometry, cache: "KernelCache", layer: int):
-    """The same attention by engines/step_attention.py's kernel: the cached K/V read where
-    `cache.table` says they lie (the slot pool, or the workspace), the new frames' from the
-    workspace: [B*T', d]."""
-    d, T, C = geo.d_model, geo.frames_out, geo.cache
-    B = qkv.shape[0] // T
-    o = step_attention(qkv[:, :d].view(B, T, d), kv[:, C:], bias, cache.table, layer, cache.slots[:B], C,
-                       geo.n_heads)
-    return o.view(B * T, d)
+def _attend_kernel(p: "FastConformerParams", qkv, kv, cache: "KernelCache", layer: int, heads, cache_len, enc_len):
+    """The same attention by engines/step_attention.py's kernel, which makes the bias itself
+    (positional term, masks, the ring's order) and zeroes padded query frames: the cached K/V
+    read where `cache.table` says they lie (the slot pool, or the workspace), the new frames'
+    from the workspace: [B*T', d]."""
+    g = p.geo
+    B = qkv.shape[0] // g.frames_out
+    return step_attention(qkv, kv[:, g.cache:], cache.table, layer, cache.slots[:B], heads, cache_len, enc_len,
+                          p.chunk_ok_i8, p.step_shape)
 
 
 @dataclass
@@ -442,10 +445,11 @@ class KernelCache:
 
 
 def _part_b(x, o, valid, geo: Geometry, w_o, b_o, lnc_w, lnc_b, w_p1, b_p1):
-    """The attention's output projection (padded query frames contribute zero, as in NeMo); the
-    conv module's first pointwise conv (GLU input)."""
+    """The attention's output projection (padded query frames contribute zero, as in NeMo; valid
+    None: the attention zeroed them already); the conv module's first pointwise conv (GLU input)."""
     d = geo.d_model
-    o = o * valid
+    if valid is not None:
+        o = o * valid
     x = x + F.linear(o, w_o, b_o)
     c = F.layer_norm(x, (d,), lnc_w, lnc_b, geo.eps)
     return x, F.linear(c, w_p1, b_p1)
@@ -476,7 +480,7 @@ def _part_a_fused(x, geo: Geometry, ln1_w, ln1_b, w1, b1, w2, b2, lna_w, lna_b, 
 
 def _part_b_fused(x, o, valid, geo: Geometry, w_o, b_o, lnc_w, lnc_b, w_p1, b_p1):
     """_part_b with the residual add and the conv module's norm in one kernel."""
-    x, c = add_layer_norm(x, F.linear(o * valid, w_o, b_o), lnc_w, lnc_b, geo.eps)
+    x, c = add_layer_norm(x, F.linear(o if valid is None else o * valid, w_o, b_o), lnc_w, lnc_b, geo.eps)
     return x, F.linear(c, w_p1, b_p1)
 
 
@@ -574,22 +578,25 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     mask_bias, valid = step_masks(p, enc_len, cache_len)
     valid3 = valid.view(B, T, 1)
     bias_out = None if bias_buffer is None else bias_buffer[..., :g.keys]
-    order = None
-    if cache_head is not None:
+    order = heads = None
+    if kernel_cache is not None:  # the kernel makes its own bias, in the ring's order
+        heads = cache_head if cache_head is not None else torch.zeros_like(cache_len)
+    elif cache_head is not None:
         order = ring_key_order(p, cache_head)[:, None, None, :].expand(B, g.n_heads, T, g.keys)
     for l, (wa, wb, wc) in enumerate(p.layers):
         x, qkv = parts.a(x, g, *wa)
         kv = kv_work[l]
         kv[:, C:].copy_(qkv[:, g.d_model:3 * g.d_model].view(B, T, 2 * g.d_model))
-        if order is None:
-            bias = _attention_bias(qkv, mask_bias, g, out=bias_out)
+        if kernel_cache is not None:
+            o = _attend_kernel(p, qkv, kv, kernel_cache, l, heads, cache_len, enc_len)
+            x, pre_glu = parts.b(x, o, None, g, *wb)
         else:
-            bias = torch.gather(_attention_bias(qkv, mask_bias, g), 3, order, out=bias_out)
-        if kernel_cache is None:
+            if order is None:
+                bias = _attention_bias(qkv, mask_bias, g, out=bias_out)
+            else:
+                bias = torch.gather(_attention_bias(qkv, mask_bias, g), 3, order, out=bias_out)
             o = _attend_sdpa(qkv, kv, bias, g)
-        else:
-            o = _attend_kernel(qkv, kv, bias, g, kernel_cache, l)
-        x, pre_glu = parts.b(x, o, valid, g, *wb)
+            x, pre_glu = parts.b(x, o, valid, g, *wb)
         conv = conv_work[l]
         # GLU straight into the conv workspace; padded frames enter the conv as zeros (NeMo).
         new = conv[:, K1:]

@@ -6,8 +6,10 @@ a step copies every row's 7 MB cache out of the slot pool into that buffer (the 
 engines/row_gather.py) and SDPA reads it back: the cache crosses the memory three times, and on
 an H100 at 428 rows the copy alone took 2.6 ms of a 20.8 ms step (bench/RESULTS.md, run 38).
 Here one program per (row, head) loads the row's cached keys and values straight from wherever
-they are (the slot pool's ring, or the workspace), the new frames' from the workspace, and the
-additive bias (relative positions and masks, already in the cache's order); scores, softmax and
+they are (the slot pool's ring, or the workspace) and the new frames' from the workspace, and
+makes the additive bias itself: the relative-position term from the fused GEMM's columns, the
+masks from the row's cache and chunk lengths, in the ring's order (the PyTorch path makes that
+bias with two kernels a layer and zeroes padded query frames with a third). Scores, softmax and
 the weighted sum stay in registers. So the pool is read once, and not copied at all.
 
 Where the cache lies is data, not code: a small device table (`CacheTable`) holds each layer's
@@ -38,6 +40,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
 MIN_DOT = 16  # Triton's tl.dot wants every dimension at least this
+MASK_VALUE = -10000.0  # a masked key's score, as engines.fast_conformer's (finite, as NeMo's)
 
 
 def available(device: torch.device) -> bool:
@@ -92,39 +95,55 @@ class CacheTable:
         self.bound = key
 
 
-def step_attention(q: torch.Tensor, new_kv: torch.Tensor, bias: torch.Tensor, table: CacheTable, layer: int,
-                   slots: torch.Tensor, cache_frames: int, n_heads: int, out: torch.Tensor | None = None,
-                   cache_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Attention of one layer of the fast step.
+@dataclass(frozen=True)
+class StepShape:
+    """What the kernel needs of the step's geometry (engines.fast_conformer.Geometry)."""
 
-    q `[B, T', d]` (any row and frame strides, features contiguous), new_kv `[B, T', 2d]` (the
-    new frames' K|V), bias `[B, H, T', C + T']` (the additive term over the cached frames, in
-    the order they are stored, then the new ones; last dim contiguous), `slots [B]` int64: the
-    slot of each row in the table's cache (for the workspace: the row itself). Returns `[B, T',
-    d]` (into `out` if given, same layout rules as q)."""
-    B, T, d = q.shape
-    H = n_heads
+    frames: int        # T': the step's new frames
+    cache: int         # C: cached frames a row attends over
+    d_model: int
+    n_heads: int
+    rel_pad: int       # positional columns per head in the fused GEMM's output (>= C + 2T' - 1)
+
+
+def step_attention(qkv: torch.Tensor, new_kv: torch.Tensor, table: CacheTable, layer: int, slots: torch.Tensor,
+                   heads: torch.Tensor, cache_len: torch.Tensor, enc_len: torch.Tensor, chunk_ok: torch.Tensor,
+                   shape: StepShape, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one layer of the fast step, its additive bias made in the kernel.
+
+    `qkv [B*T', cols]`: the fused GEMM's output, rows contiguous: Q in columns [0, d), and from
+    column 3d, per head, `rel_pad` columns of the relative-position term (query i, key of time
+    j reads column T'-1-i+j). `new_kv [B, T', 2d]`: the new frames' K|V. `slots [B]`: each
+    row's slot in the table's cache; `heads [B]`: the stored position of its oldest cached
+    frame (the pool's ring head; 0 for a cache in time order). `cache_len`, `enc_len [B]`:
+    cached frames the row has, new frames it has. `chunk_ok [T', C + T']` (int8): which key
+    times each query sees (chunked_limited). A key is masked (MASK_VALUE, as the PyTorch path)
+    where the row lacks it or its chunk is out of sight; padded query frames (past enc_len) come
+    back zero. Returns `[B*T', d]`."""
+    T, C, d, H = shape.frames, shape.cache, shape.d_model, shape.n_heads
     dk = d // H
+    B = qkv.shape[0] // T if T else 0
     if out is None:
-        out = torch.empty(B, T, d, dtype=q.dtype, device=q.device)
+        out = torch.empty(B * T, d, dtype=qkv.dtype, device=qkv.device)
     if B == 0:
         return out
-    for name, t in (("q", q), ("new_kv", new_kv), ("bias", bias), ("out", out)):
+    for name, t in (("qkv", qkv), ("new_kv", new_kv), ("out", out)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}'s last dimension must be contiguous")
-    if new_kv.shape != (B, T, 2 * d) or bias.shape != (B, H, T, cache_frames + T) or slots.shape != (B,):
-        raise ValueError(f"shapes do not agree: q {tuple(q.shape)}, new_kv {tuple(new_kv.shape)}, "
-                         f"bias {tuple(bias.shape)}, slots {tuple(slots.shape)}, {cache_frames} cached frames")
+    if (qkv.shape[0] != B * T or qkv.shape[1] < 3 * d + H * shape.rel_pad or new_kv.shape != (B, T, 2 * d)
+            or slots.shape != (B,) or heads.shape != (B,) or cache_len.shape != (B,) or enc_len.shape != (B,)
+            or chunk_ok.shape != (T, C + T) or not chunk_ok.is_contiguous() or out.shape != (B * T, d)):
+        raise ValueError(f"shapes do not agree: qkv {tuple(qkv.shape)}, new_kv {tuple(new_kv.shape)}, slots "
+                         f"{tuple(slots.shape)}, heads {tuple(heads.shape)}, chunk_ok {tuple(chunk_ok.shape)}, {shape}")
     block_t = max(MIN_DOT, triton.next_power_of_2(T))
-    block_c = max(MIN_DOT, triton.next_power_of_2(cache_frames))
+    block_c = max(MIN_DOT, triton.next_power_of_2(C))
     _attention_kernel[(B, H)](
-        q, q.stride(0), q.stride(1),
-        table.table, layer, table.table.numel() - 1, slots,
+        qkv, qkv.stride(0),
+        table.table, layer, table.table.numel() - 1, slots, heads, cache_len, enc_len, chunk_ok,
         new_kv, new_kv.stride(0), new_kv.stride(1),
-        bias, bias.stride(0), bias.stride(1), bias.stride(2),
-        out, out.stride(0), out.stride(1),
-        T, cache_frames, d, 1.0 / math.sqrt(dk),
-        CACHE_DTYPE=_tl_dtype(cache_dtype or new_kv.dtype), DK=dk, BLOCK_T=block_t, BLOCK_C=block_c,
+        out, out.stride(0),
+        T, C, d, shape.rel_pad, 1.0 / math.sqrt(dk), MASK_VALUE,
+        CACHE_DTYPE=_tl_dtype(new_kv.dtype), DK=dk, BLOCK_T=block_t, BLOCK_C=block_c,
         num_warps=4 if dk <= 64 else 8)
     return out
 
@@ -137,12 +156,11 @@ if triton is not None:
     # `layer` is not specialized: Triton would otherwise compile a variant for layer 1 (and for
     # multiples of 16), all of which must exist before the graphs are captured.
     @triton.jit(do_not_specialize=["layer"])
-    def _attention_kernel(q_ptr, q_sb, q_st,
-                          table_ptr, layer, n_layers, slots_ptr,
+    def _attention_kernel(qkv_ptr, qkv_s,
+                          table_ptr, layer, n_layers, slots_ptr, heads_ptr, cache_len_ptr, enc_len_ptr, chunk_ok_ptr,
                           new_ptr, n_sb, n_st,
-                          bias_ptr, b_sb, b_sh, b_st,
-                          out_ptr, o_sb, o_st,
-                          T, C, D, scale,
+                          out_ptr, o_s,
+                          T, C, D, RP, scale, mask_value,
                           CACHE_DTYPE: tl.constexpr, DK: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_C: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
@@ -156,27 +174,43 @@ if triton is not None:
         base = tl.load(table_ptr + layer).to(tl.pointer_type(CACHE_DTYPE))
         slot_stride = tl.load(table_ptr + n_layers)
         slot = tl.load(slots_ptr + b).to(tl.int64)
+        head = tl.load(heads_ptr + b).to(tl.int32)
+        have = tl.load(cache_len_ptr + b).to(tl.int32)   # cached frames the row has
+        new_frames = tl.load(enc_len_ptr + b).to(tl.int32)
         row = base + slot * slot_stride + h * DK
-        q = tl.load(q_ptr + b * q_sb + t[:, None] * q_st + h * DK + k[None, :], mask=t_ok[:, None], other=0.0)
+        q_rows = qkv_ptr + (b * T + t) * qkv_s           # each query frame's row of the fused GEMM
+        pos_rows = q_rows + 3 * D + h * RP                # its relative-position columns for this head
+        q = tl.load(q_rows[:, None] + h * DK + k[None, :], mask=t_ok[:, None], other=0.0)
+        # Cached keys as stored: position c holds the frame of time (c - head) mod C.
+        when = (c - head + C) % C
         kc = tl.load(row + c[:, None] * (2 * D) + k[None, :], mask=c_ok[:, None], other=0.0)
         vc = tl.load(row + D + c[:, None] * (2 * D) + k[None, :], mask=c_ok[:, None], other=0.0)
         new = new_ptr + b * n_sb + h * DK
         kn = tl.load(new + t[:, None] * n_st + k[None, :], mask=t_ok[:, None], other=0.0)
         vn = tl.load(new + D + t[:, None] * n_st + k[None, :], mask=t_ok[:, None], other=0.0)
-        bias_row = bias_ptr + b * b_sb + h * b_sh + t[:, None] * b_st
-        # Scores over the cached frames, then over the new ones (fp32). A padding column (past C,
-        # or past T') gets -inf; a padding query row gets zero bias and is never stored.
+        # Bias: the positional term (query i, key time j: column T-1-i+j), and MASK_VALUE where the
+        # row lacks the key or its chunk is out of sight. A padding column (past C, or past T') gets
+        # -inf; a padding query row is never stored.
+        seen_c = t_ok[:, None] & c_ok[None, :]
         s_c = tl.dot(q, tl.trans(kc.to(q.dtype))) * scale
-        s_c += tl.load(bias_row + c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        s_c += tl.load(pos_rows[:, None] + (T - 1 - t[:, None] + when[None, :]), mask=seen_c, other=0.0).to(tl.float32)
+        ok_c = (when[None, :] >= C - have) & (tl.load(chunk_ok_ptr + t[:, None] * (C + T) + when[None, :],
+                                                       mask=seen_c, other=0) != 0)
+        s_c = tl.where(ok_c, s_c, s_c + mask_value)
         s_c = tl.where(c_ok[None, :], s_c, float("-inf"))
+        seen_n = t_ok[:, None] & t_ok[None, :]
         s_n = tl.dot(q, tl.trans(kn)) * scale
-        s_n += tl.load(bias_row + C + t[None, :], mask=t_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
+        s_n += tl.load(pos_rows[:, None] + (T - 1 - t[:, None] + C + t[None, :]), mask=seen_n, other=0.0).to(tl.float32)
+        ok_n = (t[None, :] < new_frames) & (tl.load(chunk_ok_ptr + t[:, None] * (C + T) + C + t[None, :],
+                                                     mask=seen_n, other=0) != 0)
+        s_n = tl.where(ok_n, s_n, s_n + mask_value)
         s_n = tl.where(t_ok[None, :], s_n, float("-inf"))
         m = tl.maximum(tl.max(s_c, 1), tl.max(s_n, 1))
         p_c = tl.exp(s_c - m[:, None])
         p_n = tl.exp(s_n - m[:, None])
         total = tl.sum(p_c, 1) + tl.sum(p_n, 1)
         o = tl.dot(p_c.to(q.dtype), vc.to(q.dtype)) + tl.dot(p_n.to(q.dtype), vn)
-        o = o / total[:, None]
-        tl.store(out_ptr + b * o_sb + t[:, None] * o_st + h * DK + k[None, :], o.to(out_ptr.dtype.element_ty),
+        # A padded query frame's output is zero (NeMo multiplies it away after the attention).
+        o = tl.where((t < new_frames)[:, None], o / total[:, None], 0.0)
+        tl.store(out_ptr + (b * T + t[:, None]) * o_s + h * DK + k[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=t_ok[:, None])
