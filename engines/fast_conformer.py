@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.encoders import PoolRows
-from engines.fused_norms import add_layer_norm, conv_norm_silu
+from engines.fused_norms import add_layer_norm, conv_norm_silu, glu_into
 from engines.step_attention import MASK_VALUE, CacheTable, StepShape, step_attention
 
 
@@ -600,8 +600,11 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
         conv = conv_work[l]
         # GLU straight into the conv workspace; padded frames enter the conv as zeros (NeMo).
         new = conv[:, K1:]
-        torch._C._nn.glu(pre_glu.view(B, T, 2 * g.d_model), -1, out=new)
-        new.mul_(valid3)
+        if parts.fused:
+            glu_into(pre_glu, enc_len, new)
+        else:
+            torch._C._nn.glu(pre_glu.view(B, T, 2 * g.d_model), -1, out=new)
+            new.mul_(valid3)
         x = parts.c(x, conv, g, *wc)
     if p.out_proj is not None:
         x = F.linear(x, *p.out_proj)

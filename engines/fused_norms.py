@@ -5,6 +5,8 @@ pass each, so a layer launches fewer kernels and moves its activations fewer tim
   in one kernel where PyTorch runs an add and a norm. The fast step has four per layer (after
   feed-forward 1 before the attention's norm, after the attention before the conv's, after the
   conv before feed-forward 2's, after feed-forward 2 before the output norm).
+* `glu_into(pre_glu, enc_len, out)`: the conv module's GLU, its padded frames zeroed, written
+  into the conv workspace, in one kernel where PyTorch runs the GLU and a multiply.
 * `conv_norm_silu(conv, w, bias, ln_w, ln_b, eps)`: the conv module's causal depthwise
   convolution over `[conv cache; GLU outputs]`, its bias, its layer norm and Swish, in one
   kernel where PyTorch materializes an unfold product of K times the activations, then sums,
@@ -33,7 +35,7 @@ try:  # present with PyTorch's CUDA wheels; on the CPU only where installed for 
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-__all__ = ["add_layer_norm", "available", "conv_norm_silu"]
+__all__ = ["add_layer_norm", "available", "conv_norm_silu", "glu_into"]
 
 
 def add_layer_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
@@ -64,6 +66,19 @@ def conv_norm_silu(conv: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, ln_w
     if B:
         _conv_norm_silu_kernel[(B * T,)](conv, conv.stride(0), conv.stride(1), w.contiguous(), bias, ln_w, ln_b,
                                          out, T, d, eps, K=K, BLOCK=triton.next_power_of_2(d), num_warps=_warps(d))
+    return out
+
+
+def glu_into(pre_glu: torch.Tensor, enc_len: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The conv module's GLU of `pre_glu [B*T', 2d]` (a * sigmoid(gate)), zero for a row's padded
+    frames (t >= enc_len[b], as NeMo's conv sees them), written into `out [B, T', d]` (the
+    conv workspace's new frames: any row and frame strides, features contiguous)."""
+    B, T, d = out.shape
+    if pre_glu.shape != (B * T, 2 * d) or pre_glu.stride(1) != 1 or out.stride(2) != 1 or enc_len.shape != (B,):
+        raise ValueError(f"pre_glu {tuple(pre_glu.shape)} does not fit out {tuple(out.shape)}")
+    if B * T:
+        _glu_kernel[(B * T,)](pre_glu, pre_glu.stride(0), enc_len, out, out.stride(0), out.stride(1), T, d,
+                              BLOCK=triton.next_power_of_2(d), num_warps=_warps(d))
     return out
 
 
@@ -113,3 +128,16 @@ if triton is not None:
         y = diff / tl.sqrt(var + eps) * w + bb
         y = y / (1.0 + tl.exp(-y))  # Swish
         tl.store(out_ptr + pid * d + col, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _glu_kernel(pre_ptr, p_s, enc_len_ptr, out_ptr, o_sb, o_st, T, d, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // T
+        t = pid % T
+        col = tl.arange(0, BLOCK)
+        ok = col < d
+        a = tl.load(pre_ptr + pid * p_s + col, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(pre_ptr + pid * p_s + d + col, mask=ok, other=0.0).to(tl.float32)
+        keep = (t < tl.load(enc_len_ptr + b)).to(tl.float32)
+        y = a / (1.0 + tl.exp(-g)) * keep
+        tl.store(out_ptr + b * o_sb + t * o_st + col, y.to(out_ptr.dtype.element_ty), mask=ok)

@@ -16,7 +16,7 @@ from tests.test_step_attention import _interpret
 KERNELS_AGAINST_TORCH = """
     import torch
     import torch.nn.functional as F
-    from engines.fused_norms import add_layer_norm, conv_norm_silu
+    from engines.fused_norms import add_layer_norm, conv_norm_silu, glu_into
 
     torch.manual_seed(0)
     for dtype, tol in [(torch.float32, 1e-5), (torch.float16, 2e-2)]:
@@ -41,6 +41,16 @@ KERNELS_AGAINST_TORCH = """
             want = F.silu(F.layer_norm(y, (d,), ln_w.float(), ln_b.float(), 1e-5)).reshape(B * T, d)
             err = (got.float() - want).abs().max().item()
             assert got.shape == (B * T, d) and err <= tol, ("conv_norm_silu", dtype, B, T, d, err)
+        for B, T, d in [(3, 2, 64), (2, 7, 48)]:
+            pre = torch.randn(B * T, 2 * d).to(dtype)
+            enc_len = torch.tensor([T, T - 1, 0][:B])
+            work = torch.full((B, 8 + T, d + 4), 7.0).to(dtype)
+            out = work[:, 8:, :d]                              # the conv workspace's new frames: strided
+            glu_into(pre, enc_len, out)
+            want = F.glu(pre.float(), -1).view(B, T, d) * (torch.arange(T)[None, :] < enc_len[:, None])[..., None]
+            err = (out.float() - want).abs().max().item()
+            assert err <= tol, ("glu_into", dtype, B, T, d, err)
+            assert (work[:, :8] == 7).all() and (work[..., d:] == 7).all()   # nothing else written
     print("ok")
 """
 
