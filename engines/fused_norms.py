@@ -1,4 +1,4 @@
-"""Two Triton kernels that fold the fast step's chains of small element-wise operations into one
+"""Three Triton kernels that fold the fast step's chains of small element-wise operations into one
 pass each, so a layer launches fewer kernels and moves its activations fewer times.
 
 * `add_layer_norm(x, r, w, b, eps)`: the residual sum `x + r` and its layer norm, both written,
