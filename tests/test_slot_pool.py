@@ -72,3 +72,19 @@ def test_commit_writes_only_the_new_frames():
 def test_a_ring_needs_room_for_its_shift():
     with pytest.raises(ValueError, match="ring of 7 frames"):
         SlotPool([StateSpec("cc", (L, C, F), 1, torch.float32, ring_shift=C + 1)], CAP, torch.device("cpu"))
+
+
+def test_a_skipped_state_is_not_gathered_and_the_others_are():
+    """An engine that reads the attention cache in the pool itself (engines/step_attention.py)
+    has the pool leave that state out of the gather; every other state still comes, fresh rows
+    zeroed."""
+    ring, _ = _pools(2)
+    for name, t in ring.tensors.items():
+        t.copy_(torch.randn(t.shape))
+    index = torch.tensor([3, 0])
+    full = ring.gather(index, np.array([False, True]))
+    part = ring.gather(index, np.array([False, True]), skip=("cc",))
+    assert "cc" not in part and set(part) == set(full) - {"cc"}
+    for name in part:
+        assert torch.equal(part[name], full[name]), name
+    assert part["h"][1].count_nonzero() == 0 and part["h"][0].count_nonzero() > 0  # the fresh row: zeroed
