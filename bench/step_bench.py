@@ -199,7 +199,10 @@ def main() -> None:
                                                                       f"feature graphs {'on' if fg else 'off'}")
             nemo_ms = {} if args.no_nemo else bench_nemo(nemo, b, args.iters, args.warm, dev, dtype)
             for variant, engine in engines.items():
+                ran = engine.encoder_engine  # what really runs (a kernel set named here is built as named, or fails)
                 row = {"lookahead_ms": la, "batch": b, "kernels": variant[0], "cache_in_place": engine.cache_in_place,
+                       "attention": getattr(ran, "attention", "sdpa"),
+                       "fused_norms": bool(getattr(getattr(ran, "parts", None), "fused", False)),
                        "ring_cache": engine.ring_cache,
                        "feature_graphs": engine.featurizer.graphs is not None}
                 row.update({k: statistics.median(r[k] for r in runs[variant]) for k in runs[variant][0]})

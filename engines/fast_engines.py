@@ -193,17 +193,28 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def build_fast_encoder(model, cfg, device: torch.device, dtype: torch.dtype, graphs: bool = False, **options):
     """Factory entry: `graphs=False` -> FastConformerEncoder ("fast"), `graphs=True` ->
-    FastCudaGraphEncoder ("fast-cudagraph", buckets up to cfg.max_batch)."""
+    FastCudaGraphEncoder ("fast-cudagraph", buckets up to cfg.max_batch).
+
+    With `cfg.step_kernels == "triton"` the graph engine gets the Triton kernels (the attention
+    reading the pool; the fused chains unless torch.compile fuses them). Where Triton cannot
+    serve, or building with the kernels fails (a compiler or driver problem at the warm-up), the
+    engine is built with PyTorch's kernels and the reason is logged as a warning; its
+    `describe()` (the start-up report) says which ran. Options naming the kernels (`attention`,
+    `fused_norms`: the benchmarks' A/B) are taken as given, and a failure is raised."""
     encoder = model.nemo_model.encoder
-    if graphs:
-        kernels = getattr(cfg, "step_kernels", "torch")
-        if kernels == "triton":
-            why = step_attention_supports(encoder.layers[0].self_attn.d_k, dtype, device)
-            if why is not None:
-                log.warning("the Triton kernels cannot serve here (%s): the step keeps PyTorch's", why)
-                kernels = "torch"
-        triton_kernels = kernels == "triton"
-        options.setdefault("attention", "kernel" if triton_kernels else "sdpa")
-        options.setdefault("fused_norms", triton_kernels and not options.get("compile"))
+    if not graphs:
+        return FastConformerEncoder(encoder, device, dtype, **options)
+    if "attention" in options or "fused_norms" in options:
         return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, **options)
-    return FastConformerEncoder(encoder, device, dtype, **options)
+    if getattr(cfg, "step_kernels", "torch") == "triton":
+        why = step_attention_supports(encoder.layers[0].self_attn.d_k, dtype, device)
+        if why is None:
+            try:
+                return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, attention="kernel",
+                                            fused_norms=not options.get("compile"), **options)
+            except Exception as exc:  # noqa: BLE001 - a compiler or driver problem: PyTorch's kernels serve
+                why = f"building with them failed: {type(exc).__name__}: {exc}"[:500]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        log.warning("the Triton kernels cannot serve here (%s): the step keeps PyTorch's", why)
+    return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, **options)

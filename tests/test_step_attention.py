@@ -214,3 +214,48 @@ def test_the_fast_graph_engine_refuses_the_kernel_where_it_cannot_run(monkeypatc
         FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, attention="kernel")
     with pytest.raises(ValueError, match="attention must be one of"):
         FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, attention="flash")
+
+
+def test_a_server_asking_for_the_triton_kernels_where_they_cannot_run_keeps_torchs_and_says_why(monkeypatch, caplog):
+    """`--step-kernels triton` through the factory: where Triton cannot serve (here: no
+    interpreter, no CUDA), or building with the kernels fails, the graph engine is built with
+    PyTorch's kernels and a warning says why; options that name the kernels (the benchmarks')
+    raise instead."""
+    import types
+
+    from engines import fast_engines
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                                      lookahead_ms=160, max_streams=4, max_batch=2))
+    built = []
+
+    class Recorder(fast_engines.FastCudaGraphEncoder):
+        fail_kernels = False
+
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("attention", "sdpa"))
+            if self.fail_kernels and kwargs.get("attention") == "kernel":
+                raise RuntimeError("a compiler problem at the warm-up")  # as the first launch would raise
+            super().__init__(*args, use_graphs=False, **kwargs)
+
+    monkeypatch.setattr(fast_engines, "FastCudaGraphEncoder", Recorder)
+    cfg = types.SimpleNamespace(step_kernels="triton", max_batch=2)
+    with caplog.at_level("WARNING", logger="engines.fast_engines"):
+        engine = fast_engines.build_fast_encoder(eager.model, cfg, torch.device("cpu"), torch.float32, graphs=True)
+    assert engine.attention == "sdpa" and not engine.parts.fused and built == ["sdpa"]
+    assert "cannot serve here" in caplog.text and "Triton" in caplog.text
+    # Triton said to serve, but the build fails: PyTorch's kernels, and the failure in the warning.
+    monkeypatch.setattr(fast_engines, "step_attention_supports", lambda *a: None)
+    Recorder.fail_kernels = True
+    built.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="engines.fast_engines"):
+        engine = fast_engines.build_fast_encoder(eager.model, cfg, torch.device("cpu"), torch.float32, graphs=True)
+    assert built == ["kernel", "sdpa"] and engine.attention == "sdpa"
+    assert "building with them failed: RuntimeError: a compiler problem" in caplog.text
+    with pytest.raises(RuntimeError, match="compiler problem"):
+        fast_engines.build_fast_encoder(eager.model, cfg, torch.device("cpu"), torch.float32, graphs=True,
+                                        attention="kernel")
