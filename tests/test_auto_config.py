@@ -177,6 +177,14 @@ def test_resolve_frontends_and_the_lines_it_prints():
     assert ("device cuda:0, max streams 4608 (auto: from device memory), max batch 256 (auto: the fixed default), "
             "frontends 7") in lines[0]
     assert "16 usable cores" in lines[0] and "limited by the cap" in lines[1]
+    assert not any(line.startswith("step kernels") for line in lines)  # an engine that does not say
+    gpu.startup_report["details"] = {"engine": "fast-cudagraph", "attention": "kernel", "fused_norms": True}
+    assert resolve_frontends(None, gpu, True, True, cpus=16)[1][-1] == (
+        "step kernels: triton (attention: a Triton kernel reading each row's cache in the slot pool; element-wise "
+        "chains fused)")
+    gpu.startup_report["details"] = {"engine": "fast-cudagraph", "attention": "sdpa", "fused_norms": False}
+    assert resolve_frontends(None, gpu, True, True, cpus=16)[1][-1] == (
+        "step kernels: torch (attention: SDPA over the gathered cache; element-wise chains as PyTorch runs them)")
     # an explicit count wins; an engine that reports no device (the test engines) counts as the CPU
     assert resolve_frontends(3, gpu, True, True, cpus=16)[0] == 3
     frontends, lines = resolve_frontends(None, _engine(None), False, False, cpus=16)

@@ -189,4 +189,12 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
     decode_stream = reported(engine, "decode_stream")
     if decode_stream:
         lines.append(f"decode stream: {DecodeStreamChoice.from_dict(decode_stream).describe()}")
+    details = reported(engine, "details")
+    if details and "attention" in details:  # the fast-cudagraph engine: which kernels really run
+        in_pool = details["attention"] == "kernel"
+        fused = bool(details.get("fused_norms"))
+        attention = "a Triton kernel reading each row's cache in the slot pool" if in_pool else "SDPA over the gathered cache"
+        chains = "fused" if fused else "as PyTorch runs them"
+        lines.append(f"step kernels: {'triton' if in_pool or fused else 'torch'} (attention: {attention}; "
+                     f"element-wise chains {chains})")
     return frontends, lines
