@@ -120,15 +120,16 @@ STREAMS_IN_PLACE = """
     from tests.engine_helpers import run_alone, run_streams
 
     _quiet_nemo()
-    # 0.05 s: shorter than a chunk; 6.3 s: past one turn of the 70-frame ring at 160 ms (35 steps)
-    seconds = {160: [0.05, 0.9, 1.37, 6.3], 560: [0.4, 2.05, 3.1]}
-    for la, secs in seconds.items():
+    # 0.05 s: shorter than a chunk; 6.3 s: past one turn of the 70-frame ring at 160 ms (35 steps).
+    # (lookahead, streams, ring cache on/off, rounds: a second round reuses the first's slots)
+    cases = {160: ([0.05, 0.9, 1.37, 6.3], {True: 2}), 560: ([0.4, 2.05, 3.1], {True: 1, False: 1})}
+    for la, (secs, rings) in cases.items():
         eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
                                           lookahead_ms=la, max_streams=16, max_batch=8))
         audios = {f"s{i}": speechlike_audio(s, seed=500 + i) for i, s in enumerate(secs)}
         want = {sid: run_alone(eager, a, sid) for sid, a in audios.items()}
         enc = eager.model.nemo_model.encoder
-        for ring in (True, False):
+        for ring, rounds in rings.items():
             # read in the pool with the fused element-wise kernels too (engines/fused_norms.py); gathered without
             graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4), attention="kernel",
                                              fused_norms=ring)
@@ -137,7 +138,7 @@ STREAMS_IN_PLACE = """
                                      device=torch.device("cpu"), dtype=torch.float32, ring_cache=ring)
             assert engine.cache_in_place == ring
             C = graph_eng.params.geo.cache
-            for round_ in range(2):  # the second round reuses the first's slots
+            for round_ in range(rounds):
                 got = run_streams(engine, audios, seed=7 + round_, start_step={sid: i % 3 for i, sid in enumerate(audios)})
                 for sid, ref in want.items():
                     assert ref.tokens, ("no exactness over an empty transcript", sid)
@@ -154,10 +155,10 @@ STREAMS_IN_PLACE = """
 
 
 def test_streams_with_the_cache_read_in_the_pool_decode_as_nemo_does_under_the_interpreter():
-    """Whole streams at 160 and 560 ms, in mixed batches at different positions, slots reused,
-    one stream past a turn of the ring: with the attention kernel reading the pool's ring in
-    place (no gather: the workspace's cache frames stay zero) and the fused element-wise
-    kernels (engines/fused_norms.py), and with the attention kernel reading a gathered
+    """Whole streams at 160 and 560 ms, in mixed batches at different positions, slots reused
+    (160 ms), one stream past a turn of the ring: with the attention kernel reading the pool's
+    ring in place (no gather: the workspace's cache frames stay zero) and the fused element-wise
+    kernels (engines/fused_norms.py), and (560 ms) with the attention kernel reading a gathered
     workspace (ring_cache off), each stream's tokens are NeMo's alone and its encoder outputs
     within 1e-4."""
     out = _interpret(STREAMS_IN_PLACE, timeout=900)
