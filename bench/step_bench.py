@@ -175,7 +175,7 @@ def main() -> None:
                     model, cfg, dev, dtype, graphs=True, attention="kernel" if kernels in ("attention", "triton") else "sdpa",
                     fused_norms=kernels in ("fused", "triton"))
         choice = {"on": [True], "off": [False], "both": [False, True]}
-        # (attention, ring cache, feature graphs) of each engine; an A/B alternates them on each batch
+        # (kernel set, ring cache, feature graphs) of each engine; an A/B alternates them on each batch
         variants = [(a, ring, fg) for a in kernel_sets for ring in choice[args.ring] for fg in choice[args.feature_graphs]]
         engines = {v: StreamingEngine(model, encoders[v[0]], la, capacity=max(batches), max_batch=max(batches),
                                       device=dev, dtype=dtype, ring_cache=v[1], feature_graphs=v[2]) for v in variants}
@@ -193,8 +193,8 @@ def main() -> None:
                     run.update({k: v for k, v in phases.items() if k != "step_ms"})
                     runs[variant].append(run)
             if args.profile:
-                for (attention, ring, fg), engine in engines.items():
-                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, kernels {attention}, "
+                for (kernels, ring, fg), engine in engines.items():
+                    profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, kernels {kernels}, "
                                                                       f"ring {'on' if ring else 'off'}, "
                                                                       f"feature graphs {'on' if fg else 'off'}")
             nemo_ms = {} if args.no_nemo else bench_nemo(nemo, b, args.iters, args.warm, dev, dtype)

@@ -491,7 +491,7 @@ def _part_c_fused(x, conv, geo: Geometry, w_dw, b_dw, lnn_w, lnn_b, w_p2, b_p2, 
     y = conv_norm_silu(conv, w_dw, b_dw, lnn_w, lnn_b, geo.eps)
     x, h = add_layer_norm(x, F.linear(y, w_p2, b_p2), ln2_w, ln2_b, geo.eps)
     h = F.silu(F.linear(h, w3, b3))
-    return add_layer_norm(x, F.linear(h, w4, b4), lno_w, lno_b, geo.eps)[1]
+    return add_layer_norm(x, F.linear(h, w4, b4), lno_w, lno_b, geo.eps, keep_sum=False)[1]  # the sum: not read
 
 
 class StepParts:
@@ -521,16 +521,19 @@ class StepParts:
 _EAGER_PARTS = StepParts()
 
 
-def step_masks(p: FastConformerParams, enc_len: torch.Tensor, cache_len: torch.Tensor):
+def step_masks(p: FastConformerParams, enc_len: torch.Tensor, cache_len: torch.Tensor, bias: bool = True):
     """Per-row masks of one step: `mask_bias [B, 1, T', N]` (0 where query frame t may attend
     key j: cached frames the row really has, new frames within its length, chunk visibility;
-    MASK_VALUE elsewhere) and `valid [B*T', 1]` (1 for the row's real new frames)."""
+    MASK_VALUE elsewhere; None with bias=False, for the attention kernel, which masks itself)
+    and `valid [B*T', 1]` (1 for the row's real new frames)."""
     g = p.geo
+    valid = (p.frame_index[None, :] < enc_len[:, None]).to(p.dtype).reshape(-1, 1)
+    if not bias:
+        return None, valid
     j = p.key_index
     key_ok = (j[None, :] >= (g.cache - cache_len)[:, None]) & (j[None, :] < (g.cache + enc_len)[:, None])
     ok = key_ok[:, None, None, :] & p.chunk_ok[None, None]
     mask_bias = torch.where(ok, 0.0, MASK_VALUE).to(p.dtype)
-    valid = (p.frame_index[None, :] < enc_len[:, None]).to(p.dtype).reshape(-1, 1)
     return mask_bias, valid
 
 
@@ -575,7 +578,7 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     T, C, K1 = g.frames_out, g.cache, g.conv_cache
     x, enc_len = _subsample(p, feats, lengths)
     B = feats.shape[0]
-    mask_bias, valid = step_masks(p, enc_len, cache_len)
+    mask_bias, valid = step_masks(p, enc_len, cache_len, bias=kernel_cache is None)
     valid3 = valid.view(B, T, 1)
     bias_out = None if bias_buffer is None else bias_buffer[..., :g.keys]
     order = heads = None

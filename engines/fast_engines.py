@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 ATTENTION_CHOICES = ("sdpa", "kernel")
 
 
-
 class FastConformerEncoder(EncoderEngine):
     """The fast step, eagerly, behind the encoder-engine interface. Its attention cache is the
     projected K|V (`cache_channel_shape`), not NeMo's normalised inputs: StreamingEngine sizes
@@ -84,23 +83,22 @@ class FastCudaGraphEncoder(FastConformerEncoder):
                  buckets: tuple[int, ...] | None = None, attention: str = "sdpa", fused_norms: bool = False):
         super().__init__(encoder, device, dtype, compile, compile_mode)
         p = self.params
-        if fused_norms:  # engines/fused_norms.py: each layer's element-wise chains in Triton kernels
-            if compile:
-                raise ValueError("torch.compile and the fused kernels are two ways to fuse the same chains: choose one")
+        # attention: "sdpa" (PyTorch's, over the workspace the pool's rows are gathered into) or
+        # "kernel" (engines/step_attention.py, reading the cache in the pool: no gather);
+        # fused_norms: each layer's element-wise chains in Triton kernels (engines/fused_norms.py)
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, not {attention!r}")
+        if fused_norms and compile:
+            raise ValueError("torch.compile and the fused kernels are two ways to fuse the same chains: choose one")
+        if attention == "kernel" or fused_norms:
             why = step_attention_supports(p.geo.d_k, p.dtype, p.device)
             if why is not None:
-                raise UnsupportedEncoder(f"the fused kernels cannot serve: {why}")
+                what = "the attention kernel" if attention == "kernel" else "the fused kernels"
+                raise UnsupportedEncoder(f"{what} cannot serve: {why}")
+        if fused_norms:
             self.parts = StepParts(fused=True)
         if use_graphs and p.device.type != "cuda":
             raise RuntimeError(f"the fast-cudagraph engine needs a CUDA device, not {p.device}")
-        # attention: "sdpa" (PyTorch's, over the workspace the pool's rows are gathered into) or
-        # "kernel" (engines/step_attention.py, reading the cache in the pool: no gather)
-        if attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, not {attention!r}")
-        if attention == "kernel":
-            why = step_attention_supports(p.geo.d_k, p.dtype, p.device)
-            if why is not None:
-                raise UnsupportedEncoder(f"the attention kernel cannot serve: {why}")
         self.attention = attention
         self.reads_cache_in_place = attention == "kernel"
         self.use_graphs = use_graphs

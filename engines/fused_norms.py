@@ -15,7 +15,7 @@ pass each, so a layer launches fewer kernels and moves its activations fewer tim
 Why: at batch 1 the step is bound by launches (bench/RESULTS.md: 24 layers of about 30 kernels
 inside one CUDA graph; the encoder step took 2.97 ms there, 2.27 ms with torch.compile fusing the
 same chains), and a server's chunk latency at one stream (11.3 ms on an H100, run 40) is mostly
-that step. Both kernels compute in float32 and round once, where PyTorch rounds the sum and the
+that step. The kernels compute in float32 and round once, where PyTorch rounds the sum and the
 conv's products in the model's dtype: equal to the PyTorch path within rounding
 (tests/test_fused_norms.py, under Triton's interpreter on the CPU).
 
@@ -27,28 +27,28 @@ from __future__ import annotations
 
 import torch
 
-from engines.step_attention import available
-
 try:  # present with PyTorch's CUDA wheels; on the CPU only where installed for the interpreter
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-__all__ = ["add_layer_norm", "available", "conv_norm_silu", "glu_into"]
+__all__ = ["add_layer_norm", "conv_norm_silu", "glu_into"]
 
 
-def add_layer_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + r, layer_norm(x + r) * w + b) over the last dimension of `[rows, d]` tensors."""
+def add_layer_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
+                   keep_sum: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(x + r, layer_norm(x + r) * w + b) over the last dimension of `[rows, d]` tensors;
+    keep_sum=False: (None, the norm), the sum not written (a layer's last norm: only it is read)."""
     rows, d = x.shape
     if r.shape != x.shape or x.stride(1) != 1 or r.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} and r {tuple(r.shape)} must be [rows, d] with contiguous rows")
-    total = torch.empty(rows, d, dtype=x.dtype, device=x.device)
+    total = torch.empty(rows, d, dtype=x.dtype, device=x.device) if keep_sum else None
     normed = torch.empty(rows, d, dtype=x.dtype, device=x.device)
     if rows:
-        _add_layer_norm_kernel[(rows,)](x, x.stride(0), r, r.stride(0), w, b, total, normed, d, eps,
-                                        BLOCK=triton.next_power_of_2(d), num_warps=_warps(d))
+        _add_layer_norm_kernel[(rows,)](x, x.stride(0), r, r.stride(0), w, b, normed if total is None else total,
+                                        normed, d, eps, STORE_SUM=keep_sum, BLOCK=triton.next_power_of_2(d),
+                                        num_warps=_warps(d))
     return total, normed
 
 
@@ -89,7 +89,7 @@ def _warps(d: int) -> int:
 if triton is not None:
     @triton.jit
     def _add_layer_norm_kernel(x_ptr, x_s, r_ptr, r_s, w_ptr, b_ptr, total_ptr, normed_ptr, d, eps,
-                               BLOCK: tl.constexpr):
+                               STORE_SUM: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         col = tl.arange(0, BLOCK)
         ok = col < d
@@ -98,7 +98,8 @@ if triton is not None:
         # The residual is rounded to the model's dtype as PyTorch's add leaves it, and normalized
         # from that rounded value, so the next layer sees exactly what it normalizes.
         s = (x + r).to(total_ptr.dtype.element_ty)
-        tl.store(total_ptr + row * d + col, s, mask=ok)
+        if STORE_SUM:
+            tl.store(total_ptr + row * d + col, s, mask=ok)
         s = s.to(tl.float32)
         mean = tl.sum(s, 0) / d
         diff = tl.where(ok, s - mean, 0.0)

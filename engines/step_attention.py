@@ -21,8 +21,8 @@ Exact up to rounding against SDPA (fp32 scores, probabilities in the values' dty
 second product, as SDPA's fused kernels do); tests/test_step_attention.py compares the two
 under Triton's interpreter on the CPU, and the GPU suite on the device.
 
-Triton ships with PyTorch's CUDA wheels; without it (PyTorch's CPU wheels) `usable` is False
-and the step keeps SDPA over the gathered workspace.
+Triton ships with PyTorch's CUDA wheels; without it (PyTorch's CPU wheels) `supports` says why
+not, and the step keeps SDPA over the gathered workspace.
 """
 
 from __future__ import annotations

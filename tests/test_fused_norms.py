@@ -31,6 +31,8 @@ KERNELS_AGAINST_TORCH = """
             assert torch.equal(total, want_total), (dtype, rows, d)
             err = (normed.float() - want).abs().max().item()
             assert err <= tol, ("add_layer_norm", dtype, rows, d, err)
+            unkept, normed_only = add_layer_norm(x, r, w, b, 1e-5, keep_sum=False)   # a layer's last norm
+            assert unkept is None and torch.equal(normed_only, normed)
         for B, T, d, K in [(3, 2, 64, 9), (2, 7, 48, 9), (1, 13, 32, 5)]:
             big = torch.randn(B, K - 1 + T, d + 16).to(dtype)
             conv = big[..., :d]                               # a workspace's rows: strided
