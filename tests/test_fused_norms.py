@@ -8,7 +8,6 @@ Whole streams through the fused parts are decoded against NeMo in tests/test_ste
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engines.fast_conformer import StepParts
 from tests.test_step_attention import _interpret
@@ -119,4 +118,6 @@ def test_the_fast_graph_engine_refuses_fused_kernels_where_triton_cannot_run(mon
                                       lookahead_ms=160, max_streams=4, max_batch=2))
     with pytest.raises(UnsupportedEncoder, match="fused kernels"):
         FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, fused_norms=True)
-    assert torch.device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="choose one"):
+        FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, fused_norms=True,
+                             compile=True)
