@@ -143,8 +143,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="alternations per batch with an A/B (--ring or --feature-graphs both)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS steps per batch under torch.profiler and print the top operators")
+    ap.add_argument("--attention-tuning", default="",
+                    help="the attention kernel's launch, as engines.step_attention.parse_tuning reads it "
+                         "(bench/attention_bench.py --tuning-out writes the measured best); default: "
+                         "step_attention.TUNING")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.attention_tuning:
+        from engines import step_attention
+        step_attention.TUNING.update(step_attention.parse_tuning(args.attention_tuning))
+        print(f"# attention tuning: {step_attention.TUNING}", flush=True)
 
     dev = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, dev)

@@ -43,6 +43,40 @@ MIN_DOT = 16  # Triton's tl.dot wants every dimension at least this
 MASK_VALUE = -10000.0  # a masked key's score, as engines.fast_conformer's (finite, as NeMo's)
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """How the kernel is launched: keys per block of the loop over the cache (0: the whole cache
+    in one block), warps per program, and pipelining stages of that loop. Chosen by
+    bench/attention_bench.py on the device; the figures are in bench/RESULTS.md."""
+
+    block_n: int = 0
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+# What the device measured best (bench/attention_bench.py), by the step's new frames: few new
+# frames (160 ms) and many (560 ms) load the same cache against 2 and 7 query rows.
+TUNING = {"few": Tuning(), "many": Tuning()}
+
+
+def tuning_for(frames: int) -> Tuning:
+    return TUNING["few" if frames <= 4 else "many"]
+
+
+def parse_tuning(text: str) -> dict[str, Tuning]:
+    """`few=32/4/2,many=64/4/1` (keys per block / warps / stages, by TUNING's keys) as Tunings:
+    how a benchmark hands a measured choice to another run (bench/attention_bench.py writes it,
+    bench/step_bench.py --attention-tuning reads it)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, spec = part.partition("=")
+        fields = spec.split("/")
+        if key not in TUNING or len(fields) != 3 or not all(f.isdigit() for f in fields):
+            raise ValueError(f"attention tuning {part!r} is not few|many=BLOCK_N/WARPS/STAGES")
+        out[key] = Tuning(*map(int, fields))
+    return out
+
+
 def available(device: torch.device) -> bool:
     """Whether the kernel can run for tensors on `device`: Triton is installed, and the device
     is CUDA or Triton's interpreter is on (TRITON_INTERPRET=1, the CPU tests)."""
@@ -55,8 +89,8 @@ def supports(d_k: int, dtype: torch.dtype, device: torch.device) -> str | None:
     """None where the kernel serves heads of `d_k` in `dtype` on `device`, else why not."""
     if not available(device):
         return "Triton is not available here (not installed, or no CUDA device and no interpreter)"
-    if d_k < MIN_DOT or d_k & (d_k - 1):
-        return f"head size {d_k} is not a power of two of at least {MIN_DOT}"
+    if d_k < 1:
+        return f"head size {d_k}"
     if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
         return f"{dtype} on CUDA (the kernel's products are half-precision tensor-core products)"
     return None
@@ -108,7 +142,7 @@ class StepShape:
 
 def step_attention(qkv: torch.Tensor, new_kv: torch.Tensor, table: CacheTable, layer: int, slots: torch.Tensor,
                    heads: torch.Tensor, cache_len: torch.Tensor, enc_len: torch.Tensor, chunk_ok: torch.Tensor,
-                   shape: StepShape, out: torch.Tensor | None = None) -> torch.Tensor:
+                   shape: StepShape, out: torch.Tensor | None = None, tuning: Tuning | None = None) -> torch.Tensor:
     """Attention of one layer of the fast step, its additive bias made in the kernel.
 
     `qkv [B*T', cols]`: the fused GEMM's output, rows contiguous: Q in columns [0, d), and from
@@ -119,7 +153,7 @@ def step_attention(qkv: torch.Tensor, new_kv: torch.Tensor, table: CacheTable, l
     cached frames the row has, new frames it has. `chunk_ok [T', C + T']` (int8): which key
     times each query sees (chunked_limited). A key is masked (MASK_VALUE, as the PyTorch path)
     where the row lacks it or its chunk is out of sight; padded query frames (past enc_len) come
-    back zero. Returns `[B*T', d]`."""
+    back zero. `tuning`: the launch (default: `tuning_for(T')`). Returns `[B*T', d]`."""
     T, C, d, H = shape.frames, shape.cache, shape.d_model, shape.n_heads
     dk = d // H
     B = qkv.shape[0] // T if T else 0
@@ -135,16 +169,17 @@ def step_attention(qkv: torch.Tensor, new_kv: torch.Tensor, table: CacheTable, l
             or chunk_ok.shape != (T, C + T) or not chunk_ok.is_contiguous() or out.shape != (B * T, d)):
         raise ValueError(f"shapes do not agree: qkv {tuple(qkv.shape)}, new_kv {tuple(new_kv.shape)}, slots "
                          f"{tuple(slots.shape)}, heads {tuple(heads.shape)}, chunk_ok {tuple(chunk_ok.shape)}, {shape}")
+    tune = tuning or tuning_for(T)
     block_t = max(MIN_DOT, triton.next_power_of_2(T))
-    block_c = max(MIN_DOT, triton.next_power_of_2(C))
+    block_n = tune.block_n or max(MIN_DOT, triton.next_power_of_2(C))
     _attention_kernel[(B, H)](
         qkv, qkv.stride(0),
         table.table, layer, table.table.numel() - 1, slots, heads, cache_len, enc_len, chunk_ok,
         new_kv, new_kv.stride(0), new_kv.stride(1),
         out, out.stride(0),
         T, C, d, shape.rel_pad, 1.0 / math.sqrt(dk), MASK_VALUE,
-        CACHE_DTYPE=_tl_dtype(new_kv.dtype), DK=dk, BLOCK_T=block_t, BLOCK_C=block_c,
-        num_warps=4 if dk <= 64 else 8)
+        CACHE_DTYPE=_tl_dtype(new_kv.dtype), DK=dk, BLOCK_K=max(MIN_DOT, triton.next_power_of_2(dk)),
+        BLOCK_T=block_t, BLOCK_N=block_n, num_warps=tune.num_warps, num_stages=tune.num_stages)
     return out
 
 
@@ -161,15 +196,14 @@ if triton is not None:
                           new_ptr, n_sb, n_st,
                           out_ptr, o_s,
                           T, C, D, RP, scale, mask_value,
-                          CACHE_DTYPE: tl.constexpr, DK: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+                          CACHE_DTYPE: tl.constexpr, DK: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         t = tl.arange(0, BLOCK_T)
-        c = tl.arange(0, BLOCK_C)
-        k = tl.arange(0, DK)
+        k = tl.arange(0, BLOCK_K)   # a head's dimensions, padded to a power of two (masked past DK)
         t_ok = t < T
-        c_ok = c < C
+        k_ok = k < DK
         # Where this row's cache lies: the layer's base address and the slot stride, from the table.
         base = tl.load(table_ptr + layer).to(tl.pointer_type(CACHE_DTYPE))
         slot_stride = tl.load(table_ptr + n_layers)
@@ -180,24 +214,14 @@ if triton is not None:
         row = base + slot * slot_stride + h * DK
         q_rows = qkv_ptr + (b * T + t) * qkv_s           # each query frame's row of the fused GEMM
         pos_rows = q_rows + 3 * D + h * RP                # its relative-position columns for this head
-        q = tl.load(q_rows[:, None] + h * DK + k[None, :], mask=t_ok[:, None], other=0.0)
-        # Cached keys as stored: position c holds the frame of time (c - head) mod C.
-        when = (c - head + C) % C
-        kc = tl.load(row + c[:, None] * (2 * D) + k[None, :], mask=c_ok[:, None], other=0.0)
-        vc = tl.load(row + D + c[:, None] * (2 * D) + k[None, :], mask=c_ok[:, None], other=0.0)
+        q = tl.load(q_rows[:, None] + h * DK + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        # The new frames first: each query row sees key time C+0 or is masked with a finite score,
+        # so the running maximum is finite before the loop over the cache (whose padding columns
+        # are -inf).
         new = new_ptr + b * n_sb + h * DK
-        kn = tl.load(new + t[:, None] * n_st + k[None, :], mask=t_ok[:, None], other=0.0)
-        vn = tl.load(new + D + t[:, None] * n_st + k[None, :], mask=t_ok[:, None], other=0.0)
-        # Bias: the positional term (query i, key time j: column T-1-i+j), and MASK_VALUE where the
-        # row lacks the key or its chunk is out of sight. A padding column (past C, or past T') gets
-        # -inf; a padding query row is never stored.
-        seen_c = t_ok[:, None] & c_ok[None, :]
-        s_c = tl.dot(q, tl.trans(kc.to(q.dtype))) * scale
-        s_c += tl.load(pos_rows[:, None] + (T - 1 - t[:, None] + when[None, :]), mask=seen_c, other=0.0).to(tl.float32)
-        ok_c = (when[None, :] >= C - have) & (tl.load(chunk_ok_ptr + t[:, None] * (C + T) + when[None, :],
-                                                       mask=seen_c, other=0) != 0)
-        s_c = tl.where(ok_c, s_c, s_c + mask_value)
-        s_c = tl.where(c_ok[None, :], s_c, float("-inf"))
+        new_at = new + t[:, None] * n_st + k[None, :]
+        kn = tl.load(new_at, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        vn = tl.load(new_at + D, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         seen_n = t_ok[:, None] & t_ok[None, :]
         s_n = tl.dot(q, tl.trans(kn)) * scale
         s_n += tl.load(pos_rows[:, None] + (T - 1 - t[:, None] + C + t[None, :]), mask=seen_n, other=0.0).to(tl.float32)
@@ -205,12 +229,36 @@ if triton is not None:
                                                      mask=seen_n, other=0) != 0)
         s_n = tl.where(ok_n, s_n, s_n + mask_value)
         s_n = tl.where(t_ok[None, :], s_n, float("-inf"))
-        m = tl.maximum(tl.max(s_c, 1), tl.max(s_n, 1))
-        p_c = tl.exp(s_c - m[:, None])
+        m = tl.max(s_n, 1)
         p_n = tl.exp(s_n - m[:, None])
-        total = tl.sum(p_c, 1) + tl.sum(p_n, 1)
-        o = tl.dot(p_c.to(q.dtype), vc.to(q.dtype)) + tl.dot(p_n.to(q.dtype), vn)
+        total = tl.sum(p_n, 1)
+        o = tl.dot(p_n.to(q.dtype), vn)
+        # Then the cache, BLOCK_N stored positions at a time (an online softmax): position c holds
+        # the frame of time (c - head) mod C. The bias: the positional term (query i, key time j:
+        # column T-1-i+j), and MASK_VALUE where the row lacks the key or its chunk is out of sight.
+        for start in range(0, C, BLOCK_N):
+            c = start + tl.arange(0, BLOCK_N)
+            c_ok = c < C
+            when = (c - head + C) % C
+            at = row + c[:, None] * (2 * D) + k[None, :]
+            kv_ok = c_ok[:, None] & k_ok[None, :]
+            kc = tl.load(at, mask=kv_ok, other=0.0)
+            vc = tl.load(at + D, mask=kv_ok, other=0.0)
+            seen_c = t_ok[:, None] & c_ok[None, :]
+            s_c = tl.dot(q, tl.trans(kc.to(q.dtype))) * scale
+            s_c += tl.load(pos_rows[:, None] + (T - 1 - t[:, None] + when[None, :]), mask=seen_c,
+                           other=0.0).to(tl.float32)
+            ok_c = (when[None, :] >= C - have) & (tl.load(chunk_ok_ptr + t[:, None] * (C + T) + when[None, :],
+                                                           mask=seen_c, other=0) != 0)
+            s_c = tl.where(ok_c, s_c, s_c + mask_value)
+            s_c = tl.where(c_ok[None, :], s_c, float("-inf"))
+            m_next = tl.maximum(m, tl.max(s_c, 1))
+            shrink = tl.exp(m - m_next)
+            p_c = tl.exp(s_c - m_next[:, None])
+            total = total * shrink + tl.sum(p_c, 1)
+            o = o * shrink[:, None] + tl.dot(p_c.to(q.dtype), vc.to(q.dtype))
+            m = m_next
         # A padded query frame's output is zero (NeMo multiplies it away after the attention).
         o = tl.where((t < new_frames)[:, None], o / total[:, None], 0.0)
         tl.store(out_ptr + (b * T + t[:, None]) * o_s + h * DK + k[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=t_ok[:, None])
+                 mask=t_ok[:, None] & k_ok[None, :])
