@@ -13,6 +13,8 @@ the per-layer pieces). StreamingEngine needs nothing else: it sizes the slot poo
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 
@@ -23,6 +25,7 @@ from engines.encoders import EncoderEngine, PoolRows
 from engines.fast_conformer import (_EAGER_PARTS, FastConformerParams, FastStepBuffers, StepParts, UnsupportedEncoder,
                                     fast_step)
 from engines.step_attention import supports as step_attention_supports
+from engines.step_attention import tuning_for
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +185,8 @@ class FastCudaGraphEncoder(FastConformerEncoder):
         return {"engine": self.name, "buckets": list(self.buckets), "captures": self.captures,
                 "compile": self.parts.compiled, "graphs": self.use_graphs, "attention": self.attention,
                 "fused_norms": self.parts.fused,
+                **({"attention_launch": dataclasses.asdict(tuning_for(self.params.geo.frames_out))}
+                   if self.attention == "kernel" else {}),
                 "prepare_seconds": round(self.prepare_seconds, 2)}
 
 

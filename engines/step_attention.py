@@ -57,6 +57,10 @@ class Tuning:
 # What the device measured best (bench/attention_bench.py), by the step's new frames: few new
 # frames (160 ms) and many (560 ms) load the same cache against 2 and 7 query rows.
 TUNING = {"few": Tuning(), "many": Tuning()}
+# A launch measured on another card can be tried without a release: NEMOSTREAM_ATTENTION_TUNING
+# (parse_tuning's form) overrides TUNING in every process that imports this module, engine
+# workers included (they inherit the environment).
+TUNING_ENV = "NEMOSTREAM_ATTENTION_TUNING"
 
 
 def tuning_for(frames: int) -> Tuning:
@@ -75,6 +79,9 @@ def parse_tuning(text: str) -> dict[str, Tuning]:
             raise ValueError(f"attention tuning {part!r} is not few|many=BLOCK_N/WARPS/STAGES")
         out[key] = Tuning(*map(int, fields))
     return out
+
+
+TUNING.update(parse_tuning(os.environ.get(TUNING_ENV, "")))
 
 
 def available(device: torch.device) -> bool:

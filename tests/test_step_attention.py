@@ -267,3 +267,20 @@ def test_a_server_asking_for_the_triton_kernels_where_they_cannot_run_keeps_torc
     with pytest.raises(RuntimeError, match="compiler problem"):
         fast_engines.build_fast_encoder(eager.model, cfg, torch.device("cpu"), torch.float32, graphs=True,
                                         attention="kernel")
+
+
+def test_a_launch_is_read_from_its_text_and_the_environment_overrides_the_default():
+    parsed = step_attention.parse_tuning("few=32/4/2, many=0/8/1")
+    assert parsed == {"few": step_attention.Tuning(32, 4, 2), "many": step_attention.Tuning(0, 8, 1)}
+    assert step_attention.parse_tuning("") == {}
+    for bad in ("few=32/4", "most=32/4/2", "few=a/4/2"):
+        with pytest.raises(ValueError, match="BLOCK_N/WARPS/STAGES"):
+            step_attention.parse_tuning(bad)
+    # a fresh interpreter (the module reads the variable once, at import, as an engine worker does)
+    env = dict(os.environ, **{step_attention.TUNING_ENV: "many=16/2/3"})
+    done = subprocess.run([sys.executable, "-c", "from engines import step_attention as s; "
+                           "print(s.tuning_for(7), s.tuning_for(2))"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("Tuning(")[1:] == [  # the one named changed, the other as it was
+        "block_n=16, num_warps=2, num_stages=3) ", repr(step_attention.TUNING["few"])[len("Tuning("):] + "\n"]

@@ -194,6 +194,10 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
         in_pool = details["attention"] == "kernel"
         fused = bool(details.get("fused_norms"))
         attention = "a Triton kernel reading each row's cache in the slot pool" if in_pool else "SDPA over the gathered cache"
+        launch = details.get("attention_launch")
+        if in_pool and launch:
+            attention += (f", {launch['block_n'] or 'all'} keys a block, {launch['num_warps']} warps, "
+                          f"{launch['num_stages']} stages")
         chains = "fused" if fused else "as PyTorch runs them"
         lines.append(f"step kernels: {'triton' if in_pool or fused else 'torch'} (attention: {attention}; "
                      f"element-wise chains {chains})")
