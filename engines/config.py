@@ -12,7 +12,7 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 LOOKAHEAD_TO_RIGHT_CONTEXT = {80: 0, 160: 1, 560: 6, 1120: 13}
 UTTERANCE_RESETS = ("auto", "keep", "decoder", "all")
 DECODE_STREAM_MODES = ("auto", "on", "off")
-STEP_KERNELS = ("torch", "triton")
+STEP_KERNELS = ("torch", "triton", "auto")
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ class EngineConfig:
     # slot pool itself (the step copies no cache: 7 MB a stream for the 0.6B model), and each
     # layer's element-wise chains fused (engines/fused_norms.py: fewer launches, fewer passes).
     # Needs Triton (PyTorch's CUDA wheels bring it); where it cannot run the engine keeps "torch"
-    # and says so. "torch" by default until the GPU measures "triton" (bench/step_bench.py
-    # --kernels torch,attention,triton).
+    # and says so. "auto": "triton" where Triton can serve (a CUDA device, Triton installed),
+    # else "torch" without a warning (a CPU). "torch" here for the factory's other callers.
     step_kernels: str = "torch"
 
     def __post_init__(self) -> None:

@@ -198,10 +198,11 @@ def build_fast_encoder(model, cfg, device: torch.device, dtype: torch.dtype, gra
     """Factory entry: `graphs=False` -> FastConformerEncoder ("fast"), `graphs=True` ->
     FastCudaGraphEncoder ("fast-cudagraph", buckets up to cfg.max_batch).
 
-    With `cfg.step_kernels == "triton"` the graph engine gets the Triton kernels (the attention
+    With `cfg.step_kernels` "triton" (or "auto") the graph engine gets the Triton kernels (the attention
     reading the pool; the fused chains unless torch.compile fuses them). Where Triton cannot
     serve, or building with the kernels fails (a compiler or driver problem at the warm-up), the
-    engine is built with PyTorch's kernels and the reason is logged as a warning; its
+    engine is built with PyTorch's kernels and the reason is logged (a warning, except for "auto"
+    where Triton cannot serve at all); its
     `describe()` (the start-up report) says which ran. Options naming the kernels (`attention`,
     `fused_norms`: the benchmarks' A/B) are taken as given, and a failure is raised."""
     encoder = model.nemo_model.encoder
@@ -209,9 +210,12 @@ def build_fast_encoder(model, cfg, device: torch.device, dtype: torch.dtype, gra
         return FastConformerEncoder(encoder, device, dtype, **options)
     if "attention" in options or "fused_norms" in options:
         return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, **options)
-    if getattr(cfg, "step_kernels", "torch") == "triton":
+    kernels = getattr(cfg, "step_kernels", "torch")
+    if kernels in ("triton", "auto"):
         why = step_attention_supports(encoder.layers[0].self_attn.d_k, dtype, device)
+        asked = kernels == "triton"  # "auto" where Triton cannot serve (a CPU) is no surprise
         if why is None:
+            asked = True  # a failure to build is, either way
             try:
                 return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, attention="kernel",
                                             fused_norms=not options.get("compile"), **options)
@@ -219,5 +223,6 @@ def build_fast_encoder(model, cfg, device: torch.device, dtype: torch.dtype, gra
                 why = f"building with them failed: {type(exc).__name__}: {exc}"[:500]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        log.warning("the Triton kernels cannot serve here (%s): the step keeps PyTorch's", why)
+        (log.warning if asked else log.info)("the Triton kernels cannot serve here (%s): the step keeps PyTorch's",
+                                             why)
     return FastCudaGraphEncoder(encoder, cfg.max_batch, device, dtype, **options)

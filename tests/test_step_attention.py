@@ -255,6 +255,14 @@ def test_a_server_asking_for_the_triton_kernels_where_they_cannot_run_keeps_torc
         engine = fast_engines.build_fast_encoder(eager.model, cfg, torch.device("cpu"), torch.float32, graphs=True)
     assert engine.attention == "sdpa" and not engine.parts.fused and built == ["sdpa"]
     assert "cannot serve here" in caplog.text and "Triton" in caplog.text
+    # "auto" on a machine where Triton cannot serve: PyTorch's kernels, said at info, no warning
+    built.clear()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="engines.fast_engines"):
+        engine = fast_engines.build_fast_encoder(eager.model, types.SimpleNamespace(step_kernels="auto", max_batch=2),
+                                                 torch.device("cpu"), torch.float32, graphs=True)
+    assert engine.attention == "sdpa" and built == ["sdpa"]
+    assert [r.levelname for r in caplog.records if "cannot serve here" in r.getMessage()] == ["INFO"]
     # Triton said to serve, but the build fails: PyTorch's kernels, and the failure in the warning.
     monkeypatch.setattr(fast_engines, "step_attention_supports", lambda *a: None)
     Recorder.fail_kernels = True
@@ -264,6 +272,17 @@ def test_a_server_asking_for_the_triton_kernels_where_they_cannot_run_keeps_torc
         engine = fast_engines.build_fast_encoder(eager.model, cfg, torch.device("cpu"), torch.float32, graphs=True)
     assert built == ["kernel", "sdpa"] and engine.attention == "sdpa"
     assert "building with them failed: RuntimeError: a compiler problem" in caplog.text
+    # "auto" where Triton serves: the kernels (and a build that fails is a warning, as asked for)
+    Recorder.fail_kernels = False
+    built.clear()
+    auto = types.SimpleNamespace(step_kernels="auto", max_batch=2)
+    engine = fast_engines.build_fast_encoder(eager.model, auto, torch.device("cpu"), torch.float32, graphs=True)
+    assert built == ["kernel"] and engine.attention == "kernel"
+    Recorder.fail_kernels = True
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="engines.fast_engines"):
+        engine = fast_engines.build_fast_encoder(eager.model, auto, torch.device("cpu"), torch.float32, graphs=True)
+    assert engine.attention == "sdpa" and "building with them failed" in caplog.text
     with pytest.raises(RuntimeError, match="compiler problem"):
         fast_engines.build_fast_encoder(eager.model, cfg, torch.device("cpu"), torch.float32, graphs=True,
                                         attention="kernel")
