@@ -46,12 +46,23 @@ MASK_VALUE = -10000.0  # a masked key's score, as engines.fast_conformer's (fini
 @dataclass(frozen=True)
 class Tuning:
     """How the kernel is launched: keys per block of the loop over the cache (0: the whole cache
-    in one block), warps per program, and pipelining stages of that loop. Chosen by
-    bench/attention_bench.py on the device; the figures are in bench/RESULTS.md."""
+    in one block), warps per program, pipelining stages of that loop, and how the two products
+    run: "dot" on the tensor cores (tl.dot: every dimension padded to 16, so 2 query frames use
+    2 of 16 rows) or "fma", broadcast multiplies and sums on the CUDA cores (no padding of the
+    query frames, no shared-memory staging; the registers hold frames x keys x head of a block,
+    so it suits few new frames). Chosen by bench/attention_bench.py on the device; the figures
+    are in bench/RESULTS.md."""
 
     block_n: int = 0
     num_warps: int = 4
     num_stages: int = 1
+    products: str = "dot"
+
+    def __post_init__(self) -> None:
+        if self.products not in ("dot", "fma"):
+            raise ValueError(f"products {self.products!r}: dot or fma")
+        if self.block_n < 0 or self.block_n & (self.block_n - 1) or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"{self}: keys a block 0 or a power of two, warps and stages at least 1")
 
 
 # What the device measured best (bench/attention_bench.py), by the step's new frames: few new
@@ -68,16 +79,19 @@ def tuning_for(frames: int) -> Tuning:
 
 
 def parse_tuning(text: str) -> dict[str, Tuning]:
-    """`few=32/4/2,many=64/4/1` (keys per block / warps / stages, by TUNING's keys) as Tunings:
+    """`few=32/4/2/fma,many=64/4/1` (keys per block / warps / stages [/ products], by TUNING's
+    keys) as Tunings:
     how a benchmark hands a measured choice to another run (bench/attention_bench.py writes it,
     bench/step_bench.py --attention-tuning reads it)."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, spec = part.partition("=")
         fields = spec.split("/")
-        if key not in TUNING or len(fields) != 3 or not all(f.isdigit() for f in fields):
-            raise ValueError(f"attention tuning {part!r} is not few|many=BLOCK_N/WARPS/STAGES")
-        out[key] = Tuning(*map(int, fields))
+        numbers, products = fields[:3], fields[3:] or ["dot"]
+        if (key not in TUNING or len(numbers) != 3 or len(products) != 1 or not all(f.isdigit() for f in numbers)
+                or products[0] not in ("dot", "fma")):
+            raise ValueError(f"attention tuning {part!r} is not few|many=BLOCK_N/WARPS/STAGES[/dot|fma]")
+        out[key] = Tuning(*map(int, numbers), products=products[0])
     return out
 
 
@@ -177,8 +191,10 @@ def step_attention(qkv: torch.Tensor, new_kv: torch.Tensor, table: CacheTable, l
         raise ValueError(f"shapes do not agree: qkv {tuple(qkv.shape)}, new_kv {tuple(new_kv.shape)}, slots "
                          f"{tuple(slots.shape)}, heads {tuple(heads.shape)}, chunk_ok {tuple(chunk_ok.shape)}, {shape}")
     tune = tuning or tuning_for(T)
-    block_t = max(MIN_DOT, triton.next_power_of_2(T))
-    block_n = tune.block_n or max(MIN_DOT, triton.next_power_of_2(C))
+    fma = tune.products == "fma"
+    # tl.dot wants 16 rows at least; the broadcast products take the frames as they are
+    block_t = triton.next_power_of_2(T) if fma else max(MIN_DOT, triton.next_power_of_2(T))
+    block_n = tune.block_n or (triton.next_power_of_2(C) if fma else max(MIN_DOT, triton.next_power_of_2(C)))
     _attention_kernel[(B, H)](
         qkv, qkv.stride(0),
         table.table, layer, table.table.numel() - 1, slots, heads, cache_len, enc_len, chunk_ok,
@@ -186,7 +202,7 @@ def step_attention(qkv: torch.Tensor, new_kv: torch.Tensor, table: CacheTable, l
         out, out.stride(0),
         T, C, d, shape.rel_pad, 1.0 / math.sqrt(dk), MASK_VALUE,
         CACHE_DTYPE=_tl_dtype(new_kv.dtype), DK=dk, BLOCK_K=max(MIN_DOT, triton.next_power_of_2(dk)),
-        BLOCK_T=block_t, BLOCK_N=block_n, num_warps=tune.num_warps, num_stages=tune.num_stages)
+        BLOCK_T=block_t, BLOCK_N=block_n, FMA=fma, num_warps=tune.num_warps, num_stages=tune.num_stages)
     return out
 
 
@@ -195,6 +211,23 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 if triton is not None:
+    @triton.jit
+    def _scores(q, keys, FMA: tl.constexpr):
+        """q [T, K] against keys [N, K]: [T, N] in fp32."""
+        if FMA:
+            return tl.sum(q[:, None, :] * keys.to(tl.float32)[None, :, :], 2)
+        else:
+            return tl.dot(q, tl.trans(keys.to(q.dtype)))
+
+    @triton.jit
+    def _weighted(p, values, FMA: tl.constexpr):
+        """p [T, N] (fp32) over values [N, K]: [T, K] in fp32 (probabilities in the values'
+        dtype for the tensor cores, as SDPA's fused kernels)."""
+        if FMA:
+            return tl.sum(p[:, :, None] * values.to(tl.float32)[None, :, :], 1)
+        else:
+            return tl.dot(p.to(values.dtype), values)
+
     # `layer` is not specialized: Triton would otherwise compile a variant for layer 1 (and for
     # multiples of 16), all of which must exist before the graphs are captured.
     @triton.jit(do_not_specialize=["layer"])
@@ -204,7 +237,7 @@ if triton is not None:
                           out_ptr, o_s,
                           T, C, D, RP, scale, mask_value,
                           CACHE_DTYPE: tl.constexpr, DK: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, FMA: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         t = tl.arange(0, BLOCK_T)
@@ -222,6 +255,8 @@ if triton is not None:
         q_rows = qkv_ptr + (b * T + t) * qkv_s           # each query frame's row of the fused GEMM
         pos_rows = q_rows + 3 * D + h * RP                # its relative-position columns for this head
         q = tl.load(q_rows[:, None] + h * DK + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        if FMA:
+            q = q.to(tl.float32)
         # The new frames first: each query row sees key time C+0 or is masked with a finite score,
         # so the running maximum is finite before the loop over the cache (whose padding columns
         # are -inf).
@@ -230,7 +265,7 @@ if triton is not None:
         kn = tl.load(new_at, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         vn = tl.load(new_at + D, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         seen_n = t_ok[:, None] & t_ok[None, :]
-        s_n = tl.dot(q, tl.trans(kn)) * scale
+        s_n = _scores(q, kn, FMA) * scale
         s_n += tl.load(pos_rows[:, None] + (T - 1 - t[:, None] + C + t[None, :]), mask=seen_n, other=0.0).to(tl.float32)
         ok_n = (t[None, :] < new_frames) & (tl.load(chunk_ok_ptr + t[:, None] * (C + T) + C + t[None, :],
                                                      mask=seen_n, other=0) != 0)
@@ -239,7 +274,7 @@ if triton is not None:
         m = tl.max(s_n, 1)
         p_n = tl.exp(s_n - m[:, None])
         total = tl.sum(p_n, 1)
-        o = tl.dot(p_n.to(q.dtype), vn)
+        o = _weighted(p_n, vn, FMA)
         # Then the cache, BLOCK_N stored positions at a time (an online softmax): position c holds
         # the frame of time (c - head) mod C. The bias: the positional term (query i, key time j:
         # column T-1-i+j), and MASK_VALUE where the row lacks the key or its chunk is out of sight.
@@ -252,7 +287,7 @@ if triton is not None:
             kc = tl.load(at, mask=kv_ok, other=0.0)
             vc = tl.load(at + D, mask=kv_ok, other=0.0)
             seen_c = t_ok[:, None] & c_ok[None, :]
-            s_c = tl.dot(q, tl.trans(kc.to(q.dtype))) * scale
+            s_c = _scores(q, kc, FMA) * scale
             s_c += tl.load(pos_rows[:, None] + (T - 1 - t[:, None] + when[None, :]), mask=seen_c,
                            other=0.0).to(tl.float32)
             ok_c = (when[None, :] >= C - have) & (tl.load(chunk_ok_ptr + t[:, None] * (C + T) + when[None, :],
@@ -263,7 +298,7 @@ if triton is not None:
             shrink = tl.exp(m - m_next)
             p_c = tl.exp(s_c - m_next[:, None])
             total = total * shrink + tl.sum(p_c, 1)
-            o = o * shrink[:, None] + tl.dot(p_c.to(q.dtype), vc.to(q.dtype))
+            o = o * shrink[:, None] + _weighted(p_c, vc.to(vn.dtype), FMA)
             m = m_next
         # A padded query frame's output is zero (NeMo multiplies it away after the attention).
         o = tl.where((t < new_frames)[:, None], o / total[:, None], 0.0)
