@@ -181,7 +181,9 @@ def main() -> None:
                 from engines.fast_engines import build_fast_encoder
                 encoders[kernels] = build_fast_encoder(
                     model, cfg, dev, dtype, graphs=True, attention="kernel" if kernels in ("attention", "triton") else "sdpa",
-                    fused_norms=kernels in ("fused", "triton"))
+                    fused_norms=kernels in ("fused", "triton"),
+                    # whole windows (ring off) gather the cache into the workspace, for the kernel too
+                    **({"workspace_cache": True} if args.ring != "on" and kernels in ("attention", "triton") else {}))
         choice = {"on": [True], "off": [False], "both": [False, True]}
         # (kernel set, ring cache, feature graphs) of each engine; an A/B alternates them on each batch
         variants = [(a, ring, fg) for a in kernel_sets for ring in choice[args.ring] for fg in choice[args.feature_graphs]]

@@ -431,7 +431,8 @@ def _attend_kernel(p: "FastConformerParams", qkv, kv, cache: "KernelCache", laye
     from the workspace: [B*T', d]."""
     g = p.geo
     B = qkv.shape[0] // g.frames_out
-    return step_attention(qkv, kv[:, g.cache:], cache.table, layer, cache.slots[:B], heads, cache_len, enc_len,
+    return step_attention(qkv, kv[:, kv.shape[1] - g.frames_out:], cache.table, layer, cache.slots[:B], heads,
+                          cache_len, enc_len,
                           p.chunk_ok_i8, p.step_shape)
 
 
@@ -572,12 +573,20 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     `kernel_cache`, optional: attention by engines/step_attention.py's kernel, which reads the
     cached K/V where its table says (the slot pool itself, in its ring order with `cache_head`:
     then `kv_work`'s first 70 frames are neither read nor written, and `cc_next` holds the new
-    frames only in its last T'), instead of SDPA over `kv_work`."""
+    frames only in its last T'), instead of SDPA over `kv_work`. With the kernel, `kv_work` may
+    be `[L, B, T', 2d]`, the new frames only (FastStepBuffers without a workspace for the cache:
+    for the 0.6B model 3.6 GB less at 512 rows); `cc_next` is then those T' frames."""
     g = p.geo
     parts = parts or _EAGER_PARTS
     T, C, K1 = g.frames_out, g.cache, g.conv_cache
     x, enc_len = _subsample(p, feats, lengths)
     B = feats.shape[0]
+    # where the new frames' K|V go: after the cache's 70, or first in a workspace without room for
+    # the cache (the kernel reads it in the pool; only a ring's T' new frames are committed)
+    new_at = kv_work.shape[2] - T
+    if new_at not in (0, C) or (new_at == 0 and kernel_cache is None):
+        raise ValueError(f"kv_work holds {kv_work.shape[2]} frames a row: {C + T} (cache and new frames), or {T} "
+                         f"(new frames only, with the attention kernel reading the cache where it lies)")
     mask_bias, valid = step_masks(p, enc_len, cache_len, bias=kernel_cache is None)
     valid3 = valid.view(B, T, 1)
     bias_out = None if bias_buffer is None else bias_buffer[..., :g.keys]
@@ -589,7 +598,7 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     for l, (wa, wb, wc) in enumerate(p.layers):
         x, qkv = parts.a(x, g, *wa)
         kv = kv_work[l]
-        kv[:, C:].copy_(qkv[:, g.d_model:3 * g.d_model].view(B, T, 2 * g.d_model))
+        kv[:, new_at:].copy_(qkv[:, g.d_model:3 * g.d_model].view(B, T, 2 * g.d_model))
         if kernel_cache is not None:
             o = _attend_kernel(p, qkv, kv, kernel_cache, l, heads, cache_len, enc_len)
             x, pre_glu = parts.b(x, o, None, g, *wb)
@@ -612,7 +621,7 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     if p.out_proj is not None:
         x = F.linear(x, *p.out_proj)
     encoded = x.view(B, T, -1).transpose(1, 2)
-    cc_next = kv_work[:, :, T:]
+    cc_next = kv_work[:, :, T:] if new_at else kv_work  # the window's last 70 frames, or the new T' alone
     ct_next = conv_work[:, :, T:].transpose(2, 3)
     ccl_next = (cache_len + T).clamp(max=C)
     return encoded, enc_len, cc_next, ct_next, ccl_next
@@ -625,13 +634,21 @@ class FastStepBuffers:
     `step_args(b)` are the matching arguments of `fast_step` (the cache views alias the
     workspaces, so copying into `inputs(b)` is the only copy a step needs)."""
 
-    def __init__(self, p: FastConformerParams, max_batch: int, device=None):
+    def __init__(self, p: FastConformerParams, max_batch: int, device=None, cache_in_workspace: bool = True):
         g = p.geo
         device = device or p.device
         self.max_batch = max_batch
         self.feats = torch.zeros(max_batch, g.n_mels, g.frames_in, dtype=p.dtype, device=device)
         self.lengths = torch.full((max_batch,), g.frames_in, dtype=torch.int64, device=device)
-        self.kv_work = torch.zeros(g.n_layers, max_batch, g.keys, 2 * g.d_model, dtype=p.dtype, device=device)
+        # cache_in_workspace False: the attention kernel reads every row's cache in the slot pool,
+        # so the workspace keeps the new frames only (the cache part would be 7 MB a row unused)
+        self.cache_in_workspace = cache_in_workspace
+        frames = g.keys if cache_in_workspace else g.frames_out
+        self.kv_work = torch.zeros(g.n_layers, max_batch, frames, 2 * g.d_model, dtype=p.dtype, device=device)
+        # what the kernel reads while warming up and capturing, without a workspace for the cache:
+        # one empty slot (the rows' empty caches mask it); a step then names the pool
+        self.scratch_cache = None if cache_in_workspace else torch.zeros(g.n_layers, 1, g.cache, 2 * g.d_model,
+                                                                        dtype=p.dtype, device=device)
         self.conv_work = torch.zeros(g.n_layers, max_batch, g.conv_cache + g.frames_out, g.d_model, dtype=p.dtype,
                                      device=device)
         self.cache_len = torch.zeros(max_batch, dtype=torch.int64, device=device)
@@ -646,8 +663,9 @@ class FastStepBuffers:
         self.geo = g
 
     def inputs(self, b: int):
+        """(feats, lengths, cache_channel or None without a workspace for it, cache_time, cache_len)"""
         g = self.geo
-        return (self.feats[:b], self.lengths[:b], self.kv_work[:, :b, :g.cache],
+        return (self.feats[:b], self.lengths[:b], self.kv_work[:, :b, :g.cache] if self.cache_in_workspace else None,
                 self.conv_work[:, :b, :g.conv_cache].transpose(2, 3), self.cache_len[:b])
 
     def step_args(self, b: int):
@@ -656,6 +674,8 @@ class FastStepBuffers:
     def cache_channel(self, n: int) -> torch.Tensor:
         """The first n rows' attention-cache frames [L, n, 70, 2d]: a caller may gather its rows
         straight into them (engines/slot_pool.py `gather(into=...)`), saving the copy in."""
+        if not self.cache_in_workspace:
+            raise ValueError("this workspace has no room for the attention cache: the kernel reads it in the pool")
         return self.kv_work[:, :n, :self.geo.cache]
 
     def bias_buffer(self, b: int):
@@ -664,10 +684,16 @@ class FastStepBuffers:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
                    (self.feats, self.lengths, self.kv_work, self.conv_work, self.cache_len, self.cache_head, self.bias,
-                    self.kernel_cache.table.table, self.kernel_cache.slots, self.workspace_slots))
+                    self.kernel_cache.table.table, self.kernel_cache.slots, self.workspace_slots)
+                   + ((self.scratch_cache,) if self.scratch_cache is not None else ()))
 
     def read_cache_from_workspace(self, b: int) -> None:
-        """The kernel's rows 0..b-1 read their cache from the workspace (what a gather filled)."""
+        """The kernel's rows 0..b-1 read their cache from the workspace (what a gather filled);
+        without a workspace for the cache, from the scratch slot (warm-up and capture)."""
+        if self.scratch_cache is not None:
+            self.kernel_cache.table.point_at(self.scratch_cache)
+            self.kernel_cache.slots[:b].zero_()
+            return
         self.kernel_cache.table.point_at(self.kv_work)
         self.kernel_cache.slots[:b].copy_(self.workspace_slots[:b])
 

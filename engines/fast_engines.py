@@ -83,7 +83,8 @@ class FastCudaGraphEncoder(FastConformerEncoder):
 
     def __init__(self, encoder: torch.nn.Module, max_batch: int, device=None, dtype=None, compile: bool = False,
                  compile_mode: str | None = None, use_graphs: bool = True, warmup_iters: int = 2,
-                 buckets: tuple[int, ...] | None = None, attention: str = "sdpa", fused_norms: bool = False):
+                 buckets: tuple[int, ...] | None = None, attention: str = "sdpa", fused_norms: bool = False,
+                 workspace_cache: bool | None = None):
         super().__init__(encoder, device, dtype, compile, compile_mode)
         p = self.params
         # attention: "sdpa" (PyTorch's, over the workspace the pool's rows are gathered into) or
@@ -104,10 +105,18 @@ class FastCudaGraphEncoder(FastConformerEncoder):
             raise RuntimeError(f"the fast-cudagraph engine needs a CUDA device, not {p.device}")
         self.attention = attention
         self.reads_cache_in_place = attention == "kernel"
+        # workspace_cache: room in the workspace for each row's gathered attention cache. SDPA
+        # needs it; the kernel reads the pool's ring in place and needs none (None: as the
+        # attention needs), unless a caller gathers the cache for it (ring_cache off: the A/B).
+        self.workspace_cache = attention != "kernel" if workspace_cache is None else workspace_cache
+        if not self.workspace_cache and attention != "kernel":
+            raise ValueError("SDPA attends over the cache in the workspace: workspace_cache must be on")
+        # StreamingEngine refuses to gather for an engine that has nowhere to put the cache
+        self.needs_cache_in_place = not self.workspace_cache
         self.use_graphs = use_graphs
         self.buckets = tuple(sorted(set(buckets) | {max_batch})) if buckets else batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
-        self.buffers = FastStepBuffers(p, self.max_batch)
+        self.buffers = FastStepBuffers(p, self.max_batch, cache_in_workspace=self.workspace_cache)
         self.captures = 0
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, tuple] = {}
@@ -158,6 +167,9 @@ class FastCudaGraphEncoder(FastConformerEncoder):
                     raise ValueError("an attention cache read in the pool comes in its ring order: cache_head is needed")
                 self.buffers.read_cache_from_pool(cache_channel, b)
             else:
+                if i_cc is None:
+                    raise ValueError("this engine has no workspace for the attention cache: it reads each row's "
+                                     "cache in the slot pool (PoolRows), with the pool's ring")
                 if self.attention == "kernel":
                     self.buffers.read_cache_from_workspace(b)
                 if not _same_view(cache_channel, i_cc[:, :n]):  # gathered elsewhere: copy it in
@@ -184,7 +196,7 @@ class FastCudaGraphEncoder(FastConformerEncoder):
     def describe(self) -> dict:
         return {"engine": self.name, "buckets": list(self.buckets), "captures": self.captures,
                 "compile": self.parts.compiled, "graphs": self.use_graphs, "attention": self.attention,
-                "fused_norms": self.parts.fused,
+                "fused_norms": self.parts.fused, "workspace_cache": self.workspace_cache,
                 **({"attention_launch": dataclasses.asdict(tuning_for(self.params.geo.frames_out))}
                    if self.attention == "kernel" else {}),
                 "prepare_seconds": round(self.prepare_seconds, 2)}

@@ -95,7 +95,9 @@ class SlotPool:
 
     def stage(self, values: dict[str, torch.Tensor], restart=None) -> "StagedState":
         """What `commit` will write, copied out of `values` (the batch's next state) now: the new
-        frames of each ring row, every other state whole, in the pool's dtypes. `restart` (host
+        frames of each ring row, every other state whole, in the pool's dtypes. A ring's value
+        is the window's last C frames, or fewer (the new frames alone: an encoder that reads
+        the ring in place keeps no window). `restart` (host
         bool per row, optional) marks rows whose state the step began from zero (a stream's
         first chunk): their rings are written whole, since their old frames belong to the slot's
         previous stream.
@@ -116,10 +118,17 @@ class SlotPool:
                 continue
             dim, shift = spec.slot_dim, spec.ring_shift
             C = t.shape[dim + 1]
-            new = v.narrow(dim + 1, C - shift, shift)  # the new frames: the window's last `shift`
+            frames = v.shape[dim + 1]  # the window's last C frames, or (at least) the new ones alone
+            if not shift <= frames <= C:
+                raise ValueError(f"state {name}: {frames} frames a row, neither the ring's {C} nor its {shift} new")
+            new = v.narrow(dim + 1, frames - shift, shift)  # the new frames: the value's last `shift`
             if restart_rows is not None:
                 whole = to_device(restart_rows, v.device)
-                staged.ring_whole[name] = v.index_select(dim, whole).to(t.dtype)
+                rows = v.index_select(dim, whole).to(t.dtype)
+                if frames < C:  # a restarted row's older frames are empty: zeros before the new ones
+                    rows = torch.cat([rows.new_zeros(rows.shape[:dim + 1] + (C - frames,) + rows.shape[dim + 2:]), rows],
+                                     dim + 1)
+                staged.ring_whole[name] = rows
                 new = new.index_select(dim, to_device(steady_rows, v.device))
             out = torch.empty(new.shape, dtype=t.dtype, device=t.device)
             out.copy_(new)  # always a copy: a view here would still read the encoder's buffer

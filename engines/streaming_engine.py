@@ -124,6 +124,9 @@ class StreamingEngine:
         # engine with its attention kernel, engines/step_attention.py) gets no gather of it at all.
         self.cache_in_place = self.ring_cache and getattr(encoder, "accepts_ring_order", False) \
             and getattr(encoder, "reads_cache_in_place", False)
+        if getattr(encoder, "needs_cache_in_place", False) and not self.cache_in_place:
+            raise ValueError(f"the {encoder.name} engine was built without a workspace for the attention cache "
+                             f"(it reads each row's cache in the slot pool's ring): ring_cache must be on")
         specs = [
             StateSpec("cache_channel", tuple(channel_shape), 1, dtype, ring_shift=shift),
             StateSpec("cache_time", (n_layers, d, enc.conv_context_size[0]), 1, dtype),

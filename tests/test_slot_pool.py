@@ -28,8 +28,12 @@ def _step(gathered: dict, shift: int, gen: torch.Generator) -> dict:
     return {"cc": torch.cat([cc[:, :, shift:], new], dim=2), "h": torch.randn(cc.shape[1], 4, generator=gen)}
 
 
+@pytest.mark.parametrize("new_only", [False, True])
 @pytest.mark.parametrize("shift", [1, 2, 7])
-def test_ring_gathers_what_whole_windows_gather(shift):
+def test_ring_gathers_what_whole_windows_gather(shift, new_only):
+    """new_only: the ring is handed the step's new frames alone (an encoder that reads the ring
+    in place keeps no window), the whole-window pool the window: a restarted row's older frames
+    must come out empty all the same."""
     ring, whole = _pools(shift)
     rng = np.random.default_rng(shift)
     gen = torch.Generator().manual_seed(shift)
@@ -45,7 +49,7 @@ def test_ring_gathers_what_whole_windows_gather(shift):
         for name in ref:
             assert torch.equal(got[name], ref[name]), name
         nxt = _step(ref, shift, gen)
-        ring.commit(idx, ring.stage(nxt, restart=restart))
+        ring.commit(idx, ring.stage({**nxt, "cc": nxt["cc"][:, :, C - shift:]} if new_only else nxt, restart=restart))
         whole.commit(idx, whole.stage(nxt, restart=restart))
     every = torch.arange(CAP)
     assert torch.equal(ring.gather(every)["cc"], whole.gather(every)["cc"])
@@ -67,6 +71,12 @@ def test_commit_writes_only_the_new_frames():
     assert changed[:, 4].sum(dim=-1).tolist() == [shift] * L   # two frames per layer, no more
     assert not changed[:, :4].any() and not changed[:, 5:].any()
     assert torch.equal(ring.gather(idx)["cc"], nxt["cc"])
+
+
+def test_a_ring_value_must_hold_the_new_frames():
+    ring, _ = _pools(3)
+    with pytest.raises(ValueError, match="neither the ring's 7 nor its 3 new"):
+        ring.stage({"cc": torch.zeros(L, 1, 2, F), "h": torch.zeros(1, 4)})
 
 
 def test_a_ring_needs_room_for_its_shift():

@@ -140,8 +140,10 @@ STREAMS_IN_PLACE = """
         enc = eager.model.nemo_model.encoder
         for ring, rounds in rings.items():
             # read in the pool with the fused element-wise kernels too (engines/fused_norms.py); gathered without
+            # read in the pool: no workspace for the cache at all (the default with the kernel)
             graph_eng = FastCudaGraphEncoder(enc, max_batch=8, use_graphs=False, buckets=(2, 4), attention="kernel",
-                                             fused_norms=ring)
+                                             fused_norms=ring, workspace_cache=None if ring else True)
+            assert graph_eng.workspace_cache == (not ring)
             assert graph_eng.parts.fused == ring
             engine = StreamingEngine(eager.model, graph_eng, la, capacity=16, max_batch=8,
                                      device=torch.device("cpu"), dtype=torch.float32, ring_cache=ring)
@@ -155,9 +157,14 @@ STREAMS_IN_PLACE = """
                     for a, b in zip(got[sid].encoded, ref.encoded):
                         err = (a - b).abs().max().item() if a.numel() else 0.0
                         assert err <= 1e-4, (la, ring, sid, err)
-            untouched = int(torch.count_nonzero(graph_eng.buffers.kv_work[:, :, :C]))
-            # Read in the pool, the workspace's cache frames were never written; gathered, they were.
-            assert (untouched == 0) == ring, (la, ring, untouched)
+            # Read in the pool, the workspace has no room for the cache (so the tokens above came
+            # from the pool); gathered, its cache frames were written.
+            frames = graph_eng.buffers.kv_work.shape[2]
+            if ring:
+                assert frames == graph_eng.params.geo.frames_out, (la, frames)
+            else:
+                assert frames == C + graph_eng.params.geo.frames_out
+                assert int(torch.count_nonzero(graph_eng.buffers.kv_work[:, :, :C])) > 0, la
             assert engine.slots_in_use() == 0
     print("ok")
 """
@@ -225,6 +232,39 @@ def test_the_fast_graph_engine_refuses_the_kernel_where_it_cannot_run(monkeypatc
         FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, attention="kernel")
     with pytest.raises(ValueError, match="attention must be one of"):
         FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, attention="flash")
+
+
+def test_an_engine_without_a_workspace_for_the_cache_is_served_from_the_ring_only(monkeypatch):
+    """The kernel's engine keeps no room for the gathered cache (7 MB a row for the 0.6B model):
+    a StreamingEngine that would gather into it (ring off) is refused at construction, a step
+    handed a gathered cache is refused, and SDPA cannot be built without the room."""
+    from engines import fast_engines
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+    from engines.fast_engines import FastCudaGraphEncoder
+    from engines.streaming_engine import StreamingEngine
+
+    monkeypatch.setattr(fast_engines, "step_attention_supports", lambda *a: None)
+    eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                                      lookahead_ms=160, max_streams=4, max_batch=2))
+    enc = FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, attention="kernel")
+    g = enc.params.geo
+    assert not enc.workspace_cache and enc.buffers.kv_work.shape[2] == g.frames_out
+    roomy = FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, attention="kernel",
+                                 workspace_cache=True)
+    assert enc.buffers.nbytes() < roomy.buffers.nbytes() - enc.buffers.kv_work.numel() * 4  # the cache part is gone
+    with pytest.raises(ValueError, match="ring_cache must be on"):
+        StreamingEngine(eager.model, enc, 160, capacity=4, max_batch=2, device=torch.device("cpu"),
+                        dtype=torch.float32, ring_cache=False)
+    assert StreamingEngine(eager.model, enc, 160, capacity=4, max_batch=2, device=torch.device("cpu"),
+                           dtype=torch.float32).cache_in_place
+    feats = torch.zeros(1, g.n_mels, g.frames_in)
+    cc = torch.zeros(g.n_layers, 1, g.cache, 2 * g.d_model)
+    ct = torch.zeros(g.n_layers, 1, g.d_model, g.conv_cache)
+    with pytest.raises(ValueError, match="no workspace for the attention cache"):
+        enc.step(feats, torch.tensor([g.frames_in]), cc, ct, torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="workspace_cache must be on"):
+        FastCudaGraphEncoder(eager.model.nemo_model.encoder, max_batch=2, use_graphs=False, workspace_cache=False)
 
 
 def test_a_server_asking_for_the_triton_kernels_where_they_cannot_run_keeps_torchs_and_says_why(monkeypatch, caplog):

@@ -275,7 +275,7 @@ def test_the_triton_kernels_agree_with_torch_and_read_the_cache_in_the_pool(spee
     stream in the same random mixed batches. The two round differently in float16, so token
     agreement >= 99.9% and whole transcripts >= 98% rather than equality (the CPU tests,
     tests/test_step_attention.py and tests/test_fused_norms.py, hold fp32 to 1e-4 against NeMo).
-    The workspace's cache frames are never written (the cache came from the pool), no graph is
+    The workspace has no room for the cache (it came from the pool), no graph is
     captured while serving, and one step at 1 and 64 rows is timed both ways (recorded, not
     asserted; bench/step_bench.py --kernels torch,attention,triton measures it)."""
     plain = build_on("builtin:demo", "fast-cudagraph", "float16")
@@ -288,7 +288,8 @@ def test_the_triton_kernels_agree_with_torch_and_read_the_cache_in_the_pool(spee
     a = agreement(run_streams(plain, speech, seed=6), run_streams(fused, speech, seed=6))
     assert fused.encoder_engine.captures == captures
     C = fused.encoder_engine.params.geo.cache
-    assert int(torch.count_nonzero(fused.encoder_engine.buffers.kv_work[:, :, :C])) == 0
+    # no room in the workspace for the cache: the kernel read every row's in the pool
+    assert fused.encoder_engine.buffers.kv_work.shape[2] == fused.encoder_engine.params.geo.frames_out < C
     timing = {name: {rows: engine.measure_step_ms(rows) for rows in (1, 64)}
               for name, engine in (("torch", plain), ("triton", fused))}
     record("triton_kernels_vs_torch_demo_fp16", {**a.as_dict(), "step_ms_by_rows": timing})
