@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The step's Triton kernels on the GPU host, in one call of about 5 minutes (issue 17), each
+# part skipped when the call's time (BUDGET_S, from the script's start) would run out before it:
+#   1. bench/attention_bench.py: every launch of the attention kernel against PyTorch's gather +
+#      bias + SDPA at the 0.6B model's shape; the best launch by new frames -> $OUT/tuning.txt,
+#      exported as NEMOSTREAM_ATTENTION_TUNING for everything after it (step_attention.TUNING
+#      should then hold it: commit the figures with it);
+#   2. the GPU test of the two kernel sets against PyTorch's (token agreement, no graph captured
+#      while serving, the engine without a workspace for the cache);
+#   3. bench/step_bench.py: the step with torch against triton (A/B, alternating), then a
+#      kernel-level profile of the triton step at PROFILE_ROWS rows;
+#   4. one stream's chunk latency on a server with --step-kernels triton and one with torch (c=1,
+#      issue 17's 10 ms target), each with no sizing flag.
+# The capacity under load is bench/run_h100.sh's, in a call of its own:
+#   NEMOSTREAM_ATTENTION_TUNING=$(cat OUT/tuning.txt) SERVER_ARGS="--step-kernels triton" \
+#       LOOKAHEADS=160 CHURN=0 LONG_LEVELS_160=3743 LONG_GROWTH=1.08 MAX_BATCH=auto MAX_STREAMS=auto bash bench/run_h100.sh
+# Run from the repository root after installing the carried wheels (bench/README.md). Knobs:
+# OUT, PY, BUDGET_S, LOOKAHEADS (step A/B), BATCHES, PROFILE_ROWS, C1_SECONDS.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kernels_out}; mkdir -p "$OUT"
+PY=${PY:-python3}
+BUDGET_S=${BUDGET_S:-560}
+LOOKAHEADS=${LOOKAHEADS:-160}; BATCHES=${BATCHES:-1,256,512,1024}; PROFILE_ROWS=${PROFILE_ROWS:-512}
+C1_SECONDS=${C1_SECONDS:-20}
+LOG=$OUT/kernels.log
+left() { echo $(( BUDGET_S - SECONDS )); }
+note() { echo "[kernels +${SECONDS}s] $*" | tee -a "$LOG"; }
+{ "$PY" -m client.provenance; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; } >> "$LOG" 2>&1
+
+note "1. attention launches"
+timeout 120 "$PY" bench/attention_bench.py --d-model 1024 --heads 8 --cache 70 --frames 2,7 --batches 256,512,1024 \
+    --block-n 0,32,64 --warps 4,8 --stages 1,2 --fma-block-n 8,16,32 --fma-max-frames 2 \
+    --out "$OUT/attention.json" --tuning-out "$OUT/tuning.txt" > "$OUT/attention.txt" 2>&1
+tail -22 "$OUT/attention.txt" | tee -a "$LOG"
+if [ -s "$OUT/tuning.txt" ]; then
+    export NEMOSTREAM_ATTENTION_TUNING; NEMOSTREAM_ATTENTION_TUNING=$(cat "$OUT/tuning.txt")
+    note "launch: $NEMOSTREAM_ATTENTION_TUNING"
+fi
+
+if [ "$(left)" -gt 150 ]; then
+    note "2. the GPU test of the kernels"
+    GPU_SUITE_FIGURES=$OUT/gpu_figures timeout 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+        tests/gpu/test_gpu_fast_cudagraph.py -k triton_kernels > "$OUT/gpu_test.txt" 2>&1
+    tail -3 "$OUT/gpu_test.txt" | tee -a "$LOG"
+fi
+
+if [ "$(left)" -gt 120 ]; then
+    note "3. the step, torch against triton"
+    timeout $(( $(left) - 60 )) "$PY" bench/step_bench.py --model builtin:nemotron-0.6b --device cuda --dtype float16 \
+        --engine fast-cudagraph --lookaheads "$LOOKAHEADS" --batches "$BATCHES" --kernels torch,triton --repeats 2 \
+        --no-nemo --out "$OUT/step_kernels.json" > "$OUT/step_kernels.txt" 2>&1
+    grep '^|' "$OUT/step_kernels.txt" | tee -a "$LOG"
+fi
+if [ "$(left)" -gt 110 ]; then
+    timeout 60 "$PY" bench/step_bench.py --model builtin:nemotron-0.6b --device cuda --dtype float16 \
+        --engine fast-cudagraph --lookaheads 160 --batches "$PROFILE_ROWS" --kernels triton --iters 4 --warm 2 --no-nemo \
+        --profile 4 > "$OUT/profile.txt" 2>&1
+fi
+
+. bench/server_start.sh
+for kernels in triton torch; do
+    [ "$(left)" -gt $(( C1_SECONDS + 60 )) ] || { note "4. c=1 $kernels: not run (time)"; continue; }
+    note "4. one stream, --step-kernels $kernels"
+    start_server "$OUT/server_c1_$kernels.log" --model builtin:nemotron-0.6b --dtype float16 --device cuda \
+        --step-kernels "$kernels" 2>> "$LOG" || continue
+    timeout $(( C1_SECONDS + 30 )) "$PY" -m client.loadgen --server "127.0.0.1:$PORT" \
+        --metrics-url "http://127.0.0.1:$MPORT/metrics" --server-pid "$SPID" --concurrency 1 --synthetic-clips 4 \
+        --synthetic-seconds 8 --stream-seconds "$C1_SECONDS" --ramp-s 0 --workers 1 --cooldown-s 1 \
+        --json "$OUT/c1_$kernels.json" > "$OUT/c1_$kernels.txt" 2>&1
+    kill -TERM "$SPID"; wait "$SPID" 2>/dev/null
+    grep -h "step kernels\|sizing:" "$OUT/server_c1_$kernels.log" | tee -a "$LOG"
+    tail -4 "$OUT/c1_$kernels.txt" | tee -a "$LOG"
+done
+note "done; files in $OUT"
