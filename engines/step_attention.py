@@ -65,9 +65,11 @@ class Tuning:
             raise ValueError(f"{self}: keys a block 0 or a power of two, warps and stages at least 1")
 
 
-# What the device measured best (bench/attention_bench.py), by the step's new frames: few new
-# frames (160 ms) and many (560 ms) load the same cache against 2 and 7 query rows.
-TUNING = {"few": Tuning(), "many": Tuning()}
+# The launch by the step's new frames: few (160 ms: 2 query rows) and many (560 ms: 7) load
+# the same cache. Until bench/attention_bench.py has chosen on the device, run 41's launch, the
+# only one measured so far (bench/RESULTS.md: the whole cache in one block, tensor-core
+# products, 8 warps), which read the cache slower than SDPA reads a gathered copy at 512 rows.
+TUNING = {"few": Tuning(num_warps=8), "many": Tuning(num_warps=8)}
 # A launch measured on another card can be tried without a release: NEMOSTREAM_ATTENTION_TUNING
 # (parse_tuning's form) overrides TUNING in every process that imports this module, engine
 # workers included (they inherit the environment).
@@ -80,9 +82,9 @@ def tuning_for(frames: int) -> Tuning:
 
 def parse_tuning(text: str) -> dict[str, Tuning]:
     """`few=32/4/2/fma,many=64/4/1` (keys per block / warps / stages [/ products], by TUNING's
-    keys) as Tunings:
-    how a benchmark hands a measured choice to another run (bench/attention_bench.py writes it,
-    bench/step_bench.py --attention-tuning reads it)."""
+    keys) as Tunings: how a benchmark hands a measured choice to another run
+    (bench/attention_bench.py writes it; bench/step_bench.py --attention-tuning and
+    NEMOSTREAM_ATTENTION_TUNING read it)."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, spec = part.partition("=")
