@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from client.provenance import source_revision  # noqa: E402
 from engines.step_attention import CacheTable, StepShape, Tuning, step_attention  # noqa: E402
 
 
@@ -131,6 +132,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     bench = _timer(device)
+    revision = source_revision()  # before the run: the source that runs
     dtype = getattr(torch, args.dtype)
     d, H, C = args.d_model, args.heads, args.cache
     tunes = []
@@ -177,8 +179,9 @@ def main() -> None:
                       f"stages={best['num_stages']}, {best['products']})", flush=True)
             if args.out:
                 with open(args.out, "w") as f:
-                    json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-                               "triton": triton.__version__, "d_model": d, "heads": H, "cache": C,
+                    json.dump({"source_revision": revision,
+                               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                               "torch": torch.__version__, "triton": triton.__version__, "d_model": d, "heads": H, "cache": C,
                                "dtype": args.dtype, "rows": rows}, f, indent=1)
     # the launch with the least total time over the batches, for each frame count
     print("\n| new frames | block_n | warps | stages | products | " + " | ".join(f"B={b} ms" for b in args.batches.split(","))
