@@ -47,7 +47,7 @@ def gone(pid: int, timeout_s: float = 10.0) -> bool:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between it and the read
             return True
         time.sleep(0.05)
     return False
