@@ -685,12 +685,12 @@ class FastStepBuffers:
         return sum(t.numel() * t.element_size() for t in
                    (self.feats, self.lengths, self.kv_work, self.conv_work, self.cache_len, self.cache_head, self.bias,
                     self.kernel_cache.table.table, self.kernel_cache.slots, self.workspace_slots)
-                   + ((self.scratch_cache,) if self.scratch_cache is not None else ()))
+                   + (() if self.cache_in_workspace else (self.scratch_cache,)))
 
     def read_cache_from_workspace(self, b: int) -> None:
         """The kernel's rows 0..b-1 read their cache from the workspace (what a gather filled);
         without a workspace for the cache, from the scratch slot (warm-up and capture)."""
-        if self.scratch_cache is not None:
+        if not self.cache_in_workspace:
             self.kernel_cache.table.point_at(self.scratch_cache)
             self.kernel_cache.slots[:b].zero_()
             return

@@ -14,7 +14,6 @@ the per-layer pieces). StreamingEngine needs nothing else: it sizes the slot poo
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import time
 
@@ -111,8 +110,6 @@ class FastCudaGraphEncoder(FastConformerEncoder):
         self.workspace_cache = attention != "kernel" if workspace_cache is None else workspace_cache
         if not self.workspace_cache and attention != "kernel":
             raise ValueError("SDPA attends over the cache in the workspace: workspace_cache must be on")
-        # StreamingEngine refuses to gather for an engine that has nowhere to put the cache
-        self.needs_cache_in_place = not self.workspace_cache
         self.use_graphs = use_graphs
         self.buckets = tuple(sorted(set(buckets) | {max_batch})) if buckets else batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
@@ -132,6 +129,11 @@ class FastCudaGraphEncoder(FastConformerEncoder):
                          bias_buffer=self.buffers.bias_buffer(b) if self.params.device.type == "cuda" else None,
                          cache_head=self.buffers.cache_head[:b],
                          kernel_cache=self.buffers.kernel_cache if self.attention == "kernel" else None)
+
+    @property
+    def needs_cache_in_place(self) -> bool:
+        """No room for a gathered cache: StreamingEngine must not gather for this engine."""
+        return not self.workspace_cache
 
     # The slot pool may gather a batch's attention caches straight into the static buffer, in its
     # ring order, and pass each row's head (StreamingEngine does, with ring_cache).

@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 MIN_DOT = 16  # Triton's tl.dot wants every dimension at least this
 MASK_VALUE = -10000.0  # a masked key's score, as engines.fast_conformer's (finite, as NeMo's)
+PRODUCTS = ("dot", "fma")  # Tuning.products
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ class Tuning:
     products: str = "dot"
 
     def __post_init__(self) -> None:
-        if self.products not in ("dot", "fma"):
-            raise ValueError(f"products {self.products!r}: dot or fma")
+        if self.products not in PRODUCTS:
+            raise ValueError(f"products {self.products!r}: one of {PRODUCTS}")
         if self.block_n < 0 or self.block_n & (self.block_n - 1) or self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"{self}: keys a block 0 or a power of two, warps and stages at least 1")
 
@@ -91,7 +92,7 @@ def parse_tuning(text: str) -> dict[str, Tuning]:
         fields = spec.split("/")
         numbers, products = fields[:3], fields[3:] or ["dot"]
         if (key not in TUNING or len(numbers) != 3 or len(products) != 1 or not all(f.isdigit() for f in numbers)
-                or products[0] not in ("dot", "fma")):
+                or products[0] not in PRODUCTS):
             raise ValueError(f"attention tuning {part!r} is not few|many=BLOCK_N/WARPS/STAGES[/dot|fma]")
         out[key] = Tuning(*map(int, numbers), products=products[0])
     return out
@@ -194,9 +195,9 @@ def step_attention(qkv: torch.Tensor, new_kv: torch.Tensor, table: CacheTable, l
                          f"{tuple(slots.shape)}, heads {tuple(heads.shape)}, chunk_ok {tuple(chunk_ok.shape)}, {shape}")
     tune = tuning or tuning_for(T)
     fma = tune.products == "fma"
-    # tl.dot wants 16 rows at least; the broadcast products take the frames as they are
-    block_t = triton.next_power_of_2(T) if fma else max(MIN_DOT, triton.next_power_of_2(T))
-    block_n = tune.block_n or (triton.next_power_of_2(C) if fma else max(MIN_DOT, triton.next_power_of_2(C)))
+    least = 1 if fma else MIN_DOT  # tl.dot wants 16 rows at least; the broadcast products take any
+    block_t = max(least, triton.next_power_of_2(T))
+    block_n = tune.block_n or max(least, triton.next_power_of_2(C))
     _attention_kernel[(B, H)](
         qkv, qkv.stride(0),
         table.table, layer, table.table.numel() - 1, slots, heads, cache_len, enc_len, chunk_ok,

@@ -197,7 +197,7 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
         launch = details.get("attention_launch")
         if in_pool and launch:
             attention += (f", {launch['block_n'] or 'all'} keys a block, {launch['num_warps']} warps, "
-                          f"{launch['num_stages']} stages")
+                          f"{launch['num_stages']} stages, {launch['products']} products")
         chains = "fused" if fused else "as PyTorch runs them"
         lines.append(f"step kernels: {'triton' if in_pool or fused else 'torch'} (attention: {attention}; "
                      f"element-wise chains {chains})")
