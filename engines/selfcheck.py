@@ -9,7 +9,10 @@ The inputs: a few streams at different positions (each starts one step after the
 so their caches are at different fill levels), fed log-mel features of speech-like audio,
 for a few steps; each engine carries its own caches from step to step (an engine may keep its
 cache in its own layout), and the encoder outputs are compared at every step, the caches too
-where the layouts agree. The last step gives the last stream a short chunk.
+where the layouts agree. The last step gives the last stream a short chunk. An engine that reads
+the attention cache where it lies in the slot pool (`needs_cache_in_place`: the attention
+kernel's, which keeps no room for a gathered copy) is given its cache the way the server gives
+it: rows of a slot pool's ring, which its new frames are committed into after each step.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.encoders import EagerEncoder, EncoderEngine
+from engines.encoders import EagerEncoder, EncoderEngine, PoolRows
 from engines.export import encoder_io
 from engines.models import LoadedModel, speechlike_audio
+from engines.slot_pool import SlotPool, StateSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,8 @@ def check_encoder_engine(engine: EncoderEngine, model: LoadedModel, device: torc
         state_eng = [cc0] + [t.clone() for t in state_ref[1:]]
     else:
         state_eng = [t.clone() for t in state_ref]
+    pool = _ring_pool(engine, rows, dtype, device)
+    slots = torch.arange(rows, device=device)
     before = engine.executions
     worst_rel, worst_abs, where = 0.0, 0.0, ""
     for s in range(steps):
@@ -106,9 +112,18 @@ def check_encoder_engine(engine: EncoderEngine, model: LoadedModel, device: torc
                 st[0][:, r].zero_()
                 st[1][:, r].zero_()
                 st[2][r] = 0
+        fresh = torch.arange(rows) > s
         with torch.inference_mode():
             ref = [t.clone() for t in reference.step(x, lengths, *state_ref)]
-            got = [t.clone() for t in engine.step(x, lengths, *state_eng)]
+            if pool is None:
+                got = [t.clone() for t in engine.step(x, lengths, *state_eng)]
+            else:
+                ring = pool.tensors["cache_channel"]
+                ring[:, fresh.to(device)] = 0
+                got = [t.clone() for t in engine.step(x, lengths, PoolRows(ring, slots), *state_eng[1:],
+                                                      cache_head=pool.heads_of("cache_channel", slots))]
+                # the new frames into the ring, as the server commits them; a fresh row's whole
+                pool.commit(slots, pool.stage({"cache_channel": got[2]}, restart=(fresh | (s == 0)).numpy()))
         if not torch.equal(got[1].long().cpu(), ref[1].long().cpu()):
             return _result(engine, False, steps, rows, before, worst_rel, worst_abs, tol,
                            f"step {s}: encoded lengths {got[1].tolist()} != eager {ref[1].tolist()}")
@@ -142,6 +157,16 @@ def check_encoder_engine(engine: EncoderEngine, model: LoadedModel, device: torc
     return _result(engine, True, steps, rows, before, worst_rel, worst_abs, tol,
                    f"ok: {steps} steps, {rows} streams, max relative error {worst_rel:.3g} ({where or 'exact'})",
                    after)
+
+
+def _ring_pool(engine: EncoderEngine, rows: int, dtype: torch.dtype, device: torch.device) -> SlotPool | None:
+    """For an engine that reads its attention cache in the slot pool (and has no room to be given
+    a gathered copy), a pool of `rows` slots keeping that cache as the server's ring; else None."""
+    if not getattr(engine, "needs_cache_in_place", False):
+        return None
+    shape = tuple(engine.cache_channel_shape)
+    return SlotPool([StateSpec("cache_channel", shape, 1, dtype, ring_shift=int(engine.cache_shift_frames))],
+                    rows, device)
 
 
 def _result(engine, passed, steps, rows, before, rel, abs_, tol, detail, after=None) -> SelfCheck:

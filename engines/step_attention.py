@@ -67,10 +67,13 @@ class Tuning:
 
 
 # The launch by the step's new frames: few (160 ms: 2 query rows) and many (560 ms: 7) load
-# the same cache. Until bench/attention_bench.py has chosen on the device, run 41's launch, the
-# only one measured so far (bench/RESULTS.md: the whole cache in one block, tensor-core
-# products, 8 warps), which read the cache slower than SDPA reads a gathered copy at 512 rows.
-TUNING = {"few": Tuning(num_warps=8), "many": Tuning(num_warps=8)}
+# the same cache. Chosen by bench/attention_bench.py on an H100 (run 42, bench/RESULTS.md), the
+# 0.6B model's shape (8 heads of 128, 70 cached frames), 256 to 1,024 rows: blocks of 32 keys, 4
+# warps, tensor-core products, for both. At 1,024 rows 0.385 ms (2 frames) and 0.402 ms (7)
+# against 1.48 and 1.77 ms for PyTorch's gather + bias + SDPA, and 0.60 ms for run 41's launch
+# (the whole cache in one block, 8 warps). Stages 1 and 2 timed the same; CUDA-core products
+# (fma) were 1.4x slower than tensor-core ones even for 2 frames.
+TUNING = {"few": Tuning(block_n=32, num_warps=4, num_stages=2), "many": Tuning(block_n=32, num_warps=4, num_stages=2)}
 # A launch measured on another card can be tried without a release: NEMOSTREAM_ATTENTION_TUNING
 # (parse_tuning's form) overrides TUNING in every process that imports this module, engine
 # workers included (they inherit the environment).

@@ -170,6 +170,45 @@ STREAMS_IN_PLACE = """
 """
 
 
+SELF_CHECK_IN_PLACE = """
+    import torch
+    from engines.config import EngineConfig
+    from engines.factory import build_engine
+    from engines.fast_engines import FastCudaGraphEncoder
+    from engines.selfcheck import check_encoder_engine
+    from tests.conftest import _quiet_nemo
+
+    _quiet_nemo()
+    eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
+                                      lookahead_ms=160, max_streams=4, max_batch=4))
+    enc = eager.model.nemo_model.encoder
+    cpu = torch.device("cpu")
+    engine = FastCudaGraphEncoder(enc, max_batch=4, use_graphs=False, buckets=(4,), attention="kernel")
+    assert engine.needs_cache_in_place
+    check = check_encoder_engine(engine, eager.model, cpu, torch.float32, 4, steps=4)
+    assert check.passed, check.detail
+    assert check.executions_after - check.executions_before == 4
+    # the check reads what the kernel computes: a kernel that attends to a wrong cache fails it
+    real = engine.buffers.read_cache_from_pool
+    def stale(rows, b):  # every row's cache read from slot 0's
+        real(type(rows)(rows.pool, torch.zeros_like(rows.slots)), b)
+    engine.buffers.read_cache_from_pool = stale
+    bad = check_encoder_engine(engine, eager.model, cpu, torch.float32, 4, steps=4)
+    assert not bad.passed, bad.detail
+    print("ok", check.detail, "|", bad.detail)
+"""
+
+
+def test_the_start_up_self_check_gives_the_kernel_its_cache_in_a_slot_pool_under_the_interpreter():
+    """The attention kernel's engine keeps no room for a gathered cache, so the start-up
+    self-check hands it the rows' caches as a slot pool's ring (PoolRows and heads, its new
+    frames committed after each step), as the server does: it passes against NeMo, and it
+    fails where the kernel reads the wrong rows. (Before, the check handed it a gathered cache,
+    and every server with --step-kernels triton refused to start: run 42.)"""
+    out = _interpret(SELF_CHECK_IN_PLACE)
+    assert out.strip().startswith("ok"), out
+
+
 def test_streams_with_the_cache_read_in_the_pool_decode_as_nemo_does_under_the_interpreter():
     """Whole streams at 160 and 560 ms, in mixed batches at different positions, slots reused
     (160 ms), one stream past a turn of the ring: with the attention kernel reading the pool's
