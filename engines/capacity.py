@@ -21,21 +21,18 @@ go below it: halving, down to 1.
   11.1 and 19.8 ms at 256, 512 and 1,024 rows at 160 ms; 12.8, 23.3 and 44.9 ms at 560 ms), so
   larger batches are measured; whether they are taken is MIN_DOUBLING_GAIN's rule.
   MAX_AUTO_BATCH = 1,024: the largest batch measured; an explicit --max-batch may go higher.
-  MIN_DOUBLING_GAIN = 1.25: a larger batch adds latency to every row in it (the rows wait for
-  the whole step), so it must pay in throughput. What the measurement times is the engine's step;
-  the work outside it (the link to the engine worker, the scheduler's books, the frontends)
-  grows with the rows as well, so a doubling that makes the step only a little cheaper per row
-  buys no capacity. Measured on one H200 (bench/RESULTS.md, runs 20 and 21, 0.6B fp16): max
-  batch 512 against 256 gave 2,160 against 2,232 streams at 160 ms, and at 560 ms a p95 chunk
-  latency of 512 against 298 ms at 4,608 streams; the encoder alone is 1.23x (160 ms) and 1.10x
-  (560 ms) the rows per ms at 512 as at 256, the whole step less. A step with a large fixed cost
-  (launches, a small model) nearly doubles its throughput per doubling and grows. Since the
-  attention cache is a ring read in place, the start-up measurement on the H200 sits at the
-  line: it took 512 in the GPU suite (tests/gpu/RESULTS.md, runs 6 and 8) and 256 in the
-  benchmark's servers (bench/RESULTS.md, runs 28 and 31: 13.4-13.8 ms at 256, 22.7-24.2 at 512).
-  Under load 256 is the better choice today: with max batch 512 no level passed at 160 ms down
-  to 2,086 streams (runs 29-30), where 256 carried 2,400; the scheduler's loop, not the step,
-  binds at those batches (docs/SCALING.md, Next).
+  MIN_DOUBLING_GAIN = 1.05: a doubling is taken where it carries more rows per millisecond than
+  the batch below it, by more than the measurement's noise. A batch only grows that large when
+  the load needs it (the scheduler steps whatever is ready), and STEP_BUDGET_FRACTION bounds what
+  its step adds to each row's latency, so a cap below the largest batch that still gains only
+  lowers the capacity: the cap's rows per step time is the most a server carries. On one H100
+  (bench/RESULTS.md, run 43: the Triton kernels, 0.6B fp16, 160 ms) max batch 1,024 carried
+  4,096 streams of 60 s at p95 chunk latency 108 ms with a mean batch of 642, where 256 rows in
+  11.6 ms (the start-up measurement) can carry at most 3,530 and 512 rows in 19-21 ms about
+  3,900-4,300; the gains were 1.22x from 256 to 512 (the start-up measurement) and 1.16x from
+  512 to 1,024 (bench/step_bench.py, run 42). The rule was 1.25 before the engine core (issue 17): then the scheduler's loop, not
+  the step, bound at large batches (runs 20-21 and 29-30 on an H200: 512 carried fewer streams
+  than 256), and the work outside the step grew with the rows.
   STEP_BUDGET_FRACTION = 0.5: the scheduler keeps up to two steps in flight (its
   pipeline_depth), so a chunk that becomes ready just after a step was submitted waits for that
   step and the one queued behind it before its own; with each step at most half a chunk period,
@@ -80,7 +77,7 @@ from dataclasses import asdict, dataclass
 GPU_MAX_BATCH = 256
 MAX_AUTO_BATCH = 1024
 STEP_BUDGET_FRACTION = 0.5
-MIN_DOUBLING_GAIN = 1.25
+MIN_DOUBLING_GAIN = 1.05
 MAX_AUTO_STREAMS = 4608
 SLOTS_PER_STEP_CAPACITY = 2.0
 MAX_AUTO_SLOTS = 16384
