@@ -68,6 +68,10 @@ class WatchedWrites:
     async def write(self, response) -> None:
         write = asyncio.ensure_future(self._context.write(response))
         write.add_done_callback(self._write_done)
+        # A handler that ends while this write waits (the client cancelled the call) leaves it to
+        # gRPC, which fails it once the call is gone: nobody's error to report. Here below, a
+        # failure still reaches the handler (write.result()).
+        forget(write)
         self._expired = False
         self._deadline.arm(self._idle)
         wake = self._wake
