@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engines.device_io import to_device
-from engines.row_gather import gather_rows
+from engines.row_gather import gather_rows, scatter_rows
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class SlotPool:
         owns (no copy), into the batch's slots."""
         for name, v in {**staged.whole, **(values or {})}.items():
             t = self.tensors[name]
-            t.index_copy_(self.specs[name].slot_dim, index, v.to(t.dtype))
+            self._write_rows(t, self.specs[name].slot_dim, index, v.to(t.dtype))
         for name, new in staged.ring_new.items():
             self._commit_ring(name, index, staged, new)
 
@@ -153,15 +153,22 @@ class SlotPool:
         if staged.restart_rows is not None:
             # host row lists -> device (no device sync)
             whole = index.index_select(0, to_device(staged.restart_rows, index.device))
-            t.index_copy_(dim, whole, staged.ring_whole[name])
+            self._write_rows(t, dim, whole, staged.ring_whole[name])
             heads.index_fill_(0, whole, 0)
             if not len(staged.steady_rows):
                 return
             index = index.index_select(0, to_device(staged.steady_rows, index.device))
         # they overwrite each ring's oldest frames
         head = heads.index_select(0, index)
-        t.flatten(dim, dim + 1).index_copy_(dim, self._ring_positions(index, head, C, shift), new)
+        self._write_rows(t.flatten(dim, dim + 1), dim, self._ring_positions(index, head, C, shift), new)
         heads.index_copy_(0, index, (head + shift) % C)
+
+    @staticmethod
+    def _write_rows(t: torch.Tensor, dim: int, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """t's rows `index` along `dim` = rows: a block copy where the slot dimension is not the
+        first (engines/row_gather.py: index_copy_ takes a generic path there), else index_copy_."""
+        if dim != 1 or not scatter_rows(rows, index, t):
+            t.index_copy_(dim, index, rows)
 
     def heads_of(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """Each row's ring head (the position of its oldest frame), for rows gathered as stored."""
