@@ -16,9 +16,12 @@
 #       LOOKAHEADS=160 CHURN=0 LONG_LEVELS_160=3743 LONG_GROWTH=1.08 MAX_BATCH=auto MAX_STREAMS=auto bash bench/run_h100.sh
 # Run from the repository root after installing the carried wheels (bench/README.md). Knobs:
 # OUT, PY, BUDGET_S, LOOKAHEADS (step A/B), BATCHES, PROFILE_ROWS, C1_SECONDS.
+# $OUT ends with three files (the device tool brings back at most eight): kernels.log (the
+# summary), tuning.txt (the measured launch) and kernels.tgz (every other file).
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/kernels_out}; mkdir -p "$OUT"
+FINAL=${OUT:-/tmp/kernels_out}; mkdir -p "$FINAL"
+OUT=$(mktemp -d /tmp/kernels.XXXXXX)
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-560}
 LOOKAHEADS=${LOOKAHEADS:-160}; BATCHES=${BATCHES:-1,256,512,1024}; PROFILE_ROWS=${PROFILE_ROWS:-512}
@@ -72,4 +75,6 @@ for kernels in triton torch; do
     grep -h "step kernels\|sizing:" "$OUT/server_c1_$kernels.log" | tee -a "$LOG"
     tail -4 "$OUT/c1_$kernels.txt" | tee -a "$LOG"
 done
-note "done; files in $OUT"
+note "done"
+cp "$LOG" "$FINAL/kernels.log"; [ -s "$OUT/tuning.txt" ] && cp "$OUT/tuning.txt" "$FINAL/"
+tar czf "$FINAL/kernels.tgz" -C "$OUT" . && rm -rf "$OUT"
