@@ -114,22 +114,46 @@ class StartupReport:
 def start_encoder_engine(name: str, model: LoadedModel, cfg: EngineConfig, device: torch.device,
                          dtype: torch.dtype) -> tuple[EncoderEngine, SelfCheck | None]:
     """Build engine `name` and prove it: one self-check against the eager reference (the eager
-    engine is the reference itself, so it is not compared with itself). Raises EngineStartError."""
+    engine is the reference itself, so it is not compared with itself). Raises EngineStartError.
+
+    An engine built with the Triton step kernels (`cfg.step_kernels` triton or auto) that fails
+    its self-check is built again with PyTorch's kernels and checked again, with a warning: the
+    kernels are a speed-up of the same engine, and a server that can serve correctly without
+    them should (as where they fail to build, engines.fast_engines.build_fast_encoder)."""
+    encoder, check, failure = _build_and_check(name, model, cfg, device, dtype)
+    if failure is not None and getattr(encoder, "attention", None) == "kernel" and cfg.step_kernels != "torch":
+        log.warning("encoder engine %r with the Triton step kernels %s: building it with PyTorch's kernels",
+                    name, failure)
+        del encoder, check
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        encoder, check, failure = _build_and_check(name, model, dataclasses.replace(cfg, step_kernels="torch"),
+                                                   device, dtype)
+    if failure is not None:
+        raise EngineStartError(f"encoder engine {name!r} {failure}")
+    if check is not None:
+        log.info("encoder engine %r passed its self-check: %s", name, check.detail)
+    return encoder, check
+
+
+def _build_and_check(name: str, model: LoadedModel, cfg: EngineConfig, device: torch.device,
+                     dtype: torch.dtype) -> tuple[EncoderEngine | None, SelfCheck | None, str | None]:
+    """(the engine, its self-check, None) or, where it fails its self-check, (the engine, the
+    check, why). Raises EngineStartError where it cannot be built at all."""
     try:
         encoder = make_encoder_engine(name, model, cfg, device, dtype)
     except Exception as e:
         raise EngineStartError(f"encoder engine {name!r} cannot be built: {type(e).__name__}: {e}") from e
     if name == "eager" and type(encoder) is EagerEncoder:
-        return encoder, None
+        return encoder, None, None
     try:
         check = check_encoder_engine(encoder, model, device, dtype, cfg.max_batch)
     except Exception as e:
-        raise EngineStartError(f"encoder engine {name!r} failed its start-up self-check: "
-                               f"{type(e).__name__}: {e}") from e
+        return encoder, None, f"failed its start-up self-check: {type(e).__name__}: {e}"
     if not check.passed:
-        raise EngineStartError(f"encoder engine {name!r} failed its start-up self-check: {check.detail}")
-    log.info("encoder engine %r passed its self-check: %s", name, check.detail)
-    return encoder, check
+        return encoder, check, f"failed its start-up self-check: {check.detail}"
+    return encoder, check, None
 
 
 def start_with_fallback(engine_name: str, model: LoadedModel, cfg: EngineConfig, device: torch.device,

@@ -175,3 +175,60 @@ def test_eager_is_the_reference_and_is_not_self_checked(tiny_model):
     engine = build_engine(_cfg("eager"))
     assert engine.startup_report.self_check is None
     assert engine.executions() == {"eager": 0}
+
+
+class KernelEngine(WrongEngine):
+    """Stands for the fast-cudagraph engine built with the Triton step kernels (its `attention`
+    says so) whose outputs are wrong; built with PyTorch's kernels (`attention` "sdpa") it is the
+    eager reference, right."""
+
+    name = "fast-cudagraph"
+
+    def __init__(self, encoder, kernels: str):
+        super().__init__(encoder)
+        self.attention = "kernel" if kernels != "torch" else "sdpa"
+
+    def _run(self, *args):
+        if self.attention == "kernel":
+            return super()._run(*args)
+        return EagerEncoder._run(self, *args)
+
+
+def _inject_kernels(monkeypatch, built):
+    def fake(engine_name, model, cfg, device, dtype):
+        built.append(cfg.step_kernels)
+        return KernelEngine(model.nemo_model.encoder, cfg.step_kernels)
+
+    monkeypatch.setattr(factory, "make_encoder_engine", fake)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
+def test_an_engine_whose_triton_kernels_fail_the_self_check_starts_with_pytorchs(tiny_model, monkeypatch, caplog,
+                                                                                  kernels):
+    """The step kernels are a speed-up of the same engine: where the engine built with them fails
+    its self-check, it is built again with PyTorch's kernels, checked again, and serves, with a
+    warning that says why (`--step-kernels auto` is the default on a GPU)."""
+    built = []
+    _inject_kernels(monkeypatch, built)
+    with caplog.at_level("WARNING", logger="engines.factory"):
+        engine = build_engine(_cfg("fast-cudagraph", step_kernels=kernels))
+    assert built == [kernels, "torch"]
+    assert engine.encoder_engine.attention == "sdpa"
+    report = engine.startup_report
+    assert report.engine == "fast-cudagraph" and not report.fell_back and report.self_check.passed
+    assert any("Triton step kernels" in r.getMessage() and "differ from the eager reference" in r.getMessage()
+               for r in caplog.records)
+    assert engine.slots_in_use() == 0
+
+
+def test_an_engine_that_fails_the_self_check_with_pytorchs_kernels_refuses_to_start(tiny_model, monkeypatch):
+    built = []
+    _inject_kernels(monkeypatch, built)
+    monkeypatch.setattr(KernelEngine, "_run", WrongEngine._run)  # wrong with either kernels
+    with pytest.raises(EngineStartError, match="differ from the eager reference.*Refusing to start"):
+        build_engine(_cfg("fast-cudagraph", step_kernels="auto"))
+    assert built == ["auto", "torch"]
+    built.clear()
+    with pytest.raises(EngineStartError, match="differ from the eager reference"):
+        build_engine(_cfg("fast-cudagraph", step_kernels="torch"))
+    assert built == ["torch"]  # asked for PyTorch's kernels: nothing to fall back from
