@@ -16,9 +16,21 @@ import numpy as np
 import torch
 
 
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host tensor to fill (through its `.numpy()` view) and then copy to `device` as it is:
+    pinned for a CUDA device, from PyTorch's caching host allocator, so that the copy is
+    asynchronous and reads it in place, where a numpy array is first copied into a pinned block
+    (`_pinned`): one pass over the bytes on the host instead of two. The allocator keeps the
+    block until the copy that reads it has run, so a new buffer per step is safe."""
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
 def to_device(array, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`array` (numpy array or list) as a tensor on `device`, queued without a synchronization.
-    On the CPU the tensor may share the array's memory (as torch.from_numpy does)."""
+    """`array` (numpy array or list, or a host tensor: host_buffer's) as a tensor on `device`,
+    queued without a synchronization. On the CPU the tensor may share the array's memory (as
+    torch.from_numpy does)."""
+    if isinstance(array, torch.Tensor):
+        return array.to(device, dtype=dtype, non_blocking=array.is_pinned())
     host = np.ascontiguousarray(array, dtype=None if dtype is None else _NUMPY_OF[dtype])
     if dtype is None and not isinstance(array, np.ndarray) and host.dtype == np.float64:
         host = host.astype(np.float32)  # a list of floats: torch's default dtype, as torch.as_tensor gives
@@ -33,7 +45,10 @@ def to_device(array, device: torch.device, dtype: torch.dtype | None = None) -> 
 def copy_into(dst: torch.Tensor, array) -> None:
     """Copy a host array into the device tensor `dst` (same shape) without a synchronization:
     through a pinned block, as `to_device`, but into a buffer that already exists (a CUDA
-    graph's static input)."""
+    graph's static input). A host tensor (host_buffer's) is copied as it is."""
+    if isinstance(array, torch.Tensor):
+        dst.copy_(array, non_blocking=array.is_pinned())
+        return
     host = np.ascontiguousarray(array, dtype=_NUMPY_OF[dst.dtype])
     if dst.device.type != "cuda":
         dst.copy_(torch.from_numpy(host))

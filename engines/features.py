@@ -94,30 +94,35 @@ class StreamingFeaturizer:
         return np.stack(samples if rows is None else [samples[i] for i in rows.tolist()])
 
     def assemble(self, slots: list[int], chunk_index: list[int], samples: list[np.ndarray],
-                 ended: list[bool], fresh: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ended: list[bool], fresh: list[bool],
+                 out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Host side: the batch's waveform windows, each row's absolute end of audio in framed
         samples (lead-in included; -1 while
         the stream is open) and each window's absolute start. Changes no state; a fresh row
         (a stream's first chunk) reads silence as its history, whatever its slot held before.
 
         Steady-state rows (not first, not last, a whole chunk, the window meeting a full
-        history) are copied in two bulk numpy operations; only the others go row by row."""
+        history) are copied in two bulk numpy operations; only the others go row by row.
+        `out` ([rows, window_len] float32): where to write the windows (the engine's pinned host
+        buffer, which the copy to the device then reads as it is); else a new array."""
         B = len(slots)
         r = self._rows(slots, chunk_index, samples, fresh)
         done = np.asarray(ended, dtype=bool)
         take = r.seen - r.starts  # the window begins with this many already-seen samples
         steady = ~r.first & ~done & (take == self.history_len) & (r.framed == self.window_len - self.history_len)
         audio_end = np.where(done, r.seen + r.framed, -1)
+        if out is not None and out.shape != (B, self.window_len):
+            raise ValueError(f"windows of {B} rows x {self.window_len} samples do not fit {out.shape}")
+        windows = np.empty((B, self.window_len), dtype=np.float32) if out is None else out
         if steady.all():
-            windows = np.empty((B, self.window_len), dtype=np.float32)
             windows[:, :self.history_len] = self.history[r.slot]
             if isinstance(samples, RowSamples):  # straight into the windows (a ring's spans: one pass)
                 samples.stack_into(windows[:, self.history_len:])
             else:
                 windows[:, self.history_len:] = self._stack(samples, None) if B else 0.0
             return windows, audio_end, r.starts
-        windows = np.zeros((B, self.window_len), dtype=np.float32)
         rows = np.flatnonzero(steady)
+        windows[~steady] = 0.0  # the others' silence: history before a stream, past a last chunk
         if len(rows):
             windows[rows, :self.history_len] = self.history[r.slot[rows]]
             windows[rows, self.history_len:] = self._stack(samples, rows)
@@ -160,7 +165,9 @@ class StreamingFeaturizer:
 
     @torch.inference_mode()
     def compute(self, windows: np.ndarray, audio_end: np.ndarray, starts: np.ndarray,
-                chunk_index: list[int]) -> FeatureBatch:
+                chunk_index: list[int], host: torch.Tensor | None = None) -> FeatureBatch:
+        """The batch's log-mel features on the device. `host`: the tensor `windows` is a view of
+        (engines.device_io.host_buffer), copied to the device as it is (no second host copy)."""
         g = self.geometry
         B = windows.shape[0]
         end = np.where(audio_end < 0, np.iinfo(np.int64).max, audio_end)
@@ -173,11 +180,12 @@ class StreamingFeaturizer:
             valid[done] = np.minimum(C, frames - np.asarray(chunk_index, dtype=np.int64)[done] * C)
         graphs = self.graphs
         if graphs is not None and B <= graphs.max_batch:
-            mel, valid_t = graphs.run(windows, starts, end, valid)
+            mel, valid_t = graphs.run(windows if host is None else host, starts, end, valid)
         else:
             dev = self.device
             valid_t = to_device(valid, dev)
-            mel = self.mel(to_device(windows, dev), to_device(starts, dev), to_device(end, dev), valid_t)
+            mel = self.mel(to_device(windows if host is None else host, dev), to_device(starts, dev),
+                           to_device(end, dev), valid_t)
         return FeatureBatch(new_frames=mel, valid_frames=valid_t, valid_frames_host=valid)
 
     def mel(self, x: torch.Tensor, starts: torch.Tensor, end: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -253,9 +261,10 @@ class FeatureGraphs:
             self.captures += 1
 
     @torch.inference_mode()
-    def run(self, windows: np.ndarray, starts: np.ndarray, end: np.ndarray,
+    def run(self, windows: np.ndarray | torch.Tensor, starts: np.ndarray, end: np.ndarray,
             valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-mel [n, n_mels, C], valid frames [n] on the device) of a batch of n rows."""
+        """(log-mel [n, n_mels, C], valid frames [n] on the device) of a batch of n rows; the
+        windows as an array or a host tensor (engines.device_io.copy_into)."""
         n = windows.shape[0]
         b = bucket_for(n, self.buckets)
         copy_into(self.x[:n], windows)

@@ -20,7 +20,7 @@ from engines.api import (DEVICE_DONE, QUEUED, BadChunkError, ChunkWork, EngineEr
                          PoolExhaustedError, ResultColumns, RowSamples, StepPlan, StepResult, StepTimings,
                          StreamStateLostError, pieces_text)
 from engines.cudagraph_engine import batch_buckets
-from engines.device_io import to_device
+from engines.device_io import host_buffer, to_device
 from engines.encoders import EncoderEngine, PoolRows
 from engines.endpointing import Endpointer, event_frames
 from engines.features import FeatureGraphs, StreamingFeaturizer
@@ -244,13 +244,16 @@ class StreamingEngine:
         slots = slot_array.tolist()
         for i in np.flatnonzero(fresh_host).tolist():  # idempotent: a retried first chunk sets the same row
             self.endpointer.configure(slots[i], plan.endpointing.get(i))
+        # The windows are written straight into the host buffer the device copy reads (pinned on
+        # a GPU): one pass over the batch's audio on the host, not a second into a pinned block.
+        host = host_buffer((len(slots), self.featurizer.window_len), torch.float32, self.device)
         try:
             windows, audio_end, starts = self.featurizer.assemble(slots, chunk_index, plan.samples, plan.audio_ended,
-                                                                  fresh_host)
+                                                                  fresh_host, out=host.numpy())
         except ValueError as e:
             raise BadChunkError(str(e), tuple(plan.stream_ids)) from e
         self._check_finite(plan, windows)
-        return PreparedStep(plan, chunk_index, windows, audio_end, starts, time.perf_counter() - t0)
+        return PreparedStep(plan, chunk_index, windows, audio_end, starts, time.perf_counter() - t0, windows_host=host)
 
     def step(self, plan: "StepPlan | PreparedStep") -> StepResult:
         """Compute, then commit. Until the commit nothing of any stream is written, so an
@@ -308,7 +311,7 @@ class StreamingEngine:
             restart_host = fresh_host
         encoder_restart = restart_host if self.utterance_reset == "all" else fresh_host
         fresh = to_device(restart_host, self.device)
-        feats = self.featurizer.compute(windows, audio_end, starts, chunk_index)
+        feats = self.featurizer.compute(windows, audio_end, starts, chunk_index, host=prepared.windows_host)
         wait()
         t_feats = time.perf_counter()
         into, head, skip = None, None, ()
@@ -586,6 +589,7 @@ class PreparedStep:
     starts: np.ndarray | None        # each window's absolute first sample
     seconds: float                   # host time the preparation took
     ahead: bool = False              # prepared before this step's own call (while another ran)
+    windows_host: torch.Tensor | None = None  # the host tensor `windows` views (device_io.host_buffer)
 
 
 class StepRun:

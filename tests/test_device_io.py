@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engines.device_io import to_device
+from engines.device_io import copy_into, host_buffer, to_device
 
 
 def test_values_and_dtypes():
@@ -25,3 +25,16 @@ def test_lists_and_conversions_match_torch_as_tensor():
         got = to_device(value, torch.device("cpu"), dtype)
         want = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value, dtype=dtype)
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (value, dtype)
+
+
+def test_a_host_buffer_is_copied_as_it_is():
+    """host_buffer: filled through its numpy view, then copied to the device without a second
+    host copy (pinned on a GPU; on the CPU a plain tensor the device tensor may share)."""
+    host = host_buffer((2, 3), torch.float32, torch.device("cpu"))
+    assert not host.is_pinned() and host.shape == (2, 3)
+    host.numpy()[...] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert to_device(host, torch.device("cpu")).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert to_device(host, torch.device("cpu"), torch.float16).dtype == torch.float16
+    dst = torch.zeros(2, 3)
+    copy_into(dst, host)
+    assert torch.equal(dst, host) and dst.data_ptr() != host.data_ptr()

@@ -124,6 +124,37 @@ def test_features_equal_nemo_preprocessor(tiny_engine):
     assert torch.allclose(ours, ref[0, :, : int(ref_len)], atol=2e-4), (ours - ref[0]).abs().max()
 
 
+def test_windows_assembled_into_a_given_buffer_equal_new_ones(tiny_engine):
+    """StreamingEngine.prepare assembles a step's windows straight into the host buffer the copy
+    to the device reads (pinned on a GPU: engines.device_io.host_buffer), which holds whatever
+    an earlier step left there: in a batch of a steady row, a stream's first chunk and a short
+    last chunk, every sample the windows do not fill (silence before a stream, past its end) is
+    zero there too."""
+    from engines.features import StreamingFeaturizer
+
+    g = tiny_engine.geometry
+    feat = StreamingFeaturizer(tiny_engine.model.nemo_model.preprocessor.featurizer, g, capacity=3,
+                               device=torch.device("cpu"))
+    a = _audio(3.0, seed=21)
+    for k in range(2):  # stream A (slot 0) two chunks in: its third is steady
+        lo, hi = g.chunk_span(k, len(a), False)
+        w, end, starts = feat.assemble([0], [k], [a[lo:hi]], [False], [k == 0])
+        feat.commit([0], [a[lo:hi]], w, starts, [k == 0])
+    lo, hi = g.chunk_span(2, len(a), False)
+    b = _audio(2.0, seed=22)
+    b_lo, b_hi = g.chunk_span(0, len(b), False)
+    short = _audio(0.05, seed=23)  # a whole stream shorter than a chunk: first and last at once
+    rows = ([0, 1, 2], [2, 0, 0], [a[lo:hi], b[b_lo:b_hi], short], [False, False, True], [False, True, True])
+    want, want_end, want_starts = feat.assemble(*rows)
+    buffer = np.full((3, feat.window_len), np.nan, dtype=np.float32)
+    got, end, starts = feat.assemble(*rows, out=buffer)
+    assert got is buffer and np.array_equal(got, want) and np.isfinite(got).all()
+    assert np.array_equal(end, want_end) and np.array_equal(starts, want_starts)
+    assert np.count_nonzero(got[2]) and not np.count_nonzero(got[2, -g.chunk_samples // 2:])  # zero past its end
+    with pytest.raises(ValueError, match="do not fit"):
+        feat.assemble(*rows, out=buffer[:2])
+
+
 def test_reused_slot_equals_fresh_slot(tiny_engine, stream_audio, alone_runs):
     # dirty a slot with one stream, release it mid-stream, reuse it for another
     slot = tiny_engine.acquire_slot()
