@@ -184,6 +184,45 @@ def test_the_slot_rows_block_copy_equals_index_select_and_is_faster():
                                    "index_select_GBps": round(gbytes / select * 1e3, 1)})
 
 
+def test_the_commits_block_copy_equals_index_copy_and_is_timed_beside_it():
+    """engines/row_gather.scatter_rows on the device, as the slot pool's commit uses it at the 0.6B
+    model's shapes (512 rows of 600 slots): the convolution cache written whole ([24, S, 1024, 8])
+    and the attention ring's two new frames a row ([24, S * 70, 2048]), the same bytes as
+    index_copy_, and the times of both (recorded, not asserted: a figure)."""
+    from engines import row_gather
+
+    assert row_gather.triton is not None, "Triton is missing from this PyTorch build"
+    L, S, n = 24, 600, 512
+    slots = torch.randperm(S, device="cuda")[:n]
+    cases = {
+        "conv_cache": (torch.randn(L, S, 1024, 8, dtype=torch.float16, device="cuda"),
+                       torch.randn(L, n, 1024, 8, dtype=torch.float16, device="cuda"), slots),
+        "ring_frames": (torch.randn(L, S * 70, 2048, dtype=torch.float16, device="cuda"),
+                        torch.randn(L, 2 * n, 2048, dtype=torch.float16, device="cuda"),
+                        (slots[:, None] * 70 + torch.tensor([5, 6], device="cuda")[None, :]).reshape(-1)),
+    }
+    figures = {}
+    for name, (pool, rows, index) in cases.items():
+        want = pool.clone()
+        want.index_copy_(1, index, rows)
+        assert row_gather.scatter_rows(rows, index, pool), name
+        assert torch.equal(pool, want), name
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = {}
+        for how, fn in (("block_copy", lambda: row_gather.scatter_rows(rows, index, pool)),
+                        ("index_copy", lambda: pool.index_copy_(1, index, rows))):
+            fn()
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(10):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[f"{how}_ms"] = round(start.elapsed_time(end) / 10, 3)
+        figures[name] = times
+    record("commit_scatter_512_rows", figures)
+
+
 def test_feature_graphs_are_captured_per_bucket_and_equal_the_eager_features():
     """engines/features.py FeatureGraphs on the device: one graph per encoder bucket, captured
     at start-up, and a batch's log-mel from its graph equals the eager computation's (float32
