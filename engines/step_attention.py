@@ -71,7 +71,7 @@ class Tuning:
 # 0.6B model's shape (8 heads of 128, 70 cached frames), 256 to 1,024 rows: blocks of 32 keys, 4
 # warps, tensor-core products, for both. At 1,024 rows 0.385 ms (2 frames) and 0.402 ms (7)
 # against 1.48 and 1.77 ms for PyTorch's gather + bias + SDPA, and 0.60 ms for run 41's launch
-# (the whole cache in one block, 8 warps). Stages 1 and 2 timed the same; CUDA-core products
+# (the whole cache in one block, 8 warps; 7 frames). Stages 1 and 2 timed the same; CUDA-core products
 # (fma) were 1.4x slower than tensor-core ones even for 2 frames.
 TUNING = {"few": Tuning(block_n=32, num_warps=4, num_stages=2), "many": Tuning(block_n=32, num_warps=4, num_stages=2)}
 # A launch measured on another card can be tried without a release: NEMOSTREAM_ATTENTION_TUNING
