@@ -1,9 +1,11 @@
-"""Which stream slots are taken: the admission limit as a free list. Pure Python (no torch), so a
+"""Which stream slots are taken: the admission limit as a free list. Python and numpy (no torch), so a
 process that keeps the books without the model (server.runtime.engine_worker) can allocate too."""
 
 from __future__ import annotations
 
 import threading
+
+import numpy as np
 
 from engines.api import PoolExhaustedError
 
@@ -15,6 +17,7 @@ class SlotAllocator:
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))
         self._used: set[int] = set()
+        self._mask = np.zeros(capacity, dtype=bool)  # the same set, by slot: a batch checked as one array
         self._lock = threading.Lock()
 
     def acquire(self) -> int:
@@ -23,6 +26,7 @@ class SlotAllocator:
                 raise PoolExhaustedError(f"all {self.capacity} stream slots are in use")
             slot = self._free.pop()
             self._used.add(slot)
+            self._mask[slot] = True
             return slot
 
     def release(self, slot: int) -> None:
@@ -30,6 +34,7 @@ class SlotAllocator:
             if slot not in self._used:
                 raise KeyError(f"slot {slot} is not in use")
             self._used.remove(slot)
+            self._mask[slot] = False
             self._free.append(slot)
 
     def in_use(self) -> int:
@@ -40,6 +45,11 @@ class SlotAllocator:
         """Which of `slots` are in use, under one lock acquisition (a step checks a whole batch)."""
         with self._lock:
             return {s for s in slots if s in self._used}
+
+    def used_mask(self, slots: np.ndarray) -> np.ndarray:
+        """Whether each of `slots` (each in 0..capacity-1) is in use, as a bool array."""
+        with self._lock:
+            return self._mask[slots]
 
     def is_used(self, slot: int) -> bool:
         with self._lock:

@@ -166,46 +166,66 @@ class StreamingEngine:
 
     # -- the step ------------------------------------------------------------------------------
     def _validate(self, plan: StepPlan) -> None:
-        # Read through the plan's columns (a scheduler's plan comes as columns: no ChunkWork per
-        # row; a plan of other entries raises EngineError there). Finite samples are checked on the assembled windows, in one pass (_check_finite).
+        """Raises BadChunkError naming each bad row and why, EngineError for a plan over the
+        batch limit. Read through the plan's columns as array operations (a scheduler's plan
+        comes as columns: no ChunkWork per row); only bad rows are visited one by one, for their
+        message. Finite samples are checked on the assembled windows, in one pass (_check_finite)."""
         ids, slots, samples = plan.stream_ids, plan.slots, plan.samples
-        first, ended = plan.first, plan.audio_ended
-        slot_list = slots.tolist()
+        first, ended = np.asarray(plan.first, dtype=bool), np.asarray(plan.audio_ended, dtype=bool)
+        n = len(slots)
         if isinstance(samples, RowSamples):  # one flat array (or a ring): its type is checked once, no view per row
-            typed = [samples.typed] * len(slot_list)
-            lengths = samples.lengths.tolist()
+            typed = np.full(n, bool(samples.typed))
+            lengths = np.asarray(samples.lengths, dtype=np.int64)
         else:
-            typed = [isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 1 for x in samples]
-            lengths = [len(x) if t else 0 for x, t in zip(samples, typed)]
-        used = self.allocator.used_of(slot_list)
+            typed = np.fromiter((isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 1 for x in samples),
+                                dtype=bool, count=n)
+            lengths = np.fromiter((len(x) if t else 0 for x, t in zip(samples, typed.tolist())), dtype=np.int64,
+                                  count=n)
         in_range = (slots >= 0) & (slots < self.capacity)
-        finished = np.zeros(len(slot_list), dtype=bool)
-        finished[in_range] = self.finished[slots[in_range]]
-        finished &= ~first
-        bad: dict[str, str] = {}
-        seen_slots: set[int] = set()
-        for sid, slot, t, n, f, e, fin, ok in zip(ids, slot_list, typed, lengths, first.tolist(), ended.tolist(),
-                                                  finished.tolist(), in_range.tolist()):
-            reason = None
-            if not ok or slot not in used:
-                reason = f"slot {slot} is not allocated (unknown stream)"
-            elif slot in seen_slots:
-                reason = f"slot {slot} appears twice in one step"
-            elif not t:
-                reason = "audio must be a 1-D float32 numpy array"
-            elif n == 0 and not e:
-                reason = "empty chunk while the stream's audio continues"
-            elif fin:
-                reason = "the stream has already been finalized"
-            elif e and self._frames_left(slot, n, f) <= 0:
-                reason = "the chunk holds no audio frames (the stream is already complete)"
-            if reason is None:
-                seen_slots.add(slot)
-            else:
-                bad[sid] = reason
-        if len(slot_list) > self.max_batch:
-            raise EngineError(f"plan has {len(slot_list)} chunks; max_batch is {self.max_batch}")
-        if bad:
+        allocated = np.zeros(n, dtype=bool)
+        allocated[in_range] = self.allocator.used_mask(slots[in_range])
+        safe = np.where(allocated, slots, 0)  # the per-slot books read at an allocated slot only
+        finished = allocated & ~first & self.finished[safe]
+        empty = (lengths == 0) & ~ended
+        no_frames = np.zeros(n, dtype=bool)
+        last = np.flatnonzero(allocated & typed & ~empty & ~finished & ended)
+        if len(last):  # a last chunk that leaves nothing to decode
+            g = self.geometry
+            seen = np.where(first[last], g.lead_in, self.featurizer.samples_seen[safe[last]])
+            k = np.where(first[last], 0, self.chunks_done[safe[last]])
+            no_frames[last] = g.stft_frames_many(seen + lengths[last]) - k * g.chunk_frames <= 0
+        # A slot's first row that passes every other check is the one it serves; its later rows
+        # (allocated) appear twice, whatever else they hold.
+        passes = allocated & typed & ~empty & ~finished & ~no_frames
+        twice = np.zeros(n, dtype=bool)
+        rows = np.flatnonzero(passes)
+        if len(rows) and n > 1:
+            served, first_at = np.unique(slots[rows], return_index=True)  # sorted slots, their first passing row
+            serving = rows[first_at]
+            cand = np.flatnonzero(allocated)
+            at = np.minimum(np.searchsorted(served, slots[cand]), len(served) - 1)
+            has = served[at] == slots[cand]
+            twice[cand[has]] = serving[at[has]] < cand[has]
+        if n > self.max_batch:
+            raise EngineError(f"plan has {n} chunks; max_batch is {self.max_batch}")
+        bad_rows = np.flatnonzero(~(passes & ~twice))
+        if len(bad_rows):
+            reasons = []
+            for i in bad_rows.tolist():
+                if not allocated[i]:
+                    why = f"slot {int(slots[i])} is not allocated (unknown stream)"
+                elif twice[i]:
+                    why = f"slot {int(slots[i])} appears twice in one step"
+                elif not typed[i]:
+                    why = "audio must be a 1-D float32 numpy array"
+                elif empty[i]:
+                    why = "empty chunk while the stream's audio continues"
+                elif finished[i]:
+                    why = "the stream has already been finalized"
+                else:
+                    why = "the chunk holds no audio frames (the stream is already complete)"
+                reasons.append((ids[i], why))
+            bad = dict(reasons)
             detail = "; ".join(f"{sid}: {why}" for sid, why in bad.items())
             raise BadChunkError(f"invalid chunks: {detail}", tuple(bad))
 
