@@ -16,8 +16,7 @@ class SlotAllocator:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))
-        self._used: set[int] = set()
-        self._mask = np.zeros(capacity, dtype=bool)  # the same set, by slot: a batch checked as one array
+        self._used = np.zeros(capacity, dtype=bool)  # by slot: a batch is checked as one array
         self._lock = threading.Lock()
 
     def acquire(self) -> int:
@@ -25,32 +24,28 @@ class SlotAllocator:
             if not self._free:
                 raise PoolExhaustedError(f"all {self.capacity} stream slots are in use")
             slot = self._free.pop()
-            self._used.add(slot)
-            self._mask[slot] = True
+            self._used[slot] = True
             return slot
 
     def release(self, slot: int) -> None:
         with self._lock:
-            if slot not in self._used:
+            if not self._is_used(slot):
                 raise KeyError(f"slot {slot} is not in use")
-            self._used.remove(slot)
-            self._mask[slot] = False
+            self._used[slot] = False
             self._free.append(slot)
 
     def in_use(self) -> int:
         with self._lock:
-            return len(self._used)
-
-    def used_of(self, slots: list[int]) -> set[int]:
-        """Which of `slots` are in use, under one lock acquisition (a step checks a whole batch)."""
-        with self._lock:
-            return {s for s in slots if s in self._used}
+            return self.capacity - len(self._free)
 
     def used_mask(self, slots: np.ndarray) -> np.ndarray:
         """Whether each of `slots` (each in 0..capacity-1) is in use, as a bool array."""
         with self._lock:
-            return self._mask[slots]
+            return self._used[slots]
 
     def is_used(self, slot: int) -> bool:
         with self._lock:
-            return slot in self._used
+            return self._is_used(slot)
+
+    def _is_used(self, slot: int) -> bool:
+        return 0 <= slot < self.capacity and bool(self._used[slot])
