@@ -149,6 +149,19 @@ def test_a_step_queues_its_work_up_to_the_decode_without_waiting_for_the_device(
     assert reached, "the step never reached its decode loop"
 
 
+def _device_ms(fn, reps: int = 10) -> float:
+    """Device time of one call of `fn`, ms: one call to warm up, then `reps` between CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def test_the_slot_rows_block_copy_equals_index_select_and_is_faster():
     """engines/row_gather.py on the device, at the 0.6B model's attention-cache shape (24 layers,
     rows of 70 frames x 2048, float16) into the encoder buffer's strided layout: the same bytes
@@ -165,19 +178,8 @@ def test_the_slot_rows_block_copy_equals_index_select_and_is_faster():
     assert torch.equal(out, src.index_select(1, index))
     assert torch.count_nonzero(buffer[:, :n, C:]) == 0 and torch.count_nonzero(buffer[:, n:]) == 0
 
-    def ms(fn, reps=10):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
-    block = ms(lambda: row_gather.gather_rows(src, index, out))
-    select = ms(lambda: torch.index_select(src, 1, index, out=out))
+    block = _device_ms(lambda: row_gather.gather_rows(src, index, out))
+    select = _device_ms(lambda: torch.index_select(src, 1, index, out=out))
     gbytes = 2 * out.numel() * out.element_size() / 1e9
     record("row_gather_256_rows", {"block_copy_ms": round(block, 3), "index_select_ms": round(select, 3),
                                    "block_copy_GBps": round(gbytes / block * 1e3, 1),
@@ -207,19 +209,8 @@ def test_the_commits_block_copy_equals_index_copy_and_is_timed_beside_it():
         want.index_copy_(1, index, rows)
         assert row_gather.scatter_rows(rows, index, pool), name
         assert torch.equal(pool, want), name
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = {}
-        for how, fn in (("block_copy", lambda: row_gather.scatter_rows(rows, index, pool)),
-                        ("index_copy", lambda: pool.index_copy_(1, index, rows))):
-            fn()
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(10):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            times[f"{how}_ms"] = round(start.elapsed_time(end) / 10, 3)
-        figures[name] = times
+        figures[name] = {"block_copy_ms": round(_device_ms(lambda: row_gather.scatter_rows(rows, index, pool)), 3),
+                         "index_copy_ms": round(_device_ms(lambda: pool.index_copy_(1, index, rows)), 3)}
     record("commit_scatter_512_rows", figures)
 
 
