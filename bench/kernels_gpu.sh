@@ -12,9 +12,10 @@
 #      kernel-level profile of the triton step at PROFILE_ROWS rows;
 #   4. one stream's chunk latency on a server with --step-kernels triton and one with torch (c=1,
 #      issue 17's 10 ms target), each with no sizing flag.
-# The capacity under load is bench/run_h100.sh's, in a call of its own:
-#   NEMOSTREAM_ATTENTION_TUNING=$(cat OUT/tuning.txt) SERVER_ARGS="--step-kernels triton" \
-#       LOOKAHEADS=160 CHURN=0 LONG_LEVELS_160=3743 LONG_GROWTH=1.08 MAX_BATCH=auto MAX_STREAMS=auto bash bench/run_h100.sh
+# The capacity under load is bench/run_h100.sh's, in a call of its own (the kernels are the
+# default since run 43; a launch measured here and not yet committed goes in the environment):
+#   NEMOSTREAM_ATTENTION_TUNING=$(cat OUT/tuning.txt) LOOKAHEADS=160 CHURN=0 LONG_LEVELS_160=4096 \
+#       MAX_C_160=6000 LONG_GROWTH=1.1 MAX_BATCH=auto MAX_STREAMS=auto bash bench/run_h100.sh
 # Run from the repository root after installing the carried wheels (bench/README.md). Knobs:
 # OUT, PY, BUDGET_S, LOOKAHEADS (step A/B), BATCHES, PROFILE_ROWS, C1_SECONDS.
 # $OUT ends with three files (the device tool brings back at most eight): kernels.log (the

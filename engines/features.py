@@ -179,13 +179,13 @@ class StreamingFeaturizer:
             frames = g.stft_frames_many(audio_end[done])
             valid[done] = np.minimum(C, frames - np.asarray(chunk_index, dtype=np.int64)[done] * C)
         graphs = self.graphs
+        source = windows if host is None else host
         if graphs is not None and B <= graphs.max_batch:
-            mel, valid_t = graphs.run(windows if host is None else host, starts, end, valid)
+            mel, valid_t = graphs.run(source, starts, end, valid)
         else:
             dev = self.device
             valid_t = to_device(valid, dev)
-            mel = self.mel(to_device(windows if host is None else host, dev), to_device(starts, dev),
-                           to_device(end, dev), valid_t)
+            mel = self.mel(to_device(source, dev), to_device(starts, dev), to_device(end, dev), valid_t)
         return FeatureBatch(new_frames=mel, valid_frames=valid_t, valid_frames_host=valid)
 
     def mel(self, x: torch.Tensor, starts: torch.Tensor, end: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
