@@ -17,7 +17,8 @@
 #   NEMOSTREAM_ATTENTION_TUNING=$(cat OUT/tuning.txt) LOOKAHEADS=160 CHURN=0 LONG_LEVELS_160=4096 \
 #       MAX_C_160=6000 LONG_GROWTH=1.1 MAX_BATCH=auto MAX_STREAMS=auto bash bench/run_h100.sh
 # Run from the repository root after installing the carried wheels (bench/README.md). Knobs:
-# OUT, PY, BUDGET_S, LOOKAHEADS (step A/B), BATCHES, PROFILE_ROWS, C1_SECONDS.
+# OUT, PY, BUDGET_S, LOOKAHEADS (step A/B), BATCHES, PROFILE_ROWS, PROFILE_LOOKAHEADS, C1_SECONDS,
+# C1_KERNELS.
 # $OUT ends with three files (the device tool brings back at most eight): kernels.log (the
 # summary), tuning.txt (the measured launch) and kernels.tgz (every other file).
 set -u
@@ -27,6 +28,7 @@ OUT=$(mktemp -d /tmp/kernels.XXXXXX)
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-560}
 LOOKAHEADS=${LOOKAHEADS:-160}; BATCHES=${BATCHES:-1,256,512,1024}; PROFILE_ROWS=${PROFILE_ROWS:-512}
+PROFILE_LOOKAHEADS=${PROFILE_LOOKAHEADS:-160}; C1_KERNELS=${C1_KERNELS:-triton torch}
 C1_SECONDS=${C1_SECONDS:-20}
 LOG=$OUT/kernels.log
 left() { echo $(( BUDGET_S - SECONDS )); }
@@ -60,13 +62,13 @@ if [ "$(left)" -gt 120 ]; then
     grep '^|' "$OUT/step_kernels.txt" | tee -a "$LOG"
 fi
 if [ "$(left)" -gt 110 ]; then
-    timeout 60 "$PY" bench/step_bench.py --model builtin:nemotron-0.6b --device cuda --dtype float16 \
-        --engine fast-cudagraph --lookaheads 160 --batches "$PROFILE_ROWS" --kernels triton --iters 4 --warm 2 --no-nemo \
+    timeout 100 "$PY" bench/step_bench.py --model builtin:nemotron-0.6b --device cuda --dtype float16 \
+        --engine fast-cudagraph --lookaheads "$PROFILE_LOOKAHEADS" --batches "$PROFILE_ROWS" --kernels triton --iters 4 --warm 2 --no-nemo \
         --profile 4 > "$OUT/profile.txt" 2>&1
 fi
 
 . bench/server_start.sh
-for kernels in triton torch; do
+for kernels in $C1_KERNELS; do
     [ "$(left)" -gt $(( C1_SECONDS + 60 )) ] || { note "4. c=1 $kernels: not run (time)"; continue; }
     note "4. one stream, --step-kernels $kernels"
     start_server "$OUT/server_c1_$kernels.log" --model builtin:nemotron-0.6b --dtype float16 --device cuda \
