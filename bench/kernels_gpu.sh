@@ -18,7 +18,7 @@
 #       MAX_C_160=6000 LONG_GROWTH=1.1 MAX_BATCH=auto MAX_STREAMS=auto bash bench/run_h100.sh
 # Run from the repository root after installing the carried wheels (bench/README.md). Knobs:
 # OUT, PY, BUDGET_S, LOOKAHEADS (step A/B), BATCHES, PROFILE_ROWS, PROFILE_LOOKAHEADS, C1_SECONDS,
-# C1_KERNELS.
+# C1_KERNELS, ATTENTION (0: skip part 1, the committed launch runs).
 # $OUT ends with three files (the device tool brings back at most eight): kernels.log (the
 # summary), tuning.txt (the measured launch) and kernels.tgz (every other file).
 set -u
@@ -35,6 +35,7 @@ left() { echo $(( BUDGET_S - SECONDS )); }
 note() { echo "[kernels +${SECONDS}s] $*" | tee -a "$LOG"; }
 { "$PY" -m client.provenance; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; } >> "$LOG" 2>&1
 
+if [ "${ATTENTION:-1}" = 1 ]; then
 note "1. attention launches"
 # Around run 42's best (32 keys a block, 4 warps): smaller blocks were faster there (32 beat 64 and
 # the whole cache), so 16 and 2 warps are tried too; CUDA-core products lost at every size.
@@ -45,6 +46,7 @@ tail -22 "$OUT/attention.txt" | tee -a "$LOG"
 if [ -s "$OUT/tuning.txt" ]; then
     export NEMOSTREAM_ATTENTION_TUNING; NEMOSTREAM_ATTENTION_TUNING=$(cat "$OUT/tuning.txt")
     note "launch: $NEMOSTREAM_ATTENTION_TUNING"
+fi
 fi
 
 if [ "$(left)" -gt 150 ]; then
