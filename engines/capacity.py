@@ -47,10 +47,19 @@ Streams (`--max-streams auto`) on a GPU: as many cache slots as fit in the devic
     * HEADROOM_FRACTION of the device's total memory, for what start-up has not allocated yet:
       the decode loop's CUDA graphs (captured in the warm-up, one per bucket), cuBLAS/cuDNN
       workspaces, the caching allocator's fragmentation, another process's growth;
-    * STEP_STATE_COPIES slots' worth of state per row of the largest batch: a step gathers its
-      rows' state out of the pool, the encoder and the decoder write new state beside it, and
-      the pool takes it back only after the step succeeded (compute-then-commit), so a batch
-      holds about three copies of its rows' state at once; one more for the intermediates.
+    * what the engine itself holds beyond its slots at the largest batch. Where `--max-batch
+      auto` measured the step (engines.factory.measure_max_batch), that is measured: the most
+      device memory a probe engine of that many rows held at once while it stepped (its feature
+      graphs, buffers and each step's intermediates), less its slots, times ENGINE_BYTES_MARGIN
+      (the server keeps two steps in flight; speech's decode emits more symbols than the
+      silence the probe steps on). Elsewhere, the rule from before the kernels:
+      STEP_STATE_COPIES slots' worth of state per row of the largest batch (a step that gathers
+      its rows' state out of the pool, the encoder and the decoder writing new state beside it,
+      the pool taking it back only after the step succeeded: about three copies at once, one
+      more for the intermediates). With the Triton kernels the attention cache, 99% of a slot,
+      is read and written where it lies in the pool, so that rule kept about 28 GiB of an H100
+      for copies no step makes: at 560 ms, 5,775 slots where the streams admitted ran at p95
+      chunk latency 165 ms (bench/RESULTS.md, run 48: memory, not the step, was the limit).
   The cap, where `--max-batch auto` measured the step: SLOTS_PER_STEP_CAPACITY times the
   real-time streams that step carries at the chosen batch, one step after another (batch x
   chunk period / step time; realtime_cap). Beyond what the step can carry, memory is not what
@@ -84,6 +93,7 @@ MAX_AUTO_SLOTS = 16384
 UNMEASURED_CAP_REASON = f"the fixed cap for an unmeasured step ({MAX_AUTO_STREAMS})"
 HEADROOM_FRACTION = 0.10
 STEP_STATE_COPIES = 4
+ENGINE_BYTES_MARGIN = 2.0
 
 GIB = float(1 << 30)
 MIB = float(1 << 20)
@@ -103,16 +113,22 @@ class StreamSizing:
     fits_in_memory: int       # slots the memory would hold, before the cap
     cap: int
     cap_reason: str = UNMEASURED_CAP_REASON
+    engine_bytes: int | None = None  # measured: what the engine holds beside its slots (None: the copies rule)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         limit = "the cap" if self.fits_in_memory > self.cap else "device memory"
+        if self.engine_bytes is None:
+            step = f"{STEP_STATE_COPIES} copies of a slot per row"
+        else:
+            step = (f"{ENGINE_BYTES_MARGIN:g}x the {self.engine_bytes / GIB:.2f} GiB a probe engine of "
+                    f"{self.max_batch} rows held beside its slots while stepping")
         return (f"{self.max_streams} streams (limited by {limit}): {self.free_bytes / GIB:.1f} GiB free of "
                 f"{self.total_bytes / GIB:.1f} GiB, {self.per_stream_bytes / MIB:.2f} MiB per stream, "
-                f"{self.headroom_bytes / GIB:.1f} GiB kept for the step at batch {self.max_batch} and the rest "
-                f"of start-up; {self.fits_in_memory} would fit, cap {self.cap}: {self.cap_reason}")
+                f"{self.headroom_bytes / GIB:.1f} GiB kept for the step at batch {self.max_batch} ({step}) and the "
+                f"rest of start-up; {self.fits_in_memory} would fit, cap {self.cap}: {self.cap_reason}")
 
 
 def auto_max_batch(on_gpu: bool, cpu_default: int, max_streams: int | None = None) -> int:
@@ -134,15 +150,24 @@ class BatchSizing:
     chunk_ms: float           # the chunk's real-time period
     budget_ms: float          # STEP_BUDGET_FRACTION of it: the most a step may take
     measured: tuple[tuple[int, float | None], ...]  # (batch, step ms) in the order measured; None: it did not run
+    # (batch, device bytes its probe engine held beyond its slots at most, while stepping): on a
+    # GPU, what the serving engine needs beside its slots (streams_for_memory's headroom)
+    engine_bytes: tuple[tuple[int, int], ...] = ()
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["measured"] = [[b, ms] for b, ms in self.measured]
+        d["engine_bytes"] = [[b, n] for b, n in self.engine_bytes]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> BatchSizing:
-        return cls(**{**d, "measured": tuple((int(b), None if ms is None else float(ms)) for b, ms in d["measured"])})
+        return cls(**{**d, "measured": tuple((int(b), None if ms is None else float(ms)) for b, ms in d["measured"]),
+                      "engine_bytes": tuple((int(b), int(n)) for b, n in d.get("engine_bytes", ()))})
+
+    def engine_bytes_at(self, batch: int) -> int | None:
+        """What the probe engine of `batch` rows held beyond its slots; None where not measured."""
+        return dict(self.engine_bytes).get(batch)
 
     def _next_gains_too_little(self) -> bool:
         times = dict(self.measured)
@@ -266,17 +291,25 @@ def realtime_cap(batch_sizing: BatchSizing | None) -> tuple[int, str]:
 
 def streams_for_memory(free_bytes: int, total_bytes: int, per_stream_bytes: int, max_batch: int, *,
                        cap: int = MAX_AUTO_STREAMS, headroom_fraction: float = HEADROOM_FRACTION,
-                       step_copies: int = STEP_STATE_COPIES, cap_reason: str | None = None) -> StreamSizing:
-    """Slots for `--max-streams auto` on a GPU (see the module docstring for the headroom)."""
+                       step_copies: int = STEP_STATE_COPIES, cap_reason: str | None = None,
+                       engine_bytes: int | None = None) -> StreamSizing:
+    """Slots for `--max-streams auto` on a GPU (see the module docstring for the headroom).
+    `engine_bytes`: what a probe engine of `max_batch` rows held beyond its slots while it
+    stepped (BatchSizing.engine_bytes_at); None: not measured, the copies rule holds."""
     if per_stream_bytes <= 0:
         raise ValueError(f"per-stream state must be positive, got {per_stream_bytes} bytes")
-    if free_bytes < 0 or total_bytes <= 0 or max_batch < 1 or cap < 1:
-        raise ValueError(f"bad figures: free {free_bytes}, total {total_bytes}, max batch {max_batch}, cap {cap}")
-    headroom = int(headroom_fraction * total_bytes) + step_copies * per_stream_bytes * max_batch
+    if free_bytes < 0 or total_bytes <= 0 or max_batch < 1 or cap < 1 or (engine_bytes is not None and engine_bytes < 0):
+        raise ValueError(f"bad figures: free {free_bytes}, total {total_bytes}, max batch {max_batch}, cap {cap}, "
+                         f"engine bytes {engine_bytes}")
+    if engine_bytes is None:
+        step = step_copies * per_stream_bytes * max_batch
+    else:
+        step = int(ENGINE_BYTES_MARGIN * engine_bytes)
+    headroom = int(headroom_fraction * total_bytes) + step
     fits = max(0, (free_bytes - headroom) // per_stream_bytes)
     return StreamSizing(max_streams=min(fits, cap), free_bytes=free_bytes, total_bytes=total_bytes,
                         per_stream_bytes=per_stream_bytes, max_batch=max_batch, headroom_bytes=headroom,
-                        fits_in_memory=fits, cap=cap,
+                        fits_in_memory=fits, cap=cap, engine_bytes=engine_bytes,
                         cap_reason=cap_reason or (UNMEASURED_CAP_REASON if cap == MAX_AUTO_STREAMS else f"the cap {cap}"))
 
 

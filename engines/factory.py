@@ -301,16 +301,23 @@ def measure_max_batch(model: LoadedModel, encoder: EncoderEngine, cfg: EngineCon
     """`--max-batch auto`: the whole step timed at the candidate batches (engines.capacity
     .choose_max_batch) up to cfg.max_batch, which the encoder was built for. Each batch runs on
     a probe engine of exactly that many slots, dropped after: a batch the device memory cannot
-    take counts as not fitting."""
+    take counts as not fitting. On a GPU each probe's device memory is measured too: the most it
+    held at once beyond its slots (BatchSizing.engine_bytes, the slot sizing's headroom)."""
     chunk_ms = geometry_of(model, cfg.lookahead_ms, cfg.align_chunks).chunk_ms
     give_up_ms = STEP_GIVE_UP * chunk_ms
+    held: dict[int, int] = {}
 
     def step_ms(rows: int) -> float | None:
         probe = None
         try:
+            before = _reset_peak(device)
             probe = StreamingEngine(model, encoder, cfg.lookahead_ms, rows, rows, device, dtype,
                                     align_chunks=cfg.align_chunks)
-            return probe.measure_step_ms(rows, give_up_ms=give_up_ms)
+            ms = probe.measure_step_ms(rows, give_up_ms=give_up_ms)
+            if before is not None:
+                peak = torch.cuda.max_memory_allocated(device)
+                held[rows] = max(0, peak - before - rows * probe.pool.bytes_per_slot())
+            return ms
         except (EngineOverloadedError, torch.cuda.OutOfMemoryError) as exc:
             log.info("max batch (auto): a step of %d rows does not fit in device memory: %s", rows, exc)
             return None
@@ -318,7 +325,18 @@ def measure_max_batch(model: LoadedModel, encoder: EncoderEngine, cfg: EngineCon
             del probe
             _free_device_memory(device)
 
-    return choose_max_batch(default, cfg.max_batch, chunk_ms, step_ms)
+    sizing = choose_max_batch(default, cfg.max_batch, chunk_ms, step_ms)
+    return dataclasses.replace(sizing, engine_bytes=tuple(sorted(held.items())))
+
+
+def _reset_peak(device: torch.device) -> int | None:
+    """On a CUDA device: the bytes allocated now, with the peak counter reset to them (what a
+    probe engine then holds at most is the peak less this). None elsewhere."""
+    if device.type != "cuda":
+        return None
+    _free_device_memory(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
 def memory_batch_limit(model: LoadedModel, cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> int | None:
@@ -363,7 +381,9 @@ def size_slots_for_device(model: LoadedModel, encoder: EncoderEngine, cfg: Engin
     per_stream = per_stream_state_bytes(model, encoder, cfg, device, dtype)
     free, total = free_device_memory(device)
     cap, why = realtime_cap(batch_sizing)
-    return streams_for_memory(free, total, per_stream, cfg.max_batch, cap=cap, cap_reason=why)
+    engine_bytes = batch_sizing.engine_bytes_at(cfg.max_batch) if batch_sizing is not None else None
+    return streams_for_memory(free, total, per_stream, cfg.max_batch, cap=cap, cap_reason=why,
+                              engine_bytes=engine_bytes)
 
 
 def free_device_memory(device: torch.device) -> tuple[int, int]:

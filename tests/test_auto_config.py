@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from engines.capacity import (GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, MAX_AUTO_SLOTS, MAX_AUTO_STREAMS,
+from engines.capacity import (ENGINE_BYTES_MARGIN, GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, MAX_AUTO_SLOTS, MAX_AUTO_STREAMS,
                               SLOTS_PER_STEP_CAPACITY, STEP_BUDGET_FRACTION, STEP_STATE_COPIES, BatchSizing, StreamSizing, auto_max_batch, batch_candidates,
                               batch_limit, batch_memory_limit, choose_max_batch, gains_enough, realtime_cap,
                               streams_for_memory)
@@ -80,6 +80,27 @@ def test_the_headroom_grows_with_the_batch():
     assert large.max_streams == small.max_streams - STEP_STATE_COPIES * (256 - 16)
 
 
+def test_a_measured_engine_keeps_what_it_held_not_four_copies_of_its_rows():
+    # Run 48 (bench/RESULTS.md, one H100, 560 ms, the Triton kernels): the copies rule gave the
+    # 5,775 slots that server reported, 35.7 GiB kept; the kernels read the attention cache where
+    # it lies, so the engine holds far less beside its slots than four copies of 1,024 rows.
+    free, total, per, batch = int(74.9 * GIB), int(79.2 * GIB), NEMOTRON_FAST_SLOT, 1024
+    rule = streams_for_memory(free, total, per, batch, cap=15557)
+    assert 5765 <= rule.max_streams <= 5780 and rule.engine_bytes is None
+    assert "4 copies of a slot per row" in rule.describe()
+    held = int(1.5 * GIB)
+    s = streams_for_memory(free, total, per, batch, engine_bytes=held, cap=15557)
+    assert s.headroom_bytes == int(HEADROOM_FRACTION * total) + int(ENGINE_BYTES_MARGIN * held)
+    assert s.max_streams == (free - s.headroom_bytes) // per
+    assert s.max_streams > 8000 > rule.max_streams  # issue 17's 8,000 at 560 ms now fit in memory
+    assert "1.50 GiB a probe engine of 1024 rows held" in s.describe()
+    assert StreamSizing(**s.as_dict()) == s
+    # the more the engine held, the fewer slots; a held figure below zero is refused
+    assert streams_for_memory(free, total, per, batch, engine_bytes=4 * held).max_streams < s.max_streams
+    with pytest.raises(ValueError):
+        streams_for_memory(free, total, per, batch, engine_bytes=-1)
+
+
 def test_no_room_gives_zero_streams_and_bad_figures_are_refused():
     assert streams_for_memory(1 * GIB, 16 * GIB, 4 * MIB, 256).max_streams == 0   # under the headroom
     with pytest.raises(ValueError):
@@ -119,6 +140,53 @@ def test_the_factory_measures_a_slot_as_the_pool_lays_it_out(tiny_engine, monkey
                                       tiny_engine.dtype)
     assert s.free_bytes == 4 * GIB and s.per_stream_bytes == per and s.max_batch == 8
     assert s == streams_for_memory(4 * GIB, 16 * GIB, per, 8)
+
+
+def test_the_slots_are_sized_with_what_the_probe_engine_held_at_the_chosen_batch(tiny_engine, monkeypatch):
+    import torch
+
+    from engines import factory
+
+    cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32", max_batch=8)
+    per = tiny_engine.pool.bytes_per_slot()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * GIB, 16 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * GIB)
+    sizing = BatchSizing(max_batch=8, default=4, limit=16, chunk_ms=160.0, budget_ms=80.0,
+                         measured=((4, 2.0), (8, 3.0), (16, 9000.0)), engine_bytes=((4, 50 * MIB), (8, 90 * MIB)))
+    s = factory.size_slots_for_device(tiny_engine.model, tiny_engine.encoder_engine, cfg, tiny_engine.device,
+                                      tiny_engine.dtype, sizing)
+    cap, why = realtime_cap(sizing)
+    assert s == streams_for_memory(4 * GIB, 16 * GIB, per, 8, cap=cap, cap_reason=why, engine_bytes=90 * MIB)
+    assert s.engine_bytes == 90 * MIB
+    # without the batch measured (an explicit --max-batch), the copies rule
+    s = factory.size_slots_for_device(tiny_engine.model, tiny_engine.encoder_engine, cfg, tiny_engine.device,
+                                      tiny_engine.dtype)
+    assert s.engine_bytes is None
+
+
+def test_the_batch_measurement_records_what_each_probe_held_beyond_its_slots(monkeypatch):
+    # The GPU's peak counters replaced by given figures (no GPU here): before each probe 1 GiB,
+    # at its peak 1 GiB more; the probe's own slots are not counted in what it held.
+    import torch
+
+    from engines import factory
+    from engines.models import load_model
+
+    model = load_model("builtin:tiny", 160)
+    cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32", max_batch=8)
+    encoder, _ = factory.start_encoder_engine("eager", model, cfg, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(factory, "_reset_peak", lambda device: 1 * GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * GIB)
+    sizing = factory.measure_max_batch(model, encoder, cfg, torch.device("cpu"), torch.float32, 4)
+    per = factory.per_stream_state_bytes(model, encoder, cfg, torch.device("cpu"), torch.float32)
+    measured = [b for b, ms in sizing.measured if ms is not None]
+    assert measured and dict(sizing.engine_bytes) == {b: GIB - b * per for b in measured}
+    assert sizing.engine_bytes_at(sizing.max_batch) == GIB - sizing.max_batch * per
+    assert BatchSizing.from_dict(sizing.as_dict()) == sizing
+    # on the CPU itself nothing is counted: the copies rule stays
+    monkeypatch.undo()
+    assert factory.measure_max_batch(model, encoder, cfg, torch.device("cpu"), torch.float32, 4).engine_bytes == ()
 
 
 def test_auto_on_the_cpu_keeps_the_fixed_defaults():

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.capacity import GPU_MAX_BATCH, MAX_AUTO_BATCH, MAX_AUTO_SLOTS
+from engines.capacity import ENGINE_BYTES_MARGIN, GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, MAX_AUTO_SLOTS
+from engines.config import EngineConfig
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
 from tests.engine_alone import transcribe_alone
@@ -24,6 +25,7 @@ from tests.fault_engine import FaultyEngine
 from tests.gpu.agreement import build_on
 from tests.gpu.conftest import record
 from tests.gpu.speech import _read_wav, clips
+from server.service.auto_config import engine_sizing_kwargs
 from tests.server_harness import ROOT, final_transcript, requests_for, running_server, spawn_server, stub_for
 
 
@@ -184,6 +186,31 @@ def test_wrong_engine_is_refused_on_gpu(demo, monkeypatch):
                         lambda n, model, *a: Wrong(model.nemo_model.encoder) if n == "fast" else real(n, model, *a))
     with pytest.raises(EngineStartError, match="differ from the eager reference"):
         build_on(demo, "fast", "float16", max_streams=4, max_batch=4)
+
+
+def test_auto_slots_keep_what_the_probe_engine_held_and_a_served_step_fits_in_it(demo):
+    # `--max-streams auto` after `--max-batch auto` (engines/capacity.py): the headroom is what a
+    # probe engine of the chosen batch held beyond its slots while stepping, twice; the serving
+    # engine's own step at that batch, two in flight at most, must fit in it.
+    from engines.factory import build_engine
+
+    engine = build_engine(EngineConfig(model=demo, engine="fast-cudagraph", device="cuda", dtype="float16",
+                                       **engine_sizing_kwargs(None, None)))
+    sizing = engine.startup_report.sizing
+    held = sizing["engine_bytes"]
+    assert held is not None and held > 0, sizing
+    assert sizing["headroom_bytes"] == int(HEADROOM_FRACTION * sizing["total_bytes"]) + int(ENGINE_BYTES_MARGIN * held)
+    rows = min(engine.max_batch, engine.capacity)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    engine.measure_step_ms(rows)
+    step = torch.cuda.max_memory_allocated() - before
+    record("auto_slots_engine_bytes", {"rows": rows, "probe_held": held, "served_step": step,
+                                       "slots": engine.capacity, "slot_bytes": sizing["per_stream_bytes"]})
+    assert 2 * step <= ENGINE_BYTES_MARGIN * held, (step, held)
+    del engine
+    torch.cuda.empty_cache()
 
 
 async def test_asr_server_defaults_to_fast_cudagraph_on_gpu_and_transcribes_like_cpu():
