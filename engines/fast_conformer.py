@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.encoders import PoolRows
-from engines.fused_norms import add_layer_norm, conv_norm_silu, glu_into
+from engines.fused_norms import add_layer_norm, conv_norm_silu, glu_into, relu_mask_pad
 from engines.step_attention import MASK_VALUE, CacheTable, StepShape, step_attention
 
 
@@ -350,36 +350,58 @@ def _subsampling_ops(pre_encode) -> list[SubsamplingOp]:
 # The step
 # ---------------------------------------------------------------------------------------------
 
-def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor):
+def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor, fused: bool = False):
     """NeMo's ConvSubsampling with its per-row time masking (a position past a row's length is
     zero before every layer), then the dropped pre-encoded frames are skipped and the output
-    projection (with xscale) runs on the kept frames only. Returns rows [B*T', d], lengths."""
+    projection (with xscale) runs on the kept frames only. Returns rows [B*T', d], lengths.
+
+    `fused` (the Triton kernels, engines/fused_norms.py): the same values, in fewer passes over
+    the largest tensors. Each strided conv's input is made by `relu_mask_pad` in one pass (the
+    ReLU before it, the mask, the zero padding), where PyTorch's ops run the ReLU, zero a padded
+    tensor and multiply into it. A pointwise conv's input is not masked: the conv maps each frame
+    to itself, so what it writes at a masked frame stays there, and the next strided conv's mask
+    or the last mask zeroes it before anything mixes frames. The result is equal bit for bit."""
     g = p.geo
     x = feats.transpose(1, 2).unsqueeze(1)                   # [B, 1, T, F]
     lens = lengths.to(torch.int64)
     B = x.shape[0]
     own = False  # x is an intermediate of ours (safe to modify in place)
-    for op in p.sub_ops:
+    ops = p.sub_ops
+    relu_ahead = False  # fused: a ReLU the next strided conv's padded copy applies
+    for i, op in enumerate(ops):
         t_len = x.shape[2]
         if op.kind == "relu":
+            if fused and i + 1 < len(ops) and ops[i + 1].kind == "conv" and not _pointwise(ops[i + 1]):
+                relu_ahead = True
+                continue
             # relu(mask * x) == mask * relu(x): the mask state carries over.
             x = torch.relu_(x) if own else torch.relu(x)
             own = True
             continue
-        # NeMo masks before every layer; before a ReLU it is the mask the next conv applies again.
-        mask = (p.time_index[:t_len] < lens[:, None]).to(x.dtype).view(B, 1, t_len, 1)
         lp, rp = op.pad
-        if lp or rp:
-            buf = x.new_zeros(B, x.shape[1], t_len + lp + rp, x.shape[3] + lp + rp)
-            inner = buf[:, :, lp:lp + t_len, lp:lp + x.shape[3]]
-            torch.mul(x, mask, out=inner)
-            x = buf
+        if fused and _pointwise(op):
+            x = F.conv2d(x, op.weight, op.bias, op.stride, 0, 1, op.groups)
+            own = True
+            continue
+        if fused:
+            x = relu_mask_pad(x, lens, (lp, rp), relu_ahead)
+            relu_ahead = False
         else:
-            x = x * mask
+            # NeMo masks before every layer; before a ReLU it is the mask the next conv applies again.
+            mask = (p.time_index[:t_len] < lens[:, None]).to(x.dtype).view(B, 1, t_len, 1)
+            if lp or rp:
+                buf = x.new_zeros(B, x.shape[1], t_len + lp + rp, x.shape[3] + lp + rp)
+                inner = buf[:, :, lp:lp + t_len, lp:lp + x.shape[3]]
+                torch.mul(x, mask, out=inner)
+                x = buf
+            else:
+                x = x * mask
         x = F.conv2d(x, op.weight, op.bias, op.stride, 0, 1, op.groups)
         own = True
         if op.stride[0] != 1:
             lens = (lens + lp + rp - op.kernel) // op.stride[0] + 1
+    if relu_ahead:  # not reached: a ReLU is held only when a strided conv follows it
+        raise AssertionError("a held ReLU was not applied")
     t_len = x.shape[2]
     x = x * (p.time_index[:t_len] < lens[:, None]).to(x.dtype).view(B, 1, t_len, 1)
     x = x[:, :, g.drop:]                                     # [B, C, T', F']
@@ -387,6 +409,11 @@ def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tenso
     x = F.linear(x, p.sub_out_w, p.sub_out_b)
     enc_len = (lens - g.drop).clamp(min=0)
     return x, enc_len
+
+
+def _pointwise(op: SubsamplingOp) -> bool:
+    """A 1x1 conv of stride 1 without padding: each frame's output reads that frame alone."""
+    return op.kind == "conv" and op.kernel == 1 and op.stride == (1, 1) and op.pad == (0, 0)
 
 
 def _part_a(x, geo: Geometry, ln1_w, ln1_b, w1, b1, w2, b2, lna_w, lna_b, w_qkv, b_qkv):
@@ -579,7 +606,7 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     g = p.geo
     parts = parts or _EAGER_PARTS
     T, C, K1 = g.frames_out, g.cache, g.conv_cache
-    x, enc_len = _subsample(p, feats, lengths)
+    x, enc_len = _subsample(p, feats, lengths, fused=parts.fused)
     B = feats.shape[0]
     # where the new frames' K|V go: after the cache's 70, or first in a workspace without room for
     # the cache (the kernel reads it in the pool; only a ring's T' new frames are committed)
