@@ -16,8 +16,10 @@ pass each, so a layer launches fewer kernels and moves its activations fewer tim
   padding, written once into a new padded tensor, where PyTorch fills the padded tensor with zeros,
   then multiplies the ReLU's output (itself a pass) by a broadcast mask into its interior. These
   run on the subsampling's largest tensors (256 channels at half the input's frames and mels: 553
-  MB at 512 rows at 560 ms), and the broadcast, strided products were the step's slowest
-  element-wise kernels (bench/RESULTS.md, run 45's profile: 4.1 ms of a 31 ms step at 560 ms).
+  MB at 512 rows at 560 ms). In run 45's profile (bench/RESULTS.md, 560 ms, 512 rows) PyTorch's
+  generic (strided, broadcast) element-wise kernels took 4.1 ms of 31 ms of kernels a step, 3.1
+  ms of it in two kernels launched 6 and 5 times a step, as the subsampling's masks and padded
+  copies are (the profile does not name the operator inside the graph: to be confirmed).
 
 Why: at batch 1 the step is bound by launches (bench/RESULTS.md: 24 layers of about 30 kernels
 inside one CUDA graph; the encoder step took 2.97 ms there, 2.27 ms with torch.compile fusing the
