@@ -7,7 +7,8 @@
 #      should then hold it: commit the figures with it);
 #   2. the GPU tests of the two kernel sets against PyTorch's (token agreement, no graph captured
 #      while serving, the engine without a workspace for the cache) and of the block copies of
-#      the slot pool's gather and commit against index_select / index_copy_ (timed beside them);
+#      the slot pool's gather and commit against index_select / index_copy_ (timed beside them),
+#      and of `--max-streams auto`'s measured headroom (a served step fits in what the probe held);
 #   3. bench/step_bench.py: the step with torch against triton (A/B, alternating), then a
 #      kernel-level profile of the triton step at PROFILE_ROWS rows;
 #   4. one stream's chunk latency on a server with --step-kernels triton and one with torch (c=1,
@@ -52,7 +53,7 @@ fi
 if [ "$(left)" -gt 150 ]; then
     note "2. the GPU test of the kernels"
     GPU_SUITE_FIGURES=$OUT/gpu_figures timeout 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-        tests/gpu/test_gpu_fast_cudagraph.py -k 'triton_kernels or block_copy' > "$OUT/gpu_test.txt" 2>&1
+        tests/gpu/test_gpu_fast_cudagraph.py tests/gpu/test_gpu_serving.py -k 'triton_kernels or block_copy or auto_slots' > "$OUT/gpu_test.txt" 2>&1
     tail -3 "$OUT/gpu_test.txt" | tee -a "$LOG"
 fi
 
