@@ -133,6 +133,10 @@ def main() -> None:
     ap.add_argument("--ring", choices=("on", "off", "both"), default="on",
                     help="the attention cache as a ring in the slot pool (engines with cache_shift_frames); "
                          "both: A/B, the two engines alternating on each batch")
+    ap.add_argument("--encoder-graphs", choices=("on", "off"), default="on",
+                    help="off: the Triton kernel sets' encoder runs its ops one by one, not from CUDA graphs "
+                         "(slower; with --profile every kernel is then counted under the operator that "
+                         "launched it, where a graph's kernels show by kernel name only)")
     ap.add_argument("--feature-graphs", choices=("on", "off", "both"), default="on",
                     help="the features in a CUDA graph per batch bucket (engines/features.py FeatureGraphs; GPU and a "
                          "bucketed encoder only); both: A/B, as --ring")
@@ -181,7 +185,7 @@ def main() -> None:
                 from engines.fast_engines import build_fast_encoder
                 encoders[kernels] = build_fast_encoder(
                     model, cfg, dev, dtype, graphs=True, attention="kernel" if kernels in ("attention", "triton") else "sdpa",
-                    fused_norms=kernels in ("fused", "triton"),
+                    fused_norms=kernels in ("fused", "triton"), use_graphs=args.encoder_graphs == "on",
                     # whole windows (ring off) gather the cache into the workspace, for the kernel too
                     **({"workspace_cache": True} if args.ring != "on" and kernels in ("attention", "triton") else {}))
         choice = {"on": [True], "off": [False], "both": [False, True]}
