@@ -59,9 +59,7 @@ for lv in doc.get("levels", []):
     print(f"  c={lv.get('concurrency')} done={lv.get('streams_completed')} errors={errs} chunk p50={lat.get('p50')} "
           f"p95={p95} mean batch={sm.get('mean_batch')} step ms={sm.get('mean_step_ms')} "
           f"busy={sm.get('engine_busy_fraction')} frontends={sm.get('frontend_streams')} -> {'PASS' if ok else 'FAIL'}")
-    sp = lv.get("server_process") or {}
-    cores = (sp.get("cores") or 0.0) + ((sp.get("engine_worker") or {}).get("cores") or 0.0) + sum(
-        f.get("cores") or 0.0 for f in sp.get("frontends") or [])
+    cores = (lv.get("server_process") or {}).get("cores_all_processes") or float("nan")
     done = lv.get("streams_completed") or 0
     print(f"  phases ms: {phases}; server cores {cores:.2f} (every process), "
           f"{1000 * cores / done if done else float('nan'):.2f} per 1,000 streams")
