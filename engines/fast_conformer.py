@@ -389,7 +389,7 @@ def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tenso
             relu_ahead = False
         else:
             # NeMo masks before every layer; before a ReLU it is the mask the next conv applies again.
-            mask = (p.time_index[:t_len] < lens[:, None]).to(x.dtype).view(B, 1, t_len, 1)
+            mask = _time_mask(p, lens, t_len, x.dtype)
             if lp or rp:
                 buf = x.new_zeros(B, x.shape[1], t_len + lp + rp, x.shape[3] + lp + rp)
                 inner = buf[:, :, lp:lp + t_len, lp:lp + x.shape[3]]
@@ -403,13 +403,17 @@ def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tenso
             lens = (lens + lp + rp - op.kernel) // op.stride[0] + 1
     if relu_ahead:  # not reached: a ReLU is held only when a strided conv follows it
         raise AssertionError("a held ReLU was not applied")
-    t_len = x.shape[2]
-    x = x * (p.time_index[:t_len] < lens[:, None]).to(x.dtype).view(B, 1, t_len, 1)
+    x = x * _time_mask(p, lens, x.shape[2], x.dtype)
     x = x[:, :, g.drop:]                                     # [B, C, T', F']
     x = x.permute(0, 2, 1, 3).reshape(B * g.frames_out, -1)
     x = F.linear(x, p.sub_out_w, p.sub_out_b)
     enc_len = (lens - g.drop).clamp(min=0)
     return x, enc_len
+
+
+def _time_mask(p: FastConformerParams, lens: torch.Tensor, frames: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, frames, 1]: 1 where a frame is inside its row's length, else 0 (NeMo's masking)."""
+    return (p.time_index[:frames] < lens[:, None]).to(dtype).view(lens.shape[0], 1, frames, 1)
 
 
 def _pointwise(op: SubsamplingOp) -> bool:
