@@ -65,7 +65,7 @@ FUSED_STEP = """
     import torch
     from engines.config import EngineConfig
     from engines.factory import build_engine
-    from engines.fast_conformer import FastConformerParams, FastStepBuffers, StepParts, fast_step
+    from engines.fast_conformer import FastConformerParams, FastStepBuffers, StepParts, _subsample, fast_step
     from tests.conftest import _quiet_nemo
 
     _quiet_nemo()
@@ -88,6 +88,15 @@ FUSED_STEP = """
             err = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
             assert err <= 1e-4, (la, name, err)
         assert outs[0][0].abs().max().item() > 0.1  # not an all-zero comparison
+        # The subsampling alone, bit for bit: full, partial and almost empty rows, fp32 and fp16.
+        for dtype in (torch.float32, torch.float16):
+            q = FastConformerParams.from_encoder(eager.model.nemo_model.encoder, dtype=dtype)
+            feats = torch.randn(5, g.n_mels, g.frames_in, generator=torch.Generator().manual_seed(la)).to(dtype)
+            lengths = torch.tensor([g.frames_in, g.frames_in - 1, g.pre_encode + 3, g.pre_encode, 1])
+            x0, len0 = _subsample(q, feats, lengths)
+            x1, len1 = _subsample(q, feats, lengths, fused=True)
+            assert torch.equal(len0, len1) and torch.equal(x0, x1), (la, dtype, (x0 - x1).abs().max().item())
+            assert x0.abs().max().item() > 0.1
     print("ok")
 """
 
@@ -95,7 +104,9 @@ FUSED_STEP = """
 def test_a_fast_step_with_fused_parts_equals_the_step_with_torchs_under_the_interpreter():
     """Every output of one fast step (encoded frames, lengths, next caches), 160 and 560 ms,
     rows with full, empty and partial caches and short chunks: fused parts within 1e-4 of
-    PyTorch's in fp32."""
+    PyTorch's in fp32. And the subsampling alone, full, partial and almost empty rows, fp32 and
+    fp16: the fused path (one pass for each strided conv's ReLU, mask and padding; no mask before
+    a pointwise conv) gives the very values of PyTorch's operations."""
     out = _interpret(FUSED_STEP)
     assert out.strip().endswith("ok"), out
 
@@ -125,38 +136,6 @@ RELU_MASK_PAD = """
 def test_relu_mask_pad_equals_relu_mask_and_zero_padding_bit_for_bit_under_the_interpreter():
     out = _interpret(RELU_MASK_PAD)
     assert out.strip() == "ok", out
-
-
-SUBSAMPLING_FUSED = """
-    import torch
-    from engines.config import EngineConfig
-    from engines.factory import build_engine
-    from engines.fast_conformer import FastConformerParams, _subsample
-    from tests.conftest import _quiet_nemo
-
-    _quiet_nemo()
-    for la in (160, 560):
-        eager = build_engine(EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32",
-                                          lookahead_ms=la, max_streams=4, max_batch=4))
-        for dtype in (torch.float32, torch.float16):
-            p = FastConformerParams.from_encoder(eager.model.nemo_model.encoder, dtype=dtype)
-            g = p.geo
-            feats = torch.randn(5, g.n_mels, g.frames_in, generator=torch.Generator().manual_seed(la)).to(dtype)
-            lengths = torch.tensor([g.frames_in, g.frames_in - 1, g.pre_encode + 3, g.pre_encode, 1])
-            x0, len0 = _subsample(p, feats, lengths)
-            x1, len1 = _subsample(p, feats, lengths, fused=True)
-            assert torch.equal(len0, len1) and torch.equal(x0, x1), (la, dtype, (x0 - x1).abs().max().item())
-            assert x0.abs().max().item() > 0.1
-    print("ok")
-"""
-
-
-def test_the_fused_subsampling_equals_torchs_bit_for_bit_under_the_interpreter():
-    """Full, partial and almost empty rows, 160 and 560 ms, fp32 and fp16: the fused path (one
-    pass for each strided conv's ReLU, mask and padding; no mask before a pointwise conv) gives
-    the very values of PyTorch's operations."""
-    out = _interpret(SUBSAMPLING_FUSED)
-    assert out.strip().endswith("ok"), out
 
 
 def test_compile_and_fusion_are_one_choice():
