@@ -70,8 +70,12 @@ Streams (`--max-streams auto`) on a GPU: as many cache slots as fit in the devic
   and encoder with this one's decode. On an H200 at 160 ms (256 rows in 13.6 ms) that is 6,000
   slots, where the capacity runs carried 2,400-3,140; at 560 ms it lets memory decide (issue 17
   asks for 8,000 streams there).
-  MAX_AUTO_STREAMS (4,608, the slot count of the earlier capacity runs) is the cap where the
-  step was not measured (an explicit --max-batch), and MAX_AUTO_SLOTS (16,384) the most slots
+  A named `--max-batch N` beside `--max-streams auto` on a GPU is kept as named, and its step is
+  measured the same way (one probe engine of N rows: engines.factory.measure_named_batch), so the
+  cap and the headroom come from its own step; before, the tuned flags of run 47 (`--max-batch
+  1024`) got the fixed cap below, 4,608 slots, where the defaults got theirs from the step.
+  MAX_AUTO_STREAMS (4,608, the slot count of the earlier capacity runs) is the cap where no step
+  was measured (the TensorRT engine, or the probe could not run), and MAX_AUTO_SLOTS (16,384) the most slots
   `auto` takes whatever the step: a small model's step carries tens of thousands of streams on
   paper, where the host's per-stream work binds long before (each slot also holds host arrays,
   2 s of its audio in the sample ring among them). An explicit `--max-streams` may go higher.
@@ -153,6 +157,9 @@ class BatchSizing:
     # (batch, device bytes its probe engine held beyond its slots at most, while stepping): on a
     # GPU, what the serving engine needs beside its slots (streams_for_memory's headroom)
     engine_bytes: tuple[tuple[int, int], ...] = ()
+    # True: the batch was named (`--max-batch N`), not chosen; its step was measured only so that
+    # `--max-streams auto` sizes the slots as for a chosen batch (engines.factory.measure_named_batch)
+    named: bool = False
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -181,6 +188,9 @@ class BatchSizing:
 
     def describe(self) -> str:
         steps = ", ".join(f"{b}: {'did not run' if ms is None else f'{ms:.1f} ms'}" for b, ms in self.measured)
+        if self.named:
+            return (f"max batch {self.max_batch} (named), its step measured for the slots: step time by batch {steps}; "
+                    f"the chunk is {self.chunk_ms:.0f} ms")
         if self.max_batch >= self.limit:
             why = f"the limit {self.limit} fits"
         elif self.max_batch < self.default:

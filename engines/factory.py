@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engines.api import EngineOverloadedError
-from engines.capacity import (BatchSizing, DecodeStreamChoice, StreamSizing, auto_max_batch, batch_limit,
+from engines.capacity import (STEP_BUDGET_FRACTION, BatchSizing, DecodeStreamChoice, StreamSizing, auto_max_batch, batch_limit,
                               batch_memory_limit, choose_max_batch, realtime_cap, streams_for_memory)
 from engines.config import EngineConfig
 from engines.decode_overlap import measure_decode_stream
@@ -214,6 +214,9 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
     engine_name = resolve_engine_name(cfg.engine, device)
     measure_batch = (cfg.auto_max_batch and (device.type == "cuda" or MEASURE_BATCH_ON_CPU)
                      and not {engine_name, cfg.fallback_engine} & set(UNMEASURED_BATCH_ENGINES))
+    # A named batch with automatic slots on a GPU: its step measured once, for the slot sizing.
+    measure_named = (not cfg.auto_max_batch and cfg.auto_max_streams and device.type == "cuda"
+                     and not {engine_name, cfg.fallback_engine} & set(UNMEASURED_BATCH_ENGINES))
     # The slot count when it is known now: explicit, or the CPU's fixed one (a GPU's automatic one
     # comes from the memory left after the batch is chosen).
     streams = None if cfg.auto_max_streams and device.type == "cuda" else cfg.max_streams
@@ -244,6 +247,9 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
                 del encoder
                 _free_device_memory(device)
                 encoder, check = start_encoder_engine(started_name, model, cfg, device, dtype)
+    elif measure_named:
+        batch_sizing = measure_named_batch(model, encoder, cfg, device, dtype)
+        log.info("max batch: %s", batch_sizing.describe(), extra={"batch_sizing": batch_sizing.as_dict()})
     utterance_reset = model.utterance_reset if cfg.utterance_reset == "auto" else cfg.utterance_reset
     sizing = None
     capacity = cfg.max_streams
@@ -308,25 +314,51 @@ def measure_max_batch(model: LoadedModel, encoder: EncoderEngine, cfg: EngineCon
     held: dict[int, int] = {}
 
     def step_ms(rows: int) -> float | None:
-        probe = None
-        try:
-            before = _reset_peak(device)
-            probe = StreamingEngine(model, encoder, cfg.lookahead_ms, rows, rows, device, dtype,
-                                    align_chunks=cfg.align_chunks)
-            ms = probe.measure_step_ms(rows, give_up_ms=give_up_ms)
-            if before is not None:
-                peak = torch.cuda.max_memory_allocated(device)
-                held[rows] = max(0, peak - before - rows * probe.pool.bytes_per_slot())
-            return ms
-        except (EngineOverloadedError, torch.cuda.OutOfMemoryError) as exc:
-            log.info("max batch (auto): a step of %d rows does not fit in device memory: %s", rows, exc)
-            return None
-        finally:
-            del probe
-            _free_device_memory(device)
+        ms, engine_bytes = _probe_step(model, encoder, cfg, device, dtype, rows, give_up_ms)
+        if engine_bytes is not None:
+            held[rows] = engine_bytes
+        return ms
 
     sizing = choose_max_batch(default, cfg.max_batch, chunk_ms, step_ms)
     return dataclasses.replace(sizing, engine_bytes=tuple(sorted(held.items())))
+
+
+def measure_named_batch(model: LoadedModel, encoder: EncoderEngine, cfg: EngineConfig, device: torch.device,
+                        dtype: torch.dtype) -> BatchSizing:
+    """`--max-batch N` named beside `--max-streams auto` on a GPU: N is kept, and its step timed and
+    its device memory measured on one probe engine of N rows, as `--max-batch auto` measures its
+    candidates, so the slots get the measured step's cap and headroom rather than the fixed cap
+    and the copies rule (engines/capacity.py)."""
+    chunk_ms = geometry_of(model, cfg.lookahead_ms, cfg.align_chunks).chunk_ms
+    rows = cfg.max_batch
+    ms, engine_bytes = _probe_step(model, encoder, cfg, device, dtype, rows, STEP_GIVE_UP * chunk_ms)
+    return BatchSizing(max_batch=rows, default=rows, limit=rows, chunk_ms=float(chunk_ms),
+                       budget_ms=STEP_BUDGET_FRACTION * chunk_ms, measured=((rows, ms),),
+                       engine_bytes=() if engine_bytes is None else ((rows, engine_bytes),), named=True)
+
+
+def _probe_step(model: LoadedModel, encoder: EncoderEngine, cfg: EngineConfig, device: torch.device,
+                dtype: torch.dtype, rows: int, give_up_ms: float) -> tuple[float | None, int | None]:
+    """One probe engine of exactly `rows` slots, stepped full and dropped: (its step time in ms,
+    the most device memory it held at once beyond its slots). (None, None) when the device memory
+    cannot take it; the bytes are None off a GPU."""
+    probe = None
+    try:
+        before = _reset_peak(device)
+        probe = StreamingEngine(model, encoder, cfg.lookahead_ms, rows, rows, device, dtype,
+                                align_chunks=cfg.align_chunks)
+        ms = probe.measure_step_ms(rows, give_up_ms=give_up_ms)
+        held = None
+        if before is not None:
+            peak = torch.cuda.max_memory_allocated(device)
+            held = max(0, peak - before - rows * probe.pool.bytes_per_slot())
+        return ms, held
+    except (EngineOverloadedError, torch.cuda.OutOfMemoryError) as exc:
+        log.info("a step of %d rows does not fit in device memory: %s", rows, exc)
+        return None, None
+    finally:
+        del probe
+        _free_device_memory(device)
 
 
 def _reset_peak(device: torch.device) -> int | None:

@@ -189,6 +189,48 @@ def test_the_batch_measurement_records_what_each_probe_held_beyond_its_slots(mon
     assert factory.measure_max_batch(model, encoder, cfg, torch.device("cpu"), torch.float32, 4).engine_bytes == ()
 
 
+def test_a_named_batch_is_kept_and_its_step_measured_for_the_slots(monkeypatch):
+    # `--max-batch N --max-streams auto` on a GPU (the tuned flags): N stays, and one probe engine
+    # of N rows gives the slot sizing its cap and headroom, as for a chosen batch; run 47's tuned
+    # server got the fixed cap (4,608 slots) instead. The GPU's peak counters are given figures.
+    import torch
+
+    from engines import factory
+    from engines.models import load_model
+
+    model = load_model("builtin:tiny", 160)
+    cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32", max_batch=8)
+    encoder, _ = factory.start_encoder_engine("eager", model, cfg, torch.device("cpu"), torch.float32)
+    per = factory.per_stream_state_bytes(model, encoder, cfg, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(factory, "_reset_peak", lambda device: 1 * GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * GIB)
+    s = factory.measure_named_batch(model, encoder, cfg, torch.device("cpu"), torch.float32)
+    ((rows, ms),) = s.measured
+    assert s.named and s.max_batch == rows == 8 and ms > 0
+    assert s.engine_bytes_at(8) == GIB - 8 * per
+    assert BatchSizing.from_dict(s.as_dict()) == s
+    cap, why = realtime_cap(s)
+    assert cap == min(MAX_AUTO_SLOTS, max(8, int(SLOTS_PER_STEP_CAPACITY * 8 * s.chunk_ms / ms))), why
+    sized = streams_for_memory(40 * GIB, 80 * GIB, NEMOTRON_FAST_SLOT, 8, cap=cap, cap_reason=why,
+                               engine_bytes=s.engine_bytes_at(8))
+    assert sized.engine_bytes == GIB - 8 * per and sized.headroom_bytes == int(0.1 * 80 * GIB) + int(2 * (GIB - 8 * per))
+    # its lines say the batch was named and what its step took
+    gpu = SimpleNamespace(capacity=sized.max_streams, max_batch=8, startup_report={
+        "device": "cuda:0", "sizing": sized.as_dict(), "batch_sizing": s.as_dict()})
+    _, lines = resolve_frontends(1, gpu, True, False)
+    assert "max batch 8, frontends 1" in lines[0] and "(auto" not in lines[0].split("max batch")[1]
+    assert lines[-1].startswith("the named batch's step: max batch 8 (named)") and f"8: {ms:.1f} ms" in lines[-1]
+    # a probe the device memory cannot take: the unmeasured rules (fixed cap, copies of a slot)
+
+    def out_of_memory(self, rows, timed_steps=3, give_up_ms=None):
+        raise torch.cuda.OutOfMemoryError("probe")
+
+    monkeypatch.setattr(factory.StreamingEngine, "measure_step_ms", out_of_memory)
+    s = factory.measure_named_batch(model, encoder, cfg, torch.device("cpu"), torch.float32)
+    assert s.measured == ((8, None),) and s.engine_bytes == () and s.engine_bytes_at(8) is None
+    assert realtime_cap(s)[0] == MAX_AUTO_STREAMS
+
+
 def test_auto_on_the_cpu_keeps_the_fixed_defaults():
     from engines.factory import MEASURE_BATCH_ON_CPU, build_engine
 

@@ -147,7 +147,7 @@ def engine_device(engine) -> str:
 def reported(engine, field: str) -> dict | None:
     """One decision of the engine's start-up report with its figures (engines.factory
     StartupReport: a dict from an engine worker, an object in process), or None if it made none:
-    "sizing" (`--max-streams auto`), "batch_sizing" (`--max-batch auto`, measured),
+    "sizing" (`--max-streams auto`), "batch_sizing" (`--max-batch auto`, measured, or a named batch measured for the slots),
     "decode_stream" (`--decode-stream`, and the times when it measured)."""
     report = getattr(engine, "startup_report", None)
     value = report.get(field) if isinstance(report, dict) else getattr(report, field, None)
@@ -184,8 +184,10 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
         lines.append(f"max streams from device memory: {sizing_text(sizing)}")
         log.info("max streams sized from device memory", extra={"sizing": sizing})
     if batch_sizing:
-        lines.append(f"max batch from the step time: {BatchSizing.from_dict(batch_sizing).describe()}")
-        log.info("max batch sized from the step time", extra={"batch_sizing": batch_sizing})
+        measured = BatchSizing.from_dict(batch_sizing)
+        label = "the named batch's step" if measured.named else "max batch from the step time"
+        lines.append(f"{label}: {measured.describe()}")
+        log.info(label, extra={"batch_sizing": batch_sizing})
     decode_stream = reported(engine, "decode_stream")
     if decode_stream:
         lines.append(f"decode stream: {DecodeStreamChoice.from_dict(decode_stream).describe()}")

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.capacity import ENGINE_BYTES_MARGIN, GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, MAX_AUTO_SLOTS
+from engines.capacity import (ENGINE_BYTES_MARGIN, GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, MAX_AUTO_SLOTS, MAX_AUTO_STREAMS,
+                              BatchSizing, realtime_cap)
 from engines.config import EngineConfig
 from proto import asr_stream_pb2 as pb
 from proto import asr_stream_pb2_grpc as pb_grpc
@@ -209,6 +210,25 @@ def test_auto_slots_keep_what_the_probe_engine_held_and_a_served_step_fits_in_it
     record("auto_slots_engine_bytes", {"rows": rows, "probe_held": held, "served_step": step,
                                        "slots": engine.capacity, "slot_bytes": sizing["per_stream_bytes"]})
     assert 2 * step <= ENGINE_BYTES_MARGIN * held, (step, held)
+    del engine
+    torch.cuda.empty_cache()
+
+
+def test_auto_slots_beside_a_named_batch_measure_its_step(demo):
+    # `--max-batch 64 --max-streams auto` (the tuned flags' shape): the batch stays as named, and
+    # the slots are sized from its own measured step (cap and headroom), not by the fixed cap.
+    from engines.factory import build_engine
+
+    engine = build_engine(EngineConfig(model=demo, engine="fast-cudagraph", device="cuda", dtype="float16",
+                                       **engine_sizing_kwargs(None, 64)))
+    report = engine.startup_report
+    batch, sizing = report.batch_sizing, report.sizing
+    assert engine.max_batch == 64 and batch["named"] and batch["max_batch"] == 64, batch
+    ((rows, ms),) = batch["measured"]
+    assert rows == 64 and ms > 0 and sizing["engine_bytes"] == dict(map(tuple, batch["engine_bytes"]))[64] > 0
+    assert sizing["cap"] == realtime_cap(BatchSizing.from_dict(batch))[0] != MAX_AUTO_STREAMS, sizing
+    record("auto_slots_named_batch", {"step_ms": ms, "engine_bytes": sizing["engine_bytes"], "slots": engine.capacity,
+                                      "cap": sizing["cap"]})
     del engine
     torch.cuda.empty_cache()
 
