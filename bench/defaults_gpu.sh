@@ -10,7 +10,8 @@
 # same lookahead (RTFx in the log: how fast this host is, beside runs on other hosts).
 # Results: $OUT/pair.log (the summary) and $OUT/pair.tgz (server logs, loadgen JSON).
 #   OUT=... LOOKAHEAD=160 LEVELS="4096 4506" bash bench/defaults_gpu.sh
-# Knobs: PY, MODEL, DEVICE, DTYPE (a CPU smoke: builtin:tiny cpu float32), LOOKAHEAD, LEVELS, STREAM_S, WORKERS, TUNED_ARGS, ORDER, BASELINE (0: skip), BUDGET_S.
+# Knobs: PY, MODEL, DEVICE, DTYPE (a CPU smoke: builtin:tiny cpu float32), LOOKAHEAD, LEVELS, STREAM_S, WORKERS, TUNED_ARGS, ORDER, BASELINE (0: skip), BUDGET_S,
+# C1_SECONDS (a stream of that many seconds alone on each server before its levels; 0: none).
 set -u
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-/tmp/defaults_out}; mkdir -p "$FINAL"
@@ -19,7 +20,7 @@ PY=${PY:-python3}
 LOOKAHEAD=${LOOKAHEAD:-160}; LEVELS=${LEVELS:-4096}; STREAM_S=${STREAM_S:-60}; WORKERS=${WORKERS:-8}
 TUNED_ARGS=${TUNED_ARGS:---step-kernels triton --max-batch 1024}
 MODEL=${MODEL:-builtin:nemotron-0.6b}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-float16}
-ORDER=${ORDER:-default tuned}; BASELINE=${BASELINE:-1}; BUDGET_S=${BUDGET_S:-560}
+ORDER=${ORDER:-default tuned}; BASELINE=${BASELINE:-1}; BUDGET_S=${BUDGET_S:-560}; C1_SECONDS=${C1_SECONDS:-0}
 LOG=$OUT/pair.log
 note() { echo "[pair +${SECONDS}s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET_S - SECONDS )); }
@@ -32,22 +33,16 @@ if [ "$BASELINE" = 1 ] && [ -f .devbench/nemo_pipeline_baseline.py ]; then
     note "NeMo pipeline ($LOOKAHEAD ms, float16, batch 256): $(grep '^{' "$OUT/baseline.txt" | tail -1)"
 fi
 
-. bench/server_start.sh
-for cfg in $ORDER; do
-    args=""; [ "$cfg" = tuned ] && args=$TUNED_ARGS
-    [ "$(left)" -gt $(( STREAM_S + 70 )) ] || { note "$cfg: not started (time)"; continue; }
-    # shellcheck disable=SC2086
-    start_server "$OUT/server_$cfg.log" --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
-        --lookahead-ms "$LOOKAHEAD" --log-level WARNING $args 2>> "$LOG" || { note "$cfg: the server did not start"; continue; }
-    note "$cfg server (flags: ${args:-none}) up: $(grep -h "sizing\|step kernels" "$OUT/server_$cfg.log" | head -3 | tr '\n' ' ')"
-    for c in $LEVELS; do
-        [ "$(left)" -gt $(( STREAM_S + 30 )) ] || { note "$cfg c=$c: not run (time)"; continue; }
-        timeout $(( STREAM_S + 60 )) "$PY" -m client.loadgen --server "127.0.0.1:$PORT" \
-            --metrics-url "http://127.0.0.1:$MPORT/metrics" --server-pid "$SPID" --concurrency "$c" \
-            --synthetic-clips 16 --synthetic-seconds 6 --stream-seconds "$STREAM_S" --ramp-s 2 --cooldown-s 1 \
-            --level-grace-s 20 --workers "$WORKERS" --json "$OUT/loadgen_${cfg}_$c.json" > "$OUT/loadgen_${cfg}_$c.txt" 2>&1
-        note "$cfg c=$c (exit $?):"
-        "$PY" - "$OUT/loadgen_${cfg}_$c.json" "$LOOKAHEAD" <<'EOF' 2>&1 | tee -a "$LOG"
+# One level: c streams of secs seconds from `workers` loadgen processes, against the running
+# server; its line in the summary.
+level() {
+    local cfg=$1 c=$2 secs=$3 workers=$4
+    timeout $(( secs + 60 )) "$PY" -m client.loadgen --server "127.0.0.1:$PORT" \
+        --metrics-url "http://127.0.0.1:$MPORT/metrics" --server-pid "$SPID" --concurrency "$c" \
+        --synthetic-clips 16 --synthetic-seconds 6 --stream-seconds "$secs" --ramp-s 2 --cooldown-s 1 \
+        --level-grace-s 20 --workers "$workers" --json "$OUT/loadgen_${cfg}_$c.json" > "$OUT/loadgen_${cfg}_$c.txt" 2>&1
+    note "$cfg c=$c (exit $?):"
+    "$PY" - "$OUT/loadgen_${cfg}_$c.json" "$LOOKAHEAD" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys
 doc = json.load(open(sys.argv[1]))
 target = float(sys.argv[2])
@@ -64,6 +59,22 @@ for lv in doc.get("levels", []):
     print(f"  phases ms: {phases}; server cores {cores:.2f} (every process), "
           f"{1000 * cores / done if done else float('nan'):.2f} per 1,000 streams")
 EOF
+}
+
+. bench/server_start.sh
+for cfg in $ORDER; do
+    args=""; [ "$cfg" = tuned ] && args=$TUNED_ARGS
+    [ "$(left)" -gt $(( STREAM_S + 70 )) ] || { note "$cfg: not started (time)"; continue; }
+    # shellcheck disable=SC2086
+    start_server "$OUT/server_$cfg.log" --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
+        --lookahead-ms "$LOOKAHEAD" --log-level WARNING $args 2>> "$LOG" || { note "$cfg: the server did not start"; continue; }
+    note "$cfg server (flags: ${args:-none}) up: $(grep -h "sizing\|step kernels" "$OUT/server_$cfg.log" | head -3 | tr '\n' ' ')"
+    if [ "$C1_SECONDS" -gt 0 ] && [ "$(left)" -gt $(( C1_SECONDS + 30 )) ]; then
+        level "$cfg" 1 "$C1_SECONDS" 1   # one stream's chunk latency (issue 17: p50 at most 10 ms)
+    fi
+    for c in $LEVELS; do
+        [ "$(left)" -gt $(( STREAM_S + 30 )) ] || { note "$cfg c=$c: not run (time)"; continue; }
+        level "$cfg" "$c" "$STREAM_S" "$WORKERS"
     done
     kill -TERM "$SPID"; wait "$SPID" 2>/dev/null
 done

@@ -27,7 +27,7 @@ def test_the_script_parses(script: Path):
 def test_defaults_against_tuned_runs_on_the_cpu(tmp_path: Path):
     env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable, MODEL="builtin:tiny", DEVICE="cpu",
                DTYPE="float32", LEVELS="2", STREAM_S="3", WORKERS="1", BASELINE="0", TUNED_ARGS="--max-batch 4",
-               BUDGET_S="300")
+               BUDGET_S="300", C1_SECONDS="2")
     done = subprocess.run(["bash", "bench/defaults_gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -39,7 +39,11 @@ def test_defaults_against_tuned_runs_on_the_cpu(tmp_path: Path):
     for done_streams, errors, p50, p95, verdict in levels:
         assert done_streams == "2" and errors == "{}" and 0 < float(p50) <= float(p95), log
         assert verdict == ("PASS" if float(p95) <= 160 else "FAIL")
-    assert len(re.findall(r"server cores [\d.]+ \(every process\), [\d.]+ per 1,000 streams", log)) == 2, log
+    # one stream alone on each server first (C1_SECONDS), then the levels
+    alone = re.findall(r"c=1 done=(\d+) errors=\{\} chunk p50=([\d.]+)", log)
+    assert [d for d, _ in alone] == ["1", "1"] and all(float(p50) > 0 for _, p50 in alone), log
+    assert log.index("default c=1 (exit 0)") < log.index("default c=2 (exit 0)"), log
+    assert len(re.findall(r"server cores [\d.]+ \(every process\), [\d.]+ per 1,000 streams", log)) == 4, log
     with tarfile.open(tmp_path / "pair.tgz") as tgz:
         names = set(tgz.getnames())
-    assert {"./loadgen_default_2.json", "./loadgen_tuned_2.json", "./server_default.log", "./server_tuned.log"} <= names
+    assert {"./loadgen_default_1.json", "./loadgen_default_2.json", "./loadgen_tuned_2.json", "./server_default.log", "./server_tuned.log"} <= names
