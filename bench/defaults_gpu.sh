@@ -59,6 +59,7 @@ for lv in doc.get("levels", []):
     print(f"  phases ms: {phases}; server cores {cores:.2f} (every process), "
           f"{1000 * cores / done if done else float('nan'):.2f} per 1,000 streams")
 EOF
+    cp "$LOG" "$FINAL/pair.log"  # the summary so far, should the call be cut off before the end
 }
 
 . bench/server_start.sh
