@@ -212,11 +212,10 @@ def build_engine(cfg: EngineConfig) -> StreamingEngine:
         torch.set_num_threads(GPU_HOST_THREADS)
     dtype = resolve_dtype(cfg.dtype, device)
     engine_name = resolve_engine_name(cfg.engine, device)
-    measure_batch = (cfg.auto_max_batch and (device.type == "cuda" or MEASURE_BATCH_ON_CPU)
-                     and not {engine_name, cfg.fallback_engine} & set(UNMEASURED_BATCH_ENGINES))
+    step_measurable = not {engine_name, cfg.fallback_engine} & set(UNMEASURED_BATCH_ENGINES)
+    measure_batch = step_measurable and cfg.auto_max_batch and (device.type == "cuda" or MEASURE_BATCH_ON_CPU)
     # A named batch with automatic slots on a GPU: its step measured once, for the slot sizing.
-    measure_named = (not cfg.auto_max_batch and cfg.auto_max_streams and device.type == "cuda"
-                     and not {engine_name, cfg.fallback_engine} & set(UNMEASURED_BATCH_ENGINES))
+    measure_named = step_measurable and not cfg.auto_max_batch and cfg.auto_max_streams and device.type == "cuda"
     # The slot count when it is known now: explicit, or the CPU's fixed one (a GPU's automatic one
     # comes from the memory left after the batch is chosen).
     streams = None if cfg.auto_max_streams and device.type == "cuda" else cfg.max_streams
