@@ -143,7 +143,9 @@ def main() -> None:
     ap.add_argument("--kernels", default="torch",
                     help="comma-separated kernel sets of the fast-cudagraph engine, an A/B when several: torch "
                          "(PyTorch's: SDPA over the gathered cache), attention (engines/step_attention.py reading the "
-                         "cache in the slot pool, no gather), fused (engines/fused_norms.py), triton (both)")
+                         "cache in the slot pool, no gather), fused (engines/fused_norms.py and "
+                         "engines/subsampling_kernels.py), triton (both), triton-cudnnconv (triton with the "
+                         "subsampling's convs by cuDNN over a padded copy: the A/B of masked_conv)")
     ap.add_argument("--repeats", type=int, default=1, help="alternations per batch with an A/B (--ring or --feature-graphs both)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS steps per batch under torch.profiler and print the top operators")
@@ -170,7 +172,7 @@ def main() -> None:
         nemo.eval()
         print(f"# loaded {args.model} at {la} ms in {time.time() - t:.1f} s", flush=True)
         kernel_sets = [k.strip() for k in args.kernels.split(",") if k.strip()]
-        unknown = set(kernel_sets) - {"torch", "attention", "fused", "triton"}
+        unknown = set(kernel_sets) - {"torch", "attention", "fused", "triton", "triton-cudnnconv"}
         if unknown or not kernel_sets:
             ap.error(f"--kernels: unknown kernel sets {sorted(unknown)}")
         encoders = {}
@@ -183,11 +185,13 @@ def main() -> None:
                 encoders[kernels] = make_encoder_engine(args.engine, model, cfg, dev, dtype)
             else:  # the Triton kernels, one set or both (fast-cudagraph only)
                 from engines.fast_engines import build_fast_encoder
+                reads_pool = kernels in ("attention", "triton", "triton-cudnnconv")
                 encoders[kernels] = build_fast_encoder(
-                    model, cfg, dev, dtype, graphs=True, attention="kernel" if kernels in ("attention", "triton") else "sdpa",
-                    fused_norms=kernels in ("fused", "triton"), use_graphs=args.encoder_graphs == "on",
+                    model, cfg, dev, dtype, graphs=True, attention="kernel" if reads_pool else "sdpa",
+                    fused_norms=kernels != "attention", use_graphs=args.encoder_graphs == "on",
+                    masked_convs=kernels != "triton-cudnnconv",
                     # whole windows (ring off) gather the cache into the workspace, for the kernel too
-                    **({"workspace_cache": True} if args.ring != "on" and kernels in ("attention", "triton") else {}))
+                    **({"workspace_cache": True} if args.ring != "on" and reads_pool else {}))
         choice = {"on": [True], "off": [False], "both": [False, True]}
         # (kernel set, ring cache, feature graphs) of each engine; an A/B alternates them on each batch
         variants = [(a, ring, fg) for a in kernel_sets for ring in choice[args.ring] for fg in choice[args.feature_graphs]]

@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from engines.encoders import PoolRows
-from engines.fused_norms import add_layer_norm, conv_norm_silu, glu_into, relu_mask_pad
+from engines.fused_norms import add_layer_norm, conv_norm_silu, glu_into
+from engines.subsampling_kernels import masked_conv, reads_one_channel, relu_mask_pad
 from engines.row_gather import gather_rows
 from engines.step_attention import MASK_VALUE, CacheTable, StepShape, step_attention
 
@@ -351,24 +352,30 @@ def _subsampling_ops(pre_encode) -> list[SubsamplingOp]:
 # The step
 # ---------------------------------------------------------------------------------------------
 
-def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor, fused: bool = False):
+def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor, fused: bool = False,
+               masked_convs: bool = True):
     """NeMo's ConvSubsampling with its per-row time masking (a position past a row's length is
     zero before every layer), then the dropped pre-encoded frames are skipped and the output
     projection (with xscale) runs on the kept frames only. Returns rows [B*T', d], lengths.
 
-    `fused` (the Triton kernels, engines/fused_norms.py): the same values, in fewer passes over
-    the largest tensors. Each strided conv's input is made by `relu_mask_pad` in one pass (the
-    ReLU before it, the mask, the zero padding), where PyTorch's ops run the ReLU, zero a padded
-    tensor and multiply into it. A pointwise conv's input is not masked: the conv maps each frame
-    to itself, so what it writes at a masked frame stays there, and the next strided conv's mask
-    or the last mask zeroes it before anything mixes frames. The result is equal bit for bit."""
+    `fused` (the Triton kernels, engines/subsampling_kernels.py): the same values, in fewer
+    passes over the largest tensors. A strided conv that reads one input channel per output
+    channel (the first conv, the depthwise ones) is `masked_conv`: it reads its input with the
+    ReLU before it, the mask and the zero padding applied on load, so no padded copy is written.
+    Any other strided conv's input is made by `relu_mask_pad` in one pass, where PyTorch's ops run
+    the ReLU, zero a padded tensor and multiply into it. A pointwise conv's input is not masked:
+    the conv maps each frame to itself, so what it writes at a masked frame stays there, and the
+    next strided conv's mask or the last mask zeroes it before anything mixes frames. Equal to
+    the PyTorch path up to the order of each conv's float32 sum (masked_conv's).
+    `masked_convs=False` (with `fused`): every strided conv by `relu_mask_pad` and cuDNN, equal
+    to the PyTorch path bit for bit (the benchmarks' A/B of masked_conv)."""
     g = p.geo
     x = feats.transpose(1, 2).unsqueeze(1)                   # [B, 1, T, F]
     lens = lengths.to(torch.int64)
     B = x.shape[0]
     own = False  # x is an intermediate of ours (safe to modify in place)
     ops = p.sub_ops
-    relu_ahead = False  # fused: a ReLU the next strided conv's padded copy applies
+    relu_ahead = False  # fused: a ReLU the next strided conv applies as it reads its input
     for i, op in enumerate(ops):
         t_len = x.shape[2]
         if op.kind == "relu":
@@ -384,8 +391,12 @@ def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tenso
             x = F.conv2d(x, op.weight, op.bias, op.stride, 0, 1, op.groups)
             own = True
             continue
-        if fused:
-            x = relu_mask_pad(x, lens, (lp, rp), relu_ahead)
+        if (fused and masked_convs and op.stride[0] == op.stride[1]
+                and reads_one_channel(op.weight, op.groups, x.shape[1])):
+            x = masked_conv(x, lens, (lp, rp), relu_ahead, op.weight, op.bias, op.stride[0])
+            relu_ahead = False
+        elif fused:
+            x = F.conv2d(relu_mask_pad(x, lens, (lp, rp), relu_ahead), op.weight, op.bias, op.stride, 0, 1, op.groups)
             relu_ahead = False
         else:
             # NeMo masks before every layer; before a ReLU it is the mask the next conv applies again.
@@ -397,7 +408,7 @@ def _subsample(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tenso
                 x = buf
             else:
                 x = x * mask
-        x = F.conv2d(x, op.weight, op.bias, op.stride, 0, 1, op.groups)
+            x = F.conv2d(x, op.weight, op.bias, op.stride, 0, 1, op.groups)
         own = True
         if op.stride[0] != 1:
             lens = (lens + lp + rp - op.kernel) // op.stride[0] + 1
@@ -534,13 +545,16 @@ class StepParts:
     of its inputs."""
 
     def __init__(self, compile: bool = False, compile_mode: str | None = None, dynamic: bool | None = None,
-                 fused: bool = False):
+                 fused: bool = False, masked_convs: bool = True):
         # dynamic=None: dynamo's automatic dynamic shapes (a second batch size recompiles once
         # with a symbolic batch, later ones reuse it); dynamic=False: one compilation per batch.
         if compile and fused:
             raise ValueError("torch.compile and the fused kernels are two ways to fuse the same chains: choose one")
         self.compiled = compile
         self.fused = fused
+        # fused: the subsampling's one-channel convs by engines/subsampling_kernels.masked_conv
+        # (False: its padded copy and cuDNN's conv, the benchmarks' A/B)
+        self.masked_convs = fused and masked_convs
         if fused:
             self.a, self.b, self.c = _part_a_fused, _part_b_fused, _part_c_fused
         elif compile:
@@ -611,7 +625,7 @@ def fast_step(p: FastConformerParams, feats: torch.Tensor, lengths: torch.Tensor
     g = p.geo
     parts = parts or _EAGER_PARTS
     T, C, K1 = g.frames_out, g.cache, g.conv_cache
-    x, enc_len = _subsample(p, feats, lengths, fused=parts.fused)
+    x, enc_len = _subsample(p, feats, lengths, fused=parts.fused, masked_convs=parts.masked_convs)
     B = feats.shape[0]
     # where the new frames' K|V go: after the cache's 70, or first in a workspace without room for
     # the cache (the kernel reads it in the pool; only a ring's T' new frames are committed)

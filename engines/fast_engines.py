@@ -83,7 +83,7 @@ class FastCudaGraphEncoder(FastConformerEncoder):
     def __init__(self, encoder: torch.nn.Module, max_batch: int, device=None, dtype=None, compile: bool = False,
                  compile_mode: str | None = None, use_graphs: bool = True, warmup_iters: int = 2,
                  buckets: tuple[int, ...] | None = None, attention: str = "sdpa", fused_norms: bool = False,
-                 workspace_cache: bool | None = None):
+                 workspace_cache: bool | None = None, masked_convs: bool = True):
         super().__init__(encoder, device, dtype, compile, compile_mode)
         p = self.params
         # attention: "sdpa" (PyTorch's, over the workspace the pool's rows are gathered into) or
@@ -98,8 +98,8 @@ class FastCudaGraphEncoder(FastConformerEncoder):
             if why is not None:
                 what = "the attention kernel" if attention == "kernel" else "the fused kernels"
                 raise UnsupportedEncoder(f"{what} cannot serve: {why}")
-        if fused_norms:
-            self.parts = StepParts(fused=True)
+        if fused_norms:  # masked_convs=False: the subsampling's convs by cuDNN (the benchmarks' A/B)
+            self.parts = StepParts(fused=True, masked_convs=masked_convs)
         if use_graphs and p.device.type != "cuda":
             raise RuntimeError(f"the fast-cudagraph engine needs a CUDA device, not {p.device}")
         self.attention = attention
@@ -198,7 +198,8 @@ class FastCudaGraphEncoder(FastConformerEncoder):
     def describe(self) -> dict:
         return {"engine": self.name, "buckets": list(self.buckets), "captures": self.captures,
                 "compile": self.parts.compiled, "graphs": self.use_graphs, "attention": self.attention,
-                "fused_norms": self.parts.fused, "workspace_cache": self.workspace_cache,
+                "fused_norms": self.parts.fused, "masked_convs": self.parts.masked_convs,
+                "workspace_cache": self.workspace_cache,
                 **({"attention_launch": dataclasses.asdict(tuning_for(self.params.geo.frames_out))}
                    if self.attention == "kernel" else {}),
                 "prepare_seconds": round(self.prepare_seconds, 2)}

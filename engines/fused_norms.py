@@ -1,4 +1,4 @@
-"""Four Triton kernels that fold the fast step's chains of small element-wise operations into one
+"""Three Triton kernels that fold the fast step's chains of small element-wise operations into one
 pass each, so a layer launches fewer kernels and moves its activations fewer times.
 
 * `add_layer_norm(x, r, w, b, eps)`: the residual sum `x + r` and its layer norm, both written,
@@ -11,15 +11,8 @@ pass each, so a layer launches fewer kernels and moves its activations fewer tim
   convolution over `[conv cache; GLU outputs]`, its bias, its layer norm and Swish, in one
   kernel where PyTorch materializes an unfold product of K times the activations, then sums,
   adds, normalizes and activates (five kernels).
-* `relu_mask_pad(x, lens, pad)`: the subsampling's input to a strided conv: the ReLU before it
-  (optional), NeMo's time mask (a frame at or past the row's length is zero) and the conv's zero
-  padding, written once into a new padded tensor, where PyTorch fills the padded tensor with zeros,
-  then multiplies the ReLU's output (itself a pass) by a broadcast mask into its interior. These
-  run on the subsampling's largest tensors (256 channels at half the input's frames and mels: 553
-  MB at 512 rows at 560 ms). In run 45's profile (bench/RESULTS.md, 560 ms, 512 rows) PyTorch's
-  generic (strided, broadcast) element-wise kernels took 4.1 ms of 31 ms of kernels a step, 3.1
-  ms of it in two kernels launched 6 and 5 times a step, as the subsampling's masks and padded
-  copies are (the profile does not name the operator inside the graph: to be confirmed).
+
+The subsampling's kernels are engines/subsampling_kernels.py.
 
 Why: at batch 1 the step is bound by launches (bench/RESULTS.md: 24 layers of about 30 kernels
 inside one CUDA graph; the encoder step took 2.97 ms there, 2.27 ms with torch.compile fusing the
@@ -42,7 +35,7 @@ try:  # present with PyTorch's CUDA wheels; on the CPU only where installed for 
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-__all__ = ["add_layer_norm", "conv_norm_silu", "glu_into", "relu_mask_pad"]
+__all__ = ["add_layer_norm", "conv_norm_silu", "glu_into"]
 
 
 def add_layer_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
@@ -89,30 +82,6 @@ def glu_into(pre_glu: torch.Tensor, enc_len: torch.Tensor, out: torch.Tensor) ->
         _glu_kernel[(B * T,)](pre_glu, pre_glu.stride(0), enc_len, out, out.stride(0), out.stride(1), T, d,
                               BLOCK=triton.next_power_of_2(d), num_warps=_warps(d))
     return out
-
-
-def relu_mask_pad(x: torch.Tensor, lens: torch.Tensor, pad: tuple[int, int], relu: bool) -> torch.Tensor:
-    """`x [B, C, T, F]` (any strides) -> a new contiguous `[B, C, lo + T + hi, lo + F + hi]` (pad
-    = (lo, hi) on time and frequency alike): relu(x) where `relu`, else x, with every frame t >=
-    lens[b] zero, inside zeros. Equal, bit for bit, to PyTorch's relu, multiply by the 0/1 mask
-    and copy into a zeroed tensor: each value is stored as it is, or as zero."""
-    B, C, T, F = x.shape
-    lo, hi = pad
-    Tp, Fp = lo + T + hi, lo + F + hi
-    if lens.shape != (B,) or min(pad) < 0:
-        raise ValueError(f"x {tuple(x.shape)}, lens {tuple(lens.shape)}, pad {pad}")
-    out = torch.empty(B, C, Tp, Fp, dtype=x.dtype, device=x.device)
-    rows = B * C * Tp
-    if rows:
-        block_f = triton.next_power_of_2(Fp)
-        block_r = max(1, _PAD_TILE // block_f)
-        _relu_mask_pad_kernel[(triton.cdiv(rows, block_r),)](
-            x, x.stride(0), x.stride(1), x.stride(2), x.stride(3), lens, out, rows, C, T, F, Tp, Fp, lo,
-            RELU=relu, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=8)
-    return out
-
-
-_PAD_TILE = 8192  # elements a program writes: whole padded rows, as many as fit
 
 
 def _warps(d: int) -> int:
@@ -175,24 +144,3 @@ if triton is not None:
         keep = (t < tl.load(enc_len_ptr + b)).to(tl.float32)
         y = a / (1.0 + tl.exp(-g)) * keep
         tl.store(out_ptr + b * o_sb + t * o_st + col, y.to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _relu_mask_pad_kernel(x_ptr, s_b, s_c, s_t, s_f, lens_ptr, out_ptr, rows, C, T, F, Tp, Fp, lo,
-                              RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-        # A tile of whole padded rows (b, c, padded frame) x padded mels of the output.
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        fp = tl.arange(0, BLOCK_F)
-        bc = r // Tp
-        t = r % Tp - lo
-        b = bc // C
-        c = bc % C
-        live = (r < rows) & (t >= 0) & (t < T)
-        live = live & (t < tl.load(lens_ptr + b, mask=r < rows, other=0))
-        f = fp - lo
-        inside = live[:, None] & ((f >= 0) & (f < F))[None, :]
-        src = x_ptr + (b * s_b + c * s_c + t * s_t)[:, None] + (f * s_f)[None, :]
-        v = tl.load(src, mask=inside, other=0.0)
-        if RELU:
-            v = tl.where(v > 0, v, 0.0).to(v.dtype)
-        dst = out_ptr + (r * Fp)[:, None] + fp[None, :]
-        tl.store(dst, v, mask=(r < rows)[:, None] & (fp < Fp)[None, :])

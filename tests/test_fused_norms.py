@@ -88,15 +88,21 @@ FUSED_STEP = """
             err = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
             assert err <= 1e-4, (la, name, err)
         assert outs[0][0].abs().max().item() > 0.1  # not an all-zero comparison
-        # The subsampling alone, bit for bit: full, partial and almost empty rows, fp32 and fp16.
-        for dtype in (torch.float32, torch.float16):
+        # The subsampling alone: full, partial and almost empty rows, fp32 and fp16. With the
+        # padded copies and cuDNN's convs, bit for bit; with masked_conv (its own order of each
+        # conv's float32 sum), within rounding.
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 4e-3)):
             q = FastConformerParams.from_encoder(eager.model.nemo_model.encoder, dtype=dtype)
             feats = torch.randn(5, g.n_mels, g.frames_in, generator=torch.Generator().manual_seed(la)).to(dtype)
             lengths = torch.tensor([g.frames_in, g.frames_in - 1, g.pre_encode + 3, g.pre_encode, 1])
             x0, len0 = _subsample(q, feats, lengths)
-            x1, len1 = _subsample(q, feats, lengths, fused=True)
+            x1, len1 = _subsample(q, feats, lengths, fused=True, masked_convs=False)
             assert torch.equal(len0, len1) and torch.equal(x0, x1), (la, dtype, (x0 - x1).abs().max().item())
+            x2, len2 = _subsample(q, feats, lengths, fused=True)
+            err = ((x2.float() - x0.float()) / (x0.float().abs() + 1)).abs().max().item()
+            assert torch.equal(len0, len2) and err <= tol, (la, dtype, err)
             assert x0.abs().max().item() > 0.1
+            print(la, dtype, "masked_conv subsampling error", err)
     print("ok")
 """
 
@@ -105,37 +111,11 @@ def test_a_fast_step_with_fused_parts_equals_the_step_with_torchs_under_the_inte
     """Every output of one fast step (encoded frames, lengths, next caches), 160 and 560 ms,
     rows with full, empty and partial caches and short chunks: fused parts within 1e-4 of
     PyTorch's in fp32. And the subsampling alone, full, partial and almost empty rows, fp32 and
-    fp16: the fused path (one pass for each strided conv's ReLU, mask and padding; no mask before
-    a pointwise conv) gives the very values of PyTorch's operations."""
+    fp16: with padded copies for cuDNN (one pass for each strided conv's ReLU, mask and padding;
+    no mask before a pointwise conv), the very values of PyTorch's operations; with masked_conv
+    (engines/subsampling_kernels.py), those values up to rounding."""
     out = _interpret(FUSED_STEP)
     assert out.strip().endswith("ok"), out
-
-
-RELU_MASK_PAD = """
-    import torch
-    from engines.fused_norms import relu_mask_pad
-
-    torch.manual_seed(0)
-    for dtype in (torch.float32, torch.float16):
-        for B, C, T, F, pad in [(3, 1, 25, 128, (2, 1)), (4, 6, 13, 64, (2, 1)), (2, 5, 7, 9, (1, 1)), (2, 3, 5, 4, (0, 0))]:
-            base = torch.randn(B, C, F, T).to(dtype)
-            for x in (base.transpose(2, 3), base.transpose(2, 3).contiguous()):   # a transposed view, as feats come
-                lens = torch.tensor([T, T - 2, 0, 1][:B])
-                lo, hi = pad
-                mask = (torch.arange(T)[None, :] < lens[:, None]).to(dtype).view(B, 1, T, 1)
-                for relu in (False, True):
-                    want = x.new_zeros(B, C, lo + T + hi, lo + F + hi)
-                    torch.mul(torch.relu(x) if relu else x, mask, out=want[:, :, lo:lo + T, lo:lo + F])
-                    got = relu_mask_pad(x, lens, pad, relu)
-                    assert got.is_contiguous() and torch.equal(got, want), (dtype, B, C, T, F, pad, relu)
-                    assert (got != 0).any()   # not an all-zero comparison
-    print("ok")
-"""
-
-
-def test_relu_mask_pad_equals_relu_mask_and_zero_padding_bit_for_bit_under_the_interpreter():
-    out = _interpret(RELU_MASK_PAD)
-    assert out.strip() == "ok", out
 
 
 def test_compile_and_fusion_are_one_choice():
