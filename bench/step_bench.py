@@ -74,14 +74,18 @@ def bench_ours(engine: StreamingEngine, batch: int, iters: int, warm: int) -> di
 PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
 
 
-def profile_steps(engine: StreamingEngine, batch: int, steps: int, warm: int, label: str, top: int = 22) -> None:
+def profile_steps(engine: StreamingEngine, batch: int, steps: int, warm: int, label: str, top: int = 22,
+                  trace: str | None = None) -> None:
     """torch.profiler over `steps` steady-state steps: the operators by the host's own time and by
-    the device's, per step, so it shows which of the step's host work leaves the device waiting."""
+    the device's, per step, so it shows which of the step's host work leaves the device waiting.
+    `trace`: also the whole timeline as a Chrome trace there (every kernel, and the gaps between)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         bench_ours(engine, batch, steps, warm)
+    if trace:
+        prof.export_chrome_trace(trace)
     events = prof.key_averages()
     device_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     n = steps + warm
@@ -149,6 +153,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="alternations per batch with an A/B (--ring or --feature-graphs both)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS steps per batch under torch.profiler and print the top operators")
+    ap.add_argument("--profile-top", type=int, default=22, help="operators listed by each of the profile's orders")
+    ap.add_argument("--profile-trace", default=None, metavar="PREFIX",
+                    help="also write each profile's timeline as a Chrome trace, PREFIX_<lookahead>_<batch>_<kernels>.json")
     ap.add_argument("--attention-tuning", default="",
                     help="the attention kernel's launch, as engines.step_attention.parse_tuning reads it "
                          "(bench/attention_bench.py --tuning-out writes the measured best); default: "
@@ -214,7 +221,9 @@ def main() -> None:
                 for (kernels, ring, fg), engine in engines.items():
                     profile_steps(engine, b, args.profile, args.warm, f"{la} ms, batch {b}, kernels {kernels}, "
                                                                       f"ring {'on' if ring else 'off'}, "
-                                                                      f"feature graphs {'on' if fg else 'off'}")
+                                                                      f"feature graphs {'on' if fg else 'off'}",
+                                  top=args.profile_top,
+                                  trace=args.profile_trace and f"{args.profile_trace}_{la}_{b}_{kernels}.json")
             nemo_ms = {} if args.no_nemo else bench_nemo(nemo, b, args.iters, args.warm, dev, dtype)
             for variant, engine in engines.items():
                 ran = engine.encoder_engine  # what really runs (a kernel set named here is built as named, or fails)
