@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--stages", default="1,2,3")
     ap.add_argument("--products", default="dot,fma", help="tensor-core products (dot), broadcast sums (fma), or both")
+    ap.add_argument("--orders", default="rows,heads",
+                    help="the programs' launch order (engines.step_attention.Tuning.order): rows, heads, or both")
     ap.add_argument("--fma-block-n", default="8,16,32", help="keys per block of the fma launches")
     ap.add_argument("--fma-max-frames", type=int, default=4,
                     help="fma launches only up to this many new frames (their registers hold frames x keys x head)")
@@ -140,11 +142,11 @@ def main() -> None:
     products = args.products.split(",")
     for prod in products:
         blocks = args.fma_block_n if prod == "fma" else args.block_n
-        for bn, w, st in itertools.product(map(int, blocks.split(",")), map(int, args.warps.split(",")),
-                                           map(int, args.stages.split(","))):
+        for bn, w, st, order in itertools.product(map(int, blocks.split(",")), map(int, args.warps.split(",")),
+                                                  map(int, args.stages.split(",")), args.orders.split(",")):
             if bn == 0 and st > 1:
                 continue  # one block: no loop to pipeline
-            tunes.append(Tuning(block_n=bn, num_warps=w, num_stages=st, products=prod))
+            tunes.append(Tuning(block_n=bn, num_warps=w, num_stages=st, products=prod, order=order))
     rows = []
     for T in map(int, args.frames.split(",")):
         for B in map(int, args.batches.split(",")):
@@ -176,7 +178,7 @@ def main() -> None:
             if best:
                 print(f"T'={T} B={B}: PyTorch's path {torch_ms:.3f} ms, floor {floor:.3f} ms, best kernel "
                       f"{best['kernel_ms']:.3f} ms (block_n={best['block_n']}, warps={best['num_warps']}, "
-                      f"stages={best['num_stages']}, {best['products']})", flush=True)
+                      f"stages={best['num_stages']}, {best['products']}, {best['order']} first)", flush=True)
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump({"source_revision": revision,
@@ -184,25 +186,26 @@ def main() -> None:
                                "torch": torch.__version__, "triton": triton.__version__, "d_model": d, "heads": H, "cache": C,
                                "dtype": args.dtype, "rows": rows}, f, indent=1)
     # the launch with the least total time over the batches, for each frame count
-    print("\n| new frames | block_n | warps | stages | products | " + " | ".join(f"B={b} ms" for b in args.batches.split(","))
-          + " | sum |")
-    print("|---|---|---|---|---|" + "---|" * (len(args.batches.split(",")) + 1))
+    print("\n| new frames | block_n | warps | stages | products | order | "
+          + " | ".join(f"B={b} ms" for b in args.batches.split(",")) + " | sum |")
+    print("|---|---|---|---|---|---|" + "---|" * (len(args.batches.split(",")) + 1))
     chosen = {}
     for T in map(int, args.frames.split(",")):
         timed = {}
         for r in rows:
             if r["frames"] == T and "kernel_ms" in r:
-                timed.setdefault((r["block_n"], r["num_warps"], r["num_stages"], r["products"]), {})[r["batch"]] = \
-                    r["kernel_ms"]
+                launch = (r["block_n"], r["num_warps"], r["num_stages"], r["products"], r["order"])
+                timed.setdefault(launch, {})[r["batch"]] = r["kernel_ms"]
         full = {k: v for k, v in timed.items() if len(v) == len(args.batches.split(","))}
         ranked = sorted(full.items(), key=lambda kv: sum(kv[1].values()))
         if ranked:
             chosen["few" if T <= 4 else "many"] = "/".join(map(str, ranked[0][0]))
         for k, v in ranked[:6]:
-            print(f"| {T} | {k[0]} | {k[1]} | {k[2]} | {k[3]} | " + " | ".join(f"{v[int(b)]:.3f}" for b in args.batches.split(","))
+            print(f"| {T} | {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | "
+                  + " | ".join(f"{v[int(b)]:.3f}" for b in args.batches.split(","))
                   + f" | {sum(v.values()):.3f} |")
         torch_row = {r["batch"]: r["torch_ms"] for r in rows if r["frames"] == T and "torch_ms" in r}
-        print(f"| {T} | PyTorch (gather + bias + SDPA) | | | | "
+        print(f"| {T} | PyTorch (gather + bias + SDPA) | | | | | "
               + " | ".join(f"{torch_row.get(int(b), float('nan')):.3f}" for b in args.batches.split(",")) + " | |")
     text = ",".join(f"{k}={v}" for k, v in chosen.items())
     print(f"\nbest launch: {text}")

@@ -41,9 +41,10 @@ note() { echo "[kernels +${SECONDS}s] $*" | tee -a "$LOG"; }
 if [ "${ATTENTION:-1}" = 1 ]; then
 note "1. attention launches"
 # Around run 42's best (32 keys a block, 4 warps): smaller blocks were faster there (32 beat 64 and
-# the whole cache), so 16 and 2 warps are tried too; CUDA-core products lost at every size.
+# the whole cache), so 16 and 2 warps are tried too, each in both launch orders (a row's heads
+# together or apart); CUDA-core products lost at every size and stages 1 and 2 timed the same.
 timeout 150 "$PY" bench/attention_bench.py --d-model 1024 --heads 8 --cache 70 --frames 2,7 --batches 256,512,1024 \
-    --block-n 16,32,64 --warps 2,4,8 --stages 1,2 --fma-block-n 8,16 --fma-max-frames 2 \
+    --block-n 16,32,64 --warps 2,4,8 --stages 2 --products dot --orders rows,heads \
     --out "$OUT/attention.json" --tuning-out "$OUT/tuning.txt" > "$OUT/attention.txt" 2>&1
 tail -22 "$OUT/attention.txt" | tee -a "$LOG"
 if [ -s "$OUT/tuning.txt" ]; then

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 MIN_DOT = 16  # Triton's tl.dot wants every dimension at least this
 MASK_VALUE = -10000.0  # a masked key's score, as engines.fast_conformer's (finite, as NeMo's)
 PRODUCTS = ("dot", "fma")  # Tuning.products
+ORDERS = ("rows", "heads")  # Tuning.order
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,23 @@ class Tuning:
     run: "dot" on the tensor cores (tl.dot: every dimension padded to 16, so 2 query frames use
     2 of 16 rows) or "fma", broadcast multiplies and sums on the CUDA cores (no padding of the
     query frames, no shared-memory staging; the registers hold frames x keys x head of a block,
-    so it suits few new frames). Chosen by bench/attention_bench.py on the device; the figures
-    are in bench/RESULTS.md."""
+    so it suits few new frames), and the order the programs are launched in: "rows" (a head's
+    programs for every row, then the next head: programs running together read one head's 256
+    bytes of each cached frame from many slots) or "heads" (a row's heads side by side: together
+    they read each cached frame's K|V whole, 4 KB at the 0.6B model's width, for fewer rows).
+    Chosen by bench/attention_bench.py on the device; the figures are in bench/RESULTS.md."""
 
     block_n: int = 0
     num_warps: int = 4
     num_stages: int = 1
     products: str = "dot"
+    order: str = "rows"
 
     def __post_init__(self) -> None:
         if self.products not in PRODUCTS:
             raise ValueError(f"products {self.products!r}: one of {PRODUCTS}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order {self.order!r}: one of {ORDERS}")
         if self.block_n < 0 or self.block_n & (self.block_n - 1) or self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"{self}: keys a block 0 or a power of two, warps and stages at least 1")
 
@@ -85,20 +92,26 @@ def tuning_for(frames: int) -> Tuning:
 
 
 def parse_tuning(text: str) -> dict[str, Tuning]:
-    """`few=32/4/2/fma,many=64/4/1` (keys per block / warps / stages [/ products], by TUNING's
-    keys) as Tunings: how a benchmark hands a measured choice to another run
+    """`few=32/4/2/fma,many=64/4/1/dot/heads` (keys per block / warps / stages [/ products [/
+    order]], by TUNING's keys) as Tunings: how a benchmark hands a measured choice to another run
     (bench/attention_bench.py writes it; bench/step_bench.py --attention-tuning and
     NEMOSTREAM_ATTENTION_TUNING read it)."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, spec = part.partition("=")
         fields = spec.split("/")
-        numbers, products = fields[:3], fields[3:] or ["dot"]
-        if (key not in TUNING or len(numbers) != 3 or len(products) != 1 or not all(f.isdigit() for f in numbers)
-                or products[0] not in PRODUCTS):
-            raise ValueError(f"attention tuning {part!r} is not few|many=BLOCK_N/WARPS/STAGES[/dot|fma]")
-        out[key] = Tuning(*map(int, numbers), products=products[0])
+        numbers, rest = fields[:3], fields[3:]
+        products, order = (rest + ["dot", "rows"][len(rest):])[:2] if len(rest) <= 2 else (None, None)
+        if (key not in TUNING or len(numbers) != 3 or not all(f.isdigit() for f in numbers)
+                or products not in PRODUCTS or order not in ORDERS):
+            raise ValueError(f"attention tuning {part!r} is not few|many=BLOCK_N/WARPS/STAGES[/dot|fma[/rows|heads]]")
+        out[key] = Tuning(*map(int, numbers), products=products, order=order)
     return out
+
+
+def format_tuning(tune: Tuning) -> str:
+    """The launch as parse_tuning reads it (its spec, after `few=` or `many=`)."""
+    return f"{tune.block_n}/{tune.num_warps}/{tune.num_stages}/{tune.products}/{tune.order}"
 
 
 TUNING.update(parse_tuning(os.environ.get(TUNING_ENV, "")))
@@ -201,14 +214,16 @@ def step_attention(qkv: torch.Tensor, new_kv: torch.Tensor, table: CacheTable, l
     least = 1 if fma else MIN_DOT  # tl.dot wants 16 rows at least; the broadcast products take any
     block_t = max(least, triton.next_power_of_2(T))
     block_n = tune.block_n or max(least, triton.next_power_of_2(C))
-    _attention_kernel[(B, H)](
+    heads_first = tune.order == "heads"
+    _attention_kernel[(B * H,) if heads_first else (B, H)](
         qkv, qkv.stride(0),
         table.table, layer, table.table.numel() - 1, slots, heads, cache_len, enc_len, chunk_ok,
         new_kv, new_kv.stride(0), new_kv.stride(1),
         out, out.stride(0),
         T, C, d, shape.rel_pad, 1.0 / math.sqrt(dk), MASK_VALUE,
         CACHE_DTYPE=_tl_dtype(new_kv.dtype), DK=dk, BLOCK_K=max(MIN_DOT, triton.next_power_of_2(dk)),
-        BLOCK_T=block_t, BLOCK_N=block_n, FMA=fma, num_warps=tune.num_warps, num_stages=tune.num_stages)
+        BLOCK_T=block_t, BLOCK_N=block_n, FMA=fma, HEADS_FIRST=heads_first, N_HEADS=H,
+        num_warps=tune.num_warps, num_stages=tune.num_stages)
     return out
 
 
@@ -243,9 +258,15 @@ if triton is not None:
                           out_ptr, o_s,
                           T, C, D, RP, scale, mask_value,
                           CACHE_DTYPE: tl.constexpr, DK: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, FMA: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
+                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, FMA: tl.constexpr,
+                          HEADS_FIRST: tl.constexpr, N_HEADS: tl.constexpr):
+        if HEADS_FIRST:   # one axis, a row's heads adjacent
+            pid = tl.program_id(0).to(tl.int64)
+            b = pid // N_HEADS
+            h = pid % N_HEADS
+        else:             # (row, head), rows fastest
+            b = tl.program_id(0).to(tl.int64)
+            h = tl.program_id(1).to(tl.int64)
         t = tl.arange(0, BLOCK_T)
         k = tl.arange(0, BLOCK_K)   # a head's dimensions, padded to a power of two (masked past DK)
         t_ok = t < T

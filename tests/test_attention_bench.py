@@ -33,9 +33,11 @@ def test_attention_bench_checks_every_launch_and_writes_the_best(tmp_path):
     report = json.loads(out.read_text())
     assert report["source_revision"]["commit"] and "dirty" in report["source_revision"], report
     timed = [r for r in report["rows"] if "kernel_ms" in r]
-    # 2 new frames: two dot launches and one fma; 7: the two dot launches (fma only up to 2 frames)
-    assert sorted((r["frames"], r["block_n"], r["products"]) for r in timed) == [
-        (2, 0, "dot"), (2, 8, "dot"), (2, 8, "fma"), (7, 0, "dot"), (7, 8, "dot")], report["rows"]
+    # 2 new frames: two dot launches and one fma; 7: the two dot launches (fma only up to 2 frames);
+    # each in both launch orders
+    assert sorted((r["frames"], r["block_n"], r["products"], r["order"]) for r in timed) == sorted(
+        (T, bn, prod, order) for T, bn, prod in [(2, 0, "dot"), (2, 8, "dot"), (2, 8, "fma"), (7, 0, "dot"), (7, 8, "dot")]
+        for order in ("rows", "heads")), report["rows"]
     assert not [r for r in report["rows"] if "error" in r], report["rows"]
     assert all(r["max_err"] < 1e-4 for r in timed), timed  # fp32 under the interpreter: PyTorch's result
     chosen = step_attention.parse_tuning(tune.read_text())

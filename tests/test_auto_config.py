@@ -292,6 +292,14 @@ def test_resolve_frontends_and_the_lines_it_prints():
     assert resolve_frontends(None, gpu, True, True, cpus=16)[1][-1] == (
         "step kernels: triton (attention: a Triton kernel reading each row's cache in the slot pool; element-wise "
         "chains fused)")
+    gpu.startup_report["details"] = {"engine": "fast-cudagraph", "attention": "kernel", "fused_norms": True,
+                                     "masked_convs": True, "attention_launch": {
+                                         "block_n": 32, "num_warps": 4, "num_stages": 2, "products": "dot",
+                                         "order": "heads"}}
+    assert resolve_frontends(None, gpu, True, True, cpus=16)[1][-1] == (
+        "step kernels: triton (attention: a Triton kernel reading each row's cache in the slot pool, 32 keys a block, "
+        "4 warps, 2 stages, dot products, a row's heads launched together; element-wise chains fused; the "
+        "subsampling's convs reading their input masked in place)")
     gpu.startup_report["details"] = {"engine": "fast-cudagraph", "attention": "sdpa", "fused_norms": False}
     assert resolve_frontends(None, gpu, True, True, cpus=16)[1][-1] == (
         "step kernels: torch (attention: SDPA over the gathered cache; element-wise chains as PyTorch runs them)")

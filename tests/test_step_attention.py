@@ -67,7 +67,7 @@ KERNEL_AGAINST_SDPA = """
     # not (12, 44: padded), the cache in one block and in several (an online softmax over blocks
     # of 16: 37 frames in three, the last part-full)
     # and the products on the tensor cores (dot) or as broadcast sums (fma: frames unpadded)
-    whole, blocks = Tuning(block_n=0), Tuning(block_n=16, num_warps=2, num_stages=2)
+    whole, blocks = Tuning(block_n=0), Tuning(block_n=16, num_warps=2, num_stages=2, order="heads")
     fma_whole, fma_blocks = Tuning(products="fma"), Tuning(block_n=8, num_warps=2, products="fma")
     for dtype, T, H, dk, C, tune in [(torch.float32, 2, 4, 16, 11, whole), (torch.float32, 7, 2, 32, 11, whole),
                                      (torch.float16, 2, 2, 16, 11, whole), (torch.float16, 13, 2, 16, 11, whole),
@@ -373,8 +373,12 @@ def test_a_server_asking_for_the_triton_kernels_where_they_cannot_run_keeps_torc
 def test_a_launch_is_read_from_its_text_and_the_environment_overrides_the_default():
     parsed = step_attention.parse_tuning("few=32/4/2/fma, many=0/8/1")
     assert parsed == {"few": step_attention.Tuning(32, 4, 2, "fma"), "many": step_attention.Tuning(0, 8, 1, "dot")}
+    heads = step_attention.parse_tuning("many=16/2/1/dot/heads")["many"]
+    assert heads == step_attention.Tuning(16, 2, 1, "dot", "heads")
+    assert step_attention.parse_tuning("few=" + step_attention.format_tuning(heads))["few"] == heads
     assert step_attention.parse_tuning("") == {}
-    for bad in ("few=32/4", "most=32/4/2", "few=a/4/2", "few=32/4/2/mma", "few=32/4/2/fma/1"):
+    for bad in ("few=32/4", "most=32/4/2", "few=a/4/2", "few=32/4/2/mma", "few=32/4/2/fma/1", "few=32/4/2/heads",
+                "few=32/4/2/dot/heads/1"):
         with pytest.raises(ValueError, match="BLOCK_N/WARPS/STAGES"):
             step_attention.parse_tuning(bad)
     # a fresh interpreter (the module reads the variable once, at import, as an engine worker does)
@@ -386,4 +390,5 @@ def test_a_launch_is_read_from_its_text_and_the_environment_overrides_the_defaul
                           env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("Tuning(")[1:] == [  # the one named changed, the other as it was
-        "block_n=16, num_warps=2, num_stages=3, products='dot') ", repr(step_attention.TUNING["few"])[len("Tuning("):] + "\n"]
+        "block_n=16, num_warps=2, num_stages=3, products='dot', order='rows') ",
+        repr(step_attention.TUNING["few"])[len("Tuning("):] + "\n"]

@@ -200,7 +200,11 @@ def resolve_frontends(frontends: int | None, engine, max_streams_auto: bool, max
         if in_pool and launch:
             attention += (f", {launch['block_n'] or 'all'} keys a block, {launch['num_warps']} warps, "
                           f"{launch['num_stages']} stages, {launch['products']} products")
+            if launch.get("order") == "heads":
+                attention += ", a row's heads launched together"
         chains = "fused" if fused else "as PyTorch runs them"
+        if details.get("masked_convs"):
+            chains += "; the subsampling's convs reading their input masked in place"
         lines.append(f"step kernels: {'triton' if in_pool or fused else 'torch'} (attention: {attention}; "
                      f"element-wise chains {chains})")
     return frontends, lines
