@@ -223,7 +223,10 @@ class FastConformerParams:
             # C: depthwise conv, conv norm, FF2, output norm
             w4 = cast(f32(layer.feed_forward2.linear2.weight) * layer.fc_factor)
             b4 = cast(f32(layer.feed_forward2.linear2.bias, d) * layer.fc_factor)
-            part_c = (cast(conv.depthwise_conv.weight.squeeze(1)), cast(f32(conv.depthwise_conv.bias, d)),
+            # the depthwise weight [d, K] stored tap-major (strides (1, d)): each tap's d weights
+            # contiguous, as the fused kernel reads them beside the d channels of a frame
+            w_dw = cast(conv.depthwise_conv.weight.squeeze(1)).t().contiguous().t()
+            part_c = (w_dw, cast(f32(conv.depthwise_conv.bias, d)),
                       *ln(conv.batch_norm), cast(conv.pointwise_conv2.weight.squeeze(-1)),
                       cast(conv.pointwise_conv2.bias), *ln(layer.norm_feed_forward2),
                       cast(layer.feed_forward2.linear1.weight), cast(layer.feed_forward2.linear1.bias), w4, b4,

@@ -56,7 +56,8 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, b: torch.T
 
 def conv_norm_silu(conv: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
                    eps: float) -> torch.Tensor:
-    """`conv [B, K-1+T', d]` (time-major, features contiguous), depthwise weight `w [d, K]`:
+    """`conv [B, K-1+T', d]` (time-major, features contiguous), depthwise weight `w [d, K]` (any
+    strides; tap-major, strides (1, d), reads each tap's weights in one coalesced pass):
     silu(layer_norm(sum_k conv[:, t+k] * w[:, k] + bias)) as `[B*T', d]`."""
     B, frames, d = conv.shape
     K = w.shape[1]
@@ -66,8 +67,9 @@ def conv_norm_silu(conv: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, ln_w
                          f"{tuple(w.shape)}")
     out = torch.empty(B * T, d, dtype=conv.dtype, device=conv.device)
     if B:
-        _conv_norm_silu_kernel[(B * T,)](conv, conv.stride(0), conv.stride(1), w.contiguous(), bias, ln_w, ln_b,
-                                         out, T, d, eps, K=K, BLOCK=triton.next_power_of_2(d), num_warps=_warps(d))
+        _conv_norm_silu_kernel[(B * T,)](conv, conv.stride(0), conv.stride(1), w, w.stride(0), w.stride(1), bias,
+                                         ln_w, ln_b, out, T, d, eps, K=K, BLOCK=triton.next_power_of_2(d),
+                                         num_warps=_warps(d))
     return out
 
 
@@ -112,8 +114,8 @@ if triton is not None:
         tl.store(normed_ptr + row * d + col, y.to(normed_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _conv_norm_silu_kernel(conv_ptr, c_sb, c_st, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, out_ptr, T, d, eps,
-                               K: tl.constexpr, BLOCK: tl.constexpr):
+    def _conv_norm_silu_kernel(conv_ptr, c_sb, c_st, w_ptr, w_sd, w_sk, bias_ptr, ln_w_ptr, ln_b_ptr, out_ptr, T, d,
+                               eps, K: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         b = pid // T
         t = pid % T
@@ -122,7 +124,7 @@ if triton is not None:
         acc = tl.load(bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
         for k in tl.static_range(K):
             v = tl.load(conv_ptr + b * c_sb + (t + k) * c_st + col, mask=ok, other=0.0).to(tl.float32)
-            acc += v * tl.load(w_ptr + col * K + k, mask=ok, other=0.0).to(tl.float32)
+            acc += v * tl.load(w_ptr + col * w_sd + k * w_sk, mask=ok, other=0.0).to(tl.float32)
         mean = tl.sum(tl.where(ok, acc, 0.0), 0) / d
         diff = tl.where(ok, acc - mean, 0.0)
         var = tl.sum(diff * diff, 0) / d

@@ -35,9 +35,11 @@ KERNELS_AGAINST_TORCH = """
         for B, T, d, K in [(3, 2, 64, 9), (2, 7, 48, 9), (1, 13, 32, 5)]:
             big = torch.randn(B, K - 1 + T, d + 16).to(dtype)
             conv = big[..., :d]                               # a workspace's rows: strided
-            w = torch.randn(d, K).to(dtype)
+            w_rows = torch.randn(d, K).to(dtype)
             bias, ln_w, ln_b = torch.randn(d).to(dtype), torch.randn(d).to(dtype), torch.randn(d).to(dtype)
-            got = conv_norm_silu(conv, w, bias, ln_w, ln_b, 1e-5)
+            got = conv_norm_silu(conv, w_rows, bias, ln_w, ln_b, 1e-5)
+            w = w_rows.t().contiguous().t()                   # tap-major, as the step stores it: the same values
+            assert torch.equal(conv_norm_silu(conv, w, bias, ln_w, ln_b, 1e-5), got)
             y = (conv.float().unfold(1, K, 1) * w.float()).sum(-1) + bias.float()
             want = F.silu(F.layer_norm(y, (d,), ln_w.float(), ln_b.float(), 1e-5)).reshape(B * T, d)
             err = (got.float() - want).abs().max().item()
