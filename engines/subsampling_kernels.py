@@ -41,6 +41,11 @@ __all__ = ["masked_conv", "relu_mask_pad", "reads_one_channel"]
 _PAD_TILE = 8192   # relu_mask_pad: elements a program writes (whole padded rows, as many as fit)
 _CONV_CHANNELS = 16  # masked_conv: output channels a program computes ...
 _CONV_POSITIONS = 128  # ... at this many output positions (time x mels, mels fastest)
+# Under Triton's interpreter (the CPU tests) each program runs in turn as numpy operations, so
+# masked_conv takes a row's whole output in as few programs as fit (at most 64 channels x 4,096
+# positions): the GPU's tiles made a test of streams through the fast step three times slower.
+# The kernel's tests set this False to run the GPU's tiles (several blocks a row) too.
+WHOLE_ROWS_ON_CPU = True
 
 
 def reads_one_channel(weight: torch.Tensor, groups: int, in_channels: int) -> bool:
@@ -70,13 +75,21 @@ def masked_conv(x: torch.Tensor, lens: torch.Tensor, pad: tuple[int, int], relu:
     out = torch.empty(B, C, max(To, 0), max(Fo, 0), dtype=x.dtype, device=x.device)
     if out.numel():
         w = weight.reshape(C, K * K).contiguous()
-        grid = (triton.cdiv(To * Fo, _CONV_POSITIONS), triton.cdiv(C, _CONV_CHANNELS), B)
+        block_c, block_p = _conv_tiles(C, To * Fo, x.device)
+        grid = (triton.cdiv(To * Fo, block_p), triton.cdiv(C, block_c), B)
         _masked_conv_kernel[grid](
             x, x.stride(0), 0 if Cin == 1 else x.stride(1), x.stride(2), x.stride(3), lens, w,
             w if bias is None else bias, out, C, T, F, To, Fo, lo,
             K=K, STRIDE=stride, RELU=relu, HAS_BIAS=bias is not None, SHARED_INPUT=Cin == 1,
-            BLOCK_C=_CONV_CHANNELS, BLOCK_P=_CONV_POSITIONS, num_warps=4)
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
     return out
+
+
+def _conv_tiles(channels: int, positions: int, device: torch.device) -> tuple[int, int]:
+    """masked_conv's tile: output channels x output positions a program computes."""
+    if device.type == "cpu" and WHOLE_ROWS_ON_CPU:
+        return min(triton.next_power_of_2(channels), 64), min(triton.next_power_of_2(positions), 4096)
+    return _CONV_CHANNELS, _CONV_POSITIONS
 
 
 def relu_mask_pad(x: torch.Tensor, lens: torch.Tensor, pad: tuple[int, int], relu: bool) -> torch.Tensor:
