@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from client.provenance import source_revision  # noqa: E402
-from engines.step_attention import CacheTable, StepShape, Tuning, step_attention  # noqa: E402
+from engines.step_attention import CacheTable, StepShape, Tuning, format_tuning, step_attention  # noqa: E402
 
 
 def _inputs(B: int, T: int, C: int, d: int, H: int, dtype, device, seed: int):
@@ -199,7 +199,7 @@ def main() -> None:
         full = {k: v for k, v in timed.items() if len(v) == len(args.batches.split(","))}
         ranked = sorted(full.items(), key=lambda kv: sum(kv[1].values()))
         if ranked:
-            chosen["few" if T <= 4 else "many"] = "/".join(map(str, ranked[0][0]))
+            chosen["few" if T <= 4 else "many"] = format_tuning(Tuning(*ranked[0][0]))
         for k, v in ranked[:6]:
             print(f"| {T} | {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | "
                   + " | ".join(f"{v[int(b)]:.3f}" for b in args.batches.split(","))

@@ -101,8 +101,9 @@ def parse_tuning(text: str) -> dict[str, Tuning]:
         key, _, spec = part.partition("=")
         fields = spec.split("/")
         numbers, rest = fields[:3], fields[3:]
-        products, order = (rest + ["dot", "rows"][len(rest):])[:2] if len(rest) <= 2 else (None, None)
-        if (key not in TUNING or len(numbers) != 3 or not all(f.isdigit() for f in numbers)
+        products = rest[0] if rest else "dot"
+        order = rest[1] if len(rest) > 1 else "rows"
+        if (key not in TUNING or len(numbers) != 3 or len(rest) > 2 or not all(f.isdigit() for f in numbers)
                 or products not in PRODUCTS or order not in ORDERS):
             raise ValueError(f"attention tuning {part!r} is not few|many=BLOCK_N/WARPS/STAGES[/dot|fma[/rows|heads]]")
         out[key] = Tuning(*map(int, numbers), products=products, order=order)

@@ -64,9 +64,9 @@ def masked_conv(x: torch.Tensor, lens: torch.Tensor, pad: tuple[int, int], relu:
     time and mels alike. Returns a new contiguous `[B, C, To, Fo]`, To = (lo + T + hi - K) //
     stride + 1 (and Fo alike), in x's dtype."""
     B, Cin, T, F = x.shape
-    C, one, K, K2 = weight.shape
+    C, _, K, K2 = weight.shape
     lo, hi = pad
-    if one != 1 or K != K2 or Cin not in (1, C) or lens.shape != (B,) or min(pad) < 0 or stride < 1:
+    if not reads_one_channel(weight, Cin, Cin) or K != K2 or lens.shape != (B,) or min(pad) < 0 or stride < 1:
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, lens {tuple(lens.shape)}, pad {pad}, "
                          f"stride {stride}: not a conv that reads one input channel per output channel")
     if bias is not None and bias.shape != (C,):
