@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from engines.api import ChunkWork, StepPlan
+from engines.api import STEP_PHASES, ChunkWork, StepPlan
 from engines.config import EngineConfig
 from engines.encoders import EagerEncoder
 from engines.factory import make_encoder_engine, resolve_device, resolve_dtype
@@ -65,13 +65,14 @@ def bench_ours(engine: StreamingEngine, batch: int, iters: int, warm: int) -> di
             engine.release_slot(s)
     out = {"step_ms": statistics.median(totals)}
     for name in PHASES:
-        out[f"{name}_ms"] = statistics.median(getattr(p, f"{name}_ms") for p in phases)
+        out[f"{name}_ms"] = statistics.median(p.phases()[name] for p in phases)
     return out
 
 
-# the step's phases (engines.api.StepTimings), each timed to the device's end of its work when
-# the engine synchronizes at phase boundaries (sync_timings)
-PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
+# the step's phases (engines.api.StepTimings.phases: `features` without the assemble and gather
+# before it; until 2026-12-07 this script's features column included both), each timed to the
+# device's end of its work when the engine synchronizes at phase boundaries (sync_timings)
+PHASES = STEP_PHASES
 
 
 def profile_steps(engine: StreamingEngine, batch: int, steps: int, warm: int, label: str, top: int = 22,

@@ -289,6 +289,18 @@ class StepTimings:
     from_worker_ms: float = 0.0    # the reply sent, until the scheduler's thread has it (and the lock)
     unpack_ms: float = 0.0         # the scheduler's thread rebuilds the result
 
+    def phases(self) -> dict[str, float]:
+        """The step's seven phases, each on its own (STEP_PHASES, in order): `features` is the
+        STFT/mel alone, without the assemble and gather that `features_ms` includes, so the
+        phases add up to the step (give or take the clock between them)."""
+        return {"assemble": self.assemble_ms, "features": self.features_ms - self.assemble_ms - self.gather_ms,
+                "gather": self.gather_ms, "encoder": self.encoder_ms, "decode": self.decode_ms,
+                "commit": self.commit_ms, "results": self.results_ms}
+
+
+# A step's phases, in the order they run (StepTimings.phases)
+STEP_PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
+
 
 # The stages of a step run in parts (StreamingEngine.start_step, a StepRun): its device work
 # up to the encoder is queued, with copies of what the rest of the step reads (the next step's

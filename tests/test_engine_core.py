@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.api import BadChunkError, ChunkWork, PoolExhaustedError, StepPlan
+from engines.api import STEP_PHASES, BadChunkError, ChunkWork, PoolExhaustedError, StepPlan
 from engines.models import speechlike_audio
 from tests.engine_helpers import length_nemo_fully_consumes, nemo_reference_tokens, run_alone, run_streams
 
@@ -275,6 +275,10 @@ def test_every_nth_step_is_timed_phase_by_phase(tiny_engine, monkeypatch):
     for t in (timings[i] for i in synced):
         parts = t.features_ms + t.encoder_ms + t.decode_ms + t.commit_ms + t.results_ms
         assert t.encoder_ms > 0 and t.assemble_ms + t.gather_ms <= t.features_ms and parts <= t.total_ms + 1e-6
+        # the phases one by one: each once, none negative, together the step's parts above
+        phases = t.phases()
+        assert tuple(phases) == STEP_PHASES and min(phases.values()) >= 0
+        assert abs(sum(phases.values()) - parts) < 1e-6 and phases["features"] < t.features_ms
 
 
 # -- the seed's bug: the TensorRT wrapper must run its engine, never the original forward ------

@@ -18,7 +18,6 @@ from server.scheduling.scheduler import Scheduler, SchedulerObserver
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _PHASE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25)
 # StepTimings as phases that do not overlap: (label, what it is), in the order a step runs them.
-STEP_PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
 # The way to an engine worker process and back (StepTimings, server.runtime.engine_worker).
 WORKER_PARTS = ("to_worker", "worker_before", "worker_after", "from_worker", "unpack")
 
@@ -215,10 +214,7 @@ class ServerMetrics(SchedulerObserver):
                 for part in WORKER_PARTS:
                     self.worker_time.labels(part=part).observe(max(0.0, getattr(timings, f"{part}_ms")) / 1e3)
             if timings.synced:
-                t = timings
-                for phase, ms in zip(STEP_PHASES, (
-                        t.assemble_ms, t.features_ms - t.assemble_ms - t.gather_ms, t.gather_ms, t.encoder_ms,
-                        t.decode_ms, t.commit_ms, t.results_ms)):
+                for phase, ms in timings.phases().items():
                     self.engine_phase_time.labels(phase=phase).observe(max(0.0, ms) / 1e3)
 
     def chunks_answered(self, latencies_seconds) -> None:
