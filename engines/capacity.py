@@ -8,7 +8,9 @@ handful of streams and the test suite relies on that number.
 Batch (`--max-batch auto`) on a GPU: measured where the engine runs (engines.factory), at
 start-up (on the CPU: EngineConfig's max_batch, unmeasured; engines.factory.MEASURE_BATCH_ON_CPU
 says why). The fixed default GPU_MAX_BATCH is the floor; from it the factory times the whole engine
-step (features, encoder, decoding, commit) on silent streams at doubling batches up to
+step as it is served (features, encoder, decoding, commit; the step's preparation on the host
+timed apart, as the engine worker prepares a step while the one before it runs: the longer of the
+two counts, StreamingEngine.measure_step_ms) on silent streams at doubling batches up to
 MAX_AUTO_BATCH (and never above an explicit --max-streams, nor, with `--max-streams auto`, above
 what the device memory holds with its step headroom), and keeps the largest batch whose step
 takes at most STEP_BUDGET_FRACTION of the chunk's real-time period and that still buys

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -482,11 +483,34 @@ def test_the_step_is_timed_on_a_real_engine(tiny_engine):
     steps = []
     original = tiny_engine.step
     try:
-        tiny_engine.step = lambda plan: (steps.append(len(plan)), original(plan))[1]
+        tiny_engine.step = lambda prepared: (steps.append(len(prepared.plan)), original(prepared))[1]
         tiny_engine.measure_step_ms(2, timed_steps=5, give_up_ms=0.0)
     finally:
         del tiny_engine.step
     assert steps == [2, 2, 2] and tiny_engine.slots_in_use() == 0
+
+
+def test_the_measured_step_overlaps_its_preparation_as_serving_does(tiny_engine):
+    # Served, a step is prepared while the one before it runs: the measurement takes the larger
+    # of the two, not their sum. Each part made slow in turn sets the figure alone.
+    prepare, step = tiny_engine.prepare, tiny_engine.step
+
+    def slow(fn, seconds):
+        def run(arg):
+            time.sleep(seconds)
+            return fn(arg)
+        return run
+
+    try:
+        tiny_engine.prepare = slow(prepare, 0.25)
+        prepare_bound = tiny_engine.measure_step_ms(2, timed_steps=2)
+        tiny_engine.step = slow(step, 0.4)
+        step_bound = tiny_engine.measure_step_ms(2, timed_steps=2)
+    finally:
+        del tiny_engine.prepare, tiny_engine.step
+    assert 250 <= prepare_bound < 400, prepare_bound
+    assert 400 <= step_bound < 650, step_bound  # the sum would be at least 650
+    assert tiny_engine.slots_in_use() == 0
 
 
 def test_the_factory_measures_the_batch_and_rebuilds_the_encoder_for_it(monkeypatch):
