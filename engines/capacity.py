@@ -15,8 +15,10 @@ MAX_AUTO_BATCH (and never above an explicit --max-streams, nor, with `--max-stre
 what the device memory holds with its step headroom), and keeps the largest batch whose step
 takes at most STEP_BUDGET_FRACTION of the chunk's real-time period and that still buys
 throughput: each doubling must carry at least MIN_DOUBLING_GAIN times the rows per millisecond
-of the batch below it (choose_max_batch). Only when even the default is too slow does the batch
-go below it: halving, down to 1.
+of the batch below it (choose_max_batch). With `--max-streams auto` a doubling must also let the
+server carry more streams: a larger batch's step headroom takes slots, and the server carries the
+lesser of its step's real-time streams and its slots (BatchSizing.streams_carried). Only when
+even the default is too slow does the batch go below it: halving, down to 1.
   GPU_MAX_BATCH = 256, the largest batch of the recorded capacity runs (bench/RESULTS.md: at
   the measured capacity of one H100, 1,728 streams at 160 ms, the mean batch was 171). The
   encoder step grows less than its rows on a large GPU (issue 17, fast-cudagraph on an H200: 6.8,
@@ -162,31 +164,50 @@ class BatchSizing:
     # True: the batch was named (`--max-batch N`), not chosen; its step was measured only so that
     # `--max-streams auto` sizes the slots as for a chosen batch (engines.factory.measure_named_batch)
     named: bool = False
+    # (batch, slots the device memory holds beside a step of that many rows): with `--max-streams
+    # auto` on a GPU, where a larger batch's headroom takes slots (choose_max_batch's `slots_at`)
+    slots: tuple[tuple[int, int], ...] = ()
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["measured"] = [[b, ms] for b, ms in self.measured]
         d["engine_bytes"] = [[b, n] for b, n in self.engine_bytes]
+        d["slots"] = [[b, n] for b, n in self.slots]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> BatchSizing:
         return cls(**{**d, "measured": tuple((int(b), None if ms is None else float(ms)) for b, ms in d["measured"]),
-                      "engine_bytes": tuple((int(b), int(n)) for b, n in d.get("engine_bytes", ()))})
+                      "engine_bytes": tuple((int(b), int(n)) for b, n in d.get("engine_bytes", ())),
+                      "slots": tuple((int(b), int(n)) for b, n in d.get("slots", ()))})
 
     def engine_bytes_at(self, batch: int) -> int | None:
         """What the probe engine of `batch` rows held beyond its slots; None where not measured."""
         return dict(self.engine_bytes).get(batch)
 
-    def _next_gains_too_little(self) -> bool:
+    def _next_measured(self) -> tuple[int, float] | None:
+        """The next batch above the choice, measured and within the step budget; None if none."""
         times = dict(self.measured)
         above = [b for b, _ in self.measured if b > self.max_batch]
         if not above or times.get(self.max_batch) is None:
-            return False
+            return None
         nxt = min(above)
         ms = times[nxt]
-        return ms is not None and ms <= self.budget_ms and not gains_enough(
-            self.max_batch, times[self.max_batch], nxt, ms)
+        return (nxt, ms) if ms is not None and ms <= self.budget_ms else None
+
+    def _next_gains_too_little(self) -> bool:
+        nxt = self._next_measured()
+        return nxt is not None and not gains_enough(self.max_batch, dict(self.measured)[self.max_batch], *nxt)
+
+    def streams_carried(self, batch: int) -> float | None:
+        """The most streams a server of this max batch carries by what was measured: the
+        real-time streams its step carries, or the slots beside it where fewer; None unmeasured."""
+        ms = dict(self.measured).get(batch)
+        if not ms:
+            return None
+        carried = batch * self.chunk_ms / ms
+        slots = dict(self.slots).get(batch)
+        return carried if slots is None else min(carried, float(slots))
 
     def describe(self) -> str:
         steps = ", ".join(f"{b}: {'did not run' if ms is None else f'{ms:.1f} ms'}" for b, ms in self.measured)
@@ -200,6 +221,10 @@ class BatchSizing:
         elif self._next_gains_too_little():
             why = (f"the next batch gains too little throughput (less than {MIN_DOUBLING_GAIN:g}x the rows "
                    f"per ms a doubling; limit {self.limit})")
+        elif (nxt := self._next_measured()) is not None and nxt[0] in dict(self.slots):
+            here, there = self.streams_carried(self.max_batch), self.streams_carried(nxt[0])
+            why = (f"the next batch's headroom leaves fewer streams: {dict(self.slots)[nxt[0]]} slots beside a step "
+                   f"of {nxt[0]} rows, at most {there:.0f} streams against {here:.0f}; limit {self.limit}")
         else:
             why = f"the next batch is too slow (limit {self.limit})"
         return (f"max batch {self.max_batch} ({why}): step time by batch {steps}; a step may take "
@@ -250,22 +275,39 @@ def gains_enough(batch: int, ms: float, larger: int, larger_ms: float, gain: flo
 
 
 def choose_max_batch(default: int, limit: int, chunk_ms: float, step_ms: Callable[[int], float | None],
-                     fraction: float = STEP_BUDGET_FRACTION) -> BatchSizing:
+                     fraction: float = STEP_BUDGET_FRACTION,
+                     slots_at: Callable[[int], int | None] | None = None) -> BatchSizing:
     """`--max-batch auto`: the largest candidate (batch_candidates) whose step, as `step_ms(batch)`
     measures it (None: the step could not run, e.g. out of memory), takes at most `fraction` of
     the chunk period and carries enough more rows per ms than the batch below it (gains_enough).
     Measured upwards, stopping at the first that does not fit or does not gain (a step does not
     get cheaper per row with more rows once it stopped); when even the first does not fit,
-    halving down to the largest that does, and 1 when none does."""
+    halving down to the largest that does, and 1 when none does.
+
+    `slots_at(batch)` (with `--max-streams auto` on a GPU; asked after that batch's step ran):
+    the slots the device memory holds beside a step of that many rows. A larger batch's headroom
+    takes slots, so a doubling is also refused where the server would carry no more streams
+    with it: the lesser of the step's real-time streams and the slots (BatchSizing
+    .streams_carried) must grow. On an H100 at 560 ms the slots beside 512 rows (about 7,900)
+    were already below what the step carries; 1,024 rows would have left about 5,800."""
     if default < 1 or limit < 1 or chunk_ms <= 0 or not 0 < fraction <= 1:
         raise ValueError(f"bad figures: default {default}, limit {limit}, chunk {chunk_ms} ms, fraction {fraction}")
     budget = fraction * chunk_ms
     measured: list[tuple[int, float | None]] = []
+    slots: list[tuple[int, int]] = []
 
     def fits(batch: int) -> bool:
         ms = step_ms(batch)
         measured.append((batch, None if ms is None else float(ms)))
+        if ms is not None and slots_at is not None:
+            n = slots_at(batch)
+            if n is not None:
+                slots.append((batch, int(n)))
         return ms is not None and ms <= budget
+
+    def sizing(chosen: int) -> BatchSizing:
+        return BatchSizing(max_batch=max(chosen, 1), default=default, limit=limit, chunk_ms=float(chunk_ms),
+                           budget_ms=budget, measured=tuple(measured), slots=tuple(slots))
 
     chosen = 0
     ups = batch_candidates(default, limit)
@@ -274,14 +316,17 @@ def choose_max_batch(default: int, limit: int, chunk_ms: float, step_ms: Callabl
             break
         if chosen and not gains_enough(chosen, measured[-2][1], b, measured[-1][1]):
             break
+        if chosen and slots_at is not None:
+            so_far = sizing(chosen)
+            if so_far.streams_carried(b) <= so_far.streams_carried(chosen):
+                break
         chosen = b
     b = ups[0] // 2
     while not chosen and b >= 1:
         if fits(b):
             chosen = b
         b //= 2
-    return BatchSizing(max_batch=max(chosen, 1), default=default, limit=limit, chunk_ms=float(chunk_ms),
-                       budget_ms=budget, measured=tuple(measured))
+    return sizing(chosen)
 
 
 def realtime_cap(batch_sizing: BatchSizing | None) -> tuple[int, str]:

@@ -307,7 +307,12 @@ def measure_max_batch(model: LoadedModel, encoder: EncoderEngine, cfg: EngineCon
     .choose_max_batch) up to cfg.max_batch, which the encoder was built for. Each batch runs on
     a probe engine of exactly that many slots, dropped after: a batch the device memory cannot
     take counts as not fitting. On a GPU each probe's device memory is measured too: the most it
-    held at once beyond its slots (BatchSizing.engine_bytes, the slot sizing's headroom)."""
+    held at once beyond its slots (BatchSizing.engine_bytes, the slot sizing's headroom); with
+    `--max-streams auto` that gives each batch's slots, and a batch whose headroom would leave
+    the server fewer streams than the batch below it is not taken (choose_max_batch's
+    `slots_at`). The slots are counted in the memory free with the encoder built for the largest
+    batch tried, a little less than the server's own sizing finds after a rebuild for a smaller
+    choice: the same for every batch compared."""
     chunk_ms = geometry_of(model, cfg.lookahead_ms, cfg.align_chunks).chunk_ms
     give_up_ms = STEP_GIVE_UP * chunk_ms
     held: dict[int, int] = {}
@@ -318,7 +323,18 @@ def measure_max_batch(model: LoadedModel, encoder: EncoderEngine, cfg: EngineCon
             held[rows] = engine_bytes
         return ms
 
-    sizing = choose_max_batch(default, cfg.max_batch, chunk_ms, step_ms)
+    memory: list[tuple[int, int, int]] = []  # (free, total, per-slot bytes), read once, after the first probe
+
+    def slots_at(rows: int) -> int | None:
+        if rows not in held:  # nothing measured of the device's memory (the CPU)
+            return None
+        if not memory:
+            memory.append((*free_device_memory(device), per_stream_state_bytes(model, encoder, cfg, device, dtype)))
+        free, total, per_stream = memory[0]
+        return streams_for_memory(free, total, per_stream, rows, engine_bytes=held[rows]).fits_in_memory
+
+    sizing = choose_max_batch(default, cfg.max_batch, chunk_ms, step_ms,
+                              slots_at=slots_at if cfg.auto_max_streams else None)
     return dataclasses.replace(sizing, engine_bytes=tuple(sorted(held.items())))
 
 

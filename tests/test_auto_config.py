@@ -466,6 +466,79 @@ def test_the_memory_limit_leaves_slots_for_a_full_batch():
     assert batch_memory_limit(1 * GIB, 24 * GIB, per) == 0
 
 
+def test_a_larger_batch_whose_headroom_leaves_fewer_streams_is_not_taken():
+    # Run 45's H100 at 560 ms, the step timed as served (its preparation apart): 512 rows in
+    # 31.25 ms, 1,024 in 56.7 (1.10x the rows per ms: the rate rule alone takes 1,024), 256 rows
+    # in about 18.7 (scaled by run 49's 256/512 ratio). But the headroom beside 1,024 rows leaves
+    # 5,800 slots where 512 rows leave 7,900, and 512 rows already carry 9,175 streams: with
+    # 1,024 the server would carry fewer.
+    times = {256: 18.7, 512: 31.25, 1024: 56.7}
+    by_rate = choose_max_batch(256, 1024, 560.0, _timer(times))
+    assert by_rate.max_batch == 1024 and by_rate.slots == ()
+    asked: list[int] = []
+    slots = {256: 8_600, 512: 7_900, 1024: 5_800}
+    s = choose_max_batch(256, 1024, 560.0, _timer(times), slots_at=lambda b: (asked.append(b), slots[b])[1])
+    assert s.max_batch == 512 and asked == [256, 512, 1024] and dict(s.slots) == slots
+    assert s.streams_carried(512) == 7_900 and s.streams_carried(1024) == 5_800
+    assert s.streams_carried(256) == pytest.approx(256 * 560 / 18.7)  # the step, below its slots
+    # 256 rows that carried more streams than 512 rows' slots would have stopped the growth there
+    s256 = choose_max_batch(256, 1024, 560.0, _timer({**times, 256: 17.0}), slots_at=slots.get)
+    assert s256.max_batch == 256 and "7900 slots beside a step of 512 rows" in s256.describe()
+    assert "headroom leaves fewer streams: 5800 slots beside a step of 1024 rows" in s.describe()
+    assert BatchSizing.from_dict(s.as_dict()) == s
+    # slots enough beside every batch (an H200): the rate rule alone decides
+    roomy = choose_max_batch(256, 1024, 560.0, _timer(times), slots_at=lambda b: 13_000)
+    assert roomy.max_batch == 1024 and dict(roomy.slots) == {256: 13_000, 512: 13_000, 1024: 13_000}
+    # a larger batch that loses slots but still carries more streams is taken
+    fewer = choose_max_batch(256, 1024, 560.0, _timer(times), slots_at=lambda b: {256: 12_000, 512: 11_000,
+                                                                                    1024: 9_500}[b])
+    assert fewer.max_batch == 1024
+    # where a batch's memory was not measured (None), its step alone counts
+    unknown = choose_max_batch(256, 1024, 560.0, _timer(times), slots_at=lambda b: None)
+    assert unknown.max_batch == 1024 and unknown.slots == ()
+
+
+def test_the_batch_measurement_counts_each_batchs_slots_with_max_streams_auto(monkeypatch):
+    # The factory's wiring, on the CPU with the GPU's figures given: each probe held 1 GiB at its
+    # peak (less its own slots), the device has 10 GiB free of 80. The slots beside each batch
+    # are streams_for_memory's with that probe's bytes; a batch whose step carries more streams
+    # than its slots and whose larger neighbour's slots are fewer stops the growth.
+    import torch
+
+    from engines import factory
+    from engines.models import load_model
+
+    model = load_model("builtin:tiny", 160)
+    dev = torch.device("cpu")
+    cfg = EngineConfig(model="builtin:tiny", engine="eager", device="cpu", dtype="float32", max_batch=8,
+                       auto_max_streams=True)
+    encoder, _ = factory.start_encoder_engine("eager", model, cfg, dev, torch.float32)
+    per = factory.per_stream_state_bytes(model, encoder, cfg, dev, torch.float32)
+    peak = {2: 1 * GIB, 4: 3 * GIB, 8: 9 * GIB}  # what each probe held at most, its slots included
+    probing: list[int] = []
+    original = factory._probe_step
+
+    def probe(model, encoder, cfg, device, dtype, rows, give_up_ms):
+        probing.append(rows)
+        return original(model, encoder, cfg, device, dtype, rows, give_up_ms)
+
+    monkeypatch.setattr(factory, "_probe_step", probe)
+    monkeypatch.setattr(factory, "_reset_peak", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak[probing[-1]])
+    monkeypatch.setattr(factory.StreamingEngine, "measure_step_ms",
+                        lambda self, rows, timed_steps=3, give_up_ms=None: 0.001)
+    monkeypatch.setattr(factory, "free_device_memory", lambda device: (30 * GIB, 80 * GIB))
+    s = factory.measure_max_batch(model, encoder, cfg, dev, torch.float32, 2)
+    expect = {b: streams_for_memory(30 * GIB, 80 * GIB, per, b, engine_bytes=peak[b] - b * per).fits_in_memory
+              for b in (2, 4, 8)}
+    assert dict(s.slots) == expect and expect[8] < expect[4] < 4 * 160 / 0.001 and 2 * 160 / 0.001 < expect[4]
+    assert s.max_batch == 4, s.describe()  # 8 rows would carry more by the step, but leave fewer slots
+    # without --max-streams auto the slots are not the server's to size: the step alone decides
+    s = factory.measure_max_batch(model, encoder, dataclasses.replace(cfg, auto_max_streams=False), dev,
+                                  torch.float32, 2)
+    assert s.max_batch == 8 and s.slots == ()
+
+
 def test_batch_sizing_round_trips_through_its_dict():
     s = choose_max_batch(256, 1024, 160.0, _timer({256: 5.0, 512: None}))
     assert BatchSizing.from_dict(s.as_dict()) == s
