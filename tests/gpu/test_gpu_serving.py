@@ -200,6 +200,10 @@ def test_auto_slots_keep_what_the_probe_engine_held_and_a_served_step_fits_in_it
     sizing = engine.startup_report.sizing
     held = sizing["engine_bytes"]
     assert held is not None and held > 0, sizing
+    # the batch was chosen with each measured batch's slots beside it (choose_max_batch's slots_at)
+    batch = BatchSizing.from_dict(engine.startup_report.batch_sizing)
+    assert batch.slots and {b for b, _ in batch.slots} <= {b for b, ms in batch.measured if ms is not None}, batch
+    assert all(n > 0 for _, n in batch.slots), batch
     assert sizing["headroom_bytes"] == int(HEADROOM_FRACTION * sizing["total_bytes"]) + int(ENGINE_BYTES_MARGIN * held)
     rows = min(engine.max_batch, engine.capacity)
     torch.cuda.synchronize()
@@ -208,7 +212,8 @@ def test_auto_slots_keep_what_the_probe_engine_held_and_a_served_step_fits_in_it
     engine.measure_step_ms(rows)
     step = torch.cuda.max_memory_allocated() - before
     record("auto_slots_engine_bytes", {"rows": rows, "probe_held": held, "served_step": step,
-                                       "slots": engine.capacity, "slot_bytes": sizing["per_stream_bytes"]})
+                                       "slots": engine.capacity, "slot_bytes": sizing["per_stream_bytes"],
+                                       "slots_by_batch": dict(batch.slots), "step_ms_by_batch": dict(batch.measured)})
     assert 2 * step <= ENGINE_BYTES_MARGIN * held, (step, held)
     del engine
     torch.cuda.empty_cache()
