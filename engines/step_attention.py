@@ -74,13 +74,17 @@ class Tuning:
 
 
 # The launch by the step's new frames: few (160 ms: 2 query rows) and many (560 ms: 7) load
-# the same cache. Chosen by bench/attention_bench.py on an H100 (run 42, bench/RESULTS.md), the
-# 0.6B model's shape (8 heads of 128, 70 cached frames), 256 to 1,024 rows: blocks of 32 keys, 4
-# warps, tensor-core products, for both. At 1,024 rows 0.385 ms (2 frames) and 0.402 ms (7)
-# against 1.48 and 1.77 ms for PyTorch's gather + bias + SDPA, and 0.60 ms for run 41's launch
-# (the whole cache in one block, 8 warps; 7 frames). Stages 1 and 2 timed the same; CUDA-core products
-# (fma) were 1.4x slower than tensor-core ones even for 2 frames.
-TUNING = {"few": Tuning(block_n=32, num_warps=4, num_stages=2), "many": Tuning(block_n=32, num_warps=4, num_stages=2)}
+# the same cache. Chosen by bench/attention_bench.py on an H100, the 0.6B model's shape (8 heads
+# of 128, 70 cached frames):
+# - few: run 42 (256 to 1,024 rows), blocks of 32 keys, 4 warps, tensor-core products: 0.385 ms
+#   at 1,024 rows against 1.48 ms for PyTorch's gather + bias + SDPA. Stages 1 and 2 timed the
+#   same; CUDA-core products (fma) were 1.4x slower than tensor-core ones even for 2 frames.
+# - many: run 51 (512 and 1,024 rows, blocks of 16 and 32, 2 and 4 warps, both orders), blocks of
+#   16 keys, 2 warps, a row's heads launched together: 0.127 ms at 512 rows and 0.227 at 1,024,
+#   against 0.211 and 0.397 for run 42's 32/4 (rows first) and 0.907 and 1.763 for PyTorch's path;
+#   the order alone moved it by 1-3%. At 560 ms and 512 rows the step's 24 layers save about 2 ms.
+TUNING = {"few": Tuning(block_n=32, num_warps=4, num_stages=2),
+          "many": Tuning(block_n=16, num_warps=2, num_stages=2, order="heads")}
 # A launch measured on another card can be tried without a release: NEMOSTREAM_ATTENTION_TUNING
 # (parse_tuning's form) overrides TUNING in every process that imports this module, engine
 # workers included (they inherit the environment).
