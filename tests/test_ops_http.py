@@ -98,8 +98,9 @@ async def test_health_and_ready_report_the_engine_that_ran_and_follow_a_drain(fr
             status = json.loads(body)
             assert code == 200 and status["status"] == "DRAINING", "draining is alive, not ready"
             assert status["ready"] is False
-            if frontends == "2":  # each frontend was told to drain
-                assert [f["state"] for f in status["frontends"]] == ["DRAINING", "DRAINING"]
+            if frontends == "2":  # each frontend was told to drain: its own report follows within moments
+                await poll(metrics_port, "/health",
+                           lambda c, s: [f["state"] for f in s["frontends"]] == ["DRAINING", "DRAINING"])
             metrics = scrape(metrics_port)
             assert metrics['asr_lifecycle_state{role=server,state=DRAINING}'] == 1.0
             assert metrics['asr_lifecycle_state{role=server,state=SERVING}'] == 0.0
