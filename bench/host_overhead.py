@@ -32,9 +32,11 @@ import sys
 import tempfile
 import time
 
+from engines.api import STEP_PHASES
+
 # the step's phases one by one (engines.api.StepTimings.phases: features without the assemble and
 # gather it includes as a field), then the whole step
-PHASES = ("assemble_ms", "features_ms", "gather_ms", "encoder_ms", "decode_ms", "commit_ms", "results_ms", "total_ms")
+PHASES = (*(f"{p}_ms" for p in STEP_PHASES), "total_ms")
 
 
 def _phase_ms(t, name: str) -> float:

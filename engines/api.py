@@ -261,6 +261,10 @@ class StreamUpdate:
     ends: tuple[int, ...] = ()
 
 
+# A step's phases that do not overlap, in the order they run (StepTimings.phases)
+STEP_PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
+
+
 @dataclass(frozen=True)
 class StepTimings:
     features_ms: float = 0.0   # host windows + STFT/mel + slot gather (assemble_ms and gather_ms included)
@@ -293,13 +297,10 @@ class StepTimings:
         """The step's seven phases, each on its own (STEP_PHASES, in order): `features` is the
         STFT/mel alone, without the assemble and gather that `features_ms` includes, so the
         phases add up to the step (give or take the clock between them)."""
-        return {"assemble": self.assemble_ms, "features": self.features_ms - self.assemble_ms - self.gather_ms,
-                "gather": self.gather_ms, "encoder": self.encoder_ms, "decode": self.decode_ms,
-                "commit": self.commit_ms, "results": self.results_ms}
+        return dict(zip(STEP_PHASES, (self.assemble_ms, self.features_ms - self.assemble_ms - self.gather_ms,
+                                      self.gather_ms, self.encoder_ms, self.decode_ms, self.commit_ms,
+                                      self.results_ms), strict=True))
 
-
-# A step's phases, in the order they run (StepTimings.phases)
-STEP_PHASES = ("assemble", "features", "gather", "encoder", "decode", "commit", "results")
 
 
 # The stages of a step run in parts (StreamingEngine.start_step, a StepRun): its device work

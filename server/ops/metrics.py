@@ -17,7 +17,6 @@ from server.scheduling.scheduler import Scheduler, SchedulerObserver
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _PHASE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25)
-# StepTimings as phases that do not overlap: (label, what it is), in the order a step runs them.
 # The way to an engine worker process and back (StepTimings, server.runtime.engine_worker).
 WORKER_PARTS = ("to_worker", "worker_before", "worker_after", "from_worker", "unpack")
 
