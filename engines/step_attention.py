@@ -83,7 +83,10 @@ class Tuning:
 #   16 keys, 2 warps, a row's heads launched together: 0.127 ms at 512 rows and 0.227 at 1,024,
 #   against 0.211 and 0.397 for run 42's 32/4 (rows first) and 0.907 and 1.763 for PyTorch's path;
 #   the order alone moved it by 1-3%. At 560 ms and 512 rows the step's 24 layers save about 2 ms.
-TUNING = {"few": Tuning(block_n=32, num_warps=4, num_stages=2),
+# - few again: run 52 (512 and 1,024 rows, the same sweep as run 51) chose the same launch:
+#   0.121 ms at 512 rows and 0.219 at 1,024, against 0.203 and 0.382 for run 42's 32/4, 0.752 and
+#   1.476 for PyTorch's path (floor 0.052 and 0.104): about 3.9 ms a step at 1,024 rows.
+TUNING = {"few": Tuning(block_n=16, num_warps=2, num_stages=2, order="heads"),
           "many": Tuning(block_n=16, num_warps=2, num_stages=2, order="heads")}
 # A launch measured on another card can be tried without a release: NEMOSTREAM_ATTENTION_TUNING
 # (parse_tuning's form) overrides TUNING in every process that imports this module, engine
