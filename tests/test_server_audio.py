@@ -115,6 +115,46 @@ def test_words_from_tokens():
     assert words_from_tokens((), 0.08) == []
 
 
+def test_a_final_holds_the_words_and_tokens_of_a_plain_grouping():
+    """final_result builds words in one pass and elements in place (a frontend builds every final
+    on its event loop); its message must equal the plain grouping's, token by token: markers,
+    spaces, pieces of only spaces or only a marker, and long utterances alike."""
+    from server.scheduling.stream_events import Utterance, UtteranceEnd
+    from server.transport.responses import final_result
+
+    def plain_words(tokens, fs):  # the definition: a marked piece starts a word once the word has text
+        words, text, first, last = [], "", None, None
+        for tok in tokens:
+            piece = tok.piece.replace("\u2581", " ")
+            if piece.startswith(" ") and text.strip():
+                words.append((text.strip(), first * fs, (last + 1) * fs))
+                text, first = "", None
+            if first is None:
+                first = tok.frame
+            text, last = text + piece, tok.frame
+        if text.strip():
+            words.append((text.strip(), first * fs, (last + 1) * fs))
+        return words
+
+    rng = np.random.default_rng(7)
+    vocab = ["\u2581the", "re", "\u2581", " ", "  ", "s", " sat", "\u2581a\u2581b", "x", "\u2581\u2581"]
+    fs = 0.08
+    for n in (0, 1, 2, 5, 40, 3000):
+        ids = rng.integers(0, len(vocab), n)
+        tokens = tuple(TokenEvent(int(i), vocab[i], int(f)) for i, f in zip(ids, np.cumsum(rng.integers(0, 3, n))))
+        u = Utterance(3, "text", tokens, 1.5, 9.0, UtteranceEnd.END_OF_AUDIO)
+        r = final_result(u, fs)
+        assert [(w.word, w.start_seconds, w.end_seconds) for w in r.words] == [
+            (t, pytest.approx(a, abs=1e-6), pytest.approx(b, abs=1e-6)) for t, a, b in plain_words(tokens, fs)]
+        assert [(w.word, w.start_seconds, w.end_seconds) for w in words_from_tokens(tokens, fs)] == [
+            (t, pytest.approx(a, abs=1e-6), pytest.approx(b, abs=1e-6)) for t, a, b in plain_words(tokens, fs)]
+        assert [(t.token_id, t.piece) for t in r.tokens] == [(t.token_id, t.piece) for t in tokens]
+        assert [t.start_seconds for t in r.tokens] == pytest.approx([t.frame * fs for t in tokens], abs=1e-6)
+        assert (r.transcript, r.is_final, r.utterance_index, r.end_reason) == ("text", True, 3, "end_of_audio")
+        if n >= 40:
+            assert len(r.words) > 3  # the vocabulary makes words, so the comparison is not over empty lists
+
+
 def test_sniff_audio_start_judges_the_first_bytes():
     """One judgement of a stream's first bytes for both APIs (server/transport/wav_header.py):
     what could still begin a WAV header waits, a header cut off by the end is an error, anything

@@ -18,32 +18,47 @@ class Word:
     end_seconds: float
 
 
-def words_from_tokens(tokens: tuple[TokenEvent, ...], frame_seconds: float) -> list[Word]:
-    """Group tokens into words: a piece that starts with the word marker (or a space) starts a
-    word. A word spans from its first token's encoder frame to the end of its last token's."""
-    words: list[Word] = []
-    text, first, last = "", None, None
+def _word_spans(tokens: tuple[TokenEvent, ...]):
+    """(text, first frame, last frame) of each word: a piece that starts with the word marker (or
+    a space) starts a word once the current one holds more than spaces. One pass, parts joined
+    once per word: a final of a long utterance holds thousands of tokens, and every final is built
+    on a frontend's event loop."""
+    parts: list[str] = []
+    first = last = None
+    has_text = False
     for tok in tokens:
         piece = tok.piece.replace(WORD_MARK, " ")
-        if piece.startswith(" ") and text.strip():
-            words.append(Word(text.strip(), first * frame_seconds, (last + 1) * frame_seconds))
-            text, first = "", None
+        if has_text and piece[:1] == " ":
+            yield "".join(parts).strip(), first, last
+            parts, first, has_text = [], None, False
         if first is None:
             first = tok.frame
-        text, last = text + piece, tok.frame
-    if text.strip():
-        words.append(Word(text.strip(), first * frame_seconds, (last + 1) * frame_seconds))
-    return words
+        parts.append(piece)
+        last = tok.frame
+        if not has_text and piece.strip():
+            has_text = True
+    if has_text:
+        yield "".join(parts).strip(), first, last
+
+
+def words_from_tokens(tokens: tuple[TokenEvent, ...], frame_seconds: float) -> list[Word]:
+    """Group tokens into words. A word spans from its first token's encoder frame to the end of
+    its last token's."""
+    return [Word(text, first * frame_seconds, (last + 1) * frame_seconds) for text, first, last in _word_spans(tokens)]
 
 
 def final_result(utterance: Utterance, frame_seconds: float) -> pb.RecognitionResult:
     result = pb.RecognitionResult(transcript=utterance.transcript, is_final=True, stability=1.0,
                                   utterance_index=utterance.index, start_seconds=utterance.start_seconds,
                                   end_seconds=utterance.end_seconds, end_reason=utterance.closed_by.value)
-    result.words.extend(pb.WordTime(word=w.word, start_seconds=w.start_seconds, end_seconds=w.end_seconds)
-                        for w in words_from_tokens(utterance.tokens, frame_seconds))
-    result.tokens.extend(pb.TokenTime(token_id=t.token_id, piece=t.piece, start_seconds=t.frame * frame_seconds)
-                         for t in utterance.tokens)
+    # `add` with keywords builds each element in place: half the time of constructing the
+    # messages and extending with them (bench/RESULTS.md, runs 52-54: finals at a level's end).
+    add = result.words.add
+    for text, first, last in _word_spans(utterance.tokens):
+        add(word=text, start_seconds=first * frame_seconds, end_seconds=(last + 1) * frame_seconds)
+    add = result.tokens.add
+    for t in utterance.tokens:
+        add(token_id=t.token_id, piece=t.piece, start_seconds=t.frame * frame_seconds)
     return result
 
 
