@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from engines.capacity import (ENGINE_BYTES_MARGIN, GPU_MAX_BATCH, HEADROOM_FRACTION, MAX_AUTO_BATCH, MAX_AUTO_SLOTS, MAX_AUTO_STREAMS,
-                              SLOTS_PER_STEP_CAPACITY, STEP_BUDGET_FRACTION, STEP_STATE_COPIES, BatchSizing, StreamSizing, auto_max_batch, batch_candidates,
+                              SERVED_RATE_SHARE, SLOTS_PER_STEP_CAPACITY, STEP_BUDGET_FRACTION, STEP_STATE_COPIES, BatchSizing, StreamSizing, auto_max_batch, batch_candidates,
                               batch_limit, batch_memory_limit, choose_max_batch, gains_enough, realtime_cap,
                               streams_for_memory)
 from engines.config import EngineConfig
@@ -470,8 +470,8 @@ def test_a_larger_batch_whose_headroom_leaves_fewer_streams_is_not_taken():
     # Run 45's H100 at 560 ms, the step timed as served (its preparation apart): 512 rows in
     # 31.25 ms, 1,024 in 56.7 (1.10x the rows per ms: the rate rule alone takes 1,024), 256 rows
     # in about 18.7 (scaled by run 49's 256/512 ratio). But the headroom beside 1,024 rows leaves
-    # 5,800 slots where 512 rows leave 7,900, and 512 rows already carry 9,175 streams: with
-    # 1,024 the server would carry fewer.
+    # 5,800 slots where 512 rows leave 7,900, and 512 rows already carry about 7,800 streams
+    # (SERVED_RATE_SHARE of the lone step's 9,175): with 1,024 the server would carry fewer.
     times = {256: 18.7, 512: 31.25, 1024: 56.7}
     by_rate = choose_max_batch(256, 1024, 560.0, _timer(times))
     assert by_rate.max_batch == 1024 and by_rate.slots == ()
@@ -479,11 +479,13 @@ def test_a_larger_batch_whose_headroom_leaves_fewer_streams_is_not_taken():
     slots = {256: 8_600, 512: 7_900, 1024: 5_800}
     s = choose_max_batch(256, 1024, 560.0, _timer(times), slots_at=lambda b: (asked.append(b), slots[b])[1])
     assert s.max_batch == 512 and asked == [256, 512, 1024] and dict(s.slots) == slots
-    assert s.streams_carried(512) == 7_900 and s.streams_carried(1024) == 5_800
-    assert s.streams_carried(256) == pytest.approx(256 * 560 / 18.7)  # the step, below its slots
+    assert s.streams_carried(512) == pytest.approx(SERVED_RATE_SHARE * 512 * 560 / 31.25) and s.streams_carried(1024) == 5_800
+    # the step, below its slots, at the share of its measured rate a server carries
+    assert s.streams_carried(256) == pytest.approx(SERVED_RATE_SHARE * 256 * 560 / 18.7)
     # 256 rows that carried more streams than 512 rows' slots would have stopped the growth there
-    s256 = choose_max_batch(256, 1024, 560.0, _timer({**times, 256: 17.0}), slots_at=slots.get)
-    assert s256.max_batch == 256 and "7900 slots beside a step of 512 rows" in s256.describe()
+    tight = {**slots, 512: 7_000}
+    s256 = choose_max_batch(256, 1024, 560.0, _timer({**times, 256: 17.0}), slots_at=tight.get)
+    assert s256.max_batch == 256 and "7000 slots beside a step of 512 rows" in s256.describe()
     assert "headroom leaves fewer streams: 5800 slots beside a step of 1024 rows" in s.describe()
     assert BatchSizing.from_dict(s.as_dict()) == s
     # slots enough beside every batch (an H200): the rate rule alone decides
@@ -496,6 +498,29 @@ def test_a_larger_batch_whose_headroom_leaves_fewer_streams_is_not_taken():
     # where a batch's memory was not measured (None), its step alone counts
     unknown = choose_max_batch(256, 1024, 560.0, _timer(times), slots_at=lambda b: None)
     assert unknown.max_batch == 1024 and unknown.slots == ()
+
+
+def test_a_batchs_rate_is_weighed_against_slots_at_the_share_a_server_carries():
+    # Runs 52-55 on H100s, as each server measured at start-up. 160 ms (run 55): 512 rows in
+    # 13.2 ms (6,206 real-time streams by the lone step), 1,024 rows in 20.8 ms with 5,990 slots
+    # beside them. Served, 512 rows failed 4,956 streams, where 1,024 rows (runs 53-54) held
+    # 4,506. Weighed whole, 512's rate beat 1,024's slots and the server kept 512.
+    times_160 = {256: 8.8, 512: 13.2, 1024: 20.8}
+    slots_160 = {256: 9_000, 512: 8_011, 1024: 5_990}
+    s = choose_max_batch(256, 1024, 160.0, _timer(times_160), slots_at=slots_160.get)
+    assert s.max_batch == 1024 and "the limit 1024 fits" in s.describe()
+    assert s.streams_carried(512) == pytest.approx(SERVED_RATE_SHARE * 512 * 160 / 13.2)
+    assert s.streams_carried(1024) == 5_990
+    whole = 512 * 160 / 13.2  # what the rule took before: more than 1,024 rows' slots
+    assert whole > slots_160[1024] > s.streams_carried(512)
+    # 560 ms (run 52): 256 rows in 14.8 ms beside 8,969 slots held 8,000 streams; 512 rows in
+    # 24.5 ms would leave 7,822 slots. The share does not tip this one: 256 is kept.
+    times_560 = {256: 14.8, 512: 24.5, 1024: 45.0}
+    slots_560 = {256: 8_969, 512: 7_822, 1024: 5_700}
+    s = choose_max_batch(256, 1024, 560.0, _timer(times_560), slots_at=slots_560.get)
+    assert s.max_batch == 256 and "7822 slots beside a step of 512 rows" in s.describe()
+    assert s.streams_carried(256) == pytest.approx(SERVED_RATE_SHARE * 256 * 560 / 14.8)
+    assert s.streams_carried(256) < slots_560[256]  # the step, not the slots, bounds it here
 
 
 def test_the_batch_measurement_counts_each_batchs_slots_with_max_streams_auto(monkeypatch):
