@@ -45,7 +45,7 @@ even the default is too slow does the batch go below it: halving, down to 1.
   p95 target needs the engine short of fully busy. On H100s (bench/RESULTS.md, runs 52-55):
   at 560 ms, 256 rows measured 14.8 ms (9,686 streams) and served 8,000 but not 9,000 (0.83-0.93);
   at 160 ms, 1,024 rows measured 23.7-24.0 ms (6,833-6,907) and served 4,506 but not 5,400
-  (0.66-0.78), and 512 rows measured 13.2 ms (6,206) and failed 4,956 (under 0.80). Taken whole
+  (0.65-0.79), and 512 rows measured 13.2 ms (6,206) and failed 4,956 (under 0.80). Taken whole
   (1.0), that 512 rows' rate beat the 5,990 slots beside 1,024 rows, and the server kept 512
   where 1,024 carries more; at 0.85 both choices come out as served (between 0.81 and 0.96
   they do). The rate-against-rate rule (MIN_DOUBLING_GAIN) compares two measurements alike
@@ -83,7 +83,7 @@ Streams (`--max-streams auto`) on a GPU: as many cache slots as fit in the devic
   limits a server, and slots would only admit streams that cannot be served in real time, to
   the cost of every other stream; refused instead (RESOURCE_EXHAUSTED), a stream goes to
   another server. The factor is 2: the cap guards against slots far past what the step can
-  carry; it is not the capacity (runs 52-55 served 0.66-0.93 of the measured step's streams).
+  carry; it is not the capacity (runs 52-55 served 0.65-0.93 of the measured step's streams).
   On an H200 at 160 ms (256 rows in 13.6 ms) that is 6,000
   slots, where the capacity runs carried 2,400-3,140; at 560 ms it lets memory decide (issue 17
   asks for 8,000 streams there).
