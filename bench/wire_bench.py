@@ -65,7 +65,7 @@ def old_decode_result(message: tuple, transcript: str) -> ChunkResult:
     return ChunkResult(stream_id=key, chunk_index=index, transcript=transcript, new_text=new_text,
                        is_final=is_final, audio_seconds=audio_seconds, audio_ready_at=ready_at,
                        utterance_index=utterance_index,
-                       finals=tuple(Utterance(u_index, text, tuple(TokenEvent._make(t) for t in tokens), start, end,
+                       finals=tuple(Utterance.of_tokens(u_index, text, tuple(TokenEvent._make(t) for t in tokens), start, end,
                                               UtteranceEnd(closed_by))
                                     for u_index, text, tokens, start, end, closed_by in finals))
 
@@ -245,7 +245,7 @@ def result_case(n: int, final_every: int):
     tokens = tuple(TokenEvent(100 + j, f"\u2581w{j}", 3 * j) for j in range(12))
     events = []
     for i, k in enumerate(keys):
-        finals = (Utterance(1, "some words of a closed utterance here", tokens, 0.4, 3.2, UtteranceEnd.ENDPOINT),) \
+        finals = (Utterance.of_tokens(1, "some words of a closed utterance here", tokens, 0.4, 3.2, UtteranceEnd.ENDPOINT),) \
             if final_every and i % final_every == 0 else ()
         # Values of their own per stream, as in a server: marshal writes an object it has seen
         # in the frame as a back-reference, which one shared text or float would favour.

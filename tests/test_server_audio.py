@@ -142,7 +142,8 @@ def test_a_final_holds_the_words_and_tokens_of_a_plain_grouping():
     for n in (0, 1, 2, 5, 40, 3000):
         ids = rng.integers(0, len(vocab), n)
         tokens = tuple(TokenEvent(int(i), vocab[i], int(f)) for i, f in zip(ids, np.cumsum(rng.integers(0, 3, n))))
-        u = Utterance(3, "text", tokens, 1.5, 9.0, UtteranceEnd.END_OF_AUDIO)
+        u = Utterance.of_tokens(3, "text", tokens, 1.5, 9.0, UtteranceEnd.END_OF_AUDIO)
+        assert u.tokens == tokens
         r = final_result(u, fs)
         assert [(w.word, w.start_seconds, w.end_seconds) for w in r.words] == [
             (t, pytest.approx(a, abs=1e-6), pytest.approx(b, abs=1e-6)) for t, a, b in plain_words(tokens, fs)]

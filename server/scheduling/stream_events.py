@@ -42,14 +42,30 @@ class UtteranceEnd(enum.Enum):
 
 @dataclass(frozen=True)
 class Utterance:
-    """One closed utterance of a stream: its final."""
+    """One closed utterance of a stream: its final. Its tokens are three columns, as the
+    utterance book keeps them (server.scheduling.utterances): a final is built once per
+    utterance on a frontend's event loop, and one TokenEvent per token (a tuple the garbage
+    collector tracks) was a third of that work for a long utterance; `tokens` builds them for
+    a caller that wants them."""
 
     index: int                      # 0, 1, ... in the stream
     transcript: str
-    tokens: tuple[TokenEvent, ...]  # its tokens, frames counted from the stream's start
+    token_ids: tuple[int, ...]      # its tokens, in order
+    pieces: tuple[str, ...]
+    frames: tuple[int, ...]         # each token's encoder frame, counted from the stream's start
     start_seconds: float            # from the stream's start
     end_seconds: float
     closed_by: UtteranceEnd
+
+    @classmethod
+    def of_tokens(cls, index: int, transcript: str, tokens: tuple[TokenEvent, ...], start_seconds: float,
+                  end_seconds: float, closed_by: UtteranceEnd) -> Utterance:
+        ids, pieces, frames = (tuple(c) for c in zip(*tokens)) if tokens else ((), (), ())
+        return cls(index, transcript, ids, pieces, frames, start_seconds, end_seconds, closed_by)
+
+    @property
+    def tokens(self) -> tuple[TokenEvent, ...]:
+        return tuple(map(TokenEvent, self.token_ids, self.pieces, self.frames))
 
 
 @dataclass(slots=True)  # not frozen: built per chunk, and a frozen init costs twice as much; never mutated

@@ -10,7 +10,7 @@ tuples: a tuple subclass stays tracked by the garbage collector, and an utteranc
 (endpointing off, or a speaker who never pauses) held one per token. At 2,400 streams of 60 s that
 was most of the scheduler process's heap, and each full collection walked it (about a second on
 the H200 host, bench/RESULTS.md run 29). Three lists per stream are three tracked objects
-whatever their length; the TokenEvents are built once, when the utterance closes.
+whatever their length; the closed utterance keeps the columns too (Utterance).
 """
 
 from __future__ import annotations
@@ -113,20 +113,19 @@ class UtteranceBook:
     def close(self, closed_by: UtteranceEnd, end_frame: int | None = None, keep_empty: bool = True) -> Utterance | None:
         """Close the open utterance and open the next. An utterance without text gives no final
         unless `keep_empty` (None is returned; the index is not used up)."""
-        text, speech_at, frames = self.transcript, self._speech_at, self._frames
-        tokens = tuple(map(TokenEvent, self._ids, self._pieces, frames)) if (text or keep_empty) else ()
+        text, speech_at, ids, pieces, frames = self.transcript, self._speech_at, self._ids, self._pieces, self._frames
         self._ids, self._pieces, self._frames, self._parts, self._speech_at = [], [], [], [], None
         if not text and not keep_empty:
             return None
         fs = self.frame_seconds
-        if tokens:
+        if frames:
             first = frames[0] if speech_at is None else min(speech_at, frames[0])
             start, end = first * fs, (frames[-1] + 1) * fs
         else:
             start = (speech_at if speech_at is not None else (end_frame or 0)) * fs
             end = max(start, (end_frame if end_frame is not None else 0) * fs)
-        utterance = Utterance(index=self.index, transcript=text, tokens=tokens, start_seconds=start,
-                              end_seconds=end, closed_by=closed_by)
+        utterance = Utterance(index=self.index, transcript=text, token_ids=tuple(ids), pieces=tuple(pieces),
+                              frames=tuple(frames), start_seconds=start, end_seconds=end, closed_by=closed_by)
         self.index += 1
         self.finals += 1
         return utterance

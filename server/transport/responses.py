@@ -18,33 +18,40 @@ class Word:
     end_seconds: float
 
 
-def _word_spans(tokens: tuple[TokenEvent, ...]):
-    """(text, first frame, last frame) of each word: a piece that starts with the word marker (or
-    a space) starts a word once the current one holds more than spaces. One pass, parts joined
-    once per word: a final of a long utterance holds thousands of tokens, and every final is built
-    on a frontend's event loop."""
+def word_spans(pieces: tuple[str, ...], frames: tuple[int, ...]):
+    """(text, first frame, last frame) of each word of a token sequence given as columns: a piece
+    that starts with the word marker (or a space) starts a word once the current one holds more
+    than spaces. One pass, parts joined once per word: a final of a long utterance holds
+    thousands of tokens, and every final is built on a frontend's event loop."""
     parts: list[str] = []
     first = last = None
     has_text = False
-    for tok in tokens:
-        piece = tok.piece.replace(WORD_MARK, " ")
+    for piece, frame in zip(pieces, frames):
+        piece = piece.replace(WORD_MARK, " ")
         if has_text and piece[:1] == " ":
             yield "".join(parts).strip(), first, last
             parts, first, has_text = [], None, False
         if first is None:
-            first = tok.frame
+            first = frame
         parts.append(piece)
-        last = tok.frame
+        last = frame
         if not has_text and piece.strip():
             has_text = True
     if has_text:
         yield "".join(parts).strip(), first, last
 
 
+def utterance_words(utterance: Utterance, frame_seconds: float) -> list[Word]:
+    """An utterance's words. A word spans from its first token's encoder frame to the end of its
+    last token's."""
+    return [Word(text, first * frame_seconds, (last + 1) * frame_seconds)
+            for text, first, last in word_spans(utterance.pieces, utterance.frames)]
+
+
 def words_from_tokens(tokens: tuple[TokenEvent, ...], frame_seconds: float) -> list[Word]:
-    """Group tokens into words. A word spans from its first token's encoder frame to the end of
-    its last token's."""
-    return [Word(text, first * frame_seconds, (last + 1) * frame_seconds) for text, first, last in _word_spans(tokens)]
+    """utterance_words of TokenEvents."""
+    return [Word(text, first * frame_seconds, (last + 1) * frame_seconds)
+            for text, first, last in word_spans(tuple(t.piece for t in tokens), tuple(t.frame for t in tokens))]
 
 
 def final_result(utterance: Utterance, frame_seconds: float) -> pb.RecognitionResult:
@@ -54,11 +61,11 @@ def final_result(utterance: Utterance, frame_seconds: float) -> pb.RecognitionRe
     # `add` with keywords builds each element in place: half the time of constructing the
     # messages and extending with them (bench/RESULTS.md, runs 52-54: finals at a level's end).
     add = result.words.add
-    for text, first, last in _word_spans(utterance.tokens):
+    for text, first, last in word_spans(utterance.pieces, utterance.frames):
         add(word=text, start_seconds=first * frame_seconds, end_seconds=(last + 1) * frame_seconds)
     add = result.tokens.add
-    for t in utterance.tokens:
-        add(token_id=t.token_id, piece=t.piece, start_seconds=t.frame * frame_seconds)
+    for token_id, piece, frame in zip(utterance.token_ids, utterance.pieces, utterance.frames):
+        add(token_id=token_id, piece=piece, start_seconds=frame * frame_seconds)
     return result
 
 
@@ -85,8 +92,8 @@ def whole_file_result(finals: list[Utterance], frame_seconds: float) -> pb.Recog
     if len(finals) == 1:
         return final_result(finals[0], frame_seconds)
     texts = [u.transcript for u in finals if u.transcript]
-    tokens = tuple(t for u in finals for t in u.tokens)
-    joined = Utterance(index=0, transcript=" ".join(texts), tokens=tokens,
+    joined = Utterance(index=0, transcript=" ".join(texts), token_ids=tuple(i for u in finals for i in u.token_ids),
+                       pieces=tuple(p for u in finals for p in u.pieces), frames=tuple(f for u in finals for f in u.frames),
                        start_seconds=finals[0].start_seconds if finals else 0.0,
                        end_seconds=finals[-1].end_seconds if finals else 0.0, closed_by=finals[-1].closed_by)
     result = final_result(joined, frame_seconds)

@@ -43,7 +43,7 @@ import numpy as np
 from proto.riva import riva_asr_pb2 as rpb
 from proto.riva import riva_audio_pb2 as rau
 from server.transport.audio_decoder import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, AudioDecoder, AudioSpec
-from server.transport.responses import words_from_tokens
+from server.transport.responses import utterance_words
 from engines.api import EndpointingParams
 from server.transport.call_limits import shown
 from server.transport.stream_config import ServedModel, language_supported, resolve_endpointing
@@ -278,7 +278,7 @@ def final_alternative(utterance: Utterance, word_times: bool, frame_seconds: flo
     if word_times:
         alt.words.extend(rpb.WordInfo(word=w.word, start_time=round(w.start_seconds * 1000),
                                       end_time=round(w.end_seconds * 1000))
-                         for w in words_from_tokens(utterance.tokens, frame_seconds))
+                         for w in utterance_words(utterance, frame_seconds))
     return alt
 
 
