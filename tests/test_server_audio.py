@@ -119,8 +119,8 @@ def test_a_final_holds_the_words_and_tokens_of_a_plain_grouping():
     """final_result builds words in one pass and elements in place (a frontend builds every final
     on its event loop); its message must equal the plain grouping's, token by token: markers,
     spaces, pieces of only spaces or only a marker, and long utterances alike."""
-    from server.scheduling.stream_events import Utterance, UtteranceEnd
-    from server.transport.responses import final_result
+    from server.scheduling.stream_events import ChunkResult, Utterance, UtteranceEnd
+    from server.transport.responses import final_result, interim_result, streaming_response
 
     def plain_words(tokens, fs):  # the definition: a marked piece starts a word once the word has text
         words, text, first, last = [], "", None, None
@@ -154,6 +154,11 @@ def test_a_final_holds_the_words_and_tokens_of_a_plain_grouping():
         assert (r.transcript, r.is_final, r.utterance_index, r.end_reason) == ("text", True, 3, "end_of_audio")
         if n >= 40:
             assert len(r.words) > 3  # the vocabulary makes words, so the comparison is not over empty lists
+        # a response writes its finals in place (results.add()): the same messages, in order
+        second = Utterance.of_tokens(4, "more", tokens[::-1], 9.0, 9.5, UtteranceEnd.CLIENT)
+        event = ChunkResult("s", 7, "open", "", False, 9.6, 0.0, 5, (u, second))
+        response = streaming_response(event, True, fs)
+        assert list(response.results) == [final_result(u, fs), final_result(second, fs), interim_result(event)]
 
 
 def test_sniff_audio_start_judges_the_first_bytes():

@@ -55,9 +55,15 @@ def words_from_tokens(tokens: tuple[TokenEvent, ...], frame_seconds: float) -> l
 
 
 def final_result(utterance: Utterance, frame_seconds: float) -> pb.RecognitionResult:
-    result = pb.RecognitionResult(transcript=utterance.transcript, is_final=True, stability=1.0,
-                                  utterance_index=utterance.index, start_seconds=utterance.start_seconds,
-                                  end_seconds=utterance.end_seconds, end_reason=utterance.closed_by.value)
+    return fill_final(pb.RecognitionResult(), utterance, frame_seconds)
+
+
+def fill_final(result: pb.RecognitionResult, utterance: Utterance, frame_seconds: float) -> pb.RecognitionResult:
+    """Write the utterance's final into `result` (a new message, or one a response's `results.add()`
+    made: extending a response with a built final would copy every element once more)."""
+    result.transcript, result.is_final, result.stability = utterance.transcript, True, 1.0
+    result.utterance_index, result.end_reason = utterance.index, utterance.closed_by.value
+    result.start_seconds, result.end_seconds = utterance.start_seconds, utterance.end_seconds
     # `add` with keywords builds each element in place: half the time of constructing the
     # messages and extending with them (bench/RESULTS.md, runs 52-54: finals at a level's end).
     add = result.words.add
@@ -79,7 +85,8 @@ def interim_result(event: ChunkResult) -> pb.RecognitionResult:
 def streaming_response(event: ChunkResult, interim_results: bool, frame_seconds: float) -> pb.StreamingRecognizeResponse:
     response = pb.StreamingRecognizeResponse(chunk_index=event.chunk_index, audio_processed=event.audio_seconds,
                                              stream_id=event.stream_id)
-    response.results.extend(final_result(u, frame_seconds) for u in event.finals)
+    for u in event.finals:
+        fill_final(response.results.add(), u, frame_seconds)
     if interim_results and not event.is_final:
         response.results.append(interim_result(event))
     return response
