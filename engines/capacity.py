@@ -48,8 +48,8 @@ even the default is too slow does the batch go below it: halving, down to 1.
   (0.65-0.79), and 512 rows measured 13.2 ms (6,206) and failed 4,956 (under 0.80). Taken whole
   (1.0), that 512 rows' rate beat the 5,990 slots beside 1,024 rows, and the server kept 512,
   which failed 4,956 streams, where 1,024 rows (with the slower launch before it) had held 4,506;
-  at 0.85 the choices are 256 at 560 ms and 1,024 at 160 ms (any share
-  between 0.81 and 0.96 gives them). The rate-against-rate rule (MIN_DOUBLING_GAIN) compares two measurements alike
+  at 0.85 the choices are 256 at 560 ms and 1,024 at 160 ms (any share between 0.81 and 0.96
+  gives them). The rate-against-rate rule (MIN_DOUBLING_GAIN) compares two measurements alike
   and takes no share.
   STEP_BUDGET_FRACTION = 0.5: the scheduler keeps up to two steps in flight (its
   pipeline_depth), so a chunk that becomes ready just after a step was submitted waits for that

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engines.api import TokenEvent
+from server.scheduling.stream_events import Utterance, UtteranceEnd
 from server.transport.audio_decoder import AudioDecoder, AudioSpec
-from server.transport.responses import words_from_tokens
+from server.transport.responses import utterance_words
 from server.transport.wav_header import AudioError, SampleEncoding
 from tests.server_harness import RATE, as_float, pcm16_audio, wav_bytes
 
@@ -106,6 +107,10 @@ def test_bad_spec_is_refused():
         AudioSpec(sample_rate=100)
 
 
+def words_from_tokens(tokens: tuple[TokenEvent, ...], frame_seconds: float):
+    return utterance_words(Utterance.of_tokens(0, "", tokens, 0.0, 0.0, UtteranceEnd.END_OF_AUDIO), frame_seconds)
+
+
 def test_words_from_tokens():
     tokens = (TokenEvent(1, "\u2581the", 0), TokenEvent(2, "\u2581cat", 3), TokenEvent(3, "s", 4),
               TokenEvent(4, " sat", 9))
@@ -119,7 +124,7 @@ def test_a_final_holds_the_words_and_tokens_of_a_plain_grouping():
     """final_result builds words in one pass and elements in place (a frontend builds every final
     on its event loop); its message must equal the plain grouping's, token by token: markers,
     spaces, pieces of only spaces or only a marker, and long utterances alike."""
-    from server.scheduling.stream_events import ChunkResult, Utterance, UtteranceEnd
+    from server.scheduling.stream_events import ChunkResult
     from server.transport.responses import final_result, interim_result, streaming_response
 
     def plain_words(tokens, fs):  # the definition: a marked piece starts a word once the word has text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engines.api import TokenEvent
 from proto import asr_stream_pb2 as pb
 from server.scheduling.stream_events import ChunkResult, Utterance
 
@@ -18,18 +17,19 @@ class Word:
     end_seconds: float
 
 
-def word_spans(pieces: tuple[str, ...], frames: tuple[int, ...]):
-    """(text, first frame, last frame) of each word of a token sequence given as columns: a piece
-    that starts with the word marker (or a space) starts a word once the current one holds more
-    than spaces. One pass, parts joined once per word: a final of a long utterance holds
-    thousands of tokens, and every final is built on a frontend's event loop."""
+def word_times(pieces: tuple[str, ...], frames: tuple[int, ...], frame_seconds: float):
+    """(text, start seconds, end seconds) of each word of a token sequence given as columns: a
+    piece that starts with the word marker (or a space) starts a word once the current one holds
+    more than spaces; a word spans from its first token's encoder frame to the end of its last
+    token's. One pass, parts joined once per word: a final of a long utterance holds thousands of
+    tokens, and every final is built on a frontend's event loop."""
     parts: list[str] = []
     first = last = None
     has_text = False
     for piece, frame in zip(pieces, frames):
         piece = piece.replace(WORD_MARK, " ")
         if has_text and piece[:1] == " ":
-            yield "".join(parts).strip(), first, last
+            yield "".join(parts).strip(), first * frame_seconds, (last + 1) * frame_seconds
             parts, first, has_text = [], None, False
         if first is None:
             first = frame
@@ -38,20 +38,12 @@ def word_spans(pieces: tuple[str, ...], frames: tuple[int, ...]):
         if not has_text and piece.strip():
             has_text = True
     if has_text:
-        yield "".join(parts).strip(), first, last
+        yield "".join(parts).strip(), first * frame_seconds, (last + 1) * frame_seconds
 
 
 def utterance_words(utterance: Utterance, frame_seconds: float) -> list[Word]:
-    """An utterance's words. A word spans from its first token's encoder frame to the end of its
-    last token's."""
-    return [Word(text, first * frame_seconds, (last + 1) * frame_seconds)
-            for text, first, last in word_spans(utterance.pieces, utterance.frames)]
-
-
-def words_from_tokens(tokens: tuple[TokenEvent, ...], frame_seconds: float) -> list[Word]:
-    """utterance_words of TokenEvents."""
-    return [Word(text, first * frame_seconds, (last + 1) * frame_seconds)
-            for text, first, last in word_spans(tuple(t.piece for t in tokens), tuple(t.frame for t in tokens))]
+    """An utterance's words with their times (word_times)."""
+    return [Word(*w) for w in word_times(utterance.pieces, utterance.frames, frame_seconds)]
 
 
 def final_result(utterance: Utterance, frame_seconds: float) -> pb.RecognitionResult:
@@ -67,8 +59,8 @@ def fill_final(result: pb.RecognitionResult, utterance: Utterance, frame_seconds
     # `add` with keywords builds each element in place: half the time of constructing the
     # messages and extending with them (bench/RESULTS.md, runs 52-54: finals at a level's end).
     add = result.words.add
-    for text, first, last in word_spans(utterance.pieces, utterance.frames):
-        add(word=text, start_seconds=first * frame_seconds, end_seconds=(last + 1) * frame_seconds)
+    for text, start, end in word_times(utterance.pieces, utterance.frames, frame_seconds):
+        add(word=text, start_seconds=start, end_seconds=end)
     add = result.tokens.add
     for token_id, piece, frame in zip(utterance.token_ids, utterance.pieces, utterance.frames):
         add(token_id=token_id, piece=piece, start_seconds=frame * frame_seconds)
@@ -101,8 +93,6 @@ def whole_file_result(finals: list[Utterance], frame_seconds: float) -> pb.Recog
     texts = [u.transcript for u in finals if u.transcript]
     joined = Utterance(index=0, transcript=" ".join(texts), token_ids=tuple(i for u in finals for i in u.token_ids),
                        pieces=tuple(p for u in finals for p in u.pieces), frames=tuple(f for u in finals for f in u.frames),
-                       start_seconds=finals[0].start_seconds if finals else 0.0,
-                       end_seconds=finals[-1].end_seconds if finals else 0.0, closed_by=finals[-1].closed_by)
-    result = final_result(joined, frame_seconds)
-    result.end_reason = finals[-1].closed_by.value if finals else ""
-    return result
+                       start_seconds=finals[0].start_seconds, end_seconds=finals[-1].end_seconds,
+                       closed_by=finals[-1].closed_by)
+    return final_result(joined, frame_seconds)
