@@ -68,15 +68,9 @@ Streams (`--max-streams auto`) on a GPU: as many cache slots as fit in the devic
     * what the engine itself holds beyond its slots at the largest batch. Where `--max-batch
       auto` measured the step (engines.factory.measure_max_batch), that is measured: the most
       device memory a probe engine of that many rows held at once while it stepped (its feature
-      graphs, buffers and each step's intermediates), less its slots, times ENGINE_BYTES_MARGIN.
-      The margin is 1: the serving engine holds what its probe held, and the device runs the
-      steps in flight one after another on one CUDA stream, so their intermediates reuse the
-      same memory; HEADROOM_FRACTION covers the rest. It was 2 (for two steps in flight) until
-      an H100 at 560 ms (bench/RESULTS.md, run 56) served 512 rows beside 9,300 slots, 12.9 GiB
-      left beyond them where the probe had held 7.5 GiB (the fraction and 0.66 of it), at p95
-      chunk latency 98 ms for 8,900 streams. With 2, the slots beside 512 rows (7,822) fell
-      below what 256 rows carry, so auto kept 256, which ran at 0.96 busy and failed 8,500
-      streams (p95 606 ms) where 512 rows held them at 105 ms. Elsewhere, the rule from before the kernels:
+      graphs, buffers and each step's intermediates), less its slots, times ENGINE_BYTES_MARGIN
+      (the server keeps two steps in flight; speech's decode emits more symbols than the
+      silence the probe steps on). Elsewhere, the rule from before the kernels:
       STEP_STATE_COPIES slots' worth of state per row of the largest batch (a step that gathers
       its rows' state out of the pool, the encoder and the decoder writing new state beside it,
       the pool taking it back only after the step succeeded: about three copies at once, one
@@ -122,7 +116,7 @@ MAX_AUTO_SLOTS = 16384
 UNMEASURED_CAP_REASON = f"the fixed cap for an unmeasured step ({MAX_AUTO_STREAMS})"
 HEADROOM_FRACTION = 0.10
 STEP_STATE_COPIES = 4
-ENGINE_BYTES_MARGIN = 1.0
+ENGINE_BYTES_MARGIN = 2.0
 
 GIB = float(1 << 30)
 MIB = float(1 << 20)
@@ -152,8 +146,7 @@ class StreamSizing:
         if self.engine_bytes is None:
             step = f"{STEP_STATE_COPIES} copies of a slot per row"
         else:
-            times = "" if ENGINE_BYTES_MARGIN == 1 else f"{ENGINE_BYTES_MARGIN:g}x "
-            step = (f"{times}the {self.engine_bytes / GIB:.2f} GiB a probe engine of "
+            step = (f"{ENGINE_BYTES_MARGIN:g}x the {self.engine_bytes / GIB:.2f} GiB a probe engine of "
                     f"{self.max_batch} rows held beside its slots while stepping")
         return (f"{self.max_streams} streams (limited by {limit}): {self.free_bytes / GIB:.1f} GiB free of "
                 f"{self.total_bytes / GIB:.1f} GiB, {self.per_stream_bytes / MIB:.2f} MiB per stream, "
@@ -311,8 +304,8 @@ def choose_max_batch(default: int, limit: int, chunk_ms: float, step_ms: Callabl
     the slots the device memory holds beside a step of that many rows. A larger batch's headroom
     takes slots, so a doubling is also refused where the server would carry no more streams
     with it: the lesser of the step's real-time streams and the slots (BatchSizing
-    .streams_carried) must grow. On an H100 at 560 ms (run 56's figures) about 8,900 slots fit
-    beside 512 rows, below what their step carries; 1,024 rows would leave about 7,800."""
+    .streams_carried) must grow. On an H100 at 560 ms the slots beside 512 rows (about 7,900)
+    were already below what the step carries; 1,024 rows would have left about 5,800."""
     if default < 1 or limit < 1 or chunk_ms <= 0 or not 0 < fraction <= 1:
         raise ValueError(f"bad figures: default {default}, limit {limit}, chunk {chunk_ms} ms, fraction {fraction}")
     budget = fraction * chunk_ms

@@ -191,9 +191,8 @@ def test_wrong_engine_is_refused_on_gpu(demo, monkeypatch):
 
 def test_auto_slots_keep_what_the_probe_engine_held_and_a_served_step_fits_in_it(demo):
     # `--max-streams auto` after `--max-batch auto` (engines/capacity.py): the headroom is what a
-    # probe engine of the chosen batch held beyond its slots while stepping (ENGINE_BYTES_MARGIN
-    # times it); the serving engine's own step at that batch must fit in it (the steps in flight
-    # run one after another on the device, so one step's intermediates is what they take).
+    # probe engine of the chosen batch held beyond its slots while stepping, twice; the serving
+    # engine's own step at that batch, two in flight at most, must fit in it.
     from engines.factory import build_engine
 
     engine = build_engine(EngineConfig(model=demo, engine="fast-cudagraph", device="cuda", dtype="float16",
@@ -215,7 +214,7 @@ def test_auto_slots_keep_what_the_probe_engine_held_and_a_served_step_fits_in_it
     record("auto_slots_engine_bytes", {"rows": rows, "probe_held": held, "served_step": step,
                                        "slots": engine.capacity, "slot_bytes": sizing["per_stream_bytes"],
                                        "slots_by_batch": dict(batch.slots), "step_ms_by_batch": dict(batch.measured)})
-    assert step <= ENGINE_BYTES_MARGIN * held, (step, held)
+    assert 2 * step <= ENGINE_BYTES_MARGIN * held, (step, held)
     del engine
     torch.cuda.empty_cache()
 
