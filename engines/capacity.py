@@ -70,7 +70,10 @@ Streams (`--max-streams auto`) on a GPU: as many cache slots as fit in the devic
       device memory a probe engine of that many rows held at once while it stepped (its feature
       graphs, buffers and each step's intermediates), less its slots, times ENGINE_BYTES_MARGIN
       (the server keeps two steps in flight; speech's decode emits more symbols than the
-      silence the probe steps on). Elsewhere, the rule from before the kernels:
+      silence the probe steps on). A margin of 1 was tried (bench/RESULTS.md, run 57, one
+      H100): the start-up's own timing then found the device within 0.7-3.3 GiB of full, and
+      4,506 streams at 160 ms ran at p95 chunk latency 7.3 s where the same host with 2 gave
+      0.7 s. Elsewhere, the rule from before the kernels:
       STEP_STATE_COPIES slots' worth of state per row of the largest batch (a step that gathers
       its rows' state out of the pool, the encoder and the decoder writing new state beside it,
       the pool taking it back only after the step succeeded: about three copies at once, one
