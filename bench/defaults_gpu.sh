@@ -54,6 +54,9 @@ for lv in doc.get("levels", []):
     print(f"  c={lv.get('concurrency')} done={lv.get('streams_completed')} errors={errs} chunk p50={lat.get('p50')} "
           f"p95={p95} mean batch={sm.get('mean_batch')} step ms={sm.get('mean_step_ms')} "
           f"busy={sm.get('engine_busy_fraction')} frontends={sm.get('frontend_streams')} -> {'PASS' if ok else 'FAIL'}")
+    print(f"  server-side p50/p95 ms: engine core {sm.get('server_chunk_latency_ms_p50')}/"
+          f"{sm.get('server_chunk_latency_ms_p95')}, written by the frontends {sm.get('server_chunk_written_ms_p50')}/"
+          f"{sm.get('server_chunk_written_ms_p95')}")
     cores = (lv.get("server_process") or {}).get("cores_all_processes") or float("nan")
     done = lv.get("streams_completed") or 0
     print(f"  phases ms: {phases}; server cores {cores:.2f} (every process), "

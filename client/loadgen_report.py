@@ -382,6 +382,10 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
         "mean_queue_wait_ms": mean("asr_queue_wait_seconds", 1e3), "queue_wait_ms_p95": q("asr_queue_wait_seconds", 0.95),
         "server_chunk_latency_ms_p50": q("asr_chunk_latency_seconds", 0.5),
         "server_chunk_latency_ms_p95": q("asr_chunk_latency_seconds", 0.95),
+        # the same chunks' responses written to their calls (the frontends' side): the gap to the
+        # two above is the way to the frontends, their work and gRPC's writes
+        "server_chunk_written_ms_p50": q("asr_chunk_written_seconds", 0.5),
+        "server_chunk_written_ms_p95": q("asr_chunk_written_seconds", 0.95),
         "engine_busy_fraction": (round(_delta(before, after, "asr_step_seconds_sum") / wall_s, 3)
                                  if wall_s > 0 else None),
         "gc_pause_ms_total": round(1e3 * gc_pause_s, 1), "gc_full_collections": gc_full,

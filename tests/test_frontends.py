@@ -76,7 +76,12 @@ async def test_connections_spread_over_the_frontends_and_every_stream_is_exact()
             assert final_transcript(responses) == expected[i], f"stream {i}"
         await wait_for(lambda: scrape(metrics_port).get("asr_rpcs_total{code=OK,method=StreamingRecognize}") == STREAMS,
                        "the frontends' RPC counts to reach the engine process")
+        # each frontend's written responses reach the engine process's endpoint as counts
+        responses = sum(len(r) for r in results)
+        await wait_for(lambda: scrape(metrics_port).get("asr_chunk_written_seconds_count") == responses,
+                       "the frontends' written-chunk counts to reach the engine process")
         m = scrape(metrics_port)
+        assert m["asr_chunk_written_seconds_sum"] > 0 and m["asr_chunk_latency_seconds_count"] > 0
         per_frontend = {k: v for k, v in m.items() if k.startswith("asr_frontend_streams_total")}
         assert sum(per_frontend.values()) == STREAMS
         # 16 connections, two frontends: all on one would happen with probability 2 / 2**16.

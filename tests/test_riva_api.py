@@ -205,12 +205,19 @@ async def test_riva_and_native_streams_batch_together_exactly():
         # message after the call ended (w.Rpc): wait for it, then it must be exactly 4.
         key = 'asr_rpcs_total{code=OK,method=Riva/StreamingRecognize}'
         await wait_for(lambda: scrape(server.metrics_port).get(key, 0) >= 4, "the Riva calls' count")
+        # written-chunk latencies: every native response once; a Riva stream's responses are
+        # paced by its messages, and each event counts once, on the first response that carries it
+        native_responses = sum(len(r) for i, r in enumerate(results) if i % 2 == 0)
+        riva_responses = sum(len(r) for i, r in enumerate(results) if i % 2)
+        await wait_for(lambda: scrape(server.metrics_port).get("asr_chunk_written_seconds_count", 0)
+                       >= native_responses + 4, "the written-chunk counts")
         metrics = scrape(server.metrics_port)
     for i, responses in enumerate(results):
         got = riva_final(responses).alternatives[0].transcript if i % 2 else final_transcript(responses)
         assert got == expected[i], i
     assert engine.violations == [] and max(engine.batch_sizes) > 1 and engine.slots_in_use() == 0
     assert metrics[key] == 4
+    assert native_responses + 4 <= metrics["asr_chunk_written_seconds_count"] <= native_responses + riva_responses
 
 
 async def test_health_and_reflection_name_the_riva_service():

@@ -151,14 +151,24 @@ async def test_dead_engine_flips_health_and_refuses_streams():
 async def test_metrics_cover_streams_batches_latency_and_executions():
     engine = make_engine(FAKE)
     async with running_server(engine) as server, stub_for(server) as stub:
-        await asyncio.gather(*(run_stream(stub, requests_for(pcm16_audio(i, RATE).tobytes(), seed=i)) for i in range(4)))
+        results = await asyncio.gather(*(run_stream(stub, requests_for(pcm16_audio(i, RATE).tobytes(), seed=i))
+                                         for i in range(4)))
         with pytest.raises(grpc.RpcError):
             await run_stream_sync(server, [config(model="nope")])
         await settle(server)
-        m = scrape(server.metrics_port)
+        # every response the clients read is counted once as written (through the wire, a
+        # frontend sends its counts every GC_FORWARD_PERIOD_S)
+        responses = sum(len(r) for r in results)
+        for _ in range(100):
+            m = scrape(server.metrics_port)
+            if m.get("asr_chunk_written_seconds_count") == responses:
+                break
+            await asyncio.sleep(0.05)
     assert m["asr_active_streams"] == 0 and m["asr_slots_in_use"] == 0 and m["asr_engine_up"] == 1
     assert m["asr_batch_size_count"] > 0 and m["asr_step_seconds_count"] == m["asr_batch_size_count"]
     assert m["asr_queue_wait_seconds_count"] >= 4 and m["asr_chunk_latency_seconds_count"] >= 4
+    assert responses >= 8 and m["asr_chunk_written_seconds_count"] == responses
+    assert m["asr_chunk_written_seconds_sum"] > 0
     assert m["asr_engine_executions_total{engine=fake}"] >= m["asr_steps_total{engine=fake}"] > 0
     assert m["asr_rpcs_total{code=OK,method=StreamingRecognize}"] == 4
     assert m["asr_errors_total{code=INVALID_ARGUMENT,method=StreamingRecognize}"] == 1

@@ -61,6 +61,7 @@ EXAMPLES = [
     w.Sync(9),
     w.EndUtterance("k1"),
     w.UtteranceFinal(UtteranceEnd.CLIENT.value, 0.25),
+    w.ChunksWritten(w.as_column([0, 3, 1] + [0] * 11, w.I64), 0.41),
     w.Written(0, w.as_column([3, 7], w.I64), w.as_column([5120, 2560], w.I64)),
     w.Stopped("k1"),
     w.Opened("k1", 0, 3),

@@ -117,6 +117,13 @@ class ServerMetrics(SchedulerObserver):
         self.chunk_latency = BulkHistogram("asr_chunk_latency_seconds", "Arrival of a chunk's last audio to its result",
                                            _LATENCY_BUCKETS)
         r.register(self.chunk_latency)
+        # Per response written, one list append (BulkHistogram.observe); with --frontends each
+        # frontend forwards its counts (RemoteMetrics) to the engine process's endpoint.
+        self.chunk_written = BulkHistogram(
+            "asr_chunk_written_seconds", "Arrival of a chunk's last audio to its response written to the gRPC call "
+            "(asr_chunk_latency_seconds, plus the way to the frontend process that holds the call, its work and "
+            "gRPC's write; a write waits while the client's flow-control window is full)", _LATENCY_BUCKETS)
+        r.register(self.chunk_written)
         self.utterance_final_time = Histogram(
             "asr_utterance_final_seconds", "An utterance's final, from the audio that made it due (endpoint, "
             "end_of_audio: the chunk's last audio; client: the client's request) to the final's result",

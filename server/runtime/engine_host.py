@@ -338,6 +338,11 @@ class EngineHost(StreamListener):
             self.metrics.call_refused(m.reason)
         elif kind is w.Gc:
             self.metrics.gc_paused(m.generation, m.seconds, process=frontend.name)
+        elif kind is w.ChunksWritten:
+            try:
+                self.metrics.chunk_written.add_counts(np.frombuffer(m.counts, dtype=np.int64), m.seconds)
+            except ValueError as e:
+                raise w.WireError(str(e)) from None
         elif kind is w.Sync:
             frontend.out.send(w.Synced(m.id))
         elif kind is w.Ready:

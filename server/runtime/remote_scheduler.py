@@ -56,6 +56,8 @@ from server.scheduling.stream_state import StreamState, StreamStatus
 from server.scheduling.utterances import UtteranceBook, chunk_event, final_latency
 
 log = logging.getLogger("nemostream.remote_scheduler")
+# A frontend's garbage-collection pauses and written-chunk latencies go to the engine process
+# this often (RemoteMetrics).
 GC_FORWARD_PERIOD_S = 0.5
 # A frontend's frames to the engine process at most this often while it is busy (an idle link's
 # message goes at once; server.runtime.wire.FrameWriter says why): a millisecond against a
@@ -567,10 +569,18 @@ class RemoteMetrics(ServerMetrics):
         while True:
             await asyncio.sleep(GC_FORWARD_PERIOD_S)
             self.flush_gc()
+            self.flush_chunks_written()
+
+    def flush_chunks_written(self) -> None:
+        """This frontend's written-chunk latencies since the last flush, to the engine process."""
+        counts, total = self.chunk_written.take_counts()
+        if counts.any():
+            self._remote._send(w.ChunksWritten(counts.tobytes(), total))
 
     def close(self) -> None:
         self._gc_task.cancel()
         self.flush_gc()
+        self.flush_chunks_written()
         self.audio_seconds.flush()
         super().close()
 

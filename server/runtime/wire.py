@@ -224,6 +224,14 @@ class UtteranceFinal(Message, tag=14):
     seconds: float
 
 
+class ChunksWritten(Message, tag=17):
+    """A frontend's asr_chunk_written_seconds since the last one: per-bucket counts (not
+    cumulative, +Inf last) and their sum, sent every GC_FORWARD_PERIOD_S while there are some."""
+
+    counts: bytes  # int64 [buckets + 1]
+    seconds: float
+
+
 class Written(Message, tag=15):
     """Streams' audio written into engine core `core`'s sample ring: the stream in ring row
     slots[i] has totals[i] samples there now (one message a frame for every stream written).
@@ -419,7 +427,7 @@ class StepDone(Message, tag=52):
 
 
 FRONTEND_TO_ENGINE = Union[Open, Audio, End, Fail, Close, Ack, Ready, Rpc, Refused, AudioSeconds, Gc, Sync,
-                           EndUtterance, UtteranceFinal, Written, Stopped, Error]
+                           EndUtterance, UtteranceFinal, ChunksWritten, Written, Stopped, Error]
 ENGINE_TO_FRONTEND = Union[Hello, Rows, Failed, Cut, State, Synced, Opened, Error]
 TO_WORKER = Union[Configure, Attach, AttachRing, Claim, Release, Warmup, Step, Stop]
 FROM_WORKER = Union[Hello, Done, StepDone, Error]

@@ -185,13 +185,17 @@ class StreamCall:
         self._calls = calls
         self._writes: WatchedWrites | None = None  # made at the first write
 
-    async def write(self, response, what: str = "response") -> None:
-        """Write one response, watching the stream (server.transport.unread_client)."""
+    async def write(self, response, what: str = "response", ready_at: float | None = None) -> None:
+        """Write one response, watching the stream (server.transport.unread_client). `ready_at`:
+        the monotonic time the audio of the chunk this response answers first was complete; its
+        latency to the write goes into asr_chunk_written_seconds."""
         limits = self._calls.limits
         check_response_size(response.ByteSize(), limits.max_send_bytes, what)
         if self._writes is None:
             self._writes = WatchedWrites(self.context, self.handle.state, self._failure, limits.idle_timeout_s)
         await self._writes.write(response)
+        if ready_at is not None:
+            self._calls.metrics.chunk_written.observe(time.monotonic() - ready_at)
 
     def _failure(self) -> StreamFailure | None:
         state = self.handle.state

@@ -134,6 +134,7 @@ class _RivaWriter(StreamWriter):
         self.pacer = ResponsePacer()
         self._wake = asyncio.Event()   # an audio message arrived
         self._latest: ChunkResult | None = None
+        self._latest_ready: float | None = None  # its audio's completion, until a response carried it
         self._event_task: asyncio.Future | None = None
         self._wake_task: asyncio.Future | None = None
 
@@ -166,7 +167,7 @@ class _RivaWriter(StreamWriter):
                 raise StreamError(ErrorKind.INTERNAL, "the stream ended without a final result")
             if isinstance(event, StreamFailure):
                 raise StreamError(event.kind, event.message)
-            self._latest = event
+            self._latest, self._latest_ready = event, event.audio_ready_at
             if not event.is_final:
                 # An utterance's final rides on the next response due; with none due (a message
                 # reaching past the chunk that closed it), on one extra response, so that it
@@ -184,7 +185,7 @@ class _RivaWriter(StreamWriter):
             self.call.close("OK")
             await self._answer(total - 1)
             await self.call.write(streaming_response(event, self.options, self.frame_seconds, event.finals,
-                                                     self.request_id, stream_over=True))
+                                                     self.request_id, stream_over=True), ready_at=self._take_ready())
             return
 
     async def _answer(self, n: int, finals: tuple = (), extra: bool = False) -> None:
@@ -194,7 +195,14 @@ class _RivaWriter(StreamWriter):
             n = 1
         for i in range(n):
             await self.call.write(streaming_response(self._latest, self.options, self.frame_seconds,
-                                                     finals if i == n - 1 else (), self.request_id))
+                                                     finals if i == n - 1 else (), self.request_id),
+                                  ready_at=self._take_ready())
+
+    def _take_ready(self) -> float | None:
+        """The latest event's ready time for the first response that carries it (its latency is
+        counted once; responses are paced by the client's messages, so that one may come later)."""
+        ready, self._latest_ready = self._latest_ready, None
+        return ready
 
     def taken_failure(self) -> StreamFailure | None:
         task = self._event_task

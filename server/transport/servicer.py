@@ -123,7 +123,7 @@ class _NativeWriter(StreamWriter):
                 self.call.mark_final()
             # The stream stays open (for admission and drain) until its final is written; a
             # write that waits on a client that does not read ends in UnreadClient.
-            await self.call.write(response, "final result" if event.is_final else "result")
+            await self.call.write(response, "final result" if event.is_final else "result", event.audio_ready_at)
 
     def log_counts(self) -> dict:
         return {"chunks": self.chunks}
