@@ -49,10 +49,10 @@ async def test_audio_seconds_are_summed_over_a_period_and_precede_the_rpcs_end(m
 
 
 async def test_a_frontends_written_chunk_latencies_go_to_the_engine_as_counts(monkeypatch):
-    # The frontend's asr_chunk_written_seconds goes out every GC_FORWARD_PERIOD_S as bucket
+    # The frontend's asr_chunk_written_seconds goes out every METRICS_FORWARD_PERIOD_S as bucket
     # counts (one message, however many responses), none while nothing was written, and what is
     # pending on close.
-    monkeypatch.setattr(rs, "GC_FORWARD_PERIOD_S", 0.05)
+    monkeypatch.setattr(rs, "METRICS_FORWARD_PERIOD_S", 0.05)
     link = _Link()
     metrics = rs.RemoteMetrics(link)
     try:

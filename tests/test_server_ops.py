@@ -22,6 +22,7 @@ from server.transport.call_skeleton import TransportLimits
 from server.scheduling.scheduler import SchedulerConfig
 from tests.engine_alone import transcribe_alone
 from tests.fake_engine import FakeEngine
+from tests.waiting import wait_for
 from tests.server_harness import (
     FAKE, RATE, as_float, config, final_transcript, make_engine, pcm16_audio, requests_for, run_stream,
     run_stream_sync, running_server, scrape, settle, stub_for, server_settings, through_wire, audio,
@@ -157,13 +158,11 @@ async def test_metrics_cover_streams_batches_latency_and_executions():
             await run_stream_sync(server, [config(model="nope")])
         await settle(server)
         # every response the clients read is counted once as written (through the wire, a
-        # frontend sends its counts every GC_FORWARD_PERIOD_S)
+        # frontend sends its counts every METRICS_FORWARD_PERIOD_S)
         responses = sum(len(r) for r in results)
-        for _ in range(100):
-            m = scrape(server.metrics_port)
-            if m.get("asr_chunk_written_seconds_count") == responses:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: scrape(server.metrics_port).get("asr_chunk_written_seconds_count", 0) >= responses,
+                       "the written-chunk counts")
+        m = scrape(server.metrics_port)
     assert m["asr_active_streams"] == 0 and m["asr_slots_in_use"] == 0 and m["asr_engine_up"] == 1
     assert m["asr_batch_size_count"] > 0 and m["asr_step_seconds_count"] == m["asr_batch_size_count"]
     assert m["asr_queue_wait_seconds_count"] >= 4 and m["asr_chunk_latency_seconds_count"] >= 4

@@ -58,7 +58,7 @@ from server.scheduling.utterances import UtteranceBook, chunk_event, final_laten
 log = logging.getLogger("nemostream.remote_scheduler")
 # A frontend's garbage-collection pauses and written-chunk latencies go to the engine process
 # this often (RemoteMetrics).
-GC_FORWARD_PERIOD_S = 0.5
+METRICS_FORWARD_PERIOD_S = 0.5
 # A frontend's frames to the engine process at most this often while it is busy (an idle link's
 # message goes at once; server.runtime.wire.FrameWriter says why): a millisecond against a
 # chunk of 80-560 ms of audio.
@@ -562,12 +562,13 @@ class RemoteMetrics(ServerMetrics):
         super().__init__(max_batch=max_batch)
         self._remote = scheduler
         self.audio_seconds = _ForwardedCounter(scheduler)
-        # The GC callback only records (see server.ops.metrics._GcPauseTimer); this forwards.
-        self._gc_task = asyncio.get_running_loop().create_task(self._forward_gc(), name="gc-forward")
+        # The GC callback and the responses written only record (server.ops.metrics._GcPauseTimer,
+        # BulkHistogram.observe); this task forwards both.
+        self._forward_task = asyncio.get_running_loop().create_task(self._forward_metrics(), name="metrics-forward")
 
-    async def _forward_gc(self) -> None:
+    async def _forward_metrics(self) -> None:
         while True:
-            await asyncio.sleep(GC_FORWARD_PERIOD_S)
+            await asyncio.sleep(METRICS_FORWARD_PERIOD_S)
             self.flush_gc()
             self.flush_chunks_written()
 
@@ -578,7 +579,7 @@ class RemoteMetrics(ServerMetrics):
             self._remote._send(w.ChunksWritten(counts.tobytes(), total))
 
     def close(self) -> None:
-        self._gc_task.cancel()
+        self._forward_task.cancel()
         self.flush_gc()
         self.flush_chunks_written()
         self.audio_seconds.flush()

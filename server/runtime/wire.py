@@ -226,7 +226,7 @@ class UtteranceFinal(Message, tag=14):
 
 class ChunksWritten(Message, tag=17):
     """A frontend's asr_chunk_written_seconds since the last one: per-bucket counts (not
-    cumulative, +Inf last) and their sum, sent every GC_FORWARD_PERIOD_S while there are some."""
+    cumulative, +Inf last) and their sum, sent every METRICS_FORWARD_PERIOD_S while there are some."""
 
     counts: bytes  # int64 [buckets + 1]
     seconds: float
